@@ -1,0 +1,367 @@
+//! The `lsvfs` command line.
+//!
+//! Exit codes are stable (scripts rely on them):
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0 | success |
+//! | 1 | other error |
+//! | 2 | usage error |
+//! | 3 | not an lsvfs volume, or an unsupported format version |
+//! | 4 | corruption or failed authentication (including `check` finding problems) |
+//! | 5 | wrong key |
+//! | 6 | no space |
+//! | 7 | volume in use by another process |
+//! | 8 | I/O error |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::crypto::{random_bytes, MasterKey};
+use crate::device::{Device, FileDevice};
+use crate::volume::{self, CreateOptions, KeySlot, Options, Volume, KEY_SLOTS};
+use crate::{keys, Error, BLOCK_SIZE};
+
+#[derive(Parser)]
+#[command(name = "lsvfs", version, about = "Encrypted, log-structured volumes", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a key file (mode 0600) holding a random key-encryption key.
+    Keygen {
+        /// Where to write the key file; it must not exist.
+        keyfile: PathBuf,
+    },
+    /// Create a volume in a new file (sparse; it grows with data) or on a block device.
+    Create {
+        volume: PathBuf,
+        /// Logical size: bytes, or with a K, M, G or T suffix (powers of 1024).
+        #[arg(long)]
+        size: String,
+        /// Key file whose key opens the volume (see `lsvfs keygen`).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Segment size in 4 KiB blocks (a power of two, 16..=16384).
+        #[arg(long, default_value_t = volume::DEFAULT_SEGMENT_BLOCKS)]
+        segment_blocks: u32,
+    },
+    /// Show a volume's header; with --key-file also its usage.
+    Info {
+        volume: PathBuf,
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Verify every metadata page and data block of a volume (read-only).
+    Check {
+        volume: PathBuf,
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+    /// Write a file's bytes into the volume at a byte offset (whole blocks).
+    WriteBlocks {
+        volume: PathBuf,
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Byte offset in the volume; a multiple of 4096.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// File to read; its length is padded with zeros to whole blocks.
+        #[arg(long)]
+        input: PathBuf,
+    },
+    /// Read bytes from the volume into a file.
+    ReadBlocks {
+        volume: PathBuf,
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Byte offset in the volume; a multiple of 4096.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes to read; a multiple of 4096.
+        #[arg(long)]
+        length: u64,
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+/// Maps an error to the command's exit code (see the module docs).
+pub fn exit_code(e: &Error) -> i32 {
+    match e {
+        Error::InvalidArgument(_) | Error::OutOfRange { .. } => 2,
+        Error::NotAVolume(_) | Error::UnsupportedVersion { .. } => 3,
+        Error::Corrupted(_) | Error::Integrity(_) => 4,
+        Error::WrongKey(_) => 5,
+        Error::NoSpace(_) => 6,
+        Error::Busy(_) => 7,
+        Error::Io { .. } | Error::PreviousIo => 8,
+        Error::ReadOnly => 1,
+    }
+}
+
+/// Parses "100G", "512M", "4096" into bytes.
+pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown size suffix in {s:?}; use K, M, G, T or P"
+                    )))
+                }
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        Error::InvalidArgument(format!("{s:?} is not a size (examples: 4096, 512M, 100G)"))
+    })?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| Error::InvalidArgument(format!("size {s:?} is too large")))
+}
+
+fn open_device(path: &Path, writable: bool) -> Result<Arc<dyn Device>, Error> {
+    FileDevice::open(path, writable)
+        .map(|d| Arc::new(d) as Arc<dyn Device>)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+fn with_path(e: Error, path: &Path) -> Error {
+    match e {
+        Error::NotAVolume(_) => Error::NotAVolume(path.display().to_string()),
+        e => e,
+    }
+}
+
+fn open_volume(path: &Path, key_file: &Path, read_only: bool) -> Result<Volume, Error> {
+    let dev = open_device(path, !read_only)?;
+    let header = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    let kek = keys::read_key_file(key_file)?;
+    let master = keys::unlock(&header, &kek)?;
+    let opts = Options {
+        read_only,
+        background: false,
+        ..Options::default()
+    };
+    Volume::open(dev, &master, opts)
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Error> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match cli.cmd {
+        Cmd::Keygen { keyfile } => {
+            keys::generate_key_file(&keyfile)?;
+            println!(
+                "wrote key file {} (mode 0600); keep it safe: it opens your volumes",
+                keyfile.display()
+            );
+        }
+        Cmd::Create {
+            volume: path,
+            size,
+            key_file,
+            segment_blocks,
+        } => {
+            let bytes = parse_size(&size)?;
+            if bytes == 0 || bytes % BLOCK_SIZE as u64 != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "--size must be a non-zero multiple of 4096 bytes, not {bytes}"
+                )));
+            }
+            let kek = keys::read_key_file(&key_file)?;
+            let master =
+                MasterKey::generate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            let volume_id =
+                *random_bytes::<16>().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
+            slots[0] = keys::key_file_slot(&kek, &master, &volume_id)?;
+            let dev = FileDevice::open_for_create(&path)
+                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            let opts = CreateOptions {
+                logical_blocks: bytes / BLOCK_SIZE as u64,
+                segment_blocks,
+            };
+            let created = volume::create(&dev, &master, volume_id, slots, &opts);
+            if created.is_err() && !dev.fixed_size() {
+                let _ = std::fs::remove_file(&path);
+            }
+            let h = created?;
+            println!(
+                "created {}: {} logical, backing store grows to at most {}",
+                path.display(),
+                human(h.logical_blocks * BLOCK_SIZE as u64),
+                human(h.end_block() * BLOCK_SIZE as u64)
+            );
+        }
+        Cmd::Info {
+            volume: path,
+            key_file,
+        } => {
+            let dev = open_device(&path, false)?;
+            let h = volume::read_header(&*dev).map_err(|e| with_path(e, &path))?;
+            let hex: String = h.volume_id.iter().map(|b| format!("{b:02x}")).collect();
+            println!("volume:          {}", path.display());
+            println!("volume id:       {hex}");
+            println!("format version:  {}", volume::format::FORMAT_VERSION);
+            println!(
+                "logical size:    {} ({} blocks)",
+                human(h.logical_blocks * BLOCK_SIZE as u64),
+                h.logical_blocks
+            );
+            println!(
+                "segment size:    {} ({} blocks)",
+                human(h.segment_blocks as u64 * BLOCK_SIZE as u64),
+                h.segment_blocks
+            );
+            println!(
+                "max backing size: {}",
+                human(h.end_block() * BLOCK_SIZE as u64)
+            );
+            for (i, s) in h.slots.iter().enumerate() {
+                if s.kind != volume::SlotKind::Empty {
+                    let fp: String = s.fingerprint[..8]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    println!("key slot {i}:      {:?} (key fingerprint {fp}…)", s.kind);
+                }
+            }
+            if let Some(kf) = key_file {
+                drop(dev);
+                let v = open_volume(&path, &kf, true)?;
+                let s = v.stats()?;
+                println!(
+                    "allocated:       {} ({} blocks)",
+                    human(s.allocated_blocks * BLOCK_SIZE as u64),
+                    s.allocated_blocks
+                );
+                println!(
+                    "segments in use: {} of {} ({} free)",
+                    s.extent_segments, s.max_segments, s.free_segments
+                );
+                println!("checkpoint:      {}", s.checkpoint_seq);
+                let r = v.recovery();
+                if r.transactions > 0 || r.dropped_records > 0 {
+                    println!(
+                        "log to replay:   {} transactions ({} incomplete records)",
+                        r.transactions, r.dropped_records
+                    );
+                }
+            }
+        }
+        Cmd::Check {
+            volume: path,
+            key_file,
+        } => {
+            let v = open_volume(&path, &key_file, true)?;
+            let r = v.check()?;
+            let rec = v.recovery();
+            println!(
+                "checked {} metadata pages and {} data blocks ({} transactions in the log past the last checkpoint)",
+                r.pages, r.data_blocks, rec.transactions
+            );
+            if !r.is_clean() {
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                return Err(Error::Corrupted(format!(
+                    "{} problems found in {}",
+                    r.problems.len(),
+                    path.display()
+                )));
+            }
+            println!("{}: clean", path.display());
+        }
+        Cmd::WriteBlocks {
+            volume: path,
+            key_file,
+            offset,
+            input,
+        } => {
+            if offset % BLOCK_SIZE as u64 != 0 {
+                return Err(Error::InvalidArgument(
+                    "--offset must be a multiple of 4096".into(),
+                ));
+            }
+            let mut data = std::fs::read(&input)
+                .map_err(|e| Error::io(format!("reading {}", input.display()), e))?;
+            data.resize(data.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE, 0);
+            let v = open_volume(&path, &key_file, false)?;
+            let chunk = 256 * BLOCK_SIZE;
+            for (i, c) in data.chunks(chunk).enumerate() {
+                v.write(offset / BLOCK_SIZE as u64 + (i * 256) as u64, c)?;
+            }
+            v.flush()?;
+            v.close()?;
+            println!("wrote {} bytes at offset {offset}", data.len());
+        }
+        Cmd::ReadBlocks {
+            volume: path,
+            key_file,
+            offset,
+            length,
+            output,
+        } => {
+            if offset % BLOCK_SIZE as u64 != 0 || length % BLOCK_SIZE as u64 != 0 {
+                return Err(Error::InvalidArgument(
+                    "--offset and --length must be multiples of 4096".into(),
+                ));
+            }
+            let v = open_volume(&path, &key_file, true)?;
+            let mut out = vec![0u8; length as usize];
+            v.read(offset / BLOCK_SIZE as u64, &mut out)?;
+            std::fs::write(&output, &out)
+                .map_err(|e| Error::io(format!("writing {}", output.display()), e))?;
+            println!(
+                "read {length} bytes at offset {offset} into {}",
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("100G").unwrap(), 100 << 30);
+        assert_eq!(parse_size("16t").unwrap(), 16 << 40);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999P").is_err());
+    }
+}

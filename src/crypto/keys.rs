@@ -1,0 +1,125 @@
+//! Key types. They zeroize on drop and implement neither `Debug` nor `Display`.
+
+use aes::cipher::KeyInit;
+use aes::Aes256;
+use hkdf::Hkdf;
+use sha2::Sha256;
+use xts_mode::Xts128;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::{CryptoError, Mac, Tag, MAC_LEN};
+
+/// Length of a master key and of every key-encryption key, in bytes.
+pub const KEY_LEN: usize = 32;
+
+/// HKDF-SHA256 labels. Changing one changes every derived key: never do it
+/// without a new format version.
+pub const LABEL_XTS: &[u8] = b"lsvfs v1 AES-256-XTS block encryption";
+pub const LABEL_MAC: &[u8] = b"lsvfs v1 BLAKE3 block authentication";
+pub const LABEL_KCV: &[u8] = b"lsvfs v1 key check value";
+
+/// 32 random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, CryptoError> {
+    let mut out = Zeroizing::new([0u8; N]);
+    getrandom::fill(out.as_mut_slice()).map_err(|_| CryptoError::Random)?;
+    Ok(out)
+}
+
+/// The random per-volume master key. Everything else is derived from it.
+pub struct MasterKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl MasterKey {
+    pub fn generate() -> Result<Self, CryptoError> {
+        Ok(MasterKey(random_bytes::<KEY_LEN>()?))
+    }
+
+    pub fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
+        MasterKey(bytes)
+    }
+
+    /// The raw key, for wrapping it into a key slot. Never log or store it.
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// The key-check value stored in the volume header: a one-way function
+    /// of the master key that tells "wrong key" apart from "corrupt data".
+    pub fn check_value(&self, volume_id: &[u8; 16]) -> [u8; 16] {
+        let mut kcv = [0u8; 16];
+        expand(self, volume_id, LABEL_KCV, &mut kcv);
+        kcv
+    }
+}
+
+fn expand(master: &MasterKey, volume_id: &[u8; 16], label: &[u8], out: &mut [u8]) {
+    let hk = Hkdf::<Sha256>::new(Some(volume_id), master.0.as_slice());
+    // Output lengths here are at most 64 bytes, far below HKDF's 255*32 limit.
+    hk.expand(label, out)
+        .expect("HKDF output length is a small constant");
+}
+
+/// The working keys of one open volume: the XTS key pair and the MAC key.
+pub struct VolumeKeys {
+    xts: Xts128<Aes256>,
+    mac_key: Zeroizing<[u8; 32]>,
+    volume_id: [u8; 16],
+}
+
+impl VolumeKeys {
+    pub fn derive(master: &MasterKey, volume_id: &[u8; 16]) -> Self {
+        let mut xts_key = Zeroizing::new([0u8; 64]);
+        expand(master, volume_id, LABEL_XTS, xts_key.as_mut_slice());
+        let mut mac_key = Zeroizing::new([0u8; 32]);
+        expand(master, volume_id, LABEL_MAC, mac_key.as_mut_slice());
+        let k1 = Aes256::new_from_slice(&xts_key[..32]).expect("32-byte key");
+        let k2 = Aes256::new_from_slice(&xts_key[32..]).expect("32-byte key");
+        xts_key.zeroize();
+        VolumeKeys {
+            xts: Xts128::new(k1, k2),
+            mac_key,
+            volume_id: *volume_id,
+        }
+    }
+
+    pub fn volume_id(&self) -> &[u8; 16] {
+        &self.volume_id
+    }
+
+    /// Encrypts one block in place under the tweak of `tag`.
+    pub fn encrypt(&self, tag: Tag, block: &mut [u8]) {
+        self.xts.encrypt_sector(block, tag.tweak().into());
+    }
+
+    /// Decrypts one block in place under the tweak of `tag`.
+    pub fn decrypt(&self, tag: Tag, block: &mut [u8]) {
+        self.xts.decrypt_sector(block, tag.tweak().into());
+    }
+
+    /// The keyed MAC of a ciphertext, bound to the volume and to `tag`.
+    pub fn mac(&self, tag: Tag, ciphertext: &[u8]) -> Mac {
+        let mut h = blake3::Hasher::new_keyed(&self.mac_key);
+        h.update(&self.volume_id);
+        h.update(&tag.encode());
+        h.update(ciphertext);
+        let full = h.finalize();
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(&full.as_bytes()[..MAC_LEN]);
+        Mac(out)
+    }
+
+    /// Encrypts `block` in place and returns its MAC.
+    pub fn seal(&self, tag: Tag, block: &mut [u8]) -> Mac {
+        self.encrypt(tag, block);
+        self.mac(tag, block)
+    }
+
+    /// Checks the MAC of the ciphertext in `block`, then decrypts it in place.
+    /// On a mismatch the block is left as it was.
+    pub fn open(&self, tag: Tag, block: &mut [u8], mac: &Mac) -> Result<(), CryptoError> {
+        if !self.mac(tag, block).ct_eq(mac) {
+            return Err(CryptoError::Integrity);
+        }
+        self.decrypt(tag, block);
+        Ok(())
+    }
+}

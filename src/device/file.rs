@@ -1,0 +1,181 @@
+//! A regular file (sparse, grows with data) or a block device.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::Device;
+
+pub struct FileDevice {
+    file: File,
+    path: PathBuf,
+    block_device: bool,
+}
+
+nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
+nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
+
+impl FileDevice {
+    /// Creates a new regular file (mode 0600). Fails if it exists.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        Self::lock(&file, path)?;
+        Ok(FileDevice {
+            file,
+            path: path.to_owned(),
+            block_device: false,
+        })
+    }
+
+    /// Opens an existing file or block device. A writable open takes an
+    /// exclusive lock, so a second writer is refused instead of corrupting it.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let block_device = file.metadata()?.file_type().is_block_device();
+        if writable {
+            Self::lock(&file, path)?;
+        }
+        Ok(FileDevice {
+            file,
+            path: path.to_owned(),
+            block_device,
+        })
+    }
+
+    /// Opens a block device (or file) for `create`, with the lock held.
+    pub fn open_for_create(path: &Path) -> io::Result<Self> {
+        match std::fs::metadata(path) {
+            Ok(m) if m.file_type().is_block_device() => Self::open(path, true),
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} already exists; remove it first or pick another path",
+                    path.display()
+                ),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Self::create(path),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lock(file: &File, path: &Path) -> io::Result<()> {
+        // SAFETY: flock on a valid, owned descriptor has no memory effects.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is in use by another lsvfs process (it is locked)",
+                        path.display()
+                    ),
+                ));
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Device for FileDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        if self.block_device {
+            let mut size = 0u64;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the valid pointer.
+            unsafe { blk_getsize64(self.file.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
+            Ok(size)
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device {
+            return Ok(());
+        }
+        // SAFETY: fallocate on a valid descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let rc = if self.block_device {
+            let range = [offset, len];
+            // SAFETY: BLKDISCARD reads two u64 through the valid pointer.
+            unsafe { blk_discard(self.file.as_raw_fd(), &range) }.map_or(-1, |_| 0)
+        } else {
+            // SAFETY: fallocate on a valid descriptor; no memory is passed.
+            unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            }
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            // Discard is advisory: devices and filesystems without it keep the data.
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
+            ) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn fixed_size(&self) -> bool {
+        self.block_device
+    }
+}

@@ -1,0 +1,54 @@
+//! Device layer: the backing file or block device behind a trait, so tests
+//! can record every write and cut the power at any of them.
+//!
+//! Offsets and lengths are in bytes. The volume layer only issues whole,
+//! 4 KiB-aligned blocks.
+
+mod file;
+mod mem;
+
+pub use file::FileDevice;
+pub use mem::{MemDevice, RecordedOp};
+
+use std::io;
+
+pub trait Device: Send + Sync {
+    /// Reads into `buf` from `offset`. Returns the number of bytes read,
+    /// which is short only at the end of the device.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Writes all of `buf` at `offset`. Not durable until [`Device::flush`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Current size in bytes (a regular file's length, a block device's size).
+    fn len(&self) -> io::Result<u64>;
+
+    /// Reserves backing space for a range so that later writes into it cannot
+    /// fail with ENOSPC. Devices that cannot reserve return Ok.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Tells the device a range holds nothing of value (punch hole / discard).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// True if the device cannot grow (a block device); its `len` is its capacity.
+    fn fixed_size(&self) -> bool;
+}
+
+/// Reads exactly `buf.len()` bytes, or fails with `UnexpectedEof` naming the offset.
+pub fn read_exact_at(dev: &dyn Device, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let n = dev.read_at(buf, offset)?;
+    if n < buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "backing store ends at byte {}, needed {} bytes at offset {offset}",
+                offset + n as u64,
+                buf.len()
+            ),
+        ));
+    }
+    Ok(())
+}

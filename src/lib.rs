@@ -1,0 +1,25 @@
+//! lsvfs: encrypted, log-structured volumes for Linux hosts.
+//!
+//! The layers, bottom-up; each calls only the one below it:
+//!
+//! | module     | owns |
+//! |------------|------|
+//! | [`device`] | the backing file or block device: read_at / write_at / flush / discard |
+//! | [`crypto`] | key types, AES-256-XTS per block, per-block MAC, HKDF, key wrapping, the parallel chunk engine |
+//! | [`volume`] | segments, the log, the paged block map, bitmaps, checkpoints, roll-forward recovery, the cleaner |
+//! | [`keys`]   | key files and volume key slots: turning what the user holds into a master key |
+//! | [`cli`]    | the `lsvfs` command |
+//!
+//! The on-disk format is specified byte by byte in `docs/FORMAT.md`.
+
+pub mod cli;
+pub mod crypto;
+pub mod device;
+pub mod error;
+pub mod keys;
+pub mod volume;
+
+pub use error::{Error, Result};
+
+/// Size of a logical block, a segment block and every metadata page.
+pub const BLOCK_SIZE: usize = 4096;

@@ -1,0 +1,229 @@
+//! The log: records appended to segments, and reading them back.
+//!
+//! A record is a summary block followed by its payload blocks, inside one
+//! segment. Records are chained: each summary carries the MAC of the one
+//! before it, so recovery follows exactly the chain that was written and
+//! never mistakes a stale record (from an earlier use of a segment, or from
+//! a write that never became durable) for a live one.
+
+use super::format::{
+    decode_entries, encode_entries, Block, Entry, SummaryHead, ENTRIES_PER_RECORD, FLAG_COMMIT,
+    SUMMARY_BODY_AT, SUMMARY_MAC_AT,
+};
+use super::state::State;
+use super::Ctx;
+use crate::crypto::{BlockKind, Mac, Tag};
+use crate::device::read_exact_at;
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// One record as laid out by [`plan`]: a range of entries and its place.
+struct Placed {
+    /// The record starts a fresh segment.
+    switch_before: bool,
+    entries: std::ops::Range<usize>,
+    n_payload: usize,
+    payload_start: usize,
+}
+
+/// A record read back from a segment.
+pub struct Record {
+    pub head: SummaryHead,
+    pub entries: Vec<Entry>,
+    pub mac: Mac,
+}
+
+impl State {
+    /// Lays out `entries` as records from the current head. Payload entries
+    /// must precede other entries within a record, so a payload entry after
+    /// a non-payload one starts a new record. Returns the records and the
+    /// number of segment switches (each needs one fresh segment).
+    fn plan(&self, entries: &[Entry]) -> (Vec<Placed>, u64) {
+        let seg = self.seg_blocks;
+        let mut offset = self.head.offset as u64;
+        let mut switches = 0;
+        let mut out = Vec::new();
+        let mut i = 0;
+        let mut payload_idx = 0;
+        while i < entries.len() {
+            let needs_payload = entries[i].has_payload();
+            let switch_before = offset + if needs_payload { 2 } else { 1 } > seg;
+            if switch_before {
+                switches += 1;
+                offset = 0;
+            }
+            let room = (seg - offset - 1) as usize;
+            let start = i;
+            let mut n_payload = 0;
+            while i < entries.len() && i - start < ENTRIES_PER_RECORD {
+                if entries[i].has_payload() {
+                    if n_payload != i - start || n_payload == room {
+                        break;
+                    }
+                    n_payload += 1;
+                }
+                i += 1;
+            }
+            out.push(Placed {
+                switch_before,
+                entries: start..i,
+                n_payload,
+                payload_start: payload_idx,
+            });
+            payload_idx += n_payload;
+            offset += 1 + n_payload as u64;
+        }
+        (out, switches)
+    }
+
+    /// How many fresh segments appending `entries` would take.
+    pub fn segments_needed(&self, entries: &[Entry]) -> u64 {
+        self.plan(entries).1
+    }
+
+    /// Takes a segment for the log: the lowest free one, else the next one
+    /// past the extent. Its space is reserved on the device first, so writes
+    /// into it cannot fail for lack of space.
+    fn take_segment(&mut self, ctx: &Ctx) -> Result<u64> {
+        let seg = match self.free.iter().next().copied() {
+            Some(s) => s,
+            None if self.extent < self.max_segments => self.extent,
+            None => {
+                return Err(Error::NoSpace(
+                    "the volume's log has no free segment; delete or trim data".into(),
+                ))
+            }
+        };
+        let bytes = self.seg_blocks * BLOCK_SIZE as u64;
+        ctx.dev
+            .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
+            .map_err(|e| Error::io(format!("reserving segment {seg}"), e))?;
+        if !self.free.remove(&seg) {
+            self.extent = seg + 1;
+            self.usage.live.resize(self.extent as usize, 0);
+        }
+        Ok(seg)
+    }
+
+    /// Appends `entries` (with `payload`, one sealed block per payload entry)
+    /// as records at the log head; the last record carries COMMIT if
+    /// `commit`. Returns the block address of each payload block.
+    ///
+    /// Every segment the append needs is taken before anything is written,
+    /// so running out of space fails cleanly with nothing written. A failed
+    /// device write poisons the volume.
+    pub fn append(
+        &mut self,
+        ctx: &Ctx,
+        entries: &[Entry],
+        payload: &[u8],
+        commit: bool,
+    ) -> Result<Vec<u64>> {
+        if self.poisoned {
+            return Err(Error::PreviousIo);
+        }
+        let (records, switches) = self.plan(entries);
+        debug_assert_eq!(
+            payload.len(),
+            records.iter().map(|r| r.n_payload).sum::<usize>() * BLOCK_SIZE
+        );
+        let mut fresh = Vec::with_capacity(switches as usize);
+        for _ in 0..switches {
+            match self.take_segment(ctx) {
+                Ok(s) => fresh.push(s),
+                Err(e) => {
+                    // Nothing was written: hand the segments back untouched.
+                    self.free.extend(fresh);
+                    return Err(e);
+                }
+            }
+        }
+        let mut fresh = fresh.into_iter();
+        let base_gen = self.alloc_gens(ctx, records.len() as u64)?;
+        let mut pbas = Vec::with_capacity(payload.len() / BLOCK_SIZE);
+        let last = records.len().saturating_sub(1);
+        for (ri, r) in records.iter().enumerate() {
+            if r.switch_before {
+                self.head.segment = self.head.next_segment;
+                self.head.offset = 0;
+                self.head.next_segment = fresh.next().expect("planned switch has a segment");
+            }
+            let (segment, offset) = (self.head.segment, self.head.offset as u64);
+            let head = SummaryHead {
+                seq: self.head.seq,
+                gen: base_gen + ri as u64,
+                segment,
+                next_segment: self.head.next_segment,
+                offset: offset as u32,
+                n_payload: r.n_payload as u16,
+                n_other: (r.entries.len() - r.n_payload) as u16,
+                flags: if commit && ri == last { FLAG_COMMIT } else { 0 },
+                prev: self.head.anchor,
+            };
+            let (block, mac) = seal_summary(ctx, &head, &entries[r.entries.clone()]);
+            let at = self.pba_of(segment, offset);
+            let body = &payload
+                [r.payload_start * BLOCK_SIZE..(r.payload_start + r.n_payload) * BLOCK_SIZE];
+            let written = ctx
+                .dev
+                .write_at(body, (at + 1) * BLOCK_SIZE as u64)
+                .and_then(|_| ctx.dev.write_at(&block[..], at * BLOCK_SIZE as u64));
+            if let Err(e) = written {
+                self.poisoned = true;
+                return Err(Error::io(
+                    format!("writing log record {} at block {at}", head.seq),
+                    e,
+                ));
+            }
+            pbas.extend((0..r.n_payload as u64).map(|i| at + 1 + i));
+            self.head.seq += 1;
+            self.head.offset += 1 + r.n_payload as u32;
+            self.head.anchor = mac;
+            self.log_blocks_since_checkpoint += 1 + r.n_payload as u64;
+        }
+        Ok(pbas)
+    }
+
+    /// Reads and authenticates the record at (`segment`, `offset`). Returns
+    /// None if there is no valid record there (never written, torn, stale
+    /// garbage, or past the end of the device).
+    pub fn read_record(&self, ctx: &Ctx, segment: u64, offset: u64) -> Result<Option<Record>> {
+        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        let at = self.pba_of(segment, offset);
+        match read_exact_at(ctx.dev, &mut b[..], at * BLOCK_SIZE as u64) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading log block {at}"), e)),
+        }
+        Ok(open_summary(ctx, &mut b, segment, offset))
+    }
+}
+
+/// Builds and seals a summary block. Returns it and its MAC.
+fn seal_summary(ctx: &Ctx, head: &SummaryHead, entries: &[Entry]) -> (Box<Block>, Mac) {
+    let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+    head.encode(&mut b);
+    encode_entries(entries, &mut b);
+    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen);
+    ctx.keys
+        .encrypt(tag, &mut b[SUMMARY_BODY_AT..SUMMARY_MAC_AT]);
+    let mac = ctx.keys.mac(tag, &b[..SUMMARY_MAC_AT]);
+    b[SUMMARY_MAC_AT..].copy_from_slice(&mac.0);
+    (b, mac)
+}
+
+/// Authenticates and decrypts a summary block read from (`segment`, `offset`).
+pub fn open_summary(ctx: &Ctx, b: &mut Block, segment: u64, offset: u64) -> Option<Record> {
+    let head = SummaryHead::decode(b, ctx.header).ok()?;
+    if head.segment != segment || head.offset as u64 != offset {
+        return None;
+    }
+    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen);
+    let mac = ctx.keys.mac(tag, &b[..SUMMARY_MAC_AT]);
+    if !mac.ct_eq(&Mac(b[SUMMARY_MAC_AT..].try_into().ok()?)) {
+        return None;
+    }
+    ctx.keys
+        .decrypt(tag, &mut b[SUMMARY_BODY_AT..SUMMARY_MAC_AT]);
+    let entries = decode_entries(b, &head, ctx.header.logical_blocks).ok()?;
+    Some(Record { head, entries, mac })
+}

@@ -1,0 +1,895 @@
+//! Volume layer: an encrypted, log-structured block store.
+//!
+//! Logical 4 KiB blocks are written as atomic [`Transaction`]s appended to
+//! a log of segments. A paged block map (a Merkle tree of authenticated
+//! pages) says where each block's latest version lives; bitmaps say which
+//! blocks are allocated, changed since a mark, and sealed by which key
+//! generation. Checkpoints make the trees durable; recovery rolls the log
+//! forward from the last one. The cleaner reclaims segments in the
+//! background and whenever space runs short.
+//!
+//! Locking: one mutex guards the state (map, log head, usage). Data is
+//! sealed before taking it and read and opened after releasing it; the
+//! `reuse` lock keeps a segment from being reused while a reader that
+//! looked up a block in it is still reading.
+
+mod check;
+mod cleaner;
+pub mod format;
+mod log;
+mod recovery;
+mod state;
+mod tree;
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use check::CheckReport;
+pub use format::{Header, KeySlot, SlotKind, DEFAULT_SEGMENT_BLOCKS, KEY_SLOTS};
+pub use recovery::Recovery;
+
+use crate::crypto::{BlockKind, CryptoEngine, Mac, MasterKey, Tag, VolumeKeys};
+use crate::device::{read_exact_at, Device};
+use crate::{Error, Result, BLOCK_SIZE};
+use format::{
+    Block, Checkpoint, Entry, LogPos, TreePtr, DATA_START, ENTRIES_PER_RECORD, MAX_LOGICAL_BLOCKS,
+};
+use state::{State, Usage};
+use tree::{PageKey, PageSource, Trees};
+
+/// Largest number of blocks one transaction may write (64 MiB).
+pub const MAX_TXN_BLOCKS: u64 = 16384;
+
+/// Parameters fixed when a volume is created.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub logical_blocks: u64,
+    pub segment_blocks: u32,
+}
+
+/// Run-time tuning of an open volume.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Bytes of metadata pages kept in memory (the block map cache).
+    pub cache_bytes: usize,
+    /// Crypto threads; 0 means one per CPU.
+    pub crypto_threads: usize,
+    /// Bytes per parallel crypto chunk.
+    pub chunk_bytes: usize,
+    pub read_only: bool,
+    /// Run the cleaner and periodic checkpoints on a background thread.
+    pub background: bool,
+    /// Log blocks written between checkpoints (bounds recovery time).
+    pub checkpoint_blocks: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            cache_bytes: 64 << 20,
+            crypto_threads: 0,
+            chunk_bytes: crate::crypto::DEFAULT_CHUNK_BYTES,
+            read_only: false,
+            background: true,
+            checkpoint_blocks: 65536,
+        }
+    }
+}
+
+/// Largest number of dirty metadata pages before a checkpoint is forced.
+const MAX_DIRTY_PAGES: u64 = 2048;
+
+fn usable_per_segment(seg_blocks: u64) -> u64 {
+    seg_blocks - seg_blocks.div_ceil(ENTRIES_PER_RECORD as u64 + 1)
+}
+
+/// Metadata pages a fully written volume has (leaves plus interior pages).
+fn metadata_pages(logical_blocks: u64) -> u64 {
+    let sh = state::shapes(logical_blocks, 0);
+    let leaves = sh[0].leaves + 3 * sh[1].leaves;
+    leaves + leaves / (tree::FANOUT - 1) + 16
+}
+
+/// Dirty-page limit, checkpoint reserve, and total reserve, in that order.
+fn reserves(logical_blocks: u64, seg_blocks: u64) -> (u64, u64, u64) {
+    let dirty_limit = MAX_DIRTY_PAGES.min(metadata_pages(logical_blocks));
+    let usable = usable_per_segment(seg_blocks);
+    // A checkpoint writes the dirty pages plus what one cleaned victim can
+    // dirty on top of them, and the usage pages.
+    let ckpt = ((dirty_limit + seg_blocks) * 11 / 10).div_ceil(usable) + 1;
+    (dirty_limit, ckpt, ckpt + 2)
+}
+
+/// The most segments a volume of this logical size may use. The backing
+/// file never grows past `DATA_START + max_segments * segment_blocks`
+/// blocks: the live data and metadata, 25% more for the cleaner to work
+/// with, and the reserve. See docs/FORMAT.md, "Space bound".
+pub fn max_segments_for(logical_blocks: u64, seg_blocks: u32) -> u64 {
+    let seg = seg_blocks as u64;
+    let need = logical_blocks + 2 * metadata_pages(logical_blocks);
+    let with_headroom = need + need / 4;
+    with_headroom.div_ceil(usable_per_segment(seg)) + reserves(logical_blocks, seg).2 + 2
+}
+
+/// A group of block writes and trims, applied all-or-nothing, in order.
+#[derive(Default)]
+pub struct Transaction {
+    ops: Vec<Op>,
+}
+
+enum Op {
+    Write { lba: u64, data: Vec<u8> },
+    Trim { lba: u64, count: u64 },
+}
+
+impl Transaction {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes `data` (a whole number of blocks) starting at `lba`.
+    pub fn write(&mut self, lba: u64, data: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Write { lba, data });
+        self
+    }
+
+    /// Unmaps `count` blocks from `lba`; they read as zeros afterwards.
+    pub fn trim(&mut self, lba: u64, count: u64) -> &mut Self {
+        self.ops.push(Op::Trim { lba, count });
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A snapshot of an open volume's counters.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub logical_blocks: u64,
+    pub allocated_blocks: u64,
+    pub segment_blocks: u64,
+    pub max_segments: u64,
+    pub extent_segments: u64,
+    pub free_segments: u64,
+    pub dirty_pages: usize,
+    pub cached_pages: usize,
+    pub checkpoint_seq: u64,
+    pub live_blocks: u64,
+}
+
+/// What the layers under a volume's state need, borrowed from the volume.
+pub(crate) struct Ctx<'a> {
+    pub dev: &'a dyn Device,
+    pub keys: &'a VolumeKeys,
+    pub header: &'a Header,
+    pub engine: &'a CryptoEngine,
+    pub reuse: &'a RwLock<()>,
+}
+
+impl PageSource for Ctx<'_> {
+    fn load_page(&self, key: PageKey, ptr: &TreePtr) -> Result<Box<Block>> {
+        let what = || {
+            format!(
+                "{:?} tree page (level {}, index {}) at block {}",
+                key.tree, key.level, key.index, ptr.pba
+            )
+        };
+        if ptr.pba < DATA_START || ptr.pba >= self.header.end_block() {
+            return Err(Error::Corrupted(format!(
+                "{} is outside the volume",
+                what()
+            )));
+        }
+        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        read_exact_at(self.dev, &mut b[..], ptr.pba * BLOCK_SIZE as u64).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Corrupted(format!(
+                    "backing store is truncated: {} is past its end",
+                    what()
+                ))
+            } else {
+                Error::io(format!("reading {}", what()), e)
+            }
+        })?;
+        let tag = Tag::new(
+            BlockKind::TreePage,
+            format::page_addr(key.tree, key.level, key.index),
+            ptr.gen,
+        );
+        self.keys
+            .open(tag, &mut b[..], &ptr.mac)
+            .map_err(|_| Error::Integrity(what()))?;
+        Ok(b)
+    }
+}
+
+struct Inner {
+    dev: Arc<dyn Device>,
+    header: Header,
+    keys: VolumeKeys,
+    engine: CryptoEngine,
+    state: Mutex<State>,
+    reuse: RwLock<()>,
+    read_only: bool,
+    dirty_limit: u64,
+    checkpoint_blocks: u64,
+}
+
+pub struct Volume {
+    inner: Arc<Inner>,
+    background: Option<(crossbeam::channel::Sender<()>, JoinHandle<()>)>,
+    recovery: Recovery,
+    closed: bool,
+}
+
+/// Reads the volume header: the newest of the two copies that is intact.
+pub fn read_header(dev: &dyn Device) -> Result<Header> {
+    let mut best: Option<Header> = None;
+    let mut errors = Vec::new();
+    for (i, blk) in format::HEADER_BLOCKS.iter().enumerate() {
+        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        if let Err(e) = read_exact_at(dev, &mut b[..], blk * BLOCK_SIZE as u64) {
+            errors.push((i, format!("{e}"), None));
+            continue;
+        }
+        match Header::decode(&b) {
+            Ok(h) => {
+                if best.as_ref().is_none_or(|b| h.seq > b.seq) {
+                    best = Some(h);
+                }
+            }
+            Err(e) => errors.push((i, e.to_string(), Some(e))),
+        }
+    }
+    if let Some(h) = best {
+        return Ok(h);
+    }
+    use format::DecodeError;
+    if let Some((_, _, Some(DecodeError::Version { want, have }))) = errors.first() {
+        return Err(Error::UnsupportedVersion {
+            want: *want,
+            have: *have,
+        });
+    }
+    if errors
+        .iter()
+        .all(|(_, _, e)| matches!(e, None | Some(DecodeError::Magic(_))))
+    {
+        return Err(Error::NotAVolume("the backing store".into()));
+    }
+    let why: Vec<String> = errors
+        .iter()
+        .map(|(i, m, _)| format!("copy {}: {m}", ["A", "B"][*i]))
+        .collect();
+    Err(Error::Corrupted(format!(
+        "both header copies are damaged ({})",
+        why.join("; ")
+    )))
+}
+
+/// Writes a header to both copies, one after the other, each made durable,
+/// so that a crash leaves at least one intact.
+pub fn write_header(dev: &dyn Device, header: &Header) -> Result<()> {
+    let b = header.encode();
+    for blk in format::HEADER_BLOCKS {
+        dev.write_at(&b[..], blk * BLOCK_SIZE as u64)
+            .and_then(|_| dev.flush())
+            .map_err(|e| Error::io("writing the volume header", e))?;
+    }
+    Ok(())
+}
+
+/// Formats a new volume on `dev` and returns its header.
+pub fn create(
+    dev: &dyn Device,
+    master: &MasterKey,
+    volume_id: [u8; 16],
+    slots: [KeySlot; KEY_SLOTS],
+    opts: &CreateOptions,
+) -> Result<Header> {
+    let seg = opts.segment_blocks;
+    if !seg.is_power_of_two()
+        || !(format::MIN_SEGMENT_BLOCKS..=format::MAX_SEGMENT_BLOCKS).contains(&seg)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "segment size must be a power of two between {} and {} blocks, not {seg}",
+            format::MIN_SEGMENT_BLOCKS,
+            format::MAX_SEGMENT_BLOCKS
+        )));
+    }
+    if opts.logical_blocks == 0 || opts.logical_blocks > MAX_LOGICAL_BLOCKS {
+        return Err(Error::InvalidArgument(format!(
+            "volume size must be between 4 KiB and {} TiB",
+            (MAX_LOGICAL_BLOCKS * BLOCK_SIZE as u64) >> 40
+        )));
+    }
+    let max_segments = max_segments_for(opts.logical_blocks, seg);
+    let end = DATA_START + max_segments * seg as u64;
+    if dev.fixed_size() {
+        let have = dev
+            .len()
+            .map_err(|e| Error::io("reading the device size", e))?;
+        if have < end * BLOCK_SIZE as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "the device holds {have} bytes but a volume of this size needs {} (lsvfs keeps 25% headroom for the cleaner); choose a smaller --size",
+                end * BLOCK_SIZE as u64
+            )));
+        }
+    }
+    let header = Header {
+        seq: 1,
+        volume_id,
+        logical_blocks: opts.logical_blocks,
+        segment_blocks: seg,
+        max_segments,
+        key_check: master.check_value(&volume_id),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        slots,
+    };
+    // Both checkpoint slots are cleared first: stale ones from an earlier
+    // volume on the same device must not be mistaken for ours.
+    let zero = [0u8; BLOCK_SIZE];
+    for blk in format::CHECKPOINT_BLOCKS {
+        dev.write_at(&zero, blk * BLOCK_SIZE as u64)
+            .map_err(|e| Error::io("clearing the checkpoint slots", e))?;
+    }
+    let seg_bytes = seg as u64 * BLOCK_SIZE as u64;
+    dev.allocate(DATA_START * BLOCK_SIZE as u64, 2 * seg_bytes)
+        .map_err(|e| Error::io("reserving the first segments", e))?;
+    let keys = VolumeKeys::derive(master, &volume_id);
+    let c = Checkpoint {
+        seq: 1,
+        log: LogPos {
+            seq: 1,
+            segment: 0,
+            offset: 0,
+            next_segment: 1,
+            anchor: Mac::default(),
+        },
+        gen_limit: 1,
+        extent: 2,
+        allocated: 0,
+        changed_since: 1,
+        key_gen: 0,
+        roots: [TreePtr::ABSENT; 5],
+    };
+    let mut b = c.encode_body(&volume_id);
+    let mac = keys.mac(
+        Tag::new(BlockKind::Checkpoint, 1, 1),
+        &b[..format::CHECKPOINT_MAC_AT],
+    );
+    b[format::CHECKPOINT_MAC_AT..].copy_from_slice(&mac.0);
+    dev.write_at(&b[..], format::CHECKPOINT_BLOCKS[1] * BLOCK_SIZE as u64)
+        .and_then(|_| dev.flush())
+        .map_err(|e| Error::io("writing the first checkpoint", e))?;
+    // The header goes last: until it is written, nothing claims to be a volume.
+    write_header(dev, &header)?;
+    Ok(header)
+}
+
+impl Volume {
+    /// Opens a volume, recovering it if it was not closed cleanly.
+    pub fn open(dev: Arc<dyn Device>, master: &MasterKey, opts: Options) -> Result<Volume> {
+        let header = read_header(&*dev)?;
+        if master.check_value(&header.volume_id) != header.key_check {
+            return Err(Error::WrongKey(
+                "the key does not match this volume's key check value".into(),
+            ));
+        }
+        let keys = VolumeKeys::derive(master, &header.volume_id);
+        let engine = CryptoEngine::new(opts.crypto_threads, opts.chunk_bytes)
+            .map_err(|e| Error::io("starting crypto threads", e))?;
+        let seg = header.segment_blocks as u64;
+        let (dirty_limit, _, reserve) = reserves(header.logical_blocks, seg);
+        let reuse = RwLock::new(());
+        let mut inner = Inner {
+            dev,
+            keys,
+            engine,
+            state: Mutex::new(State {
+                trees: Trees::new(
+                    [TreePtr::ABSENT; 5],
+                    state::shapes(header.logical_blocks, header.max_segments),
+                    1,
+                ),
+                usage: Usage::new(seg),
+                free: Default::default(),
+                extent: 0,
+                head: LogPos {
+                    seq: 0,
+                    segment: 0,
+                    offset: 0,
+                    next_segment: 1,
+                    anchor: Mac::default(),
+                },
+                next_gen: 0,
+                gen_limit: 0,
+                allocated: 0,
+                changed_since: 0,
+                key_gen: 0,
+                last_checkpoint: Checkpoint {
+                    seq: 0,
+                    log: LogPos {
+                        seq: 0,
+                        segment: 0,
+                        offset: 0,
+                        next_segment: 1,
+                        anchor: Mac::default(),
+                    },
+                    gen_limit: 0,
+                    extent: 0,
+                    allocated: 0,
+                    changed_since: 0,
+                    key_gen: 0,
+                    roots: [TreePtr::ABSENT; 5],
+                },
+                log_blocks_since_checkpoint: 0,
+                cleaned: Default::default(),
+                poisoned: false,
+                seg_blocks: seg,
+                max_segments: header.max_segments,
+                logical_blocks: header.logical_blocks,
+                reserve,
+            }),
+            header,
+            reuse,
+            read_only: opts.read_only,
+            dirty_limit,
+            checkpoint_blocks: opts.checkpoint_blocks.max(seg),
+        };
+        let recovery = {
+            let Inner {
+                dev,
+                keys,
+                engine,
+                state,
+                header,
+                reuse,
+                ..
+            } = &mut inner;
+            let ctx = Ctx {
+                dev: &**dev,
+                keys,
+                header,
+                engine,
+                reuse,
+            };
+            let st = state.get_mut().expect("not shared yet");
+            let c = recovery::read_checkpoint(&ctx)?;
+            st.trees = Trees::new(
+                c.roots,
+                state::shapes(header.logical_blocks, header.max_segments),
+                opts.cache_bytes / BLOCK_SIZE,
+            );
+            st.extent = c.extent;
+            st.head = c.log;
+            st.next_gen = c.gen_limit;
+            st.gen_limit = c.gen_limit;
+            st.allocated = c.allocated;
+            st.changed_since = c.changed_since;
+            st.key_gen = c.key_gen;
+            st.last_checkpoint = c;
+            st.load_usage(&ctx)?;
+            let r = st.roll_forward(&ctx)?;
+            if !opts.read_only {
+                // Reserve generations durably, then make the recovered state
+                // the new checkpoint so the replayed log can be reused.
+                st.alloc_gens(&ctx, 0)?;
+                st.alloc_gens(&ctx, 1)?;
+                st.checkpoint(&ctx)?;
+            }
+            r
+        };
+        let inner = Arc::new(inner);
+        let background = if opts.background && !opts.read_only {
+            let (tx, rx) = crossbeam::channel::bounded::<()>(1);
+            let weak = Arc::downgrade(&inner);
+            let handle = std::thread::Builder::new()
+                .name("lsvfs-cleaner".into())
+                .spawn(move || loop {
+                    match rx.recv_timeout(Duration::from_millis(500)) {
+                        Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
+                    match weak.upgrade() {
+                        Some(inner) => inner.background_tick(),
+                        None => break,
+                    }
+                })
+                .map_err(|e| Error::io("starting the cleaner thread", e))?;
+            Some((tx, handle))
+        } else {
+            None
+        };
+        Ok(Volume {
+            inner,
+            background,
+            recovery,
+            closed: false,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.inner.header
+    }
+
+    pub fn logical_blocks(&self) -> u64 {
+        self.inner.header.logical_blocks
+    }
+
+    /// What recovery did when the volume was opened.
+    pub fn recovery(&self) -> Recovery {
+        self.recovery
+    }
+
+    /// Reads `buf.len() / 4096` blocks from `lba`. Unwritten blocks read as
+    /// zeros. A block that fails authentication is an [`Error::Integrity`].
+    pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<()> {
+        let n = self.inner.check_range(lba, buf.len())?;
+        let (entries, _guard) = {
+            let mut st = self.inner.lock()?;
+            let ctx = self.inner.ctx();
+            let mut es = Vec::with_capacity(n as usize);
+            for i in 0..n {
+                es.push(st.lookup(&ctx, lba + i)?);
+            }
+            st.trees.evict();
+            (
+                es,
+                self.inner.reuse.read().unwrap_or_else(|p| p.into_inner()),
+            )
+        };
+        let mut i = 0usize;
+        while i < entries.len() {
+            if !entries[i].is_mapped() {
+                buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0);
+                i += 1;
+                continue;
+            }
+            // A run of blocks that are contiguous on disk: one read, one open.
+            let mut j = i + 1;
+            while j < entries.len()
+                && entries[j].is_mapped()
+                && entries[j].pba == entries[j - 1].pba + 1
+            {
+                j += 1;
+            }
+            let run = &mut buf[i * BLOCK_SIZE..j * BLOCK_SIZE];
+            let at = entries[i].pba;
+            read_exact_at(&*self.inner.dev, run, at * BLOCK_SIZE as u64).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::Corrupted(format!(
+                        "backing store is truncated: logical block {} lives past its end",
+                        lba + i as u64
+                    ))
+                } else {
+                    Error::io(format!("reading logical block {}", lba + i as u64), e)
+                }
+            })?;
+            let tags: Vec<Tag> = (i..j)
+                .map(|k| Tag::new(BlockKind::Data, lba + k as u64, entries[k].gen))
+                .collect();
+            let macs: Vec<Mac> = entries[i..j].iter().map(|e| e.mac).collect();
+            if let Err(bad) = self.inner.engine.open(&self.inner.keys, run, &tags, &macs) {
+                let k = i + bad;
+                return Err(Error::Integrity(format!(
+                    "logical block {} (stored at block {})",
+                    lba + k as u64,
+                    entries[k].pba
+                )));
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes whole blocks at `lba` as one transaction.
+    pub fn write(&self, lba: u64, data: &[u8]) -> Result<()> {
+        let mut t = Transaction::new();
+        t.write(lba, data.to_vec());
+        self.commit(t)
+    }
+
+    /// Unmaps `count` blocks from `lba` as one transaction.
+    pub fn trim(&self, lba: u64, count: u64) -> Result<()> {
+        let mut t = Transaction::new();
+        t.trim(lba, count);
+        self.commit(t)
+    }
+
+    /// Applies a transaction atomically. It is in the log when this returns
+    /// and durable after the next [`Volume::flush`].
+    pub fn commit(&self, txn: Transaction) -> Result<()> {
+        let inner = &*self.inner;
+        if inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut n_blocks = 0u64;
+        for op in &txn.ops {
+            match op {
+                Op::Write { lba, data } => n_blocks += inner.check_range(*lba, data.len())?,
+                Op::Trim { lba, count } => {
+                    inner.check_range(*lba, (*count as usize).saturating_mul(BLOCK_SIZE))?;
+                }
+            }
+        }
+        if n_blocks > MAX_TXN_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "a transaction may write at most {MAX_TXN_BLOCKS} blocks, not {n_blocks}"
+            )));
+        }
+        let base = {
+            let mut st = inner.lock()?;
+            st.alloc_gens(&inner.ctx(), n_blocks)?
+        };
+        // Entries in operation order; payload blocks sealed in place.
+        let mut entries = Vec::with_capacity(n_blocks as usize);
+        let mut tags = Vec::with_capacity(n_blocks as usize);
+        let mut payload = Vec::new();
+        for op in txn.ops {
+            match op {
+                Op::Write { lba, data } => {
+                    for i in 0..(data.len() / BLOCK_SIZE) as u64 {
+                        tags.push(Tag::new(BlockKind::Data, lba + i, base + tags.len() as u64));
+                        entries.push(Entry::Write {
+                            lba: lba + i,
+                            gen: 0,
+                            mac: Mac::default(),
+                        });
+                    }
+                    if payload.is_empty() {
+                        payload = data;
+                    } else {
+                        payload.extend_from_slice(&data);
+                    }
+                }
+                Op::Trim { lba, count } => {
+                    let mut at = lba;
+                    let end = lba + count;
+                    while at < end {
+                        let c = (end - at).min(u32::MAX as u64);
+                        entries.push(Entry::Trim {
+                            lba: at,
+                            count: c as u32,
+                        });
+                        at += c;
+                    }
+                }
+            }
+        }
+        let mut macs = vec![Mac::default(); tags.len()];
+        inner
+            .engine
+            .seal(&inner.keys, &mut payload, &tags, &mut macs);
+        let mut k = 0;
+        for e in entries.iter_mut() {
+            if let Entry::Write { gen, mac, .. } = e {
+                *gen = tags[k].gen;
+                *mac = macs[k];
+                k += 1;
+            }
+        }
+
+        let mut st = inner.lock()?;
+        let ctx = inner.ctx();
+        let needed = st.segments_needed(&entries);
+        st.ensure_space(&ctx, needed)?;
+        st.prefetch(&ctx, &entries)?;
+        let pbas = st.append(&ctx, &entries, &payload, true)?;
+        if let Err(e) = st.apply(&ctx, &entries, &pbas) {
+            st.poisoned = true;
+            return Err(e);
+        }
+        inner.maybe_checkpoint(&mut st, &ctx);
+        st.trees.evict();
+        Ok(())
+    }
+
+    /// Makes every committed transaction durable (fdatasync).
+    pub fn flush(&self) -> Result<()> {
+        if self.inner.lock()?.poisoned {
+            return Err(Error::PreviousIo);
+        }
+        self.inner.dev.flush().map_err(|e| {
+            if let Ok(mut st) = self.inner.state.lock() {
+                st.poisoned = true;
+            }
+            Error::io("flushing the backing store", e)
+        })
+    }
+
+    /// Writes a checkpoint now.
+    pub fn checkpoint(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut st = self.inner.lock()?;
+        st.checkpoint(&self.inner.ctx())
+    }
+
+    /// Runs the cleaner until no segment is worth cleaning (or `max`
+    /// victims), then checkpoints. Returns the number of segments cleaned.
+    pub fn clean(&self, max: usize) -> Result<usize> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut st = self.inner.lock()?;
+        let ctx = self.inner.ctx();
+        let mut n = 0;
+        while n < max && st.clean_one(&ctx)? {
+            n += 1;
+        }
+        st.checkpoint(&ctx)?;
+        Ok(n)
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        let st = self.inner.lock()?;
+        Ok(Stats {
+            logical_blocks: st.logical_blocks,
+            allocated_blocks: st.allocated,
+            segment_blocks: st.seg_blocks,
+            max_segments: st.max_segments,
+            extent_segments: st.extent,
+            free_segments: st.free.len() as u64,
+            dirty_pages: st.trees.dirty_count(),
+            cached_pages: st.trees.cached_count(),
+            checkpoint_seq: st.last_checkpoint.seq,
+            live_blocks: (0..st.extent).map(|s| st.usage.live(s)).sum(),
+        })
+    }
+
+    /// Runs of blocks written or trimmed since the changed bitmap was last
+    /// reset, as (first block, count).
+    pub fn changed_runs(&self) -> Result<Vec<(u64, u64)>> {
+        let mut st = self.inner.lock()?;
+        st.bitmap_runs(&self.inner.ctx(), format::TreeId::Changed)
+    }
+
+    /// Runs of allocated (mapped) blocks, as (first block, count).
+    pub fn allocated_runs(&self) -> Result<Vec<(u64, u64)>> {
+        let mut st = self.inner.lock()?;
+        st.bitmap_runs(&self.inner.ctx(), format::TreeId::Allocated)
+    }
+
+    /// Clears the changed bitmap. Returns the checkpoint sequence number
+    /// from which changes are now recorded.
+    pub fn reset_changed(&self) -> Result<u64> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut st = self.inner.lock()?;
+        st.reset_changed(&self.inner.ctx())
+    }
+
+    /// The checkpoint sequence number the changed bitmap starts at.
+    pub fn changed_since(&self) -> Result<u64> {
+        Ok(self.inner.lock()?.changed_since)
+    }
+
+    /// The key generation that sealed `lba`'s current version (low bit, from
+    /// the key-generation bitmap), or None if the block is unmapped.
+    pub fn key_generation_bit(&self, lba: u64) -> Result<Option<bool>> {
+        self.inner.check_range(lba, BLOCK_SIZE)?;
+        let mut st = self.inner.lock()?;
+        let ctx = self.inner.ctx();
+        if !st.lookup(&ctx, lba)?.is_mapped() {
+            return Ok(None);
+        }
+        Ok(Some(st.get_bit(&ctx, format::TreeId::KeyGen, lba)?))
+    }
+
+    /// Verifies everything reachable: every page, every data block, and that
+    /// counts and bitmaps agree with the map.
+    pub fn check(&self) -> Result<CheckReport> {
+        let mut st = self.inner.lock()?;
+        st.check(&self.inner.ctx())
+    }
+
+    /// Checkpoints and flushes, and stops the background thread.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        if let Some((tx, handle)) = self.background.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let mut st = self.inner.lock()?;
+        if st.poisoned {
+            return Err(Error::PreviousIo);
+        }
+        st.checkpoint(&self.inner.ctx())
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+impl Inner {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            dev: &*self.dev,
+            keys: &self.keys,
+            header: &self.header,
+            engine: &self.engine,
+            reuse: &self.reuse,
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let st = self.state.lock().map_err(|_| Error::PreviousIo)?;
+        if st.poisoned {
+            return Err(Error::PreviousIo);
+        }
+        Ok(st)
+    }
+
+    /// Checks that `bytes` from `lba` is a whole number of blocks inside the
+    /// volume; returns the block count.
+    fn check_range(&self, lba: u64, bytes: usize) -> Result<u64> {
+        if bytes % BLOCK_SIZE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{bytes} bytes is not a whole number of 4096-byte blocks"
+            )));
+        }
+        let n = (bytes / BLOCK_SIZE) as u64;
+        let limit = self.header.logical_blocks;
+        match lba.checked_add(n) {
+            Some(end) if end <= limit => Ok(n),
+            _ => Err(Error::OutOfRange {
+                start: lba,
+                end: lba.saturating_add(n),
+                limit,
+            }),
+        }
+    }
+
+    fn maybe_checkpoint(&self, st: &mut State, ctx: &Ctx) {
+        if st.trees.dirty_count() as u64 > self.dirty_limit
+            || st.log_blocks_since_checkpoint > self.checkpoint_blocks
+        {
+            // The transaction is already committed; a checkpoint that cannot
+            // find space now is retried after the next one.
+            let _ = st.checkpoint(ctx);
+        }
+    }
+
+    fn background_tick(&self) {
+        let Ok(mut st) = self.lock() else {
+            return;
+        };
+        let ctx = self.ctx();
+        let low = (st.reserve * 2).max(st.max_segments / 16);
+        if st.available() < low {
+            let mut n = 0;
+            while n < 4 && st.available() + (st.cleaned.len() as u64) < low * 2 {
+                match st.clean_one(&ctx) {
+                    Ok(true) => n += 1,
+                    _ => break,
+                }
+            }
+            if n > 0 {
+                let _ = st.checkpoint(&ctx);
+            }
+        } else if st.log_blocks_since_checkpoint > self.checkpoint_blocks / 2 {
+            let _ = st.checkpoint(&ctx);
+        }
+    }
+}
