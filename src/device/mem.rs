@@ -44,6 +44,11 @@ impl MemDevice {
         self.lock().ops = Some(Vec::new());
     }
 
+    /// How many operations have been recorded so far.
+    pub fn recorded_len(&self) -> usize {
+        self.lock().ops.as_ref().map_or(0, |o| o.len())
+    }
+
     /// Returns and clears the recorded operations.
     pub fn take_ops(&self) -> Vec<RecordedOp> {
         self.lock().ops.replace(Vec::new()).unwrap_or_default()

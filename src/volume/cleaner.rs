@@ -17,7 +17,7 @@ use crate::device::read_exact_at;
 use crate::{Error, Result, BLOCK_SIZE};
 
 /// Victims cleaned between two checkpoints when space runs short.
-const CLEAN_BATCH: usize = 8;
+const CLEAN_BATCH: usize = 32;
 
 impl State {
     /// Makes sure `needed` segments (plus the reserve) are available,
@@ -32,22 +32,12 @@ impl State {
         // become free with the next one.
         self.checkpoint(ctx)?;
         let mut rounds = 0;
-        while self.available() < want {
-            let mut cleaned = 0;
-            while cleaned < CLEAN_BATCH && self.available() + (self.cleaned.len() as u64) < want {
-                if !self.clean_one(ctx)? {
-                    break;
-                }
-                cleaned += 1;
-            }
-            if cleaned == 0 {
+        while self.available() < want && rounds < 4 * self.extent.max(16) {
+            rounds += 1;
+            if self.clean_batch(ctx)? == 0 {
                 break;
             }
             self.checkpoint(ctx)?;
-            rounds += 1;
-            if rounds > 4 * self.extent.max(16) {
-                break;
-            }
         }
         if self.available() >= want {
             return Ok(());
@@ -58,6 +48,33 @@ impl State {
             self.logical_blocks,
             self.available()
         )))
+    }
+
+    /// Cleans victims while the space they consume leaves room for the
+    /// checkpoint that frees them: many victims per checkpoint, so the
+    /// checkpoint's own writes are paid once per batch.
+    pub fn clean_batch(&mut self, ctx: &Ctx) -> Result<usize> {
+        let mut n = 0;
+        while n < CLEAN_BATCH && self.available() >= self.room_to_clean() {
+            if !self.clean_one(ctx)? {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Segments that must be free to clean one more victim and still write
+    /// the checkpoint afterwards: the victim's live blocks (at most a
+    /// segment), the pages dirty now, the pages the victim can dirty (at
+    /// most one per block), and one spare.
+    fn room_to_clean(&self) -> u64 {
+        let usable = self.seg_blocks
+            - self
+                .seg_blocks
+                .div_ceil(super::format::ENTRIES_PER_RECORD as u64 + 1);
+        let pages = self.trees.dirty_count() as u64 + self.seg_blocks;
+        1 + (pages * 11 / 10).div_ceil(usable) + 1
     }
 
     /// The segment with the fewest live blocks that is worth cleaning.

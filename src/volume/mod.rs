@@ -214,7 +214,6 @@ struct Inner {
     state: Mutex<State>,
     reuse: RwLock<()>,
     read_only: bool,
-    dirty_limit: u64,
     checkpoint_blocks: u64,
 }
 
@@ -435,11 +434,11 @@ impl Volume {
                 max_segments: header.max_segments,
                 logical_blocks: header.logical_blocks,
                 reserve,
+                dirty_limit,
             }),
             header,
             reuse,
             read_only: opts.read_only,
-            dirty_limit,
             checkpoint_blocks: opts.checkpoint_blocks.max(seg),
         };
         let recovery = {
@@ -475,7 +474,9 @@ impl Volume {
             st.key_gen = c.key_gen;
             st.last_checkpoint = c;
             st.load_usage(&ctx)?;
+            let empty: Vec<u64> = (0..st.extent).filter(|s| st.usage.live(*s) == 0).collect();
             let r = st.roll_forward(&ctx)?;
+            st.free_after_recovery(&empty, &r);
             if !opts.read_only {
                 // Reserve generations durably, then make the recovered state
                 // the new checkpoint so the replayed log can be reused.
@@ -523,8 +524,8 @@ impl Volume {
     }
 
     /// What recovery did when the volume was opened.
-    pub fn recovery(&self) -> Recovery {
-        self.recovery
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
     }
 
     /// Reads `buf.len() / 4096` blocks from `lba`. Unwritten blocks read as
@@ -721,10 +722,14 @@ impl Volume {
         let mut st = self.inner.lock()?;
         let ctx = self.inner.ctx();
         let mut n = 0;
-        while n < max && st.clean_one(&ctx)? {
-            n += 1;
+        while n < max {
+            let k = st.clean_batch(&ctx)?;
+            st.checkpoint(&ctx)?;
+            if k == 0 {
+                break;
+            }
+            n += k;
         }
-        st.checkpoint(&ctx)?;
         Ok(n)
     }
 
@@ -789,6 +794,25 @@ impl Volume {
     pub fn check(&self) -> Result<CheckReport> {
         let mut st = self.inner.lock()?;
         st.check(&self.inner.ctx())
+    }
+
+    /// Where the current version of `lba` is stored on the device (a block
+    /// address), or None if it is unmapped. For diagnostics and tests.
+    pub fn locate(&self, lba: u64) -> Result<Option<u64>> {
+        self.inner.check_range(lba, BLOCK_SIZE)?;
+        let mut st = self.inner.lock()?;
+        let e = st.lookup(&self.inner.ctx(), lba)?;
+        Ok(e.is_mapped().then_some(e.pba))
+    }
+
+    /// Stops using the volume without a checkpoint or flush, as if the
+    /// process had been killed: the next open recovers from the log.
+    pub fn abandon(mut self) {
+        self.closed = true;
+        if let Some((tx, handle)) = self.background.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
     }
 
     /// Checkpoints and flushes, and stops the background thread.
@@ -862,7 +886,7 @@ impl Inner {
     }
 
     fn maybe_checkpoint(&self, st: &mut State, ctx: &Ctx) {
-        if st.trees.dirty_count() as u64 > self.dirty_limit
+        if st.trees.dirty_count() as u64 > st.dirty_limit
             || st.log_blocks_since_checkpoint > self.checkpoint_blocks
         {
             // The transaction is already committed; a checkpoint that cannot
@@ -878,15 +902,10 @@ impl Inner {
         let ctx = self.ctx();
         let low = (st.reserve * 2).max(st.max_segments / 16);
         if st.available() < low {
-            let mut n = 0;
-            while n < 4 && st.available() + (st.cleaned.len() as u64) < low * 2 {
-                match st.clean_one(&ctx) {
-                    Ok(true) => n += 1,
-                    _ => break,
+            if let Ok(n) = st.clean_batch(&ctx) {
+                if n > 0 {
+                    let _ = st.checkpoint(&ctx);
                 }
-            }
-            if n > 0 {
-                let _ = st.checkpoint(&ctx);
             }
         } else if st.log_blocks_since_checkpoint > self.checkpoint_blocks / 2 {
             let _ = st.checkpoint(&ctx);

@@ -21,7 +21,7 @@ use crate::device::read_exact_at;
 use crate::{Error, Result, BLOCK_SIZE};
 
 /// What roll-forward found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Recovery {
     /// Records replayed (committed transactions only).
     pub records: u64,
@@ -29,6 +29,8 @@ pub struct Recovery {
     pub transactions: u64,
     /// Records of an incomplete trailing transaction that were dropped.
     pub dropped_records: u64,
+    /// Segments the log wrote after the checkpoint (committed or not).
+    pub touched: std::collections::BTreeSet<u64>,
 }
 
 /// Reads both checkpoint slots and returns the newest that authenticates.
@@ -154,6 +156,18 @@ impl State {
         Ok(Some(rec))
     }
 
+    /// Segments that may be reused before the first checkpoint after open:
+    /// those empty at the checkpoint that the log has not written since.
+    pub fn free_after_recovery(&mut self, empty_at_checkpoint: &[u64], r: &Recovery) {
+        self.free = empty_at_checkpoint
+            .iter()
+            .copied()
+            .filter(|s| {
+                !r.touched.contains(s) && *s != self.head.segment && *s != self.head.next_segment
+            })
+            .collect();
+    }
+
     /// Replays every committed transaction after the checkpoint.
     pub fn roll_forward(&mut self, ctx: &Ctx) -> Result<Recovery> {
         let mut stats = Recovery::default();
@@ -182,6 +196,7 @@ impl State {
             pos.seq += 1;
             pos.anchor = rec.mac;
             self.extent = self.extent.max(pos.segment + 1).max(pos.next_segment + 1);
+            stats.touched.insert(pos.segment);
             let commit = rec.head.commit();
             pending.push((rec, at));
             if commit {

@@ -116,6 +116,8 @@ pub struct State {
     pub logical_blocks: u64,
     /// Segments kept back from ordinary writes for checkpoints and the cleaner.
     pub reserve: u64,
+    /// Dirty metadata pages that force a checkpoint.
+    pub dirty_limit: u64,
 }
 
 /// The trees' shapes for a volume geometry.

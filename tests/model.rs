@@ -1,0 +1,174 @@
+//! Model-based property tests: random sequences of transactions (writes and
+//! trims), flushes, checkpoints, cleaning, clean reopens and abrupt reopens,
+//! compared block for block against an in-memory model.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::{block, create, open, opts, Rng};
+use lsvfs::device::{Device, MemDevice};
+use lsvfs::volume::{Transaction, Volume};
+use lsvfs::BLOCK_SIZE;
+use proptest::prelude::*;
+
+const LOGICAL: u64 = 600;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// A transaction of (lba, blocks) writes and (lba, count) trims.
+    Txn(Vec<(bool, u64, u64)>),
+    Flush,
+    Checkpoint,
+    Clean,
+    Reopen,
+    /// Reopen from the device as it is, without a checkpoint (process killed).
+    Kill,
+    Read(u64, u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let piece = (any::<bool>(), 0..LOGICAL, 1u64..40).prop_map(|(w, lba, n)| {
+        let n = n.min(LOGICAL - lba);
+        (w, lba, n)
+    });
+    prop_oneof![
+        10 => prop::collection::vec(piece, 1..4).prop_map(Op::Txn),
+        2 => Just(Op::Flush),
+        1 => Just(Op::Checkpoint),
+        1 => Just(Op::Clean),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Kill),
+        3 => (0..LOGICAL, 1u64..64).prop_map(|(l, n)| Op::Read(l, n.min(LOGICAL - l))),
+    ]
+}
+
+fn verify(v: &Volume, model: &BTreeMap<u64, u64>, lba: u64, n: u64) {
+    let mut buf = vec![0u8; (n as usize) * BLOCK_SIZE];
+    v.read(lba, &mut buf).expect("read");
+    for i in 0..n {
+        let got = &buf[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
+        match model.get(&(lba + i)) {
+            Some(ver) => assert!(
+                got == block(lba + i, *ver).as_slice(),
+                "block {} differs from version {ver}",
+                lba + i
+            ),
+            None => assert!(
+                got.iter().all(|b| *b == 0),
+                "block {} should read as zeros",
+                lba + i
+            ),
+        }
+    }
+}
+
+fn run(ops: Vec<Op>, segment_blocks: u32) {
+    let dev = Arc::new(MemDevice::new());
+    create(&*dev, LOGICAL, segment_blocks);
+    let mut v = open(dev.clone());
+    let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut version = 0u64;
+    let mut dev = dev;
+    for op in ops {
+        match op {
+            Op::Txn(pieces) => {
+                let mut t = Transaction::new();
+                let mut next = model.clone();
+                for (write, lba, n) in pieces {
+                    if write {
+                        let mut data = Vec::with_capacity(n as usize * BLOCK_SIZE);
+                        for i in 0..n {
+                            version += 1;
+                            data.extend_from_slice(&block(lba + i, version));
+                            next.insert(lba + i, version);
+                        }
+                        t.write(lba, data);
+                    } else {
+                        t.trim(lba, n);
+                        for i in 0..n {
+                            next.remove(&(lba + i));
+                        }
+                    }
+                }
+                v.commit(t).expect("commit");
+                model = next;
+            }
+            Op::Flush => v.flush().expect("flush"),
+            Op::Checkpoint => v.checkpoint().expect("checkpoint"),
+            Op::Clean => {
+                v.clean(4).expect("clean");
+            }
+            Op::Reopen => {
+                v.close().expect("close");
+                v = open(dev.clone());
+            }
+            Op::Kill => {
+                let image = dev.image();
+                v.abandon();
+                dev = Arc::new(MemDevice::from_image(image));
+                v = open(dev.clone() as Arc<dyn Device>);
+            }
+            Op::Read(lba, n) => verify(&v, &model, lba, n),
+        }
+    }
+    verify(&v, &model, 0, LOGICAL);
+    let report = v.check().expect("check");
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(v.stats().unwrap().allocated_blocks, model.len() as u64);
+    // The allocated bitmap agrees with the model.
+    let mut from_bitmap = Vec::new();
+    for (s, n) in v.allocated_runs().unwrap() {
+        from_bitmap.extend(s..s + n);
+    }
+    assert_eq!(from_bitmap, model.keys().copied().collect::<Vec<_>>());
+    v.close().expect("close");
+    let v = open(dev);
+    verify(&v, &model, 0, LOGICAL);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn matches_model_small_segments(ops in prop::collection::vec(op(), 1..120)) {
+        run(ops, 16);
+    }
+
+    #[test]
+    fn matches_model_default_geometry(ops in prop::collection::vec(op(), 1..60)) {
+        run(ops, 64);
+    }
+}
+
+/// A long deterministic run that keeps the volume near full so the cleaner
+/// and checkpoints run constantly.
+#[test]
+fn long_random_run_near_full() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut ops = Vec::new();
+    for _ in 0..1500 {
+        ops.push(match rng.below(40) {
+            0 => Op::Reopen,
+            1 => Op::Kill,
+            2..=4 => Op::Flush,
+            5 => Op::Clean,
+            6..=8 => {
+                let l = rng.below(LOGICAL);
+                Op::Read(l, (rng.below(32) + 1).min(LOGICAL - l))
+            }
+            _ => {
+                let l = rng.below(LOGICAL);
+                let n = (rng.below(24) + 1).min(LOGICAL - l);
+                Op::Txn(vec![(rng.below(8) != 0, l, n)])
+            }
+        });
+    }
+    run(ops, 16);
+}
+
+#[test]
+fn options_are_deterministic() {
+    assert!(!opts().background);
+}
