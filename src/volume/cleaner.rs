@@ -42,6 +42,14 @@ impl State {
         if self.available() >= want {
             return Ok(());
         }
+        if self.growth_blocked {
+            // The host may have freed space since: let the next segment
+            // allocation try growing the backing file again.
+            self.growth_blocked = false;
+            if self.available() >= want {
+                return Ok(());
+            }
+        }
         Err(Error::NoSpace(format!(
             "the volume is full ({} of {} logical blocks in use, {} free segments); delete or trim data",
             self.allocated,

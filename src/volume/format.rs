@@ -147,6 +147,7 @@ impl KeySlot {
     };
 }
 
+/// `Debug` shows the geometry and slot kinds; wrapped keys are left out.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Header {
     pub seq: u64,
@@ -157,6 +158,21 @@ pub struct Header {
     pub key_check: [u8; 16],
     pub created: u64,
     pub slots: [KeySlot; KEY_SLOTS],
+}
+
+impl std::fmt::Debug for Header {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Header")
+            .field("seq", &self.seq)
+            .field("logical_blocks", &self.logical_blocks)
+            .field("segment_blocks", &self.segment_blocks)
+            .field("max_segments", &self.max_segments)
+            .field(
+                "slots",
+                &self.slots.iter().map(|s| s.kind).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Header {

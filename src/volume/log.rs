@@ -94,9 +94,15 @@ impl State {
             }
         };
         let bytes = self.seg_blocks * BLOCK_SIZE as u64;
-        ctx.dev
+        let grows = !self.free.contains(&seg);
+        let reserved = ctx
+            .dev
             .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
-            .map_err(|e| Error::io(format!("reserving segment {seg}"), e))?;
+            .map_err(|e| Error::io(format!("reserving segment {seg}"), e));
+        if grows {
+            self.growth_blocked = matches!(reserved, Err(Error::NoSpace(_)));
+        }
+        reserved?;
         if !self.free.remove(&seg) {
             self.extent = seg + 1;
             self.usage.live.resize(self.extent as usize, 0);

@@ -430,6 +430,7 @@ impl Volume {
                 log_blocks_since_checkpoint: 0,
                 cleaned: Default::default(),
                 poisoned: false,
+                growth_blocked: false,
                 seg_blocks: seg,
                 max_segments: header.max_segments,
                 logical_blocks: header.logical_blocks,
@@ -681,7 +682,16 @@ impl Volume {
         let needed = st.segments_needed(&entries);
         st.ensure_space(&ctx, needed)?;
         st.prefetch(&ctx, &entries)?;
-        let pbas = st.append(&ctx, &entries, &payload, true)?;
+        let pbas = match st.append(&ctx, &entries, &payload, true) {
+            // The backing file could not grow: nothing was written. Make
+            // room from free and cleaned segments instead, and try once more.
+            Err(Error::NoSpace(_)) if st.growth_blocked => {
+                st.ensure_space(&ctx, needed)?;
+                st.prefetch(&ctx, &entries)?;
+                st.append(&ctx, &entries, &payload, true)?
+            }
+            r => r?,
+        };
         if let Err(e) = st.apply(&ctx, &entries, &pbas) {
             st.poisoned = true;
             return Err(e);

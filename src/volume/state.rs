@@ -111,6 +111,9 @@ pub struct State {
     /// Segments the cleaner emptied; they become free at the next checkpoint.
     pub cleaned: BTreeSet<u64>,
     pub poisoned: bool,
+    /// The backing device refused to grow (the host filesystem is full):
+    /// only free segments count as available until growing works again.
+    pub growth_blocked: bool,
     pub seg_blocks: u64,
     pub max_segments: u64,
     pub logical_blocks: u64,
@@ -139,7 +142,12 @@ impl State {
 
     /// Segments the log can still take: free ones plus room to grow.
     pub fn available(&self) -> u64 {
-        self.free.len() as u64 + (self.max_segments - self.extent)
+        let growth = if self.growth_blocked {
+            0
+        } else {
+            self.max_segments - self.extent
+        };
+        self.free.len() as u64 + growth
     }
 
     /// Hands out `n` fresh generations. Before any generation at or past the
@@ -437,7 +445,17 @@ impl State {
     /// leaves up, pointing each parent at its children's new copies.
     fn write_tree(&mut self, ctx: &Ctx, tree: TreeId) -> Result<()> {
         for level in 0..=self.trees.shape(tree).depth {
-            let keys = self.trees.dirty_at(tree, level);
+            let mut keys = self.trees.dirty_at(tree, level);
+            // An all-zero page is not written: its pointer becomes absent,
+            // which reads as zeros. Trimmed regions free their metadata too.
+            keys.retain(|k| {
+                if self.trees.cached(k).iter().all(|b| *b == 0) {
+                    self.trees.set_written(*k, TreePtr::ABSENT);
+                    false
+                } else {
+                    true
+                }
+            });
             if keys.is_empty() {
                 continue;
             }

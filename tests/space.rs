@@ -1,0 +1,285 @@
+//! Space: the cleaner keeps a full volume writable within its documented
+//! bound, trims give space back, a full backing device gives ENOSPC and
+//! recovers, and memory stays bounded by the cache on huge thin volumes.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use common::{block, create, master, mem_volume, open, opts, Rng};
+use lsvfs::device::{Device, FileDevice, MemDevice};
+use lsvfs::volume::{Options, Transaction, Volume};
+use lsvfs::{Error, BLOCK_SIZE};
+
+fn file_volume(
+    dir: &tempfile::TempDir,
+    logical: u64,
+    seg: u32,
+) -> (std::path::PathBuf, Arc<dyn Device>) {
+    let path = dir.path().join("v.vol");
+    let dev = FileDevice::create(&path).unwrap();
+    create(&dev, logical, seg);
+    drop(dev);
+    let dev: Arc<dyn Device> = Arc::new(FileDevice::open(&path, true).unwrap());
+    (path, dev)
+}
+
+fn write_run(
+    v: &Volume,
+    model: &mut [u64],
+    lba: u64,
+    n: u64,
+    version: &mut u64,
+) -> Result<(), Error> {
+    let mut data = Vec::with_capacity(n as usize * BLOCK_SIZE);
+    let mut next = Vec::new();
+    for l in lba..lba + n {
+        *version += 1;
+        data.extend_from_slice(&block(l, *version));
+        next.push((l, *version));
+    }
+    v.write(lba, &data)?;
+    for (l, ver) in next {
+        model[l as usize] = ver;
+    }
+    Ok(())
+}
+
+fn verify_all(v: &Volume, model: &[u64]) {
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    for (l, ver) in model.iter().enumerate() {
+        v.read(l as u64, &mut buf).unwrap();
+        if *ver == 0 {
+            assert!(buf.iter().all(|b| *b == 0), "block {l}");
+        } else {
+            assert!(buf == block(l as u64, *ver), "block {l} version {ver}");
+        }
+    }
+}
+
+fn overwrite_10x_at_80_percent(background: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let logical = 8192u64; // 32 MiB
+    let (path, dev) = file_volume(&dir, logical, 64);
+    let v = Volume::open(
+        dev,
+        &master(),
+        Options {
+            background,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let bound = v.header().end_block() * BLOCK_SIZE as u64;
+    let fill = logical * 8 / 10;
+    let mut model = vec![0u64; logical as usize];
+    let mut version = 0;
+    for lba in (0..fill).step_by(64) {
+        write_run(&v, &mut model, lba, 64.min(fill - lba), &mut version).unwrap();
+    }
+    let mut rng = Rng(42);
+    let mut written = 0;
+    let mut max_len = 0;
+    while written < 10 * fill {
+        let n = rng.below(16) + 1;
+        let lba = rng.below(fill - n);
+        write_run(&v, &mut model, lba, n, &mut version)
+            .unwrap_or_else(|e| panic!("after {written} blocks of overwrites: {e}"));
+        written += n;
+        max_len = max_len.max(std::fs::metadata(&path).unwrap().len());
+    }
+    eprintln!(
+        "10x overwrite at 80%: backing file peaked at {} bytes, bound {} bytes, logical {} bytes",
+        max_len,
+        bound,
+        logical * BLOCK_SIZE as u64
+    );
+    assert!(
+        max_len <= bound,
+        "backing file grew to {max_len}, past the bound {bound}"
+    );
+    verify_all(&v, &model);
+    assert!(v.check().unwrap().is_clean());
+    v.close().unwrap();
+}
+
+#[test]
+fn cleaner_sustains_10x_random_overwrites_at_80_percent() {
+    overwrite_10x_at_80_percent(false);
+}
+
+#[test]
+fn cleaner_with_background_thread() {
+    overwrite_10x_at_80_percent(true);
+}
+
+#[test]
+fn volume_can_be_filled_completely_and_rewritten() {
+    let dev = mem_volume(2048, 64);
+    let v = open(dev.clone());
+    let mut model = vec![0u64; 2048];
+    let mut version = 0;
+    for lba in (0..2048).step_by(128) {
+        write_run(&v, &mut model, lba, 128, &mut version).unwrap();
+    }
+    let mut rng = Rng(7);
+    for _ in 0..800 {
+        let n = rng.below(8) + 1;
+        write_run(&v, &mut model, rng.below(2048 - n), n, &mut version).unwrap();
+    }
+    verify_all(&v, &model);
+    assert!(dev.len().unwrap() <= v.header().end_block() * BLOCK_SIZE as u64);
+}
+
+#[test]
+fn trim_releases_space_in_the_volume_and_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, dev) = file_volume(&dir, 16384, 256);
+    let v = Volume::open(dev, &master(), opts()).unwrap();
+    let data: Vec<u8> = (0..8192).flat_map(|l| block(l, 1)).collect();
+    for (i, c) in data.chunks(1024 * BLOCK_SIZE).enumerate() {
+        v.write(i as u64 * 1024, c).unwrap();
+    }
+    v.checkpoint().unwrap();
+    let host_full = std::fs::metadata(&path).unwrap().blocks() * 512;
+    let live_full = v.stats().unwrap().live_blocks;
+    v.trim(0, 8192).unwrap();
+    v.clean(1000).unwrap();
+    let s = v.stats().unwrap();
+    let host_after = std::fs::metadata(&path).unwrap().blocks() * 512;
+    eprintln!(
+        "trim: live blocks {live_full} -> {}, host bytes {host_full} -> {host_after}",
+        s.live_blocks
+    );
+    assert_eq!(s.allocated_blocks, 0);
+    assert!(v.allocated_runs().unwrap().is_empty());
+    assert!(
+        s.live_blocks < 16,
+        "{} blocks still live after trimming everything",
+        s.live_blocks
+    );
+    assert!(
+        host_after < host_full / 4,
+        "host space {host_full} -> {host_after}"
+    );
+    let mut b = vec![1u8; BLOCK_SIZE];
+    v.read(100, &mut b).unwrap();
+    assert!(b.iter().all(|x| *x == 0));
+}
+
+#[test]
+fn full_backing_device_gives_enospc_and_recovers() {
+    let dev = Arc::new(MemDevice::new());
+    create(&*dev, 16384, 64);
+    // The device can hold far less than the volume could grow to.
+    dev.set_capacity(Some(6 << 20));
+    let v = open(dev.clone());
+    let mut model = vec![0u64; 16384];
+    let mut version = 0;
+    let mut lba = 0;
+    let err = loop {
+        match write_run(&v, &mut model, lba, 32, &mut version) {
+            Ok(()) => lba += 32,
+            Err(e) => break e,
+        }
+        assert!(lba < 16384, "the device never filled");
+    };
+    assert!(matches!(err, Error::NoSpace(_)), "{err:?}");
+    assert_eq!(err.errno(), libc::ENOSPC);
+    v.flush().unwrap();
+    verify_all(&v, &model);
+    // Free space inside the volume: trim half of what was written.
+    v.trim(0, lba / 2).unwrap();
+    for l in 0..lba / 2 {
+        model[l as usize] = 0;
+    }
+    // Writes work again.
+    for i in 0..8 {
+        write_run(&v, &mut model, lba / 2 + i * 32, 32, &mut version).unwrap();
+    }
+    v.flush().unwrap();
+    verify_all(&v, &model);
+    assert!(v.check().unwrap().is_clean());
+    // And after a crash, everything flushed is there.
+    let img = dev.image();
+    v.abandon();
+    let v = open(Arc::new(MemDevice::from_image(img)));
+    verify_all(&v, &model);
+}
+
+#[test]
+fn thin_16_tib_volume_keeps_memory_bounded_by_the_cache() {
+    let logical = 1u64 << 32; // 16 TiB
+    let dev = mem_volume(logical, 1024);
+    let v = Volume::open(
+        dev.clone(),
+        &master(),
+        Options {
+            cache_bytes: 256 * BLOCK_SIZE,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let mut rng = Rng(3);
+    let lbas: Vec<u64> = (0..3000).map(|_| rng.below(logical)).collect();
+    for l in &lbas {
+        v.write(*l, &block(*l, 1)).unwrap();
+        let s = v.stats().unwrap();
+        assert!(
+            s.cached_pages <= 256 + s.dirty_pages + 64,
+            "cache grew to {} pages",
+            s.cached_pages
+        );
+    }
+    v.write(logical - 1, &block(logical - 1, 9)).unwrap();
+    v.close().unwrap();
+    let v = Volume::open(
+        dev.clone(),
+        &master(),
+        Options {
+            cache_bytes: 256 * BLOCK_SIZE,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let mut b = vec![0u8; BLOCK_SIZE];
+    for l in &lbas {
+        v.read(*l, &mut b).unwrap();
+        assert_eq!(b, block(*l, 1));
+        assert!(v.stats().unwrap().cached_pages <= 256 + 64);
+    }
+    v.read(logical - 1, &mut b).unwrap();
+    assert_eq!(b, block(logical - 1, 9));
+    assert!(matches!(
+        v.read(logical, &mut b),
+        Err(Error::OutOfRange { .. })
+    ));
+    // The backing store holds only what was written, not 16 TiB.
+    assert!(
+        dev.len().unwrap() < 256 << 20,
+        "device is {} bytes",
+        dev.len().unwrap()
+    );
+}
+
+#[test]
+fn changed_bitmap_tracks_writes_and_trims_since_reset() {
+    let dev = mem_volume(4096, 64);
+    let v = open(dev.clone());
+    v.write(10, &[block(10, 1), block(11, 1)].concat()).unwrap();
+    let since = v.reset_changed().unwrap();
+    assert!(v.changed_runs().unwrap().is_empty());
+    v.write(100, &[block(100, 1), block(101, 1), block(102, 1)].concat())
+        .unwrap();
+    v.trim(11, 1).unwrap();
+    v.trim(3000, 5).unwrap(); // never written: not a change
+    assert_eq!(v.changed_runs().unwrap(), vec![(11, 1), (100, 3)]);
+    v.close().unwrap();
+    let v = open(dev);
+    assert_eq!(v.changed_since().unwrap(), since);
+    assert_eq!(v.changed_runs().unwrap(), vec![(11, 1), (100, 3)]);
+    assert_eq!(v.allocated_runs().unwrap(), vec![(10, 1), (100, 3)]);
+    assert_eq!(v.key_generation_bit(100).unwrap(), Some(false));
+    assert_eq!(v.key_generation_bit(11).unwrap(), None);
+}
