@@ -1,1 +1,259 @@
-fn main() {}
+//! Volume engine benchmark (a program, not a timed test).
+//!
+//!     cargo bench --bench volume -- [--dir DIR] [--mib 1024] [--seconds 10]
+//!
+//! or `scripts/bench-volume.sh`, which also runs openssl and fio on the same
+//! disk for comparison. Prints one `name value unit` line per measurement.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lsvfs::crypto::{BlockKind, CryptoEngine, Mac, MasterKey, Tag, VolumeKeys, KEY_LEN};
+use lsvfs::device::{Device, FileDevice};
+use lsvfs::volume::{self, CreateOptions, KeySlot, Options, Volume, KEY_SLOTS};
+use lsvfs::BLOCK_SIZE;
+use zeroize::Zeroizing;
+
+const MIB: usize = 1 << 20;
+
+fn master() -> MasterKey {
+    MasterKey::from_bytes(Zeroizing::new([0x33; KEY_LEN]))
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn report(name: &str, value: f64, unit: &str) {
+    println!("{name:<40} {value:>12.1} {unit}");
+}
+
+fn drop_caches() -> bool {
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+}
+
+/// Seal (XTS + MAC) and XTS-only throughput of the chunk engine.
+fn crypto(threads: usize) -> (f64, f64) {
+    let keys = VolumeKeys::derive(&master(), &[1; 16]);
+    let engine = CryptoEngine::new(threads, 512 * 1024).unwrap();
+    let n = 2048; // 8 MiB batches
+    let mut buf = vec![0x5au8; n * BLOCK_SIZE];
+    let mut macs = vec![Mac::default(); n];
+    let mut gen = 0u64;
+    let mut run = |seal: bool| {
+        let t = Instant::now();
+        let mut bytes = 0usize;
+        while t.elapsed() < Duration::from_secs(2) {
+            let tags: Vec<Tag> = (0..n as u64)
+                .map(|i| Tag::new(BlockKind::Data, i, gen + i))
+                .collect();
+            gen += n as u64;
+            if seal {
+                engine.seal(&keys, &mut buf, &tags, &mut macs);
+            } else if threads == 1 {
+                keys.encrypt_blocks(&tags, &mut buf);
+            } else {
+                return 0.0;
+            }
+            bytes += buf.len();
+        }
+        bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+    };
+    let seal = run(true);
+    let xts = run(false);
+    (seal, xts)
+}
+
+fn create(path: &Path, logical_blocks: u64) -> Arc<dyn Device> {
+    let _ = std::fs::remove_file(path);
+    let dev = FileDevice::create(path).unwrap();
+    volume::create(
+        &dev,
+        &master(),
+        [7; 16],
+        [KeySlot::EMPTY; KEY_SLOTS],
+        &CreateOptions {
+            logical_blocks,
+            segment_blocks: 1024,
+        },
+    )
+    .unwrap();
+    drop(dev);
+    Arc::new(FileDevice::open(path, true).unwrap())
+}
+
+fn engine(dir: &Path, mib: usize, seconds: u64) {
+    let path = dir.join("engine.vol");
+    let blocks = (mib * MIB / BLOCK_SIZE) as u64;
+    let dev = create(&path, blocks * 2);
+    let v = Volume::open(dev, &master(), Options::default()).unwrap();
+    let chunk = vec![0xc3u8; MIB];
+    let t = Instant::now();
+    for i in 0..mib as u64 {
+        v.write(i * (MIB / BLOCK_SIZE) as u64, &chunk).unwrap();
+    }
+    v.flush().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    report(
+        "engine seq write 1 MiB txns + fdatasync",
+        (mib * MIB) as f64 / secs / 1e6,
+        "MB/s",
+    );
+    v.close().unwrap();
+
+    let dropped = drop_caches();
+    let v = Volume::open(
+        Arc::new(FileDevice::open(&path, true).unwrap()),
+        &master(),
+        Options::default(),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; MIB];
+    let t = Instant::now();
+    for i in 0..mib as u64 {
+        v.read(i * (MIB / BLOCK_SIZE) as u64, &mut buf).unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    report(
+        if dropped {
+            "engine seq read 1 MiB (cold cache)"
+        } else {
+            "engine seq read 1 MiB (warm cache)"
+        },
+        (mib * MIB) as f64 / secs / 1e6,
+        "MB/s",
+    );
+
+    let mut rng = Rng(12345);
+    let block = vec![0x7eu8; BLOCK_SIZE];
+    let t = Instant::now();
+    let mut ops = 0u64;
+    while t.elapsed() < Duration::from_secs(seconds) {
+        for _ in 0..256 {
+            v.write(rng.next() % blocks, &block).unwrap();
+            ops += 1;
+        }
+    }
+    v.flush().unwrap();
+    report(
+        "engine random 4 KiB write",
+        ops as f64 / t.elapsed().as_secs_f64(),
+        "IOPS",
+    );
+
+    let mut one = vec![0u8; BLOCK_SIZE];
+    let t = Instant::now();
+    let mut ops = 0u64;
+    while t.elapsed() < Duration::from_secs(seconds) {
+        for _ in 0..256 {
+            v.read(rng.next() % blocks, &mut one).unwrap();
+            ops += 1;
+        }
+    }
+    report(
+        "engine random 4 KiB read",
+        ops as f64 / t.elapsed().as_secs_f64(),
+        "IOPS",
+    );
+    v.close().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+/// 1 TiB sparse volume, 1 GiB written in scattered 1 MiB extents, closed;
+/// then reopened in a child process whose wall time and peak RSS we read.
+fn reopen(dir: &Path, mib: usize) {
+    let path = dir.join("sparse.vol");
+    let logical = (1u64 << 40) / BLOCK_SIZE as u64;
+    let dev = create(&path, logical);
+    let v = Volume::open(dev, &master(), Options::default()).unwrap();
+    let extent = vec![0x11u8; MIB];
+    let mut rng = Rng(777);
+    let slots = logical / (MIB / BLOCK_SIZE) as u64;
+    for _ in 0..mib {
+        let at = (rng.next() % slots) * (MIB / BLOCK_SIZE) as u64;
+        v.write(at, &extent).unwrap();
+    }
+    v.close().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let t = Instant::now();
+    let st = Command::new(exe)
+        .arg("--reopen-child")
+        .arg(&path)
+        .status()
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert!(st.success(), "reopen child failed");
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_CHILDREN covers the
+    // child we just waited for (and earlier ones, which were smaller).
+    let rss_kib = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru.ru_maxrss
+    };
+    report(
+        "reopen 1 TiB sparse, 1 GiB scattered (process)",
+        secs * 1000.0,
+        "ms",
+    );
+    report("reopen peak RSS", rss_kib as f64 / 1024.0, "MiB");
+    let on_disk = std::fs::metadata(&path).unwrap().len();
+    report("  backing file length", on_disk as f64 / MIB as f64, "MiB");
+    let _ = std::fs::remove_file(&path);
+}
+
+fn reopen_child(path: &Path) {
+    let t = Instant::now();
+    let v = Volume::open(
+        Arc::new(FileDevice::open(path, true).unwrap()),
+        &master(),
+        Options::default(),
+    )
+    .unwrap();
+    let mut b = vec![0u8; BLOCK_SIZE];
+    v.read(0, &mut b).unwrap();
+    v.close().unwrap();
+    eprintln!(
+        "  (open+close inside the child: {:.0} ms)",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--reopen-child") {
+        reopen_child(Path::new(&args[i + 1]));
+        return;
+    }
+    let get = |flag: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let dir = PathBuf::from(get("--dir", "target/bench"));
+    let mib: usize = get("--mib", "1024").parse().expect("--mib N");
+    let seconds: u64 = get("--seconds", "10").parse().expect("--seconds N");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (seal1, xts1) = crypto(1);
+    let (sealn, _) = crypto(cpus);
+    report("crypto XTS only, 1 thread", xts1, "MB/s");
+    report("crypto seal (XTS+MAC), 1 thread", seal1, "MB/s");
+    report(
+        &format!("crypto seal (XTS+MAC), {cpus} threads"),
+        sealn,
+        "MB/s",
+    );
+    report("crypto seal scaling 1 -> all threads", sealn / seal1, "x");
+    engine(&dir, mib, seconds);
+    reopen(&dir, mib);
+}

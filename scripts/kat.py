@@ -23,6 +23,6 @@ tweak = struct.pack("<Q", gen) + struct.pack("<Q", (addr & (2**56 - 1)) | (kind 
 enc = Cipher(algorithms.AES(xts_key), modes.XTS(tweak)).encryptor()
 ct = enc.update(bytes(4096)) + enc.finalize()
 tag = bytes([kind]) + struct.pack("<Q", addr) + struct.pack("<Q", gen)
-mac = blake3.blake3(volume_id + tag + ct, key=mac_key).digest()[:16]
+mac = blake3.blake3(ct + tag + volume_id, key=mac_key).digest()[:16]
 print("ciphertext head", ct[:8].hex())
 print("mac            ", mac.hex())

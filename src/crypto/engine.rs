@@ -45,8 +45,9 @@ impl CryptoEngine {
         assert_eq!(buf.len(), tags.len() * BLOCK_SIZE);
         assert_eq!(tags.len(), macs.len());
         let work = |(b, (t, m)): (&mut [u8], (&[Tag], &mut [Mac]))| {
-            for ((blk, tag), mac) in b.chunks_exact_mut(BLOCK_SIZE).zip(t).zip(m.iter_mut()) {
-                *mac = keys.seal(*tag, blk);
+            keys.encrypt_blocks(t, b);
+            for ((blk, tag), mac) in b.chunks_exact(BLOCK_SIZE).zip(t).zip(m.iter_mut()) {
+                *mac = keys.mac(*tag, blk);
             }
         };
         let cb = self.chunk_blocks;
@@ -62,8 +63,8 @@ impl CryptoEngine {
     }
 
     /// Verifies and decrypts every block of `buf` in place. Returns the index
-    /// of the first block whose MAC does not match, if any; blocks that fail
-    /// are left encrypted and must not be used.
+    /// of the first block whose MAC does not match, if any; then the buffer
+    /// holds a mix of ciphertext and plaintext and must not be used.
     pub fn open(
         &self,
         keys: &VolumeKeys,
@@ -75,9 +76,13 @@ impl CryptoEngine {
         assert_eq!(tags.len(), macs.len());
         let cb = self.chunk_blocks;
         let work = |ci: usize, b: &mut [u8], t: &[Tag], m: &[Mac]| -> Result<(), usize> {
-            for (i, ((blk, tag), mac)) in b.chunks_exact_mut(BLOCK_SIZE).zip(t).zip(m).enumerate() {
-                keys.open(*tag, blk, mac).map_err(|_| ci * cb + i)?;
+            // Authenticate the whole chunk before decrypting any of it.
+            for (i, ((blk, tag), mac)) in b.chunks_exact(BLOCK_SIZE).zip(t).zip(m).enumerate() {
+                if !keys.mac(*tag, blk).ct_eq(mac) {
+                    return Err(ci * cb + i);
+                }
             }
+            keys.decrypt_blocks(t, b);
             Ok(())
         };
         if tags.len() <= cb || self.threads == 1 {

@@ -84,7 +84,8 @@ impl Tag {
         Tag { kind, addr, gen }
     }
 
-    /// 17 bytes: kind, addr (LE), gen (LE). This is what the MAC binds.
+    /// 17 bytes: kind, addr (LE), gen (LE). The MAC binds them (after the
+    /// ciphertext, before the volume id).
     fn encode(&self) -> [u8; 17] {
         let mut out = [0u8; 17];
         out[0] = self.kind as u8;
@@ -189,5 +190,5 @@ mod tests {
         );
     }
     const KAT_CT_HEAD: &str = "ced5095ef83a6c68";
-    const KAT_MAC: &str = "a5d6334c9c1ccaea19b969ac106b437e";
+    const KAT_MAC: &str = "0ae7532cd3f378a08e0a98fe1d2ba953";
 }
