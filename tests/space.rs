@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::{block, create, master, mem_volume, open, opts, Rng};
 use lsvfs::device::{Device, FileDevice, MemDevice};
-use lsvfs::volume::{Options, Transaction, Volume};
+use lsvfs::volume::{Options, Volume};
 use lsvfs::{Error, BLOCK_SIZE};
 
 fn file_volume(

@@ -10,7 +10,8 @@ use crate::BLOCK_SIZE;
 pub const DEFAULT_CHUNK_BYTES: usize = 512 * 1024;
 
 pub struct CryptoEngine {
-    pool: rayon::ThreadPool,
+    /// None with one thread: the caller's thread does the work.
+    pool: Option<rayon::ThreadPool>,
     chunk_blocks: usize,
     threads: usize,
 }
@@ -24,11 +25,17 @@ impl CryptoEngine {
         } else {
             threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("lsvfs-crypto-{i}"))
-            .build()
-            .map_err(std::io::Error::other)?;
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("lsvfs-crypto-{i}"))
+                    .build()
+                    .map_err(std::io::Error::other)?,
+            )
+        } else {
+            None
+        };
         Ok(CryptoEngine {
             pool,
             chunk_blocks: (chunk_bytes / BLOCK_SIZE).max(1),
@@ -51,11 +58,11 @@ impl CryptoEngine {
             }
         };
         let cb = self.chunk_blocks;
-        if tags.len() <= cb || self.threads == 1 {
+        let Some(pool) = self.pool.as_ref().filter(|_| tags.len() > cb) else {
             work((buf, (tags, macs)));
             return;
-        }
-        self.pool.install(|| {
+        };
+        pool.install(|| {
             buf.par_chunks_mut(cb * BLOCK_SIZE)
                 .zip(tags.par_chunks(cb).zip(macs.par_chunks_mut(cb)))
                 .for_each(work)
@@ -85,10 +92,10 @@ impl CryptoEngine {
             keys.decrypt_blocks(t, b);
             Ok(())
         };
-        if tags.len() <= cb || self.threads == 1 {
+        let Some(pool) = self.pool.as_ref().filter(|_| tags.len() > cb) else {
             return work(0, buf, tags, macs);
-        }
-        let errs: Vec<usize> = self.pool.install(|| {
+        };
+        let errs: Vec<usize> = pool.install(|| {
             buf.par_chunks_mut(cb * BLOCK_SIZE)
                 .zip(tags.par_chunks(cb).zip(macs.par_chunks(cb)))
                 .enumerate()

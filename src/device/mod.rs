@@ -26,6 +26,10 @@ pub trait Device: Send + Sync {
     /// Current size in bytes (a regular file's length, a block device's size).
     fn len(&self) -> io::Result<u64>;
 
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
     /// Reserves backing space for a range so that later writes into it cannot
     /// fail with ENOSPC. Devices that cannot reserve return Ok.
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()>;

@@ -493,14 +493,14 @@ impl Volume {
             let weak = Arc::downgrade(&inner);
             let handle = std::thread::Builder::new()
                 .name("lsvfs-cleaner".into())
-                .spawn(move || loop {
-                    match rx.recv_timeout(Duration::from_millis(500)) {
-                        Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
-                        _ => break,
-                    }
-                    match weak.upgrade() {
-                        Some(inner) => inner.background_tick(),
-                        None => break,
+                .spawn(move || {
+                    while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
+                        rx.recv_timeout(Duration::from_millis(500))
+                    {
+                        match weak.upgrade() {
+                            Some(inner) => inner.background_tick(),
+                            None => break,
+                        }
                     }
                 })
                 .map_err(|e| Error::io("starting the cleaner thread", e))?;

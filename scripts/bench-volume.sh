@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Volume engine benchmark, with peers measured in the same run on the same
+# disk: openssl's AES-256-XTS and fio's sequential write of a plain file.
+#   scripts/bench-volume.sh [DIR] [MIB]     (default: target/bench, 1024)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-target/bench}
+mib=${2:-1024}
+mkdir -p "$dir"
+command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio >/dev/null; }
+cargo build --release --benches --quiet
+
+echo "== openssl speed -evp aes-256-xts (4096-byte blocks, 1 thread)"
+ossl=$(openssl speed -evp aes-256-xts -bytes 4096 -seconds 3 2>/dev/null | awk '/^AES-256-XTS/ {print $2}' | tr -d k)
+ossl_mbs=$(awk -v k="$ossl" 'BEGIN {printf "%.1f", k * 1000 / 1e6}')
+echo "openssl aes-256-xts                      $ossl_mbs MB/s"
+
+echo "== fio: sequential write of a plain file, ${mib} MiB, bs=1M, fsync at end"
+fio --name=seqwrite --directory="$dir" --filename=fio.plain --rw=write --bs=1M --size=${mib}M \
+    --ioengine=psync --end_fsync=1 --output-format=terse --terse-version=3 >"$dir/fio.out"
+fio_mbs=$(awk -F';' '{printf "%.1f", $48 * 1024 / 1e6}' "$dir/fio.out")
+rm -f "$dir/fio.plain"
+echo "fio plain-file seq write                 $fio_mbs MB/s"
+
+echo "== lsvfs engine"
+cargo bench --quiet --bench volume -- --dir "$dir" --mib "$mib" --seconds 10 | tee "$dir/engine.out"
+
+val() { awk -v k="$1" 'index($0, k) == 1 {print $(NF-1)}' "$dir/engine.out"; }
+xts1=$(val "crypto XTS only, 1 thread")
+seal1=$(val "crypto seal (XTS+MAC), 1 thread")
+scale=$(val "crypto seal scaling")
+seqw=$(val "engine seq write")
+reopen=$(val "reopen 1 TiB")
+rss=$(val "reopen peak RSS")
+echo
+echo "== targets"
+awk -v x="$xts1" -v s="$seal1" -v o="$ossl_mbs" -v sc="$scale" -v w="$seqw" -v f="$fio_mbs" -v r="$reopen" -v m="$rss" 'BEGIN {
+  printf "crypto scaling 1->all threads   %5.2fx   target >= 1.70x   %s\n", sc, (sc >= 1.7 ? "met" : "MISSED")
+  printf "seal+MAC vs openssl per core    %5.1f%%   target >= 50%%     %s  (XTS alone: %.1f%%)\n", 100*s/o, (s/o >= 0.5 ? "met" : "MISSED"), 100*x/o
+  printf "engine seq write vs fio         %5.1f%%   target >= 80%%     %s\n", 100*w/f, (w/f >= 0.8 ? "met" : "MISSED")
+  printf "reopen 1 TiB sparse             %5.0f ms target <= 1000 ms %s\n", r, (r <= 1000 ? "met" : "MISSED")
+  printf "reopen peak RSS                 %5.1f MiB target <= 256 MiB %s\n", m, (m <= 256 ? "met" : "MISSED")
+}'
