@@ -18,12 +18,8 @@ const V1: &str = "tests/images/v1.vol.gz";
 /// What the v1 image holds: (lba, version) per block, 0 = unmapped.
 fn expected() -> Vec<u64> {
     let mut m = vec![0u64; 64];
-    for l in 0..12 {
-        m[l] = 1;
-    }
-    for l in 4..8 {
-        m[l] = 2;
-    }
+    m[..12].fill(1);
+    m[4..8].fill(2);
     m[9] = 0;
     m[10] = 0;
     m[40] = 3; // only in the log tail, after the last checkpoint

@@ -18,7 +18,8 @@ nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
 nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
 
 impl FileDevice {
-    /// Creates a new regular file (mode 0600). Fails if it exists.
+    /// Creates a new regular file (mode 0600). Fails if it exists. The
+    /// directory entry is made durable too.
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
@@ -26,7 +27,12 @@ impl FileDevice {
             .create_new(true)
             .mode(0o600)
             .open(path)?;
-        Self::lock(&file, path)?;
+        Self::lock(&file, path, libc::LOCK_EX)?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)?.sync_all()?;
         Ok(FileDevice {
             file,
             path: path.to_owned(),
@@ -35,13 +41,33 @@ impl FileDevice {
     }
 
     /// Opens an existing file or block device. A writable open takes an
-    /// exclusive lock, so a second writer is refused instead of corrupting it.
+    /// exclusive lock and a read-only open a shared one, so a second writer,
+    /// or a reader while a writer runs, is refused instead of seeing (or
+    /// making) a half-written volume.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
         let block_device = file.metadata()?.file_type().is_block_device();
-        if writable {
-            Self::lock(&file, path)?;
-        }
+        Self::lock(
+            &file,
+            path,
+            if writable {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            },
+        )?;
+        Ok(FileDevice {
+            file,
+            path: path.to_owned(),
+            block_device,
+        })
+    }
+
+    /// Opens read-only without any lock, to read a header while another
+    /// process may hold the volume. Nothing beyond the header is consistent.
+    pub fn open_unlocked(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let block_device = file.metadata()?.file_type().is_block_device();
         Ok(FileDevice {
             file,
             path: path.to_owned(),
@@ -65,9 +91,9 @@ impl FileDevice {
         }
     }
 
-    fn lock(file: &File, path: &Path) -> io::Result<()> {
+    fn lock(file: &File, path: &Path, how: libc::c_int) -> io::Result<()> {
         // SAFETY: flock on a valid, owned descriptor has no memory effects.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
         if rc != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {

@@ -615,9 +615,7 @@ impl Volume {
         for op in &txn.ops {
             match op {
                 Op::Write { lba, data } => n_blocks += inner.check_range(*lba, data.len())?,
-                Op::Trim { lba, count } => {
-                    inner.check_range(*lba, (*count as usize).saturating_mul(BLOCK_SIZE))?;
-                }
+                Op::Trim { lba, count } => inner.check_blocks(*lba, *count)?,
             }
         }
         if n_blocks > MAX_TXN_BLOCKS {
@@ -850,6 +848,12 @@ impl Volume {
     }
 }
 
+// The FUSE layer shares one volume between request threads.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Volume>();
+};
+
 impl Drop for Volume {
     fn drop(&mut self) {
         let _ = self.shutdown();
@@ -884,9 +888,15 @@ impl Inner {
             )));
         }
         let n = (bytes / BLOCK_SIZE) as u64;
+        self.check_blocks(lba, n)?;
+        Ok(n)
+    }
+
+    /// Checks that blocks `lba .. lba + n` are inside the volume.
+    fn check_blocks(&self, lba: u64, n: u64) -> Result<()> {
         let limit = self.header.logical_blocks;
         match lba.checked_add(n) {
-            Some(end) if end <= limit => Ok(n),
+            Some(end) if end <= limit => Ok(()),
             _ => Err(Error::OutOfRange {
                 start: lba,
                 end: lba.saturating_add(n),

@@ -280,7 +280,13 @@ impl Trees {
             index: 0,
         };
         let mut stack = vec![root];
+        let mut visited = 0usize;
         while let Some(k) = stack.pop() {
+            visited += 1;
+            if visited % 1024 == 0 {
+                // Walking a large tree must not pull all of it into memory.
+                self.evict();
+            }
             if self.is_absent(src, k)? {
                 continue;
             }
