@@ -88,6 +88,33 @@ fn create_write_read_check_round_trip() {
     let out = std::fs::read(p.join("out")).unwrap();
     assert_eq!(&out[..data.len()], &data[..]);
     assert!(out[data.len()..].iter().all(|b| *b == 0));
+    // The same data through one crypto thread and small chunks.
+    ok(
+        &[
+            "read-blocks",
+            "v.vol",
+            "--key-file",
+            "k",
+            "--offset",
+            "40960",
+            "--length",
+            "303104",
+            "--output",
+            "out1",
+            "--crypto-threads",
+            "1",
+            "--chunk-size",
+            "8K",
+        ],
+        p,
+    );
+    assert_eq!(std::fs::read(p.join("out1")).unwrap(), out);
+    fails(
+        &["check", "v.vol", "--key-file", "k", "--chunk-size", "100"],
+        p,
+        2,
+        "--chunk-size",
+    );
     let c = ok(&["check", "v.vol", "--key-file", "k"], p);
     assert!(c.contains("clean") && c.contains("74 data blocks"), "{c}");
     let i = ok(&["info", "v.vol", "--key-file", "k"], p);

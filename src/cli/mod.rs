@@ -27,6 +27,12 @@ use crate::{keys, Error, BLOCK_SIZE};
 #[derive(Parser)]
 #[command(name = "lsvfs", version, about = "Encrypted, log-structured volumes", long_about = None)]
 struct Cli {
+    /// Threads for parallel block encryption (0 = one per CPU).
+    #[arg(long, global = true, default_value_t = 0)]
+    crypto_threads: usize,
+    /// Bytes per parallel crypto chunk (K/M suffixes allowed).
+    #[arg(long, global = true, default_value = "512K")]
+    chunk_size: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -146,7 +152,13 @@ fn with_path(e: Error, path: &Path) -> Error {
     }
 }
 
-fn open_volume(path: &Path, key_file: &Path, read_only: bool) -> Result<Volume, Error> {
+/// Volume options from the command line's global flags.
+struct Tuning {
+    crypto_threads: usize,
+    chunk_bytes: usize,
+}
+
+fn open_volume(path: &Path, key_file: &Path, read_only: bool, t: &Tuning) -> Result<Volume, Error> {
     let dev = open_device(path, !read_only)?;
     let header = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
     let kek = keys::read_key_file(key_file)?;
@@ -154,6 +166,8 @@ fn open_volume(path: &Path, key_file: &Path, read_only: bool) -> Result<Volume, 
     let opts = Options {
         read_only,
         background: false,
+        crypto_threads: t.crypto_threads,
+        chunk_bytes: t.chunk_bytes,
         ..Options::default()
     };
     Volume::open(dev, &master, opts)
@@ -177,6 +191,20 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             let _ = e.print();
             std::process::exit(if e.use_stderr() { 2 } else { 0 });
         }
+    };
+    let chunk_bytes = parse_size(&cli.chunk_size)?;
+    if chunk_bytes < BLOCK_SIZE as u64
+        || chunk_bytes % BLOCK_SIZE as u64 != 0
+        || chunk_bytes > 1 << 30
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--chunk-size must be a multiple of 4096 between 4K and 1G, not {}",
+            cli.chunk_size
+        )));
+    }
+    let tuning = Tuning {
+        crypto_threads: cli.crypto_threads,
+        chunk_bytes: chunk_bytes as usize,
     };
     match cli.cmd {
         Cmd::Keygen { keyfile } => {
@@ -258,7 +286,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             }
             if let Some(kf) = key_file {
                 drop(dev);
-                let v = open_volume(&path, &kf, true)?;
+                let v = open_volume(&path, &kf, true, &tuning)?;
                 let s = v.stats()?;
                 println!(
                     "allocated:       {} ({} blocks)",
@@ -283,7 +311,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             volume: path,
             key_file,
         } => {
-            let v = open_volume(&path, &key_file, true)?;
+            let v = open_volume(&path, &key_file, true, &tuning)?;
             let r = v.check()?;
             let rec = v.recovery();
             println!(
@@ -316,7 +344,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             let mut data = std::fs::read(&input)
                 .map_err(|e| Error::io(format!("reading {}", input.display()), e))?;
             data.resize(data.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE, 0);
-            let v = open_volume(&path, &key_file, false)?;
+            let v = open_volume(&path, &key_file, false, &tuning)?;
             let chunk = 256 * BLOCK_SIZE;
             for (i, c) in data.chunks(chunk).enumerate() {
                 v.write(offset / BLOCK_SIZE as u64 + (i * 256) as u64, c)?;
@@ -337,7 +365,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                     "--offset and --length must be multiples of 4096".into(),
                 ));
             }
-            let v = open_volume(&path, &key_file, true)?;
+            let v = open_volume(&path, &key_file, true, &tuning)?;
             let mut out = vec![0u8; length as usize];
             v.read(offset / BLOCK_SIZE as u64, &mut out)?;
             std::fs::write(&output, &out)
