@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Independent known-answer values for lsvfs block sealing (docs/FORMAT.md,
-"Block sealing"), computed with Python's `cryptography` and `blake3`
+"Sealing a block"), computed with Python's `cryptography` and `blake3`
 packages instead of the Rust crates. The Rust test crypto::tests::known_answer
 pins these values.  Run: pip install cryptography blake3 && scripts/kat.py"""
 import struct

@@ -21,7 +21,10 @@ use lsvfs::device::{MemDevice, RecordedOp};
 use lsvfs::volume::Transaction;
 use lsvfs::BLOCK_SIZE;
 
-const LOGICAL: u64 = 256;
+/// The volume's size, and the blocks the workload touches: at most half
+/// full, so that any transaction (up to 120 blocks) can be admitted.
+const LOGICAL: u64 = 512;
+const RANGE: u64 = 256;
 const SECTOR: usize = 512;
 
 struct Recorded {
@@ -40,17 +43,17 @@ fn record_workload(seed: u64, txns: usize) -> Recorded {
     let v = open(dev.clone());
     dev.record();
     let base = dev.image();
-    let mut model: Vec<Option<u64>> = vec![None; LOGICAL as usize];
+    let mut model: Vec<Option<u64>> = vec![None; RANGE as usize];
     let mut states = vec![model.clone()];
     let mut txn_end = Vec::new();
     let mut version = 0;
     for _ in 0..txns {
         let mut t = Transaction::new();
         for _ in 0..rng.below(3) + 1 {
-            let lba = rng.below(LOGICAL);
+            let lba = rng.below(RANGE);
             // Up to 40 blocks: larger than a 16-block segment, so one
             // transaction spans several records and segments.
-            let n = (rng.below(40) + 1).min(LOGICAL - lba);
+            let n = (rng.below(40) + 1).min(RANGE - lba);
             if rng.below(6) == 0 {
                 t.trim(lba, n);
                 for l in lba..lba + n {
@@ -130,10 +133,10 @@ fn recovered_state(
     lo: usize,
     hi: usize,
 ) -> Option<usize> {
-    let mut buf = vec![0u8; LOGICAL as usize * BLOCK_SIZE];
+    let mut buf = vec![0u8; RANGE as usize * BLOCK_SIZE];
     v.read(0, &mut buf).expect("read after recovery");
-    let mut got = Vec::with_capacity(LOGICAL as usize);
-    for l in 0..LOGICAL {
+    let mut got = Vec::with_capacity(RANGE as usize);
+    for l in 0..RANGE {
         let b = &buf[l as usize * BLOCK_SIZE..(l as usize + 1) * BLOCK_SIZE];
         if b.iter().all(|x| *x == 0) {
             got.push(None);
@@ -228,4 +231,78 @@ fn power_cut_at_every_flush_and_random_points() {
 fn power_cut_second_workload() {
     let (checked, _, _) = run(0x5eed_0002, 80, 300);
     assert!(checked >= 300);
+}
+
+/// The story: recovery dropped an incomplete transaction whose first record
+/// (a trim-only record, one block) sat in the last block of a segment, and
+/// reset the log head to that block, leaving the record there. The next
+/// transaction did not fit in one block, so it went to the next segment
+/// with the same sequence number and chain MAC as the dropped record. A
+/// second power cut after a successful flush then let recovery follow the
+/// stale record, and the flushed transaction was lost.
+#[test]
+fn dropped_record_left_at_the_head_does_not_hide_later_flushed_work() {
+    let dev = Arc::new(MemDevice::new());
+    create(&*dev, LOGICAL, 16);
+    let v = open(dev.clone());
+    let data: Vec<u8> = (0..14).flat_map(|l| block(l, 1)).collect();
+    v.write(0, &data).unwrap();
+    v.checkpoint().unwrap();
+    // Bring the log head to the last block of its segment with one-block
+    // records that change nothing (trims of unwritten blocks), so that
+    // recovery has nothing to replay and the open-time checkpoint writes no
+    // record that would move the head.
+    let img = dev.image();
+    let slot = |i: usize| {
+        let b = &img[(2 + i) * BLOCK_SIZE..(3 + i) * BLOCK_SIZE];
+        (
+            u64::from_le_bytes(b[32..40].try_into().unwrap()),
+            u32::from_le_bytes(b[56..60].try_into().unwrap()),
+        )
+    };
+    let head_offset = slot(0).max(slot(1)).1;
+    for _ in head_offset..15 {
+        v.trim(250, 1).unwrap();
+    }
+    v.flush().unwrap();
+    let before = dev.image();
+    dev.record();
+    // [trim, write]: a trim-only record in the last block, then the write
+    // in the next segment.
+    let mut t = Transaction::new();
+    t.trim(0, 1).write(100, block(100, 2));
+    v.commit(t).unwrap();
+    let ops = dev.take_ops();
+    v.abandon();
+    // Power cut: only the first record's writes (body, then summary) landed.
+    let mut img = before;
+    let mut writes = ops.iter().filter(|o| matches!(o, RecordedOp::Write { .. }));
+    for op in writes.by_ref().take(2) {
+        apply(&mut img, op, None);
+    }
+    let dev = Arc::new(MemDevice::from_image(img));
+    let v = open(dev.clone());
+    assert_eq!(
+        v.recovery().dropped_records,
+        1,
+        "the setup must leave one dropped record"
+    );
+    v.write(200, &block(200, 3)).unwrap();
+    v.flush().unwrap();
+    let img = dev.image();
+    v.abandon();
+    let v = open(Arc::new(MemDevice::from_image(img)));
+    let mut b = vec![0u8; BLOCK_SIZE];
+    v.read(200, &mut b).unwrap();
+    assert_eq!(
+        b,
+        block(200, 3),
+        "a flushed write was lost after the second power cut"
+    );
+    v.read(0, &mut b).unwrap();
+    assert_eq!(
+        b,
+        block(0, 1),
+        "the dropped transaction's trim must not apply"
+    );
 }

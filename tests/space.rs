@@ -283,3 +283,61 @@ fn changed_bitmap_tracks_writes_and_trims_since_reset() {
     assert_eq!(v.key_generation_bit(100).unwrap(), Some(false));
     assert_eq!(v.key_generation_bit(11).unwrap(), None);
 }
+
+/// The story: a transaction that dirties far more metadata pages than the
+/// fixed reserve covers (thousands of scattered blocks) was admitted when
+/// free space was just above the reserve; the checkpoint after it could
+/// then never find room, every later write failed, `close` failed, and the
+/// volume could only be opened read-only. Now admission reserves room for
+/// the checkpoint of every page the transaction will dirty. Whatever the
+/// free space, a commit either succeeds or fails cleanly, and the volume
+/// can always be checkpointed, closed and reopened.
+#[test]
+fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
+    let logical = 1u64 << 20; // 4 GiB: the map has 8192 leaves
+    for cap_mib in [20u64, 24, 28, 32, 36, 40, 44] {
+        let dev = Arc::new(MemDevice::new());
+        create(&*dev, logical, 16);
+        dev.set_capacity(Some(cap_mib << 20));
+        let v = open(dev.clone());
+        let mut model = vec![0u64; 65536];
+        let mut version = 0;
+        let mut lba = 0;
+        while lba < 65536 && write_run(&v, &mut model, lba, 64, &mut version).is_ok() {
+            lba += 64;
+        }
+        v.trim(0, lba / 3).unwrap();
+        for l in 0..lba / 3 {
+            model[l as usize] = 0;
+        }
+        // 3000 blocks, each in its own map leaf.
+        let mut t = lsvfs::volume::Transaction::new();
+        let mut scattered = Vec::new();
+        for i in 0..3000u64 {
+            let l = 65536 + i * 128;
+            version += 1;
+            t.write(l, block(l, version));
+            scattered.push((l, version));
+        }
+        let committed = match v.commit(t) {
+            Ok(()) => true,
+            Err(Error::NoSpace(_)) => false,
+            Err(e) => panic!("capacity {cap_mib} MiB: {e}"),
+        };
+        v.close()
+            .unwrap_or_else(|e| panic!("capacity {cap_mib} MiB: close failed: {e}"));
+        let v = open(dev.clone());
+        verify_all(&v, &model);
+        let mut b = vec![0u8; BLOCK_SIZE];
+        for (l, ver) in scattered.iter().step_by(97) {
+            v.read(*l, &mut b).unwrap();
+            if committed {
+                assert_eq!(b, block(*l, *ver));
+            } else {
+                assert!(b.iter().all(|x| *x == 0));
+            }
+        }
+        v.write(5, &block(5, 1))
+            .unwrap_or_else(|e| panic!("capacity {cap_mib} MiB: volume wedged: {e}"));
+    }
+}

@@ -360,3 +360,18 @@ fn create_refuses_bad_geometry() {
     }
     create(&d, 16, 16);
 }
+
+#[test]
+fn altered_header_geometry_is_detected() {
+    // The header has only a checksum, which anyone can recompute. Its
+    // geometry is bound into the MAC'd checkpoint, so changing it (here the
+    // segment size, which would misplace every segment) is refused.
+    let dev = written();
+    let mut h = volume::read_header(&*dev).unwrap();
+    h.segment_blocks = 32;
+    h.seq += 1;
+    volume::write_header(&*dev, &h).unwrap();
+    let e = Volume::open(dev, &master(), opts()).err().unwrap();
+    assert!(matches!(e, Error::Corrupted(_)), "{e:?}");
+    assert!(e.to_string().contains("geometry"), "{e}");
+}

@@ -9,7 +9,7 @@
 //! Cleaned segments become free at the next checkpoint, once nothing
 //! durable refers to them.
 
-use super::format::{Entry, TreeId};
+use super::format::{Entry, TreeId, ENTRIES_PER_RECORD, TREES};
 use super::state::State;
 use super::tree::PageKey;
 use super::Ctx;
@@ -20,33 +20,69 @@ use crate::{Error, Result, BLOCK_SIZE};
 const CLEAN_BATCH: usize = 32;
 
 impl State {
-    /// Makes sure `needed` segments (plus the reserve) are available,
-    /// checkpointing and cleaning as required. Fails with NoSpace when the
-    /// live data leaves no room.
-    pub fn ensure_space(&mut self, ctx: &Ctx, needed: u64) -> Result<()> {
-        let want = needed + self.reserve;
-        if self.available() >= want {
+    /// Blocks a checkpoint of `pages` dirty pages writes: the pages, the
+    /// usage pages their placement dirties, and one summary per tree level
+    /// (plus one per 100 pages).
+    fn checkpoint_blocks(&self, pages: u64) -> u64 {
+        let levels: u64 = TREES
+            .iter()
+            .map(|t| self.trees.shape(*t).depth as u64 + 1)
+            .sum();
+        pages + 4 + levels + pages.div_ceil(ENTRIES_PER_RECORD as u64)
+    }
+
+    /// Segments `blocks` of log may take from the current head: a new
+    /// segment can leave the tail of the previous one unused.
+    fn segments_for(&self, blocks: u64) -> u64 {
+        let usable = self.seg_blocks - self.seg_blocks.div_ceil(ENTRIES_PER_RECORD as u64 + 1);
+        blocks.div_ceil(usable) + 1
+    }
+
+    /// Segments a checkpoint of `pages` dirty pages may need.
+    pub fn checkpoint_segments(&self, pages: u64) -> u64 {
+        self.segments_for(self.checkpoint_blocks(pages))
+    }
+
+    /// Whether appending `entries` fits together with the checkpoint that
+    /// will write every dirty page. Ordinary appends must leave the whole
+    /// reserve after both, so the cleaner can always run; privileged ones
+    /// (which free space) may use the reserve. The plan depends on the log
+    /// head, which a checkpoint moves, so it is made afresh each time.
+    fn fits(&self, entries: &[Entry], new_pages: u64, privileged: bool) -> bool {
+        let needed = self.segments_needed(entries);
+        let checkpoint = self.checkpoint_segments(self.trees.dirty_count() as u64 + new_pages);
+        let keep = if privileged { 1 } else { self.reserve };
+        self.available() >= needed + checkpoint + keep
+            && (privileged || self.user_available() >= needed)
+    }
+
+    /// Makes sure appending `entries` can proceed and still be
+    /// checkpointed, checkpointing and cleaning as required. Fails with
+    /// NoSpace, with nothing written, when the live data leaves no room.
+    pub fn ensure_space(&mut self, ctx: &Ctx, entries: &[Entry], privileged: bool) -> Result<()> {
+        let new_pages = self.pages_touched(entries);
+        if self.fits(entries, new_pages, privileged) {
             return Ok(());
         }
         // Segments emptied by overwrites and trims since the last checkpoint
-        // become free with the next one.
+        // become free with the next one, and it leaves no page dirty.
         self.checkpoint(ctx)?;
         let mut rounds = 0;
-        while self.available() < want && rounds < 4 * self.extent.max(16) {
+        while !self.fits(entries, new_pages, privileged) && rounds < 4 * self.extent.max(16) {
             rounds += 1;
             if self.clean_batch(ctx)? == 0 {
                 break;
             }
             self.checkpoint(ctx)?;
         }
-        if self.available() >= want {
+        if self.fits(entries, new_pages, privileged) {
             return Ok(());
         }
         if self.growth_blocked {
             // The host may have freed space since: let the next segment
             // allocation try growing the backing file again.
             self.growth_blocked = false;
-            if self.available() >= want {
+            if self.fits(entries, new_pages, privileged) {
                 return Ok(());
             }
         }
@@ -63,26 +99,27 @@ impl State {
     /// checkpoint's own writes are paid once per batch.
     pub fn clean_batch(&mut self, ctx: &Ctx) -> Result<usize> {
         let mut n = 0;
-        while n < CLEAN_BATCH && self.available() >= self.room_to_clean() {
-            if !self.clean_one(ctx)? {
+        while n < CLEAN_BATCH {
+            let Some(victim) = self.pick_victim() else {
+                break;
+            };
+            if self.available() < self.room_to_clean(self.usage.live(victim)) {
                 break;
             }
+            self.clean_one(ctx, victim)?;
             n += 1;
         }
         Ok(n)
     }
 
-    /// Segments that must be free to clean one more victim and still write
-    /// the checkpoint afterwards: the victim's live blocks (at most a
-    /// segment), the pages dirty now, the pages the victim can dirty (at
-    /// most one per block), and one spare.
-    fn room_to_clean(&self) -> u64 {
-        let usable = self.seg_blocks
-            - self
-                .seg_blocks
-                .div_ceil(super::format::ENTRIES_PER_RECORD as u64 + 1);
-        let pages = self.trees.dirty_count() as u64 + self.seg_blocks;
-        1 + (pages * 11 / 10).div_ceil(usable) + 1
+    /// Segments that must be available to clean a victim with `live` live
+    /// blocks and still write the checkpoint afterwards: the copies of its
+    /// live blocks with their summaries, then a checkpoint of the pages dirty
+    /// now plus those the victim can dirty (at most one per block).
+    fn room_to_clean(&self, live: u64) -> u64 {
+        let copies = live + live.div_ceil(ENTRIES_PER_RECORD as u64);
+        let pages = self.trees.dirty_count() as u64 + live;
+        self.segments_for(copies + self.checkpoint_blocks(pages))
     }
 
     /// The segment with the fewest live blocks that is worth cleaning.
@@ -101,14 +138,11 @@ impl State {
             .map(|(_, s)| s)
     }
 
-    /// Cleans one victim segment. Returns false if no segment is worth it.
-    pub fn clean_one(&mut self, ctx: &Ctx) -> Result<bool> {
-        let Some(victim) = self.pick_victim() else {
-            return Ok(false);
-        };
+    /// Cleans one victim segment: copies its live blocks to the log head.
+    pub fn clean_one(&mut self, ctx: &Ctx, victim: u64) -> Result<()> {
         self.cleaned.insert(victim);
         if self.usage.live(victim) == 0 {
-            return Ok(true);
+            return Ok(());
         }
         let seg_bytes = self.seg_blocks as usize * BLOCK_SIZE;
         let mut seg = vec![0u8; seg_bytes];
@@ -160,16 +194,17 @@ impl State {
             offset += 1 + rec.head.n_payload as u64;
         }
         if moves.is_empty() {
-            return Ok(true);
+            return Ok(());
         }
         let mut payload = Vec::with_capacity(moves.len() * BLOCK_SIZE);
         for (_, blk) in &moves {
             payload.extend_from_slice(&seg[blk * BLOCK_SIZE..(blk + 1) * BLOCK_SIZE]);
         }
         let entries: Vec<Entry> = moves.into_iter().map(|(e, _)| e).collect();
-        let pbas = self.append(ctx, &entries, &payload, true)?;
+        self.prefetch(ctx, &entries)?;
+        let pbas = self.append(ctx, &entries, &payload, true, true)?;
         self.apply(ctx, &entries, &pbas)
             .inspect_err(|_| self.poisoned = true)?;
-        Ok(true)
+        Ok(())
     }
 }

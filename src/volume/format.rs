@@ -74,6 +74,8 @@ pub enum DecodeError {
     Mac,
     #[error("field {field} is out of range ({value})")]
     Range { field: &'static str, value: u64 },
+    #[error("the header's geometry does not match the authenticated checkpoint (the header was altered)")]
+    Geometry,
 }
 
 fn range(field: &'static str, value: u64, ok: bool) -> Result<(), DecodeError> {
@@ -271,6 +273,20 @@ impl Header {
         })
     }
 
+    /// BLAKE3 of the fields that fix the volume's layout. The checkpoint,
+    /// which is MAC'd, carries it: the header itself has only a checksum.
+    pub fn geometry_digest(&self) -> [u8; 16] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"lsvfs v1 geometry");
+        h.update(&self.volume_id);
+        h.update(&self.logical_blocks.to_le_bytes());
+        h.update(&self.segment_blocks.to_le_bytes());
+        h.update(&self.max_segments.to_le_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
+    }
+
     /// One past the last block the volume may ever use.
     pub fn end_block(&self) -> u64 {
         DATA_START + self.max_segments * self.segment_blocks as u64
@@ -376,7 +392,8 @@ impl MapEntry {
 // | 120  | 4   | current key generation |
 // | 124  | 4   | reserved |
 // | 128  | 160 | tree roots: map, allocated, changed, key-gen, segment usage (5 x 32) |
-// | 288  | ..  | reserved (zero) |
+// | 288  | 16  | geometry digest: binds the header's geometry to this MAC'd block |
+// | 304  | ..  | reserved (zero) |
 // | 4080 | 16  | MAC over bytes 0..4080 |
 
 const C_MAGIC: usize = 0;
@@ -394,6 +411,7 @@ const C_ALLOCATED: usize = C_EXTENT + 8;
 const C_CHANGED_SINCE: usize = C_ALLOCATED + 8;
 const C_KEY_GEN: usize = C_CHANGED_SINCE + 8;
 const C_ROOTS: usize = C_KEY_GEN + 4 + 4;
+const C_GEOMETRY: usize = C_ROOTS + 5 * TREE_PTR_LEN;
 pub const CHECKPOINT_MAC_AT: usize = BLOCK_SIZE - MAC_LEN;
 
 /// The metadata trees. The discriminant is the on-disk tree id.
@@ -451,11 +469,12 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Encodes everything but the MAC, which the caller fills in at
     /// [`CHECKPOINT_MAC_AT`] over the bytes before it.
-    pub fn encode_body(&self, volume_id: &[u8; 16]) -> Box<Block> {
+    pub fn encode_body(&self, header: &Header) -> Box<Block> {
         let mut b = Box::new([0u8; BLOCK_SIZE]);
         b[C_MAGIC..C_MAGIC + 8].copy_from_slice(&CHECKPOINT_MAGIC);
         put_u32(&mut b[..], C_VERSION, FORMAT_VERSION);
-        b[C_VOLUME_ID..C_VOLUME_ID + 16].copy_from_slice(volume_id);
+        b[C_VOLUME_ID..C_VOLUME_ID + 16].copy_from_slice(&header.volume_id);
+        b[C_GEOMETRY..C_GEOMETRY + 16].copy_from_slice(&header.geometry_digest());
         put_u64(&mut b[..], C_SEQ, self.seq);
         put_u64(&mut b[..], C_NEXT_RECORD, self.log.seq);
         put_u64(&mut b[..], C_HEAD_SEGMENT, self.log.segment);
@@ -486,11 +505,10 @@ impl Checkpoint {
                 have: version,
             });
         }
-        if arr16(b, C_VOLUME_ID) != header.volume_id {
-            return Err(DecodeError::Range {
-                field: "checkpoint volume id",
-                value: 0,
-            });
+        if arr16(b, C_VOLUME_ID) != header.volume_id
+            || arr16(b, C_GEOMETRY) != header.geometry_digest()
+        {
+            return Err(DecodeError::Geometry);
         }
         let seg = header.segment_blocks as u64;
         let log = LogPos {
@@ -829,7 +847,10 @@ mod tests {
     fn offsets_match_the_spec() {
         // These numbers are the tables in docs/FORMAT.md.
         assert_eq!((H_KCV, H_CREATED, H_SLOTS), (64, 80, 128));
-        assert_eq!((C_ANCHOR, C_GEN_LIMIT, C_ROOTS), (72, 88, 128));
+        assert_eq!(
+            (C_ANCHOR, C_GEN_LIMIT, C_ROOTS, C_GEOMETRY),
+            (72, 88, 128, 288)
+        );
         assert_eq!((R_PREV, SUMMARY_BODY_AT, ENTRIES_PER_RECORD), (56, 80, 100));
     }
 

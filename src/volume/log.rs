@@ -80,16 +80,33 @@ impl State {
         self.plan(entries).1
     }
 
-    /// Takes a segment for the log: the lowest free one, else the next one
-    /// past the extent. Its space is reserved on the device first, so writes
-    /// into it cannot fail for lack of space.
-    fn take_segment(&mut self, ctx: &Ctx) -> Result<u64> {
-        let seg = match self.free.iter().next().copied() {
+    /// Takes a segment for the log. The lowest `reserve` free segments are
+    /// the reserve, kept allocated on the device: only `privileged` appends
+    /// (checkpoints, the cleaner, trims) may take them, so that space can
+    /// always be freed even when the host filesystem is full. Ordinary
+    /// appends take the highest free segment above the reserve, else grow
+    /// the backing file. Space is reserved on the device before use, so
+    /// writes into the segment cannot fail for lack of space.
+    fn take_segment(&mut self, ctx: &Ctx, privileged: bool) -> Result<u64> {
+        let above_reserve = self.free.len() as u64 > self.reserve;
+        let pick = if privileged {
+            self.free.iter().next().copied()
+        } else if above_reserve {
+            self.free.iter().next_back().copied()
+        } else {
+            None
+        };
+        let seg = match pick {
             Some(s) => s,
             None if self.extent < self.max_segments => self.extent,
-            None => {
+            None if privileged => {
                 return Err(Error::NoSpace(
                     "the volume's log has no free segment; delete or trim data".into(),
+                ))
+            }
+            None => {
+                return Err(Error::NoSpace(
+                    "only the volume's reserve is left; delete or trim data".into(),
                 ))
             }
         };
@@ -123,6 +140,7 @@ impl State {
         entries: &[Entry],
         payload: &[u8],
         commit: bool,
+        privileged: bool,
     ) -> Result<Vec<u64>> {
         if self.poisoned {
             return Err(Error::PreviousIo);
@@ -134,7 +152,7 @@ impl State {
         );
         let mut fresh = Vec::with_capacity(switches as usize);
         for _ in 0..switches {
-            match self.take_segment(ctx) {
+            match self.take_segment(ctx, privileged) {
                 Ok(s) => fresh.push(s),
                 Err(e) => {
                     // Nothing was written: hand the segments back untouched.

@@ -41,6 +41,10 @@ use tree::{PageKey, PageSource, Trees};
 /// Largest number of blocks one transaction may write (64 MiB).
 pub const MAX_TXN_BLOCKS: u64 = 16384;
 
+/// Blocks [`Volume::trim`] unmaps per transaction: 128 MiB, whose map
+/// entries fill 256 leaf pages.
+pub const TRIM_CHUNK_BLOCKS: u64 = 128 * 256;
+
 /// Parameters fixed when a volume is created.
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
@@ -337,8 +341,11 @@ pub fn create(
         dev.write_at(&zero, blk * BLOCK_SIZE as u64)
             .map_err(|e| Error::io("clearing the checkpoint slots", e))?;
     }
+    // The log head, the next segment and the reserve are allocated now, so
+    // that the reserve exists even if the host fills up later.
+    let initial = 2 + reserves(opts.logical_blocks, seg as u64).2;
     let seg_bytes = seg as u64 * BLOCK_SIZE as u64;
-    dev.allocate(DATA_START * BLOCK_SIZE as u64, 2 * seg_bytes)
+    dev.allocate(DATA_START * BLOCK_SIZE as u64, initial * seg_bytes)
         .map_err(|e| Error::io("reserving the first segments", e))?;
     let keys = VolumeKeys::derive(master, &volume_id);
     let c = Checkpoint {
@@ -351,13 +358,13 @@ pub fn create(
             anchor: Mac::default(),
         },
         gen_limit: 1,
-        extent: 2,
+        extent: initial,
         allocated: 0,
         changed_since: 1,
         key_gen: 0,
         roots: [TreePtr::ABSENT; 5],
     };
-    let mut b = c.encode_body(&volume_id);
+    let mut b = c.encode_body(&header);
     let mac = keys.mac(
         Tag::new(BlockKind::Checkpoint, 1, 1),
         &b[..format::CHECKPOINT_MAC_AT],
@@ -479,6 +486,7 @@ impl Volume {
             let r = st.roll_forward(&ctx)?;
             st.free_after_recovery(&empty, &r);
             if !opts.read_only {
+                st.erase_dropped(&ctx, &r)?;
                 // Reserve generations durably, then make the recovered state
                 // the new checkpoint so the replayed log can be reused.
                 st.alloc_gens(&ctx, 0)?;
@@ -597,11 +605,23 @@ impl Volume {
         self.commit(t)
     }
 
-    /// Unmaps `count` blocks from `lba` as one transaction.
+    /// Unmaps `count` blocks from `lba`, in transactions of at most
+    /// [`TRIM_CHUNK_BLOCKS`] blocks: each chunk is atomic, so a huge trim
+    /// never needs more free space for its metadata than a full volume has.
     pub fn trim(&self, lba: u64, count: u64) -> Result<()> {
-        let mut t = Transaction::new();
-        t.trim(lba, count);
-        self.commit(t)
+        self.inner.check_blocks(lba, count)?;
+        let mut at = lba;
+        let end = lba + count;
+        loop {
+            let n = (end - at).min(TRIM_CHUNK_BLOCKS);
+            let mut t = Transaction::new();
+            t.trim(at, n);
+            self.commit(t)?;
+            at += n;
+            if at >= end {
+                return Ok(());
+            }
+        }
     }
 
     /// Applies a transaction atomically. It is in the log when this returns
@@ -677,16 +697,17 @@ impl Volume {
 
         let mut st = inner.lock()?;
         let ctx = inner.ctx();
-        let needed = st.segments_needed(&entries);
-        st.ensure_space(&ctx, needed)?;
+        // A transaction that only trims frees space: it may use the reserve.
+        let frees = payload.is_empty();
+        st.ensure_space(&ctx, &entries, frees)?;
         st.prefetch(&ctx, &entries)?;
-        let pbas = match st.append(&ctx, &entries, &payload, true) {
+        let pbas = match st.append(&ctx, &entries, &payload, true, frees) {
             // The backing file could not grow: nothing was written. Make
             // room from free and cleaned segments instead, and try once more.
             Err(Error::NoSpace(_)) if st.growth_blocked => {
-                st.ensure_space(&ctx, needed)?;
+                st.ensure_space(&ctx, &entries, frees)?;
                 st.prefetch(&ctx, &entries)?;
-                st.append(&ctx, &entries, &payload, true)?
+                st.append(&ctx, &entries, &payload, true, frees)?
             }
             r => r?,
         };
@@ -841,10 +862,15 @@ impl Volume {
             return Ok(());
         }
         let mut st = self.inner.lock()?;
-        if st.poisoned {
-            return Err(Error::PreviousIo);
-        }
-        st.checkpoint(&self.inner.ctx())
+        let checkpointed = st.checkpoint(&self.inner.ctx());
+        // Committed transactions are in the log: even if the checkpoint
+        // failed, a flush makes them durable, and recovery replays them.
+        let flushed = self
+            .inner
+            .dev
+            .flush()
+            .map_err(|e| Error::io("flushing the backing store", e));
+        checkpointed.and(flushed)
     }
 }
 

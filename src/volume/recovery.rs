@@ -7,7 +7,8 @@
 //! its payload blocks authenticates. Records are applied a transaction at a
 //! time, when the COMMIT record arrives; a transaction whose tail is missing
 //! (a crash mid-write) is dropped whole, and the log head goes back to where
-//! it started, so new writes overwrite it.
+//! it started. A writable open then erases the dropped transaction's first
+//! summary, so the chain can only continue through records written later.
 
 use super::format::{
     Block, Checkpoint, DecodeError, Entry, LogPos, TreeId, CHECKPOINT_BLOCKS, CHECKPOINT_MAC_AT,
@@ -31,6 +32,8 @@ pub struct Recovery {
     pub dropped_records: u64,
     /// Segments the log wrote after the checkpoint (committed or not).
     pub touched: std::collections::BTreeSet<u64>,
+    /// Block address of the first dropped record's summary, if any.
+    pub dropped_at: Option<u64>,
 }
 
 /// Reads both checkpoint slots and returns the newest that authenticates.
@@ -214,6 +217,23 @@ impl State {
             }
         }
         stats.dropped_records = pending.len() as u64;
+        stats.dropped_at = pending.first().map(|(_, at)| *at);
         Ok(stats)
+    }
+
+    /// Erases the first record of a dropped transaction. It carries the
+    /// sequence number and chain MAC that the next record will carry; if the
+    /// next record were written elsewhere (the next segment), a later
+    /// recovery would follow this stale one and lose what came after.
+    pub fn erase_dropped(&mut self, ctx: &Ctx, r: &Recovery) -> Result<()> {
+        if let Some(at) = r.dropped_at {
+            ctx.dev
+                .write_at(&[0u8; BLOCK_SIZE], at * BLOCK_SIZE as u64)
+                .and_then(|_| ctx.dev.flush())
+                .map_err(|e| {
+                    Error::io(format!("erasing the dropped log record at block {at}"), e)
+                })?;
+        }
+        Ok(())
     }
 }

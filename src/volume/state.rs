@@ -140,14 +140,22 @@ impl State {
         DATA_START + seg * self.seg_blocks + offset
     }
 
-    /// Segments the log can still take: free ones plus room to grow.
-    pub fn available(&self) -> u64 {
-        let growth = if self.growth_blocked {
+    fn growth(&self) -> u64 {
+        if self.growth_blocked {
             0
         } else {
             self.max_segments - self.extent
-        };
-        self.free.len() as u64 + growth
+        }
+    }
+
+    /// Segments the log can still take: free ones plus room to grow.
+    pub fn available(&self) -> u64 {
+        self.free.len() as u64 + self.growth()
+    }
+
+    /// Segments ordinary writes can take: all but the reserve.
+    pub fn user_available(&self) -> u64 {
+        (self.free.len() as u64).saturating_sub(self.reserve) + self.growth()
     }
 
     /// Hands out `n` fresh generations. Before any generation at or past the
@@ -155,6 +163,13 @@ impl State {
     /// crash no generation (and so no XTS tweak) is ever used twice, even by
     /// writes that never became durable.
     pub fn alloc_gens(&mut self, ctx: &Ctx, n: u64) -> Result<u64> {
+        if self.next_gen > u64::MAX / 2 {
+            // 2^63 block writes: unreachable in practice, checked so that a
+            // (MAC-valid) checkpoint can never make the counter wrap.
+            return Err(Error::Corrupted(
+                "the write generation counter is exhausted".into(),
+            ));
+        }
         if self.next_gen + n > self.gen_limit {
             let mut c = self.last_checkpoint.clone();
             c.seq += 1;
@@ -170,7 +185,7 @@ impl State {
 
     fn write_checkpoint_block(&mut self, ctx: &Ctx, c: &Checkpoint) -> Result<()> {
         let slot = (c.seq % 2) as usize;
-        let mut b = c.encode_body(&ctx.header.volume_id);
+        let mut b = c.encode_body(ctx.header);
         let mac = ctx.keys.mac(
             Tag::new(BlockKind::Checkpoint, slot as u64, c.seq),
             &b[..CHECKPOINT_MAC_AT],
@@ -242,6 +257,30 @@ impl State {
         let page = trees.get_mut(ctx, key, &mut |t, p| usage.superseded(t, p))?;
         page[(bit / 8) as usize] ^= 1 << (bit % 8);
         Ok(())
+    }
+
+    /// About how many metadata pages applying `entries` dirties: map and
+    /// bitmap leaves touched, plus their ancestors.
+    pub fn pages_touched(&self, entries: &[Entry]) -> u64 {
+        let per_map = MAP_ENTRIES_PER_PAGE as u64;
+        let mut map = BTreeSet::new();
+        let mut bits = BTreeSet::new();
+        let mut ranges = 0u64;
+        for e in entries {
+            match *e {
+                Entry::Write { lba, .. } | Entry::Relocate { lba, .. } => {
+                    map.insert(lba / per_map);
+                    bits.insert(lba / BITS_PER_PAGE);
+                }
+                Entry::Trim { count, .. } => {
+                    let n = count as u64;
+                    ranges += n.div_ceil(per_map) + 1 + 2 * (n.div_ceil(BITS_PER_PAGE) + 1);
+                }
+                Entry::TreePage { .. } => {}
+            }
+        }
+        let leaves = map.len() as u64 + 3 * bits.len() as u64 + ranges;
+        leaves + leaves / (FANOUT - 1) + 4 * self.trees.shape(TreeId::Map).depth as u64
     }
 
     /// Loads every page `apply` will touch, so that once a record is in the
@@ -432,8 +471,16 @@ impl State {
             self.free.extend(newly.iter().copied());
             self.cleaned.clear();
         }
+        // The lowest `reserve` free segments are the reserve: they stay
+        // allocated on the host so that it can be used when the host is full.
+        let keep: BTreeSet<u64> = self
+            .free
+            .iter()
+            .take(self.reserve as usize)
+            .copied()
+            .collect();
         let seg_bytes = self.seg_blocks * BLOCK_SIZE as u64;
-        for s in newly {
+        for s in newly.into_iter().filter(|s| !keep.contains(s)) {
             // Discard is advisory: a failure only means the host keeps the bytes.
             let _ = ctx
                 .dev
@@ -484,7 +531,7 @@ impl State {
                     mac: *m,
                 })
                 .collect();
-            let pbas = self.append(ctx, &entries, &buf, true)?;
+            let pbas = self.append(ctx, &entries, &buf, true, true)?;
             for ((k, t), (m, pba)) in keys.iter().zip(&tags).zip(macs.iter().zip(&pbas)) {
                 self.trees.set_written(
                     *k,
@@ -503,12 +550,18 @@ impl State {
     // ------------------------------------------------------------ changed bitmap
 
     /// Forgets which blocks changed; from now on only new writes and trims
-    /// are recorded. Returns the checkpoint sequence the bitmap now starts at.
+    /// are recorded. Returns the sequence number of a checkpoint that holds
+    /// exactly the state at the reset: the bitmap records every change after
+    /// it. The reset is durable when this returns. (If a crash lost it, the
+    /// old, larger bitmap would come back: a superset, never too little.)
     pub fn reset_changed(&mut self, ctx: &Ctx) -> Result<u64> {
+        self.checkpoint(ctx)?;
+        let base = self.last_checkpoint.seq;
         let State { trees, usage, .. } = self;
         trees.clear_tree(ctx, TreeId::Changed, &mut |t, p| usage.superseded(t, p))?;
-        self.changed_since = self.last_checkpoint.seq + 1;
-        Ok(self.changed_since)
+        self.changed_since = base;
+        self.checkpoint(ctx)?;
+        Ok(base)
     }
 
     /// Runs of set bits in a bitmap tree, as (first block, count).
