@@ -91,10 +91,10 @@ fn create(path: &Path, logical_blocks: u64) -> Arc<dyn Device> {
     Arc::new(FileDevice::open(path, true).unwrap())
 }
 
-fn engine(dir: &Path, mib: usize, seconds: u64) {
-    let path = dir.join("engine.vol");
+/// Writes `mib` MiB sequentially in 1 MiB transactions, then fdatasync.
+fn seq_write(path: &Path, mib: usize) {
     let blocks = (mib * MIB / BLOCK_SIZE) as u64;
-    let dev = create(&path, blocks * 2);
+    let dev = create(path, blocks * 2);
     let v = Volume::open(dev, &master(), Options::default()).unwrap();
     let chunk = vec![0xc3u8; MIB];
     let t = Instant::now();
@@ -109,6 +109,12 @@ fn engine(dir: &Path, mib: usize, seconds: u64) {
         "MB/s",
     );
     v.close().unwrap();
+}
+
+fn engine(dir: &Path, mib: usize, seconds: u64) {
+    let path = dir.join("engine.vol");
+    let blocks = (mib * MIB / BLOCK_SIZE) as u64;
+    seq_write(&path, mib);
 
     let dropped = drop_caches();
     let v = Volume::open(
@@ -269,6 +275,13 @@ fn main() {
     };
     let dir = PathBuf::from(get("--dir", "target/bench"));
     let mib: usize = get("--mib", "1024").parse().expect("--mib N");
+    if args.iter().any(|a| a == "--seq-write-only") {
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("seqwrite.vol");
+        seq_write(&path, mib);
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
     let seconds: u64 = get("--seconds", "10").parse().expect("--seconds N");
     std::fs::create_dir_all(&dir).unwrap();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

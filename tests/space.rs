@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use common::{block, create, master, mem_volume, open, opts, Rng};
@@ -340,4 +341,87 @@ fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
         v.write(5, &block(5, 1))
             .unwrap_or_else(|e| panic!("capacity {cap_mib} MiB: volume wedged: {e}"));
     }
+}
+
+/// A real full filesystem: the volume's file lives on a 24 MiB tmpfs, so
+/// the kernel answers ENOSPC when the host is full. Cycles of "write until
+/// full, then trim a third" must never fail a trim (the reserve stays
+/// allocated on the host even after it has been used and refilled), writes
+/// must work again after each trim, and no acknowledged data may change.
+#[test]
+fn full_host_filesystem_cycles_of_fill_and_trim() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test mounts a tmpfs and must run as root (CI does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path();
+    let st = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=24m",
+            "lsvfs-test",
+            mnt.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt);
+    let path = mnt.join("v.vol");
+    let dev = FileDevice::create(&path).unwrap();
+    create(&dev, 16384, 64); // 64 MiB logical: more than the host holds
+    drop(dev);
+    let v = Volume::open(
+        Arc::new(FileDevice::open(&path, true).unwrap()),
+        &master(),
+        opts(),
+    )
+    .unwrap();
+    let mut model = vec![0u64; 16384];
+    let mut version = 0;
+    let mut rng = Rng(11);
+    for cycle in 0..6 {
+        let mut writes = 0;
+        loop {
+            let lba = rng.below(16384 - 16);
+            match write_run(&v, &mut model, lba, 16, &mut version) {
+                Ok(()) => writes += 1,
+                Err(Error::NoSpace(_)) => break,
+                Err(e) => panic!("cycle {cycle}: {e}"),
+            }
+            assert!(writes < 100_000);
+        }
+        // Trim a third of what is mapped, scattered.
+        let mapped: Vec<u64> = (0..16384).filter(|l| model[*l as usize] != 0).collect();
+        for l in mapped.iter().step_by(3) {
+            v.trim(*l, 1)
+                .unwrap_or_else(|e| panic!("cycle {cycle}: trim failed on a full host: {e}"));
+            model[*l as usize] = 0;
+        }
+        for _ in 0..20 {
+            let lba = rng.below(16384 - 16);
+            write_run(&v, &mut model, lba, 16, &mut version)
+                .unwrap_or_else(|e| panic!("cycle {cycle}: writing after a trim: {e}"));
+        }
+    }
+    v.flush().unwrap();
+    verify_all(&v, &model);
+    assert!(v.check().unwrap().is_clean());
+    v.close().unwrap();
+    let v = Volume::open(
+        Arc::new(FileDevice::open(&path, true).unwrap()),
+        &master(),
+        opts(),
+    )
+    .unwrap();
+    verify_all(&v, &model);
 }

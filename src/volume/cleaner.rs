@@ -51,7 +51,13 @@ impl State {
     fn fits(&self, entries: &[Entry], new_pages: u64, privileged: bool) -> bool {
         let needed = self.segments_needed(entries);
         let checkpoint = self.checkpoint_segments(self.trees.dirty_count() as u64 + new_pages);
-        let keep = if privileged { 1 } else { self.reserve };
+        // Ordinary writes leave the reserve; appends that free space may use
+        // it but must leave room to clean the worst victim afterwards.
+        let keep = if privileged {
+            self.room_to_clean(self.worth())
+        } else {
+            self.reserve
+        };
         self.available() >= needed + checkpoint + keep
             && (privileged || self.user_available() >= needed)
     }
@@ -122,9 +128,14 @@ impl State {
         self.segments_for(copies + self.checkpoint_blocks(pages))
     }
 
+    /// Segments with fewer live blocks than this are worth cleaning.
+    fn worth(&self) -> u64 {
+        self.seg_blocks - self.seg_blocks / 8
+    }
+
     /// The segment with the fewest live blocks that is worth cleaning.
     pub fn pick_victim(&self) -> Option<u64> {
-        let worth = self.seg_blocks - self.seg_blocks / 8;
+        let worth = self.worth();
         (0..self.extent)
             .filter(|s| {
                 *s != self.head.segment

@@ -80,51 +80,62 @@ impl State {
         self.plan(entries).1
     }
 
-    /// Takes a segment for the log. The lowest `reserve` free segments are
-    /// the reserve, kept allocated on the device: only `privileged` appends
-    /// (checkpoints, the cleaner, trims) may take them, so that space can
-    /// always be freed even when the host filesystem is full. Ordinary
-    /// appends take the highest free segment above the reserve, else grow
-    /// the backing file. Space is reserved on the device before use, so
-    /// writes into the segment cannot fail for lack of space.
+    /// Takes a segment for the log: a free segment above the reserve if
+    /// there is one (the highest), else a new one past the extent (growing
+    /// the backing file). The reserve (the lowest `reserve` free segments,
+    /// kept allocated on the host) is only for `privileged` appends
+    /// (checkpoints, the cleaner, trims), and only when the file cannot
+    /// grow: so it is there when the host filesystem is full. Space is
+    /// reserved on the device before use, so writes into the segment
+    /// cannot fail for lack of space.
     fn take_segment(&mut self, ctx: &Ctx, privileged: bool) -> Result<u64> {
-        let above_reserve = self.free.len() as u64 > self.reserve;
-        let pick = if privileged {
-            self.free.iter().next().copied()
-        } else if above_reserve {
-            self.free.iter().next_back().copied()
-        } else {
-            None
-        };
-        let seg = match pick {
-            Some(s) => s,
-            None if self.extent < self.max_segments => self.extent,
-            None if privileged => {
-                return Err(Error::NoSpace(
-                    "the volume's log has no free segment; delete or trim data".into(),
-                ))
-            }
-            None => {
-                return Err(Error::NoSpace(
-                    "only the volume's reserve is left; delete or trim data".into(),
-                ))
-            }
-        };
         let bytes = self.seg_blocks * BLOCK_SIZE as u64;
-        let grows = !self.free.contains(&seg);
-        let reserved = ctx
-            .dev
-            .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
-            .map_err(|e| Error::io(format!("reserving segment {seg}"), e));
-        if grows {
-            self.growth_blocked = matches!(reserved, Err(Error::NoSpace(_)));
+        if self.free.len() as u64 > self.reserve {
+            let seg = *self.free.iter().next_back().expect("free is not empty");
+            ctx.dev
+                .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
+                .map_err(|e| Error::io(format!("reserving segment {seg}"), e))?;
+            self.free.remove(&seg);
+            return Ok(seg);
         }
-        reserved?;
-        if !self.free.remove(&seg) {
-            self.extent = seg + 1;
-            self.usage.live.resize(self.extent as usize, 0);
+        if !self.growth_blocked && self.extent < self.max_segments {
+            let seg = self.extent;
+            match ctx
+                .dev
+                .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
+            {
+                Ok(()) => {
+                    self.extent = seg + 1;
+                    self.usage.live.resize(self.extent as usize, 0);
+                    return Ok(seg);
+                }
+                Err(e) => {
+                    let e = Error::io(format!("reserving segment {seg}"), e);
+                    if !matches!(e, Error::NoSpace(_)) {
+                        return Err(e);
+                    }
+                    self.growth_blocked = true;
+                    if !privileged {
+                        return Err(e);
+                    }
+                }
+            }
         }
-        Ok(seg)
+        if privileged {
+            if let Some(seg) = self.free.iter().next().copied() {
+                // The reserve is kept allocated, so this normally succeeds.
+                ctx.dev
+                    .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
+                    .map_err(|e| Error::io(format!("reserving segment {seg}"), e))?;
+                self.free.remove(&seg);
+                return Ok(seg);
+            }
+        }
+        Err(Error::NoSpace(if privileged {
+            "the volume's log has no free segment; delete or trim data".into()
+        } else {
+            "only the volume's reserve is left; delete or trim data".into()
+        }))
     }
 
     /// Appends `entries` (with `payload`, one sealed block per payload entry)

@@ -487,11 +487,18 @@ impl Volume {
             st.free_after_recovery(&empty, &r);
             if !opts.read_only {
                 st.erase_dropped(&ctx, &r)?;
+                st.refresh_reserve(&ctx, &[]);
                 // Reserve generations durably, then make the recovered state
-                // the new checkpoint so the replayed log can be reused.
+                // the new checkpoint so the replayed log can be reused. If
+                // there is no room for it, the volume still opens: the log
+                // stays where it is and is replayed again next time, and
+                // reads and trims can make room.
                 st.alloc_gens(&ctx, 0)?;
                 st.alloc_gens(&ctx, 1)?;
-                st.checkpoint(&ctx)?;
+                match st.checkpoint(&ctx) {
+                    Ok(()) | Err(Error::NoSpace(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
             r
         };

@@ -280,7 +280,17 @@ impl State {
             }
         }
         let leaves = map.len() as u64 + 3 * bits.len() as u64 + ranges;
-        leaves + leaves / (FANOUT - 1) + 4 * self.trees.shape(TreeId::Map).depth as u64
+        // Every block that stops being live decrements the usage counter of
+        // its segment: at worst one usage leaf per block, at most all of them.
+        let blocks: u64 = entries
+            .iter()
+            .map(|e| match *e {
+                Entry::Trim { count, .. } => count as u64,
+                _ => 1,
+            })
+            .sum();
+        let usage = blocks.min(self.trees.shape(TreeId::SegmentUsage).leaves);
+        leaves + leaves / (FANOUT - 1) + 4 * self.trees.shape(TreeId::Map).depth as u64 + usage
     }
 
     /// Loads every page `apply` will touch, so that once a record is in the
@@ -471,8 +481,15 @@ impl State {
             self.free.extend(newly.iter().copied());
             self.cleaned.clear();
         }
-        // The lowest `reserve` free segments are the reserve: they stay
-        // allocated on the host so that it can be used when the host is full.
+        self.refresh_reserve(ctx, &newly);
+    }
+
+    /// The lowest `reserve` free segments are the reserve. They must be
+    /// allocated on the host, so that checkpoints, the cleaner and trims can
+    /// run when the host is full: (re)allocate them, and hole-punch only the
+    /// newly freed segments outside them. Allocation failures are left for
+    /// later; the reserve is then smaller until space returns.
+    pub fn refresh_reserve(&mut self, ctx: &Ctx, newly_freed: &[u64]) {
         let keep: BTreeSet<u64> = self
             .free
             .iter()
@@ -480,11 +497,16 @@ impl State {
             .copied()
             .collect();
         let seg_bytes = self.seg_blocks * BLOCK_SIZE as u64;
-        for s in newly.into_iter().filter(|s| !keep.contains(s)) {
+        for &s in &keep {
+            let _ = ctx
+                .dev
+                .allocate(self.pba_of(s, 0) * BLOCK_SIZE as u64, seg_bytes);
+        }
+        for s in newly_freed.iter().filter(|s| !keep.contains(s)) {
             // Discard is advisory: a failure only means the host keeps the bytes.
             let _ = ctx
                 .dev
-                .discard(self.pba_of(s, 0) * BLOCK_SIZE as u64, seg_bytes);
+                .discard(self.pba_of(*s, 0) * BLOCK_SIZE as u64, seg_bytes);
         }
     }
 
