@@ -1,0 +1,10 @@
+//! File-system layer (in progress): the POSIX file system that the FUSE
+//! layer will serve, kept free of any FUSE types.
+//!
+//! Its metadata (inodes, directory entries, xattrs, extents) lives in one
+//! B+tree ([`btree`]) whose nodes are volume blocks; each file-system
+//! operation stages its node, data and trim changes and commits them as a
+//! single volume transaction, so every operation is atomic across crashes.
+
+pub mod btree;
+pub mod store;

@@ -1,0 +1,217 @@
+//! Logical block allocation and the volume-backed node store.
+//!
+//! The allocator's truth is the volume's allocated bitmap: a logical block
+//! is in use exactly when it is mapped. Blocks are allocated by writing
+//! them and freed by trimming them, in the same volume transaction as the
+//! operation that needs it, so allocation can never leak across a crash.
+//! At mount the free extents are rebuilt from the bitmap.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::btree::{Node, NodeStore};
+use crate::volume::{Transaction, Volume};
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// Free logical blocks, as extents (start -> length).
+pub struct Allocator {
+    free: BTreeMap<u64, u64>,
+    free_blocks: u64,
+}
+
+impl Allocator {
+    /// Everything in `first..limit` that `allocated` (sorted runs) leaves free.
+    pub fn from_allocated(first: u64, limit: u64, allocated: &[(u64, u64)]) -> Allocator {
+        let mut free = BTreeMap::new();
+        let mut at = first;
+        for &(s, n) in allocated {
+            if s > at {
+                free.insert(at, s - at);
+            }
+            at = at.max(s + n);
+        }
+        if at < limit {
+            free.insert(at, limit - at);
+        }
+        let free_blocks = free.values().sum();
+        Allocator { free, free_blocks }
+    }
+
+    pub fn free_blocks(&self) -> u64 {
+        self.free_blocks
+    }
+
+    /// One free block, the lowest at or after `hint` if any (else the lowest).
+    pub fn alloc(&mut self, hint: u64) -> Option<u64> {
+        let (&start, &len) = self
+            .free
+            .range(..=hint)
+            .next_back()
+            .filter(|(s, l)| **s + **l > hint)
+            .or_else(|| self.free.range(hint..).next())
+            .or_else(|| self.free.iter().next())?;
+        let at = if start <= hint && hint < start + len {
+            hint
+        } else {
+            start
+        };
+        self.free.remove(&start);
+        if at > start {
+            self.free.insert(start, at - start);
+        }
+        if at + 1 < start + len {
+            self.free.insert(at + 1, start + len - at - 1);
+        }
+        self.free_blocks -= 1;
+        Some(at)
+    }
+
+    /// Returns a block, merging it with its neighbours.
+    pub fn release(&mut self, block: u64) {
+        let mut start = block;
+        let mut len = 1;
+        if let Some((&s, &l)) = self.free.range(..block).next_back() {
+            debug_assert!(s + l <= block, "double free of block {block}");
+            if s + l == block {
+                self.free.remove(&s);
+                start = s;
+                len += l;
+            }
+        }
+        if let Some(&l) = self.free.get(&(block + 1)) {
+            self.free.remove(&(block + 1));
+            len += l;
+        }
+        self.free.insert(start, len);
+        self.free_blocks += 1;
+    }
+}
+
+/// Nodes read from the volume, with one operation's changes staged.
+pub struct VolumeStore<'a> {
+    volume: &'a Volume,
+    alloc: &'a mut Allocator,
+    cache: &'a mut HashMap<u64, Node>,
+    staged: HashMap<u64, Node>,
+    allocated: Vec<u64>,
+    freed: BTreeSet<u64>,
+}
+
+/// Clean nodes kept in memory between operations.
+pub const NODE_CACHE: usize = 8192;
+
+impl<'a> VolumeStore<'a> {
+    pub fn new(
+        volume: &'a Volume,
+        alloc: &'a mut Allocator,
+        cache: &'a mut HashMap<u64, Node>,
+    ) -> Self {
+        VolumeStore {
+            volume,
+            alloc,
+            cache,
+            staged: HashMap::new(),
+            allocated: Vec::new(),
+            freed: BTreeSet::new(),
+        }
+    }
+
+    /// Adds the staged node writes and frees to `txn`, commits it, and
+    /// makes the changes visible to later operations. On failure nothing
+    /// changed: blocks allocated by this operation go back to the allocator.
+    pub fn commit(mut self, mut txn: Transaction) -> Result<()> {
+        for (lba, node) in &self.staged {
+            txn.write(*lba, node.encode());
+        }
+        for lba in &self.freed {
+            txn.trim(*lba, 1);
+        }
+        match self.volume.commit(txn) {
+            Ok(()) => {
+                for lba in std::mem::take(&mut self.freed) {
+                    self.cache.remove(&lba);
+                    self.alloc.release(lba);
+                }
+                if self.cache.len() + self.staged.len() > NODE_CACHE {
+                    self.cache.clear();
+                }
+                self.cache.extend(self.staged.drain());
+                self.allocated.clear();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for VolumeStore<'_> {
+    fn drop(&mut self) {
+        // Not committed (or the commit failed): hand back what was taken.
+        for lba in self.allocated.drain(..) {
+            self.alloc.release(lba);
+        }
+    }
+}
+
+impl NodeStore for VolumeStore<'_> {
+    fn read(&mut self, lba: u64) -> Result<Node> {
+        if self.freed.contains(&lba) {
+            return Err(Error::Corrupted(format!(
+                "metadata node {lba} used after it was freed"
+            )));
+        }
+        if let Some(n) = self.staged.get(&lba).or_else(|| self.cache.get(&lba)) {
+            return Ok(n.clone());
+        }
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        self.volume.read(lba, &mut buf)?;
+        let node = Node::decode(&buf, lba)?;
+        self.cache.insert(lba, node.clone());
+        Ok(node)
+    }
+
+    fn write(&mut self, lba: u64, node: Node) {
+        self.staged.insert(lba, node);
+    }
+
+    fn alloc(&mut self) -> Result<u64> {
+        let hint = self.allocated.last().copied().unwrap_or(0);
+        let lba = self.alloc.alloc(hint).ok_or_else(|| {
+            Error::NoSpace("the file system has no free block for metadata".into())
+        })?;
+        self.allocated.push(lba);
+        Ok(lba)
+    }
+
+    fn free(&mut self, lba: u64) {
+        self.staged.remove(&lba);
+        if let Some(i) = self.allocated.iter().position(|a| *a == lba) {
+            // Allocated and freed within this operation: never written.
+            self.allocated.swap_remove(i);
+            self.alloc.release(lba);
+        } else {
+            self.freed.insert(lba);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_hands_out_each_block_once_and_merges() {
+        let mut a = Allocator::from_allocated(1, 100, &[(5, 3), (50, 10)]);
+        assert_eq!(a.free_blocks(), 99 - 3 - 10);
+        let mut got = BTreeSet::new();
+        while let Some(b) = a.alloc(40) {
+            assert!(got.insert(b), "block {b} handed out twice");
+            assert!(!(5..8).contains(&b) && !(50..60).contains(&b) && b != 0 && b < 100);
+        }
+        assert_eq!(got.len(), 86);
+        for b in got {
+            a.release(b);
+        }
+        assert_eq!(a.free_blocks(), 86);
+        assert_eq!(a.free.len(), 3, "released blocks merge back into 3 extents");
+    }
+}
