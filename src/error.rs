@@ -46,6 +46,59 @@ pub enum Error {
     /// Another process holds the volume.
     #[error("{0}")]
     Busy(String),
+    /// A file-system operation was refused for a POSIX reason.
+    #[error("{what}: {kind}")]
+    Fs { kind: FsError, what: String },
+}
+
+/// Why a file-system operation was refused; each maps to one errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("value too large")]
+    TooBig,
+}
+
+impl FsError {
+    pub fn errno(self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Invalid => libc::EINVAL,
+            FsError::TooManyLinks => libc::EMLINK,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::TooBig => libc::E2BIG,
+        }
+    }
+
+    /// The error, with what it was about.
+    pub fn at(self, what: impl Into<String>) -> Error {
+        Error::Fs {
+            kind: self,
+            what: what.into(),
+        }
+    }
 }
 
 impl Error {
@@ -76,6 +129,7 @@ impl Error {
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly => libc::EROFS,
             Error::Busy(_) => libc::EBUSY,
+            Error::Fs { kind, .. } => kind.errno(),
         }
     }
 }

@@ -21,7 +21,7 @@ pub mod fs;
 pub mod keys;
 pub mod volume;
 
-pub use error::{Error, Result};
+pub use error::{Error, FsError, Result};
 
 /// Size of a logical block, a segment block and every metadata page.
 pub const BLOCK_SIZE: usize = 4096;

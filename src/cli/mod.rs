@@ -107,7 +107,7 @@ pub fn exit_code(e: &Error) -> i32 {
         Error::NoSpace(_) => 6,
         Error::Busy(_) => 7,
         Error::Io { .. } | Error::PreviousIo => 8,
-        Error::ReadOnly => 1,
+        Error::ReadOnly | Error::Fs { .. } => 1,
     }
 }
 

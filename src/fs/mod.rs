@@ -7,4 +7,7 @@
 //! single volume transaction, so every operation is atomic across crashes.
 
 pub mod btree;
+mod filesystem;
+pub mod format;
 pub mod store;
+pub use filesystem::{DirEntry, Fs, LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};

@@ -119,6 +119,9 @@ impl<'a> VolumeStore<'a> {
     /// makes the changes visible to later operations. On failure nothing
     /// changed: blocks allocated by this operation go back to the allocator.
     pub fn commit(mut self, mut txn: Transaction) -> Result<()> {
+        if txn.is_empty() && self.staged.is_empty() && self.freed.is_empty() {
+            return Ok(());
+        }
         for (lba, node) in &self.staged {
             txn.write(*lba, node.encode());
         }

@@ -638,6 +638,9 @@ impl Volume {
         if inner.read_only {
             return Err(Error::ReadOnly);
         }
+        if txn.is_empty() {
+            return Ok(());
+        }
         let mut n_blocks = 0u64;
         for op in &txn.ops {
             match op {

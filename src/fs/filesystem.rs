@@ -1,0 +1,665 @@
+//! The file system's namespace: inodes and directories on the metadata
+//! B+tree. Every public operation is one volume transaction: it either
+//! happens completely or, after any crash, not at all.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::btree::{BTree, Node};
+use super::format::{
+    file_type, inode_range, key, kind, kind_range, Dirent, Inode, Superblock, Time, NAME_MAX,
+    ROOT_INO, SYMLINK_MAX,
+};
+use super::store::{Allocator, VolumeStore};
+use crate::volume::{Transaction, Volume};
+use crate::{Error, FsError, Result, BLOCK_SIZE};
+
+/// Most hard links one inode may have.
+pub const LINK_MAX: u32 = 65000;
+
+/// `rename` flags (as in renameat2).
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+
+/// One entry returned by [`Fs::readdir`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Pass it back to continue after this entry; stable across creates and
+    /// unlinks of other entries.
+    pub cookie: u64,
+    pub name: Vec<u8>,
+    pub ino: u64,
+    /// File type bits (S_IFMT).
+    pub kind: u32,
+}
+
+struct Meta {
+    sb: Superblock,
+    tree: BTree,
+    alloc: Allocator,
+    cache: HashMap<u64, Node>,
+}
+
+/// A mounted file system.
+pub struct Fs {
+    volume: Volume,
+    meta: Mutex<Meta>,
+}
+
+/// One operation in progress: reads see its own changes; `finish` commits.
+struct Op<'a> {
+    store: VolumeStore<'a>,
+    tree: &'a mut BTree,
+    sb: &'a mut Superblock,
+    sb_changed: bool,
+}
+
+impl Op<'_> {
+    fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.tree.get(&mut self.store, k)
+    }
+
+    fn put(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
+        self.tree.insert(&mut self.store, k, v).map(|_| ())
+    }
+
+    fn del(&mut self, k: &[u8]) -> Result<()> {
+        self.tree.remove(&mut self.store, k).map(|_| ())
+    }
+
+    fn inode(&mut self, ino: u64) -> Result<Inode> {
+        match self.get(&key(ino, kind::INODE, &[]))? {
+            Some(v) => Inode::decode(&v, ino),
+            None => Err(FsError::NotFound.at(format!("inode {ino}"))),
+        }
+    }
+
+    fn put_inode(&mut self, ino: u64, i: &Inode) -> Result<()> {
+        self.put(&key(ino, kind::INODE, &[]), &i.encode())
+    }
+
+    fn dir(&mut self, ino: u64) -> Result<Inode> {
+        let i = self.inode(ino)?;
+        if !i.is_dir() {
+            return Err(FsError::NotDir.at(format!("inode {ino}")));
+        }
+        Ok(i)
+    }
+
+    fn entry(&mut self, dir: u64, name: &[u8]) -> Result<Option<Dirent>> {
+        match self.get(&key(dir, kind::DIRENT, name))? {
+            Some(v) => Dirent::decode(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds `name -> ino` to `dir` (which the caller has loaded as `d`).
+    fn add_entry(
+        &mut self,
+        dir: u64,
+        d: &mut Inode,
+        name: &[u8],
+        ino: u64,
+        mode: u32,
+    ) -> Result<()> {
+        let cookie = d.next_cookie;
+        d.next_cookie += 1;
+        let e = Dirent {
+            ino,
+            cookie,
+            mode: file_type(mode),
+        };
+        self.put(&key(dir, kind::DIRENT, name), &e.encode())?;
+        self.put(&key(dir, kind::COOKIE, &cookie.to_be_bytes()), name)
+    }
+
+    fn remove_entry(&mut self, dir: u64, name: &[u8], e: &Dirent) -> Result<()> {
+        self.del(&key(dir, kind::DIRENT, name))?;
+        self.del(&key(dir, kind::COOKIE, &e.cookie.to_be_bytes()))
+    }
+
+    fn is_empty_dir(&mut self, ino: u64) -> Result<bool> {
+        let (s, e) = kind_range(ino, kind::DIRENT);
+        Ok(self.tree.range(&mut self.store, &s, &e, 1)?.is_empty())
+    }
+
+    /// Drops one link to `ino`; deletes the inode when none is left.
+    fn unlink_inode(&mut self, ino: u64, now: Time) -> Result<()> {
+        let mut i = self.inode(ino)?;
+        i.nlink = i.nlink.saturating_sub(if i.is_dir() { 2 } else { 1 });
+        if i.nlink == 0 {
+            self.purge(ino)
+        } else {
+            i.ctime = now;
+            self.put_inode(ino, &i)
+        }
+    }
+
+    /// Removes every item of an inode.
+    fn purge(&mut self, ino: u64) -> Result<()> {
+        let (s, e) = inode_range(ino);
+        loop {
+            let batch = self.tree.range(&mut self.store, &s, &e, 256)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for (k, _) in batch {
+                self.del(&k)?;
+            }
+        }
+    }
+
+    fn new_ino(&mut self) -> u64 {
+        let ino = self.sb.next_ino;
+        self.sb.next_ino += 1;
+        self.sb_changed = true;
+        ino
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong.at(format!("a name of {} bytes", name.len())));
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(FsError::Invalid.at(format!("the name {:?}", String::from_utf8_lossy(name))));
+    }
+    Ok(())
+}
+
+impl Fs {
+    /// Creates an empty file system (a root directory owned by `uid:gid`)
+    /// on a volume that holds nothing yet.
+    pub fn format(volume: &Volume, uid: u32, gid: u32) -> Result<()> {
+        if !volume.allocated_runs()?.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the volume already holds data; create a new one".into(),
+            ));
+        }
+        let mut alloc = Allocator::from_allocated(1, volume.logical_blocks(), &[]);
+        let mut cache = HashMap::new();
+        let mut store = VolumeStore::new(volume, &mut alloc, &mut cache);
+        let mut tree = BTree::create(&mut store)?;
+        let mut root = Inode::new(libc::S_IFDIR | 0o755, uid, gid, 0);
+        root.nlink = 2;
+        root.parent = ROOT_INO;
+        tree.insert(&mut store, &key(ROOT_INO, kind::INODE, &[]), &root.encode())?;
+        let sb = Superblock {
+            root: tree.root,
+            next_ino: ROOT_INO + 1,
+        };
+        let mut txn = Transaction::new();
+        txn.write(0, sb.encode());
+        store.commit(txn)?;
+        volume.flush()
+    }
+
+    pub fn mount(volume: Volume) -> Result<Fs> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        volume.read(0, &mut b)?;
+        let sb = Superblock::decode(&b)?;
+        let alloc =
+            Allocator::from_allocated(1, volume.logical_blocks(), &volume.allocated_runs()?);
+        Ok(Fs {
+            meta: Mutex::new(Meta {
+                tree: BTree { root: sb.root },
+                sb,
+                alloc,
+                cache: HashMap::new(),
+            }),
+            volume,
+        })
+    }
+
+    pub fn volume(&self) -> &Volume {
+        &self.volume
+    }
+
+    /// Flushes and closes the volume.
+    pub fn unmount(self) -> Result<()> {
+        self.volume.flush()?;
+        self.volume.close()
+    }
+
+    /// Runs `f` as one operation: its tree changes, plus whatever it adds to
+    /// the transaction, commit atomically; on any error nothing changes.
+    fn op<T>(&self, f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>) -> Result<T> {
+        let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        let (old_root, old_sb) = (guard.tree.root, guard.sb);
+        let result = {
+            let Meta {
+                sb,
+                tree,
+                alloc,
+                cache,
+            } = &mut *guard;
+            let mut txn = Transaction::new();
+            let mut op = Op {
+                store: VolumeStore::new(&self.volume, alloc, cache),
+                tree,
+                sb,
+                sb_changed: false,
+            };
+            f(&mut op, &mut txn).and_then(|v| {
+                let Op {
+                    store,
+                    tree,
+                    sb,
+                    sb_changed,
+                } = op;
+                if sb_changed || tree.root != old_root {
+                    sb.root = tree.root;
+                    txn.write(0, sb.encode());
+                }
+                store.commit(txn).map(|_| v)
+            })
+        };
+        if result.is_err() {
+            guard.tree.root = old_root;
+            guard.sb = old_sb;
+        }
+        result
+    }
+
+    /// Reads without changing anything.
+    fn read<T>(&self, f: impl FnOnce(&mut Op) -> Result<T>) -> Result<T> {
+        self.op(|op, _| f(op))
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Inode> {
+        self.read(|op| op.inode(ino))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, Inode)> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong.at(format!("a name of {} bytes", name.len())));
+        }
+        self.read(|op| {
+            let d = op.dir(parent)?;
+            let ino = match name {
+                b"." => parent,
+                b".." => d.parent,
+                _ => match op.entry(parent, name)? {
+                    Some(e) => e.ino,
+                    None => return Err(FsError::NotFound.at(String::from_utf8_lossy(name))),
+                },
+            };
+            Ok((ino, op.inode(ino)?))
+        })
+    }
+
+    /// Creates a regular file, directory, FIFO, socket or device node.
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+    ) -> Result<(u64, Inode)> {
+        check_name(name)?;
+        let t = file_type(mode);
+        let ok = [
+            libc::S_IFREG,
+            libc::S_IFDIR,
+            libc::S_IFIFO,
+            libc::S_IFSOCK,
+            libc::S_IFCHR,
+            libc::S_IFBLK,
+        ];
+        if !ok.contains(&t) {
+            return Err(FsError::Invalid.at(format!("file type {t:o}")));
+        }
+        self.op(|op, _| {
+            let mut d = op.dir(parent)?;
+            if op.entry(parent, name)?.is_some() {
+                return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
+            }
+            let ino = op.new_ino();
+            let mut i = Inode::new(mode, uid, gid, rdev);
+            if t == libc::S_IFDIR {
+                if d.nlink >= LINK_MAX {
+                    return Err(FsError::TooManyLinks.at(format!("directory {parent}")));
+                }
+                i.nlink = 2;
+                i.parent = parent;
+                d.nlink += 1;
+            }
+            op.put_inode(ino, &i)?;
+            op.add_entry(parent, &mut d, name, ino, mode)?;
+            d.mtime = i.ctime;
+            d.ctime = i.ctime;
+            op.put_inode(parent, &d)?;
+            Ok((ino, i))
+        })
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(u64, Inode)> {
+        check_name(name)?;
+        if target.is_empty() || target.len() > SYMLINK_MAX {
+            return Err(
+                FsError::NameTooLong.at(format!("a symlink target of {} bytes", target.len()))
+            );
+        }
+        self.op(|op, _| {
+            let mut d = op.dir(parent)?;
+            if op.entry(parent, name)?.is_some() {
+                return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
+            }
+            let ino = op.new_ino();
+            let mut i = Inode::new(libc::S_IFLNK | 0o777, uid, gid, 0);
+            i.size = target.len() as u64;
+            op.put_inode(ino, &i)?;
+            for (n, piece) in target.chunks(1024).enumerate() {
+                op.put(&key(ino, kind::SYMLINK, &[n as u8]), piece)?;
+            }
+            op.add_entry(parent, &mut d, name, ino, i.mode)?;
+            d.mtime = i.ctime;
+            d.ctime = i.ctime;
+            op.put_inode(parent, &d)?;
+            Ok((ino, i))
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        self.read(|op| {
+            if file_type(op.inode(ino)?.mode) != libc::S_IFLNK {
+                return Err(FsError::Invalid.at(format!("inode {ino} is not a symlink")));
+            }
+            let (s, e) = kind_range(ino, kind::SYMLINK);
+            Ok(op
+                .tree
+                .range(&mut op.store, &s, &e, 8)?
+                .into_iter()
+                .flat_map(|(_, v)| v)
+                .collect())
+        })
+    }
+
+    /// A new name for an existing non-directory.
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Inode> {
+        check_name(name)?;
+        self.op(|op, _| {
+            let mut i = op.inode(ino)?;
+            if i.is_dir() {
+                return Err(FsError::Invalid.at("hard links to directories"));
+            }
+            if i.nlink >= LINK_MAX {
+                return Err(FsError::TooManyLinks.at(format!("inode {ino}")));
+            }
+            let mut d = op.dir(parent)?;
+            if op.entry(parent, name)?.is_some() {
+                return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
+            }
+            let now = Time::now();
+            i.nlink += 1;
+            i.ctime = now;
+            op.put_inode(ino, &i)?;
+            op.add_entry(parent, &mut d, name, ino, i.mode)?;
+            d.mtime = now;
+            d.ctime = now;
+            op.put_inode(parent, &d)?;
+            Ok(i)
+        })
+    }
+
+    /// Removes a name that is not a directory.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.remove(parent, name, false)
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
+        if name == b"." || name == b".." {
+            return Err(FsError::Invalid.at(String::from_utf8_lossy(name)));
+        }
+        self.op(|op, _| {
+            let mut d = op.dir(parent)?;
+            let e = op
+                .entry(parent, name)?
+                .ok_or_else(|| FsError::NotFound.at(String::from_utf8_lossy(name)))?;
+            let is_dir = e.mode == libc::S_IFDIR;
+            match (dir, is_dir) {
+                (false, true) => return Err(FsError::IsDir.at(String::from_utf8_lossy(name))),
+                (true, false) => return Err(FsError::NotDir.at(String::from_utf8_lossy(name))),
+                (true, true) if !op.is_empty_dir(e.ino)? => {
+                    return Err(FsError::NotEmpty.at(String::from_utf8_lossy(name)))
+                }
+                _ => {}
+            }
+            let now = Time::now();
+            op.remove_entry(parent, name, &e)?;
+            op.unlink_inode(e.ino, now)?;
+            if is_dir {
+                d.nlink -= 1;
+            }
+            d.mtime = now;
+            d.ctime = now;
+            op.put_inode(parent, &d)
+        })
+    }
+
+    /// Renames `parent/name` to `newparent/newname`, with the renameat2
+    /// flags [`RENAME_NOREPLACE`] and [`RENAME_EXCHANGE`].
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        check_name(name)?;
+        check_name(newname)?;
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        {
+            return Err(FsError::Invalid.at(format!("rename flags {flags:#x}")));
+        }
+        self.op(|op, _| {
+            let now = Time::now();
+            op.dir(parent)?;
+            op.dir(newparent)?;
+            let src = op
+                .entry(parent, name)?
+                .ok_or_else(|| FsError::NotFound.at(String::from_utf8_lossy(name)))?;
+            let dst = op.entry(newparent, newname)?;
+            if parent == newparent && name == newname {
+                return if flags & RENAME_NOREPLACE != 0 {
+                    Err(FsError::Exists.at(String::from_utf8_lossy(name)))
+                } else {
+                    Ok(())
+                };
+            }
+            let src_dir = src.mode == libc::S_IFDIR;
+            // A directory may not move below itself.
+            let check_loop = |op: &mut Op, moving: u64, into: u64| -> Result<()> {
+                let mut at = into;
+                for _ in 0..4096 {
+                    if at == moving {
+                        return Err(FsError::Invalid.at("moving a directory into itself"));
+                    }
+                    if at == ROOT_INO {
+                        return Ok(());
+                    }
+                    at = op.inode(at)?.parent;
+                }
+                Err(Error::Corrupted("directory parents form a loop".into()))
+            };
+            if flags & RENAME_EXCHANGE != 0 {
+                let dst =
+                    dst.ok_or_else(|| FsError::NotFound.at(String::from_utf8_lossy(newname)))?;
+                let dst_dir = dst.mode == libc::S_IFDIR;
+                if src_dir && parent != newparent {
+                    check_loop(op, src.ino, newparent)?;
+                }
+                if dst_dir && parent != newparent {
+                    check_loop(op, dst.ino, parent)?;
+                }
+                op.put(
+                    &key(parent, kind::DIRENT, name),
+                    &Dirent {
+                        ino: dst.ino,
+                        mode: dst.mode,
+                        ..src
+                    }
+                    .encode(),
+                )?;
+                op.put(
+                    &key(newparent, kind::DIRENT, newname),
+                    &Dirent {
+                        ino: src.ino,
+                        mode: src.mode,
+                        ..dst
+                    }
+                    .encode(),
+                )?;
+                for (ino, is_dir, new_parent) in
+                    [(src.ino, src_dir, newparent), (dst.ino, dst_dir, parent)]
+                {
+                    let mut i = op.inode(ino)?;
+                    if is_dir {
+                        i.parent = new_parent;
+                    }
+                    i.ctime = now;
+                    op.put_inode(ino, &i)?;
+                }
+                if parent != newparent && src_dir != dst_dir {
+                    let (gains, loses) = if src_dir {
+                        (newparent, parent)
+                    } else {
+                        (parent, newparent)
+                    };
+                    let mut g = op.inode(gains)?;
+                    g.nlink += 1;
+                    op.put_inode(gains, &g)?;
+                    let mut l = op.inode(loses)?;
+                    l.nlink -= 1;
+                    op.put_inode(loses, &l)?;
+                }
+                for p in [parent, newparent] {
+                    let mut d = op.inode(p)?;
+                    d.mtime = now;
+                    d.ctime = now;
+                    op.put_inode(p, &d)?;
+                }
+                return Ok(());
+            }
+            if let Some(dst) = dst {
+                if flags & RENAME_NOREPLACE != 0 {
+                    return Err(FsError::Exists.at(String::from_utf8_lossy(newname)));
+                }
+                if dst.ino == src.ino {
+                    // Two names of one file: POSIX says do nothing.
+                    return Ok(());
+                }
+                let dst_dir = dst.mode == libc::S_IFDIR;
+                match (src_dir, dst_dir) {
+                    (true, false) => {
+                        return Err(FsError::NotDir.at(String::from_utf8_lossy(newname)))
+                    }
+                    (false, true) => {
+                        return Err(FsError::IsDir.at(String::from_utf8_lossy(newname)))
+                    }
+                    (true, true) if !op.is_empty_dir(dst.ino)? => {
+                        return Err(FsError::NotEmpty.at(String::from_utf8_lossy(newname)))
+                    }
+                    _ => {}
+                }
+                if src_dir {
+                    check_loop(op, src.ino, newparent)?;
+                }
+                op.remove_entry(newparent, newname, &dst)?;
+                op.unlink_inode(dst.ino, now)?;
+                if dst_dir {
+                    let mut np = op.inode(newparent)?;
+                    np.nlink -= 1;
+                    op.put_inode(newparent, &np)?;
+                }
+            } else if src_dir && parent != newparent {
+                check_loop(op, src.ino, newparent)?;
+            }
+            op.remove_entry(parent, name, &src)?;
+            let mut np = op.inode(newparent)?;
+            op.add_entry(newparent, &mut np, newname, src.ino, src.mode)?;
+            np.mtime = now;
+            np.ctime = now;
+            if src_dir && parent != newparent {
+                np.nlink += 1;
+            }
+            op.put_inode(newparent, &np)?;
+            if parent != newparent {
+                let mut p = op.inode(parent)?;
+                if src_dir {
+                    p.nlink -= 1;
+                }
+                p.mtime = now;
+                p.ctime = now;
+                op.put_inode(parent, &p)?;
+            }
+            let mut i = op.inode(src.ino)?;
+            if src_dir {
+                i.parent = newparent;
+            }
+            i.ctime = now;
+            op.put_inode(src.ino, &i)
+        })
+    }
+
+    /// Up to `limit` entries of directory `ino` after `cookie` (0 to start),
+    /// "." (cookie 1) and ".." (cookie 2) first.
+    pub fn readdir(&self, ino: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        self.read(|op| {
+            let d = op.dir(ino)?;
+            let mut out = Vec::new();
+            if cookie < 1 && out.len() < limit {
+                out.push(DirEntry {
+                    cookie: 1,
+                    name: b".".to_vec(),
+                    ino,
+                    kind: libc::S_IFDIR,
+                });
+            }
+            if cookie < 2 && out.len() < limit {
+                out.push(DirEntry {
+                    cookie: 2,
+                    name: b"..".to_vec(),
+                    ino: d.parent,
+                    kind: libc::S_IFDIR,
+                });
+            }
+            let start = key(ino, kind::COOKIE, &(cookie.max(2) + 1).to_be_bytes());
+            let (_, end) = kind_range(ino, kind::COOKIE);
+            let want = limit - out.len();
+            for (k, name) in op.tree.range(&mut op.store, &start, &end, want)? {
+                let c =
+                    u64::from_be_bytes(k[9..17].try_into().map_err(|_| {
+                        Error::Corrupted(format!("a readdir key of directory {ino}"))
+                    })?);
+                let e = op.entry(ino, &name)?.ok_or_else(|| {
+                    Error::Corrupted(format!("directory {ino}: cookie {c} names a missing entry"))
+                })?;
+                out.push(DirEntry {
+                    cookie: c,
+                    name,
+                    ino: e.ino,
+                    kind: e.mode,
+                });
+            }
+            Ok(out)
+        })
+    }
+}

@@ -1,0 +1,303 @@
+//! On-disk encoding of file-system metadata: the superblock, the metadata
+//! keys, and inode and directory-entry values. docs/FORMAT.md has the tables.
+//!
+//! Keys start with the inode number in big-endian, then a kind byte, so an
+//! inode's items sort together and in a useful order.
+
+use crate::{Error, Result, BLOCK_SIZE};
+
+pub const FS_MAGIC: [u8; 8] = *b"LSVFSFS\0";
+pub const FS_VERSION: u32 = 1;
+/// The root directory's inode number.
+pub const ROOT_INO: u64 = 1;
+/// Longest file name, in bytes.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target, in bytes (Linux's PATH_MAX minus the NUL).
+pub const SYMLINK_MAX: usize = 4095;
+
+/// Kinds of metadata items: the byte after the inode number in a key.
+pub mod kind {
+    /// The inode itself. Key: ino, kind.
+    pub const INODE: u8 = 1;
+    /// A directory entry. Key: dir ino, kind, name. Value: [`super::Dirent`].
+    pub const DIRENT: u8 = 2;
+    /// Readdir position of an entry. Key: dir ino, kind, cookie (BE u64). Value: name.
+    pub const COOKIE: u8 = 3;
+    /// An extended attribute. Key: ino, kind, name. Value: the attribute's bytes.
+    pub const XATTR: u8 = 4;
+    /// A piece of a symlink target. Key: ino, kind, piece (u8). Value: bytes.
+    pub const SYMLINK: u8 = 6;
+}
+
+pub fn key(ino: u64, kind: u8, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + suffix.len());
+    k.extend_from_slice(&ino.to_be_bytes());
+    k.push(kind);
+    k.extend_from_slice(suffix);
+    k
+}
+
+/// The range of keys of one kind for one inode: `[start, end)`.
+pub fn kind_range(ino: u64, kind: u8) -> (Vec<u8>, Vec<u8>) {
+    (key(ino, kind, &[]), key(ino, kind + 1, &[]))
+}
+
+/// Every key of one inode.
+pub fn inode_range(ino: u64) -> (Vec<u8>, Vec<u8>) {
+    (key(ino, 0, &[]), key(ino + 1, 0, &[]))
+}
+
+/// File types, as stored (the S_IFMT bits of the mode).
+pub fn file_type(mode: u32) -> u32 {
+    mode & libc::S_IFMT
+}
+
+/// A timestamp: seconds and nanoseconds since the epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Time {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Time {
+    pub fn now() -> Time {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Time {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+/// An inode. Value layout (little endian, 104 bytes):
+/// | 0 mode u32 | 4 uid u32 | 8 gid u32 | 12 nlink u32 | 16 size u64 |
+/// | 24 atime (i64 s, u32 ns) | 36 mtime | 48 ctime | 60 crtime |
+/// | 72 rdev u32 | 76 flags u32 | 80 next_cookie u64 | 88 blocks u64 |
+/// | 96 parent u64 (directories; 0 otherwise) |
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub crtime: Time,
+    pub rdev: u32,
+    pub flags: u32,
+    /// Directories: the next readdir cookie to hand out (cookies 0..2 are
+    /// "." and "..", so it starts at 3).
+    pub next_cookie: u64,
+    /// 4 KiB blocks of data held.
+    pub blocks: u64,
+    /// Directories: the directory that holds this one (for ".." and for
+    /// refusing to move a directory into itself).
+    pub parent: u64,
+}
+
+pub const INODE_LEN: usize = 104;
+
+impl Inode {
+    pub fn new(mode: u32, uid: u32, gid: u32, rdev: u32) -> Inode {
+        let now = Time::now();
+        Inode {
+            mode,
+            uid,
+            gid,
+            nlink: 1,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev,
+            flags: 0,
+            next_cookie: 3,
+            blocks: 0,
+            parent: 0,
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        file_type(self.mode) == libc::S_IFDIR
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(INODE_LEN);
+        for v in [self.mode, self.uid, self.gid, self.nlink] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&self.size.to_le_bytes());
+        for t in [self.atime, self.mtime, self.ctime, self.crtime] {
+            b.extend_from_slice(&t.sec.to_le_bytes());
+            b.extend_from_slice(&t.nsec.to_le_bytes());
+        }
+        b.extend_from_slice(&self.rdev.to_le_bytes());
+        b.extend_from_slice(&self.flags.to_le_bytes());
+        b.extend_from_slice(&self.next_cookie.to_le_bytes());
+        b.extend_from_slice(&self.blocks.to_le_bytes());
+        b.extend_from_slice(&self.parent.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8], ino: u64) -> Result<Inode> {
+        if b.len() != INODE_LEN {
+            return Err(Error::Corrupted(format!(
+                "inode {ino} has {} bytes, want {INODE_LEN}",
+                b.len()
+            )));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let t_at = |o: usize| Time {
+            sec: u64_at(o) as i64,
+            nsec: u32_at(o + 8),
+        };
+        let i = Inode {
+            mode: u32_at(0),
+            uid: u32_at(4),
+            gid: u32_at(8),
+            nlink: u32_at(12),
+            size: u64_at(16),
+            atime: t_at(24),
+            mtime: t_at(36),
+            ctime: t_at(48),
+            crtime: t_at(60),
+            rdev: u32_at(72),
+            flags: u32_at(76),
+            next_cookie: u64_at(80),
+            blocks: u64_at(88),
+            parent: u64_at(96),
+        };
+        let ok_type = matches!(
+            file_type(i.mode),
+            libc::S_IFREG
+                | libc::S_IFDIR
+                | libc::S_IFLNK
+                | libc::S_IFIFO
+                | libc::S_IFSOCK
+                | libc::S_IFCHR
+                | libc::S_IFBLK
+        );
+        if !ok_type
+            || i.atime.nsec >= 1_000_000_000
+            || i.mtime.nsec >= 1_000_000_000
+            || i.ctime.nsec >= 1_000_000_000
+        {
+            return Err(Error::Corrupted(format!(
+                "inode {ino} has an invalid mode or timestamp"
+            )));
+        }
+        Ok(i)
+    }
+}
+
+/// A directory entry's value: | 0 ino u64 | 8 cookie u64 | 16 mode u32 (type bits) |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dirent {
+    pub ino: u64,
+    pub cookie: u64,
+    pub mode: u32,
+}
+
+impl Dirent {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(20);
+        b.extend_from_slice(&self.ino.to_le_bytes());
+        b.extend_from_slice(&self.cookie.to_le_bytes());
+        b.extend_from_slice(&self.mode.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Dirent> {
+        if b.len() != 20 {
+            return Err(Error::Corrupted(
+                "a directory entry has the wrong size".into(),
+            ));
+        }
+        Ok(Dirent {
+            ino: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            cookie: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            mode: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+/// The superblock, logical block 0.
+/// | 0 magic [8] | 8 version u32 | 12 reserved u32 | 16 tree root u64 | 24 next ino u64 |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub root: u64,
+    pub next_ino: u64,
+}
+
+impl Superblock {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        b[..8].copy_from_slice(&FS_MAGIC);
+        b[8..12].copy_from_slice(&FS_VERSION.to_le_bytes());
+        b[16..24].copy_from_slice(&self.root.to_le_bytes());
+        b[24..32].copy_from_slice(&self.next_ino.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Superblock> {
+        if b.len() < 32 || b[..8] != FS_MAGIC {
+            return Err(Error::Corrupted(
+                "the volume holds no lsvfs file system (no superblock in block 0)".into(),
+            ));
+        }
+        let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+        if version != FS_VERSION {
+            return Err(Error::UnsupportedVersion {
+                want: FS_VERSION,
+                have: version,
+            });
+        }
+        Ok(Superblock {
+            root: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
+            next_ino: u64::from_le_bytes(b[24..32].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_and_dirent_round_trip_and_reject_garbage() {
+        let i = Inode::new(libc::S_IFDIR | 0o755, 1, 2, 0);
+        assert_eq!(Inode::decode(&i.encode(), 5).unwrap(), i);
+        assert!(
+            Inode::decode(&[0u8; INODE_LEN], 5).is_err(),
+            "mode 0 is no file type"
+        );
+        assert!(Inode::decode(&[0u8; 10], 5).is_err());
+        let d = Dirent {
+            ino: 9,
+            cookie: 4,
+            mode: libc::S_IFREG,
+        };
+        assert_eq!(Dirent::decode(&d.encode()).unwrap(), d);
+        let s = Superblock {
+            root: 7,
+            next_ino: 12,
+        };
+        assert_eq!(Superblock::decode(&s.encode()).unwrap(), s);
+        assert!(Superblock::decode(&[0u8; BLOCK_SIZE]).is_err());
+    }
+
+    #[test]
+    fn keys_sort_by_inode_then_kind() {
+        assert!(key(1, kind::INODE, &[]) < key(1, kind::DIRENT, b"a"));
+        assert!(key(1, kind::DIRENT, b"zzz") < key(2, kind::INODE, &[]));
+        assert!(key(255, kind::INODE, &[]) < key(256, kind::INODE, &[]));
+        let (s, e) = kind_range(3, kind::DIRENT);
+        assert!(s <= key(3, kind::DIRENT, b"x") && key(3, kind::DIRENT, b"x") < e);
+    }
+}
