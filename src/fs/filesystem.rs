@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::btree::{BTree, Node};
+use super::btree::{BTree, Node, NodeStore};
 use super::format::{
     file_type, inode_range, key, kind, kind_range, Dirent, Inode, Superblock, Time, NAME_MAX,
     ROOT_INO, SYMLINK_MAX,
@@ -46,35 +46,45 @@ pub struct Fs {
     meta: Mutex<Meta>,
 }
 
-/// One operation in progress: reads see its own changes; `finish` commits.
-struct Op<'a> {
-    store: VolumeStore<'a>,
-    tree: &'a mut BTree,
+/// One operation in progress: reads see its own changes; `Fs::op` commits.
+pub(super) struct Op<'a> {
+    pub(super) store: VolumeStore<'a>,
+    pub(super) tree: &'a mut BTree,
     sb: &'a mut Superblock,
     sb_changed: bool,
 }
 
 impl Op<'_> {
-    fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+    pub(super) fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>> {
         self.tree.get(&mut self.store, k)
     }
 
-    fn put(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
+    pub(super) fn put(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
         self.tree.insert(&mut self.store, k, v).map(|_| ())
     }
 
-    fn del(&mut self, k: &[u8]) -> Result<()> {
+    pub(super) fn del(&mut self, k: &[u8]) -> Result<()> {
         self.tree.remove(&mut self.store, k).map(|_| ())
     }
 
-    fn inode(&mut self, ino: u64) -> Result<Inode> {
+    /// A logical block for file data, near `hint`.
+    pub(super) fn alloc_data(&mut self, hint: u64) -> Result<u64> {
+        self.store.alloc_data(hint)
+    }
+
+    /// Frees a data block: trimmed in this operation's transaction.
+    pub(super) fn free_data(&mut self, lba: u64) {
+        self.store.free(lba);
+    }
+
+    pub(super) fn inode(&mut self, ino: u64) -> Result<Inode> {
         match self.get(&key(ino, kind::INODE, &[]))? {
             Some(v) => Inode::decode(&v, ino),
             None => Err(FsError::NotFound.at(format!("inode {ino}"))),
         }
     }
 
-    fn put_inode(&mut self, ino: u64, i: &Inode) -> Result<()> {
+    pub(super) fn put_inode(&mut self, ino: u64, i: &Inode) -> Result<()> {
         self.put(&key(ino, kind::INODE, &[]), &i.encode())
     }
 
@@ -135,7 +145,7 @@ impl Op<'_> {
         }
     }
 
-    /// Removes every item of an inode.
+    /// Removes every item of an inode, freeing its data blocks.
     fn purge(&mut self, ino: u64) -> Result<()> {
         let (s, e) = inode_range(ino);
         loop {
@@ -143,7 +153,15 @@ impl Op<'_> {
             if batch.is_empty() {
                 return Ok(());
             }
-            for (k, _) in batch {
+            for (k, v) in batch {
+                if k.get(8) == Some(&kind::CHUNK) {
+                    for b in v.chunks_exact(8) {
+                        let lba = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                        if lba != 0 {
+                            self.free_data(lba);
+                        }
+                    }
+                }
                 self.del(&k)?;
             }
         }
@@ -224,7 +242,10 @@ impl Fs {
 
     /// Runs `f` as one operation: its tree changes, plus whatever it adds to
     /// the transaction, commit atomically; on any error nothing changes.
-    fn op<T>(&self, f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>) -> Result<T> {
+    pub(super) fn op<T>(
+        &self,
+        f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
+    ) -> Result<T> {
         let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
         let (old_root, old_sb) = (guard.tree.root, guard.sb);
         let result = {
@@ -263,19 +284,25 @@ impl Fs {
     }
 
     /// Reads without changing anything.
-    fn read<T>(&self, f: impl FnOnce(&mut Op) -> Result<T>) -> Result<T> {
+    pub(super) fn read_op<T>(&self, f: impl FnOnce(&mut Op) -> Result<T>) -> Result<T> {
         self.op(|op, _| f(op))
     }
 
+    /// Free logical blocks and inode numbers handed out so far.
+    pub(super) fn meta_stats(&self) -> Result<(u64, u64)> {
+        let m = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        Ok((m.alloc.free_blocks(), m.sb.next_ino - 1))
+    }
+
     pub fn getattr(&self, ino: u64) -> Result<Inode> {
-        self.read(|op| op.inode(ino))
+        self.read_op(|op| op.inode(ino))
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, Inode)> {
         if name.len() > NAME_MAX {
             return Err(FsError::NameTooLong.at(format!("a name of {} bytes", name.len())));
         }
-        self.read(|op| {
+        self.read_op(|op| {
             let d = op.dir(parent)?;
             let ino = match name {
                 b"." => parent,
@@ -371,7 +398,7 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        self.read(|op| {
+        self.read_op(|op| {
             if file_type(op.inode(ino)?.mode) != libc::S_IFLNK {
                 return Err(FsError::Invalid.at(format!("inode {ino} is not a symlink")));
             }
@@ -622,7 +649,7 @@ impl Fs {
     /// Up to `limit` entries of directory `ino` after `cookie` (0 to start),
     /// "." (cookie 1) and ".." (cookie 2) first.
     pub fn readdir(&self, ino: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
-        self.read(|op| {
+        self.read_op(|op| {
             let d = op.dir(ino)?;
             let mut out = Vec::new();
             if cookie < 1 && out.len() < limit {

@@ -25,9 +25,15 @@ pub mod kind {
     pub const COOKIE: u8 = 3;
     /// An extended attribute. Key: ino, kind, name. Value: the attribute's bytes.
     pub const XATTR: u8 = 4;
+    /// Where 128 consecutive file blocks live. Key: ino, kind, chunk
+    /// index (BE u64). Value: 128 block addresses (LE u64, 0 = hole).
+    pub const CHUNK: u8 = 5;
     /// A piece of a symlink target. Key: ino, kind, piece (u8). Value: bytes.
     pub const SYMLINK: u8 = 6;
 }
+
+/// File blocks per chunk item.
+pub const CHUNK_BLOCKS: u64 = 128;
 
 pub fn key(ino: u64, kind: u8, suffix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + suffix.len());

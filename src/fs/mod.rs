@@ -7,7 +7,12 @@
 //! single volume transaction, so every operation is atomic across crashes.
 
 pub mod btree;
+mod data;
 mod filesystem;
 pub mod format;
 pub mod store;
+pub use data::{
+    FsStats, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, MAX_FILE_SIZE, XATTR_CREATE,
+    XATTR_REPLACE,
+};
 pub use filesystem::{DirEntry, Fs, LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};

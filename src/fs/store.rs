@@ -155,6 +155,17 @@ impl Drop for VolumeStore<'_> {
     }
 }
 
+impl VolumeStore<'_> {
+    /// A block near `hint`, given back if the operation does not commit.
+    pub fn alloc_data(&mut self, hint: u64) -> Result<u64> {
+        let lba = self.alloc.alloc(hint).ok_or_else(|| {
+            Error::NoSpace("the file system has no free block; delete files".into())
+        })?;
+        self.allocated.push(lba);
+        Ok(lba)
+    }
+}
+
 impl NodeStore for VolumeStore<'_> {
     fn read(&mut self, lba: u64) -> Result<Node> {
         if self.freed.contains(&lba) {

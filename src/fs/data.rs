@@ -1,0 +1,399 @@
+//! File data and attributes: read, write, truncate, fallocate, setattr,
+//! xattrs, statfs. Each call is one volume transaction.
+//!
+//! A file's blocks are named by chunk items of 128 block addresses. An
+//! overwrite of a block that exists writes the same logical block again,
+//! which changes no metadata (the volume underneath is log-structured and
+//! the transaction atomic); only holes get new blocks.
+
+use super::filesystem::{Fs, Op};
+use super::format::{file_type, key, kind, kind_range, Inode, Time, CHUNK_BLOCKS};
+use crate::{Error, FsError, Result, BLOCK_SIZE};
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// Largest file size: 2^44 bytes (16 TiB).
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+
+/// `fallocate` modes (as in fallocate(2)).
+pub const FALLOC_KEEP_SIZE: u32 = 0x01;
+pub const FALLOC_PUNCH_HOLE: u32 = 0x02;
+
+/// Attribute changes for [`Fs::setattr`]; None leaves a field alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Time>,
+    pub mtime: Option<Time>,
+}
+
+/// Numbers for statfs(2).
+#[derive(Clone, Copy, Debug)]
+pub struct FsStats {
+    pub blocks: u64,
+    pub free_blocks: u64,
+    pub files: u64,
+}
+
+/// `setxattr` flags.
+pub const XATTR_CREATE: u32 = 1;
+pub const XATTR_REPLACE: u32 = 2;
+
+impl Op<'_> {
+    fn chunk(&mut self, ino: u64, index: u64) -> Result<Vec<u64>> {
+        match self.get(&key(ino, kind::CHUNK, &index.to_be_bytes()))? {
+            Some(v) if v.len() == CHUNK_BLOCKS as usize * 8 => Ok(v
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect()),
+            Some(_) => Err(Error::Corrupted(format!(
+                "inode {ino}: chunk {index} has the wrong size"
+            ))),
+            None => Ok(vec![0; CHUNK_BLOCKS as usize]),
+        }
+    }
+
+    fn put_chunk(&mut self, ino: u64, index: u64, c: &[u64]) -> Result<()> {
+        let k = key(ino, kind::CHUNK, &index.to_be_bytes());
+        if c.iter().all(|b| *b == 0) {
+            return self.del(&k);
+        }
+        let v: Vec<u8> = c.iter().flat_map(|b| b.to_le_bytes()).collect();
+        self.put(&k, &v)
+    }
+
+    /// The block address of file block `fb`, 0 for a hole.
+    fn block_of(&mut self, ino: u64, fb: u64) -> Result<u64> {
+        Ok(self.chunk(ino, fb / CHUNK_BLOCKS)?[(fb % CHUNK_BLOCKS) as usize])
+    }
+
+    /// Frees file blocks `from..` (to the end of the file's chunks).
+    fn free_blocks_from(&mut self, ino: u64, i: &mut Inode, from: u64) -> Result<()> {
+        let (_, end) = kind_range(ino, kind::CHUNK);
+        let first_chunk = from / CHUNK_BLOCKS;
+        let start = key(ino, kind::CHUNK, &first_chunk.to_be_bytes());
+        for (k, _) in self.tree.range(&mut self.store, &start, &end, usize::MAX)? {
+            let index = u64::from_be_bytes(
+                k[9..17]
+                    .try_into()
+                    .map_err(|_| Error::Corrupted(format!("inode {ino}: a chunk key")))?,
+            );
+            let mut c = self.chunk(ino, index)?;
+            for (j, b) in c.iter_mut().enumerate() {
+                if index * CHUNK_BLOCKS + j as u64 >= from && *b != 0 {
+                    self.free_data(*b);
+                    *b = 0;
+                    i.blocks = i.blocks.saturating_sub(1);
+                }
+            }
+            self.put_chunk(ino, index, &c)?;
+        }
+        Ok(())
+    }
+}
+
+impl Fs {
+    pub fn read_data(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<u8>> {
+        let (blocks, len) = self.read_op(|op| {
+            let i = op.inode(ino)?;
+            if i.is_dir() {
+                return Err(FsError::IsDir.at(format!("inode {ino}")));
+            }
+            if offset >= i.size {
+                return Ok((Vec::new(), 0));
+            }
+            let len = (size as u64).min(i.size - offset);
+            let first = offset / BS;
+            let last = (offset + len - 1) / BS;
+            let mut blocks = Vec::with_capacity((last - first + 1) as usize);
+            for fb in first..=last {
+                blocks.push(op.block_of(ino, fb)?);
+            }
+            Ok((blocks, len))
+        })?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        // Data blocks are read outside the metadata lock, in runs.
+        let mut buf = vec![0u8; blocks.len() * BLOCK_SIZE];
+        let mut j = 0;
+        while j < blocks.len() {
+            if blocks[j] == 0 {
+                j += 1;
+                continue;
+            }
+            let mut k = j + 1;
+            while k < blocks.len() && blocks[k] == blocks[k - 1] + 1 {
+                k += 1;
+            }
+            self.volume()
+                .read(blocks[j], &mut buf[j * BLOCK_SIZE..k * BLOCK_SIZE])?;
+            j = k;
+        }
+        let skip = (offset % BS) as usize;
+        Ok(buf[skip..skip + len as usize].to_vec())
+    }
+
+    /// Writes `data` at `offset`. With `kill_suid`, clears the setuid bit
+    /// (and setgid if group-executable), as a write by an unprivileged user must.
+    pub fn write_data(&self, ino: u64, offset: u64, data: &[u8], kill_suid: bool) -> Result<u64> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE);
+        let Some(end) = end else {
+            return Err(FsError::TooBig.at(format!("a write past {MAX_FILE_SIZE} bytes")));
+        };
+        self.op(|op, txn| {
+            let mut i = op.inode(ino)?;
+            if file_type(i.mode) != libc::S_IFREG {
+                return Err(
+                    FsError::Invalid.at(format!("writing to inode {ino}, not a regular file"))
+                );
+            }
+            let first = offset / BS;
+            let last = (end - 1) / BS;
+            let mut chunk_index = u64::MAX;
+            let mut chunk = Vec::new();
+            let mut hint = 0;
+            for fb in first..=last {
+                if fb / CHUNK_BLOCKS != chunk_index {
+                    if chunk_index != u64::MAX {
+                        op.put_chunk(ino, chunk_index, &chunk)?;
+                    }
+                    chunk_index = fb / CHUNK_BLOCKS;
+                    chunk = op.chunk(ino, chunk_index)?;
+                }
+                let slot = (fb % CHUNK_BLOCKS) as usize;
+                let lo = (fb * BS).max(offset);
+                let hi = ((fb + 1) * BS).min(end);
+                let mut block = vec![0u8; BLOCK_SIZE];
+                let existing = chunk[slot];
+                if hi - lo < BS && existing != 0 {
+                    self.volume().read(existing, &mut block)?;
+                }
+                block[(lo - fb * BS) as usize..(hi - fb * BS) as usize]
+                    .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
+                let lba = if existing != 0 {
+                    existing
+                } else {
+                    let b = op.alloc_data(hint)?;
+                    chunk[slot] = b;
+                    i.blocks += 1;
+                    b
+                };
+                hint = lba + 1;
+                txn.write(lba, block);
+            }
+            op.put_chunk(ino, chunk_index, &chunk)?;
+            let now = Time::now();
+            i.size = i.size.max(end);
+            i.mtime = now;
+            i.ctime = now;
+            if kill_suid {
+                i.mode &= !libc::S_ISUID;
+                if i.mode & libc::S_IXGRP != 0 {
+                    i.mode &= !libc::S_ISGID;
+                }
+            }
+            op.put_inode(ino, &i)?;
+            Ok(data.len() as u64)
+        })
+    }
+
+    /// Changes attributes; a size change truncates or extends (sparsely).
+    pub fn setattr(&self, ino: u64, a: SetAttr) -> Result<Inode> {
+        if a.size.is_some_and(|s| s > MAX_FILE_SIZE) {
+            return Err(FsError::TooBig.at(format!("a size past {MAX_FILE_SIZE} bytes")));
+        }
+        self.op(|op, txn| {
+            let mut i = op.inode(ino)?;
+            let now = Time::now();
+            if let Some(m) = a.mode {
+                i.mode = file_type(i.mode) | (m & 0o7777);
+            }
+            if let Some(u) = a.uid {
+                i.uid = u;
+            }
+            if let Some(g) = a.gid {
+                i.gid = g;
+            }
+            if let Some(t) = a.atime {
+                i.atime = t;
+            }
+            if let Some(t) = a.mtime {
+                i.mtime = t;
+            }
+            if let Some(size) = a.size {
+                if i.is_dir() {
+                    return Err(FsError::IsDir.at(format!("truncating inode {ino}")));
+                }
+                if size < i.size {
+                    let keep = size.div_ceil(BS);
+                    op.free_blocks_from(ino, &mut i, keep)?;
+                    // Zero the tail of the last kept block, so that growing
+                    // the file again shows zeros there.
+                    if size % BS != 0 {
+                        let lba = op.block_of(ino, size / BS)?;
+                        if lba != 0 {
+                            let mut b = vec![0u8; BLOCK_SIZE];
+                            self.volume().read(lba, &mut b)?;
+                            b[(size % BS) as usize..].fill(0);
+                            txn.write(lba, b);
+                        }
+                    }
+                }
+                if a.mtime.is_none() {
+                    i.mtime = now;
+                }
+                i.size = size;
+            }
+            i.ctime = now;
+            op.put_inode(ino, &i)?;
+            Ok(i)
+        })
+    }
+
+    /// fallocate(2): mode 0 allocates (and extends), KEEP_SIZE allocates
+    /// only, PUNCH_HOLE|KEEP_SIZE frees the range (partial blocks zeroed).
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: u32) -> Result<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= MAX_FILE_SIZE && len > 0);
+        let Some(end) = end else {
+            return Err(FsError::Invalid.at(format!("fallocate range {offset}+{len}")));
+        };
+        let punch = mode & FALLOC_PUNCH_HOLE != 0;
+        if mode & !(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE) != 0
+            || (punch && mode & FALLOC_KEEP_SIZE == 0)
+        {
+            return Err(Error::Fs {
+                kind: FsError::Invalid,
+                what: format!("fallocate mode {mode:#x} is not supported"),
+            });
+        }
+        self.op(|op, txn| {
+            let mut i = op.inode(ino)?;
+            if file_type(i.mode) != libc::S_IFREG {
+                return Err(FsError::Invalid.at(format!("fallocate on inode {ino}")));
+            }
+            let mut hint = 0;
+            for fb in offset / BS..end.div_ceil(BS) {
+                let index = fb / CHUNK_BLOCKS;
+                let mut c = op.chunk(ino, index)?;
+                let slot = (fb % CHUNK_BLOCKS) as usize;
+                let lo = (fb * BS).max(offset);
+                let hi = ((fb + 1) * BS).min(end);
+                if punch {
+                    if c[slot] == 0 {
+                        continue;
+                    }
+                    if hi - lo == BS {
+                        op.free_data(c[slot]);
+                        c[slot] = 0;
+                        i.blocks -= 1;
+                        op.put_chunk(ino, index, &c)?;
+                    } else {
+                        let mut b = vec![0u8; BLOCK_SIZE];
+                        self.volume().read(c[slot], &mut b)?;
+                        b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
+                        txn.write(c[slot], b);
+                    }
+                } else if c[slot] == 0 {
+                    let b = op.alloc_data(hint)?;
+                    hint = b + 1;
+                    c[slot] = b;
+                    i.blocks += 1;
+                    txn.write(b, vec![0u8; BLOCK_SIZE]);
+                    op.put_chunk(ino, index, &c)?;
+                }
+            }
+            if !punch && mode & FALLOC_KEEP_SIZE == 0 {
+                i.size = i.size.max(end);
+            }
+            i.ctime = Time::now();
+            op.put_inode(ino, &i)
+        })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(FsError::Invalid.at("an xattr name must have 1 to 255 bytes"));
+        }
+        if value.len() > super::btree::MAX_VALUE {
+            return Err(FsError::TooBig.at(format!("an xattr value of {} bytes", value.len())));
+        }
+        self.op(|op, _| {
+            let mut i = op.inode(ino)?;
+            let k = key(ino, kind::XATTR, name);
+            let exists = op.get(&k)?.is_some();
+            if flags & XATTR_CREATE != 0 && exists {
+                return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
+            }
+            if flags & XATTR_REPLACE != 0 && !exists {
+                return Err(FsError::NoAttr.at(String::from_utf8_lossy(name)));
+            }
+            op.put(&k, value)?;
+            i.ctime = Time::now();
+            op.put_inode(ino, &i)
+        })
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        self.read_op(|op| {
+            op.inode(ino)?;
+            op.get(&key(ino, kind::XATTR, name))?
+                .ok_or_else(|| FsError::NoAttr.at(String::from_utf8_lossy(name)))
+        })
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
+        self.read_op(|op| {
+            op.inode(ino)?;
+            let (s, e) = kind_range(ino, kind::XATTR);
+            Ok(op
+                .tree
+                .range(&mut op.store, &s, &e, usize::MAX)?
+                .into_iter()
+                .map(|(k, _)| k[9..].to_vec())
+                .collect())
+        })
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.op(|op, _| {
+            let mut i = op.inode(ino)?;
+            let k = key(ino, kind::XATTR, name);
+            if op.get(&k)?.is_none() {
+                return Err(FsError::NoAttr.at(String::from_utf8_lossy(name)));
+            }
+            op.del(&k)?;
+            i.ctime = Time::now();
+            op.put_inode(ino, &i)
+        })
+    }
+
+    pub fn statfs(&self) -> Result<FsStats> {
+        let (free, files) = self.meta_stats()?;
+        Ok(FsStats {
+            blocks: self.volume().logical_blocks(),
+            free_blocks: free,
+            files,
+        })
+    }
+}
+
+/// Adds `SetAttr` conveniences for tests and callers.
+impl SetAttr {
+    pub fn size(size: u64) -> SetAttr {
+        SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! File data and attributes through the file-system API: contents match a
+//! model under random writes, truncates and hole punches across kills;
+//! space comes back on unlink; xattrs and setattr behave as POSIX says.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{mem_volume, open, Rng};
+use lsvfs::device::MemDevice;
+use lsvfs::fs::format::Time;
+use lsvfs::fs::{Fs, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, XATTR_CREATE, XATTR_REPLACE};
+
+const ROOT: u64 = 1;
+const REG: u32 = libc::S_IFREG | 0o644;
+
+fn new_fs(logical: u64) -> (Arc<MemDevice>, Fs) {
+    let dev = mem_volume(logical, 256);
+    let v = open(dev.clone());
+    Fs::format(&v, 0, 0).unwrap();
+    (dev, Fs::mount(v).unwrap())
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng(seed | 1);
+    (0..len).map(|_| r.next() as u8).collect()
+}
+
+#[test]
+fn random_io_matches_a_model_across_kills() {
+    let (mut dev, mut fs) = new_fs(65536);
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    let mut model: Vec<u8> = Vec::new();
+    let mut rng = Rng(5);
+    const SPAN: u64 = 3 << 20;
+    for step in 0..600 {
+        match rng.below(10) {
+            0..=5 => {
+                let off = rng.below(SPAN);
+                let len = (rng.below(3) * 4096 + rng.below(9000)) as usize + 1;
+                let data = pattern(step, len);
+                fs.write_data(ino, off, &data, false).unwrap();
+                let end = off as usize + len;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[off as usize..end].copy_from_slice(&data);
+            }
+            6 => {
+                let size = rng.below(SPAN);
+                fs.setattr(ino, SetAttr::size(size)).unwrap();
+                model.resize(size as usize, 0);
+            }
+            7 => {
+                let off = rng.below(SPAN);
+                let len = rng.below(200_000) + 1;
+                fs.fallocate(ino, off, len, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE)
+                    .unwrap();
+                let end = ((off + len) as usize).min(model.len());
+                if (off as usize) < end {
+                    model[off as usize..end].fill(0);
+                }
+            }
+            _ => {
+                let off = rng.below(SPAN);
+                let len = rng.below(100_000) as usize + 1;
+                let got = fs.read_data(ino, off, len).unwrap();
+                let want = model
+                    .get(off as usize..(off as usize + len).min(model.len()))
+                    .unwrap_or(&[]);
+                assert!(got == want, "step {step}: read {off}+{len} differs");
+            }
+        }
+        if step % 100 == 99 {
+            let img = dev.image();
+            drop(fs);
+            dev = Arc::new(MemDevice::from_image(img));
+            fs = Fs::mount(open(dev.clone())).unwrap();
+            assert_eq!(fs.getattr(ino).unwrap().size, model.len() as u64);
+            let got = fs.read_data(ino, 0, model.len()).unwrap();
+            assert!(got == model, "after the kill at step {step}");
+        }
+    }
+}
+
+#[test]
+fn sparse_large_files_and_fallocate() {
+    let (_dev, fs) = new_fs(1 << 24);
+    let (ino, _) = fs.mknod(ROOT, b"big", REG, 0, 0, 0).unwrap();
+    let at = 5u64 << 30; // past 4 GiB
+    fs.write_data(ino, at, b"far away", false).unwrap();
+    let i = fs.getattr(ino).unwrap();
+    assert_eq!((i.size, i.blocks), (at + 8, 1));
+    assert_eq!(fs.read_data(ino, at - 4, 12).unwrap(), b"\0\0\0\0far away");
+    assert!(fs
+        .read_data(ino, 1 << 30, 8192)
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0));
+    // fallocate: mode 0 extends, KEEP_SIZE does not.
+    let (f, _) = fs.mknod(ROOT, b"pre", REG, 0, 0, 0).unwrap();
+    fs.fallocate(f, 0, 10 * 4096, 0).unwrap();
+    assert_eq!(
+        (fs.getattr(f).unwrap().size, fs.getattr(f).unwrap().blocks),
+        (40960, 10)
+    );
+    fs.fallocate(f, 40960, 4096, FALLOC_KEEP_SIZE).unwrap();
+    assert_eq!(
+        (fs.getattr(f).unwrap().size, fs.getattr(f).unwrap().blocks),
+        (40960, 11)
+    );
+    fs.fallocate(f, 4096, 8192, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(fs.getattr(f).unwrap().blocks, 9);
+    assert_eq!(
+        fs.fallocate(f, 0, 10, FALLOC_PUNCH_HOLE)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(fs.fallocate(f, 0, 0, 0).unwrap_err().errno(), libc::EINVAL);
+}
+
+#[test]
+fn unlink_and_truncate_give_space_back() {
+    let (_dev, fs) = new_fs(65536);
+    let before = fs.statfs().unwrap().free_blocks;
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    fs.write_data(ino, 0, &pattern(1, 1 << 20), false).unwrap();
+    assert!(fs.statfs().unwrap().free_blocks <= before - 256);
+    fs.setattr(ino, SetAttr::size(4096)).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().blocks, 1);
+    // Truncating inside a block zeroes its tail: growing again shows zeros.
+    fs.setattr(ino, SetAttr::size(100)).unwrap();
+    fs.setattr(ino, SetAttr::size(4096)).unwrap();
+    let b = fs.read_data(ino, 0, 4096).unwrap();
+    assert_eq!(&b[..100], &pattern(1, 100)[..]);
+    assert!(b[100..].iter().all(|x| *x == 0));
+    fs.unlink(ROOT, b"f").unwrap();
+    assert_eq!(fs.statfs().unwrap().free_blocks, before);
+    let used: u64 = fs
+        .volume()
+        .allocated_runs()
+        .unwrap()
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        used < 8,
+        "{used} blocks still mapped after deleting the only file"
+    );
+}
+
+#[test]
+fn xattrs_and_attributes() {
+    let (_dev, fs) = new_fs(65536);
+    let (ino, i) = fs
+        .mknod(
+            ROOT,
+            b"f",
+            libc::S_IFREG | libc::S_ISUID | libc::S_ISGID | 0o775,
+            5,
+            6,
+            0,
+        )
+        .unwrap();
+    assert_eq!(i.mode & 0o7777, libc::S_ISUID | libc::S_ISGID | 0o775);
+    fs.setxattr(ino, b"user.a", b"1", 0).unwrap();
+    fs.setxattr(
+        ino,
+        b"system.posix_acl_access",
+        &[2, 0, 0, 0, 1, 0, 6, 0],
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        fs.setxattr(ino, b"user.a", b"2", XATTR_CREATE)
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        fs.setxattr(ino, b"user.b", b"2", XATTR_REPLACE)
+            .unwrap_err()
+            .errno(),
+        libc::ENODATA
+    );
+    fs.setxattr(ino, b"user.a", b"22", XATTR_REPLACE).unwrap();
+    assert_eq!(fs.getxattr(ino, b"user.a").unwrap(), b"22");
+    assert_eq!(
+        fs.listxattr(ino).unwrap(),
+        vec![b"system.posix_acl_access".to_vec(), b"user.a".to_vec()]
+    );
+    assert_eq!(
+        fs.setxattr(ino, b"user.big", &vec![0; 5000], 0)
+            .unwrap_err()
+            .errno(),
+        libc::E2BIG
+    );
+    fs.removexattr(ino, b"user.a").unwrap();
+    assert_eq!(
+        fs.getxattr(ino, b"user.a").unwrap_err().errno(),
+        libc::ENODATA
+    );
+    assert_eq!(
+        fs.removexattr(ino, b"user.a").unwrap_err().errno(),
+        libc::ENODATA
+    );
+
+    // A write by an unprivileged user clears setuid, and setgid when group-executable.
+    fs.write_data(ino, 0, b"x", true).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().mode & 0o7777, 0o775);
+    // chmod keeps the file type; chown and nanosecond times.
+    let t = Time {
+        sec: 1_700_000_000,
+        nsec: 123_456_789,
+    };
+    let a = fs
+        .setattr(
+            ino,
+            SetAttr {
+                mode: Some(0o600),
+                uid: Some(7),
+                gid: Some(8),
+                atime: Some(t),
+                mtime: Some(t),
+                size: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        (a.mode, a.uid, a.gid, a.mtime, a.atime),
+        (libc::S_IFREG | 0o600, 7, 8, t, t)
+    );
+    let d = fs
+        .mknod(ROOT, b"d", libc::S_IFDIR | 0o755, 0, 0, 0)
+        .unwrap()
+        .0;
+    assert_eq!(
+        fs.setattr(d, SetAttr::size(0)).unwrap_err().errno(),
+        libc::EISDIR
+    );
+    assert_eq!(fs.read_data(d, 0, 10).unwrap_err().errno(), libc::EISDIR);
+}
