@@ -242,3 +242,34 @@ fn xattrs_and_attributes() {
     );
     assert_eq!(fs.read_data(d, 0, 10).unwrap_err().errno(), libc::EISDIR);
 }
+
+#[test]
+fn unlinked_open_files_live_until_closed_or_remounted() {
+    let (dev, fs) = new_fs(65536);
+    let before = fs.statfs().unwrap().free_blocks;
+    let (ino, _) = fs.mknod(ROOT, b"tmp", REG, 0, 0, 0).unwrap();
+    fs.write_data(ino, 0, &pattern(3, 100_000), false).unwrap();
+    fs.open(ino);
+    fs.unlink(ROOT, b"tmp").unwrap();
+    assert_eq!(fs.lookup(ROOT, b"tmp").unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(
+        fs.read_data(ino, 0, 100_000).unwrap(),
+        pattern(3, 100_000),
+        "still readable while open"
+    );
+    fs.write_data(ino, 100_000, b"more", false).unwrap();
+    fs.release(ino).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(fs.statfs().unwrap().free_blocks, before);
+
+    // Killed while an unlinked file is open: the next mount reclaims it.
+    let (ino, _) = fs.mknod(ROOT, b"tmp2", REG, 0, 0, 0).unwrap();
+    fs.write_data(ino, 0, &pattern(4, 50_000), false).unwrap();
+    fs.open(ino);
+    fs.unlink(ROOT, b"tmp2").unwrap();
+    let img = dev.image();
+    drop(fs);
+    let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img)))).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(fs.statfs().unwrap().free_blocks, before);
+}

@@ -44,6 +44,9 @@ struct Meta {
 pub struct Fs {
     volume: Volume,
     meta: Mutex<Meta>,
+    /// Open handles per inode: an inode that loses its last name while
+    /// open lives on (as an orphan) until its last close.
+    open: Mutex<HashMap<u64, u32>>,
 }
 
 /// One operation in progress: reads see its own changes; `Fs::op` commits.
@@ -52,6 +55,7 @@ pub(super) struct Op<'a> {
     pub(super) tree: &'a mut BTree,
     sb: &'a mut Superblock,
     sb_changed: bool,
+    open: &'a HashMap<u64, u32>,
 }
 
 impl Op<'_> {
@@ -137,7 +141,11 @@ impl Op<'_> {
     fn unlink_inode(&mut self, ino: u64, now: Time) -> Result<()> {
         let mut i = self.inode(ino)?;
         i.nlink = i.nlink.saturating_sub(if i.is_dir() { 2 } else { 1 });
-        if i.nlink == 0 {
+        if i.nlink == 0 && self.open.get(&ino).is_some_and(|n| *n > 0) {
+            i.ctime = now;
+            self.put_inode(ino, &i)?;
+            self.put(&key(0, kind::ORPHAN, &ino.to_be_bytes()), &[])
+        } else if i.nlink == 0 {
             self.purge(ino)
         } else {
             i.ctime = now;
@@ -146,7 +154,7 @@ impl Op<'_> {
     }
 
     /// Removes every item of an inode, freeing its data blocks.
-    fn purge(&mut self, ino: u64) -> Result<()> {
+    pub(super) fn purge(&mut self, ino: u64) -> Result<()> {
         let (s, e) = inode_range(ino);
         loop {
             let batch = self.tree.range(&mut self.store, &s, &e, 256)?;
@@ -213,20 +221,77 @@ impl Fs {
         volume.flush()
     }
 
+    /// Mounts the file system on `volume`, reclaiming inodes that were
+    /// unlinked while open when the last mount ended.
     pub fn mount(volume: Volume) -> Result<Fs> {
         let mut b = vec![0u8; BLOCK_SIZE];
         volume.read(0, &mut b)?;
         let sb = Superblock::decode(&b)?;
         let alloc =
             Allocator::from_allocated(1, volume.logical_blocks(), &volume.allocated_runs()?);
-        Ok(Fs {
+        let fs = Fs {
             meta: Mutex::new(Meta {
                 tree: BTree { root: sb.root },
                 sb,
                 alloc,
                 cache: HashMap::new(),
             }),
+            open: Mutex::new(HashMap::new()),
             volume,
+        };
+        let orphans = fs.read_op(|op| {
+            let (s, e) = kind_range(0, kind::ORPHAN);
+            op.tree.range(&mut op.store, &s, &e, usize::MAX)
+        })?;
+        for (k, _) in orphans {
+            let ino = u64::from_be_bytes(
+                k[9..17]
+                    .try_into()
+                    .map_err(|_| Error::Corrupted("an orphan key".into()))?,
+            );
+            fs.reclaim(ino)?;
+        }
+        Ok(fs)
+    }
+
+    /// Notes an open handle on `ino`.
+    pub fn open(&self, ino: u64) {
+        if let Ok(mut o) = self.open.lock() {
+            *o.entry(ino).or_insert(0) += 1;
+        }
+    }
+
+    /// Closes a handle; the last close of an unlinked inode frees it.
+    pub fn release(&self, ino: u64) -> Result<()> {
+        let last = {
+            let mut o = self.open.lock().map_err(|_| Error::PreviousIo)?;
+            match o.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    o.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.reclaim(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Frees an orphan (an inode with no links left), if it is one.
+    fn reclaim(&self, ino: u64) -> Result<()> {
+        self.op(|op, _| {
+            let orphan = key(0, kind::ORPHAN, &ino.to_be_bytes());
+            if op.get(&orphan)?.is_none() {
+                return Ok(());
+            }
+            op.del(&orphan)?;
+            op.purge(ino)
         })
     }
 
@@ -246,6 +311,7 @@ impl Fs {
         &self,
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
+        let open = self.open.lock().map_err(|_| Error::PreviousIo)?.clone();
         let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
         let (old_root, old_sb) = (guard.tree.root, guard.sb);
         let result = {
@@ -261,6 +327,7 @@ impl Fs {
                 tree,
                 sb,
                 sb_changed: false,
+                open: &open,
             };
             f(&mut op, &mut txn).and_then(|v| {
                 let Op {
@@ -268,6 +335,7 @@ impl Fs {
                     tree,
                     sb,
                     sb_changed,
+                    ..
                 } = op;
                 if sb_changed || tree.root != old_root {
                     sb.root = tree.root;

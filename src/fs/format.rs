@@ -30,6 +30,10 @@ pub mod kind {
     pub const CHUNK: u8 = 5;
     /// A piece of a symlink target. Key: ino, kind, piece (u8). Value: bytes.
     pub const SYMLINK: u8 = 6;
+    /// An unlinked inode still open when it lost its last name. Key: inode
+    /// 0, kind, ino (BE u64). Value: empty. Reclaimed at the last close or
+    /// at the next mount.
+    pub const ORPHAN: u8 = 7;
 }
 
 /// File blocks per chunk item.
