@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet
 lsvfs=target/release/lsvfs
 work=$(mktemp -d /tmp/lsvfs-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+trap 'fusermount3 -uz "$work/mnt" 2>/dev/null; rm -rf "$work"' EXIT
+command -v fusermount3 >/dev/null || { apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; }
 echo "== working in $work"
 
 run() { echo "\$ lsvfs $*"; "$lsvfs" "$@"; }
@@ -24,7 +25,18 @@ if grep -qF "$(head -c 64 "$work/payload" | od -An -tx1 | tr -d ' \n' | head -c 
   exit 1
 fi
 echo "== the backing file does not contain the plaintext"
+echo "== the file system, through a FUSE mount"
+mkdir "$work/mnt"
+run create "$work/fs.vol" --size 1G --key-file "$work/key"
+run mount "$work/fs.vol" "$work/mnt" --key-file "$work/key"
+cp -a /usr/include/linux "$work/mnt/"
+echo "hello from lsvfs" >"$work/mnt/hello.txt"
+ls -la "$work/mnt" | head
+diff -r /usr/include/linux "$work/mnt/linux" && echo "== cp -a /usr/include/linux into the mount: identical"
+df -h "$work/mnt"
+run unmount "$work/mnt"
 run info "$work/data.vol" --key-file "$work/key"
 run check "$work/data.vol" --key-file "$work/key"
+run check "$work/fs.vol" --key-file "$work/key"
 ls -ls "$work/data.vol"
 echo "== demo finished"

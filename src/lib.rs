@@ -7,7 +7,8 @@
 //! | [`device`] | the backing file or block device: read_at / write_at / flush / discard |
 //! | [`crypto`] | key types, AES-256-XTS per block, per-block MAC, HKDF, key wrapping, the parallel chunk engine |
 //! | [`volume`] | segments, the log, the paged block map, bitmaps, checkpoints, roll-forward recovery, the cleaner |
-//! | [`fs`]     | the POSIX file system on a volume (in progress: its metadata B+tree) |
+//! | [`fs`]     | the POSIX file system on a volume: inodes, directories, data, xattrs |
+//! | [`fuse`]   | the fuser adapter: the kernel mount (types and replies only) |
 //! | [`keys`]   | key files and volume key slots: turning what the user holds into a master key |
 //! | [`cli`]    | the `lsvfs` command |
 //!
@@ -18,6 +19,7 @@ pub mod crypto;
 pub mod device;
 pub mod error;
 pub mod fs;
+pub mod fuse;
 pub mod keys;
 pub mod volume;
 

@@ -116,7 +116,8 @@ fn create_write_read_check_round_trip() {
         "--chunk-size",
     );
     let c = ok(&["check", "v.vol", "--key-file", "k"], p);
-    assert!(c.contains("clean") && c.contains("74 data blocks"), "{c}");
+    // 74 written blocks plus the file system's superblock and root node.
+    assert!(c.contains("clean") && c.contains("76 data blocks"), "{c}");
     let i = ok(&["info", "v.vol", "--key-file", "k"], p);
     assert!(
         i.contains("64.0 MiB") && i.contains("allocated:") && i.contains("KeyFile"),
@@ -199,9 +200,22 @@ fn errors_name_the_problem_and_exit_with_stable_codes() {
         p,
     );
     let raw = std::fs::read(p.join("v.vol")).unwrap();
-    // The first segment starts at 1 MiB; its first data block follows the record summary.
+    let data_block = {
+        let dev =
+            std::sync::Arc::new(lsvfs::device::FileDevice::open(&p.join("v.vol"), false).unwrap());
+        let header = lsvfs::volume::read_header(&*dev).unwrap();
+        let master =
+            lsvfs::keys::unlock(&header, &lsvfs::keys::read_key_file(&p.join("k")).unwrap())
+                .unwrap();
+        let opts = lsvfs::volume::Options {
+            read_only: true,
+            background: false,
+            ..Default::default()
+        };
+        let v = lsvfs::volume::Volume::open(dev, &master, opts).unwrap();
+        v.locate(0).unwrap().expect("block 0 was written") as usize * 4096
+    };
     let mut damaged = raw.clone();
-    let data_block = (1 << 20) + 4096;
     damaged[data_block + 10] ^= 0xff;
     std::fs::write(p.join("v.vol"), &damaged).unwrap();
     fails(

@@ -81,6 +81,19 @@ enum Cmd {
         #[arg(long)]
         input: PathBuf,
     },
+    /// Mount a volume's file system (a daemon unless --foreground; SIGTERM,
+    /// SIGINT, `lsvfs unmount` and `fusermount3 -u` all flush and unmount).
+    Mount {
+        volume: PathBuf,
+        mountpoint: PathBuf,
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Stay attached to the terminal instead of becoming a daemon.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Unmount a mounted volume and wait until it is flushed and closed.
+    Unmount { mountpoint: PathBuf },
     /// Read bytes from the volume into a file.
     ReadBlocks {
         volume: PathBuf,
@@ -157,6 +170,8 @@ struct Tuning {
     crypto_threads: usize,
     chunk_bytes: usize,
 }
+
+mod mount;
 
 fn open_volume(path: &Path, key_file: &Path, read_only: bool, t: &Tuning) -> Result<Volume, Error> {
     let dev = open_device(path, !read_only)?;
@@ -244,6 +259,12 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 let _ = std::fs::remove_file(&path);
             }
             let h = created?;
+            drop(dev);
+            let v = open_volume(&path, &key_file, false, &tuning)?;
+            // SAFETY: getuid/getgid have no preconditions.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            crate::fs::Fs::format(&v, uid, gid)?;
+            v.close()?;
             println!(
                 "created {}: {} logical, backing store grows to at most {}",
                 path.display(),
@@ -353,6 +374,19 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             v.close()?;
             println!("wrote {} bytes at offset {offset}", data.len());
         }
+        Cmd::Mount {
+            volume: path,
+            mountpoint,
+            key_file,
+            foreground,
+        } => {
+            if foreground {
+                mount::foreground(&path, &mountpoint, &key_file, &tuning)?;
+            } else {
+                mount::daemon(&path, &mountpoint, &key_file)?;
+            }
+        }
+        Cmd::Unmount { mountpoint } => mount::unmount(&mountpoint)?,
         Cmd::ReadBlocks {
             volume: path,
             key_file,

@@ -1,0 +1,196 @@
+//! `lsvfs mount` and `lsvfs unmount`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, SessionACL};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+use super::Tuning;
+use crate::fs::Fs;
+use crate::fuse::FuseFs;
+use crate::volume::Options;
+use crate::{keys, volume, Error};
+
+/// The line a foreground mount prints once the file system is mounted.
+const READY: &str = "lsvfs: mounted";
+
+fn canonical(p: &Path) -> Result<PathBuf, Error> {
+    std::fs::canonicalize(p).map_err(|e| Error::io(format!("resolving {}", p.display()), e))
+}
+
+/// Serves the file system until a signal or an unmount, then flushes.
+pub fn foreground(
+    path: &Path,
+    mountpoint: &Path,
+    key_file: &Path,
+    t: &Tuning,
+) -> Result<(), Error> {
+    let path = canonical(path)?;
+    let mountpoint = canonical(mountpoint)?;
+    let dev: Arc<dyn crate::device::Device> = Arc::new(
+        crate::device::FileDevice::open(&path, true)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
+    );
+    let header = volume::read_header(&*dev)?;
+    let kek = keys::read_key_file(key_file)?;
+    let master = keys::unlock(&header, &kek)?;
+    let opts = Options {
+        crypto_threads: t.crypto_threads,
+        chunk_bytes: t.chunk_bytes,
+        ..Options::default()
+    };
+    let v = volume::Volume::open(dev, &master, opts)?;
+    drop(master);
+    let fs = Arc::new(Fs::mount(v)?);
+
+    // Signals are taken synchronously below; block them before any thread
+    // starts so that every thread inherits the mask.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGHUP);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)
+        .map_err(|e| Error::io("blocking signals", e.into()))?;
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("lsvfs:{}", path.display())),
+        MountOption::Subtype("lsvfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(FuseFs::new(fs.clone()), &mountpoint, &config)
+        .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
+    println!("{READY} {} on {}", path.display(), mountpoint.display());
+    let _ = std::io::stdout().flush();
+
+    let by_signal = loop {
+        if session.guard.is_finished() {
+            break false;
+        }
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        // SAFETY: the set and timespec are valid for the call; a null info
+        // pointer is allowed.
+        let sig = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &ts) };
+        if sig > 0 {
+            break true;
+        }
+    };
+    let ended = if by_signal {
+        session.umount_and_join()
+    } else {
+        session.join()
+    };
+    if let Err(e) = ended {
+        eprintln!("lsvfs: the FUSE session ended with an error: {e}");
+    }
+    let fs =
+        Arc::try_unwrap(fs).map_err(|_| Error::Busy("the file system is still in use".into()))?;
+    fs.unmount()
+}
+
+/// Starts a foreground mount in the background and returns once it is
+/// mounted, or with its error.
+pub fn daemon(path: &Path, mountpoint: &Path, key_file: &Path) -> Result<(), Error> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| Error::io("finding the lsvfs binary", e))?;
+    let mut child = Command::new(exe)
+        .arg("mount")
+        .arg(path)
+        .arg(mountpoint)
+        .arg("--key-file")
+        .arg(key_file)
+        .arg("--foreground")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Error::io("starting the mount daemon", e))?;
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let _ = out.read_line(&mut line);
+    if line.starts_with(READY) {
+        print!("{line}");
+        return Ok(());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::io("waiting for the mount daemon", e))?;
+    let msg = err.trim().trim_start_matches("lsvfs: ").to_string();
+    Err(match status.code() {
+        Some(5) => Error::WrongKey(msg),
+        Some(3) => Error::NotAVolume(msg),
+        Some(4) => Error::Corrupted(msg),
+        Some(7) => Error::Busy(msg),
+        _ => Error::InvalidArgument(format!("mount failed: {msg}")),
+    })
+}
+
+/// The volume mounted on `mountpoint`, from /proc/self/mountinfo.
+fn mounted_volume(mountpoint: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.to_str()?;
+    info.lines().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let source = fields.get(sep + 2)?;
+        (fields.get(4) == Some(&want)).then(|| source.strip_prefix("lsvfs:").map(PathBuf::from))?
+    })
+}
+
+/// Unmounts and waits until the daemon has flushed and released the volume.
+pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
+    let mountpoint = canonical(mountpoint)?;
+    let vol = mounted_volume(&mountpoint).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "no lsvfs volume is mounted on {}",
+            mountpoint.display()
+        ))
+    })?;
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mountpoint)
+        .status()
+        .map_err(|e| Error::io("running fusermount3 (install the fuse3 package)", e))?;
+    if !st.success() {
+        return Err(Error::Busy(format!(
+            "{} is busy; close the files open on it",
+            mountpoint.display()
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if crate::device::FileDevice::open(&vol, false).is_ok() {
+            println!(
+                "unmounted {} and closed {}",
+                mountpoint.display(),
+                vol.display()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(Error::Busy(format!(
+        "{} did not close within 60 s",
+        vol.display()
+    )))
+}
