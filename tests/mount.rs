@@ -333,3 +333,73 @@ fn second_mount_and_wrong_key_are_refused() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// The story: `cp -a` sets a directory's mode by writing a minimal POSIX
+/// ACL, not by chmod; the file system stored the ACL as an opaque xattr and
+/// every copied directory ended up 0700. ACLs now drive the mode, chmod
+/// drives the ACL, and default ACLs are inherited, as on ext4.
+#[test]
+fn posix_acls_and_modes_as_cp_and_setfacl_expect() {
+    let t = Mounted::new();
+    let src = t.p().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("sub/f"), b"x").unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(src.join("sub"), fs::Permissions::from_mode(0o751)).unwrap();
+    fs::set_permissions(src.join("sub/f"), fs::Permissions::from_mode(0o604)).unwrap();
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(t.m().join("c"))
+        .status()
+        .unwrap()
+        .success());
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        (
+            mode(&t.m().join("c")),
+            mode(&t.m().join("c/sub")),
+            mode(&t.m().join("c/sub/f"))
+        ),
+        (0o755, 0o751, 0o604)
+    );
+    let sh = |cmd: &str| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(t.m())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    sh("touch f && chmod 644 f && setfacl -m u:1234:rw f");
+    assert_eq!(
+        mode(&t.m().join("f")),
+        0o664,
+        "the group bits show the ACL mask"
+    );
+    sh("chmod 640 f");
+    let acl = sh("getfacl -p f");
+    assert!(
+        acl.contains("mask::r--") && acl.contains("other::---"),
+        "{acl}"
+    );
+    sh("mkdir d && setfacl -d -m u:55:rx d && mkdir d/sub && touch d/file");
+    let inherited = sh("getfacl -p d/sub");
+    assert!(
+        inherited.contains("user:55:r-x") && inherited.contains("default:user:55:r-x"),
+        "{inherited}"
+    );
+    assert!(sh("getfacl -p d/file").contains("user:55:r-x"));
+    t.unmount();
+    t.mount();
+    assert!(
+        sh("getfacl -p d/sub").contains("default:user:55:r-x"),
+        "ACLs survive a remount"
+    );
+}

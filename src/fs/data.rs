@@ -6,6 +6,7 @@
 //! which changes no metadata (the volume underneath is log-structured and
 //! the transaction atomic); only holes get new blocks.
 
+use super::acl;
 use super::filesystem::{Fs, Op};
 use super::format::{file_type, key, kind, kind_range, Inode, Time, CHUNK_BLOCKS};
 use crate::{Error, FsError, Result, BLOCK_SIZE};
@@ -216,6 +217,13 @@ impl Fs {
             let now = Time::now();
             if let Some(m) = a.mode {
                 i.mode = file_type(i.mode) | (m & 0o7777);
+                // An access ACL follows the mode (posix_acl_chmod).
+                let k = key(ino, kind::XATTR, acl::ACCESS);
+                if let Some(v) = op.get(&k)? {
+                    let mut a = acl::Acl::decode(&v)?;
+                    a.chmod(i.mode);
+                    op.put(&k, &a.encode())?;
+                }
             }
             if let Some(u) = a.uid {
                 i.uid = u;
@@ -338,7 +346,25 @@ impl Fs {
             if flags & XATTR_REPLACE != 0 && !exists {
                 return Err(FsError::NoAttr.at(String::from_utf8_lossy(name)));
             }
-            op.put(&k, value)?;
+            if name == acl::ACCESS {
+                // The ACL sets the permission bits; one that says no more
+                // than the mode is not kept (posix_acl_update_mode).
+                let a = acl::Acl::decode(value)?;
+                i.mode = (i.mode & !0o777) | a.mode_bits();
+                if a.is_minimal() {
+                    op.del(&k)?;
+                } else {
+                    op.put(&k, value)?;
+                }
+            } else if name == acl::DEFAULT {
+                if !i.is_dir() {
+                    return Err(FsError::Invalid.at("a default ACL on a non-directory"));
+                }
+                acl::Acl::decode(value)?;
+                op.put(&k, value)?;
+            } else {
+                op.put(&k, value)?;
+            }
             i.ctime = Time::now();
             op.put_inode(ino, &i)
         })

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use super::acl;
 use super::btree::{BTree, Node, NodeStore};
 use super::format::{
     file_type, inode_range, key, kind, kind_range, Dirent, Inode, Superblock, Time, NAME_MAX,
@@ -384,12 +385,30 @@ impl Fs {
         })
     }
 
-    /// Creates a regular file, directory, FIFO, socket or device node.
+    /// Creates a regular file, directory, FIFO, socket or device node with
+    /// exactly `mode` (no umask).
     pub fn mknod(
         &self,
         parent: u64,
         name: &[u8],
         mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+    ) -> Result<(u64, Inode)> {
+        self.create_node(parent, name, mode, 0, uid, gid, rdev)
+    }
+
+    /// Creates a node as open(2)/mkdir(2)/mknod(2) do: if the directory has
+    /// a default ACL the new inode inherits it (and the umask is ignored),
+    /// otherwise the umask applies.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_node(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
         uid: u32,
         gid: u32,
         rdev: u32,
@@ -412,6 +431,17 @@ impl Fs {
             if op.entry(parent, name)?.is_some() {
                 return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
             }
+            let default = op.get(&key(parent, kind::XATTR, acl::DEFAULT))?;
+            let (mode, access) = match &default {
+                Some(v) => {
+                    let (a, bits) = acl::Acl::decode(v)?.create(mode);
+                    (
+                        (mode & !0o777) | bits,
+                        (!a.is_minimal()).then(|| a.encode()),
+                    )
+                }
+                None => (mode & !(umask & 0o777), None),
+            };
             let ino = op.new_ino();
             let mut i = Inode::new(mode, uid, gid, rdev);
             if t == libc::S_IFDIR {
@@ -421,6 +451,12 @@ impl Fs {
                 i.nlink = 2;
                 i.parent = parent;
                 d.nlink += 1;
+                if let Some(v) = &default {
+                    op.put(&key(ino, kind::XATTR, acl::DEFAULT), v)?;
+                }
+            }
+            if let Some(a) = access {
+                op.put(&key(ino, kind::XATTR, acl::ACCESS), &a)?;
             }
             op.put_inode(ino, &i)?;
             op.add_entry(parent, &mut d, name, ino, mode)?;

@@ -6,6 +6,7 @@
 //! operation stages its node, data and trim changes and commits them as a
 //! single volume transaction, so every operation is atomic across crashes.
 
+pub mod acl;
 pub mod btree;
 mod data;
 mod filesystem;

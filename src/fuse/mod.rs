@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::format::{file_type, Inode, Time};
@@ -110,15 +110,10 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
 impl FuseFs {
     /// Owner and mode of a new inode: the caller's uid; the parent's gid and
     /// setgid bit (for directories) when the parent is setgid, as ext4 does.
-    fn new_owner(
-        &self,
-        req: &Request,
-        parent: u64,
-        mode: u32,
-        umask: u32,
-    ) -> Result<(u32, u32, u32), Error> {
+    /// (The umask is applied by the file system, which knows about default ACLs.)
+    fn new_owner(&self, req: &Request, parent: u64, mode: u32) -> Result<(u32, u32, u32), Error> {
         let p = self.fs.getattr(parent)?;
-        let mut mode = mode & !(umask & 0o777);
+        let mut mode = mode;
         let gid = if p.mode & libc::S_ISGID != 0 {
             if file_type(mode) == libc::S_IFDIR {
                 mode |= libc::S_ISGID;
@@ -139,14 +134,19 @@ impl FuseFs {
         umask: u32,
         rdev: u32,
     ) -> Result<(u64, Inode), Error> {
-        let (mode, uid, gid) = self.new_owner(req, parent, mode, umask)?;
-        self.fs.mknod(parent, name.as_bytes(), mode, uid, gid, rdev)
+        let (mode, uid, gid) = self.new_owner(req, parent, mode)?;
+        self.fs
+            .create_node(parent, name.as_bytes(), mode, umask, uid, gid, rdev)
     }
 }
 
 impl fuser::Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
+        // The kernel then owns POSIX ACL semantics: it checks ACLs, turns an
+        // ACL equivalent to a mode into a chmod (as `cp -a` relies on), and
+        // applies default ACLs to new inodes. We store the xattrs.
+        let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
         Ok(())
     }
 
@@ -264,7 +264,7 @@ impl fuser::Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let r = self
-            .new_owner(req, parent.0, libc::S_IFLNK | 0o777, 0)
+            .new_owner(req, parent.0, libc::S_IFLNK | 0o777)
             .and_then(|(_, uid, gid)| {
                 self.fs.symlink(
                     parent.0,
