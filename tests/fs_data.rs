@@ -166,13 +166,39 @@ fn xattrs_and_attributes() {
         .unwrap();
     assert_eq!(i.mode & 0o7777, libc::S_ISUID | libc::S_ISGID | 0o775);
     fs.setxattr(ino, b"user.a", b"1", 0).unwrap();
-    fs.setxattr(
+    // An extended ACL (owner rw, user 1234 rw, group r, mask rw, other r).
+    let entries = [
+        (1u16, 6u16, 0u32),
+        (2, 6, 1234),
+        (4, 4, 0),
+        (0x10, 6, 0),
+        (0x20, 4, 0),
+    ];
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (t, p, id) in entries {
+        acl.extend_from_slice(&t.to_le_bytes());
+        acl.extend_from_slice(&p.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    fs.setxattr(ino, b"system.posix_acl_access", &acl, 0)
+        .unwrap();
+    assert_eq!(
+        fs.getattr(ino).unwrap().mode & 0o777,
+        0o664,
+        "the ACL sets the mode; group bits from the mask"
+    );
+    let bad = fs.setxattr(
         ino,
         b"system.posix_acl_access",
         &[2, 0, 0, 0, 1, 0, 6, 0],
         0,
-    )
-    .unwrap();
+    );
+    assert_eq!(bad.unwrap_err().errno(), libc::EINVAL);
+    let suid = SetAttr {
+        mode: Some(libc::S_ISUID | libc::S_ISGID | 0o775),
+        ..SetAttr::default()
+    };
+    fs.setattr(ino, suid).unwrap();
     assert_eq!(
         fs.setxattr(ino, b"user.a", b"2", XATTR_CREATE)
             .unwrap_err()
