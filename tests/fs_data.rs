@@ -79,6 +79,12 @@ fn random_io_matches_a_model_across_kills() {
             assert_eq!(fs.getattr(ino).unwrap().size, model.len() as u64);
             let got = fs.read_data(ino, 0, model.len()).unwrap();
             assert!(got == model, "after the kill at step {step}");
+            let report = fs.check().unwrap();
+            assert!(
+                report.problems.is_empty(),
+                "step {step}: {:?}",
+                report.problems
+            );
         }
     }
 }

@@ -331,6 +331,12 @@ fn random_operations_match_a_model_across_kills() {
                 }
             }
             assert_eq!(found, model, "after remount at step {step}");
+            let report = fs.check().unwrap();
+            assert!(
+                report.problems.is_empty(),
+                "step {step}: {:?}",
+                report.problems
+            );
         }
     }
 }

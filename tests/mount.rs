@@ -184,7 +184,8 @@ fn posix_basics_through_the_kernel() {
         (5 << 30) + 3
     );
     t.unmount();
-    assert!(ok(&["check", "v.vol", "--key-file", "k"], t.p()).contains("clean"));
+    let c = ok(&["check", "v.vol", "--key-file", "k"], t.p());
+    assert!(c.contains("file system: ") && c.contains("clean"), "{c}");
 }
 
 #[test]

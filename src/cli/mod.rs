@@ -173,6 +173,12 @@ struct Tuning {
 
 mod mount;
 
+/// Whether block 0 of the volume holds a file-system superblock.
+fn holds_file_system(v: &Volume) -> bool {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    v.read(0, &mut b).is_ok() && crate::fs::format::Superblock::decode(&b).is_ok()
+}
+
 fn open_volume(path: &Path, key_file: &Path, read_only: bool, t: &Tuning) -> Result<Volume, Error> {
     let dev = open_device(path, !read_only)?;
     let header = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
@@ -339,13 +345,25 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 "checked {} metadata pages and {} data blocks ({} transactions in the log past the last checkpoint)",
                 r.pages, r.data_blocks, rec.transactions
             );
-            if !r.is_clean() {
-                for p in &r.problems {
+            let mut problems = r.problems;
+            if holds_file_system(&v) {
+                let fs = crate::fs::Fs::mount(v)?;
+                let f = fs.check()?;
+                println!(
+                    "file system: {} inodes, {} directory entries, {} data blocks",
+                    f.inodes, f.entries, f.data_blocks
+                );
+                problems.extend(f.problems);
+            } else {
+                println!("no file system on this volume (block 0 holds no superblock)");
+            }
+            if !problems.is_empty() {
+                for p in &problems {
                     println!("problem: {p}");
                 }
                 return Err(Error::Corrupted(format!(
                     "{} problems found in {}",
-                    r.problems.len(),
+                    problems.len(),
                     path.display()
                 )));
             }

@@ -15,6 +15,9 @@ use crate::fuse::FuseFs;
 use crate::volume::Options;
 use crate::{keys, volume, Error};
 
+/// Longest time a write stays in the log unflushed.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The line a foreground mount prints once the file system is mounted.
 const READY: &str = "lsvfs: mounted";
 
@@ -75,9 +78,18 @@ pub fn foreground(
     println!("{READY} {} on {}", path.display(), mountpoint.display());
     let _ = std::io::stdout().flush();
 
+    // Without fsync, committed writes still reach the disk within
+    // FLUSH_INTERVAL (as ext4's 5-second commit).
+    let mut last_flush = Instant::now();
     let by_signal = loop {
         if session.guard.is_finished() {
             break false;
+        }
+        if last_flush.elapsed() >= FLUSH_INTERVAL {
+            if let Err(e) = fs.volume().flush() {
+                eprintln!("lsvfs: periodic flush failed: {e}");
+            }
+            last_flush = Instant::now();
         }
         let ts = libc::timespec {
             tv_sec: 0,

@@ -240,6 +240,9 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             volume,
         };
+        if fs.volume.is_read_only() {
+            return Ok(fs);
+        }
         let orphans = fs.read_op(|op| {
             let (s, e) = kind_range(0, kind::ORPHAN);
             op.tree.range(&mut op.store, &s, &e, usize::MAX)

@@ -8,10 +8,12 @@
 
 pub mod acl;
 pub mod btree;
+mod check;
 mod data;
 mod filesystem;
 pub mod format;
 pub mod store;
+pub use check::FsReport;
 pub use data::{
     FsStats, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, MAX_FILE_SIZE, XATTR_CREATE,
     XATTR_REPLACE,

@@ -539,6 +539,10 @@ impl Volume {
         self.inner.header.logical_blocks
     }
 
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
     /// What recovery did when the volume was opened.
     pub fn recovery(&self) -> &Recovery {
         &self.recovery

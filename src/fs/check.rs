@@ -1,0 +1,187 @@
+//! `lsvfs check` for the file system: walks every metadata item and
+//! cross-checks them, read-only.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::btree::{Node, NodeStore};
+use super::filesystem::Fs;
+use super::format::{kind, Dirent, Inode, CHUNK_BLOCKS, ROOT_INO};
+use crate::Result;
+
+/// What the file-system check found.
+#[derive(Clone, Debug, Default)]
+pub struct FsReport {
+    pub inodes: u64,
+    pub entries: u64,
+    pub data_blocks: u64,
+    pub problems: Vec<String>,
+}
+
+impl Fs {
+    /// Checks the file system's structure: entries point at live inodes of
+    /// the right type, cookies and entries agree, link counts are right,
+    /// no block is used twice, and every allocated block is accounted for.
+    pub fn check(&self) -> Result<FsReport> {
+        let mut r = FsReport::default();
+        let (items, nodes) = self.read_op(|op| {
+            let all = op
+                .tree
+                .range(&mut op.store, &[0], &[0xff; 10], usize::MAX)?;
+            let mut nodes = BTreeSet::new();
+            let mut stack = vec![op.tree.root];
+            while let Some(lba) = stack.pop() {
+                if !nodes.insert(lba) {
+                    return Err(crate::Error::Corrupted(format!(
+                        "metadata node {lba} is reachable twice"
+                    )));
+                }
+                if let Node::Branch { children, .. } = op.store.read(lba)? {
+                    stack.extend(children);
+                }
+            }
+            Ok((all, nodes))
+        })?;
+        let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();
+        let mut dirents: Vec<(u64, Vec<u8>, Dirent)> = Vec::new();
+        let mut cookies: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+        let mut owners: HashMap<u64, u64> = HashMap::new();
+        let mut orphans = BTreeSet::new();
+        for (k, v) in &items {
+            if k.len() < 9 {
+                r.problems
+                    .push(format!("a metadata key of {} bytes", k.len()));
+                continue;
+            }
+            let ino = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+            let rest = &k[9..];
+            let u64_of = |b: &[u8]| b.try_into().ok().map(u64::from_be_bytes);
+            match k[8] {
+                kind::INODE => match Inode::decode(v, ino) {
+                    Ok(i) => {
+                        inodes.insert(ino, i);
+                    }
+                    Err(e) => r.problems.push(e.to_string()),
+                },
+                kind::DIRENT => match Dirent::decode(v) {
+                    Ok(d) => dirents.push((ino, rest.to_vec(), d)),
+                    Err(e) => r.problems.push(format!("directory {ino}: {e}")),
+                },
+                kind::COOKIE => match u64_of(rest) {
+                    Some(c) => {
+                        cookies.insert((ino, c), v.clone());
+                    }
+                    None => r
+                        .problems
+                        .push(format!("directory {ino}: a malformed cookie key")),
+                },
+                kind::CHUNK => {
+                    let Some(index) = u64_of(rest) else {
+                        r.problems
+                            .push(format!("inode {ino}: a malformed chunk key"));
+                        continue;
+                    };
+                    for (j, b) in v.chunks_exact(8).enumerate() {
+                        let lba = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                        if lba == 0 {
+                            continue;
+                        }
+                        r.data_blocks += 1;
+                        if let Some(other) = owners.insert(lba, ino) {
+                            r.problems.push(format!(
+                                "block {lba} belongs to inode {other} and to inode {ino} (file block {})",
+                                index * CHUNK_BLOCKS + j as u64
+                            ));
+                        }
+                    }
+                }
+                kind::ORPHAN if ino == 0 => {
+                    if let Some(o) = u64_of(rest) {
+                        orphans.insert(o);
+                    }
+                }
+                kind::XATTR | kind::SYMLINK => {}
+                other => r
+                    .problems
+                    .push(format!("inode {ino}: unknown item kind {other}")),
+            }
+        }
+        r.inodes = inodes.len() as u64;
+        r.entries = dirents.len() as u64;
+        if !inodes.get(&ROOT_INO).is_some_and(|i| i.is_dir()) {
+            r.problems.push("the root directory is missing".into());
+        }
+        let mut links: HashMap<u64, u32> = HashMap::new();
+        let mut subdirs: HashMap<u64, u32> = HashMap::new();
+        for (dir, name, d) in &dirents {
+            let n = String::from_utf8_lossy(name);
+            match inodes.get(&d.ino) {
+                None => r.problems.push(format!(
+                    "directory {dir}: entry {n:?} names missing inode {}",
+                    d.ino
+                )),
+                Some(i) if super::format::file_type(i.mode) != d.mode => r.problems.push(format!(
+                    "directory {dir}: entry {n:?} has the wrong file type"
+                )),
+                Some(i) => {
+                    *links.entry(d.ino).or_insert(0) += 1;
+                    if i.is_dir() {
+                        *subdirs.entry(*dir).or_insert(0) += 1;
+                        if i.parent != *dir {
+                            r.problems.push(format!(
+                                "directory {}: its parent says {}, found in {dir}",
+                                d.ino, i.parent
+                            ));
+                        }
+                    }
+                }
+            }
+            if cookies.get(&(*dir, d.cookie)) != Some(name) {
+                r.problems.push(format!(
+                    "directory {dir}: entry {n:?} has no matching readdir cookie"
+                ));
+            }
+        }
+        if cookies.len() != dirents.len() {
+            r.problems.push(format!(
+                "{} readdir cookies for {} entries",
+                cookies.len(),
+                dirents.len()
+            ));
+        }
+        for (ino, i) in &inodes {
+            let want = if i.is_dir() {
+                2 + subdirs.get(ino).copied().unwrap_or(0)
+            } else {
+                links.get(ino).copied().unwrap_or(0)
+            };
+            if i.nlink != want && !(i.nlink == 0 && orphans.contains(ino)) {
+                r.problems.push(format!(
+                    "inode {ino}: link count {} but {want} found",
+                    i.nlink
+                ));
+            }
+            if *ino != ROOT_INO && !i.is_dir() && want == 0 && !orphans.contains(ino) {
+                r.problems
+                    .push(format!("inode {ino} is in no directory and not an orphan"));
+            }
+        }
+        // Every allocated logical block is the superblock, a node or data.
+        let mut used: BTreeSet<u64> = BTreeSet::new();
+        for (s, n) in self.volume().allocated_runs()? {
+            used.extend(s..s + n);
+        }
+        let mut known: BTreeSet<u64> = nodes;
+        known.insert(0);
+        known.extend(owners.keys().copied());
+        for b in used.difference(&known).take(20) {
+            r.problems.push(format!(
+                "block {b} is allocated but belongs to nothing (leaked)"
+            ));
+        }
+        for b in known.difference(&used).take(20) {
+            r.problems
+                .push(format!("block {b} is in use but not allocated"));
+        }
+        Ok(r)
+    }
+}
