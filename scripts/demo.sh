@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet
 lsvfs=target/release/lsvfs
 work=$(mktemp -d /tmp/lsvfs-demo.XXXXXX)
-trap 'fusermount3 -uz "$work/mnt" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'fusermount3 -uz "$work/mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
 command -v fusermount3 >/dev/null || { apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; }
 echo "== working in $work"
 
@@ -16,8 +16,9 @@ run() { echo "\$ lsvfs $*"; "$lsvfs" "$@"; }
 run keygen "$work/key"
 run create "$work/data.vol" --size 1G --key-file "$work/key"
 head -c 3000000 /dev/urandom >"$work/payload"
-run write-blocks "$work/data.vol" --key-file "$work/key" --offset 1048576 --input "$work/payload"
-run read-blocks "$work/data.vol" --key-file "$work/key" --offset 1048576 --length 3002368 --output "$work/back"
+# Raw blocks from offset 0 replace the (empty) file system `create` made.
+run write-blocks "$work/data.vol" --key-file "$work/key" --offset 0 --input "$work/payload"
+run read-blocks "$work/data.vol" --key-file "$work/key" --offset 0 --length 3002368 --output "$work/back"
 cmp <(head -c 3000000 "$work/back") "$work/payload"
 echo "== read back 3000000 bytes: identical"
 if grep -qF "$(head -c 64 "$work/payload" | od -An -tx1 | tr -d ' \n' | head -c 32)" <(od -An -tx1 "$work/data.vol" | tr -d ' \n'); then

@@ -9,7 +9,7 @@ lsvfs=${2:-target/debug/lsvfs}
 fsx=$(command -v fsx || echo "$HOME/.cargo/bin/fsx")
 [ -x "$fsx" ] || { echo "fsx is missing: cargo install fsx" >&2; exit 1; }
 work=$(mktemp -d /tmp/lsvfs-fsx.XXXXXX)
-trap 'fusermount3 -uz "$work/m" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'fusermount3 -uz "$work/m" 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir "$work/m" "$work/artifacts"
 "$lsvfs" keygen "$work/k" >/dev/null
 "$lsvfs" create "$work/v.vol" --size 1G --key-file "$work/k" >/dev/null

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# File-system benchmark: the same workloads, in one run, on the same disk,
+# over a plain ext4 directory, gocryptfs, cryfs and lsvfs. Prints a table
+# and lsvfs's speed relative to each peer (higher is better for lsvfs).
+#
+#   scripts/bench.sh [WORKDIR] [SEQ_MIB] [RAND_SECONDS]
+#
+# Defaults: target/fsbench, 1024 MiB sequential, 20 s random. Run as root
+# (it drops the page cache before reads and mounts FUSE file systems).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(realpath -m "${1:-target/fsbench}")
+seq_mib=${2:-1024}
+rand_s=${3:-20}
+need=()
+for c in fio gocryptfs cryfs fusermount3; do command -v "$c" >/dev/null || need+=("$c"); done
+if [ ${#need[@]} -gt 0 ]; then
+  pkgs=$(printf '%s\n' "${need[@]}" | sed 's/fusermount3/fuse3/' | tr '\n' ' ')
+  apt-get update -qq && apt-get install -y -qq $pkgs >/dev/null
+fi
+cargo build --release --quiet
+lsvfs=$(pwd)/target/release/lsvfs
+rm -rf "$root"; mkdir -p "$root"
+cleanup() {
+  for m in "$root"/*/mnt; do fusermount3 -uz "$m" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+now() { date +%s.%N; }
+results="$root/results.tsv"
+: >"$results"
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" | tee -a "$results"; }
+
+setup() { # name -> prints the directory to test in
+  local name=$1 dir=$root/$1
+  mkdir -p "$dir/mnt"
+  case $name in
+    ext4) echo "$dir/mnt" ;;
+    gocryptfs)
+      mkdir -p "$dir/cipher"
+      gocryptfs -q -init -extpass "echo benchpass" -scryptn 10 "$dir/cipher" >/dev/null
+      gocryptfs -q -extpass "echo benchpass" "$dir/cipher" "$dir/mnt"
+      echo "$dir/mnt" ;;
+    cryfs)
+      mkdir -p "$dir/base"
+      echo benchpass | CRYFS_FRONTEND=noninteractive CRYFS_NO_UPDATE_CHECK=true \
+        cryfs --cipher aes-256-gcm "$dir/base" "$dir/mnt" >/dev/null 2>&1
+      echo "$dir/mnt" ;;
+    lsvfs)
+      "$lsvfs" keygen "$dir/key" >/dev/null
+      "$lsvfs" create "$dir/v.vol" --size 16G --key-file "$dir/key" >/dev/null
+      "$lsvfs" mount "$dir/v.vol" "$dir/mnt" --key-file "$dir/key" >/dev/null
+      echo "$dir/mnt" ;;
+  esac
+}
+
+teardown() {
+  local name=$1 dir=$root/$1
+  case $name in
+    ext4) ;;
+    lsvfs) "$lsvfs" unmount "$dir/mnt" >/dev/null ;;
+    *) fusermount3 -u "$dir/mnt" ;;
+  esac
+  rm -rf "$dir"
+}
+
+fio_mbs() { # fio args... -> MB/s (or IOPS with --iops)
+  local kind=$1; shift
+  local out
+  out=$(fio --output-format=terse --terse-version=3 "$@")
+  case $kind in
+    write-mbs) echo "$out" | awk -F';' '{printf "%.1f", $48 * 1024 / 1e6}' ;;
+    read-mbs) echo "$out" | awk -F';' '{printf "%.1f", $7 * 1024 / 1e6}' ;;
+    write-iops) echo "$out" | awk -F';' '{printf "%.0f", $49}' ;;
+    read-iops) echo "$out" | awk -F';' '{printf "%.0f", $8}' ;;
+  esac
+}
+
+run_all() {
+  local name=$1 d
+  d=$(setup "$name")
+  record "$name" "seq write ${seq_mib} MiB (MB/s)" "$(fio_mbs write-mbs --name=w --directory="$d" --filename=seq --rw=write --bs=1M --size=${seq_mib}M --ioengine=psync --end_fsync=1)" up
+  drop
+  record "$name" "seq read ${seq_mib} MiB (MB/s)" "$(fio_mbs read-mbs --name=r --directory="$d" --filename=seq --rw=read --bs=1M --size=${seq_mib}M --ioengine=psync)" up
+  rm -f "$d/seq"
+  record "$name" "rand 4k write (IOPS)" "$(fio_mbs write-iops --name=rw --directory="$d" --filename=rnd --rw=randwrite --bs=4k --size=256M --ioengine=psync --time_based --runtime=$rand_s)" up
+  record "$name" "rand 4k read (IOPS)" "$(fio_mbs read-iops --name=rr --directory="$d" --filename=rnd --rw=randread --bs=4k --size=256M --ioengine=psync --time_based --runtime=$rand_s)" up
+  rm -f "$d/rnd"
+  local t0 t1
+  t0=$(now)
+  python3 - "$d/small" <<'PY'
+import os, sys
+root = sys.argv[1]
+data = os.urandom(4096)
+for d in range(100):
+    p = os.path.join(root, f"d{d:03}")
+    os.makedirs(p)
+    for f in range(100):
+        with open(os.path.join(p, f"f{f:03}"), "wb") as fh:
+            fh.write(data)
+PY
+  sync
+  t1=$(now); record "$name" "create 10,000 4 KiB files (s)" "$(echo "$t1 - $t0" | bc)" down
+  t0=$(now); ls -lR "$d/small" >/dev/null; t1=$(now)
+  record "$name" "ls -lR (s)" "$(echo "$t1 - $t0" | bc)" down
+  t0=$(now); rm -rf "$d/small"; sync; t1=$(now)
+  record "$name" "rm -rf (s)" "$(echo "$t1 - $t0" | bc)" down
+  t0=$(now); cp -a /usr/include "$d/include"; sync; t1=$(now)
+  record "$name" "cp -a /usr/include (s)" "$(echo "$t1 - $t0" | bc)" down
+  drop
+  t0=$(now); tar -C "$d" -cf - include | cat >/dev/null; t1=$(now)
+  record "$name" "tar c of it (s)" "$(echo "$t1 - $t0" | bc)" down
+  teardown "$name"
+}
+
+command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
+for fs in ext4 gocryptfs cryfs lsvfs; do
+  echo "== $fs"
+  run_all "$fs"
+done
+
+echo
+echo "== lsvfs relative to each peer (>1: lsvfs is faster)"
+python3 - "$results" <<'PY'
+import sys, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+val = collections.defaultdict(dict)
+better = {}
+for fs, metric, v, way in rows:
+    val[metric][fs] = float(v)
+    better[metric] = way
+peers = ["ext4", "gocryptfs", "cryfs"]
+print(f"{'workload':34} {'lsvfs':>10} " + " ".join(f"{p:>10} {'ratio':>6}" for p in peers))
+for metric, by in val.items():
+    l = by.get("lsvfs")
+    cells = []
+    for p in peers:
+        v = by.get(p)
+        if v is None or l is None or v == 0 or l == 0:
+            cells.append(f"{'-':>10} {'-':>6}")
+            continue
+        r = l / v if better[metric] == "up" else v / l
+        cells.append(f"{v:>10.1f} {r:>6.2f}")
+    print(f"{metric:34} {l:>10.1f} " + " ".join(cells))
+PY
