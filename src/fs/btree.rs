@@ -385,6 +385,23 @@ impl BTree {
         Ok((old, false))
     }
 
+    /// The greatest key in the tree, if any.
+    pub fn last_key(&self, store: &mut dyn NodeStore) -> Result<Option<Vec<u8>>> {
+        let mut lba = self.root;
+        for _ in 0..64 {
+            match store.read(lba)? {
+                Node::Leaf(es) => return Ok(es.last().map(|(k, _)| k.clone())),
+                Node::Branch { children, .. } => {
+                    lba = *children.last().expect("a branch has children")
+                }
+            }
+        }
+        Err(Error::Corrupted(format!(
+            "metadata tree deeper than 64 levels below block {}",
+            self.root
+        )))
+    }
+
     /// Entries with `start <= key < end`, in order, at most `limit` of them.
     pub fn range(
         &self,
@@ -523,6 +540,7 @@ mod tests {
                 let got = t.get(&mut store, k).unwrap();
                 prop_assert_eq!(got.as_ref(), Some(v));
             }
+            prop_assert_eq!(t.last_key(&mut store).unwrap(), model.keys().next_back().cloned());
             let all = t.range(&mut store, &[0], &[0xff; 8], usize::MAX).unwrap();
             prop_assert_eq!(all.len(), model.len());
             // Removing everything frees every node but the root.

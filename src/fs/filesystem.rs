@@ -55,7 +55,6 @@ pub(super) struct Op<'a> {
     pub(super) store: VolumeStore<'a>,
     pub(super) tree: &'a mut BTree,
     sb: &'a mut Superblock,
-    sb_changed: bool,
     open: &'a HashMap<u64, u32>,
 }
 
@@ -176,10 +175,12 @@ impl Op<'_> {
         }
     }
 
+    /// A fresh inode number. It is not persisted here: mount derives the
+    /// next number from the highest inode in the tree, which is the truth
+    /// after any crash, so creating a file does not rewrite the superblock.
     fn new_ino(&mut self) -> u64 {
         let ino = self.sb.next_ino;
         self.sb.next_ino += 1;
-        self.sb_changed = true;
         ino
     }
 }
@@ -240,6 +241,16 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             volume,
         };
+        let highest = fs.read_op(|op| op.tree.last_key(&mut op.store))?;
+        if let Some(k) = highest {
+            let ino = u64::from_be_bytes(
+                k[..8]
+                    .try_into()
+                    .map_err(|_| Error::Corrupted("a short metadata key".into()))?,
+            );
+            let mut m = fs.meta.lock().map_err(|_| Error::PreviousIo)?;
+            m.sb.next_ino = m.sb.next_ino.max(ino + 1);
+        }
         if fs.volume.is_read_only() {
             return Ok(fs);
         }
@@ -330,18 +341,13 @@ impl Fs {
                 store: VolumeStore::new(&self.volume, alloc, cache),
                 tree,
                 sb,
-                sb_changed: false,
                 open: &open,
             };
             f(&mut op, &mut txn).and_then(|v| {
                 let Op {
-                    store,
-                    tree,
-                    sb,
-                    sb_changed,
-                    ..
+                    store, tree, sb, ..
                 } = op;
-                if sb_changed || tree.root != old_root {
+                if tree.root != old_root {
                     sb.root = tree.root;
                     txn.write(0, sb.encode());
                 }
