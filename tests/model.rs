@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::{block, create, open, opts, Rng};
+use common::{block, create, open, Rng};
 use lsvfs::device::{Device, MemDevice};
 use lsvfs::volume::{Transaction, Volume};
 use lsvfs::BLOCK_SIZE;
@@ -166,9 +166,4 @@ fn long_random_run_near_full() {
         });
     }
     run(ops, 16);
-}
-
-#[test]
-fn options_are_deterministic() {
-    assert!(!opts().background);
 }
