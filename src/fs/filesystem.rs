@@ -55,7 +55,7 @@ pub(super) struct Op<'a> {
     pub(super) store: VolumeStore<'a>,
     pub(super) tree: &'a mut BTree,
     sb: &'a mut Superblock,
-    open: &'a HashMap<u64, u32>,
+    open: &'a Mutex<HashMap<u64, u32>>,
 }
 
 impl Op<'_> {
@@ -141,7 +141,13 @@ impl Op<'_> {
     fn unlink_inode(&mut self, ino: u64, now: Time) -> Result<()> {
         let mut i = self.inode(ino)?;
         i.nlink = i.nlink.saturating_sub(if i.is_dir() { 2 } else { 1 });
-        if i.nlink == 0 && self.open.get(&ino).is_some_and(|n| *n > 0) {
+        let is_open = self
+            .open
+            .lock()
+            .map_err(|_| Error::PreviousIo)?
+            .get(&ino)
+            .is_some_and(|n| *n > 0);
+        if i.nlink == 0 && is_open {
             i.ctime = now;
             self.put_inode(ino, &i)?;
             self.put(&key(0, kind::ORPHAN, &ino.to_be_bytes()), &[])
@@ -326,7 +332,6 @@ impl Fs {
         &self,
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
-        let open = self.open.lock().map_err(|_| Error::PreviousIo)?.clone();
         let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
         let (old_root, old_sb) = (guard.tree.root, guard.sb);
         let result = {
@@ -341,7 +346,7 @@ impl Fs {
                 store: VolumeStore::new(&self.volume, alloc, cache),
                 tree,
                 sb,
-                open: &open,
+                open: &self.open,
             };
             f(&mut op, &mut txn).and_then(|v| {
                 let Op {

@@ -107,6 +107,22 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
     }
 }
 
+/// Replies to an operation that returns nothing.
+fn empty(op: &str, ino: u64, r: Result<(), Error>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(op, ino, &e)),
+    }
+}
+
+/// Replies to an operation that creates or finds an inode.
+fn entry(op: &str, parent: u64, r: Result<(u64, Inode), Error>, reply: ReplyEntry) {
+    match r {
+        Ok((ino, i)) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
+        Err(e) => reply.error(errno(op, parent, &e)),
+    }
+}
+
 impl FuseFs {
     /// Owner and mode of a new inode: the caller's uid; the parent's gid and
     /// setgid bit (for directories) when the parent is setgid, as ext4 does.
@@ -151,10 +167,12 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name.as_bytes()) {
-            Ok((ino, i)) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
-            Err(e) => reply.error(errno("lookup", parent.0, &e)),
-        }
+        entry(
+            "lookup",
+            parent.0,
+            self.fs.lookup(parent.0, name.as_bytes()),
+            reply,
+        )
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -213,10 +231,12 @@ impl fuser::Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.make(req, parent.0, name, mode, umask, rdev) {
-            Ok((ino, i)) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
-            Err(e) => reply.error(errno("mknod", parent.0, &e)),
-        }
+        entry(
+            "mknod",
+            parent.0,
+            self.make(req, parent.0, name, mode, umask, rdev),
+            reply,
+        )
     }
 
     fn mkdir(
@@ -228,31 +248,37 @@ impl fuser::Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.make(
-            req,
+        entry(
+            "mkdir",
             parent.0,
-            name,
-            libc::S_IFDIR | (mode & 0o7777),
-            umask,
-            0,
-        ) {
-            Ok((ino, i)) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
-            Err(e) => reply.error(errno("mkdir", parent.0, &e)),
-        }
+            self.make(
+                req,
+                parent.0,
+                name,
+                libc::S_IFDIR | (mode & 0o7777),
+                umask,
+                0,
+            ),
+            reply,
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.unlink(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("unlink", parent.0, &e)),
-        }
+        empty(
+            "unlink",
+            parent.0,
+            self.fs.unlink(parent.0, name.as_bytes()),
+            reply,
+        )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.rmdir(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("rmdir", parent.0, &e)),
-        }
+        empty(
+            "rmdir",
+            parent.0,
+            self.fs.rmdir(parent.0, name.as_bytes()),
+            reply,
+        )
     }
 
     fn symlink(
@@ -300,16 +326,18 @@ impl fuser::Filesystem for FuseFs {
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             f |= RENAME_EXCHANGE;
         }
-        match self.fs.rename(
+        empty(
+            "rename",
             parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            f,
-        ) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("rename", parent.0, &e)),
-        }
+            self.fs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                f,
+            ),
+            reply,
+        )
     }
 
     fn link(
@@ -388,10 +416,7 @@ impl fuser::Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.release(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("release", ino.0, &e)),
-        }
+        empty("release", ino.0, self.fs.release(ino.0), reply)
     }
 
     fn fsync(
@@ -402,10 +427,7 @@ impl fuser::Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.volume().flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fsync", ino.0, &e)),
-        }
+        empty("fsync", ino.0, self.fs.volume().flush(), reply)
     }
 
     fn readdir(
@@ -442,10 +464,7 @@ impl fuser::Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.volume().flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fsyncdir", ino.0, &e)),
-        }
+        empty("fsyncdir", ino.0, self.fs.volume().flush(), reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -513,10 +532,12 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.removexattr(ino.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("removexattr", ino.0, &e)),
-        }
+        empty(
+            "removexattr",
+            ino.0,
+            self.fs.removexattr(ino.0, name.as_bytes()),
+            reply,
+        )
     }
 
     fn create(
@@ -554,9 +575,11 @@ impl fuser::Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(ino.0, offset, length, mode as u32) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fallocate", ino.0, &e)),
-        }
+        empty(
+            "fallocate",
+            ino.0,
+            self.fs.fallocate(ino.0, offset, length, mode as u32),
+            reply,
+        )
     }
 }
