@@ -36,11 +36,14 @@ fn ok(args: &[&str], cwd: &Path) -> String {
 
 impl Mounted {
     fn new() -> Mounted {
+        Mounted::with_size("2G")
+    }
+    fn with_size(size: &str) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join("m")).unwrap();
         ok(&["keygen", "k"], dir.path());
         ok(
-            &["create", "v.vol", "--size", "2G", "--key-file", "k"],
+            &["create", "v.vol", "--size", size, "--key-file", "k"],
             dir.path(),
         );
         let m = Mounted { dir };
@@ -59,6 +62,70 @@ impl Mounted {
     fn unmount(&self) {
         ok(&["unmount", "m"], self.p());
     }
+    /// Unmounts and asserts that `lsvfs check` finds the volume clean.
+    fn unmount_and_check(&self) {
+        self.unmount();
+        let c = ok(&["check", "v.vol", "--key-file", "k"], self.p());
+        assert!(c.contains("v.vol: clean"), "{c}");
+    }
+    /// Runs a shell command in the mount; returns stdout, panics on failure.
+    fn sh(&self, cmd: &str) -> String {
+        sh_in(&self.m(), cmd)
+    }
+    /// The pid of this mount's daemon.
+    fn daemon_pid(&self) -> String {
+        let out = Command::new("pgrep")
+            .args(["-f", "lsvfs mount "])
+            .output()
+            .unwrap();
+        let ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|p| {
+                let cmdline = fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                cmdline.contains("--foreground")
+                    && fs::read_link(format!("/proc/{p}/cwd")).ok().as_deref() == Some(self.p())
+            })
+            .map(String::from)
+            .collect();
+        assert_eq!(ours.len(), 1, "exactly one daemon for this mount: {ours:?}");
+        ours[0].clone()
+    }
+}
+
+fn sh_in(dir: &Path, cmd: &str) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Runs `cmd` as uid/gid 65534 (nobody) in `dir`; returns (success, stderr).
+fn as_nobody(dir: &Path, cmd: &str) -> (bool, String) {
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
 }
 
 impl Drop for Mounted {
@@ -66,6 +133,7 @@ impl Drop for Mounted {
         let _ = Command::new("fusermount3")
             .arg("-uz")
             .arg(self.m())
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -247,50 +315,60 @@ fn real_programs_copy_compare_archive() {
 }
 
 #[test]
-fn kill_dash_nine_keeps_fsynced_files() {
+fn kill_dash_nine_during_writes_keeps_fsynced_files() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
     let t = Mounted::new();
-    let mut synced = Vec::new();
-    for i in 0..20 {
-        let p = t.m().join(format!("f{i}"));
-        let mut f = fs::File::create(&p).unwrap();
-        f.write_all(&vec![i as u8; 100_000]).unwrap();
-        f.sync_all().unwrap();
-        synced.push(p);
-    }
-    // Unsynced work in flight, then kill -9 the daemon.
-    for i in 0..20 {
-        fs::write(t.m().join(format!("u{i}")), vec![7u8; 50_000]).unwrap();
-    }
-    let pid = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "pgrep -f 'lsvfs mount .*{}'",
-            t.p().join("v.vol").file_name().unwrap().to_str().unwrap()
-        ))
-        .output()
-        .unwrap();
-    let pids: Vec<String> = String::from_utf8_lossy(&pid.stdout)
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    let ours: Vec<&String> = pids
-        .iter()
-        .filter(|p| {
-            fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .map(|c| {
-                    c.contains("--foreground")
-                        && fs::read_link(format!("/proc/{p}/cwd")).ok().as_deref() == Some(t.p())
-                })
-                .unwrap_or(false)
+    fs::create_dir(t.m().join("s")).unwrap();
+    let synced = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two writers run while the daemon is killed: one fsyncs every file and
+    // records it only once fsync has returned; the other never syncs.
+    let syncer = {
+        let (m, synced, stop) = (t.m(), synced.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for i in 0u32.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = (|| -> std::io::Result<()> {
+                    let mut f = fs::File::create(m.join(format!("s/f{i}")))?;
+                    f.write_all(&pattern(i, 70_000 + (i as usize % 5) * 40_000))?;
+                    f.sync_all()
+                })();
+                if r.is_err() {
+                    break;
+                }
+                synced.lock().unwrap().push(i);
+            }
         })
-        .collect();
-    assert_eq!(ours.len(), 1, "exactly one daemon for this mount: {pids:?}");
+    };
+    let scribbler = {
+        let (m, stop) = (t.m(), stop.clone());
+        std::thread::spawn(move || {
+            for i in 0u32.. {
+                if stop.load(Ordering::Relaxed)
+                    || fs::write(m.join(format!("u{}", i % 50)), pattern(i, 300_000)).is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    while synced.lock().unwrap().len() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = t.daemon_pid();
     assert!(Command::new("kill")
         .arg("-9")
-        .arg(ours[0])
+        .arg(&pid)
         .status()
         .unwrap()
         .success());
+    stop.store(true, Ordering::Relaxed);
+    syncer.join().unwrap();
+    scribbler.join().unwrap();
+    let synced = synced.lock().unwrap().clone();
     let _ = Command::new("fusermount3").arg("-uz").arg(t.m()).status();
     // Wait for the lock to go with the process.
     for _ in 0..100 {
@@ -301,15 +379,22 @@ fn kill_dash_nine_keeps_fsynced_files() {
     }
     assert!(ok(&["check", "v.vol", "--key-file", "k"], t.p()).contains("clean"));
     t.mount();
-    for (i, p) in synced.iter().enumerate() {
-        assert_eq!(
-            fs::read(p).unwrap(),
-            vec![i as u8; 100_000],
-            "{}",
-            p.display()
+    for &i in &synced {
+        let got = fs::read(t.m().join(format!("s/f{i}"))).unwrap();
+        assert!(
+            got == pattern(i, 70_000 + (i as usize % 5) * 40_000),
+            "fsynced file s/f{i} differs after kill -9 ({} files were fsynced)",
+            synced.len()
         );
     }
-    t.unmount();
+    t.unmount_and_check();
+}
+
+/// Bytes that differ per file and per position, so a misplaced block shows.
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|j| (j as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) as u8 ^ (j >> 12) as u8)
+        .collect()
 }
 
 #[test]
@@ -403,4 +488,319 @@ fn posix_acls_and_modes_as_cp_and_setfacl_expect() {
         sh("getfacl -p d/sub").contains("default:user:55:r-x"),
         "ACLs survive a remount"
     );
+}
+
+/// git's workload: many small files, renames over index.lock, fsync of
+/// objects, mmap reads of packs, checkouts that rewrite the tree.
+#[test]
+fn git_init_add_commit_checkout() {
+    let t = Mounted::new();
+    let repo = t.m().join("repo");
+    fs::create_dir(&repo).unwrap();
+    for d in 0..10 {
+        fs::create_dir(repo.join(format!("d{d}"))).unwrap();
+        for f in 0..30 {
+            fs::write(
+                repo.join(format!("d{d}/f{f}.txt")),
+                pattern(d * 100 + f, 100 + (f as usize) * 300),
+            )
+            .unwrap();
+        }
+    }
+    let git = "git -c user.name=t -c user.email=t@example.com -c init.defaultBranch=main \
+               -c core.fsync=all -c safe.directory='*'";
+    sh_in(
+        &repo,
+        &format!("{git} init -q && {git} add -A && {git} commit -qm one"),
+    );
+    let first = sh_in(&repo, &format!("{git} rev-parse HEAD"));
+    // Change, delete and rename, then commit again.
+    sh_in(
+        &repo,
+        &format!(
+            "echo changed > d0/f0.txt && rm -r d1 && mv d2 moved && \
+             {git} add -A && {git} commit -qm two && {git} gc -q"
+        ),
+    );
+    sh_in(&repo, &format!("{git} checkout -q {}", first.trim()));
+    for d in 0..10 {
+        for f in 0..30 {
+            assert_eq!(
+                fs::read(repo.join(format!("d{d}/f{f}.txt"))).unwrap(),
+                pattern(d * 100 + f, 100 + (f as usize) * 300),
+                "d{d}/f{f}.txt after checkout"
+            );
+        }
+    }
+    assert!(!repo.join("moved").exists());
+    sh_in(&repo, &format!("{git} checkout -q main"));
+    assert_eq!(fs::read(repo.join("d0/f0.txt")).unwrap(), b"changed\n");
+    let status = sh_in(&repo, &format!("{git} status --porcelain"));
+    assert_eq!(status, "", "the work tree is clean after checkout");
+    t.unmount();
+    t.mount();
+    sh_in(&repo, &format!("{git} fsck --full --strict 2>&1"));
+    t.unmount_and_check();
+}
+
+/// rsync writes a temporary file and renames it over the target; tar x
+/// restores modes, times and links. Both round trips compare checksums.
+#[test]
+fn rsync_and_tar_round_trips() {
+    let t = Mounted::new();
+    let src = t.p().join("src");
+    fs::create_dir(&src).unwrap();
+    sh_in(
+        &src,
+        "cp -a /usr/include/linux . && mkdir -p x/y && ln -s ../linux x/y/up && \
+         echo a > x/file && ln x/file x/hard && chmod 1755 x && mkfifo x/fifo && \
+         find . -exec touch -h -d '2003-04-05 06:07:08.9' {} + && \
+         touch -d '2001-02-03 04:05:06.123456789' x/file",
+    );
+    let sums = |dir: &Path| {
+        sh_in(
+            dir,
+            "find . \\( -type f -o -type l \\) -printf '%p %m %l %T@\\n' | sort && \
+             find . -type f -print0 | sort -z | xargs -0 sha256sum",
+        )
+    };
+    let same = |got: String, want: &str, what: &str| {
+        let (g, w): (Vec<&str>, Vec<&str>) = (got.lines().collect(), want.lines().collect());
+        let only_got: Vec<&&str> = g.iter().filter(|l| !w.contains(l)).take(5).collect();
+        let only_want: Vec<&&str> = w.iter().filter(|l| !g.contains(l)).take(5).collect();
+        assert!(
+            g == w,
+            "{what}: {} vs {} lines; only in the copy: {only_got:?}; only in the source: {only_want:?}",
+            g.len(),
+            w.len()
+        );
+    };
+    let want = sums(&src);
+    sh_in(t.p(), "rsync -aHAX src/ m/r/");
+    same(sums(&t.m().join("r")), &want, "rsync into the mount");
+    // A second rsync after a change rewrites only the changed file, by rename.
+    sh_in(&src, "echo more >> x/file && touch -d '2002-01-01' x/file");
+    let want = sums(&src);
+    sh_in(t.p(), "rsync -aHAX --delete src/ m/r/");
+    same(sums(&t.m().join("r")), &want, "second rsync");
+    sh_in(
+        t.p(),
+        "tar --format=posix -C src -cf src.tar . && mkdir m/t && tar -C m/t -xpf src.tar",
+    );
+    same(sums(&t.m().join("t")), &want, "tar x into the mount");
+    sh_in(
+        t.p(),
+        "mkdir back && tar --format=posix -C m/t -cf - . | tar -C back -xpf -",
+    );
+    same(sums(&t.p().join("back")), &want, "tar c out of the mount");
+    let inode = |p: &str| fs::metadata(t.m().join(p)).unwrap().ino();
+    assert_eq!(
+        inode("t/x/file"),
+        inode("t/x/hard"),
+        "tar kept the hard link"
+    );
+    t.unmount_and_check();
+}
+
+#[test]
+fn full_volume_fails_with_enospc_and_recovers_after_deletes() {
+    let t = Mounted::with_size("48M");
+    let mut written = Vec::new();
+    let mut hit = None;
+    for i in 0..200u32 {
+        let r = (|| -> std::io::Result<()> {
+            let mut f = fs::File::create(t.m().join(format!("f{i}")))?;
+            f.write_all(&pattern(i, 1 << 20))?;
+            f.sync_all()
+        })();
+        match r {
+            Ok(()) => written.push(i),
+            Err(e) => {
+                hit = Some(errno_of(e));
+                break;
+            }
+        }
+    }
+    assert_eq!(hit, Some(libc::ENOSPC), "a full volume gives ENOSPC");
+    assert!(written.len() >= 30, "only {} MiB fit", written.len());
+    // statfs agrees that the volume is (nearly) full.
+    let st = nix::sys::statvfs::statvfs(&t.m()).unwrap();
+    assert!(
+        st.blocks_available() * st.fragment_size() < 4 << 20,
+        "statfs shows {} bytes free on a full volume",
+        st.blocks_available() * st.fragment_size()
+    );
+    // Metadata operations that need space fail cleanly too.
+    let e = fs::create_dir(t.m().join("newdir"))
+        .and_then(|_| fs::write(t.m().join("newdir/x"), vec![1u8; 1 << 20]));
+    assert!(e.is_err());
+    for &i in &written {
+        assert!(fs::read(t.m().join(format!("f{i}"))).unwrap() == pattern(i, 1 << 20));
+    }
+    // Delete a third; writing works again, also after a remount.
+    for &i in written.iter().step_by(3) {
+        fs::remove_file(t.m().join(format!("f{i}"))).unwrap();
+    }
+    let st2 = nix::sys::statvfs::statvfs(&t.m()).unwrap();
+    assert!(st2.blocks_available() > st.blocks_available() + 2560);
+    fs::write(t.m().join("again"), pattern(7, 8 << 20)).unwrap();
+    t.unmount();
+    t.mount();
+    assert!(fs::read(t.m().join("again")).unwrap() == pattern(7, 8 << 20));
+    for &i in written.iter().filter(|i| *i % 3 != 0) {
+        assert!(fs::read(t.m().join(format!("f{i}"))).unwrap() == pattern(i, 1 << 20));
+    }
+    t.unmount_and_check();
+}
+
+/// Permission checks as the kernel makes them (default_permissions), the
+/// sticky bit, setuid clearing, chown refusals, nanosecond times, EXDEV.
+#[test]
+fn permissions_sticky_setuid_times_and_exdev() {
+    let t = Mounted::new();
+    let m = t.m();
+    t.sh(
+        "mkdir private && chmod 700 private && echo secret > private/s && \
+         echo x > mine && chmod 600 mine && mkdir ro && chmod 755 ro && \
+         mkdir tmp && chmod 1777 tmp && echo theirs > tmp/theirs && chown 1000:1000 tmp/theirs && \
+         echo s > suid && chmod 4777 suid && chmod 777 .",
+    );
+    let denied = |cmd: &str, why: &str| {
+        let (ok, err) = as_nobody(&m, cmd);
+        assert!(
+            !ok && err.contains(why),
+            "{cmd}: expected {why:?}, got {err:?}"
+        );
+    };
+    denied("cat private/s", "Permission denied");
+    denied("ls private", "Permission denied");
+    denied("cat mine", "Permission denied");
+    denied("touch ro/new", "Permission denied");
+    denied("rm -f tmp/theirs", "Operation not permitted");
+    denied("mv tmp/theirs tmp/moved", "Operation not permitted");
+    denied("chown 65534 mine", "Operation not permitted");
+    denied("chmod 777 mine", "Operation not permitted");
+    // Allowed: own files in the sticky directory.
+    let (ok, err) = as_nobody(&m, "echo mine > tmp/n && mv tmp/n tmp/n2 && rm tmp/n2");
+    assert!(ok, "{err}");
+    assert_eq!(fs::read(m.join("tmp/theirs")).unwrap(), b"theirs\n");
+    // A write by another user clears setuid.
+    let (ok, err) = as_nobody(&m, "echo more >> suid");
+    assert!(ok, "{err}");
+    assert_eq!(
+        fs::metadata(m.join("suid")).unwrap().mode() & 0o7777,
+        0o777,
+        "setuid survives a write by another user"
+    );
+    // Nanosecond times round-trip.
+    t.sh("touch -d '2020-05-06 07:08:09.123456789' mine");
+    let md = fs::metadata(m.join("mine")).unwrap();
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_588_748_889, 123_456_789));
+    // Renaming or linking out of the mount is EXDEV.
+    let e = fs::rename(m.join("mine"), t.p().join("outside")).unwrap_err();
+    assert_eq!(errno_of(e), libc::EXDEV);
+    let e = fs::hard_link(m.join("mine"), t.p().join("outside")).unwrap_err();
+    assert_eq!(errno_of(e), libc::EXDEV);
+    t.unmount_and_check();
+}
+
+/// 100,000 entries in one directory: lookups and creates stay cheap, and
+/// readdir returns every entry that exists throughout exactly once while
+/// other entries are created and removed under it.
+#[test]
+fn hundred_thousand_entries_and_readdir_under_churn() {
+    use std::collections::HashMap;
+    let t = Mounted::new();
+    let d = t.m().join("big");
+    fs::create_dir(&d).unwrap();
+    const N: u32 = 100_000;
+    // Create through two threads, as a parallel `tar x` would.
+    std::thread::scope(|s| {
+        for part in 0..2u32 {
+            let d = &d;
+            s.spawn(move || {
+                for i in (part..N).step_by(2) {
+                    fs::File::create(d.join(format!("entry-{i:06}"))).unwrap();
+                }
+            });
+        }
+    });
+    for i in (0..N).step_by(997) {
+        assert!(d.join(format!("entry-{i:06}")).exists());
+    }
+    assert!(!d.join("entry-missing").exists());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Churn: names that are not part of the stable set.
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = d.join(format!("churn-{}", i % 500));
+                if i % 1000 < 500 {
+                    fs::File::create(&p).unwrap();
+                } else {
+                    fs::remove_file(&p).unwrap();
+                }
+                i += 1;
+            }
+        });
+        for _round in 0..2 {
+            let mut seen: HashMap<String, u32> = HashMap::new();
+            for e in fs::read_dir(&d).unwrap() {
+                *seen
+                    .entry(e.unwrap().file_name().into_string().unwrap())
+                    .or_default() += 1;
+            }
+            let dup: Vec<_> = seen.iter().filter(|(_, &c)| c > 1).collect();
+            assert!(
+                dup.is_empty(),
+                "readdir returned duplicates: {:?}",
+                &dup[..dup.len().min(5)]
+            );
+            let stable = seen.keys().filter(|k| k.starts_with("entry-")).count();
+            assert_eq!(stable, N as usize, "every stable entry appears once");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    t.unmount_and_check();
+}
+
+/// Without fsync, writes reach the disk within FLUSH_INTERVAL (5 s): the
+/// daemon calls fdatasync on the volume on its own. strace watches it.
+#[test]
+fn unsynced_writes_are_flushed_within_five_seconds() {
+    let t = Mounted::new();
+    let pid = t.daemon_pid();
+    // Let the periodic flush of the (idle) mount pass, so the next one is due
+    // to the write below.
+    fs::write(t.m().join("warm"), b"w").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5500));
+    let log = t.p().join("strace.log");
+    let mut tracer = Command::new("strace")
+        .args(["-f", "-tt", "-e", "trace=fdatasync,fsync", "-o"])
+        .arg(&log)
+        .args(["-p", &pid])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    fs::write(t.m().join("unsynced"), pattern(3, 1 << 20)).unwrap();
+    let wrote = std::time::Instant::now();
+    let mut flushed = false;
+    while wrote.elapsed() < std::time::Duration::from_millis(6500) {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("fdatasync(") || text.contains("fsync(") {
+            flushed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    assert!(
+        flushed,
+        "no flush within 6.5 s of an unsynced write: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    t.unmount_and_check();
 }
