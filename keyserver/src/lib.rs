@@ -12,8 +12,12 @@
 //!
 //! docs/PROTOCOL.md specifies the wire protocol byte by byte.
 
+#[cfg(feature = "server")]
+pub mod admin;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod protocol;
+#[cfg(feature = "server")]
+pub mod server;
 #[cfg(feature = "server")]
 pub mod storage;
