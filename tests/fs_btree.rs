@@ -21,7 +21,7 @@ const LOGICAL: u64 = 8192;
 struct Fs {
     v: Volume,
     alloc: Allocator,
-    cache: HashMap<u64, Node>,
+    cache: HashMap<u64, std::sync::Arc<Node>>,
     tree: BTree,
 }
 
@@ -50,7 +50,7 @@ fn reachable(fs: &mut Fs) -> BTreeSet<u64> {
     let mut stack = vec![fs.tree.root];
     while let Some(lba) = stack.pop() {
         assert!(seen.insert(lba), "node {lba} reachable twice");
-        if let Node::Branch { children, .. } = store.read(lba).unwrap() {
+        if let Node::Branch { children, .. } = &*store.read(lba).unwrap() {
             stack.extend(children);
         }
     }

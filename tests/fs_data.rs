@@ -305,3 +305,98 @@ fn unlinked_open_files_live_until_closed_or_remounted() {
     assert_eq!(fs.getattr(ino).unwrap_err().errno(), libc::ENOENT);
     assert_eq!(fs.statfs().unwrap().free_blocks, before);
 }
+
+/// Overwrites that allocate nothing keep their new mtime/ctime in memory
+/// until the next sync (ext4's `lazytime`): visible at once, stored by
+/// `sync`, lost by a crash before it. Anything else stores them at once.
+#[test]
+fn overwrite_times_are_lazy_until_sync() {
+    let (mut dev, mut fs) = new_fs(65536);
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    fs.write_data(ino, 0, &pattern(1, 8192), false).unwrap();
+    let stored = fs.getattr(ino).unwrap().mtime;
+    let kill = |dev: &mut Arc<MemDevice>, fs: Fs| {
+        let img = dev.image();
+        drop(fs);
+        *dev = Arc::new(MemDevice::from_image(img));
+        Fs::mount(open(dev.clone())).unwrap()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    fs.write_data(ino, 10, b"overwrite", false).unwrap();
+    let lazy = fs.getattr(ino).unwrap();
+    assert!(
+        (lazy.mtime.sec, lazy.mtime.nsec) > (stored.sec, stored.nsec) && lazy.ctime == lazy.mtime,
+        "visible at once"
+    );
+    fs = kill(&mut dev, fs);
+    let i = fs.getattr(ino).unwrap();
+    assert_eq!(i.mtime, stored, "a crash before sync keeps the stored time");
+    assert_eq!(
+        &fs.read_data(ino, 10, 9).unwrap(),
+        b"overwrite",
+        "the data is stored"
+    );
+
+    fs.write_data(ino, 20, b"again", false).unwrap();
+    let lazy = fs.getattr(ino).unwrap().mtime;
+    fs.sync().unwrap();
+    fs = kill(&mut dev, fs);
+    assert_eq!(
+        fs.getattr(ino).unwrap().mtime,
+        lazy,
+        "sync stores lazy times"
+    );
+
+    // An explicit time set after a lazy one wins, in memory and on disk.
+    fs.write_data(ino, 30, b"x", false).unwrap();
+    let old = Time {
+        sec: 981_173_106,
+        nsec: 5,
+    };
+    fs.setattr(
+        ino,
+        SetAttr {
+            mtime: Some(old),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().mtime, old);
+    fs.sync().unwrap();
+    fs = kill(&mut dev, fs);
+    assert_eq!(fs.getattr(ino).unwrap().mtime, old);
+
+    // A write that extends the file stores size and times at once.
+    fs.write_data(ino, 8192, b"tail", false).unwrap();
+    let i = fs.getattr(ino).unwrap();
+    fs = kill(&mut dev, fs);
+    let j = fs.getattr(ino).unwrap();
+    assert_eq!((j.size, j.mtime), (8196, i.mtime));
+    // A file unlinked with lazy times pending: sync skips it.
+    fs.write_data(ino, 0, b"y", false).unwrap();
+    fs.unlink(ROOT, b"f").unwrap();
+    fs.sync().unwrap();
+    assert!(fs.check().unwrap().problems.is_empty());
+}
+
+/// fallocate of a range larger than one transaction may hold goes in steps.
+#[test]
+fn fallocate_of_a_large_range() {
+    let (_dev, fs) = new_fs(1 << 16);
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    fs.write_data(ino, 3 << 20, b"keep", false).unwrap();
+    let len = 100u64 << 20;
+    fs.fallocate(ino, 0, len, 0).unwrap();
+    let i = fs.getattr(ino).unwrap();
+    assert_eq!((i.size, i.blocks), (len, len / 4096));
+    assert_eq!(&fs.read_data(ino, 3 << 20, 5).unwrap(), b"keep\0");
+    assert!(fs
+        .read_data(ino, 90 << 20, 1 << 20)
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0));
+    fs.fallocate(ino, 4096, len - 8192, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().blocks, 2);
+    assert!(fs.check().unwrap().problems.is_empty());
+}

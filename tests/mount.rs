@@ -630,10 +630,15 @@ fn full_volume_fails_with_enospc_and_recovers_after_deletes() {
         "statfs shows {} bytes free on a full volume",
         st.blocks_available() * st.fragment_size()
     );
-    // Metadata operations that need space fail cleanly too.
-    let e = fs::create_dir(t.m().join("newdir"))
-        .and_then(|_| fs::write(t.m().join("newdir/x"), vec![1u8; 1 << 20]));
-    assert!(e.is_err());
+    // More data fails too: at write or, through the kernel's writeback
+    // cache, at fsync; never silently.
+    let e = (|| -> std::io::Result<()> {
+        fs::create_dir(t.m().join("newdir"))?;
+        let mut f = fs::File::create(t.m().join("newdir/x"))?;
+        f.write_all(&vec![1u8; 4 << 20])?;
+        f.sync_all()
+    })();
+    assert_eq!(e.map_err(errno_of), Err(libc::ENOSPC));
     for &i in &written {
         assert!(fs::read(t.m().join(format!("f{i}"))).unwrap() == pattern(i, 1 << 20));
     }

@@ -25,6 +25,34 @@ fn canonical(p: &Path) -> Result<PathBuf, Error> {
     std::fs::canonicalize(p).map_err(|e| Error::io(format!("resolving {}", p.display()), e))
 }
 
+/// Readahead for the mount, in KiB: as large as one FUSE request (1 MiB).
+const READ_AHEAD_KB: u32 = 1024;
+/// Share of the system's dirty-page limit the mount may use, in percent.
+/// FUSE's default of 1% throttles the writeback cache to write-through speed.
+const MAX_DIRTY_RATIO: u32 = 20;
+
+/// Tunes the kernel's backing-device settings for the new mount (root
+/// only; without them the mount works, only slower).
+fn tune_bdi(mountpoint: &Path) {
+    let Ok(st) = nix::sys::stat::stat(mountpoint) else {
+        return;
+    };
+    let dev = st.st_dev;
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    for (knob, value) in [
+        ("read_ahead_kb", READ_AHEAD_KB),
+        ("max_ratio", MAX_DIRTY_RATIO),
+    ] {
+        if let Err(e) = std::fs::write(format!("{bdi}/{knob}"), value.to_string()) {
+            eprintln!("lsvfs: could not set {bdi}/{knob} to {value} ({e}); continuing");
+        }
+    }
+}
+
 /// Serves the file system until a signal or an unmount, then flushes.
 pub fn foreground(
     path: &Path,
@@ -75,6 +103,7 @@ pub fn foreground(
     config.clone_fd = true;
     let session = fuser::spawn_mount(FuseFs::new(fs.clone()), &mountpoint, &config)
         .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
+    tune_bdi(&mountpoint);
     println!("{READY} {} on {}", path.display(), mountpoint.display());
     let _ = std::io::stdout().flush();
 
@@ -86,7 +115,7 @@ pub fn foreground(
             break false;
         }
         if last_flush.elapsed() >= FLUSH_INTERVAL {
-            if let Err(e) = fs.volume().flush() {
+            if let Err(e) = fs.sync() {
                 eprintln!("lsvfs: periodic flush failed: {e}");
             }
             last_flush = Instant::now();

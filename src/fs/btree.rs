@@ -16,6 +16,8 @@
 //! - leaves hold 1 or more entries, except an empty tree's root leaf;
 //! - a branch holds 1 or more children (the root may be reduced to a leaf).
 
+use std::sync::Arc;
+
 use crate::{Error, Result, BLOCK_SIZE};
 
 /// Largest key, in bytes (an inode number, a kind and a 255-byte name fit).
@@ -147,7 +149,9 @@ impl Node {
 /// Where nodes live: reads see staged changes; writes and frees are staged
 /// for the caller's next volume transaction.
 pub trait NodeStore {
-    fn read(&mut self, lba: u64) -> Result<Node>;
+    /// The node at `lba`, shared with the store's cache: readers borrow it,
+    /// writers clone it (`Arc::unwrap_or_clone`) and `write` the result.
+    fn read(&mut self, lba: u64) -> Result<Arc<Node>>;
     fn write(&mut self, lba: u64, node: Node);
     /// A block for a new node.
     fn alloc(&mut self) -> Result<u64>;
@@ -191,7 +195,7 @@ impl BTree {
     pub fn get(&self, store: &mut dyn NodeStore, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let mut lba = self.root;
         loop {
-            match store.read(lba)? {
+            match &*store.read(lba)? {
                 Node::Leaf(es) => {
                     return Ok(es
                         .binary_search_by(|(k, _)| k.as_slice().cmp(key))
@@ -244,7 +248,7 @@ impl BTree {
                 "metadata tree deeper than 64 levels at block {lba}"
             )));
         }
-        let mut node = store.read(lba)?;
+        let mut node = Arc::unwrap_or_clone(store.read(lba)?);
         match &mut node {
             Node::Leaf(es) => match es.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
                 Ok(i) => *old = Some(std::mem::replace(&mut es[i].1, value.to_vec())),
@@ -324,7 +328,7 @@ impl BTree {
     pub fn remove(&mut self, store: &mut dyn NodeStore, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let (old, _) = self.remove_at(store, self.root, key, 0)?;
         loop {
-            match store.read(self.root)? {
+            match &*store.read(self.root)? {
                 Node::Branch { keys, children } if keys.is_empty() => {
                     store.free(self.root);
                     self.root = children[0];
@@ -349,7 +353,7 @@ impl BTree {
                 "metadata tree deeper than 64 levels at block {lba}"
             )));
         }
-        let mut node = store.read(lba)?;
+        let mut node = Arc::unwrap_or_clone(store.read(lba)?);
         let old = match &mut node {
             Node::Leaf(es) => match es.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
                 Ok(i) => Some(es.remove(i).1),
@@ -389,7 +393,7 @@ impl BTree {
     pub fn last_key(&self, store: &mut dyn NodeStore) -> Result<Option<Vec<u8>>> {
         let mut lba = self.root;
         for _ in 0..64 {
-            match store.read(lba)? {
+            match &*store.read(lba)? {
                 Node::Leaf(es) => return Ok(es.last().map(|(k, _)| k.clone())),
                 Node::Branch { children, .. } => {
                     lba = *children.last().expect("a branch has children")
@@ -431,14 +435,14 @@ impl BTree {
                 "metadata tree deeper than 64 levels at block {lba}"
             )));
         }
-        match store.read(lba)? {
+        match &*store.read(lba)? {
             Node::Leaf(es) => {
                 for (k, v) in es {
                     if out.len() >= limit || k.as_slice() >= end {
                         break;
                     }
                     if k.as_slice() >= start {
-                        out.push((k, v));
+                        out.push((k.clone(), v.clone()));
                     }
                 }
             }
@@ -472,8 +476,8 @@ mod tests {
     }
 
     impl NodeStore for Mem {
-        fn read(&mut self, lba: u64) -> Result<Node> {
-            Node::decode(&self.blocks[&lba], lba)
+        fn read(&mut self, lba: u64) -> Result<Arc<Node>> {
+            Node::decode(&self.blocks[&lba], lba).map(Arc::new)
         }
         fn write(&mut self, lba: u64, node: Node) {
             self.blocks.insert(lba, node.encode());
@@ -548,7 +552,7 @@ mod tests {
                 t.remove(&mut store, k).unwrap();
             }
             prop_assert_eq!(store.blocks.len(), 1);
-            prop_assert_eq!(store.read(t.root).unwrap(), Node::Leaf(Vec::new()));
+            prop_assert_eq!(&*store.read(t.root).unwrap(), &Node::Leaf(Vec::new()));
         }
     }
 
@@ -563,7 +567,7 @@ mod tests {
         }
         let mut depth = 0;
         let mut lba = t.root;
-        while let Node::Branch { children, .. } = store.read(lba).unwrap() {
+        while let Node::Branch { children, .. } = &*store.read(lba).unwrap() {
             depth += 1;
             lba = children[0];
         }

@@ -35,7 +35,7 @@ impl Fs {
                         "metadata node {lba} is reachable twice"
                     )));
                 }
-                if let Node::Branch { children, .. } = op.store.read(lba)? {
+                if let Node::Branch { children, .. } = &*op.store.read(lba)? {
                     stack.extend(children);
                 }
             }

@@ -20,6 +20,9 @@ pub const MAX_FILE_SIZE: u64 = 1 << 44;
 pub const FALLOC_KEEP_SIZE: u32 = 0x01;
 pub const FALLOC_PUNCH_HOLE: u32 = 0x02;
 
+/// Blocks that one `fallocate` transaction covers (16 MiB).
+const FALLOC_STEP: u64 = 4096;
+
 /// Attribute changes for [`Fs::setattr`]; None leaves a field alone.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SetAttr {
@@ -38,6 +41,9 @@ pub struct FsStats {
     pub free_blocks: u64,
     pub files: u64,
 }
+
+/// The xattr holding file capabilities.
+const SECURITY_CAPABILITY: &[u8] = b"security.capability";
 
 /// `setxattr` flags.
 pub const XATTR_CREATE: u32 = 1;
@@ -64,6 +70,30 @@ impl Op<'_> {
         }
         let v: Vec<u8> = c.iter().flat_map(|b| b.to_le_bytes()).collect();
         self.put(&k, &v)
+    }
+
+    /// What the kernel leaves to the file system under
+    /// FUSE_HANDLE_KILLPRIV_V2: a regular file written by an unprivileged
+    /// user (`kill_mode`), truncated or chowned loses its file capabilities
+    /// and, with `kill_mode`, setuid (and setgid if group-executable).
+    /// Returns whether anything changed.
+    pub(super) fn kill_priv(&mut self, ino: u64, i: &mut Inode, kill_mode: bool) -> Result<bool> {
+        if file_type(i.mode) != libc::S_IFREG {
+            return Ok(false);
+        }
+        let before = i.mode;
+        if kill_mode {
+            i.mode &= !libc::S_ISUID;
+            if i.mode & libc::S_IXGRP != 0 {
+                i.mode &= !libc::S_ISGID;
+            }
+        }
+        let k = key(ino, kind::XATTR, SECURITY_CAPABILITY);
+        let had_caps = self.get(&k)?.is_some();
+        if had_caps {
+            self.del(&k)?;
+        }
+        Ok(had_caps || i.mode != before)
     }
 
     /// The block address of file block `fb`, 0 for a hole.
@@ -157,18 +187,21 @@ impl Fs {
                     FsError::Invalid.at(format!("writing to inode {ino}, not a regular file"))
                 );
             }
+            let blocks_before = i.blocks;
             let first = offset / BS;
             let last = (end - 1) / BS;
             let mut chunk_index = u64::MAX;
             let mut chunk = Vec::new();
+            let mut chunk_changed = false;
             let mut hint = 0;
             for fb in first..=last {
                 if fb / CHUNK_BLOCKS != chunk_index {
-                    if chunk_index != u64::MAX {
+                    if chunk_changed {
                         op.put_chunk(ino, chunk_index, &chunk)?;
                     }
                     chunk_index = fb / CHUNK_BLOCKS;
                     chunk = op.chunk(ino, chunk_index)?;
+                    chunk_changed = false;
                 }
                 let slot = (fb % CHUNK_BLOCKS) as usize;
                 let lo = (fb * BS).max(offset);
@@ -185,24 +218,30 @@ impl Fs {
                 } else {
                     let b = op.alloc_data(hint)?;
                     chunk[slot] = b;
+                    chunk_changed = true;
                     i.blocks += 1;
                     b
                 };
                 hint = lba + 1;
                 txn.write(lba, block);
             }
-            op.put_chunk(ino, chunk_index, &chunk)?;
-            let now = Time::now();
-            i.size = i.size.max(end);
-            i.mtime = now;
-            i.ctime = now;
-            if kill_suid {
-                i.mode &= !libc::S_ISUID;
-                if i.mode & libc::S_IXGRP != 0 {
-                    i.mode &= !libc::S_ISGID;
-                }
+            let allocated = i.blocks != blocks_before;
+            if chunk_changed {
+                op.put_chunk(ino, chunk_index, &chunk)?;
             }
-            op.put_inode(ino, &i)?;
+            let now = Time::now();
+            let killed = op.kill_priv(ino, &mut i, kill_suid)?;
+            if !allocated && end <= i.size && !killed {
+                // A pure overwrite changes only the times: they are kept
+                // in memory until the next sync, so the transaction holds
+                // the data blocks alone.
+                op.touch_lazily(ino, now);
+            } else {
+                i.size = i.size.max(end);
+                i.mtime = now;
+                i.ctime = now;
+                op.put_inode(ino, &i)?;
+            }
             Ok(data.len() as u64)
         })
     }
@@ -224,6 +263,11 @@ impl Fs {
                     a.chmod(i.mode);
                     op.put(&k, &a.encode())?;
                 }
+            }
+            if a.uid.is_some() || a.gid.is_some() || a.size.is_some() {
+                // chown and truncate drop privileges, as the kernel would
+                // without FUSE_HANDLE_KILLPRIV_V2; an explicit mode wins.
+                op.kill_priv(ino, &mut i, a.mode.is_none())?;
             }
             if let Some(u) = a.uid {
                 i.uid = u;
@@ -285,39 +329,63 @@ impl Fs {
                 what: format!("fallocate mode {mode:#x} is not supported"),
             });
         }
+        // A large range goes in steps of FALLOC_STEP blocks, one transaction
+        // each (a transaction has a size limit). Every step leaves a
+        // consistent file, so a crash between steps leaves part of the
+        // range done, as on ext4.
+        let step = FALLOC_STEP * BS;
+        let mut at = offset;
+        while at < end {
+            let to = ((at / step + 1) * step).min(end);
+            self.fallocate_step(ino, at, to, mode)?;
+            at = to;
+        }
+        Ok(())
+    }
+
+    fn fallocate_step(&self, ino: u64, offset: u64, end: u64, mode: u32) -> Result<()> {
+        let punch = mode & FALLOC_PUNCH_HOLE != 0;
         self.op(|op, txn| {
             let mut i = op.inode(ino)?;
             if file_type(i.mode) != libc::S_IFREG {
                 return Err(FsError::Invalid.at(format!("fallocate on inode {ino}")));
             }
             let mut hint = 0;
-            for fb in offset / BS..end.div_ceil(BS) {
-                let index = fb / CHUNK_BLOCKS;
+            let (first, last) = (offset / BS, end.div_ceil(BS));
+            for index in first / CHUNK_BLOCKS..=(last - 1) / CHUNK_BLOCKS {
                 let mut c = op.chunk(ino, index)?;
-                let slot = (fb % CHUNK_BLOCKS) as usize;
-                let lo = (fb * BS).max(offset);
-                let hi = ((fb + 1) * BS).min(end);
-                if punch {
-                    if c[slot] == 0 {
-                        continue;
+                let mut changed = false;
+                let lo_fb = first.max(index * CHUNK_BLOCKS);
+                let hi_fb = last.min((index + 1) * CHUNK_BLOCKS);
+                for fb in lo_fb..hi_fb {
+                    let slot = (fb % CHUNK_BLOCKS) as usize;
+                    let lo = (fb * BS).max(offset);
+                    let hi = ((fb + 1) * BS).min(end);
+                    if punch {
+                        if c[slot] == 0 {
+                            continue;
+                        }
+                        if hi - lo == BS {
+                            op.free_data(c[slot]);
+                            c[slot] = 0;
+                            i.blocks -= 1;
+                            changed = true;
+                        } else {
+                            let mut b = vec![0u8; BLOCK_SIZE];
+                            self.volume().read(c[slot], &mut b)?;
+                            b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
+                            txn.write(c[slot], b);
+                        }
+                    } else if c[slot] == 0 {
+                        let b = op.alloc_data(hint)?;
+                        hint = b + 1;
+                        c[slot] = b;
+                        i.blocks += 1;
+                        txn.write(b, vec![0u8; BLOCK_SIZE]);
+                        changed = true;
                     }
-                    if hi - lo == BS {
-                        op.free_data(c[slot]);
-                        c[slot] = 0;
-                        i.blocks -= 1;
-                        op.put_chunk(ino, index, &c)?;
-                    } else {
-                        let mut b = vec![0u8; BLOCK_SIZE];
-                        self.volume().read(c[slot], &mut b)?;
-                        b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
-                        txn.write(c[slot], b);
-                    }
-                } else if c[slot] == 0 {
-                    let b = op.alloc_data(hint)?;
-                    hint = b + 1;
-                    c[slot] = b;
-                    i.blocks += 1;
-                    txn.write(b, vec![0u8; BLOCK_SIZE]);
+                }
+                if changed {
                     op.put_chunk(ino, index, &c)?;
                 }
             }

@@ -38,7 +38,10 @@ struct Meta {
     sb: Superblock,
     tree: BTree,
     alloc: Allocator,
-    cache: HashMap<u64, Node>,
+    cache: HashMap<u64, std::sync::Arc<Node>>,
+    /// Lazy times: mtime and ctime of files changed only by overwrites,
+    /// kept in memory until the next sync (as ext4's `lazytime`).
+    lazy: HashMap<u64, Time>,
 }
 
 /// A mounted file system.
@@ -56,6 +59,10 @@ pub(super) struct Op<'a> {
     pub(super) tree: &'a mut BTree,
     sb: &'a mut Superblock,
     open: &'a Mutex<HashMap<u64, u32>>,
+    lazy: &'a mut HashMap<u64, Time>,
+    /// Lazy-time entries this operation changed, with their old values,
+    /// put back if it fails.
+    lazy_undo: Vec<(u64, Option<Time>)>,
 }
 
 impl Op<'_> {
@@ -81,15 +88,32 @@ impl Op<'_> {
         self.store.free(lba);
     }
 
+    /// The inode, with its lazy times (if any) applied.
     pub(super) fn inode(&mut self, ino: u64) -> Result<Inode> {
-        match self.get(&key(ino, kind::INODE, &[]))? {
-            Some(v) => Inode::decode(&v, ino),
-            None => Err(FsError::NotFound.at(format!("inode {ino}"))),
+        let mut i = match self.get(&key(ino, kind::INODE, &[]))? {
+            Some(v) => Inode::decode(&v, ino)?,
+            None => return Err(FsError::NotFound.at(format!("inode {ino}"))),
+        };
+        if let Some(t) = self.lazy.get(&ino) {
+            i.mtime = *t;
+            i.ctime = *t;
         }
+        Ok(i)
     }
 
+    /// Stores the inode; its lazy times, already applied by `inode`, are
+    /// now part of this operation.
     pub(super) fn put_inode(&mut self, ino: u64, i: &Inode) -> Result<()> {
+        if let Some(t) = self.lazy.remove(&ino) {
+            self.lazy_undo.push((ino, Some(t)));
+        }
         self.put(&key(ino, kind::INODE, &[]), &i.encode())
+    }
+
+    /// Sets mtime and ctime to `t` in memory only; the next sync stores them.
+    pub(super) fn touch_lazily(&mut self, ino: u64, t: Time) {
+        let old = self.lazy.insert(ino, t);
+        self.lazy_undo.push((ino, old));
     }
 
     fn dir(&mut self, ino: u64) -> Result<Inode> {
@@ -243,6 +267,7 @@ impl Fs {
                 sb,
                 alloc,
                 cache: HashMap::new(),
+                lazy: HashMap::new(),
             }),
             open: Mutex::new(HashMap::new()),
             volume,
@@ -320,10 +345,35 @@ impl Fs {
         &self.volume
     }
 
-    /// Flushes and closes the volume.
+    /// Stores lazy times and flushes the volume: after this returns, every
+    /// completed operation survives a crash (fsync, syncfs, the periodic flush).
+    pub fn sync(&self) -> Result<()> {
+        self.op(|op, _| {
+            let pending: Vec<(u64, Time)> = op.lazy.iter().map(|(k, v)| (*k, *v)).collect();
+            for (ino, _) in pending {
+                // Gone since (unlinked and reclaimed): nothing to store.
+                match op.inode(ino) {
+                    Ok(i) => op.put_inode(ino, &i)?,
+                    Err(Error::Fs {
+                        kind: FsError::NotFound,
+                        ..
+                    }) => {
+                        let t = op.lazy.remove(&ino);
+                        op.lazy_undo.push((ino, t));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })?;
+        self.volume.flush()
+    }
+
+    /// Stores lazy times, flushes and closes the volume.
     pub fn unmount(self) -> Result<()> {
-        self.volume.flush()?;
-        self.volume.close()
+        let synced = self.sync();
+        let closed = self.volume.close();
+        synced.and(closed)
     }
 
     /// Runs `f` as one operation: its tree changes, plus whatever it adds to
@@ -340,6 +390,7 @@ impl Fs {
                 tree,
                 alloc,
                 cache,
+                lazy,
             } = &mut *guard;
             let mut txn = Transaction::new();
             let mut op = Op {
@@ -347,8 +398,12 @@ impl Fs {
                 tree,
                 sb,
                 open: &self.open,
+                lazy,
+                lazy_undo: Vec::new(),
             };
-            f(&mut op, &mut txn).and_then(|v| {
+            let r = f(&mut op, &mut txn);
+            let lazy_undo = std::mem::take(&mut op.lazy_undo);
+            let result = r.and_then(|v| {
                 let Op {
                     store, tree, sb, ..
                 } = op;
@@ -357,11 +412,19 @@ impl Fs {
                     txn.write(0, sb.encode());
                 }
                 store.commit(txn).map(|_| v)
-            })
+            });
+            (result, lazy_undo)
         };
+        let (result, lazy_undo) = result;
         if result.is_err() {
             guard.tree.root = old_root;
             guard.sb = old_sb;
+            for (ino, old) in lazy_undo.into_iter().rev() {
+                match old {
+                    Some(t) => guard.lazy.insert(ino, t),
+                    None => guard.lazy.remove(&ino),
+                };
+            }
         }
         result
     }

@@ -7,6 +7,7 @@
 //! At mount the free extents are rebuilt from the bitmap.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::btree::{Node, NodeStore};
 use crate::volume::{Transaction, Volume};
@@ -90,8 +91,8 @@ impl Allocator {
 pub struct VolumeStore<'a> {
     volume: &'a Volume,
     alloc: &'a mut Allocator,
-    cache: &'a mut HashMap<u64, Node>,
-    staged: HashMap<u64, Node>,
+    cache: &'a mut HashMap<u64, Arc<Node>>,
+    staged: HashMap<u64, Arc<Node>>,
     allocated: Vec<u64>,
     freed: BTreeSet<u64>,
 }
@@ -103,7 +104,7 @@ impl<'a> VolumeStore<'a> {
     pub fn new(
         volume: &'a Volume,
         alloc: &'a mut Allocator,
-        cache: &'a mut HashMap<u64, Node>,
+        cache: &'a mut HashMap<u64, Arc<Node>>,
     ) -> Self {
         VolumeStore {
             volume,
@@ -167,7 +168,7 @@ impl VolumeStore<'_> {
 }
 
 impl NodeStore for VolumeStore<'_> {
-    fn read(&mut self, lba: u64) -> Result<Node> {
+    fn read(&mut self, lba: u64) -> Result<Arc<Node>> {
         if self.freed.contains(&lba) {
             return Err(Error::Corrupted(format!(
                 "metadata node {lba} used after it was freed"
@@ -178,13 +179,13 @@ impl NodeStore for VolumeStore<'_> {
         }
         let mut buf = vec![0u8; BLOCK_SIZE];
         self.volume.read(lba, &mut buf)?;
-        let node = Node::decode(&buf, lba)?;
+        let node = Arc::new(Node::decode(&buf, lba)?);
         self.cache.insert(lba, node.clone());
         Ok(node)
     }
 
     fn write(&mut self, lba: u64, node: Node) {
-        self.staged.insert(lba, node);
+        self.staged.insert(lba, Arc::new(node));
     }
 
     fn alloc(&mut self) -> Result<u64> {

@@ -27,6 +27,10 @@ const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 
+/// Every change to a file goes through this mount, so the kernel's page
+/// cache stays valid across opens.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
 pub struct FuseFs {
     fs: Arc<Fs>,
 }
@@ -163,6 +167,16 @@ impl fuser::Filesystem for FuseFs {
         // ACL equivalent to a mode into a chmod (as `cp -a` relies on), and
         // applies default ACLs to new inodes. We store the xattrs.
         let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
+        // Lookups and readdirs in one directory may run in parallel: the
+        // file system serializes what it must.
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // The kernel's page cache absorbs writes and sends them in large
+        // batches; fsync, close and memory pressure write them back.
+        let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        // Clearing setuid/setgid and file capabilities on write, truncate
+        // and chown is ours (`Op::kill_priv`); the kernel no longer asks
+        // for security.capability before every write.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -356,7 +370,7 @@ impl fuser::Filesystem for FuseFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.fs.open(ino.0);
-        reply.opened(FileHandle(0), FopenFlags::empty());
+        reply.opened(FileHandle(0), OPEN_FLAGS);
     }
 
     fn read(
@@ -427,7 +441,7 @@ impl fuser::Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty("fsync", ino.0, self.fs.volume().flush(), reply)
+        empty("fsync", ino.0, self.fs.sync(), reply)
     }
 
     fn readdir(
@@ -464,7 +478,7 @@ impl fuser::Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty("fsyncdir", ino.0, self.fs.volume().flush(), reply)
+        empty("fsyncdir", ino.0, self.fs.sync(), reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -558,7 +572,7 @@ impl fuser::Filesystem for FuseFs {
                     &attr(ino, &i),
                     Generation(0),
                     FileHandle(0),
-                    FopenFlags::empty(),
+                    OPEN_FLAGS,
                 )
             }
             Err(e) => reply.error(errno("create", parent.0, &e)),
