@@ -22,6 +22,9 @@ use crate::protocol::{
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Connection buffers. Messages are under 1 KiB; ureq's 128 KiB default
+/// costs a 256 KiB memset per connection, which dominated a boot storm.
+const BUFFER_SIZE: usize = 16 * 1024;
 
 /// Where the key server is and how hard to try.
 #[derive(Debug, Clone)]
@@ -335,6 +338,8 @@ fn agent(cfg: &ClientConfig) -> Result<Agent, ClientError> {
         .https_only(true)
         .http_status_as_error(false)
         .timeout_global(Some(cfg.timeout))
+        .input_buffer_size(BUFFER_SIZE)
+        .output_buffer_size(BUFFER_SIZE)
         .tls_config(tls)
         .build();
     Ok(Agent::new_with_config(config))
