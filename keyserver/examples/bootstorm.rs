@@ -30,6 +30,9 @@ struct Args {
     attempts: u32,
 }
 
+/// One host's unlock: how long it took and whether it worked.
+type Sample = (Duration, Result<(), String>);
+
 fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -149,8 +152,7 @@ fn main() {
         attempts: args.attempts,
     };
     let barrier = Arc::new(Barrier::new(args.hosts + 1));
-    let results: Arc<Mutex<Vec<(Duration, Result<(), String>)>>> =
-        Arc::new(Mutex::new(Vec::with_capacity(args.hosts)));
+    let results: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::with_capacity(args.hosts)));
     let mut threads = Vec::with_capacity(args.hosts);
     for i in 0..args.hosts {
         let (barrier, results, client, hosts) = (

@@ -112,4 +112,11 @@ mod tests {
         assert!(Config::parse(&format!("{base}\nunknown_key = 1")).is_err());
         assert!(Config::parse("listen = \"nonsense\"").is_err());
     }
+
+    #[test]
+    fn shipped_sample_config_parses() {
+        let c = Config::parse(include_str!("../../systemd/config.toml")).unwrap();
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.challenge_lifetime_secs, 30);
+    }
 }
