@@ -94,13 +94,19 @@ impl Server {
 
     /// Starts the process and waits for its "listening on" line.
     pub fn spawn(&mut self) {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", self.config.to_str().unwrap()])
+        self.spawn_with_env(&[]);
+    }
+
+    /// Like `spawn`, with extra environment variables.
+    pub fn spawn_with_env(&mut self, env: &[(&str, &Path)]) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config", self.config.to_str().unwrap()])
             .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn server");
+            .env_remove("NOTIFY_SOCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn server");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
