@@ -170,20 +170,24 @@ pub(super) async fn accept_loop(
 async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match dispatch(state, req).await {
         Ok(resp) => resp,
-        Err(e) => json_response(e.status(), &e.body()),
+        Err(e) => {
+            let mut resp = json_response(e.status(), &e.body());
+            if e == ApiError::PayloadTooLarge {
+                // The rest of the body was not read: the connection cannot
+                // carry another request.
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            resp
+        }
     }
 }
 
+/// Reads the whole body (up to the limit) before any other check, so that a
+/// refused request still leaves the connection reusable.
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let json = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(ApiError::UnsupportedMediaType);
-    }
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -208,12 +212,22 @@ async fn dispatch(
     let route = ROUTES
         .iter()
         .find(|(path, _)| *path == req.uri().path())
-        .map(|&(_, r)| r)
-        .ok_or(ApiError::NotFound)?;
-    if req.method() != Method::POST {
+        .map(|&(_, r)| r);
+    let post = req.method() == Method::POST;
+    let json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    let body = read_body(req).await?;
+    let route = route.ok_or(ApiError::NotFound)?;
+    if !post {
         return Err(ApiError::MethodNotAllowed);
     }
-    let body = read_body(req).await?;
+    if !json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
     let internal = |e: crate::storage::StorageError| {
         eprintln!("lsvfs-keyserver: database: {e}");
         ApiError::Internal
