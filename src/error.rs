@@ -46,6 +46,15 @@ pub enum Error {
     /// Another process holds the volume.
     #[error("{0}")]
     Busy(String),
+    /// The key server could not be reached, or its certificate is not the pinned one.
+    #[error("{0}")]
+    KeyServer(String),
+    /// The key server refused to release a key (revoked, not authorized, ...).
+    #[error("{0}")]
+    Refused(String),
+    /// The host's sealed store is missing, damaged, or from another host.
+    #[error("sealed store: {0}")]
+    SealedStore(String),
     /// A file-system operation was refused for a POSIX reason.
     #[error("{what}: {kind}")]
     Fs { kind: FsError, what: String },
@@ -129,6 +138,8 @@ impl Error {
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly => libc::EROFS,
             Error::Busy(_) => libc::EBUSY,
+            Error::KeyServer(_) => libc::EHOSTUNREACH,
+            Error::Refused(_) | Error::SealedStore(_) => libc::EACCES,
             Error::Fs { kind, .. } => kind.errno(),
         }
     }

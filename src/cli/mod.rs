@@ -13,6 +13,9 @@
 //! | 6 | no space |
 //! | 7 | volume in use by another process |
 //! | 8 | I/O error |
+//! | 9 | key server unreachable, or its certificate is not the pinned one |
+//! | 10 | key server refused (host revoked, not enrolled, not authorized) |
+//! | 11 | sealed store missing, damaged, or from another host |
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,8 +36,77 @@ struct Cli {
     /// Bytes per parallel crypto chunk (K/M suffixes allowed).
     #[arg(long, global = true, default_value = "512K")]
     chunk_size: String,
+    /// This host's sealed store (host identity and sealed volume keys).
+    #[arg(long, global = true, env = "LSVFS_STORE", default_value = keys::DEFAULT_STORE)]
+    store: PathBuf,
+    /// Seconds allowed for one exchange with the key server.
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout: u64,
+    /// Attempts to reach the key server (with backoff) before giving up.
+    #[arg(long, global = true, default_value_t = 4)]
+    attempts: u32,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Where a command gets a volume's master key: a key file (recovery), or
+/// this host's sealed store and the key server.
+pub(crate) struct Keys {
+    key_file: Option<PathBuf>,
+    store: PathBuf,
+    server: keys::ServerOptions,
+}
+
+impl Keys {
+    fn master(&self, header: &volume::Header) -> Result<MasterKey, Error> {
+        match &self.key_file {
+            Some(f) => keys::unlock(header, &keys::read_key_file(f)?),
+            None => {
+                let (m, r) = keys::unlock_with_server(&self.store, &self.server, header)?;
+                if let Some((from, to)) = r.from_to {
+                    eprintln!("lsvfs: rewrapped the volume key from KEK v{from} to v{to}");
+                }
+                Ok(m)
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Create this host's identity (Ed25519) and sealed store; prints the
+    /// host id to enroll on the key server.
+    Init {
+        /// The key server, https://HOST:PORT.
+        #[arg(long)]
+        keyserver: String,
+        /// CA certificate (PEM) of the key server to pin (or its self-signed certificate).
+        #[arg(long)]
+        ca: PathBuf,
+    },
+    /// Show this host's id, key server and sealed volumes.
+    Show,
+}
+
+#[derive(Subcommand)]
+enum SlotCmd {
+    /// List the volume's key slots and this host's sealed key for it.
+    List { volume: PathBuf },
+    /// Add a recovery key slot for KEYFILE (created if it does not exist).
+    AddRecovery {
+        volume: PathBuf,
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Unlock with this key file instead of the sealed store and key server.
+        #[arg(long)]
+        unlock_key_file: Option<PathBuf>,
+    },
+    /// Remove key slot N.
+    Remove {
+        volume: PathBuf,
+        #[arg(long)]
+        slot: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -50,9 +122,14 @@ enum Cmd {
         /// Logical size: bytes, or with a K, M, G or T suffix (powers of 1024).
         #[arg(long)]
         size: String,
-        /// Key file whose key opens the volume (see `lsvfs keygen`).
+        /// Key file whose key opens the volume (see `lsvfs keygen`): a
+        /// recovery slot, alone or beside --keyserver.
         #[arg(long)]
-        key_file: PathBuf,
+        key_file: Option<PathBuf>,
+        /// Register the volume with this key server (after `lsvfs host
+        /// init`) and seal its key on this host.
+        #[arg(long)]
+        keyserver: Option<String>,
         /// Segment size in 4 KiB blocks (a power of two, 16..=16384).
         #[arg(long, default_value_t = volume::DEFAULT_SEGMENT_BLOCKS)]
         segment_blocks: u32,
@@ -66,14 +143,15 @@ enum Cmd {
     /// Verify every metadata page and data block of a volume (read-only).
     Check {
         volume: PathBuf,
+        /// Recovery key file (default: the sealed store and key server).
         #[arg(long)]
-        key_file: PathBuf,
+        key_file: Option<PathBuf>,
     },
     /// Write a file's bytes into the volume at a byte offset (whole blocks).
     WriteBlocks {
         volume: PathBuf,
         #[arg(long)]
-        key_file: PathBuf,
+        key_file: Option<PathBuf>,
         /// Byte offset in the volume; a multiple of 4096.
         #[arg(long, default_value_t = 0)]
         offset: u64,
@@ -86,19 +164,28 @@ enum Cmd {
     Mount {
         volume: PathBuf,
         mountpoint: PathBuf,
+        /// Recovery key file (default: the sealed store and key server).
         #[arg(long)]
-        key_file: PathBuf,
+        key_file: Option<PathBuf>,
         /// Stay attached to the terminal instead of becoming a daemon.
         #[arg(long)]
         foreground: bool,
     },
     /// Unmount a mounted volume and wait until it is flushed and closed.
     Unmount { mountpoint: PathBuf },
+    /// This host's identity and sealed store.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Re-wrap the volume's sealed key under the key server's newest KEK.
+    Rewrap { volume: PathBuf },
+    /// A volume's key slots (recovery keys).
+    #[command(subcommand)]
+    Keyslot(SlotCmd),
     /// Read bytes from the volume into a file.
     ReadBlocks {
         volume: PathBuf,
         #[arg(long)]
-        key_file: PathBuf,
+        key_file: Option<PathBuf>,
         /// Byte offset in the volume; a multiple of 4096.
         #[arg(long, default_value_t = 0)]
         offset: u64,
@@ -120,6 +207,9 @@ pub fn exit_code(e: &Error) -> i32 {
         Error::NoSpace(_) => 6,
         Error::Busy(_) => 7,
         Error::Io { .. } | Error::PreviousIo => 8,
+        Error::KeyServer(_) => 9,
+        Error::Refused(_) => 10,
+        Error::SealedStore(_) => 11,
         Error::ReadOnly | Error::Fs { .. } => 1,
     }
 }
@@ -179,11 +269,19 @@ fn holds_file_system(v: &Volume) -> bool {
     v.read(0, &mut b).is_ok() && crate::fs::format::Superblock::decode(&b).is_ok()
 }
 
-fn open_volume(path: &Path, key_file: &Path, read_only: bool, t: &Tuning) -> Result<Volume, Error> {
+fn open_volume(path: &Path, k: &Keys, read_only: bool, t: &Tuning) -> Result<Volume, Error> {
     let dev = open_device(path, !read_only)?;
     let header = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
-    let kek = keys::read_key_file(key_file)?;
-    let master = keys::unlock(&header, &kek)?;
+    let master = k.master(&header)?;
+    open_with(dev, &master, read_only, t)
+}
+
+fn open_with(
+    dev: Arc<dyn Device>,
+    master: &MasterKey,
+    read_only: bool,
+    t: &Tuning,
+) -> Result<Volume, Error> {
     let opts = Options {
         read_only,
         background: false,
@@ -191,7 +289,11 @@ fn open_volume(path: &Path, key_file: &Path, read_only: bool, t: &Tuning) -> Res
         chunk_bytes: t.chunk_bytes,
         ..Options::default()
     };
-    Volume::open(dev, &master, opts)
+    Volume::open(dev, master, opts)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn human(bytes: u64) -> String {
@@ -227,6 +329,16 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         crypto_threads: cli.crypto_threads,
         chunk_bytes: chunk_bytes as usize,
     };
+    let server = keys::ServerOptions {
+        timeout: std::time::Duration::from_secs(cli.timeout.max(1)),
+        attempts: cli.attempts.max(1),
+    };
+    let store = cli.store.clone();
+    let keys_with = |key_file: Option<PathBuf>| Keys {
+        key_file,
+        store: store.clone(),
+        server: server.clone(),
+    };
     match cli.cmd {
         Cmd::Keygen { keyfile } => {
             keys::generate_key_file(&keyfile)?;
@@ -239,6 +351,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             volume: path,
             size,
             key_file,
+            keyserver,
             segment_blocks,
         } => {
             let bytes = parse_size(&size)?;
@@ -247,30 +360,64 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                     "--size must be a non-zero multiple of 4096 bytes, not {bytes}"
                 )));
             }
-            let kek = keys::read_key_file(&key_file)?;
+            if key_file.is_none() && keyserver.is_none() {
+                return Err(Error::InvalidArgument(
+                    "give --keyserver URL (after `lsvfs host init`), --key-file KEYFILE, or both"
+                        .into(),
+                ));
+            }
             let master =
                 MasterKey::generate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
             let volume_id =
                 *random_bytes::<16>().map_err(|e| Error::InvalidArgument(e.to_string()))?;
             let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
-            slots[0] = keys::key_file_slot(&kek, &master, &volume_id)?;
+            if let Some(kf) = &key_file {
+                slots[0] = keys::key_file_slot(&keys::read_key_file(kf)?, &master, &volume_id)?;
+            }
+            let mut sealed = match &keyserver {
+                Some(url) => {
+                    let st = keys::SealedStore::open(&store)?;
+                    if st.keyserver_url.trim_end_matches('/') != url.trim_end_matches('/') {
+                        return Err(Error::InvalidArgument(format!(
+                            "this host is set up for key server {}, not {url}; \
+                             run `lsvfs host init` again for another server",
+                            st.keyserver_url
+                        )));
+                    }
+                    Some(st)
+                }
+                None => None,
+            };
             let dev = FileDevice::open_for_create(&path)
                 .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
             let opts = CreateOptions {
                 logical_blocks: bytes / BLOCK_SIZE as u64,
                 segment_blocks,
             };
-            let created = volume::create(&dev, &master, volume_id, slots, &opts);
-            if created.is_err() && !dev.fixed_size() {
+            let fixed = dev.fixed_size();
+            let made = (|| {
+                let h = volume::create(&dev, &master, volume_id, slots, &opts)?;
+                let dev: Arc<dyn Device> = Arc::new(dev);
+                let v = open_with(dev, &master, false, &tuning)?;
+                // SAFETY: getuid/getgid have no preconditions.
+                let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+                crate::fs::Fs::format(&v, uid, gid)?;
+                v.close()?;
+                if let Some(st) = sealed.as_mut() {
+                    keys::register_volume(st, &server, &volume_id, &master)?;
+                }
+                Ok::<_, Error>(h)
+            })();
+            if made.is_err() && !fixed {
                 let _ = std::fs::remove_file(&path);
             }
-            let h = created?;
-            drop(dev);
-            let v = open_volume(&path, &key_file, false, &tuning)?;
-            // SAFETY: getuid/getgid have no preconditions.
-            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-            crate::fs::Fs::format(&v, uid, gid)?;
-            v.close()?;
+            let h = made?;
+            if keyserver.is_some() {
+                println!(
+                    "registered volume {} with the key server; its key is sealed on this host",
+                    hex(&volume_id)
+                );
+            }
             println!(
                 "created {}: {} logical, backing store grows to at most {}",
                 path.display(),
@@ -313,7 +460,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             }
             if let Some(kf) = key_file {
                 drop(dev);
-                let v = open_volume(&path, &kf, true, &tuning)?;
+                let v = open_volume(&path, &keys_with(Some(kf)), true, &tuning)?;
                 let s = v.stats()?;
                 println!(
                     "allocated:       {} ({} blocks)",
@@ -338,7 +485,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             volume: path,
             key_file,
         } => {
-            let v = open_volume(&path, &key_file, true, &tuning)?;
+            let v = open_volume(&path, &keys_with(key_file), true, &tuning)?;
             let r = v.check()?;
             let rec = v.recovery();
             println!(
@@ -383,7 +530,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             let mut data = std::fs::read(&input)
                 .map_err(|e| Error::io(format!("reading {}", input.display()), e))?;
             data.resize(data.len().div_ceil(BLOCK_SIZE) * BLOCK_SIZE, 0);
-            let v = open_volume(&path, &key_file, false, &tuning)?;
+            let v = open_volume(&path, &keys_with(key_file), false, &tuning)?;
             let chunk = 256 * BLOCK_SIZE;
             for (i, c) in data.chunks(chunk).enumerate() {
                 v.write(offset / BLOCK_SIZE as u64 + (i * 256) as u64, c)?;
@@ -398,13 +545,141 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             key_file,
             foreground,
         } => {
+            let k = keys_with(key_file);
             if foreground {
-                mount::foreground(&path, &mountpoint, &key_file, &tuning)?;
+                mount::foreground(&path, &mountpoint, &k, &tuning)?;
             } else {
-                mount::daemon(&path, &mountpoint, &key_file)?;
+                mount::daemon(&path, &mountpoint, &k)?;
             }
         }
         Cmd::Unmount { mountpoint } => mount::unmount(&mountpoint)?,
+        Cmd::Host(HostCmd::Init { keyserver, ca }) => {
+            let ca_pem = std::fs::read(&ca).map_err(|e| {
+                Error::io(format!("reading the CA certificate {}", ca.display()), e)
+            })?;
+            if !ca_pem.starts_with(b"-----BEGIN") {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not a PEM certificate",
+                    ca.display()
+                )));
+            }
+            let st = keys::SealedStore::init(&store, &keyserver, ca_pem)?;
+            println!("created the sealed store in {}", store.display());
+            println!("host id: {}", keys::host_id(&st));
+            println!(
+                "enroll it on the key server: lsvfs-keyserver admin enroll NAME {}",
+                keys::host_id(&st)
+            );
+        }
+        Cmd::Host(HostCmd::Show) => {
+            let st = keys::SealedStore::open(&store)?;
+            println!("host id:    {}", keys::host_id(&st));
+            println!("key server: {}", st.keyserver_url);
+            for v in &st.volumes {
+                println!("volume {}: KEK v{}", hex(&v.volume_id), v.kek_version);
+            }
+        }
+        Cmd::Rewrap { volume: path } => {
+            let dev = open_device(&path, false)?;
+            let h = volume::read_header(&*dev).map_err(|e| with_path(e, &path))?;
+            let (_, r) = keys::unlock_with_server(&store, &server, &h)?;
+            match r.from_to {
+                Some((from, to)) => println!(
+                    "rewrapped the key of {} from KEK v{from} to v{to}",
+                    path.display()
+                ),
+                None => println!(
+                    "the key of {} is already wrapped under the newest KEK",
+                    path.display()
+                ),
+            }
+        }
+        Cmd::Keyslot(SlotCmd::List { volume: path }) => {
+            let dev = open_device(&path, false)?;
+            let h = volume::read_header(&*dev).map_err(|e| with_path(e, &path))?;
+            for (i, sl) in h.slots.iter().enumerate() {
+                match sl.kind {
+                    volume::SlotKind::Empty => println!("slot {i}: empty"),
+                    k => println!(
+                        "slot {i}: {k:?} (key fingerprint {})",
+                        hex(&sl.fingerprint[..8])
+                    ),
+                }
+            }
+            match keys::SealedStore::open(&store) {
+                Ok(st) => match st.entry(&h.volume_id) {
+                    Some(e) => println!(
+                        "sealed on this host: KEK v{} from {}",
+                        e.kek_version, st.keyserver_url
+                    ),
+                    None => println!("sealed on this host: no"),
+                },
+                Err(e) => println!("sealed on this host: no ({e})"),
+            }
+        }
+        Cmd::Keyslot(SlotCmd::AddRecovery {
+            volume: path,
+            key_file,
+            unlock_key_file,
+        }) => {
+            let dev = open_device(&path, true)?;
+            let mut h = volume::read_header(&*dev).map_err(|e| with_path(e, &path))?;
+            let master = keys_with(unlock_key_file).master(&h)?;
+            if !key_file.exists() {
+                keys::generate_key_file(&key_file)?;
+                println!("wrote key file {} (mode 0600)", key_file.display());
+            }
+            let slot =
+                keys::key_file_slot(&keys::read_key_file(&key_file)?, &master, &h.volume_id)?;
+            if h.slots
+                .iter()
+                .any(|s| s.kind != volume::SlotKind::Empty && s.fingerprint == slot.fingerprint)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{} already opens {}",
+                    key_file.display(),
+                    path.display()
+                )));
+            }
+            let Some(i) = h
+                .slots
+                .iter()
+                .position(|s| s.kind == volume::SlotKind::Empty)
+            else {
+                return Err(Error::InvalidArgument(format!(
+                    "all {KEY_SLOTS} key slots of {} are in use; remove one first",
+                    path.display()
+                )));
+            };
+            h.slots[i] = slot;
+            volume::write_header(&*dev, &h)?;
+            println!("added recovery key {} in slot {i}", key_file.display());
+        }
+        Cmd::Keyslot(SlotCmd::Remove { volume: path, slot }) => {
+            let dev = open_device(&path, true)?;
+            let mut h = volume::read_header(&*dev).map_err(|e| with_path(e, &path))?;
+            if slot >= KEY_SLOTS || h.slots[slot].kind == volume::SlotKind::Empty {
+                return Err(Error::InvalidArgument(format!("slot {slot} is empty")));
+            }
+            let others = h
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| *i != slot && s.kind != volume::SlotKind::Empty)
+                .count();
+            let sealed_here = keys::SealedStore::open(&store)
+                .map(|st| st.entry(&h.volume_id).is_some())
+                .unwrap_or(false);
+            if others == 0 && !sealed_here {
+                return Err(Error::InvalidArgument(format!(
+                    "slot {slot} is the last way to open {}; add another recovery key first",
+                    path.display()
+                )));
+            }
+            h.slots[slot] = KeySlot::EMPTY;
+            volume::write_header(&*dev, &h)?;
+            println!("removed key slot {slot} of {}", path.display());
+        }
         Cmd::ReadBlocks {
             volume: path,
             key_file,
@@ -417,7 +692,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                     "--offset and --length must be multiples of 4096".into(),
                 ));
             }
-            let v = open_volume(&path, &key_file, true, &tuning)?;
+            let v = open_volume(&path, &keys_with(key_file), true, &tuning)?;
             let mut out = vec![0u8; length as usize];
             v.read(offset / BLOCK_SIZE as u64, &mut out)?;
             std::fs::write(&output, &out)

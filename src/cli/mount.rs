@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-use super::Tuning;
+use super::{Keys, Tuning};
 use crate::fs::Fs;
 use crate::fuse::FuseFs;
 use crate::volume::Options;
-use crate::{keys, volume, Error};
+use crate::{volume, Error};
 
 /// Longest time a write stays in the log unflushed.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -54,12 +54,7 @@ fn tune_bdi(mountpoint: &Path) {
 }
 
 /// Serves the file system until a signal or an unmount, then flushes.
-pub fn foreground(
-    path: &Path,
-    mountpoint: &Path,
-    key_file: &Path,
-    t: &Tuning,
-) -> Result<(), Error> {
+pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Result<(), Error> {
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
     let dev: Arc<dyn crate::device::Device> = Arc::new(
@@ -67,8 +62,7 @@ pub fn foreground(
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
     );
     let header = volume::read_header(&*dev)?;
-    let kek = keys::read_key_file(key_file)?;
-    let master = keys::unlock(&header, &kek)?;
+    let master = k.master(&header)?;
     let opts = Options {
         crypto_threads: t.crypto_threads,
         chunk_bytes: t.chunk_bytes,
@@ -146,15 +140,21 @@ pub fn foreground(
 
 /// Starts a foreground mount in the background and returns once it is
 /// mounted, or with its error.
-pub fn daemon(path: &Path, mountpoint: &Path, key_file: &Path) -> Result<(), Error> {
+pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys) -> Result<(), Error> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("finding the lsvfs binary", e))?;
-    let mut child = Command::new(exe)
-        .arg("mount")
-        .arg(path)
-        .arg(mountpoint)
-        .arg("--key-file")
-        .arg(key_file)
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount").arg(path).arg(mountpoint);
+    if let Some(f) = &k.key_file {
+        cmd.arg("--key-file").arg(f);
+    }
+    let mut child = cmd
+        .arg("--store")
+        .arg(&k.store)
+        .arg("--timeout")
+        .arg(k.server.timeout.as_secs().to_string())
+        .arg("--attempts")
+        .arg(k.server.attempts.to_string())
         .arg("--foreground")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -182,6 +182,9 @@ pub fn daemon(path: &Path, mountpoint: &Path, key_file: &Path) -> Result<(), Err
         Some(3) => Error::NotAVolume(msg),
         Some(4) => Error::Corrupted(msg),
         Some(7) => Error::Busy(msg),
+        Some(9) => Error::KeyServer(msg),
+        Some(10) => Error::Refused(msg),
+        Some(11) => Error::SealedStore(msg.trim_start_matches("sealed store: ").to_string()),
         _ => Error::InvalidArgument(format!("mount failed: {msg}")),
     })
 }

@@ -1,9 +1,19 @@
-//! Keys layer: what the user holds (for now a key file) turned into a
-//! volume's master key, through the header's key slots.
+//! Keys layer: what the host holds turned into a volume's master key. Two
+//! ways in: the sealed store plus a KEK released by the key server (the
+//! normal path), or a key file matching one of the header's key slots (the
+//! recovery path).
 
 mod keyfile;
+pub mod sealed;
 
 pub use keyfile::{generate_key_file, read_key_file};
+pub use sealed::{SealedStore, VolumeEntry, DEFAULT_STORE};
+
+use std::path::Path;
+use std::time::Duration;
+
+use lsvfs_keyserver::client::{self, ClientConfig, ClientError, HostIdentity};
+use zeroize::Zeroizing;
 
 use crate::crypto::{unwrap_key, wrap_key, Kek, MasterKey};
 use crate::volume::{Header, KeySlot, SlotKind, KEY_SLOTS};
@@ -53,4 +63,115 @@ pub fn unlock(header: &Header, kek: &Kek) -> Result<MasterKey> {
         "the key slot for this key does not open (the header was altered or the key is wrong)"
             .into(),
     ))
+}
+
+/// How commands reach the key server.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Limit for one exchange with the key server.
+    pub timeout: Duration,
+    /// Attempts on connection failures and 5xx.
+    pub attempts: u32,
+}
+
+fn client_config(store: &SealedStore, o: &ServerOptions) -> ClientConfig {
+    ClientConfig {
+        url: store.keyserver_url.clone(),
+        ca_pem: Some(store.ca_pem.clone()),
+        timeout: o.timeout,
+        attempts: o.attempts,
+    }
+}
+
+fn from_client(e: ClientError) -> Error {
+    match e {
+        ClientError::Refused { .. } => Error::Refused(e.to_string()),
+        _ => Error::KeyServer(e.to_string()),
+    }
+}
+
+fn kek_of(k: &client::Kek) -> Kek {
+    Kek::from_bytes(Zeroizing::new(*k.key))
+}
+
+/// The host id (Ed25519 public key, hex) of the store's identity.
+pub fn host_id(store: &SealedStore) -> String {
+    HostIdentity::from_secret(&store.identity).public_hex()
+}
+
+/// Registers a new volume with the key server and seals its master key,
+/// wrapped under the returned KEK, in the store (saved).
+pub fn register_volume(
+    store: &mut SealedStore,
+    o: &ServerOptions,
+    volume_id: &[u8; 16],
+    master: &MasterKey,
+) -> Result<()> {
+    let host = HostIdentity::from_secret(&store.identity);
+    let kek = client::register_volume(&client_config(store, o), &host, *volume_id)
+        .map_err(from_client)?;
+    let wrapped = wrap_key(&kek_of(&kek), master, &associated(volume_id))
+        .map_err(|e| Error::InvalidArgument(format!("wrapping the volume key: {e}")))?;
+    store.put(VolumeEntry {
+        volume_id: *volume_id,
+        kek_version: kek.version,
+        wrapped,
+    });
+    store.save()
+}
+
+/// What [`unlock_with_server`] did besides unlocking.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// KEK versions before and after, when the key was rewrapped under a
+    /// newer KEK.
+    pub from_to: Option<(u32, u32)>,
+}
+
+/// The normal unlock: finds the volume's wrapped key in the sealed store,
+/// asks the key server for its KEK (proving this host's identity), unwraps
+/// the key and checks it against the header. When the server has a newer
+/// KEK, rewraps the key under it, saves the store and tells the server.
+pub fn unlock_with_server(
+    store_dir: &Path,
+    o: &ServerOptions,
+    header: &Header,
+) -> Result<(MasterKey, Rewrapped)> {
+    let mut store = SealedStore::open(store_dir)?;
+    let vid = header.volume_id;
+    let hex: String = vid.iter().map(|b| format!("{b:02x}")).collect();
+    let entry = store.entry(&vid).cloned().ok_or_else(|| {
+        Error::SealedStore(format!(
+            "this host's sealed store ({}) holds no key for volume {hex}; \
+             it was created on another host: open it with its recovery key (--key-file)",
+            store_dir.display()
+        ))
+    })?;
+    let host = HostIdentity::from_secret(&store.identity);
+    let cfg = client_config(&store, o);
+    let got = client::unlock(&cfg, &host, vid, entry.kek_version).map_err(from_client)?;
+    let master = unwrap_key(&kek_of(&got.kek), &entry.wrapped, &associated(&vid))
+        .ok()
+        .filter(|mk| mk.check_value(&vid) == header.key_check)
+        .ok_or_else(|| {
+            Error::WrongKey(format!(
+                "the key server's KEK v{} does not open the sealed key of volume {hex}; \
+                 the sealed store and the volume do not belong together",
+                entry.kek_version
+            ))
+        })?;
+    let mut done = Rewrapped::default();
+    if let Some(newest) = got.newest {
+        let wrapped = wrap_key(&kek_of(&newest), &master, &associated(&vid))
+            .map_err(|e| Error::InvalidArgument(format!("wrapping the volume key: {e}")))?;
+        store.put(VolumeEntry {
+            volume_id: vid,
+            kek_version: newest.version,
+            wrapped,
+        });
+        store.save()?;
+        client::report_rewrapped(&cfg, &host, vid, newest.version).map_err(from_client)?;
+        done.from_to = Some((entry.kek_version, newest.version));
+    }
+    Ok((master, done))
 }

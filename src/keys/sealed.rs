@@ -1,0 +1,399 @@
+//! The host's sealed store: a software stand-in for a TPM. It keeps the
+//! host's Ed25519 identity key, the key server's address and pinned CA, and
+//! each volume's data key wrapped under that volume's KEK.
+//!
+//! # Threat model
+//!
+//! Two files in the store directory (default `/var/lib/lsvfs`, mode 0700):
+//! - `host-secret`: 32 random bytes, mode 0600, readable by root only;
+//! - `sealed`: everything else, encrypted and authenticated
+//!   (XChaCha20-Poly1305) under a key derived from the host secret *and* a
+//!   measurement of the host (SHA-256 of `/etc/machine-id`).
+//!
+//! What it protects against:
+//! - The `sealed` file copied (or restored from a backup) to another host:
+//!   that host has another secret and another machine-id, so it does not
+//!   open ("sealed on another host").
+//! - Both files copied to another host: the machine-id differs, so it does
+//!   not open either.
+//! - A stolen volume file, or a stolen sealed store without network access:
+//!   the data keys inside are wrapped under KEKs that only the key server
+//!   releases, to this host's identity, while it is enrolled and authorized.
+//!   Revoking the host on the key server locks it out at the next mount.
+//! - Tampering: any change to `sealed` fails authentication.
+//!
+//! What it does not protect against (a TPM backend would):
+//! - root on this host while the host is enrolled: root can read the host
+//!   secret and ask the key server for KEKs, as the mount does;
+//! - an attacker who copies both files *and* reproduces the machine-id
+//!   (which is not secret). The machine-id path can be overridden with
+//!   `LSVFS_MACHINE_ID_FILE`, which the tests use to simulate a second host;
+//!   the override changes the measurement, it grants nothing.
+//!
+//! Plaintext keys exist only in memory (`Zeroizing`) and the files are
+//! written with mode 0600 through a temporary file and an atomic rename.
+//! The byte layout is in docs/FORMAT.md ("Sealed store").
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::crypto::WrappedKey;
+use crate::crypto::{random_bytes, WRAPPED_LEN};
+use crate::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"LSVFSSS\0";
+const VERSION: u32 = 1;
+/// magic, version, measurement digest, nonce, plaintext length.
+const HEADER: usize = 8 + 4 + 32 + 24 + 4;
+const SECRET_FILE: &str = "host-secret";
+const SEALED_FILE: &str = "sealed";
+/// Default store directory.
+pub const DEFAULT_STORE: &str = "/var/lib/lsvfs";
+const DEFAULT_MACHINE_ID: &str = "/etc/machine-id";
+/// Upper bound on a sealed file (a CA bundle and many volumes fit easily).
+const MAX_SEALED: usize = 4 << 20;
+
+/// One volume's data key, wrapped under KEK `kek_version`.
+#[derive(Clone)]
+pub struct VolumeEntry {
+    pub volume_id: [u8; 16],
+    pub kek_version: u32,
+    pub wrapped: WrappedKey,
+}
+
+/// The opened store. `Debug` shows no key material.
+pub struct SealedStore {
+    dir: PathBuf,
+    /// Ed25519 secret key of this host's identity.
+    pub identity: Zeroizing<[u8; 32]>,
+    pub keyserver_url: String,
+    pub ca_pem: Vec<u8>,
+    pub volumes: Vec<VolumeEntry>,
+}
+
+impl std::fmt::Debug for SealedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedStore")
+            .field("dir", &self.dir)
+            .field("keyserver_url", &self.keyserver_url)
+            .field("volumes", &self.volumes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(dir: &Path, what: impl std::fmt::Display) -> Error {
+    Error::SealedStore(format!("{} ({what})", dir.display()))
+}
+
+/// SHA-256 over a label and this host's machine-id.
+fn measurement() -> Result<[u8; 32]> {
+    let path = std::env::var_os("LSVFS_MACHINE_ID_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MACHINE_ID));
+    let id = fs::read(&path).map_err(|e| {
+        Error::SealedStore(format!(
+            "cannot measure this host: reading {}: {e}; run `systemd-machine-id-setup`",
+            path.display()
+        ))
+    })?;
+    let mut h = Sha256::new();
+    h.update(b"lsvfs v1 host measurement\0");
+    h.update(id.trim_ascii());
+    Ok(h.finalize().into())
+}
+
+fn sealing_key(secret: &[u8; 32], digest: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let hk = hkdf::Hkdf::<Sha256>::new(Some(digest), secret);
+    let mut k = Zeroizing::new([0u8; 32]);
+    hk.expand(b"lsvfs v1 sealed store", k.as_mut())
+        .expect("32 bytes is a valid HKDF-SHA256 length");
+    k
+}
+
+/// Writes `data` to `dir/name` with mode 0600, atomically and durably.
+fn write_private(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let io = |e| Error::io(format!("writing {}", dir.join(name).display()), e);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(io)?;
+    fs::rename(&tmp, dir.join(name)).map_err(io)?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}
+
+/// Refuses a secret file that group or others can read.
+fn check_private(path: &Path) -> Result<()> {
+    let md = fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    if md.permissions().mode() & 0o077 != 0 {
+        return Err(Error::SealedStore(format!(
+            "{} is accessible to group or others; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u16(&mut self) -> Option<usize> {
+        self.take(2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
+    }
+}
+
+impl SealedStore {
+    /// Creates a new store in `dir` with a fresh host secret and identity.
+    /// Refuses to overwrite an existing store.
+    pub fn init(dir: &Path, keyserver_url: &str, ca_pem: Vec<u8>) -> Result<SealedStore> {
+        if dir.join(SEALED_FILE).exists() || dir.join(SECRET_FILE).exists() {
+            return Err(store_err(
+                dir,
+                "a sealed store already exists here; remove it first to start over \
+                 (its volumes then open only with their recovery keys)",
+            ));
+        }
+        fs::create_dir_all(dir)
+            .and_then(|_| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let secret = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
+        let identity = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
+        write_private(dir, SECRET_FILE, &secret[..])?;
+        let store = SealedStore {
+            dir: dir.to_path_buf(),
+            identity,
+            keyserver_url: keyserver_url.to_string(),
+            ca_pem,
+            volumes: Vec::new(),
+        };
+        store.save()?;
+        Ok(store)
+    }
+
+    /// Opens the store in `dir` on this host.
+    pub fn open(dir: &Path) -> Result<SealedStore> {
+        let sealed_path = dir.join(SEALED_FILE);
+        let secret_path = dir.join(SECRET_FILE);
+        if !sealed_path.exists() {
+            return Err(Error::SealedStore(format!(
+                "no sealed store in {}; run `lsvfs host init --keyserver URL --ca FILE` \
+                 (or pass --store DIR, or use the volume's recovery key with --key-file)",
+                dir.display()
+            )));
+        }
+        check_private(&secret_path)?;
+        let secret = fs::read(&secret_path)
+            .map_err(|e| Error::io(format!("reading {}", secret_path.display()), e))?;
+        let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
+            secret
+                .as_slice()
+                .try_into()
+                .map_err(|_| store_err(dir, "the host secret is not 32 bytes"))?,
+        );
+        let b = fs::read(&sealed_path)
+            .map_err(|e| Error::io(format!("reading {}", sealed_path.display()), e))?;
+        if b.len() < HEADER + 16 || b.len() > MAX_SEALED || &b[..8] != MAGIC {
+            return Err(store_err(
+                dir,
+                "the sealed file is not an lsvfs sealed store",
+            ));
+        }
+        let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(store_err(
+                dir,
+                format!("unsupported sealed store version: want={VERSION} have={version}"),
+            ));
+        }
+        let digest: [u8; 32] = b[12..44].try_into().expect("32 bytes");
+        if digest != measurement()? {
+            return Err(store_err(
+                dir,
+                "sealed on another host: this host's measurement (machine-id) differs; \
+                 a sealed store opens only on the host that made it. Use the volume's \
+                 recovery key (--key-file), or run `lsvfs host init` here",
+            ));
+        }
+        let nonce = XNonce::from_slice(&b[44..68]);
+        let key = sealing_key(&secret, &digest);
+        let plain = XChaCha20Poly1305::new(key.as_ref().into())
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: &b[HEADER..],
+                    aad: &b[..HEADER],
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| {
+                store_err(
+                    dir,
+                    "the sealed store does not open with this host's secret: it was made \
+                     with another host secret, or it was altered",
+                )
+            })?;
+        Self::decode(dir, &plain).ok_or_else(|| store_err(dir, "the sealed contents are malformed"))
+    }
+
+    fn decode(dir: &Path, plain: &[u8]) -> Option<SealedStore> {
+        let mut r = Reader { b: plain, at: 0 };
+        let identity = Zeroizing::new(<[u8; 32]>::try_from(r.take(32)?).ok()?);
+        let n = r.u16()?;
+        let keyserver_url = String::from_utf8(r.take(n)?.to_vec()).ok()?;
+        let n = r.u32()? as usize;
+        let ca_pem = r.take(n)?.to_vec();
+        let count = r.u32()?;
+        let mut volumes = Vec::new();
+        for _ in 0..count {
+            let volume_id = r.take(16)?.try_into().ok()?;
+            let kek_version = r.u32()?;
+            let wrapped = WrappedKey(r.take(WRAPPED_LEN)?.try_into().ok()?);
+            volumes.push(VolumeEntry {
+                volume_id,
+                kek_version,
+                wrapped,
+            });
+        }
+        (r.at == plain.len()).then(|| SealedStore {
+            dir: dir.to_path_buf(),
+            identity,
+            keyserver_url,
+            ca_pem,
+            volumes,
+        })
+    }
+
+    /// Seals the current contents and replaces the file atomically.
+    pub fn save(&self) -> Result<()> {
+        let dir = &self.dir;
+        let secret = fs::read(dir.join(SECRET_FILE))
+            .map_err(|e| Error::io(format!("reading {}", dir.join(SECRET_FILE).display()), e))?;
+        let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
+            secret
+                .as_slice()
+                .try_into()
+                .map_err(|_| store_err(dir, "the host secret is not 32 bytes"))?,
+        );
+        let url = self.keyserver_url.as_bytes();
+        if url.len() > u16::MAX as usize || self.ca_pem.len() > MAX_SEALED / 2 {
+            return Err(store_err(dir, "the key server URL or CA is too large"));
+        }
+        let mut plain = Zeroizing::new(Vec::new());
+        plain.extend_from_slice(&self.identity[..]);
+        plain.extend_from_slice(&(url.len() as u16).to_le_bytes());
+        plain.extend_from_slice(url);
+        plain.extend_from_slice(&(self.ca_pem.len() as u32).to_le_bytes());
+        plain.extend_from_slice(&self.ca_pem);
+        plain.extend_from_slice(&(self.volumes.len() as u32).to_le_bytes());
+        for v in &self.volumes {
+            plain.extend_from_slice(&v.volume_id);
+            plain.extend_from_slice(&v.kek_version.to_le_bytes());
+            plain.extend_from_slice(&v.wrapped.0);
+        }
+        let digest = measurement()?;
+        let nonce = random_bytes::<24>().map_err(|e| store_err(dir, e))?;
+        let mut out = Vec::with_capacity(HEADER + plain.len() + 16);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&digest);
+        out.extend_from_slice(&nonce[..]);
+        out.extend_from_slice(&(plain.len() as u32).to_le_bytes());
+        let key = sealing_key(&secret, &digest);
+        let ct = XChaCha20Poly1305::new(key.as_ref().into())
+            .encrypt(
+                XNonce::from_slice(&nonce[..]),
+                Payload {
+                    msg: &plain,
+                    aad: &out,
+                },
+            )
+            .map_err(|_| store_err(dir, "sealing failed"))?;
+        out.extend_from_slice(&ct);
+        write_private(dir, SEALED_FILE, &out)
+    }
+
+    pub fn entry(&self, volume_id: &[u8; 16]) -> Option<&VolumeEntry> {
+        self.volumes.iter().find(|v| &v.volume_id == volume_id)
+    }
+
+    /// Adds or replaces the entry for `e.volume_id`.
+    pub fn put(&mut self, e: VolumeEntry) {
+        self.volumes.retain(|v| v.volume_id != e.volume_id);
+        self.volumes.push(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_tamper_and_another_host() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("store");
+        let mut s = SealedStore::init(&dir, "https://127.0.0.1:1", b"CA".to_vec()).unwrap();
+        s.put(VolumeEntry {
+            volume_id: [7; 16],
+            kek_version: 3,
+            wrapped: WrappedKey([9; WRAPPED_LEN]),
+        });
+        s.save().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join(SECRET_FILE)), 0o600);
+        assert_eq!(mode(&dir.join(SEALED_FILE)), 0o600);
+        let o = SealedStore::open(&dir).unwrap();
+        assert_eq!(o.identity[..], s.identity[..]);
+        assert_eq!(o.keyserver_url, "https://127.0.0.1:1");
+        assert_eq!(o.entry(&[7; 16]).unwrap().kek_version, 3);
+        assert!(!format!("{o:?}").contains(&format!("{:?}", &o.identity[..4])));
+        assert!(
+            SealedStore::init(&dir, "x", Vec::new()).is_err(),
+            "no overwrite"
+        );
+
+        // Another host secret: the sealed file does not open.
+        let other = d.path().join("other");
+        SealedStore::init(&other, "x", Vec::new()).unwrap();
+        fs::copy(dir.join(SEALED_FILE), other.join(SEALED_FILE)).unwrap();
+        let e = SealedStore::open(&other).unwrap_err().to_string();
+        assert!(e.contains("another host secret"), "{e}");
+
+        // A flipped byte anywhere fails.
+        let mut b = fs::read(dir.join(SEALED_FILE)).unwrap();
+        let n = b.len();
+        b[n - 20] ^= 1;
+        fs::write(other.join(SEALED_FILE), &b).unwrap();
+        fs::copy(dir.join(SECRET_FILE), other.join(SECRET_FILE)).unwrap();
+        assert!(SealedStore::open(&other).is_err());
+
+        // A group-readable host secret is refused.
+        fs::set_permissions(dir.join(SECRET_FILE), fs::Permissions::from_mode(0o640)).unwrap();
+        let e = SealedStore::open(&dir).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+    }
+}
