@@ -308,6 +308,13 @@ fn revoked_host_is_refused_and_the_recovery_key_still_opens() {
     std::fs::write(a.p().join("m/kept"), b"data").unwrap();
     a.ok(&["unmount", "m"]);
 
+    // Taken off the volume's ACL: refused until authorized again.
+    let vid = volume_id(&a);
+    ks.admin(&["deauthorize", "host-a", &vid]);
+    a.fails(&["mount", "v.vol", "m"], 10, "not authorized");
+    ks.admin(&["authorize", "host-a", &vid]);
+    a.ok(&["check", "v.vol"]);
+
     ks.admin(&["revoke", "host-a"]);
     let t0 = Instant::now();
     a.fails(&["mount", "v.vol", "m"], 10, "revoked");
