@@ -400,3 +400,32 @@ fn fallocate_of_a_large_range() {
     assert_eq!(fs.getattr(ino).unwrap().blocks, 2);
     assert!(fs.check().unwrap().problems.is_empty());
 }
+
+/// Deleting a file larger than one transaction frees it in steps, through
+/// the orphan list, also when a crash interrupts it.
+#[test]
+fn deleting_a_huge_file_frees_it_in_steps() {
+    let (mut dev, mut fs) = new_fs(1 << 17);
+    let before = fs.statfs().unwrap().free_blocks;
+    let big = 200u64 << 20; // 51,200 blocks: over three transactions' worth
+    let (a, _) = fs.mknod(ROOT, b"a", REG, 0, 0, 0).unwrap();
+    fs.fallocate(a, 0, big, 0).unwrap();
+    let (b, _) = fs.mknod(ROOT, b"b", REG, 0, 0, 0).unwrap();
+    fs.fallocate(b, 0, big, 0).unwrap();
+    assert!(fs.statfs().unwrap().free_blocks <= before - 2 * (big / 4096));
+    fs.unlink(ROOT, b"a").unwrap();
+    // `b` is open when unlinked; the process dies before closing it.
+    fs.open(b);
+    fs.unlink(ROOT, b"b").unwrap();
+    let img = dev.image();
+    drop(fs);
+    dev = Arc::new(MemDevice::from_image(img));
+    fs = Fs::mount(open(dev.clone())).unwrap();
+    let after = fs.statfs().unwrap().free_blocks;
+    assert!(
+        after >= before - 16,
+        "free {after} of {before} after both deletes"
+    );
+    assert!(fs.check().unwrap().problems.is_empty());
+    assert!(fs.getattr(a).is_err() && fs.getattr(b).is_err());
+}

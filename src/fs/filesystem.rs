@@ -44,6 +44,10 @@ struct Meta {
     lazy: HashMap<u64, Time>,
 }
 
+/// Data blocks freed per transaction when deleting a file (64 MiB): larger
+/// files become orphans and are freed in steps.
+const PURGE_STEP: u64 = 16384;
+
 /// A mounted file system.
 pub struct Fs {
     volume: Volume,
@@ -171,7 +175,10 @@ impl Op<'_> {
             .map_err(|_| Error::PreviousIo)?
             .get(&ino)
             .is_some_and(|n| *n > 0);
-        if i.nlink == 0 && is_open {
+        if i.nlink == 0 && (is_open || i.blocks > PURGE_STEP) {
+            // Still open, or too large to free in one transaction: an
+            // orphan, freed by `reclaim` (at the last close, right after
+            // this operation, or at the next mount after a crash).
             i.ctime = now;
             self.put_inode(ino, &i)?;
             self.put(&key(0, kind::ORPHAN, &ino.to_be_bytes()), &[])
@@ -181,6 +188,36 @@ impl Op<'_> {
             i.ctime = now;
             self.put_inode(ino, &i)
         }
+    }
+
+    /// Frees up to about `max` data blocks of `ino`, chunk by chunk, keeping
+    /// the inode's block count right. Returns whether no chunk is left.
+    fn free_some_chunks(&mut self, ino: u64, max: u64) -> Result<bool> {
+        let (s, e) = kind_range(ino, kind::CHUNK);
+        let mut i = self.inode(ino)?;
+        let mut freed = 0;
+        let done = loop {
+            let batch = self.tree.range(&mut self.store, &s, &e, 64)?;
+            if batch.is_empty() {
+                break true;
+            }
+            for (k, v) in batch {
+                for b in v.chunks_exact(8) {
+                    let lba = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                    if lba != 0 {
+                        self.free_data(lba);
+                        i.blocks = i.blocks.saturating_sub(1);
+                        freed += 1;
+                    }
+                }
+                self.del(&k)?;
+            }
+            if freed >= max {
+                break false;
+            }
+        };
+        self.put_inode(ino, &i)?;
+        Ok(done)
     }
 
     /// Removes every item of an inode, freeing its data blocks.
@@ -329,16 +366,34 @@ impl Fs {
         Ok(())
     }
 
-    /// Frees an orphan (an inode with no links left), if it is one.
+    /// Frees an orphan (an inode with no links left), if it is one, in
+    /// transactions of at most PURGE_STEP blocks; a crash between them
+    /// leaves an orphan that the next mount finishes.
     fn reclaim(&self, ino: u64) -> Result<()> {
-        self.op(|op, _| {
-            let orphan = key(0, kind::ORPHAN, &ino.to_be_bytes());
-            if op.get(&orphan)?.is_none() {
+        loop {
+            let done = self.op(|op, _| {
+                let orphan = key(0, kind::ORPHAN, &ino.to_be_bytes());
+                if op.get(&orphan)?.is_none() {
+                    return Ok(true);
+                }
+                if !op.free_some_chunks(ino, PURGE_STEP)? {
+                    return Ok(false);
+                }
+                op.del(&orphan)?;
+                op.purge(ino)?;
+                Ok(true)
+            })?;
+            if done {
                 return Ok(());
             }
-            op.del(&orphan)?;
-            op.purge(ino)
-        })
+        }
+    }
+
+    fn is_open(&self, ino: u64) -> bool {
+        self.open
+            .lock()
+            .map(|o| o.get(&ino).is_some_and(|n| *n > 0))
+            .unwrap_or(true)
     }
 
     pub fn volume(&self) -> &Volume {
@@ -656,8 +711,18 @@ impl Fs {
             }
             d.mtime = now;
             d.ctime = now;
-            op.put_inode(parent, &d)
+            op.put_inode(parent, &d)?;
+            Ok(e.ino)
         })
+        .and_then(|ino| self.reclaim_unless_open(ino))
+    }
+
+    /// Frees `ino` now if it became a large orphan that nobody holds open.
+    fn reclaim_unless_open(&self, ino: u64) -> Result<()> {
+        if self.is_open(ino) {
+            return Ok(());
+        }
+        self.reclaim(ino)
     }
 
     /// Renames `parent/name` to `newparent/newname`, with the renameat2
@@ -677,6 +742,7 @@ impl Fs {
         {
             return Err(FsError::Invalid.at(format!("rename flags {flags:#x}")));
         }
+        let mut replaced = None;
         self.op(|op, _| {
             let now = Time::now();
             op.dir(parent)?;
@@ -792,6 +858,7 @@ impl Fs {
                 }
                 op.remove_entry(newparent, newname, &dst)?;
                 op.unlink_inode(dst.ino, now)?;
+                replaced = Some(dst.ino);
                 if dst_dir {
                     let mut np = op.inode(newparent)?;
                     np.nlink -= 1;
@@ -824,7 +891,11 @@ impl Fs {
             }
             i.ctime = now;
             op.put_inode(src.ino, &i)
-        })
+        })?;
+        match replaced {
+            Some(ino) => self.reclaim_unless_open(ino),
+            None => Ok(()),
+        }
     }
 
     /// Up to `limit` entries of directory `ino` after `cookie` (0 to start),

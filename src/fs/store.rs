@@ -126,8 +126,21 @@ impl<'a> VolumeStore<'a> {
         for (lba, node) in &self.staged {
             txn.write(*lba, node.encode());
         }
-        for lba in &self.freed {
-            txn.trim(*lba, 1);
+        // Freed blocks go out as runs: one trim entry per run of adjacent
+        // blocks (the volume prices each entry by the map pages it may touch).
+        let mut run: Option<(u64, u64)> = None;
+        for &lba in &self.freed {
+            run = match run {
+                Some((start, n)) if start + n == lba => Some((start, n + 1)),
+                Some((start, n)) => {
+                    txn.trim(start, n);
+                    Some((lba, 1))
+                }
+                None => Some((lba, 1)),
+            };
+        }
+        if let Some((start, n)) = run {
+            txn.trim(start, n);
         }
         match self.volume.commit(txn) {
             Ok(()) => {
