@@ -402,7 +402,8 @@ fn fallocate_of_a_large_range() {
 }
 
 /// Deleting a file larger than one transaction frees it in steps, through
-/// the orphan list, also when a crash interrupts it.
+/// the orphan list; an orphan left by a crash (here: unlinked while open)
+/// is freed in steps at the next mount.
 #[test]
 fn deleting_a_huge_file_frees_it_in_steps() {
     let (mut dev, mut fs) = new_fs(1 << 17);

@@ -355,7 +355,13 @@ fn kill_dash_nine_during_writes_keeps_fsynced_files() {
             }
         })
     };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while synced.lock().unwrap().len() < 30 {
+        assert!(
+            !syncer.is_finished() && std::time::Instant::now() < deadline,
+            "the fsync writer stopped early ({} files)",
+            synced.lock().unwrap().len()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let pid = t.daemon_pid();
@@ -770,8 +776,10 @@ fn hundred_thousand_entries_and_readdir_under_churn() {
     t.unmount_and_check();
 }
 
-/// Without fsync, writes reach the disk within FLUSH_INTERVAL (5 s): the
-/// daemon calls fdatasync on the volume on its own. strace watches it.
+/// Without fsync, work reaches the disk within FLUSH_INTERVAL (5 s): the
+/// daemon calls fdatasync on the volume on its own. strace watches it. An
+/// idle mount does not fdatasync at all (the device skips a flush with
+/// nothing written), so the call seen is the one the write caused.
 #[test]
 fn unsynced_writes_are_flushed_within_five_seconds() {
     let t = Mounted::new();
@@ -788,7 +796,13 @@ fn unsynced_writes_are_flushed_within_five_seconds() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Idle for more than one interval: no fdatasync at all.
+    std::thread::sleep(std::time::Duration::from_millis(5600));
+    let idle = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !idle.contains("fdatasync(") && !idle.contains("fsync("),
+        "an idle mount flushed: {idle}"
+    );
     fs::write(t.m().join("unsynced"), pattern(3, 1 << 20)).unwrap();
     let wrote = std::time::Instant::now();
     let mut flushed = false;
@@ -807,5 +821,47 @@ fn unsynced_writes_are_flushed_within_five_seconds() {
         "no flush within 6.5 s of an unsynced write: {}",
         fs::read_to_string(&log).unwrap_or_default()
     );
+    t.unmount_and_check();
+}
+
+/// `fusermount3 -u`, SIGTERM and SIGINT end a mount as `lsvfs unmount`
+/// does: unsynced writes flushed, the volume closed cleanly (nothing left
+/// in the log to replay), the data there at the next mount.
+#[test]
+fn fusermount_sigterm_and_sigint_flush_and_close_cleanly() {
+    let t = Mounted::new();
+    let wait_closed = |t: &Mounted| {
+        for _ in 0..200 {
+            if lsvfs::device::FileDevice::open(&t.p().join("v.vol"), false).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the daemon did not close the volume");
+    };
+    // How each round ends the mount: a shell command run in the volume's directory.
+    let ways = [
+        ("fusermount3 -u", "fusermount3 -u m".to_string()),
+        ("SIGTERM", "kill -TERM {pid}".to_string()),
+        ("SIGINT", "kill -INT {pid}".to_string()),
+    ];
+    for (i, (how, cmd)) in ways.iter().enumerate() {
+        let name = format!("f{i}");
+        let mut f = fs::File::create(t.m().join(&name)).unwrap();
+        f.write_all(&pattern(i as u32, 300_000)).unwrap();
+        drop(f); // closed, never fsynced
+        sh_in(t.p(), &cmd.replace("{pid}", &t.daemon_pid()));
+        wait_closed(&t);
+        let c = ok(&["check", "v.vol", "--key-file", "k"], t.p());
+        assert!(
+            c.contains("(0 transactions in the log") && c.contains("clean"),
+            "after {how}: {c}"
+        );
+        t.mount();
+        assert!(
+            fs::read(t.m().join(&name)).unwrap() == pattern(i as u32, 300_000),
+            "{name} after {how}"
+        );
+    }
     t.unmount_and_check();
 }

@@ -374,7 +374,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             if let Some(kf) = &key_file {
                 slots[0] = keys::key_file_slot(&keys::read_key_file(kf)?, &master, &volume_id)?;
             }
-            let mut sealed = match &keyserver {
+            let sealed = match &keyserver {
                 Some(url) => {
                     let st = keys::SealedStore::open(&store)?;
                     if st.keyserver_url.trim_end_matches('/') != url.trim_end_matches('/') {
@@ -403,8 +403,8 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
                 crate::fs::Fs::format(&v, uid, gid)?;
                 v.close()?;
-                if let Some(st) = sealed.as_mut() {
-                    keys::register_volume(st, &server, &volume_id, &master)?;
+                if sealed.is_some() {
+                    keys::register_volume(&store, &server, &volume_id, &master)?;
                 }
                 Ok::<_, Error>(h)
             })();
@@ -417,6 +417,15 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                     "registered volume {} with the key server; its key is sealed on this host",
                     hex(&volume_id)
                 );
+                if key_file.is_none() {
+                    eprintln!(
+                        "lsvfs: warning: {} has no recovery key: if this host's sealed store \
+                         is lost (reinstall, new machine-id), the volume cannot be opened. \
+                         Add one now: lsvfs keyslot add-recovery {} --key-file RECOVERY.key",
+                        path.display(),
+                        path.display()
+                    );
+                }
             }
             println!(
                 "created {}: {} logical, backing store grows to at most {}",

@@ -71,6 +71,10 @@ pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Resul
     let v = volume::Volume::open(dev, &master, opts)?;
     drop(master);
     let fs = Arc::new(Fs::mount(v)?);
+    // The kernel may need this process to make progress on writeback to
+    // free memory: mark it as an I/O flusher (root only; harmless if refused).
+    // SAFETY: prctl with integer arguments has no memory effects.
+    unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
 
     // Signals are taken synchronously below; block them before any thread
     // starts so that every thread inherits the mask.
@@ -100,6 +104,11 @@ pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Resul
     tune_bdi(&mountpoint);
     println!("{READY} {} on {}", path.display(), mountpoint.display());
     let _ = std::io::stdout().flush();
+    if std::env::var_os(DAEMON_CHILD).is_some() {
+        // The starting `lsvfs mount` reads our stderr only until READY and
+        // then exits: later messages would hit a closed pipe.
+        detach_stderr();
+    }
 
     // Without fsync, committed writes still reach the disk within
     // FLUSH_INTERVAL (as ext4's 5-second commit).
@@ -138,6 +147,21 @@ pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Resul
     fs.unmount()
 }
 
+/// prctl option (Linux 5.6, include/uapi/linux/prctl.h); not in `libc` yet.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+
+/// Set in the environment of the daemon `lsvfs mount` starts.
+const DAEMON_CHILD: &str = "LSVFS_MOUNT_DAEMON";
+
+/// Points stderr at /dev/null.
+fn detach_stderr() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: both descriptors are valid; dup2 replaces fd 2 atomically.
+        unsafe { libc::dup2(null.as_raw_fd(), 2) };
+    }
+}
+
 /// Starts a foreground mount in the background and returns once it is
 /// mounted, or with its error.
 pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys) -> Result<(), Error> {
@@ -156,6 +180,7 @@ pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys) -> Result<(), Error> {
         .arg("--attempts")
         .arg(k.server.attempts.to_string())
         .arg("--foreground")
+        .env(DAEMON_CHILD, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

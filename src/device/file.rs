@@ -5,6 +5,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use super::Device;
 
@@ -12,6 +14,11 @@ pub struct FileDevice {
     file: File,
     path: PathBuf,
     block_device: bool,
+    /// Something was written since the last flush; an idle flush is free.
+    unflushed: AtomicBool,
+    /// Held across a flush, so that a flush that finds nothing new to sync
+    /// still waits for one in progress (which may cover its caller's data).
+    flushing: Mutex<()>,
 }
 
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
@@ -37,6 +44,8 @@ impl FileDevice {
             file,
             path: path.to_owned(),
             block_device: false,
+            unflushed: AtomicBool::new(true),
+            flushing: Mutex::new(()),
         })
     }
 
@@ -60,6 +69,8 @@ impl FileDevice {
             file,
             path: path.to_owned(),
             block_device,
+            unflushed: AtomicBool::new(true),
+            flushing: Mutex::new(()),
         })
     }
 
@@ -72,6 +83,8 @@ impl FileDevice {
             file,
             path: path.to_owned(),
             block_device,
+            unflushed: AtomicBool::new(true),
+            flushing: Mutex::new(()),
         })
     }
 
@@ -130,11 +143,21 @@ impl Device for FileDevice {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        let r = self.file.write_all_at(buf, offset);
+        self.unflushed.store(true, Ordering::Release);
+        r
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        // Cleared before the fdatasync: a write that lands during it sets
+        // the flag again, so the next flush covers it.
+        let _one_at_a_time = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.unflushed.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.file.sync_data().inspect_err(|_| {
+            self.unflushed.store(true, Ordering::Release);
+        })
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -149,6 +172,7 @@ impl Device for FileDevice {
     }
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.unflushed.store(true, Ordering::Release);
         if self.block_device {
             return Ok(());
         }
@@ -172,6 +196,7 @@ impl Device for FileDevice {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.unflushed.store(true, Ordering::Release);
         let rc = if self.block_device {
             let range = [offset, len];
             // SAFETY: BLKDISCARD reads two u64 through the valid pointer.

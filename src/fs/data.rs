@@ -251,6 +251,19 @@ impl Fs {
         if a.size.is_some_and(|s| s > MAX_FILE_SIZE) {
             return Err(FsError::TooBig.at(format!("a size past {MAX_FILE_SIZE} bytes")));
         }
+        if a.mode.is_none() && a.uid.is_none() && a.gid.is_none() && a.size.is_none() {
+            // Times only (utimensat, or the kernel's writeback cache storing
+            // mtime after writes): kept in memory until the next sync.
+            return self.op(|op, _| {
+                let mut i = op.inode(ino)?;
+                let now = Time::now();
+                i.atime = a.atime.unwrap_or(i.atime);
+                i.mtime = a.mtime.unwrap_or(i.mtime);
+                i.ctime = now;
+                op.set_times_lazily(ino, a.atime, i.mtime, now);
+                Ok(i)
+            });
+        }
         self.op(|op, txn| {
             let mut i = op.inode(ino)?;
             let now = Time::now();
@@ -337,7 +350,14 @@ impl Fs {
         let mut at = offset;
         while at < end {
             let to = ((at / step + 1) * step).min(end);
-            self.fallocate_step(ino, at, to, mode)?;
+            // Only the last step changes the size: a failure part way
+            // leaves the size as it was (the kernel's copy agrees).
+            let m = if to < end {
+                mode | FALLOC_KEEP_SIZE
+            } else {
+                mode
+            };
+            self.fallocate_step(ino, at, to, m)?;
             at = to;
         }
         Ok(())
@@ -390,6 +410,7 @@ impl Fs {
                 }
             }
             if !punch && mode & FALLOC_KEEP_SIZE == 0 {
+                // `end` of the last step is the end of the whole range.
                 i.size = i.size.max(end);
             }
             i.ctime = Time::now();

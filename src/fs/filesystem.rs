@@ -41,7 +41,15 @@ struct Meta {
     cache: HashMap<u64, std::sync::Arc<Node>>,
     /// Lazy times: mtime and ctime of files changed only by overwrites,
     /// kept in memory until the next sync (as ext4's `lazytime`).
-    lazy: HashMap<u64, Time>,
+    lazy: HashMap<u64, LazyTimes>,
+}
+
+/// Times of an inode kept in memory until the next sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LazyTimes {
+    pub atime: Option<Time>,
+    pub mtime: Time,
+    pub ctime: Time,
 }
 
 /// Data blocks freed per transaction when deleting a file (64 MiB): larger
@@ -63,10 +71,10 @@ pub(super) struct Op<'a> {
     pub(super) tree: &'a mut BTree,
     sb: &'a mut Superblock,
     open: &'a Mutex<HashMap<u64, u32>>,
-    lazy: &'a mut HashMap<u64, Time>,
+    lazy: &'a mut HashMap<u64, LazyTimes>,
     /// Lazy-time entries this operation changed, with their old values,
     /// put back if it fails.
-    lazy_undo: Vec<(u64, Option<Time>)>,
+    lazy_undo: Vec<(u64, Option<LazyTimes>)>,
 }
 
 impl Op<'_> {
@@ -99,8 +107,11 @@ impl Op<'_> {
             None => return Err(FsError::NotFound.at(format!("inode {ino}"))),
         };
         if let Some(t) = self.lazy.get(&ino) {
-            i.mtime = *t;
-            i.ctime = *t;
+            i.mtime = t.mtime;
+            i.ctime = t.ctime;
+            if let Some(a) = t.atime {
+                i.atime = a;
+            }
         }
         Ok(i)
     }
@@ -114,10 +125,30 @@ impl Op<'_> {
         self.put(&key(ino, kind::INODE, &[]), &i.encode())
     }
 
-    /// Sets mtime and ctime to `t` in memory only; the next sync stores them.
-    pub(super) fn touch_lazily(&mut self, ino: u64, t: Time) {
-        let old = self.lazy.insert(ino, t);
+    /// Sets times in memory only; the next sync (at most 5 s away in a
+    /// mount) stores them. `mtime` and `ctime` always change; `atime` if given.
+    pub(super) fn set_times_lazily(
+        &mut self,
+        ino: u64,
+        atime: Option<Time>,
+        mtime: Time,
+        ctime: Time,
+    ) {
+        let atime = atime.or_else(|| self.lazy.get(&ino).and_then(|t| t.atime));
+        let old = self.lazy.insert(
+            ino,
+            LazyTimes {
+                atime,
+                mtime,
+                ctime,
+            },
+        );
         self.lazy_undo.push((ino, old));
+    }
+
+    /// Sets mtime and ctime to `t` in memory only (see `set_times_lazily`).
+    pub(super) fn touch_lazily(&mut self, ino: u64, t: Time) {
+        self.set_times_lazily(ino, None, t, t);
     }
 
     fn dir(&mut self, ino: u64) -> Result<Inode> {
@@ -332,7 +363,9 @@ impl Fs {
                     .try_into()
                     .map_err(|_| Error::Corrupted("an orphan key".into()))?,
             );
-            fs.reclaim(ino)?;
+            if let Err(e) = fs.reclaim(ino) {
+                eprintln!("lsvfs: freeing deleted inode {ino} (retried at the next mount): {e}");
+            }
         }
         Ok(fs)
     }
@@ -376,6 +409,17 @@ impl Fs {
                 if op.get(&orphan)?.is_none() {
                     return Ok(true);
                 }
+                let reopened = op
+                    .open
+                    .lock()
+                    .map_err(|_| Error::PreviousIo)?
+                    .get(&ino)
+                    .is_some_and(|n| *n > 0);
+                if reopened {
+                    // Opened again (through a name looked up before the
+                    // unlink): its last close finishes the job.
+                    return Ok(true);
+                }
                 if !op.free_some_chunks(ino, PURGE_STEP)? {
                     return Ok(false);
                 }
@@ -403,9 +447,9 @@ impl Fs {
     /// Stores lazy times and flushes the volume: after this returns, every
     /// completed operation survives a crash (fsync, syncfs, the periodic flush).
     pub fn sync(&self) -> Result<()> {
-        self.op(|op, _| {
-            let pending: Vec<(u64, Time)> = op.lazy.iter().map(|(k, v)| (*k, *v)).collect();
-            for (ino, _) in pending {
+        let times = self.op(|op, _| {
+            let pending: Vec<u64> = op.lazy.keys().copied().collect();
+            for ino in pending {
                 // Gone since (unlinked and reclaimed): nothing to store.
                 match op.inode(ino) {
                     Ok(i) => op.put_inode(ino, &i)?,
@@ -420,8 +464,14 @@ impl Fs {
                 }
             }
             Ok(())
-        })?;
-        self.volume.flush()
+        });
+        // The volume is flushed even when the times could not be stored
+        // (a full volume): committed data must not wait for them.
+        let flushed = self.volume.flush();
+        if let Err(e) = &times {
+            eprintln!("lsvfs: storing file times: {e}");
+        }
+        flushed
     }
 
     /// Stores lazy times, flushes and closes the volume.
@@ -718,11 +768,16 @@ impl Fs {
     }
 
     /// Frees `ino` now if it became a large orphan that nobody holds open.
+    /// The operation that made it an orphan has committed, so a failure
+    /// here is logged, not returned: the orphan list finishes the job at
+    /// the next close or mount.
     fn reclaim_unless_open(&self, ino: u64) -> Result<()> {
-        if self.is_open(ino) {
-            return Ok(());
+        if !self.is_open(ino) {
+            if let Err(e) = self.reclaim(ino) {
+                eprintln!("lsvfs: freeing deleted inode {ino} (retried at the next mount): {e}");
+            }
         }
-        self.reclaim(ino)
+        Ok(())
     }
 
     /// Renames `parent/name` to `newparent/newname`, with the renameat2

@@ -102,22 +102,25 @@ pub fn host_id(store: &SealedStore) -> String {
 /// Registers a new volume with the key server and seals its master key,
 /// wrapped under the returned KEK, in the store (saved).
 pub fn register_volume(
-    store: &mut SealedStore,
+    store_dir: &Path,
     o: &ServerOptions,
     volume_id: &[u8; 16],
     master: &MasterKey,
 ) -> Result<()> {
+    let store = SealedStore::open(store_dir)?;
     let host = HostIdentity::from_secret(&store.identity);
-    let kek = client::register_volume(&client_config(store, o), &host, *volume_id)
+    let kek = client::register_volume(&client_config(&store, o), &host, *volume_id)
         .map_err(from_client)?;
     let wrapped = wrap_key(&kek_of(&kek), master, &associated(volume_id))
         .map_err(|e| Error::InvalidArgument(format!("wrapping the volume key: {e}")))?;
-    store.put(VolumeEntry {
-        volume_id: *volume_id,
-        kek_version: kek.version,
-        wrapped,
-    });
-    store.save()
+    SealedStore::update(store_dir, |st| {
+        st.put(VolumeEntry {
+            volume_id: *volume_id,
+            kek_version: kek.version,
+            wrapped,
+        });
+        Ok(())
+    })
 }
 
 /// What [`unlock_with_server`] did besides unlocking.
@@ -137,7 +140,7 @@ pub fn unlock_with_server(
     o: &ServerOptions,
     header: &Header,
 ) -> Result<(MasterKey, Rewrapped)> {
-    let mut store = SealedStore::open(store_dir)?;
+    let store = SealedStore::open(store_dir)?;
     let vid = header.volume_id;
     let hex: String = vid.iter().map(|b| format!("{b:02x}")).collect();
     let entry = store.entry(&vid).cloned().ok_or_else(|| {
@@ -164,14 +167,20 @@ pub fn unlock_with_server(
     if let Some(newest) = got.newest {
         let wrapped = wrap_key(&kek_of(&newest), &master, &associated(&vid))
             .map_err(|e| Error::InvalidArgument(format!("wrapping the volume key: {e}")))?;
-        store.put(VolumeEntry {
-            volume_id: vid,
-            kek_version: newest.version,
-            wrapped,
-        });
-        store.save()?;
-        client::report_rewrapped(&cfg, &host, vid, newest.version).map_err(from_client)?;
+        SealedStore::update(store_dir, |st| {
+            st.put(VolumeEntry {
+                volume_id: vid,
+                kek_version: newest.version,
+                wrapped,
+            });
+            Ok(())
+        })?;
         done.from_to = Some((entry.kek_version, newest.version));
+        // The key is safe under the new KEK either way; if the server does
+        // not hear of it now, it keeps the old version a while longer.
+        if let Err(e) = client::report_rewrapped(&cfg, &host, vid, newest.version) {
+            eprintln!("lsvfs: could not tell the key server about the rewrap (it keeps the old KEK for now): {e}");
+        }
     }
     Ok((master, done))
 }

@@ -119,7 +119,7 @@ fn sealing_key(secret: &[u8; 32], digest: &[u8; 32]) -> Zeroizing<[u8; 32]> {
 
 /// Writes `data` to `dir/name` with mode 0600, atomically and durably.
 fn write_private(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let io = |e| Error::io(format!("writing {}", dir.join(name).display()), e);
     let mut f = fs::OpenOptions::new()
@@ -178,9 +178,14 @@ impl SealedStore {
                  (its volumes then open only with their recovery keys)",
             ));
         }
-        fs::create_dir_all(dir)
-            .and_then(|_| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        // Measure before writing anything, so a host that cannot be
+        // measured is refused without leaving half a store behind.
+        measurement()?;
+        if !dir.exists() {
+            fs::create_dir_all(dir)
+                .and_then(|_| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
         let secret = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
         let identity = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
         write_private(dir, SECRET_FILE, &secret[..])?;
@@ -191,8 +196,31 @@ impl SealedStore {
             ca_pem,
             volumes: Vec::new(),
         };
-        store.save()?;
+        if let Err(e) = store.save() {
+            let _ = fs::remove_file(dir.join(SECRET_FILE));
+            return Err(e);
+        }
         Ok(store)
+    }
+
+    /// Changes the store under an exclusive lock: re-reads it, applies `f`,
+    /// saves. Concurrent updates (a create beside a mount that rewraps)
+    /// never drop each other's entries.
+    pub fn update<T>(dir: &Path, f: impl FnOnce(&mut SealedStore) -> Result<T>) -> Result<T> {
+        let lock_path = dir.join("lock");
+        let lock = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::io(format!("locking {}", lock_path.display()), e.into()))?;
+        let mut store = SealedStore::open(dir)?;
+        let out = f(&mut store)?;
+        store.save()?;
+        Ok(out)
     }
 
     /// Opens the store in `dir` on this host.
