@@ -430,3 +430,40 @@ fn deleting_a_huge_file_frees_it_in_steps() {
     assert!(fs.check().unwrap().problems.is_empty());
     assert!(fs.getattr(a).is_err() && fs.getattr(b).is_err());
 }
+
+/// A read of a file looks up its blocks in the file's cached map, not under
+/// the metadata lock, which a writer of another file holds across its
+/// commit (sealing and writing its blocks).
+#[test]
+fn reads_do_not_wait_for_the_metadata_lock() {
+    let (_dev, fs) = new_fs(65536);
+    let (b, _) = fs.mknod(ROOT, b"b", REG, 0, 0, 0).unwrap();
+    let data = pattern(9, 100_000);
+    fs.write_data(b, 0, &data, false).unwrap();
+    fs.open(b);
+    assert_eq!(fs.read_data(b, 0, 10).unwrap(), data[..10]);
+    std::thread::scope(|s| {
+        fs.with_metadata_locked(|| {
+            let reader = s.spawn(|| fs.read_data(b, 50_000, 1000).unwrap());
+            let t0 = std::time::Instant::now();
+            while !reader.is_finished() {
+                assert!(
+                    t0.elapsed() < std::time::Duration::from_secs(20),
+                    "the read waited for the metadata lock"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert_eq!(reader.join().unwrap(), data[50_000..51_000]);
+        })
+        .unwrap();
+    });
+    // A change drops the map; the next read sees it.
+    fs.write_data(b, 100_000, b"tail", false).unwrap();
+    assert_eq!(
+        fs.read_data(b, 99_998, 10).unwrap(),
+        [&data[99_998..], b"tail"].concat()
+    );
+    fs.setattr(b, SetAttr::size(10)).unwrap();
+    assert_eq!(fs.read_data(b, 0, 100).unwrap(), data[..10]);
+    fs.release(b).unwrap();
+}

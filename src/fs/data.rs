@@ -7,7 +7,10 @@
 //! the transaction atomic); only holes get new blocks.
 
 use super::acl;
-use super::filesystem::{Fs, Op};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::filesystem::{FileMap, Fs, Op};
 use super::format::{file_type, key, kind, kind_range, Inode, Time, CHUNK_BLOCKS};
 use crate::{Error, FsError, Result, BLOCK_SIZE};
 
@@ -64,6 +67,7 @@ impl Op<'_> {
     }
 
     fn put_chunk(&mut self, ino: u64, index: u64, c: &[u64]) -> Result<()> {
+        self.touched.push(ino);
         let k = key(ino, kind::CHUNK, &index.to_be_bytes());
         if c.iter().all(|b| *b == 0) {
             return self.del(&k);
@@ -127,27 +131,56 @@ impl Op<'_> {
 }
 
 impl Fs {
-    pub fn read_data(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<u8>> {
-        let (blocks, len) = self.read_op(|op| {
+    /// The file's block map: cached, or loaded under the metadata lock
+    /// (and cached while still under it; see `Fs::files`).
+    fn file_map(&self, ino: u64) -> Result<Arc<FileMap>> {
+        if let Some(m) = self.files.lock().map_err(|_| Error::PreviousIo)?.get(&ino) {
+            return Ok(m.clone());
+        }
+        self.read_op(|op| {
             let i = op.inode(ino)?;
             if i.is_dir() {
                 return Err(FsError::IsDir.at(format!("inode {ino}")));
             }
-            if offset >= i.size {
-                return Ok((Vec::new(), 0));
+            let (s, e) = kind_range(ino, kind::CHUNK);
+            let mut chunks = HashMap::new();
+            for (k, _) in op.tree.range(&mut op.store, &s, &e, usize::MAX)? {
+                let index = u64::from_be_bytes(
+                    k[9..17]
+                        .try_into()
+                        .map_err(|_| Error::Corrupted(format!("inode {ino}: a chunk key")))?,
+                );
+                chunks.insert(index, op.chunk(ino, index)?);
             }
-            let len = (size as u64).min(i.size - offset);
-            let first = offset / BS;
-            let last = (offset + len - 1) / BS;
-            let mut blocks = Vec::with_capacity((last - first + 1) as usize);
-            for fb in first..=last {
-                blocks.push(op.block_of(ino, fb)?);
-            }
-            Ok((blocks, len))
-        })?;
-        if len == 0 {
+            let m = Arc::new(FileMap {
+                size: i.size,
+                chunks,
+            });
+            self.files
+                .lock()
+                .map_err(|_| Error::PreviousIo)?
+                .insert(ino, m.clone());
+            Ok(m)
+        })
+    }
+
+    /// Reads up to `size` bytes at `offset`. The block lookup uses the
+    /// file's cached map, so reads never wait for another file's commit.
+    pub fn read_data(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<u8>> {
+        let map = self.file_map(ino)?;
+        if offset >= map.size || size == 0 {
             return Ok(Vec::new());
         }
+        let len = (size as u64).min(map.size - offset);
+        let first = offset / BS;
+        let last = (offset + len - 1) / BS;
+        let blocks: Vec<u64> = (first..=last)
+            .map(|fb| {
+                map.chunks
+                    .get(&(fb / CHUNK_BLOCKS))
+                    .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
+            })
+            .collect();
         // Data blocks are read outside the metadata lock, in runs.
         let mut buf = vec![0u8; blocks.len() * BLOCK_SIZE];
         let mut j = 0;

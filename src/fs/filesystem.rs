@@ -3,7 +3,7 @@
 //! happens completely or, after any crash, not at all.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::acl;
 use super::btree::{BTree, Node, NodeStore};
@@ -63,6 +63,18 @@ pub struct Fs {
     /// Open handles per inode: an inode that loses its last name while
     /// open lives on (as an orphan) until its last close.
     open: Mutex<HashMap<u64, u32>>,
+    /// Block maps of files being read, so that a read looks up its blocks
+    /// without the metadata lock (which a writer holds across its commit).
+    /// An entry is dropped whenever an operation changes the file's size
+    /// or blocks, under the metadata lock, and at the file's last close.
+    pub(super) files: Mutex<HashMap<u64, Arc<FileMap>>>,
+}
+
+/// A regular file's size and block addresses, as of the last commit.
+pub(super) struct FileMap {
+    pub size: u64,
+    /// Chunk index -> block addresses; a missing chunk is a hole.
+    pub chunks: HashMap<u64, Vec<u64>>,
 }
 
 /// One operation in progress: reads see its own changes; `Fs::op` commits.
@@ -72,6 +84,8 @@ pub(super) struct Op<'a> {
     sb: &'a mut Superblock,
     open: &'a Mutex<HashMap<u64, u32>>,
     lazy: &'a mut HashMap<u64, LazyTimes>,
+    /// Inodes whose size or blocks this operation changed.
+    pub(super) touched: Vec<u64>,
     /// Lazy-time entries this operation changed, with their old values,
     /// put back if it fails.
     lazy_undo: Vec<(u64, Option<LazyTimes>)>,
@@ -119,6 +133,7 @@ impl Op<'_> {
     /// Stores the inode; its lazy times, already applied by `inode`, are
     /// now part of this operation.
     pub(super) fn put_inode(&mut self, ino: u64, i: &Inode) -> Result<()> {
+        self.touched.push(ino);
         if let Some(t) = self.lazy.remove(&ino) {
             self.lazy_undo.push((ino, Some(t)));
         }
@@ -253,6 +268,7 @@ impl Op<'_> {
 
     /// Removes every item of an inode, freeing its data blocks.
     pub(super) fn purge(&mut self, ino: u64) -> Result<()> {
+        self.touched.push(ino);
         let (s, e) = inode_range(ino);
         loop {
             let batch = self.tree.range(&mut self.store, &s, &e, 256)?;
@@ -338,6 +354,7 @@ impl Fs {
                 lazy: HashMap::new(),
             }),
             open: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
             volume,
         };
         let highest = fs.read_op(|op| op.tree.last_key(&mut op.store))?;
@@ -394,6 +411,9 @@ impl Fs {
             }
         };
         if last {
+            if let Ok(mut files) = self.files.lock() {
+                files.remove(&ino);
+            }
             self.reclaim(ino)?;
         }
         Ok(())
@@ -438,6 +458,14 @@ impl Fs {
             .lock()
             .map(|o| o.get(&ino).is_some_and(|n| *n > 0))
             .unwrap_or(true)
+    }
+
+    /// Runs `f` while holding the metadata lock, as a long commit would:
+    /// for tests that show which operations do not wait for it.
+    #[doc(hidden)]
+    pub fn with_metadata_locked<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let _guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        Ok(f())
     }
 
     pub fn volume(&self) -> &Volume {
@@ -505,9 +533,11 @@ impl Fs {
                 open: &self.open,
                 lazy,
                 lazy_undo: Vec::new(),
+                touched: Vec::new(),
             };
             let r = f(&mut op, &mut txn);
             let lazy_undo = std::mem::take(&mut op.lazy_undo);
+            let touched = std::mem::take(&mut op.touched);
             let result = r.and_then(|v| {
                 let Op {
                     store, tree, sb, ..
@@ -518,9 +548,18 @@ impl Fs {
                 }
                 store.commit(txn).map(|_| v)
             });
-            (result, lazy_undo)
+            (result, lazy_undo, touched)
         };
-        let (result, lazy_undo) = result;
+        let (result, lazy_undo, touched) = result;
+        if result.is_ok() && !touched.is_empty() {
+            // Still under the metadata lock: a reader loading a map holds
+            // it too, so no stale map can be put back after this.
+            if let Ok(mut files) = self.files.lock() {
+                for ino in touched {
+                    files.remove(&ino);
+                }
+            }
+        }
         if result.is_err() {
             guard.tree.root = old_root;
             guard.sb = old_sb;
