@@ -994,8 +994,31 @@ impl Fs {
 
     /// Up to `limit` entries of directory `ino` after `cookie` (0 to start),
     /// "." (cookie 1) and ".." (cookie 2) first.
-    pub fn readdir(&self, ino: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+    /// `readdir` with each entry's inode, in one operation (READDIRPLUS:
+    /// `ls -l`, `find` and `tar` then need no lookup per entry).
+    pub fn readdir_plus(
+        &self,
+        ino: u64,
+        cookie: u64,
+        limit: usize,
+    ) -> Result<Vec<(DirEntry, Inode)>> {
         self.read_op(|op| {
+            Self::entries(op, ino, cookie, limit)?
+                .into_iter()
+                .map(|e| {
+                    let i = op.inode(e.ino)?;
+                    Ok((e, i))
+                })
+                .collect()
+        })
+    }
+
+    pub fn readdir(&self, ino: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        self.read_op(|op| Self::entries(op, ino, cookie, limit))
+    }
+
+    fn entries(op: &mut Op, ino: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        {
             let d = op.dir(ino)?;
             let mut out = Vec::new();
             if cookie < 1 && out.len() < limit {
@@ -1033,6 +1056,6 @@ impl Fs {
                 });
             }
             Ok(out)
-        })
+        }
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::format::{file_type, Inode, Time};
@@ -170,6 +170,10 @@ impl fuser::Filesystem for FuseFs {
         // Lookups and readdirs in one directory may run in parallel: the
         // file system serializes what it must.
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Directory listings carry each entry's attributes (and the kernel
+        // picks plain readdir when that would not pay off).
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         // The kernel's page cache absorbs writes and sends them in large
         // batches; fsync, close and memory pressure write them back.
         let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
@@ -442,6 +446,34 @@ impl fuser::Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         empty("fsync", ino.0, self.fs.sync(), reply)
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.fs.readdir_plus(ino.0, offset, 256) {
+            Ok(entries) => {
+                for (e, i) in entries {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.cookie,
+                        OsStr::from_bytes(&e.name),
+                        &TTL,
+                        &attr(e.ino, &i),
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno("readdirplus", ino.0, &e)),
+        }
     }
 
     fn readdir(
