@@ -60,7 +60,7 @@ teardown() {
   case $name in
     ext4) ;;
     lsvfs) "$lsvfs" unmount "$dir/mnt" >/dev/null ;;
-    *) fusermount3 -u "$dir/mnt" ;;
+    *) fusermount3 -u "$dir/mnt" || fusermount3 -uz "$dir/mnt" || true ;;
   esac
   rm -rf "$dir"
 }
@@ -80,6 +80,11 @@ fio_mbs() { # fio args... -> MB/s (or IOPS with --iops)
 run_all() {
   local name=$1 d
   d=$(setup "$name")
+  if [ "$name" != ext4 ] && ! mountpoint -q "$d"; then
+    echo "!! $name did not mount on $d; its column stays empty" >&2
+    rm -rf "${root:?}/$name"
+    return
+  fi
   record "$name" "seq write ${seq_mib} MiB (MB/s)" "$(fio_mbs write-mbs --name=w --directory="$d" --filename=seq --rw=write --bs=1M --size=${seq_mib}M --ioengine=psync --end_fsync=1)" up
   drop
   record "$name" "seq read ${seq_mib} MiB (MB/s)" "$(fio_mbs read-mbs --name=r --directory="$d" --filename=seq --rw=read --bs=1M --size=${seq_mib}M --ioengine=psync)" up
