@@ -80,6 +80,8 @@ fio_mbs() { # fio args... -> MB/s (or IOPS with --iops)
 run_all() {
   local name=$1 d
   d=$(setup "$name")
+  # cryfs (and gocryptfs) may finish mounting after their command returns.
+  for _ in $(seq 50); do [ "$name" = ext4 ] || mountpoint -q "$d" && break; sleep 0.2; done
   if [ "$name" != ext4 ] && ! mountpoint -q "$d"; then
     echo "!! $name did not mount on $d; its column stays empty" >&2
     rm -rf "${root:?}/$name"

@@ -597,10 +597,14 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                     "rewrapped the key of {} from KEK v{from} to v{to}",
                     path.display()
                 ),
-                None => println!(
-                    "the key of {} is already wrapped under the newest KEK",
-                    path.display()
-                ),
+                None => {
+                    // Report again, in case an earlier report was lost.
+                    let v = keys::report_current(&store, &server, &h.volume_id)?;
+                    println!(
+                        "the key of {} is already wrapped under the newest KEK (v{v})",
+                        path.display()
+                    )
+                }
             }
         }
         Cmd::Keyslot(SlotCmd::List { volume: path }) => {

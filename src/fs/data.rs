@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::filesystem::{FileMap, Fs, Op};
-use super::format::{file_type, key, kind, kind_range, Inode, Time, CHUNK_BLOCKS};
+use super::format::{file_type, key, key_suffix_u64, kind, kind_range, Inode, Time, CHUNK_BLOCKS};
 use crate::{Error, FsError, Result, BLOCK_SIZE};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -111,11 +111,8 @@ impl Op<'_> {
         let first_chunk = from / CHUNK_BLOCKS;
         let start = key(ino, kind::CHUNK, &first_chunk.to_be_bytes());
         for (k, _) in self.tree.range(&mut self.store, &start, &end, usize::MAX)? {
-            let index = u64::from_be_bytes(
-                k[9..17]
-                    .try_into()
-                    .map_err(|_| Error::Corrupted(format!("inode {ino}: a chunk key")))?,
-            );
+            let index = key_suffix_u64(&k)
+                .ok_or_else(|| Error::Corrupted(format!("inode {ino}: a chunk key")))?;
             let mut c = self.chunk(ino, index)?;
             for (j, b) in c.iter_mut().enumerate() {
                 if index * CHUNK_BLOCKS + j as u64 >= from && *b != 0 {
@@ -145,11 +142,8 @@ impl Fs {
             let (s, e) = kind_range(ino, kind::CHUNK);
             let mut chunks = HashMap::new();
             for (k, _) in op.tree.range(&mut op.store, &s, &e, usize::MAX)? {
-                let index = u64::from_be_bytes(
-                    k[9..17]
-                        .try_into()
-                        .map_err(|_| Error::Corrupted(format!("inode {ino}: a chunk key")))?,
-                );
+                let index = key_suffix_u64(&k)
+                    .ok_or_else(|| Error::Corrupted(format!("inode {ino}: a chunk key")))?;
                 chunks.insert(index, op.chunk(ino, index)?);
             }
             let m = Arc::new(FileMap {

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use super::acl;
 use super::btree::{BTree, Node, NodeStore};
 use super::format::{
-    file_type, inode_range, key, kind, kind_range, Dirent, Inode, Superblock, Time, NAME_MAX,
-    ROOT_INO, SYMLINK_MAX,
+    file_type, inode_range, key, key_suffix_u64, kind, kind_range, Dirent, Inode, Superblock, Time,
+    NAME_MAX, ROOT_INO, SYMLINK_MAX,
 };
 use super::store::{Allocator, VolumeStore};
 use crate::volume::{Transaction, Volume};
@@ -375,11 +375,7 @@ impl Fs {
             op.tree.range(&mut op.store, &s, &e, usize::MAX)
         })?;
         for (k, _) in orphans {
-            let ino = u64::from_be_bytes(
-                k[9..17]
-                    .try_into()
-                    .map_err(|_| Error::Corrupted("an orphan key".into()))?,
-            );
+            let ino = key_suffix_u64(&k).ok_or_else(|| Error::Corrupted("an orphan key".into()))?;
             if let Err(e) = fs.reclaim(ino) {
                 eprintln!("lsvfs: freeing deleted inode {ino} (retried at the next mount): {e}");
             }
@@ -1041,10 +1037,8 @@ impl Fs {
             let (_, end) = kind_range(ino, kind::COOKIE);
             let want = limit - out.len();
             for (k, name) in op.tree.range(&mut op.store, &start, &end, want)? {
-                let c =
-                    u64::from_be_bytes(k[9..17].try_into().map_err(|_| {
-                        Error::Corrupted(format!("a readdir key of directory {ino}"))
-                    })?);
+                let c = key_suffix_u64(&k)
+                    .ok_or_else(|| Error::Corrupted(format!("a readdir key of directory {ino}")))?;
                 let e = op.entry(ino, &name)?.ok_or_else(|| {
                     Error::Corrupted(format!("directory {ino}: cookie {c} names a missing entry"))
                 })?;

@@ -47,6 +47,12 @@ pub fn key(ino: u64, kind: u8, suffix: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The u64 that follows a key's inode and kind (a chunk index, a cookie, an
+/// orphan's inode); None for a key too short to hold one (a damaged tree).
+pub fn key_suffix_u64(k: &[u8]) -> Option<u64> {
+    k.get(9..17)?.try_into().ok().map(u64::from_be_bytes)
+}
+
 /// The range of keys of one kind for one inode: `[start, end)`.
 pub fn kind_range(ino: u64, kind: u8) -> (Vec<u8>, Vec<u8>) {
     (key(ino, kind, &[]), key(ino, kind + 1, &[]))

@@ -179,8 +179,29 @@ pub fn unlock_with_server(
         // The key is safe under the new KEK either way; if the server does
         // not hear of it now, it keeps the old version a while longer.
         if let Err(e) = client::report_rewrapped(&cfg, &host, vid, newest.version) {
-            eprintln!("lsvfs: could not tell the key server about the rewrap (it keeps the old KEK for now): {e}");
+            eprintln!(
+                "lsvfs: could not tell the key server about the rewrap, so it keeps the \
+                 old KEK for now; run `lsvfs rewrap` later to report it: {e}"
+            );
         }
     }
     Ok((master, done))
+}
+
+/// Tells the key server again which KEK version this host's sealed key for
+/// the volume is wrapped under (after a report that did not get through).
+pub fn report_current(store_dir: &Path, o: &ServerOptions, volume_id: &[u8; 16]) -> Result<u32> {
+    let store = SealedStore::open(store_dir)?;
+    let entry = store
+        .entry(volume_id)
+        .ok_or_else(|| Error::SealedStore("no key for this volume on this host".into()))?;
+    let host = HostIdentity::from_secret(&store.identity);
+    client::report_rewrapped(
+        &client_config(&store, o),
+        &host,
+        *volume_id,
+        entry.kek_version,
+    )
+    .map_err(from_client)?;
+    Ok(entry.kek_version)
 }
