@@ -5,7 +5,8 @@
 #
 #   scripts/bench.sh [WORKDIR] [SEQ_MIB] [RAND_SECONDS]
 #
-# Defaults: target/fsbench, 1024 MiB sequential, 20 s random. Run as root
+# Defaults: target/fsbench, 1024 MiB sequential, 20 s random; BENCH_FS
+# selects file systems (default "ext4 gocryptfs cryfs lsvfs"). Run as root
 # (it drops the page cache before reads and mounts FUSE file systems).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,8 +45,11 @@ setup() { # name -> prints the directory to test in
       echo "$dir/mnt" ;;
     cryfs)
       mkdir -p "$dir/base"
+      # The same path held another cryfs in an earlier run; cryfs refuses
+      # that (Error 20) unless told it is expected.
       echo benchpass | CRYFS_FRONTEND=noninteractive CRYFS_NO_UPDATE_CHECK=true \
-        cryfs --cipher aes-256-gcm "$dir/base" "$dir/mnt" >/dev/null 2>&1
+        cryfs --cipher aes-256-gcm --allow-replaced-filesystem "$dir/base" "$dir/mnt" >"$dir/cryfs.log" 2>&1 ||
+        { echo "!! cryfs failed:" >&2; tail -5 "$dir/cryfs.log" >&2; }
       echo "$dir/mnt" ;;
     lsvfs)
       "$lsvfs" keygen "$dir/key" >/dev/null
@@ -122,7 +126,7 @@ PY
 }
 
 command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
-for fs in ext4 gocryptfs cryfs lsvfs; do
+for fs in ${BENCH_FS:-ext4 gocryptfs cryfs lsvfs}; do
   echo "== $fs"
   run_all "$fs"
 done
