@@ -467,3 +467,37 @@ fn reads_do_not_wait_for_the_metadata_lock() {
     assert_eq!(fs.read_data(b, 0, 100).unwrap(), data[..10]);
     fs.release(b).unwrap();
 }
+
+/// A read looks up its blocks and then reads them. Blocks freed in between
+/// (a truncate) must not be handed to another file until that read is
+/// over, or it could return the other file's data.
+#[test]
+fn blocks_freed_under_a_read_in_flight_are_not_reused_until_it_ends() {
+    let (_dev, fs) = new_fs(65536);
+    let (a, _) = fs.mknod(ROOT, b"a", REG, 0, 0, 0).unwrap();
+    fs.write_data(a, 0, &pattern(1, 64 << 10), false).unwrap();
+    let old = fs.file_blocks(a).unwrap();
+    assert!(old.iter().all(|b| *b != 0));
+    let (b, _) = fs.mknod(ROOT, b"b", REG, 0, 0, 0).unwrap();
+    fs.with_read_in_flight(|| {
+        fs.setattr(a, SetAttr::size(0)).unwrap();
+        fs.write_data(b, 0, &pattern(2, 64 << 10), false).unwrap();
+        let reused: Vec<u64> = fs
+            .file_blocks(b)
+            .unwrap()
+            .into_iter()
+            .filter(|x| old.contains(x))
+            .collect();
+        assert!(
+            reused.is_empty(),
+            "blocks {reused:?} freed under a read were reused"
+        );
+    })
+    .unwrap();
+    // With no read in flight, the next operation releases them.
+    let (c, _) = fs.mknod(ROOT, b"c", REG, 0, 0, 0).unwrap();
+    fs.write_data(c, 0, &pattern(3, 64 << 10), false).unwrap();
+    assert!(fs.file_blocks(c).unwrap().iter().any(|x| old.contains(x)));
+    assert_eq!(fs.read_data(b, 0, 64 << 10).unwrap(), pattern(2, 64 << 10));
+    assert!(fs.check().unwrap().problems.is_empty());
+}

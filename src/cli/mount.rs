@@ -55,6 +55,11 @@ fn tune_bdi(mountpoint: &Path) {
 
 /// Serves the file system until a signal or an unmount, then flushes.
 pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Result<(), Error> {
+    // The kernel may need this process to make progress on writeback to
+    // free memory: mark it as an I/O flusher (root only; harmless if
+    // refused). First thing, so every thread started later inherits it.
+    // SAFETY: prctl with integer arguments has no memory effects.
+    unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
     let dev: Arc<dyn crate::device::Device> = Arc::new(
@@ -71,10 +76,6 @@ pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Resul
     let v = volume::Volume::open(dev, &master, opts)?;
     drop(master);
     let fs = Arc::new(Fs::mount(v)?);
-    // The kernel may need this process to make progress on writeback to
-    // free memory: mark it as an I/O flusher (root only; harmless if refused).
-    // SAFETY: prctl with integer arguments has no memory effects.
-    unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
 
     // Signals are taken synchronously below; block them before any thread
     // starts so that every thread inherits the mask.

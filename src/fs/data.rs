@@ -101,7 +101,7 @@ impl Op<'_> {
     }
 
     /// The block address of file block `fb`, 0 for a hole.
-    fn block_of(&mut self, ino: u64, fb: u64) -> Result<u64> {
+    pub(super) fn block_of(&mut self, ino: u64, fb: u64) -> Result<u64> {
         Ok(self.chunk(ino, fb / CHUNK_BLOCKS)?[(fb % CHUNK_BLOCKS) as usize])
     }
 
@@ -141,10 +141,15 @@ impl Fs {
             }
             let (s, e) = kind_range(ino, kind::CHUNK);
             let mut chunks = HashMap::new();
-            for (k, _) in op.tree.range(&mut op.store, &s, &e, usize::MAX)? {
+            for (k, v) in op.tree.range(&mut op.store, &s, &e, usize::MAX)? {
                 let index = key_suffix_u64(&k)
-                    .ok_or_else(|| Error::Corrupted(format!("inode {ino}: a chunk key")))?;
-                chunks.insert(index, op.chunk(ino, index)?);
+                    .filter(|_| v.len() == CHUNK_BLOCKS as usize * 8)
+                    .ok_or_else(|| Error::Corrupted(format!("inode {ino}: a chunk item")))?;
+                let blocks = v
+                    .chunks_exact(8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect();
+                chunks.insert(index, blocks);
             }
             let m = Arc::new(FileMap {
                 size: i.size,
@@ -161,7 +166,23 @@ impl Fs {
     /// Reads up to `size` bytes at `offset`. The block lookup uses the
     /// file's cached map, so reads never wait for another file's commit.
     pub fn read_data(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<u8>> {
-        let map = self.file_map(ino)?;
+        // From the lookup to the last volume read (see `Fs::reads`). The map
+        // is fetched first (loading it takes the metadata lock, which must
+        // never be waited for while `reads` is held), then checked to be
+        // still current once `reads` is held.
+        let (map, _reading) = loop {
+            let map = self.file_map(ino)?;
+            let reading = self.reads.read().map_err(|_| Error::PreviousIo)?;
+            let current = self
+                .files
+                .lock()
+                .map_err(|_| Error::PreviousIo)?
+                .get(&ino)
+                .is_some_and(|m| Arc::ptr_eq(m, &map));
+            if current {
+                break (map, reading);
+            }
+        };
         if offset >= map.size || size == 0 {
             return Ok(Vec::new());
         }

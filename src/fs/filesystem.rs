@@ -68,6 +68,11 @@ pub struct Fs {
     /// An entry is dropped whenever an operation changes the file's size
     /// or blocks, under the metadata lock, and at the file's last close.
     pub(super) files: Mutex<HashMap<u64, Arc<FileMap>>>,
+    /// Held shared by every data read from its block lookup to the end of
+    /// its volume read. Blocks freed meanwhile stay quarantined (see
+    /// `Allocator`) until an operation finds no read in flight, so a read
+    /// never returns a block that was freed and reused by another file.
+    pub(super) reads: std::sync::RwLock<()>,
 }
 
 /// A regular file's size and block addresses, as of the last commit.
@@ -355,15 +360,16 @@ impl Fs {
             }),
             open: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
+            reads: std::sync::RwLock::new(()),
             volume,
         };
         let highest = fs.read_op(|op| op.tree.last_key(&mut op.store))?;
         if let Some(k) = highest {
-            let ino = u64::from_be_bytes(
-                k[..8]
-                    .try_into()
-                    .map_err(|_| Error::Corrupted("a short metadata key".into()))?,
-            );
+            let ino = k
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| Error::Corrupted("a short metadata key".into()))?;
             let mut m = fs.meta.lock().map_err(|_| Error::PreviousIo)?;
             m.sb.next_ino = m.sb.next_ino.max(ino + 1);
         }
@@ -456,6 +462,25 @@ impl Fs {
             .unwrap_or(true)
     }
 
+    /// Runs `f` as if a data read were in flight (holding `reads`): for
+    /// tests of the freed-block quarantine.
+    #[doc(hidden)]
+    pub fn with_read_in_flight<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let _reading = self.reads.read().map_err(|_| Error::PreviousIo)?;
+        Ok(f())
+    }
+
+    /// The data block addresses of a file, in file order (0 for holes).
+    #[doc(hidden)]
+    pub fn file_blocks(&self, ino: u64) -> Result<Vec<u64>> {
+        self.read_op(|op| {
+            let i = op.inode(ino)?;
+            (0..i.size.div_ceil(BLOCK_SIZE as u64))
+                .map(|fb| op.block_of(ino, fb))
+                .collect()
+        })
+    }
+
     /// Runs `f` while holding the metadata lock, as a long commit would:
     /// for tests that show which operations do not wait for it.
     #[doc(hidden)]
@@ -512,6 +537,18 @@ impl Fs {
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
         let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        // Usually without waiting: a read in flight (holding `reads`) keeps
+        // the quarantine for a later operation. When most free space is in
+        // quarantine, wait for the reads in flight; they never wait for the
+        // metadata lock while holding `reads`, so this cannot deadlock.
+        if guard.alloc.has_quarantine() {
+            if let Ok(_no_reads) = self.reads.try_write() {
+                guard.alloc.release_quarantined();
+            } else if guard.alloc.mostly_quarantined() {
+                let _no_reads = self.reads.write().map_err(|_| Error::PreviousIo)?;
+                guard.alloc.release_quarantined();
+            }
+        }
         let (old_root, old_sb) = (guard.tree.root, guard.sb);
         let result = {
             let Meta {
@@ -1009,6 +1046,8 @@ impl Fs {
         })
     }
 
+    /// Up to `limit` entries after `cookie` (0 starts; "." and ".." are
+    /// cookies 1 and 2), in cookie order, stable under concurrent changes.
     pub fn readdir(&self, ino: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
         self.read_op(|op| Self::entries(op, ino, cookie, limit))
     }

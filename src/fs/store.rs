@@ -17,6 +17,10 @@ use crate::{Error, Result, BLOCK_SIZE};
 pub struct Allocator {
     free: BTreeMap<u64, u64>,
     free_blocks: u64,
+    /// Blocks freed by committed operations that a read started earlier
+    /// may still be about to read: not handed out again until
+    /// `release_quarantined` (when no such read is left).
+    quarantined: Vec<u64>,
 }
 
 impl Allocator {
@@ -34,11 +38,34 @@ impl Allocator {
             free.insert(at, limit - at);
         }
         let free_blocks = free.values().sum();
-        Allocator { free, free_blocks }
+        Allocator {
+            free,
+            free_blocks,
+            quarantined: Vec::new(),
+        }
     }
 
+    /// Free blocks, counting those in quarantine (they are free on disk).
     pub fn free_blocks(&self) -> u64 {
-        self.free_blocks
+        self.free_blocks + self.quarantined.len() as u64
+    }
+
+    pub fn has_quarantine(&self) -> bool {
+        !self.quarantined.is_empty()
+    }
+
+    /// Whether most of the free space is in quarantine.
+    pub fn mostly_quarantined(&self) -> bool {
+        self.quarantined.len() as u64 > self.free_blocks
+    }
+
+    /// Makes quarantined blocks allocatable again. The caller guarantees
+    /// that no read which looked up blocks before they were freed is still
+    /// running.
+    pub fn release_quarantined(&mut self) {
+        for lba in std::mem::take(&mut self.quarantined) {
+            self.release(lba);
+        }
     }
 
     /// One free block, the lowest at or after `hint` if any (else the lowest).
@@ -146,7 +173,7 @@ impl<'a> VolumeStore<'a> {
             Ok(()) => {
                 for lba in std::mem::take(&mut self.freed) {
                     self.cache.remove(&lba);
-                    self.alloc.release(lba);
+                    self.alloc.quarantined.push(lba);
                 }
                 if self.cache.len() + self.staged.len() > NODE_CACHE {
                     self.cache.clear();

@@ -456,7 +456,8 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.fs.readdir_plus(ino.0, offset, 256) {
+        // About 25 entries with attributes fit the kernel's one-page buffer.
+        match self.fs.readdir_plus(ino.0, offset, 48) {
             Ok(entries) => {
                 for (e, i) in entries {
                     if reply.add(

@@ -181,7 +181,7 @@ pub fn unlock_with_server(
         if let Err(e) = client::report_rewrapped(&cfg, &host, vid, newest.version) {
             eprintln!(
                 "lsvfs: could not tell the key server about the rewrap, so it keeps the \
-                 old KEK for now; run `lsvfs rewrap` later to report it: {e}"
+                 old KEK for now; run `lsvfs rewrap` (volume unmounted) to report it: {e}"
             );
         }
     }
