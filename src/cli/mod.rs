@@ -63,7 +63,7 @@ impl Keys {
             Some(f) => keys::unlock(header, &keys::read_key_file(f)?),
             None => {
                 let (m, r) = keys::unlock_with_server(&self.store, &self.server, header)?;
-                if let Some((from, to)) = r.from_to {
+                if let Some((from, to)) = r {
                     eprintln!("lsvfs: rewrapped the volume key from KEK v{from} to v{to}");
                 }
                 Ok(m)
@@ -292,9 +292,7 @@ fn open_with(
     Volume::open(dev, master, opts)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
+use keys::hex;
 
 fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -374,20 +372,16 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             if let Some(kf) = &key_file {
                 slots[0] = keys::key_file_slot(&keys::read_key_file(kf)?, &master, &volume_id)?;
             }
-            let sealed = match &keyserver {
-                Some(url) => {
-                    let st = keys::SealedStore::open(&store)?;
-                    if st.keyserver_url.trim_end_matches('/') != url.trim_end_matches('/') {
-                        return Err(Error::InvalidArgument(format!(
-                            "this host is set up for key server {}, not {url}; \
-                             run `lsvfs host init` again for another server",
-                            st.keyserver_url
-                        )));
-                    }
-                    Some(st)
+            if let Some(url) = &keyserver {
+                let st = keys::SealedStore::open(&store)?;
+                if st.keyserver_url.trim_end_matches('/') != url.trim_end_matches('/') {
+                    return Err(Error::InvalidArgument(format!(
+                        "this host is set up for key server {}, not {url}; \
+                         run `lsvfs host init` again for another server",
+                        st.keyserver_url
+                    )));
                 }
-                None => None,
-            };
+            }
             let dev = FileDevice::open_for_create(&path)
                 .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
             let opts = CreateOptions {
@@ -403,7 +397,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
                 crate::fs::Fs::format(&v, uid, gid)?;
                 v.close()?;
-                if sealed.is_some() {
+                if keyserver.is_some() {
                     keys::register_volume(&store, &server, &volume_id, &master)?;
                 }
                 Ok::<_, Error>(h)
@@ -592,7 +586,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             let dev = open_device(&path, false)?;
             let h = volume::read_header(&*dev).map_err(|e| with_path(e, &path))?;
             let (_, r) = keys::unlock_with_server(&store, &server, &h)?;
-            match r.from_to {
+            match r {
                 Some((from, to)) => println!(
                     "rewrapped the key of {} from KEK v{from} to v{to}",
                     path.display()

@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::filesystem::{FileMap, Fs, Op};
-use super::format::{file_type, key, key_suffix_u64, kind, kind_range, Inode, Time, CHUNK_BLOCKS};
+use super::format::{
+    decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, Inode, Time, CHUNK_BLOCKS,
+};
 use crate::{Error, FsError, Result, BLOCK_SIZE};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -55,13 +57,9 @@ pub const XATTR_REPLACE: u32 = 2;
 impl Op<'_> {
     fn chunk(&mut self, ino: u64, index: u64) -> Result<Vec<u64>> {
         match self.get(&key(ino, kind::CHUNK, &index.to_be_bytes()))? {
-            Some(v) if v.len() == CHUNK_BLOCKS as usize * 8 => Ok(v
-                .chunks_exact(8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect()),
-            Some(_) => Err(Error::Corrupted(format!(
-                "inode {ino}: chunk {index} has the wrong size"
-            ))),
+            Some(v) => decode_chunk(&v).ok_or_else(|| {
+                Error::Corrupted(format!("inode {ino}: chunk {index} has the wrong size"))
+            }),
             None => Ok(vec![0; CHUNK_BLOCKS as usize]),
         }
     }
@@ -142,13 +140,9 @@ impl Fs {
             let (s, e) = kind_range(ino, kind::CHUNK);
             let mut chunks = HashMap::new();
             for (k, v) in op.tree.range(&mut op.store, &s, &e, usize::MAX)? {
-                let index = key_suffix_u64(&k)
-                    .filter(|_| v.len() == CHUNK_BLOCKS as usize * 8)
-                    .ok_or_else(|| Error::Corrupted(format!("inode {ino}: a chunk item")))?;
-                let blocks = v
-                    .chunks_exact(8)
-                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                    .collect();
+                let item = key_suffix_u64(&k).zip(decode_chunk(&v));
+                let (index, blocks) =
+                    item.ok_or_else(|| Error::Corrupted(format!("inode {ino}: a chunk item")))?;
                 chunks.insert(index, blocks);
             }
             let m = Arc::new(FileMap {

@@ -220,13 +220,7 @@ impl Op<'_> {
     fn unlink_inode(&mut self, ino: u64, now: Time) -> Result<()> {
         let mut i = self.inode(ino)?;
         i.nlink = i.nlink.saturating_sub(if i.is_dir() { 2 } else { 1 });
-        let is_open = self
-            .open
-            .lock()
-            .map_err(|_| Error::PreviousIo)?
-            .get(&ino)
-            .is_some_and(|n| *n > 0);
-        if i.nlink == 0 && (is_open || i.blocks > PURGE_STEP) {
+        if i.nlink == 0 && (is_open(self.open, ino)? || i.blocks > PURGE_STEP) {
             // Still open, or too large to free in one transaction: an
             // orphan, freed by `reclaim` (at the last close, right after
             // this operation, or at the next mount after a crash).
@@ -253,14 +247,9 @@ impl Op<'_> {
                 break true;
             }
             for (k, v) in batch {
-                for b in v.chunks_exact(8) {
-                    let lba = u64::from_le_bytes(b.try_into().expect("8 bytes"));
-                    if lba != 0 {
-                        self.free_data(lba);
-                        i.blocks = i.blocks.saturating_sub(1);
-                        freed += 1;
-                    }
-                }
+                let n = self.free_chunk_blocks(&v);
+                i.blocks = i.blocks.saturating_sub(n);
+                freed += n;
                 self.del(&k)?;
             }
             if freed >= max {
@@ -282,16 +271,24 @@ impl Op<'_> {
             }
             for (k, v) in batch {
                 if k.get(8) == Some(&kind::CHUNK) {
-                    for b in v.chunks_exact(8) {
-                        let lba = u64::from_le_bytes(b.try_into().expect("8 bytes"));
-                        if lba != 0 {
-                            self.free_data(lba);
-                        }
-                    }
+                    self.free_chunk_blocks(&v);
                 }
                 self.del(&k)?;
             }
         }
+    }
+
+    /// Frees the data blocks a chunk item's value names; returns how many.
+    fn free_chunk_blocks(&mut self, v: &[u8]) -> u64 {
+        let mut n = 0;
+        for b in v.chunks_exact(8) {
+            let lba = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            if lba != 0 {
+                self.free_data(lba);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// A fresh inode number. It is not persisted here: mount derives the
@@ -302,6 +299,12 @@ impl Op<'_> {
         self.sb.next_ino += 1;
         ino
     }
+}
+
+/// Whether `ino` has an open handle.
+fn is_open(open: &Mutex<HashMap<u64, u32>>, ino: u64) -> Result<bool> {
+    let open = open.lock().map_err(|_| Error::PreviousIo)?;
+    Ok(open.get(&ino).is_some_and(|n| *n > 0))
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -431,13 +434,7 @@ impl Fs {
                 if op.get(&orphan)?.is_none() {
                     return Ok(true);
                 }
-                let reopened = op
-                    .open
-                    .lock()
-                    .map_err(|_| Error::PreviousIo)?
-                    .get(&ino)
-                    .is_some_and(|n| *n > 0);
-                if reopened {
+                if is_open(op.open, ino)? {
                     // Opened again (through a name looked up before the
                     // unlink): its last close finishes the job.
                     return Ok(true);
@@ -453,13 +450,6 @@ impl Fs {
                 return Ok(());
             }
         }
-    }
-
-    fn is_open(&self, ino: u64) -> bool {
-        self.open
-            .lock()
-            .map(|o| o.get(&ino).is_some_and(|n| *n > 0))
-            .unwrap_or(true)
     }
 
     /// Runs `f` as if a data read were in flight (holding `reads`): for
@@ -844,7 +834,7 @@ impl Fs {
     /// here is logged, not returned: the orphan list finishes the job at
     /// the next close or mount.
     fn reclaim_unless_open(&self, ino: u64) -> Result<()> {
-        if !self.is_open(ino) {
+        if !is_open(&self.open, ino).unwrap_or(true) {
             if let Err(e) = self.reclaim(ino) {
                 eprintln!("lsvfs: freeing deleted inode {ino} (retried at the next mount): {e}");
             }

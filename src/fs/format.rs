@@ -53,6 +53,16 @@ pub fn key_suffix_u64(k: &[u8]) -> Option<u64> {
     k.get(9..17)?.try_into().ok().map(u64::from_be_bytes)
 }
 
+/// The block addresses in a chunk item's value (CHUNK_BLOCKS little-endian
+/// u64s, 0 for a hole); None if the value has the wrong size.
+pub fn decode_chunk(v: &[u8]) -> Option<Vec<u64>> {
+    (v.len() == CHUNK_BLOCKS as usize * 8).then(|| {
+        v.chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect()
+    })
+}
+
 /// The range of keys of one kind for one inode: `[start, end)`.
 pub fn kind_range(ino: u64, kind: u8) -> (Vec<u8>, Vec<u8>) {
     (key(ino, kind, &[]), key(ino, kind + 1, &[]))

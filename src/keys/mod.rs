@@ -123,26 +123,19 @@ pub fn register_volume(
     })
 }
 
-/// What [`unlock_with_server`] did besides unlocking.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Rewrapped {
-    /// KEK versions before and after, when the key was rewrapped under a
-    /// newer KEK.
-    pub from_to: Option<(u32, u32)>,
-}
-
 /// The normal unlock: finds the volume's wrapped key in the sealed store,
 /// asks the key server for its KEK (proving this host's identity), unwraps
 /// the key and checks it against the header. When the server has a newer
-/// KEK, rewraps the key under it, saves the store and tells the server.
+/// KEK, rewraps the key under it, saves the store and tells the server;
+/// then also returns the KEK versions before and after.
 pub fn unlock_with_server(
     store_dir: &Path,
     o: &ServerOptions,
     header: &Header,
-) -> Result<(MasterKey, Rewrapped)> {
+) -> Result<(MasterKey, Option<(u32, u32)>)> {
     let store = SealedStore::open(store_dir)?;
     let vid = header.volume_id;
-    let hex: String = vid.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex(&vid);
     let entry = store.entry(&vid).cloned().ok_or_else(|| {
         Error::SealedStore(format!(
             "this host's sealed store ({}) holds no key for volume {hex}; \
@@ -163,7 +156,7 @@ pub fn unlock_with_server(
                 entry.kek_version
             ))
         })?;
-    let mut done = Rewrapped::default();
+    let mut rewrapped = None;
     if let Some(newest) = got.newest {
         let wrapped = wrap_key(&kek_of(&newest), &master, &associated(&vid))
             .map_err(|e| Error::InvalidArgument(format!("wrapping the volume key: {e}")))?;
@@ -175,7 +168,7 @@ pub fn unlock_with_server(
             });
             Ok(())
         })?;
-        done.from_to = Some((entry.kek_version, newest.version));
+        rewrapped = Some((entry.kek_version, newest.version));
         // The key is safe under the new KEK either way; if the server does
         // not hear of it now, it keeps the old version a while longer.
         if let Err(e) = client::report_rewrapped(&cfg, &host, vid, newest.version) {
@@ -185,7 +178,7 @@ pub fn unlock_with_server(
             );
         }
     }
-    Ok((master, done))
+    Ok((master, rewrapped))
 }
 
 /// Tells the key server again which KEK version this host's sealed key for
@@ -204,4 +197,9 @@ pub fn report_current(store_dir: &Path, o: &ServerOptions, volume_id: &[u8; 16])
     )
     .map_err(from_client)?;
     Ok(entry.kek_version)
+}
+
+/// Bytes as lowercase hex (volume ids, fingerprints).
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -133,6 +133,19 @@ fn write_private(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
+/// The host secret; the buffer it was read into is zeroized too.
+fn read_secret(dir: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    let path = dir.join(SECRET_FILE);
+    let bytes = Zeroizing::new(
+        fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?,
+    );
+    let secret: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| store_err(dir, "the host secret is not 32 bytes"))?;
+    Ok(Zeroizing::new(secret))
+}
+
 /// Refuses a secret file that group or others can read.
 fn check_private(path: &Path) -> Result<()> {
     let md = fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
@@ -235,14 +248,7 @@ impl SealedStore {
             )));
         }
         check_private(&secret_path)?;
-        let secret = fs::read(&secret_path)
-            .map_err(|e| Error::io(format!("reading {}", secret_path.display()), e))?;
-        let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
-            secret
-                .as_slice()
-                .try_into()
-                .map_err(|_| store_err(dir, "the host secret is not 32 bytes"))?,
-        );
+        let secret = read_secret(dir)?;
         let b = fs::read(&sealed_path)
             .map_err(|e| Error::io(format!("reading {}", sealed_path.display()), e))?;
         if b.len() < HEADER + 16 || b.len() > MAX_SEALED || &b[..8] != MAGIC {
@@ -319,14 +325,7 @@ impl SealedStore {
     /// Seals the current contents and replaces the file atomically.
     pub fn save(&self) -> Result<()> {
         let dir = &self.dir;
-        let secret = fs::read(dir.join(SECRET_FILE))
-            .map_err(|e| Error::io(format!("reading {}", dir.join(SECRET_FILE).display()), e))?;
-        let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
-            secret
-                .as_slice()
-                .try_into()
-                .map_err(|_| store_err(dir, "the host secret is not 32 bytes"))?,
-        );
+        let secret = read_secret(dir)?;
         let url = self.keyserver_url.as_bytes();
         if url.len() > u16::MAX as usize || self.ca_pem.len() > MAX_SEALED / 2 {
             return Err(store_err(dir, "the key server URL or CA is too large"));
