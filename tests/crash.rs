@@ -34,9 +34,13 @@ struct Recorded {
     txn_end: Vec<usize>,
     /// The model after each transaction: `states[j]` is after j transactions.
     states: Vec<Vec<Option<u64>>>,
+    /// Snapshot creates and deletes: (op counts when the call began and
+    /// returned, name, `Some(j)` for a create after j transactions, None
+    /// for a delete).
+    snaps: Vec<(usize, usize, String, Option<usize>)>,
 }
 
-fn record_workload(seed: u64, txns: usize) -> Recorded {
+fn record_workload(seed: u64, txns: usize, snapshots: bool) -> Recorded {
     let mut rng = Rng(seed);
     let dev = Arc::new(MemDevice::new());
     create(&*dev, LOGICAL, 16);
@@ -46,6 +50,8 @@ fn record_workload(seed: u64, txns: usize) -> Recorded {
     let mut model: Vec<Option<u64>> = vec![None; RANGE as usize];
     let mut states = vec![model.clone()];
     let mut txn_end = Vec::new();
+    let mut snaps = Vec::new();
+    let mut alive: Vec<String> = Vec::new();
     let mut version = 0;
     for _ in 0..txns {
         let mut t = Transaction::new();
@@ -69,7 +75,19 @@ fn record_workload(seed: u64, txns: usize) -> Recorded {
                 t.write(lba, data);
             }
         }
-        v.commit(t).expect("commit");
+        loop {
+            match v.commit(t.clone()) {
+                Ok(()) => break,
+                // Full because snapshots hold old data: drop the oldest.
+                Err(lsvfs::Error::NoSpace(_)) if snapshots && !alive.is_empty() => {
+                    let name = alive.remove(0);
+                    let start = dev.recorded_len();
+                    v.snapshot_delete(&name).expect("delete snapshot");
+                    snaps.push((start, dev.recorded_len(), name, None));
+                }
+                Err(e) => panic!("commit: {e}"),
+            }
+        }
         txn_end.push(dev.recorded_len());
         states.push(model.clone());
         match rng.below(10) {
@@ -77,6 +95,24 @@ fn record_workload(seed: u64, txns: usize) -> Recorded {
             3 => v.checkpoint().expect("checkpoint"),
             4 => {
                 v.clean(2).expect("clean");
+            }
+            5 | 6 if snapshots && alive.len() < 3 => {
+                let name = format!("s{}", states.len());
+                let start = dev.recorded_len();
+                v.snapshot_create(&name).expect("snapshot");
+                snaps.push((
+                    start,
+                    dev.recorded_len(),
+                    name.clone(),
+                    Some(states.len() - 1),
+                ));
+                alive.push(name);
+            }
+            7 | 8 if snapshots && !alive.is_empty() => {
+                let name = alive.remove(rng.below(alive.len() as u64) as usize);
+                let start = dev.recorded_len();
+                v.snapshot_delete(&name).expect("delete snapshot");
+                snaps.push((start, dev.recorded_len(), name, None));
             }
             _ => {}
         }
@@ -88,6 +124,7 @@ fn record_workload(seed: u64, txns: usize) -> Recorded {
         ops,
         txn_end,
         states,
+        snaps,
     }
 }
 
@@ -152,8 +189,88 @@ fn recovered_state(
     (lo..=hi).rev().find(|j| states[*j] == got)
 }
 
+/// Checks the snapshots a recovered volume has: each one that was durably
+/// created and not durably deleted is there, nothing else is, and each
+/// reads exactly as the volume did when it was taken.
+fn check_snapshots(v: &lsvfs::volume::Volume, rec: &Recorded, durable_end: usize, k: usize) {
+    let durable = |end: usize| {
+        // Durable once the last flush inside the call is.
+        rec.ops[..end]
+            .iter()
+            .rposition(|o| matches!(o, RecordedOp::Flush))
+            .is_some_and(|f| f < durable_end)
+    };
+    let mut must = BTreeSet::new();
+    let mut may = BTreeSet::new();
+    for (start, end, name, created) in &rec.snaps {
+        let began = *start < k;
+        match created {
+            Some(_) if durable(*end) => {
+                must.insert(name.clone());
+                may.insert(name.clone());
+            }
+            Some(_) if began => {
+                may.insert(name.clone());
+            }
+            Some(_) => {}
+            None if durable(*end) => {
+                must.remove(name);
+                may.remove(name);
+            }
+            None if began => {
+                must.remove(name);
+            }
+            None => {}
+        }
+    }
+    let have = v.snapshot_names().expect("snapshot list");
+    let names: BTreeSet<String> = have.iter().map(|(_, n, _, _)| n.clone()).collect();
+    for m in &must {
+        assert!(
+            names.contains(m),
+            "crash point {k}: durable snapshot {m} is missing"
+        );
+    }
+    for (id, name, _, _) in have {
+        assert!(
+            may.contains(&name),
+            "crash point {k}: snapshot {name} should not exist"
+        );
+        let j = rec
+            .snaps
+            .iter()
+            .find_map(|(_, _, n, c)| if *n == name { *c } else { None })
+            .expect("created");
+        let view = v.snapshot_view(id).unwrap();
+        let mut buf = vec![0u8; RANGE as usize * BLOCK_SIZE];
+        view.read(0, &mut buf)
+            .expect("read a snapshot after recovery");
+        for l in 0..RANGE {
+            let b = &buf[l as usize * BLOCK_SIZE..(l as usize + 1) * BLOCK_SIZE];
+            let want = match rec.states[j][l as usize] {
+                Some(ver) => block(l, ver),
+                None => vec![0u8; BLOCK_SIZE],
+            };
+            assert!(
+                b == want.as_slice(),
+                "crash point {k}: snapshot {name} block {l}"
+            );
+        }
+    }
+}
+
 fn run(seed: u64, txns: usize, points: usize) -> (usize, usize, usize) {
-    let rec = record_workload(seed, txns);
+    run_with(seed, txns, points, false)
+}
+
+fn run_with(seed: u64, txns: usize, points: usize, snapshots: bool) -> (usize, usize, usize) {
+    let rec = record_workload(seed, txns, snapshots);
+    if snapshots {
+        let creates = rec.snaps.iter().filter(|s| s.3.is_some()).count();
+        let deletes = rec.snaps.len() - creates;
+        eprintln!("snapshots created: {creates}, deleted: {deletes}");
+        assert!(creates >= 10 && deletes >= 5, "too few snapshot events");
+    }
     let n = rec.ops.len();
     let flushes: Vec<usize> = (0..n)
         .filter(|i| matches!(rec.ops[*i], RecordedOp::Flush))
@@ -202,6 +319,7 @@ fn run(seed: u64, txns: usize, points: usize) -> (usize, usize, usize) {
         }
         let report = v.check().expect("check");
         assert!(report.is_clean(), "crash point {k}: {:?}", report.problems);
+        check_snapshots(&v, &rec, durable_end, k);
         if checked % 16 == 0 {
             // The recovered volume keeps working: write, reopen, read back.
             let mut t = Transaction::new();
@@ -225,6 +343,12 @@ fn power_cut_at_every_flush_and_random_points() {
     assert!(checked >= 1000, "only {checked} crash points");
     // Both outcomes must occur, or the harness is not cutting where it matters.
     assert!(kept > 0 && lost > 0, "kept {kept} lost {lost}");
+}
+
+#[test]
+fn power_cut_with_snapshots_being_created_and_deleted() {
+    let (checked, _, _) = run_with(0x5eed_0003, 140, 700, true);
+    assert!(checked >= 600, "only {checked} crash points");
 }
 
 #[test]

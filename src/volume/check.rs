@@ -136,6 +136,16 @@ impl State {
                 bits[TreeId::Allocated as usize]
             ));
         }
+        // Blocks only snapshots reference, and the snapshot metadata pages.
+        for pba in self.held_locations() {
+            let seg = (pba - DATA_START) / self.seg_blocks;
+            match live.get_mut(seg as usize) {
+                Some(c) => *c += 1,
+                None => r.problems.push(format!(
+                    "a block held for snapshots lies in segment {seg}, past the extent"
+                )),
+            }
+        }
         for s in 0..self.extent {
             let want = live[s as usize];
             let have = self.usage.live.get(s as usize).copied().unwrap_or(0) as u64;

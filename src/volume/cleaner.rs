@@ -28,7 +28,8 @@ impl State {
             .iter()
             .map(|t| self.trees.shape(*t).depth as u64 + 1)
             .sum();
-        pages + 4 + levels + pages.div_ceil(ENTRIES_PER_RECORD as u64)
+        let meta = self.snap_meta_pages();
+        pages + meta + 4 + levels + (pages + meta).div_ceil(ENTRIES_PER_RECORD as u64)
     }
 
     /// Segments `blocks` of log may take from the current head: a new
@@ -162,6 +163,9 @@ impl State {
             .map_err(|e| Error::io(format!("cleaner reading segment {victim}"), e))?;
 
         let mut moves: Vec<(Entry, usize)> = Vec::new();
+        // Blocks only snapshots hold, moved verbatim: (index in `moves`,
+        // generation, old location).
+        let mut held_moves: Vec<(usize, u64, u64)> = Vec::new();
         let mut offset = 0u64;
         while offset < self.seg_blocks {
             let o = offset as usize * BLOCK_SIZE;
@@ -178,7 +182,11 @@ impl State {
                 match *e {
                     Entry::Write { lba, gen, mac } | Entry::Relocate { lba, gen, mac } => {
                         let cur = self.lookup(ctx, lba)?;
-                        if cur.pba == pba && cur.gen == gen {
+                        let live = cur.pba == pba && cur.gen == gen;
+                        if live || self.is_held_at(gen, pba) {
+                            if !live {
+                                held_moves.push((moves.len(), gen, pba));
+                            }
                             moves.push((
                                 Entry::Relocate { lba, gen, mac },
                                 (offset + 1) as usize + i,
@@ -186,7 +194,20 @@ impl State {
                         }
                     }
                     Entry::TreePage {
-                        tree, level, index, ..
+                        tree: TreeId::SnapMeta,
+                        ..
+                    } => {
+                        if self.is_meta_page(pba) {
+                            // The next checkpoint writes the metadata afresh.
+                            self.snap_meta_dirty = true;
+                        }
+                    }
+                    Entry::TreePage {
+                        tree,
+                        level,
+                        index,
+                        gen,
+                        mac,
                     } => {
                         let key = PageKey { tree, level, index };
                         let (ptr, dirty) = self.trees.current_ptr(ctx, key)?;
@@ -197,6 +218,21 @@ impl State {
                                 // Its content is rebuilt from the counters.
                                 self.usage.dirty_leaves.insert(index);
                             }
+                        }
+                        // A page snapshots share (perhaps held just now, as
+                        // the live tree let go of it) moves as it is.
+                        if self.is_held_at(gen, pba) {
+                            held_moves.push((moves.len(), gen, pba));
+                            moves.push((
+                                Entry::TreePage {
+                                    tree,
+                                    level,
+                                    index,
+                                    gen,
+                                    mac,
+                                },
+                                (offset + 1) as usize + i,
+                            ));
                         }
                     }
                     Entry::Trim { .. } => {}
@@ -216,6 +252,14 @@ impl State {
         let pbas = self.append(ctx, &entries, &payload, true, true)?;
         self.apply(ctx, &entries, &pbas)
             .inspect_err(|_| self.poisoned = true)?;
+        // `apply` ignores these (the live map does not have them): the held
+        // table follows them instead, durable with the next checkpoint.
+        for (j, gen, old) in held_moves {
+            self.usage.dec(old);
+            self.usage.inc(pbas[j]);
+            self.usage.held.insert(gen, pbas[j]);
+            self.usage.held_dirty = true;
+        }
         Ok(())
     }
 }

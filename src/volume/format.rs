@@ -15,8 +15,11 @@
 use crate::crypto::{Mac, WrappedKey, MAC_LEN, WRAPPED_LEN};
 use crate::BLOCK_SIZE;
 
-/// The format version this code writes and the only one it reads.
+/// The format version of the header (and of checkpoints before snapshots).
 pub const FORMAT_VERSION: u32 = 1;
+/// The checkpoint version this code writes: version 1 plus the snapshot
+/// metadata pointer. Version 1 checkpoints are read as "no snapshots".
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 pub const HEADER_MAGIC: [u8; 8] = *b"LSVFS\0VH";
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"LSVFS\0CP";
@@ -393,7 +396,9 @@ impl MapEntry {
 // | 124  | 4   | reserved |
 // | 128  | 160 | tree roots: map, allocated, changed, key-gen, segment usage (5 x 32) |
 // | 288  | 16  | geometry digest: binds the header's geometry to this MAC'd block |
-// | 304  | ..  | reserved (zero) |
+// | 304  | 32  | snapshot metadata: first page of the chain (version 2; absent if none) |
+// | 336  | 4   | snapshot metadata: pages in the chain |
+// | 340  | ..  | reserved (zero) |
 // | 4080 | 16  | MAC over bytes 0..4080 |
 
 const C_MAGIC: usize = 0;
@@ -412,6 +417,8 @@ const C_CHANGED_SINCE: usize = C_ALLOCATED + 8;
 const C_KEY_GEN: usize = C_CHANGED_SINCE + 8;
 const C_ROOTS: usize = C_KEY_GEN + 4 + 4;
 const C_GEOMETRY: usize = C_ROOTS + 5 * TREE_PTR_LEN;
+const C_SNAP_META: usize = C_GEOMETRY + 16;
+const C_SNAP_PAGES: usize = C_SNAP_META + TREE_PTR_LEN;
 pub const CHECKPOINT_MAC_AT: usize = BLOCK_SIZE - MAC_LEN;
 
 /// The metadata trees. The discriminant is the on-disk tree id.
@@ -428,6 +435,9 @@ pub enum TreeId {
     KeyGen = 3,
     /// Live block count per segment (u32 each).
     SegmentUsage = 4,
+    /// Not a tree: the chain of snapshot metadata pages (see `snapshot.rs`).
+    /// Its pages are sealed and logged like tree pages.
+    SnapMeta = 5,
 }
 
 pub const TREES: [TreeId; 5] = [
@@ -440,6 +450,9 @@ pub const TREES: [TreeId; 5] = [
 
 impl TreeId {
     pub fn from_u8(v: u8) -> Option<TreeId> {
+        if v == TreeId::SnapMeta as u8 {
+            return Some(TreeId::SnapMeta);
+        }
         TREES.get(v as usize).copied()
     }
 }
@@ -464,6 +477,10 @@ pub struct Checkpoint {
     pub changed_since: u64,
     pub key_gen: u32,
     pub roots: [TreePtr; 5],
+    /// First page of the snapshot metadata chain (absent: no snapshots and
+    /// no blocks held for them).
+    pub snap_meta: TreePtr,
+    pub snap_pages: u32,
 }
 
 impl Checkpoint {
@@ -472,7 +489,7 @@ impl Checkpoint {
     pub fn encode_body(&self, header: &Header) -> Box<Block> {
         let mut b = Box::new([0u8; BLOCK_SIZE]);
         b[C_MAGIC..C_MAGIC + 8].copy_from_slice(&CHECKPOINT_MAGIC);
-        put_u32(&mut b[..], C_VERSION, FORMAT_VERSION);
+        put_u32(&mut b[..], C_VERSION, CHECKPOINT_VERSION);
         b[C_VOLUME_ID..C_VOLUME_ID + 16].copy_from_slice(&header.volume_id);
         b[C_GEOMETRY..C_GEOMETRY + 16].copy_from_slice(&header.geometry_digest());
         put_u64(&mut b[..], C_SEQ, self.seq);
@@ -489,6 +506,8 @@ impl Checkpoint {
         for (i, r) in self.roots.iter().enumerate() {
             r.encode(&mut b[C_ROOTS + i * TREE_PTR_LEN..]);
         }
+        self.snap_meta.encode(&mut b[C_SNAP_META..]);
+        put_u32(&mut b[..], C_SNAP_PAGES, self.snap_pages);
         b
     }
 
@@ -499,9 +518,9 @@ impl Checkpoint {
             return Err(DecodeError::Magic("checkpoint"));
         }
         let version = u32_at(b, C_VERSION);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != CHECKPOINT_VERSION {
             return Err(DecodeError::Version {
-                want: FORMAT_VERSION,
+                want: CHECKPOINT_VERSION,
                 have: version,
             });
         }
@@ -542,7 +561,25 @@ impl Checkpoint {
                 r.is_absent() || (r.pba >= DATA_START && r.pba < header.end_block()),
             )?;
         }
+        // Version 1 checkpoints predate snapshots: those bytes were reserved.
+        let (snap_meta, snap_pages) = if version == CHECKPOINT_VERSION {
+            (TreePtr::decode(&b[C_SNAP_META..]), u32_at(b, C_SNAP_PAGES))
+        } else {
+            (TreePtr::ABSENT, 0)
+        };
+        range(
+            "snapshot metadata",
+            snap_meta.pba,
+            (snap_meta.is_absent() && snap_pages == 0)
+                || (!snap_meta.is_absent()
+                    && snap_pages > 0
+                    && (snap_pages as u64) < header.end_block()
+                    && snap_meta.pba >= DATA_START
+                    && snap_meta.pba < header.end_block()),
+        )?;
         Ok(Checkpoint {
+            snap_meta,
+            snap_pages,
             seq: u64_at(b, C_SEQ),
             log,
             gen_limit: u64_at(b, C_GEN_LIMIT),

@@ -18,6 +18,7 @@ mod cleaner;
 pub mod format;
 mod log;
 mod recovery;
+pub mod snapshot;
 mod state;
 mod tree;
 
@@ -117,11 +118,12 @@ pub fn max_segments_for(logical_blocks: u64, seg_blocks: u32) -> u64 {
 }
 
 /// A group of block writes and trims, applied all-or-nothing, in order.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Transaction {
     ops: Vec<Op>,
 }
 
+#[derive(Clone)]
 enum Op {
     Write { lba: u64, data: Vec<u8> },
     Trim { lba: u64, count: u64 },
@@ -162,6 +164,9 @@ pub struct Stats {
     pub cached_pages: usize,
     pub checkpoint_seq: u64,
     pub live_blocks: u64,
+    pub snapshots: u64,
+    /// Blocks only snapshots reference.
+    pub held_blocks: u64,
 }
 
 /// What the layers under a volume's state need, borrowed from the volume.
@@ -226,6 +231,8 @@ pub struct Volume {
     background: Option<(crossbeam::channel::Sender<()>, JoinHandle<()>)>,
     recovery: Recovery,
     closed: bool,
+    /// A read-only view of this snapshot (by id) instead of the live volume.
+    view: Option<u64>,
 }
 
 /// Reads the volume header: the newest of the two copies that is intact.
@@ -363,6 +370,8 @@ pub fn create(
         changed_since: 1,
         key_gen: 0,
         roots: [TreePtr::ABSENT; 5],
+        snap_meta: TreePtr::ABSENT,
+        snap_pages: 0,
     };
     let mut b = c.encode_body(&header);
     let mac = keys.mac(
@@ -433,6 +442,8 @@ impl Volume {
                     changed_since: 0,
                     key_gen: 0,
                     roots: [TreePtr::ABSENT; 5],
+                    snap_meta: TreePtr::ABSENT,
+                    snap_pages: 0,
                 },
                 log_blocks_since_checkpoint: 0,
                 cleaned: Default::default(),
@@ -443,6 +454,12 @@ impl Volume {
                 logical_blocks: header.logical_blocks,
                 reserve,
                 dirty_limit,
+                snaps: Vec::new(),
+                snap_next_id: 1,
+                live_changed: Vec::new(),
+                meta_pages: Vec::new(),
+                meta_root: (TreePtr::ABSENT, 0),
+                snap_meta_dirty: false,
             }),
             header,
             reuse,
@@ -480,6 +497,8 @@ impl Volume {
             st.allocated = c.allocated;
             st.changed_since = c.changed_since;
             st.key_gen = c.key_gen;
+            let (meta, pages) = st.read_snap_meta(&ctx, c.snap_meta, c.snap_pages)?;
+            st.install_snap_meta(meta, pages, (c.snap_meta, c.snap_pages));
             st.last_checkpoint = c;
             st.load_usage(&ctx)?;
             let empty: Vec<u64> = (0..st.extent).filter(|s| st.usage.live(*s) == 0).collect();
@@ -528,6 +547,7 @@ impl Volume {
             background,
             recovery,
             closed: false,
+            view: None,
         })
     }
 
@@ -540,7 +560,106 @@ impl Volume {
     }
 
     pub fn is_read_only(&self) -> bool {
-        self.inner.read_only
+        self.inner.read_only || self.view.is_some()
+    }
+
+    /// The snapshot this handle shows, if it is a snapshot view.
+    pub fn snapshot_id(&self) -> Option<u64> {
+        self.view
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Takes a snapshot of every committed transaction, named `name`, and
+    /// returns its id. Durable when it returns; costs one checkpoint.
+    pub fn snapshot_create(&self, name: &str) -> Result<u64> {
+        self.writable()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or((0, 0), |d| (d.as_secs() as i64, d.subsec_nanos()));
+        let mut st = self.inner.lock()?;
+        st.snapshot_create(&self.inner.ctx(), name, now)
+    }
+
+    /// Deletes a snapshot and frees the blocks only it held. Durable when
+    /// it returns.
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.writable()?;
+        let mut st = self.inner.lock()?;
+        let i = st.snap_index(name).ok_or_else(|| Error::Fs {
+            kind: crate::FsError::NotFound,
+            what: format!("snapshot {name:?}"),
+        })?;
+        st.snapshot_delete(&self.inner.ctx(), i)
+    }
+
+    /// Every snapshot, oldest first, with the space each alone holds (this
+    /// walks what differs between neighbouring snapshots).
+    pub fn snapshot_list(&self) -> Result<Vec<snapshot::SnapshotInfo>> {
+        let mut st = self.inner.lock()?;
+        st.snapshot_infos(&self.inner.ctx())
+    }
+
+    /// Every snapshot's id, name and creation time, oldest first (cheap).
+    pub fn snapshot_names(&self) -> Result<Vec<(u64, String, i64, u32)>> {
+        let st = self.inner.lock()?;
+        Ok(st
+            .snaps
+            .iter()
+            .map(|s| {
+                (
+                    s.rec.id,
+                    s.rec.name.clone(),
+                    s.rec.created_sec,
+                    s.rec.created_nsec,
+                )
+            })
+            .collect())
+    }
+
+    /// Runs of blocks written or trimmed between the previous snapshot and
+    /// snapshot `name`, as (first block, count): the base of incremental export.
+    pub fn snapshot_changed_runs(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let mut st = self.inner.lock()?;
+        let i = st.snap_index(name).ok_or_else(|| Error::Fs {
+            kind: crate::FsError::NotFound,
+            what: format!("snapshot {name:?}"),
+        })?;
+        st.snapshot_changed_runs(&self.inner.ctx(), i)
+    }
+
+    /// A read-only handle that reads snapshot `id` (it keeps working while
+    /// the live volume changes, and fails once the snapshot is deleted).
+    pub fn snapshot_view(&self, id: u64) -> Result<Volume> {
+        let st = self.inner.lock()?;
+        if st.snap_index_by_id(id).is_none() {
+            return Err(Error::Fs {
+                kind: crate::FsError::NotFound,
+                what: format!("snapshot {id}"),
+            });
+        }
+        Ok(Volume {
+            inner: self.inner.clone(),
+            background: None,
+            recovery: Recovery::default(),
+            closed: true,
+            view: Some(id),
+        })
+    }
+
+    /// Blocks the file system may still fill: the logical blocks not in use,
+    /// less what snapshots hold beyond them (the space bound's data share
+    /// minus every block counted live).
+    pub fn free_blocks(&self) -> Result<u64> {
+        let st = self.inner.lock()?;
+        let live: u64 = (0..st.extent).map(|s| st.usage.live(s)).sum();
+        let need = st.logical_blocks + 2 * metadata_pages(st.logical_blocks);
+        Ok((st.logical_blocks - st.allocated).min(need.saturating_sub(live)))
     }
 
     /// What recovery did when the volume was opened.
@@ -556,8 +675,22 @@ impl Volume {
             let mut st = self.inner.lock()?;
             let ctx = self.inner.ctx();
             let mut es = Vec::with_capacity(n as usize);
-            for i in 0..n {
-                es.push(st.lookup(&ctx, lba + i)?);
+            match self.view {
+                None => {
+                    for i in 0..n {
+                        es.push(st.lookup(&ctx, lba + i)?);
+                    }
+                }
+                Some(id) => {
+                    let s = st.snap_index_by_id(id).ok_or_else(|| Error::Fs {
+                        kind: crate::FsError::NotFound,
+                        what: format!("snapshot {id} (it was deleted)"),
+                    })?;
+                    for i in 0..n {
+                        es.push(st.snap_locate(&ctx, s, lba + i)?);
+                    }
+                    st.snaps[s].trees.evict();
+                }
             }
             st.trees.evict();
             (
@@ -639,9 +772,7 @@ impl Volume {
     /// and durable after the next [`Volume::flush`].
     pub fn commit(&self, txn: Transaction) -> Result<()> {
         let inner = &*self.inner;
-        if inner.read_only {
-            return Err(Error::ReadOnly);
-        }
+        self.writable()?;
         if txn.is_empty() {
             return Ok(());
         }
@@ -736,6 +867,9 @@ impl Volume {
 
     /// Makes every committed transaction durable (fdatasync).
     pub fn flush(&self) -> Result<()> {
+        if self.view.is_some() {
+            return Ok(());
+        }
         if self.inner.lock()?.poisoned {
             return Err(Error::PreviousIo);
         }
@@ -749,9 +883,7 @@ impl Volume {
 
     /// Writes a checkpoint now.
     pub fn checkpoint(&self) -> Result<()> {
-        if self.inner.read_only {
-            return Err(Error::ReadOnly);
-        }
+        self.writable()?;
         let mut st = self.inner.lock()?;
         st.checkpoint(&self.inner.ctx())
     }
@@ -759,9 +891,7 @@ impl Volume {
     /// Runs the cleaner until no segment is worth cleaning (or `max`
     /// victims), then checkpoints. Returns the number of segments cleaned.
     pub fn clean(&self, max: usize) -> Result<usize> {
-        if self.inner.read_only {
-            return Err(Error::ReadOnly);
-        }
+        self.writable()?;
         let mut st = self.inner.lock()?;
         let ctx = self.inner.ctx();
         let mut n = 0;
@@ -789,6 +919,8 @@ impl Volume {
             cached_pages: st.trees.cached_count(),
             checkpoint_seq: st.last_checkpoint.seq,
             live_blocks: (0..st.extent).map(|s| st.usage.live(s)).sum(),
+            snapshots: st.snaps.len() as u64,
+            held_blocks: st.usage.held.len() as u64,
         })
     }
 
@@ -799,8 +931,12 @@ impl Volume {
         st.bitmap_runs(&self.inner.ctx(), format::TreeId::Changed)
     }
 
-    /// Runs of allocated (mapped) blocks, as (first block, count).
+    /// Runs of allocated (mapped) blocks, as (first block, count). Empty
+    /// for a snapshot view (nothing is allocated through it).
     pub fn allocated_runs(&self) -> Result<Vec<(u64, u64)>> {
+        if self.view.is_some() {
+            return Ok(Vec::new());
+        }
         let mut st = self.inner.lock()?;
         st.bitmap_runs(&self.inner.ctx(), format::TreeId::Allocated)
     }
@@ -808,9 +944,7 @@ impl Volume {
     /// Clears the changed bitmap. Returns the checkpoint sequence number
     /// from which changes are now recorded.
     pub fn reset_changed(&self) -> Result<u64> {
-        if self.inner.read_only {
-            return Err(Error::ReadOnly);
-        }
+        self.writable()?;
         let mut st = self.inner.lock()?;
         st.reset_changed(&self.inner.ctx())
     }

@@ -31,6 +31,14 @@ pub struct Usage {
     pub usage_pages: HashMap<u64, u32>,
     pub dirty_leaves: BTreeSet<u64>,
     seg_blocks: u64,
+    /// Blocks only snapshots reference: generation -> location. They stay
+    /// counted in `live` (see `snapshot.rs`).
+    pub held: HashMap<u64, u64>,
+    pub held_dirty: bool,
+    /// The newest snapshot's birth (0 without snapshots): a map or changed
+    /// page, or a data block, that the live state drops with a generation
+    /// below it is held, not freed.
+    pub retain_below: u64,
 }
 
 impl Usage {
@@ -40,6 +48,20 @@ impl Usage {
             usage_pages: HashMap::new(),
             dirty_leaves: BTreeSet::new(),
             seg_blocks,
+            held: HashMap::new(),
+            held_dirty: false,
+            retain_below: 0,
+        }
+    }
+
+    /// The live state stops referencing a block: it is held if the newest
+    /// snapshot references it, else its space is released.
+    pub fn dropped(&mut self, gen: u64, pba: u64) {
+        if gen < self.retain_below {
+            self.held.insert(gen, pba);
+            self.held_dirty = true;
+        } else {
+            self.dec(pba);
         }
     }
 
@@ -73,7 +95,10 @@ impl Usage {
     }
 
     pub fn superseded(&mut self, tree: TreeId, ptr: TreePtr) {
-        if tree == TreeId::SegmentUsage {
+        if matches!(tree, TreeId::Map | TreeId::Changed) {
+            // Pages snapshots can share.
+            self.dropped(ptr.gen, ptr.pba);
+        } else if tree == TreeId::SegmentUsage {
             let s = self.segment_of(ptr.pba);
             let c = self.usage_pages.entry(s).or_insert(0);
             *c = c.saturating_sub(1);
@@ -121,6 +146,16 @@ pub struct State {
     pub reserve: u64,
     /// Dirty metadata pages that force a checkpoint.
     pub dirty_limit: u64,
+    /// Snapshots, oldest first.
+    pub snaps: Vec<super::snapshot::Snap>,
+    pub snap_next_id: u64,
+    /// Changed bitmaps of deleted snapshots, handed to the next snapshot.
+    pub live_changed: Vec<TreePtr>,
+    /// Where the snapshot metadata is (all its pages), and its root and
+    /// leaf count as the checkpoint names them.
+    pub meta_pages: Vec<TreePtr>,
+    pub meta_root: (TreePtr, u32),
+    pub snap_meta_dirty: bool,
 }
 
 /// The trees' shapes for a volume geometry.
@@ -208,6 +243,8 @@ impl State {
     }
 
     /// Sets the map entry of `lba` and keeps usage, counts and bitmaps exact.
+    /// `changed` is false only for the cleaner's relocations, which move a
+    /// block rather than drop it.
     fn map_set(&mut self, ctx: &Ctx, lba: u64, new: MapEntry, changed: bool) -> Result<()> {
         let key = PageKey::leaf(TreeId::Map, lba / MAP_ENTRIES_PER_PAGE as u64);
         let slot = (lba % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
@@ -216,7 +253,11 @@ impl State {
         let old = MapEntry::decode(&page[slot..]);
         new.encode(&mut page[slot..]);
         if old.is_mapped() {
-            usage.dec(old.pba);
+            if changed {
+                usage.dropped(old.gen, old.pba);
+            } else {
+                usage.dec(old.pba);
+            }
         }
         if new.is_mapped() {
             usage.inc(new.pba);
@@ -423,6 +464,9 @@ impl State {
         ] {
             self.write_tree(ctx, tree)?;
         }
+        // After the trees (writing them can hold old pages), before usage
+        // (writing it changes usage).
+        self.write_snap_meta(ctx)?;
         let leaves: Vec<u64> = std::mem::take(&mut self.usage.dirty_leaves)
             .into_iter()
             .collect();
@@ -455,6 +499,8 @@ impl State {
             changed_since: self.changed_since,
             key_gen: self.key_gen,
             roots: self.trees.roots(),
+            snap_meta: self.meta_root.0,
+            snap_pages: self.meta_root.1,
         };
         self.write_checkpoint_block(ctx, &c)?;
         self.last_checkpoint = c;

@@ -1,0 +1,876 @@
+//! Snapshots: frozen, persisted roots of the block map.
+//!
+//! Taking a snapshot writes a checkpoint and keeps its block-map root and
+//! changed-bitmap root under a name; the live changed bitmap then starts
+//! afresh. Nothing is copied, so the cost is that of one checkpoint
+//! (bounded by the dirty pages, not by the volume's size).
+//!
+//! **Which blocks a snapshot holds.** Generations only grow, so a snapshot
+//! is also a point in generation order: its `birth` is the first
+//! generation handed out after it. A block (data block or map/changed page)
+//! that the live state drops while its generation is below the newest
+//! snapshot's birth was live when that snapshot was taken, so that snapshot
+//! still references it: the block stays counted in its segment and goes
+//! into the **held table** (generation -> current location) instead of
+//! being freed. A block is referenced by a contiguous run of snapshots (those
+//! taken while it was live), so deleting a snapshot frees exactly the
+//! blocks of its trees that neither neighbour (the previous snapshot, and
+//! the next one or the live state) shares: subtrees with the same
+//! generation at the same position are identical and are skipped whole.
+//!
+//! **Reading and moving held blocks.** Snapshot trees are never rewritten.
+//! Pointers in them keep the location a block had when the snapshot was
+//! taken; a held block's current location is in the held table, and a
+//! block still live is where the live map says (the cleaner may have moved
+//! it). The cleaner moves held blocks verbatim (same ciphertext, generation
+//! and MAC: seals depend on the logical address, not the location) and
+//! updates the held table, which the next checkpoint makes durable, before
+//! the old segment can be reused.
+//!
+//! **Persistence.** The snapshot list, the held table and the changed
+//! bitmaps waiting for the next snapshot are one byte string, cut into
+//! sealed pages laid out as a radix tree (docs/FORMAT.md, "Snapshot
+//! metadata"); the checkpoint points at its root. It is rewritten by every
+//! checkpoint after it changed.
+
+use std::collections::{HashMap, HashSet};
+
+use super::format::{page_addr, Block, Entry, MapEntry, TreeId, TreePtr, DATA_START, TREE_PTR_LEN};
+use super::format::{MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN};
+use super::state::{shapes, State};
+use super::tree::{PageKey, PageSource, Shape, Trees, FANOUT};
+use super::Ctx;
+use crate::crypto::{BlockKind, Mac, Tag};
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// Most snapshots one volume keeps.
+pub const MAX_SNAPSHOTS: usize = 1024;
+/// Longest snapshot name, in bytes.
+pub const NAME_MAX: usize = 255;
+/// Payload bytes per metadata leaf page (after its 4-byte length).
+const LEAF_PAYLOAD: usize = BLOCK_SIZE - 4;
+/// Cached pages per snapshot's map tree.
+const SNAP_CACHE_PAGES: usize = 256;
+
+/// A snapshot as it is stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapRecord {
+    /// Never reused within a volume.
+    pub id: u64,
+    pub name: String,
+    pub created_sec: i64,
+    pub created_nsec: u32,
+    /// Every block it references has a generation below this.
+    pub birth: u64,
+    /// The checkpoint whose block map it froze.
+    pub checkpoint_seq: u64,
+    /// Logical blocks mapped in it.
+    pub allocated: u64,
+    pub map: TreePtr,
+    /// Changed bitmaps whose union is every block written or trimmed since
+    /// the previous snapshot (one per interval, merged when snapshots
+    /// between are deleted).
+    pub changed: Vec<TreePtr>,
+}
+
+/// What `snapshot list` shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: u64,
+    pub name: String,
+    pub created_sec: i64,
+    pub created_nsec: u32,
+    pub allocated_blocks: u64,
+    /// Blocks that deleting it would free: held by no other snapshot and
+    /// not by the live volume.
+    pub unique_blocks: u64,
+}
+
+/// A snapshot in memory: its record and a cache of its map tree.
+pub struct Snap {
+    pub rec: SnapRecord,
+    pub trees: Trees,
+}
+
+/// Reads a snapshot's pages from wherever they are now: the held table
+/// knows where the cleaner moved a block that only snapshots reference.
+pub struct HeldSource<'a> {
+    pub(crate) ctx: &'a Ctx<'a>,
+    pub held: &'a HashMap<u64, u64>,
+}
+
+impl PageSource for HeldSource<'_> {
+    fn load_page(&self, key: PageKey, ptr: &TreePtr) -> Result<Box<Block>> {
+        let mut p = *ptr;
+        if let Some(&pba) = self.held.get(&ptr.gen) {
+            p.pba = pba;
+        }
+        self.ctx.load_page(key, &p)
+    }
+}
+
+// ------------------------------------------------------------ encoding
+
+fn put(out: &mut Vec<u8>, v: &[u8]) {
+    out.extend_from_slice(v);
+}
+
+fn ptr_bytes(p: &TreePtr) -> [u8; TREE_PTR_LEN] {
+    let mut b = [0u8; TREE_PTR_LEN];
+    p.encode(&mut b);
+    b
+}
+
+/// The persisted snapshot metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapMeta {
+    pub next_id: u64,
+    pub snaps: Vec<SnapRecord>,
+    /// Changed bitmaps of deleted snapshots whose changes now belong to the
+    /// interval after the newest snapshot.
+    pub live_changed: Vec<TreePtr>,
+    /// Generation -> location of every block that only snapshots reference.
+    pub held: HashMap<u64, u64>,
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.b.len() - self.at < n {
+            return Err(Error::Corrupted("snapshot metadata ends early".to_string()));
+        }
+        let s = &self.b[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn ptr(&mut self) -> Result<TreePtr> {
+        Ok(TreePtr::decode(self.take(TREE_PTR_LEN)?))
+    }
+}
+
+/// Checks a snapshot name: 1..=255 bytes of UTF-8, no `/` or NUL, not `.`
+/// or `..`.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > NAME_MAX
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0')
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{name:?} is not a valid snapshot name (1 to {NAME_MAX} bytes, no '/' or NUL, not . or ..)"
+        )));
+    }
+    Ok(())
+}
+
+impl SnapMeta {
+    pub fn is_empty(&self) -> bool {
+        self.snaps.is_empty() && self.held.is_empty() && self.live_changed.is_empty()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.held.len() * 16);
+        put(&mut out, &self.next_id.to_le_bytes());
+        put(&mut out, &(self.snaps.len() as u32).to_le_bytes());
+        for s in &self.snaps {
+            put(&mut out, &s.id.to_le_bytes());
+            put(&mut out, &s.created_sec.to_le_bytes());
+            put(&mut out, &s.created_nsec.to_le_bytes());
+            put(&mut out, &s.birth.to_le_bytes());
+            put(&mut out, &s.checkpoint_seq.to_le_bytes());
+            put(&mut out, &s.allocated.to_le_bytes());
+            put(&mut out, &ptr_bytes(&s.map));
+            put(&mut out, &(s.changed.len() as u16).to_le_bytes());
+            for c in &s.changed {
+                put(&mut out, &ptr_bytes(c));
+            }
+            put(&mut out, &[s.name.len() as u8]);
+            put(&mut out, s.name.as_bytes());
+        }
+        put(&mut out, &(self.live_changed.len() as u16).to_le_bytes());
+        for c in &self.live_changed {
+            put(&mut out, &ptr_bytes(c));
+        }
+        let mut held: Vec<(u64, u64)> = self.held.iter().map(|(g, p)| (*g, *p)).collect();
+        held.sort_unstable();
+        put(&mut out, &(held.len() as u64).to_le_bytes());
+        for (g, p) in held {
+            put(&mut out, &g.to_le_bytes());
+            put(&mut out, &p.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes and validates: every location inside the volume, ids
+    /// increasing and below `next_id`, births increasing and below
+    /// `gen_limit`, names valid and distinct.
+    pub fn decode(b: &[u8], end_block: u64, gen_limit: u64) -> Result<SnapMeta> {
+        let bad = |what: String| Error::Corrupted(format!("snapshot metadata: {what}"));
+        let in_volume = |p: &TreePtr| p.is_absent() || (p.pba >= DATA_START && p.pba < end_block);
+        let mut r = Reader { b, at: 0 };
+        let next_id = r.u64()?;
+        let n = r.u32()? as usize;
+        if n > MAX_SNAPSHOTS {
+            return Err(bad(format!("{n} snapshots (at most {MAX_SNAPSHOTS})")));
+        }
+        let mut snaps: Vec<SnapRecord> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = r.u64()?;
+            let created_sec = r.u64()? as i64;
+            let created_nsec = r.u32()?;
+            let birth = r.u64()?;
+            let checkpoint_seq = r.u64()?;
+            let allocated = r.u64()?;
+            let map = r.ptr()?;
+            let nc = r.u16()? as usize;
+            let mut changed = Vec::with_capacity(nc);
+            for _ in 0..nc {
+                changed.push(r.ptr()?);
+            }
+            let len = r.u8()? as usize;
+            let name = String::from_utf8(r.take(len)?.to_vec())
+                .map_err(|_| bad(format!("snapshot {id} has a name that is not UTF-8")))?;
+            check_name(&name).map_err(|_| bad(format!("snapshot {id} has an invalid name")))?;
+            if id == 0 || id >= next_id || snaps.last().is_some_and(|p| p.id >= id) {
+                return Err(bad(format!("snapshot id {id} out of order")));
+            }
+            if birth > gen_limit || snaps.last().is_some_and(|p| p.birth > birth) {
+                return Err(bad(format!(
+                    "snapshot {id} has an impossible birth {birth}"
+                )));
+            }
+            if !in_volume(&map) || !changed.iter().all(in_volume) {
+                return Err(bad(format!("snapshot {id} points outside the volume")));
+            }
+            if snaps.iter().any(|s| s.name == name) {
+                return Err(bad(format!("two snapshots are named {name:?}")));
+            }
+            snaps.push(SnapRecord {
+                id,
+                name,
+                created_sec,
+                created_nsec,
+                birth,
+                checkpoint_seq,
+                allocated,
+                map,
+                changed,
+            });
+        }
+        let nl = r.u16()? as usize;
+        let mut live_changed = Vec::with_capacity(nl);
+        for _ in 0..nl {
+            let p = r.ptr()?;
+            if !in_volume(&p) {
+                return Err(bad("a changed bitmap points outside the volume".into()));
+            }
+            live_changed.push(p);
+        }
+        let nh = r.u64()?;
+        if nh > end_block {
+            return Err(bad(format!("{nh} held blocks")));
+        }
+        let mut held = HashMap::with_capacity(nh as usize);
+        for _ in 0..nh {
+            let g = r.u64()?;
+            let p = r.u64()?;
+            if !(DATA_START..end_block).contains(&p) || g >= gen_limit {
+                return Err(bad(format!("held block {g} at {p} is out of range")));
+            }
+            if held.insert(g, p).is_some() {
+                return Err(bad(format!("held block {g} is listed twice")));
+            }
+        }
+        if r.at != b.len() {
+            return Err(bad("trailing bytes".into()));
+        }
+        Ok(SnapMeta {
+            next_id,
+            snaps,
+            live_changed,
+            held,
+        })
+    }
+}
+
+// ------------------------------------------------------------ state
+
+impl State {
+    pub fn new_snap(&self, rec: SnapRecord) -> Snap {
+        let mut roots = [TreePtr::ABSENT; 5];
+        roots[TreeId::Map as usize] = rec.map;
+        Snap {
+            rec,
+            trees: Trees::new(
+                roots,
+                shapes(self.logical_blocks, self.max_segments),
+                SNAP_CACHE_PAGES,
+            ),
+        }
+    }
+
+    /// The snapshot metadata as it must be persisted now.
+    fn snap_meta(&self) -> SnapMeta {
+        SnapMeta {
+            next_id: self.snap_next_id,
+            snaps: self.snaps.iter().map(|s| s.rec.clone()).collect(),
+            live_changed: self.live_changed.clone(),
+            held: self.usage.held.clone(),
+        }
+    }
+
+    /// Pages the snapshot metadata takes when written now.
+    pub fn snap_meta_pages(&self) -> u64 {
+        if self.snaps.is_empty() && self.usage.held.is_empty() && self.live_changed.is_empty() {
+            return 0;
+        }
+        let bytes = 16
+            + self
+                .snaps
+                .iter()
+                .map(|s| 100 + s.rec.name.len() + 32 * s.rec.changed.len())
+                .sum::<usize>()
+            + 32 * self.live_changed.len()
+            + 16 * self.usage.held.len();
+        let leaves = bytes.div_ceil(LEAF_PAYLOAD) as u64;
+        leaves + leaves.div_ceil(FANOUT - 1) + 1
+    }
+
+    /// Writes the snapshot metadata if it changed (during a checkpoint,
+    /// after the trees and before segment usage), and releases the old copy.
+    pub fn write_snap_meta(&mut self, ctx: &Ctx) -> Result<()> {
+        if !self.snap_meta_dirty && !self.usage.held_dirty {
+            return Ok(());
+        }
+        let meta = self.snap_meta();
+        let mut written = Vec::new();
+        let (root, leaves) = if meta.is_empty() {
+            (TreePtr::ABSENT, 0)
+        } else {
+            let blob = meta.encode();
+            let mut pages: Vec<Box<Block>> = blob
+                .chunks(LEAF_PAYLOAD)
+                .map(|c| {
+                    let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+                    b[..4].copy_from_slice(&(c.len() as u32).to_le_bytes());
+                    b[4..4 + c.len()].copy_from_slice(c);
+                    b
+                })
+                .collect();
+            let leaves = pages.len() as u64;
+            let mut level = 0u8;
+            loop {
+                let ptrs = self.append_meta_pages(ctx, level, &pages)?;
+                written.extend(ptrs.iter().copied());
+                if ptrs.len() == 1 && (level > 0 || leaves == 1) {
+                    break (ptrs[0], leaves);
+                }
+                pages = ptrs
+                    .chunks(FANOUT as usize)
+                    .map(|c| {
+                        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+                        for (i, p) in c.iter().enumerate() {
+                            p.encode(&mut b[i * TREE_PTR_LEN..]);
+                        }
+                        b
+                    })
+                    .collect();
+                level += 1;
+            }
+        };
+        for p in std::mem::take(&mut self.meta_pages) {
+            self.usage.dec(p.pba);
+        }
+        for p in &written {
+            self.usage.inc(p.pba);
+        }
+        self.meta_pages = written;
+        self.meta_root = (root, leaves as u32);
+        self.snap_meta_dirty = false;
+        self.usage.held_dirty = false;
+        Ok(())
+    }
+
+    fn append_meta_pages(
+        &mut self,
+        ctx: &Ctx,
+        level: u8,
+        pages: &[Box<Block>],
+    ) -> Result<Vec<TreePtr>> {
+        let base = self.alloc_gens(ctx, pages.len() as u64)?;
+        let mut buf = Vec::with_capacity(pages.len() * BLOCK_SIZE);
+        let mut tags = Vec::with_capacity(pages.len());
+        for (i, p) in pages.iter().enumerate() {
+            buf.extend_from_slice(&p[..]);
+            tags.push(Tag::new(
+                BlockKind::TreePage,
+                page_addr(TreeId::SnapMeta, level, i as u64),
+                base + i as u64,
+            ));
+        }
+        let mut macs = vec![Mac::default(); pages.len()];
+        ctx.engine.seal(ctx.keys, &mut buf, &tags, &mut macs);
+        let entries: Vec<Entry> = tags
+            .iter()
+            .zip(&macs)
+            .enumerate()
+            .map(|(i, (t, m))| Entry::TreePage {
+                tree: TreeId::SnapMeta,
+                level,
+                index: i as u64,
+                gen: t.gen,
+                mac: *m,
+            })
+            .collect();
+        let pbas = self.append(ctx, &entries, &buf, true, true)?;
+        Ok(pbas
+            .iter()
+            .zip(tags.iter().zip(&macs))
+            .map(|(pba, (t, m))| TreePtr {
+                pba: *pba,
+                gen: t.gen,
+                mac: *m,
+            })
+            .collect())
+    }
+
+    /// Reads the snapshot metadata a checkpoint names, and the locations of
+    /// its pages.
+    pub fn read_snap_meta(
+        &self,
+        ctx: &Ctx,
+        root: TreePtr,
+        leaves: u32,
+    ) -> Result<(SnapMeta, Vec<TreePtr>)> {
+        if root.is_absent() {
+            return Ok((SnapMeta::default(), Vec::new()));
+        }
+        let shape = Shape::new(leaves as u64);
+        let mut pages = vec![root];
+        let mut level_ptrs = vec![root];
+        let mut level = shape.depth;
+        while level > 0 {
+            let mut next = Vec::new();
+            for (i, p) in level_ptrs.iter().enumerate() {
+                let b = ctx.load_page(
+                    PageKey {
+                        tree: TreeId::SnapMeta,
+                        level,
+                        index: i as u64,
+                    },
+                    p,
+                )?;
+                for k in 0..FANOUT as usize {
+                    let c = TreePtr::decode(&b[k * TREE_PTR_LEN..]);
+                    if c.is_absent() {
+                        break;
+                    }
+                    next.push(c);
+                }
+            }
+            level -= 1;
+            if level > 0 && next.len() as u64 > leaves as u64 {
+                return Err(Error::Corrupted(
+                    "snapshot metadata index is too long".into(),
+                ));
+            }
+            pages.extend(next.iter().copied());
+            level_ptrs = next;
+        }
+        if level_ptrs.len() as u64 != leaves as u64 {
+            return Err(Error::Corrupted(format!(
+                "snapshot metadata has {} pages, the checkpoint says {leaves}",
+                level_ptrs.len()
+            )));
+        }
+        let mut blob = Vec::with_capacity(leaves as usize * LEAF_PAYLOAD);
+        for (i, p) in level_ptrs.iter().enumerate() {
+            let b = ctx.load_page(PageKey::leaf(TreeId::SnapMeta, i as u64), p)?;
+            let n = u32::from_le_bytes(b[..4].try_into().expect("4")) as usize;
+            if n > LEAF_PAYLOAD {
+                return Err(Error::Corrupted("snapshot metadata page overflows".into()));
+            }
+            blob.extend_from_slice(&b[4..4 + n]);
+        }
+        let meta = SnapMeta::decode(&blob, ctx.header.end_block(), self.gen_limit)?;
+        Ok((meta, pages))
+    }
+
+    /// Installs metadata read at open.
+    pub fn install_snap_meta(&mut self, meta: SnapMeta, pages: Vec<TreePtr>, root: (TreePtr, u32)) {
+        self.snap_next_id = meta.next_id.max(1);
+        self.live_changed = meta.live_changed;
+        self.usage.held = meta.held;
+        self.usage.retain_below = meta.snaps.last().map_or(0, |s| s.birth);
+        self.snaps = meta.snaps.into_iter().map(|r| self.new_snap(r)).collect();
+        self.meta_pages = pages;
+        self.meta_root = root;
+    }
+
+    pub fn is_meta_page(&self, pba: u64) -> bool {
+        self.meta_pages.iter().any(|p| p.pba == pba)
+    }
+
+    // -------------------------------------------------------- operations
+
+    pub fn snap_index(&self, name: &str) -> Option<usize> {
+        self.snaps.iter().position(|s| s.rec.name == name)
+    }
+
+    pub fn snap_index_by_id(&self, id: u64) -> Option<usize> {
+        self.snaps.iter().position(|s| s.rec.id == id)
+    }
+
+    /// Takes a snapshot of the current state. Durable when it returns.
+    pub fn snapshot_create(&mut self, ctx: &Ctx, name: &str, now: (i64, u32)) -> Result<u64> {
+        check_name(name)?;
+        if self.snap_index(name).is_some() {
+            return Err(Error::Fs {
+                kind: crate::FsError::Exists,
+                what: format!("snapshot {name:?}"),
+            });
+        }
+        if self.snaps.len() >= MAX_SNAPSHOTS {
+            return Err(Error::NoSpace(format!(
+                "a volume keeps at most {MAX_SNAPSHOTS} snapshots; delete one first"
+            )));
+        }
+        self.checkpoint(ctx)?;
+        let roots = self.trees.roots();
+        let mut changed = std::mem::take(&mut self.live_changed);
+        let live = roots[TreeId::Changed as usize];
+        if !live.is_absent() {
+            changed.insert(0, live);
+        }
+        let rec = SnapRecord {
+            id: self.snap_next_id,
+            name: name.to_string(),
+            created_sec: now.0,
+            created_nsec: now.1,
+            birth: self.next_gen,
+            checkpoint_seq: self.last_checkpoint.seq,
+            allocated: self.allocated,
+            map: roots[TreeId::Map as usize],
+            changed,
+        };
+        let id = rec.id;
+        self.usage.retain_below = rec.birth;
+        let snap = self.new_snap(rec);
+        self.snaps.push(snap);
+        self.snap_next_id += 1;
+        self.snap_meta_dirty = true;
+        // The live changed bitmap starts afresh: its pages now belong to
+        // the snapshot (their generations are below its birth: held).
+        let State { trees, usage, .. } = self;
+        trees.clear_tree(ctx, TreeId::Changed, &mut |t, p| usage.superseded(t, p))?;
+        self.changed_since = self.last_checkpoint.seq;
+        if let Err(e) = self.checkpoint(ctx) {
+            // Not durable: forget it in memory too, so both agree. The held
+            // entries it caused stay (harmless: freed when found unused).
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Whether another tree at `key` holds the page with generation `gen`:
+    /// the neighbours of snapshot `i` (previous snapshot; next snapshot or
+    /// the live state).
+    fn neighbour_has_page(&mut self, ctx: &Ctx, i: usize, key: PageKey, gen: u64) -> Result<bool> {
+        let State {
+            snaps,
+            usage,
+            trees,
+            ..
+        } = self;
+        let src = HeldSource {
+            ctx,
+            held: &usage.held,
+        };
+        if i > 0 {
+            let p = snaps[i - 1].trees.current_ptr(&src, key)?.0;
+            if !p.is_absent() && p.gen == gen {
+                return Ok(true);
+            }
+        }
+        if i + 1 < snaps.len() {
+            let p = snaps[i + 1].trees.current_ptr(&src, key)?.0;
+            Ok(!p.is_absent() && p.gen == gen)
+        } else if key.tree == TreeId::Map {
+            let (p, dirty) = trees.current_ptr(ctx, key)?;
+            Ok(!dirty && !p.is_absent() && p.gen == gen)
+        } else {
+            Ok(false)
+        }
+    }
+
+    fn neighbour_has_block(&mut self, ctx: &Ctx, i: usize, lba: u64, gen: u64) -> Result<bool> {
+        if i > 0 && self.snap_lookup(ctx, i - 1, lba)?.gen == gen {
+            return Ok(true);
+        }
+        let e = if i + 1 < self.snaps.len() {
+            self.snap_lookup(ctx, i + 1, lba)?
+        } else {
+            self.lookup(ctx, lba)?
+        };
+        Ok(e.is_mapped() && e.gen == gen)
+    }
+
+    /// A snapshot's map entry for `lba` (its stored location may be stale:
+    /// see [`State::snap_locate`]).
+    pub fn snap_lookup(&mut self, ctx: &Ctx, i: usize, lba: u64) -> Result<MapEntry> {
+        let key = PageKey::leaf(TreeId::Map, lba / MAP_ENTRIES_PER_PAGE as u64);
+        let slot = (lba % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
+        let State { snaps, usage, .. } = self;
+        let src = HeldSource {
+            ctx,
+            held: &usage.held,
+        };
+        Ok(MapEntry::decode(&snaps[i].trees.get(&src, key)?[slot..]))
+    }
+
+    /// Where snapshot `i`'s version of `lba` is now: held, live (perhaps
+    /// moved by the cleaner), or where the snapshot says.
+    pub fn snap_locate(&mut self, ctx: &Ctx, i: usize, lba: u64) -> Result<MapEntry> {
+        let mut e = self.snap_lookup(ctx, i, lba)?;
+        if !e.is_mapped() {
+            return Ok(e);
+        }
+        if let Some(&pba) = self.usage.held.get(&e.gen) {
+            e.pba = pba;
+        } else {
+            let live = self.lookup(ctx, lba)?;
+            if live.is_mapped() && live.gen == e.gen {
+                e.pba = live.pba;
+            }
+        }
+        Ok(e)
+    }
+
+    /// Blocks only snapshot `i` holds, as (generation) of pages and data
+    /// blocks, found by walking its map tree and skipping every subtree a
+    /// neighbour shares.
+    fn unique_to(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<u64>> {
+        let depth = self.trees.shape(TreeId::Map).depth;
+        let leaves = self.trees.shape(TreeId::Map).leaves;
+        let mut out = Vec::new();
+        let mut stack = vec![PageKey {
+            tree: TreeId::Map,
+            level: depth,
+            index: 0,
+        }];
+        let mut visited = 0u64;
+        while let Some(k) = stack.pop() {
+            visited += 1;
+            if visited % 1024 == 0 {
+                for s in &mut self.snaps {
+                    s.trees.evict();
+                }
+                self.trees.evict();
+            }
+            let ptr = {
+                let State { snaps, usage, .. } = self;
+                let src = HeldSource {
+                    ctx,
+                    held: &usage.held,
+                };
+                snaps[i].trees.current_ptr(&src, k)?.0
+            };
+            if ptr.is_absent() || self.neighbour_has_page(ctx, i, k, ptr.gen)? {
+                continue;
+            }
+            out.push(ptr.gen);
+            if k.level > 0 {
+                let span_bits = FANOUT.trailing_zeros() * (k.level as u32 - 1);
+                for c in 0..FANOUT {
+                    let child = PageKey {
+                        tree: TreeId::Map,
+                        level: k.level - 1,
+                        index: (k.index << FANOUT.trailing_zeros()) + c,
+                    };
+                    if (child.index << span_bits) < leaves {
+                        stack.push(child);
+                    }
+                }
+                continue;
+            }
+            let page = {
+                let State { snaps, usage, .. } = self;
+                let src = HeldSource {
+                    ctx,
+                    held: &usage.held,
+                };
+                Box::new(*snaps[i].trees.get(&src, k)?)
+            };
+            for s in 0..MAP_ENTRIES_PER_PAGE {
+                let e = MapEntry::decode(&page[s * MAP_ENTRY_LEN..]);
+                if !e.is_mapped() {
+                    continue;
+                }
+                let lba = k.index * MAP_ENTRIES_PER_PAGE as u64 + s as u64;
+                if !self.neighbour_has_block(ctx, i, lba, e.gen)? {
+                    out.push(e.gen);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Generations of every page of the changed bitmaps `roots`.
+    fn changed_pages(&mut self, ctx: &Ctx, roots: &[TreePtr]) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for r in roots {
+            let mut rs = [TreePtr::ABSENT; 5];
+            rs[TreeId::Changed as usize] = *r;
+            let mut t = Trees::new(rs, shapes(self.logical_blocks, self.max_segments), 64);
+            let src = HeldSource {
+                ctx,
+                held: &self.usage.held,
+            };
+            t.visit(&src, TreeId::Changed, &mut |_, p, _, _| out.push(p.gen))?;
+        }
+        Ok(out)
+    }
+
+    /// Deletes snapshot `i` and frees what only it held. Durable when it
+    /// returns.
+    pub fn snapshot_delete(&mut self, ctx: &Ctx, i: usize) -> Result<()> {
+        let mut free = self.unique_to(ctx, i)?;
+        let changed = std::mem::take(&mut self.snaps[i].rec.changed);
+        if i > 0 {
+            // Its changes now belong to the next interval.
+            match self.snaps.get_mut(i + 1) {
+                Some(n) => n.rec.changed.extend(changed),
+                None => self.live_changed.extend(changed),
+            }
+        } else {
+            free.extend(self.changed_pages(ctx, &changed)?);
+        }
+        if self.snaps.len() == 1 {
+            // The last one: changes "since the newest snapshot" mean nothing now.
+            let rest = std::mem::take(&mut self.live_changed);
+            free.extend(self.changed_pages(ctx, &rest)?);
+        }
+        let mut missing = 0u64;
+        for g in free {
+            match self.usage.held.remove(&g) {
+                Some(pba) => self.usage.dec(pba),
+                None => missing += 1,
+            }
+        }
+        if missing > 0 {
+            eprintln!(
+                "lsvfs: deleting a snapshot: {missing} of its blocks were not in the held table (space may stay in use until `lsvfs check`)"
+            );
+        }
+        self.usage.held_dirty = true;
+        self.snaps.remove(i);
+        self.usage.retain_below = self.snaps.last().map_or(0, |s| s.rec.birth);
+        self.snap_meta_dirty = true;
+        if let Err(e) = self.checkpoint(ctx) {
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub fn snapshot_infos(&mut self, ctx: &Ctx) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::with_capacity(self.snaps.len());
+        for i in 0..self.snaps.len() {
+            let mut unique = self.unique_to(ctx, i)?.len() as u64;
+            if i == 0 {
+                let c = self.snaps[0].rec.changed.clone();
+                unique += self.changed_pages(ctx, &c)?.len() as u64;
+            }
+            let r = &self.snaps[i].rec;
+            out.push(SnapshotInfo {
+                id: r.id,
+                name: r.name.clone(),
+                created_sec: r.created_sec,
+                created_nsec: r.created_nsec,
+                allocated_blocks: r.allocated,
+                unique_blocks: unique,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs of blocks written or trimmed between the snapshot before
+    /// snapshot `i` and `i` itself (the union of its changed bitmaps).
+    pub fn snapshot_changed_runs(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<(u64, u64)>> {
+        let mut leaves: std::collections::BTreeMap<u64, Box<Block>> = Default::default();
+        for r in self.snaps[i].rec.changed.clone() {
+            let mut rs = [TreePtr::ABSENT; 5];
+            rs[TreeId::Changed as usize] = r;
+            let mut t = Trees::new(rs, shapes(self.logical_blocks, self.max_segments), 64);
+            let src = HeldSource {
+                ctx,
+                held: &self.usage.held,
+            };
+            t.visit(&src, TreeId::Changed, &mut |k, _, _, data| {
+                if k.level == 0 {
+                    let l = leaves
+                        .entry(k.index)
+                        .or_insert_with(|| Box::new([0u8; BLOCK_SIZE]));
+                    for (a, b) in l.iter_mut().zip(data.iter()) {
+                        *a |= *b;
+                    }
+                }
+            })?;
+        }
+        let per = (BLOCK_SIZE * 8) as u64;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (leaf, data) in leaves {
+            for (byte_i, byte) in data.iter().enumerate() {
+                for bit in 0..8 {
+                    if byte & (1 << bit) == 0 {
+                        continue;
+                    }
+                    let lba = leaf * per + byte_i as u64 * 8 + bit;
+                    if lba >= self.logical_blocks {
+                        break;
+                    }
+                    match runs.last_mut() {
+                        Some((s, n)) if *s + *n == lba => *n += 1,
+                        _ => runs.push((lba, 1)),
+                    }
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Whether the held table names `pba` as the current home of `gen`.
+    pub fn is_held_at(&self, gen: u64, pba: u64) -> bool {
+        self.usage.held.get(&gen) == Some(&pba)
+    }
+
+    /// Every location the held table and the metadata pages occupy (for
+    /// the consistency check).
+    pub fn held_locations(&self) -> HashSet<u64> {
+        self.usage
+            .held
+            .values()
+            .copied()
+            .chain(self.meta_pages.iter().map(|p| p.pba))
+            .collect()
+    }
+}
