@@ -83,6 +83,8 @@ pub enum FsError {
     NoAttr,
     #[error("value too large")]
     TooBig,
+    #[error("operation not permitted")]
+    NotPermitted,
 }
 
 impl FsError {
@@ -98,6 +100,7 @@ impl FsError {
             FsError::TooManyLinks => libc::EMLINK,
             FsError::NoAttr => libc::ENODATA,
             FsError::TooBig => libc::E2BIG,
+            FsError::NotPermitted => libc::EPERM,
         }
     }
 

@@ -257,6 +257,7 @@ fn xattrs_and_attributes() {
                 atime: Some(t),
                 mtime: Some(t),
                 size: None,
+                ctime: None,
             },
         )
         .unwrap();

@@ -110,6 +110,24 @@ enum SlotCmd {
 }
 
 #[derive(Subcommand)]
+enum SnapCmd {
+    /// Take a snapshot of a mounted volume: instant, and readable at
+    /// MOUNTPOINT/.snapshots/NAME (so is `mkdir MOUNTPOINT/.snapshots/NAME`).
+    Create { mountpoint: PathBuf, name: String },
+    /// List snapshots, oldest first: name, creation time (UTC), and the
+    /// space each alone holds (what deleting it would free).
+    List {
+        mountpoint: PathBuf,
+        /// One JSON object per snapshot, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot and free the space only it held (so does
+    /// `rmdir MOUNTPOINT/.snapshots/NAME`).
+    Delete { mountpoint: PathBuf, name: String },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Create a key file (mode 0600) holding a random key-encryption key.
     Keygen {
@@ -170,7 +188,16 @@ enum Cmd {
         /// Stay attached to the terminal instead of becoming a daemon.
         #[arg(long)]
         foreground: bool,
+        /// List `.snapshots` in the root directory (it is always reachable
+        /// by path; hidden by default so that `du`, `find`, `rsync` and
+        /// `cp -a` of the mount do not walk every snapshot).
+        #[arg(long)]
+        show_snapshots: bool,
     },
+    /// Snapshots of a mounted volume (root only; through the mount's
+    /// control socket).
+    #[command(subcommand)]
+    Snapshot(SnapCmd),
     /// Unmount a mounted volume and wait until it is flushed and closed.
     Unmount { mountpoint: PathBuf },
     /// This host's identity and sealed store.
@@ -261,7 +288,94 @@ struct Tuning {
     chunk_bytes: usize,
 }
 
+mod control;
 mod mount;
+
+fn control_call(mountpoint: &Path, req: control::Request) -> Result<control::Response, Error> {
+    let r = control::request(mountpoint, &req)?;
+    if r.ok {
+        return Ok(r);
+    }
+    let msg = r.error.unwrap_or_else(|| "the mount refused".into());
+    let kind = match r.errno {
+        Some(libc::EEXIST) => Some(crate::FsError::Exists),
+        Some(libc::ENOENT) => Some(crate::FsError::NotFound),
+        Some(libc::EPERM) => Some(crate::FsError::NotPermitted),
+        _ => None,
+    };
+    Err(match (kind, r.errno) {
+        (Some(kind), _) => Error::Fs { kind, what: msg },
+        (None, Some(libc::ENOSPC)) => Error::NoSpace(msg),
+        _ => Error::InvalidArgument(msg),
+    })
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for Unix seconds.
+fn utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn snapshot_cmd(c: SnapCmd) -> Result<(), Error> {
+    match c {
+        SnapCmd::Create { mountpoint, name } => {
+            let r = control_call(&mountpoint, control::Request::Create { name: name.clone() })?;
+            println!(
+                "snapshot {name} taken (id {}); read it under {}/.snapshots/{name}",
+                r.id.unwrap_or(0),
+                mountpoint.display()
+            );
+        }
+        SnapCmd::Delete { mountpoint, name } => {
+            control_call(&mountpoint, control::Request::Delete { name: name.clone() })?;
+            println!("snapshot {name} deleted");
+        }
+        SnapCmd::List { mountpoint, json } => {
+            let r = control_call(&mountpoint, control::Request::List)?;
+            let list = r.snapshots.unwrap_or_default();
+            if json {
+                for s in &list {
+                    println!(
+                        "{}",
+                        serde_json::to_string(s)
+                            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+                    );
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:>6}  {:<19}  {:>12}",
+                "NAME", "ID", "CREATED (UTC)", "UNIQUE"
+            );
+            for s in &list {
+                println!(
+                    "{:<24} {:>6}  {:<19}  {:>12}",
+                    s.name,
+                    s.id,
+                    utc(s.created_sec),
+                    human(s.unique_blocks * crate::BLOCK_SIZE as u64)
+                );
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Whether block 0 of the volume holds a file-system superblock.
 fn holds_file_system(v: &Volume) -> bool {
@@ -547,14 +661,16 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             mountpoint,
             key_file,
             foreground,
+            show_snapshots,
         } => {
             let k = keys_with(key_file);
             if foreground {
-                mount::foreground(&path, &mountpoint, &k, &tuning)?;
+                mount::foreground(&path, &mountpoint, &k, &tuning, show_snapshots)?;
             } else {
-                mount::daemon(&path, &mountpoint, &k)?;
+                mount::daemon(&path, &mountpoint, &k, show_snapshots)?;
             }
         }
+        Cmd::Snapshot(c) => snapshot_cmd(c)?,
         Cmd::Unmount { mountpoint } => mount::unmount(&mountpoint)?,
         Cmd::Host(HostCmd::Init { keyserver, ca }) => {
             let ca_pem = std::fs::read(&ca).map_err(|e| {

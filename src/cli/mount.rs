@@ -11,6 +11,7 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use super::{Keys, Tuning};
 use crate::fs::Fs;
+use crate::fuse::snapdir::Snapshots;
 use crate::fuse::FuseFs;
 use crate::volume::Options;
 use crate::{volume, Error};
@@ -54,7 +55,13 @@ fn tune_bdi(mountpoint: &Path) {
 }
 
 /// Serves the file system until a signal or an unmount, then flushes.
-pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Result<(), Error> {
+pub fn foreground(
+    path: &Path,
+    mountpoint: &Path,
+    k: &Keys,
+    t: &Tuning,
+    show_snapshots: bool,
+) -> Result<(), Error> {
     // The kernel may need this process to make progress on writeback to
     // free memory: mark it as an I/O flusher (root only; harmless if
     // refused). First thing, so every thread started later inherits it.
@@ -107,9 +114,23 @@ pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Resul
             .clamp(2, 8),
     );
     config.clone_fd = true;
-    let session = fuser::spawn_mount(FuseFs::new(fs.clone()), &mountpoint, &config)
+    let snaps = Arc::new(Snapshots::new(
+        fs.clone(),
+        mountpoint.clone(),
+        show_snapshots,
+    ));
+    let session = fuser::spawn_mount(FuseFs::new(fs.clone(), snaps.clone()), &mountpoint, &config)
         .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
     tune_bdi(&mountpoint);
+    let control = match super::control::serve(&mountpoint, snaps.clone()) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!(
+                "lsvfs: no snapshot control socket ({e}); `mkdir .snapshots/NAME` still works"
+            );
+            None
+        }
+    };
     println!("{READY} {} on {}", path.display(), mountpoint.display());
     let _ = std::io::stdout().flush();
     if std::env::var_os(DAEMON_CHILD).is_some() {
@@ -150,6 +171,10 @@ pub fn foreground(path: &Path, mountpoint: &Path, k: &Keys, t: &Tuning) -> Resul
     if let Err(e) = ended {
         eprintln!("lsvfs: the FUSE session ended with an error: {e}");
     }
+    if let Some(p) = control {
+        let _ = std::fs::remove_file(p);
+    }
+    snaps.shutdown();
     let fs =
         Arc::try_unwrap(fs).map_err(|_| Error::Busy("the file system is still in use".into()))?;
     fs.unmount()
@@ -172,11 +197,14 @@ fn detach_stderr() {
 
 /// Starts a foreground mount in the background and returns once it is
 /// mounted, or with its error.
-pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys) -> Result<(), Error> {
+pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys, show_snapshots: bool) -> Result<(), Error> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("finding the lsvfs binary", e))?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount").arg(path).arg(mountpoint);
+    if show_snapshots {
+        cmd.arg("--show-snapshots");
+    }
     if let Some(f) = &k.key_file {
         cmd.arg("--key-file").arg(f);
     }

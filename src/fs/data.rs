@@ -37,6 +37,8 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<Time>,
     pub mtime: Option<Time>,
+    /// Set by the kernel when it keeps file times itself (writeback cache).
+    pub ctime: Option<Time>,
 }
 
 /// Numbers for statfs(2).
@@ -273,7 +275,14 @@ impl Fs {
             }
             let now = Time::now();
             let killed = op.kill_priv(ino, &mut i, kill_suid)?;
-            if !allocated && end <= i.size && !killed {
+            if self.kernel_times() {
+                // The kernel keeps mtime and ctime of writes and stores
+                // them with setattr (which may arrive before this write).
+                if allocated || end > i.size || killed {
+                    i.size = i.size.max(end);
+                    op.put_inode(ino, &i)?;
+                }
+            } else if !allocated && end <= i.size && !killed {
                 // A pure overwrite changes only the times: they are kept
                 // in memory until the next sync, so the transaction holds
                 // the data blocks alone.
@@ -301,8 +310,8 @@ impl Fs {
                 let now = Time::now();
                 i.atime = a.atime.unwrap_or(i.atime);
                 i.mtime = a.mtime.unwrap_or(i.mtime);
-                i.ctime = now;
-                op.set_times_lazily(ino, a.atime, i.mtime, now);
+                i.ctime = a.ctime.unwrap_or(now);
+                op.set_times_lazily(ino, a.atime, i.mtime, i.ctime);
                 Ok(i)
             });
         }
@@ -360,7 +369,7 @@ impl Fs {
                 }
                 i.size = size;
             }
-            i.ctime = now;
+            i.ctime = a.ctime.unwrap_or(now);
             op.put_inode(ino, &i)?;
             Ok(i)
         })
@@ -537,6 +546,12 @@ impl Fs {
 
     pub fn statfs(&self) -> Result<FsStats> {
         let (free, files) = self.meta_stats()?;
+        // Blocks snapshots hold take room the file system could otherwise use.
+        let free = if self.volume().is_read_only() {
+            free
+        } else {
+            free.min(self.volume().free_blocks()?)
+        };
         Ok(FsStats {
             blocks: self.volume().logical_blocks(),
             free_blocks: free,

@@ -15,6 +15,9 @@ use super::store::{Allocator, VolumeStore};
 use crate::volume::{Transaction, Volume};
 use crate::{Error, FsError, Result, BLOCK_SIZE};
 
+/// Inode numbers are below 2^40; the mount numbers snapshots' inodes above.
+pub const MAX_INO: u64 = 1 << 40;
+
 /// Most hard links one inode may have.
 pub const LINK_MAX: u32 = 65000;
 
@@ -73,6 +76,9 @@ pub struct Fs {
     /// `Allocator`) until an operation finds no read in flight, so a read
     /// never returns a block that was freed and reused by another file.
     pub(super) reads: std::sync::RwLock<()>,
+    /// The kernel keeps file times of writes (FUSE writeback cache): writes
+    /// leave mtime and ctime alone; the kernel sends them with setattr.
+    kernel_times: std::sync::atomic::AtomicBool,
 }
 
 /// A regular file's size and block addresses, as of the last commit.
@@ -294,10 +300,17 @@ impl Op<'_> {
     /// A fresh inode number. It is not persisted here: mount derives the
     /// next number from the highest inode in the tree, which is the truth
     /// after any crash, so creating a file does not rewrite the superblock.
-    fn new_ino(&mut self) -> u64 {
+    /// Numbers stay below [`MAX_INO`]: the mount shows snapshots' inodes
+    /// above it.
+    fn new_ino(&mut self) -> Result<u64> {
         let ino = self.sb.next_ino;
+        if ino >= MAX_INO {
+            return Err(Error::NoSpace(format!(
+                "inode numbers are exhausted (the file system has used all {MAX_INO})"
+            )));
+        }
         self.sb.next_ino += 1;
-        ino
+        Ok(ino)
     }
 }
 
@@ -364,6 +377,7 @@ impl Fs {
             open: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             reads: std::sync::RwLock::new(()),
+            kernel_times: Default::default(),
             volume,
         };
         let highest = fs.read_op(|op| op.tree.last_key(&mut op.store))?;
@@ -390,6 +404,18 @@ impl Fs {
             }
         }
         Ok(fs)
+    }
+
+    /// Whether writes leave file times to the kernel (see `kernel_times`).
+    pub fn kernel_times(&self) -> bool {
+        self.kernel_times.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The FUSE layer calls this when the kernel caches writes and keeps
+    /// file times itself.
+    pub fn set_kernel_times(&self, on: bool) {
+        self.kernel_times
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Notes an open handle on `ino`.
@@ -486,24 +512,10 @@ impl Fs {
     /// Stores lazy times and flushes the volume: after this returns, every
     /// completed operation survives a crash (fsync, syncfs, the periodic flush).
     pub fn sync(&self) -> Result<()> {
-        let times = self.op(|op, _| {
-            let pending: Vec<u64> = op.lazy.keys().copied().collect();
-            for ino in pending {
-                // Gone since (unlinked and reclaimed): nothing to store.
-                match op.inode(ino) {
-                    Ok(i) => op.put_inode(ino, &i)?,
-                    Err(Error::Fs {
-                        kind: FsError::NotFound,
-                        ..
-                    }) => {
-                        let t = op.lazy.remove(&ino);
-                        op.lazy_undo.push((ino, t));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        });
+        if self.volume.is_read_only() {
+            return Ok(());
+        }
+        let times = self.op(|op, _| Self::store_lazy_times(op));
         // The volume is flushed even when the times could not be stored
         // (a full volume): committed data must not wait for them.
         let flushed = self.volume.flush();
@@ -511,6 +523,42 @@ impl Fs {
             eprintln!("lsvfs: storing file times: {e}");
         }
         flushed
+    }
+
+    fn store_lazy_times(op: &mut Op) -> Result<()> {
+        let pending: Vec<u64> = op.lazy.keys().copied().collect();
+        for ino in pending {
+            // Gone since (unlinked and reclaimed): nothing to store.
+            match op.inode(ino) {
+                Ok(i) => op.put_inode(ino, &i)?,
+                Err(Error::Fs {
+                    kind: FsError::NotFound,
+                    ..
+                }) => {
+                    let t = op.lazy.remove(&ino);
+                    op.lazy_undo.push((ino, t));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a snapshot of the file system named `name` and returns its id.
+    /// It holds every operation that completed before and none that had
+    /// not begun: the metadata lock is held throughout, and times kept
+    /// in memory are stored first.
+    pub fn snapshot_create(&self, name: &str) -> Result<u64> {
+        let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        self.op_in(&mut guard, |op, _| Self::store_lazy_times(op))?;
+        let id = self.volume.snapshot_create(name)?;
+        drop(guard);
+        Ok(id)
+    }
+
+    /// A read-only file system showing snapshot `id`.
+    pub fn open_snapshot(&self, id: u64) -> Result<Fs> {
+        Fs::mount(self.volume.snapshot_view(id)?)
     }
 
     /// Stores lazy times, flushes and closes the volume.
@@ -527,6 +575,15 @@ impl Fs {
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
         let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        self.op_in(&mut guard, f)
+    }
+
+    /// [`Fs::op`] with the metadata lock already held.
+    fn op_in<T>(
+        &self,
+        guard: &mut Meta,
+        f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
+    ) -> Result<T> {
         // Usually without waiting: a read in flight (holding `reads`) keeps
         // the quarantine for a later operation. When most free space is in
         // quarantine, wait for the reads in flight; they never wait for the
@@ -686,7 +743,7 @@ impl Fs {
                 }
                 None => (mode & !(umask & 0o777), None),
             };
-            let ino = op.new_ino();
+            let ino = op.new_ino()?;
             let mut i = Inode::new(mode, uid, gid, rdev);
             if t == libc::S_IFDIR {
                 if d.nlink >= LINK_MAX {
@@ -730,7 +787,7 @@ impl Fs {
             if op.entry(parent, name)?.is_some() {
                 return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
             }
-            let ino = op.new_ino();
+            let ino = op.new_ino()?;
             let mut i = Inode::new(libc::S_IFLNK | 0o777, uid, gid, 0);
             i.size = target.len() as u64;
             op.put_inode(ino, &i)?;

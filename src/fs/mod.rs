@@ -18,4 +18,4 @@ pub use data::{
     FsStats, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, MAX_FILE_SIZE, XATTR_CREATE,
     XATTR_REPLACE,
 };
-pub use filesystem::{DirEntry, Fs, LINK_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE};
+pub use filesystem::{DirEntry, Fs, LINK_MAX, MAX_INO, RENAME_EXCHANGE, RENAME_NOREPLACE};

@@ -16,9 +16,20 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::format::{file_type, Inode, Time};
+use crate::fs::format::{file_type, Inode, Time, ROOT_INO};
 use crate::fs::{Fs, SetAttr, RENAME_EXCHANGE, RENAME_NOREPLACE};
 use crate::{Error, BLOCK_SIZE};
+
+pub mod snapdir;
+use snapdir::{is_reserved, node, snap_ino, Node, Snapshots, SNAPDIR_INO, SNAPDIR_NAME};
+
+/// Entries under `.snapshots` are not cached: a snapshot deleted through
+/// the control socket disappears at once.
+const NO_TTL: Duration = Duration::ZERO;
+
+/// Readdir cookie of `.snapshots` when the root lists it (after every
+/// real entry).
+const SNAPDIR_COOKIE: u64 = u64::MAX - 1;
 
 /// How long the kernel may cache attributes and names. Every change goes
 /// through this mount, so the kernel's own invalidation keeps them right.
@@ -33,12 +44,76 @@ const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 
 pub struct FuseFs {
     fs: Arc<Fs>,
+    snaps: Arc<Snapshots>,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>) -> FuseFs {
-        FuseFs { fs }
+    pub fn new(fs: Arc<Fs>, snaps: Arc<Snapshots>) -> FuseFs {
+        FuseFs { fs, snaps }
     }
+
+    /// The file system an inode belongs to, its number there, and the
+    /// snapshot id (None for the live tree). `.snapshots` has none.
+    fn target(&self, ino: u64) -> Result<(Arc<Fs>, u64, Option<u64>), Error> {
+        match node(ino) {
+            Node::Live(i) => Ok((self.fs.clone(), i, None)),
+            Node::Snap(id, i) => Ok((self.snaps.view(id)?, i, Some(id))),
+            Node::SnapDir => Err(Error::Fs {
+                kind: crate::FsError::IsDir,
+                what: ".snapshots".into(),
+            }),
+        }
+    }
+
+    /// The mount's number for inode `i` of `id` (or of the live tree).
+    fn outer(id: Option<u64>, i: u64) -> u64 {
+        match id {
+            None => i,
+            Some(id) => snap_ino(id, i),
+        }
+    }
+
+    fn snapdir_attr(&self) -> Result<FileAttr, Error> {
+        let root = self.fs.getattr(ROOT_INO)?;
+        let n = self.snaps.names()?.len() as u32;
+        let mut i = root;
+        i.mode = libc::S_IFDIR | 0o555;
+        i.nlink = 2 + n;
+        i.size = 0;
+        i.blocks = 0;
+        Ok(attr(SNAPDIR_INO, &i))
+    }
+
+    /// Attributes of inode `i` in `id`, numbered for the mount.
+    fn attr_in(&self, fs: &Fs, id: Option<u64>, i: u64) -> Result<FileAttr, Error> {
+        Ok(attr(Self::outer(id, i), &fs.getattr(i)?))
+    }
+}
+
+/// Refuses a change to anything under `.snapshots`.
+fn writable(ino: u64) -> Result<u64, Errno> {
+    match node(ino) {
+        Node::Live(i) => Ok(i),
+        _ => Err(Errno::EROFS),
+    }
+}
+
+/// Refuses to create `.snapshots` in the root (it exists, virtually).
+fn new_name(parent: u64, name: &OsStr) -> Result<u64, Errno> {
+    let p = writable(parent)?;
+    if is_reserved(p, name.as_bytes()) {
+        return Err(Errno::EEXIST);
+    }
+    Ok(p)
+}
+
+/// Refuses to remove or replace `.snapshots`.
+fn old_name(parent: u64, name: &OsStr) -> Result<u64, Errno> {
+    let p = writable(parent)?;
+    if is_reserved(p, name.as_bytes()) {
+        return Err(Errno::EROFS);
+    }
+    Ok(p)
 }
 
 fn errno(op: &str, ino: u64, e: &Error) -> Errno {
@@ -176,7 +251,14 @@ impl fuser::Filesystem for FuseFs {
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         // The kernel's page cache absorbs writes and sends them in large
         // batches; fsync, close and memory pressure write them back.
-        let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        if config
+            .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+            .is_ok()
+        {
+            // Then the kernel owns mtime and ctime of writes and sends them
+            // with setattr; writes reaching us must not overwrite them.
+            self.fs.set_kernel_times(true);
+        }
         // Clearing setuid/setgid and file capabilities on write, truncate
         // and chown is ours (`Op::kill_priv`); the kernel no longer asks
         // for security.capability before every write.
@@ -185,17 +267,57 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(
-            "lookup",
-            parent.0,
-            self.fs.lookup(parent.0, name.as_bytes()),
-            reply,
-        )
+        let name = name.as_bytes();
+        match node(parent.0) {
+            Node::Live(p) if is_reserved(p, name) => match self.snapdir_attr() {
+                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Err(e) => reply.error(errno("lookup", parent.0, &e)),
+            },
+            Node::SnapDir => {
+                let r = match name {
+                    b"." => self.snapdir_attr(),
+                    b".." => self.attr_in(&self.fs, None, ROOT_INO),
+                    _ => self.snaps.id_of(name).and_then(|id| match id {
+                        Some(id) => self.attr_in(&*self.snaps.view(id)?, Some(id), ROOT_INO),
+                        None => Err(crate::FsError::NotFound.at(String::from_utf8_lossy(name))),
+                    }),
+                };
+                match r {
+                    Ok(a) => reply.entry(&NO_TTL, &a, Generation(0)),
+                    Err(e) => reply.error(errno("lookup", parent.0, &e)),
+                }
+            }
+            _ => {
+                let r = self.target(parent.0).and_then(|(fs, p, id)| {
+                    if id.is_some() && p == ROOT_INO && name == b".." {
+                        return self.snapdir_attr().map(|a| (a, id));
+                    }
+                    let (ino, i) = fs.lookup(p, name)?;
+                    Ok((attr(Self::outer(id, ino), &i), id))
+                });
+                match r {
+                    Ok((a, _)) => reply.entry(&TTL, &a, Generation(0)),
+                    Err(e) => reply.error(errno("lookup", parent.0, &e)),
+                }
+            }
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
+        let r = match node(ino.0) {
+            Node::SnapDir => self.snapdir_attr().map(|a| (a, TTL)),
+            Node::Snap(id, i) if i == ROOT_INO => self
+                .snaps
+                .view(id)
+                .and_then(|fs| self.attr_in(&fs, Some(id), i))
+                .map(|a| (a, NO_TTL)),
+            _ => self
+                .target(ino.0)
+                .and_then(|(fs, i, id)| self.attr_in(&fs, id, i))
+                .map(|a| (a, TTL)),
+        };
+        match r {
+            Ok((a, ttl)) => reply.attr(&ttl, &a),
             Err(e) => reply.error(errno("getattr", ino.0, &e)),
         }
     }
@@ -210,7 +332,7 @@ impl fuser::Filesystem for FuseFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -218,6 +340,10 @@ impl fuser::Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let i = match writable(ino.0) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
         let a = SetAttr {
             mode,
             uid,
@@ -225,15 +351,16 @@ impl fuser::Filesystem for FuseFs {
             size,
             atime: atime.map(our_time),
             mtime: mtime.map(our_time),
+            ctime: ctime.map(|t| our_time(TimeOrNow::SpecificTime(t))),
         };
-        match self.fs.setattr(ino.0, a) {
-            Ok(i) => reply.attr(&TTL, &attr(ino.0, &i)),
-            Err(e) => reply.error(errno("setattr", ino.0, &e)),
+        match self.fs.setattr(i, a) {
+            Ok(n) => reply.attr(&TTL, &attr(i, &n)),
+            Err(e) => reply.error(errno("setattr", i, &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
+        match self.target(ino.0).and_then(|(fs, i, _)| fs.readlink(i)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno("readlink", ino.0, &e)),
         }
@@ -249,12 +376,15 @@ impl fuser::Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            "mknod",
-            parent.0,
-            self.make(req, parent.0, name, mode, umask, rdev),
-            reply,
-        )
+        match new_name(parent.0, name) {
+            Ok(p) => entry(
+                "mknod",
+                p,
+                self.make(req, p, name, mode, umask, rdev),
+                reply,
+            ),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn mkdir(
@@ -266,37 +396,71 @@ impl fuser::Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            "mkdir",
-            parent.0,
-            self.make(
-                req,
-                parent.0,
-                name,
-                libc::S_IFDIR | (mode & 0o7777),
-                umask,
-                0,
+        if node(parent.0) == Node::SnapDir {
+            // `mkdir .snapshots/NAME` takes a snapshot, as ZFS's .zfs/snapshot.
+            if req.uid() != 0 {
+                return reply.error(Errno::EPERM);
+            }
+            let Some(name) = name.to_str().map(str::to_string) else {
+                return reply.error(Errno::EINVAL);
+            };
+            // Off the request thread: the write-back that comes first needs
+            // the request threads free.
+            let snaps = self.snaps.clone();
+            let spawned = std::thread::Builder::new()
+                .name("lsvfs-snapshot".into())
+                .spawn(move || {
+                    let r = snaps.create(&name).and_then(|id| {
+                        let fs = snaps.view(id)?;
+                        Ok(attr(snap_ino(id, ROOT_INO), &fs.getattr(ROOT_INO)?))
+                    });
+                    match r {
+                        Ok(a) => reply.entry(&NO_TTL, &a, Generation(0)),
+                        Err(e) => {
+                            eprintln!("lsvfs: creating snapshot {name}: {e}");
+                            reply.error(errno("mkdir", SNAPDIR_INO, &e))
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                eprintln!("lsvfs: starting a snapshot thread: {e}");
+            }
+            return;
+        }
+        match new_name(parent.0, name) {
+            Ok(p) => entry(
+                "mkdir",
+                p,
+                self.make(req, p, name, libc::S_IFDIR | (mode & 0o7777), umask, 0),
+                reply,
             ),
-            reply,
-        )
+            Err(e) => reply.error(e),
+        }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(
-            "unlink",
-            parent.0,
-            self.fs.unlink(parent.0, name.as_bytes()),
-            reply,
-        )
+        match old_name(parent.0, name) {
+            Ok(p) => empty("unlink", p, self.fs.unlink(p, name.as_bytes()), reply),
+            Err(e) => reply.error(e),
+        }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(
-            "rmdir",
-            parent.0,
-            self.fs.rmdir(parent.0, name.as_bytes()),
-            reply,
-        )
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if node(parent.0) == Node::SnapDir {
+            // `rmdir .snapshots/NAME` deletes the snapshot.
+            if req.uid() != 0 {
+                return reply.error(Errno::EPERM);
+            }
+            let r = match name.to_str() {
+                Some(n) => self.snaps.delete(n),
+                None => Err(crate::FsError::NotFound.at(name.to_string_lossy())),
+            };
+            return empty("rmdir", SNAPDIR_INO, r, reply);
+        }
+        match old_name(parent.0, name) {
+            Ok(p) => empty("rmdir", p, self.fs.rmdir(p, name.as_bytes()), reply),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn symlink(
@@ -307,11 +471,15 @@ impl fuser::Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let p = match new_name(parent.0, link_name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
         let r = self
-            .new_owner(req, parent.0, libc::S_IFLNK | 0o777)
+            .new_owner(req, p, libc::S_IFLNK | 0o777)
             .and_then(|(_, uid, gid)| {
                 self.fs.symlink(
-                    parent.0,
+                    p,
                     link_name.as_bytes(),
                     target.as_os_str().as_bytes(),
                     uid,
@@ -320,7 +488,7 @@ impl fuser::Filesystem for FuseFs {
             });
         match r {
             Ok((ino, i)) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
-            Err(e) => reply.error(errno("symlink", parent.0, &e)),
+            Err(e) => reply.error(errno("symlink", p, &e)),
         }
     }
 
@@ -334,6 +502,10 @@ impl fuser::Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let (p, np) = match (old_name(parent.0, name), old_name(newparent.0, newname)) {
+            (Ok(p), Ok(np)) => (p, np),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
         }
@@ -346,14 +518,9 @@ impl fuser::Filesystem for FuseFs {
         }
         empty(
             "rename",
-            parent.0,
-            self.fs.rename(
-                parent.0,
-                name.as_bytes(),
-                newparent.0,
-                newname.as_bytes(),
-                f,
-            ),
+            p,
+            self.fs
+                .rename(p, name.as_bytes(), np, newname.as_bytes(), f),
             reply,
         )
     }
@@ -366,15 +533,36 @@ impl fuser::Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.fs.link(ino.0, newparent.0, newname.as_bytes()) {
-            Ok(i) => reply.entry(&TTL, &attr(ino.0, &i), Generation(0)),
-            Err(e) => reply.error(errno("link", ino.0, &e)),
+        let (i, np) = match (writable(ino.0), new_name(newparent.0, newname)) {
+            (Ok(i), Ok(np)) => (i, np),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        match self.fs.link(i, np, newname.as_bytes()) {
+            Ok(n) => reply.entry(&TTL, &attr(i, &n), Generation(0)),
+            Err(e) => reply.error(errno("link", i, &e)),
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.fs.open(ino.0);
-        reply.opened(FileHandle(0), OPEN_FLAGS);
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match node(ino.0) {
+            Node::Live(i) => {
+                self.fs.open(i);
+                reply.opened(FileHandle(0), OPEN_FLAGS);
+            }
+            _ => {
+                let f = flags.0;
+                if f & libc::O_ACCMODE != libc::O_RDONLY || f & libc::O_TRUNC != 0 {
+                    return reply.error(Errno::EROFS);
+                }
+                match self.target(ino.0) {
+                    Ok((fs, i, _)) => {
+                        fs.open(i);
+                        reply.opened(FileHandle(0), OPEN_FLAGS);
+                    }
+                    Err(e) => reply.error(errno("open", ino.0, &e)),
+                }
+            }
+        }
     }
 
     fn read(
@@ -388,7 +576,10 @@ impl fuser::Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read_data(ino.0, offset, size as usize) {
+        let r = self
+            .target(ino.0)
+            .and_then(|(fs, i, _)| fs.read_data(i, offset, size as usize));
+        match r {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno("read", ino.0, &e)),
         }
@@ -406,10 +597,14 @@ impl fuser::Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let i = match writable(ino.0) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.fs.write_data(ino.0, offset, data, kill) {
+        match self.fs.write_data(i, offset, data, kill) {
             Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno("write", ino.0, &e)),
+            Err(e) => reply.error(errno("write", i, &e)),
         }
     }
 
@@ -434,7 +629,17 @@ impl fuser::Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty("release", ino.0, self.fs.release(ino.0), reply)
+        match node(ino.0) {
+            Node::Live(i) => empty("release", i, self.fs.release(i), reply),
+            // A snapshot's files are never orphans; a deleted snapshot's
+            // view is gone already.
+            _ => {
+                if let Ok((fs, i, _)) = self.target(ino.0) {
+                    let _ = fs.release(i);
+                }
+                reply.ok()
+            }
+        }
     }
 
     fn fsync(
@@ -445,7 +650,10 @@ impl fuser::Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty("fsync", ino.0, self.fs.sync(), reply)
+        match node(ino.0) {
+            Node::Live(_) => empty("fsync", ino.0, self.fs.sync(), reply),
+            _ => reply.ok(),
+        }
     }
 
     fn readdirplus(
@@ -456,16 +664,57 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if node(ino.0) == Node::SnapDir {
+            let entries = match self.snapdir_entries(offset) {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno("readdirplus", ino.0, &e)),
+            };
+            for (cookie, name, a) in entries {
+                let ttl = if a.ino.0 == SNAPDIR_INO || a.ino.0 == ROOT_INO {
+                    TTL
+                } else {
+                    NO_TTL
+                };
+                if reply.add(a.ino, cookie, OsStr::new(&name), &ttl, &a, Generation(0)) {
+                    break;
+                }
+            }
+            return reply.ok();
+        }
         // About 25 entries with attributes fit the kernel's one-page buffer.
-        match self.fs.readdir_plus(ino.0, offset, 48) {
+        let r = self.target(ino.0).and_then(|(fs, i, id)| {
+            let list = if offset == SNAPDIR_COOKIE {
+                Vec::new()
+            } else {
+                fs.readdir_plus(i, offset, 48)?
+            };
+            let short = list.len() < 48;
+            let mut out: Vec<(u64, Vec<u8>, FileAttr)> = list
+                .into_iter()
+                .map(|(e, n)| {
+                    let a = if id.is_some() && i == ROOT_INO && e.cookie == 2 {
+                        self.snapdir_attr()?
+                    } else {
+                        attr(Self::outer(id, e.ino), &n)
+                    };
+                    Ok((e.cookie, e.name, a))
+                })
+                .collect::<Result<_, Error>>()?;
+            if id.is_none() && i == ROOT_INO && self.snaps.show && short && offset != SNAPDIR_COOKIE
+            {
+                out.push((SNAPDIR_COOKIE, SNAPDIR_NAME.to_vec(), self.snapdir_attr()?));
+            }
+            Ok(out)
+        });
+        match r {
             Ok(entries) => {
-                for (e, i) in entries {
+                for (cookie, name, a) in entries {
                     if reply.add(
-                        INodeNo(e.ino),
-                        e.cookie,
-                        OsStr::from_bytes(&e.name),
+                        a.ino,
+                        cookie,
+                        OsStr::from_bytes(&name),
                         &TTL,
-                        &attr(e.ino, &i),
+                        &a,
                         Generation(0),
                     ) {
                         break;
@@ -485,15 +734,53 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(ino.0, offset, 512) {
+        if node(ino.0) == Node::SnapDir {
+            match self.snapdir_entries(offset) {
+                Ok(entries) => {
+                    for (cookie, name, a) in entries {
+                        if reply.add(a.ino, cookie, FileType::Directory, OsStr::new(&name)) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno("readdir", ino.0, &e)),
+            }
+            return;
+        }
+        let r = self.target(ino.0).and_then(|(fs, i, id)| {
+            let list = if offset == SNAPDIR_COOKIE {
+                Vec::new()
+            } else {
+                fs.readdir(i, offset, 512)?
+            };
+            let short = list.len() < 512;
+            let mut out: Vec<(u64, Vec<u8>, u64, FileType)> = list
+                .into_iter()
+                .map(|e| {
+                    let n = if id.is_some() && i == ROOT_INO && e.cookie == 2 {
+                        SNAPDIR_INO
+                    } else {
+                        Self::outer(id, e.ino)
+                    };
+                    (e.cookie, e.name, n, kind(e.kind))
+                })
+                .collect();
+            if id.is_none() && i == ROOT_INO && self.snaps.show && short && offset != SNAPDIR_COOKIE
+            {
+                out.push((
+                    SNAPDIR_COOKIE,
+                    SNAPDIR_NAME.to_vec(),
+                    SNAPDIR_INO,
+                    FileType::Directory,
+                ));
+            }
+            Ok(out)
+        });
+        match r {
             Ok(entries) => {
-                for e in entries {
-                    if reply.add(
-                        INodeNo(e.ino),
-                        e.cookie,
-                        kind(e.kind),
-                        OsStr::from_bytes(&e.name),
-                    ) {
+                for (cookie, name, n, k) in entries {
+                    if reply.add(INodeNo(n), cookie, k, OsStr::from_bytes(&name)) {
                         break;
                     }
                 }
@@ -511,7 +798,10 @@ impl fuser::Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty("fsyncdir", ino.0, self.fs.sync(), reply)
+        match node(ino.0) {
+            Node::Live(_) => empty("fsyncdir", ino.0, self.fs.sync(), reply),
+            _ => reply.ok(),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -540,17 +830,24 @@ impl fuser::Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self
-            .fs
-            .setxattr(ino.0, name.as_bytes(), value, flags as u32)
-        {
+        let i = match writable(ino.0) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        match self.fs.setxattr(i, name.as_bytes(), value, flags as u32) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("setxattr", ino.0, &e)),
+            Err(e) => reply.error(errno("setxattr", i, &e)),
         }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.fs.getxattr(ino.0, name.as_bytes()) {
+        if node(ino.0) == Node::SnapDir {
+            return reply.error(Errno::ENODATA);
+        }
+        let r = self
+            .target(ino.0)
+            .and_then(|(fs, i, _)| fs.getxattr(i, name.as_bytes()));
+        match r {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
             Ok(v) => reply.data(&v),
@@ -559,7 +856,12 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.fs.listxattr(ino.0) {
+        let r = if node(ino.0) == Node::SnapDir {
+            Ok(Vec::new())
+        } else {
+            self.target(ino.0).and_then(|(fs, i, _)| fs.listxattr(i))
+        };
+        match r {
             Ok(names) => {
                 let mut buf = Vec::new();
                 for n in names {
@@ -579,12 +881,15 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(
-            "removexattr",
-            ino.0,
-            self.fs.removexattr(ino.0, name.as_bytes()),
-            reply,
-        )
+        match writable(ino.0) {
+            Ok(i) => empty(
+                "removexattr",
+                i,
+                self.fs.removexattr(i, name.as_bytes()),
+                reply,
+            ),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn create(
@@ -597,7 +902,11 @@ impl fuser::Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.make(req, parent.0, name, mode, umask, 0) {
+        let p = match new_name(parent.0, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        match self.make(req, p, name, mode, umask, 0) {
             Ok((ino, i)) => {
                 self.fs.open(ino);
                 reply.created(
@@ -608,7 +917,7 @@ impl fuser::Filesystem for FuseFs {
                     OPEN_FLAGS,
                 )
             }
-            Err(e) => reply.error(errno("create", parent.0, &e)),
+            Err(e) => reply.error(errno("create", p, &e)),
         }
     }
 
@@ -622,11 +931,43 @@ impl fuser::Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty(
-            "fallocate",
-            ino.0,
-            self.fs.fallocate(ino.0, offset, length, mode as u32),
-            reply,
-        )
+        match writable(ino.0) {
+            Ok(i) => empty(
+                "fallocate",
+                i,
+                self.fs.fallocate(i, offset, length, mode as u32),
+                reply,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+impl FuseFs {
+    /// `.snapshots` entries after `offset`: ".", "..", then each snapshot
+    /// (cookie id + 2), with attributes.
+    fn snapdir_entries(&self, offset: u64) -> Result<Vec<(u64, String, FileAttr)>, Error> {
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push((1, ".".to_string(), self.snapdir_attr()?));
+        }
+        if offset < 2 {
+            out.push((2, "..".to_string(), self.attr_in(&self.fs, None, ROOT_INO)?));
+        }
+        for (id, name) in self.snaps.names()? {
+            if id + 2 <= offset {
+                continue;
+            }
+            match self.snaps.view(id) {
+                Ok(fs) => out.push((id + 2, name, self.attr_in(&fs, Some(id), ROOT_INO)?)),
+                // Deleted meanwhile.
+                Err(Error::Fs { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            if out.len() >= 64 {
+                break;
+            }
+        }
+        Ok(out)
     }
 }

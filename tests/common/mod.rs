@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod mounted;
+
 use std::sync::Arc;
 
 use lsvfs::crypto::{MasterKey, KEY_LEN};

@@ -1,0 +1,245 @@
+//! The mount's control socket: `lsvfs snapshot create|list|delete` talk
+//! to the running mount over a Unix socket that only root (or the user
+//! who mounted) may use. Wire format: docs/FORMAT.md, "Control socket".
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::fuse::snapdir::Snapshots;
+use crate::Error;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Create { name: String },
+    Delete { name: String },
+    List,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub id: u64,
+    pub name: String,
+    pub created_sec: i64,
+    pub created_nsec: u32,
+    pub allocated_blocks: u64,
+    pub unique_blocks: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<SnapshotEntry>>,
+}
+
+/// Directory of control sockets (`$LSVFS_RUN_DIR`, default /run/lsvfs).
+fn run_dir() -> PathBuf {
+    std::env::var_os("LSVFS_RUN_DIR").map_or_else(|| PathBuf::from("/run/lsvfs"), PathBuf::from)
+}
+
+/// The control socket of the mount on `mountpoint` (canonical path).
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let d = Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
+    run_dir().join(format!("{}.sock", crate::keys::hex(&d[..16])))
+}
+
+/// Serves the control socket until the process ends. Returns the socket's
+/// path (remove it at unmount).
+pub fn serve(mountpoint: &Path, snaps: Arc<Snapshots>) -> Result<PathBuf, Error> {
+    let dir = run_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let path = socket_path(mountpoint);
+    if path.exists() {
+        if UnixStream::connect(&path).is_ok() {
+            return Err(Error::Busy(format!(
+                "another mount serves {} ({})",
+                mountpoint.display(),
+                path.display()
+            )));
+        }
+        // Left by a mount that was killed.
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| Error::io(format!("creating the control socket {}", path.display()), e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
+    std::thread::Builder::new()
+        .name("lsvfs-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(stream) = conn else { continue };
+                let snaps = snaps.clone();
+                // One thread per client: a slow snapshot list must not hold
+                // up the others.
+                let _ = std::thread::Builder::new()
+                    .name("lsvfs-control-client".into())
+                    .spawn(move || handle(stream, &snaps));
+            }
+        })
+        .map_err(|e| Error::io("starting the control thread", e))?;
+    Ok(path)
+}
+
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+fn failure(e: &Error) -> Response {
+    Response {
+        ok: false,
+        error: Some(e.to_string()),
+        errno: Some(e.errno()),
+        ..Response::default()
+    }
+}
+
+fn handle(stream: UnixStream, snaps: &Snapshots) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let me = unsafe { libc::geteuid() };
+    let resp = match peer_uid(&stream) {
+        Some(uid) if uid == 0 || uid == me => {
+            let mut line = String::new();
+            let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
+            match read {
+                Ok(_) if line.ends_with('\n') => match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => answer(req, snaps),
+                    Err(e) => failure(&Error::InvalidArgument(format!(
+                        "bad control request ({e}); expected one JSON line such as {{\"op\":\"list\"}}"
+                    ))),
+                },
+                Ok(_) => failure(&Error::InvalidArgument(format!(
+                    "control request too long or not ended by a newline (at most {MAX_REQUEST} bytes)"
+                ))),
+                Err(e) => failure(&Error::io("reading the control request", e)),
+            }
+        }
+        _ => failure(&Error::Fs {
+            kind: crate::FsError::NotPermitted,
+            what: "the snapshot control socket is for root".into(),
+        }),
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    let _ = (&stream).write_all(&out);
+}
+
+fn answer(req: Request, snaps: &Snapshots) -> Response {
+    let r = match req {
+        Request::Create { name } => snaps.create(&name).map(|id| Response {
+            ok: true,
+            id: Some(id),
+            ..Response::default()
+        }),
+        Request::Delete { name } => snaps.delete(&name).map(|()| Response {
+            ok: true,
+            ..Response::default()
+        }),
+        Request::List => snaps.list().map(|l| Response {
+            ok: true,
+            snapshots: Some(
+                l.into_iter()
+                    .map(|s| SnapshotEntry {
+                        id: s.id,
+                        name: s.name,
+                        created_sec: s.created_sec,
+                        created_nsec: s.created_nsec,
+                        allocated_blocks: s.allocated_blocks,
+                        unique_blocks: s.unique_blocks,
+                    })
+                    .collect(),
+            ),
+            ..Response::default()
+        }),
+    };
+    r.unwrap_or_else(|e| failure(&e))
+}
+
+/// Sends one request to the mount on `mountpoint` and returns its answer.
+pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
+    let mountpoint = std::fs::canonicalize(mountpoint)
+        .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
+    let path = socket_path(&mountpoint);
+    let stream = UnixStream::connect(&path).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "no lsvfs mount answers for {} ({}: {e}); is it mounted, and are you root?",
+            mountpoint.display(),
+            path.display()
+        ))
+    })?;
+    let mut line = serde_json::to_vec(req).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    line.push(b'\n');
+    (&stream)
+        .write_all(&line)
+        .map_err(|e| Error::io("sending the control request", e))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| Error::io("reading the mount's answer", e))?;
+    serde_json::from_str(&answer)
+        .map_err(|e| Error::Corrupted(format!("the mount's answer is not valid ({e}): {answer:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_garbage_is_refused() {
+        let r = Request::Create { name: "n".into() };
+        let j = serde_json::to_string(&r).unwrap();
+        assert_eq!(j, r#"{"op":"create","name":"n"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"list"}"#).unwrap(),
+            Request::List
+        );
+        for bad in [
+            "",
+            "{}",
+            r#"{"op":"format"}"#,
+            r#"{"op":"create"}"#,
+            r#"{"op":"list","x":1}"#,
+            "\u{0}\u{1}",
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! A volume mounted through the real kernel FUSE mount by the `lsvfs`
+//! binary, for the integration tests that drive it with ordinary programs.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+}
+
+pub fn lsvfs(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lsvfs"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run lsvfs")
+}
+
+pub fn ok(args: &[&str], cwd: &Path) -> String {
+    let o = lsvfs(args, cwd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "lsvfs {args:?}: {text}");
+    text
+}
+
+impl Mounted {
+    pub fn new() -> Mounted {
+        Mounted::with_size("2G")
+    }
+    pub fn with_size(size: &str) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("m")).unwrap();
+        ok(&["keygen", "k"], dir.path());
+        ok(
+            &["create", "v.vol", "--size", size, "--key-file", "k"],
+            dir.path(),
+        );
+        let m = Mounted { dir };
+        m.mount();
+        m
+    }
+    pub fn p(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn m(&self) -> PathBuf {
+        self.dir.path().join("m")
+    }
+    pub fn mount(&self) {
+        ok(&["mount", "v.vol", "m", "--key-file", "k"], self.p());
+    }
+    pub fn unmount(&self) {
+        ok(&["unmount", "m"], self.p());
+    }
+    /// Unmounts and asserts that `lsvfs check` finds the volume clean.
+    pub fn unmount_and_check(&self) {
+        self.unmount();
+        let c = ok(&["check", "v.vol", "--key-file", "k"], self.p());
+        assert!(c.contains("v.vol: clean"), "{c}");
+    }
+    /// Runs a shell command in the mount; returns stdout, panics on failure.
+    pub fn sh(&self, cmd: &str) -> String {
+        sh_in(&self.m(), cmd)
+    }
+    /// The pid of this mount's daemon.
+    pub fn daemon_pid(&self) -> String {
+        let out = Command::new("pgrep")
+            .args(["-f", "lsvfs mount "])
+            .output()
+            .unwrap();
+        let ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|p| {
+                let cmdline = fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                cmdline.contains("--foreground")
+                    && fs::read_link(format!("/proc/{p}/cwd")).ok().as_deref() == Some(self.p())
+            })
+            .map(String::from)
+            .collect();
+        assert_eq!(ours.len(), 1, "exactly one daemon for this mount: {ours:?}");
+        ours[0].clone()
+    }
+}
+
+pub fn sh_in(dir: &Path, cmd: &str) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Runs `cmd` as uid/gid 65534 (nobody) in `dir`; returns (success, stderr).
+pub fn as_nobody(dir: &Path, cmd: &str) -> (bool, String) {
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(self.m())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
