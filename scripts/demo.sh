@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The lsvfs demo: build; start a key server on loopback; enroll this host;
 # create a volume registered with the key server, mount it with no key
-# file, write files, unmount; then raw blocks through the engine and a
-# `cp -a` round trip. Works on a fresh machine with a Rust toolchain.
-# (Snapshots are not built yet.)
+# file, write files, take a snapshot, change files, list the snapshot,
+# read and restore from it, unmount; then raw blocks through the engine
+# and a `cp -a` round trip. Works on a fresh machine with a Rust toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,10 +55,23 @@ mkdir -p "$work/net/docs"
 echo "hello from lsvfs" >"$work/net/docs/hello.txt"
 cp -a /usr/include/linux/fs.h "$work/net/docs/"
 ls -la "$work/net/docs"
+echo "== a snapshot: instant, read-only under .snapshots/NAME"
+run snapshot create "$work/net" before-edit
+echo "edited after the snapshot" >"$work/net/docs/hello.txt"
+rm "$work/net/docs/fs.h"
+run snapshot list "$work/net"
+ls -la "$work/net/.snapshots/before-edit/docs"
+echo "live:     $(cat "$work/net/docs/hello.txt")"
+echo "snapshot: $(cat "$work/net/.snapshots/before-edit/docs/hello.txt")"
+if (echo x >"$work/net/.snapshots/before-edit/docs/hello.txt") 2>/dev/null; then
+  echo "== a snapshot took a write!" >&2
+  exit 1
+fi
+echo "== writing into the snapshot fails (read-only file system), as it must"
+cp -a "$work/net/.snapshots/before-edit/docs/fs.h" "$work/net/docs/" && echo "== restored docs/fs.h from the snapshot with cp -a"
 run unmount "$work/net"
 run check "$work/net.vol"
 ksrun admin --socket "$work/ks/admin.sock" audit --limit 5
-echo "== (snapshots: not built yet)"
 
 run keygen "$work/key"
 run create "$work/data.vol" --size 1G --key-file "$work/key"

@@ -369,3 +369,37 @@ fn creation_writes_do_not_grow_with_the_volume() {
         "snapshot creation writes grew with the data: {written:?}"
     );
 }
+
+/// A held block that was tampered with reads as an integrity error through
+/// the snapshot, and `check` names the snapshot.
+#[test]
+fn a_tampered_held_block_is_an_integrity_error_not_data() {
+    let dev = Arc::new(MemDevice::new());
+    create(&*dev, 1024, 16);
+    let v = open(dev.clone());
+    v.write(5, &block(5, 1)).unwrap();
+    let old = v.locate(5).unwrap().unwrap();
+    let id = v.snapshot_create("t").unwrap();
+    v.write(5, &block(5, 2)).unwrap();
+    v.close().unwrap();
+    let mut img = dev.image();
+    img[old as usize * BLOCK_SIZE + 100] ^= 1;
+    let dev = Arc::new(MemDevice::from_image(img));
+    let v = open(dev);
+    let mut b = vec![0u8; BLOCK_SIZE];
+    v.read(5, &mut b).unwrap();
+    assert_eq!(b, block(5, 2), "the live block is intact");
+    let view = v.snapshot_view(id).unwrap();
+    match view.read(5, &mut b) {
+        Err(lsvfs::Error::Integrity(what)) => assert!(what.contains("logical block 5"), "{what}"),
+        other => panic!("want an integrity error, got {other:?}"),
+    }
+    let r = v.check().unwrap();
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.contains("snapshot t") && p.contains("block 5")),
+        "{:?}",
+        r.problems
+    );
+}

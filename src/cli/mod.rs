@@ -589,6 +589,11 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                     s.extent_segments, s.max_segments, s.free_segments
                 );
                 println!("checkpoint:      {}", s.checkpoint_seq);
+                println!(
+                    "snapshots:       {} (holding {} that the live volume no longer uses)",
+                    s.snapshots,
+                    human(s.held_blocks * BLOCK_SIZE as u64)
+                );
                 let r = v.recovery();
                 if r.transactions > 0 || r.dropped_records > 0 {
                     println!(

@@ -136,6 +136,7 @@ impl State {
                 bits[TreeId::Allocated as usize]
             ));
         }
+        self.check_snapshots(ctx, &mut r);
         // Blocks only snapshots reference, and the snapshot metadata pages.
         for pba in self.held_locations() {
             let seg = (pba - DATA_START) / self.seg_blocks;

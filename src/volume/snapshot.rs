@@ -86,6 +86,12 @@ pub struct SnapshotInfo {
     pub unique_blocks: u64,
 }
 
+/// A page or data block a snapshot walk found unshared.
+enum Unshared {
+    Page(u64),
+    Data(u64, MapEntry),
+}
+
 /// A snapshot in memory: its record and a cache of its map tree.
 pub struct Snap {
     pub rec: SnapRecord,
@@ -594,7 +600,14 @@ impl State {
     /// Whether another tree at `key` holds the page with generation `gen`:
     /// the neighbours of snapshot `i` (previous snapshot; next snapshot or
     /// the live state).
-    fn neighbour_has_page(&mut self, ctx: &Ctx, i: usize, key: PageKey, gen: u64) -> Result<bool> {
+    fn neighbour_has_page(
+        &mut self,
+        ctx: &Ctx,
+        i: usize,
+        next_is_live: bool,
+        key: PageKey,
+        gen: u64,
+    ) -> Result<bool> {
         let State {
             snaps,
             usage,
@@ -611,7 +624,7 @@ impl State {
                 return Ok(true);
             }
         }
-        if i + 1 < snaps.len() {
+        if i + 1 < snaps.len() && !next_is_live {
             let p = snaps[i + 1].trees.current_ptr(&src, key)?.0;
             Ok(!p.is_absent() && p.gen == gen)
         } else if key.tree == TreeId::Map {
@@ -622,11 +635,18 @@ impl State {
         }
     }
 
-    fn neighbour_has_block(&mut self, ctx: &Ctx, i: usize, lba: u64, gen: u64) -> Result<bool> {
+    fn neighbour_has_block(
+        &mut self,
+        ctx: &Ctx,
+        i: usize,
+        next_is_live: bool,
+        lba: u64,
+        gen: u64,
+    ) -> Result<bool> {
         if i > 0 && self.snap_lookup(ctx, i - 1, lba)?.gen == gen {
             return Ok(true);
         }
-        let e = if i + 1 < self.snaps.len() {
+        let e = if i + 1 < self.snaps.len() && !next_is_live {
             self.snap_lookup(ctx, i + 1, lba)?
         } else {
             self.lookup(ctx, lba)?
@@ -666,9 +686,23 @@ impl State {
     }
 
     /// Blocks only snapshot `i` holds, as (generation) of pages and data
-    /// blocks, found by walking its map tree and skipping every subtree a
-    /// neighbour shares.
+    /// blocks: its map tree less every subtree and block a neighbour (the
+    /// previous snapshot; the next one or the live state) shares.
     fn unique_to(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<u64>> {
+        Ok(self
+            .walk_unshared(ctx, i, false)?
+            .into_iter()
+            .map(|b| match b {
+                Unshared::Page(g) => g,
+                Unshared::Data(_, e) => e.gen,
+            })
+            .collect())
+    }
+
+    /// The pages and data blocks of snapshot `i`'s map that the previous
+    /// snapshot does not share, nor the next one (or, with `next_is_live`,
+    /// nor the live state). Pages are authenticated as they are read.
+    fn walk_unshared(&mut self, ctx: &Ctx, i: usize, next_is_live: bool) -> Result<Vec<Unshared>> {
         let depth = self.trees.shape(TreeId::Map).depth;
         let leaves = self.trees.shape(TreeId::Map).leaves;
         let mut out = Vec::new();
@@ -694,10 +728,18 @@ impl State {
                 };
                 snaps[i].trees.current_ptr(&src, k)?.0
             };
-            if ptr.is_absent() || self.neighbour_has_page(ctx, i, k, ptr.gen)? {
+            if ptr.is_absent() || self.neighbour_has_page(ctx, i, next_is_live, k, ptr.gen)? {
                 continue;
             }
-            out.push(ptr.gen);
+            out.push(Unshared::Page(ptr.gen));
+            let page = {
+                let State { snaps, usage, .. } = self;
+                let src = HeldSource {
+                    ctx,
+                    held: &usage.held,
+                };
+                Box::new(*snaps[i].trees.get(&src, k)?)
+            };
             if k.level > 0 {
                 let span_bits = FANOUT.trailing_zeros() * (k.level as u32 - 1);
                 for c in 0..FANOUT {
@@ -712,26 +754,57 @@ impl State {
                 }
                 continue;
             }
-            let page = {
-                let State { snaps, usage, .. } = self;
-                let src = HeldSource {
-                    ctx,
-                    held: &usage.held,
-                };
-                Box::new(*snaps[i].trees.get(&src, k)?)
-            };
             for s in 0..MAP_ENTRIES_PER_PAGE {
                 let e = MapEntry::decode(&page[s * MAP_ENTRY_LEN..]);
                 if !e.is_mapped() {
                     continue;
                 }
                 let lba = k.index * MAP_ENTRIES_PER_PAGE as u64 + s as u64;
-                if !self.neighbour_has_block(ctx, i, lba, e.gen)? {
-                    out.push(e.gen);
+                if !self.neighbour_has_block(ctx, i, next_is_live, lba, e.gen)? {
+                    out.push(Unshared::Data(lba, e));
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Authenticates what only snapshots reference: for each snapshot, the
+    /// pages and data blocks that neither the previous snapshot nor the
+    /// live state shares (those were checked there).
+    pub fn check_snapshots(&mut self, ctx: &Ctx, r: &mut super::CheckReport) {
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for i in 0..self.snaps.len() {
+            let name = self.snaps[i].rec.name.clone();
+            let items = match self.walk_unshared(ctx, i, true) {
+                Ok(v) => v,
+                Err(e) => {
+                    r.problems.push(format!("snapshot {name}: {e}"));
+                    continue;
+                }
+            };
+            for it in items {
+                let (lba, e) = match it {
+                    Unshared::Page(_) => {
+                        r.pages += 1;
+                        continue;
+                    }
+                    Unshared::Data(lba, e) => (lba, e),
+                };
+                r.data_blocks += 1;
+                let pba = self.usage.held.get(&e.gen).copied().unwrap_or(e.pba);
+                let ok = crate::device::read_exact_at(ctx.dev, &mut buf, pba * BLOCK_SIZE as u64)
+                    .is_ok()
+                    && ctx
+                        .keys
+                        .mac(Tag::new(BlockKind::Data, lba, e.gen), &buf)
+                        .ct_eq(&e.mac);
+                if !ok {
+                    r.problems.push(format!(
+                        "snapshot {name}: logical block {lba} (stored at block {pba}) fails authentication"
+                    ));
+                }
+            }
+        }
     }
 
     /// Generations of every page of the changed bitmaps `roots`.
