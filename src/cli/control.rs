@@ -23,7 +23,7 @@ const MAX_REQUEST: u64 = 4096;
 pub enum Request {
     Create { name: String },
     Delete { name: String },
-    List,
+    List {},
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -172,7 +172,7 @@ fn answer(req: Request, snaps: &Snapshots) -> Response {
             ok: true,
             ..Response::default()
         }),
-        Request::List => snaps.list().map(|l| Response {
+        Request::List {} => snaps.list().map(|l| Response {
             ok: true,
             snapshots: Some(
                 l.into_iter()
@@ -229,7 +229,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"list"}"#).unwrap(),
-            Request::List
+            Request::List {}
         );
         for bad in [
             "",

@@ -347,7 +347,7 @@ fn snapshot_cmd(c: SnapCmd) -> Result<(), Error> {
             println!("snapshot {name} deleted");
         }
         SnapCmd::List { mountpoint, json } => {
-            let r = control_call(&mountpoint, control::Request::List)?;
+            let r = control_call(&mountpoint, control::Request::List {})?;
             let list = r.snapshots.unwrap_or_default();
             if json {
                 for s in &list {

@@ -19,6 +19,8 @@ pub const SNAP_BIT: u64 = 1 << 63;
 pub const SNAPDIR_INO: u64 = SNAP_BIT | 1;
 pub const SNAPDIR_NAME: &[u8] = b".snapshots";
 const ID_SHIFT: u32 = MAX_INO.trailing_zeros();
+/// Snapshot views kept open at once.
+const MAX_VIEWS: usize = 16;
 /// Largest snapshot id the numbering can show.
 const MAX_ID: u64 = (SNAP_BIT >> ID_SHIFT) - 1;
 
@@ -101,6 +103,11 @@ impl Snapshots {
             return Ok(f.clone());
         }
         let f = Arc::new(self.fs()?.open_snapshot(id)?);
+        if v.len() >= MAX_VIEWS {
+            // Each view caches up to NODE_CACHE metadata nodes; reopening
+            // one is cheap (its superblock and last key).
+            v.clear();
+        }
         v.insert(id, f.clone());
         Ok(f)
     }

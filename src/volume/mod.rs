@@ -222,6 +222,10 @@ struct Inner {
     engine: CryptoEngine,
     state: Mutex<State>,
     reuse: RwLock<()>,
+    /// Held shared by a commit from taking its generations to applying its
+    /// records; a snapshot takes it exclusively, so no transaction whose
+    /// generations are below the snapshot's birth is applied after it.
+    commits: RwLock<()>,
     read_only: bool,
     checkpoint_blocks: u64,
 }
@@ -463,6 +467,7 @@ impl Volume {
             }),
             header,
             reuse,
+            commits: RwLock::new(()),
             read_only: opts.read_only,
             checkpoint_blocks: opts.checkpoint_blocks.max(seg),
         };
@@ -568,6 +573,15 @@ impl Volume {
         self.view
     }
 
+    fn live_only(&self) -> Result<()> {
+        if self.view.is_some() {
+            return Err(Error::InvalidArgument(
+                "this asks about the live volume, not a snapshot view".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn writable(&self) -> Result<()> {
         if self.is_read_only() {
             return Err(Error::ReadOnly);
@@ -582,6 +596,13 @@ impl Volume {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or((0, 0), |d| (d.as_secs() as i64, d.subsec_nanos()));
+        // Transactions that took their generations must be applied first:
+        // a block with a generation below the snapshot's birth is in it.
+        let _no_commits = self
+            .inner
+            .commits
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         let mut st = self.inner.lock()?;
         st.snapshot_create(&self.inner.ctx(), name, now)
     }
@@ -788,6 +809,7 @@ impl Volume {
                 "a transaction may write at most {MAX_TXN_BLOCKS} blocks, not {n_blocks}"
             )));
         }
+        let _committing = inner.commits.read().unwrap_or_else(|p| p.into_inner());
         let base = {
             let mut st = inner.lock()?;
             st.alloc_gens(&inner.ctx(), n_blocks)?
@@ -843,7 +865,8 @@ impl Volume {
         let mut st = inner.lock()?;
         let ctx = inner.ctx();
         // A transaction that only trims frees space: it may use the reserve.
-        let frees = payload.is_empty();
+        // Not while snapshots exist: what it drops, they may hold.
+        let frees = payload.is_empty() && st.snaps.is_empty();
         st.ensure_space(&ctx, &entries, frees)?;
         st.prefetch(&ctx, &entries)?;
         let pbas = match st.append(&ctx, &entries, &payload, true, frees) {
@@ -907,6 +930,7 @@ impl Volume {
     }
 
     pub fn stats(&self) -> Result<Stats> {
+        self.live_only()?;
         let st = self.inner.lock()?;
         Ok(Stats {
             logical_blocks: st.logical_blocks,
@@ -927,6 +951,7 @@ impl Volume {
     /// Runs of blocks written or trimmed since the changed bitmap was last
     /// reset, as (first block, count).
     pub fn changed_runs(&self) -> Result<Vec<(u64, u64)>> {
+        self.live_only()?;
         let mut st = self.inner.lock()?;
         st.bitmap_runs(&self.inner.ctx(), format::TreeId::Changed)
     }
@@ -957,6 +982,7 @@ impl Volume {
     /// The key generation that sealed `lba`'s current version (low bit, from
     /// the key-generation bitmap), or None if the block is unmapped.
     pub fn key_generation_bit(&self, lba: u64) -> Result<Option<bool>> {
+        self.live_only()?;
         self.inner.check_range(lba, BLOCK_SIZE)?;
         let mut st = self.inner.lock()?;
         let ctx = self.inner.ctx();
@@ -969,6 +995,7 @@ impl Volume {
     /// Verifies everything reachable: every page, every data block, and that
     /// counts and bitmaps agree with the map.
     pub fn check(&self) -> Result<CheckReport> {
+        self.live_only()?;
         let mut st = self.inner.lock()?;
         st.check(&self.inner.ctx())
     }
@@ -976,6 +1003,7 @@ impl Volume {
     /// Where the current version of `lba` is stored on the device (a block
     /// address), or None if it is unmapped. For diagnostics and tests.
     pub fn locate(&self, lba: u64) -> Result<Option<u64>> {
+        self.live_only()?;
         self.inner.check_range(lba, BLOCK_SIZE)?;
         let mut st = self.inner.lock()?;
         let e = st.lookup(&self.inner.ctx(), lba)?;

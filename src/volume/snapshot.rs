@@ -49,6 +49,8 @@ pub const MAX_SNAPSHOTS: usize = 1024;
 pub const NAME_MAX: usize = 255;
 /// Payload bytes per metadata leaf page (after its 4-byte length).
 const LEAF_PAYLOAD: usize = BLOCK_SIZE - 4;
+/// Changed-bitmap roots a list may hold before they are merged into one.
+pub const MAX_CHANGED_ROOTS: usize = 16;
 /// Cached pages per snapshot's map tree.
 const SNAP_CACHE_PAGES: usize = 256;
 
@@ -188,8 +190,13 @@ pub fn check_name(name: &str) -> Result<()> {
 }
 
 impl SnapMeta {
+    /// Nothing to store: no snapshot was ever taken (ids are never reused,
+    /// so once one was, `next_id` is kept).
     pub fn is_empty(&self) -> bool {
-        self.snaps.is_empty() && self.held.is_empty() && self.live_changed.is_empty()
+        self.next_id <= 1
+            && self.snaps.is_empty()
+            && self.held.is_empty()
+            && self.live_changed.is_empty()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -233,6 +240,9 @@ impl SnapMeta {
         let in_volume = |p: &TreePtr| p.is_absent() || (p.pba >= DATA_START && p.pba < end_block);
         let mut r = Reader { b, at: 0 };
         let next_id = r.u64()?;
+        if next_id == 0 || next_id > u64::MAX / 2 {
+            return Err(bad(format!("next snapshot id {next_id}")));
+        }
         let n = r.u32()? as usize;
         if n > MAX_SNAPSHOTS {
             return Err(bad(format!("{n} snapshots (at most {MAX_SNAPSHOTS})")));
@@ -291,7 +301,7 @@ impl SnapMeta {
             live_changed.push(p);
         }
         let nh = r.u64()?;
-        if nh > end_block {
+        if nh > end_block || nh > ((b.len() - r.at) / 16) as u64 {
             return Err(bad(format!("{nh} held blocks")));
         }
         let mut held = HashMap::with_capacity(nh as usize);
@@ -345,7 +355,7 @@ impl State {
 
     /// Pages the snapshot metadata takes when written now.
     pub fn snap_meta_pages(&self) -> u64 {
-        if self.snaps.is_empty() && self.usage.held.is_empty() && self.live_changed.is_empty() {
+        if self.snap_next_id <= 1 {
             return 0;
         }
         let bytes = 16
@@ -507,12 +517,14 @@ impl State {
                 level_ptrs.len()
             )));
         }
-        let mut blob = Vec::with_capacity(leaves as usize * LEAF_PAYLOAD);
+        let mut blob = Vec::new();
         for (i, p) in level_ptrs.iter().enumerate() {
             let b = ctx.load_page(PageKey::leaf(TreeId::SnapMeta, i as u64), p)?;
             let n = u32::from_le_bytes(b[..4].try_into().expect("4")) as usize;
-            if n > LEAF_PAYLOAD {
-                return Err(Error::Corrupted("snapshot metadata page overflows".into()));
+            if n == 0 || n > LEAF_PAYLOAD {
+                return Err(Error::Corrupted(format!(
+                    "snapshot metadata page {i} holds {n} bytes"
+                )));
             }
             blob.extend_from_slice(&b[4..4 + n]);
         }
@@ -546,6 +558,8 @@ impl State {
     }
 
     /// Takes a snapshot of the current state. Durable when it returns.
+    /// The caller makes sure no transaction that already took generations
+    /// is still to be applied (see `Inner::commits`).
     pub fn snapshot_create(&mut self, ctx: &Ctx, name: &str, now: (i64, u32)) -> Result<u64> {
         check_name(name)?;
         if self.snap_index(name).is_some() {
@@ -559,7 +573,21 @@ impl State {
                 "a volume keeps at most {MAX_SNAPSHOTS} snapshots; delete one first"
             )));
         }
+        // Room for both checkpoints, leaving the reserve: a full volume
+        // refuses the snapshot (nothing changed) rather than fail half-way.
+        self.ensure_space(ctx, &[], false)?;
         self.checkpoint(ctx)?;
+        // From here on a failure leaves memory ahead of the disk: the volume
+        // refuses further work until it is reopened (and recovery finds the
+        // state before the snapshot).
+        let r = self.freeze(ctx, name, now);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn freeze(&mut self, ctx: &Ctx, name: &str, now: (i64, u32)) -> Result<u64> {
         let roots = self.trees.roots();
         let mut changed = std::mem::take(&mut self.live_changed);
         let live = roots[TreeId::Changed as usize];
@@ -575,7 +603,7 @@ impl State {
             checkpoint_seq: self.last_checkpoint.seq,
             allocated: self.allocated,
             map: roots[TreeId::Map as usize],
-            changed,
+            changed: Vec::new(),
         };
         let id = rec.id;
         self.usage.retain_below = rec.birth;
@@ -587,14 +615,53 @@ impl State {
         // the snapshot (their generations are below its birth: held).
         let State { trees, usage, .. } = self;
         trees.clear_tree(ctx, TreeId::Changed, &mut |t, p| usage.superseded(t, p))?;
+        let changed = self.bounded_changed(ctx, changed)?;
+        self.snaps.last_mut().expect("just pushed").rec.changed = changed;
         self.changed_since = self.last_checkpoint.seq;
-        if let Err(e) = self.checkpoint(ctx) {
-            // Not durable: forget it in memory too, so both agree. The held
-            // entries it caused stay (harmless: freed when found unused).
-            self.poisoned = true;
-            return Err(e);
-        }
+        self.checkpoint(ctx)?;
         Ok(id)
+    }
+
+    /// A list of changed-bitmap roots, merged into one bitmap when it grows
+    /// past [`MAX_CHANGED_ROOTS`] (deleting snapshots concatenates lists).
+    fn bounded_changed(&mut self, ctx: &Ctx, roots: Vec<TreePtr>) -> Result<Vec<TreePtr>> {
+        if roots.len() <= MAX_CHANGED_ROOTS {
+            return Ok(roots);
+        }
+        let leaves = self.changed_leaves(ctx, &roots)?;
+        let old = self.changed_pages(ctx, &roots)?;
+        let mut t = Trees::new(
+            [TreePtr::ABSENT; 5],
+            shapes(self.logical_blocks, self.max_segments),
+            64,
+        );
+        for (index, data) in &leaves {
+            let page = t.get_mut(ctx, PageKey::leaf(TreeId::Changed, *index), &mut |_, _| {})?;
+            page.copy_from_slice(&data[..]);
+        }
+        // Written by the same code as the live trees' pages.
+        std::mem::swap(&mut self.trees, &mut t);
+        let written = self.write_tree(ctx, TreeId::Changed);
+        std::mem::swap(&mut self.trees, &mut t);
+        written?;
+        let mut fresh = Vec::new();
+        t.visit(ctx, TreeId::Changed, &mut |_, p, _, _| fresh.push(p))?;
+        // Only the snapshot list references the new pages: they are held.
+        for p in fresh {
+            self.usage.held.insert(p.gen, p.pba);
+        }
+        for g in old {
+            if let Some(pba) = self.usage.held.remove(&g) {
+                self.usage.dec(pba);
+            }
+        }
+        self.usage.held_dirty = true;
+        let root = t.roots()[TreeId::Changed as usize];
+        Ok(if root.is_absent() {
+            Vec::new()
+        } else {
+            vec![root]
+        })
     }
 
     /// Whether another tree at `key` holds the page with generation `gen`:
@@ -773,6 +840,19 @@ impl State {
     /// live state shares (those were checked there).
     pub fn check_snapshots(&mut self, ctx: &Ctx, r: &mut super::CheckReport) {
         let mut buf = vec![0u8; BLOCK_SIZE];
+        // Generations snapshots reference that the live state does not:
+        // exactly the held table, or space leaks (held, unreferenced) or,
+        // worse, a referenced block could be reused (referenced, not held).
+        let mut referenced: HashSet<u64> = HashSet::new();
+        let mut lists: Vec<Vec<TreePtr>> =
+            self.snaps.iter().map(|s| s.rec.changed.clone()).collect();
+        lists.push(self.live_changed.clone());
+        for l in lists {
+            match self.changed_pages(ctx, &l) {
+                Ok(g) => referenced.extend(g),
+                Err(e) => r.problems.push(format!("a snapshot's changed bitmap: {e}")),
+            }
+        }
         for i in 0..self.snaps.len() {
             let name = self.snaps[i].rec.name.clone();
             let items = match self.walk_unshared(ctx, i, true) {
@@ -784,12 +864,14 @@ impl State {
             };
             for it in items {
                 let (lba, e) = match it {
-                    Unshared::Page(_) => {
+                    Unshared::Page(g) => {
+                        referenced.insert(g);
                         r.pages += 1;
                         continue;
                     }
                     Unshared::Data(lba, e) => (lba, e),
                 };
+                referenced.insert(e.gen);
                 r.data_blocks += 1;
                 let pba = self.usage.held.get(&e.gen).copied().unwrap_or(e.pba);
                 let ok = crate::device::read_exact_at(ctx.dev, &mut buf, pba * BLOCK_SIZE as u64)
@@ -804,6 +886,26 @@ impl State {
                     ));
                 }
             }
+        }
+        let unheld = referenced
+            .iter()
+            .filter(|g| !self.usage.held.contains_key(g))
+            .count();
+        if unheld > 0 {
+            r.problems.push(format!(
+                "{unheld} blocks that snapshots reference are not in the held table (their space could be reused)"
+            ));
+        }
+        let leaked = self
+            .usage
+            .held
+            .keys()
+            .filter(|g| !referenced.contains(g))
+            .count();
+        if leaked > 0 {
+            r.problems.push(format!(
+                "{leaked} held blocks are referenced by no snapshot (space leak)"
+            ));
         }
     }
 
@@ -826,22 +928,38 @@ impl State {
     /// Deletes snapshot `i` and frees what only it held. Durable when it
     /// returns.
     pub fn snapshot_delete(&mut self, ctx: &Ctx, i: usize) -> Result<()> {
+        // Deleting frees space: it may use the reserve (a full volume must
+        // still be able to delete).
+        self.ensure_space(ctx, &[], true)?;
+        // Everything that can fail on a read comes first, while nothing
+        // has changed.
         let mut free = self.unique_to(ctx, i)?;
-        let changed = std::mem::take(&mut self.snaps[i].rec.changed);
-        if i > 0 {
-            // Its changes now belong to the next interval.
-            match self.snaps.get_mut(i + 1) {
-                Some(n) => n.rec.changed.extend(changed),
-                None => self.live_changed.extend(changed),
-            }
-        } else {
+        let changed = self.snaps[i].rec.changed.clone();
+        if i == 0 {
+            // The oldest: its changes are relative to nothing that exists.
             free.extend(self.changed_pages(ctx, &changed)?);
         }
-        if self.snaps.len() == 1 {
+        let last = self.snaps.len() == 1;
+        if last {
             // The last one: changes "since the newest snapshot" mean nothing now.
-            let rest = std::mem::take(&mut self.live_changed);
+            let rest = self.live_changed.clone();
             free.extend(self.changed_pages(ctx, &rest)?);
         }
+        let r = self.drop_snapshot(ctx, i, free, changed, last);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn drop_snapshot(
+        &mut self,
+        ctx: &Ctx,
+        i: usize,
+        free: Vec<u64>,
+        changed: Vec<TreePtr>,
+        last: bool,
+    ) -> Result<()> {
         let mut missing = 0u64;
         for g in free {
             match self.usage.held.remove(&g) {
@@ -851,18 +969,30 @@ impl State {
         }
         if missing > 0 {
             eprintln!(
-                "lsvfs: deleting a snapshot: {missing} of its blocks were not in the held table (space may stay in use until `lsvfs check`)"
+                "lsvfs: deleting a snapshot: {missing} of its blocks were not in the held table; `lsvfs check` reports such problems"
             );
         }
         self.usage.held_dirty = true;
+        if last {
+            self.live_changed.clear();
+        }
+        if i > 0 {
+            // Its changes now belong to the next interval.
+            let mut next = match self.snaps.get(i + 1) {
+                Some(n) => n.rec.changed.clone(),
+                None => self.live_changed.clone(),
+            };
+            next.extend(changed);
+            let next = self.bounded_changed(ctx, next)?;
+            match self.snaps.get_mut(i + 1) {
+                Some(n) => n.rec.changed = next,
+                None => self.live_changed = next,
+            }
+        }
         self.snaps.remove(i);
         self.usage.retain_below = self.snaps.last().map_or(0, |s| s.rec.birth);
         self.snap_meta_dirty = true;
-        if let Err(e) = self.checkpoint(ctx) {
-            self.poisoned = true;
-            return Err(e);
-        }
-        Ok(())
+        self.checkpoint(ctx)
     }
 
     pub fn snapshot_infos(&mut self, ctx: &Ctx) -> Result<Vec<SnapshotInfo>> {
@@ -886,13 +1016,16 @@ impl State {
         Ok(out)
     }
 
-    /// Runs of blocks written or trimmed between the snapshot before
-    /// snapshot `i` and `i` itself (the union of its changed bitmaps).
-    pub fn snapshot_changed_runs(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<(u64, u64)>> {
+    /// The union of the changed bitmaps `roots`, leaf by leaf.
+    fn changed_leaves(
+        &mut self,
+        ctx: &Ctx,
+        roots: &[TreePtr],
+    ) -> Result<std::collections::BTreeMap<u64, Box<Block>>> {
         let mut leaves: std::collections::BTreeMap<u64, Box<Block>> = Default::default();
-        for r in self.snaps[i].rec.changed.clone() {
+        for r in roots {
             let mut rs = [TreePtr::ABSENT; 5];
-            rs[TreeId::Changed as usize] = r;
+            rs[TreeId::Changed as usize] = *r;
             let mut t = Trees::new(rs, shapes(self.logical_blocks, self.max_segments), 64);
             let src = HeldSource {
                 ctx,
@@ -909,6 +1042,14 @@ impl State {
                 }
             })?;
         }
+        Ok(leaves)
+    }
+
+    /// Runs of blocks written or trimmed between the snapshot before
+    /// snapshot `i` and `i` itself (the union of its changed bitmaps).
+    pub fn snapshot_changed_runs(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<(u64, u64)>> {
+        let roots = self.snaps[i].rec.changed.clone();
+        let leaves = self.changed_leaves(ctx, &roots)?;
         let per = (BLOCK_SIZE * 8) as u64;
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for (leaf, data) in leaves {

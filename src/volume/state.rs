@@ -331,7 +331,18 @@ impl State {
             })
             .sum();
         let usage = blocks.min(self.trees.shape(TreeId::SegmentUsage).leaves);
-        leaves + leaves / (FANOUT - 1) + 4 * self.trees.shape(TreeId::Map).depth as u64 + usage
+        // Under snapshots every dropped block (and map page) may enter the
+        // held table, which the checkpoint writes: 16 bytes each.
+        let held = if self.usage.retain_below > 0 {
+            (blocks + leaves).div_ceil(255) + 1
+        } else {
+            0
+        };
+        leaves
+            + leaves / (FANOUT - 1)
+            + 4 * self.trees.shape(TreeId::Map).depth as u64
+            + usage
+            + held
     }
 
     /// Loads every page `apply` will touch, so that once a record is in the
@@ -558,7 +569,7 @@ impl State {
 
     /// Seals and appends the dirty pages of one tree, level by level from the
     /// leaves up, pointing each parent at its children's new copies.
-    fn write_tree(&mut self, ctx: &Ctx, tree: TreeId) -> Result<()> {
+    pub(super) fn write_tree(&mut self, ctx: &Ctx, tree: TreeId) -> Result<()> {
         for level in 0..=self.trees.shape(tree).depth {
             let mut keys = self.trees.dirty_at(tree, level);
             // An all-zero page is not written: its pointer becomes absent,
@@ -623,6 +634,13 @@ impl State {
     /// it. The reset is durable when this returns. (If a crash lost it, the
     /// old, larger bitmap would come back: a superset, never too little.)
     pub fn reset_changed(&mut self, ctx: &Ctx) -> Result<u64> {
+        if !self.snaps.is_empty() {
+            // The live bitmap is the interval after the newest snapshot;
+            // clearing it would hide changes from the next snapshot's.
+            return Err(Error::InvalidArgument(
+                "the changed bitmap belongs to the snapshots; it is reset by taking one".into(),
+            ));
+        }
         self.checkpoint(ctx)?;
         let base = self.last_checkpoint.seq;
         let State { trees, usage, .. } = self;
