@@ -1,5 +1,11 @@
 use lsvfs::cli;
 
+/// The file system allocates and frees many small buffers per request (B+tree
+/// nodes, entries): mimalloc's thread-local free lists serve them far faster
+/// than glibc's malloc does under two request threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if let Err(e) = cli::run(std::env::args_os()) {
         eprintln!("lsvfs: {e}");

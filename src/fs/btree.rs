@@ -28,13 +28,17 @@ pub const MAX_VALUE: usize = 1700;
 const MAGIC: [u8; 2] = *b"BT";
 const HEADER: usize = 8;
 
+/// A key or value inside a node: shared, so that copying a node to change
+/// it (every write does) copies pointers, not every entry.
+pub type Bytes = Arc<[u8]>;
+
 /// A decoded node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Node {
-    Leaf(Vec<(Vec<u8>, Vec<u8>)>),
+    Leaf(Vec<(Bytes, Bytes)>),
     /// `keys.len() + 1 == children.len()`.
     Branch {
-        keys: Vec<Vec<u8>>,
+        keys: Vec<Bytes>,
         children: Vec<u64>,
     },
 }
@@ -114,8 +118,8 @@ impl Node {
                     if kl > MAX_KEY || vl > MAX_VALUE {
                         return Err(bad("entry too large"));
                     }
-                    let k = take(kl)?.to_vec();
-                    let v = take(vl)?.to_vec();
+                    let k: Bytes = take(kl)?.into();
+                    let v: Bytes = take(vl)?.into();
                     es.push((k, v));
                 }
                 Node::Leaf(es)
@@ -128,7 +132,7 @@ impl Node {
                     if kl > MAX_KEY {
                         return Err(bad("key too large"));
                     }
-                    keys.push(take(kl)?.to_vec());
+                    keys.push(take(kl)?.into());
                     children.push(u64_of(take(8)?));
                 }
                 Node::Branch { keys, children }
@@ -168,7 +172,7 @@ enum Grew {
     No,
     /// The node split: a new right sibling starting at `key`.
     Split {
-        key: Vec<u8>,
+        key: Bytes,
         right: u64,
     },
 }
@@ -198,12 +202,12 @@ impl BTree {
             match &*store.read(lba)? {
                 Node::Leaf(es) => {
                     return Ok(es
-                        .binary_search_by(|(k, _)| k.as_slice().cmp(key))
+                        .binary_search_by(|(k, _)| k[..].cmp(key))
                         .ok()
-                        .map(|i| es[i].1.clone()))
+                        .map(|i| es[i].1.to_vec()))
                 }
                 Node::Branch { keys, children } => {
-                    lba = children[keys.partition_point(|k| k.as_slice() <= key)];
+                    lba = children[keys.partition_point(|k| &k[..] <= key)];
                 }
             }
         }
@@ -250,12 +254,12 @@ impl BTree {
         }
         let mut node = Arc::unwrap_or_clone(store.read(lba)?);
         match &mut node {
-            Node::Leaf(es) => match es.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
-                Ok(i) => *old = Some(std::mem::replace(&mut es[i].1, value.to_vec())),
-                Err(i) => es.insert(i, (key.to_vec(), value.to_vec())),
+            Node::Leaf(es) => match es.binary_search_by(|(k, _)| k[..].cmp(key)) {
+                Ok(i) => *old = Some(std::mem::replace(&mut es[i].1, value.into()).to_vec()),
+                Err(i) => es.insert(i, (key.into(), value.into())),
             },
             Node::Branch { keys, children } => {
-                let i = keys.partition_point(|k| k.as_slice() <= key);
+                let i = keys.partition_point(|k| &k[..] <= key);
                 match self.insert_at(store, children[i], key, value, old, depth + 1)? {
                     Grew::No => return Ok(Grew::No),
                     Grew::Split { key: sep, right } => {
@@ -355,12 +359,12 @@ impl BTree {
         }
         let mut node = Arc::unwrap_or_clone(store.read(lba)?);
         let old = match &mut node {
-            Node::Leaf(es) => match es.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
-                Ok(i) => Some(es.remove(i).1),
+            Node::Leaf(es) => match es.binary_search_by(|(k, _)| k[..].cmp(key)) {
+                Ok(i) => Some(es.remove(i).1.to_vec()),
                 Err(_) => return Ok((None, false)),
             },
             Node::Branch { keys, children } => {
-                let i = keys.partition_point(|k| k.as_slice() <= key);
+                let i = keys.partition_point(|k| &k[..] <= key);
                 let (old, emptied) = self.remove_at(store, children[i], key, depth + 1)?;
                 if !emptied {
                     return Ok((old, false));
@@ -394,7 +398,7 @@ impl BTree {
         let mut lba = self.root;
         for _ in 0..64 {
             match &*store.read(lba)? {
-                Node::Leaf(es) => return Ok(es.last().map(|(k, _)| k.clone())),
+                Node::Leaf(es) => return Ok(es.last().map(|(k, _)| k.to_vec())),
                 Node::Branch { children, .. } => {
                     lba = *children.last().expect("a branch has children")
                 }
@@ -438,18 +442,18 @@ impl BTree {
         match &*store.read(lba)? {
             Node::Leaf(es) => {
                 for (k, v) in es {
-                    if out.len() >= limit || k.as_slice() >= end {
+                    if out.len() >= limit || &k[..] >= end {
                         break;
                     }
-                    if k.as_slice() >= start {
-                        out.push((k.clone(), v.clone()));
+                    if &k[..] >= start {
+                        out.push((k.to_vec(), v.to_vec()));
                     }
                 }
             }
             Node::Branch { keys, children } => {
-                let first = keys.partition_point(|k| k.as_slice() <= start);
+                let first = keys.partition_point(|k| &k[..] <= start);
                 for i in first..children.len() {
-                    if out.len() >= limit || (i > 0 && keys[i - 1].as_slice() >= end) {
+                    if out.len() >= limit || (i > 0 && &keys[i - 1][..] >= end) {
                         break;
                     }
                     self.range_at(store, children[i], start, end, limit, out, depth + 1)?;
@@ -594,7 +598,7 @@ mod tests {
         t.insert(&mut store, &[0; MAX_KEY], &[3; MAX_VALUE])
             .unwrap();
         for garbage in [vec![0u8; BLOCK_SIZE], vec![0xff; BLOCK_SIZE], {
-            let mut b = Node::Leaf(vec![(b"a".to_vec(), b"b".to_vec())]).encode();
+            let mut b = Node::Leaf(vec![(b"a"[..].into(), b"b"[..].into())]).encode();
             b[4] = 200; // count past the end
             b
         }] {
