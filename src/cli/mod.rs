@@ -616,6 +616,25 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             );
             let mut problems = r.problems;
             if holds_file_system(&v) {
+                // Each snapshot's file system too: its own tree of inodes,
+                // directories and blocks, as frozen.
+                for (id, name, _, _) in v.snapshot_names()? {
+                    let f = crate::fs::Fs::mount(v.snapshot_view(id)?).and_then(|fs| fs.check());
+                    match f {
+                        Ok(f) => {
+                            println!(
+                                "snapshot {name}: {} inodes, {} directory entries, {} data blocks",
+                                f.inodes, f.entries, f.data_blocks
+                            );
+                            problems.extend(
+                                f.problems
+                                    .into_iter()
+                                    .map(|p| format!("snapshot {name}: {p}")),
+                            );
+                        }
+                        Err(e) => problems.push(format!("snapshot {name}: {e}")),
+                    }
+                }
                 let fs = crate::fs::Fs::mount(v)?;
                 let f = fs.check()?;
                 println!(

@@ -956,11 +956,16 @@ impl Volume {
         st.bitmap_runs(&self.inner.ctx(), format::TreeId::Changed)
     }
 
-    /// Runs of allocated (mapped) blocks, as (first block, count). Empty
-    /// for a snapshot view (nothing is allocated through it).
+    /// Runs of allocated (mapped) blocks, as (first block, count); for a
+    /// snapshot view, the blocks the snapshot maps.
     pub fn allocated_runs(&self) -> Result<Vec<(u64, u64)>> {
-        if self.view.is_some() {
-            return Ok(Vec::new());
+        if let Some(id) = self.view {
+            let mut st = self.inner.lock()?;
+            let i = st.snap_index_by_id(id).ok_or_else(|| Error::Fs {
+                kind: crate::FsError::NotFound,
+                what: format!("snapshot {id} (it was deleted)"),
+            })?;
+            return st.snapshot_allocated_runs(&self.inner.ctx(), i);
         }
         let mut st = self.inner.lock()?;
         st.bitmap_runs(&self.inner.ctx(), format::TreeId::Allocated)

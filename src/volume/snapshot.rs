@@ -1072,6 +1072,40 @@ impl State {
         Ok(runs)
     }
 
+    /// Runs of logical blocks snapshot `i` maps, as (first block, count).
+    pub fn snapshot_allocated_runs(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<(u64, u64)>> {
+        let mut leaves = Vec::new();
+        {
+            let State { snaps, usage, .. } = self;
+            let src = HeldSource {
+                ctx,
+                held: &usage.held,
+            };
+            snaps[i]
+                .trees
+                .visit(&src, TreeId::Map, &mut |k, _, _, data| {
+                    if k.level == 0 {
+                        leaves.push((k.index, Box::new(*data)));
+                    }
+                })?;
+        }
+        leaves.sort_by_key(|(i, _)| *i);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (leaf, page) in leaves {
+            for s in 0..MAP_ENTRIES_PER_PAGE {
+                if !MapEntry::decode(&page[s * MAP_ENTRY_LEN..]).is_mapped() {
+                    continue;
+                }
+                let lba = leaf * MAP_ENTRIES_PER_PAGE as u64 + s as u64;
+                match runs.last_mut() {
+                    Some((f, n)) if *f + *n == lba => *n += 1,
+                    _ => runs.push((lba, 1)),
+                }
+            }
+        }
+        Ok(runs)
+    }
+
     /// Whether the held table names `pba` as the current home of `gen`.
     pub fn is_held_at(&self, gen: u64, pba: u64) -> bool {
         self.usage.held.get(&gen) == Some(&pba)
