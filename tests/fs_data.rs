@@ -115,9 +115,23 @@ fn sparse_large_files_and_fallocate() {
         (fs.getattr(f).unwrap().size, fs.getattr(f).unwrap().blocks),
         (40960, 11)
     );
+    // Punching a hole changes the content: mtime moves (as on ext4).
+    let old = lsvfs::fs::format::Time { sec: 1000, nsec: 0 };
+    fs.setattr(
+        f,
+        SetAttr {
+            mtime: Some(old),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
     fs.fallocate(f, 4096, 8192, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE)
         .unwrap();
     assert_eq!(fs.getattr(f).unwrap().blocks, 9);
+    assert!(
+        fs.getattr(f).unwrap().mtime.sec > old.sec,
+        "punch hole sets mtime"
+    );
     assert_eq!(
         fs.fallocate(f, 0, 10, FALLOC_PUNCH_HOLE)
             .unwrap_err()

@@ -69,17 +69,28 @@ pub fn serve(mountpoint: &Path, snaps: Arc<Snapshots>) -> Result<PathBuf, Error>
         .mode(0o700)
         .create(&dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    secure_dir(&dir)?;
     let path = socket_path(mountpoint);
-    if path.exists() {
-        if UnixStream::connect(&path).is_ok() {
-            return Err(Error::Busy(format!(
-                "another mount serves {} ({})",
-                mountpoint.display(),
-                path.display()
-            )));
+    if path.symlink_metadata().is_ok() {
+        match UnixStream::connect(&path) {
+            Ok(_) => {
+                return Err(Error::Busy(format!(
+                    "another mount serves {} ({})",
+                    mountpoint.display(),
+                    path.display()
+                )))
+            }
+            // Left by a mount that was killed: nobody listens.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("probing the existing control socket {}", path.display()),
+                    e,
+                ))
+            }
         }
-        // Left by a mount that was killed.
-        let _ = std::fs::remove_file(&path);
     }
     let listener = UnixListener::bind(&path)
         .map_err(|e| Error::io(format!("creating the control socket {}", path.display()), e))?;
@@ -100,6 +111,27 @@ pub fn serve(mountpoint: &Path, snaps: Arc<Snapshots>) -> Result<PathBuf, Error>
         })
         .map_err(|e| Error::io("starting the control thread", e))?;
     Ok(path)
+}
+
+/// The socket directory must be a real directory that only we can write:
+/// then nobody can swap the socket for a symlink or bind its name first.
+fn secure_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let m = dir
+        .symlink_metadata()
+        .map_err(|e| Error::io(format!("inspecting {}", dir.display()), e))?;
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != me {
+        return Err(Error::InvalidArgument(format!(
+            "{} must be a directory owned by uid {me} (not a symlink); remove it or set LSVFS_RUN_DIR",
+            dir.display()
+        )));
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("restricting {}", dir.display()), e))?;
+    }
+    Ok(())
 }
 
 fn peer_uid(s: &UnixStream) -> Option<u32> {
@@ -204,6 +236,18 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
             path.display()
         ))
     })?;
+    // Only a mount run by root or by us may answer.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(&stream) {
+        Some(uid) if uid == 0 || uid == me => {}
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "{} is served by uid {other:?}, not by root or uid {me}; refusing to trust it",
+                path.display()
+            )))
+        }
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
     let mut line = serde_json::to_vec(req).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     line.push(b'\n');
     (&stream)

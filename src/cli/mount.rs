@@ -175,8 +175,26 @@ pub fn foreground(
         let _ = std::fs::remove_file(p);
     }
     snaps.shutdown();
-    let fs =
-        Arc::try_unwrap(fs).map_err(|_| Error::Busy("the file system is still in use".into()))?;
+    // A snapshot request still running (control socket, mkdir) may hold
+    // the file system for a moment: wait for it, then close cleanly.
+    let mut fs = fs;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fs = loop {
+        match Arc::try_unwrap(fs) {
+            Ok(f) => break f,
+            Err(shared) if Instant::now() < deadline => {
+                fs = shared;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(shared) => {
+                // Committed work is in the log; make it durable at least.
+                let _ = shared.sync();
+                return Err(Error::Busy(
+                    "the file system was still in use 60 s after unmounting; it was flushed, and the next mount replays its log".into(),
+                ));
+            }
+        }
+    };
     fs.unmount()
 }
 

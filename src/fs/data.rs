@@ -464,7 +464,13 @@ impl Fs {
                 // `end` of the last step is the end of the whole range.
                 i.size = i.size.max(end);
             }
-            i.ctime = Time::now();
+            let now = Time::now();
+            i.ctime = now;
+            if punch {
+                // The content changed (ext4 sets mtime too; the kernel
+                // updates times itself only when fallocate grows the file).
+                i.mtime = now;
+            }
             op.put_inode(ino, &i)
         })
     }

@@ -364,8 +364,15 @@ impl Fs {
         let mut b = vec![0u8; BLOCK_SIZE];
         volume.read(0, &mut b)?;
         let sb = Superblock::decode(&b)?;
-        let alloc =
-            Allocator::from_allocated(1, volume.logical_blocks(), &volume.allocated_runs()?);
+        let limit = volume.logical_blocks();
+        let alloc = if volume.snapshot_id().is_some() {
+            // A snapshot is read-only: nothing is ever allocated through
+            // it, so its block map is not walked (that would cost as much
+            // as the snapshot is large).
+            Allocator::from_allocated(1, limit, &[(1, limit.saturating_sub(1))])
+        } else {
+            Allocator::from_allocated(1, limit, &volume.allocated_runs()?)
+        };
         let fs = Fs {
             meta: Mutex::new(Meta {
                 tree: BTree { root: sb.root },

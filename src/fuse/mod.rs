@@ -28,8 +28,8 @@ use snapdir::{is_reserved, node, snap_ino, Node, Snapshots, SNAPDIR_INO, SNAPDIR
 const NO_TTL: Duration = Duration::ZERO;
 
 /// Readdir cookie of `.snapshots` when the root lists it (after every
-/// real entry).
-const SNAPDIR_COOKIE: u64 = u64::MAX - 1;
+/// real entry). The kernel keeps directory positions as signed offsets.
+const SNAPDIR_COOKIE: u64 = i64::MAX as u64;
 
 /// How long the kernel may cache attributes and names. Every change goes
 /// through this mount, so the kernel's own invalidation keeps them right.

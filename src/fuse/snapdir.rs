@@ -21,8 +21,10 @@ pub const SNAPDIR_NAME: &[u8] = b".snapshots";
 const ID_SHIFT: u32 = MAX_INO.trailing_zeros();
 /// Snapshot views kept open at once.
 const MAX_VIEWS: usize = 16;
-/// Largest snapshot id the numbering can show.
-const MAX_ID: u64 = (SNAP_BIT >> ID_SHIFT) - 1;
+/// Largest snapshot id the numbering can show (the volume never hands out
+/// a larger one).
+const MAX_ID: u64 = crate::volume::snapshot::MAX_SNAPSHOT_ID;
+const _: () = assert!(MAX_ID < SNAP_BIT >> ID_SHIFT);
 
 /// Where an inode number points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +107,7 @@ impl Snapshots {
         let f = Arc::new(self.fs()?.open_snapshot(id)?);
         if v.len() >= MAX_VIEWS {
             // Each view caches up to NODE_CACHE metadata nodes; reopening
-            // one is cheap (its superblock and last key).
+            // one reads its superblock and the path to its last key.
             v.clear();
         }
         v.insert(id, f.clone());
@@ -137,13 +139,7 @@ impl Snapshots {
     pub fn create(&self, name: &str) -> Result<u64> {
         sync_mount(&self.mountpoint)?;
         let _one = self.busy.lock().map_err(|_| Error::PreviousIo)?;
-        let id = self.fs()?.snapshot_create(name)?;
-        if id > MAX_ID {
-            return Err(Error::InvalidArgument(format!(
-                "snapshot {name} has id {id}, past what a mount can number ({MAX_ID})"
-            )));
-        }
-        Ok(id)
+        self.fs()?.snapshot_create(name)
     }
 
     pub fn delete(&self, name: &str) -> Result<()> {

@@ -45,6 +45,9 @@ use crate::{Error, Result, BLOCK_SIZE};
 
 /// Most snapshots one volume keeps.
 pub const MAX_SNAPSHOTS: usize = 1024;
+/// Largest snapshot id: ids are never reused, and a mount numbers a
+/// snapshot's inodes with 23 bits of id (see `fuse::snapdir`).
+pub const MAX_SNAPSHOT_ID: u64 = (1 << 23) - 1;
 /// Longest snapshot name, in bytes.
 pub const NAME_MAX: usize = 255;
 /// Payload bytes per metadata leaf page (after its 4-byte length).
@@ -571,6 +574,11 @@ impl State {
         if self.snaps.len() >= MAX_SNAPSHOTS {
             return Err(Error::NoSpace(format!(
                 "a volume keeps at most {MAX_SNAPSHOTS} snapshots; delete one first"
+            )));
+        }
+        if self.snap_next_id > MAX_SNAPSHOT_ID {
+            return Err(Error::NoSpace(format!(
+                "this volume has used all {MAX_SNAPSHOT_ID} snapshot ids; copy its data to a new volume"
             )));
         }
         // Room for both checkpoints, leaving the reserve: a full volume
