@@ -1058,26 +1058,7 @@ impl State {
     pub fn snapshot_changed_runs(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<(u64, u64)>> {
         let roots = self.snaps[i].rec.changed.clone();
         let leaves = self.changed_leaves(ctx, &roots)?;
-        let per = (BLOCK_SIZE * 8) as u64;
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (leaf, data) in leaves {
-            for (byte_i, byte) in data.iter().enumerate() {
-                for bit in 0..8 {
-                    if byte & (1 << bit) == 0 {
-                        continue;
-                    }
-                    let lba = leaf * per + byte_i as u64 * 8 + bit;
-                    if lba >= self.logical_blocks {
-                        break;
-                    }
-                    match runs.last_mut() {
-                        Some((s, n)) if *s + *n == lba => *n += 1,
-                        _ => runs.push((lba, 1)),
-                    }
-                }
-            }
-        }
-        Ok(runs)
+        Ok(super::state::bit_runs(leaves, self.logical_blocks))
     }
 
     /// Runs of logical blocks snapshot `i` maps, as (first block, count).

@@ -659,27 +659,36 @@ impl State {
             }
         })?;
         leaves.sort_by_key(|(i, _)| *i);
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (leaf, data) in leaves {
-            for (byte_i, byte) in data.iter().enumerate() {
-                if *byte == 0 {
+        Ok(bit_runs(leaves, self.logical_blocks))
+    }
+}
+
+/// Runs of set bits, as (first block, count), in bitmap leaves given in
+/// index order; bits at or past `limit` are ignored.
+pub fn bit_runs(
+    leaves: impl IntoIterator<Item = (u64, Box<super::format::Block>)>,
+    limit: u64,
+) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (leaf, data) in leaves {
+        for (byte_i, byte) in data.iter().enumerate() {
+            if *byte == 0 {
+                continue;
+            }
+            for bit in 0..8 {
+                if byte & (1 << bit) == 0 {
                     continue;
                 }
-                for bit in 0..8 {
-                    if byte & (1 << bit) == 0 {
-                        continue;
-                    }
-                    let lba = leaf * BITS_PER_PAGE + byte_i as u64 * 8 + bit;
-                    if lba >= self.logical_blocks {
-                        break;
-                    }
-                    match runs.last_mut() {
-                        Some((s, n)) if *s + *n == lba => *n += 1,
-                        _ => runs.push((lba, 1)),
-                    }
+                let lba = leaf * BITS_PER_PAGE + byte_i as u64 * 8 + bit;
+                if lba >= limit {
+                    break;
+                }
+                match runs.last_mut() {
+                    Some((s, n)) if *s + *n == lba => *n += 1,
+                    _ => runs.push((lba, 1)),
                 }
             }
         }
-        Ok(runs)
     }
+    runs
 }
