@@ -22,6 +22,7 @@ pub mod fs;
 pub mod fuse;
 pub mod keys;
 pub mod volume;
+mod wire;
 
 pub use error::{Error, FsError, Result};
 

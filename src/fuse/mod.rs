@@ -664,59 +664,17 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        if node(ino.0) == Node::SnapDir {
-            let entries = match self.snapdir_entries(offset) {
-                Ok(e) => e,
-                Err(e) => return reply.error(errno("readdirplus", ino.0, &e)),
-            };
-            for (cookie, name, a) in entries {
-                let ttl = if a.ino.0 == SNAPDIR_INO || a.ino.0 == ROOT_INO {
-                    TTL
-                } else {
-                    NO_TTL
-                };
-                if reply.add(a.ino, cookie, OsStr::new(&name), &ttl, &a, Generation(0)) {
-                    break;
-                }
-            }
-            return reply.ok();
-        }
-        // About 25 entries with attributes fit the kernel's one-page buffer.
-        let r = self.target(ino.0).and_then(|(fs, i, id)| {
-            let list = if offset == SNAPDIR_COOKIE {
-                Vec::new()
-            } else {
-                fs.readdir_plus(i, offset, 48)?
-            };
-            let short = list.len() < 48;
-            let mut out: Vec<(u64, Vec<u8>, FileAttr)> = list
-                .into_iter()
-                .map(|(e, n)| {
-                    let a = if id.is_some() && i == ROOT_INO && e.cookie == 2 {
-                        self.snapdir_attr()?
-                    } else {
-                        attr(Self::outer(id, e.ino), &n)
-                    };
-                    Ok((e.cookie, e.name, a))
-                })
-                .collect::<Result<_, Error>>()?;
-            if id.is_none() && i == ROOT_INO && self.snaps.show && short && offset != SNAPDIR_COOKIE
-            {
-                out.push((SNAPDIR_COOKIE, SNAPDIR_NAME.to_vec(), self.snapdir_attr()?));
-            }
-            Ok(out)
-        });
-        match r {
+        match self.listing(ino.0, offset, true) {
             Ok(entries) => {
-                for (cookie, name, a) in entries {
-                    if reply.add(
-                        a.ino,
-                        cookie,
-                        OsStr::from_bytes(&name),
-                        &TTL,
-                        &a,
-                        Generation(0),
-                    ) {
+                for e in entries {
+                    let Some(a) = e.attr else { continue };
+                    // Snapshot roots are not cached (a delete shows at once).
+                    let ttl = match node(e.ino) {
+                        Node::Snap(_, ROOT_INO) => NO_TTL,
+                        _ => TTL,
+                    };
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.ino), e.cookie, name, &ttl, &a, Generation(0)) {
                         break;
                     }
                 }
@@ -734,53 +692,11 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if node(ino.0) == Node::SnapDir {
-            match self.snapdir_entries(offset) {
-                Ok(entries) => {
-                    for (cookie, name, a) in entries {
-                        if reply.add(a.ino, cookie, FileType::Directory, OsStr::new(&name)) {
-                            break;
-                        }
-                    }
-                    reply.ok()
-                }
-                Err(e) => reply.error(errno("readdir", ino.0, &e)),
-            }
-            return;
-        }
-        let r = self.target(ino.0).and_then(|(fs, i, id)| {
-            let list = if offset == SNAPDIR_COOKIE {
-                Vec::new()
-            } else {
-                fs.readdir(i, offset, 512)?
-            };
-            let short = list.len() < 512;
-            let mut out: Vec<(u64, Vec<u8>, u64, FileType)> = list
-                .into_iter()
-                .map(|e| {
-                    let n = if id.is_some() && i == ROOT_INO && e.cookie == 2 {
-                        SNAPDIR_INO
-                    } else {
-                        Self::outer(id, e.ino)
-                    };
-                    (e.cookie, e.name, n, kind(e.kind))
-                })
-                .collect();
-            if id.is_none() && i == ROOT_INO && self.snaps.show && short && offset != SNAPDIR_COOKIE
-            {
-                out.push((
-                    SNAPDIR_COOKIE,
-                    SNAPDIR_NAME.to_vec(),
-                    SNAPDIR_INO,
-                    FileType::Directory,
-                ));
-            }
-            Ok(out)
-        });
-        match r {
+        match self.listing(ino.0, offset, false) {
             Ok(entries) => {
-                for (cookie, name, n, k) in entries {
-                    if reply.add(INodeNo(n), cookie, k, OsStr::from_bytes(&name)) {
+                for e in entries {
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.ino), e.cookie, e.kind, name) {
                         break;
                     }
                 }
@@ -943,27 +859,108 @@ impl fuser::Filesystem for FuseFs {
     }
 }
 
+/// One directory entry as the mount lists it.
+struct Listed {
+    cookie: u64,
+    name: Vec<u8>,
+    /// The mount's inode number.
+    ino: u64,
+    kind: FileType,
+    /// With `plus` (READDIRPLUS) only.
+    attr: Option<FileAttr>,
+}
+
 impl FuseFs {
+    /// Entries of directory `ino` after `offset`, numbered for the mount:
+    /// a snapshot's ".." at its root is `.snapshots`, and the root lists
+    /// `.snapshots` last when the mount shows it. With `plus`, about 25
+    /// entries with attributes fit the kernel's one-page buffer.
+    fn listing(&self, ino: u64, offset: u64, plus: bool) -> Result<Vec<Listed>, Error> {
+        if node(ino) == Node::SnapDir {
+            return self.snapdir_listing(offset, plus);
+        }
+        let (fs, i, id) = self.target(ino)?;
+        let mut out = Vec::new();
+        if offset == SNAPDIR_COOKIE {
+            return Ok(out);
+        }
+        let limit = if plus { 48 } else { 512 };
+        let entries: Vec<_> = if plus {
+            fs.readdir_plus(i, offset, limit)?
+                .into_iter()
+                .map(|(e, n)| (e, Some(n)))
+                .collect()
+        } else {
+            fs.readdir(i, offset, limit)?
+                .into_iter()
+                .map(|e| (e, None))
+                .collect()
+        };
+        let short = entries.len() < limit;
+        let snapdir_attr = |plus: bool| plus.then(|| self.snapdir_attr()).transpose();
+        for (e, n) in entries {
+            let (ino, attr) = if id.is_some() && i == ROOT_INO && e.cookie == 2 {
+                (SNAPDIR_INO, snapdir_attr(plus)?)
+            } else {
+                let o = Self::outer(id, e.ino);
+                (o, n.map(|n| attr(o, &n)))
+            };
+            out.push(Listed {
+                cookie: e.cookie,
+                name: e.name,
+                ino,
+                kind: kind(e.kind),
+                attr,
+            });
+        }
+        if id.is_none() && i == ROOT_INO && self.snaps.show && short {
+            out.push(Listed {
+                cookie: SNAPDIR_COOKIE,
+                name: SNAPDIR_NAME.to_vec(),
+                ino: SNAPDIR_INO,
+                kind: FileType::Directory,
+                attr: snapdir_attr(plus)?,
+            });
+        }
+        Ok(out)
+    }
+
     /// `.snapshots` entries after `offset`: ".", "..", then each snapshot
-    /// (cookie id + 2), with attributes.
-    fn snapdir_entries(&self, offset: u64) -> Result<Vec<(u64, String, FileAttr)>, Error> {
+    /// (cookie id + 2).
+    fn snapdir_listing(&self, offset: u64, plus: bool) -> Result<Vec<Listed>, Error> {
+        let dir = |cookie, name: &[u8], ino, attr| Listed {
+            cookie,
+            name: name.to_vec(),
+            ino,
+            kind: FileType::Directory,
+            attr,
+        };
         let mut out = Vec::new();
         if offset < 1 {
-            out.push((1, ".".to_string(), self.snapdir_attr()?));
+            let a = plus.then(|| self.snapdir_attr()).transpose()?;
+            out.push(dir(1, b".", SNAPDIR_INO, a));
         }
         if offset < 2 {
-            out.push((2, "..".to_string(), self.attr_in(&self.fs, None, ROOT_INO)?));
+            let a = plus
+                .then(|| self.attr_in(&self.fs, None, ROOT_INO))
+                .transpose()?;
+            out.push(dir(2, b"..", ROOT_INO, a));
         }
         for (id, name) in self.snaps.names()? {
             if id + 2 <= offset {
                 continue;
             }
-            match self.snaps.view(id) {
-                Ok(fs) => out.push((id + 2, name, self.attr_in(&fs, Some(id), ROOT_INO)?)),
-                // Deleted meanwhile.
-                Err(Error::Fs { .. }) => continue,
-                Err(e) => return Err(e),
-            }
+            let a = if plus {
+                match self.snaps.view(id) {
+                    Ok(fs) => Some(self.attr_in(&fs, Some(id), ROOT_INO)?),
+                    // Deleted meanwhile.
+                    Err(Error::Fs { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                None
+            };
+            out.push(dir(id + 2, name.as_bytes(), snap_ino(id, ROOT_INO), a));
             if out.len() >= 64 {
                 break;
             }

@@ -159,27 +159,6 @@ fn check_private(path: &Path) -> Result<()> {
     Ok(())
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(s)
-    }
-    fn u16(&mut self) -> Option<usize> {
-        self.take(2)
-            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
-    }
-}
-
 impl SealedStore {
     /// Creates a new store in `dir` with a fresh host secret and identity.
     /// Refuses to overwrite an existing store.
@@ -295,9 +274,9 @@ impl SealedStore {
     }
 
     fn decode(dir: &Path, plain: &[u8]) -> Option<SealedStore> {
-        let mut r = Reader { b: plain, at: 0 };
+        let mut r = crate::wire::Reader::new(plain);
         let identity = Zeroizing::new(<[u8; 32]>::try_from(r.take(32)?).ok()?);
-        let n = r.u16()?;
+        let n = r.u16()? as usize;
         let keyserver_url = String::from_utf8(r.take(n)?.to_vec()).ok()?;
         let n = r.u32()? as usize;
         let ca_pem = r.take(n)?.to_vec();
@@ -313,7 +292,7 @@ impl SealedStore {
                 wrapped,
             });
         }
-        (r.at == plain.len()).then(|| SealedStore {
+        (r.remaining() == 0).then(|| SealedStore {
             dir: dir.to_path_buf(),
             identity,
             keyserver_url,

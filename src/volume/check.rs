@@ -25,6 +25,15 @@ impl CheckReport {
     }
 }
 
+/// Whether the data block `e` names for `lba` reads back and authenticates.
+pub(super) fn data_block_authentic(ctx: &Ctx, buf: &mut [u8], lba: u64, e: &MapEntry) -> bool {
+    read_exact_at(ctx.dev, buf, e.pba * BLOCK_SIZE as u64).is_ok()
+        && ctx
+            .keys
+            .mac(Tag::new(BlockKind::Data, lba, e.gen), buf)
+            .ct_eq(&e.mac)
+}
+
 impl State {
     pub fn check(&mut self, ctx: &Ctx) -> Result<CheckReport> {
         let mut r = CheckReport::default();
@@ -111,12 +120,7 @@ impl State {
                         .push(format!("allocated bitmap at block {lba}: {err}")),
                 }
                 r.data_blocks += 1;
-                let ok = read_exact_at(ctx.dev, &mut buf, e.pba * BLOCK_SIZE as u64).is_ok()
-                    && ctx
-                        .keys
-                        .mac(Tag::new(BlockKind::Data, lba, e.gen), &buf)
-                        .ct_eq(&e.mac);
-                if !ok {
+                if !data_block_authentic(ctx, &mut buf, lba, &e) {
                     r.problems.push(format!(
                         "logical block {lba} (stored at block {}) fails authentication",
                         e.pba

@@ -106,13 +106,19 @@ fn reserves(logical_blocks: u64, seg_blocks: u64) -> (u64, u64, u64) {
     (dirty_limit, ckpt, ckpt + 2)
 }
 
+/// Blocks the data and two copies of the metadata take when the volume is
+/// full: what the space bound is sized for, before headroom.
+fn data_need(logical_blocks: u64) -> u64 {
+    logical_blocks + 2 * metadata_pages(logical_blocks)
+}
+
 /// The most segments a volume of this logical size may use. The backing
 /// file never grows past `DATA_START + max_segments * segment_blocks`
 /// blocks: the live data and metadata, 25% more for the cleaner to work
 /// with, and the reserve. See docs/FORMAT.md, "Space bound".
 pub fn max_segments_for(logical_blocks: u64, seg_blocks: u32) -> u64 {
     let seg = seg_blocks as u64;
-    let need = logical_blocks + 2 * metadata_pages(logical_blocks);
+    let need = data_need(logical_blocks);
     let with_headroom = need + need / 4;
     with_headroom.div_ceil(usable_per_segment(seg)) + reserves(logical_blocks, seg).2 + 2
 }
@@ -679,8 +685,8 @@ impl Volume {
     pub fn free_blocks(&self) -> Result<u64> {
         let st = self.inner.lock()?;
         let live: u64 = (0..st.extent).map(|s| st.usage.live(s)).sum();
-        let need = st.logical_blocks + 2 * metadata_pages(st.logical_blocks);
-        Ok((st.logical_blocks - st.allocated).min(need.saturating_sub(live)))
+        Ok((st.logical_blocks - st.allocated)
+            .min(data_need(st.logical_blocks).saturating_sub(live)))
     }
 
     /// What recovery did when the volume was opened.

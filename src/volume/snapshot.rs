@@ -144,35 +144,9 @@ pub struct SnapMeta {
     pub held: HashMap<u64, u64>,
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.b.len() - self.at < n {
-            return Err(Error::Corrupted("snapshot metadata ends early".to_string()));
-        }
-        let s = &self.b[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
-    }
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
-    }
-    fn ptr(&mut self) -> Result<TreePtr> {
-        Ok(TreePtr::decode(self.take(TREE_PTR_LEN)?))
-    }
+/// A read of the snapshot metadata that ran past its end.
+fn need<T>(v: Option<T>) -> Result<T> {
+    v.ok_or_else(|| Error::Corrupted("snapshot metadata ends early".to_string()))
 }
 
 /// Checks a snapshot name: 1..=255 bytes of UTF-8, no `/` or NUL, not `.`
@@ -241,31 +215,31 @@ impl SnapMeta {
     pub fn decode(b: &[u8], end_block: u64, gen_limit: u64) -> Result<SnapMeta> {
         let bad = |what: String| Error::Corrupted(format!("snapshot metadata: {what}"));
         let in_volume = |p: &TreePtr| p.is_absent() || (p.pba >= DATA_START && p.pba < end_block);
-        let mut r = Reader { b, at: 0 };
-        let next_id = r.u64()?;
+        let mut r = crate::wire::Reader::new(b);
+        let next_id = need(r.u64())?;
         if next_id == 0 || next_id > u64::MAX / 2 {
             return Err(bad(format!("next snapshot id {next_id}")));
         }
-        let n = r.u32()? as usize;
+        let n = need(r.u32())? as usize;
         if n > MAX_SNAPSHOTS {
             return Err(bad(format!("{n} snapshots (at most {MAX_SNAPSHOTS})")));
         }
         let mut snaps: Vec<SnapRecord> = Vec::with_capacity(n);
         for _ in 0..n {
-            let id = r.u64()?;
-            let created_sec = r.u64()? as i64;
-            let created_nsec = r.u32()?;
-            let birth = r.u64()?;
-            let checkpoint_seq = r.u64()?;
-            let allocated = r.u64()?;
-            let map = r.ptr()?;
-            let nc = r.u16()? as usize;
+            let id = need(r.u64())?;
+            let created_sec = need(r.u64())? as i64;
+            let created_nsec = need(r.u32())?;
+            let birth = need(r.u64())?;
+            let checkpoint_seq = need(r.u64())?;
+            let allocated = need(r.u64())?;
+            let map = TreePtr::decode(need(r.take(TREE_PTR_LEN))?);
+            let nc = need(r.u16())? as usize;
             let mut changed = Vec::with_capacity(nc);
             for _ in 0..nc {
-                changed.push(r.ptr()?);
+                changed.push(TreePtr::decode(need(r.take(TREE_PTR_LEN))?));
             }
-            let len = r.u8()? as usize;
-            let name = String::from_utf8(r.take(len)?.to_vec())
+            let len = need(r.u8())? as usize;
+            let name = String::from_utf8(need(r.take(len))?.to_vec())
                 .map_err(|_| bad(format!("snapshot {id} has a name that is not UTF-8")))?;
             check_name(&name).map_err(|_| bad(format!("snapshot {id} has an invalid name")))?;
             if id == 0 || id >= next_id || snaps.last().is_some_and(|p| p.id >= id) {
@@ -294,23 +268,23 @@ impl SnapMeta {
                 changed,
             });
         }
-        let nl = r.u16()? as usize;
+        let nl = need(r.u16())? as usize;
         let mut live_changed = Vec::with_capacity(nl);
         for _ in 0..nl {
-            let p = r.ptr()?;
+            let p = TreePtr::decode(need(r.take(TREE_PTR_LEN))?);
             if !in_volume(&p) {
                 return Err(bad("a changed bitmap points outside the volume".into()));
             }
             live_changed.push(p);
         }
-        let nh = r.u64()?;
-        if nh > end_block || nh > ((b.len() - r.at) / 16) as u64 {
+        let nh = need(r.u64())?;
+        if nh > end_block || nh > (r.remaining() / 16) as u64 {
             return Err(bad(format!("{nh} held blocks")));
         }
         let mut held = HashMap::with_capacity(nh as usize);
         for _ in 0..nh {
-            let g = r.u64()?;
-            let p = r.u64()?;
+            let g = need(r.u64())?;
+            let p = need(r.u64())?;
             if !(DATA_START..end_block).contains(&p) || g >= gen_limit {
                 return Err(bad(format!("held block {g} at {p} is out of range")));
             }
@@ -318,7 +292,7 @@ impl SnapMeta {
                 return Err(bad(format!("held block {g} is listed twice")));
             }
         }
-        if r.at != b.len() {
+        if r.remaining() != 0 {
             return Err(bad("trailing bytes".into()));
         }
         Ok(SnapMeta {
@@ -882,13 +856,7 @@ impl State {
                 referenced.insert(e.gen);
                 r.data_blocks += 1;
                 let pba = self.usage.held.get(&e.gen).copied().unwrap_or(e.pba);
-                let ok = crate::device::read_exact_at(ctx.dev, &mut buf, pba * BLOCK_SIZE as u64)
-                    .is_ok()
-                    && ctx
-                        .keys
-                        .mac(Tag::new(BlockKind::Data, lba, e.gen), &buf)
-                        .ct_eq(&e.mac);
-                if !ok {
+                if !super::check::data_block_authentic(ctx, &mut buf, lba, &MapEntry { pba, ..e }) {
                     r.problems.push(format!(
                         "snapshot {name}: logical block {lba} (stored at block {pba}) fails authentication"
                     ));
@@ -917,13 +885,18 @@ impl State {
         }
     }
 
+    /// A changed bitmap by its root, to read (a small cache of its own).
+    fn changed_tree(&self, root: TreePtr) -> Trees {
+        let mut roots = [TreePtr::ABSENT; 5];
+        roots[TreeId::Changed as usize] = root;
+        Trees::new(roots, shapes(self.logical_blocks, self.max_segments), 64)
+    }
+
     /// Generations of every page of the changed bitmaps `roots`.
     fn changed_pages(&mut self, ctx: &Ctx, roots: &[TreePtr]) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         for r in roots {
-            let mut rs = [TreePtr::ABSENT; 5];
-            rs[TreeId::Changed as usize] = *r;
-            let mut t = Trees::new(rs, shapes(self.logical_blocks, self.max_segments), 64);
+            let mut t = self.changed_tree(*r);
             let src = HeldSource {
                 ctx,
                 held: &self.usage.held,
@@ -1032,9 +1005,7 @@ impl State {
     ) -> Result<std::collections::BTreeMap<u64, Box<Block>>> {
         let mut leaves: std::collections::BTreeMap<u64, Box<Block>> = Default::default();
         for r in roots {
-            let mut rs = [TreePtr::ABSENT; 5];
-            rs[TreeId::Changed as usize] = *r;
-            let mut t = Trees::new(rs, shapes(self.logical_blocks, self.max_segments), 64);
+            let mut t = self.changed_tree(*r);
             let src = HeldSource {
                 ctx,
                 held: &self.usage.held,
