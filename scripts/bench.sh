@@ -6,13 +6,17 @@
 #   scripts/bench.sh [WORKDIR] [SEQ_MIB] [RAND_SECONDS]
 #
 # Defaults: target/fsbench, 1024 MiB sequential, 20 s random; BENCH_FS
-# selects file systems (default "ext4 gocryptfs cryfs lsvfs"). Run as root
-# (it drops the page cache before reads and mounts FUSE file systems).
+# selects file systems (default "ext4 gocryptfs cryfs lsvfs"). BENCH_ROUNDS
+# (default 1) repeats the whole set, the file systems taking turns in each
+# round, and the table shows each figure's median: on a noisy VM one round
+# can move a peer's figure by half. Run as root (it drops the page cache
+# before reads and mounts FUSE file systems).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(realpath -m "${1:-target/fsbench}")
 seq_mib=${2:-1024}
 rand_s=${3:-20}
+rounds=${BENCH_ROUNDS:-1}
 need=()
 for c in fio gocryptfs cryfs fusermount3; do command -v "$c" >/dev/null || need+=("$c"); done
 if [ ${#need[@]} -gt 0 ]; then
@@ -126,21 +130,26 @@ PY
 }
 
 command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
-for fs in ${BENCH_FS:-ext4 gocryptfs cryfs lsvfs}; do
-  echo "== $fs"
-  run_all "$fs"
+for round in $(seq "$rounds"); do
+  for fs in ${BENCH_FS:-ext4 gocryptfs cryfs lsvfs}; do
+    echo "== $fs (round $round of $rounds)"
+    run_all "$fs"
+  done
 done
 
 echo
 echo "== lsvfs relative to each peer (>1: lsvfs is faster)"
-python3 - "$results" <<'PY'
-import sys, collections
+python3 - "$results" "$rounds" <<'PY'
+import sys, collections, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-val = collections.defaultdict(dict)
+if int(sys.argv[2]) > 1:
+    print(f"(median of {sys.argv[2]} rounds)")
+runs = collections.defaultdict(lambda: collections.defaultdict(list))
 better = {}
 for fs, metric, v, way in rows:
-    val[metric][fs] = float(v)
+    runs[metric][fs].append(float(v))
     better[metric] = way
+val = {m: {fs: statistics.median(vs) for fs, vs in by.items()} for m, by in runs.items()}
 peers = ["ext4", "gocryptfs", "cryfs"]
 print(f"{'workload':34} {'lsvfs':>10} " + " ".join(f"{p:>10} {'ratio':>6}" for p in peers))
 for metric, by in val.items():
