@@ -522,6 +522,23 @@ fn full_volume_fails_with_enospc_and_recovers_after_deletes() {
         f.sync_all()
     })();
     assert_eq!(e.map_err(errno_of), Err(libc::ENOSPC));
+    // Without fsync, close reports it (the kernel writes back at close;
+    // FLUSH itself is not implemented).
+    let e = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(t.m().join("newdir/y"))?;
+        f.write_all(&vec![2u8; 4 << 20])?;
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+        // SAFETY: `fd` was just taken from the File and is closed once.
+        if unsafe { libc::close(fd) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })();
+    assert_eq!(
+        e.map_err(errno_of),
+        Err(libc::ENOSPC),
+        "close of an unsynced file on a full volume"
+    );
     for &i in &written {
         assert!(fs::read(t.m().join(format!("f{i}"))).unwrap() == pattern(i, 1 << 20));
     }
