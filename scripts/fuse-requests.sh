@@ -26,12 +26,20 @@ for e in fuse_request_send fuse_request_end; do
     exit 1
   }
 done
+was_on=$(cat "$t/tracing_on")
+was_kb=$(awk '{print $1}' "$t/buffer_size_kb")
 off() {
   echo 0 >"$t/tracing_on"
   echo 0 >"$t/events/fuse/fuse_request_send/enable"
   echo 0 >"$t/events/fuse/fuse_request_end/enable"
 }
-trap off EXIT
+restore() {
+  off
+  echo >"$t/trace"
+  echo "$was_kb" >"$t/buffer_size_kb"
+  echo "$was_on" >"$t/tracing_on"
+}
+trap restore EXIT
 off
 echo >"$t/trace"
 echo 131072 >"$t/buffer_size_kb"
