@@ -28,16 +28,22 @@ use zeroize::Zeroizing;
 const ROOT: u64 = 1;
 const DIRS: usize = 100;
 
+/// The file system's own cost per metadata operation.
+#[derive(clap::Parser)]
+struct Args {
+    /// Directory for the volume file.
+    #[arg(long, default_value = "target/fsops")]
+    dir: PathBuf,
+    /// Files to create, in 100 directories.
+    #[arg(long, default_value_t = 10_000)]
+    files: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1).cloned())
-            .unwrap_or_else(|| default.to_string())
-    };
-    let dir = PathBuf::from(get("--dir", "target/fsops"));
-    let files: usize = get("--files", "10000").parse().expect("--files N");
+    let Args { dir, files, .. } = <Args as clap::Parser>::parse();
     std::fs::create_dir_all(&dir).expect("creating the benchmark directory");
     let path = dir.join("fsops.vol");
     let _ = std::fs::remove_file(&path);

@@ -261,28 +261,45 @@ fn reopen_child(path: &Path) {
     println!("rss_kib {rss_kib} replayed {replayed}");
 }
 
+/// Volume engine benchmark.
+#[derive(clap::Parser)]
+struct Args {
+    /// Directory for the volume files.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+    /// MiB written and read sequentially (and held by the reopened volume).
+    #[arg(long, default_value_t = 1024)]
+    mib: usize,
+    /// Seconds per random-I/O measurement.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Only the sequential write, printed as one line (for bench-volume.sh).
+    #[arg(long)]
+    seq_write_only: bool,
+    /// Internal: reopen the volume at PATH and report (a child process, so
+    /// that its peak memory is its own).
+    #[arg(long, hide = true, value_name = "PATH")]
+    reopen_child: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--reopen-child") {
-        reopen_child(Path::new(&args[i + 1]));
+    let args = <Args as clap::Parser>::parse();
+    if let Some(path) = &args.reopen_child {
+        reopen_child(path);
         return;
     }
-    let get = |flag: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1).cloned())
-            .unwrap_or_else(|| default.to_string())
-    };
-    let dir = PathBuf::from(get("--dir", "target/bench"));
-    let mib: usize = get("--mib", "1024").parse().expect("--mib N");
-    if args.iter().any(|a| a == "--seq-write-only") {
+    let (dir, mib) = (args.dir, args.mib);
+    if args.seq_write_only {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("seqwrite.vol");
         seq_write(&path, mib);
         let _ = std::fs::remove_file(&path);
         return;
     }
-    let seconds: u64 = get("--seconds", "10").parse().expect("--seconds N");
+    let seconds = args.seconds;
     std::fs::create_dir_all(&dir).unwrap();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (seal1, xts1) = crypto(1);
