@@ -207,7 +207,7 @@ impl State {
                         level,
                         index,
                         gen,
-                        mac,
+                        ..
                     } => {
                         let key = PageKey { tree, level, index };
                         let (ptr, dirty) = self.trees.current_ptr(ctx, key)?;
@@ -223,16 +223,7 @@ impl State {
                         // the live tree let go of it) moves as it is.
                         if self.is_held_at(gen, pba) {
                             held_moves.push((moves.len(), gen, pba));
-                            moves.push((
-                                Entry::TreePage {
-                                    tree,
-                                    level,
-                                    index,
-                                    gen,
-                                    mac,
-                                },
-                                (offset + 1) as usize + i,
-                            ));
+                            moves.push((*e, (offset + 1) as usize + i));
                         }
                     }
                     Entry::Trim { .. } => {}

@@ -618,10 +618,7 @@ impl Volume {
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         self.writable()?;
         let mut st = self.inner.lock()?;
-        let i = st.snap_index(name).ok_or_else(|| Error::Fs {
-            kind: crate::FsError::NotFound,
-            what: format!("snapshot {name:?}"),
-        })?;
+        let i = st.snap_named(name)?;
         st.snapshot_delete(&self.inner.ctx(), i)
     }
 
@@ -653,10 +650,7 @@ impl Volume {
     /// snapshot `name`, as (first block, count): the base of incremental export.
     pub fn snapshot_changed_runs(&self, name: &str) -> Result<Vec<(u64, u64)>> {
         let mut st = self.inner.lock()?;
-        let i = st.snap_index(name).ok_or_else(|| Error::Fs {
-            kind: crate::FsError::NotFound,
-            what: format!("snapshot {name:?}"),
-        })?;
+        let i = st.snap_named(name)?;
         st.snapshot_changed_runs(&self.inner.ctx(), i)
     }
 

@@ -530,6 +530,14 @@ impl State {
         self.snaps.iter().position(|s| s.rec.name == name)
     }
 
+    /// [`State::snap_index`], or an error naming the missing snapshot.
+    pub fn snap_named(&self, name: &str) -> Result<usize> {
+        self.snap_index(name).ok_or_else(|| Error::Fs {
+            kind: crate::FsError::NotFound,
+            what: format!("snapshot {name:?}"),
+        })
+    }
+
     pub fn snap_index_by_id(&self, id: u64) -> Option<usize> {
         self.snaps.iter().position(|s| s.rec.id == id)
     }
