@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-/tmp/lsvfs-snapbench}
 secs=${2:-20}
+scripts/setup.sh bench
 cargo build --release --quiet
 lsvfs=$PWD/target/release/lsvfs
 rm -rf "$work"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 dir=${1:-target/bench}
 mib=${2:-1024}
 mkdir -p "$dir"
-command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio >/dev/null; }
+scripts/setup.sh bench
 cargo build --release --benches --quiet
 
 echo "== openssl speed -evp aes-256-xts (4096-byte blocks, 1 thread)"

@@ -17,12 +17,7 @@ root=$(realpath -m "${1:-target/fsbench}")
 seq_mib=${2:-1024}
 rand_s=${3:-20}
 rounds=${BENCH_ROUNDS:-1}
-need=()
-for c in fio gocryptfs cryfs fusermount3; do command -v "$c" >/dev/null || need+=("$c"); done
-if [ ${#need[@]} -gt 0 ]; then
-  pkgs=$(printf '%s\n' "${need[@]}" | sed 's/fusermount3/fuse3/' | tr '\n' ' ')
-  apt-get update -qq && apt-get install -y -qq $pkgs >/dev/null
-fi
+scripts/setup.sh bench
 cargo build --release --quiet
 lsvfs=$(pwd)/target/release/lsvfs
 rm -rf "$root"; mkdir -p "$root"
@@ -129,7 +124,6 @@ PY
   teardown "$name"
 }
 
-command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
 for round in $(seq "$rounds"); do
   for fs in ${BENCH_FS:-ext4 gocryptfs cryfs lsvfs}; do
     echo "== $fs (round $round of $rounds)"

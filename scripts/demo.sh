@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-command -v fusermount3 >/dev/null || { apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; }
+scripts/setup.sh demo
 cargo build --release --quiet --workspace
 lsvfs=target/release/lsvfs
 ks=target/release/lsvfs-keyserver

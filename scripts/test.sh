@@ -6,6 +6,7 @@
 # line counting every test: "all: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/setup.sh test
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo fmt --all -- --check
