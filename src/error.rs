@@ -85,6 +85,10 @@ pub enum FsError {
     TooBig,
     #[error("operation not permitted")]
     NotPermitted,
+    /// A valid request this file system does not implement (programs fall
+    /// back on EOPNOTSUPP, not on EINVAL).
+    #[error("operation not supported")]
+    NotSupported,
 }
 
 impl FsError {
@@ -101,6 +105,7 @@ impl FsError {
             FsError::NoAttr => libc::ENODATA,
             FsError::TooBig => libc::E2BIG,
             FsError::NotPermitted => libc::EPERM,
+            FsError::NotSupported => libc::EOPNOTSUPP,
         }
     }
 

@@ -638,8 +638,8 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 let fs = crate::fs::Fs::mount(v)?;
                 let f = fs.check()?;
                 println!(
-                    "file system: {} inodes, {} directory entries, {} data blocks",
-                    f.inodes, f.entries, f.data_blocks
+                    "file system: {} inodes, {} directory entries, {} data blocks, {} orphans",
+                    f.inodes, f.entries, f.data_blocks, f.orphans
                 );
                 problems.extend(f.problems);
             } else {

@@ -119,8 +119,12 @@ pub fn foreground(
         mountpoint.clone(),
         show_snapshots,
     ));
-    let session = fuser::spawn_mount(FuseFs::new(fs.clone(), snaps.clone()), &mountpoint, &config)
-        .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
+    let session = fuser::spawn_mount(
+        FuseFs::new(fs.clone(), snaps.clone())?,
+        &mountpoint,
+        &config,
+    )
+    .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
     tune_bdi(&mountpoint);
     let control = match super::control::serve(&mountpoint, snaps.clone()) {
         Ok(p) => Some(p),
@@ -280,6 +284,42 @@ fn mounted_volume(mountpoint: &Path) -> Option<PathBuf> {
     })
 }
 
+/// Unmounts `mountpoint` (the daemon then flushes and closes the volume):
+/// umount2(2) as root, fusermount3 (from fuse3) otherwise.
+fn detach(mountpoint: &Path) -> Result<(), Error> {
+    let busy = || {
+        Error::Busy(format!(
+            "{} is busy; close the files open on it",
+            mountpoint.display()
+        ))
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EBUSY) => Err(busy()),
+            Err(e) => Err(Error::io(
+                format!("unmounting {}", mountpoint.display()),
+                e.into(),
+            )),
+        };
+    }
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status()
+        .map_err(|e| {
+            Error::io(
+                "running fusermount3 to unmount as a user (install the fuse3 package, or unmount as root)",
+                e,
+            )
+        })?;
+    if !st.success() {
+        return Err(busy());
+    }
+    Ok(())
+}
+
 /// Unmounts and waits until the daemon has flushed and released the volume.
 pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
     let mountpoint = canonical(mountpoint)?;
@@ -289,17 +329,7 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
             mountpoint.display()
         ))
     })?;
-    let st = Command::new("fusermount3")
-        .arg("-u")
-        .arg(&mountpoint)
-        .status()
-        .map_err(|e| Error::io("running fusermount3 (install the fuse3 package)", e))?;
-    if !st.success() {
-        return Err(Error::Busy(format!(
-            "{} is busy; close the files open on it",
-            mountpoint.display()
-        )));
-    }
+    detach(&mountpoint)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if crate::device::FileDevice::open(&vol, false).is_ok() {

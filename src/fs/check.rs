@@ -14,6 +14,8 @@ pub struct FsReport {
     pub inodes: u64,
     pub entries: u64,
     pub data_blocks: u64,
+    /// Unlinked inodes not yet freed (the next mount frees them).
+    pub orphans: u64,
     pub problems: Vec<String>,
 }
 
@@ -106,6 +108,7 @@ impl Fs {
             }
         }
         r.inodes = inodes.len() as u64;
+        r.orphans = orphans.len() as u64;
         r.entries = dirents.len() as u64;
         if !inodes.get(&ROOT_INO).is_some_and(|i| i.is_dir()) {
             r.problems.push("the root directory is missing".into());

@@ -385,13 +385,12 @@ impl Fs {
             return Err(FsError::Invalid.at(format!("fallocate range {offset}+{len}")));
         };
         let punch = mode & FALLOC_PUNCH_HOLE != 0;
-        if mode & !(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE) != 0
-            || (punch && mode & FALLOC_KEEP_SIZE == 0)
-        {
-            return Err(Error::Fs {
-                kind: FsError::Invalid,
-                what: format!("fallocate mode {mode:#x} is not supported"),
-            });
+        if punch && mode & FALLOC_KEEP_SIZE == 0 {
+            // fallocate(2): PUNCH_HOLE must come with KEEP_SIZE.
+            return Err(FsError::Invalid.at("fallocate PUNCH_HOLE without KEEP_SIZE"));
+        }
+        if mode & !(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE) != 0 {
+            return Err(FsError::NotSupported.at(format!("fallocate mode {mode:#x}")));
         }
         // A large range goes in steps of FALLOC_STEP blocks, one transaction
         // each (a transaction has a size limit). Every step leaves a

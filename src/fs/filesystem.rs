@@ -11,6 +11,7 @@ use super::format::{
     file_type, inode_range, key, key_suffix_u64, kind, kind_range, Dirent, Inode, Superblock, Time,
     NAME_MAX, ROOT_INO, SYMLINK_MAX,
 };
+use super::holds::Holds;
 use super::store::{Allocator, VolumeStore};
 use crate::volume::{Transaction, Volume};
 use crate::{Error, FsError, Result, BLOCK_SIZE};
@@ -63,9 +64,9 @@ const PURGE_STEP: u64 = 16384;
 pub struct Fs {
     volume: Volume,
     meta: Mutex<Meta>,
-    /// Open handles per inode: an inode that loses its last name while
-    /// open lives on (as an orphan) until its last close.
-    open: Mutex<HashMap<u64, u32>>,
+    /// Open handles and kernel lookups per inode: an inode that loses its
+    /// last name while held lives on (as an orphan) until nothing holds it.
+    holds: Mutex<Holds>,
     /// Block maps of files being read, so that a read looks up its blocks
     /// without the metadata lock (which a writer holds across its commit).
     /// An entry is dropped whenever an operation changes the file's size
@@ -93,7 +94,7 @@ pub(super) struct Op<'a> {
     pub(super) store: VolumeStore<'a>,
     pub(super) tree: &'a mut BTree,
     sb: &'a mut Superblock,
-    open: &'a Mutex<HashMap<u64, u32>>,
+    holds: &'a Mutex<Holds>,
     lazy: &'a mut HashMap<u64, LazyTimes>,
     /// Inodes whose size or blocks this operation changed.
     pub(super) touched: Vec<u64>,
@@ -222,23 +223,48 @@ impl Op<'_> {
         Ok(self.tree.range(&mut self.store, &s, &e, 1)?.is_empty())
     }
 
-    /// Drops one link to `ino`; deletes the inode when none is left.
-    fn unlink_inode(&mut self, ino: u64, now: Time) -> Result<()> {
+    /// The holds on this file system's inodes.
+    fn holds(&self) -> Result<std::sync::MutexGuard<'_, Holds>> {
+        self.holds.lock().map_err(|_| Error::PreviousIo)
+    }
+
+    /// Counts a reference the caller (the kernel) keeps to `ino`.
+    fn remember(&mut self, ino: u64) -> Result<()> {
+        self.holds()?.remember(ino);
+        Ok(())
+    }
+
+    /// Drops one link to `ino`; deletes the inode when none is left and
+    /// nothing holds it. Returns whether [`Fs::reclaim`] has more to free
+    /// once this operation has committed.
+    fn unlink_inode(&mut self, ino: u64, now: Time) -> Result<bool> {
         let mut i = self.inode(ino)?;
         i.nlink = i.nlink.saturating_sub(if i.is_dir() { 2 } else { 1 });
-        if i.nlink == 0 && (is_open(self.open, ino)? || i.blocks > PURGE_STEP) {
-            // Still open, or too large to free in one transaction: an
-            // orphan, freed by `reclaim` (at the last close, right after
-            // this operation, or at the next mount after a crash).
-            i.ctime = now;
+        i.ctime = now;
+        if i.nlink > 0 {
             self.put_inode(ino, &i)?;
-            self.put(&key(0, kind::ORPHAN, &ino.to_be_bytes()), &[])
-        } else if i.nlink == 0 {
-            self.purge(ino)
-        } else {
-            i.ctime = now;
-            self.put_inode(ino, &i)
+            return Ok(false);
         }
+        let (open, held) = {
+            let h = self.holds()?;
+            (h.is_open(ino), h.is_held(ino))
+        };
+        if !held && i.blocks <= PURGE_STEP {
+            self.purge(ino)?;
+            return Ok(false);
+        }
+        // An orphan: still open or known to the kernel, or too large to
+        // free in one transaction. `reclaim` finishes it (at the last close
+        // or forget, right after this operation, or at the next mount
+        // after a crash). Data nobody has open goes now.
+        self.put_inode(ino, &i)?;
+        self.put(&key(0, kind::ORPHAN, &ino.to_be_bytes()), &[])?;
+        self.holds()?.add_orphan(ino);
+        if open {
+            return Ok(false);
+        }
+        let all_data_freed = self.free_some_chunks(ino, PURGE_STEP)?;
+        Ok(!all_data_freed || !held)
     }
 
     /// Frees up to about `max` data blocks of `ino`, chunk by chunk, keeping
@@ -262,7 +288,9 @@ impl Op<'_> {
                 break false;
             }
         };
-        self.put_inode(ino, &i)?;
+        if freed > 0 {
+            self.put_inode(ino, &i)?;
+        }
         Ok(done)
     }
 
@@ -312,12 +340,6 @@ impl Op<'_> {
         self.sb.next_ino += 1;
         Ok(ino)
     }
-}
-
-/// Whether `ino` has an open handle.
-fn is_open(open: &Mutex<HashMap<u64, u32>>, ino: u64) -> Result<bool> {
-    let open = open.lock().map_err(|_| Error::PreviousIo)?;
-    Ok(open.get(&ino).is_some_and(|n| *n > 0))
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -381,7 +403,7 @@ impl Fs {
                 cache: HashMap::new(),
                 lazy: HashMap::new(),
             }),
-            open: Mutex::new(HashMap::new()),
+            holds: Mutex::new(Holds::default()),
             files: Mutex::new(HashMap::new()),
             reads: std::sync::RwLock::new(()),
             kernel_times: Default::default(),
@@ -400,17 +422,27 @@ impl Fs {
         if fs.volume.is_read_only() {
             return Ok(fs);
         }
-        let orphans = fs.read_op(|op| {
-            let (s, e) = kind_range(0, kind::ORPHAN);
-            op.tree.range(&mut op.store, &s, &e, usize::MAX)
-        })?;
-        for (k, _) in orphans {
-            let ino = key_suffix_u64(&k).ok_or_else(|| Error::Corrupted("an orphan key".into()))?;
-            if let Err(e) = fs.reclaim(ino) {
-                eprintln!("lsvfs: freeing deleted inode {ino} (retried at the next mount): {e}");
-            }
-        }
+        fs.reclaim_orphans()?;
         Ok(fs)
+    }
+
+    /// Frees every orphan on disk: at mount (left by the last mount or a
+    /// crash) and at unmount (nothing holds an inode any more).
+    fn reclaim_orphans(&self) -> Result<()> {
+        let orphans = self.read_op(|op| {
+            let (s, e) = kind_range(0, kind::ORPHAN);
+            op.tree
+                .range(&mut op.store, &s, &e, usize::MAX)?
+                .iter()
+                .map(|(k, _)| {
+                    key_suffix_u64(k).ok_or_else(|| Error::Corrupted("an orphan key".into()))
+                })
+                .collect::<Result<Vec<u64>>>()
+        })?;
+        if let Err(e) = self.reclaim_all(&orphans) {
+            eprintln!("lsvfs: freeing deleted inodes (retried at the next mount): {e}");
+        }
+        Ok(())
     }
 
     /// Whether writes leave file times to the kernel (see `kernel_times`).
@@ -425,41 +457,75 @@ impl Fs {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    fn holds(&self) -> Result<std::sync::MutexGuard<'_, Holds>> {
+        self.holds.lock().map_err(|_| Error::PreviousIo)
+    }
+
+    /// From now on every inode that `lookup`, `create_node`, `symlink`,
+    /// `link` and `readdir_plus` return is held until [`Fs::forget`] (the
+    /// kernel's lookup count, which a FUSE mount keeps).
+    pub fn count_lookups(&self) -> Result<()> {
+        self.holds()?.count_lookups();
+        Ok(())
+    }
+
+    /// The kernel forgot `n` lookups of `ino` (FORGET). An orphan that
+    /// nothing holds any more is freed with others, in one transaction
+    /// (or at the next sync).
+    pub fn forget(&self, ino: u64, n: u64) -> Result<()> {
+        self.forget_many(&[(ino, n)])
+    }
+
+    /// [`Fs::forget`] for many inodes.
+    pub fn forget_many(&self, forgets: &[(u64, u64)]) -> Result<()> {
+        let batch = {
+            let mut h = self.holds()?;
+            let full = forgets
+                .iter()
+                .fold(false, |f, (ino, n)| h.forget(*ino, *n) | f);
+            if !full {
+                return Ok(());
+            }
+            h.take_unheld()
+        };
+        self.reclaim_all(&batch)
+    }
+
+    /// Frees the orphans that nothing holds any more.
+    fn reclaim_unheld(&self) -> Result<()> {
+        let batch = self.holds()?.take_unheld();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.reclaim_all(&batch)
+    }
+
     /// Notes an open handle on `ino`.
     pub fn open(&self, ino: u64) {
-        if let Ok(mut o) = self.open.lock() {
-            *o.entry(ino).or_insert(0) += 1;
+        if let Ok(mut h) = self.holds.lock() {
+            h.open(ino);
         }
     }
 
-    /// Closes a handle; the last close of an unlinked inode frees it.
+    /// Closes a handle; the last close of an unlinked inode frees its data
+    /// (and the inode, once the kernel has forgotten it too).
     pub fn release(&self, ino: u64) -> Result<()> {
-        let last = {
-            let mut o = self.open.lock().map_err(|_| Error::PreviousIo)?;
-            match o.get_mut(&ino) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    o.remove(&ino);
-                    true
-                }
-                None => false,
-            }
+        let Some(orphan) = self.holds()?.release(ino) else {
+            return Ok(());
         };
-        if last {
-            if let Ok(mut files) = self.files.lock() {
-                files.remove(&ino);
-            }
+        if let Ok(mut files) = self.files.lock() {
+            files.remove(&ino);
+        }
+        if orphan {
             self.reclaim(ino)?;
         }
         Ok(())
     }
 
-    /// Frees an orphan (an inode with no links left), if it is one, in
-    /// transactions of at most PURGE_STEP blocks; a crash between them
-    /// leaves an orphan that the next mount finishes.
+    /// Frees what an orphan (an inode with no links left) still has, in
+    /// transactions of at most PURGE_STEP blocks: its data once no handle
+    /// is open, then the inode once nothing holds it. A crash between the
+    /// steps leaves an orphan that the next mount finishes.
     fn reclaim(&self, ino: u64) -> Result<()> {
         loop {
             let done = self.op(|op, _| {
@@ -467,7 +533,11 @@ impl Fs {
                 if op.get(&orphan)?.is_none() {
                     return Ok(true);
                 }
-                if is_open(op.open, ino)? {
+                let (open, held) = {
+                    let h = op.holds()?;
+                    (h.is_open(ino), h.is_held(ino))
+                };
+                if open {
                     // Opened again (through a name looked up before the
                     // unlink): its last close finishes the job.
                     return Ok(true);
@@ -475,14 +545,48 @@ impl Fs {
                 if !op.free_some_chunks(ino, PURGE_STEP)? {
                     return Ok(false);
                 }
+                if held {
+                    // The kernel still knows it: its last forget finishes.
+                    return Ok(true);
+                }
                 op.del(&orphan)?;
                 op.purge(ino)?;
+                op.holds()?.reclaimed(ino);
                 Ok(true)
             })?;
             if done {
                 return Ok(());
             }
         }
+    }
+
+    /// Frees orphans that nothing holds: the small ones together, in one
+    /// transaction of at most PURGE_STEP blocks, the rest by `reclaim`.
+    fn reclaim_all(&self, inos: &[u64]) -> Result<()> {
+        let rest = self.op(|op, _| {
+            let mut budget = PURGE_STEP;
+            let mut rest = Vec::new();
+            for &ino in inos {
+                let orphan = key(0, kind::ORPHAN, &ino.to_be_bytes());
+                if op.get(&orphan)?.is_none() || op.holds()?.is_held(ino) {
+                    continue;
+                }
+                let blocks = op.inode(ino)?.blocks;
+                if blocks > budget {
+                    rest.push(ino);
+                    continue;
+                }
+                budget -= blocks;
+                op.del(&orphan)?;
+                op.purge(ino)?;
+                op.holds()?.reclaimed(ino);
+            }
+            Ok(rest)
+        })?;
+        for ino in rest {
+            self.reclaim(ino)?;
+        }
+        Ok(())
     }
 
     /// Runs `f` as if a data read were in flight (holding `reads`): for
@@ -521,6 +625,9 @@ impl Fs {
     pub fn sync(&self) -> Result<()> {
         if self.volume.is_read_only() {
             return Ok(());
+        }
+        if let Err(e) = self.reclaim_unheld() {
+            eprintln!("lsvfs: freeing deleted inodes (retried at the next mount): {e}");
         }
         let times = self.op(|op, _| Self::store_lazy_times(op));
         // The volume is flushed even when the times could not be stored
@@ -568,8 +675,13 @@ impl Fs {
         Fs::mount(self.volume.snapshot_view(id)?)
     }
 
-    /// Stores lazy times, flushes and closes the volume.
+    /// Frees the orphans nothing holds any more, stores lazy times,
+    /// flushes and closes the volume.
     pub fn unmount(self) -> Result<()> {
+        if !self.volume.is_read_only() {
+            self.holds()?.clear();
+            self.reclaim_orphans()?;
+        }
         let synced = self.sync();
         let closed = self.volume.close();
         synced.and(closed)
@@ -617,7 +729,7 @@ impl Fs {
                 store: VolumeStore::new(&self.volume, alloc, cache),
                 tree,
                 sb,
-                open: &self.open,
+                holds: &self.holds,
                 lazy,
                 lazy_undo: Vec::new(),
                 touched: Vec::new(),
@@ -689,7 +801,9 @@ impl Fs {
                     None => return Err(FsError::NotFound.at(String::from_utf8_lossy(name))),
                 },
             };
-            Ok((ino, op.inode(ino)?))
+            let i = op.inode(ino)?;
+            op.remember(ino)?;
+            Ok((ino, i))
         })
     }
 
@@ -771,6 +885,7 @@ impl Fs {
             d.mtime = i.ctime;
             d.ctime = i.ctime;
             op.put_inode(parent, &d)?;
+            op.remember(ino)?;
             Ok((ino, i))
         })
     }
@@ -805,6 +920,7 @@ impl Fs {
             d.mtime = i.ctime;
             d.ctime = i.ctime;
             op.put_inode(parent, &d)?;
+            op.remember(ino)?;
             Ok((ino, i))
         })
     }
@@ -847,6 +963,7 @@ impl Fs {
             d.mtime = now;
             d.ctime = now;
             op.put_inode(parent, &d)?;
+            op.remember(ino)?;
             Ok(i)
         })
     }
@@ -881,29 +998,28 @@ impl Fs {
             }
             let now = Time::now();
             op.remove_entry(parent, name, &e)?;
-            op.unlink_inode(e.ino, now)?;
+            let more = op.unlink_inode(e.ino, now)?;
             if is_dir {
                 d.nlink -= 1;
             }
             d.mtime = now;
             d.ctime = now;
             op.put_inode(parent, &d)?;
-            Ok(e.ino)
+            Ok(more.then_some(e.ino))
         })
-        .and_then(|ino| self.reclaim_unless_open(ino))
+        .map(|more| self.reclaim_after(more))
     }
 
-    /// Frees `ino` now if it became a large orphan that nobody holds open.
-    /// The operation that made it an orphan has committed, so a failure
-    /// here is logged, not returned: the orphan list finishes the job at
-    /// the next close or mount.
-    fn reclaim_unless_open(&self, ino: u64) -> Result<()> {
-        if !is_open(&self.open, ino).unwrap_or(true) {
+    /// Goes on freeing an orphan that an unlink or rename left with more
+    /// to free (see `Op::unlink_inode`). The operation that made it an
+    /// orphan has committed, so a failure here is logged, not returned:
+    /// the orphan list finishes the job at the next close, forget or mount.
+    fn reclaim_after(&self, orphan: Option<u64>) {
+        if let Some(ino) = orphan {
             if let Err(e) = self.reclaim(ino) {
                 eprintln!("lsvfs: freeing deleted inode {ino} (retried at the next mount): {e}");
             }
         }
-        Ok(())
     }
 
     /// Renames `parent/name` to `newparent/newname`, with the renameat2
@@ -1038,8 +1154,9 @@ impl Fs {
                     check_loop(op, src.ino, newparent)?;
                 }
                 op.remove_entry(newparent, newname, &dst)?;
-                op.unlink_inode(dst.ino, now)?;
-                replaced = Some(dst.ino);
+                if op.unlink_inode(dst.ino, now)? {
+                    replaced = Some(dst.ino);
+                }
                 if dst_dir {
                     let mut np = op.inode(newparent)?;
                     np.nlink -= 1;
@@ -1073,10 +1190,8 @@ impl Fs {
             i.ctime = now;
             op.put_inode(src.ino, &i)
         })?;
-        match replaced {
-            Some(ino) => self.reclaim_unless_open(ino),
-            None => Ok(()),
-        }
+        self.reclaim_after(replaced);
+        Ok(())
     }
 
     /// Up to `limit` entries of directory `ino` after `cookie` (0 to start),
@@ -1090,13 +1205,20 @@ impl Fs {
         limit: usize,
     ) -> Result<Vec<(DirEntry, Inode)>> {
         self.read_op(|op| {
-            Self::entries(op, ino, cookie, limit)?
+            let listed = Self::entries(op, ino, cookie, limit)?
                 .into_iter()
                 .map(|e| {
                     let i = op.inode(e.ino)?;
                     Ok((e, i))
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()?;
+            // The kernel counts every entry but "." and ".." as a lookup.
+            for (e, _) in &listed {
+                if e.name != b"." && e.name != b".." {
+                    op.remember(e.ino)?;
+                }
+            }
+            Ok(listed)
         })
     }
 

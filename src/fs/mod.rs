@@ -1,5 +1,5 @@
-//! File-system layer (in progress): the POSIX file system that the FUSE
-//! layer will serve, kept free of any FUSE types.
+//! File-system layer: the POSIX file system that the FUSE layer serves,
+//! kept free of any FUSE types.
 //!
 //! Its metadata (inodes, directory entries, xattrs, extents) lives in one
 //! B+tree ([`btree`]) whose nodes are volume blocks; each file-system
@@ -12,6 +12,7 @@ mod check;
 mod data;
 mod filesystem;
 pub mod format;
+mod holds;
 pub mod store;
 pub use check::FsReport;
 pub use data::{

@@ -48,8 +48,11 @@ pub struct FuseFs {
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>, snaps: Arc<Snapshots>) -> FuseFs {
-        FuseFs { fs, snaps }
+    /// Serves `fs`. From now on every inode it returns through an entry
+    /// reply stays valid until the kernel forgets it.
+    pub fn new(fs: Arc<Fs>, snaps: Arc<Snapshots>) -> Result<FuseFs, Error> {
+        fs.count_lookups()?;
+        Ok(FuseFs { fs, snaps })
     }
 
     /// The file system an inode belongs to, its number there, and the
@@ -301,6 +304,11 @@ impl fuser::Filesystem for FuseFs {
                 }
             }
         }
+    }
+
+    // BATCH_FORGET comes here too, one inode at a time (fuser's default).
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.forget_all([(ino.0, nlookup)].into_iter());
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -670,7 +678,8 @@ impl fuser::Filesystem for FuseFs {
     ) {
         match self.listing(ino.0, offset, true) {
             Ok(entries) => {
-                for e in entries {
+                let mut entries = entries.into_iter();
+                for e in entries.by_ref() {
                     let Some(a) = e.attr else { continue };
                     // Snapshot roots are not cached (a delete shows at once).
                     let ttl = match node(e.ino) {
@@ -679,6 +688,9 @@ impl fuser::Filesystem for FuseFs {
                     };
                     let name = OsStr::from_bytes(&e.name);
                     if reply.add(INodeNo(e.ino), e.cookie, name, &ttl, &a, Generation(0)) {
+                        // Not sent: the kernel will not count this entry
+                        // (nor the ones after it) as a lookup.
+                        self.unsent(std::iter::once(e).chain(entries));
                         break;
                     }
                 }
@@ -860,6 +872,32 @@ impl fuser::Filesystem for FuseFs {
             ),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+impl FuseFs {
+    /// The kernel forgot (inode, lookups): orphans nothing holds any more
+    /// are freed. Snapshot views are read-only: their inodes never are.
+    fn forget_all(&self, forgets: impl Iterator<Item = (u64, u64)>) {
+        let live: Vec<(u64, u64)> = forgets
+            .filter_map(|(ino, n)| match node(ino) {
+                Node::Live(i) => Some((i, n)),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = self.fs.forget_many(&live) {
+            eprintln!("lsvfs: freeing forgotten inodes (retried at unmount): {e}");
+        }
+    }
+
+    /// Gives back the lookups the file system counted for listed entries
+    /// that did not fit in a READDIRPLUS reply.
+    fn unsent(&self, entries: impl Iterator<Item = Listed>) {
+        self.forget_all(
+            entries
+                .filter(|e| e.name != b"." && e.name != b"..")
+                .map(|e| (e.ino, 1)),
+        );
     }
 }
 
