@@ -14,6 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::mounted::{lsvfs, ok, Mounted};
 
@@ -166,10 +167,15 @@ fn unlink_of_an_open_file_with_dirty_pages_then_close_and_syncfs() {
     drop(f);
     syncfs(&m.m()).expect("syncfs after the last close of an unlinked file");
     ok(&["snapshot", "create", "m", "s"], m.p());
-    assert!(
-        fs2_free(&m.m()) >= free_open + (4 << 20),
-        "the unlinked file's blocks are free after its last close"
-    );
+    // The kernel sends RELEASE after close returns: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs2_free(&m.m()) < free_open + (4 << 20) {
+        assert!(
+            Instant::now() < deadline,
+            "the unlinked file's blocks are free after its last close"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     m.unmount();
     assert_eq!(check_orphans(&m), 0);
 }

@@ -1,0 +1,834 @@
+//! The volume API: an open volume over the state, its locks and the
+//! background cleaner.
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::ctx::Ctx;
+use super::format::{self, Checkpoint, Entry, Header, LogPos, TreePtr};
+use super::header::read_header;
+use super::recovery::{self, Recovery};
+use super::sizing::{data_need, reserves};
+use super::snapshot;
+use super::state::{self, State, Usage};
+use super::tree::Trees;
+use super::txn::{Op, Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};
+use super::CheckReport;
+use crate::crypto::{BlockKind, CryptoEngine, Mac, MasterKey, Tag, VolumeKeys};
+use crate::device::{read_exact_at, Device};
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// Run-time tuning of an open volume.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Bytes of metadata pages kept in memory (the block map cache).
+    pub cache_bytes: usize,
+    /// Crypto threads; 0 means one per CPU.
+    pub crypto_threads: usize,
+    /// Bytes per parallel crypto chunk.
+    pub chunk_bytes: usize,
+    pub read_only: bool,
+    /// Run the cleaner and periodic checkpoints on a background thread.
+    pub background: bool,
+    /// Log blocks written between checkpoints (bounds recovery time).
+    pub checkpoint_blocks: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            cache_bytes: 64 << 20,
+            crypto_threads: 0,
+            chunk_bytes: crate::crypto::DEFAULT_CHUNK_BYTES,
+            read_only: false,
+            background: true,
+            checkpoint_blocks: 65536,
+        }
+    }
+}
+
+/// A snapshot of an open volume's counters.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub logical_blocks: u64,
+    pub allocated_blocks: u64,
+    pub segment_blocks: u64,
+    pub max_segments: u64,
+    pub extent_segments: u64,
+    pub free_segments: u64,
+    pub dirty_pages: usize,
+    pub cached_pages: usize,
+    pub checkpoint_seq: u64,
+    pub live_blocks: u64,
+    pub snapshots: u64,
+    /// Blocks only snapshots reference.
+    pub held_blocks: u64,
+}
+
+struct Inner {
+    dev: Arc<dyn Device>,
+    header: Header,
+    keys: VolumeKeys,
+    engine: CryptoEngine,
+    state: Mutex<State>,
+    reuse: RwLock<()>,
+    /// Held shared by a commit from taking its generations to applying its
+    /// records; a snapshot takes it exclusively, so no transaction whose
+    /// generations are below the snapshot's birth is applied after it.
+    commits: RwLock<()>,
+    read_only: bool,
+    checkpoint_blocks: u64,
+}
+
+pub struct Volume {
+    inner: Arc<Inner>,
+    background: Option<(crossbeam::channel::Sender<()>, JoinHandle<()>)>,
+    recovery: Recovery,
+    closed: bool,
+    /// A read-only view of this snapshot (by id) instead of the live volume.
+    view: Option<u64>,
+}
+
+impl Volume {
+    /// Opens a volume, recovering it if it was not closed cleanly.
+    pub fn open(dev: Arc<dyn Device>, master: &MasterKey, opts: Options) -> Result<Volume> {
+        let header = read_header(&*dev)?;
+        if master.check_value(&header.volume_id) != header.key_check {
+            return Err(Error::WrongKey(
+                "the key does not match this volume's key check value".into(),
+            ));
+        }
+        let keys = VolumeKeys::derive(master, &header.volume_id);
+        let engine = CryptoEngine::new(opts.crypto_threads, opts.chunk_bytes)
+            .map_err(|e| Error::io("starting crypto threads", e))?;
+        let seg = header.segment_blocks as u64;
+        let (dirty_limit, _, reserve) = reserves(header.logical_blocks, seg);
+        let reuse = RwLock::new(());
+        let mut inner = Inner {
+            dev,
+            keys,
+            engine,
+            state: Mutex::new(State {
+                trees: Trees::new(
+                    [TreePtr::ABSENT; 5],
+                    state::shapes(header.logical_blocks, header.max_segments),
+                    1,
+                ),
+                usage: Usage::new(seg),
+                free: Default::default(),
+                extent: 0,
+                head: LogPos {
+                    seq: 0,
+                    segment: 0,
+                    offset: 0,
+                    next_segment: 1,
+                    anchor: Mac::default(),
+                },
+                next_gen: 0,
+                gen_limit: 0,
+                allocated: 0,
+                changed_since: 0,
+                key_gen: 0,
+                last_checkpoint: Checkpoint {
+                    seq: 0,
+                    log: LogPos {
+                        seq: 0,
+                        segment: 0,
+                        offset: 0,
+                        next_segment: 1,
+                        anchor: Mac::default(),
+                    },
+                    gen_limit: 0,
+                    extent: 0,
+                    allocated: 0,
+                    changed_since: 0,
+                    key_gen: 0,
+                    roots: [TreePtr::ABSENT; 5],
+                    snap_meta: TreePtr::ABSENT,
+                    snap_pages: 0,
+                },
+                log_blocks_since_checkpoint: 0,
+                cleaned: Default::default(),
+                poisoned: false,
+                growth_blocked: false,
+                seg_blocks: seg,
+                max_segments: header.max_segments,
+                logical_blocks: header.logical_blocks,
+                reserve,
+                dirty_limit,
+                snaps: Vec::new(),
+                snap_next_id: 1,
+                live_changed: Vec::new(),
+                meta_pages: Vec::new(),
+                meta_root: (TreePtr::ABSENT, 0),
+                snap_meta_dirty: false,
+            }),
+            header,
+            reuse,
+            commits: RwLock::new(()),
+            read_only: opts.read_only,
+            checkpoint_blocks: opts.checkpoint_blocks.max(seg),
+        };
+        let recovery = {
+            let Inner {
+                dev,
+                keys,
+                engine,
+                state,
+                header,
+                reuse,
+                ..
+            } = &mut inner;
+            let ctx = Ctx {
+                dev: &**dev,
+                keys,
+                header,
+                engine,
+                reuse,
+            };
+            let st = state.get_mut().expect("not shared yet");
+            let c = recovery::read_checkpoint(&ctx)?;
+            st.trees = Trees::new(
+                c.roots,
+                state::shapes(header.logical_blocks, header.max_segments),
+                opts.cache_bytes / BLOCK_SIZE,
+            );
+            st.extent = c.extent;
+            st.head = c.log;
+            st.next_gen = c.gen_limit;
+            st.gen_limit = c.gen_limit;
+            st.allocated = c.allocated;
+            st.changed_since = c.changed_since;
+            st.key_gen = c.key_gen;
+            let (meta, pages) = st.read_snap_meta(&ctx, c.snap_meta, c.snap_pages)?;
+            st.install_snap_meta(meta, pages, (c.snap_meta, c.snap_pages));
+            st.last_checkpoint = c;
+            st.load_usage(&ctx)?;
+            let empty: Vec<u64> = (0..st.extent).filter(|s| st.usage.live(*s) == 0).collect();
+            let r = st.roll_forward(&ctx)?;
+            st.free_after_recovery(&empty, &r);
+            if !opts.read_only {
+                st.erase_dropped(&ctx, &r)?;
+                st.refresh_reserve(&ctx, &[]);
+                // Reserve generations durably, then make the recovered state
+                // the new checkpoint so the replayed log can be reused. If
+                // there is no room for it, the volume still opens: the log
+                // stays where it is and is replayed again next time, and
+                // reads and trims can make room.
+                st.alloc_gens(&ctx, 0)?;
+                st.alloc_gens(&ctx, 1)?;
+                match st.checkpoint(&ctx) {
+                    Ok(()) | Err(Error::NoSpace(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            r
+        };
+        let inner = Arc::new(inner);
+        let background = if opts.background && !opts.read_only {
+            let (tx, rx) = crossbeam::channel::bounded::<()>(1);
+            let weak = Arc::downgrade(&inner);
+            let handle = std::thread::Builder::new()
+                .name("lsvfs-cleaner".into())
+                .spawn(move || {
+                    while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
+                        rx.recv_timeout(Duration::from_millis(500))
+                    {
+                        match weak.upgrade() {
+                            Some(inner) => inner.background_tick(),
+                            None => break,
+                        }
+                    }
+                })
+                .map_err(|e| Error::io("starting the cleaner thread", e))?;
+            Some((tx, handle))
+        } else {
+            None
+        };
+        Ok(Volume {
+            inner,
+            background,
+            recovery,
+            closed: false,
+            view: None,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.inner.header
+    }
+
+    pub fn logical_blocks(&self) -> u64 {
+        self.inner.header.logical_blocks
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only || self.view.is_some()
+    }
+
+    /// The snapshot this handle shows, if it is a snapshot view.
+    pub fn snapshot_id(&self) -> Option<u64> {
+        self.view
+    }
+
+    fn live_only(&self) -> Result<()> {
+        if self.view.is_some() {
+            return Err(Error::InvalidArgument(
+                "this asks about the live volume, not a snapshot view".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Takes a snapshot of every committed transaction, named `name`, and
+    /// returns its id. Durable when it returns; costs one checkpoint.
+    pub fn snapshot_create(&self, name: &str) -> Result<u64> {
+        self.writable()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or((0, 0), |d| (d.as_secs() as i64, d.subsec_nanos()));
+        // Transactions that took their generations must be applied first:
+        // a block with a generation below the snapshot's birth is in it.
+        let _no_commits = self
+            .inner
+            .commits
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut st = self.inner.lock()?;
+        st.snapshot_create(&self.inner.ctx(), name, now)
+    }
+
+    /// Deletes a snapshot and frees the blocks only it held. Durable when
+    /// it returns.
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.writable()?;
+        let mut st = self.inner.lock()?;
+        let i = st.snap_named(name)?;
+        st.snapshot_delete(&self.inner.ctx(), i)
+    }
+
+    /// Every snapshot, oldest first, with the space each alone holds (this
+    /// walks what differs between neighbouring snapshots).
+    pub fn snapshot_list(&self) -> Result<Vec<snapshot::SnapshotInfo>> {
+        let mut st = self.inner.lock()?;
+        st.snapshot_infos(&self.inner.ctx())
+    }
+
+    /// Every snapshot's id, name and creation time, oldest first (cheap).
+    pub fn snapshot_names(&self) -> Result<Vec<(u64, String, i64, u32)>> {
+        let st = self.inner.lock()?;
+        Ok(st
+            .snaps
+            .iter()
+            .map(|s| {
+                (
+                    s.rec.id,
+                    s.rec.name.clone(),
+                    s.rec.created_sec,
+                    s.rec.created_nsec,
+                )
+            })
+            .collect())
+    }
+
+    /// Runs of blocks written or trimmed between the previous snapshot and
+    /// snapshot `name`, as (first block, count): the base of incremental export.
+    pub fn snapshot_changed_runs(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let mut st = self.inner.lock()?;
+        let i = st.snap_named(name)?;
+        st.snapshot_changed_runs(&self.inner.ctx(), i)
+    }
+
+    /// A read-only handle that reads snapshot `id` (it keeps working while
+    /// the live volume changes, and fails once the snapshot is deleted).
+    pub fn snapshot_view(&self, id: u64) -> Result<Volume> {
+        let st = self.inner.lock()?;
+        if st.snap_index_by_id(id).is_none() {
+            return Err(Error::Fs {
+                kind: crate::FsError::NotFound,
+                what: format!("snapshot {id}"),
+            });
+        }
+        Ok(Volume {
+            inner: self.inner.clone(),
+            background: None,
+            recovery: Recovery::default(),
+            closed: true,
+            view: Some(id),
+        })
+    }
+
+    /// Blocks the file system may still fill: the logical blocks not in use,
+    /// less what snapshots hold beyond them (the space bound's data share
+    /// minus every block counted live).
+    pub fn free_blocks(&self) -> Result<u64> {
+        let st = self.inner.lock()?;
+        let live: u64 = (0..st.extent).map(|s| st.usage.live(s)).sum();
+        Ok((st.logical_blocks - st.allocated)
+            .min(data_need(st.logical_blocks).saturating_sub(live)))
+    }
+
+    /// What recovery did when the volume was opened.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Reads `buf.len() / 4096` blocks from `lba`. Unwritten blocks read as
+    /// zeros. A block that fails authentication is an [`Error::Integrity`].
+    pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<()> {
+        let n = self.inner.check_range(lba, buf.len())?;
+        let (entries, _guard) = {
+            let mut st = self.inner.lock()?;
+            let ctx = self.inner.ctx();
+            let mut es = Vec::with_capacity(n as usize);
+            match self.view {
+                None => {
+                    for i in 0..n {
+                        es.push(st.lookup(&ctx, lba + i)?);
+                    }
+                }
+                Some(id) => {
+                    let s = st.snap_index_by_id(id).ok_or_else(|| Error::Fs {
+                        kind: crate::FsError::NotFound,
+                        what: format!("snapshot {id} (it was deleted)"),
+                    })?;
+                    for i in 0..n {
+                        es.push(st.snap_locate(&ctx, s, lba + i)?);
+                    }
+                    st.snaps[s].trees.evict();
+                }
+            }
+            st.trees.evict();
+            (
+                es,
+                self.inner.reuse.read().unwrap_or_else(|p| p.into_inner()),
+            )
+        };
+        let mut i = 0usize;
+        while i < entries.len() {
+            if !entries[i].is_mapped() {
+                buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0);
+                i += 1;
+                continue;
+            }
+            // A run of blocks that are contiguous on disk: one read, one open.
+            let mut j = i + 1;
+            while j < entries.len()
+                && entries[j].is_mapped()
+                && entries[j].pba == entries[j - 1].pba + 1
+            {
+                j += 1;
+            }
+            let run = &mut buf[i * BLOCK_SIZE..j * BLOCK_SIZE];
+            let at = entries[i].pba;
+            read_exact_at(&*self.inner.dev, run, at * BLOCK_SIZE as u64).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::Corrupted(format!(
+                        "backing store is truncated: logical block {} lives past its end",
+                        lba + i as u64
+                    ))
+                } else {
+                    Error::io(format!("reading logical block {}", lba + i as u64), e)
+                }
+            })?;
+            let tags: Vec<Tag> = (i..j)
+                .map(|k| Tag::new(BlockKind::Data, lba + k as u64, entries[k].gen))
+                .collect();
+            let macs: Vec<Mac> = entries[i..j].iter().map(|e| e.mac).collect();
+            if let Err(bad) = self.inner.engine.open(&self.inner.keys, run, &tags, &macs) {
+                let k = i + bad;
+                return Err(Error::Integrity(format!(
+                    "logical block {} (stored at block {})",
+                    lba + k as u64,
+                    entries[k].pba
+                )));
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes whole blocks at `lba` as one transaction.
+    pub fn write(&self, lba: u64, data: &[u8]) -> Result<()> {
+        let mut t = Transaction::new();
+        t.write(lba, data.to_vec());
+        self.commit(t)
+    }
+
+    /// Unmaps `count` blocks from `lba`, in transactions of at most
+    /// [`TRIM_CHUNK_BLOCKS`] blocks: each chunk is atomic, so a huge trim
+    /// never needs more free space for its metadata than a full volume has.
+    pub fn trim(&self, lba: u64, count: u64) -> Result<()> {
+        self.inner.check_blocks(lba, count)?;
+        let mut at = lba;
+        let end = lba + count;
+        loop {
+            let n = (end - at).min(TRIM_CHUNK_BLOCKS);
+            let mut t = Transaction::new();
+            t.trim(at, n);
+            self.commit(t)?;
+            at += n;
+            if at >= end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies a transaction atomically. It is in the log when this returns
+    /// and durable after the next [`Volume::flush`].
+    pub fn commit(&self, txn: Transaction) -> Result<()> {
+        let inner = &*self.inner;
+        self.writable()?;
+        if txn.is_empty() {
+            return Ok(());
+        }
+        let mut n_blocks = 0u64;
+        for op in &txn.ops {
+            match op {
+                Op::Write { lba, data } => n_blocks += inner.check_range(*lba, data.len())?,
+                Op::Trim { lba, count } => inner.check_blocks(*lba, *count)?,
+            }
+        }
+        if n_blocks > MAX_TXN_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "a transaction may write at most {MAX_TXN_BLOCKS} blocks, not {n_blocks}"
+            )));
+        }
+        let _committing = inner.commits.read().unwrap_or_else(|p| p.into_inner());
+        let base = {
+            let mut st = inner.lock()?;
+            st.alloc_gens(&inner.ctx(), n_blocks)?
+        };
+        // Entries in operation order; payload blocks sealed in place.
+        let mut entries = Vec::with_capacity(n_blocks as usize);
+        let mut tags = Vec::with_capacity(n_blocks as usize);
+        let mut payload = Vec::new();
+        for op in txn.ops {
+            match op {
+                Op::Write { lba, data } => {
+                    for i in 0..(data.len() / BLOCK_SIZE) as u64 {
+                        tags.push(Tag::new(BlockKind::Data, lba + i, base + tags.len() as u64));
+                        entries.push(Entry::Write {
+                            lba: lba + i,
+                            gen: 0,
+                            mac: Mac::default(),
+                        });
+                    }
+                    if payload.is_empty() {
+                        payload = data;
+                    } else {
+                        payload.extend_from_slice(&data);
+                    }
+                }
+                Op::Trim { lba, count } => {
+                    let mut at = lba;
+                    let end = lba + count;
+                    while at < end {
+                        let c = (end - at).min(u32::MAX as u64);
+                        entries.push(Entry::Trim {
+                            lba: at,
+                            count: c as u32,
+                        });
+                        at += c;
+                    }
+                }
+            }
+        }
+        let mut macs = vec![Mac::default(); tags.len()];
+        inner
+            .engine
+            .seal(&inner.keys, &mut payload, &tags, &mut macs);
+        let mut k = 0;
+        for e in entries.iter_mut() {
+            if let Entry::Write { gen, mac, .. } = e {
+                *gen = tags[k].gen;
+                *mac = macs[k];
+                k += 1;
+            }
+        }
+
+        let mut st = inner.lock()?;
+        let ctx = inner.ctx();
+        // A transaction that only trims frees space: it may use the reserve.
+        // Not while snapshots exist: what it drops, they may hold.
+        let frees = payload.is_empty() && st.snaps.is_empty();
+        st.ensure_space(&ctx, &entries, frees)?;
+        st.prefetch(&ctx, &entries)?;
+        let pbas = match st.append(&ctx, &entries, &payload, true, frees) {
+            // The backing file could not grow: nothing was written. Make
+            // room from free and cleaned segments instead, and try once more.
+            Err(Error::NoSpace(_)) if st.growth_blocked => {
+                st.ensure_space(&ctx, &entries, frees)?;
+                st.prefetch(&ctx, &entries)?;
+                st.append(&ctx, &entries, &payload, true, frees)?
+            }
+            r => r?,
+        };
+        if let Err(e) = st.apply(&ctx, &entries, &pbas) {
+            st.poisoned = true;
+            return Err(e);
+        }
+        inner.maybe_checkpoint(&mut st, &ctx);
+        st.trees.evict();
+        Ok(())
+    }
+
+    /// Makes every committed transaction durable (fdatasync).
+    pub fn flush(&self) -> Result<()> {
+        if self.view.is_some() {
+            return Ok(());
+        }
+        if self.inner.lock()?.poisoned {
+            return Err(Error::PreviousIo);
+        }
+        self.inner.dev.flush().map_err(|e| {
+            if let Ok(mut st) = self.inner.state.lock() {
+                st.poisoned = true;
+            }
+            Error::io("flushing the backing store", e)
+        })
+    }
+
+    /// Writes a checkpoint now.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.writable()?;
+        let mut st = self.inner.lock()?;
+        st.checkpoint(&self.inner.ctx())
+    }
+
+    /// Runs the cleaner until no segment is worth cleaning (or `max`
+    /// victims), then checkpoints. Returns the number of segments cleaned.
+    pub fn clean(&self, max: usize) -> Result<usize> {
+        self.writable()?;
+        let mut st = self.inner.lock()?;
+        let ctx = self.inner.ctx();
+        let mut n = 0;
+        while n < max {
+            let k = st.clean_batch(&ctx)?;
+            st.checkpoint(&ctx)?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        Ok(n)
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        self.live_only()?;
+        let st = self.inner.lock()?;
+        Ok(Stats {
+            logical_blocks: st.logical_blocks,
+            allocated_blocks: st.allocated,
+            segment_blocks: st.seg_blocks,
+            max_segments: st.max_segments,
+            extent_segments: st.extent,
+            free_segments: st.free.len() as u64,
+            dirty_pages: st.trees.dirty_count(),
+            cached_pages: st.trees.cached_count(),
+            checkpoint_seq: st.last_checkpoint.seq,
+            live_blocks: (0..st.extent).map(|s| st.usage.live(s)).sum(),
+            snapshots: st.snaps.len() as u64,
+            held_blocks: st.usage.held.len() as u64,
+        })
+    }
+
+    /// Runs of blocks written or trimmed since the changed bitmap was last
+    /// reset, as (first block, count).
+    pub fn changed_runs(&self) -> Result<Vec<(u64, u64)>> {
+        self.live_only()?;
+        let mut st = self.inner.lock()?;
+        st.bitmap_runs(&self.inner.ctx(), format::TreeId::Changed)
+    }
+
+    /// Runs of allocated (mapped) blocks, as (first block, count); for a
+    /// snapshot view, the blocks the snapshot maps.
+    pub fn allocated_runs(&self) -> Result<Vec<(u64, u64)>> {
+        if let Some(id) = self.view {
+            let mut st = self.inner.lock()?;
+            let i = st.snap_index_by_id(id).ok_or_else(|| Error::Fs {
+                kind: crate::FsError::NotFound,
+                what: format!("snapshot {id} (it was deleted)"),
+            })?;
+            return st.snapshot_allocated_runs(&self.inner.ctx(), i);
+        }
+        let mut st = self.inner.lock()?;
+        st.bitmap_runs(&self.inner.ctx(), format::TreeId::Allocated)
+    }
+
+    /// Clears the changed bitmap. Returns the checkpoint sequence number
+    /// from which changes are now recorded.
+    pub fn reset_changed(&self) -> Result<u64> {
+        self.writable()?;
+        let mut st = self.inner.lock()?;
+        st.reset_changed(&self.inner.ctx())
+    }
+
+    /// The checkpoint sequence number the changed bitmap starts at.
+    pub fn changed_since(&self) -> Result<u64> {
+        Ok(self.inner.lock()?.changed_since)
+    }
+
+    /// The key generation that sealed `lba`'s current version (low bit, from
+    /// the key-generation bitmap), or None if the block is unmapped.
+    pub fn key_generation_bit(&self, lba: u64) -> Result<Option<bool>> {
+        self.live_only()?;
+        self.inner.check_range(lba, BLOCK_SIZE)?;
+        let mut st = self.inner.lock()?;
+        let ctx = self.inner.ctx();
+        if !st.lookup(&ctx, lba)?.is_mapped() {
+            return Ok(None);
+        }
+        Ok(Some(st.get_bit(&ctx, format::TreeId::KeyGen, lba)?))
+    }
+
+    /// Verifies everything reachable: every page, every data block, and that
+    /// counts and bitmaps agree with the map.
+    pub fn check(&self) -> Result<CheckReport> {
+        self.live_only()?;
+        let mut st = self.inner.lock()?;
+        st.check(&self.inner.ctx())
+    }
+
+    /// Where the current version of `lba` is stored on the device (a block
+    /// address), or None if it is unmapped. For diagnostics and tests.
+    pub fn locate(&self, lba: u64) -> Result<Option<u64>> {
+        self.live_only()?;
+        self.inner.check_range(lba, BLOCK_SIZE)?;
+        let mut st = self.inner.lock()?;
+        let e = st.lookup(&self.inner.ctx(), lba)?;
+        Ok(e.is_mapped().then_some(e.pba))
+    }
+
+    /// Stops using the volume without a checkpoint or flush, as if the
+    /// process had been killed: the next open recovers from the log.
+    pub fn abandon(mut self) {
+        self.closed = true;
+        if let Some((tx, handle)) = self.background.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+
+    /// Checkpoints and flushes, and stops the background thread.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        if let Some((tx, handle)) = self.background.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let mut st = self.inner.lock()?;
+        let checkpointed = st.checkpoint(&self.inner.ctx());
+        // Committed transactions are in the log: even if the checkpoint
+        // failed, a flush makes them durable, and recovery replays them.
+        let flushed = self
+            .inner
+            .dev
+            .flush()
+            .map_err(|e| Error::io("flushing the backing store", e));
+        checkpointed.and(flushed)
+    }
+}
+
+// The FUSE layer shares one volume between request threads.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Volume>();
+};
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+impl Inner {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            dev: &*self.dev,
+            keys: &self.keys,
+            header: &self.header,
+            engine: &self.engine,
+            reuse: &self.reuse,
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let st = self.state.lock().map_err(|_| Error::PreviousIo)?;
+        if st.poisoned {
+            return Err(Error::PreviousIo);
+        }
+        Ok(st)
+    }
+
+    /// Checks that `bytes` from `lba` is a whole number of blocks inside the
+    /// volume; returns the block count.
+    fn check_range(&self, lba: u64, bytes: usize) -> Result<u64> {
+        if bytes % BLOCK_SIZE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{bytes} bytes is not a whole number of 4096-byte blocks"
+            )));
+        }
+        let n = (bytes / BLOCK_SIZE) as u64;
+        self.check_blocks(lba, n)?;
+        Ok(n)
+    }
+
+    /// Checks that blocks `lba .. lba + n` are inside the volume.
+    fn check_blocks(&self, lba: u64, n: u64) -> Result<()> {
+        let limit = self.header.logical_blocks;
+        match lba.checked_add(n) {
+            Some(end) if end <= limit => Ok(()),
+            _ => Err(Error::OutOfRange {
+                start: lba,
+                end: lba.saturating_add(n),
+                limit,
+            }),
+        }
+    }
+
+    fn maybe_checkpoint(&self, st: &mut State, ctx: &Ctx) {
+        if st.trees.dirty_count() as u64 > st.dirty_limit
+            || st.log_blocks_since_checkpoint > self.checkpoint_blocks
+        {
+            // The transaction is already committed; a checkpoint that cannot
+            // find space now is retried after the next one.
+            let _ = st.checkpoint(ctx);
+        }
+    }
+
+    fn background_tick(&self) {
+        let Ok(mut st) = self.lock() else {
+            return;
+        };
+        let ctx = self.ctx();
+        let low = (st.reserve * 2).max(st.max_segments / 16);
+        if st.available() < low {
+            if let Ok(n) = st.clean_batch(&ctx) {
+                if n > 0 {
+                    let _ = st.checkpoint(&ctx);
+                }
+            }
+        } else if st.log_blocks_since_checkpoint > self.checkpoint_blocks / 2 {
+            let _ = st.checkpoint(&ctx);
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! What the parts of an open volume's state borrow from the volume: the
+//! device, the keys, the header and the crypto engine.
+
+use std::sync::RwLock;
+
+use super::format::{self, Block, Header, TreePtr, DATA_START};
+use super::tree::{PageKey, PageSource};
+use crate::crypto::{BlockKind, CryptoEngine, Tag, VolumeKeys};
+use crate::device::{read_exact_at, Device};
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// What the layers under a volume's state need, borrowed from the volume.
+pub(crate) struct Ctx<'a> {
+    pub dev: &'a dyn Device,
+    pub keys: &'a VolumeKeys,
+    pub header: &'a Header,
+    pub engine: &'a CryptoEngine,
+    pub reuse: &'a RwLock<()>,
+}
+
+impl PageSource for Ctx<'_> {
+    fn load_page(&self, key: PageKey, ptr: &TreePtr) -> Result<Box<Block>> {
+        let what = || {
+            format!(
+                "{:?} tree page (level {}, index {}) at block {}",
+                key.tree, key.level, key.index, ptr.pba
+            )
+        };
+        if ptr.pba < DATA_START || ptr.pba >= self.header.end_block() {
+            return Err(Error::Corrupted(format!(
+                "{} is outside the volume",
+                what()
+            )));
+        }
+        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        read_exact_at(self.dev, &mut b[..], ptr.pba * BLOCK_SIZE as u64).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Corrupted(format!(
+                    "backing store is truncated: {} is past its end",
+                    what()
+                ))
+            } else {
+                Error::io(format!("reading {}", what()), e)
+            }
+        })?;
+        let tag = Tag::new(
+            BlockKind::TreePage,
+            format::page_addr(key.tree, key.level, key.index),
+            ptr.gen,
+        );
+        self.keys
+            .open(tag, &mut b[..], &ptr.mac)
+            .map_err(|_| Error::Integrity(what()))?;
+        Ok(b)
+    }
+}

@@ -1,0 +1,170 @@
+//! The volume header (two copies at the start of the device) and the
+//! formatting of a new volume.
+
+use super::format::{
+    self, Block, Checkpoint, Header, KeySlot, LogPos, TreePtr, DATA_START, KEY_SLOTS,
+    MAX_LOGICAL_BLOCKS,
+};
+use super::sizing::{max_segments_for, reserves};
+use crate::crypto::{BlockKind, Mac, MasterKey, Tag, VolumeKeys};
+use crate::device::{read_exact_at, Device};
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// Parameters fixed when a volume is created.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub logical_blocks: u64,
+    pub segment_blocks: u32,
+}
+
+/// Reads the volume header: the newest of the two copies that is intact.
+pub fn read_header(dev: &dyn Device) -> Result<Header> {
+    let mut best: Option<Header> = None;
+    let mut errors = Vec::new();
+    for (i, blk) in format::HEADER_BLOCKS.iter().enumerate() {
+        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        if let Err(e) = read_exact_at(dev, &mut b[..], blk * BLOCK_SIZE as u64) {
+            errors.push((i, format!("{e}"), None));
+            continue;
+        }
+        match Header::decode(&b) {
+            Ok(h) => {
+                if best.as_ref().is_none_or(|b| h.seq > b.seq) {
+                    best = Some(h);
+                }
+            }
+            Err(e) => errors.push((i, e.to_string(), Some(e))),
+        }
+    }
+    if let Some(h) = best {
+        return Ok(h);
+    }
+    use format::DecodeError;
+    if let Some((_, _, Some(DecodeError::Version { want, have }))) = errors.first() {
+        return Err(Error::UnsupportedVersion {
+            want: *want,
+            have: *have,
+        });
+    }
+    if errors
+        .iter()
+        .all(|(_, _, e)| matches!(e, None | Some(DecodeError::Magic(_))))
+    {
+        return Err(Error::NotAVolume("the backing store".into()));
+    }
+    let why: Vec<String> = errors
+        .iter()
+        .map(|(i, m, _)| format!("copy {}: {m}", ["A", "B"][*i]))
+        .collect();
+    Err(Error::Corrupted(format!(
+        "both header copies are damaged ({})",
+        why.join("; ")
+    )))
+}
+
+/// Writes a header to both copies, one after the other, each made durable,
+/// so that a crash leaves at least one intact.
+pub fn write_header(dev: &dyn Device, header: &Header) -> Result<()> {
+    let b = header.encode();
+    for blk in format::HEADER_BLOCKS {
+        dev.write_at(&b[..], blk * BLOCK_SIZE as u64)
+            .and_then(|_| dev.flush())
+            .map_err(|e| Error::io("writing the volume header", e))?;
+    }
+    Ok(())
+}
+
+/// Formats a new volume on `dev` and returns its header.
+pub fn create(
+    dev: &dyn Device,
+    master: &MasterKey,
+    volume_id: [u8; 16],
+    slots: [KeySlot; KEY_SLOTS],
+    opts: &CreateOptions,
+) -> Result<Header> {
+    let seg = opts.segment_blocks;
+    if !seg.is_power_of_two()
+        || !(format::MIN_SEGMENT_BLOCKS..=format::MAX_SEGMENT_BLOCKS).contains(&seg)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "segment size must be a power of two between {} and {} blocks, not {seg}",
+            format::MIN_SEGMENT_BLOCKS,
+            format::MAX_SEGMENT_BLOCKS
+        )));
+    }
+    if opts.logical_blocks == 0 || opts.logical_blocks > MAX_LOGICAL_BLOCKS {
+        return Err(Error::InvalidArgument(format!(
+            "volume size must be between 4 KiB and {} TiB",
+            (MAX_LOGICAL_BLOCKS * BLOCK_SIZE as u64) >> 40
+        )));
+    }
+    let max_segments = max_segments_for(opts.logical_blocks, seg);
+    let end = DATA_START + max_segments * seg as u64;
+    if dev.fixed_size() {
+        let have = dev
+            .len()
+            .map_err(|e| Error::io("reading the device size", e))?;
+        if have < end * BLOCK_SIZE as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "the device holds {have} bytes but a volume of this size needs {} (lsvfs keeps 25% headroom for the cleaner); choose a smaller --size",
+                end * BLOCK_SIZE as u64
+            )));
+        }
+    }
+    let header = Header {
+        seq: 1,
+        volume_id,
+        logical_blocks: opts.logical_blocks,
+        segment_blocks: seg,
+        max_segments,
+        key_check: master.check_value(&volume_id),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        slots,
+    };
+    // Both checkpoint slots are cleared first: stale ones from an earlier
+    // volume on the same device must not be mistaken for ours.
+    let zero = [0u8; BLOCK_SIZE];
+    for blk in format::CHECKPOINT_BLOCKS {
+        dev.write_at(&zero, blk * BLOCK_SIZE as u64)
+            .map_err(|e| Error::io("clearing the checkpoint slots", e))?;
+    }
+    // The log head, the next segment and the reserve are allocated now, so
+    // that the reserve exists even if the host fills up later.
+    let initial = 2 + reserves(opts.logical_blocks, seg as u64).2;
+    let seg_bytes = seg as u64 * BLOCK_SIZE as u64;
+    dev.allocate(DATA_START * BLOCK_SIZE as u64, initial * seg_bytes)
+        .map_err(|e| Error::io("reserving the first segments", e))?;
+    let keys = VolumeKeys::derive(master, &volume_id);
+    let c = Checkpoint {
+        seq: 1,
+        log: LogPos {
+            seq: 1,
+            segment: 0,
+            offset: 0,
+            next_segment: 1,
+            anchor: Mac::default(),
+        },
+        gen_limit: 1,
+        extent: initial,
+        allocated: 0,
+        changed_since: 1,
+        key_gen: 0,
+        roots: [TreePtr::ABSENT; 5],
+        snap_meta: TreePtr::ABSENT,
+        snap_pages: 0,
+    };
+    let mut b = c.encode_body(&header);
+    let mac = keys.mac(
+        Tag::new(BlockKind::Checkpoint, 1, 1),
+        &b[..format::CHECKPOINT_MAC_AT],
+    );
+    b[format::CHECKPOINT_MAC_AT..].copy_from_slice(&mac.0);
+    dev.write_at(&b[..], format::CHECKPOINT_BLOCKS[1] * BLOCK_SIZE as u64)
+        .and_then(|_| dev.flush())
+        .map_err(|e| Error::io("writing the first checkpoint", e))?;
+    // The header goes last: until it is written, nothing claims to be a volume.
+    write_header(dev, &header)?;
+    Ok(header)
+}

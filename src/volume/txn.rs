@@ -1,0 +1,42 @@
+//! Transactions: groups of block writes and trims applied all-or-nothing.
+
+/// Largest number of blocks one transaction may write (64 MiB).
+pub const MAX_TXN_BLOCKS: u64 = 16384;
+
+/// Blocks [`Volume::trim`] unmaps per transaction: 128 MiB, whose map
+/// entries fill 256 leaf pages.
+pub const TRIM_CHUNK_BLOCKS: u64 = 128 * 256;
+
+/// A group of block writes and trims, applied all-or-nothing, in order.
+#[derive(Default, Clone)]
+pub struct Transaction {
+    pub(super) ops: Vec<Op>,
+}
+
+#[derive(Clone)]
+pub(super) enum Op {
+    Write { lba: u64, data: Vec<u8> },
+    Trim { lba: u64, count: u64 },
+}
+
+impl Transaction {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes `data` (a whole number of blocks) starting at `lba`.
+    pub fn write(&mut self, lba: u64, data: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Write { lba, data });
+        self
+    }
+
+    /// Unmaps `count` blocks from `lba`; they read as zeros afterwards.
+    pub fn trim(&mut self, lba: u64, count: u64) -> &mut Self {
+        self.ops.push(Op::Trim { lba, count });
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
