@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::fs::format::ROOT_INO;
 use crate::fs::{Fs, MAX_INO};
-use crate::volume::snapshot::SnapshotInfo;
+use crate::volume::SnapshotInfo;
 use crate::{Error, FsError, Result};
 
 pub const SNAP_BIT: u64 = 1 << 63;
@@ -23,7 +23,7 @@ const ID_SHIFT: u32 = MAX_INO.trailing_zeros();
 const MAX_VIEWS: usize = 16;
 /// Largest snapshot id the numbering can show (the volume never hands out
 /// a larger one).
-const MAX_ID: u64 = crate::volume::snapshot::MAX_SNAPSHOT_ID;
+const MAX_ID: u64 = crate::volume::format::MAX_SNAPSHOT_ID;
 const _: () = assert!(MAX_ID < SNAP_BIT >> ID_SHIFT);
 
 /// Where an inode number points.

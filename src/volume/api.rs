@@ -1,18 +1,18 @@
 //! The volume API: an open volume over the state, its locks and the
 //! background cleaner.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::ctx::Ctx;
-use super::format::{self, Checkpoint, Entry, Header, LogPos, TreePtr};
+use super::format::{self, Entry, Header};
+use super::geometry::data_need;
 use super::header::read_header;
 use super::recovery::{self, Recovery};
-use super::sizing::{data_need, reserves};
 use super::snapshot;
-use super::state::{self, State, Usage};
-use super::tree::Trees;
+use super::state::State;
 use super::txn::{Op, Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};
 use super::CheckReport;
 use crate::crypto::{BlockKind, CryptoEngine, Mac, MasterKey, Tag, VolumeKeys};
@@ -73,6 +73,8 @@ struct Inner {
     engine: CryptoEngine,
     state: Mutex<State>,
     reuse: RwLock<()>,
+    /// See [`Ctx::poisoned`].
+    poisoned: AtomicBool,
     /// Held shared by a commit from taking its generations to applying its
     /// records; a snapshot takes it exclusively, so no transaction whose
     /// generations are below the snapshot's birth is applied after it.
@@ -102,147 +104,34 @@ impl Volume {
         let keys = VolumeKeys::derive(master, &header.volume_id);
         let engine = CryptoEngine::new(opts.crypto_threads, opts.chunk_bytes)
             .map_err(|e| Error::io("starting crypto threads", e))?;
-        let seg = header.segment_blocks as u64;
-        let (dirty_limit, _, reserve) = reserves(header.logical_blocks, seg);
         let reuse = RwLock::new(());
-        let mut inner = Inner {
+        let poisoned = AtomicBool::new(false);
+        let (state, recovery) = recovery::recover(
+            &Ctx {
+                dev: &*dev,
+                keys: &keys,
+                header: &header,
+                engine: &engine,
+                reuse: &reuse,
+                poisoned: &poisoned,
+            },
+            opts.cache_bytes / BLOCK_SIZE,
+            opts.read_only,
+        )?;
+        let inner = Arc::new(Inner {
+            checkpoint_blocks: opts.checkpoint_blocks.max(header.segment_blocks as u64),
             dev,
+            header,
             keys,
             engine,
-            state: Mutex::new(State {
-                trees: Trees::new(
-                    [TreePtr::ABSENT; 5],
-                    state::shapes(header.logical_blocks, header.max_segments),
-                    1,
-                ),
-                usage: Usage::new(seg),
-                free: Default::default(),
-                extent: 0,
-                head: LogPos {
-                    seq: 0,
-                    segment: 0,
-                    offset: 0,
-                    next_segment: 1,
-                    anchor: Mac::default(),
-                },
-                next_gen: 0,
-                gen_limit: 0,
-                allocated: 0,
-                changed_since: 0,
-                key_gen: 0,
-                last_checkpoint: Checkpoint {
-                    seq: 0,
-                    log: LogPos {
-                        seq: 0,
-                        segment: 0,
-                        offset: 0,
-                        next_segment: 1,
-                        anchor: Mac::default(),
-                    },
-                    gen_limit: 0,
-                    extent: 0,
-                    allocated: 0,
-                    changed_since: 0,
-                    key_gen: 0,
-                    roots: [TreePtr::ABSENT; 5],
-                    snap_meta: TreePtr::ABSENT,
-                    snap_pages: 0,
-                },
-                log_blocks_since_checkpoint: 0,
-                cleaned: Default::default(),
-                poisoned: false,
-                growth_blocked: false,
-                seg_blocks: seg,
-                max_segments: header.max_segments,
-                logical_blocks: header.logical_blocks,
-                reserve,
-                dirty_limit,
-                snaps: Vec::new(),
-                snap_next_id: 1,
-                live_changed: Vec::new(),
-                meta_pages: Vec::new(),
-                meta_root: (TreePtr::ABSENT, 0),
-                snap_meta_dirty: false,
-            }),
-            header,
+            state: Mutex::new(state),
             reuse,
+            poisoned,
             commits: RwLock::new(()),
             read_only: opts.read_only,
-            checkpoint_blocks: opts.checkpoint_blocks.max(seg),
-        };
-        let recovery = {
-            let Inner {
-                dev,
-                keys,
-                engine,
-                state,
-                header,
-                reuse,
-                ..
-            } = &mut inner;
-            let ctx = Ctx {
-                dev: &**dev,
-                keys,
-                header,
-                engine,
-                reuse,
-            };
-            let st = state.get_mut().expect("not shared yet");
-            let c = recovery::read_checkpoint(&ctx)?;
-            st.trees = Trees::new(
-                c.roots,
-                state::shapes(header.logical_blocks, header.max_segments),
-                opts.cache_bytes / BLOCK_SIZE,
-            );
-            st.extent = c.extent;
-            st.head = c.log;
-            st.next_gen = c.gen_limit;
-            st.gen_limit = c.gen_limit;
-            st.allocated = c.allocated;
-            st.changed_since = c.changed_since;
-            st.key_gen = c.key_gen;
-            let (meta, pages) = st.read_snap_meta(&ctx, c.snap_meta, c.snap_pages)?;
-            st.install_snap_meta(meta, pages, (c.snap_meta, c.snap_pages));
-            st.last_checkpoint = c;
-            st.load_usage(&ctx)?;
-            let empty: Vec<u64> = (0..st.extent).filter(|s| st.usage.live(*s) == 0).collect();
-            let r = st.roll_forward(&ctx)?;
-            st.free_after_recovery(&empty, &r);
-            if !opts.read_only {
-                st.erase_dropped(&ctx, &r)?;
-                st.refresh_reserve(&ctx, &[]);
-                // Reserve generations durably, then make the recovered state
-                // the new checkpoint so the replayed log can be reused. If
-                // there is no room for it, the volume still opens: the log
-                // stays where it is and is replayed again next time, and
-                // reads and trims can make room.
-                st.alloc_gens(&ctx, 0)?;
-                st.alloc_gens(&ctx, 1)?;
-                match st.checkpoint(&ctx) {
-                    Ok(()) | Err(Error::NoSpace(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            r
-        };
-        let inner = Arc::new(inner);
+        });
         let background = if opts.background && !opts.read_only {
-            let (tx, rx) = crossbeam::channel::bounded::<()>(1);
-            let weak = Arc::downgrade(&inner);
-            let handle = std::thread::Builder::new()
-                .name("lsvfs-cleaner".into())
-                .spawn(move || {
-                    while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
-                        rx.recv_timeout(Duration::from_millis(500))
-                    {
-                        match weak.upgrade() {
-                            Some(inner) => inner.background_tick(),
-                            None => break,
-                        }
-                    }
-                })
-                .map_err(|e| Error::io("starting the cleaner thread", e))?;
-            Some((tx, handle))
+            Some(Inner::start_background(&inner)?)
         } else {
             None
         };
@@ -311,7 +200,7 @@ impl Volume {
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         self.writable()?;
         let mut st = self.inner.lock()?;
-        let i = st.snap_named(name)?;
+        let i = st.snaps.named(name)?;
         st.snapshot_delete(&self.inner.ctx(), i)
     }
 
@@ -327,6 +216,7 @@ impl Volume {
         let st = self.inner.lock()?;
         Ok(st
             .snaps
+            .list
             .iter()
             .map(|s| {
                 (
@@ -343,7 +233,7 @@ impl Volume {
     /// snapshot `name`, as (first block, count): the base of incremental export.
     pub fn snapshot_changed_runs(&self, name: &str) -> Result<Vec<(u64, u64)>> {
         let mut st = self.inner.lock()?;
-        let i = st.snap_named(name)?;
+        let i = st.snaps.named(name)?;
         st.snapshot_changed_runs(&self.inner.ctx(), i)
     }
 
@@ -351,7 +241,7 @@ impl Volume {
     /// the live volume changes, and fails once the snapshot is deleted).
     pub fn snapshot_view(&self, id: u64) -> Result<Volume> {
         let st = self.inner.lock()?;
-        if st.snap_index_by_id(id).is_none() {
+        if st.snaps.index_by_id(id).is_none() {
             return Err(Error::Fs {
                 kind: crate::FsError::NotFound,
                 what: format!("snapshot {id}"),
@@ -371,9 +261,9 @@ impl Volume {
     /// minus every block counted live).
     pub fn free_blocks(&self) -> Result<u64> {
         let st = self.inner.lock()?;
-        let live: u64 = (0..st.extent).map(|s| st.usage.live(s)).sum();
-        Ok((st.logical_blocks - st.allocated)
-            .min(data_need(st.logical_blocks).saturating_sub(live)))
+        let live = st.usage.total_live(st.log.extent);
+        Ok((st.geo.logical_blocks - st.allocated)
+            .min(data_need(st.geo.logical_blocks).saturating_sub(live)))
     }
 
     /// What recovery did when the volume was opened.
@@ -396,14 +286,14 @@ impl Volume {
                     }
                 }
                 Some(id) => {
-                    let s = st.snap_index_by_id(id).ok_or_else(|| Error::Fs {
+                    let s = st.snaps.index_by_id(id).ok_or_else(|| Error::Fs {
                         kind: crate::FsError::NotFound,
                         what: format!("snapshot {id} (it was deleted)"),
                     })?;
                     for i in 0..n {
                         es.push(st.snap_locate(&ctx, s, lba + i)?);
                     }
-                    st.snaps[s].trees.evict();
+                    st.snaps.list[s].trees.evict();
                 }
             }
             st.trees.evict();
@@ -559,13 +449,13 @@ impl Volume {
         let ctx = inner.ctx();
         // A transaction that only trims frees space: it may use the reserve.
         // Not while snapshots exist: what it drops, they may hold.
-        let frees = payload.is_empty() && st.snaps.is_empty();
+        let frees = payload.is_empty() && st.snaps.list.is_empty();
         st.ensure_space(&ctx, &entries, frees)?;
         st.prefetch(&ctx, &entries)?;
         let pbas = match st.append(&ctx, &entries, &payload, true, frees) {
             // The backing file could not grow: nothing was written. Make
             // room from free and cleaned segments instead, and try once more.
-            Err(Error::NoSpace(_)) if st.growth_blocked => {
+            Err(Error::NoSpace(_)) if st.log.growth_blocked => {
                 st.ensure_space(&ctx, &entries, frees)?;
                 st.prefetch(&ctx, &entries)?;
                 st.append(&ctx, &entries, &payload, true, frees)?
@@ -573,7 +463,7 @@ impl Volume {
             r => r?,
         };
         if let Err(e) = st.apply(&ctx, &entries, &pbas) {
-            st.poisoned = true;
+            ctx.poison();
             return Err(e);
         }
         inner.maybe_checkpoint(&mut st, &ctx);
@@ -586,13 +476,11 @@ impl Volume {
         if self.view.is_some() {
             return Ok(());
         }
-        if self.inner.lock()?.poisoned {
+        if self.inner.poisoned.load(Ordering::SeqCst) {
             return Err(Error::PreviousIo);
         }
         self.inner.dev.flush().map_err(|e| {
-            if let Ok(mut st) = self.inner.state.lock() {
-                st.poisoned = true;
-            }
+            self.inner.poisoned.store(true, Ordering::SeqCst);
             Error::io("flushing the backing store", e)
         })
     }
@@ -626,17 +514,17 @@ impl Volume {
         self.live_only()?;
         let st = self.inner.lock()?;
         Ok(Stats {
-            logical_blocks: st.logical_blocks,
+            logical_blocks: st.geo.logical_blocks,
             allocated_blocks: st.allocated,
-            segment_blocks: st.seg_blocks,
-            max_segments: st.max_segments,
-            extent_segments: st.extent,
-            free_segments: st.free.len() as u64,
+            segment_blocks: st.geo.seg_blocks,
+            max_segments: st.geo.max_segments,
+            extent_segments: st.log.extent,
+            free_segments: st.log.free.len() as u64,
             dirty_pages: st.trees.dirty_count(),
             cached_pages: st.trees.cached_count(),
-            checkpoint_seq: st.last_checkpoint.seq,
-            live_blocks: (0..st.extent).map(|s| st.usage.live(s)).sum(),
-            snapshots: st.snaps.len() as u64,
+            checkpoint_seq: st.ckpt.last.seq,
+            live_blocks: st.usage.total_live(st.log.extent),
+            snapshots: st.snaps.list.len() as u64,
             held_blocks: st.usage.held.len() as u64,
         })
     }
@@ -654,7 +542,7 @@ impl Volume {
     pub fn allocated_runs(&self) -> Result<Vec<(u64, u64)>> {
         if let Some(id) = self.view {
             let mut st = self.inner.lock()?;
-            let i = st.snap_index_by_id(id).ok_or_else(|| Error::Fs {
+            let i = st.snaps.index_by_id(id).ok_or_else(|| Error::Fs {
                 kind: crate::FsError::NotFound,
                 what: format!("snapshot {id} (it was deleted)"),
             })?;
@@ -768,12 +656,13 @@ impl Inner {
             header: &self.header,
             engine: &self.engine,
             reuse: &self.reuse,
+            poisoned: &self.poisoned,
         }
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
         let st = self.state.lock().map_err(|_| Error::PreviousIo)?;
-        if st.poisoned {
+        if self.poisoned.load(Ordering::SeqCst) {
             return Err(Error::PreviousIo);
         }
         Ok(st)
@@ -806,8 +695,8 @@ impl Inner {
     }
 
     fn maybe_checkpoint(&self, st: &mut State, ctx: &Ctx) {
-        if st.trees.dirty_count() as u64 > st.dirty_limit
-            || st.log_blocks_since_checkpoint > self.checkpoint_blocks
+        if st.trees.dirty_count() as u64 > st.geo.dirty_limit
+            || st.log.blocks_since_checkpoint > self.checkpoint_blocks
         {
             // The transaction is already committed; a checkpoint that cannot
             // find space now is retried after the next one.
@@ -815,19 +704,42 @@ impl Inner {
         }
     }
 
+    /// Starts the thread that cleans and checkpoints in the background; it
+    /// ends when the volume is dropped or the sender is.
+    fn start_background(
+        inner: &Arc<Inner>,
+    ) -> Result<(crossbeam::channel::Sender<()>, JoinHandle<()>)> {
+        let (tx, rx) = crossbeam::channel::bounded::<()>(1);
+        let weak = Arc::downgrade(inner);
+        let handle = std::thread::Builder::new()
+            .name("lsvfs-cleaner".into())
+            .spawn(move || {
+                while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(Duration::from_millis(500))
+                {
+                    match weak.upgrade() {
+                        Some(inner) => inner.background_tick(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| Error::io("starting the cleaner thread", e))?;
+        Ok((tx, handle))
+    }
+
     fn background_tick(&self) {
         let Ok(mut st) = self.lock() else {
             return;
         };
         let ctx = self.ctx();
-        let low = (st.reserve * 2).max(st.max_segments / 16);
-        if st.available() < low {
+        let low = (st.geo.reserve * 2).max(st.geo.max_segments / 16);
+        if st.log.available() < low {
             if let Ok(n) = st.clean_batch(&ctx) {
                 if n > 0 {
                     let _ = st.checkpoint(&ctx);
                 }
             }
-        } else if st.log_blocks_since_checkpoint > self.checkpoint_blocks / 2 {
+        } else if st.log.blocks_since_checkpoint > self.checkpoint_blocks / 2 {
             let _ = st.checkpoint(&ctx);
         }
     }

@@ -3,12 +3,15 @@
 
 use std::collections::HashMap;
 
-use super::format::{MapEntry, TreeId, DATA_START, MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN, TREES};
+use std::collections::HashSet;
+
+use super::ctx::Ctx;
+use super::format::{
+    MapEntry, TreeId, TreePtr, DATA_START, MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN, TREES,
+};
+use super::snapshot::Unshared;
 use super::state::State;
 use super::tree::PageKey;
-use super::Ctx;
-use crate::crypto::{BlockKind, Tag};
-use crate::device::read_exact_at;
 use crate::{Result, BLOCK_SIZE};
 
 /// What `check` found. Problems are described for a person to read.
@@ -25,19 +28,10 @@ impl CheckReport {
     }
 }
 
-/// Whether the data block `e` names for `lba` reads back and authenticates.
-pub(super) fn data_block_authentic(ctx: &Ctx, buf: &mut [u8], lba: u64, e: &MapEntry) -> bool {
-    read_exact_at(ctx.dev, buf, e.pba * BLOCK_SIZE as u64).is_ok()
-        && ctx
-            .keys
-            .mac(Tag::new(BlockKind::Data, lba, e.gen), buf)
-            .ct_eq(&e.mac)
-}
-
 impl State {
     pub fn check(&mut self, ctx: &Ctx) -> Result<CheckReport> {
         let mut r = CheckReport::default();
-        let mut live = vec![0u64; self.extent as usize];
+        let mut live = vec![0u64; self.log.extent as usize];
         let mut usage_pages: HashMap<u64, u64> = HashMap::new();
         let mut map_leaves = Vec::new();
         let mut bits = [0u64; 5];
@@ -47,7 +41,7 @@ impl State {
             let res = self.trees.visit(ctx, tree, &mut |k, ptr, dirty, data| {
                 r.pages += 1;
                 if !dirty && !ptr.is_absent() {
-                    let seg = (ptr.pba - DATA_START) / self.seg_blocks;
+                    let seg = (ptr.pba - DATA_START) / self.geo.seg_blocks;
                     if seg >= live.len() as u64 {
                         bad_ptrs.push(format!(
                             "{tree:?} page {k:?} lies in segment {seg}, past the extent"
@@ -90,7 +84,7 @@ impl State {
                 }
                 let lba = leaf * MAP_ENTRIES_PER_PAGE as u64 + i as u64;
                 mapped += 1;
-                if lba >= self.logical_blocks {
+                if lba >= self.geo.logical_blocks {
                     r.problems.push(format!(
                         "map entry for block {lba} lies past the end of the volume"
                     ));
@@ -103,7 +97,7 @@ impl State {
                     ));
                     continue;
                 }
-                let seg = (e.pba - DATA_START) / self.seg_blocks;
+                let seg = (e.pba - DATA_START) / self.geo.seg_blocks;
                 match live.get_mut(seg as usize) {
                     Some(c) => *c += 1,
                     None => r.problems.push(format!(
@@ -120,7 +114,7 @@ impl State {
                         .push(format!("allocated bitmap at block {lba}: {err}")),
                 }
                 r.data_blocks += 1;
-                if !data_block_authentic(ctx, &mut buf, lba, &e) {
+                if !ctx.data_block_authentic(&mut buf, lba, &e) {
                     r.problems.push(format!(
                         "logical block {lba} (stored at block {}) fails authentication",
                         e.pba
@@ -142,8 +136,8 @@ impl State {
         }
         self.check_snapshots(ctx, &mut r);
         // Blocks only snapshots reference, and the snapshot metadata pages.
-        for pba in self.held_locations() {
-            let seg = (pba - DATA_START) / self.seg_blocks;
+        for pba in self.snaps.held_locations(&self.usage.held) {
+            let seg = (pba - DATA_START) / self.geo.seg_blocks;
             match live.get_mut(seg as usize) {
                 Some(c) => *c += 1,
                 None => r.problems.push(format!(
@@ -151,7 +145,7 @@ impl State {
                 )),
             }
         }
-        for s in 0..self.extent {
+        for s in 0..self.log.extent {
             let want = live[s as usize];
             let have = self.usage.live.get(s as usize).copied().unwrap_or(0) as u64;
             if want != have {
@@ -166,7 +160,7 @@ impl State {
                     "segment {s}: {have_up} usage pages counted, found {up}"
                 ));
             }
-            if self.free.contains(&s) && want + up > 0 {
+            if self.log.free.contains(&s) && want + up > 0 {
                 r.problems.push(format!(
                     "segment {s} is free but holds {} live blocks",
                     want + up
@@ -174,5 +168,78 @@ impl State {
             }
         }
         Ok(r)
+    }
+
+    /// Authenticates what only snapshots reference: for each snapshot, the
+    /// pages and data blocks that neither the previous snapshot nor the
+    /// live state shares (those were checked there).
+    fn check_snapshots(&mut self, ctx: &Ctx, r: &mut CheckReport) {
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        // Generations snapshots reference that the live state does not:
+        // exactly the held table, or space leaks (held, unreferenced) or,
+        // worse, a referenced block could be reused (referenced, not held).
+        let mut referenced: HashSet<u64> = HashSet::new();
+        let mut lists: Vec<Vec<TreePtr>> = self
+            .snaps
+            .list
+            .iter()
+            .map(|s| s.rec.changed.clone())
+            .collect();
+        lists.push(self.snaps.live_changed.clone());
+        for l in lists {
+            match self.changed_pages(ctx, &l) {
+                Ok(g) => referenced.extend(g),
+                Err(e) => r.problems.push(format!("a snapshot's changed bitmap: {e}")),
+            }
+        }
+        for i in 0..self.snaps.list.len() {
+            let name = self.snaps.list[i].rec.name.clone();
+            let items = match self.walk_unshared(ctx, i, true) {
+                Ok(v) => v,
+                Err(e) => {
+                    r.problems.push(format!("snapshot {name}: {e}"));
+                    continue;
+                }
+            };
+            for it in items {
+                let (lba, e) = match it {
+                    Unshared::Page(g) => {
+                        referenced.insert(g);
+                        r.pages += 1;
+                        continue;
+                    }
+                    Unshared::Data(lba, e) => (lba, e),
+                };
+                referenced.insert(e.gen);
+                r.data_blocks += 1;
+                let pba = self.usage.held.get(e.gen).unwrap_or(e.pba);
+                if !ctx.data_block_authentic(&mut buf, lba, &MapEntry { pba, ..e }) {
+                    r.problems.push(format!(
+                        "snapshot {name}: logical block {lba} (stored at block {pba}) fails authentication"
+                    ));
+                }
+            }
+        }
+        let unheld = referenced
+            .iter()
+            .filter(|g| !self.usage.held.table.contains_key(g))
+            .count();
+        if unheld > 0 {
+            r.problems.push(format!(
+                "{unheld} blocks that snapshots reference are not in the held table (their space could be reused)"
+            ));
+        }
+        let leaked = self
+            .usage
+            .held
+            .table
+            .keys()
+            .filter(|g| !referenced.contains(g))
+            .count();
+        if leaked > 0 {
+            r.problems.push(format!(
+                "{leaked} held blocks are referenced by no snapshot (space leak)"
+            ));
+        }
     }
 }

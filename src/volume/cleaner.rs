@@ -9,10 +9,12 @@
 //! Cleaned segments become free at the next checkpoint, once nothing
 //! durable refers to them.
 
+use super::ctx::Ctx;
 use super::format::{Entry, TreeId, ENTRIES_PER_RECORD, TREES};
+use super::geometry::usable_per_segment;
+use super::log::open_summary;
 use super::state::State;
 use super::tree::PageKey;
-use super::Ctx;
 use crate::device::read_exact_at;
 use crate::{Error, Result, BLOCK_SIZE};
 
@@ -28,14 +30,14 @@ impl State {
             .iter()
             .map(|t| self.trees.shape(*t).depth as u64 + 1)
             .sum();
-        let meta = self.snap_meta_pages();
+        let meta = self.snaps.meta_pages_needed(&self.usage.held);
         pages + meta + 4 + levels + (pages + meta).div_ceil(ENTRIES_PER_RECORD as u64)
     }
 
     /// Segments `blocks` of log may take from the current head: a new
     /// segment can leave the tail of the previous one unused.
     fn segments_for(&self, blocks: u64) -> u64 {
-        let usable = self.seg_blocks - self.seg_blocks.div_ceil(ENTRIES_PER_RECORD as u64 + 1);
+        let usable = usable_per_segment(self.geo.seg_blocks);
         blocks.div_ceil(usable) + 1
     }
 
@@ -50,17 +52,17 @@ impl State {
     /// (which free space) may use the reserve. The plan depends on the log
     /// head, which a checkpoint moves, so it is made afresh each time.
     fn fits(&self, entries: &[Entry], new_pages: u64, privileged: bool) -> bool {
-        let needed = self.segments_needed(entries);
+        let needed = self.log.segments_needed(entries);
         let checkpoint = self.checkpoint_segments(self.trees.dirty_count() as u64 + new_pages);
         // Ordinary writes leave the reserve; appends that free space may use
         // it but must leave room to clean the worst victim afterwards.
         let keep = if privileged {
             self.room_to_clean(self.worth())
         } else {
-            self.reserve
+            self.geo.reserve
         };
-        self.available() >= needed + checkpoint + keep
-            && (privileged || self.user_available() >= needed)
+        self.log.available() >= needed + checkpoint + keep
+            && (privileged || self.log.user_available() >= needed)
     }
 
     /// Makes sure appending `entries` can proceed and still be
@@ -75,7 +77,7 @@ impl State {
         // become free with the next one, and it leaves no page dirty.
         self.checkpoint(ctx)?;
         let mut rounds = 0;
-        while !self.fits(entries, new_pages, privileged) && rounds < 4 * self.extent.max(16) {
+        while !self.fits(entries, new_pages, privileged) && rounds < 4 * self.log.extent.max(16) {
             rounds += 1;
             if self.clean_batch(ctx)? == 0 {
                 break;
@@ -85,10 +87,10 @@ impl State {
         if self.fits(entries, new_pages, privileged) {
             return Ok(());
         }
-        if self.growth_blocked {
+        if self.log.growth_blocked {
             // The host may have freed space since: let the next segment
             // allocation try growing the backing file again.
-            self.growth_blocked = false;
+            self.log.growth_blocked = false;
             if self.fits(entries, new_pages, privileged) {
                 return Ok(());
             }
@@ -96,8 +98,8 @@ impl State {
         Err(Error::NoSpace(format!(
             "the volume is full ({} of {} logical blocks in use, {} free segments); delete or trim data",
             self.allocated,
-            self.logical_blocks,
-            self.available()
+            self.geo.logical_blocks,
+            self.log.available()
         )))
     }
 
@@ -110,7 +112,7 @@ impl State {
             let Some(victim) = self.pick_victim() else {
                 break;
             };
-            if self.available() < self.room_to_clean(self.usage.live(victim)) {
+            if self.log.available() < self.room_to_clean(self.usage.live(victim)) {
                 break;
             }
             self.clean_one(ctx, victim)?;
@@ -131,18 +133,15 @@ impl State {
 
     /// Segments with fewer live blocks than this are worth cleaning.
     fn worth(&self) -> u64 {
-        self.seg_blocks - self.seg_blocks / 8
+        self.geo.seg_blocks - self.geo.seg_blocks / 8
     }
 
     /// The segment with the fewest live blocks that is worth cleaning.
     pub fn pick_victim(&self) -> Option<u64> {
         let worth = self.worth();
-        (0..self.extent)
+        (0..self.log.extent)
             .filter(|s| {
-                *s != self.head.segment
-                    && *s != self.head.next_segment
-                    && !self.free.contains(s)
-                    && !self.cleaned.contains(s)
+                !self.log.is_head(*s) && !self.log.free.contains(s) && !self.log.cleaned.contains(s)
             })
             .map(|s| (self.usage.live(s), s))
             .filter(|(live, _)| *live < worth)
@@ -152,13 +151,13 @@ impl State {
 
     /// Cleans one victim segment: copies its live blocks to the log head.
     pub fn clean_one(&mut self, ctx: &Ctx, victim: u64) -> Result<()> {
-        self.cleaned.insert(victim);
+        self.log.cleaned.insert(victim);
         if self.usage.live(victim) == 0 {
             return Ok(());
         }
-        let seg_bytes = self.seg_blocks as usize * BLOCK_SIZE;
+        let seg_bytes = self.geo.seg_blocks as usize * BLOCK_SIZE;
         let mut seg = vec![0u8; seg_bytes];
-        let start = self.pba_of(victim, 0);
+        let start = self.geo.pba_of(victim, 0);
         read_exact_at(ctx.dev, &mut seg, start * BLOCK_SIZE as u64)
             .map_err(|e| Error::io(format!("cleaner reading segment {victim}"), e))?;
 
@@ -167,11 +166,11 @@ impl State {
         // generation, old location).
         let mut held_moves: Vec<(usize, u64, u64)> = Vec::new();
         let mut offset = 0u64;
-        while offset < self.seg_blocks {
+        while offset < self.geo.seg_blocks {
             let o = offset as usize * BLOCK_SIZE;
             let mut b = Box::new([0u8; BLOCK_SIZE]);
             b.copy_from_slice(&seg[o..o + BLOCK_SIZE]);
-            let Some(rec) = super::log::open_summary(ctx, &mut b, victim, offset) else {
+            let Some(rec) = open_summary(ctx, &mut b, victim, offset) else {
                 break;
             };
             for (i, e) in rec.entries[..rec.head.n_payload as usize]
@@ -183,7 +182,7 @@ impl State {
                     Entry::Write { lba, gen, mac } | Entry::Relocate { lba, gen, mac } => {
                         let cur = self.lookup(ctx, lba)?;
                         let live = cur.pba == pba && cur.gen == gen;
-                        if live || self.is_held_at(gen, pba) {
+                        if live || self.usage.held.is_at(gen, pba) {
                             if !live {
                                 held_moves.push((moves.len(), gen, pba));
                             }
@@ -197,9 +196,9 @@ impl State {
                         tree: TreeId::SnapMeta,
                         ..
                     } => {
-                        if self.is_meta_page(pba) {
+                        if self.snaps.is_meta_page(pba) {
                             // The next checkpoint writes the metadata afresh.
-                            self.snap_meta_dirty = true;
+                            self.snaps.meta_dirty = true;
                         }
                     }
                     Entry::TreePage {
@@ -221,7 +220,7 @@ impl State {
                         }
                         // A page snapshots share (perhaps held just now, as
                         // the live tree let go of it) moves as it is.
-                        if self.is_held_at(gen, pba) {
+                        if self.usage.held.is_at(gen, pba) {
                             held_moves.push((moves.len(), gen, pba));
                             moves.push((*e, (offset + 1) as usize + i));
                         }
@@ -242,14 +241,11 @@ impl State {
         self.prefetch(ctx, &entries)?;
         let pbas = self.append(ctx, &entries, &payload, true, true)?;
         self.apply(ctx, &entries, &pbas)
-            .inspect_err(|_| self.poisoned = true)?;
+            .inspect_err(|_| ctx.poison())?;
         // `apply` ignores these (the live map does not have them): the held
         // table follows them instead, durable with the next checkpoint.
         for (j, gen, old) in held_moves {
-            self.usage.dec(old);
-            self.usage.inc(pbas[j]);
-            self.usage.held.insert(gen, pbas[j]);
-            self.usage.held_dirty = true;
+            self.usage.held_moved(gen, old, pbas[j]);
         }
         Ok(())
     }

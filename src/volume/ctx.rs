@@ -1,9 +1,10 @@
 //! What the parts of an open volume's state borrow from the volume: the
 //! device, the keys, the header and the crypto engine.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
-use super::format::{self, Block, Header, TreePtr, DATA_START};
+use super::format::{self, Block, Header, MapEntry, TreePtr, DATA_START};
 use super::tree::{PageKey, PageSource};
 use crate::crypto::{BlockKind, CryptoEngine, Tag, VolumeKeys};
 use crate::device::{read_exact_at, Device};
@@ -16,6 +17,29 @@ pub(crate) struct Ctx<'a> {
     pub header: &'a Header,
     pub engine: &'a CryptoEngine,
     pub reuse: &'a RwLock<()>,
+    /// Set by a failed device write: the volume refuses further work until
+    /// it is reopened (a half-failed device is never trusted again).
+    pub poisoned: &'a AtomicBool,
+}
+
+impl Ctx<'_> {
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// Whether the data block `e` names for `lba` reads back into `buf` and
+    /// authenticates.
+    pub fn data_block_authentic(&self, buf: &mut [u8], lba: u64, e: &MapEntry) -> bool {
+        read_exact_at(self.dev, buf, e.pba * BLOCK_SIZE as u64).is_ok()
+            && self
+                .keys
+                .mac(Tag::new(BlockKind::Data, lba, e.gen), buf)
+                .ct_eq(&e.mac)
+    }
 }
 
 impl PageSource for Ctx<'_> {

@@ -1,10 +1,67 @@
-//! The space bound: how many segments a volume of a given logical size may
-//! use, and the reserve kept back for checkpoints and the cleaner. See
-//! docs/FORMAT.md, "Space bound".
+//! A volume's geometry: the sizes fixed at creation, the shapes of its
+//! metadata trees, and the space bound (how many segments a volume of a
+//! given logical size may use, and the reserve kept back for checkpoints
+//! and the cleaner; docs/FORMAT.md, "Space bound").
 
-use super::format::ENTRIES_PER_RECORD;
-use super::state;
-use super::tree;
+use super::format::{Header, DATA_START, ENTRIES_PER_RECORD, MAP_ENTRIES_PER_PAGE};
+use super::tree::{self, Shape};
+use crate::BLOCK_SIZE;
+
+/// Bits per bitmap leaf page.
+pub const BITS_PER_PAGE: u64 = (BLOCK_SIZE * 8) as u64;
+/// Segment-usage counters (u32) per leaf page.
+pub const USAGE_PER_PAGE: u64 = (BLOCK_SIZE / 4) as u64;
+
+/// The trees' shapes for a volume geometry: map, three bitmaps, usage.
+pub fn shapes(logical_blocks: u64, max_segments: u64) -> [Shape; 5] {
+    let bitmap = Shape::new(logical_blocks.div_ceil(BITS_PER_PAGE));
+    [
+        Shape::new(logical_blocks.div_ceil(MAP_ENTRIES_PER_PAGE as u64)),
+        bitmap,
+        bitmap,
+        bitmap,
+        Shape::new(max_segments.div_ceil(USAGE_PER_PAGE)),
+    ]
+}
+
+/// What an open volume's parts need to know of its sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub seg_blocks: u64,
+    pub max_segments: u64,
+    pub logical_blocks: u64,
+    /// Segments kept back from ordinary writes for checkpoints and the cleaner.
+    pub reserve: u64,
+    /// Dirty metadata pages that force a checkpoint.
+    pub dirty_limit: u64,
+}
+
+impl Geometry {
+    pub fn of(header: &Header) -> Geometry {
+        let seg_blocks = header.segment_blocks as u64;
+        let (dirty_limit, _, reserve) = reserves(header.logical_blocks, seg_blocks);
+        Geometry {
+            seg_blocks,
+            max_segments: header.max_segments,
+            logical_blocks: header.logical_blocks,
+            reserve,
+            dirty_limit,
+        }
+    }
+
+    /// The block address of `offset` in segment `seg`.
+    pub fn pba_of(&self, seg: u64, offset: u64) -> u64 {
+        DATA_START + seg * self.seg_blocks + offset
+    }
+
+    pub fn segment_of(&self, pba: u64) -> u64 {
+        (pba - DATA_START) / self.seg_blocks
+    }
+
+    pub fn shapes(&self) -> [Shape; 5] {
+        shapes(self.logical_blocks, self.max_segments)
+    }
+}
 
 /// Largest number of dirty metadata pages before a checkpoint is forced.
 pub(super) const MAX_DIRTY_PAGES: u64 = 2048;
@@ -15,7 +72,7 @@ pub(super) fn usable_per_segment(seg_blocks: u64) -> u64 {
 
 /// Metadata pages a fully written volume has (leaves plus interior pages).
 pub(super) fn metadata_pages(logical_blocks: u64) -> u64 {
-    let sh = state::shapes(logical_blocks, 0);
+    let sh = shapes(logical_blocks, 0);
     let leaves = sh[0].leaves + 3 * sh[1].leaves;
     leaves + leaves / (tree::FANOUT - 1) + 16
 }

@@ -5,8 +5,8 @@ use super::format::{
     self, Block, Checkpoint, Header, KeySlot, LogPos, TreePtr, DATA_START, KEY_SLOTS,
     MAX_LOGICAL_BLOCKS,
 };
-use super::sizing::{max_segments_for, reserves};
-use crate::crypto::{BlockKind, Mac, MasterKey, Tag, VolumeKeys};
+use super::geometry::{max_segments_for, reserves};
+use crate::crypto::{Mac, MasterKey, VolumeKeys};
 use crate::device::{read_exact_at, Device};
 use crate::{Error, Result, BLOCK_SIZE};
 
@@ -155,12 +155,7 @@ pub fn create(
         snap_meta: TreePtr::ABSENT,
         snap_pages: 0,
     };
-    let mut b = c.encode_body(&header);
-    let mac = keys.mac(
-        Tag::new(BlockKind::Checkpoint, 1, 1),
-        &b[..format::CHECKPOINT_MAC_AT],
-    );
-    b[format::CHECKPOINT_MAC_AT..].copy_from_slice(&mac.0);
+    let b = super::checkpoint::seal(&keys, &header, &c);
     dev.write_at(&b[..], format::CHECKPOINT_BLOCKS[1] * BLOCK_SIZE as u64)
         .and_then(|_| dev.flush())
         .map_err(|e| Error::io("writing the first checkpoint", e))?;

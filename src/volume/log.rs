@@ -6,15 +6,37 @@
 //! never mistakes a stale record (from an earlier use of a segment, or from
 //! a write that never became durable) for a live one.
 
+use std::collections::BTreeSet;
+
+use super::checkpoint::Checkpoints;
+use super::ctx::Ctx;
 use super::format::{
-    decode_entries, encode_entries, Block, Entry, SummaryHead, ENTRIES_PER_RECORD, FLAG_COMMIT,
-    SUMMARY_BODY_AT, SUMMARY_MAC_AT,
+    decode_entries, encode_entries, page_addr, Block, Entry, LogPos, SummaryHead,
+    ENTRIES_PER_RECORD, FLAG_COMMIT, SUMMARY_BODY_AT, SUMMARY_MAC_AT,
 };
-use super::state::State;
-use super::Ctx;
+use super::geometry::Geometry;
 use crate::crypto::{BlockKind, Mac, Tag};
 use crate::device::read_exact_at;
 use crate::{Error, Result, BLOCK_SIZE};
+
+/// The log head and the segments: which are in use, free, or emptied by
+/// the cleaner, and how far the backing file has grown.
+pub struct Log {
+    pub geo: Geometry,
+    /// Where the next record goes.
+    pub head: LogPos,
+    /// Segments that hold nothing live and may be reused by the log.
+    pub free: BTreeSet<u64>,
+    /// Segments ever used: the log grows the backing file up to `extent`.
+    pub extent: u64,
+    /// Segments the cleaner emptied; they become free at the next checkpoint.
+    pub cleaned: BTreeSet<u64>,
+    /// The backing device refused to grow (the host filesystem is full):
+    /// only free segments count as available until growing works again.
+    pub growth_blocked: bool,
+    /// Log blocks written since the last checkpoint.
+    pub blocks_since_checkpoint: u64,
+}
 
 /// One record as laid out by [`plan`]: a range of entries and its place.
 struct Placed {
@@ -32,13 +54,59 @@ pub struct Record {
     pub mac: Mac,
 }
 
-impl State {
+impl Log {
+    /// Starts at a checkpoint's log head.
+    pub fn new(geo: Geometry, head: LogPos, extent: u64) -> Log {
+        Log {
+            geo,
+            head,
+            free: BTreeSet::new(),
+            extent,
+            cleaned: BTreeSet::new(),
+            growth_blocked: false,
+            blocks_since_checkpoint: 0,
+        }
+    }
+
+    fn growth(&self) -> u64 {
+        if self.growth_blocked {
+            0
+        } else {
+            self.geo.max_segments - self.extent
+        }
+    }
+
+    /// Segments the log can still take: free ones plus room to grow.
+    pub fn available(&self) -> u64 {
+        self.free.len() as u64 + self.growth()
+    }
+
+    /// Segments ordinary writes can take: all but the reserve.
+    pub fn user_available(&self) -> u64 {
+        (self.free.len() as u64).saturating_sub(self.geo.reserve) + self.growth()
+    }
+
+    /// Whether segment `s` is where the log writes now or next.
+    pub fn is_head(&self, s: u64) -> bool {
+        s == self.head.segment || s == self.head.next_segment
+    }
+
+    /// Segments that may be reused before the first checkpoint after open:
+    /// those empty at the checkpoint that the log has not written since.
+    pub fn free_after_recovery(&mut self, empty_at_checkpoint: &[u64], touched: &BTreeSet<u64>) {
+        self.free = empty_at_checkpoint
+            .iter()
+            .copied()
+            .filter(|s| !touched.contains(s) && !self.is_head(*s))
+            .collect();
+    }
+
     /// Lays out `entries` as records from the current head. Payload entries
     /// must precede other entries within a record, so a payload entry after
     /// a non-payload one starts a new record. Returns the records and the
     /// number of segment switches (each needs one fresh segment).
     fn plan(&self, entries: &[Entry]) -> (Vec<Placed>, u64) {
-        let seg = self.seg_blocks;
+        let seg = self.geo.seg_blocks;
         let mut offset = self.head.offset as u64;
         let mut switches = 0;
         let mut out = Vec::new();
@@ -89,24 +157,23 @@ impl State {
     /// reserved on the device before use, so writes into the segment
     /// cannot fail for lack of space.
     fn take_segment(&mut self, ctx: &Ctx, privileged: bool) -> Result<u64> {
-        let bytes = self.seg_blocks * BLOCK_SIZE as u64;
-        if self.free.len() as u64 > self.reserve {
+        let bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
+        if self.free.len() as u64 > self.geo.reserve {
             let seg = *self.free.iter().next_back().expect("free is not empty");
             ctx.dev
-                .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
+                .allocate(self.geo.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
                 .map_err(|e| Error::io(format!("reserving segment {seg}"), e))?;
             self.free.remove(&seg);
             return Ok(seg);
         }
-        if !self.growth_blocked && self.extent < self.max_segments {
+        if !self.growth_blocked && self.extent < self.geo.max_segments {
             let seg = self.extent;
             match ctx
                 .dev
-                .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
+                .allocate(self.geo.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
             {
                 Ok(()) => {
                     self.extent = seg + 1;
-                    self.usage.live.resize(self.extent as usize, 0);
                     return Ok(seg);
                 }
                 Err(e) => {
@@ -125,7 +192,7 @@ impl State {
             if let Some(seg) = self.free.iter().next().copied() {
                 // The reserve is kept allocated, so this normally succeeds.
                 ctx.dev
-                    .allocate(self.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
+                    .allocate(self.geo.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
                     .map_err(|e| Error::io(format!("reserving segment {seg}"), e))?;
                 self.free.remove(&seg);
                 return Ok(seg);
@@ -148,12 +215,13 @@ impl State {
     pub fn append(
         &mut self,
         ctx: &Ctx,
+        gens: &mut Checkpoints,
         entries: &[Entry],
         payload: &[u8],
         commit: bool,
         privileged: bool,
     ) -> Result<Vec<u64>> {
-        if self.poisoned {
+        if ctx.is_poisoned() {
             return Err(Error::PreviousIo);
         }
         let (records, switches) = self.plan(entries);
@@ -173,7 +241,7 @@ impl State {
             }
         }
         let mut fresh = fresh.into_iter();
-        let base_gen = self.alloc_gens(ctx, records.len() as u64)?;
+        let base_gen = gens.alloc_gens(ctx, records.len() as u64)?;
         let mut pbas = Vec::with_capacity(payload.len() / BLOCK_SIZE);
         let last = records.len().saturating_sub(1);
         for (ri, r) in records.iter().enumerate() {
@@ -195,7 +263,7 @@ impl State {
                 prev: self.head.anchor,
             };
             let (block, mac) = seal_summary(ctx, &head, &entries[r.entries.clone()]);
-            let at = self.pba_of(segment, offset);
+            let at = self.geo.pba_of(segment, offset);
             let body = &payload
                 [r.payload_start * BLOCK_SIZE..(r.payload_start + r.n_payload) * BLOCK_SIZE];
             let written = ctx
@@ -203,7 +271,7 @@ impl State {
                 .write_at(body, (at + 1) * BLOCK_SIZE as u64)
                 .and_then(|_| ctx.dev.write_at(&block[..], at * BLOCK_SIZE as u64));
             if let Err(e) = written {
-                self.poisoned = true;
+                ctx.poison();
                 return Err(Error::io(
                     format!("writing log record {} at block {at}", head.seq),
                     e,
@@ -213,7 +281,7 @@ impl State {
             self.head.seq += 1;
             self.head.offset += 1 + r.n_payload as u32;
             self.head.anchor = mac;
-            self.log_blocks_since_checkpoint += 1 + r.n_payload as u64;
+            self.blocks_since_checkpoint += 1 + r.n_payload as u64;
         }
         Ok(pbas)
     }
@@ -223,13 +291,66 @@ impl State {
     /// garbage, or past the end of the device).
     pub fn read_record(&self, ctx: &Ctx, segment: u64, offset: u64) -> Result<Option<Record>> {
         let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
-        let at = self.pba_of(segment, offset);
+        let at = self.geo.pba_of(segment, offset);
         match read_exact_at(ctx.dev, &mut b[..], at * BLOCK_SIZE as u64) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(Error::io(format!("reading log block {at}"), e)),
         }
         Ok(open_summary(ctx, &mut b, segment, offset))
+    }
+
+    /// Reads the record at `(segment, offset)` if it is the one the chain
+    /// expects next after `pos`, with every payload block authentic.
+    pub fn chained_record(
+        &self,
+        ctx: &Ctx,
+        pos: &LogPos,
+        segment: u64,
+        offset: u64,
+    ) -> Result<Option<Record>> {
+        let Some(rec) = self.read_record(ctx, segment, offset)? else {
+            return Ok(None);
+        };
+        if rec.head.seq != pos.seq || !rec.head.prev.ct_eq(&pos.anchor) {
+            return Ok(None);
+        }
+        let n = rec.head.n_payload as usize;
+        if n > 0 {
+            let mut buf = vec![0u8; n * BLOCK_SIZE];
+            let at = self.geo.pba_of(segment, offset + 1);
+            match read_exact_at(ctx.dev, &mut buf, at * BLOCK_SIZE as u64) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) => return Err(Error::io(format!("reading log block {at}"), e)),
+            }
+            for (i, e) in rec.entries[..n].iter().enumerate() {
+                let (tag, mac) = match *e {
+                    Entry::Write { lba, gen, mac } | Entry::Relocate { lba, gen, mac } => {
+                        (Tag::new(BlockKind::Data, lba, gen), mac)
+                    }
+                    Entry::TreePage {
+                        tree,
+                        level,
+                        index,
+                        gen,
+                        mac,
+                    } => (
+                        Tag::new(BlockKind::TreePage, page_addr(tree, level, index), gen),
+                        mac,
+                    ),
+                    Entry::Trim { .. } => unreachable!("payload entries come first"),
+                };
+                if !ctx
+                    .keys
+                    .mac(tag, &buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE])
+                    .ct_eq(&mac)
+                {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(rec))
     }
 }
 

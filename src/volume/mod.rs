@@ -15,24 +15,25 @@
 
 mod api;
 mod check;
+mod checkpoint;
 mod cleaner;
 mod ctx;
 pub mod format;
+mod geometry;
 mod header;
 mod log;
 mod recovery;
-mod sizing;
-pub mod snapshot;
+mod snapshot;
 mod state;
 mod tree;
 mod txn;
+mod usage;
 
 pub use api::{Options, Stats, Volume};
 pub use check::CheckReport;
 pub use format::{Header, KeySlot, SlotKind, DEFAULT_SEGMENT_BLOCKS, KEY_SLOTS};
+pub use geometry::max_segments_for;
 pub use header::{create, read_header, write_header, CreateOptions};
 pub use recovery::Recovery;
-pub use sizing::max_segments_for;
+pub use snapshot::SnapshotInfo;
 pub use txn::{Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};
-
-pub(crate) use ctx::Ctx;

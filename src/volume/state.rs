@@ -1,237 +1,79 @@
-//! The mutable state of an open volume: segment usage, the metadata trees,
-//! the log head, and the operations that change them (apply a record,
-//! write a checkpoint).
+//! The mutable state of an open volume: the parts it is made of, and the
+//! operations that need several of them (apply a record, write a
+//! checkpoint).
+//!
+//! | part | type | owns |
+//! |------|------|------|
+//! | geometry | [`Geometry`] | sizes fixed at creation |
+//! | log | [`Log`] | the log head, free and cleaned segments, the extent |
+//! | checkpoints | [`Checkpoints`] | the last durable checkpoint, write generations |
+//! | trees | [`Trees`] | the block map, the bitmaps and segment usage, cached |
+//! | usage | [`Usage`] | live blocks per segment, the held table |
+//! | snapshots | [`Snapshots`] | the snapshot list and its stored metadata |
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
+use super::checkpoint::Checkpoints;
+use super::ctx::Ctx;
 use super::format::{
-    page_addr, Checkpoint, Entry, LogPos, MapEntry, TreeId, TreePtr, CHECKPOINT_BLOCKS,
-    CHECKPOINT_MAC_AT, DATA_START, MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN,
+    page_addr, Checkpoint, Entry, MapEntry, TreeId, TreePtr, MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN,
 };
-use super::tree::{PageKey, Shape, Trees, FANOUT};
-use super::Ctx;
+use super::geometry::{Geometry, BITS_PER_PAGE};
+use super::log::Log;
+use super::snapshot::Snapshots;
+use super::tree::{PageKey, Trees, FANOUT};
+use super::usage::Usage;
 use crate::crypto::{BlockKind, Mac, Tag};
 use crate::{Error, Result, BLOCK_SIZE};
 
-/// Bits per bitmap leaf page.
-pub const BITS_PER_PAGE: u64 = (BLOCK_SIZE * 8) as u64;
-/// Segment-usage counters (u32) per leaf page.
-pub const USAGE_PER_PAGE: u64 = (BLOCK_SIZE / 4) as u64;
-/// Generations reserved durably at a time (see `alloc_gens`).
-const GEN_RESERVE: u64 = 1 << 32;
-
-/// Live-block accounting per segment.
-///
-/// `live[s]` counts the blocks of segment `s` that the current (in-memory)
-/// state references, except pages of the segment-usage tree itself, which
-/// are counted in `usage_pages` so that writing the usage tree never
-/// changes the counts it stores.
-pub struct Usage {
-    pub live: Vec<u32>,
-    pub usage_pages: HashMap<u64, u32>,
-    pub dirty_leaves: BTreeSet<u64>,
-    seg_blocks: u64,
-    /// Blocks only snapshots reference: generation -> location. They stay
-    /// counted in `live` (see `snapshot.rs`).
-    pub held: HashMap<u64, u64>,
-    pub held_dirty: bool,
-    /// The newest snapshot's birth (0 without snapshots): a map or changed
-    /// page, or a data block, that the live state drops with a generation
-    /// below it is held, not freed.
-    pub retain_below: u64,
-}
-
-impl Usage {
-    pub fn new(seg_blocks: u64) -> Usage {
-        Usage {
-            live: Vec::new(),
-            usage_pages: HashMap::new(),
-            dirty_leaves: BTreeSet::new(),
-            seg_blocks,
-            held: HashMap::new(),
-            held_dirty: false,
-            retain_below: 0,
-        }
-    }
-
-    /// The live state stops referencing a block: it is held if the newest
-    /// snapshot references it, else its space is released.
-    pub fn dropped(&mut self, gen: u64, pba: u64) {
-        if gen < self.retain_below {
-            self.held.insert(gen, pba);
-            self.held_dirty = true;
-        } else {
-            self.dec(pba);
-        }
-    }
-
-    pub fn segment_of(&self, pba: u64) -> u64 {
-        (pba - DATA_START) / self.seg_blocks
-    }
-
-    pub fn live(&self, seg: u64) -> u64 {
-        self.live.get(seg as usize).copied().unwrap_or(0) as u64
-            + self.usage_pages.get(&seg).copied().unwrap_or(0) as u64
-    }
-
-    fn slot(&mut self, seg: u64) -> &mut u32 {
-        if self.live.len() <= seg as usize {
-            self.live.resize(seg as usize + 1, 0);
-        }
-        self.dirty_leaves.insert(seg / USAGE_PER_PAGE);
-        &mut self.live[seg as usize]
-    }
-
-    pub fn inc(&mut self, pba: u64) {
-        let s = self.segment_of(pba);
-        *self.slot(s) += 1;
-    }
-
-    pub fn dec(&mut self, pba: u64) {
-        let s = self.segment_of(pba);
-        let c = self.slot(s);
-        debug_assert!(*c > 0, "segment {s} usage underflow");
-        *c = c.saturating_sub(1);
-    }
-
-    pub fn superseded(&mut self, tree: TreeId, ptr: TreePtr) {
-        if matches!(tree, TreeId::Map | TreeId::Changed) {
-            // Pages snapshots can share.
-            self.dropped(ptr.gen, ptr.pba);
-        } else if tree == TreeId::SegmentUsage {
-            let s = self.segment_of(ptr.pba);
-            let c = self.usage_pages.entry(s).or_insert(0);
-            *c = c.saturating_sub(1);
-        } else {
-            self.dec(ptr.pba);
-        }
-    }
-
-    fn written(&mut self, tree: TreeId, pba: u64) {
-        if tree == TreeId::SegmentUsage {
-            *self.usage_pages.entry(self.segment_of(pba)).or_insert(0) += 1;
-        } else {
-            self.inc(pba);
-        }
-    }
-}
-
 pub struct State {
+    pub geo: Geometry,
+    pub log: Log,
+    pub ckpt: Checkpoints,
     pub trees: Trees,
     pub usage: Usage,
-    /// Segments that hold nothing live and may be reused by the log.
-    pub free: BTreeSet<u64>,
-    /// Segments ever used: the log grows the backing file up to `extent`.
-    pub extent: u64,
-    pub head: LogPos,
-    pub next_gen: u64,
-    /// Every generation below it may have been used; it is durable in the
-    /// latest checkpoint slot before any generation near it is handed out.
-    pub gen_limit: u64,
+    pub snaps: Snapshots,
+    /// Logical blocks mapped.
     pub allocated: u64,
+    /// The checkpoint the changed bitmap starts at.
     pub changed_since: u64,
+    /// The key generation new writes are sealed with.
     pub key_gen: u32,
-    pub last_checkpoint: Checkpoint,
-    pub log_blocks_since_checkpoint: u64,
-    /// Segments the cleaner emptied; they become free at the next checkpoint.
-    pub cleaned: BTreeSet<u64>,
-    pub poisoned: bool,
-    /// The backing device refused to grow (the host filesystem is full):
-    /// only free segments count as available until growing works again.
-    pub growth_blocked: bool,
-    pub seg_blocks: u64,
-    pub max_segments: u64,
-    pub logical_blocks: u64,
-    /// Segments kept back from ordinary writes for checkpoints and the cleaner.
-    pub reserve: u64,
-    /// Dirty metadata pages that force a checkpoint.
-    pub dirty_limit: u64,
-    /// Snapshots, oldest first.
-    pub snaps: Vec<super::snapshot::Snap>,
-    pub snap_next_id: u64,
-    /// Changed bitmaps of deleted snapshots, handed to the next snapshot.
-    pub live_changed: Vec<TreePtr>,
-    /// Where the snapshot metadata is (all its pages), and its root and
-    /// leaf count as the checkpoint names them.
-    pub meta_pages: Vec<TreePtr>,
-    pub meta_root: (TreePtr, u32),
-    pub snap_meta_dirty: bool,
-}
-
-/// The trees' shapes for a volume geometry.
-pub fn shapes(logical_blocks: u64, max_segments: u64) -> [Shape; 5] {
-    let bitmap = Shape::new(logical_blocks.div_ceil(BITS_PER_PAGE));
-    [
-        Shape::new(logical_blocks.div_ceil(MAP_ENTRIES_PER_PAGE as u64)),
-        bitmap,
-        bitmap,
-        bitmap,
-        Shape::new(max_segments.div_ceil(USAGE_PER_PAGE)),
-    ]
 }
 
 impl State {
-    pub fn pba_of(&self, seg: u64, offset: u64) -> u64 {
-        DATA_START + seg * self.seg_blocks + offset
-    }
-
-    fn growth(&self) -> u64 {
-        if self.growth_blocked {
-            0
-        } else {
-            self.max_segments - self.extent
+    /// The state a checkpoint records (before the log after it is replayed).
+    pub fn at_checkpoint(geo: Geometry, ckpt: Checkpoints, cache_pages: usize) -> State {
+        let c = &ckpt.last;
+        State {
+            geo,
+            log: Log::new(geo, c.log, c.extent),
+            trees: Trees::new(c.roots, geo.shapes(), cache_pages),
+            usage: Usage::new(geo),
+            snaps: Snapshots::new(geo),
+            allocated: c.allocated,
+            changed_since: c.changed_since,
+            key_gen: c.key_gen,
+            ckpt,
         }
     }
 
-    /// Segments the log can still take: free ones plus room to grow.
-    pub fn available(&self) -> u64 {
-        self.free.len() as u64 + self.growth()
-    }
-
-    /// Segments ordinary writes can take: all but the reserve.
-    pub fn user_available(&self) -> u64 {
-        (self.free.len() as u64).saturating_sub(self.reserve) + self.growth()
-    }
-
-    /// Hands out `n` fresh generations. Before any generation at or past the
-    /// durable limit is used, a higher limit is made durable, so that after a
-    /// crash no generation (and so no XTS tweak) is ever used twice, even by
-    /// writes that never became durable.
+    /// Hands out `n` fresh generations (see [`Checkpoints::alloc_gens`]).
     pub fn alloc_gens(&mut self, ctx: &Ctx, n: u64) -> Result<u64> {
-        if self.next_gen > u64::MAX / 2 {
-            // 2^63 block writes: unreachable in practice, checked so that a
-            // (MAC-valid) checkpoint can never make the counter wrap.
-            return Err(Error::Corrupted(
-                "the write generation counter is exhausted".into(),
-            ));
-        }
-        if self.next_gen + n > self.gen_limit {
-            let mut c = self.last_checkpoint.clone();
-            c.seq += 1;
-            c.gen_limit = self.next_gen + n + GEN_RESERVE;
-            self.write_checkpoint_block(ctx, &c)?;
-            self.gen_limit = c.gen_limit;
-            self.last_checkpoint = c;
-        }
-        let base = self.next_gen;
-        self.next_gen += n;
-        Ok(base)
+        self.ckpt.alloc_gens(ctx, n)
     }
 
-    fn write_checkpoint_block(&mut self, ctx: &Ctx, c: &Checkpoint) -> Result<()> {
-        let slot = (c.seq % 2) as usize;
-        let mut b = c.encode_body(ctx.header);
-        let mac = ctx.keys.mac(
-            Tag::new(BlockKind::Checkpoint, slot as u64, c.seq),
-            &b[..CHECKPOINT_MAC_AT],
-        );
-        b[CHECKPOINT_MAC_AT..].copy_from_slice(&mac.0);
-        let off = CHECKPOINT_BLOCKS[slot] * BLOCK_SIZE as u64;
-        let r = ctx.dev.write_at(&b[..], off).and_then(|_| ctx.dev.flush());
-        r.map_err(|e| {
-            self.poisoned = true;
-            Error::io("writing a checkpoint", e)
-        })
+    /// Appends `entries` to the log (see [`Log::append`]).
+    pub fn append(
+        &mut self,
+        ctx: &Ctx,
+        entries: &[Entry],
+        payload: &[u8],
+        commit: bool,
+        privileged: bool,
+    ) -> Result<Vec<u64>> {
+        self.log
+            .append(ctx, &mut self.ckpt, entries, payload, commit, privileged)
     }
 
     // ------------------------------------------------------------ block map
@@ -333,7 +175,7 @@ impl State {
         let usage = blocks.min(self.trees.shape(TreeId::SegmentUsage).leaves);
         // Under snapshots every dropped block (and map page) may enter the
         // held table, which the checkpoint writes: 16 bytes each.
-        let held = if self.usage.retain_below > 0 {
+        let held = if self.usage.held.retain_below > 0 {
             (blocks + leaves).div_ceil(255) + 1
         } else {
             0
@@ -477,7 +319,8 @@ impl State {
         }
         // After the trees (writing them can hold old pages), before usage
         // (writing it changes usage).
-        self.write_snap_meta(ctx)?;
+        self.snaps
+            .write_meta(ctx, &mut self.log, &mut self.ckpt, &mut self.usage)?;
         let leaves: Vec<u64> = std::mem::take(&mut self.usage.dirty_leaves)
             .into_iter()
             .collect();
@@ -488,34 +331,29 @@ impl State {
                 PageKey::leaf(TreeId::SegmentUsage, leaf),
                 &mut |t, p| usage.superseded(t, p),
             )?;
-            for i in 0..USAGE_PER_PAGE {
-                let seg = (leaf * USAGE_PER_PAGE + i) as usize;
-                let v = usage.live.get(seg).copied().unwrap_or(0);
-                page[i as usize * 4..i as usize * 4 + 4].copy_from_slice(&v.to_le_bytes());
-            }
+            usage.leaf_bytes(leaf, &mut page[..]);
         }
         self.write_tree(ctx, TreeId::SegmentUsage)?;
         debug_assert!(self.trees.dirty_count() == 0);
 
         ctx.dev.flush().map_err(|e| {
-            self.poisoned = true;
+            ctx.poison();
             Error::io("flushing before a checkpoint", e)
         })?;
         let c = Checkpoint {
-            seq: self.last_checkpoint.seq + 1,
-            log: self.head,
-            gen_limit: self.gen_limit,
-            extent: self.extent,
+            seq: self.ckpt.last.seq + 1,
+            log: self.log.head,
+            gen_limit: self.ckpt.gen_limit,
+            extent: self.log.extent,
             allocated: self.allocated,
             changed_since: self.changed_since,
             key_gen: self.key_gen,
             roots: self.trees.roots(),
-            snap_meta: self.meta_root.0,
-            snap_pages: self.meta_root.1,
+            snap_meta: self.snaps.meta_root.0,
+            snap_pages: self.snaps.meta_root.1,
         };
-        self.write_checkpoint_block(ctx, &c)?;
-        self.last_checkpoint = c;
-        self.log_blocks_since_checkpoint = 0;
+        self.ckpt.commit(ctx, c)?;
+        self.log.blocks_since_checkpoint = 0;
         self.release_segments(ctx);
         Ok(())
     }
@@ -523,20 +361,17 @@ impl State {
     /// After a durable checkpoint, every segment with nothing live (other
     /// than the log head and the pre-chosen next segment) becomes free.
     fn release_segments(&mut self, ctx: &Ctx) {
-        let newly: Vec<u64> = (0..self.extent)
+        let newly: Vec<u64> = (0..self.log.extent)
             .filter(|&s| {
-                self.usage.live(s) == 0
-                    && s != self.head.segment
-                    && s != self.head.next_segment
-                    && !self.free.contains(&s)
+                self.usage.live(s) == 0 && !self.log.is_head(s) && !self.log.free.contains(&s)
             })
             .collect();
         {
             // Readers that looked up a block before it moved may still be
             // reading it: wait for them before the segment can be reused.
             let _no_readers = ctx.reuse.write().unwrap_or_else(|p| p.into_inner());
-            self.free.extend(newly.iter().copied());
-            self.cleaned.clear();
+            self.log.free.extend(newly.iter().copied());
+            self.log.cleaned.clear();
         }
         self.refresh_reserve(ctx, &newly);
     }
@@ -548,22 +383,23 @@ impl State {
     /// later; the reserve is then smaller until space returns.
     pub fn refresh_reserve(&mut self, ctx: &Ctx, newly_freed: &[u64]) {
         let keep: BTreeSet<u64> = self
+            .log
             .free
             .iter()
-            .take(self.reserve as usize)
+            .take(self.geo.reserve as usize)
             .copied()
             .collect();
-        let seg_bytes = self.seg_blocks * BLOCK_SIZE as u64;
+        let seg_bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
         for &s in &keep {
             let _ = ctx
                 .dev
-                .allocate(self.pba_of(s, 0) * BLOCK_SIZE as u64, seg_bytes);
+                .allocate(self.geo.pba_of(s, 0) * BLOCK_SIZE as u64, seg_bytes);
         }
         for s in newly_freed.iter().filter(|s| !keep.contains(s)) {
             // Discard is advisory: a failure only means the host keeps the bytes.
             let _ = ctx
                 .dev
-                .discard(self.pba_of(*s, 0) * BLOCK_SIZE as u64, seg_bytes);
+                .discard(self.geo.pba_of(*s, 0) * BLOCK_SIZE as u64, seg_bytes);
         }
     }
 
@@ -634,7 +470,7 @@ impl State {
     /// it. The reset is durable when this returns. (If a crash lost it, the
     /// old, larger bitmap would come back: a superset, never too little.)
     pub fn reset_changed(&mut self, ctx: &Ctx) -> Result<u64> {
-        if !self.snaps.is_empty() {
+        if !self.snaps.list.is_empty() {
             // The live bitmap is the interval after the newest snapshot;
             // clearing it would hide changes from the next snapshot's.
             return Err(Error::InvalidArgument(
@@ -642,7 +478,7 @@ impl State {
             ));
         }
         self.checkpoint(ctx)?;
-        let base = self.last_checkpoint.seq;
+        let base = self.ckpt.last.seq;
         let State { trees, usage, .. } = self;
         trees.clear_tree(ctx, TreeId::Changed, &mut |t, p| usage.superseded(t, p))?;
         self.changed_since = base;
@@ -659,7 +495,7 @@ impl State {
             }
         })?;
         leaves.sort_by_key(|(i, _)| *i);
-        Ok(bit_runs(leaves, self.logical_blocks))
+        Ok(bit_runs(leaves, self.geo.logical_blocks))
     }
 }
 

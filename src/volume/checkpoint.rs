@@ -1,0 +1,127 @@
+//! The checkpoint slots and the write generations they make durable.
+//!
+//! Every sealed block (data, tree page, log summary) takes a fresh
+//! generation, which is its XTS tweak. Generations are reserved in large
+//! steps: before any generation at or past the durable limit is used, a
+//! higher limit is written to a checkpoint slot, so that after a crash no
+//! generation is ever used twice, even by writes that never became durable.
+
+use super::ctx::Ctx;
+use super::format::{Block, Checkpoint, DecodeError, Header, CHECKPOINT_BLOCKS, CHECKPOINT_MAC_AT};
+use crate::crypto::{BlockKind, Mac, Tag, VolumeKeys};
+use crate::device::read_exact_at;
+use crate::{Error, Result, BLOCK_SIZE};
+
+/// Generations reserved durably at a time.
+const GEN_RESERVE: u64 = 1 << 32;
+
+/// The newest durable checkpoint and the generation counter.
+pub struct Checkpoints {
+    pub last: Checkpoint,
+    pub next_gen: u64,
+    /// Every generation below it may have been used; it is durable in the
+    /// latest checkpoint slot before any generation near it is handed out.
+    pub gen_limit: u64,
+}
+
+impl Checkpoints {
+    /// Starts from the newest valid checkpoint on the device.
+    pub fn read(ctx: &Ctx) -> Result<Checkpoints> {
+        let c = read_newest(ctx)?;
+        Ok(Checkpoints {
+            next_gen: c.gen_limit,
+            gen_limit: c.gen_limit,
+            last: c,
+        })
+    }
+
+    /// Hands out `n` fresh generations, first making a higher limit
+    /// durable if they would reach the current one.
+    pub fn alloc_gens(&mut self, ctx: &Ctx, n: u64) -> Result<u64> {
+        if self.next_gen > u64::MAX / 2 {
+            // 2^63 block writes: unreachable in practice, checked so that a
+            // (MAC-valid) checkpoint can never make the counter wrap.
+            return Err(Error::Corrupted(
+                "the write generation counter is exhausted".into(),
+            ));
+        }
+        if self.next_gen + n > self.gen_limit {
+            let mut c = self.last.clone();
+            c.seq += 1;
+            c.gen_limit = self.next_gen + n + GEN_RESERVE;
+            write_slot(ctx, &c)?;
+            self.gen_limit = c.gen_limit;
+            self.last = c;
+        }
+        let base = self.next_gen;
+        self.next_gen += n;
+        Ok(base)
+    }
+
+    /// Makes `c` (whose sequence number follows the last one) the newest
+    /// durable checkpoint.
+    pub fn commit(&mut self, ctx: &Ctx, c: Checkpoint) -> Result<()> {
+        write_slot(ctx, &c)?;
+        self.last = c;
+        Ok(())
+    }
+}
+
+/// Seals `c` and writes it to its slot (sequence number parity), durably.
+/// A failed write poisons the volume.
+fn write_slot(ctx: &Ctx, c: &Checkpoint) -> Result<()> {
+    let b = seal(ctx.keys, ctx.header, c);
+    let off = CHECKPOINT_BLOCKS[(c.seq % 2) as usize] * BLOCK_SIZE as u64;
+    let r = ctx.dev.write_at(&b[..], off).and_then(|_| ctx.dev.flush());
+    r.map_err(|e| {
+        ctx.poison();
+        Error::io("writing a checkpoint", e)
+    })
+}
+
+/// `c` encoded and MAC'd for its slot.
+pub fn seal(keys: &VolumeKeys, header: &Header, c: &Checkpoint) -> Box<Block> {
+    let slot = c.seq % 2;
+    let mut b = c.encode_body(header);
+    let mac = keys.mac(
+        Tag::new(BlockKind::Checkpoint, slot, c.seq),
+        &b[..CHECKPOINT_MAC_AT],
+    );
+    b[CHECKPOINT_MAC_AT..].copy_from_slice(&mac.0);
+    b
+}
+
+/// Reads both checkpoint slots and returns the newest that authenticates.
+pub fn read_newest(ctx: &Ctx) -> Result<Checkpoint> {
+    let mut best: Option<Checkpoint> = None;
+    let mut why = Vec::new();
+    for (slot, blk) in CHECKPOINT_BLOCKS.iter().enumerate() {
+        let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
+        if let Err(e) = read_exact_at(ctx.dev, &mut b[..], blk * BLOCK_SIZE as u64) {
+            why.push(format!("slot {slot}: {e}"));
+            continue;
+        }
+        let seq = u64::from_le_bytes(b[32..40].try_into().expect("8 bytes"));
+        let mac = ctx.keys.mac(
+            Tag::new(BlockKind::Checkpoint, slot as u64, seq),
+            &b[..CHECKPOINT_MAC_AT],
+        );
+        if !mac.ct_eq(&Mac(b[CHECKPOINT_MAC_AT..].try_into().expect("16 bytes"))) {
+            why.push(format!("slot {slot}: {}", DecodeError::Mac));
+            continue;
+        }
+        match Checkpoint::decode(&b, ctx.header) {
+            Ok(c) if c.seq % 2 == slot as u64 => {
+                if best.as_ref().is_none_or(|b| c.seq > b.seq) {
+                    best = Some(c);
+                }
+            }
+            Ok(c) => why.push(format!(
+                "slot {slot}: sequence {} belongs in the other slot",
+                c.seq
+            )),
+            Err(e) => why.push(format!("slot {slot}: {e}")),
+        }
+    }
+    best.ok_or_else(|| Error::Corrupted(format!("no valid checkpoint ({})", why.join("; "))))
+}

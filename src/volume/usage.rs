@@ -1,0 +1,186 @@
+//! Space accounting: how many live blocks each segment holds, and the
+//! held table of blocks that only snapshots still reference.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::ctx::Ctx;
+use super::format::{TreeId, TreePtr};
+use super::geometry::{Geometry, USAGE_PER_PAGE};
+use super::tree::{PageKey, Trees};
+use crate::Result;
+
+/// Blocks only snapshots reference: generation -> current location. They
+/// stay counted in their segment's usage (see `snapshot.rs`).
+#[derive(Default)]
+pub struct Held {
+    pub table: HashMap<u64, u64>,
+    /// Changed since the snapshot metadata was last written.
+    pub dirty: bool,
+    /// The newest snapshot's birth (0 without snapshots): a map or changed
+    /// page, or a data block, that the live state drops with a generation
+    /// below it is held, not freed.
+    pub retain_below: u64,
+}
+
+impl Held {
+    /// Whether the held table names `pba` as the current home of `gen`.
+    pub fn is_at(&self, gen: u64, pba: u64) -> bool {
+        self.table.get(&gen) == Some(&pba)
+    }
+
+    pub fn insert(&mut self, gen: u64, pba: u64) {
+        self.table.insert(gen, pba);
+        self.dirty = true;
+    }
+
+    pub fn remove(&mut self, gen: u64) -> Option<u64> {
+        let r = self.table.remove(&gen);
+        self.dirty |= r.is_some();
+        r
+    }
+
+    pub fn get(&self, gen: u64) -> Option<u64> {
+        self.table.get(&gen).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+}
+
+/// Live-block accounting per segment.
+///
+/// `live[s]` counts the blocks of segment `s` that the current (in-memory)
+/// state references, except pages of the segment-usage tree itself, which
+/// are counted in `usage_pages` so that writing the usage tree never
+/// changes the counts it stores. Held blocks stay counted.
+pub struct Usage {
+    pub live: Vec<u32>,
+    pub usage_pages: HashMap<u64, u32>,
+    pub dirty_leaves: BTreeSet<u64>,
+    geo: Geometry,
+    pub held: Held,
+}
+
+impl Usage {
+    pub fn new(geo: Geometry) -> Usage {
+        Usage {
+            live: Vec::new(),
+            usage_pages: HashMap::new(),
+            dirty_leaves: BTreeSet::new(),
+            geo,
+            held: Held::default(),
+        }
+    }
+
+    /// The live state stops referencing a block: it is held if the newest
+    /// snapshot references it, else its space is released.
+    pub fn dropped(&mut self, gen: u64, pba: u64) {
+        if gen < self.held.retain_below {
+            self.held.insert(gen, pba);
+        } else {
+            self.dec(pba);
+        }
+    }
+
+    pub fn live(&self, seg: u64) -> u64 {
+        self.live.get(seg as usize).copied().unwrap_or(0) as u64
+            + self.usage_pages.get(&seg).copied().unwrap_or(0) as u64
+    }
+
+    /// Live blocks in segments `0..extent`.
+    pub fn total_live(&self, extent: u64) -> u64 {
+        (0..extent).map(|s| self.live(s)).sum()
+    }
+
+    fn slot(&mut self, seg: u64) -> &mut u32 {
+        if self.live.len() <= seg as usize {
+            self.live.resize(seg as usize + 1, 0);
+        }
+        self.dirty_leaves.insert(seg / USAGE_PER_PAGE);
+        &mut self.live[seg as usize]
+    }
+
+    pub fn inc(&mut self, pba: u64) {
+        let s = self.geo.segment_of(pba);
+        *self.slot(s) += 1;
+    }
+
+    pub fn dec(&mut self, pba: u64) {
+        let s = self.geo.segment_of(pba);
+        let c = self.slot(s);
+        debug_assert!(*c > 0, "segment {s} usage underflow");
+        *c = c.saturating_sub(1);
+    }
+
+    /// A tree page's on-disk copy stops being current (its page was dirtied).
+    pub fn superseded(&mut self, tree: TreeId, ptr: TreePtr) {
+        if matches!(tree, TreeId::Map | TreeId::Changed) {
+            // Pages snapshots can share.
+            self.dropped(ptr.gen, ptr.pba);
+        } else if tree == TreeId::SegmentUsage {
+            let s = self.geo.segment_of(ptr.pba);
+            let c = self.usage_pages.entry(s).or_insert(0);
+            *c = c.saturating_sub(1);
+        } else {
+            self.dec(ptr.pba);
+        }
+    }
+
+    /// A tree page was written at `pba`.
+    pub fn written(&mut self, tree: TreeId, pba: u64) {
+        if tree == TreeId::SegmentUsage {
+            *self
+                .usage_pages
+                .entry(self.geo.segment_of(pba))
+                .or_insert(0) += 1;
+        } else {
+            self.inc(pba);
+        }
+    }
+
+    /// A block only snapshots reference moved from `old` to `new`.
+    pub fn held_moved(&mut self, gen: u64, old: u64, new: u64) {
+        self.dec(old);
+        self.inc(new);
+        self.held.insert(gen, new);
+    }
+
+    /// Loads the counters of segments `0..extent` from the usage tree, and
+    /// counts the pages of the usage tree itself.
+    pub fn load(&mut self, ctx: &Ctx, trees: &mut Trees, extent: u64) -> Result<()> {
+        self.live = vec![0; extent as usize];
+        for leaf in 0..extent.div_ceil(USAGE_PER_PAGE) {
+            let page = trees.get(ctx, PageKey::leaf(TreeId::SegmentUsage, leaf))?;
+            for i in 0..USAGE_PER_PAGE {
+                let seg = leaf * USAGE_PER_PAGE + i;
+                if seg < extent {
+                    let o = i as usize * 4;
+                    self.live[seg as usize] =
+                        u32::from_le_bytes(page[o..o + 4].try_into().expect("4 bytes"));
+                }
+            }
+        }
+        let mut pages = Vec::new();
+        trees.visit(ctx, TreeId::SegmentUsage, &mut |_, ptr, _, _| {
+            pages.push(ptr.pba)
+        })?;
+        for pba in pages {
+            *self
+                .usage_pages
+                .entry(self.geo.segment_of(pba))
+                .or_insert(0) += 1;
+        }
+        self.dirty_leaves.clear();
+        Ok(())
+    }
+
+    /// The counters of usage leaf `leaf`, as its page holds them.
+    pub fn leaf_bytes(&self, leaf: u64, page: &mut [u8]) {
+        for i in 0..USAGE_PER_PAGE {
+            let seg = (leaf * USAGE_PER_PAGE + i) as usize;
+            let v = self.live.get(seg).copied().unwrap_or(0);
+            page[i as usize * 4..i as usize * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
