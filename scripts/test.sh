@@ -12,6 +12,7 @@ trap 'rm -f "$log"' EXIT
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo clippy -p lsvfs-keyserver --no-default-features --features client --all-targets --quiet -- -D warnings
+scripts/layers.py
 cargo test --workspace --quiet 2>&1 | tee "$log"
 scripts/fsx.sh 100000
 awk '/^test result:/ {p += $4; f += $6} END {printf "all: %d passed, %d failed\n", p + 1, f}' "$log"

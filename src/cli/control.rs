@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fuse::snapdir::Snapshots;
+use crate::fs::Snapshots;
 use crate::Error;
 
 /// Longest request line accepted.

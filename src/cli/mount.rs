@@ -10,8 +10,7 @@ use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use super::{Keys, Tuning};
-use crate::fs::Fs;
-use crate::fuse::snapdir::Snapshots;
+use crate::fs::{Fs, Snapshots};
 use crate::fuse::FuseFs;
 use crate::volume::Options;
 use crate::{volume, Error};
@@ -114,13 +113,13 @@ pub fn foreground(
             .clamp(2, 8),
     );
     config.clone_fd = true;
+    let synced = mountpoint.clone();
     let snaps = Arc::new(Snapshots::new(
         fs.clone(),
-        mountpoint.clone(),
-        show_snapshots,
+        Box::new(move || sync_mount(&synced)),
     ));
     let session = fuser::spawn_mount(
-        FuseFs::new(fs.clone(), snaps.clone())?,
+        FuseFs::new(fs.clone(), snaps.clone(), show_snapshots)?,
         &mountpoint,
         &config,
     )
@@ -200,6 +199,23 @@ pub fn foreground(
         }
     };
     fs.unmount()
+}
+
+/// syncfs(2) on the mount: the kernel writes back every dirty page and
+/// inode of it (through this process's request threads), so a snapshot
+/// taken afterwards holds every write that returned before.
+fn sync_mount(mountpoint: &Path) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(mountpoint)
+        .map_err(|e| Error::io(format!("opening {}", mountpoint.display()), e))?;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(Error::io(
+            format!("syncfs on {}", mountpoint.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// prctl option (Linux 5.6, include/uapi/linux/prctl.h); not in `libc` yet.

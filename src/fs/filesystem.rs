@@ -13,7 +13,7 @@ use super::format::{
 };
 use super::holds::Holds;
 use super::store::{Allocator, VolumeStore};
-use crate::volume::{Transaction, Volume};
+use crate::volume::{SnapshotInfo, Transaction, Volume};
 use crate::{Error, FsError, Result, BLOCK_SIZE};
 
 /// Inode numbers are below 2^40; the mount numbers snapshots' inodes above.
@@ -616,8 +616,14 @@ impl Fs {
         Ok(f())
     }
 
-    pub fn volume(&self) -> &Volume {
+    pub(super) fn volume(&self) -> &Volume {
         &self.volume
+    }
+
+    /// Logical blocks the volume maps (superblock, metadata nodes, data).
+    #[doc(hidden)]
+    pub fn mapped_blocks(&self) -> Result<u64> {
+        Ok(self.volume.allocated_runs()?.iter().map(|(_, n)| n).sum())
     }
 
     /// Stores lazy times and flushes the volume: after this returns, every
@@ -673,6 +679,27 @@ impl Fs {
     /// A read-only file system showing snapshot `id`.
     pub fn open_snapshot(&self, id: u64) -> Result<Fs> {
         Fs::mount(self.volume.snapshot_view(id)?)
+    }
+
+    /// (id, name) of every snapshot, oldest first.
+    pub fn snapshot_names(&self) -> Result<Vec<(u64, String)>> {
+        Ok(self
+            .volume
+            .snapshot_names()?
+            .into_iter()
+            .map(|(id, n, _, _)| (id, n))
+            .collect())
+    }
+
+    /// Every snapshot with the space it alone holds (walks what differs
+    /// between neighbouring snapshots).
+    pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
+        self.volume.snapshot_list()
+    }
+
+    /// Deletes snapshot `name` and frees what only it held.
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.volume.snapshot_delete(name)
     }
 
     /// Frees the orphans nothing holds any more, stores lazy times,

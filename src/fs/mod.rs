@@ -13,10 +13,14 @@ mod data;
 mod filesystem;
 pub mod format;
 mod holds;
+mod snapshots;
 pub mod store;
+pub use crate::volume::format::MAX_SNAPSHOT_ID;
+pub use crate::volume::SnapshotInfo;
 pub use check::FsReport;
 pub use data::{
     FsStats, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, MAX_FILE_SIZE, XATTR_CREATE,
     XATTR_REPLACE,
 };
 pub use filesystem::{DirEntry, Fs, LINK_MAX, MAX_INO, RENAME_EXCHANGE, RENAME_NOREPLACE};
+pub use snapshots::{BeforeSnapshot, Snapshots};

@@ -17,11 +17,11 @@ use fuser::{
 };
 
 use crate::fs::format::{file_type, Inode, Time, ROOT_INO};
-use crate::fs::{Fs, SetAttr, RENAME_EXCHANGE, RENAME_NOREPLACE};
+use crate::fs::{Fs, SetAttr, Snapshots, RENAME_EXCHANGE, RENAME_NOREPLACE};
 use crate::{Error, BLOCK_SIZE};
 
 pub mod snapdir;
-use snapdir::{is_reserved, node, snap_ino, Node, Snapshots, SNAPDIR_INO, SNAPDIR_NAME};
+use snapdir::{is_reserved, node, snap_ino, Node, SNAPDIR_INO, SNAPDIR_NAME};
 
 /// Entries under `.snapshots` are not cached: a snapshot deleted through
 /// the control socket disappears at once.
@@ -45,14 +45,20 @@ const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 pub struct FuseFs {
     fs: Arc<Fs>,
     snaps: Arc<Snapshots>,
+    /// List `.snapshots` in the root directory.
+    show_snapshots: bool,
 }
 
 impl FuseFs {
     /// Serves `fs`. From now on every inode it returns through an entry
     /// reply stays valid until the kernel forgets it.
-    pub fn new(fs: Arc<Fs>, snaps: Arc<Snapshots>) -> Result<FuseFs, Error> {
+    pub fn new(fs: Arc<Fs>, snaps: Arc<Snapshots>, show_snapshots: bool) -> Result<FuseFs, Error> {
         fs.count_lookups()?;
-        Ok(FuseFs { fs, snaps })
+        Ok(FuseFs {
+            fs,
+            snaps,
+            show_snapshots,
+        })
     }
 
     /// The file system an inode belongs to, its number there, and the
@@ -955,7 +961,7 @@ impl FuseFs {
                 attr,
             });
         }
-        if id.is_none() && i == ROOT_INO && self.snaps.show && short {
+        if id.is_none() && i == ROOT_INO && self.show_snapshots && short {
             out.push(Listed {
                 cookie: SNAPDIR_COOKIE,
                 name: SNAPDIR_NAME.to_vec(),

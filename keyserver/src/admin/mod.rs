@@ -14,8 +14,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::protocol::{HostId, VolumeId};
-use crate::server::AppState;
-use crate::storage::{AdminRefusal, AuditFilter, AuditInfo, HostInfo, StorageError, VolumeInfo};
+use crate::storage::{
+    AdminRefusal, AuditFilter, AuditInfo, HostInfo, StorageError, Store, VolumeInfo,
+};
 
 /// Longest request line.
 pub const MAX_REQUEST: u64 = 64 * 1024;
@@ -135,7 +136,7 @@ pub enum AdminResponse {
 
 pub(crate) async fn serve(
     listener: UnixListener,
-    state: Arc<AppState>,
+    store: Arc<Store>,
     mut stopped: watch::Receiver<bool>,
 ) {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -149,16 +150,16 @@ pub(crate) async fn serve(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let state = state.clone();
+        let store = store.clone();
         tokio::spawn(async move {
             let _ =
-                tokio::time::timeout(Duration::from_secs(60), connection(stream, &state, own_uid))
+                tokio::time::timeout(Duration::from_secs(60), connection(stream, &store, own_uid))
                     .await;
         });
     }
 }
 
-async fn connection(stream: UnixStream, state: &AppState, own_uid: u32) {
+async fn connection(stream: UnixStream, store: &Store, own_uid: u32) {
     let allowed = stream
         .peer_cred()
         .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
@@ -168,7 +169,7 @@ async fn connection(stream: UnixStream, state: &AppState, own_uid: u32) {
         let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
         match reader.read_line(&mut line).await {
             Ok(_) => match serde_json::from_str::<AdminRequest>(&line) {
-                Ok(req) => execute(state, req).await,
+                Ok(req) => execute(store, req).await,
                 Err(e) => AdminResponse::Refused {
                     message: format!("malformed request: {e}"),
                 },
@@ -192,8 +193,7 @@ fn parse_volume(s: &str) -> Result<VolumeId, AdminRefusal> {
         .map_err(|_| AdminRefusal::Invalid(format!("bad volume id {s:?}: want 32 hex digits")))
 }
 
-async fn execute(state: &AppState, req: AdminRequest) -> AdminResponse {
-    let store = &state.store;
+async fn execute(store: &Store, req: AdminRequest) -> AdminResponse {
     let done = |m: String| AdminResult::Done { message: m };
     let result: Result<Result<AdminResult, AdminRefusal>, StorageError> = async {
         Ok(match req {

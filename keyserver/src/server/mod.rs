@@ -50,7 +50,7 @@ pub enum ServerError {
 
 /// Shared by every connection.
 pub(crate) struct AppState {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<Store>,
     pub(crate) challenge_lifetime: Duration,
 }
 
@@ -150,7 +150,7 @@ pub async fn start(cfg: &Config) -> Result<Running, ServerError> {
     let store = Store::open(&cfg.state_dir, &master)?;
     drop(master);
     let state = Arc::new(AppState {
-        store,
+        store: Arc::new(store),
         challenge_lifetime: cfg.challenge_lifetime(),
     });
     let tcp = bind_tcp(cfg.listen)?;
@@ -166,7 +166,11 @@ pub async fn start(cfg: &Config) -> Result<Running, ServerError> {
             state.clone(),
             stopped.clone(),
         )),
-        tokio::spawn(crate::admin::serve(admin, state.clone(), stopped.clone())),
+        tokio::spawn(crate::admin::serve(
+            admin,
+            state.store.clone(),
+            stopped.clone(),
+        )),
         tokio::spawn(purge_loop(state.clone(), stopped)),
     ];
     Ok(Running {
