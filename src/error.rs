@@ -1,88 +1,48 @@
-//! The library's error type. [`Error::errno`] is the only translation to errno.
+//! What every layer's error shares. Each layer has its own error type
+//! (`DeviceError`, `CryptoError`, `VolumeError`, `FsError`, `KeysError`),
+//! converted upward with `From`; the CLI reports a `cli::Error`, which
+//! wraps any of them.
+//!
+//! Every error belongs to a [`Class`]: what a caller can do about it.
+//! [`Class::errno`] is the only translation to errno and
+//! [`Class::exit_code`] the only translation to the CLI's exit codes.
 
 use std::io;
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The backing store failed an operation.
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
-    /// The file is not an lsvfs volume (no magic where a header must be).
-    #[error("{0} is not an lsvfs volume (no lsvfs header found); check the path")]
-    NotAVolume(String),
-    /// The volume was written by a format version this build cannot read.
-    #[error("unsupported volume format: want={want} have={have}; use an lsvfs release that supports version {have}")]
-    UnsupportedVersion { want: u32, have: u32 },
-    /// On-disk structures are damaged; the string says which and where.
-    #[error("volume is corrupted: {0}; run `lsvfs check` and restore from a snapshot or backup")]
-    Corrupted(String),
-    /// A block failed authentication: it was changed, moved or replaced.
-    #[error("integrity check failed for {0}; the data on disk was modified or damaged")]
-    Integrity(String),
-    /// No key slot opens with the given key.
-    #[error("wrong key: {0}")]
-    WrongKey(String),
-    /// The volume (or the device under it) has no space left.
-    #[error("no space left: {0}")]
-    NoSpace(String),
-    /// A request addressed blocks outside the volume.
-    #[error("blocks {start}..{end} are outside the volume ({limit} blocks)")]
-    OutOfRange { start: u64, end: u64, limit: u64 },
-    /// A caller-supplied value is invalid.
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
-    /// The volume is open read-only.
-    #[error("the volume is open read-only")]
-    ReadOnly,
-    /// An earlier write failed; the volume refuses further work until reopened.
-    #[error("an earlier write to the backing store failed; unmount and reopen the volume")]
-    PreviousIo,
-    /// Another process holds the volume.
-    #[error("{0}")]
-    Busy(String),
-    /// The key server could not be reached, or its certificate is not the pinned one.
-    #[error("{0}")]
-    KeyServer(String),
-    /// The key server refused to release a key (revoked, not authorized, ...).
-    #[error("{0}")]
-    Refused(String),
-    /// The host's sealed store is missing, damaged, or from another host.
-    #[error("sealed store: {0}")]
-    SealedStore(String),
-    /// A file-system operation was refused for a POSIX reason.
-    #[error("{what}: {kind}")]
-    Fs { kind: FsError, what: String },
-}
-
 /// Why a file-system operation was refused; each maps to one errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum FsError {
+pub enum Posix {
+    /// No such name or inode (ENOENT).
     #[error("no such file or directory")]
     NotFound,
+    /// The name is taken (EEXIST).
     #[error("file exists")]
     Exists,
+    /// A directory was needed (ENOTDIR).
     #[error("not a directory")]
     NotDir,
+    /// A directory where one is not allowed (EISDIR).
     #[error("is a directory")]
     IsDir,
+    /// The directory still has entries (ENOTEMPTY).
     #[error("directory not empty")]
     NotEmpty,
+    /// A name over 255 bytes, or a symlink target over 4095 (ENAMETOOLONG).
     #[error("file name too long")]
     NameTooLong,
+    /// A malformed request: a bad name, flag or range (EINVAL).
     #[error("invalid argument")]
     Invalid,
+    /// The link count limit is reached (EMLINK).
     #[error("too many links")]
     TooManyLinks,
+    /// No such extended attribute (ENODATA).
     #[error("no such attribute")]
     NoAttr,
+    /// An extended attribute value over the limit (E2BIG).
     #[error("value too large")]
     TooBig,
+    /// Not allowed for this caller (EPERM).
     #[error("operation not permitted")]
     NotPermitted,
     /// A valid request this file system does not implement (programs fall
@@ -91,64 +51,110 @@ pub enum FsError {
     NotSupported,
 }
 
-impl FsError {
+impl Posix {
     pub fn errno(self) -> i32 {
         match self {
-            FsError::NotFound => libc::ENOENT,
-            FsError::Exists => libc::EEXIST,
-            FsError::NotDir => libc::ENOTDIR,
-            FsError::IsDir => libc::EISDIR,
-            FsError::NotEmpty => libc::ENOTEMPTY,
-            FsError::NameTooLong => libc::ENAMETOOLONG,
-            FsError::Invalid => libc::EINVAL,
-            FsError::TooManyLinks => libc::EMLINK,
-            FsError::NoAttr => libc::ENODATA,
-            FsError::TooBig => libc::E2BIG,
-            FsError::NotPermitted => libc::EPERM,
-            FsError::NotSupported => libc::EOPNOTSUPP,
+            Posix::NotFound => libc::ENOENT,
+            Posix::Exists => libc::EEXIST,
+            Posix::NotDir => libc::ENOTDIR,
+            Posix::IsDir => libc::EISDIR,
+            Posix::NotEmpty => libc::ENOTEMPTY,
+            Posix::NameTooLong => libc::ENAMETOOLONG,
+            Posix::Invalid => libc::EINVAL,
+            Posix::TooManyLinks => libc::EMLINK,
+            Posix::NoAttr => libc::ENODATA,
+            Posix::TooBig => libc::E2BIG,
+            Posix::NotPermitted => libc::EPERM,
+            Posix::NotSupported => libc::EOPNOTSUPP,
         }
     }
 
-    /// The error, with what it was about.
-    pub fn at(self, what: impl Into<String>) -> Error {
-        Error::Fs {
-            kind: self,
-            what: what.into(),
-        }
-    }
 }
 
-impl Error {
-    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
-        if source.raw_os_error() == Some(libc::ENOSPC) {
-            return Error::NoSpace(format!(
-                "{}: the backing device is full; free space on it",
-                context.into()
-            ));
-        }
-        if source.kind() == io::ErrorKind::WouldBlock {
-            return Error::Busy(source.to_string());
-        }
-        Error::Io {
-            context: context.into(),
-            source,
+/// What kind of failure an error is, whichever layer raised it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// The command line was wrong, or an argument invalid.
+    Usage,
+    /// Not an lsvfs volume, or a format version this build cannot read.
+    NotAVolume,
+    /// Damaged structures, or data that failed authentication.
+    Corrupt,
+    /// The key does not open the volume.
+    WrongKey,
+    /// No space left on the volume or the device under it.
+    NoSpace,
+    /// Another process holds the volume, or the mount is busy.
+    Busy,
+    /// An I/O failure, with the system's errno (EIO if none).
+    Io(i32),
+    /// The volume refuses work after a failed write, until reopened.
+    PreviousIo,
+    /// The volume or file system is read-only.
+    ReadOnly,
+    /// The key server is unreachable or not the pinned one.
+    KeyServer,
+    /// The key server refused to release a key.
+    Refused,
+    /// The sealed store is missing, damaged or from another host.
+    SealedStore,
+    /// A POSIX refusal (ENOENT, EEXIST, ENOTEMPTY, ...).
+    Posix(Posix),
+    /// A failure another process reported with an errno (the mount's
+    /// control socket).
+    Errno(i32),
+    /// A failure the mount daemon reported with its exit code.
+    Exit(i32),
+}
+
+impl Class {
+    /// The errno a POSIX caller sees.
+    pub fn errno(self) -> i32 {
+        match self {
+            Class::Usage | Class::NotAVolume => libc::EINVAL,
+            Class::Corrupt | Class::PreviousIo => libc::EIO,
+            Class::WrongKey | Class::Refused | Class::SealedStore => libc::EACCES,
+            Class::NoSpace => libc::ENOSPC,
+            Class::Busy => libc::EBUSY,
+            Class::Io(n) | Class::Errno(n) => n,
+            Class::Exit(_) => libc::EIO,
+            Class::ReadOnly => libc::EROFS,
+            Class::KeyServer => libc::EHOSTUNREACH,
+            Class::Posix(p) => p.errno(),
         }
     }
 
-    /// The errno a POSIX caller should see.
-    pub fn errno(&self) -> i32 {
+    /// The CLI's stable exit code (the table in README.md and `cli`).
+    pub fn exit_code(self) -> i32 {
         match self {
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::NotAVolume(_) | Error::UnsupportedVersion { .. } => libc::EINVAL,
-            Error::Corrupted(_) | Error::Integrity(_) | Error::PreviousIo => libc::EIO,
-            Error::WrongKey(_) => libc::EACCES,
-            Error::NoSpace(_) => libc::ENOSPC,
-            Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
-            Error::ReadOnly => libc::EROFS,
-            Error::Busy(_) => libc::EBUSY,
-            Error::KeyServer(_) => libc::EHOSTUNREACH,
-            Error::Refused(_) | Error::SealedStore(_) => libc::EACCES,
-            Error::Fs { kind, .. } => kind.errno(),
+            Class::Usage => 2,
+            Class::NotAVolume => 3,
+            Class::Corrupt => 4,
+            Class::WrongKey => 5,
+            Class::NoSpace => 6,
+            Class::Busy => 7,
+            Class::Io(_) | Class::PreviousIo => 8,
+            Class::KeyServer => 9,
+            Class::Refused => 10,
+            Class::SealedStore => 11,
+            Class::Errno(n) => match n {
+                libc::EINVAL => 2,
+                libc::ENOSPC => 6,
+                libc::EBUSY => 7,
+                libc::EIO => 8,
+                _ => 1,
+            },
+            Class::Exit(code) => code,
+            Class::ReadOnly | Class::Posix(_) => 1,
+        }
+    }
+
+    /// The class of an I/O error from the system.
+    pub fn of_io(e: &io::Error) -> Class {
+        match (e.raw_os_error(), e.kind()) {
+            (Some(libc::ENOSPC), _) => Class::NoSpace,
+            (_, io::ErrorKind::WouldBlock) => Class::Busy,
+            (n, _) => Class::Io(n.unwrap_or(libc::EIO)),
         }
     }
 }
@@ -158,33 +164,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn errno_mapping() {
+    fn every_class_has_one_errno_and_one_exit_code() {
         let cases = [
-            (Error::Integrity("x".into()), libc::EIO),
-            (Error::Corrupted("x".into()), libc::EIO),
-            (Error::PreviousIo, libc::EIO),
-            (Error::NoSpace("x".into()), libc::ENOSPC),
-            (Error::ReadOnly, libc::EROFS),
-            (Error::WrongKey("x".into()), libc::EACCES),
-            (
-                Error::OutOfRange {
-                    start: 0,
-                    end: 1,
-                    limit: 0,
-                },
-                libc::EINVAL,
-            ),
-            (
-                Error::io("w", io::Error::from_raw_os_error(libc::ENOSPC)),
-                libc::ENOSPC,
-            ),
-            (
-                Error::io("w", io::Error::from_raw_os_error(libc::EIO)),
-                libc::EIO,
-            ),
+            (Class::Usage, libc::EINVAL, 2),
+            (Class::NotAVolume, libc::EINVAL, 3),
+            (Class::Corrupt, libc::EIO, 4),
+            (Class::WrongKey, libc::EACCES, 5),
+            (Class::NoSpace, libc::ENOSPC, 6),
+            (Class::Busy, libc::EBUSY, 7),
+            (Class::Io(libc::EIO), libc::EIO, 8),
+            (Class::PreviousIo, libc::EIO, 8),
+            (Class::KeyServer, libc::EHOSTUNREACH, 9),
+            (Class::Refused, libc::EACCES, 10),
+            (Class::SealedStore, libc::EACCES, 11),
+            (Class::ReadOnly, libc::EROFS, 1),
+            (Class::Posix(Posix::NotFound), libc::ENOENT, 1),
+            (Class::Posix(Posix::NotSupported), libc::EOPNOTSUPP, 1),
+            (Class::Errno(libc::ENOSPC), libc::ENOSPC, 6),
+            (Class::Errno(libc::EEXIST), libc::EEXIST, 1),
+            (Class::Exit(9), libc::EIO, 9),
         ];
-        for (e, want) in cases {
-            assert_eq!(e.errno(), want, "{e}");
+        for (c, errno, code) in cases {
+            assert_eq!((c.errno(), c.exit_code()), (errno, code), "{c:?}");
         }
     }
 }

@@ -24,7 +24,8 @@ pub mod keys;
 pub mod volume;
 mod wire;
 
-pub use error::{Error, FsError, Result};
+pub use cli::{Error, Result};
+pub use error::Class;
 
 /// Size of a logical block, a segment block and every metadata page.
 pub const BLOCK_SIZE: usize = 4096;

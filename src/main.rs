@@ -9,6 +9,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     if let Err(e) = cli::run(std::env::args_os()) {
         eprintln!("lsvfs: {e}");
-        std::process::exit(cli::exit_code(&e));
+        std::process::exit(e.exit_code());
     }
 }

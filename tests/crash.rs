@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use common::{block, create, open, Rng};
 use lsvfs::device::{MemDevice, RecordedOp};
-use lsvfs::volume::Transaction;
+use lsvfs::volume::{Transaction, VolumeError};
 use lsvfs::BLOCK_SIZE;
 
 /// The volume's size, and the blocks the workload touches: at most half
@@ -79,7 +79,7 @@ fn record_workload(seed: u64, txns: usize, snapshots: bool) -> Recorded {
             match v.commit(t.clone()) {
                 Ok(()) => break,
                 // Full because snapshots hold old data: drop the oldest.
-                Err(lsvfs::Error::NoSpace(_)) if snapshots && !alive.is_empty() => {
+                Err(VolumeError::NoSpace(_)) if snapshots && !alive.is_empty() => {
                     let name = alive.remove(0);
                     let start = dev.recorded_len();
                     v.snapshot_delete(&name).expect("delete snapshot");

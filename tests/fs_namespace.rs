@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use common::{mem_volume, open, Rng};
 use lsvfs::device::MemDevice;
+use lsvfs::fs::FsError;
 use lsvfs::fs::{Fs, RENAME_EXCHANGE, RENAME_NOREPLACE};
-use lsvfs::Error;
 
 const ROOT: u64 = 1;
 const DIR: u32 = libc::S_IFDIR | 0o755;
@@ -23,7 +23,7 @@ fn new_fs() -> (Arc<MemDevice>, Fs) {
     (dev, Fs::mount(v).unwrap())
 }
 
-fn errno(r: Result<impl std::fmt::Debug, Error>) -> i32 {
+fn errno(r: Result<impl std::fmt::Debug, FsError>) -> i32 {
     r.expect_err("the operation should fail").errno()
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{block, create, open, Rng};
 use lsvfs::device::{MemDevice, RecordedOp};
-use lsvfs::volume::{Transaction, Volume};
+use lsvfs::volume::{Transaction, Volume, VolumeError};
 use lsvfs::BLOCK_SIZE;
 
 type Model = Vec<Option<u64>>;
@@ -78,7 +78,7 @@ fn commit_or_make_room(v: &Volume, t: Transaction, snaps: &mut BTreeMap<String, 
         let copy = txn.clone();
         match v.commit(txn) {
             Ok(()) => return,
-            Err(lsvfs::Error::NoSpace(why)) => {
+            Err(VolumeError::NoSpace(why)) => {
                 let oldest = snaps
                     .iter()
                     .min_by_key(|(_, (id, _))| *id)
@@ -391,7 +391,7 @@ fn a_tampered_held_block_is_an_integrity_error_not_data() {
     assert_eq!(b, block(5, 2), "the live block is intact");
     let view = v.snapshot_view(id).unwrap();
     match view.read(5, &mut b) {
-        Err(lsvfs::Error::Integrity(what)) => assert!(what.contains("logical block 5"), "{what}"),
+        Err(VolumeError::Integrity(what)) => assert!(what.contains("logical block 5"), "{what}"),
         other => panic!("want an integrity error, got {other:?}"),
     }
     let r = v.check().unwrap();

@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use common::{block, create, master, mem_volume, open, opts, Rng};
 use lsvfs::device::{Device, FileDevice, MemDevice};
+use lsvfs::volume::VolumeError;
 use lsvfs::volume::{Options, Volume};
-use lsvfs::{Error, BLOCK_SIZE};
+use lsvfs::BLOCK_SIZE;
 
 fn file_volume(
     dir: &tempfile::TempDir,
@@ -32,7 +33,7 @@ fn write_run(
     lba: u64,
     n: u64,
     version: &mut u64,
-) -> Result<(), Error> {
+) -> Result<(), VolumeError> {
     let mut data = Vec::with_capacity(n as usize * BLOCK_SIZE);
     let mut next = Vec::new();
     for l in lba..lba + n {
@@ -186,7 +187,7 @@ fn full_backing_device_gives_enospc_and_recovers() {
         }
         assert!(lba < 16384, "the device never filled");
     };
-    assert!(matches!(err, Error::NoSpace(_)), "{err:?}");
+    assert!(matches!(err, VolumeError::NoSpace(_)), "{err:?}");
     assert_eq!(err.errno(), libc::ENOSPC);
     v.flush().unwrap();
     verify_all(&v, &model);
@@ -254,7 +255,7 @@ fn thin_16_tib_volume_keeps_memory_bounded_by_the_cache() {
     assert_eq!(b, block(logical - 1, 9));
     assert!(matches!(
         v.read(logical, &mut b),
-        Err(Error::OutOfRange { .. })
+        Err(VolumeError::OutOfRange { .. })
     ));
     // The backing store holds only what was written, not 16 TiB.
     assert!(
@@ -322,7 +323,7 @@ fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
         }
         let committed = match v.commit(t) {
             Ok(()) => true,
-            Err(Error::NoSpace(_)) => false,
+            Err(VolumeError::NoSpace(_)) => false,
             Err(e) => panic!("capacity {cap_mib} MiB: {e}"),
         };
         v.close()
@@ -395,7 +396,7 @@ fn full_host_filesystem_cycles_of_fill_and_trim() {
             let lba = rng.below(16384 - 16);
             match write_run(&v, &mut model, lba, 16, &mut version) {
                 Ok(()) => writes += 1,
-                Err(Error::NoSpace(_)) => break,
+                Err(VolumeError::NoSpace(_)) => break,
                 Err(e) => panic!("cycle {cycle}: {e}"),
             }
             assert!(writes < 100_000);

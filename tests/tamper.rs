@@ -8,8 +8,10 @@ use std::sync::Arc;
 use common::{block, create, master, mem_volume, open, opts, VOLUME_ID};
 use lsvfs::crypto::{Kek, MasterKey, KEY_LEN};
 use lsvfs::device::{Device, MemDevice};
+use lsvfs::keys::KeysError;
+use lsvfs::volume::VolumeError;
 use lsvfs::volume::{self, CreateOptions, KeySlot, Volume, KEY_SLOTS};
-use lsvfs::{keys, Error, BLOCK_SIZE};
+use lsvfs::{keys, BLOCK_SIZE};
 use zeroize::Zeroizing;
 
 const B: u64 = BLOCK_SIZE as u64;
@@ -34,7 +36,7 @@ fn locate(dev: &Arc<MemDevice>, lba: u64) -> u64 {
     p
 }
 
-fn read_block(v: &Volume, lba: u64) -> Result<Vec<u8>, Error> {
+fn read_block(v: &Volume, lba: u64) -> Result<Vec<u8>, VolumeError> {
     let mut b = vec![0u8; BLOCK_SIZE];
     v.read(lba, &mut b).map(|_| b)
 }
@@ -58,7 +60,7 @@ fn flipped_bit_reads_as_integrity_error() {
     patch(&dev, pba * B + 1000, &b);
     let v = open(dev.clone());
     let e = read_block(&v, 7).unwrap_err();
-    assert!(matches!(e, Error::Integrity(_)), "{e}");
+    assert!(matches!(e, VolumeError::Integrity(_)), "{e}");
     assert_eq!(e.errno(), libc::EIO);
     assert!(e.to_string().contains("logical block 7"), "{e}");
     // Neighbours still read, alone and in a multi-block read that includes 7.
@@ -76,8 +78,8 @@ fn swapped_blocks_read_as_integrity_errors() {
     patch(&dev, a * B, &bb);
     patch(&dev, b * B, &ba);
     let v = open(dev);
-    assert!(matches!(read_block(&v, 3), Err(Error::Integrity(_))));
-    assert!(matches!(read_block(&v, 20), Err(Error::Integrity(_))));
+    assert!(matches!(read_block(&v, 3), Err(VolumeError::Integrity(_))));
+    assert!(matches!(read_block(&v, 20), Err(VolumeError::Integrity(_))));
     assert_eq!(read_block(&v, 4).unwrap(), block(4, 1));
 }
 
@@ -93,7 +95,7 @@ fn older_copy_of_a_block_reads_as_integrity_error() {
     assert_ne!(old_at, new_at);
     patch(&dev, new_at * B, &old);
     let v = open(dev);
-    assert!(matches!(read_block(&v, 9), Err(Error::Integrity(_))));
+    assert!(matches!(read_block(&v, 9), Err(VolumeError::Integrity(_))));
 }
 
 #[test]
@@ -143,7 +145,7 @@ fn older_copy_of_a_map_page_is_detected() {
                 }
                 Err(e) => {
                     assert!(
-                        matches!(e, Error::Integrity(_) | Error::Corrupted(_)),
+                        matches!(e, VolumeError::Integrity(_) | VolumeError::Corrupted(_)),
                         "{e:?}"
                     );
                     caught += 1;
@@ -179,7 +181,9 @@ fn truncated_backing_store_gives_clear_errors() {
                 assert!(
                     matches!(
                         e,
-                        Error::NotAVolume(_) | Error::Corrupted(_) | Error::Integrity(_)
+                        VolumeError::NotAVolume(_)
+                            | VolumeError::Corrupted(_)
+                            | VolumeError::Integrity(_)
                     ),
                     "len {len}: {e:?}"
                 );
@@ -207,7 +211,7 @@ fn garbage_and_foreign_files_are_not_volumes() {
     for img in [junk, vec![0u8; 1 << 20], b"#!/bin/sh\necho hi\n".to_vec()] {
         let d = MemDevice::from_image(img);
         let e = volume::read_header(&d).unwrap_err();
-        assert!(matches!(e, Error::NotAVolume(_)), "{e:?}");
+        assert!(matches!(e, VolumeError::NotAVolume(_)), "{e:?}");
     }
 }
 
@@ -222,7 +226,7 @@ fn damaged_header_copies() {
     // Both damaged: a clear corruption error, not "not a volume".
     patch(&dev, B + 100, &[0xff]);
     let e = volume::read_header(&*dev).unwrap_err();
-    assert!(matches!(e, Error::Corrupted(_)), "{e:?}");
+    assert!(matches!(e, VolumeError::Corrupted(_)), "{e:?}");
     assert!(e.to_string().contains("both header copies"), "{e}");
 }
 
@@ -235,7 +239,7 @@ fn future_format_version_is_refused_by_name() {
     patch(&dev, B, &h[..]);
     let e = volume::read_header(&*dev).unwrap_err();
     assert!(
-        matches!(e, Error::UnsupportedVersion { want: 1, have: 2 }),
+        matches!(e, VolumeError::UnsupportedVersion { want: 1, have: 2 }),
         "{e:?}"
     );
     assert!(e.to_string().contains("want=1 have=2"));
@@ -255,12 +259,15 @@ fn damaged_checkpoint_slot_falls_back_or_fails_clearly() {
                 for l in 0..32 {
                     match read_block(&v, l) {
                         Ok(b) => assert_eq!(b, block(l, 1)),
-                        Err(e) => assert!(matches!(e, Error::Integrity(_) | Error::Corrupted(_))),
+                        Err(e) => assert!(matches!(
+                            e,
+                            VolumeError::Integrity(_) | VolumeError::Corrupted(_)
+                        )),
                     }
                 }
             }
             Err(e) => assert!(
-                matches!(e, Error::Corrupted(_) | Error::Integrity(_)),
+                matches!(e, VolumeError::Corrupted(_) | VolumeError::Integrity(_)),
                 "{e:?}"
             ),
         }
@@ -277,7 +284,7 @@ fn wrong_key_is_reported_as_wrong_key() {
     let dev = written();
     let other = MasterKey::from_bytes(Zeroizing::new([1; KEY_LEN]));
     let e = Volume::open(dev.clone(), &other, opts()).err().unwrap();
-    assert!(matches!(e, Error::WrongKey(_)), "{e:?}");
+    assert!(matches!(e, VolumeError::WrongKey(_)), "{e:?}");
     assert_eq!(e.errno(), libc::EACCES);
 
     // Through key slots: the right KEK opens, another does not.
@@ -299,11 +306,14 @@ fn wrong_key_is_reported_as_wrong_key() {
     .unwrap();
     assert_eq!(keys::unlock(&h, &kek).unwrap().expose(), mk.expose());
     let e = keys::unlock(&h, &Kek::generate().unwrap()).err().unwrap();
-    assert!(matches!(e, Error::WrongKey(_)));
+    assert!(matches!(e, KeysError::WrongKey(_)));
     // A slot whose wrapped key was altered does not open either.
     let mut bad = h.clone();
     bad.slots[0].wrapped.0[30] ^= 1;
-    assert!(matches!(keys::unlock(&bad, &kek), Err(Error::WrongKey(_))));
+    assert!(matches!(
+        keys::unlock(&bad, &kek),
+        Err(KeysError::WrongKey(_))
+    ));
 }
 
 #[test]
@@ -356,7 +366,7 @@ fn create_refuses_bad_geometry() {
             },
         )
         .unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        assert!(matches!(e, VolumeError::InvalidArgument(_)), "{e:?}");
     }
     create(&d, 16, 16);
 }
@@ -372,6 +382,6 @@ fn altered_header_geometry_is_detected() {
     h.seq += 1;
     volume::write_header(&*dev, &h).unwrap();
     let e = Volume::open(dev, &master(), opts()).err().unwrap();
-    assert!(matches!(e, Error::Corrupted(_)), "{e:?}");
+    assert!(matches!(e, VolumeError::Corrupted(_)), "{e:?}");
     assert!(e.to_string().contains("geometry"), "{e}");
 }

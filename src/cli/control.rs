@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fs::Snapshots;
+use crate::fs::{Posix, Snapshots};
 use crate::Error;
 
 /// Longest request line accepted.
@@ -122,7 +122,7 @@ fn secure_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::io(format!("inspecting {}", dir.display()), e))?;
     let me = unsafe { libc::geteuid() };
     if !m.is_dir() || m.uid() != me {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Usage(format!(
             "{} must be a directory owned by uid {me} (not a symlink); remove it or set LSVFS_RUN_DIR",
             dir.display()
         )));
@@ -173,20 +173,21 @@ fn handle(stream: UnixStream, snaps: &Snapshots) {
             match read {
                 Ok(_) if line.ends_with('\n') => match serde_json::from_str::<Request>(&line) {
                     Ok(req) => answer(req, snaps),
-                    Err(e) => failure(&Error::InvalidArgument(format!(
+                    Err(e) => failure(&Error::Usage(format!(
                         "bad control request ({e}); expected one JSON line such as {{\"op\":\"list\"}}"
                     ))),
                 },
-                Ok(_) => failure(&Error::InvalidArgument(format!(
+                Ok(_) => failure(&Error::Usage(format!(
                     "control request too long or not ended by a newline (at most {MAX_REQUEST} bytes)"
                 ))),
                 Err(e) => failure(&Error::io("reading the control request", e)),
             }
         }
-        _ => failure(&Error::Fs {
-            kind: crate::FsError::NotPermitted,
-            what: "the snapshot control socket is for root".into(),
-        }),
+        _ => failure(
+            &Posix::NotPermitted
+                .at("the snapshot control socket is for root")
+                .into(),
+        ),
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
@@ -221,7 +222,7 @@ fn answer(req: Request, snaps: &Snapshots) -> Response {
             ..Response::default()
         }),
     };
-    r.unwrap_or_else(|e| failure(&e))
+    r.unwrap_or_else(|e| failure(&e.into()))
 }
 
 /// Sends one request to the mount on `mountpoint` and returns its answer.
@@ -230,7 +231,7 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
         .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
     let path = socket_path(&mountpoint);
     let stream = UnixStream::connect(&path).map_err(|e| {
-        Error::InvalidArgument(format!(
+        Error::Usage(format!(
             "no lsvfs mount answers for {} ({}: {e}); is it mounted, and are you root?",
             mountpoint.display(),
             path.display()
@@ -241,14 +242,14 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
     match peer_uid(&stream) {
         Some(uid) if uid == 0 || uid == me => {}
         other => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Usage(format!(
                 "{} is served by uid {other:?}, not by root or uid {me}; refusing to trust it",
                 path.display()
             )))
         }
     }
     let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
-    let mut line = serde_json::to_vec(req).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let mut line = serde_json::to_vec(req).map_err(|e| Error::Usage(e.to_string()))?;
     line.push(b'\n');
     (&stream)
         .write_all(&line)
@@ -257,8 +258,15 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
     BufReader::new(&stream)
         .read_line(&mut answer)
         .map_err(|e| Error::io("reading the mount's answer", e))?;
-    serde_json::from_str(&answer)
-        .map_err(|e| Error::Corrupted(format!("the mount's answer is not valid ({e}): {answer:?}")))
+    serde_json::from_str(&answer).map_err(|e| {
+        Error::io(
+            "reading the mount's answer",
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("it is not valid ({e}): {answer:?}"),
+            ),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -23,9 +23,11 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::crypto::{random_bytes, MasterKey};
-use crate::device::{Device, FileDevice};
+use crate::device::{Device, DeviceError, FileDevice};
+use crate::error::Class;
+use crate::volume::VolumeError;
 use crate::volume::{self, CreateOptions, KeySlot, Options, Volume, KEY_SLOTS};
-use crate::{keys, Error, BLOCK_SIZE};
+use crate::{keys, BLOCK_SIZE};
 
 #[derive(Parser)]
 #[command(name = "lsvfs", version, about = "Encrypted, log-structured volumes", long_about = None)]
@@ -60,7 +62,7 @@ pub(crate) struct Keys {
 impl Keys {
     fn master(&self, header: &volume::Header) -> Result<MasterKey, Error> {
         match &self.key_file {
-            Some(f) => keys::unlock(header, &keys::read_key_file(f)?),
+            Some(f) => Ok(keys::unlock(header, &keys::read_key_file(f)?)?),
             None => {
                 let (m, r) = keys::unlock_with_server(&self.store, &self.server, header)?;
                 if let Some((from, to)) = r {
@@ -224,23 +226,6 @@ enum Cmd {
     },
 }
 
-/// Maps an error to the command's exit code (see the module docs).
-pub fn exit_code(e: &Error) -> i32 {
-    match e {
-        Error::InvalidArgument(_) | Error::OutOfRange { .. } => 2,
-        Error::NotAVolume(_) | Error::UnsupportedVersion { .. } => 3,
-        Error::Corrupted(_) | Error::Integrity(_) => 4,
-        Error::WrongKey(_) => 5,
-        Error::NoSpace(_) => 6,
-        Error::Busy(_) => 7,
-        Error::Io { .. } | Error::PreviousIo => 8,
-        Error::KeyServer(_) => 9,
-        Error::Refused(_) => 10,
-        Error::SealedStore(_) => 11,
-        Error::ReadOnly | Error::Fs { .. } => 1,
-    }
-}
-
 /// Parses "100G", "512M", "4096" into bytes.
 pub fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();
@@ -253,7 +238,7 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
                 'T' => 40,
                 'P' => 50,
                 _ => {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::Usage(format!(
                         "unknown size suffix in {s:?}; use K, M, G, T or P"
                     )))
                 }
@@ -262,23 +247,24 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
         }
         _ => (s, 0),
     };
-    let n: u64 = num.parse().map_err(|_| {
-        Error::InvalidArgument(format!("{s:?} is not a size (examples: 4096, 512M, 100G)"))
-    })?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::Usage(format!("{s:?} is not a size (examples: 4096, 512M, 100G)")))?;
     n.checked_mul(1 << shift)
-        .ok_or_else(|| Error::InvalidArgument(format!("size {s:?} is too large")))
+        .ok_or_else(|| Error::Usage(format!("size {s:?} is too large")))
 }
 
 fn open_device(path: &Path, writable: bool) -> Result<Arc<dyn Device>, Error> {
     FileDevice::open(path, writable)
         .map(|d| Arc::new(d) as Arc<dyn Device>)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+        .map_err(|e| DeviceError::new(format!("opening {}", path.display()), e).into())
 }
 
-fn with_path(e: Error, path: &Path) -> Error {
+/// Names the file in "not an lsvfs volume".
+fn with_path(e: VolumeError, path: &Path) -> Error {
     match e {
-        Error::NotAVolume(_) => Error::NotAVolume(path.display().to_string()),
-        e => e,
+        VolumeError::NotAVolume(_) => VolumeError::NotAVolume(path.display().to_string()).into(),
+        e => e.into(),
     }
 }
 
@@ -289,24 +275,19 @@ struct Tuning {
 }
 
 mod control;
+mod error;
 mod mount;
+
+pub use error::{Error, Result};
 
 fn control_call(mountpoint: &Path, req: control::Request) -> Result<control::Response, Error> {
     let r = control::request(mountpoint, &req)?;
     if r.ok {
         return Ok(r);
     }
-    let msg = r.error.unwrap_or_else(|| "the mount refused".into());
-    let kind = match r.errno {
-        Some(libc::EEXIST) => Some(crate::FsError::Exists),
-        Some(libc::ENOENT) => Some(crate::FsError::NotFound),
-        Some(libc::EPERM) => Some(crate::FsError::NotPermitted),
-        _ => None,
-    };
-    Err(match (kind, r.errno) {
-        (Some(kind), _) => Error::Fs { kind, what: msg },
-        (None, Some(libc::ENOSPC)) => Error::NoSpace(msg),
-        _ => Error::InvalidArgument(msg),
+    Err(Error::Reported {
+        class: Class::Errno(r.errno.unwrap_or(libc::EIO)),
+        message: r.error.unwrap_or_else(|| "the mount refused".into()),
     })
 }
 
@@ -353,8 +334,7 @@ fn snapshot_cmd(c: SnapCmd) -> Result<(), Error> {
                 for s in &list {
                     println!(
                         "{}",
-                        serde_json::to_string(s)
-                            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+                        serde_json::to_string(s).map_err(|e| Error::Usage(e.to_string()))?
                     );
                 }
                 return Ok(());
@@ -403,7 +383,7 @@ fn open_with(
         chunk_bytes: t.chunk_bytes,
         ..Options::default()
     };
-    Volume::open(dev, master, opts)
+    Ok(Volume::open(dev, master, opts)?)
 }
 
 use keys::hex;
@@ -432,7 +412,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         || chunk_bytes % BLOCK_SIZE as u64 != 0
         || chunk_bytes > 1 << 30
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Usage(format!(
             "--chunk-size must be a multiple of 4096 between 4K and 1G, not {}",
             cli.chunk_size
         )));
@@ -468,20 +448,18 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         } => {
             let bytes = parse_size(&size)?;
             if bytes == 0 || bytes % BLOCK_SIZE as u64 != 0 {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Usage(format!(
                     "--size must be a non-zero multiple of 4096 bytes, not {bytes}"
                 )));
             }
             if key_file.is_none() && keyserver.is_none() {
-                return Err(Error::InvalidArgument(
+                return Err(Error::Usage(
                     "give --keyserver URL (after `lsvfs host init`), --key-file KEYFILE, or both"
                         .into(),
                 ));
             }
-            let master =
-                MasterKey::generate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            let volume_id =
-                *random_bytes::<16>().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            let master = MasterKey::generate().map_err(|e| Error::Usage(e.to_string()))?;
+            let volume_id = *random_bytes::<16>().map_err(|e| Error::Usage(e.to_string()))?;
             let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
             if let Some(kf) = &key_file {
                 slots[0] = keys::key_file_slot(&keys::read_key_file(kf)?, &master, &volume_id)?;
@@ -489,7 +467,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             if let Some(url) = &keyserver {
                 let st = keys::SealedStore::open(&store)?;
                 if st.keyserver_url.trim_end_matches('/') != url.trim_end_matches('/') {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::Usage(format!(
                         "this host is set up for key server {}, not {url}; \
                          run `lsvfs host init` again for another server",
                         st.keyserver_url
@@ -497,7 +475,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 }
             }
             let dev = FileDevice::open_for_create(&path)
-                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+                .map_err(|e| DeviceError::new(format!("creating {}", path.display()), e))?;
             let opts = CreateOptions {
                 logical_blocks: bytes / BLOCK_SIZE as u64,
                 segment_blocks,
@@ -649,11 +627,12 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 for p in &problems {
                     println!("problem: {p}");
                 }
-                return Err(Error::Corrupted(format!(
+                return Err(VolumeError::Corrupted(format!(
                     "{} problems found in {}",
                     problems.len(),
                     path.display()
-                )));
+                ))
+                .into());
             }
             println!("{}: clean", path.display());
         }
@@ -664,9 +643,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             input,
         } => {
             if offset % BLOCK_SIZE as u64 != 0 {
-                return Err(Error::InvalidArgument(
-                    "--offset must be a multiple of 4096".into(),
-                ));
+                return Err(Error::Usage("--offset must be a multiple of 4096".into()));
             }
             let mut data = std::fs::read(&input)
                 .map_err(|e| Error::io(format!("reading {}", input.display()), e))?;
@@ -701,7 +678,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 Error::io(format!("reading the CA certificate {}", ca.display()), e)
             })?;
             if !ca_pem.starts_with(b"-----BEGIN") {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Usage(format!(
                     "{} is not a PEM certificate",
                     ca.display()
                 )));
@@ -782,7 +759,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 .iter()
                 .any(|s| s.kind != volume::SlotKind::Empty && s.fingerprint == slot.fingerprint)
             {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Usage(format!(
                     "{} already opens {}",
                     key_file.display(),
                     path.display()
@@ -793,7 +770,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 .iter()
                 .position(|s| s.kind == volume::SlotKind::Empty)
             else {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Usage(format!(
                     "all {KEY_SLOTS} key slots of {} are in use; remove one first",
                     path.display()
                 )));
@@ -806,7 +783,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             let dev = open_device(&path, true)?;
             let mut h = volume::read_header(&*dev).map_err(|e| with_path(e, &path))?;
             if slot >= KEY_SLOTS || h.slots[slot].kind == volume::SlotKind::Empty {
-                return Err(Error::InvalidArgument(format!("slot {slot} is empty")));
+                return Err(Error::Usage(format!("slot {slot} is empty")));
             }
             let others = h
                 .slots
@@ -818,7 +795,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                 .map(|st| st.entry(&h.volume_id).is_some())
                 .unwrap_or(false);
             if others == 0 && !sealed_here {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Usage(format!(
                     "slot {slot} is the last way to open {}; add another recovery key first",
                     path.display()
                 )));
@@ -835,7 +812,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             output,
         } => {
             if offset % BLOCK_SIZE as u64 != 0 || length % BLOCK_SIZE as u64 != 0 {
-                return Err(Error::InvalidArgument(
+                return Err(Error::Usage(
                     "--offset and --length must be multiples of 4096".into(),
                 ));
             }

@@ -10,7 +10,8 @@ use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use super::{Keys, Tuning};
-use crate::fs::{Fs, Snapshots};
+use crate::error::Class;
+use crate::fs::{Fs, FsError, Snapshots};
 use crate::fuse::FuseFs;
 use crate::volume::Options;
 use crate::{volume, Error};
@@ -68,10 +69,7 @@ pub fn foreground(
     unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
-    let dev: Arc<dyn crate::device::Device> = Arc::new(
-        crate::device::FileDevice::open(&path, true)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
-    );
+    let dev = super::open_device(&path, true)?;
     let header = volume::read_header(&*dev)?;
     let master = k.master(&header)?;
     let opts = Options {
@@ -198,22 +196,22 @@ pub fn foreground(
             }
         }
     };
-    fs.unmount()
+    Ok(fs.unmount()?)
 }
 
 /// syncfs(2) on the mount: the kernel writes back every dirty page and
 /// inode of it (through this process's request threads), so a snapshot
 /// taken afterwards holds every write that returned before.
-fn sync_mount(mountpoint: &Path) -> Result<(), Error> {
+fn sync_mount(mountpoint: &Path) -> Result<(), FsError> {
     use std::os::fd::AsRawFd;
-    let dir = std::fs::File::open(mountpoint)
-        .map_err(|e| Error::io(format!("opening {}", mountpoint.display()), e))?;
+    let io = |what: &str, source| FsError::Io {
+        context: format!("{what} {}", mountpoint.display()),
+        source,
+    };
+    let dir = std::fs::File::open(mountpoint).map_err(|e| io("opening", e))?;
     // SAFETY: the descriptor is open for the duration of the call.
     if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(Error::io(
-            format!("syncfs on {}", mountpoint.display()),
-            std::io::Error::last_os_error(),
-        ));
+        return Err(io("syncfs on", std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -276,15 +274,9 @@ pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys, show_snapshots: bool) ->
         .wait()
         .map_err(|e| Error::io("waiting for the mount daemon", e))?;
     let msg = err.trim().trim_start_matches("lsvfs: ").to_string();
-    Err(match status.code() {
-        Some(5) => Error::WrongKey(msg),
-        Some(3) => Error::NotAVolume(msg),
-        Some(4) => Error::Corrupted(msg),
-        Some(7) => Error::Busy(msg),
-        Some(9) => Error::KeyServer(msg),
-        Some(10) => Error::Refused(msg),
-        Some(11) => Error::SealedStore(msg.trim_start_matches("sealed store: ").to_string()),
-        _ => Error::InvalidArgument(format!("mount failed: {msg}")),
+    Err(Error::Reported {
+        class: Class::Exit(status.code().unwrap_or(1)),
+        message: msg,
     })
 }
 
@@ -340,7 +332,7 @@ fn detach(mountpoint: &Path) -> Result<(), Error> {
 pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
     let mountpoint = canonical(mountpoint)?;
     let vol = mounted_volume(&mountpoint).ok_or_else(|| {
-        Error::InvalidArgument(format!(
+        Error::Usage(format!(
             "no lsvfs volume is mounted on {}",
             mountpoint.display()
         ))

@@ -33,6 +33,17 @@ pub enum CryptoError {
     Random,
 }
 
+impl CryptoError {
+    pub fn class(&self) -> crate::error::Class {
+        use crate::error::Class;
+        match self {
+            CryptoError::Integrity => Class::Corrupt,
+            CryptoError::WrongKey => Class::WrongKey,
+            CryptoError::Random => Class::Io(libc::EIO),
+        }
+    }
+}
+
 /// A 128-bit block MAC (truncated keyed BLAKE3).
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct Mac(pub [u8; MAC_LEN]);

@@ -12,6 +12,51 @@ pub use mem::{MemDevice, RecordedOp};
 
 use std::io;
 
+use crate::error::Class;
+
+/// A failed operation on the backing file or device: what was being done,
+/// and the system's error.
+#[derive(Debug)]
+pub struct DeviceError {
+    pub context: String,
+    pub source: io::Error,
+}
+
+impl DeviceError {
+    pub fn new(context: impl Into<String>, source: io::Error) -> DeviceError {
+        DeviceError {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Out of space, busy (the volume is locked by another process), or I/O.
+    pub fn class(&self) -> Class {
+        Class::of_io(&self.source)
+    }
+}
+
+impl std::fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.class() {
+            Class::NoSpace => write!(
+                f,
+                "no space left: {}: the backing device is full; free space on it",
+                self.context
+            ),
+            // The lock's own message says who holds the volume.
+            Class::Busy => write!(f, "{}", self.source),
+            _ => write!(f, "{}: {}", self.context, self.source),
+        }
+    }
+}
+
+impl std::error::Error for DeviceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 pub trait Device: Send + Sync {
     /// Reads into `buf` from `offset`. Returns the number of bytes read,
     /// which is short only at the end of the device.

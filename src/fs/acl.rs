@@ -7,7 +7,7 @@
 //! Xattr format: version (LE u32, 2), then entries of tag (LE u16), perm
 //! (LE u16), id (LE u32).
 
-use crate::{FsError, Result};
+use crate::fs::{Posix, Result};
 
 pub const ACCESS: &[u8] = b"system.posix_acl_access";
 pub const DEFAULT: &[u8] = b"system.posix_acl_default";
@@ -25,7 +25,7 @@ pub struct Acl(Vec<(u16, u16, u32)>);
 
 impl Acl {
     pub fn decode(b: &[u8]) -> Result<Acl> {
-        let bad = || FsError::Invalid.at("a POSIX ACL xattr");
+        let bad = || Posix::Invalid.at("a POSIX ACL xattr");
         if b.len() < 4
             || (b.len() - 4) % 8 != 0
             || u32::from_le_bytes([b[0], b[1], b[2], b[3]]) != VERSION

@@ -18,7 +18,8 @@
 
 use std::sync::Arc;
 
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::fs::{FsError, Posix, Result};
+use crate::BLOCK_SIZE;
 
 /// Largest key, in bytes (an inode number, a kind and a 255-byte name fit).
 pub const MAX_KEY: usize = 300;
@@ -94,7 +95,7 @@ impl Node {
     /// Decodes a node read from block `lba`; any inconsistency is an error
     /// naming the block, never a panic.
     pub fn decode(b: &[u8], lba: u64) -> Result<Node> {
-        let bad = |what: &str| Error::Corrupted(format!("metadata node at block {lba}: {what}"));
+        let bad = |what: &str| FsError::Corrupted(format!("metadata node at block {lba}: {what}"));
         if b.len() != BLOCK_SIZE || b[..2] != MAGIC {
             return Err(bad("not a metadata node"));
         }
@@ -179,7 +180,7 @@ enum Grew {
 
 fn check_sizes(key: &[u8], value: &[u8]) -> Result<()> {
     if key.is_empty() || key.len() > MAX_KEY || value.len() > MAX_VALUE {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Posix::Invalid.at(format!(
             "metadata entry of {} + {} bytes exceeds the limits ({MAX_KEY} + {MAX_VALUE})",
             key.len(),
             value.len()
@@ -248,7 +249,7 @@ impl BTree {
         depth: usize,
     ) -> Result<Grew> {
         if depth > 64 {
-            return Err(Error::Corrupted(format!(
+            return Err(FsError::Corrupted(format!(
                 "metadata tree deeper than 64 levels at block {lba}"
             )));
         }
@@ -353,7 +354,7 @@ impl BTree {
         depth: usize,
     ) -> Result<(Option<Vec<u8>>, bool)> {
         if depth > 64 {
-            return Err(Error::Corrupted(format!(
+            return Err(FsError::Corrupted(format!(
                 "metadata tree deeper than 64 levels at block {lba}"
             )));
         }
@@ -404,7 +405,7 @@ impl BTree {
                 }
             }
         }
-        Err(Error::Corrupted(format!(
+        Err(FsError::Corrupted(format!(
             "metadata tree deeper than 64 levels below block {}",
             self.root
         )))
@@ -435,7 +436,7 @@ impl BTree {
         depth: usize,
     ) -> Result<()> {
         if depth > 64 {
-            return Err(Error::Corrupted(format!(
+            return Err(FsError::Corrupted(format!(
                 "metadata tree deeper than 64 levels at block {lba}"
             )));
         }
@@ -604,7 +605,7 @@ mod tests {
         }] {
             assert!(matches!(
                 Node::decode(&garbage, 9),
-                Err(Error::Corrupted(_))
+                Err(FsError::Corrupted(_))
             ));
         }
     }

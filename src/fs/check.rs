@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::btree::{Node, NodeStore};
 use super::filesystem::Fs;
 use super::format::{kind, Dirent, Inode, CHUNK_BLOCKS, ROOT_INO};
-use crate::Result;
+use crate::fs::{FsError, Result};
 
 /// What the file-system check found.
 #[derive(Clone, Debug, Default)]
@@ -33,7 +33,7 @@ impl Fs {
             let mut stack = vec![op.tree.root];
             while let Some(lba) = stack.pop() {
                 if !nodes.insert(lba) {
-                    return Err(crate::Error::Corrupted(format!(
+                    return Err(FsError::Corrupted(format!(
                         "metadata node {lba} is reachable twice"
                     )));
                 }

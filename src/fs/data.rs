@@ -14,7 +14,8 @@ use super::filesystem::{FileMap, Fs, Op};
 use super::format::{
     decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, Inode, Time, CHUNK_BLOCKS,
 };
-use crate::{Error, FsError, Result, BLOCK_SIZE};
+use crate::fs::{FsError, Posix, Result};
+use crate::BLOCK_SIZE;
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -60,7 +61,7 @@ impl Op<'_> {
     fn chunk(&mut self, ino: u64, index: u64) -> Result<Vec<u64>> {
         match self.get(&key(ino, kind::CHUNK, &index.to_be_bytes()))? {
             Some(v) => decode_chunk(&v).ok_or_else(|| {
-                Error::Corrupted(format!("inode {ino}: chunk {index} has the wrong size"))
+                FsError::Corrupted(format!("inode {ino}: chunk {index} has the wrong size"))
             }),
             None => Ok(vec![0; CHUNK_BLOCKS as usize]),
         }
@@ -112,7 +113,7 @@ impl Op<'_> {
         let start = key(ino, kind::CHUNK, &first_chunk.to_be_bytes());
         for (k, _) in self.tree.range(&mut self.store, &start, &end, usize::MAX)? {
             let index = key_suffix_u64(&k)
-                .ok_or_else(|| Error::Corrupted(format!("inode {ino}: a chunk key")))?;
+                .ok_or_else(|| FsError::Corrupted(format!("inode {ino}: a chunk key")))?;
             let mut c = self.chunk(ino, index)?;
             for (j, b) in c.iter_mut().enumerate() {
                 if index * CHUNK_BLOCKS + j as u64 >= from && *b != 0 {
@@ -131,20 +132,25 @@ impl Fs {
     /// The file's block map: cached, or loaded under the metadata lock
     /// (and cached while still under it; see `Fs::files`).
     fn file_map(&self, ino: u64) -> Result<Arc<FileMap>> {
-        if let Some(m) = self.files.lock().map_err(|_| Error::PreviousIo)?.get(&ino) {
+        if let Some(m) = self
+            .files
+            .lock()
+            .map_err(|_| FsError::PreviousIo)?
+            .get(&ino)
+        {
             return Ok(m.clone());
         }
         self.read_op(|op| {
             let i = op.inode(ino)?;
             if i.is_dir() {
-                return Err(FsError::IsDir.at(format!("inode {ino}")));
+                return Err(Posix::IsDir.at(format!("inode {ino}")));
             }
             let (s, e) = kind_range(ino, kind::CHUNK);
             let mut chunks = HashMap::new();
             for (k, v) in op.tree.range(&mut op.store, &s, &e, usize::MAX)? {
                 let item = key_suffix_u64(&k).zip(decode_chunk(&v));
                 let (index, blocks) =
-                    item.ok_or_else(|| Error::Corrupted(format!("inode {ino}: a chunk item")))?;
+                    item.ok_or_else(|| FsError::Corrupted(format!("inode {ino}: a chunk item")))?;
                 chunks.insert(index, blocks);
             }
             let m = Arc::new(FileMap {
@@ -153,7 +159,7 @@ impl Fs {
             });
             self.files
                 .lock()
-                .map_err(|_| Error::PreviousIo)?
+                .map_err(|_| FsError::PreviousIo)?
                 .insert(ino, m.clone());
             Ok(m)
         })
@@ -168,11 +174,11 @@ impl Fs {
         // still current once `reads` is held.
         let (map, _reading) = loop {
             let map = self.file_map(ino)?;
-            let reading = self.reads.read().map_err(|_| Error::PreviousIo)?;
+            let reading = self.reads.read().map_err(|_| FsError::PreviousIo)?;
             let current = self
                 .files
                 .lock()
-                .map_err(|_| Error::PreviousIo)?
+                .map_err(|_| FsError::PreviousIo)?
                 .get(&ino)
                 .is_some_and(|m| Arc::ptr_eq(m, &map));
             if current {
@@ -222,13 +228,13 @@ impl Fs {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE);
         let Some(end) = end else {
-            return Err(FsError::TooBig.at(format!("a write past {MAX_FILE_SIZE} bytes")));
+            return Err(Posix::TooBig.at(format!("a write past {MAX_FILE_SIZE} bytes")));
         };
         self.op(|op, txn| {
             let mut i = op.inode(ino)?;
             if file_type(i.mode) != libc::S_IFREG {
                 return Err(
-                    FsError::Invalid.at(format!("writing to inode {ino}, not a regular file"))
+                    Posix::Invalid.at(format!("writing to inode {ino}, not a regular file"))
                 );
             }
             let blocks_before = i.blocks;
@@ -300,7 +306,7 @@ impl Fs {
     /// Changes attributes; a size change truncates or extends (sparsely).
     pub fn setattr(&self, ino: u64, a: SetAttr) -> Result<Inode> {
         if a.size.is_some_and(|s| s > MAX_FILE_SIZE) {
-            return Err(FsError::TooBig.at(format!("a size past {MAX_FILE_SIZE} bytes")));
+            return Err(Posix::TooBig.at(format!("a size past {MAX_FILE_SIZE} bytes")));
         }
         if a.mode.is_none() && a.uid.is_none() && a.gid.is_none() && a.size.is_none() {
             // Times only (utimensat, or the kernel's writeback cache storing
@@ -347,7 +353,7 @@ impl Fs {
             }
             if let Some(size) = a.size {
                 if i.is_dir() {
-                    return Err(FsError::IsDir.at(format!("truncating inode {ino}")));
+                    return Err(Posix::IsDir.at(format!("truncating inode {ino}")));
                 }
                 if size < i.size {
                     let keep = size.div_ceil(BS);
@@ -382,15 +388,15 @@ impl Fs {
             .checked_add(len)
             .filter(|e| *e <= MAX_FILE_SIZE && len > 0);
         let Some(end) = end else {
-            return Err(FsError::Invalid.at(format!("fallocate range {offset}+{len}")));
+            return Err(Posix::Invalid.at(format!("fallocate range {offset}+{len}")));
         };
         let punch = mode & FALLOC_PUNCH_HOLE != 0;
         if punch && mode & FALLOC_KEEP_SIZE == 0 {
             // fallocate(2): PUNCH_HOLE must come with KEEP_SIZE.
-            return Err(FsError::Invalid.at("fallocate PUNCH_HOLE without KEEP_SIZE"));
+            return Err(Posix::Invalid.at("fallocate PUNCH_HOLE without KEEP_SIZE"));
         }
         if mode & !(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE) != 0 {
-            return Err(FsError::NotSupported.at(format!("fallocate mode {mode:#x}")));
+            return Err(Posix::NotSupported.at(format!("fallocate mode {mode:#x}")));
         }
         // A large range goes in steps of FALLOC_STEP blocks, one transaction
         // each (a transaction has a size limit). Every step leaves a
@@ -418,7 +424,7 @@ impl Fs {
         self.op(|op, txn| {
             let mut i = op.inode(ino)?;
             if file_type(i.mode) != libc::S_IFREG {
-                return Err(FsError::Invalid.at(format!("fallocate on inode {ino}")));
+                return Err(Posix::Invalid.at(format!("fallocate on inode {ino}")));
             }
             let mut hint = 0;
             let (first, last) = (offset / BS, end.div_ceil(BS));
@@ -476,20 +482,20 @@ impl Fs {
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
         if name.is_empty() || name.len() > 255 {
-            return Err(FsError::Invalid.at("an xattr name must have 1 to 255 bytes"));
+            return Err(Posix::Invalid.at("an xattr name must have 1 to 255 bytes"));
         }
         if value.len() > super::btree::MAX_VALUE {
-            return Err(FsError::TooBig.at(format!("an xattr value of {} bytes", value.len())));
+            return Err(Posix::TooBig.at(format!("an xattr value of {} bytes", value.len())));
         }
         self.op(|op, _| {
             let mut i = op.inode(ino)?;
             let k = key(ino, kind::XATTR, name);
             let exists = op.get(&k)?.is_some();
             if flags & XATTR_CREATE != 0 && exists {
-                return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
+                return Err(Posix::Exists.at(String::from_utf8_lossy(name)));
             }
             if flags & XATTR_REPLACE != 0 && !exists {
-                return Err(FsError::NoAttr.at(String::from_utf8_lossy(name)));
+                return Err(Posix::NoAttr.at(String::from_utf8_lossy(name)));
             }
             if name == acl::ACCESS {
                 // The ACL sets the permission bits; one that says no more
@@ -503,7 +509,7 @@ impl Fs {
                 }
             } else if name == acl::DEFAULT {
                 if !i.is_dir() {
-                    return Err(FsError::Invalid.at("a default ACL on a non-directory"));
+                    return Err(Posix::Invalid.at("a default ACL on a non-directory"));
                 }
                 acl::Acl::decode(value)?;
                 op.put(&k, value)?;
@@ -519,7 +525,7 @@ impl Fs {
         self.read_op(|op| {
             op.inode(ino)?;
             op.get(&key(ino, kind::XATTR, name))?
-                .ok_or_else(|| FsError::NoAttr.at(String::from_utf8_lossy(name)))
+                .ok_or_else(|| Posix::NoAttr.at(String::from_utf8_lossy(name)))
         })
     }
 
@@ -541,7 +547,7 @@ impl Fs {
             let mut i = op.inode(ino)?;
             let k = key(ino, kind::XATTR, name);
             if op.get(&k)?.is_none() {
-                return Err(FsError::NoAttr.at(String::from_utf8_lossy(name)));
+                return Err(Posix::NoAttr.at(String::from_utf8_lossy(name)));
             }
             op.del(&k)?;
             i.ctime = Time::now();

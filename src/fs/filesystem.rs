@@ -13,8 +13,9 @@ use super::format::{
 };
 use super::holds::Holds;
 use super::store::{Allocator, VolumeStore};
+use crate::fs::{FsError, Posix, Result};
 use crate::volume::{SnapshotInfo, Transaction, Volume};
-use crate::{Error, FsError, Result, BLOCK_SIZE};
+use crate::BLOCK_SIZE;
 
 /// Inode numbers are below 2^40; the mount numbers snapshots' inodes above.
 pub const MAX_INO: u64 = 1 << 40;
@@ -130,7 +131,7 @@ impl Op<'_> {
     pub(super) fn inode(&mut self, ino: u64) -> Result<Inode> {
         let mut i = match self.get(&key(ino, kind::INODE, &[]))? {
             Some(v) => Inode::decode(&v, ino)?,
-            None => return Err(FsError::NotFound.at(format!("inode {ino}"))),
+            None => return Err(Posix::NotFound.at(format!("inode {ino}"))),
         };
         if let Some(t) = self.lazy.get(&ino) {
             i.mtime = t.mtime;
@@ -181,7 +182,7 @@ impl Op<'_> {
     fn dir(&mut self, ino: u64) -> Result<Inode> {
         let i = self.inode(ino)?;
         if !i.is_dir() {
-            return Err(FsError::NotDir.at(format!("inode {ino}")));
+            return Err(Posix::NotDir.at(format!("inode {ino}")));
         }
         Ok(i)
     }
@@ -225,7 +226,7 @@ impl Op<'_> {
 
     /// The holds on this file system's inodes.
     fn holds(&self) -> Result<std::sync::MutexGuard<'_, Holds>> {
-        self.holds.lock().map_err(|_| Error::PreviousIo)
+        self.holds.lock().map_err(|_| FsError::PreviousIo)
     }
 
     /// Counts a reference the caller (the kernel) keeps to `ino`.
@@ -333,7 +334,7 @@ impl Op<'_> {
     fn new_ino(&mut self) -> Result<u64> {
         let ino = self.sb.next_ino;
         if ino >= MAX_INO {
-            return Err(Error::NoSpace(format!(
+            return Err(FsError::NoSpace(format!(
                 "inode numbers are exhausted (the file system has used all {MAX_INO})"
             )));
         }
@@ -344,11 +345,11 @@ impl Op<'_> {
 
 fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > NAME_MAX {
-        return Err(FsError::NameTooLong.at(format!("a name of {} bytes", name.len())));
+        return Err(Posix::NameTooLong.at(format!("a name of {} bytes", name.len())));
     }
     if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
     {
-        return Err(FsError::Invalid.at(format!("the name {:?}", String::from_utf8_lossy(name))));
+        return Err(Posix::Invalid.at(format!("the name {:?}", String::from_utf8_lossy(name))));
     }
     Ok(())
 }
@@ -358,9 +359,7 @@ impl Fs {
     /// on a volume that holds nothing yet.
     pub fn format(volume: &Volume, uid: u32, gid: u32) -> Result<()> {
         if !volume.allocated_runs()?.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the volume already holds data; create a new one".into(),
-            ));
+            return Err(Posix::Invalid.at("the volume already holds data; create a new one"));
         }
         let mut alloc = Allocator::from_allocated(1, volume.logical_blocks(), &[]);
         let mut cache = HashMap::new();
@@ -377,7 +376,7 @@ impl Fs {
         let mut txn = Transaction::new();
         txn.write(0, sb.encode());
         store.commit(txn)?;
-        volume.flush()
+        Ok(volume.flush()?)
     }
 
     /// Mounts the file system on `volume`, reclaiming inodes that were
@@ -415,8 +414,8 @@ impl Fs {
                 .get(..8)
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_be_bytes)
-                .ok_or_else(|| Error::Corrupted("a short metadata key".into()))?;
-            let mut m = fs.meta.lock().map_err(|_| Error::PreviousIo)?;
+                .ok_or_else(|| FsError::Corrupted("a short metadata key".into()))?;
+            let mut m = fs.meta.lock().map_err(|_| FsError::PreviousIo)?;
             m.sb.next_ino = m.sb.next_ino.max(ino + 1);
         }
         if fs.volume.is_read_only() {
@@ -435,7 +434,7 @@ impl Fs {
                 .range(&mut op.store, &s, &e, usize::MAX)?
                 .iter()
                 .map(|(k, _)| {
-                    key_suffix_u64(k).ok_or_else(|| Error::Corrupted("an orphan key".into()))
+                    key_suffix_u64(k).ok_or_else(|| FsError::Corrupted("an orphan key".into()))
                 })
                 .collect::<Result<Vec<u64>>>()
         })?;
@@ -458,7 +457,7 @@ impl Fs {
     }
 
     fn holds(&self) -> Result<std::sync::MutexGuard<'_, Holds>> {
-        self.holds.lock().map_err(|_| Error::PreviousIo)
+        self.holds.lock().map_err(|_| FsError::PreviousIo)
     }
 
     /// From now on every inode that `lookup`, `create_node`, `symlink`,
@@ -593,7 +592,7 @@ impl Fs {
     /// tests of the freed-block quarantine.
     #[doc(hidden)]
     pub fn with_read_in_flight<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        let _reading = self.reads.read().map_err(|_| Error::PreviousIo)?;
+        let _reading = self.reads.read().map_err(|_| FsError::PreviousIo)?;
         Ok(f())
     }
 
@@ -612,7 +611,7 @@ impl Fs {
     /// for tests that show which operations do not wait for it.
     #[doc(hidden)]
     pub fn with_metadata_locked<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        let _guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        let _guard = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
         Ok(f())
     }
 
@@ -642,7 +641,7 @@ impl Fs {
         if let Err(e) = &times {
             eprintln!("lsvfs: storing file times: {e}");
         }
-        flushed
+        Ok(flushed?)
     }
 
     fn store_lazy_times(op: &mut Op) -> Result<()> {
@@ -651,8 +650,8 @@ impl Fs {
             // Gone since (unlinked and reclaimed): nothing to store.
             match op.inode(ino) {
                 Ok(i) => op.put_inode(ino, &i)?,
-                Err(Error::Fs {
-                    kind: FsError::NotFound,
+                Err(FsError::Refused {
+                    why: Posix::NotFound,
                     ..
                 }) => {
                     let t = op.lazy.remove(&ino);
@@ -669,7 +668,7 @@ impl Fs {
     /// not begun: the metadata lock is held throughout, and times kept
     /// in memory are stored first.
     pub fn snapshot_create(&self, name: &str) -> Result<u64> {
-        let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        let mut guard = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
         self.op_in(&mut guard, |op, _| Self::store_lazy_times(op))?;
         let id = self.volume.snapshot_create(name)?;
         drop(guard);
@@ -694,12 +693,12 @@ impl Fs {
     /// Every snapshot with the space it alone holds (walks what differs
     /// between neighbouring snapshots).
     pub fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
-        self.volume.snapshot_list()
+        Ok(self.volume.snapshot_list()?)
     }
 
     /// Deletes snapshot `name` and frees what only it held.
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
-        self.volume.snapshot_delete(name)
+        Ok(self.volume.snapshot_delete(name)?)
     }
 
     /// Frees the orphans nothing holds any more, stores lazy times,
@@ -711,7 +710,7 @@ impl Fs {
         }
         let synced = self.sync();
         let closed = self.volume.close();
-        synced.and(closed)
+        synced.and(closed.map_err(FsError::from))
     }
 
     /// Runs `f` as one operation: its tree changes, plus whatever it adds to
@@ -720,7 +719,7 @@ impl Fs {
         &self,
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
-        let mut guard = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        let mut guard = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
         self.op_in(&mut guard, f)
     }
 
@@ -738,7 +737,7 @@ impl Fs {
             if let Ok(_no_reads) = self.reads.try_write() {
                 guard.alloc.release_quarantined();
             } else if guard.alloc.mostly_quarantined() {
-                let _no_reads = self.reads.write().map_err(|_| Error::PreviousIo)?;
+                let _no_reads = self.reads.write().map_err(|_| FsError::PreviousIo)?;
                 guard.alloc.release_quarantined();
             }
         }
@@ -806,7 +805,7 @@ impl Fs {
 
     /// Free logical blocks and inode numbers handed out so far.
     pub(super) fn meta_stats(&self) -> Result<(u64, u64)> {
-        let m = self.meta.lock().map_err(|_| Error::PreviousIo)?;
+        let m = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
         Ok((m.alloc.free_blocks(), m.sb.next_ino - 1))
     }
 
@@ -816,7 +815,7 @@ impl Fs {
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, Inode)> {
         if name.len() > NAME_MAX {
-            return Err(FsError::NameTooLong.at(format!("a name of {} bytes", name.len())));
+            return Err(Posix::NameTooLong.at(format!("a name of {} bytes", name.len())));
         }
         self.read_op(|op| {
             let d = op.dir(parent)?;
@@ -825,7 +824,7 @@ impl Fs {
                 b".." => d.parent,
                 _ => match op.entry(parent, name)? {
                     Some(e) => e.ino,
-                    None => return Err(FsError::NotFound.at(String::from_utf8_lossy(name))),
+                    None => return Err(Posix::NotFound.at(String::from_utf8_lossy(name))),
                 },
             };
             let i = op.inode(ino)?;
@@ -873,12 +872,12 @@ impl Fs {
             libc::S_IFBLK,
         ];
         if !ok.contains(&t) {
-            return Err(FsError::Invalid.at(format!("file type {t:o}")));
+            return Err(Posix::Invalid.at(format!("file type {t:o}")));
         }
         self.op(|op, _| {
             let mut d = op.dir(parent)?;
             if op.entry(parent, name)?.is_some() {
-                return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
+                return Err(Posix::Exists.at(String::from_utf8_lossy(name)));
             }
             let default = op.get(&key(parent, kind::XATTR, acl::DEFAULT))?;
             let (mode, access) = match &default {
@@ -895,7 +894,7 @@ impl Fs {
             let mut i = Inode::new(mode, uid, gid, rdev);
             if t == libc::S_IFDIR {
                 if d.nlink >= LINK_MAX {
-                    return Err(FsError::TooManyLinks.at(format!("directory {parent}")));
+                    return Err(Posix::TooManyLinks.at(format!("directory {parent}")));
                 }
                 i.nlink = 2;
                 i.parent = parent;
@@ -928,13 +927,13 @@ impl Fs {
         check_name(name)?;
         if target.is_empty() || target.len() > SYMLINK_MAX {
             return Err(
-                FsError::NameTooLong.at(format!("a symlink target of {} bytes", target.len()))
+                Posix::NameTooLong.at(format!("a symlink target of {} bytes", target.len()))
             );
         }
         self.op(|op, _| {
             let mut d = op.dir(parent)?;
             if op.entry(parent, name)?.is_some() {
-                return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
+                return Err(Posix::Exists.at(String::from_utf8_lossy(name)));
             }
             let ino = op.new_ino()?;
             let mut i = Inode::new(libc::S_IFLNK | 0o777, uid, gid, 0);
@@ -955,7 +954,7 @@ impl Fs {
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         self.read_op(|op| {
             if file_type(op.inode(ino)?.mode) != libc::S_IFLNK {
-                return Err(FsError::Invalid.at(format!("inode {ino} is not a symlink")));
+                return Err(Posix::Invalid.at(format!("inode {ino} is not a symlink")));
             }
             let (s, e) = kind_range(ino, kind::SYMLINK);
             Ok(op
@@ -973,14 +972,14 @@ impl Fs {
         self.op(|op, _| {
             let mut i = op.inode(ino)?;
             if i.is_dir() {
-                return Err(FsError::Invalid.at("hard links to directories"));
+                return Err(Posix::Invalid.at("hard links to directories"));
             }
             if i.nlink >= LINK_MAX {
-                return Err(FsError::TooManyLinks.at(format!("inode {ino}")));
+                return Err(Posix::TooManyLinks.at(format!("inode {ino}")));
             }
             let mut d = op.dir(parent)?;
             if op.entry(parent, name)?.is_some() {
-                return Err(FsError::Exists.at(String::from_utf8_lossy(name)));
+                return Err(Posix::Exists.at(String::from_utf8_lossy(name)));
             }
             let now = Time::now();
             i.nlink += 1;
@@ -1007,19 +1006,19 @@ impl Fs {
 
     fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
         if name == b"." || name == b".." {
-            return Err(FsError::Invalid.at(String::from_utf8_lossy(name)));
+            return Err(Posix::Invalid.at(String::from_utf8_lossy(name)));
         }
         self.op(|op, _| {
             let mut d = op.dir(parent)?;
             let e = op
                 .entry(parent, name)?
-                .ok_or_else(|| FsError::NotFound.at(String::from_utf8_lossy(name)))?;
+                .ok_or_else(|| Posix::NotFound.at(String::from_utf8_lossy(name)))?;
             let is_dir = e.mode == libc::S_IFDIR;
             match (dir, is_dir) {
-                (false, true) => return Err(FsError::IsDir.at(String::from_utf8_lossy(name))),
-                (true, false) => return Err(FsError::NotDir.at(String::from_utf8_lossy(name))),
+                (false, true) => return Err(Posix::IsDir.at(String::from_utf8_lossy(name))),
+                (true, false) => return Err(Posix::NotDir.at(String::from_utf8_lossy(name))),
                 (true, true) if !op.is_empty_dir(e.ino)? => {
-                    return Err(FsError::NotEmpty.at(String::from_utf8_lossy(name)))
+                    return Err(Posix::NotEmpty.at(String::from_utf8_lossy(name)))
                 }
                 _ => {}
             }
@@ -1064,7 +1063,7 @@ impl Fs {
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
             || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
         {
-            return Err(FsError::Invalid.at(format!("rename flags {flags:#x}")));
+            return Err(Posix::Invalid.at(format!("rename flags {flags:#x}")));
         }
         let mut replaced = None;
         self.op(|op, _| {
@@ -1073,11 +1072,11 @@ impl Fs {
             op.dir(newparent)?;
             let src = op
                 .entry(parent, name)?
-                .ok_or_else(|| FsError::NotFound.at(String::from_utf8_lossy(name)))?;
+                .ok_or_else(|| Posix::NotFound.at(String::from_utf8_lossy(name)))?;
             let dst = op.entry(newparent, newname)?;
             if parent == newparent && name == newname {
                 return if flags & RENAME_NOREPLACE != 0 {
-                    Err(FsError::Exists.at(String::from_utf8_lossy(name)))
+                    Err(Posix::Exists.at(String::from_utf8_lossy(name)))
                 } else {
                     Ok(())
                 };
@@ -1088,18 +1087,18 @@ impl Fs {
                 let mut at = into;
                 for _ in 0..4096 {
                     if at == moving {
-                        return Err(FsError::Invalid.at("moving a directory into itself"));
+                        return Err(Posix::Invalid.at("moving a directory into itself"));
                     }
                     if at == ROOT_INO {
                         return Ok(());
                     }
                     at = op.inode(at)?.parent;
                 }
-                Err(Error::Corrupted("directory parents form a loop".into()))
+                Err(FsError::Corrupted("directory parents form a loop".into()))
             };
             if flags & RENAME_EXCHANGE != 0 {
                 let dst =
-                    dst.ok_or_else(|| FsError::NotFound.at(String::from_utf8_lossy(newname)))?;
+                    dst.ok_or_else(|| Posix::NotFound.at(String::from_utf8_lossy(newname)))?;
                 let dst_dir = dst.mode == libc::S_IFDIR;
                 if src_dir && parent != newparent {
                     check_loop(op, src.ino, newparent)?;
@@ -1158,7 +1157,7 @@ impl Fs {
             }
             if let Some(dst) = dst {
                 if flags & RENAME_NOREPLACE != 0 {
-                    return Err(FsError::Exists.at(String::from_utf8_lossy(newname)));
+                    return Err(Posix::Exists.at(String::from_utf8_lossy(newname)));
                 }
                 if dst.ino == src.ino {
                     // Two names of one file: POSIX says do nothing.
@@ -1166,14 +1165,10 @@ impl Fs {
                 }
                 let dst_dir = dst.mode == libc::S_IFDIR;
                 match (src_dir, dst_dir) {
-                    (true, false) => {
-                        return Err(FsError::NotDir.at(String::from_utf8_lossy(newname)))
-                    }
-                    (false, true) => {
-                        return Err(FsError::IsDir.at(String::from_utf8_lossy(newname)))
-                    }
+                    (true, false) => return Err(Posix::NotDir.at(String::from_utf8_lossy(newname))),
+                    (false, true) => return Err(Posix::IsDir.at(String::from_utf8_lossy(newname))),
                     (true, true) if !op.is_empty_dir(dst.ino)? => {
-                        return Err(FsError::NotEmpty.at(String::from_utf8_lossy(newname)))
+                        return Err(Posix::NotEmpty.at(String::from_utf8_lossy(newname)))
                     }
                     _ => {}
                 }
@@ -1279,10 +1274,11 @@ impl Fs {
             let (_, end) = kind_range(ino, kind::COOKIE);
             let want = limit - out.len();
             for (k, name) in op.tree.range(&mut op.store, &start, &end, want)? {
-                let c = key_suffix_u64(&k)
-                    .ok_or_else(|| Error::Corrupted(format!("a readdir key of directory {ino}")))?;
+                let c = key_suffix_u64(&k).ok_or_else(|| {
+                    FsError::Corrupted(format!("a readdir key of directory {ino}"))
+                })?;
                 let e = op.entry(ino, &name)?.ok_or_else(|| {
-                    Error::Corrupted(format!("directory {ino}: cookie {c} names a missing entry"))
+                    FsError::Corrupted(format!("directory {ino}: cookie {c} names a missing entry"))
                 })?;
                 out.push(DirEntry {
                     cookie: c,

@@ -4,7 +4,8 @@
 //! Keys start with the inode number in big-endian, then a kind byte, so an
 //! inode's items sort together and in a useful order.
 
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::fs::{FsError, Result};
+use crate::BLOCK_SIZE;
 
 pub const FS_MAGIC: [u8; 8] = *b"LSVFSFS\0";
 pub const FS_VERSION: u32 = 1;
@@ -172,7 +173,7 @@ impl Inode {
 
     pub fn decode(b: &[u8], ino: u64) -> Result<Inode> {
         if b.len() != INODE_LEN {
-            return Err(Error::Corrupted(format!(
+            return Err(FsError::Corrupted(format!(
                 "inode {ino} has {} bytes, want {INODE_LEN}",
                 b.len()
             )));
@@ -214,7 +215,7 @@ impl Inode {
             || i.mtime.nsec >= 1_000_000_000
             || i.ctime.nsec >= 1_000_000_000
         {
-            return Err(Error::Corrupted(format!(
+            return Err(FsError::Corrupted(format!(
                 "inode {ino} has an invalid mode or timestamp"
             )));
         }
@@ -241,7 +242,7 @@ impl Dirent {
 
     pub fn decode(b: &[u8]) -> Result<Dirent> {
         if b.len() != 20 {
-            return Err(Error::Corrupted(
+            return Err(FsError::Corrupted(
                 "a directory entry has the wrong size".into(),
             ));
         }
@@ -273,13 +274,13 @@ impl Superblock {
 
     pub fn decode(b: &[u8]) -> Result<Superblock> {
         if b.len() < 32 || b[..8] != FS_MAGIC {
-            return Err(Error::Corrupted(
+            return Err(FsError::Corrupted(
                 "the volume holds no lsvfs file system (no superblock in block 0)".into(),
             ));
         }
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
         if version != FS_VERSION {
-            return Err(Error::UnsupportedVersion {
+            return Err(FsError::UnsupportedVersion {
                 want: FS_VERSION,
                 have: version,
             });

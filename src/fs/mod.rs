@@ -10,11 +10,13 @@ pub mod acl;
 pub mod btree;
 mod check;
 mod data;
+mod error;
 mod filesystem;
 pub mod format;
 mod holds;
 mod snapshots;
 pub mod store;
+pub use crate::error::Posix;
 pub use crate::volume::format::MAX_SNAPSHOT_ID;
 pub use crate::volume::SnapshotInfo;
 pub use check::FsReport;
@@ -22,5 +24,6 @@ pub use data::{
     FsStats, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, MAX_FILE_SIZE, XATTR_CREATE,
     XATTR_REPLACE,
 };
+pub use error::{FsError, Result};
 pub use filesystem::{DirEntry, Fs, LINK_MAX, MAX_INO, RENAME_EXCHANGE, RENAME_NOREPLACE};
 pub use snapshots::{BeforeSnapshot, Snapshots};

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::Fs;
+use crate::fs::{FsError, Posix, Result};
 use crate::volume::SnapshotInfo;
-use crate::{Error, FsError, Result};
 
 /// Snapshot views kept open at once.
 const MAX_VIEWS: usize = 16;
@@ -40,9 +40,9 @@ impl Snapshots {
     fn fs(&self) -> Result<Arc<Fs>> {
         self.fs
             .lock()
-            .map_err(|_| Error::PreviousIo)?
+            .map_err(|_| FsError::PreviousIo)?
             .clone()
-            .ok_or_else(|| Error::Busy("the file system is being unmounted".into()))
+            .ok_or(FsError::Unmounting)
     }
 
     /// Lets go of the file system and every view (at unmount).
@@ -57,7 +57,7 @@ impl Snapshots {
 
     /// The open view of snapshot `id` (opened on first use).
     pub fn view(&self, id: u64) -> Result<Arc<Fs>> {
-        let mut v = self.views.lock().map_err(|_| Error::PreviousIo)?;
+        let mut v = self.views.lock().map_err(|_| FsError::PreviousIo)?;
         if let Some(f) = v.get(&id) {
             return Ok(f.clone());
         }
@@ -90,15 +90,15 @@ impl Snapshots {
     /// them.
     pub fn create(&self, name: &str) -> Result<u64> {
         (self.before)()?;
-        let _one = self.busy.lock().map_err(|_| Error::PreviousIo)?;
+        let _one = self.busy.lock().map_err(|_| FsError::PreviousIo)?;
         self.fs()?.snapshot_create(name)
     }
 
     pub fn delete(&self, name: &str) -> Result<()> {
-        let _one = self.busy.lock().map_err(|_| Error::PreviousIo)?;
+        let _one = self.busy.lock().map_err(|_| FsError::PreviousIo)?;
         let id = self
             .id_of(name.as_bytes())?
-            .ok_or_else(|| FsError::NotFound.at(format!("snapshot {name:?}")))?;
+            .ok_or_else(|| Posix::NotFound.at(format!("snapshot {name:?}")))?;
         self.fs()?.snapshot_delete(name)?;
         if let Ok(mut v) = self.views.lock() {
             v.remove(&id);

@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::btree::{Node, NodeStore};
+use crate::fs::{FsError, Result};
 use crate::volume::{Transaction, Volume};
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::BLOCK_SIZE;
 
 /// Free logical blocks, as extents (start -> length).
 pub struct Allocator {
@@ -182,7 +183,7 @@ impl<'a> VolumeStore<'a> {
                 self.allocated.clear();
                 Ok(())
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -200,7 +201,7 @@ impl VolumeStore<'_> {
     /// A block near `hint`, given back if the operation does not commit.
     pub fn alloc_data(&mut self, hint: u64) -> Result<u64> {
         let lba = self.alloc.alloc(hint).ok_or_else(|| {
-            Error::NoSpace("the file system has no free block; delete files".into())
+            FsError::NoSpace("the file system has no free block; delete files".into())
         })?;
         self.allocated.push(lba);
         Ok(lba)
@@ -210,7 +211,7 @@ impl VolumeStore<'_> {
 impl NodeStore for VolumeStore<'_> {
     fn read(&mut self, lba: u64) -> Result<Arc<Node>> {
         if self.freed.contains(&lba) {
-            return Err(Error::Corrupted(format!(
+            return Err(FsError::Corrupted(format!(
                 "metadata node {lba} used after it was freed"
             )));
         }
@@ -231,7 +232,7 @@ impl NodeStore for VolumeStore<'_> {
     fn alloc(&mut self) -> Result<u64> {
         let hint = self.allocated.last().copied().unwrap_or(0);
         let lba = self.alloc.alloc(hint).ok_or_else(|| {
-            Error::NoSpace("the file system has no free block for metadata".into())
+            FsError::NoSpace("the file system has no free block for metadata".into())
         })?;
         self.allocated.push(lba);
         Ok(lba)

@@ -1,7 +1,7 @@
 //! FUSE layer: serves an [`Fs`] through the kernel with fuser. It only
 //! converts types and replies; every decision is the file system's. Errors
 //! are logged with their context (operation, inode) and answered with
-//! [`Error::errno`].
+//! [`FsError::errno`].
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -17,8 +17,8 @@ use fuser::{
 };
 
 use crate::fs::format::{file_type, Inode, Time, ROOT_INO};
-use crate::fs::{Fs, SetAttr, Snapshots, RENAME_EXCHANGE, RENAME_NOREPLACE};
-use crate::{Error, BLOCK_SIZE};
+use crate::fs::{Fs, FsError, Posix, SetAttr, Snapshots, RENAME_EXCHANGE, RENAME_NOREPLACE};
+use crate::BLOCK_SIZE;
 
 pub mod snapdir;
 use snapdir::{is_reserved, node, snap_ino, Node, SNAPDIR_INO, SNAPDIR_NAME};
@@ -52,7 +52,11 @@ pub struct FuseFs {
 impl FuseFs {
     /// Serves `fs`. From now on every inode it returns through an entry
     /// reply stays valid until the kernel forgets it.
-    pub fn new(fs: Arc<Fs>, snaps: Arc<Snapshots>, show_snapshots: bool) -> Result<FuseFs, Error> {
+    pub fn new(
+        fs: Arc<Fs>,
+        snaps: Arc<Snapshots>,
+        show_snapshots: bool,
+    ) -> Result<FuseFs, FsError> {
         fs.count_lookups()?;
         Ok(FuseFs {
             fs,
@@ -63,14 +67,11 @@ impl FuseFs {
 
     /// The file system an inode belongs to, its number there, and the
     /// snapshot id (None for the live tree). `.snapshots` has none.
-    fn target(&self, ino: u64) -> Result<(Arc<Fs>, u64, Option<u64>), Error> {
+    fn target(&self, ino: u64) -> Result<(Arc<Fs>, u64, Option<u64>), FsError> {
         match node(ino) {
             Node::Live(i) => Ok((self.fs.clone(), i, None)),
             Node::Snap(id, i) => Ok((self.snaps.view(id)?, i, Some(id))),
-            Node::SnapDir => Err(Error::Fs {
-                kind: crate::FsError::IsDir,
-                what: ".snapshots".into(),
-            }),
+            Node::SnapDir => Err(Posix::IsDir.at(".snapshots")),
         }
     }
 
@@ -82,7 +83,7 @@ impl FuseFs {
         }
     }
 
-    fn snapdir_attr(&self) -> Result<FileAttr, Error> {
+    fn snapdir_attr(&self) -> Result<FileAttr, FsError> {
         let root = self.fs.getattr(ROOT_INO)?;
         let n = self.snaps.names()?.len() as u32;
         let mut i = root;
@@ -94,7 +95,7 @@ impl FuseFs {
     }
 
     /// Attributes of inode `i` in `id`, numbered for the mount.
-    fn attr_in(&self, fs: &Fs, id: Option<u64>, i: u64) -> Result<FileAttr, Error> {
+    fn attr_in(&self, fs: &Fs, id: Option<u64>, i: u64) -> Result<FileAttr, FsError> {
         Ok(attr(Self::outer(id, i), &fs.getattr(i)?))
     }
 }
@@ -125,7 +126,7 @@ fn old_name(parent: u64, name: &OsStr) -> Result<u64, Errno> {
     Ok(p)
 }
 
-fn errno(op: &str, ino: u64, e: &Error) -> Errno {
+fn errno(op: &str, ino: u64, e: &FsError) -> Errno {
     let n = e.errno();
     if n == libc::EIO {
         eprintln!("lsvfs: {op} on inode {ino}: {e}");
@@ -196,7 +197,7 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
 }
 
 /// Replies to an operation that returns nothing.
-fn empty(op: &str, ino: u64, r: Result<(), Error>, reply: ReplyEmpty) {
+fn empty(op: &str, ino: u64, r: Result<(), FsError>, reply: ReplyEmpty) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(errno(op, ino, &e)),
@@ -204,7 +205,7 @@ fn empty(op: &str, ino: u64, r: Result<(), Error>, reply: ReplyEmpty) {
 }
 
 /// Replies to an operation that creates or finds an inode.
-fn entry(op: &str, parent: u64, r: Result<(u64, Inode), Error>, reply: ReplyEntry) {
+fn entry(op: &str, parent: u64, r: Result<(u64, Inode), FsError>, reply: ReplyEntry) {
     match r {
         Ok((ino, i)) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
         Err(e) => reply.error(errno(op, parent, &e)),
@@ -215,7 +216,7 @@ impl FuseFs {
     /// Owner and mode of a new inode: the caller's uid; the parent's gid and
     /// setgid bit (for directories) when the parent is setgid, as ext4 does.
     /// (The umask is applied by the file system, which knows about default ACLs.)
-    fn new_owner(&self, req: &Request, parent: u64, mode: u32) -> Result<(u32, u32, u32), Error> {
+    fn new_owner(&self, req: &Request, parent: u64, mode: u32) -> Result<(u32, u32, u32), FsError> {
         let p = self.fs.getattr(parent)?;
         let mut mode = mode;
         let gid = if p.mode & libc::S_ISGID != 0 {
@@ -237,7 +238,7 @@ impl FuseFs {
         mode: u32,
         umask: u32,
         rdev: u32,
-    ) -> Result<(u64, Inode), Error> {
+    ) -> Result<(u64, Inode), FsError> {
         let (mode, uid, gid) = self.new_owner(req, parent, mode)?;
         self.fs
             .create_node(parent, name.as_bytes(), mode, umask, uid, gid, rdev)
@@ -288,7 +289,7 @@ impl fuser::Filesystem for FuseFs {
                     b".." => self.attr_in(&self.fs, None, ROOT_INO),
                     _ => self.snaps.id_of(name).and_then(|id| match id {
                         Some(id) => self.attr_in(&*self.snaps.view(id)?, Some(id), ROOT_INO),
-                        None => Err(crate::FsError::NotFound.at(String::from_utf8_lossy(name))),
+                        None => Err(Posix::NotFound.at(String::from_utf8_lossy(name))),
                     }),
                 };
                 match r {
@@ -467,7 +468,7 @@ impl fuser::Filesystem for FuseFs {
             }
             let r = match name.to_str() {
                 Some(n) => self.snaps.delete(n),
-                None => Err(crate::FsError::NotFound.at(name.to_string_lossy())),
+                None => Err(Posix::NotFound.at(name.to_string_lossy())),
             };
             return empty("rmdir", SNAPDIR_INO, r, reply);
         }
@@ -923,7 +924,7 @@ impl FuseFs {
     /// a snapshot's ".." at its root is `.snapshots`, and the root lists
     /// `.snapshots` last when the mount shows it. With `plus`, about 25
     /// entries with attributes fit the kernel's one-page buffer.
-    fn listing(&self, ino: u64, offset: u64, plus: bool) -> Result<Vec<Listed>, Error> {
+    fn listing(&self, ino: u64, offset: u64, plus: bool) -> Result<Vec<Listed>, FsError> {
         if node(ino) == Node::SnapDir {
             return self.snapdir_listing(offset, plus);
         }
@@ -975,7 +976,7 @@ impl FuseFs {
 
     /// `.snapshots` entries after `offset`: ".", "..", then each snapshot
     /// (cookie id + 2).
-    fn snapdir_listing(&self, offset: u64, plus: bool) -> Result<Vec<Listed>, Error> {
+    fn snapdir_listing(&self, offset: u64, plus: bool) -> Result<Vec<Listed>, FsError> {
         let dir = |cookie, name: &[u8], ino, attr| Listed {
             cookie,
             name: name.to_vec(),
@@ -1002,7 +1003,7 @@ impl FuseFs {
                 match self.snaps.view(id) {
                     Ok(fs) => Some(self.attr_in(&fs, Some(id), ROOT_INO)?),
                     // Deleted meanwhile.
-                    Err(Error::Fs { .. }) => continue,
+                    Err(e) if e.is(Posix::NotFound) => continue,
                     Err(e) => return Err(e),
                 }
             } else {

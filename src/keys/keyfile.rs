@@ -10,19 +10,19 @@ use std::path::Path;
 use zeroize::Zeroizing;
 
 use crate::crypto::{Kek, KEY_LEN};
-use crate::{Error, Result};
+use crate::keys::{KeysError, Result};
 
 const PREFIX: &str = "lsvfs-key-v1 ";
 
 /// Creates a new key file with a random KEK. Refuses to overwrite.
 pub fn generate_key_file(path: &Path) -> Result<Kek> {
-    let kek = Kek::generate().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let kek = Kek::generate().map_err(|e| KeysError::Invalid(e.to_string()))?;
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::io(format!("creating key file {}", path.display()), e))?;
+        .map_err(|e| KeysError::io(format!("creating key file {}", path.display()), e))?;
     let mut line = Zeroizing::new(String::with_capacity(PREFIX.len() + 2 * KEY_LEN + 1));
     line.push_str(PREFIX);
     for b in kek.expose() {
@@ -32,19 +32,19 @@ pub fn generate_key_file(path: &Path) -> Result<Kek> {
     line.push('\n');
     f.write_all(line.as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(format!("writing key file {}", path.display()), e))?;
+        .map_err(|e| KeysError::io(format!("writing key file {}", path.display()), e))?;
     Ok(kek)
 }
 
 /// Reads a key file. Refuses files that others can read or write.
 pub fn read_key_file(path: &Path) -> Result<Kek> {
     let f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("opening key file {}", path.display()), e))?;
+        .map_err(|e| KeysError::io(format!("opening key file {}", path.display()), e))?;
     let meta = f
         .metadata()
-        .map_err(|e| Error::io(format!("reading key file {}", path.display()), e))?;
+        .map_err(|e| KeysError::io(format!("reading key file {}", path.display()), e))?;
     if meta.mode() & 0o077 != 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(KeysError::Invalid(format!(
             "key file {} is accessible by group or others (mode {:o}); run: chmod 600 {}",
             path.display(),
             meta.mode() & 0o777,
@@ -54,9 +54,9 @@ pub fn read_key_file(path: &Path) -> Result<Kek> {
     let mut text = Zeroizing::new(String::new());
     f.take(4096)
         .read_to_string(&mut text)
-        .map_err(|e| Error::io(format!("reading key file {}", path.display()), e))?;
+        .map_err(|e| KeysError::io(format!("reading key file {}", path.display()), e))?;
     let bad = || {
-        Error::InvalidArgument(format!(
+        KeysError::Invalid(format!(
             "{} is not an lsvfs key file (expected one line: {PREFIX}<64 hex digits>); make one with `lsvfs keygen`",
             path.display()
         ))

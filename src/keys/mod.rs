@@ -3,9 +3,11 @@
 //! normal path), or a key file matching one of the header's key slots (the
 //! recovery path).
 
+mod error;
 mod keyfile;
 pub mod sealed;
 
+pub use error::{KeysError, Result};
 pub use keyfile::{generate_key_file, read_key_file};
 pub use sealed::{SealedStore, VolumeEntry, DEFAULT_STORE};
 
@@ -17,7 +19,6 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{unwrap_key, wrap_key, Kek, MasterKey};
 use crate::volume::{Header, KeySlot, SlotKind, KEY_SLOTS};
-use crate::{Error, Result};
 
 /// Associated data binding a wrapped key to its volume.
 fn associated(volume_id: &[u8; 16]) -> Vec<u8> {
@@ -29,7 +30,7 @@ fn associated(volume_id: &[u8; 16]) -> Vec<u8> {
 /// A key-file slot holding `master` wrapped under `kek`.
 pub fn key_file_slot(kek: &Kek, master: &MasterKey, volume_id: &[u8; 16]) -> Result<KeySlot> {
     let wrapped = wrap_key(kek, master, &associated(volume_id))
-        .map_err(|e| Error::InvalidArgument(format!("wrapping the volume key: {e}")))?;
+        .map_err(|e| KeysError::Invalid(format!("wrapping the volume key: {e}")))?;
     Ok(KeySlot {
         kind: SlotKind::KeyFile,
         fingerprint: kek.fingerprint(),
@@ -48,7 +49,7 @@ pub fn unlock(header: &Header, kek: &Kek) -> Result<MasterKey> {
         .filter(|s| s.kind != SlotKind::Empty && s.fingerprint == fp)
         .collect();
     if slots.is_empty() {
-        return Err(Error::WrongKey(
+        return Err(KeysError::WrongKey(
             "no key slot of this volume belongs to this key; check --key-file".into(),
         ));
     }
@@ -59,7 +60,7 @@ pub fn unlock(header: &Header, kek: &Kek) -> Result<MasterKey> {
             }
         }
     }
-    Err(Error::WrongKey(
+    Err(KeysError::WrongKey(
         "the key slot for this key does not open (the header was altered or the key is wrong)"
             .into(),
     ))
@@ -83,10 +84,10 @@ fn client_config(store: &SealedStore, o: &ServerOptions) -> ClientConfig {
     }
 }
 
-fn from_client(e: ClientError) -> Error {
+fn from_client(e: ClientError) -> KeysError {
     match e {
-        ClientError::Refused { .. } => Error::Refused(e.to_string()),
-        _ => Error::KeyServer(e.to_string()),
+        ClientError::Refused { .. } => KeysError::Refused(e.to_string()),
+        _ => KeysError::KeyServer(e.to_string()),
     }
 }
 
@@ -112,7 +113,7 @@ pub fn register_volume(
     let kek = client::register_volume(&client_config(&store, o), &host, *volume_id)
         .map_err(from_client)?;
     let wrapped = wrap_key(&kek_of(&kek), master, &associated(volume_id))
-        .map_err(|e| Error::InvalidArgument(format!("wrapping the volume key: {e}")))?;
+        .map_err(|e| KeysError::Invalid(format!("wrapping the volume key: {e}")))?;
     SealedStore::update(store_dir, |st| {
         st.put(VolumeEntry {
             volume_id: *volume_id,
@@ -137,7 +138,7 @@ pub fn unlock_with_server(
     let vid = header.volume_id;
     let hex = hex(&vid);
     let entry = store.entry(&vid).cloned().ok_or_else(|| {
-        Error::SealedStore(format!(
+        KeysError::SealedStore(format!(
             "this host's sealed store ({}) holds no key for volume {hex}; \
              it was created on another host: open it with its recovery key (--key-file)",
             store_dir.display()
@@ -150,7 +151,7 @@ pub fn unlock_with_server(
         .ok()
         .filter(|mk| mk.check_value(&vid) == header.key_check)
         .ok_or_else(|| {
-            Error::WrongKey(format!(
+            KeysError::WrongKey(format!(
                 "the key server's KEK v{} does not open the sealed key of volume {hex}; \
                  the sealed store and the volume do not belong together",
                 entry.kek_version
@@ -159,7 +160,7 @@ pub fn unlock_with_server(
     let mut rewrapped = None;
     if let Some(newest) = got.newest {
         let wrapped = wrap_key(&kek_of(&newest), &master, &associated(&vid))
-            .map_err(|e| Error::InvalidArgument(format!("wrapping the volume key: {e}")))?;
+            .map_err(|e| KeysError::Invalid(format!("wrapping the volume key: {e}")))?;
         SealedStore::update(store_dir, |st| {
             st.put(VolumeEntry {
                 volume_id: vid,
@@ -187,7 +188,7 @@ pub fn report_current(store_dir: &Path, o: &ServerOptions, volume_id: &[u8; 16])
     let store = SealedStore::open(store_dir)?;
     let entry = store
         .entry(volume_id)
-        .ok_or_else(|| Error::SealedStore("no key for this volume on this host".into()))?;
+        .ok_or_else(|| KeysError::SealedStore("no key for this volume on this host".into()))?;
     let host = HostIdentity::from_secret(&store.identity);
     client::report_rewrapped(
         &client_config(&store, o),

@@ -46,7 +46,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::WrappedKey;
 use crate::crypto::{random_bytes, WRAPPED_LEN};
-use crate::{Error, Result};
+use crate::keys::{KeysError, Result};
 
 const MAGIC: &[u8; 8] = b"LSVFSSS\0";
 const VERSION: u32 = 1;
@@ -88,8 +88,8 @@ impl std::fmt::Debug for SealedStore {
     }
 }
 
-fn store_err(dir: &Path, what: impl std::fmt::Display) -> Error {
-    Error::SealedStore(format!("{} ({what})", dir.display()))
+fn store_err(dir: &Path, what: impl std::fmt::Display) -> KeysError {
+    KeysError::SealedStore(format!("{} ({what})", dir.display()))
 }
 
 /// SHA-256 over a label and this host's machine-id.
@@ -98,7 +98,7 @@ fn measurement() -> Result<[u8; 32]> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MACHINE_ID));
     let id = fs::read(&path).map_err(|e| {
-        Error::SealedStore(format!(
+        KeysError::SealedStore(format!(
             "cannot measure this host: reading {}: {e}; run `systemd-machine-id-setup`",
             path.display()
         ))
@@ -121,7 +121,7 @@ fn sealing_key(secret: &[u8; 32], digest: &[u8; 32]) -> Zeroizing<[u8; 32]> {
 fn write_private(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    let io = |e| Error::io(format!("writing {}", dir.join(name).display()), e);
+    let io = |e| KeysError::io(format!("writing {}", dir.join(name).display()), e);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -137,7 +137,7 @@ fn write_private(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
 fn read_secret(dir: &Path) -> Result<Zeroizing<[u8; 32]>> {
     let path = dir.join(SECRET_FILE);
     let bytes = Zeroizing::new(
-        fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?,
+        fs::read(&path).map_err(|e| KeysError::io(format!("reading {}", path.display()), e))?,
     );
     let secret: [u8; 32] = bytes
         .as_slice()
@@ -148,9 +148,10 @@ fn read_secret(dir: &Path) -> Result<Zeroizing<[u8; 32]>> {
 
 /// Refuses a secret file that group or others can read.
 fn check_private(path: &Path) -> Result<()> {
-    let md = fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let md =
+        fs::metadata(path).map_err(|e| KeysError::io(format!("reading {}", path.display()), e))?;
     if md.permissions().mode() & 0o077 != 0 {
-        return Err(Error::SealedStore(format!(
+        return Err(KeysError::SealedStore(format!(
             "{} is accessible to group or others; run `chmod 600 {}`",
             path.display(),
             path.display()
@@ -176,7 +177,7 @@ impl SealedStore {
         if !dir.exists() {
             fs::create_dir_all(dir)
                 .and_then(|_| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+                .map_err(|e| KeysError::io(format!("creating {}", dir.display()), e))?;
         }
         let secret = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
         let identity = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
@@ -206,9 +207,10 @@ impl SealedStore {
             .truncate(false)
             .mode(0o600)
             .open(&lock_path)
-            .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
-        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| Error::io(format!("locking {}", lock_path.display()), e.into()))?;
+            .map_err(|e| KeysError::io(format!("opening {}", lock_path.display()), e))?;
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, e)| KeysError::io(format!("locking {}", lock_path.display()), e.into()),
+        )?;
         let mut store = SealedStore::open(dir)?;
         let out = f(&mut store)?;
         store.save()?;
@@ -220,7 +222,7 @@ impl SealedStore {
         let sealed_path = dir.join(SEALED_FILE);
         let secret_path = dir.join(SECRET_FILE);
         if !sealed_path.exists() {
-            return Err(Error::SealedStore(format!(
+            return Err(KeysError::SealedStore(format!(
                 "no sealed store in {}; run `lsvfs host init --keyserver URL --ca FILE` \
                  (or pass --store DIR, or use the volume's recovery key with --key-file)",
                 dir.display()
@@ -229,7 +231,7 @@ impl SealedStore {
         check_private(&secret_path)?;
         let secret = read_secret(dir)?;
         let b = fs::read(&sealed_path)
-            .map_err(|e| Error::io(format!("reading {}", sealed_path.display()), e))?;
+            .map_err(|e| KeysError::io(format!("reading {}", sealed_path.display()), e))?;
         if b.len() < HEADER + 16 || b.len() > MAX_SEALED || &b[..8] != MAGIC {
             return Err(store_err(
                 dir,

@@ -17,7 +17,8 @@ use super::txn::{Op, Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};
 use super::CheckReport;
 use crate::crypto::{BlockKind, CryptoEngine, Mac, MasterKey, Tag, VolumeKeys};
 use crate::device::{read_exact_at, Device};
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// Run-time tuning of an open volume.
 #[derive(Clone, Debug)]
@@ -97,13 +98,13 @@ impl Volume {
     pub fn open(dev: Arc<dyn Device>, master: &MasterKey, opts: Options) -> Result<Volume> {
         let header = read_header(&*dev)?;
         if master.check_value(&header.volume_id) != header.key_check {
-            return Err(Error::WrongKey(
+            return Err(VolumeError::WrongKey(
                 "the key does not match this volume's key check value".into(),
             ));
         }
         let keys = VolumeKeys::derive(master, &header.volume_id);
         let engine = CryptoEngine::new(opts.crypto_threads, opts.chunk_bytes)
-            .map_err(|e| Error::io("starting crypto threads", e))?;
+            .map_err(|e| VolumeError::io("starting crypto threads", e))?;
         let reuse = RwLock::new(());
         let poisoned = AtomicBool::new(false);
         let (state, recovery) = recovery::recover(
@@ -163,7 +164,7 @@ impl Volume {
 
     fn live_only(&self) -> Result<()> {
         if self.view.is_some() {
-            return Err(Error::InvalidArgument(
+            return Err(VolumeError::InvalidArgument(
                 "this asks about the live volume, not a snapshot view".into(),
             ));
         }
@@ -172,7 +173,7 @@ impl Volume {
 
     fn writable(&self) -> Result<()> {
         if self.is_read_only() {
-            return Err(Error::ReadOnly);
+            return Err(VolumeError::ReadOnly);
         }
         Ok(())
     }
@@ -242,10 +243,7 @@ impl Volume {
     pub fn snapshot_view(&self, id: u64) -> Result<Volume> {
         let st = self.inner.lock()?;
         if st.snaps.index_by_id(id).is_none() {
-            return Err(Error::Fs {
-                kind: crate::FsError::NotFound,
-                what: format!("snapshot {id}"),
-            });
+            return Err(VolumeError::NoSuchSnapshot(format!("snapshot {id}")));
         }
         Ok(Volume {
             inner: self.inner.clone(),
@@ -272,7 +270,7 @@ impl Volume {
     }
 
     /// Reads `buf.len() / 4096` blocks from `lba`. Unwritten blocks read as
-    /// zeros. A block that fails authentication is an [`Error::Integrity`].
+    /// zeros. A block that fails authentication is an [`VolumeError::Integrity`].
     pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<()> {
         let n = self.inner.check_range(lba, buf.len())?;
         let (entries, _guard) = {
@@ -286,9 +284,8 @@ impl Volume {
                     }
                 }
                 Some(id) => {
-                    let s = st.snaps.index_by_id(id).ok_or_else(|| Error::Fs {
-                        kind: crate::FsError::NotFound,
-                        what: format!("snapshot {id} (it was deleted)"),
+                    let s = st.snaps.index_by_id(id).ok_or_else(|| {
+                        VolumeError::NoSuchSnapshot(format!("snapshot {id} (it was deleted)"))
                     })?;
                     for i in 0..n {
                         es.push(st.snap_locate(&ctx, s, lba + i)?);
@@ -321,12 +318,12 @@ impl Volume {
             let at = entries[i].pba;
             read_exact_at(&*self.inner.dev, run, at * BLOCK_SIZE as u64).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    Error::Corrupted(format!(
+                    VolumeError::Corrupted(format!(
                         "backing store is truncated: logical block {} lives past its end",
                         lba + i as u64
                     ))
                 } else {
-                    Error::io(format!("reading logical block {}", lba + i as u64), e)
+                    VolumeError::io(format!("reading logical block {}", lba + i as u64), e)
                 }
             })?;
             let tags: Vec<Tag> = (i..j)
@@ -335,7 +332,7 @@ impl Volume {
             let macs: Vec<Mac> = entries[i..j].iter().map(|e| e.mac).collect();
             if let Err(bad) = self.inner.engine.open(&self.inner.keys, run, &tags, &macs) {
                 let k = i + bad;
-                return Err(Error::Integrity(format!(
+                return Err(VolumeError::Integrity(format!(
                     "logical block {} (stored at block {})",
                     lba + k as u64,
                     entries[k].pba
@@ -388,7 +385,7 @@ impl Volume {
             }
         }
         if n_blocks > MAX_TXN_BLOCKS {
-            return Err(Error::InvalidArgument(format!(
+            return Err(VolumeError::InvalidArgument(format!(
                 "a transaction may write at most {MAX_TXN_BLOCKS} blocks, not {n_blocks}"
             )));
         }
@@ -455,7 +452,7 @@ impl Volume {
         let pbas = match st.append(&ctx, &entries, &payload, true, frees) {
             // The backing file could not grow: nothing was written. Make
             // room from free and cleaned segments instead, and try once more.
-            Err(Error::NoSpace(_)) if st.log.growth_blocked => {
+            Err(e) if e.is_no_space() && st.log.growth_blocked => {
                 st.ensure_space(&ctx, &entries, frees)?;
                 st.prefetch(&ctx, &entries)?;
                 st.append(&ctx, &entries, &payload, true, frees)?
@@ -477,11 +474,11 @@ impl Volume {
             return Ok(());
         }
         if self.inner.poisoned.load(Ordering::SeqCst) {
-            return Err(Error::PreviousIo);
+            return Err(VolumeError::PreviousIo);
         }
         self.inner.dev.flush().map_err(|e| {
             self.inner.poisoned.store(true, Ordering::SeqCst);
-            Error::io("flushing the backing store", e)
+            VolumeError::io("flushing the backing store", e)
         })
     }
 
@@ -542,9 +539,8 @@ impl Volume {
     pub fn allocated_runs(&self) -> Result<Vec<(u64, u64)>> {
         if let Some(id) = self.view {
             let mut st = self.inner.lock()?;
-            let i = st.snaps.index_by_id(id).ok_or_else(|| Error::Fs {
-                kind: crate::FsError::NotFound,
-                what: format!("snapshot {id} (it was deleted)"),
+            let i = st.snaps.index_by_id(id).ok_or_else(|| {
+                VolumeError::NoSuchSnapshot(format!("snapshot {id} (it was deleted)"))
             })?;
             return st.snapshot_allocated_runs(&self.inner.ctx(), i);
         }
@@ -631,7 +627,7 @@ impl Volume {
             .inner
             .dev
             .flush()
-            .map_err(|e| Error::io("flushing the backing store", e));
+            .map_err(|e| VolumeError::io("flushing the backing store", e));
         checkpointed.and(flushed)
     }
 }
@@ -661,9 +657,9 @@ impl Inner {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
-        let st = self.state.lock().map_err(|_| Error::PreviousIo)?;
+        let st = self.state.lock().map_err(|_| VolumeError::PreviousIo)?;
         if self.poisoned.load(Ordering::SeqCst) {
-            return Err(Error::PreviousIo);
+            return Err(VolumeError::PreviousIo);
         }
         Ok(st)
     }
@@ -672,7 +668,7 @@ impl Inner {
     /// volume; returns the block count.
     fn check_range(&self, lba: u64, bytes: usize) -> Result<u64> {
         if bytes % BLOCK_SIZE != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(VolumeError::InvalidArgument(format!(
                 "{bytes} bytes is not a whole number of 4096-byte blocks"
             )));
         }
@@ -686,7 +682,7 @@ impl Inner {
         let limit = self.header.logical_blocks;
         match lba.checked_add(n) {
             Some(end) if end <= limit => Ok(()),
-            _ => Err(Error::OutOfRange {
+            _ => Err(VolumeError::OutOfRange {
                 start: lba,
                 end: lba.saturating_add(n),
                 limit,
@@ -723,7 +719,7 @@ impl Inner {
                     }
                 }
             })
-            .map_err(|e| Error::io("starting the cleaner thread", e))?;
+            .map_err(|e| VolumeError::io("starting the cleaner thread", e))?;
         Ok((tx, handle))
     }
 

@@ -12,7 +12,8 @@ use super::format::{
 use super::snapshot::Unshared;
 use super::state::State;
 use super::tree::PageKey;
-use crate::{Result, BLOCK_SIZE};
+use crate::volume::Result;
+use crate::BLOCK_SIZE;
 
 /// What `check` found. Problems are described for a person to read.
 #[derive(Clone, Debug, Default)]

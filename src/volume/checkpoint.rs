@@ -10,7 +10,8 @@ use super::ctx::Ctx;
 use super::format::{Block, Checkpoint, DecodeError, Header, CHECKPOINT_BLOCKS, CHECKPOINT_MAC_AT};
 use crate::crypto::{BlockKind, Mac, Tag, VolumeKeys};
 use crate::device::read_exact_at;
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// Generations reserved durably at a time.
 const GEN_RESERVE: u64 = 1 << 32;
@@ -41,7 +42,7 @@ impl Checkpoints {
         if self.next_gen > u64::MAX / 2 {
             // 2^63 block writes: unreachable in practice, checked so that a
             // (MAC-valid) checkpoint can never make the counter wrap.
-            return Err(Error::Corrupted(
+            return Err(VolumeError::Corrupted(
                 "the write generation counter is exhausted".into(),
             ));
         }
@@ -75,7 +76,7 @@ fn write_slot(ctx: &Ctx, c: &Checkpoint) -> Result<()> {
     let r = ctx.dev.write_at(&b[..], off).and_then(|_| ctx.dev.flush());
     r.map_err(|e| {
         ctx.poison();
-        Error::io("writing a checkpoint", e)
+        VolumeError::io("writing a checkpoint", e)
     })
 }
 
@@ -123,5 +124,5 @@ pub fn read_newest(ctx: &Ctx) -> Result<Checkpoint> {
             Err(e) => why.push(format!("slot {slot}: {e}")),
         }
     }
-    best.ok_or_else(|| Error::Corrupted(format!("no valid checkpoint ({})", why.join("; "))))
+    best.ok_or_else(|| VolumeError::Corrupted(format!("no valid checkpoint ({})", why.join("; "))))
 }

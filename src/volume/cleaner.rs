@@ -16,7 +16,8 @@ use super::log::open_summary;
 use super::state::State;
 use super::tree::PageKey;
 use crate::device::read_exact_at;
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// Victims cleaned between two checkpoints when space runs short.
 const CLEAN_BATCH: usize = 32;
@@ -95,7 +96,7 @@ impl State {
                 return Ok(());
             }
         }
-        Err(Error::NoSpace(format!(
+        Err(VolumeError::NoSpace(format!(
             "the volume is full ({} of {} logical blocks in use, {} free segments); delete or trim data",
             self.allocated,
             self.geo.logical_blocks,
@@ -159,7 +160,7 @@ impl State {
         let mut seg = vec![0u8; seg_bytes];
         let start = self.geo.pba_of(victim, 0);
         read_exact_at(ctx.dev, &mut seg, start * BLOCK_SIZE as u64)
-            .map_err(|e| Error::io(format!("cleaner reading segment {victim}"), e))?;
+            .map_err(|e| VolumeError::io(format!("cleaner reading segment {victim}"), e))?;
 
         let mut moves: Vec<(Entry, usize)> = Vec::new();
         // Blocks only snapshots hold, moved verbatim: (index in `moves`,

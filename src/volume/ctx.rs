@@ -8,7 +8,8 @@ use super::format::{self, Block, Header, MapEntry, TreePtr, DATA_START};
 use super::tree::{PageKey, PageSource};
 use crate::crypto::{BlockKind, CryptoEngine, Tag, VolumeKeys};
 use crate::device::{read_exact_at, Device};
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// What the layers under a volume's state need, borrowed from the volume.
 pub(crate) struct Ctx<'a> {
@@ -51,7 +52,7 @@ impl PageSource for Ctx<'_> {
             )
         };
         if ptr.pba < DATA_START || ptr.pba >= self.header.end_block() {
-            return Err(Error::Corrupted(format!(
+            return Err(VolumeError::Corrupted(format!(
                 "{} is outside the volume",
                 what()
             )));
@@ -59,12 +60,12 @@ impl PageSource for Ctx<'_> {
         let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
         read_exact_at(self.dev, &mut b[..], ptr.pba * BLOCK_SIZE as u64).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Corrupted(format!(
+                VolumeError::Corrupted(format!(
                     "backing store is truncated: {} is past its end",
                     what()
                 ))
             } else {
-                Error::io(format!("reading {}", what()), e)
+                VolumeError::io(format!("reading {}", what()), e)
             }
         })?;
         let tag = Tag::new(
@@ -74,7 +75,7 @@ impl PageSource for Ctx<'_> {
         );
         self.keys
             .open(tag, &mut b[..], &ptr.mac)
-            .map_err(|_| Error::Integrity(what()))?;
+            .map_err(|_| VolumeError::Integrity(what()))?;
         Ok(b)
     }
 }

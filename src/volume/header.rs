@@ -8,7 +8,8 @@ use super::format::{
 use super::geometry::{max_segments_for, reserves};
 use crate::crypto::{Mac, MasterKey, VolumeKeys};
 use crate::device::{read_exact_at, Device};
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// Parameters fixed when a volume is created.
 #[derive(Clone, Debug)]
@@ -41,7 +42,7 @@ pub fn read_header(dev: &dyn Device) -> Result<Header> {
     }
     use format::DecodeError;
     if let Some((_, _, Some(DecodeError::Version { want, have }))) = errors.first() {
-        return Err(Error::UnsupportedVersion {
+        return Err(VolumeError::UnsupportedVersion {
             want: *want,
             have: *have,
         });
@@ -50,13 +51,13 @@ pub fn read_header(dev: &dyn Device) -> Result<Header> {
         .iter()
         .all(|(_, _, e)| matches!(e, None | Some(DecodeError::Magic(_))))
     {
-        return Err(Error::NotAVolume("the backing store".into()));
+        return Err(VolumeError::NotAVolume("the backing store".into()));
     }
     let why: Vec<String> = errors
         .iter()
         .map(|(i, m, _)| format!("copy {}: {m}", ["A", "B"][*i]))
         .collect();
-    Err(Error::Corrupted(format!(
+    Err(VolumeError::Corrupted(format!(
         "both header copies are damaged ({})",
         why.join("; ")
     )))
@@ -69,7 +70,7 @@ pub fn write_header(dev: &dyn Device, header: &Header) -> Result<()> {
     for blk in format::HEADER_BLOCKS {
         dev.write_at(&b[..], blk * BLOCK_SIZE as u64)
             .and_then(|_| dev.flush())
-            .map_err(|e| Error::io("writing the volume header", e))?;
+            .map_err(|e| VolumeError::io("writing the volume header", e))?;
     }
     Ok(())
 }
@@ -86,14 +87,14 @@ pub fn create(
     if !seg.is_power_of_two()
         || !(format::MIN_SEGMENT_BLOCKS..=format::MAX_SEGMENT_BLOCKS).contains(&seg)
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(VolumeError::InvalidArgument(format!(
             "segment size must be a power of two between {} and {} blocks, not {seg}",
             format::MIN_SEGMENT_BLOCKS,
             format::MAX_SEGMENT_BLOCKS
         )));
     }
     if opts.logical_blocks == 0 || opts.logical_blocks > MAX_LOGICAL_BLOCKS {
-        return Err(Error::InvalidArgument(format!(
+        return Err(VolumeError::InvalidArgument(format!(
             "volume size must be between 4 KiB and {} TiB",
             (MAX_LOGICAL_BLOCKS * BLOCK_SIZE as u64) >> 40
         )));
@@ -103,9 +104,9 @@ pub fn create(
     if dev.fixed_size() {
         let have = dev
             .len()
-            .map_err(|e| Error::io("reading the device size", e))?;
+            .map_err(|e| VolumeError::io("reading the device size", e))?;
         if have < end * BLOCK_SIZE as u64 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(VolumeError::InvalidArgument(format!(
                 "the device holds {have} bytes but a volume of this size needs {} (lsvfs keeps 25% headroom for the cleaner); choose a smaller --size",
                 end * BLOCK_SIZE as u64
             )));
@@ -128,14 +129,14 @@ pub fn create(
     let zero = [0u8; BLOCK_SIZE];
     for blk in format::CHECKPOINT_BLOCKS {
         dev.write_at(&zero, blk * BLOCK_SIZE as u64)
-            .map_err(|e| Error::io("clearing the checkpoint slots", e))?;
+            .map_err(|e| VolumeError::io("clearing the checkpoint slots", e))?;
     }
     // The log head, the next segment and the reserve are allocated now, so
     // that the reserve exists even if the host fills up later.
     let initial = 2 + reserves(opts.logical_blocks, seg as u64).2;
     let seg_bytes = seg as u64 * BLOCK_SIZE as u64;
     dev.allocate(DATA_START * BLOCK_SIZE as u64, initial * seg_bytes)
-        .map_err(|e| Error::io("reserving the first segments", e))?;
+        .map_err(|e| VolumeError::io("reserving the first segments", e))?;
     let keys = VolumeKeys::derive(master, &volume_id);
     let c = Checkpoint {
         seq: 1,
@@ -158,7 +159,7 @@ pub fn create(
     let b = super::checkpoint::seal(&keys, &header, &c);
     dev.write_at(&b[..], format::CHECKPOINT_BLOCKS[1] * BLOCK_SIZE as u64)
         .and_then(|_| dev.flush())
-        .map_err(|e| Error::io("writing the first checkpoint", e))?;
+        .map_err(|e| VolumeError::io("writing the first checkpoint", e))?;
     // The header goes last: until it is written, nothing claims to be a volume.
     write_header(dev, &header)?;
     Ok(header)

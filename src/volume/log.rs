@@ -17,7 +17,8 @@ use super::format::{
 use super::geometry::Geometry;
 use crate::crypto::{BlockKind, Mac, Tag};
 use crate::device::read_exact_at;
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// The log head and the segments: which are in use, free, or emptied by
 /// the cleaner, and how far the backing file has grown.
@@ -162,7 +163,7 @@ impl Log {
             let seg = *self.free.iter().next_back().expect("free is not empty");
             ctx.dev
                 .allocate(self.geo.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
-                .map_err(|e| Error::io(format!("reserving segment {seg}"), e))?;
+                .map_err(|e| VolumeError::io(format!("reserving segment {seg}"), e))?;
             self.free.remove(&seg);
             return Ok(seg);
         }
@@ -177,8 +178,8 @@ impl Log {
                     return Ok(seg);
                 }
                 Err(e) => {
-                    let e = Error::io(format!("reserving segment {seg}"), e);
-                    if !matches!(e, Error::NoSpace(_)) {
+                    let e = VolumeError::io(format!("reserving segment {seg}"), e);
+                    if !e.is_no_space() {
                         return Err(e);
                     }
                     self.growth_blocked = true;
@@ -193,12 +194,12 @@ impl Log {
                 // The reserve is kept allocated, so this normally succeeds.
                 ctx.dev
                     .allocate(self.geo.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
-                    .map_err(|e| Error::io(format!("reserving segment {seg}"), e))?;
+                    .map_err(|e| VolumeError::io(format!("reserving segment {seg}"), e))?;
                 self.free.remove(&seg);
                 return Ok(seg);
             }
         }
-        Err(Error::NoSpace(if privileged {
+        Err(VolumeError::NoSpace(if privileged {
             "the volume's log has no free segment; delete or trim data".into()
         } else {
             "only the volume's reserve is left; delete or trim data".into()
@@ -222,7 +223,7 @@ impl Log {
         privileged: bool,
     ) -> Result<Vec<u64>> {
         if ctx.is_poisoned() {
-            return Err(Error::PreviousIo);
+            return Err(VolumeError::PreviousIo);
         }
         let (records, switches) = self.plan(entries);
         debug_assert_eq!(
@@ -272,7 +273,7 @@ impl Log {
                 .and_then(|_| ctx.dev.write_at(&block[..], at * BLOCK_SIZE as u64));
             if let Err(e) = written {
                 ctx.poison();
-                return Err(Error::io(
+                return Err(VolumeError::io(
                     format!("writing log record {} at block {at}", head.seq),
                     e,
                 ));
@@ -295,7 +296,7 @@ impl Log {
         match read_exact_at(ctx.dev, &mut b[..], at * BLOCK_SIZE as u64) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(Error::io(format!("reading log block {at}"), e)),
+            Err(e) => return Err(VolumeError::io(format!("reading log block {at}"), e)),
         }
         Ok(open_summary(ctx, &mut b, segment, offset))
     }
@@ -322,7 +323,7 @@ impl Log {
             match read_exact_at(ctx.dev, &mut buf, at * BLOCK_SIZE as u64) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-                Err(e) => return Err(Error::io(format!("reading log block {at}"), e)),
+                Err(e) => return Err(VolumeError::io(format!("reading log block {at}"), e)),
             }
             for (i, e) in rec.entries[..n].iter().enumerate() {
                 let (tag, mac) = match *e {

@@ -18,6 +18,7 @@ mod check;
 mod checkpoint;
 mod cleaner;
 mod ctx;
+mod error;
 pub mod format;
 mod geometry;
 mod header;
@@ -31,6 +32,7 @@ mod usage;
 
 pub use api::{Options, Stats, Volume};
 pub use check::CheckReport;
+pub use error::{Result, VolumeError};
 pub use format::{Header, KeySlot, SlotKind, DEFAULT_SEGMENT_BLOCKS, KEY_SLOTS};
 pub use geometry::max_segments_for;
 pub use header::{create, read_header, write_header, CreateOptions};

@@ -16,7 +16,8 @@ use super::geometry::Geometry;
 use super::log::Record;
 use super::snapshot::Snapshots;
 use super::state::State;
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// What roll-forward found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,7 +63,8 @@ pub fn recover(ctx: &Ctx, cache_pages: usize, read_only: bool) -> Result<(State,
         st.alloc_gens(ctx, 0)?;
         st.alloc_gens(ctx, 1)?;
         match st.checkpoint(ctx) {
-            Ok(()) | Err(Error::NoSpace(_)) => {}
+            Ok(()) => {}
+            Err(e) if e.is_no_space() => {}
             Err(e) => return Err(e),
         }
     }
@@ -132,7 +134,9 @@ fn erase_dropped(ctx: &Ctx, r: &Recovery) -> Result<()> {
         ctx.dev
             .write_at(&[0u8; BLOCK_SIZE], at * BLOCK_SIZE as u64)
             .and_then(|_| ctx.dev.flush())
-            .map_err(|e| Error::io(format!("erasing the dropped log record at block {at}"), e))?;
+            .map_err(|e| {
+                VolumeError::io(format!("erasing the dropped log record at block {at}"), e)
+            })?;
     }
     Ok(())
 }

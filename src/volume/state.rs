@@ -24,7 +24,8 @@ use super::snapshot::Snapshots;
 use super::tree::{PageKey, Trees, FANOUT};
 use super::usage::Usage;
 use crate::crypto::{BlockKind, Mac, Tag};
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 pub struct State {
     pub geo: Geometry,
@@ -338,7 +339,7 @@ impl State {
 
         ctx.dev.flush().map_err(|e| {
             ctx.poison();
-            Error::io("flushing before a checkpoint", e)
+            VolumeError::io("flushing before a checkpoint", e)
         })?;
         let c = Checkpoint {
             seq: self.ckpt.last.seq + 1,
@@ -473,7 +474,7 @@ impl State {
         if !self.snaps.list.is_empty() {
             // The live bitmap is the interval after the newest snapshot;
             // clearing it would hide changes from the next snapshot's.
-            return Err(Error::InvalidArgument(
+            return Err(VolumeError::InvalidArgument(
                 "the changed bitmap belongs to the snapshots; it is reset by taking one".into(),
             ));
         }

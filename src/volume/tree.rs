@@ -16,7 +16,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::format::{Block, TreeId, TreePtr, TREE_PTR_LEN};
-use crate::{Result, BLOCK_SIZE};
+use crate::volume::Result;
+use crate::BLOCK_SIZE;
 
 /// Children per interior page.
 pub const FANOUT: u64 = (BLOCK_SIZE / TREE_PTR_LEN) as u64;

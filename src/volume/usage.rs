@@ -7,7 +7,7 @@ use super::ctx::Ctx;
 use super::format::{TreeId, TreePtr};
 use super::geometry::{Geometry, USAGE_PER_PAGE};
 use super::tree::{PageKey, Trees};
-use crate::Result;
+use crate::volume::Result;
 
 /// Blocks only snapshots reference: generation -> current location. They
 /// stay counted in their segment's usage (see `snapshot.rs`).

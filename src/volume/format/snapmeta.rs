@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use super::{TreePtr, DATA_START, TREE_PTR_LEN};
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// Most snapshots one volume keeps.
 pub const MAX_SNAPSHOTS: usize = 1024;
@@ -62,7 +63,7 @@ pub struct SnapMeta {
 
 /// A read of the snapshot metadata that ran past its end.
 fn need<T>(v: Option<T>) -> Result<T> {
-    v.ok_or_else(|| Error::Corrupted("snapshot metadata ends early".to_string()))
+    v.ok_or_else(|| VolumeError::Corrupted("snapshot metadata ends early".to_string()))
 }
 
 /// Checks a snapshot name: 1..=255 bytes of UTF-8, no `/` or NUL, not `.`
@@ -75,7 +76,7 @@ pub fn check_snapshot_name(name: &str) -> Result<()> {
         || name.contains('/')
         || name.contains('\0')
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(VolumeError::InvalidArgument(format!(
             "{name:?} is not a valid snapshot name (1 to {SNAPSHOT_NAME_MAX} bytes, no '/' or NUL, not . or ..)"
         )));
     }
@@ -129,7 +130,7 @@ impl SnapMeta {
     /// increasing and below `next_id`, births increasing and below
     /// `gen_limit`, names valid and distinct.
     pub fn decode(b: &[u8], end_block: u64, gen_limit: u64) -> Result<SnapMeta> {
-        let bad = |what: String| Error::Corrupted(format!("snapshot metadata: {what}"));
+        let bad = |what: String| VolumeError::Corrupted(format!("snapshot metadata: {what}"));
         let in_volume = |p: &TreePtr| p.is_absent() || (p.pba >= DATA_START && p.pba < end_block);
         let mut r = crate::wire::Reader::new(b);
         let next_id = need(r.u64())?;

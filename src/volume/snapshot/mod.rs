@@ -41,7 +41,8 @@ use super::log::Log;
 use super::tree::{PageKey, PageSource, Shape, Trees, FANOUT};
 use super::usage::{Held, Usage};
 use crate::crypto::{BlockKind, Mac, Tag};
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 pub use ops::Unshared;
 
@@ -257,7 +258,7 @@ impl Snapshots {
             }
             level -= 1;
             if level > 0 && next.len() as u64 > leaves as u64 {
-                return Err(Error::Corrupted(
+                return Err(VolumeError::Corrupted(
                     "snapshot metadata index is too long".into(),
                 ));
             }
@@ -265,7 +266,7 @@ impl Snapshots {
             level_ptrs = next;
         }
         if level_ptrs.len() as u64 != leaves as u64 {
-            return Err(Error::Corrupted(format!(
+            return Err(VolumeError::Corrupted(format!(
                 "snapshot metadata has {} pages, the checkpoint says {leaves}",
                 level_ptrs.len()
             )));
@@ -275,7 +276,7 @@ impl Snapshots {
             let b = ctx.load_page(PageKey::leaf(TreeId::SnapMeta, i as u64), p)?;
             let n = u32::from_le_bytes(b[..4].try_into().expect("4")) as usize;
             if n == 0 || n > LEAF_PAYLOAD {
-                return Err(Error::Corrupted(format!(
+                return Err(VolumeError::Corrupted(format!(
                     "snapshot metadata page {i} holds {n} bytes"
                 )));
             }
@@ -312,10 +313,8 @@ impl Snapshots {
 
     /// [`Snapshots::index`], or an error naming the missing snapshot.
     pub fn named(&self, name: &str) -> Result<usize> {
-        self.index(name).ok_or_else(|| Error::Fs {
-            kind: crate::FsError::NotFound,
-            what: format!("snapshot {name:?}"),
-        })
+        self.index(name)
+            .ok_or_else(|| VolumeError::NoSuchSnapshot(format!("snapshot {name:?}")))
     }
 
     pub fn index_by_id(&self, id: u64) -> Option<usize> {

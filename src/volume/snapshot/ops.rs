@@ -9,7 +9,8 @@ use super::super::format::{
 use super::super::state::{bit_runs, State};
 use super::super::tree::{PageKey, Trees, FANOUT};
 use super::{HeldSource, SnapshotInfo, MAX_CHANGED_ROOTS};
-use crate::{Error, Result, BLOCK_SIZE};
+use crate::volume::{Result, VolumeError};
+use crate::BLOCK_SIZE;
 
 /// A page or data block a snapshot walk found unshared.
 pub enum Unshared {
@@ -24,18 +25,15 @@ impl State {
     pub fn snapshot_create(&mut self, ctx: &Ctx, name: &str, now: (i64, u32)) -> Result<u64> {
         check_snapshot_name(name)?;
         if self.snaps.index(name).is_some() {
-            return Err(Error::Fs {
-                kind: crate::FsError::Exists,
-                what: format!("snapshot {name:?}"),
-            });
+            return Err(VolumeError::SnapshotExists(format!("snapshot {name:?}")));
         }
         if self.snaps.list.len() >= MAX_SNAPSHOTS {
-            return Err(Error::NoSpace(format!(
+            return Err(VolumeError::NoSpace(format!(
                 "a volume keeps at most {MAX_SNAPSHOTS} snapshots; delete one first"
             )));
         }
         if self.snaps.next_id > MAX_SNAPSHOT_ID {
-            return Err(Error::NoSpace(format!(
+            return Err(VolumeError::NoSpace(format!(
                 "this volume has used all {MAX_SNAPSHOT_ID} snapshot ids; copy its data to a new volume"
             )));
         }
