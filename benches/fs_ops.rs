@@ -25,7 +25,7 @@ use lsvfs::volume::{self, CreateOptions, KeySlot, Options, Volume, KEY_SLOTS};
 use lsvfs::BLOCK_SIZE;
 use zeroize::Zeroizing;
 
-const ROOT: u64 = 1;
+use lsvfs::fs::{Ino, ROOT_INO as ROOT};
 const DIRS: usize = 100;
 
 /// The file system's own cost per metadata operation.
@@ -84,7 +84,7 @@ fn main() {
             .expect("mkdir");
         dirs.push(ino);
     }
-    let names: Vec<(u64, Vec<u8>)> = (0..files)
+    let names: Vec<(Ino, Vec<u8>)> = (0..files)
         .map(|i| (dirs[i / per_dir], format!("f{:05}", i).into_bytes()))
         .collect();
     let data = vec![0x5au8; BLOCK_SIZE];

@@ -68,7 +68,6 @@ impl Posix {
             Posix::NotSupported => libc::EOPNOTSUPP,
         }
     }
-
 }
 
 /// What kind of failure an error is, whichever layer raised it.

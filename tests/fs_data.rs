@@ -11,7 +11,7 @@ use lsvfs::device::MemDevice;
 use lsvfs::fs::format::Time;
 use lsvfs::fs::{Fs, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, XATTR_CREATE, XATTR_REPLACE};
 
-const ROOT: u64 = 1;
+use lsvfs::fs::ROOT_INO as ROOT;
 const REG: u32 = libc::S_IFREG | 0o644;
 
 fn new_fs(logical: u64) -> (Arc<MemDevice>, Fs) {

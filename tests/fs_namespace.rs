@@ -12,7 +12,7 @@ use lsvfs::device::MemDevice;
 use lsvfs::fs::FsError;
 use lsvfs::fs::{Fs, RENAME_EXCHANGE, RENAME_NOREPLACE};
 
-const ROOT: u64 = 1;
+use lsvfs::fs::{Ino, ROOT_INO as ROOT};
 const DIR: u32 = libc::S_IFDIR | 0o755;
 const REG: u32 = libc::S_IFREG | 0o644;
 
@@ -27,7 +27,7 @@ fn errno(r: Result<impl std::fmt::Debug, FsError>) -> i32 {
     r.expect_err("the operation should fail").errno()
 }
 
-fn names(fs: &Fs, dir: u64) -> Vec<String> {
+fn names(fs: &Fs, dir: Ino) -> Vec<String> {
     fs.readdir(dir, 0, usize::MAX)
         .unwrap()
         .into_iter()
@@ -232,7 +232,7 @@ fn random_operations_match_a_model_across_kills() {
             dirs[rng.below(dirs.len() as u64) as usize].clone()
         }
     };
-    let resolve = |fs: &Fs, path: &str| -> u64 {
+    let resolve = |fs: &Fs, path: &str| -> Ino {
         let mut ino = ROOT;
         for part in path.split('/').filter(|p| !p.is_empty()) {
             ino = fs.lookup(ino, part.as_bytes()).unwrap().0;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::btree::{Node, NodeStore};
 use super::filesystem::Fs;
-use super::format::{kind, Dirent, Inode, CHUNK_BLOCKS, ROOT_INO};
+use super::format::{kind, Dirent, Ino, Inode, CHUNK_BLOCKS, ORPHANS, ROOT_INO};
 use crate::fs::{FsError, Result};
 
 /// What the file-system check found.
@@ -43,10 +43,10 @@ impl Fs {
             }
             Ok((all, nodes))
         })?;
-        let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();
-        let mut dirents: Vec<(u64, Vec<u8>, Dirent)> = Vec::new();
-        let mut cookies: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-        let mut owners: HashMap<u64, u64> = HashMap::new();
+        let mut inodes: BTreeMap<Ino, Inode> = BTreeMap::new();
+        let mut dirents: Vec<(Ino, Vec<u8>, Dirent)> = Vec::new();
+        let mut cookies: HashMap<(Ino, u64), Vec<u8>> = HashMap::new();
+        let mut owners: HashMap<u64, Ino> = HashMap::new();
         let mut orphans = BTreeSet::new();
         for (k, v) in &items {
             if k.len() < 9 {
@@ -54,7 +54,7 @@ impl Fs {
                     .push(format!("a metadata key of {} bytes", k.len()));
                 continue;
             }
-            let ino = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+            let ino = Ino(u64::from_be_bytes(k[..8].try_into().expect("8 bytes")));
             let rest = &k[9..];
             let u64_of = |b: &[u8]| b.try_into().ok().map(u64::from_be_bytes);
             match k[8] {
@@ -96,9 +96,9 @@ impl Fs {
                         }
                     }
                 }
-                kind::ORPHAN if ino == 0 => {
+                kind::ORPHAN if ino == ORPHANS => {
                     if let Some(o) = u64_of(rest) {
-                        orphans.insert(o);
+                        orphans.insert(Ino(o));
                     }
                 }
                 kind::XATTR | kind::SYMLINK => {}
@@ -113,8 +113,8 @@ impl Fs {
         if !inodes.get(&ROOT_INO).is_some_and(|i| i.is_dir()) {
             r.problems.push("the root directory is missing".into());
         }
-        let mut links: HashMap<u64, u32> = HashMap::new();
-        let mut subdirs: HashMap<u64, u32> = HashMap::new();
+        let mut links: HashMap<Ino, u32> = HashMap::new();
+        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
         for (dir, name, d) in &dirents {
             let n = String::from_utf8_lossy(name);
             match inodes.get(&d.ino) {

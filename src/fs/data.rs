@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::filesystem::{FileMap, Fs, Op};
 use super::format::{
-    decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, Inode, Time, CHUNK_BLOCKS,
+    decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, Ino, Inode, Time, CHUNK_BLOCKS,
 };
 use crate::fs::{FsError, Posix, Result};
 use crate::BLOCK_SIZE;
@@ -58,7 +58,7 @@ pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
 
 impl Op<'_> {
-    fn chunk(&mut self, ino: u64, index: u64) -> Result<Vec<u64>> {
+    fn chunk(&mut self, ino: Ino, index: u64) -> Result<Vec<u64>> {
         match self.get(&key(ino, kind::CHUNK, &index.to_be_bytes()))? {
             Some(v) => decode_chunk(&v).ok_or_else(|| {
                 FsError::Corrupted(format!("inode {ino}: chunk {index} has the wrong size"))
@@ -67,7 +67,7 @@ impl Op<'_> {
         }
     }
 
-    fn put_chunk(&mut self, ino: u64, index: u64, c: &[u64]) -> Result<()> {
+    fn put_chunk(&mut self, ino: Ino, index: u64, c: &[u64]) -> Result<()> {
         self.touched.push(ino);
         let k = key(ino, kind::CHUNK, &index.to_be_bytes());
         if c.iter().all(|b| *b == 0) {
@@ -82,7 +82,7 @@ impl Op<'_> {
     /// user (`kill_mode`), truncated or chowned loses its file capabilities
     /// and, with `kill_mode`, setuid (and setgid if group-executable).
     /// Returns whether anything changed.
-    pub(super) fn kill_priv(&mut self, ino: u64, i: &mut Inode, kill_mode: bool) -> Result<bool> {
+    pub(super) fn kill_priv(&mut self, ino: Ino, i: &mut Inode, kill_mode: bool) -> Result<bool> {
         if file_type(i.mode) != libc::S_IFREG {
             return Ok(false);
         }
@@ -102,12 +102,12 @@ impl Op<'_> {
     }
 
     /// The block address of file block `fb`, 0 for a hole.
-    pub(super) fn block_of(&mut self, ino: u64, fb: u64) -> Result<u64> {
+    pub(super) fn block_of(&mut self, ino: Ino, fb: u64) -> Result<u64> {
         Ok(self.chunk(ino, fb / CHUNK_BLOCKS)?[(fb % CHUNK_BLOCKS) as usize])
     }
 
     /// Frees file blocks `from..` (to the end of the file's chunks).
-    fn free_blocks_from(&mut self, ino: u64, i: &mut Inode, from: u64) -> Result<()> {
+    fn free_blocks_from(&mut self, ino: Ino, i: &mut Inode, from: u64) -> Result<()> {
         let (_, end) = kind_range(ino, kind::CHUNK);
         let first_chunk = from / CHUNK_BLOCKS;
         let start = key(ino, kind::CHUNK, &first_chunk.to_be_bytes());
@@ -131,7 +131,7 @@ impl Op<'_> {
 impl Fs {
     /// The file's block map: cached, or loaded under the metadata lock
     /// (and cached while still under it; see `Fs::files`).
-    fn file_map(&self, ino: u64) -> Result<Arc<FileMap>> {
+    fn file_map(&self, ino: Ino) -> Result<Arc<FileMap>> {
         if let Some(m) = self
             .files
             .lock()
@@ -167,7 +167,7 @@ impl Fs {
 
     /// Reads up to `size` bytes at `offset`. The block lookup uses the
     /// file's cached map, so reads never wait for another file's commit.
-    pub fn read_data(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<u8>> {
+    pub fn read_data(&self, ino: Ino, offset: u64, size: usize) -> Result<Vec<u8>> {
         // From the lookup to the last volume read (see `Fs::reads`). The map
         // is fetched first (loading it takes the metadata lock, which must
         // never be waited for while `reads` is held), then checked to be
@@ -220,7 +220,7 @@ impl Fs {
 
     /// Writes `data` at `offset`. With `kill_suid`, clears the setuid bit
     /// (and setgid if group-executable), as a write by an unprivileged user must.
-    pub fn write_data(&self, ino: u64, offset: u64, data: &[u8], kill_suid: bool) -> Result<u64> {
+    pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8], kill_suid: bool) -> Result<u64> {
         if data.is_empty() {
             return Ok(0);
         }
@@ -304,7 +304,7 @@ impl Fs {
     }
 
     /// Changes attributes; a size change truncates or extends (sparsely).
-    pub fn setattr(&self, ino: u64, a: SetAttr) -> Result<Inode> {
+    pub fn setattr(&self, ino: Ino, a: SetAttr) -> Result<Inode> {
         if a.size.is_some_and(|s| s > MAX_FILE_SIZE) {
             return Err(Posix::TooBig.at(format!("a size past {MAX_FILE_SIZE} bytes")));
         }
@@ -383,7 +383,7 @@ impl Fs {
 
     /// fallocate(2): mode 0 allocates (and extends), KEEP_SIZE allocates
     /// only, PUNCH_HOLE|KEEP_SIZE frees the range (partial blocks zeroed).
-    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: u32) -> Result<()> {
+    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: u32) -> Result<()> {
         let end = offset
             .checked_add(len)
             .filter(|e| *e <= MAX_FILE_SIZE && len > 0);
@@ -419,7 +419,7 @@ impl Fs {
         Ok(())
     }
 
-    fn fallocate_step(&self, ino: u64, offset: u64, end: u64, mode: u32) -> Result<()> {
+    fn fallocate_step(&self, ino: Ino, offset: u64, end: u64, mode: u32) -> Result<()> {
         let punch = mode & FALLOC_PUNCH_HOLE != 0;
         self.op(|op, txn| {
             let mut i = op.inode(ino)?;
@@ -480,7 +480,7 @@ impl Fs {
         })
     }
 
-    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
         if name.is_empty() || name.len() > 255 {
             return Err(Posix::Invalid.at("an xattr name must have 1 to 255 bytes"));
         }
@@ -521,7 +521,7 @@ impl Fs {
         })
     }
 
-    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         self.read_op(|op| {
             op.inode(ino)?;
             op.get(&key(ino, kind::XATTR, name))?
@@ -529,7 +529,7 @@ impl Fs {
         })
     }
 
-    pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
         self.read_op(|op| {
             op.inode(ino)?;
             let (s, e) = kind_range(ino, kind::XATTR);
@@ -542,7 +542,7 @@ impl Fs {
         })
     }
 
-    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         self.op(|op, _| {
             let mut i = op.inode(ino)?;
             let k = key(ino, kind::XATTR, name);

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use super::acl;
 use super::btree::{BTree, Node, NodeStore};
 use super::format::{
-    file_type, inode_range, key, key_suffix_u64, kind, kind_range, Dirent, Inode, Superblock, Time,
-    NAME_MAX, ROOT_INO, SYMLINK_MAX,
+    file_type, inode_range, key, key_suffix_u64, kind, kind_range, orphan_key, Dirent, Ino, Inode,
+    Superblock, Time, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
 };
 use super::holds::Holds;
 use super::store::{Allocator, VolumeStore};
@@ -34,7 +34,7 @@ pub struct DirEntry {
     /// unlinks of other entries.
     pub cookie: u64,
     pub name: Vec<u8>,
-    pub ino: u64,
+    pub ino: Ino,
     /// File type bits (S_IFMT).
     pub kind: u32,
 }
@@ -46,7 +46,7 @@ struct Meta {
     cache: HashMap<u64, std::sync::Arc<Node>>,
     /// Lazy times: mtime and ctime of files changed only by overwrites,
     /// kept in memory until the next sync (as ext4's `lazytime`).
-    lazy: HashMap<u64, LazyTimes>,
+    lazy: HashMap<Ino, LazyTimes>,
 }
 
 /// Times of an inode kept in memory until the next sync.
@@ -72,7 +72,7 @@ pub struct Fs {
     /// without the metadata lock (which a writer holds across its commit).
     /// An entry is dropped whenever an operation changes the file's size
     /// or blocks, under the metadata lock, and at the file's last close.
-    pub(super) files: Mutex<HashMap<u64, Arc<FileMap>>>,
+    pub(super) files: Mutex<HashMap<Ino, Arc<FileMap>>>,
     /// Held shared by every data read from its block lookup to the end of
     /// its volume read. Blocks freed meanwhile stay quarantined (see
     /// `Allocator`) until an operation finds no read in flight, so a read
@@ -96,12 +96,12 @@ pub(super) struct Op<'a> {
     pub(super) tree: &'a mut BTree,
     sb: &'a mut Superblock,
     holds: &'a Mutex<Holds>,
-    lazy: &'a mut HashMap<u64, LazyTimes>,
+    lazy: &'a mut HashMap<Ino, LazyTimes>,
     /// Inodes whose size or blocks this operation changed.
-    pub(super) touched: Vec<u64>,
+    pub(super) touched: Vec<Ino>,
     /// Lazy-time entries this operation changed, with their old values,
     /// put back if it fails.
-    lazy_undo: Vec<(u64, Option<LazyTimes>)>,
+    lazy_undo: Vec<(Ino, Option<LazyTimes>)>,
 }
 
 impl Op<'_> {
@@ -128,7 +128,7 @@ impl Op<'_> {
     }
 
     /// The inode, with its lazy times (if any) applied.
-    pub(super) fn inode(&mut self, ino: u64) -> Result<Inode> {
+    pub(super) fn inode(&mut self, ino: Ino) -> Result<Inode> {
         let mut i = match self.get(&key(ino, kind::INODE, &[]))? {
             Some(v) => Inode::decode(&v, ino)?,
             None => return Err(Posix::NotFound.at(format!("inode {ino}"))),
@@ -145,7 +145,7 @@ impl Op<'_> {
 
     /// Stores the inode; its lazy times, already applied by `inode`, are
     /// now part of this operation.
-    pub(super) fn put_inode(&mut self, ino: u64, i: &Inode) -> Result<()> {
+    pub(super) fn put_inode(&mut self, ino: Ino, i: &Inode) -> Result<()> {
         self.touched.push(ino);
         if let Some(t) = self.lazy.remove(&ino) {
             self.lazy_undo.push((ino, Some(t)));
@@ -157,7 +157,7 @@ impl Op<'_> {
     /// mount) stores them. `mtime` and `ctime` always change; `atime` if given.
     pub(super) fn set_times_lazily(
         &mut self,
-        ino: u64,
+        ino: Ino,
         atime: Option<Time>,
         mtime: Time,
         ctime: Time,
@@ -175,11 +175,11 @@ impl Op<'_> {
     }
 
     /// Sets mtime and ctime to `t` in memory only (see `set_times_lazily`).
-    pub(super) fn touch_lazily(&mut self, ino: u64, t: Time) {
+    pub(super) fn touch_lazily(&mut self, ino: Ino, t: Time) {
         self.set_times_lazily(ino, None, t, t);
     }
 
-    fn dir(&mut self, ino: u64) -> Result<Inode> {
+    fn dir(&mut self, ino: Ino) -> Result<Inode> {
         let i = self.inode(ino)?;
         if !i.is_dir() {
             return Err(Posix::NotDir.at(format!("inode {ino}")));
@@ -187,7 +187,7 @@ impl Op<'_> {
         Ok(i)
     }
 
-    fn entry(&mut self, dir: u64, name: &[u8]) -> Result<Option<Dirent>> {
+    fn entry(&mut self, dir: Ino, name: &[u8]) -> Result<Option<Dirent>> {
         match self.get(&key(dir, kind::DIRENT, name))? {
             Some(v) => Dirent::decode(&v).map(Some),
             None => Ok(None),
@@ -197,10 +197,10 @@ impl Op<'_> {
     /// Adds `name -> ino` to `dir` (which the caller has loaded as `d`).
     fn add_entry(
         &mut self,
-        dir: u64,
+        dir: Ino,
         d: &mut Inode,
         name: &[u8],
-        ino: u64,
+        ino: Ino,
         mode: u32,
     ) -> Result<()> {
         let cookie = d.next_cookie;
@@ -214,12 +214,12 @@ impl Op<'_> {
         self.put(&key(dir, kind::COOKIE, &cookie.to_be_bytes()), name)
     }
 
-    fn remove_entry(&mut self, dir: u64, name: &[u8], e: &Dirent) -> Result<()> {
+    fn remove_entry(&mut self, dir: Ino, name: &[u8], e: &Dirent) -> Result<()> {
         self.del(&key(dir, kind::DIRENT, name))?;
         self.del(&key(dir, kind::COOKIE, &e.cookie.to_be_bytes()))
     }
 
-    fn is_empty_dir(&mut self, ino: u64) -> Result<bool> {
+    fn is_empty_dir(&mut self, ino: Ino) -> Result<bool> {
         let (s, e) = kind_range(ino, kind::DIRENT);
         Ok(self.tree.range(&mut self.store, &s, &e, 1)?.is_empty())
     }
@@ -230,7 +230,7 @@ impl Op<'_> {
     }
 
     /// Counts a reference the caller (the kernel) keeps to `ino`.
-    fn remember(&mut self, ino: u64) -> Result<()> {
+    fn remember(&mut self, ino: Ino) -> Result<()> {
         self.holds()?.remember(ino);
         Ok(())
     }
@@ -238,7 +238,7 @@ impl Op<'_> {
     /// Drops one link to `ino`; deletes the inode when none is left and
     /// nothing holds it. Returns whether [`Fs::reclaim`] has more to free
     /// once this operation has committed.
-    fn unlink_inode(&mut self, ino: u64, now: Time) -> Result<bool> {
+    fn unlink_inode(&mut self, ino: Ino, now: Time) -> Result<bool> {
         let mut i = self.inode(ino)?;
         i.nlink = i.nlink.saturating_sub(if i.is_dir() { 2 } else { 1 });
         i.ctime = now;
@@ -259,7 +259,7 @@ impl Op<'_> {
         // or forget, right after this operation, or at the next mount
         // after a crash). Data nobody has open goes now.
         self.put_inode(ino, &i)?;
-        self.put(&key(0, kind::ORPHAN, &ino.to_be_bytes()), &[])?;
+        self.put(&orphan_key(ino), &[])?;
         self.holds()?.add_orphan(ino);
         if open {
             return Ok(false);
@@ -270,7 +270,7 @@ impl Op<'_> {
 
     /// Frees up to about `max` data blocks of `ino`, chunk by chunk, keeping
     /// the inode's block count right. Returns whether no chunk is left.
-    fn free_some_chunks(&mut self, ino: u64, max: u64) -> Result<bool> {
+    fn free_some_chunks(&mut self, ino: Ino, max: u64) -> Result<bool> {
         let (s, e) = kind_range(ino, kind::CHUNK);
         let mut i = self.inode(ino)?;
         let mut freed = 0;
@@ -296,7 +296,7 @@ impl Op<'_> {
     }
 
     /// Removes every item of an inode, freeing its data blocks.
-    pub(super) fn purge(&mut self, ino: u64) -> Result<()> {
+    pub(super) fn purge(&mut self, ino: Ino) -> Result<()> {
         self.touched.push(ino);
         let (s, e) = inode_range(ino);
         loop {
@@ -331,9 +331,9 @@ impl Op<'_> {
     /// after any crash, so creating a file does not rewrite the superblock.
     /// Numbers stay below [`MAX_INO`]: the mount shows snapshots' inodes
     /// above it.
-    fn new_ino(&mut self) -> Result<u64> {
-        let ino = self.sb.next_ino;
-        if ino >= MAX_INO {
+    fn new_ino(&mut self) -> Result<Ino> {
+        let ino = Ino(self.sb.next_ino);
+        if ino.0 >= MAX_INO {
             return Err(FsError::NoSpace(format!(
                 "inode numbers are exhausted (the file system has used all {MAX_INO})"
             )));
@@ -371,7 +371,7 @@ impl Fs {
         tree.insert(&mut store, &key(ROOT_INO, kind::INODE, &[]), &root.encode())?;
         let sb = Superblock {
             root: tree.root,
-            next_ino: ROOT_INO + 1,
+            next_ino: ROOT_INO.0 + 1,
         };
         let mut txn = Transaction::new();
         txn.write(0, sb.encode());
@@ -429,14 +429,16 @@ impl Fs {
     /// crash) and at unmount (nothing holds an inode any more).
     fn reclaim_orphans(&self) -> Result<()> {
         let orphans = self.read_op(|op| {
-            let (s, e) = kind_range(0, kind::ORPHAN);
+            let (s, e) = kind_range(ORPHANS, kind::ORPHAN);
             op.tree
                 .range(&mut op.store, &s, &e, usize::MAX)?
                 .iter()
                 .map(|(k, _)| {
-                    key_suffix_u64(k).ok_or_else(|| FsError::Corrupted("an orphan key".into()))
+                    key_suffix_u64(k)
+                        .map(Ino)
+                        .ok_or_else(|| FsError::Corrupted("an orphan key".into()))
                 })
-                .collect::<Result<Vec<u64>>>()
+                .collect::<Result<Vec<Ino>>>()
         })?;
         if let Err(e) = self.reclaim_all(&orphans) {
             eprintln!("lsvfs: freeing deleted inodes (retried at the next mount): {e}");
@@ -471,12 +473,12 @@ impl Fs {
     /// The kernel forgot `n` lookups of `ino` (FORGET). An orphan that
     /// nothing holds any more is freed with others, in one transaction
     /// (or at the next sync).
-    pub fn forget(&self, ino: u64, n: u64) -> Result<()> {
+    pub fn forget(&self, ino: Ino, n: u64) -> Result<()> {
         self.forget_many(&[(ino, n)])
     }
 
     /// [`Fs::forget`] for many inodes.
-    pub fn forget_many(&self, forgets: &[(u64, u64)]) -> Result<()> {
+    pub fn forget_many(&self, forgets: &[(Ino, u64)]) -> Result<()> {
         let batch = {
             let mut h = self.holds()?;
             let full = forgets
@@ -500,7 +502,7 @@ impl Fs {
     }
 
     /// Notes an open handle on `ino`.
-    pub fn open(&self, ino: u64) {
+    pub fn open(&self, ino: Ino) {
         if let Ok(mut h) = self.holds.lock() {
             h.open(ino);
         }
@@ -508,7 +510,7 @@ impl Fs {
 
     /// Closes a handle; the last close of an unlinked inode frees its data
     /// (and the inode, once the kernel has forgotten it too).
-    pub fn release(&self, ino: u64) -> Result<()> {
+    pub fn release(&self, ino: Ino) -> Result<()> {
         let Some(orphan) = self.holds()?.release(ino) else {
             return Ok(());
         };
@@ -525,10 +527,10 @@ impl Fs {
     /// transactions of at most PURGE_STEP blocks: its data once no handle
     /// is open, then the inode once nothing holds it. A crash between the
     /// steps leaves an orphan that the next mount finishes.
-    fn reclaim(&self, ino: u64) -> Result<()> {
+    fn reclaim(&self, ino: Ino) -> Result<()> {
         loop {
             let done = self.op(|op, _| {
-                let orphan = key(0, kind::ORPHAN, &ino.to_be_bytes());
+                let orphan = orphan_key(ino);
                 if op.get(&orphan)?.is_none() {
                     return Ok(true);
                 }
@@ -561,12 +563,12 @@ impl Fs {
 
     /// Frees orphans that nothing holds: the small ones together, in one
     /// transaction of at most PURGE_STEP blocks, the rest by `reclaim`.
-    fn reclaim_all(&self, inos: &[u64]) -> Result<()> {
+    fn reclaim_all(&self, inos: &[Ino]) -> Result<()> {
         let rest = self.op(|op, _| {
             let mut budget = PURGE_STEP;
             let mut rest = Vec::new();
             for &ino in inos {
-                let orphan = key(0, kind::ORPHAN, &ino.to_be_bytes());
+                let orphan = orphan_key(ino);
                 if op.get(&orphan)?.is_none() || op.holds()?.is_held(ino) {
                     continue;
                 }
@@ -598,7 +600,7 @@ impl Fs {
 
     /// The data block addresses of a file, in file order (0 for holes).
     #[doc(hidden)]
-    pub fn file_blocks(&self, ino: u64) -> Result<Vec<u64>> {
+    pub fn file_blocks(&self, ino: Ino) -> Result<Vec<u64>> {
         self.read_op(|op| {
             let i = op.inode(ino)?;
             (0..i.size.div_ceil(BLOCK_SIZE as u64))
@@ -645,7 +647,7 @@ impl Fs {
     }
 
     fn store_lazy_times(op: &mut Op) -> Result<()> {
-        let pending: Vec<u64> = op.lazy.keys().copied().collect();
+        let pending: Vec<Ino> = op.lazy.keys().copied().collect();
         for ino in pending {
             // Gone since (unlinked and reclaimed): nothing to store.
             match op.inode(ino) {
@@ -809,11 +811,11 @@ impl Fs {
         Ok((m.alloc.free_blocks(), m.sb.next_ino - 1))
     }
 
-    pub fn getattr(&self, ino: u64) -> Result<Inode> {
+    pub fn getattr(&self, ino: Ino) -> Result<Inode> {
         self.read_op(|op| op.inode(ino))
     }
 
-    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, Inode)> {
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<(Ino, Inode)> {
         if name.len() > NAME_MAX {
             return Err(Posix::NameTooLong.at(format!("a name of {} bytes", name.len())));
         }
@@ -837,13 +839,13 @@ impl Fs {
     /// exactly `mode` (no umask).
     pub fn mknod(
         &self,
-        parent: u64,
+        parent: Ino,
         name: &[u8],
         mode: u32,
         uid: u32,
         gid: u32,
         rdev: u32,
-    ) -> Result<(u64, Inode)> {
+    ) -> Result<(Ino, Inode)> {
         self.create_node(parent, name, mode, 0, uid, gid, rdev)
     }
 
@@ -853,14 +855,14 @@ impl Fs {
     #[allow(clippy::too_many_arguments)]
     pub fn create_node(
         &self,
-        parent: u64,
+        parent: Ino,
         name: &[u8],
         mode: u32,
         umask: u32,
         uid: u32,
         gid: u32,
         rdev: u32,
-    ) -> Result<(u64, Inode)> {
+    ) -> Result<(Ino, Inode)> {
         check_name(name)?;
         let t = file_type(mode);
         let ok = [
@@ -918,12 +920,12 @@ impl Fs {
 
     pub fn symlink(
         &self,
-        parent: u64,
+        parent: Ino,
         name: &[u8],
         target: &[u8],
         uid: u32,
         gid: u32,
-    ) -> Result<(u64, Inode)> {
+    ) -> Result<(Ino, Inode)> {
         check_name(name)?;
         if target.is_empty() || target.len() > SYMLINK_MAX {
             return Err(
@@ -951,7 +953,7 @@ impl Fs {
         })
     }
 
-    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
         self.read_op(|op| {
             if file_type(op.inode(ino)?.mode) != libc::S_IFLNK {
                 return Err(Posix::Invalid.at(format!("inode {ino} is not a symlink")));
@@ -967,7 +969,7 @@ impl Fs {
     }
 
     /// A new name for an existing non-directory.
-    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Inode> {
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Inode> {
         check_name(name)?;
         self.op(|op, _| {
             let mut i = op.inode(ino)?;
@@ -995,16 +997,16 @@ impl Fs {
     }
 
     /// Removes a name that is not a directory.
-    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
         self.remove(parent, name, false)
     }
 
     /// Removes an empty directory.
-    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
         self.remove(parent, name, true)
     }
 
-    fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
+    fn remove(&self, parent: Ino, name: &[u8], dir: bool) -> Result<()> {
         if name == b"." || name == b".." {
             return Err(Posix::Invalid.at(String::from_utf8_lossy(name)));
         }
@@ -1040,7 +1042,7 @@ impl Fs {
     /// to free (see `Op::unlink_inode`). The operation that made it an
     /// orphan has committed, so a failure here is logged, not returned:
     /// the orphan list finishes the job at the next close, forget or mount.
-    fn reclaim_after(&self, orphan: Option<u64>) {
+    fn reclaim_after(&self, orphan: Option<Ino>) {
         if let Some(ino) = orphan {
             if let Err(e) = self.reclaim(ino) {
                 eprintln!("lsvfs: freeing deleted inode {ino} (retried at the next mount): {e}");
@@ -1052,9 +1054,9 @@ impl Fs {
     /// flags [`RENAME_NOREPLACE`] and [`RENAME_EXCHANGE`].
     pub fn rename(
         &self,
-        parent: u64,
+        parent: Ino,
         name: &[u8],
-        newparent: u64,
+        newparent: Ino,
         newname: &[u8],
         flags: u32,
     ) -> Result<()> {
@@ -1083,7 +1085,7 @@ impl Fs {
             }
             let src_dir = src.mode == libc::S_IFDIR;
             // A directory may not move below itself.
-            let check_loop = |op: &mut Op, moving: u64, into: u64| -> Result<()> {
+            let check_loop = |op: &mut Op, moving: Ino, into: Ino| -> Result<()> {
                 let mut at = into;
                 for _ in 0..4096 {
                     if at == moving {
@@ -1222,7 +1224,7 @@ impl Fs {
     /// `ls -l`, `find` and `tar` then need no lookup per entry).
     pub fn readdir_plus(
         &self,
-        ino: u64,
+        ino: Ino,
         cookie: u64,
         limit: usize,
     ) -> Result<Vec<(DirEntry, Inode)>> {
@@ -1246,11 +1248,11 @@ impl Fs {
 
     /// Up to `limit` entries after `cookie` (0 starts; "." and ".." are
     /// cookies 1 and 2), in cookie order, stable under concurrent changes.
-    pub fn readdir(&self, ino: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+    pub fn readdir(&self, ino: Ino, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
         self.read_op(|op| Self::entries(op, ino, cookie, limit))
     }
 
-    fn entries(op: &mut Op, ino: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+    fn entries(op: &mut Op, ino: Ino, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
         {
             let d = op.dir(ino)?;
             let mut out = Vec::new();

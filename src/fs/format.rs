@@ -9,8 +9,21 @@ use crate::BLOCK_SIZE;
 
 pub const FS_MAGIC: [u8; 8] = *b"LSVFSFS\0";
 pub const FS_VERSION: u32 = 1;
+/// An inode number. The root is 1; 0 holds the orphan list; every number
+/// stays below [`crate::fs::MAX_INO`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ino(pub u64);
+
+impl std::fmt::Display for Ino {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// The root directory's inode number.
-pub const ROOT_INO: u64 = 1;
+pub const ROOT_INO: Ino = Ino(1);
+/// The pseudo-inode whose items list the orphans.
+pub const ORPHANS: Ino = Ino(0);
 /// Longest file name, in bytes.
 pub const NAME_MAX: usize = 255;
 /// Longest symlink target, in bytes (Linux's PATH_MAX minus the NUL).
@@ -40,9 +53,9 @@ pub mod kind {
 /// File blocks per chunk item.
 pub const CHUNK_BLOCKS: u64 = 128;
 
-pub fn key(ino: u64, kind: u8, suffix: &[u8]) -> Vec<u8> {
+pub fn key(ino: Ino, kind: u8, suffix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + suffix.len());
-    k.extend_from_slice(&ino.to_be_bytes());
+    k.extend_from_slice(&ino.0.to_be_bytes());
     k.push(kind);
     k.extend_from_slice(suffix);
     k
@@ -64,14 +77,19 @@ pub fn decode_chunk(v: &[u8]) -> Option<Vec<u64>> {
     })
 }
 
+/// The orphan list's item for `ino`.
+pub fn orphan_key(ino: Ino) -> Vec<u8> {
+    key(ORPHANS, kind::ORPHAN, &ino.0.to_be_bytes())
+}
+
 /// The range of keys of one kind for one inode: `[start, end)`.
-pub fn kind_range(ino: u64, kind: u8) -> (Vec<u8>, Vec<u8>) {
+pub fn kind_range(ino: Ino, kind: u8) -> (Vec<u8>, Vec<u8>) {
     (key(ino, kind, &[]), key(ino, kind + 1, &[]))
 }
 
 /// Every key of one inode.
-pub fn inode_range(ino: u64) -> (Vec<u8>, Vec<u8>) {
-    (key(ino, 0, &[]), key(ino + 1, 0, &[]))
+pub fn inode_range(ino: Ino) -> (Vec<u8>, Vec<u8>) {
+    (key(ino, 0, &[]), key(Ino(ino.0 + 1), 0, &[]))
 }
 
 /// File types, as stored (the S_IFMT bits of the mode).
@@ -123,7 +141,7 @@ pub struct Inode {
     pub blocks: u64,
     /// Directories: the directory that holds this one (for ".." and for
     /// refusing to move a directory into itself).
-    pub parent: u64,
+    pub parent: Ino,
 }
 
 pub const INODE_LEN: usize = 104;
@@ -145,7 +163,7 @@ impl Inode {
             flags: 0,
             next_cookie: 3,
             blocks: 0,
-            parent: 0,
+            parent: ORPHANS,
         }
     }
 
@@ -167,11 +185,11 @@ impl Inode {
         b.extend_from_slice(&self.flags.to_le_bytes());
         b.extend_from_slice(&self.next_cookie.to_le_bytes());
         b.extend_from_slice(&self.blocks.to_le_bytes());
-        b.extend_from_slice(&self.parent.to_le_bytes());
+        b.extend_from_slice(&self.parent.0.to_le_bytes());
         b
     }
 
-    pub fn decode(b: &[u8], ino: u64) -> Result<Inode> {
+    pub fn decode(b: &[u8], ino: Ino) -> Result<Inode> {
         if b.len() != INODE_LEN {
             return Err(FsError::Corrupted(format!(
                 "inode {ino} has {} bytes, want {INODE_LEN}",
@@ -198,7 +216,7 @@ impl Inode {
             flags: u32_at(76),
             next_cookie: u64_at(80),
             blocks: u64_at(88),
-            parent: u64_at(96),
+            parent: Ino(u64_at(96)),
         };
         let ok_type = matches!(
             file_type(i.mode),
@@ -226,7 +244,7 @@ impl Inode {
 /// A directory entry's value: | 0 ino u64 | 8 cookie u64 | 16 mode u32 (type bits) |
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dirent {
-    pub ino: u64,
+    pub ino: Ino,
     pub cookie: u64,
     pub mode: u32,
 }
@@ -234,7 +252,7 @@ pub struct Dirent {
 impl Dirent {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(20);
-        b.extend_from_slice(&self.ino.to_le_bytes());
+        b.extend_from_slice(&self.ino.0.to_le_bytes());
         b.extend_from_slice(&self.cookie.to_le_bytes());
         b.extend_from_slice(&self.mode.to_le_bytes());
         b
@@ -247,7 +265,7 @@ impl Dirent {
             ));
         }
         Ok(Dirent {
-            ino: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            ino: Ino(u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))),
             cookie: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
             mode: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
         })
@@ -299,14 +317,14 @@ mod tests {
     #[test]
     fn inode_and_dirent_round_trip_and_reject_garbage() {
         let i = Inode::new(libc::S_IFDIR | 0o755, 1, 2, 0);
-        assert_eq!(Inode::decode(&i.encode(), 5).unwrap(), i);
+        assert_eq!(Inode::decode(&i.encode(), Ino(5)).unwrap(), i);
         assert!(
-            Inode::decode(&[0u8; INODE_LEN], 5).is_err(),
+            Inode::decode(&[0u8; INODE_LEN], Ino(5)).is_err(),
             "mode 0 is no file type"
         );
-        assert!(Inode::decode(&[0u8; 10], 5).is_err());
+        assert!(Inode::decode(&[0u8; 10], Ino(5)).is_err());
         let d = Dirent {
-            ino: 9,
+            ino: Ino(9),
             cookie: 4,
             mode: libc::S_IFREG,
         };
@@ -321,10 +339,10 @@ mod tests {
 
     #[test]
     fn keys_sort_by_inode_then_kind() {
-        assert!(key(1, kind::INODE, &[]) < key(1, kind::DIRENT, b"a"));
-        assert!(key(1, kind::DIRENT, b"zzz") < key(2, kind::INODE, &[]));
-        assert!(key(255, kind::INODE, &[]) < key(256, kind::INODE, &[]));
-        let (s, e) = kind_range(3, kind::DIRENT);
-        assert!(s <= key(3, kind::DIRENT, b"x") && key(3, kind::DIRENT, b"x") < e);
+        assert!(key(Ino(1), kind::INODE, &[]) < key(Ino(1), kind::DIRENT, b"a"));
+        assert!(key(Ino(1), kind::DIRENT, b"zzz") < key(Ino(2), kind::INODE, &[]));
+        assert!(key(Ino(255), kind::INODE, &[]) < key(Ino(256), kind::INODE, &[]));
+        let (s, e) = kind_range(Ino(3), kind::DIRENT);
+        assert!(s <= key(Ino(3), kind::DIRENT, b"x") && key(Ino(3), kind::DIRENT, b"x") < e);
     }
 }

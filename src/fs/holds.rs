@@ -8,6 +8,7 @@
 //! lives on as an orphan (on disk, in the orphan list) until nothing holds
 //! it; its data goes at its last close, the inode at the last forget.
 
+use super::format::Ino;
 use std::collections::{HashMap, HashSet};
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -19,16 +20,16 @@ struct Hold {
 /// The holds on a file system's inodes.
 #[derive(Debug, Default)]
 pub(super) struct Holds {
-    by_ino: HashMap<u64, Hold>,
+    by_ino: HashMap<Ino, Hold>,
     /// Whether lookups are counted: only a kernel mount forgets them.
     count_lookups: bool,
     /// Orphans made since mount that may still need reclaiming: a hint,
     /// so that a forget does not search the tree for every inode the
     /// kernel evicts (reclaim checks the tree itself).
-    orphans: HashSet<u64>,
+    orphans: HashSet<Ino>,
     /// Orphans nothing holds any more, to be freed together (see
     /// [`Holds::take_unheld`]).
-    unheld: Vec<u64>,
+    unheld: Vec<Ino>,
 }
 
 /// Unheld orphans freed in one transaction once this many have gathered.
@@ -41,13 +42,13 @@ impl Holds {
         self.count_lookups = true;
     }
 
-    pub fn open(&mut self, ino: u64) {
+    pub fn open(&mut self, ino: Ino) {
         self.by_ino.entry(ino).or_default().open += 1;
     }
 
     /// Drops one open handle. None while others are open; at the last one,
     /// whether `ino` is an orphan (whose data can go now).
-    pub fn release(&mut self, ino: u64) -> Option<bool> {
+    pub fn release(&mut self, ino: Ino) -> Option<bool> {
         let h = self.by_ino.get_mut(&ino)?;
         h.open = h.open.saturating_sub(1);
         if h.open > 0 {
@@ -60,7 +61,7 @@ impl Holds {
     }
 
     /// Counts a lookup the kernel will hold (when lookups are counted).
-    pub fn remember(&mut self, ino: u64) {
+    pub fn remember(&mut self, ino: Ino) {
         if self.count_lookups {
             self.by_ino.entry(ino).or_default().lookups += 1;
         }
@@ -68,7 +69,7 @@ impl Holds {
 
     /// The kernel forgot `n` lookups of `ino`. Returns whether a batch of
     /// orphans that nothing holds has gathered (see `take_unheld`).
-    pub fn forget(&mut self, ino: u64, n: u64) -> bool {
+    pub fn forget(&mut self, ino: Ino, n: u64) -> bool {
         let Some(h) = self.by_ino.get_mut(&ino) else {
             return false;
         };
@@ -86,24 +87,24 @@ impl Holds {
     /// Orphans that nothing holds any more. Their data went at their last
     /// close; what is left (the inode) is freed in batches, at the latest
     /// at the next sync, unmount or mount.
-    pub fn take_unheld(&mut self) -> Vec<u64> {
+    pub fn take_unheld(&mut self) -> Vec<Ino> {
         std::mem::take(&mut self.unheld)
     }
 
-    pub fn is_open(&self, ino: u64) -> bool {
+    pub fn is_open(&self, ino: Ino) -> bool {
         self.by_ino.get(&ino).is_some_and(|h| h.open > 0)
     }
 
     /// Whether anything (a handle or a kernel lookup) holds `ino`.
-    pub fn is_held(&self, ino: u64) -> bool {
+    pub fn is_held(&self, ino: Ino) -> bool {
         self.by_ino.contains_key(&ino)
     }
 
-    pub fn add_orphan(&mut self, ino: u64) {
+    pub fn add_orphan(&mut self, ino: Ino) {
         self.orphans.insert(ino);
     }
 
-    pub fn reclaimed(&mut self, ino: u64) {
+    pub fn reclaimed(&mut self, ino: Ino) {
         self.orphans.remove(&ino);
     }
 
@@ -121,25 +122,25 @@ mod tests {
     fn an_orphan_is_free_only_when_no_handle_and_no_lookup_holds_it() {
         let mut h = Holds::default();
         h.count_lookups();
-        h.remember(7);
-        h.remember(7);
-        h.open(7);
-        h.add_orphan(7);
-        h.open(7);
-        assert_eq!(h.release(7), None, "another handle is open");
-        assert_eq!(h.release(7), Some(true), "last close of an orphan");
-        assert!(h.is_held(7) && !h.is_open(7));
-        h.forget(7, 1);
+        h.remember(Ino(7));
+        h.remember(Ino(7));
+        h.open(Ino(7));
+        h.add_orphan(Ino(7));
+        h.open(Ino(7));
+        assert_eq!(h.release(Ino(7)), None, "another handle is open");
+        assert_eq!(h.release(Ino(7)), Some(true), "last close of an orphan");
+        assert!(h.is_held(Ino(7)) && !h.is_open(Ino(7)));
+        h.forget(Ino(7), 1);
         assert!(h.take_unheld().is_empty(), "one lookup is still held");
-        h.forget(7, 1);
-        assert_eq!(h.take_unheld(), [7], "the last forget frees it");
-        assert!(!h.is_held(7));
+        h.forget(Ino(7), 1);
+        assert_eq!(h.take_unheld(), [Ino(7)], "the last forget frees it");
+        assert!(!h.is_held(Ino(7)));
         // A forget of more than is held never wraps.
-        h.remember(8);
-        h.add_orphan(8);
-        h.forget(8, 5);
-        h.forget(8, 1);
-        assert_eq!(h.take_unheld(), [8], "forgotten once, freed once");
+        h.remember(Ino(8));
+        h.add_orphan(Ino(8));
+        h.forget(Ino(8), 5);
+        h.forget(Ino(8), 1);
+        assert_eq!(h.take_unheld(), [Ino(8)], "forgotten once, freed once");
     }
 
     #[test]
@@ -147,6 +148,7 @@ mod tests {
         let mut h = Holds::default();
         h.count_lookups();
         let full: Vec<bool> = (1..=UNHELD_BATCH as u64)
+            .map(Ino)
             .map(|ino| {
                 h.remember(ino);
                 h.add_orphan(ino);
@@ -161,11 +163,11 @@ mod tests {
     #[test]
     fn without_counting_only_handles_hold() {
         let mut h = Holds::default();
-        h.remember(3);
-        assert!(!h.is_held(3));
-        h.open(3);
-        assert!(h.is_held(3));
-        assert_eq!(h.release(3), Some(false), "not an orphan");
-        assert!(!h.is_held(3));
+        h.remember(Ino(3));
+        assert!(!h.is_held(Ino(3)));
+        h.open(Ino(3));
+        assert!(h.is_held(Ino(3)));
+        assert_eq!(h.release(Ino(3)), Some(false), "not an orphan");
+        assert!(!h.is_held(Ino(3)));
     }
 }

@@ -26,4 +26,5 @@ pub use data::{
 };
 pub use error::{FsError, Result};
 pub use filesystem::{DirEntry, Fs, LINK_MAX, MAX_INO, RENAME_EXCHANGE, RENAME_NOREPLACE};
+pub use format::{Ino, ROOT_INO};
 pub use snapshots::{BeforeSnapshot, Snapshots};

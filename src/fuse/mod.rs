@@ -16,8 +16,10 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::format::{file_type, Inode, Time, ROOT_INO};
-use crate::fs::{Fs, FsError, Posix, SetAttr, Snapshots, RENAME_EXCHANGE, RENAME_NOREPLACE};
+use crate::fs::format::{file_type, Inode, Time};
+use crate::fs::{
+    Fs, FsError, Ino, Posix, SetAttr, Snapshots, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO,
+};
 use crate::BLOCK_SIZE;
 
 pub mod snapdir;
@@ -67,7 +69,7 @@ impl FuseFs {
 
     /// The file system an inode belongs to, its number there, and the
     /// snapshot id (None for the live tree). `.snapshots` has none.
-    fn target(&self, ino: u64) -> Result<(Arc<Fs>, u64, Option<u64>), FsError> {
+    fn target(&self, ino: u64) -> Result<(Arc<Fs>, Ino, Option<u64>), FsError> {
         match node(ino) {
             Node::Live(i) => Ok((self.fs.clone(), i, None)),
             Node::Snap(id, i) => Ok((self.snaps.view(id)?, i, Some(id))),
@@ -76,9 +78,9 @@ impl FuseFs {
     }
 
     /// The mount's number for inode `i` of `id` (or of the live tree).
-    fn outer(id: Option<u64>, i: u64) -> u64 {
+    fn outer(id: Option<u64>, i: Ino) -> u64 {
         match id {
-            None => i,
+            None => i.0,
             Some(id) => snap_ino(id, i),
         }
     }
@@ -95,13 +97,13 @@ impl FuseFs {
     }
 
     /// Attributes of inode `i` in `id`, numbered for the mount.
-    fn attr_in(&self, fs: &Fs, id: Option<u64>, i: u64) -> Result<FileAttr, FsError> {
+    fn attr_in(&self, fs: &Fs, id: Option<u64>, i: Ino) -> Result<FileAttr, FsError> {
         Ok(attr(Self::outer(id, i), &fs.getattr(i)?))
     }
 }
 
 /// Refuses a change to anything under `.snapshots`.
-fn writable(ino: u64) -> Result<u64, Errno> {
+fn writable(ino: u64) -> Result<Ino, Errno> {
     match node(ino) {
         Node::Live(i) => Ok(i),
         _ => Err(Errno::EROFS),
@@ -109,7 +111,7 @@ fn writable(ino: u64) -> Result<u64, Errno> {
 }
 
 /// Refuses to create `.snapshots` in the root (it exists, virtually).
-fn new_name(parent: u64, name: &OsStr) -> Result<u64, Errno> {
+fn new_name(parent: u64, name: &OsStr) -> Result<Ino, Errno> {
     let p = writable(parent)?;
     if is_reserved(p, name.as_bytes()) {
         return Err(Errno::EEXIST);
@@ -118,7 +120,7 @@ fn new_name(parent: u64, name: &OsStr) -> Result<u64, Errno> {
 }
 
 /// Refuses to remove or replace `.snapshots`.
-fn old_name(parent: u64, name: &OsStr) -> Result<u64, Errno> {
+fn old_name(parent: u64, name: &OsStr) -> Result<Ino, Errno> {
     let p = writable(parent)?;
     if is_reserved(p, name.as_bytes()) {
         return Err(Errno::EROFS);
@@ -126,7 +128,7 @@ fn old_name(parent: u64, name: &OsStr) -> Result<u64, Errno> {
     Ok(p)
 }
 
-fn errno(op: &str, ino: u64, e: &FsError) -> Errno {
+fn errno(op: &str, ino: impl std::fmt::Display, e: &FsError) -> Errno {
     let n = e.errno();
     if n == libc::EIO {
         eprintln!("lsvfs: {op} on inode {ino}: {e}");
@@ -197,7 +199,7 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
 }
 
 /// Replies to an operation that returns nothing.
-fn empty(op: &str, ino: u64, r: Result<(), FsError>, reply: ReplyEmpty) {
+fn empty(op: &str, ino: impl std::fmt::Display, r: Result<(), FsError>, reply: ReplyEmpty) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(errno(op, ino, &e)),
@@ -205,9 +207,9 @@ fn empty(op: &str, ino: u64, r: Result<(), FsError>, reply: ReplyEmpty) {
 }
 
 /// Replies to an operation that creates or finds an inode.
-fn entry(op: &str, parent: u64, r: Result<(u64, Inode), FsError>, reply: ReplyEntry) {
+fn entry(op: &str, parent: Ino, r: Result<(Ino, Inode), FsError>, reply: ReplyEntry) {
     match r {
-        Ok((ino, i)) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
+        Ok((ino, i)) => reply.entry(&TTL, &attr(ino.0, &i), Generation(0)),
         Err(e) => reply.error(errno(op, parent, &e)),
     }
 }
@@ -216,7 +218,7 @@ impl FuseFs {
     /// Owner and mode of a new inode: the caller's uid; the parent's gid and
     /// setgid bit (for directories) when the parent is setgid, as ext4 does.
     /// (The umask is applied by the file system, which knows about default ACLs.)
-    fn new_owner(&self, req: &Request, parent: u64, mode: u32) -> Result<(u32, u32, u32), FsError> {
+    fn new_owner(&self, req: &Request, parent: Ino, mode: u32) -> Result<(u32, u32, u32), FsError> {
         let p = self.fs.getattr(parent)?;
         let mut mode = mode;
         let gid = if p.mode & libc::S_ISGID != 0 {
@@ -233,12 +235,12 @@ impl FuseFs {
     fn make(
         &self,
         req: &Request,
-        parent: u64,
+        parent: Ino,
         name: &OsStr,
         mode: u32,
         umask: u32,
         rdev: u32,
-    ) -> Result<(u64, Inode), FsError> {
+    ) -> Result<(Ino, Inode), FsError> {
         let (mode, uid, gid) = self.new_owner(req, parent, mode)?;
         self.fs
             .create_node(parent, name.as_bytes(), mode, umask, uid, gid, rdev)
@@ -369,7 +371,7 @@ impl fuser::Filesystem for FuseFs {
             ctime: ctime.map(|t| our_time(TimeOrNow::SpecificTime(t))),
         };
         match self.fs.setattr(i, a) {
-            Ok(n) => reply.attr(&TTL, &attr(i, &n)),
+            Ok(n) => reply.attr(&TTL, &attr(i.0, &n)),
             Err(e) => reply.error(errno("setattr", i, &e)),
         }
     }
@@ -502,7 +504,7 @@ impl fuser::Filesystem for FuseFs {
                 )
             });
         match r {
-            Ok((ino, i)) => reply.entry(&TTL, &attr(ino, &i), Generation(0)),
+            Ok((ino, i)) => reply.entry(&TTL, &attr(ino.0, &i), Generation(0)),
             Err(e) => reply.error(errno("symlink", p, &e)),
         }
     }
@@ -553,7 +555,7 @@ impl fuser::Filesystem for FuseFs {
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         match self.fs.link(i, np, newname.as_bytes()) {
-            Ok(n) => reply.entry(&TTL, &attr(i, &n), Generation(0)),
+            Ok(n) => reply.entry(&TTL, &attr(i.0, &n), Generation(0)),
             Err(e) => reply.error(errno("link", i, &e)),
         }
     }
@@ -850,7 +852,7 @@ impl fuser::Filesystem for FuseFs {
                 self.fs.open(ino);
                 reply.created(
                     &TTL,
-                    &attr(ino, &i),
+                    &attr(ino.0, &i),
                     Generation(0),
                     FileHandle(0),
                     OPEN_FLAGS,
@@ -886,7 +888,7 @@ impl FuseFs {
     /// The kernel forgot (inode, lookups): orphans nothing holds any more
     /// are freed. Snapshot views are read-only: their inodes never are.
     fn forget_all(&self, forgets: impl Iterator<Item = (u64, u64)>) {
-        let live: Vec<(u64, u64)> = forgets
+        let live: Vec<(Ino, u64)> = forgets
             .filter_map(|(ino, n)| match node(ino) {
                 Node::Live(i) => Some((i, n)),
                 _ => None,
@@ -993,7 +995,7 @@ impl FuseFs {
             let a = plus
                 .then(|| self.attr_in(&self.fs, None, ROOT_INO))
                 .transpose()?;
-            out.push(dir(2, b"..", ROOT_INO, a));
+            out.push(dir(2, b"..", ROOT_INO.0, a));
         }
         for (id, name) in self.snaps.names()? {
             if id + 2 <= offset {

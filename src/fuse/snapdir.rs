@@ -6,8 +6,7 @@
 //! across remounts (ids are never reused) and never collide with the live
 //! tree's or another snapshot's. `.snapshots` itself is `2^63 | 1` (id 0).
 
-use crate::fs::format::ROOT_INO;
-use crate::fs::{MAX_INO, MAX_SNAPSHOT_ID};
+use crate::fs::{Ino, MAX_INO, MAX_SNAPSHOT_ID, ROOT_INO};
 
 pub const SNAP_BIT: u64 = 1 << 63;
 pub const SNAPDIR_INO: u64 = SNAP_BIT | 1;
@@ -21,30 +20,30 @@ const _: () = assert!(MAX_ID < SNAP_BIT >> ID_SHIFT);
 /// Where an inode number points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Node {
-    Live(u64),
+    Live(Ino),
     SnapDir,
     /// (snapshot id, inode in the snapshot)
-    Snap(u64, u64),
+    Snap(u64, Ino),
 }
 
 pub fn node(ino: u64) -> Node {
     if ino & SNAP_BIT == 0 {
-        Node::Live(ino)
+        Node::Live(Ino(ino))
     } else if ino == SNAPDIR_INO {
         Node::SnapDir
     } else {
-        Node::Snap((ino & !SNAP_BIT) >> ID_SHIFT, ino & (MAX_INO - 1))
+        Node::Snap((ino & !SNAP_BIT) >> ID_SHIFT, Ino(ino & (MAX_INO - 1)))
     }
 }
 
 /// The mount's number for inode `ino` of snapshot `id`; the snapshot's
 /// root's parent is `.snapshots`.
-pub fn snap_ino(id: u64, ino: u64) -> u64 {
-    SNAP_BIT | id << ID_SHIFT | ino
+pub fn snap_ino(id: u64, ino: Ino) -> u64 {
+    SNAP_BIT | id << ID_SHIFT | ino.0
 }
 
 /// Whether `name` in `parent` is the reserved `.snapshots` entry.
-pub fn is_reserved(parent: u64, name: &[u8]) -> bool {
+pub fn is_reserved(parent: Ino, name: &[u8]) -> bool {
     parent == ROOT_INO && name == SNAPDIR_NAME
 }
 
@@ -54,16 +53,16 @@ mod tests {
 
     #[test]
     fn numbering_round_trips_and_never_collides() {
-        assert_eq!(node(1), Node::Live(1));
-        assert_eq!(node(MAX_INO - 1), Node::Live(MAX_INO - 1));
+        assert_eq!(node(1), Node::Live(ROOT_INO));
+        assert_eq!(node(MAX_INO - 1), Node::Live(Ino(MAX_INO - 1)));
         assert_eq!(node(SNAPDIR_INO), Node::SnapDir);
         for id in [1, 2, 77, MAX_ID] {
-            for ino in [1, 2, 12345, MAX_INO - 1] {
+            for ino in [1, 2, 12345, MAX_INO - 1].map(Ino) {
                 let n = snap_ino(id, ino);
                 assert!(n >= SNAP_BIT && n != SNAPDIR_INO);
                 assert_eq!(node(n), Node::Snap(id, ino));
             }
         }
-        assert_ne!(snap_ino(1, 5), snap_ino(2, 5));
+        assert_ne!(snap_ino(1, Ino(5)), snap_ino(2, Ino(5)));
     }
 }
