@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{block, create, open, Rng};
 use lsvfs::device::{MemDevice, RecordedOp};
-use lsvfs::volume::{Transaction, Volume, VolumeError};
+use lsvfs::volume::{SnapshotId, Transaction, Volume, VolumeError};
 use lsvfs::BLOCK_SIZE;
 
 type Model = Vec<Option<u64>>;
@@ -32,7 +32,7 @@ fn expect(model: &Model) -> Vec<u8> {
     out
 }
 
-fn verify(v: &Volume, live: &Model, snaps: &BTreeMap<String, (u64, Model)>, when: &str) {
+fn verify(v: &Volume, live: &Model, snaps: &BTreeMap<String, (SnapshotId, Model)>, when: &str) {
     let n = live.len() as u64;
     assert!(
         read_all(v, n) == expect(live),
@@ -61,7 +61,8 @@ fn verify(v: &Volume, live: &Model, snaps: &BTreeMap<String, (u64, Model)>, when
         .map(|(_, n, _, _)| n)
         .collect();
     let want: Vec<String> = {
-        let mut w: Vec<(u64, String)> = snaps.iter().map(|(n, (id, _))| (*id, n.clone())).collect();
+        let mut w: Vec<(SnapshotId, String)> =
+            snaps.iter().map(|(n, (id, _))| (*id, n.clone())).collect();
         w.sort();
         w.into_iter().map(|(_, n)| n).collect()
     };
@@ -71,7 +72,11 @@ fn verify(v: &Volume, live: &Model, snaps: &BTreeMap<String, (u64, Model)>, when
 /// Commits; when the volume is full, deletes the oldest snapshot (as a
 /// user would) and tries again. Full with no snapshot left is a failure:
 /// the live data alone always fits.
-fn commit_or_make_room(v: &Volume, t: Transaction, snaps: &mut BTreeMap<String, (u64, Model)>) {
+fn commit_or_make_room(
+    v: &Volume,
+    t: Transaction,
+    snaps: &mut BTreeMap<String, (SnapshotId, Model)>,
+) {
     let mut t = Some(t);
     loop {
         let txn = t.take().unwrap();
@@ -103,7 +108,7 @@ fn model_run(seed: u64, steps: usize) {
     create(&*dev, 512, 16);
     let mut v = open(dev.clone());
     let mut live: Model = vec![None; RANGE as usize];
-    let mut snaps: BTreeMap<String, (u64, Model)> = BTreeMap::new();
+    let mut snaps: BTreeMap<String, (SnapshotId, Model)> = BTreeMap::new();
     let mut version = 0u64;
     let mut next_name = 0;
     for step in 0..steps {
@@ -198,7 +203,7 @@ fn snapshot_names_are_checked_and_unique() {
     assert!(v.snapshot_create(&"n".repeat(256)).is_err());
     v.snapshot_create(&"n".repeat(255)).unwrap();
     assert!(v.snapshot_delete("nope").is_err());
-    let view = v.snapshot_view(1).unwrap();
+    let view = v.snapshot_view(SnapshotId(1)).unwrap();
     assert!(
         view.write(0, &block(0, 1)).is_err(),
         "a snapshot view is read-only"

@@ -198,7 +198,7 @@ fn answer(req: Request, snaps: &Snapshots) -> Response {
     let r = match req {
         Request::Create { name } => snaps.create(&name).map(|id| Response {
             ok: true,
-            id: Some(id),
+            id: Some(id.0),
             ..Response::default()
         }),
         Request::Delete { name } => snaps.delete(&name).map(|()| Response {
@@ -210,7 +210,7 @@ fn answer(req: Request, snaps: &Snapshots) -> Response {
             snapshots: Some(
                 l.into_iter()
                     .map(|s| SnapshotEntry {
-                        id: s.id,
+                        id: s.id.0,
                         name: s.name,
                         created_sec: s.created_sec,
                         created_nsec: s.created_nsec,

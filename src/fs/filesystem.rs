@@ -14,7 +14,7 @@ use super::format::{
 use super::holds::Holds;
 use super::store::{Allocator, VolumeStore};
 use crate::fs::{FsError, Posix, Result};
-use crate::volume::{SnapshotInfo, Transaction, Volume};
+use crate::volume::{SnapshotId, SnapshotInfo, Transaction, Volume};
 use crate::BLOCK_SIZE;
 
 /// Inode numbers are below 2^40; the mount numbers snapshots' inodes above.
@@ -669,7 +669,7 @@ impl Fs {
     /// It holds every operation that completed before and none that had
     /// not begun: the metadata lock is held throughout, and times kept
     /// in memory are stored first.
-    pub fn snapshot_create(&self, name: &str) -> Result<u64> {
+    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotId> {
         let mut guard = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
         self.op_in(&mut guard, |op, _| Self::store_lazy_times(op))?;
         let id = self.volume.snapshot_create(name)?;
@@ -678,12 +678,12 @@ impl Fs {
     }
 
     /// A read-only file system showing snapshot `id`.
-    pub fn open_snapshot(&self, id: u64) -> Result<Fs> {
+    pub fn open_snapshot(&self, id: SnapshotId) -> Result<Fs> {
         Fs::mount(self.volume.snapshot_view(id)?)
     }
 
     /// (id, name) of every snapshot, oldest first.
-    pub fn snapshot_names(&self) -> Result<Vec<(u64, String)>> {
+    pub fn snapshot_names(&self) -> Result<Vec<(SnapshotId, String)>> {
         Ok(self
             .volume
             .snapshot_names()?

@@ -18,7 +18,7 @@ mod snapshots;
 pub mod store;
 pub use crate::error::Posix;
 pub use crate::volume::format::MAX_SNAPSHOT_ID;
-pub use crate::volume::SnapshotInfo;
+pub use crate::volume::{SnapshotId, SnapshotInfo};
 pub use check::FsReport;
 pub use data::{
     FsStats, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, MAX_FILE_SIZE, XATTR_CREATE,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::Fs;
 use crate::fs::{FsError, Posix, Result};
-use crate::volume::SnapshotInfo;
+use crate::volume::{SnapshotId, SnapshotInfo};
 
 /// Snapshot views kept open at once.
 const MAX_VIEWS: usize = 16;
@@ -21,7 +21,7 @@ pub type BeforeSnapshot = Box<dyn Fn() -> Result<()> + Send + Sync>;
 pub struct Snapshots {
     /// None once the mount is ending.
     fs: Mutex<Option<Arc<Fs>>>,
-    views: Mutex<HashMap<u64, Arc<Fs>>>,
+    views: Mutex<HashMap<SnapshotId, Arc<Fs>>>,
     before: BeforeSnapshot,
     /// Creates and deletes one at a time.
     busy: Mutex<()>,
@@ -56,7 +56,7 @@ impl Snapshots {
     }
 
     /// The open view of snapshot `id` (opened on first use).
-    pub fn view(&self, id: u64) -> Result<Arc<Fs>> {
+    pub fn view(&self, id: SnapshotId) -> Result<Arc<Fs>> {
         let mut v = self.views.lock().map_err(|_| FsError::PreviousIo)?;
         if let Some(f) = v.get(&id) {
             return Ok(f.clone());
@@ -72,11 +72,11 @@ impl Snapshots {
     }
 
     /// (id, name) of every snapshot, oldest first.
-    pub fn names(&self) -> Result<Vec<(u64, String)>> {
+    pub fn names(&self) -> Result<Vec<(SnapshotId, String)>> {
         self.fs()?.snapshot_names()
     }
 
-    pub fn id_of(&self, name: &[u8]) -> Result<Option<u64>> {
+    pub fn id_of(&self, name: &[u8]) -> Result<Option<SnapshotId>> {
         Ok(self
             .names()?
             .into_iter()
@@ -88,7 +88,7 @@ impl Snapshots {
     /// every write that returned before the call is in it. With the mount's
     /// hook it must not run on a FUSE request thread: the write-back needs
     /// them.
-    pub fn create(&self, name: &str) -> Result<u64> {
+    pub fn create(&self, name: &str) -> Result<SnapshotId> {
         (self.before)()?;
         let _one = self.busy.lock().map_err(|_| FsError::PreviousIo)?;
         self.fs()?.snapshot_create(name)

@@ -18,7 +18,8 @@ use fuser::{
 
 use crate::fs::format::{file_type, Inode, Time};
 use crate::fs::{
-    Fs, FsError, Ino, Posix, SetAttr, Snapshots, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO,
+    Fs, FsError, Ino, Posix, SetAttr, SnapshotId, Snapshots, RENAME_EXCHANGE, RENAME_NOREPLACE,
+    ROOT_INO,
 };
 use crate::BLOCK_SIZE;
 
@@ -69,7 +70,7 @@ impl FuseFs {
 
     /// The file system an inode belongs to, its number there, and the
     /// snapshot id (None for the live tree). `.snapshots` has none.
-    fn target(&self, ino: u64) -> Result<(Arc<Fs>, Ino, Option<u64>), FsError> {
+    fn target(&self, ino: u64) -> Result<(Arc<Fs>, Ino, Option<SnapshotId>), FsError> {
         match node(ino) {
             Node::Live(i) => Ok((self.fs.clone(), i, None)),
             Node::Snap(id, i) => Ok((self.snaps.view(id)?, i, Some(id))),
@@ -78,7 +79,7 @@ impl FuseFs {
     }
 
     /// The mount's number for inode `i` of `id` (or of the live tree).
-    fn outer(id: Option<u64>, i: Ino) -> u64 {
+    fn outer(id: Option<SnapshotId>, i: Ino) -> u64 {
         match id {
             None => i.0,
             Some(id) => snap_ino(id, i),
@@ -97,7 +98,7 @@ impl FuseFs {
     }
 
     /// Attributes of inode `i` in `id`, numbered for the mount.
-    fn attr_in(&self, fs: &Fs, id: Option<u64>, i: Ino) -> Result<FileAttr, FsError> {
+    fn attr_in(&self, fs: &Fs, id: Option<SnapshotId>, i: Ino) -> Result<FileAttr, FsError> {
         Ok(attr(Self::outer(id, i), &fs.getattr(i)?))
     }
 }
@@ -998,7 +999,7 @@ impl FuseFs {
             out.push(dir(2, b"..", ROOT_INO.0, a));
         }
         for (id, name) in self.snaps.names()? {
-            if id + 2 <= offset {
+            if id.0 + 2 <= offset {
                 continue;
             }
             let a = if plus {
@@ -1011,7 +1012,7 @@ impl FuseFs {
             } else {
                 None
             };
-            out.push(dir(id + 2, name.as_bytes(), snap_ino(id, ROOT_INO), a));
+            out.push(dir(id.0 + 2, name.as_bytes(), snap_ino(id, ROOT_INO), a));
             if out.len() >= 64 {
                 break;
             }

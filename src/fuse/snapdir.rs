@@ -6,7 +6,7 @@
 //! across remounts (ids are never reused) and never collide with the live
 //! tree's or another snapshot's. `.snapshots` itself is `2^63 | 1` (id 0).
 
-use crate::fs::{Ino, MAX_INO, MAX_SNAPSHOT_ID, ROOT_INO};
+use crate::fs::{Ino, SnapshotId, MAX_INO, MAX_SNAPSHOT_ID, ROOT_INO};
 
 pub const SNAP_BIT: u64 = 1 << 63;
 pub const SNAPDIR_INO: u64 = SNAP_BIT | 1;
@@ -23,7 +23,7 @@ pub enum Node {
     Live(Ino),
     SnapDir,
     /// (snapshot id, inode in the snapshot)
-    Snap(u64, Ino),
+    Snap(SnapshotId, Ino),
 }
 
 pub fn node(ino: u64) -> Node {
@@ -32,14 +32,17 @@ pub fn node(ino: u64) -> Node {
     } else if ino == SNAPDIR_INO {
         Node::SnapDir
     } else {
-        Node::Snap((ino & !SNAP_BIT) >> ID_SHIFT, Ino(ino & (MAX_INO - 1)))
+        Node::Snap(
+            SnapshotId((ino & !SNAP_BIT) >> ID_SHIFT),
+            Ino(ino & (MAX_INO - 1)),
+        )
     }
 }
 
 /// The mount's number for inode `ino` of snapshot `id`; the snapshot's
 /// root's parent is `.snapshots`.
-pub fn snap_ino(id: u64, ino: Ino) -> u64 {
-    SNAP_BIT | id << ID_SHIFT | ino.0
+pub fn snap_ino(id: SnapshotId, ino: Ino) -> u64 {
+    SNAP_BIT | id.0 << ID_SHIFT | ino.0
 }
 
 /// Whether `name` in `parent` is the reserved `.snapshots` entry.
@@ -56,13 +59,16 @@ mod tests {
         assert_eq!(node(1), Node::Live(ROOT_INO));
         assert_eq!(node(MAX_INO - 1), Node::Live(Ino(MAX_INO - 1)));
         assert_eq!(node(SNAPDIR_INO), Node::SnapDir);
-        for id in [1, 2, 77, MAX_ID] {
+        for id in [1, 2, 77, MAX_ID].map(SnapshotId) {
             for ino in [1, 2, 12345, MAX_INO - 1].map(Ino) {
                 let n = snap_ino(id, ino);
                 assert!(n >= SNAP_BIT && n != SNAPDIR_INO);
                 assert_eq!(node(n), Node::Snap(id, ino));
             }
         }
-        assert_ne!(snap_ino(1, Ino(5)), snap_ino(2, Ino(5)));
+        assert_ne!(
+            snap_ino(SnapshotId(1), Ino(5)),
+            snap_ino(SnapshotId(2), Ino(5))
+        );
     }
 }

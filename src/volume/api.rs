@@ -17,7 +17,7 @@ use super::txn::{Op, Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};
 use super::CheckReport;
 use crate::crypto::{BlockKind, CryptoEngine, Mac, MasterKey, Tag, VolumeKeys};
 use crate::device::{read_exact_at, Device};
-use crate::volume::{Result, VolumeError};
+use crate::volume::{Result, SnapshotId, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// Run-time tuning of an open volume.
@@ -90,7 +90,7 @@ pub struct Volume {
     recovery: Recovery,
     closed: bool,
     /// A read-only view of this snapshot (by id) instead of the live volume.
-    view: Option<u64>,
+    view: Option<SnapshotId>,
 }
 
 impl Volume {
@@ -158,7 +158,7 @@ impl Volume {
     }
 
     /// The snapshot this handle shows, if it is a snapshot view.
-    pub fn snapshot_id(&self) -> Option<u64> {
+    pub fn snapshot_id(&self) -> Option<SnapshotId> {
         self.view
     }
 
@@ -180,7 +180,7 @@ impl Volume {
 
     /// Takes a snapshot of every committed transaction, named `name`, and
     /// returns its id. Durable when it returns; costs one checkpoint.
-    pub fn snapshot_create(&self, name: &str) -> Result<u64> {
+    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotId> {
         self.writable()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -213,7 +213,7 @@ impl Volume {
     }
 
     /// Every snapshot's id, name and creation time, oldest first (cheap).
-    pub fn snapshot_names(&self) -> Result<Vec<(u64, String, i64, u32)>> {
+    pub fn snapshot_names(&self) -> Result<Vec<(SnapshotId, String, i64, u32)>> {
         let st = self.inner.lock()?;
         Ok(st
             .snaps
@@ -240,7 +240,7 @@ impl Volume {
 
     /// A read-only handle that reads snapshot `id` (it keeps working while
     /// the live volume changes, and fails once the snapshot is deleted).
-    pub fn snapshot_view(&self, id: u64) -> Result<Volume> {
+    pub fn snapshot_view(&self, id: SnapshotId) -> Result<Volume> {
         let st = self.inner.lock()?;
         if st.snaps.index_by_id(id).is_none() {
             return Err(VolumeError::NoSuchSnapshot(format!("snapshot {id}")));

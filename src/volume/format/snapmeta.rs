@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use super::super::SnapshotId;
 use super::{TreePtr, DATA_START, TREE_PTR_LEN};
 use crate::volume::{Result, VolumeError};
 use crate::BLOCK_SIZE;
@@ -22,7 +23,7 @@ pub const LEAF_PAYLOAD: usize = BLOCK_SIZE - 4;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapRecord {
     /// Never reused within a volume.
-    pub id: u64,
+    pub id: SnapshotId,
     pub name: String,
     pub created_sec: i64,
     pub created_nsec: u32,
@@ -98,7 +99,7 @@ impl SnapMeta {
         put(&mut out, &self.next_id.to_le_bytes());
         put(&mut out, &(self.snaps.len() as u32).to_le_bytes());
         for s in &self.snaps {
-            put(&mut out, &s.id.to_le_bytes());
+            put(&mut out, &s.id.0.to_le_bytes());
             put(&mut out, &s.created_sec.to_le_bytes());
             put(&mut out, &s.created_nsec.to_le_bytes());
             put(&mut out, &s.birth.to_le_bytes());
@@ -143,7 +144,7 @@ impl SnapMeta {
         }
         let mut snaps: Vec<SnapRecord> = Vec::with_capacity(n);
         for _ in 0..n {
-            let id = need(r.u64())?;
+            let id = SnapshotId(need(r.u64())?);
             let created_sec = need(r.u64())? as i64;
             let created_nsec = need(r.u32())?;
             let birth = need(r.u64())?;
@@ -160,7 +161,7 @@ impl SnapMeta {
                 .map_err(|_| bad(format!("snapshot {id} has a name that is not UTF-8")))?;
             check_snapshot_name(&name)
                 .map_err(|_| bad(format!("snapshot {id} has an invalid name")))?;
-            if id == 0 || id >= next_id || snaps.last().is_some_and(|p| p.id >= id) {
+            if id.0 == 0 || id.0 >= next_id || snaps.last().is_some_and(|p| p.id >= id) {
                 return Err(bad(format!("snapshot id {id} out of order")));
             }
             if birth > gen_limit || snaps.last().is_some_and(|p| p.birth > birth) {

@@ -41,7 +41,7 @@ use super::log::Log;
 use super::tree::{PageKey, PageSource, Shape, Trees, FANOUT};
 use super::usage::{Held, Usage};
 use crate::crypto::{BlockKind, Mac, Tag};
-use crate::volume::{Result, VolumeError};
+use crate::volume::{Result, SnapshotId, VolumeError};
 use crate::BLOCK_SIZE;
 
 pub use ops::Unshared;
@@ -54,7 +54,7 @@ const SNAP_CACHE_PAGES: usize = 256;
 /// What `snapshot list` shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
-    pub id: u64,
+    pub id: SnapshotId,
     pub name: String,
     pub created_sec: i64,
     pub created_nsec: u32,
@@ -317,7 +317,7 @@ impl Snapshots {
             .ok_or_else(|| VolumeError::NoSuchSnapshot(format!("snapshot {name:?}")))
     }
 
-    pub fn index_by_id(&self, id: u64) -> Option<usize> {
+    pub fn index_by_id(&self, id: SnapshotId) -> Option<usize> {
         self.list.iter().position(|s| s.rec.id == id)
     }
 

@@ -9,7 +9,7 @@ use super::super::format::{
 use super::super::state::{bit_runs, State};
 use super::super::tree::{PageKey, Trees, FANOUT};
 use super::{HeldSource, SnapshotInfo, MAX_CHANGED_ROOTS};
-use crate::volume::{Result, VolumeError};
+use crate::volume::{Result, SnapshotId, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// A page or data block a snapshot walk found unshared.
@@ -22,7 +22,12 @@ impl State {
     /// Takes a snapshot of the current state. Durable when it returns.
     /// The caller makes sure no transaction that already took generations
     /// is still to be applied (see `Inner::commits`).
-    pub fn snapshot_create(&mut self, ctx: &Ctx, name: &str, now: (i64, u32)) -> Result<u64> {
+    pub fn snapshot_create(
+        &mut self,
+        ctx: &Ctx,
+        name: &str,
+        now: (i64, u32),
+    ) -> Result<SnapshotId> {
         check_snapshot_name(name)?;
         if self.snaps.index(name).is_some() {
             return Err(VolumeError::SnapshotExists(format!("snapshot {name:?}")));
@@ -51,7 +56,7 @@ impl State {
         r
     }
 
-    fn freeze(&mut self, ctx: &Ctx, name: &str, now: (i64, u32)) -> Result<u64> {
+    fn freeze(&mut self, ctx: &Ctx, name: &str, now: (i64, u32)) -> Result<SnapshotId> {
         let roots = self.trees.roots();
         let mut changed = std::mem::take(&mut self.snaps.live_changed);
         let live = roots[TreeId::Changed as usize];
@@ -59,7 +64,7 @@ impl State {
             changed.insert(0, live);
         }
         let rec = SnapRecord {
-            id: self.snaps.next_id,
+            id: SnapshotId(self.snaps.next_id),
             name: name.to_string(),
             created_sec: now.0,
             created_nsec: now.1,
