@@ -358,9 +358,13 @@ fn snapshot_cmd(c: SnapCmd) -> Result<(), Error> {
 }
 
 /// Whether block 0 of the volume holds a file-system superblock.
+/// Whether `check` should check a file system on the volume: block 0
+/// starts with the file-system magic, or cannot be read (then checking the
+/// file system reports why). A damaged or newer superblock is reported, not
+/// taken for "no file system".
 fn holds_file_system(v: &Volume) -> bool {
     let mut b = vec![0u8; BLOCK_SIZE];
-    v.read(0, &mut b).is_ok() && crate::fs::format::Superblock::decode(&b).is_ok()
+    v.read(0, &mut b).is_err() || b.starts_with(&crate::fs::format::FS_MAGIC)
 }
 
 fn open_volume(path: &Path, k: &Keys, read_only: bool, t: &Tuning) -> Result<Volume, Error> {
@@ -613,13 +617,18 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                         Err(e) => problems.push(format!("snapshot {name}: {e}")),
                     }
                 }
-                let fs = crate::fs::Fs::mount(v)?;
-                let f = fs.check()?;
-                println!(
-                    "file system: {} inodes, {} directory entries, {} data blocks, {} orphans",
-                    f.inodes, f.entries, f.data_blocks, f.orphans
-                );
-                problems.extend(f.problems);
+                match crate::fs::Fs::mount(v).and_then(|fs| fs.check()) {
+                    Ok(f) => {
+                        println!(
+                            "file system: {} inodes, {} directory entries, {} data blocks, {} orphans",
+                            f.inodes, f.entries, f.data_blocks, f.orphans
+                        );
+                        problems.extend(f.problems);
+                    }
+                    // A file system this build cannot read is not damage.
+                    Err(e) if e.class() == Class::NotAVolume => return Err(e.into()),
+                    Err(e) => problems.push(format!("file system: {e}")),
+                }
             } else {
                 println!("no file system on this volume (block 0 holds no superblock)");
             }

@@ -255,6 +255,10 @@ impl fuser::Filesystem for FuseFs {
         // ACL equivalent to a mode into a chmod (as `cp -a` relies on), and
         // applies default ACLs to new inodes. We store the xattrs.
         let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
+        // The umask is the file system's to apply (`Fs::create_node`): a
+        // directory's default ACL replaces it, which the kernel, masking
+        // first, would get wrong.
+        let _ = config.add_capabilities(InitFlags::FUSE_DONT_MASK);
         // Lookups and readdirs in one directory may run in parallel: the
         // file system serializes what it must.
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
