@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lsvfs::crypto::{BlockKind, CryptoEngine, Mac, MasterKey, Tag, VolumeKeys, KEY_LEN};
 use lsvfs::device::{Device, FileDevice};
-use lsvfs::volume::{self, CreateOptions, KeySlot, Options, Volume, KEY_SLOTS};
+use lsvfs::volume::{self, CreateOptions, KeySlot, Lba, Options, Volume, KEY_SLOTS};
 use lsvfs::BLOCK_SIZE;
 use zeroize::Zeroizing;
 
@@ -99,7 +99,7 @@ fn seq_write(path: &Path, mib: usize) {
     let chunk = vec![0xc3u8; MIB];
     let t = Instant::now();
     for i in 0..mib as u64 {
-        v.write(i * (MIB / BLOCK_SIZE) as u64, &chunk).unwrap();
+        v.write(Lba(i * (MIB / BLOCK_SIZE) as u64), &chunk).unwrap();
     }
     v.flush().unwrap();
     let secs = t.elapsed().as_secs_f64();
@@ -126,7 +126,8 @@ fn engine(dir: &Path, mib: usize, seconds: u64) {
     let mut buf = vec![0u8; MIB];
     let t = Instant::now();
     for i in 0..mib as u64 {
-        v.read(i * (MIB / BLOCK_SIZE) as u64, &mut buf).unwrap();
+        v.read(Lba(i * (MIB / BLOCK_SIZE) as u64), &mut buf)
+            .unwrap();
     }
     let secs = t.elapsed().as_secs_f64();
     report(
@@ -145,7 +146,7 @@ fn engine(dir: &Path, mib: usize, seconds: u64) {
     let mut ops = 0u64;
     while t.elapsed() < Duration::from_secs(seconds) {
         for _ in 0..256 {
-            v.write(rng.next() % blocks, &block).unwrap();
+            v.write(Lba(rng.next() % blocks), &block).unwrap();
             ops += 1;
         }
     }
@@ -161,7 +162,7 @@ fn engine(dir: &Path, mib: usize, seconds: u64) {
     let mut ops = 0u64;
     while t.elapsed() < Duration::from_secs(seconds) {
         for _ in 0..256 {
-            v.read(rng.next() % blocks, &mut one).unwrap();
+            v.read(Lba(rng.next() % blocks), &mut one).unwrap();
             ops += 1;
         }
     }
@@ -188,7 +189,7 @@ fn reopen(dir: &Path, mib: usize, killed: bool) {
     let slots = logical / (MIB / BLOCK_SIZE) as u64;
     for _ in 0..mib {
         let at = (rng.next() % slots) * (MIB / BLOCK_SIZE) as u64;
-        v.write(at, &extent).unwrap();
+        v.write(Lba(at), &extent).unwrap();
     }
     if killed {
         v.flush().unwrap();
@@ -250,7 +251,7 @@ fn reopen_child(path: &Path) {
     .unwrap();
     let replayed = v.recovery().transactions;
     let mut b = vec![0u8; BLOCK_SIZE];
-    v.read(0, &mut b).unwrap();
+    v.read(Lba(0), &mut b).unwrap();
     v.close().unwrap();
     // SAFETY: getrusage fills the struct we pass and nothing else.
     let rss_kib = unsafe {

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use lsvfs::crypto::{MasterKey, KEY_LEN};
 use lsvfs::device::MemDevice;
-use lsvfs::volume::{self, CreateOptions, KeySlot, Options, Volume, KEY_SLOTS};
+use lsvfs::volume::{self, CreateOptions, KeySlot, Lba, Options, Volume, KEY_SLOTS};
 use lsvfs::BLOCK_SIZE;
 use zeroize::Zeroizing;
 
@@ -50,12 +50,12 @@ pub fn base_image() -> &'static [u8] {
         .expect("create");
         let v = Volume::open(dev.clone(), &master(), opts()).expect("open");
         for i in 0..24u64 {
-            v.write(i * 5 % 128, &vec![i as u8 + 1; BLOCK_SIZE * 2])
+            v.write(Lba(i * 5 % 128), &vec![i as u8 + 1; BLOCK_SIZE * 2])
                 .expect("write");
         }
         v.checkpoint().expect("checkpoint");
-        v.write(3, &vec![0xaa; BLOCK_SIZE * 3]).expect("write");
-        v.trim(40, 10).expect("trim");
+        v.write(Lba(3), &vec![0xaa; BLOCK_SIZE * 3]).expect("write");
+        v.trim(Lba(40), 10).expect("trim");
         v.flush().expect("flush");
         v.abandon();
         dev.image()
@@ -84,12 +84,12 @@ pub fn run(data: &[u8]) {
         return;
     };
     let mut buf = vec![0u8; 128 * BLOCK_SIZE];
-    let _ = v.read(0, &mut buf);
+    let _ = v.read(Lba(0), &mut buf);
     for lba in 0..128 {
-        let _ = v.read(lba, &mut buf[..BLOCK_SIZE]);
+        let _ = v.read(Lba(lba), &mut buf[..BLOCK_SIZE]);
     }
     let _ = v.check();
-    let _ = v.write(7, &vec![1; BLOCK_SIZE]);
+    let _ = v.write(Lba(7), &vec![1; BLOCK_SIZE]);
     let _ = v.clean(2);
     let _ = v.close();
 }

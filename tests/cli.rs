@@ -1,5 +1,6 @@
 //! The `lsvfs` binary: commands, messages and exit codes as a user sees them.
 
+use lsvfs::volume::Lba;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -215,7 +216,7 @@ fn errors_name_the_problem_and_exit_with_stable_codes() {
             ..Default::default()
         };
         let v = lsvfs::volume::Volume::open(dev, &master, opts).unwrap();
-        v.locate(0).unwrap().expect("block 0 was written") as usize * 4096
+        v.locate(Lba(0)).unwrap().expect("block 0 was written") as usize * 4096
     };
     let mut damaged = raw.clone();
     damaged[data_block + 10] ^= 0xff;

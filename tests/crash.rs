@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use common::{block, create, open, Rng};
 use lsvfs::device::{MemDevice, RecordedOp};
-use lsvfs::volume::{Transaction, VolumeError};
+use lsvfs::volume::{Lba, Transaction, VolumeError};
 use lsvfs::BLOCK_SIZE;
 
 /// The volume's size, and the blocks the workload touches: at most half
@@ -61,7 +61,7 @@ fn record_workload(seed: u64, txns: usize, snapshots: bool) -> Recorded {
             // transaction spans several records and segments.
             let n = (rng.below(40) + 1).min(RANGE - lba);
             if rng.below(6) == 0 {
-                t.trim(lba, n);
+                t.trim(Lba(lba), n);
                 for l in lba..lba + n {
                     model[l as usize] = None;
                 }
@@ -72,7 +72,7 @@ fn record_workload(seed: u64, txns: usize, snapshots: bool) -> Recorded {
                     data.extend_from_slice(&block(l, version));
                     model[l as usize] = Some(version);
                 }
-                t.write(lba, data);
+                t.write(Lba(lba), data);
             }
         }
         loop {
@@ -171,7 +171,7 @@ fn recovered_state(
     hi: usize,
 ) -> Option<usize> {
     let mut buf = vec![0u8; RANGE as usize * BLOCK_SIZE];
-    v.read(0, &mut buf).expect("read after recovery");
+    v.read(Lba(0), &mut buf).expect("read after recovery");
     let mut got = Vec::with_capacity(RANGE as usize);
     for l in 0..RANGE {
         let b = &buf[l as usize * BLOCK_SIZE..(l as usize + 1) * BLOCK_SIZE];
@@ -243,7 +243,7 @@ fn check_snapshots(v: &lsvfs::volume::Volume, rec: &Recorded, durable_end: usize
             .expect("created");
         let view = v.snapshot_view(id).unwrap();
         let mut buf = vec![0u8; RANGE as usize * BLOCK_SIZE];
-        view.read(0, &mut buf)
+        view.read(Lba(0), &mut buf)
             .expect("read a snapshot after recovery");
         for l in 0..RANGE {
             let b = &buf[l as usize * BLOCK_SIZE..(l as usize + 1) * BLOCK_SIZE];
@@ -323,12 +323,12 @@ fn run_with(seed: u64, txns: usize, points: usize, snapshots: bool) -> (usize, u
         if checked % 16 == 0 {
             // The recovered volume keeps working: write, reopen, read back.
             let mut t = Transaction::new();
-            t.write(3, block(3, 1 << 40));
+            t.write(Lba(3), block(3, 1 << 40));
             v.commit(t).expect("commit after recovery");
             v.close().expect("close after recovery");
             let v = open(dev);
             let mut b = vec![0u8; BLOCK_SIZE];
-            v.read(3, &mut b).unwrap();
+            v.read(Lba(3), &mut b).unwrap();
             assert_eq!(b, block(3, 1 << 40));
         }
         checked += 1;
@@ -370,7 +370,7 @@ fn dropped_record_left_at_the_head_does_not_hide_later_flushed_work() {
     create(&*dev, LOGICAL, 16);
     let v = open(dev.clone());
     let data: Vec<u8> = (0..14).flat_map(|l| block(l, 1)).collect();
-    v.write(0, &data).unwrap();
+    v.write(Lba(0), &data).unwrap();
     v.checkpoint().unwrap();
     // Bring the log head to the last block of its segment with one-block
     // records that change nothing (trims of unwritten blocks), so that
@@ -386,7 +386,7 @@ fn dropped_record_left_at_the_head_does_not_hide_later_flushed_work() {
     };
     let head_offset = slot(0).max(slot(1)).1;
     for _ in head_offset..15 {
-        v.trim(250, 1).unwrap();
+        v.trim(Lba(250), 1).unwrap();
     }
     v.flush().unwrap();
     let before = dev.image();
@@ -394,7 +394,7 @@ fn dropped_record_left_at_the_head_does_not_hide_later_flushed_work() {
     // [trim, write]: a trim-only record in the last block, then the write
     // in the next segment.
     let mut t = Transaction::new();
-    t.trim(0, 1).write(100, block(100, 2));
+    t.trim(Lba(0), 1).write(Lba(100), block(100, 2));
     v.commit(t).unwrap();
     let ops = dev.take_ops();
     v.abandon();
@@ -411,19 +411,19 @@ fn dropped_record_left_at_the_head_does_not_hide_later_flushed_work() {
         1,
         "the setup must leave one dropped record"
     );
-    v.write(200, &block(200, 3)).unwrap();
+    v.write(Lba(200), &block(200, 3)).unwrap();
     v.flush().unwrap();
     let img = dev.image();
     v.abandon();
     let v = open(Arc::new(MemDevice::from_image(img)));
     let mut b = vec![0u8; BLOCK_SIZE];
-    v.read(200, &mut b).unwrap();
+    v.read(Lba(200), &mut b).unwrap();
     assert_eq!(
         b,
         block(200, 3),
         "a flushed write was lost after the second power cut"
     );
-    v.read(0, &mut b).unwrap();
+    v.read(Lba(0), &mut b).unwrap();
     assert_eq!(
         b,
         block(0, 1),

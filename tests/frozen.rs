@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use common::{block, master, open};
 use lsvfs::device::{Device, FileDevice, MemDevice};
-use lsvfs::volume::{self, CreateOptions, KeySlot, Options, Transaction, Volume, KEY_SLOTS};
+use lsvfs::volume::{self, CreateOptions, KeySlot, Lba, Options, Transaction, Volume, KEY_SLOTS};
 use lsvfs::BLOCK_SIZE;
 use sha2::{Digest, Sha256};
 
@@ -133,15 +133,19 @@ fn generate_v1_image() {
     )
     .unwrap();
     let v = open(dev.clone());
-    v.write(0, &(0..12).flat_map(|l| block(l, 1)).collect::<Vec<u8>>())
-        .unwrap();
+    v.write(
+        Lba(0),
+        &(0..12).flat_map(|l| block(l, 1)).collect::<Vec<u8>>(),
+    )
+    .unwrap();
     v.checkpoint().unwrap();
     let mut t = Transaction::new();
-    t.write(4, (4..8).flat_map(|l| block(l, 2)).collect())
-        .trim(9, 2);
+    t.write(Lba(4), (4..8).flat_map(|l| block(l, 2)).collect())
+        .trim(Lba(9), 2);
     v.commit(t).unwrap();
     v.checkpoint().unwrap();
-    v.write(40, &[block(40, 3), block(41, 3)].concat()).unwrap();
+    v.write(Lba(40), &[block(40, 3), block(41, 3)].concat())
+        .unwrap();
     v.flush().unwrap();
     let img = dev.image();
     v.abandon();
@@ -159,7 +163,7 @@ fn format_v1_image_still_opens_and_reads() {
     );
     let mut buf = vec![0u8; BLOCK_SIZE];
     for (l, ver) in expected().into_iter().enumerate() {
-        v.read(l as u64, &mut buf).unwrap();
+        v.read(Lba(l as u64), &mut buf).unwrap();
         if ver == 0 {
             assert!(buf.iter().all(|b| *b == 0), "block {l}");
         } else {
@@ -710,7 +714,7 @@ fn locate(vol: &Path, key: &Path, lba: u64) -> u64 {
     };
     Volume::open(dev, &m, opts)
         .unwrap()
-        .locate(lba)
+        .locate(Lba(lba))
         .unwrap()
         .unwrap()
 }

@@ -13,7 +13,7 @@ use common::{mem_volume, open, Rng};
 use lsvfs::device::MemDevice;
 use lsvfs::fs::btree::{BTree, Node, NodeStore};
 use lsvfs::fs::store::{Allocator, VolumeStore};
-use lsvfs::volume::{Transaction, Volume};
+use lsvfs::volume::{Lba, Transaction, Volume};
 use lsvfs::BLOCK_SIZE;
 
 const LOGICAL: u64 = 8192;
@@ -27,7 +27,7 @@ struct Fs {
 
 fn mount(v: Volume) -> Fs {
     let mut b = vec![0u8; BLOCK_SIZE];
-    v.read(0, &mut b).unwrap();
+    v.read(Lba(0), &mut b).unwrap();
     let root = u64::from_le_bytes(b[..8].try_into().unwrap());
     let alloc = Allocator::from_allocated(1, LOGICAL, &v.allocated_runs().unwrap());
     Fs {
@@ -88,7 +88,7 @@ fn btree_on_a_volume_survives_reopens_and_kills() {
         let mut store = VolumeStore::new(&v, &mut alloc, &mut cache);
         let t = BTree::create(&mut store).unwrap();
         let mut txn = Transaction::new();
-        txn.write(0, superblock(t.root));
+        txn.write(Lba(0), superblock(t.root));
         store.commit(txn).unwrap();
         t
     };
@@ -125,7 +125,7 @@ fn btree_on_a_volume_survives_reopens_and_kills() {
         }
         let mut txn = Transaction::new();
         if fs.tree.root != old_root {
-            txn.write(0, superblock(fs.tree.root));
+            txn.write(Lba(0), superblock(fs.tree.root));
         }
         store.commit(txn).unwrap();
         model = next;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::{block, create, open, Rng};
 use lsvfs::device::{Device, MemDevice};
-use lsvfs::volume::{Transaction, Volume};
+use lsvfs::volume::{Lba, Transaction, Volume};
 use lsvfs::BLOCK_SIZE;
 use proptest::prelude::*;
 
@@ -46,7 +46,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn verify(v: &Volume, model: &BTreeMap<u64, u64>, lba: u64, n: u64) {
     let mut buf = vec![0u8; (n as usize) * BLOCK_SIZE];
-    v.read(lba, &mut buf).expect("read");
+    v.read(Lba(lba), &mut buf).expect("read");
     for i in 0..n {
         let got = &buf[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
         match model.get(&(lba + i)) {
@@ -84,9 +84,9 @@ fn run(ops: Vec<Op>, segment_blocks: u32) {
                             data.extend_from_slice(&block(lba + i, version));
                             next.insert(lba + i, version);
                         }
-                        t.write(lba, data);
+                        t.write(Lba(lba), data);
                     } else {
-                        t.trim(lba, n);
+                        t.trim(Lba(lba), n);
                         for i in 0..n {
                             next.remove(&(lba + i));
                         }

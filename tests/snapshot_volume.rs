@@ -10,14 +10,14 @@ use std::sync::Arc;
 
 use common::{block, create, open, Rng};
 use lsvfs::device::{MemDevice, RecordedOp};
-use lsvfs::volume::{SnapshotId, Transaction, Volume, VolumeError};
+use lsvfs::volume::{Lba, SnapshotId, Transaction, Volume, VolumeError};
 use lsvfs::BLOCK_SIZE;
 
 type Model = Vec<Option<u64>>;
 
 fn read_all(v: &Volume, n: u64) -> Vec<u8> {
     let mut buf = vec![0u8; n as usize * BLOCK_SIZE];
-    v.read(0, &mut buf).expect("read");
+    v.read(Lba(0), &mut buf).expect("read");
     buf
 }
 
@@ -119,7 +119,7 @@ fn model_run(seed: u64, steps: usize) {
                     let lba = rng.below(RANGE);
                     let n = (rng.below(12) + 1).min(RANGE - lba);
                     if rng.below(5) == 0 {
-                        t.trim(lba, n);
+                        t.trim(Lba(lba), n);
                         for l in lba..lba + n {
                             live[l as usize] = None;
                         }
@@ -130,7 +130,7 @@ fn model_run(seed: u64, steps: usize) {
                             data.extend_from_slice(&block(l, version));
                             live[l as usize] = Some(version);
                         }
-                        t.write(lba, data);
+                        t.write(Lba(lba), data);
                     }
                 }
                 commit_or_make_room(&v, t, &mut snaps);
@@ -205,13 +205,13 @@ fn snapshot_names_are_checked_and_unique() {
     assert!(v.snapshot_delete("nope").is_err());
     let view = v.snapshot_view(SnapshotId(1)).unwrap();
     assert!(
-        view.write(0, &block(0, 1)).is_err(),
+        view.write(Lba(0), &block(0, 1)).is_err(),
         "a snapshot view is read-only"
     );
     v.snapshot_delete("a").unwrap();
     let mut b = vec![0u8; BLOCK_SIZE];
     assert!(
-        view.read(0, &mut b).is_err(),
+        view.read(Lba(0), &mut b).is_err(),
         "a deleted snapshot reads as gone"
     );
 }
@@ -223,12 +223,13 @@ fn each_snapshot_records_what_changed_since_the_previous() {
     let dev = Arc::new(MemDevice::new());
     create(&*dev, 4096, 16);
     let v = open(dev.clone());
-    v.write(10, &block(10, 1)).unwrap();
+    v.write(Lba(10), &block(10, 1)).unwrap();
     v.snapshot_create("a").unwrap();
-    v.write(20, &[block(20, 1), block(21, 1)].concat()).unwrap();
+    v.write(Lba(20), &[block(20, 1), block(21, 1)].concat())
+        .unwrap();
     v.snapshot_create("b").unwrap();
-    v.trim(10, 1).unwrap();
-    v.write(3000, &block(3000, 1)).unwrap();
+    v.trim(Lba(10), 1).unwrap();
+    v.write(Lba(3000), &block(3000, 1)).unwrap();
     v.snapshot_create("c").unwrap();
     assert_eq!(v.snapshot_changed_runs("b").unwrap(), vec![(20, 2)]);
     assert_eq!(
@@ -263,7 +264,7 @@ fn snapshots_hold_and_free_space_and_the_cleaner_keeps_up() {
     let mut ver = 1;
     for lba in (0..half).step_by(256) {
         let data: Vec<u8> = (lba..lba + 256).flat_map(|l| block(l, ver)).collect();
-        v.write(lba, &data).unwrap();
+        v.write(Lba(lba), &data).unwrap();
     }
     let free0 = v.free_blocks().unwrap();
     v.snapshot_create("full").unwrap();
@@ -271,7 +272,7 @@ fn snapshots_hold_and_free_space_and_the_cleaner_keeps_up() {
     ver += 1;
     for lba in (0..L / 4).step_by(256) {
         let data: Vec<u8> = (lba..lba + 256).flat_map(|l| block(l, ver)).collect();
-        v.write(lba, &data).unwrap();
+        v.write(Lba(lba), &data).unwrap();
     }
     let info = v.snapshot_list().unwrap();
     assert_eq!(info.len(), 1);
@@ -310,7 +311,7 @@ fn snapshots_hold_and_free_space_and_the_cleaner_keeps_up() {
         let data: Vec<u8> = (start..start + window)
             .flat_map(|l| block(l, ver))
             .collect();
-        v.write(start, &data)
+        v.write(Lba(start), &data)
             .unwrap_or_else(|e| panic!("round {round}: rewrite under snapshots: {e}"));
         let name = format!("r{round}");
         v.snapshot_create(&name)
@@ -326,7 +327,7 @@ fn snapshots_hold_and_free_space_and_the_cleaner_keeps_up() {
     for (id, name, _, _) in v.snapshot_names().unwrap() {
         let view = v.snapshot_view(id).unwrap();
         let mut got = vec![0u8; half as usize * BLOCK_SIZE];
-        view.read(0, &mut got).unwrap();
+        view.read(Lba(0), &mut got).unwrap();
         for (l, want) in kept[&name].iter().enumerate() {
             assert!(
                 got[l * BLOCK_SIZE..(l + 1) * BLOCK_SIZE] == block(l as u64, *want)[..],
@@ -354,7 +355,7 @@ fn creation_writes_do_not_grow_with_the_volume() {
         let v = open(dev.clone());
         for lba in (0..blocks).step_by(1024) {
             let data: Vec<u8> = (lba..lba + 1024).flat_map(|l| block(l, 1)).collect();
-            v.write(lba, &data).unwrap();
+            v.write(Lba(lba), &data).unwrap();
         }
         v.checkpoint().unwrap();
         dev.record();
@@ -382,20 +383,20 @@ fn a_tampered_held_block_is_an_integrity_error_not_data() {
     let dev = Arc::new(MemDevice::new());
     create(&*dev, 1024, 16);
     let v = open(dev.clone());
-    v.write(5, &block(5, 1)).unwrap();
-    let old = v.locate(5).unwrap().unwrap();
+    v.write(Lba(5), &block(5, 1)).unwrap();
+    let old = v.locate(Lba(5)).unwrap().unwrap();
     let id = v.snapshot_create("t").unwrap();
-    v.write(5, &block(5, 2)).unwrap();
+    v.write(Lba(5), &block(5, 2)).unwrap();
     v.close().unwrap();
     let mut img = dev.image();
     img[old as usize * BLOCK_SIZE + 100] ^= 1;
     let dev = Arc::new(MemDevice::from_image(img));
     let v = open(dev);
     let mut b = vec![0u8; BLOCK_SIZE];
-    v.read(5, &mut b).unwrap();
+    v.read(Lba(5), &mut b).unwrap();
     assert_eq!(b, block(5, 2), "the live block is intact");
     let view = v.snapshot_view(id).unwrap();
-    match view.read(5, &mut b) {
+    match view.read(Lba(5), &mut b) {
         Err(VolumeError::Integrity(what)) => assert!(what.contains("logical block 5"), "{what}"),
         other => panic!("want an integrity error, got {other:?}"),
     }
@@ -426,7 +427,7 @@ fn snapshots_taken_during_concurrent_commits_are_consistent_and_leak_nothing() {
                 // writes all 8 with the same version.
                 for ver in 1..=300u64 {
                     let data: Vec<u8> = (0..8).flat_map(|i| block(w * 100 + i, ver)).collect();
-                    v.write(w * 100, &data).unwrap();
+                    v.write(Lba(w * 100), &data).unwrap();
                 }
             })
         })
@@ -445,7 +446,7 @@ fn snapshots_taken_during_concurrent_commits_are_consistent_and_leak_nothing() {
         let view = v.snapshot_view(id).unwrap();
         for w in 0..2u64 {
             let mut b = vec![0u8; 8 * BLOCK_SIZE];
-            view.read(w * 100, &mut b).unwrap();
+            view.read(Lba(w * 100), &mut b).unwrap();
             let ver = u64::from_le_bytes(b[8..16].try_into().unwrap());
             for i in 0..8 {
                 let got = &b[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
@@ -487,7 +488,7 @@ fn changed_lists_stay_bounded_and_ids_are_never_reused() {
     let mut written = Vec::new();
     for round in 0..40u64 {
         let lba = round * 2000 + 7;
-        v.write(lba, &block(lba, round)).unwrap();
+        v.write(Lba(lba), &block(lba, round)).unwrap();
         written.push((lba, 1));
         v.snapshot_create("tmp").unwrap();
         v.snapshot_delete("tmp").unwrap();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::{block, create, master, mem_volume, open, opts, Rng};
 use lsvfs::device::{Device, FileDevice, MemDevice};
 use lsvfs::volume::VolumeError;
-use lsvfs::volume::{Options, Volume};
+use lsvfs::volume::{Lba, Options, Volume};
 use lsvfs::BLOCK_SIZE;
 
 fn file_volume(
@@ -41,7 +41,7 @@ fn write_run(
         data.extend_from_slice(&block(l, *version));
         next.push((l, *version));
     }
-    v.write(lba, &data)?;
+    v.write(Lba(lba), &data)?;
     for (l, ver) in next {
         model[l as usize] = ver;
     }
@@ -51,7 +51,7 @@ fn write_run(
 fn verify_all(v: &Volume, model: &[u64]) {
     let mut buf = vec![0u8; BLOCK_SIZE];
     for (l, ver) in model.iter().enumerate() {
-        v.read(l as u64, &mut buf).unwrap();
+        v.read(Lba(l as u64), &mut buf).unwrap();
         if *ver == 0 {
             assert!(buf.iter().all(|b| *b == 0), "block {l}");
         } else {
@@ -141,12 +141,12 @@ fn trim_releases_space_in_the_volume_and_on_the_host() {
     let v = Volume::open(dev, &master(), opts()).unwrap();
     let data: Vec<u8> = (0..8192).flat_map(|l| block(l, 1)).collect();
     for (i, c) in data.chunks(1024 * BLOCK_SIZE).enumerate() {
-        v.write(i as u64 * 1024, c).unwrap();
+        v.write(Lba(i as u64 * 1024), c).unwrap();
     }
     v.checkpoint().unwrap();
     let host_full = std::fs::metadata(&path).unwrap().blocks() * 512;
     let live_full = v.stats().unwrap().live_blocks;
-    v.trim(0, 8192).unwrap();
+    v.trim(Lba(0), 8192).unwrap();
     v.clean(1000).unwrap();
     let s = v.stats().unwrap();
     let host_after = std::fs::metadata(&path).unwrap().blocks() * 512;
@@ -166,7 +166,7 @@ fn trim_releases_space_in_the_volume_and_on_the_host() {
         "host space {host_full} -> {host_after}"
     );
     let mut b = vec![1u8; BLOCK_SIZE];
-    v.read(100, &mut b).unwrap();
+    v.read(Lba(100), &mut b).unwrap();
     assert!(b.iter().all(|x| *x == 0));
 }
 
@@ -192,7 +192,7 @@ fn full_backing_device_gives_enospc_and_recovers() {
     v.flush().unwrap();
     verify_all(&v, &model);
     // Free space inside the volume: trim half of what was written.
-    v.trim(0, lba / 2).unwrap();
+    v.trim(Lba(0), lba / 2).unwrap();
     for l in 0..lba / 2 {
         model[l as usize] = 0;
     }
@@ -226,7 +226,7 @@ fn thin_16_tib_volume_keeps_memory_bounded_by_the_cache() {
     let mut rng = Rng(3);
     let lbas: Vec<u64> = (0..3000).map(|_| rng.below(logical)).collect();
     for l in &lbas {
-        v.write(*l, &block(*l, 1)).unwrap();
+        v.write(Lba(*l), &block(*l, 1)).unwrap();
         let s = v.stats().unwrap();
         assert!(
             s.cached_pages <= 256 + s.dirty_pages + 64,
@@ -234,7 +234,7 @@ fn thin_16_tib_volume_keeps_memory_bounded_by_the_cache() {
             s.cached_pages
         );
     }
-    v.write(logical - 1, &block(logical - 1, 9)).unwrap();
+    v.write(Lba(logical - 1), &block(logical - 1, 9)).unwrap();
     v.close().unwrap();
     let v = Volume::open(
         dev.clone(),
@@ -247,14 +247,14 @@ fn thin_16_tib_volume_keeps_memory_bounded_by_the_cache() {
     .unwrap();
     let mut b = vec![0u8; BLOCK_SIZE];
     for l in &lbas {
-        v.read(*l, &mut b).unwrap();
+        v.read(Lba(*l), &mut b).unwrap();
         assert_eq!(b, block(*l, 1));
         assert!(v.stats().unwrap().cached_pages <= 256 + 64);
     }
-    v.read(logical - 1, &mut b).unwrap();
+    v.read(Lba(logical - 1), &mut b).unwrap();
     assert_eq!(b, block(logical - 1, 9));
     assert!(matches!(
-        v.read(logical, &mut b),
+        v.read(Lba(logical), &mut b),
         Err(VolumeError::OutOfRange { .. })
     ));
     // The backing store holds only what was written, not 16 TiB.
@@ -269,21 +269,25 @@ fn thin_16_tib_volume_keeps_memory_bounded_by_the_cache() {
 fn changed_bitmap_tracks_writes_and_trims_since_reset() {
     let dev = mem_volume(4096, 64);
     let v = open(dev.clone());
-    v.write(10, &[block(10, 1), block(11, 1)].concat()).unwrap();
+    v.write(Lba(10), &[block(10, 1), block(11, 1)].concat())
+        .unwrap();
     let since = v.reset_changed().unwrap();
     assert!(v.changed_runs().unwrap().is_empty());
-    v.write(100, &[block(100, 1), block(101, 1), block(102, 1)].concat())
-        .unwrap();
-    v.trim(11, 1).unwrap();
-    v.trim(3000, 5).unwrap(); // never written: not a change
+    v.write(
+        Lba(100),
+        &[block(100, 1), block(101, 1), block(102, 1)].concat(),
+    )
+    .unwrap();
+    v.trim(Lba(11), 1).unwrap();
+    v.trim(Lba(3000), 5).unwrap(); // never written: not a change
     assert_eq!(v.changed_runs().unwrap(), vec![(11, 1), (100, 3)]);
     v.close().unwrap();
     let v = open(dev);
     assert_eq!(v.changed_since().unwrap(), since);
     assert_eq!(v.changed_runs().unwrap(), vec![(11, 1), (100, 3)]);
     assert_eq!(v.allocated_runs().unwrap(), vec![(10, 1), (100, 3)]);
-    assert_eq!(v.key_generation_bit(100).unwrap(), Some(false));
-    assert_eq!(v.key_generation_bit(11).unwrap(), None);
+    assert_eq!(v.key_generation_bit(Lba(100)).unwrap(), Some(false));
+    assert_eq!(v.key_generation_bit(Lba(11)).unwrap(), None);
 }
 
 /// The story: a transaction that dirties far more metadata pages than the
@@ -308,7 +312,7 @@ fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
         while lba < 65536 && write_run(&v, &mut model, lba, 64, &mut version).is_ok() {
             lba += 64;
         }
-        v.trim(0, lba / 3).unwrap();
+        v.trim(Lba(0), lba / 3).unwrap();
         for l in 0..lba / 3 {
             model[l as usize] = 0;
         }
@@ -318,7 +322,7 @@ fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
         for i in 0..3000u64 {
             let l = 65536 + i * 128;
             version += 1;
-            t.write(l, block(l, version));
+            t.write(Lba(l), block(l, version));
             scattered.push((l, version));
         }
         let committed = match v.commit(t) {
@@ -332,14 +336,14 @@ fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
         verify_all(&v, &model);
         let mut b = vec![0u8; BLOCK_SIZE];
         for (l, ver) in scattered.iter().step_by(97) {
-            v.read(*l, &mut b).unwrap();
+            v.read(Lba(*l), &mut b).unwrap();
             if committed {
                 assert_eq!(b, block(*l, *ver));
             } else {
                 assert!(b.iter().all(|x| *x == 0));
             }
         }
-        v.write(5, &block(5, 1))
+        v.write(Lba(5), &block(5, 1))
             .unwrap_or_else(|e| panic!("capacity {cap_mib} MiB: volume wedged: {e}"));
     }
 }
@@ -352,6 +356,7 @@ fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
 #[test]
 fn full_host_filesystem_cycles_of_fill_and_trim() {
     assert_eq!(
+        // SAFETY: geteuid has no preconditions and cannot fail.
         unsafe { libc::geteuid() },
         0,
         "this test mounts a tmpfs and must run as root (CI does)"
@@ -404,7 +409,7 @@ fn full_host_filesystem_cycles_of_fill_and_trim() {
         // Trim a third of what is mapped, scattered.
         let mapped: Vec<u64> = (0..16384).filter(|l| model[*l as usize] != 0).collect();
         for l in mapped.iter().step_by(3) {
-            v.trim(*l, 1)
+            v.trim(Lba(*l), 1)
                 .unwrap_or_else(|e| panic!("cycle {cycle}: trim failed on a full host: {e}"));
             model[*l as usize] = 0;
         }

@@ -10,7 +10,7 @@ use lsvfs::crypto::{Kek, MasterKey, KEY_LEN};
 use lsvfs::device::{Device, MemDevice};
 use lsvfs::keys::KeysError;
 use lsvfs::volume::VolumeError;
-use lsvfs::volume::{self, CreateOptions, KeySlot, Volume, KEY_SLOTS};
+use lsvfs::volume::{self, CreateOptions, KeySlot, Lba, Volume, KEY_SLOTS};
 use lsvfs::{keys, BLOCK_SIZE};
 use zeroize::Zeroizing;
 
@@ -24,21 +24,21 @@ fn written() -> Arc<MemDevice> {
     for l in 0..32 {
         data.extend_from_slice(&block(l, 1));
     }
-    v.write(0, &data).unwrap();
+    v.write(Lba(0), &data).unwrap();
     v.close().unwrap();
     dev
 }
 
 fn locate(dev: &Arc<MemDevice>, lba: u64) -> u64 {
     let v = open(dev.clone());
-    let p = v.locate(lba).unwrap().expect("mapped");
+    let p = v.locate(Lba(lba)).unwrap().expect("mapped");
     v.close().unwrap();
     p
 }
 
 fn read_block(v: &Volume, lba: u64) -> Result<Vec<u8>, VolumeError> {
     let mut b = vec![0u8; BLOCK_SIZE];
-    v.read(lba, &mut b).map(|_| b)
+    v.read(Lba(lba), &mut b).map(|_| b)
 }
 
 fn patch(dev: &MemDevice, offset: u64, bytes: &[u8]) {
@@ -66,7 +66,7 @@ fn flipped_bit_reads_as_integrity_error() {
     // Neighbours still read, alone and in a multi-block read that includes 7.
     assert_eq!(read_block(&v, 6).unwrap(), block(6, 1));
     let mut many = vec![0u8; 16 * BLOCK_SIZE];
-    assert!(v.read(0, &mut many).is_err());
+    assert!(v.read(Lba(0), &mut many).is_err());
     assert!(!v.check().unwrap().is_clean());
 }
 
@@ -89,7 +89,7 @@ fn older_copy_of_a_block_reads_as_integrity_error() {
     let old_at = locate(&dev, 9);
     let old = peek(&dev, old_at * B, BLOCK_SIZE);
     let v = open(dev.clone());
-    v.write(9, &block(9, 2)).unwrap();
+    v.write(Lba(9), &block(9, 2)).unwrap();
     v.close().unwrap();
     let new_at = locate(&dev, 9);
     assert_ne!(old_at, new_at);
@@ -108,7 +108,7 @@ fn older_copy_of_a_map_page_is_detected() {
     let dev = written();
     let before = dev.image();
     let v = open(dev.clone());
-    v.write(5, &block(5, 2)).unwrap();
+    v.write(Lba(5), &block(5, 2)).unwrap();
     v.close().unwrap();
     let after = dev.image();
     let data_at = locate(&dev, 5) as usize;
@@ -132,7 +132,7 @@ fn older_copy_of_a_map_page_is_detected() {
                 .unwrap();
             let res = Volume::open(d, &master(), opts()).and_then(|v| {
                 let mut b = vec![0u8; 6 * BLOCK_SIZE];
-                v.read(0, &mut b)?;
+                v.read(Lba(0), &mut b)?;
                 Ok(b)
             });
             match res {

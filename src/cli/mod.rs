@@ -25,8 +25,8 @@ use clap::{Parser, Subcommand};
 use crate::crypto::{random_bytes, MasterKey};
 use crate::device::{Device, DeviceError, FileDevice};
 use crate::error::Class;
-use crate::volume::VolumeError;
 use crate::volume::{self, CreateOptions, KeySlot, Options, Volume, KEY_SLOTS};
+use crate::volume::{Lba, VolumeError};
 use crate::{keys, BLOCK_SIZE};
 
 #[derive(Parser)]
@@ -364,7 +364,7 @@ fn snapshot_cmd(c: SnapCmd) -> Result<(), Error> {
 /// taken for "no file system".
 fn holds_file_system(v: &Volume) -> bool {
     let mut b = vec![0u8; BLOCK_SIZE];
-    v.read(0, &mut b).is_err() || b.starts_with(&crate::fs::format::FS_MAGIC)
+    v.read(Lba(0), &mut b).is_err() || b.starts_with(&crate::fs::format::FS_MAGIC)
 }
 
 fn open_volume(path: &Path, k: &Keys, read_only: bool, t: &Tuning) -> Result<Volume, Error> {
@@ -660,7 +660,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             let v = open_volume(&path, &keys_with(key_file), false, &tuning)?;
             let chunk = 256 * BLOCK_SIZE;
             for (i, c) in data.chunks(chunk).enumerate() {
-                v.write(offset / BLOCK_SIZE as u64 + (i * 256) as u64, c)?;
+                v.write(Lba(offset / BLOCK_SIZE as u64 + (i * 256) as u64), c)?;
             }
             v.flush()?;
             v.close()?;
@@ -827,7 +827,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             }
             let v = open_volume(&path, &keys_with(key_file), true, &tuning)?;
             let mut out = vec![0u8; length as usize];
-            v.read(offset / BLOCK_SIZE as u64, &mut out)?;
+            v.read(Lba(offset / BLOCK_SIZE as u64), &mut out)?;
             std::fs::write(&output, &out)
                 .map_err(|e| Error::io(format!("writing {}", output.display()), e))?;
             println!(

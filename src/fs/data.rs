@@ -15,6 +15,7 @@ use super::format::{
     decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, Ino, Inode, Time, CHUNK_BLOCKS,
 };
 use crate::fs::{FsError, Posix, Result};
+use crate::volume::Lba;
 use crate::BLOCK_SIZE;
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -211,7 +212,7 @@ impl Fs {
                 k += 1;
             }
             self.volume()
-                .read(blocks[j], &mut buf[j * BLOCK_SIZE..k * BLOCK_SIZE])?;
+                .read(Lba(blocks[j]), &mut buf[j * BLOCK_SIZE..k * BLOCK_SIZE])?;
             j = k;
         }
         let skip = (offset % BS) as usize;
@@ -259,7 +260,7 @@ impl Fs {
                 let mut block = vec![0u8; BLOCK_SIZE];
                 let existing = chunk[slot];
                 if hi - lo < BS && existing != 0 {
-                    self.volume().read(existing, &mut block)?;
+                    self.volume().read(Lba(existing), &mut block)?;
                 }
                 block[(lo - fb * BS) as usize..(hi - fb * BS) as usize]
                     .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
@@ -273,7 +274,7 @@ impl Fs {
                     b
                 };
                 hint = lba + 1;
-                txn.write(lba, block);
+                txn.write(Lba(lba), block);
             }
             let allocated = i.blocks != blocks_before;
             if chunk_changed {
@@ -364,9 +365,9 @@ impl Fs {
                         let lba = op.block_of(ino, size / BS)?;
                         if lba != 0 {
                             let mut b = vec![0u8; BLOCK_SIZE];
-                            self.volume().read(lba, &mut b)?;
+                            self.volume().read(Lba(lba), &mut b)?;
                             b[(size % BS) as usize..].fill(0);
-                            txn.write(lba, b);
+                            txn.write(Lba(lba), b);
                         }
                     }
                 }
@@ -448,16 +449,16 @@ impl Fs {
                             changed = true;
                         } else {
                             let mut b = vec![0u8; BLOCK_SIZE];
-                            self.volume().read(c[slot], &mut b)?;
+                            self.volume().read(Lba(c[slot]), &mut b)?;
                             b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
-                            txn.write(c[slot], b);
+                            txn.write(Lba(c[slot]), b);
                         }
                     } else if c[slot] == 0 {
                         let b = op.alloc_data(hint)?;
                         hint = b + 1;
                         c[slot] = b;
                         i.blocks += 1;
-                        txn.write(b, vec![0u8; BLOCK_SIZE]);
+                        txn.write(Lba(b), vec![0u8; BLOCK_SIZE]);
                         changed = true;
                     }
                 }

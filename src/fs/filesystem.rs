@@ -14,7 +14,10 @@ use super::format::{
 use super::holds::Holds;
 use super::store::{Allocator, VolumeStore};
 use crate::fs::{FsError, Posix, Result};
-use crate::volume::{SnapshotId, SnapshotInfo, Transaction, Volume};
+use crate::volume::{Lba, SnapshotId, SnapshotInfo, Transaction, Volume};
+
+/// The block that holds the superblock.
+const SUPERBLOCK: Lba = Lba(0);
 use crate::BLOCK_SIZE;
 
 /// Inode numbers are below 2^40; the mount numbers snapshots' inodes above.
@@ -374,7 +377,7 @@ impl Fs {
             next_ino: ROOT_INO.0 + 1,
         };
         let mut txn = Transaction::new();
-        txn.write(0, sb.encode());
+        txn.write(SUPERBLOCK, sb.encode());
         store.commit(txn)?;
         Ok(volume.flush()?)
     }
@@ -383,7 +386,7 @@ impl Fs {
     /// unlinked while open when the last mount ended.
     pub fn mount(volume: Volume) -> Result<Fs> {
         let mut b = vec![0u8; BLOCK_SIZE];
-        volume.read(0, &mut b)?;
+        volume.read(SUPERBLOCK, &mut b)?;
         let sb = Superblock::decode(&b)?;
         let limit = volume.logical_blocks();
         let alloc = if volume.snapshot_id().is_some() {
@@ -771,7 +774,7 @@ impl Fs {
                 } = op;
                 if tree.root != old_root {
                     sb.root = tree.root;
-                    txn.write(0, sb.encode());
+                    txn.write(SUPERBLOCK, sb.encode());
                 }
                 store.commit(txn).map(|_| v)
             });

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::btree::{Node, NodeStore};
 use crate::fs::{FsError, Result};
-use crate::volume::{Transaction, Volume};
+use crate::volume::{Lba, Transaction, Volume};
 use crate::BLOCK_SIZE;
 
 /// Free logical blocks, as extents (start -> length).
@@ -152,7 +152,7 @@ impl<'a> VolumeStore<'a> {
             return Ok(());
         }
         for (lba, node) in &self.staged {
-            txn.write(*lba, node.encode());
+            txn.write(Lba(*lba), node.encode());
         }
         // Freed blocks go out as runs: one trim entry per run of adjacent
         // blocks (the volume prices each entry by the map pages it may touch).
@@ -161,14 +161,14 @@ impl<'a> VolumeStore<'a> {
             run = match run {
                 Some((start, n)) if start + n == lba => Some((start, n + 1)),
                 Some((start, n)) => {
-                    txn.trim(start, n);
+                    txn.trim(Lba(start), n);
                     Some((lba, 1))
                 }
                 None => Some((lba, 1)),
             };
         }
         if let Some((start, n)) = run {
-            txn.trim(start, n);
+            txn.trim(Lba(start), n);
         }
         match self.volume.commit(txn) {
             Ok(()) => {
@@ -219,7 +219,7 @@ impl NodeStore for VolumeStore<'_> {
             return Ok(n.clone());
         }
         let mut buf = vec![0u8; BLOCK_SIZE];
-        self.volume.read(lba, &mut buf)?;
+        self.volume.read(Lba(lba), &mut buf)?;
         let node = Arc::new(Node::decode(&buf, lba)?);
         self.cache.insert(lba, node.clone());
         Ok(node)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::ctx::Ctx;
+use super::ctx::{data_tag, Ctx};
 use super::format::{self, Entry, Header};
 use super::geometry::data_need;
 use super::header::read_header;
@@ -15,9 +15,9 @@ use super::snapshot;
 use super::state::State;
 use super::txn::{Op, Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};
 use super::CheckReport;
-use crate::crypto::{BlockKind, CryptoEngine, Mac, MasterKey, Tag, VolumeKeys};
+use crate::crypto::{CryptoEngine, Mac, MasterKey, Tag, VolumeKeys};
 use crate::device::{read_exact_at, Device};
-use crate::volume::{Result, SnapshotId, VolumeError};
+use crate::volume::{Generation, Lba, Result, SnapshotId, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// Run-time tuning of an open volume.
@@ -271,7 +271,7 @@ impl Volume {
 
     /// Reads `buf.len() / 4096` blocks from `lba`. Unwritten blocks read as
     /// zeros. A block that fails authentication is an [`VolumeError::Integrity`].
-    pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
         let n = self.inner.check_range(lba, buf.len())?;
         let (entries, _guard) = {
             let mut st = self.inner.lock()?;
@@ -327,7 +327,7 @@ impl Volume {
                 }
             })?;
             let tags: Vec<Tag> = (i..j)
-                .map(|k| Tag::new(BlockKind::Data, lba + k as u64, entries[k].gen))
+                .map(|k| data_tag(lba + k as u64, entries[k].gen))
                 .collect();
             let macs: Vec<Mac> = entries[i..j].iter().map(|e| e.mac).collect();
             if let Err(bad) = self.inner.engine.open(&self.inner.keys, run, &tags, &macs) {
@@ -344,7 +344,7 @@ impl Volume {
     }
 
     /// Writes whole blocks at `lba` as one transaction.
-    pub fn write(&self, lba: u64, data: &[u8]) -> Result<()> {
+    pub fn write(&self, lba: Lba, data: &[u8]) -> Result<()> {
         let mut t = Transaction::new();
         t.write(lba, data.to_vec());
         self.commit(t)
@@ -353,7 +353,7 @@ impl Volume {
     /// Unmaps `count` blocks from `lba`, in transactions of at most
     /// [`TRIM_CHUNK_BLOCKS`] blocks: each chunk is atomic, so a huge trim
     /// never needs more free space for its metadata than a full volume has.
-    pub fn trim(&self, lba: u64, count: u64) -> Result<()> {
+    pub fn trim(&self, lba: Lba, count: u64) -> Result<()> {
         self.inner.check_blocks(lba, count)?;
         let mut at = lba;
         let end = lba + count;
@@ -402,10 +402,10 @@ impl Volume {
             match op {
                 Op::Write { lba, data } => {
                     for i in 0..(data.len() / BLOCK_SIZE) as u64 {
-                        tags.push(Tag::new(BlockKind::Data, lba + i, base + tags.len() as u64));
+                        tags.push(data_tag(lba + i, base + tags.len() as u64));
                         entries.push(Entry::Write {
                             lba: lba + i,
-                            gen: 0,
+                            gen: Generation(0),
                             mac: Mac::default(),
                         });
                     }
@@ -436,7 +436,7 @@ impl Volume {
         let mut k = 0;
         for e in entries.iter_mut() {
             if let Entry::Write { gen, mac, .. } = e {
-                *gen = tags[k].gen;
+                *gen = Generation(tags[k].gen);
                 *mac = macs[k];
                 k += 1;
             }
@@ -563,7 +563,7 @@ impl Volume {
 
     /// The key generation that sealed `lba`'s current version (low bit, from
     /// the key-generation bitmap), or None if the block is unmapped.
-    pub fn key_generation_bit(&self, lba: u64) -> Result<Option<bool>> {
+    pub fn key_generation_bit(&self, lba: Lba) -> Result<Option<bool>> {
         self.live_only()?;
         self.inner.check_range(lba, BLOCK_SIZE)?;
         let mut st = self.inner.lock()?;
@@ -584,7 +584,7 @@ impl Volume {
 
     /// Where the current version of `lba` is stored on the device (a block
     /// address), or None if it is unmapped. For diagnostics and tests.
-    pub fn locate(&self, lba: u64) -> Result<Option<u64>> {
+    pub fn locate(&self, lba: Lba) -> Result<Option<u64>> {
         self.live_only()?;
         self.inner.check_range(lba, BLOCK_SIZE)?;
         let mut st = self.inner.lock()?;
@@ -666,7 +666,7 @@ impl Inner {
 
     /// Checks that `bytes` from `lba` is a whole number of blocks inside the
     /// volume; returns the block count.
-    fn check_range(&self, lba: u64, bytes: usize) -> Result<u64> {
+    fn check_range(&self, lba: Lba, bytes: usize) -> Result<u64> {
         if bytes % BLOCK_SIZE != 0 {
             return Err(VolumeError::InvalidArgument(format!(
                 "{bytes} bytes is not a whole number of 4096-byte blocks"
@@ -678,13 +678,13 @@ impl Inner {
     }
 
     /// Checks that blocks `lba .. lba + n` are inside the volume.
-    fn check_blocks(&self, lba: u64, n: u64) -> Result<()> {
+    fn check_blocks(&self, lba: Lba, n: u64) -> Result<()> {
         let limit = self.header.logical_blocks;
-        match lba.checked_add(n) {
+        match lba.0.checked_add(n) {
             Some(end) if end <= limit => Ok(()),
             _ => Err(VolumeError::OutOfRange {
-                start: lba,
-                end: lba.saturating_add(n),
+                start: lba.0,
+                end: lba.0.saturating_add(n),
                 limit,
             }),
         }

@@ -12,7 +12,7 @@ use super::format::{
 use super::snapshot::Unshared;
 use super::state::State;
 use super::tree::PageKey;
-use crate::volume::Result;
+use crate::volume::{Generation, Lba, Result, SegmentId};
 use crate::BLOCK_SIZE;
 
 /// What `check` found. Problems are described for a person to read.
@@ -33,7 +33,7 @@ impl State {
     pub fn check(&mut self, ctx: &Ctx) -> Result<CheckReport> {
         let mut r = CheckReport::default();
         let mut live = vec![0u64; self.log.extent as usize];
-        let mut usage_pages: HashMap<u64, u64> = HashMap::new();
+        let mut usage_pages: HashMap<SegmentId, u64> = HashMap::new();
         let mut map_leaves = Vec::new();
         let mut bits = [0u64; 5];
         let end = ctx.header.end_block();
@@ -48,7 +48,7 @@ impl State {
                             "{tree:?} page {k:?} lies in segment {seg}, past the extent"
                         ));
                     } else if tree == TreeId::SegmentUsage {
-                        *usage_pages.entry(seg).or_insert(0) += 1;
+                        *usage_pages.entry(SegmentId(seg)).or_insert(0) += 1;
                     } else {
                         live[seg as usize] += 1;
                     }
@@ -83,9 +83,9 @@ impl State {
                 if !e.is_mapped() {
                     continue;
                 }
-                let lba = leaf * MAP_ENTRIES_PER_PAGE as u64 + i as u64;
+                let lba = Lba(leaf * MAP_ENTRIES_PER_PAGE as u64 + i as u64);
                 mapped += 1;
-                if lba >= self.geo.logical_blocks {
+                if lba.0 >= self.geo.logical_blocks {
                     r.problems.push(format!(
                         "map entry for block {lba} lies past the end of the volume"
                     ));
@@ -146,9 +146,9 @@ impl State {
                 )),
             }
         }
-        for s in 0..self.log.extent {
-            let want = live[s as usize];
-            let have = self.usage.live.get(s as usize).copied().unwrap_or(0) as u64;
+        for s in self.log.segments() {
+            let want = live[s.0 as usize];
+            let have = self.usage.live.get(s.0 as usize).copied().unwrap_or(0) as u64;
             if want != have {
                 r.problems.push(format!(
                     "segment {s}: usage says {have} live blocks, found {want}"
@@ -179,7 +179,7 @@ impl State {
         // Generations snapshots reference that the live state does not:
         // exactly the held table, or space leaks (held, unreferenced) or,
         // worse, a referenced block could be reused (referenced, not held).
-        let mut referenced: HashSet<u64> = HashSet::new();
+        let mut referenced: HashSet<Generation> = HashSet::new();
         let mut lists: Vec<Vec<TreePtr>> = self
             .snaps
             .list

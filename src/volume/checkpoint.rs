@@ -8,6 +8,7 @@
 
 use super::ctx::Ctx;
 use super::format::{Block, Checkpoint, DecodeError, Header, CHECKPOINT_BLOCKS, CHECKPOINT_MAC_AT};
+use super::Generation;
 use crate::crypto::{BlockKind, Mac, Tag, VolumeKeys};
 use crate::device::read_exact_at;
 use crate::volume::{Result, VolumeError};
@@ -19,10 +20,10 @@ const GEN_RESERVE: u64 = 1 << 32;
 /// The newest durable checkpoint and the generation counter.
 pub struct Checkpoints {
     pub last: Checkpoint,
-    pub next_gen: u64,
+    pub next_gen: Generation,
     /// Every generation below it may have been used; it is durable in the
     /// latest checkpoint slot before any generation near it is handed out.
-    pub gen_limit: u64,
+    pub gen_limit: Generation,
 }
 
 impl Checkpoints {
@@ -38,8 +39,8 @@ impl Checkpoints {
 
     /// Hands out `n` fresh generations, first making a higher limit
     /// durable if they would reach the current one.
-    pub fn alloc_gens(&mut self, ctx: &Ctx, n: u64) -> Result<u64> {
-        if self.next_gen > u64::MAX / 2 {
+    pub fn alloc_gens(&mut self, ctx: &Ctx, n: u64) -> Result<Generation> {
+        if self.next_gen.0 > u64::MAX / 2 {
             // 2^63 block writes: unreachable in practice, checked so that a
             // (MAC-valid) checkpoint can never make the counter wrap.
             return Err(VolumeError::Corrupted(

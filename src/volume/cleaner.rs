@@ -16,7 +16,7 @@ use super::log::open_summary;
 use super::state::State;
 use super::tree::PageKey;
 use crate::device::read_exact_at;
-use crate::volume::{Result, VolumeError};
+use crate::volume::{Generation, Result, SegmentId, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// Victims cleaned between two checkpoints when space runs short.
@@ -138,9 +138,10 @@ impl State {
     }
 
     /// The segment with the fewest live blocks that is worth cleaning.
-    pub fn pick_victim(&self) -> Option<u64> {
+    pub fn pick_victim(&self) -> Option<SegmentId> {
         let worth = self.worth();
-        (0..self.log.extent)
+        self.log
+            .segments()
             .filter(|s| {
                 !self.log.is_head(*s) && !self.log.free.contains(s) && !self.log.cleaned.contains(s)
             })
@@ -151,7 +152,7 @@ impl State {
     }
 
     /// Cleans one victim segment: copies its live blocks to the log head.
-    pub fn clean_one(&mut self, ctx: &Ctx, victim: u64) -> Result<()> {
+    pub fn clean_one(&mut self, ctx: &Ctx, victim: SegmentId) -> Result<()> {
         self.log.cleaned.insert(victim);
         if self.usage.live(victim) == 0 {
             return Ok(());
@@ -165,7 +166,7 @@ impl State {
         let mut moves: Vec<(Entry, usize)> = Vec::new();
         // Blocks only snapshots hold, moved verbatim: (index in `moves`,
         // generation, old location).
-        let mut held_moves: Vec<(usize, u64, u64)> = Vec::new();
+        let mut held_moves: Vec<(usize, Generation, u64)> = Vec::new();
         let mut offset = 0u64;
         while offset < self.geo.seg_blocks {
             let o = offset as usize * BLOCK_SIZE;

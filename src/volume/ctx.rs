@@ -4,11 +4,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
-use super::format::{self, Block, Header, MapEntry, TreePtr, DATA_START};
+use super::format::{self, Block, Header, MapEntry, TreeId, TreePtr, DATA_START};
 use super::tree::{PageKey, PageSource};
 use crate::crypto::{BlockKind, CryptoEngine, Tag, VolumeKeys};
 use crate::device::{read_exact_at, Device};
-use crate::volume::{Result, VolumeError};
+use crate::volume::{Generation, Lba, Result, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// What the layers under a volume's state need, borrowed from the volume.
@@ -23,6 +23,20 @@ pub(crate) struct Ctx<'a> {
     pub poisoned: &'a AtomicBool,
 }
 
+/// What binds a data block's seal: its logical address and generation.
+pub fn data_tag(lba: Lba, gen: Generation) -> Tag {
+    Tag::new(BlockKind::Data, lba.0, gen.0)
+}
+
+/// What binds a tree page's seal: its place in its tree and its generation.
+pub fn page_tag(tree: TreeId, level: u8, index: u64, gen: Generation) -> Tag {
+    Tag::new(
+        BlockKind::TreePage,
+        format::page_addr(tree, level, index),
+        gen.0,
+    )
+}
+
 impl Ctx<'_> {
     pub fn poison(&self) {
         self.poisoned.store(true, Ordering::SeqCst);
@@ -34,12 +48,9 @@ impl Ctx<'_> {
 
     /// Whether the data block `e` names for `lba` reads back into `buf` and
     /// authenticates.
-    pub fn data_block_authentic(&self, buf: &mut [u8], lba: u64, e: &MapEntry) -> bool {
+    pub fn data_block_authentic(&self, buf: &mut [u8], lba: Lba, e: &MapEntry) -> bool {
         read_exact_at(self.dev, buf, e.pba * BLOCK_SIZE as u64).is_ok()
-            && self
-                .keys
-                .mac(Tag::new(BlockKind::Data, lba, e.gen), buf)
-                .ct_eq(&e.mac)
+            && self.keys.mac(data_tag(lba, e.gen), buf).ct_eq(&e.mac)
     }
 }
 
@@ -68,11 +79,7 @@ impl PageSource for Ctx<'_> {
                 VolumeError::io(format!("reading {}", what()), e)
             }
         })?;
-        let tag = Tag::new(
-            BlockKind::TreePage,
-            format::page_addr(key.tree, key.level, key.index),
-            ptr.gen,
-        );
+        let tag = page_tag(key.tree, key.level, key.index, ptr.gen);
         self.keys
             .open(tag, &mut b[..], &ptr.mac)
             .map_err(|_| VolumeError::Integrity(what()))?;

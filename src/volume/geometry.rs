@@ -5,6 +5,7 @@
 
 use super::format::{Header, DATA_START, ENTRIES_PER_RECORD, MAP_ENTRIES_PER_PAGE};
 use super::tree::{self, Shape};
+use super::SegmentId;
 use crate::BLOCK_SIZE;
 
 /// Bits per bitmap leaf page.
@@ -50,12 +51,12 @@ impl Geometry {
     }
 
     /// The block address of `offset` in segment `seg`.
-    pub fn pba_of(&self, seg: u64, offset: u64) -> u64 {
-        DATA_START + seg * self.seg_blocks + offset
+    pub fn pba_of(&self, seg: SegmentId, offset: u64) -> u64 {
+        DATA_START + seg.0 * self.seg_blocks + offset
     }
 
-    pub fn segment_of(&self, pba: u64) -> u64 {
-        (pba - DATA_START) / self.seg_blocks
+    pub fn segment_of(&self, pba: u64) -> SegmentId {
+        SegmentId((pba - DATA_START) / self.seg_blocks)
     }
 
     pub fn shapes(&self) -> [Shape; 5] {

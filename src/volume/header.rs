@@ -6,6 +6,7 @@ use super::format::{
     MAX_LOGICAL_BLOCKS,
 };
 use super::geometry::{max_segments_for, reserves};
+use super::{Generation, SegmentId};
 use crate::crypto::{Mac, MasterKey, VolumeKeys};
 use crate::device::{read_exact_at, Device};
 use crate::volume::{Result, VolumeError};
@@ -142,12 +143,12 @@ pub fn create(
         seq: 1,
         log: LogPos {
             seq: 1,
-            segment: 0,
+            segment: SegmentId(0),
             offset: 0,
-            next_segment: 1,
+            next_segment: SegmentId(1),
             anchor: Mac::default(),
         },
-        gen_limit: 1,
+        gen_limit: Generation(1),
         extent: initial,
         allocated: 0,
         changed_since: 1,

@@ -2,7 +2,7 @@
 //! cannot be passed for another.
 
 use std::fmt;
-use std::ops::Add;
+use std::ops::{Add, AddAssign, Sub};
 
 macro_rules! id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -20,6 +20,20 @@ macro_rules! id {
             type Output = $name;
             fn add(self, n: u64) -> $name {
                 $name(self.0 + n)
+            }
+        }
+
+        impl AddAssign<u64> for $name {
+            fn add_assign(&mut self, n: u64) {
+                self.0 += n;
+            }
+        }
+
+        /// How far apart two are.
+        impl Sub for $name {
+            type Output = u64;
+            fn sub(self, other: $name) -> u64 {
+                self.0 - other.0
             }
         }
     };

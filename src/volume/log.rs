@@ -9,15 +9,15 @@
 use std::collections::BTreeSet;
 
 use super::checkpoint::Checkpoints;
-use super::ctx::Ctx;
+use super::ctx::{data_tag, page_tag, Ctx};
 use super::format::{
-    decode_entries, encode_entries, page_addr, Block, Entry, LogPos, SummaryHead,
-    ENTRIES_PER_RECORD, FLAG_COMMIT, SUMMARY_BODY_AT, SUMMARY_MAC_AT,
+    decode_entries, encode_entries, Block, Entry, LogPos, SummaryHead, ENTRIES_PER_RECORD,
+    FLAG_COMMIT, SUMMARY_BODY_AT, SUMMARY_MAC_AT,
 };
 use super::geometry::Geometry;
 use crate::crypto::{BlockKind, Mac, Tag};
 use crate::device::read_exact_at;
-use crate::volume::{Result, VolumeError};
+use crate::volume::{Result, SegmentId, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// The log head and the segments: which are in use, free, or emptied by
@@ -27,11 +27,11 @@ pub struct Log {
     /// Where the next record goes.
     pub head: LogPos,
     /// Segments that hold nothing live and may be reused by the log.
-    pub free: BTreeSet<u64>,
+    pub free: BTreeSet<SegmentId>,
     /// Segments ever used: the log grows the backing file up to `extent`.
     pub extent: u64,
     /// Segments the cleaner emptied; they become free at the next checkpoint.
-    pub cleaned: BTreeSet<u64>,
+    pub cleaned: BTreeSet<SegmentId>,
     /// The backing device refused to grow (the host filesystem is full):
     /// only free segments count as available until growing works again.
     pub growth_blocked: bool,
@@ -88,13 +88,22 @@ impl Log {
     }
 
     /// Whether segment `s` is where the log writes now or next.
-    pub fn is_head(&self, s: u64) -> bool {
+    pub fn is_head(&self, s: SegmentId) -> bool {
         s == self.head.segment || s == self.head.next_segment
+    }
+
+    /// Every segment the log has ever used.
+    pub fn segments(&self) -> impl Iterator<Item = SegmentId> {
+        (0..self.extent).map(SegmentId)
     }
 
     /// Segments that may be reused before the first checkpoint after open:
     /// those empty at the checkpoint that the log has not written since.
-    pub fn free_after_recovery(&mut self, empty_at_checkpoint: &[u64], touched: &BTreeSet<u64>) {
+    pub fn free_after_recovery(
+        &mut self,
+        empty_at_checkpoint: &[SegmentId],
+        touched: &BTreeSet<SegmentId>,
+    ) {
         self.free = empty_at_checkpoint
             .iter()
             .copied()
@@ -157,7 +166,7 @@ impl Log {
     /// grow: so it is there when the host filesystem is full. Space is
     /// reserved on the device before use, so writes into the segment
     /// cannot fail for lack of space.
-    fn take_segment(&mut self, ctx: &Ctx, privileged: bool) -> Result<u64> {
+    fn take_segment(&mut self, ctx: &Ctx, privileged: bool) -> Result<SegmentId> {
         let bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
         if self.free.len() as u64 > self.geo.reserve {
             let seg = *self.free.iter().next_back().expect("free is not empty");
@@ -168,13 +177,13 @@ impl Log {
             return Ok(seg);
         }
         if !self.growth_blocked && self.extent < self.geo.max_segments {
-            let seg = self.extent;
+            let seg = SegmentId(self.extent);
             match ctx
                 .dev
                 .allocate(self.geo.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
             {
                 Ok(()) => {
-                    self.extent = seg + 1;
+                    self.extent = seg.0 + 1;
                     return Ok(seg);
                 }
                 Err(e) => {
@@ -290,7 +299,12 @@ impl Log {
     /// Reads and authenticates the record at (`segment`, `offset`). Returns
     /// None if there is no valid record there (never written, torn, stale
     /// garbage, or past the end of the device).
-    pub fn read_record(&self, ctx: &Ctx, segment: u64, offset: u64) -> Result<Option<Record>> {
+    pub fn read_record(
+        &self,
+        ctx: &Ctx,
+        segment: SegmentId,
+        offset: u64,
+    ) -> Result<Option<Record>> {
         let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
         let at = self.geo.pba_of(segment, offset);
         match read_exact_at(ctx.dev, &mut b[..], at * BLOCK_SIZE as u64) {
@@ -307,7 +321,7 @@ impl Log {
         &self,
         ctx: &Ctx,
         pos: &LogPos,
-        segment: u64,
+        segment: SegmentId,
         offset: u64,
     ) -> Result<Option<Record>> {
         let Some(rec) = self.read_record(ctx, segment, offset)? else {
@@ -328,7 +342,7 @@ impl Log {
             for (i, e) in rec.entries[..n].iter().enumerate() {
                 let (tag, mac) = match *e {
                     Entry::Write { lba, gen, mac } | Entry::Relocate { lba, gen, mac } => {
-                        (Tag::new(BlockKind::Data, lba, gen), mac)
+                        (data_tag(lba, gen), mac)
                     }
                     Entry::TreePage {
                         tree,
@@ -336,10 +350,7 @@ impl Log {
                         index,
                         gen,
                         mac,
-                    } => (
-                        Tag::new(BlockKind::TreePage, page_addr(tree, level, index), gen),
-                        mac,
-                    ),
+                    } => (page_tag(tree, level, index, gen), mac),
                     Entry::Trim { .. } => unreachable!("payload entries come first"),
                 };
                 if !ctx
@@ -360,7 +371,7 @@ fn seal_summary(ctx: &Ctx, head: &SummaryHead, entries: &[Entry]) -> (Box<Block>
     let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
     head.encode(&mut b);
     encode_entries(entries, &mut b);
-    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen);
+    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen.0);
     ctx.keys
         .encrypt(tag, &mut b[SUMMARY_BODY_AT..SUMMARY_MAC_AT]);
     let mac = ctx.keys.mac(tag, &b[..SUMMARY_MAC_AT]);
@@ -369,12 +380,12 @@ fn seal_summary(ctx: &Ctx, head: &SummaryHead, entries: &[Entry]) -> (Box<Block>
 }
 
 /// Authenticates and decrypts a summary block read from (`segment`, `offset`).
-pub fn open_summary(ctx: &Ctx, b: &mut Block, segment: u64, offset: u64) -> Option<Record> {
+pub fn open_summary(ctx: &Ctx, b: &mut Block, segment: SegmentId, offset: u64) -> Option<Record> {
     let head = SummaryHead::decode(b, ctx.header).ok()?;
     if head.segment != segment || head.offset as u64 != offset {
         return None;
     }
-    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen);
+    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen.0);
     let mac = ctx.keys.mac(tag, &b[..SUMMARY_MAC_AT]);
     if !mac.ct_eq(&Mac(b[SUMMARY_MAC_AT..].try_into().ok()?)) {
         return None;

@@ -16,7 +16,7 @@ use super::geometry::Geometry;
 use super::log::Record;
 use super::snapshot::Snapshots;
 use super::state::State;
-use crate::volume::{Result, VolumeError};
+use crate::volume::{Result, SegmentId, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// What roll-forward found.
@@ -29,7 +29,7 @@ pub struct Recovery {
     /// Records of an incomplete trailing transaction that were dropped.
     pub dropped_records: u64,
     /// Segments the log wrote after the checkpoint (committed or not).
-    pub touched: std::collections::BTreeSet<u64>,
+    pub touched: std::collections::BTreeSet<SegmentId>,
     /// Block address of the first dropped record's summary, if any.
     pub dropped_at: Option<u64>,
 }
@@ -49,7 +49,9 @@ pub fn recover(ctx: &Ctx, cache_pages: usize, read_only: bool) -> Result<(State,
     st.snaps
         .install(meta, pages, (c.snap_meta, c.snap_pages), &mut st.usage.held);
     st.usage.load(ctx, &mut st.trees, st.log.extent)?;
-    let empty: Vec<u64> = (0..st.log.extent)
+    let empty: Vec<SegmentId> = st
+        .log
+        .segments()
         .filter(|s| st.usage.live(*s) == 0)
         .collect();
     let r = st.roll_forward(ctx)?;
@@ -103,8 +105,8 @@ impl State {
             self.log.extent = self
                 .log
                 .extent
-                .max(pos.segment + 1)
-                .max(pos.next_segment + 1);
+                .max(pos.segment.0 + 1)
+                .max(pos.next_segment.0 + 1);
             stats.touched.insert(pos.segment);
             let commit = rec.head.commit();
             pending.push((rec, at));

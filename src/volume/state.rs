@@ -14,17 +14,17 @@
 use std::collections::BTreeSet;
 
 use super::checkpoint::Checkpoints;
-use super::ctx::Ctx;
+use super::ctx::{page_tag, Ctx};
 use super::format::{
-    page_addr, Checkpoint, Entry, MapEntry, TreeId, TreePtr, MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN,
+    Checkpoint, Entry, MapEntry, TreeId, TreePtr, MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN,
 };
 use super::geometry::{Geometry, BITS_PER_PAGE};
 use super::log::Log;
 use super::snapshot::Snapshots;
 use super::tree::{PageKey, Trees, FANOUT};
 use super::usage::Usage;
-use crate::crypto::{BlockKind, Mac, Tag};
-use crate::volume::{Result, VolumeError};
+use crate::crypto::Mac;
+use crate::volume::{Generation, Lba, Result, SegmentId, VolumeError};
 use crate::BLOCK_SIZE;
 
 pub struct State {
@@ -60,7 +60,7 @@ impl State {
     }
 
     /// Hands out `n` fresh generations (see [`Checkpoints::alloc_gens`]).
-    pub fn alloc_gens(&mut self, ctx: &Ctx, n: u64) -> Result<u64> {
+    pub fn alloc_gens(&mut self, ctx: &Ctx, n: u64) -> Result<Generation> {
         self.ckpt.alloc_gens(ctx, n)
     }
 
@@ -79,18 +79,18 @@ impl State {
 
     // ------------------------------------------------------------ block map
 
-    pub fn lookup(&mut self, ctx: &Ctx, lba: u64) -> Result<MapEntry> {
-        let key = PageKey::leaf(TreeId::Map, lba / MAP_ENTRIES_PER_PAGE as u64);
-        let slot = (lba % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
+    pub fn lookup(&mut self, ctx: &Ctx, lba: Lba) -> Result<MapEntry> {
+        let key = PageKey::leaf(TreeId::Map, lba.0 / MAP_ENTRIES_PER_PAGE as u64);
+        let slot = (lba.0 % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
         Ok(MapEntry::decode(&self.trees.get(ctx, key)?[slot..]))
     }
 
     /// Sets the map entry of `lba` and keeps usage, counts and bitmaps exact.
     /// `changed` is false only for the cleaner's relocations, which move a
     /// block rather than drop it.
-    fn map_set(&mut self, ctx: &Ctx, lba: u64, new: MapEntry, changed: bool) -> Result<()> {
-        let key = PageKey::leaf(TreeId::Map, lba / MAP_ENTRIES_PER_PAGE as u64);
-        let slot = (lba % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
+    fn map_set(&mut self, ctx: &Ctx, lba: Lba, new: MapEntry, changed: bool) -> Result<()> {
+        let key = PageKey::leaf(TreeId::Map, lba.0 / MAP_ENTRIES_PER_PAGE as u64);
+        let slot = (lba.0 % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
         let State { trees, usage, .. } = self;
         let page = trees.get_mut(ctx, key, &mut |t, p| usage.superseded(t, p))?;
         let old = MapEntry::decode(&page[slot..]);
@@ -125,18 +125,18 @@ impl State {
         Ok(())
     }
 
-    pub fn get_bit(&mut self, ctx: &Ctx, tree: TreeId, lba: u64) -> Result<bool> {
-        let key = PageKey::leaf(tree, lba / BITS_PER_PAGE);
-        let bit = lba % BITS_PER_PAGE;
+    pub fn get_bit(&mut self, ctx: &Ctx, tree: TreeId, lba: Lba) -> Result<bool> {
+        let key = PageKey::leaf(tree, lba.0 / BITS_PER_PAGE);
+        let bit = lba.0 % BITS_PER_PAGE;
         Ok(self.trees.get(ctx, key)?[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
     }
 
-    fn set_bit(&mut self, ctx: &Ctx, tree: TreeId, lba: u64, value: bool) -> Result<()> {
+    fn set_bit(&mut self, ctx: &Ctx, tree: TreeId, lba: Lba, value: bool) -> Result<()> {
         if self.get_bit(ctx, tree, lba)? == value {
             return Ok(());
         }
-        let key = PageKey::leaf(tree, lba / BITS_PER_PAGE);
-        let bit = lba % BITS_PER_PAGE;
+        let key = PageKey::leaf(tree, lba.0 / BITS_PER_PAGE);
+        let bit = lba.0 % BITS_PER_PAGE;
         let State { trees, usage, .. } = self;
         let page = trees.get_mut(ctx, key, &mut |t, p| usage.superseded(t, p))?;
         page[(bit / 8) as usize] ^= 1 << (bit % 8);
@@ -153,8 +153,8 @@ impl State {
         for e in entries {
             match *e {
                 Entry::Write { lba, .. } | Entry::Relocate { lba, .. } => {
-                    map.insert(lba / per_map);
-                    bits.insert(lba / BITS_PER_PAGE);
+                    map.insert(lba.0 / per_map);
+                    bits.insert(lba.0 / BITS_PER_PAGE);
                 }
                 Entry::Trim { count, .. } => {
                     let n = count as u64;
@@ -176,7 +176,7 @@ impl State {
         let usage = blocks.min(self.trees.shape(TreeId::SegmentUsage).leaves);
         // Under snapshots every dropped block (and map page) may enter the
         // held table, which the checkpoint writes: 16 bytes each.
-        let held = if self.usage.held.retain_below > 0 {
+        let held = if self.usage.held.retain_below > Generation(0) {
             (blocks + leaves).div_ceil(255) + 1
         } else {
             0
@@ -202,8 +202,8 @@ impl State {
                 Entry::Trim { lba, count } => {
                     self.for_each_present_map_leaf(ctx, lba, count as u64, &mut |_, _| Ok(()))?;
                     for t in [TreeId::Allocated, TreeId::Changed] {
-                        let first = lba / BITS_PER_PAGE;
-                        let last = (lba + count as u64 - 1) / BITS_PER_PAGE;
+                        let first = lba.0 / BITS_PER_PAGE;
+                        let last = (lba.0 + count as u64 - 1) / BITS_PER_PAGE;
                         for leaf in first..=last {
                             self.trees.get(ctx, PageKey::leaf(t, leaf))?;
                         }
@@ -220,13 +220,13 @@ impl State {
     fn for_each_present_map_leaf(
         &mut self,
         ctx: &Ctx,
-        lba: u64,
+        lba: Lba,
         count: u64,
         f: &mut dyn FnMut(&mut State, u64) -> Result<()>,
     ) -> Result<()> {
         let per = MAP_ENTRIES_PER_PAGE as u64;
-        let end = lba + count;
-        let mut leaf = lba / per;
+        let end = (lba + count).0;
+        let mut leaf = lba.0 / per;
         while leaf * per < end {
             let depth = self.trees.shape(TreeId::Map).depth;
             if depth >= 1 {
@@ -283,13 +283,13 @@ impl State {
                 Entry::TreePage { .. } => p += 1,
                 Entry::Trim { lba, count } => {
                     let per = MAP_ENTRIES_PER_PAGE as u64;
-                    let end = lba + count as u64;
+                    let end = (lba + count as u64).0;
                     self.for_each_present_map_leaf(ctx, lba, count as u64, &mut |st, leaf| {
-                        let lo = (leaf * per).max(lba);
+                        let lo = (leaf * per).max(lba.0);
                         let hi = ((leaf + 1) * per).min(end);
                         for l in lo..hi {
-                            if st.lookup(ctx, l)?.is_mapped() {
-                                st.map_set(ctx, l, MapEntry::default(), true)?;
+                            if st.lookup(ctx, Lba(l))?.is_mapped() {
+                                st.map_set(ctx, Lba(l), MapEntry::default(), true)?;
                             }
                         }
                         Ok(())
@@ -362,7 +362,9 @@ impl State {
     /// After a durable checkpoint, every segment with nothing live (other
     /// than the log head and the pre-chosen next segment) becomes free.
     fn release_segments(&mut self, ctx: &Ctx) {
-        let newly: Vec<u64> = (0..self.log.extent)
+        let newly: Vec<SegmentId> = self
+            .log
+            .segments()
             .filter(|&s| {
                 self.usage.live(s) == 0 && !self.log.is_head(s) && !self.log.free.contains(&s)
             })
@@ -382,8 +384,8 @@ impl State {
     /// run when the host is full: (re)allocate them, and hole-punch only the
     /// newly freed segments outside them. Allocation failures are left for
     /// later; the reserve is then smaller until space returns.
-    pub fn refresh_reserve(&mut self, ctx: &Ctx, newly_freed: &[u64]) {
-        let keep: BTreeSet<u64> = self
+    pub fn refresh_reserve(&mut self, ctx: &Ctx, newly_freed: &[SegmentId]) {
+        let keep: BTreeSet<SegmentId> = self
             .log
             .free
             .iter()
@@ -427,11 +429,7 @@ impl State {
             let mut tags = Vec::with_capacity(keys.len());
             for (i, k) in keys.iter().enumerate() {
                 buf.extend_from_slice(self.trees.cached(k));
-                tags.push(Tag::new(
-                    BlockKind::TreePage,
-                    page_addr(tree, level, k.index),
-                    base + i as u64,
-                ));
+                tags.push(page_tag(tree, level, k.index, base + i as u64));
             }
             let mut macs = vec![Mac::default(); keys.len()];
             ctx.engine.seal(ctx.keys, &mut buf, &tags, &mut macs);
@@ -443,7 +441,7 @@ impl State {
                     tree,
                     level,
                     index: k.index,
-                    gen: t.gen,
+                    gen: Generation(t.gen),
                     mac: *m,
                 })
                 .collect();
@@ -453,7 +451,7 @@ impl State {
                     *k,
                     TreePtr {
                         pba: *pba,
-                        gen: t.gen,
+                        gen: Generation(t.gen),
                         mac: *m,
                     },
                 );

@@ -362,7 +362,7 @@ mod tests {
                     k,
                     TreePtr {
                         pba: *next,
-                        gen: *next,
+                        gen: crate::volume::Generation(*next),
                         ..Default::default()
                     },
                 );

@@ -1,5 +1,7 @@
 //! Transactions: groups of block writes and trims applied all-or-nothing.
 
+use crate::volume::Lba;
+
 /// Largest number of blocks one transaction may write (64 MiB).
 pub const MAX_TXN_BLOCKS: u64 = 16384;
 
@@ -15,8 +17,8 @@ pub struct Transaction {
 
 #[derive(Clone)]
 pub(super) enum Op {
-    Write { lba: u64, data: Vec<u8> },
-    Trim { lba: u64, count: u64 },
+    Write { lba: Lba, data: Vec<u8> },
+    Trim { lba: Lba, count: u64 },
 }
 
 impl Transaction {
@@ -25,13 +27,13 @@ impl Transaction {
     }
 
     /// Writes `data` (a whole number of blocks) starting at `lba`.
-    pub fn write(&mut self, lba: u64, data: Vec<u8>) -> &mut Self {
+    pub fn write(&mut self, lba: Lba, data: Vec<u8>) -> &mut Self {
         self.ops.push(Op::Write { lba, data });
         self
     }
 
     /// Unmaps `count` blocks from `lba`; they read as zeros afterwards.
-    pub fn trim(&mut self, lba: u64, count: u64) -> &mut Self {
+    pub fn trim(&mut self, lba: Lba, count: u64) -> &mut Self {
         self.ops.push(Op::Trim { lba, count });
         self
     }

@@ -7,39 +7,39 @@ use super::ctx::Ctx;
 use super::format::{TreeId, TreePtr};
 use super::geometry::{Geometry, USAGE_PER_PAGE};
 use super::tree::{PageKey, Trees};
-use crate::volume::Result;
+use crate::volume::{Generation, Result, SegmentId};
 
 /// Blocks only snapshots reference: generation -> current location. They
 /// stay counted in their segment's usage (see `snapshot.rs`).
 #[derive(Default)]
 pub struct Held {
-    pub table: HashMap<u64, u64>,
+    pub table: HashMap<Generation, u64>,
     /// Changed since the snapshot metadata was last written.
     pub dirty: bool,
     /// The newest snapshot's birth (0 without snapshots): a map or changed
     /// page, or a data block, that the live state drops with a generation
     /// below it is held, not freed.
-    pub retain_below: u64,
+    pub retain_below: Generation,
 }
 
 impl Held {
     /// Whether the held table names `pba` as the current home of `gen`.
-    pub fn is_at(&self, gen: u64, pba: u64) -> bool {
+    pub fn is_at(&self, gen: Generation, pba: u64) -> bool {
         self.table.get(&gen) == Some(&pba)
     }
 
-    pub fn insert(&mut self, gen: u64, pba: u64) {
+    pub fn insert(&mut self, gen: Generation, pba: u64) {
         self.table.insert(gen, pba);
         self.dirty = true;
     }
 
-    pub fn remove(&mut self, gen: u64) -> Option<u64> {
+    pub fn remove(&mut self, gen: Generation) -> Option<u64> {
         let r = self.table.remove(&gen);
         self.dirty |= r.is_some();
         r
     }
 
-    pub fn get(&self, gen: u64) -> Option<u64> {
+    pub fn get(&self, gen: Generation) -> Option<u64> {
         self.table.get(&gen).copied()
     }
 
@@ -56,7 +56,7 @@ impl Held {
 /// changes the counts it stores. Held blocks stay counted.
 pub struct Usage {
     pub live: Vec<u32>,
-    pub usage_pages: HashMap<u64, u32>,
+    pub usage_pages: HashMap<SegmentId, u32>,
     pub dirty_leaves: BTreeSet<u64>,
     geo: Geometry,
     pub held: Held,
@@ -75,7 +75,7 @@ impl Usage {
 
     /// The live state stops referencing a block: it is held if the newest
     /// snapshot references it, else its space is released.
-    pub fn dropped(&mut self, gen: u64, pba: u64) {
+    pub fn dropped(&mut self, gen: Generation, pba: u64) {
         if gen < self.held.retain_below {
             self.held.insert(gen, pba);
         } else {
@@ -83,22 +83,23 @@ impl Usage {
         }
     }
 
-    pub fn live(&self, seg: u64) -> u64 {
-        self.live.get(seg as usize).copied().unwrap_or(0) as u64
+    pub fn live(&self, seg: SegmentId) -> u64 {
+        self.live.get(seg.0 as usize).copied().unwrap_or(0) as u64
             + self.usage_pages.get(&seg).copied().unwrap_or(0) as u64
     }
 
     /// Live blocks in segments `0..extent`.
     pub fn total_live(&self, extent: u64) -> u64 {
-        (0..extent).map(|s| self.live(s)).sum()
+        (0..extent).map(|s| self.live(SegmentId(s))).sum()
     }
 
-    fn slot(&mut self, seg: u64) -> &mut u32 {
-        if self.live.len() <= seg as usize {
-            self.live.resize(seg as usize + 1, 0);
+    fn slot(&mut self, seg: SegmentId) -> &mut u32 {
+        let i = seg.0 as usize;
+        if self.live.len() <= i {
+            self.live.resize(i + 1, 0);
         }
-        self.dirty_leaves.insert(seg / USAGE_PER_PAGE);
-        &mut self.live[seg as usize]
+        self.dirty_leaves.insert(seg.0 / USAGE_PER_PAGE);
+        &mut self.live[i]
     }
 
     pub fn inc(&mut self, pba: u64) {
@@ -140,7 +141,7 @@ impl Usage {
     }
 
     /// A block only snapshots reference moved from `old` to `new`.
-    pub fn held_moved(&mut self, gen: u64, old: u64, new: u64) {
+    pub fn held_moved(&mut self, gen: Generation, old: u64, new: u64) {
         self.dec(old);
         self.inc(new);
         self.held.insert(gen, new);

@@ -3,6 +3,7 @@
 use super::{arr16, put_u32, put_u64, range, u32_at, u64_at, Block, DecodeError, Header, TreePtr};
 use super::{CHECKPOINT_MAGIC, CHECKPOINT_VERSION, DATA_START, FORMAT_VERSION, TREE_PTR_LEN};
 use crate::crypto::{Mac, MAC_LEN};
+use crate::volume::{Generation, SegmentId};
 use crate::BLOCK_SIZE;
 
 // ---------------------------------------------------------------- checkpoint
@@ -57,9 +58,9 @@ pub const CHECKPOINT_MAC_AT: usize = BLOCK_SIZE - MAC_LEN;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogPos {
     pub seq: u64,
-    pub segment: u64,
+    pub segment: SegmentId,
     pub offset: u32,
-    pub next_segment: u64,
+    pub next_segment: SegmentId,
     pub anchor: Mac,
 }
 
@@ -67,7 +68,7 @@ pub struct LogPos {
 pub struct Checkpoint {
     pub seq: u64,
     pub log: LogPos,
-    pub gen_limit: u64,
+    pub gen_limit: Generation,
     pub extent: u64,
     pub allocated: u64,
     pub changed_since: u64,
@@ -90,11 +91,11 @@ impl Checkpoint {
         b[C_GEOMETRY..C_GEOMETRY + 16].copy_from_slice(&header.geometry_digest());
         put_u64(&mut b[..], C_SEQ, self.seq);
         put_u64(&mut b[..], C_NEXT_RECORD, self.log.seq);
-        put_u64(&mut b[..], C_HEAD_SEGMENT, self.log.segment);
+        put_u64(&mut b[..], C_HEAD_SEGMENT, self.log.segment.0);
         put_u32(&mut b[..], C_HEAD_OFFSET, self.log.offset);
-        put_u64(&mut b[..], C_NEXT_SEGMENT, self.log.next_segment);
+        put_u64(&mut b[..], C_NEXT_SEGMENT, self.log.next_segment.0);
         b[C_ANCHOR..C_ANCHOR + 16].copy_from_slice(&self.log.anchor.0);
-        put_u64(&mut b[..], C_GEN_LIMIT, self.gen_limit);
+        put_u64(&mut b[..], C_GEN_LIMIT, self.gen_limit.0);
         put_u64(&mut b[..], C_EXTENT, self.extent);
         put_u64(&mut b[..], C_ALLOCATED, self.allocated);
         put_u64(&mut b[..], C_CHANGED_SINCE, self.changed_since);
@@ -128,21 +129,21 @@ impl Checkpoint {
         let seg = header.segment_blocks as u64;
         let log = LogPos {
             seq: u64_at(b, C_NEXT_RECORD),
-            segment: u64_at(b, C_HEAD_SEGMENT),
+            segment: SegmentId(u64_at(b, C_HEAD_SEGMENT)),
             offset: u32_at(b, C_HEAD_OFFSET),
-            next_segment: u64_at(b, C_NEXT_SEGMENT),
+            next_segment: SegmentId(u64_at(b, C_NEXT_SEGMENT)),
             anchor: Mac(arr16(b, C_ANCHOR)),
         };
         range(
             "head segment",
-            log.segment,
-            log.segment < header.max_segments,
+            log.segment.0,
+            log.segment.0 < header.max_segments,
         )?;
         range("head offset", log.offset as u64, (log.offset as u64) <= seg)?;
         range(
             "next segment",
-            log.next_segment,
-            log.next_segment < header.max_segments && log.next_segment != log.segment,
+            log.next_segment.0,
+            log.next_segment.0 < header.max_segments && log.next_segment != log.segment,
         )?;
         let extent = u64_at(b, C_EXTENT);
         range("extent", extent, extent <= header.max_segments)?;
@@ -178,7 +179,7 @@ impl Checkpoint {
             snap_pages,
             seq: u64_at(b, C_SEQ),
             log,
-            gen_limit: u64_at(b, C_GEN_LIMIT),
+            gen_limit: Generation(u64_at(b, C_GEN_LIMIT)),
             extent,
             allocated,
             changed_since: u64_at(b, C_CHANGED_SINCE),

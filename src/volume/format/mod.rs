@@ -115,6 +115,7 @@ mod tests {
     use super::record::R_PREV;
     use super::*;
     use crate::crypto::Mac;
+    use crate::volume::{Generation, Lba, SegmentId};
 
     fn header() -> Header {
         Header {
@@ -168,24 +169,24 @@ mod tests {
     fn entries_round_trip() {
         let es = [
             Entry::Write {
-                lba: 7,
-                gen: 8,
+                lba: Lba(7),
+                gen: Generation(8),
                 mac: Mac([1; 16]),
             },
             Entry::Relocate {
-                lba: 9,
-                gen: 10,
+                lba: Lba(9),
+                gen: Generation(10),
                 mac: Mac([2; 16]),
             },
             Entry::TreePage {
                 tree: TreeId::Changed,
                 level: 2,
                 index: 77,
-                gen: 3,
+                gen: Generation(3),
                 mac: Mac([5; 16]),
             },
             Entry::Trim {
-                lba: 100,
+                lba: Lba(100),
                 count: 50,
             },
         ];
@@ -193,9 +194,9 @@ mod tests {
         encode_entries(&es, &mut b);
         let head = SummaryHead {
             seq: 1,
-            gen: 1,
-            segment: 0,
-            next_segment: 1,
+            gen: Generation(1),
+            segment: SegmentId(0),
+            next_segment: SegmentId(1),
             offset: 0,
             n_payload: 3,
             n_other: 1,

@@ -6,6 +6,7 @@ use super::{
 };
 use super::{page_addr, TreeId, SUMMARY_MAGIC};
 use crate::crypto::{Mac, MAC_LEN};
+use crate::volume::{Generation, Lba, SegmentId};
 use crate::BLOCK_SIZE;
 
 // ---------------------------------------------------------------- log record summary
@@ -54,19 +55,19 @@ pub const FLAG_COMMIT: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entry {
     /// A new version of logical block `lba`, in the payload.
-    Write { lba: u64, gen: u64, mac: Mac },
+    Write { lba: Lba, gen: Generation, mac: Mac },
     /// A copy, made by the cleaner, of the version `gen` of `lba`, in the payload.
-    Relocate { lba: u64, gen: u64, mac: Mac },
+    Relocate { lba: Lba, gen: Generation, mac: Mac },
     /// A page of a metadata tree, in the payload (written by a checkpoint).
     TreePage {
         tree: TreeId,
         level: u8,
         index: u64,
-        gen: u64,
+        gen: Generation,
         mac: Mac,
     },
     /// `count` logical blocks from `lba` are unmapped. No payload.
-    Trim { lba: u64, count: u32 },
+    Trim { lba: Lba, count: u32 },
 }
 
 impl Entry {
@@ -76,16 +77,16 @@ impl Entry {
 
     fn encode(&self, out: &mut [u8]) {
         let (kind, tree, count, addr, gen, mac) = match *self {
-            Entry::Write { lba, gen, mac } => (1u8, 0u8, 0u32, lba, gen, mac),
-            Entry::Trim { lba, count } => (2, 0, count, lba, 0, Mac::default()),
+            Entry::Write { lba, gen, mac } => (1u8, 0u8, 0u32, lba.0, gen.0, mac),
+            Entry::Trim { lba, count } => (2, 0, count, lba.0, 0, Mac::default()),
             Entry::TreePage {
                 tree,
                 level,
                 index,
                 gen,
                 mac,
-            } => (3, tree as u8, 0, page_addr(tree, level, index), gen, mac),
-            Entry::Relocate { lba, gen, mac } => (4, 0, 0, lba, gen, mac),
+            } => (3, tree as u8, 0, page_addr(tree, level, index), gen.0, mac),
+            Entry::Relocate { lba, gen, mac } => (4, 0, 0, lba.0, gen.0, mac),
         };
         out[0] = kind;
         out[1] = tree;
@@ -98,7 +99,7 @@ impl Entry {
     fn decode(b: &[u8], logical_blocks: u64) -> Result<Entry, DecodeError> {
         let count = u32_at(b, 4);
         let addr = u64_at(b, 8);
-        let gen = u64_at(b, 16);
+        let gen = Generation(u64_at(b, 16));
         let mac = Mac(arr16(b, 24));
         let lba_ok = |lba: u64, n: u64| {
             range(
@@ -111,14 +112,17 @@ impl Entry {
             1 => {
                 lba_ok(addr, 1)?;
                 Entry::Write {
-                    lba: addr,
+                    lba: Lba(addr),
                     gen,
                     mac,
                 }
             }
             2 => {
                 lba_ok(addr, count as u64)?;
-                Entry::Trim { lba: addr, count }
+                Entry::Trim {
+                    lba: Lba(addr),
+                    count,
+                }
             }
             3 => {
                 let tree = TreeId::from_u8(b[1]).ok_or(DecodeError::Range {
@@ -136,7 +140,7 @@ impl Entry {
             4 => {
                 lba_ok(addr, 1)?;
                 Entry::Relocate {
-                    lba: addr,
+                    lba: Lba(addr),
                     gen,
                     mac,
                 }
@@ -155,9 +159,9 @@ impl Entry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SummaryHead {
     pub seq: u64,
-    pub gen: u64,
-    pub segment: u64,
-    pub next_segment: u64,
+    pub gen: Generation,
+    pub segment: SegmentId,
+    pub next_segment: SegmentId,
     pub offset: u32,
     pub n_payload: u16,
     pub n_other: u16,
@@ -174,9 +178,9 @@ impl SummaryHead {
     pub fn encode(&self, b: &mut Block) {
         b[R_MAGIC..R_MAGIC + 8].copy_from_slice(&SUMMARY_MAGIC);
         put_u64(b, R_SEQ, self.seq);
-        put_u64(b, R_GEN, self.gen);
-        put_u64(b, R_SEGMENT, self.segment);
-        put_u64(b, R_NEXT_SEGMENT, self.next_segment);
+        put_u64(b, R_GEN, self.gen.0);
+        put_u64(b, R_SEGMENT, self.segment.0);
+        put_u64(b, R_NEXT_SEGMENT, self.next_segment.0);
         put_u32(b, R_OFFSET, self.offset);
         put_u16(b, R_N_PAYLOAD, self.n_payload);
         put_u16(b, R_N_OTHER, self.n_other);
@@ -192,9 +196,9 @@ impl SummaryHead {
         }
         let h = SummaryHead {
             seq: u64_at(b, R_SEQ),
-            gen: u64_at(b, R_GEN),
-            segment: u64_at(b, R_SEGMENT),
-            next_segment: u64_at(b, R_NEXT_SEGMENT),
+            gen: Generation(u64_at(b, R_GEN)),
+            segment: SegmentId(u64_at(b, R_SEGMENT)),
+            next_segment: SegmentId(u64_at(b, R_NEXT_SEGMENT)),
             offset: u32_at(b, R_OFFSET),
             n_payload: u16_at(b, R_N_PAYLOAD),
             n_other: u16_at(b, R_N_OTHER),
@@ -202,11 +206,15 @@ impl SummaryHead {
             prev: Mac(arr16(b, R_PREV)),
         };
         let seg = header.segment_blocks as u64;
-        range("record segment", h.segment, h.segment < header.max_segments)?;
+        range(
+            "record segment",
+            h.segment.0,
+            h.segment.0 < header.max_segments,
+        )?;
         range(
             "record next segment",
-            h.next_segment,
-            h.next_segment < header.max_segments,
+            h.next_segment.0,
+            h.next_segment.0 < header.max_segments,
         )?;
         range(
             "record size",

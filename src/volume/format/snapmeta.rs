@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::super::SnapshotId;
+use super::super::{Generation, SnapshotId};
 use super::{TreePtr, DATA_START, TREE_PTR_LEN};
 use crate::volume::{Result, VolumeError};
 use crate::BLOCK_SIZE;
@@ -28,7 +28,7 @@ pub struct SnapRecord {
     pub created_sec: i64,
     pub created_nsec: u32,
     /// Every block it references has a generation below this.
-    pub birth: u64,
+    pub birth: Generation,
     /// The checkpoint whose block map it froze.
     pub checkpoint_seq: u64,
     /// Logical blocks mapped in it.
@@ -59,7 +59,7 @@ pub struct SnapMeta {
     /// interval after the newest snapshot.
     pub live_changed: Vec<TreePtr>,
     /// Generation -> location of every block that only snapshots reference.
-    pub held: HashMap<u64, u64>,
+    pub held: HashMap<Generation, u64>,
 }
 
 /// A read of the snapshot metadata that ran past its end.
@@ -102,7 +102,7 @@ impl SnapMeta {
             put(&mut out, &s.id.0.to_le_bytes());
             put(&mut out, &s.created_sec.to_le_bytes());
             put(&mut out, &s.created_nsec.to_le_bytes());
-            put(&mut out, &s.birth.to_le_bytes());
+            put(&mut out, &s.birth.0.to_le_bytes());
             put(&mut out, &s.checkpoint_seq.to_le_bytes());
             put(&mut out, &s.allocated.to_le_bytes());
             put(&mut out, &ptr_bytes(&s.map));
@@ -117,7 +117,7 @@ impl SnapMeta {
         for c in &self.live_changed {
             put(&mut out, &ptr_bytes(c));
         }
-        let mut held: Vec<(u64, u64)> = self.held.iter().map(|(g, p)| (*g, *p)).collect();
+        let mut held: Vec<(u64, u64)> = self.held.iter().map(|(g, p)| (g.0, *p)).collect();
         held.sort_unstable();
         put(&mut out, &(held.len() as u64).to_le_bytes());
         for (g, p) in held {
@@ -130,7 +130,7 @@ impl SnapMeta {
     /// Decodes and validates: every location inside the volume, ids
     /// increasing and below `next_id`, births increasing and below
     /// `gen_limit`, names valid and distinct.
-    pub fn decode(b: &[u8], end_block: u64, gen_limit: u64) -> Result<SnapMeta> {
+    pub fn decode(b: &[u8], end_block: u64, gen_limit: Generation) -> Result<SnapMeta> {
         let bad = |what: String| VolumeError::Corrupted(format!("snapshot metadata: {what}"));
         let in_volume = |p: &TreePtr| p.is_absent() || (p.pba >= DATA_START && p.pba < end_block);
         let mut r = crate::wire::Reader::new(b);
@@ -147,7 +147,7 @@ impl SnapMeta {
             let id = SnapshotId(need(r.u64())?);
             let created_sec = need(r.u64())? as i64;
             let created_nsec = need(r.u32())?;
-            let birth = need(r.u64())?;
+            let birth = Generation(need(r.u64())?);
             let checkpoint_seq = need(r.u64())?;
             let allocated = need(r.u64())?;
             let map = TreePtr::decode(need(r.take(TREE_PTR_LEN))?);
@@ -202,7 +202,7 @@ impl SnapMeta {
         }
         let mut held = HashMap::with_capacity(nh as usize);
         for _ in 0..nh {
-            let g = need(r.u64())?;
+            let g = Generation(need(r.u64())?);
             let p = need(r.u64())?;
             if !(DATA_START..end_block).contains(&p) || g >= gen_limit {
                 return Err(bad(format!("held block {g} at {p} is out of range")));

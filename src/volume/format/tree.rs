@@ -2,6 +2,7 @@
 
 use super::{arr16, put_u64, u64_at, MAX_PBA};
 use crate::crypto::{Mac, MAC_LEN};
+use crate::volume::Generation;
 use crate::BLOCK_SIZE;
 
 // ---------------------------------------------------------------- tree pointer
@@ -13,14 +14,14 @@ pub const TREE_PTR_LEN: usize = 32;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TreePtr {
     pub pba: u64,
-    pub gen: u64,
+    pub gen: Generation,
     pub mac: Mac,
 }
 
 impl TreePtr {
     pub const ABSENT: TreePtr = TreePtr {
         pba: 0,
-        gen: 0,
+        gen: Generation(0),
         mac: Mac([0; MAC_LEN]),
     };
 
@@ -30,14 +31,14 @@ impl TreePtr {
 
     pub fn encode(&self, out: &mut [u8]) {
         put_u64(out, 0, self.pba);
-        put_u64(out, 8, self.gen);
+        put_u64(out, 8, self.gen.0);
         out[16..32].copy_from_slice(&self.mac.0);
     }
 
     pub fn decode(b: &[u8]) -> TreePtr {
         TreePtr {
             pba: u64_at(b, 0),
-            gen: u64_at(b, 8),
+            gen: Generation(u64_at(b, 8)),
             mac: Mac(arr16(b, 16)),
         }
     }
@@ -55,7 +56,7 @@ pub const MAP_ENTRIES_PER_PAGE: usize = BLOCK_SIZE / MAP_ENTRY_LEN;
 pub struct MapEntry {
     pub pba: u64,
     pub key_gen: u16,
-    pub gen: u64,
+    pub gen: Generation,
     pub mac: Mac,
 }
 
@@ -66,7 +67,7 @@ impl MapEntry {
 
     pub fn encode(&self, out: &mut [u8]) {
         put_u64(out, 0, (self.pba & MAX_PBA) | ((self.key_gen as u64) << 48));
-        put_u64(out, 8, self.gen);
+        put_u64(out, 8, self.gen.0);
         out[16..32].copy_from_slice(&self.mac.0);
     }
 
@@ -75,7 +76,7 @@ impl MapEntry {
         MapEntry {
             pba: loc & MAX_PBA,
             key_gen: (loc >> 48) as u16,
-            gen: u64_at(b, 8),
+            gen: Generation(u64_at(b, 8)),
             mac: Mac(arr16(b, 16)),
         }
     }

@@ -33,15 +33,16 @@ mod ops;
 use std::collections::{HashMap, HashSet};
 
 use super::checkpoint::Checkpoints;
+use super::ctx::page_tag;
 use super::ctx::Ctx;
-use super::format::{page_addr, Block, Entry, SnapMeta, SnapRecord, TreeId, TreePtr};
+use super::format::{Block, Entry, SnapMeta, SnapRecord, TreeId, TreePtr};
 use super::format::{LEAF_PAYLOAD, TREE_PTR_LEN};
 use super::geometry::Geometry;
 use super::log::Log;
 use super::tree::{PageKey, PageSource, Shape, Trees, FANOUT};
 use super::usage::{Held, Usage};
-use crate::crypto::{BlockKind, Mac, Tag};
-use crate::volume::{Result, SnapshotId, VolumeError};
+use crate::crypto::Mac;
+use crate::volume::{Generation, Result, SnapshotId, VolumeError};
 use crate::BLOCK_SIZE;
 
 pub use ops::Unshared;
@@ -74,7 +75,7 @@ pub struct Snap {
 /// knows where the cleaner moved a block that only snapshots reference.
 pub struct HeldSource<'a> {
     pub(crate) ctx: &'a Ctx<'a>,
-    pub held: &'a HashMap<u64, u64>,
+    pub held: &'a HashMap<Generation, u64>,
 }
 
 impl PageSource for HeldSource<'_> {
@@ -228,7 +229,7 @@ impl Snapshots {
         ctx: &Ctx,
         root: TreePtr,
         leaves: u32,
-        gen_limit: u64,
+        gen_limit: Generation,
     ) -> Result<(SnapMeta, Vec<TreePtr>)> {
         if root.is_absent() {
             return Ok((SnapMeta::default(), Vec::new()));
@@ -297,7 +298,7 @@ impl Snapshots {
         self.next_id = meta.next_id.max(1);
         self.live_changed = meta.live_changed;
         held.table = meta.held;
-        held.retain_below = meta.snaps.last().map_or(0, |s| s.birth);
+        held.retain_below = meta.snaps.last().map_or(Generation(0), |s| s.birth);
         self.list = meta.snaps.into_iter().map(|r| self.new_snap(r)).collect();
         self.meta_pages = pages;
         self.meta_root = root;
@@ -345,11 +346,7 @@ fn append_meta_pages(
     let mut tags = Vec::with_capacity(pages.len());
     for (i, p) in pages.iter().enumerate() {
         buf.extend_from_slice(&p[..]);
-        tags.push(Tag::new(
-            BlockKind::TreePage,
-            page_addr(TreeId::SnapMeta, level, i as u64),
-            base + i as u64,
-        ));
+        tags.push(page_tag(TreeId::SnapMeta, level, i as u64, base + i as u64));
     }
     let mut macs = vec![Mac::default(); pages.len()];
     ctx.engine.seal(ctx.keys, &mut buf, &tags, &mut macs);
@@ -361,7 +358,7 @@ fn append_meta_pages(
             tree: TreeId::SnapMeta,
             level,
             index: i as u64,
-            gen: t.gen,
+            gen: Generation(t.gen),
             mac: *m,
         })
         .collect();
@@ -371,7 +368,7 @@ fn append_meta_pages(
         .zip(tags.iter().zip(&macs))
         .map(|(pba, (t, m))| TreePtr {
             pba: *pba,
-            gen: t.gen,
+            gen: Generation(t.gen),
             mac: *m,
         })
         .collect())

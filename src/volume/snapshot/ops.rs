@@ -9,13 +9,13 @@ use super::super::format::{
 use super::super::state::{bit_runs, State};
 use super::super::tree::{PageKey, Trees, FANOUT};
 use super::{HeldSource, SnapshotInfo, MAX_CHANGED_ROOTS};
-use crate::volume::{Result, SnapshotId, VolumeError};
+use crate::volume::{Generation, Lba, Result, SnapshotId, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// A page or data block a snapshot walk found unshared.
 pub enum Unshared {
-    Page(u64),
-    Data(u64, MapEntry),
+    Page(Generation),
+    Data(Lba, MapEntry),
 }
 
 impl State {
@@ -138,7 +138,7 @@ impl State {
         i: usize,
         next_is_live: bool,
         key: PageKey,
-        gen: u64,
+        gen: Generation,
     ) -> Result<bool> {
         let State {
             snaps,
@@ -172,8 +172,8 @@ impl State {
         ctx: &Ctx,
         i: usize,
         next_is_live: bool,
-        lba: u64,
-        gen: u64,
+        lba: Lba,
+        gen: Generation,
     ) -> Result<bool> {
         if i > 0 && self.snap_lookup(ctx, i - 1, lba)?.gen == gen {
             return Ok(true);
@@ -188,9 +188,9 @@ impl State {
 
     /// A snapshot's map entry for `lba` (its stored location may be stale:
     /// see [`State::snap_locate`]).
-    pub fn snap_lookup(&mut self, ctx: &Ctx, i: usize, lba: u64) -> Result<MapEntry> {
-        let key = PageKey::leaf(TreeId::Map, lba / MAP_ENTRIES_PER_PAGE as u64);
-        let slot = (lba % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
+    pub fn snap_lookup(&mut self, ctx: &Ctx, i: usize, lba: Lba) -> Result<MapEntry> {
+        let key = PageKey::leaf(TreeId::Map, lba.0 / MAP_ENTRIES_PER_PAGE as u64);
+        let slot = (lba.0 % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
         let State { snaps, usage, .. } = self;
         let src = HeldSource {
             ctx,
@@ -203,7 +203,7 @@ impl State {
 
     /// Where snapshot `i`'s version of `lba` is now: held, live (perhaps
     /// moved by the cleaner), or where the snapshot says.
-    pub fn snap_locate(&mut self, ctx: &Ctx, i: usize, lba: u64) -> Result<MapEntry> {
+    pub fn snap_locate(&mut self, ctx: &Ctx, i: usize, lba: Lba) -> Result<MapEntry> {
         let mut e = self.snap_lookup(ctx, i, lba)?;
         if !e.is_mapped() {
             return Ok(e);
@@ -222,7 +222,7 @@ impl State {
     /// Blocks only snapshot `i` holds, as (generation) of pages and data
     /// blocks: its map tree less every subtree and block a neighbour (the
     /// previous snapshot; the next one or the live state) shares.
-    fn unique_to(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<u64>> {
+    fn unique_to(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<Generation>> {
         Ok(self
             .walk_unshared(ctx, i, false)?
             .into_iter()
@@ -298,7 +298,7 @@ impl State {
                 if !e.is_mapped() {
                     continue;
                 }
-                let lba = k.index * MAP_ENTRIES_PER_PAGE as u64 + s as u64;
+                let lba = Lba(k.index * MAP_ENTRIES_PER_PAGE as u64 + s as u64);
                 if !self.neighbour_has_block(ctx, i, next_is_live, lba, e.gen)? {
                     out.push(Unshared::Data(lba, e));
                 }
@@ -312,7 +312,7 @@ impl State {
         &mut self,
         ctx: &Ctx,
         roots: &[TreePtr],
-    ) -> Result<Vec<u64>> {
+    ) -> Result<Vec<Generation>> {
         let mut out = Vec::new();
         for r in roots {
             let mut t = self.snaps.changed_tree(*r);
@@ -356,7 +356,7 @@ impl State {
         &mut self,
         ctx: &Ctx,
         i: usize,
-        free: Vec<u64>,
+        free: Vec<Generation>,
         changed: Vec<TreePtr>,
         last: bool,
     ) -> Result<()> {
@@ -390,7 +390,11 @@ impl State {
             }
         }
         self.snaps.list.remove(i);
-        self.usage.held.retain_below = self.snaps.list.last().map_or(0, |s| s.rec.birth);
+        self.usage.held.retain_below = self
+            .snaps
+            .list
+            .last()
+            .map_or(Generation(0), |s| s.rec.birth);
         self.snaps.meta_dirty = true;
         self.checkpoint(ctx)
     }
