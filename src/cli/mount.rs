@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-use super::{Keys, Tuning};
+use super::common::{open_device, Keys, Tuning};
 use crate::error::Class;
 use crate::fs::{Fs, FsError, Snapshots};
 use crate::fuse::FuseFs;
@@ -69,7 +69,7 @@ pub fn foreground(
     unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
-    let dev = super::open_device(&path, true)?;
+    let dev = open_device(&path, true)?;
     let header = volume::read_header(&*dev)?;
     let master = k.master(&header)?;
     let opts = Options {

@@ -1,0 +1,139 @@
+//! What the commands share: the global options, opening volumes, sizes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::Error;
+use crate::crypto::MasterKey;
+use crate::device::{Device, DeviceError, FileDevice};
+use crate::keys;
+use crate::volume::{self, Options, Volume, VolumeError};
+
+/// The global options every command gets.
+pub(super) struct Env {
+    pub tuning: Tuning,
+    pub store: PathBuf,
+    pub server: keys::ServerOptions,
+}
+
+impl Env {
+    /// Where to get a volume's key: `key_file` if given, else this host's
+    /// sealed store and the key server.
+    pub fn keys(&self, key_file: Option<PathBuf>) -> Keys {
+        Keys {
+            key_file,
+            store: self.store.clone(),
+            server: self.server.clone(),
+        }
+    }
+}
+
+/// Where a command gets a volume's master key: a key file (recovery), or
+/// this host's sealed store and the key server.
+pub(crate) struct Keys {
+    pub key_file: Option<PathBuf>,
+    pub store: PathBuf,
+    pub server: keys::ServerOptions,
+}
+
+impl Keys {
+    pub fn master(&self, header: &volume::Header) -> Result<MasterKey, Error> {
+        match &self.key_file {
+            Some(f) => Ok(keys::unlock(header, &keys::read_key_file(f)?)?),
+            None => {
+                let (m, r) = keys::unlock_with_server(&self.store, &self.server, header)?;
+                if let Some((from, to)) = r {
+                    eprintln!("lsvfs: rewrapped the volume key from KEK v{from} to v{to}");
+                }
+                Ok(m)
+            }
+        }
+    }
+}
+
+/// Volume options from the command line's global flags.
+pub(super) struct Tuning {
+    pub crypto_threads: usize,
+    pub chunk_bytes: usize,
+}
+
+/// Parses "100G", "512M", "4096" into bytes.
+pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "unknown size suffix in {s:?}; use K, M, G, T or P"
+                    )))
+                }
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::Usage(format!("{s:?} is not a size (examples: 4096, 512M, 100G)")))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| Error::Usage(format!("size {s:?} is too large")))
+}
+
+pub(super) fn open_device(path: &Path, writable: bool) -> Result<Arc<dyn Device>, Error> {
+    FileDevice::open(path, writable)
+        .map(|d| Arc::new(d) as Arc<dyn Device>)
+        .map_err(|e| DeviceError::new(format!("opening {}", path.display()), e).into())
+}
+
+/// Names the file in "not an lsvfs volume".
+pub(super) fn with_path(e: VolumeError, path: &Path) -> Error {
+    match e {
+        VolumeError::NotAVolume(_) => VolumeError::NotAVolume(path.display().to_string()).into(),
+        e => e.into(),
+    }
+}
+
+pub(super) fn open_volume(
+    path: &Path,
+    k: &Keys,
+    read_only: bool,
+    t: &Tuning,
+) -> Result<Volume, Error> {
+    let dev = open_device(path, !read_only)?;
+    let header = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    let master = k.master(&header)?;
+    open_with(dev, &master, read_only, t)
+}
+
+pub(super) fn open_with(
+    dev: Arc<dyn Device>,
+    master: &MasterKey,
+    read_only: bool,
+    t: &Tuning,
+) -> Result<Volume, Error> {
+    let opts = Options {
+        read_only,
+        background: false,
+        crypto_threads: t.crypto_threads,
+        chunk_bytes: t.chunk_bytes,
+        ..Options::default()
+    };
+    Ok(Volume::open(dev, master, opts)?)
+}
+
+pub(super) fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}

@@ -1,0 +1,157 @@
+//! This host's identity and a volume's keys: host init/show, rewrap,
+//! keyslot list/add-recovery/remove.
+
+use std::path::Path;
+
+use super::common::{open_device, with_path, Env};
+use super::Error;
+use crate::keys::{self, hex};
+use crate::volume::{self, KeySlot, KEY_SLOTS};
+
+/// `lsvfs host init --keyserver URL --ca CA.pem`.
+pub fn init(env: &Env, keyserver: &str, ca: &Path) -> Result<(), Error> {
+    let ca_pem = std::fs::read(ca)
+        .map_err(|e| Error::io(format!("reading the CA certificate {}", ca.display()), e))?;
+    if !ca_pem.starts_with(b"-----BEGIN") {
+        return Err(Error::Usage(format!(
+            "{} is not a PEM certificate",
+            ca.display()
+        )));
+    }
+    let st = keys::SealedStore::init(&env.store, keyserver, ca_pem)?;
+    println!("created the sealed store in {}", env.store.display());
+    println!("host id: {}", keys::host_id(&st));
+    println!(
+        "enroll it on the key server: lsvfs-keyserver admin enroll NAME {}",
+        keys::host_id(&st)
+    );
+    Ok(())
+}
+
+/// `lsvfs host show`.
+pub fn show(env: &Env) -> Result<(), Error> {
+    let st = keys::SealedStore::open(&env.store)?;
+    println!("host id:    {}", keys::host_id(&st));
+    println!("key server: {}", st.keyserver_url);
+    for v in &st.volumes {
+        println!("volume {}: KEK v{}", hex(&v.volume_id), v.kek_version);
+    }
+    Ok(())
+}
+
+/// `lsvfs rewrap VOLUME`.
+pub fn rewrap(env: &Env, path: &Path) -> Result<(), Error> {
+    let dev = open_device(path, false)?;
+    let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    let (_, r) = keys::unlock_with_server(&env.store, &env.server, &h)?;
+    match r {
+        Some((from, to)) => println!(
+            "rewrapped the key of {} from KEK v{from} to v{to}",
+            path.display()
+        ),
+        None => {
+            // Report again, in case an earlier report was lost.
+            let v = keys::report_current(&env.store, &env.server, &h.volume_id)?;
+            println!(
+                "the key of {} is already wrapped under the newest KEK (v{v})",
+                path.display()
+            )
+        }
+    }
+    Ok(())
+}
+
+/// `lsvfs keyslot list VOLUME`.
+pub fn slot_list(env: &Env, path: &Path) -> Result<(), Error> {
+    let dev = open_device(path, false)?;
+    let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    for (i, sl) in h.slots.iter().enumerate() {
+        match sl.kind {
+            volume::SlotKind::Empty => println!("slot {i}: empty"),
+            k => println!(
+                "slot {i}: {k:?} (key fingerprint {})",
+                hex(&sl.fingerprint[..8])
+            ),
+        }
+    }
+    match keys::SealedStore::open(&env.store) {
+        Ok(st) => match st.entry(&h.volume_id) {
+            Some(e) => println!(
+                "sealed on this host: KEK v{} from {}",
+                e.kek_version, st.keyserver_url
+            ),
+            None => println!("sealed on this host: no"),
+        },
+        Err(e) => println!("sealed on this host: no ({e})"),
+    }
+    Ok(())
+}
+
+/// `lsvfs keyslot add-recovery VOLUME --key-file K [--unlock-key-file U]`.
+pub fn slot_add_recovery(
+    env: &Env,
+    path: &Path,
+    key_file: &Path,
+    unlock_key_file: Option<std::path::PathBuf>,
+) -> Result<(), Error> {
+    let dev = open_device(path, true)?;
+    let mut h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    let master = env.keys(unlock_key_file).master(&h)?;
+    if !key_file.exists() {
+        keys::generate_key_file(key_file)?;
+        println!("wrote key file {} (mode 0600)", key_file.display());
+    }
+    let slot = keys::key_file_slot(&keys::read_key_file(key_file)?, &master, &h.volume_id)?;
+    if h.slots
+        .iter()
+        .any(|s| s.kind != volume::SlotKind::Empty && s.fingerprint == slot.fingerprint)
+    {
+        return Err(Error::Usage(format!(
+            "{} already opens {}",
+            key_file.display(),
+            path.display()
+        )));
+    }
+    let Some(i) = h
+        .slots
+        .iter()
+        .position(|s| s.kind == volume::SlotKind::Empty)
+    else {
+        return Err(Error::Usage(format!(
+            "all {KEY_SLOTS} key slots of {} are in use; remove one first",
+            path.display()
+        )));
+    };
+    h.slots[i] = slot;
+    volume::write_header(&*dev, &h)?;
+    println!("added recovery key {} in slot {i}", key_file.display());
+    Ok(())
+}
+
+/// `lsvfs keyslot remove VOLUME --slot N`: refused for the last way in.
+pub fn slot_remove(env: &Env, path: &Path, slot: usize) -> Result<(), Error> {
+    let dev = open_device(path, true)?;
+    let mut h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    if slot >= KEY_SLOTS || h.slots[slot].kind == volume::SlotKind::Empty {
+        return Err(Error::Usage(format!("slot {slot} is empty")));
+    }
+    let others = h
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| *i != slot && s.kind != volume::SlotKind::Empty)
+        .count();
+    let sealed_here = keys::SealedStore::open(&env.store)
+        .map(|st| st.entry(&h.volume_id).is_some())
+        .unwrap_or(false);
+    if others == 0 && !sealed_here {
+        return Err(Error::Usage(format!(
+            "slot {slot} is the last way to open {}; add another recovery key first",
+            path.display()
+        )));
+    }
+    h.slots[slot] = KeySlot::EMPTY;
+    volume::write_header(&*dev, &h)?;
+    println!("removed key slot {slot} of {}", path.display());
+    Ok(())
+}

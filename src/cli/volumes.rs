@@ -1,0 +1,238 @@
+//! Commands on a volume file: keygen, create, info, check.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::common::{human, open_device, open_volume, open_with, parse_size, with_path, Env};
+use super::Error;
+use crate::crypto::{random_bytes, MasterKey};
+use crate::device::{Device, DeviceError, FileDevice};
+use crate::error::Class;
+use crate::keys::{self, hex};
+use crate::volume::{self, CreateOptions, KeySlot, Lba, Volume, VolumeError, KEY_SLOTS};
+use crate::BLOCK_SIZE;
+
+/// `lsvfs keygen KEYFILE`.
+pub fn keygen(keyfile: &Path) -> Result<(), Error> {
+    keys::generate_key_file(keyfile)?;
+    println!(
+        "wrote key file {} (mode 0600); keep it safe: it opens your volumes",
+        keyfile.display()
+    );
+    Ok(())
+}
+
+/// `lsvfs create VOLUME --size S [--key-file K] [--keyserver URL]`.
+pub fn create(
+    env: &Env,
+    path: &Path,
+    size: &str,
+    key_file: Option<PathBuf>,
+    keyserver: Option<String>,
+    segment_blocks: u32,
+) -> Result<(), Error> {
+    let bytes = parse_size(size)?;
+    if bytes == 0 || bytes % BLOCK_SIZE as u64 != 0 {
+        return Err(Error::Usage(format!(
+            "--size must be a non-zero multiple of 4096 bytes, not {bytes}"
+        )));
+    }
+    if key_file.is_none() && keyserver.is_none() {
+        return Err(Error::Usage(
+            "give --keyserver URL (after `lsvfs host init`), --key-file KEYFILE, or both".into(),
+        ));
+    }
+    let master = MasterKey::generate().map_err(|e| Error::Usage(e.to_string()))?;
+    let volume_id = *random_bytes::<16>().map_err(|e| Error::Usage(e.to_string()))?;
+    let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
+    if let Some(kf) = &key_file {
+        slots[0] = keys::key_file_slot(&keys::read_key_file(kf)?, &master, &volume_id)?;
+    }
+    if let Some(url) = &keyserver {
+        let st = keys::SealedStore::open(&env.store)?;
+        if st.keyserver_url.trim_end_matches('/') != url.trim_end_matches('/') {
+            return Err(Error::Usage(format!(
+                "this host is set up for key server {}, not {url}; \
+                 run `lsvfs host init` again for another server",
+                st.keyserver_url
+            )));
+        }
+    }
+    let dev = FileDevice::open_for_create(path)
+        .map_err(|e| DeviceError::new(format!("creating {}", path.display()), e))?;
+    let opts = CreateOptions {
+        logical_blocks: bytes / BLOCK_SIZE as u64,
+        segment_blocks,
+    };
+    let fixed = dev.fixed_size();
+    let made = (|| {
+        let h = volume::create(&dev, &master, volume_id, slots, &opts)?;
+        let dev: Arc<dyn Device> = Arc::new(dev);
+        let v = open_with(dev, &master, false, &env.tuning)?;
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        crate::fs::Fs::format(&v, uid, gid)?;
+        v.close()?;
+        if keyserver.is_some() {
+            keys::register_volume(&env.store, &env.server, &volume_id, &master)?;
+        }
+        Ok::<_, Error>(h)
+    })();
+    if made.is_err() && !fixed {
+        let _ = std::fs::remove_file(path);
+    }
+    let h = made?;
+    if keyserver.is_some() {
+        println!(
+            "registered volume {} with the key server; its key is sealed on this host",
+            hex(&volume_id)
+        );
+        if key_file.is_none() {
+            eprintln!(
+                "lsvfs: warning: {} has no recovery key: if this host's sealed store \
+                 is lost (reinstall, new machine-id), the volume cannot be opened. \
+                 Add one now: lsvfs keyslot add-recovery {} --key-file RECOVERY.key",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    println!(
+        "created {}: {} logical, backing store grows to at most {}",
+        path.display(),
+        human(h.logical_blocks * BLOCK_SIZE as u64),
+        human(h.end_block() * BLOCK_SIZE as u64)
+    );
+    Ok(())
+}
+
+/// `lsvfs info VOLUME [--key-file K]`.
+pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
+    let dev = open_device(path, false)?;
+    let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    let hex: String = h.volume_id.iter().map(|b| format!("{b:02x}")).collect();
+    println!("volume:          {}", path.display());
+    println!("volume id:       {hex}");
+    println!("format version:  {}", volume::format::FORMAT_VERSION);
+    println!(
+        "logical size:    {} ({} blocks)",
+        human(h.logical_blocks * BLOCK_SIZE as u64),
+        h.logical_blocks
+    );
+    println!(
+        "segment size:    {} ({} blocks)",
+        human(h.segment_blocks as u64 * BLOCK_SIZE as u64),
+        h.segment_blocks
+    );
+    println!(
+        "max backing size: {}",
+        human(h.end_block() * BLOCK_SIZE as u64)
+    );
+    for (i, s) in h.slots.iter().enumerate() {
+        if s.kind != volume::SlotKind::Empty {
+            let fp: String = s.fingerprint[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            println!("key slot {i}:      {:?} (key fingerprint {fp}…)", s.kind);
+        }
+    }
+    if let Some(kf) = key_file {
+        drop(dev);
+        let v = open_volume(path, &env.keys(Some(kf)), true, &env.tuning)?;
+        let s = v.stats()?;
+        println!(
+            "allocated:       {} ({} blocks)",
+            human(s.allocated_blocks * BLOCK_SIZE as u64),
+            s.allocated_blocks
+        );
+        println!(
+            "segments in use: {} of {} ({} free)",
+            s.extent_segments, s.max_segments, s.free_segments
+        );
+        println!("checkpoint:      {}", s.checkpoint_seq);
+        println!(
+            "snapshots:       {} (holding {} that the live volume no longer uses)",
+            s.snapshots,
+            human(s.held_blocks * BLOCK_SIZE as u64)
+        );
+        let r = v.recovery();
+        if r.transactions > 0 || r.dropped_records > 0 {
+            println!(
+                "log to replay:   {} transactions ({} incomplete records)",
+                r.transactions, r.dropped_records
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `lsvfs check VOLUME [--key-file K]`: the volume, every snapshot's file
+/// system and the live one; problems found exit with code 4.
+pub fn check(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
+    let v = open_volume(path, &env.keys(key_file), true, &env.tuning)?;
+    let r = v.check()?;
+    let rec = v.recovery();
+    println!(
+        "checked {} metadata pages and {} data blocks ({} transactions in the log past the last checkpoint)",
+        r.pages, r.data_blocks, rec.transactions
+    );
+    let mut problems = r.problems;
+    if holds_file_system(&v) {
+        // Each snapshot's file system too: its own tree of inodes,
+        // directories and blocks, as frozen.
+        for (id, name, _, _) in v.snapshot_names()? {
+            let f = crate::fs::Fs::mount(v.snapshot_view(id)?).and_then(|fs| fs.check());
+            match f {
+                Ok(f) => {
+                    println!(
+                        "snapshot {name}: {} inodes, {} directory entries, {} data blocks",
+                        f.inodes, f.entries, f.data_blocks
+                    );
+                    problems.extend(
+                        f.problems
+                            .into_iter()
+                            .map(|p| format!("snapshot {name}: {p}")),
+                    );
+                }
+                Err(e) => problems.push(format!("snapshot {name}: {e}")),
+            }
+        }
+        match crate::fs::Fs::mount(v).and_then(|fs| fs.check()) {
+            Ok(f) => {
+                println!(
+                    "file system: {} inodes, {} directory entries, {} data blocks, {} orphans",
+                    f.inodes, f.entries, f.data_blocks, f.orphans
+                );
+                problems.extend(f.problems);
+            }
+            // A file system this build cannot read is not damage.
+            Err(e) if e.class() == Class::NotAVolume => return Err(e.into()),
+            Err(e) => problems.push(format!("file system: {e}")),
+        }
+    } else {
+        println!("no file system on this volume (block 0 holds no superblock)");
+    }
+    if !problems.is_empty() {
+        for p in &problems {
+            println!("problem: {p}");
+        }
+        return Err(VolumeError::Corrupted(format!(
+            "{} problems found in {}",
+            problems.len(),
+            path.display()
+        ))
+        .into());
+    }
+    println!("{}: clean", path.display());
+    Ok(())
+}
+
+/// Whether `check` should check a file system on the volume: block 0
+/// starts with the file-system magic, or cannot be read (then checking the
+/// file system reports why). A damaged or newer superblock is reported, not
+/// taken for "no file system".
+fn holds_file_system(v: &Volume) -> bool {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    v.read(Lba(0), &mut b).is_err() || b.starts_with(&crate::fs::format::FS_MAGIC)
+}
