@@ -69,18 +69,7 @@ pub fn foreground(
     unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
-    let dev = open_device(&path, true)?;
-    let header = volume::read_header(&*dev)?;
-    let master = k.master(&header)?;
-    let opts = Options {
-        crypto_threads: t.crypto_threads,
-        chunk_bytes: t.chunk_bytes,
-        ..Options::default()
-    };
-    let v = volume::Volume::open(dev, &master, opts)?;
-    drop(master);
-    let fs = Arc::new(Fs::mount(v)?);
-
+    let fs = Arc::new(open_fs(&path, k, t)?);
     // Signals are taken synchronously below; block them before any thread
     // starts so that every thread inherits the mask.
     let mut signals = SigSet::empty();
@@ -90,27 +79,6 @@ pub fn foreground(
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)
         .map_err(|e| Error::io("blocking signals", e.into()))?;
 
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("lsvfs:{}", path.display())),
-        MountOption::Subtype("lsvfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
-    ];
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        config.acl = SessionACL::All;
-    }
-    // One request thread per CPU (at least 2, at most 8): more only adds
-    // context switches (measured: 10,000 creates 6.4 s with 4 threads on 2
-    // CPUs, 6.1 s with 2).
-    config.n_threads = Some(
-        std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(2, 8),
-    );
-    config.clone_fd = true;
     let synced = mountpoint.clone();
     let snaps = Arc::new(Snapshots::new(
         fs.clone(),
@@ -119,7 +87,7 @@ pub fn foreground(
     let session = fuser::spawn_mount(
         FuseFs::new(fs.clone(), snaps.clone(), show_snapshots)?,
         &mountpoint,
-        &config,
+        &mount_config(&path),
     )
     .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
     tune_bdi(&mountpoint);
@@ -140,30 +108,7 @@ pub fn foreground(
         detach_stderr();
     }
 
-    // Without fsync, committed writes still reach the disk within
-    // FLUSH_INTERVAL (as ext4's 5-second commit).
-    let mut last_flush = Instant::now();
-    let by_signal = loop {
-        if session.guard.is_finished() {
-            break false;
-        }
-        if last_flush.elapsed() >= FLUSH_INTERVAL {
-            if let Err(e) = fs.sync() {
-                eprintln!("lsvfs: periodic flush failed: {e}");
-            }
-            last_flush = Instant::now();
-        }
-        let ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 200_000_000,
-        };
-        // SAFETY: the set and timespec are valid for the call; a null info
-        // pointer is allowed.
-        let sig = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &ts) };
-        if sig > 0 {
-            break true;
-        }
-    };
+    let by_signal = serve(&session, &fs, &signals);
     let ended = if by_signal {
         session.umount_and_join()
     } else {
@@ -178,6 +123,12 @@ pub fn foreground(
     snaps.shutdown();
     // A snapshot request still running (control socket, mkdir) may hold
     // the file system for a moment: wait for it, then close cleanly.
+    close(fs)
+}
+
+/// Closes the file system once the mount has ended: waits (up to 60 s)
+/// for snapshot requests still holding it, then flushes and closes.
+fn close(fs: Arc<Fs>) -> Result<(), Error> {
     let mut fs = fs;
     let deadline = Instant::now() + Duration::from_secs(60);
     let fs = loop {
@@ -214,6 +165,77 @@ fn sync_mount(mountpoint: &Path) -> Result<(), FsError> {
         return Err(io("syncfs on", std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Opens the volume at `path` with the key `k` gives and mounts its file
+/// system (not yet in the kernel).
+fn open_fs(path: &Path, k: &Keys, t: &Tuning) -> Result<Fs, Error> {
+    let dev = open_device(path, true)?;
+    let header = volume::read_header(&*dev)?;
+    let master = k.master(&header)?;
+    let opts = Options {
+        crypto_threads: t.crypto_threads,
+        chunk_bytes: t.chunk_bytes,
+        ..Options::default()
+    };
+    let v = volume::Volume::open(dev, &master, opts)?;
+    drop(master);
+    Ok(Fs::mount(v)?)
+}
+
+/// The mount's options and threads.
+fn mount_config(path: &Path) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("lsvfs:{}", path.display())),
+        MountOption::Subtype("lsvfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        config.acl = SessionACL::All;
+    }
+    // One request thread per CPU (at least 2, at most 8): more only adds
+    // context switches (measured: 10,000 creates 6.4 s with 4 threads on 2
+    // CPUs, 6.1 s with 2).
+    config.n_threads = Some(
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8),
+    );
+    config.clone_fd = true;
+    config
+}
+
+/// Flushes every FLUSH_INTERVAL until the session ends (returns false) or
+/// a signal arrives (returns true).
+fn serve(session: &fuser::BackgroundSession, fs: &Fs, signals: &SigSet) -> bool {
+    // Without fsync, committed writes still reach the disk within
+    // FLUSH_INTERVAL (as ext4's 5-second commit).
+    let mut last_flush = Instant::now();
+    loop {
+        if session.guard.is_finished() {
+            break false;
+        }
+        if last_flush.elapsed() >= FLUSH_INTERVAL {
+            if let Err(e) = fs.sync() {
+                eprintln!("lsvfs: periodic flush failed: {e}");
+            }
+            last_flush = Instant::now();
+        }
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        // SAFETY: the set and timespec are valid for the call; a null info
+        // pointer is allowed.
+        let sig = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &ts) };
+        if sig > 0 {
+            break true;
+        }
+    }
 }
 
 /// prctl option (Linux 5.6, include/uapi/linux/prctl.h); not in `libc` yet.

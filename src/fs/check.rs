@@ -19,39 +19,26 @@ pub struct FsReport {
     pub problems: Vec<String>,
 }
 
-impl Fs {
-    /// Checks the file system's structure: entries point at live inodes of
-    /// the right type, cookies and entries agree, link counts are right,
-    /// no block is used twice, and every allocated block is accounted for.
-    pub fn check(&self) -> Result<FsReport> {
-        let mut r = FsReport::default();
-        let (items, nodes) = self.read_op(|op| {
-            let all = op
-                .tree
-                .range(&mut op.store, &[0], &[0xff; 10], usize::MAX)?;
-            let mut nodes = BTreeSet::new();
-            let mut stack = vec![op.tree.root];
-            while let Some(lba) = stack.pop() {
-                if !nodes.insert(lba) {
-                    return Err(FsError::Corrupted(format!(
-                        "metadata node {lba} is reachable twice"
-                    )));
-                }
-                if let Node::Branch { children, .. } = &*op.store.read(lba)? {
-                    stack.extend(children);
-                }
-            }
-            Ok((all, nodes))
-        })?;
-        let mut inodes: BTreeMap<Ino, Inode> = BTreeMap::new();
-        let mut dirents: Vec<(Ino, Vec<u8>, Dirent)> = Vec::new();
-        let mut cookies: HashMap<(Ino, u64), Vec<u8>> = HashMap::new();
-        let mut owners: HashMap<u64, Ino> = HashMap::new();
-        let mut orphans = BTreeSet::new();
-        for (k, v) in &items {
+/// The file system's metadata items, sorted by what they are.
+#[derive(Default)]
+struct Items {
+    inodes: BTreeMap<Ino, Inode>,
+    /// (directory, name, entry)
+    dirents: Vec<(Ino, Vec<u8>, Dirent)>,
+    cookies: HashMap<(Ino, u64), Vec<u8>>,
+    /// Data block -> the inode whose chunk names it.
+    owners: HashMap<u64, Ino>,
+    orphans: BTreeSet<Ino>,
+    data_blocks: u64,
+}
+
+impl Items {
+    /// Sorts every item; what does not decode is a problem.
+    fn collect(items: &[(Vec<u8>, Vec<u8>)], problems: &mut Vec<String>) -> Items {
+        let mut it = Items::default();
+        for (k, v) in items {
             if k.len() < 9 {
-                r.problems
-                    .push(format!("a metadata key of {} bytes", k.len()));
+                problems.push(format!("a metadata key of {} bytes", k.len()));
                 continue;
             }
             let ino = Ino(u64::from_be_bytes(k[..8].try_into().expect("8 bytes")));
@@ -60,26 +47,23 @@ impl Fs {
             match k[8] {
                 kind::INODE => match Inode::decode(v, ino) {
                     Ok(i) => {
-                        inodes.insert(ino, i);
+                        it.inodes.insert(ino, i);
                     }
-                    Err(e) => r.problems.push(e.to_string()),
+                    Err(e) => problems.push(e.to_string()),
                 },
                 kind::DIRENT => match Dirent::decode(v) {
-                    Ok(d) => dirents.push((ino, rest.to_vec(), d)),
-                    Err(e) => r.problems.push(format!("directory {ino}: {e}")),
+                    Ok(d) => it.dirents.push((ino, rest.to_vec(), d)),
+                    Err(e) => problems.push(format!("directory {ino}: {e}")),
                 },
                 kind::COOKIE => match u64_of(rest) {
                     Some(c) => {
-                        cookies.insert((ino, c), v.clone());
+                        it.cookies.insert((ino, c), v.to_vec());
                     }
-                    None => r
-                        .problems
-                        .push(format!("directory {ino}: a malformed cookie key")),
+                    None => problems.push(format!("directory {ino}: a malformed cookie key")),
                 },
                 kind::CHUNK => {
                     let Some(index) = u64_of(rest) else {
-                        r.problems
-                            .push(format!("inode {ino}: a malformed chunk key"));
+                        problems.push(format!("inode {ino}: a malformed chunk key"));
                         continue;
                     };
                     for (j, b) in v.chunks_exact(8).enumerate() {
@@ -87,35 +71,40 @@ impl Fs {
                         if lba == 0 {
                             continue;
                         }
-                        r.data_blocks += 1;
-                        if let Some(other) = owners.insert(lba, ino) {
-                            r.problems.push(format!(
-                                "block {lba} belongs to inode {other} and to inode {ino} (file block {})",
-                                index * CHUNK_BLOCKS + j as u64
-                            ));
+                        it.data_blocks += 1;
+                        if let Some(other) = it.owners.insert(lba, ino) {
+                            problems.push(format!(
+                                    "block {lba} belongs to inode {other} and to inode {ino} (file block {})",
+                                    index * CHUNK_BLOCKS + j as u64
+                                ));
                         }
                     }
                 }
                 kind::ORPHAN if ino == ORPHANS => {
                     if let Some(o) = u64_of(rest) {
-                        orphans.insert(Ino(o));
+                        it.orphans.insert(Ino(o));
                     }
                 }
                 kind::XATTR | kind::SYMLINK => {}
-                other => r
-                    .problems
-                    .push(format!("inode {ino}: unknown item kind {other}")),
+                other => problems.push(format!("inode {ino}: unknown item kind {other}")),
             }
         }
-        r.inodes = inodes.len() as u64;
-        r.orphans = orphans.len() as u64;
-        r.entries = dirents.len() as u64;
-        if !inodes.get(&ROOT_INO).is_some_and(|i| i.is_dir()) {
-            r.problems.push("the root directory is missing".into());
-        }
+        it
+    }
+
+    /// Entries name live inodes of their type, directories name their
+    /// parent back, and every entry has its readdir cookie. Returns the
+    /// links found per inode and the subdirectories per directory.
+    fn check_entries(&self, r: &mut FsReport) -> (HashMap<Ino, u32>, HashMap<Ino, u32>) {
+        let Items {
+            inodes,
+            dirents,
+            cookies,
+            ..
+        } = self;
         let mut links: HashMap<Ino, u32> = HashMap::new();
         let mut subdirs: HashMap<Ino, u32> = HashMap::new();
-        for (dir, name, d) in &dirents {
+        for (dir, name, d) in dirents {
             let n = String::from_utf8_lossy(name);
             match inodes.get(&d.ino) {
                 None => r.problems.push(format!(
@@ -151,7 +140,21 @@ impl Fs {
                 dirents.len()
             ));
         }
-        for (ino, i) in &inodes {
+        (links, subdirs)
+    }
+
+    /// Link counts agree with the entries found, and an inode in no
+    /// directory is an orphan.
+    fn check_links(
+        &self,
+        links: &HashMap<Ino, u32>,
+        subdirs: &HashMap<Ino, u32>,
+        r: &mut FsReport,
+    ) {
+        let Items {
+            inodes, orphans, ..
+        } = self;
+        for (ino, i) in inodes {
             let want = if i.is_dir() {
                 2 + subdirs.get(ino).copied().unwrap_or(0)
             } else {
@@ -168,7 +171,55 @@ impl Fs {
                     .push(format!("inode {ino} is in no directory and not an orphan"));
             }
         }
-        // Every allocated logical block is the superblock, a node or data.
+    }
+}
+
+impl Fs {
+    /// Checks the file system's structure: entries point at live inodes of
+    /// the right type, cookies and entries agree, link counts are right,
+    /// no block is used twice, and every allocated block is accounted for.
+    pub fn check(&self) -> Result<FsReport> {
+        let mut r = FsReport::default();
+        let (items, nodes) = self.read_op(|op| {
+            let all = op
+                .tree
+                .range(&mut op.store, &[0], &[0xff; 10], usize::MAX)?;
+            let mut nodes = BTreeSet::new();
+            let mut stack = vec![op.tree.root];
+            while let Some(lba) = stack.pop() {
+                if !nodes.insert(lba) {
+                    return Err(FsError::Corrupted(format!(
+                        "metadata node {lba} is reachable twice"
+                    )));
+                }
+                if let Node::Branch { children, .. } = &*op.store.read(lba)? {
+                    stack.extend(children);
+                }
+            }
+            Ok((all, nodes))
+        })?;
+        let items = Items::collect(&items, &mut r.problems);
+        r.data_blocks = items.data_blocks;
+        r.inodes = items.inodes.len() as u64;
+        r.orphans = items.orphans.len() as u64;
+        r.entries = items.dirents.len() as u64;
+        if !items.inodes.get(&ROOT_INO).is_some_and(|i| i.is_dir()) {
+            r.problems.push("the root directory is missing".into());
+        }
+        let (links, subdirs) = items.check_entries(&mut r);
+        items.check_links(&links, &subdirs, &mut r);
+        self.check_blocks(nodes, &items.owners, &mut r)?;
+        Ok(r)
+    }
+
+    /// Every allocated logical block is the superblock, a metadata node or
+    /// a file's data, and every one of those is allocated.
+    fn check_blocks(
+        &self,
+        nodes: BTreeSet<u64>,
+        owners: &HashMap<u64, Ino>,
+        r: &mut FsReport,
+    ) -> Result<()> {
         let mut used: BTreeSet<u64> = BTreeSet::new();
         for (s, n) in self.volume().allocated_runs()? {
             used.extend(s..s + n);
@@ -185,6 +236,6 @@ impl Fs {
             r.problems
                 .push(format!("block {b} is in use but not allocated"));
         }
-        Ok(r)
+        Ok(())
     }
 }

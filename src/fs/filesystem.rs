@@ -329,6 +329,158 @@ impl Op<'_> {
         n
     }
 
+    /// Refuses to move directory `moving` into `into` or below it.
+    fn check_not_below(&mut self, moving: Ino, into: Ino) -> Result<()> {
+        let mut at = into;
+        for _ in 0..4096 {
+            if at == moving {
+                return Err(Posix::Invalid.at("moving a directory into itself"));
+            }
+            if at == ROOT_INO {
+                return Ok(());
+            }
+            at = self.inode(at)?.parent;
+        }
+        Err(FsError::Corrupted("directory parents form a loop".into()))
+    }
+
+    /// RENAME_EXCHANGE: the two names swap inodes; directories change
+    /// parents and the parents' link counts follow.
+    fn exchange(
+        &mut self,
+        (parent, name, src): (Ino, &[u8], Dirent),
+        (newparent, newname, dst): (Ino, &[u8], Dirent),
+        now: Time,
+    ) -> Result<()> {
+        let src_dir = src.mode == libc::S_IFDIR;
+        let dst_dir = dst.mode == libc::S_IFDIR;
+        if src_dir && parent != newparent {
+            self.check_not_below(src.ino, newparent)?;
+        }
+        if dst_dir && parent != newparent {
+            self.check_not_below(dst.ino, parent)?;
+        }
+        self.put(
+            &key(parent, kind::DIRENT, name),
+            &Dirent {
+                ino: dst.ino,
+                mode: dst.mode,
+                ..src
+            }
+            .encode(),
+        )?;
+        self.put(
+            &key(newparent, kind::DIRENT, newname),
+            &Dirent {
+                ino: src.ino,
+                mode: src.mode,
+                ..dst
+            }
+            .encode(),
+        )?;
+        for (ino, is_dir, new_parent) in [(src.ino, src_dir, newparent), (dst.ino, dst_dir, parent)]
+        {
+            let mut i = self.inode(ino)?;
+            if is_dir {
+                i.parent = new_parent;
+            }
+            i.ctime = now;
+            self.put_inode(ino, &i)?;
+        }
+        if parent != newparent && src_dir != dst_dir {
+            let (gains, loses) = if src_dir {
+                (newparent, parent)
+            } else {
+                (parent, newparent)
+            };
+            let mut g = self.inode(gains)?;
+            g.nlink += 1;
+            self.put_inode(gains, &g)?;
+            let mut l = self.inode(loses)?;
+            l.nlink -= 1;
+            self.put_inode(loses, &l)?;
+        }
+        for p in [parent, newparent] {
+            let mut d = self.inode(p)?;
+            d.mtime = now;
+            d.ctime = now;
+            self.put_inode(p, &d)?;
+        }
+        Ok(())
+    }
+
+    /// A plain rename: `src` moves to `newparent/newname`, replacing `dst`
+    /// unless RENAME_NOREPLACE. Returns the replaced inode if `reclaim`
+    /// has more to free after the commit.
+    fn move_entry(
+        &mut self,
+        (parent, name, src): (Ino, &[u8], Dirent),
+        (newparent, newname): (Ino, &[u8]),
+        dst: Option<Dirent>,
+        flags: u32,
+        now: Time,
+    ) -> Result<Option<Ino>> {
+        let src_dir = src.mode == libc::S_IFDIR;
+        let mut replaced = None;
+        if let Some(dst) = dst {
+            if flags & RENAME_NOREPLACE != 0 {
+                return Err(Posix::Exists.at(String::from_utf8_lossy(newname)));
+            }
+            if dst.ino == src.ino {
+                // Two names of one file: POSIX says do nothing.
+                return Ok(None);
+            }
+            let dst_dir = dst.mode == libc::S_IFDIR;
+            match (src_dir, dst_dir) {
+                (true, false) => return Err(Posix::NotDir.at(String::from_utf8_lossy(newname))),
+                (false, true) => return Err(Posix::IsDir.at(String::from_utf8_lossy(newname))),
+                (true, true) if !self.is_empty_dir(dst.ino)? => {
+                    return Err(Posix::NotEmpty.at(String::from_utf8_lossy(newname)))
+                }
+                _ => {}
+            }
+            if src_dir {
+                self.check_not_below(src.ino, newparent)?;
+            }
+            self.remove_entry(newparent, newname, &dst)?;
+            if self.unlink_inode(dst.ino, now)? {
+                replaced = Some(dst.ino);
+            }
+            if dst_dir {
+                let mut np = self.inode(newparent)?;
+                np.nlink -= 1;
+                self.put_inode(newparent, &np)?;
+            }
+        } else if src_dir && parent != newparent {
+            self.check_not_below(src.ino, newparent)?;
+        }
+        self.remove_entry(parent, name, &src)?;
+        let mut np = self.inode(newparent)?;
+        self.add_entry(newparent, &mut np, newname, src.ino, src.mode)?;
+        np.mtime = now;
+        np.ctime = now;
+        if src_dir && parent != newparent {
+            np.nlink += 1;
+        }
+        self.put_inode(newparent, &np)?;
+        if parent != newparent {
+            let mut p = self.inode(parent)?;
+            if src_dir {
+                p.nlink -= 1;
+            }
+            p.mtime = now;
+            p.ctime = now;
+            self.put_inode(parent, &p)?;
+        }
+        let mut i = self.inode(src.ino)?;
+        if src_dir {
+            i.parent = newparent;
+        }
+        i.ctime = now;
+        self.put_inode(src.ino, &i)?;
+        Ok(replaced)
+    }
+
     /// A fresh inode number. It is not persisted here: mount derives the
     /// next number from the highest inode in the tree, which is the truth
     /// after any crash, so creating a file does not rewrite the superblock.
@@ -1070,8 +1222,7 @@ impl Fs {
         {
             return Err(Posix::Invalid.at(format!("rename flags {flags:#x}")));
         }
-        let mut replaced = None;
-        self.op(|op, _| {
+        let replaced = self.op(|op, _| {
             let now = Time::now();
             op.dir(parent)?;
             op.dir(newparent)?;
@@ -1083,139 +1234,17 @@ impl Fs {
                 return if flags & RENAME_NOREPLACE != 0 {
                     Err(Posix::Exists.at(String::from_utf8_lossy(name)))
                 } else {
-                    Ok(())
+                    Ok(None)
                 };
             }
-            let src_dir = src.mode == libc::S_IFDIR;
-            // A directory may not move below itself.
-            let check_loop = |op: &mut Op, moving: Ino, into: Ino| -> Result<()> {
-                let mut at = into;
-                for _ in 0..4096 {
-                    if at == moving {
-                        return Err(Posix::Invalid.at("moving a directory into itself"));
-                    }
-                    if at == ROOT_INO {
-                        return Ok(());
-                    }
-                    at = op.inode(at)?.parent;
-                }
-                Err(FsError::Corrupted("directory parents form a loop".into()))
-            };
+            let from = (parent, name, src);
             if flags & RENAME_EXCHANGE != 0 {
                 let dst =
                     dst.ok_or_else(|| Posix::NotFound.at(String::from_utf8_lossy(newname)))?;
-                let dst_dir = dst.mode == libc::S_IFDIR;
-                if src_dir && parent != newparent {
-                    check_loop(op, src.ino, newparent)?;
-                }
-                if dst_dir && parent != newparent {
-                    check_loop(op, dst.ino, parent)?;
-                }
-                op.put(
-                    &key(parent, kind::DIRENT, name),
-                    &Dirent {
-                        ino: dst.ino,
-                        mode: dst.mode,
-                        ..src
-                    }
-                    .encode(),
-                )?;
-                op.put(
-                    &key(newparent, kind::DIRENT, newname),
-                    &Dirent {
-                        ino: src.ino,
-                        mode: src.mode,
-                        ..dst
-                    }
-                    .encode(),
-                )?;
-                for (ino, is_dir, new_parent) in
-                    [(src.ino, src_dir, newparent), (dst.ino, dst_dir, parent)]
-                {
-                    let mut i = op.inode(ino)?;
-                    if is_dir {
-                        i.parent = new_parent;
-                    }
-                    i.ctime = now;
-                    op.put_inode(ino, &i)?;
-                }
-                if parent != newparent && src_dir != dst_dir {
-                    let (gains, loses) = if src_dir {
-                        (newparent, parent)
-                    } else {
-                        (parent, newparent)
-                    };
-                    let mut g = op.inode(gains)?;
-                    g.nlink += 1;
-                    op.put_inode(gains, &g)?;
-                    let mut l = op.inode(loses)?;
-                    l.nlink -= 1;
-                    op.put_inode(loses, &l)?;
-                }
-                for p in [parent, newparent] {
-                    let mut d = op.inode(p)?;
-                    d.mtime = now;
-                    d.ctime = now;
-                    op.put_inode(p, &d)?;
-                }
-                return Ok(());
+                op.exchange(from, (newparent, newname, dst), now)?;
+                return Ok(None);
             }
-            if let Some(dst) = dst {
-                if flags & RENAME_NOREPLACE != 0 {
-                    return Err(Posix::Exists.at(String::from_utf8_lossy(newname)));
-                }
-                if dst.ino == src.ino {
-                    // Two names of one file: POSIX says do nothing.
-                    return Ok(());
-                }
-                let dst_dir = dst.mode == libc::S_IFDIR;
-                match (src_dir, dst_dir) {
-                    (true, false) => return Err(Posix::NotDir.at(String::from_utf8_lossy(newname))),
-                    (false, true) => return Err(Posix::IsDir.at(String::from_utf8_lossy(newname))),
-                    (true, true) if !op.is_empty_dir(dst.ino)? => {
-                        return Err(Posix::NotEmpty.at(String::from_utf8_lossy(newname)))
-                    }
-                    _ => {}
-                }
-                if src_dir {
-                    check_loop(op, src.ino, newparent)?;
-                }
-                op.remove_entry(newparent, newname, &dst)?;
-                if op.unlink_inode(dst.ino, now)? {
-                    replaced = Some(dst.ino);
-                }
-                if dst_dir {
-                    let mut np = op.inode(newparent)?;
-                    np.nlink -= 1;
-                    op.put_inode(newparent, &np)?;
-                }
-            } else if src_dir && parent != newparent {
-                check_loop(op, src.ino, newparent)?;
-            }
-            op.remove_entry(parent, name, &src)?;
-            let mut np = op.inode(newparent)?;
-            op.add_entry(newparent, &mut np, newname, src.ino, src.mode)?;
-            np.mtime = now;
-            np.ctime = now;
-            if src_dir && parent != newparent {
-                np.nlink += 1;
-            }
-            op.put_inode(newparent, &np)?;
-            if parent != newparent {
-                let mut p = op.inode(parent)?;
-                if src_dir {
-                    p.nlink -= 1;
-                }
-                p.mtime = now;
-                p.ctime = now;
-                op.put_inode(parent, &p)?;
-            }
-            let mut i = op.inode(src.ino)?;
-            if src_dir {
-                i.parent = newparent;
-            }
-            i.ctime = now;
-            op.put_inode(src.ino, &i)
+            op.move_entry(from, (newparent, newname), dst, flags, now)
         })?;
         self.reclaim_after(replaced);
         Ok(())
