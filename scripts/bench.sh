@@ -6,7 +6,9 @@
 #   scripts/bench.sh [WORKDIR] [SEQ_MIB] [RAND_SECONDS]
 #
 # Defaults: target/fsbench, 1024 MiB sequential, 20 s random; BENCH_FS
-# selects file systems (default "ext4 gocryptfs cryfs lsvfs"). BENCH_ROUNDS
+# selects file systems (default "ext4 gocryptfs cryfs lsvfs"). LSVFS_BASE
+# names another lsvfs binary (an earlier build) to measure as "lsvfs-base"
+# in the same run, beside this tree's: before/after a change. BENCH_ROUNDS
 # (default 1) repeats the whole set, the file systems taking turns in each
 # round, and the table shows each figure's median: on a noisy VM one round
 # can move a peer's figure by half. Run as root (it drops the page cache
@@ -50,10 +52,12 @@ setup() { # name -> prints the directory to test in
         cryfs --cipher aes-256-gcm --allow-replaced-filesystem "$dir/base" "$dir/mnt" >"$dir/cryfs.log" 2>&1 ||
         { echo "!! cryfs failed:" >&2; tail -5 "$dir/cryfs.log" >&2; }
       echo "$dir/mnt" ;;
-    lsvfs)
-      "$lsvfs" keygen "$dir/key" >/dev/null
-      "$lsvfs" create "$dir/v.vol" --size 16G --key-file "$dir/key" >/dev/null
-      "$lsvfs" mount "$dir/v.vol" "$dir/mnt" --key-file "$dir/key" >/dev/null
+    lsvfs|lsvfs-base)
+      local bin=$lsvfs
+      [ "$name" = lsvfs-base ] && bin=${LSVFS_BASE:?set LSVFS_BASE to an lsvfs binary}
+      "$bin" keygen "$dir/key" >/dev/null
+      "$bin" create "$dir/v.vol" --size 16G --key-file "$dir/key" >/dev/null
+      "$bin" mount "$dir/v.vol" "$dir/mnt" --key-file "$dir/key" >/dev/null
       echo "$dir/mnt" ;;
   esac
 }
@@ -63,6 +67,7 @@ teardown() {
   case $name in
     ext4) ;;
     lsvfs) "$lsvfs" unmount "$dir/mnt" >/dev/null ;;
+    lsvfs-base) "$LSVFS_BASE" unmount "$dir/mnt" >/dev/null ;;
     *) fusermount3 -u "$dir/mnt" || fusermount3 -uz "$dir/mnt" || true ;;
   esac
   rm -rf "$dir"
@@ -144,7 +149,7 @@ for fs, metric, v, way in rows:
     runs[metric][fs].append(float(v))
     better[metric] = way
 val = {m: {fs: statistics.median(vs) for fs, vs in by.items()} for m, by in runs.items()}
-peers = ["ext4", "gocryptfs", "cryfs"]
+peers = [p for p in ["ext4", "gocryptfs", "cryfs", "lsvfs-base"] if any(p in by for by in val.values())]
 print(f"{'workload':34} {'lsvfs':>10} " + " ".join(f"{p:>10} {'ratio':>6}" for p in peers))
 for metric, by in val.items():
     l = by.get("lsvfs")

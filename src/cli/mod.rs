@@ -185,8 +185,8 @@ enum Cmd {
         #[arg(long)]
         show_snapshots: bool,
     },
-    /// Snapshots of a mounted volume (root only; through the mount's
-    /// control socket).
+    /// Snapshots of a mounted volume (root or the user who mounted it;
+    /// through the mount's control socket).
     #[command(subcommand)]
     Snapshot(SnapCmd),
     /// Unmount a mounted volume and wait until it is flushed and closed.
