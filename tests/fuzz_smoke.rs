@@ -38,3 +38,140 @@ fn fuzz_harness_survives_random_patches_and_images() {
     img.extend_from_slice(&vec![0xff; 1 << 20]);
     harness::run(&img);
 }
+
+#[path = "../fuzz/decoders.rs"]
+mod decoders;
+
+/// Deterministic mutations of `seed`: bit flips, truncations, extensions,
+/// overwritten runs, and pure noise; `run` must survive every one.
+fn mutations(seed: &[u8], rounds: usize, run: fn(&[u8])) {
+    let mut x = 0x2545_f491_4f6c_dd1du64 ^ seed.len() as u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    run(seed);
+    run(&[]);
+    for _ in 0..rounds {
+        let mut m = seed.to_vec();
+        match next() % 5 {
+            0 if !m.is_empty() => {
+                let i = (next() as usize) % m.len();
+                m[i] ^= 1 << (next() % 8);
+            }
+            1 => m.truncate((next() as usize) % (seed.len() + 1)),
+            2 => m.extend((0..next() % 64).map(|_| next() as u8)),
+            3 if !m.is_empty() => {
+                let i = (next() as usize) % m.len();
+                let n = ((next() as usize) % 16).min(m.len() - i);
+                for b in &mut m[i..i + n] {
+                    *b = next() as u8;
+                }
+            }
+            _ => m = (0..next() % 600).map(|_| next() as u8).collect(),
+        }
+        run(&m);
+    }
+}
+
+#[test]
+fn fs_metadata_decoders_survive_mutations() {
+    use lsvfs::fs::btree::Node;
+    use lsvfs::fs::format::{Dirent, Ino, Inode, Superblock};
+    let mut seeds: Vec<Vec<u8>> = Vec::new();
+    let tag = |t: u8, b: Vec<u8>| [vec![t], b].concat();
+    seeds.push(tag(0, Inode::new(0o100644, 1, 2, 0).encode()));
+    seeds.push(tag(
+        1,
+        Dirent {
+            ino: Ino(5),
+            cookie: 9,
+            mode: libc::S_IFREG,
+        }
+        .encode(),
+    ));
+    seeds.push(tag(
+        2,
+        Superblock {
+            root: 3,
+            next_ino: 12,
+        }
+        .encode(),
+    ));
+    let leaf = Node::Leaf(vec![
+        (b"k1".to_vec().into(), b"v1".to_vec().into()),
+        (b"k2".to_vec().into(), vec![7u8; 300].into()),
+    ]);
+    seeds.push(tag(3, leaf.encode()));
+    let branch = Node::Branch {
+        keys: vec![b"m".to_vec().into()],
+        children: vec![4, 5],
+    };
+    seeds.push(tag(3, branch.encode()));
+    // An ACL as setfacl hands it over: version 2, user::rw-, user:55:r--,
+    // group::r--, mask::r--, other::---.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (t, p, id) in [
+        (1u16, 6u16, u32::MAX),
+        (2, 4, 55),
+        (4, 4, u32::MAX),
+        (16, 4, u32::MAX),
+        (32, 0, u32::MAX),
+    ] {
+        acl.extend_from_slice(&t.to_le_bytes());
+        acl.extend_from_slice(&p.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    seeds.push(tag(4, acl));
+    seeds.push(tag(5, (0..128u64).flat_map(|b| b.to_le_bytes()).collect()));
+    for s in &seeds {
+        mutations(s, 3000, decoders::fs_metadata);
+    }
+}
+
+#[test]
+fn key_file_parser_survives_mutations() {
+    let seed = format!("lsvfs-key-v1 {}\n", "0123456789abcdef".repeat(4));
+    assert!(lsvfs::keys::parse_key_file(seed.as_bytes(), std::path::Path::new("k")).is_ok());
+    mutations(seed.as_bytes(), 5000, decoders::key_file);
+}
+
+#[test]
+fn sealed_store_decoders_survive_mutations() {
+    // Contents: identity, URL, CA, one volume (see docs/FORMAT.md).
+    let mut plain = vec![1u8];
+    plain.extend_from_slice(&[3u8; 32]);
+    let url = b"https://127.0.0.1:7443";
+    plain.extend_from_slice(&(url.len() as u16).to_le_bytes());
+    plain.extend_from_slice(url);
+    let ca = b"-----BEGIN CERTIFICATE-----\n";
+    plain.extend_from_slice(&(ca.len() as u32).to_le_bytes());
+    plain.extend_from_slice(ca);
+    plain.extend_from_slice(&1u32.to_le_bytes());
+    plain.extend_from_slice(&[5u8; 16]);
+    plain.extend_from_slice(&2u32.to_le_bytes());
+    plain.extend_from_slice(&[6u8; lsvfs::crypto::WRAPPED_LEN]);
+    assert!(lsvfs::keys::SealedStore::decode(std::path::Path::new("/x"), &plain[1..]).is_some());
+    mutations(&plain, 5000, decoders::sealed_store);
+    // The file as on disk: magic, version, measurement, nonce, ciphertext.
+    let mut file = vec![0u8];
+    file.extend_from_slice(b"LSVFSSS\0");
+    file.extend_from_slice(&1u32.to_le_bytes());
+    file.extend_from_slice(&[9u8; 32]);
+    file.extend_from_slice(&[0u8; 24 + 4 + 64]);
+    mutations(&file, 3000, decoders::sealed_store);
+}
+
+#[test]
+fn control_request_parser_survives_mutations() {
+    for seed in [
+        "{\"op\":\"create\",\"name\":\"nightly\"}\n",
+        "{\"op\":\"delete\",\"name\":\"x\"}\n",
+        "{\"op\":\"list\"}\n",
+    ] {
+        assert!(lsvfs::cli::parse_control_request(seed.as_bytes()).is_ok());
+        mutations(seed.as_bytes(), 3000, decoders::control_request);
+    }
+}

@@ -172,18 +172,11 @@ fn handle(stream: UnixStream, snaps: &Snapshots) {
     let me = unsafe { libc::geteuid() };
     let resp = match peer_uid(&stream) {
         Some(uid) if uid == 0 || uid == me => {
-            let mut line = String::new();
-            let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
-            match read {
-                Ok(_) if line.ends_with('\n') => match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => answer(req, snaps),
-                    Err(e) => failure(&Error::Usage(format!(
-                        "bad control request ({e}); expected one JSON line such as {{\"op\":\"list\"}}"
-                    ))),
-                },
-                Ok(_) => failure(&Error::Usage(format!(
-                    "control request too long or not ended by a newline (at most {MAX_REQUEST} bytes)"
-                ))),
+            let mut line = Vec::new();
+            let read = BufReader::new((&stream).take(MAX_REQUEST)).read_until(b'\n', &mut line);
+            match read.map(|_| parse_request(&line)) {
+                Ok(Ok(req)) => answer(req, snaps),
+                Ok(Err(e)) => failure(&e),
                 Err(e) => failure(&Error::io("reading the control request", e)),
             }
         }
@@ -196,6 +189,21 @@ fn handle(stream: UnixStream, snaps: &Snapshots) {
     let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
     let _ = (&stream).write_all(&out);
+}
+
+/// Parses one request line (at most MAX_REQUEST bytes, ended by a
+/// newline): untrusted bytes from the control socket.
+pub fn parse_request(line: &[u8]) -> Result<Request, Error> {
+    if line.last() != Some(&b'\n') || line.len() as u64 > MAX_REQUEST {
+        return Err(Error::Usage(format!(
+            "control request too long or not ended by a newline (at most {MAX_REQUEST} bytes)"
+        )));
+    }
+    serde_json::from_slice::<Request>(line).map_err(|e| {
+        Error::Usage(format!(
+            "bad control request ({e}); expected one JSON line such as {{\"op\":\"list\"}}"
+        ))
+    })
 }
 
 fn answer(req: Request, snaps: &Snapshots) -> Response {

@@ -37,6 +37,9 @@ use clap::{Parser, Subcommand};
 
 pub use common::parse_size;
 use common::{Env, Tuning};
+/// The control socket's request parser, for its fuzz target.
+#[doc(hidden)]
+pub use control::{parse_request as parse_control_request, Request as ControlRequest};
 pub use error::{Error, Result};
 
 use crate::{keys, volume, BLOCK_SIZE};

@@ -232,6 +232,19 @@ impl SealedStore {
         let secret = read_secret(dir)?;
         let b = fs::read(&sealed_path)
             .map_err(|e| KeysError::io(format!("reading {}", sealed_path.display()), e))?;
+        Self::unseal(dir, &b, &secret, &measurement()?)
+    }
+
+    /// Opens the sealed file's bytes `b` with the host secret, on a host
+    /// whose measurement is `measured`: untrusted bytes, checked (magic,
+    /// version, measurement, AEAD) before they are decoded.
+    #[doc(hidden)]
+    pub fn unseal(
+        dir: &Path,
+        b: &[u8],
+        secret: &[u8; 32],
+        measured: &[u8; 32],
+    ) -> Result<SealedStore> {
         if b.len() < HEADER + 16 || b.len() > MAX_SEALED || &b[..8] != MAGIC {
             return Err(store_err(
                 dir,
@@ -246,7 +259,7 @@ impl SealedStore {
             ));
         }
         let digest: [u8; 32] = b[12..44].try_into().expect("32 bytes");
-        if digest != measurement()? {
+        if &digest != measured {
             return Err(store_err(
                 dir,
                 "sealed on another host: this host's measurement (machine-id) differs; \
@@ -255,7 +268,7 @@ impl SealedStore {
             ));
         }
         let nonce = XNonce::from_slice(&b[44..68]);
-        let key = sealing_key(&secret, &digest);
+        let key = sealing_key(secret, &digest);
         let plain = XChaCha20Poly1305::new(key.as_ref().into())
             .decrypt(
                 nonce,
@@ -275,7 +288,9 @@ impl SealedStore {
         Self::decode(dir, &plain).ok_or_else(|| store_err(dir, "the sealed contents are malformed"))
     }
 
-    fn decode(dir: &Path, plain: &[u8]) -> Option<SealedStore> {
+    /// Decodes the sealed contents (after the AEAD opened them).
+    #[doc(hidden)]
+    pub fn decode(dir: &Path, plain: &[u8]) -> Option<SealedStore> {
         let mut r = crate::wire::Reader::new(plain);
         let identity = Zeroizing::new(<[u8; 32]>::try_from(r.take(32)?).ok()?);
         let n = r.u16()? as usize;

@@ -1,0 +1,61 @@
+//! Decoders of untrusted bytes, one entry point each: shared by the
+//! cargo-fuzz targets (fuzz/fuzz_targets/*.rs) and the smoke test
+//! (tests/fuzz_smoke.rs). The oracle is that nothing panics; each decoder
+//! must turn any input into a value or an error.
+
+use std::path::Path;
+
+use lsvfs::fs::acl::Acl;
+use lsvfs::fs::btree::Node;
+use lsvfs::fs::format::{decode_chunk, Dirent, Ino, Inode, Superblock};
+use lsvfs::keys::{parse_key_file, SealedStore};
+
+/// File-system metadata as the B+tree hands it over after authentication
+/// (a volume key holder could write any of it): byte 0 picks the decoder.
+pub fn fs_metadata(data: &[u8]) {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    match which % 6 {
+        0 => drop(Inode::decode(rest, Ino(7))),
+        1 => drop(Dirent::decode(rest)),
+        2 => drop(Superblock::decode(rest)),
+        3 => drop(Node::decode(rest, 77)),
+        4 => {
+            if let Ok(acl) = Acl::decode(rest) {
+                // What the file system does with a stored ACL.
+                let _ = acl.is_minimal();
+                let _ = acl.encode();
+                let _ = acl.create(0o644);
+            }
+        }
+        _ => drop(decode_chunk(rest)),
+    }
+}
+
+/// A key file's bytes.
+pub fn key_file(data: &[u8]) {
+    let _ = parse_key_file(data, Path::new("fuzz.key"));
+}
+
+/// The sealed store: byte 0 even, the sealed file as it is on disk (magic,
+/// version, measurement, AEAD); odd, its contents after the AEAD opened.
+pub fn sealed_store(data: &[u8]) {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    let dir = Path::new("/nonexistent/lsvfs-fuzz-store");
+    if which % 2 == 0 {
+        let _ = SealedStore::unseal(dir, rest, &[7u8; 32], &[9u8; 32]);
+    } else if let Some(st) = SealedStore::decode(dir, rest) {
+        let _ = lsvfs::keys::host_id(&st);
+        for v in &st.volumes {
+            let _ = st.entry(&v.volume_id);
+        }
+    }
+}
+
+/// One line from the mount's control socket.
+pub fn control_request(data: &[u8]) {
+    let _ = lsvfs::cli::parse_control_request(data);
+}
