@@ -33,6 +33,7 @@ test_tools=(
   "mount mount"               # mount(8) tests
   "systemd-analyze systemd"   # shipped unit files are verified
   "sha256sum coreutils"
+  "gcore gdb"                 # key hygiene: a core of a process holding keys
 )
 bench_tools=(
   "${demo_tools[@]}"

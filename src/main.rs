@@ -7,6 +7,8 @@ use lsvfs::cli;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // Before any key is loaded: no core dumps, no ptrace by the same user.
+    lsvfs_keyserver::secret::harden_process();
     if let Err(e) = cli::run(std::env::args_os()) {
         eprintln!("lsvfs: {e}");
         std::process::exit(e.exit_code());

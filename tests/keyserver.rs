@@ -395,3 +395,62 @@ fn pinned_certificate_mismatch_is_refused() {
         "certificate",
     );
 }
+
+/// The key server holds the key that seals every KEK at rest in locked,
+/// dump-excluded memory: a core of it taken as root, after it has served an
+/// unlock, holds neither that key nor the master key it comes from.
+#[test]
+fn the_key_servers_master_key_stays_out_of_its_core() {
+    let ks = KeyServer::start();
+    let h = Host::new("core-test-machine-id");
+    let id = h.init(&ks, &ks.ca());
+    ks.admin(&["enroll", "core-host", &id]);
+    h.ok(&["create", "v.vol", "--size", "64M", "--keyserver", &ks.url]);
+    // An unlock: the server opened the volume's KEK under its master key.
+    h.ok(&["check", "v.vol"]);
+    let pid = ks.child.as_ref().unwrap().id();
+    let hex = std::fs::read_to_string(ks.dir.path().join("master-key")).unwrap();
+    let hex = hex.trim();
+    let master: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(master.len(), 32);
+    let core = ks.dir.path().join("core");
+    let g = Command::new("gcore")
+        .arg("-o")
+        .arg(&core)
+        .arg(pid.to_string())
+        .output()
+        .unwrap();
+    let core = ks.dir.path().join(format!("core.{pid}"));
+    assert!(
+        g.status.success() && core.exists(),
+        "gcore: {}",
+        String::from_utf8_lossy(&g.stderr)
+    );
+    let image = std::fs::read(&core).unwrap();
+    // A real image of the server: it holds its configuration's file names.
+    assert!(
+        image.windows(8).any(|w| w == b"cert.pem"),
+        "the core does not hold the server's configuration: it is not its memory"
+    );
+    assert!(
+        !image.windows(32).any(|w| w == master.as_slice()),
+        "the key server's master key is in its core"
+    );
+    // The key it keeps for its whole life: the at-rest key derived from the
+    // master key (keyserver/src/storage/at_rest.rs, AT_REST_LABEL).
+    let mut at_rest = [0u8; 32];
+    hkdf::Hkdf::<sha2::Sha256>::new(None, &master)
+        .expand(b"lsvfs-keyserver v1 KEK at rest", &mut at_rest)
+        .unwrap();
+    assert!(
+        !image.windows(32).any(|w| w == at_rest.as_slice()),
+        "the key server's at-rest key is in its core"
+    );
+    assert!(
+        !image.windows(hex.len()).any(|w| w == hex.as_bytes()),
+        "the master key file's text is in the key server's core"
+    );
+}

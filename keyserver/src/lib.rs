@@ -9,6 +9,8 @@
 //! - [`admin`] (feature `server`): the admin socket protocol, its server
 //!   side and its client side.
 //! - [`server`] (feature `server`): configuration, the HTTPS routes, startup.
+//! - [`secret`]: locked, dump-excluded memory for keys, and process
+//!   hardening; used by every lsvfs process that holds key material.
 //!
 //! docs/PROTOCOL.md specifies the wire protocol byte by byte.
 
@@ -17,6 +19,7 @@ pub mod admin;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod protocol;
+pub mod secret;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

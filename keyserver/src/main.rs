@@ -142,6 +142,8 @@ fn write_new(path: &Path, mode: u32, data: &[u8]) -> std::io::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Before any key is loaded: no core dumps, no ptrace by the same user.
+    lsvfs_keyserver::secret::harden_process();
     match Cli::parse().command {
         Command::Serve { config } => {
             let cfg = match Config::load(&config) {

@@ -3,9 +3,10 @@
 use aes::cipher::KeyInit;
 use aes::Aes256;
 use hkdf::Hkdf;
+use lsvfs_keyserver::secret::{scrub_stack, scrub_stack_small, Locked};
 use sha2::Sha256;
 use xts_mode::Xts128;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use super::{CryptoError, Mac, Tag, MAC_LEN};
 
@@ -26,15 +27,27 @@ pub fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, CryptoError>
 }
 
 /// The random per-volume master key. Everything else is derived from it.
-pub struct MasterKey(Zeroizing<[u8; KEY_LEN]>);
+/// It lives in locked, dump-excluded memory (see `lsvfs_keyserver::secret`).
+pub struct MasterKey(Locked<[u8; KEY_LEN]>);
 
 impl MasterKey {
     pub fn generate() -> Result<Self, CryptoError> {
-        Ok(MasterKey(random_bytes::<KEY_LEN>()?))
+        let mut k = locked_key()?;
+        getrandom::fill(k.as_mut_slice()).map_err(|_| CryptoError::Random)?;
+        Ok(MasterKey(k))
     }
 
+    /// A master key from bytes held elsewhere; `bytes` is zeroized by its
+    /// owner.
     pub fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
-        MasterKey(bytes)
+        Self::from_slice(&bytes[..]).expect("locked memory for one key")
+    }
+
+    /// A master key copied from `bytes` (exactly KEY_LEN of them).
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, CryptoError> {
+        let mut k = locked_key()?;
+        k.copy_from_slice(bytes);
+        Ok(MasterKey(k))
     }
 
     /// The raw key, for wrapping it into a key slot. Never log or store it.
@@ -47,8 +60,14 @@ impl MasterKey {
     pub fn check_value(&self, volume_id: &[u8; 16]) -> [u8; 16] {
         let mut kcv = [0u8; 16];
         expand(self, volume_id, LABEL_KCV, &mut kcv);
+        scrub_stack();
         kcv
     }
+}
+
+/// Zeroed, locked memory for one key.
+pub(super) fn locked_key() -> Result<Locked<[u8; KEY_LEN]>, CryptoError> {
+    Locked::zeroed().map_err(|_| CryptoError::Memory)
 }
 
 fn expand(master: &MasterKey, volume_id: &[u8; 16], label: &[u8], out: &mut [u8]) {
@@ -58,36 +77,62 @@ fn expand(master: &MasterKey, volume_id: &[u8; 16], label: &[u8], out: &mut [u8]
         .expect("HKDF output length is a small constant");
 }
 
-/// The working keys of one open volume: the XTS key pair and the MAC key.
-pub struct VolumeKeys {
+/// The working keys of one open volume: the XTS key pair (as expanded AES
+/// key schedules) and the MAC key, in locked, dump-excluded memory.
+pub struct VolumeKeys(Locked<Schedule>);
+
+struct Schedule {
     xts: Xts128<Aes256>,
-    mac_key: Zeroizing<[u8; 32]>,
+    mac_key: [u8; 32],
     volume_id: [u8; 16],
+}
+
+/// The XTS key pair and the MAC key `VolumeKeys::derive` makes from
+/// `master`: for tests that look for them where they must not be (a core
+/// dump). Anyone holding the master key can derive them.
+#[doc(hidden)]
+pub fn derived_key_bytes(master: &MasterKey, volume_id: &[u8; 16]) -> Zeroizing<[u8; 96]> {
+    let mut out = Zeroizing::new([0u8; 96]);
+    expand(master, volume_id, LABEL_XTS, &mut out[..64]);
+    expand(master, volume_id, LABEL_MAC, &mut out[64..]);
+    out
 }
 
 impl VolumeKeys {
     pub fn derive(master: &MasterKey, volume_id: &[u8; 16]) -> Self {
-        let mut xts_key = Zeroizing::new([0u8; 64]);
+        let keys = Self::derive_locked(master, volume_id).expect("locked memory for the keys");
+        // The key schedules and HKDF state were built on the stack.
+        scrub_stack();
+        keys
+    }
+
+    fn derive_locked(master: &MasterKey, volume_id: &[u8; 16]) -> Result<Self, CryptoError> {
+        let mut xts_key = Locked::<[u8; 64]>::new_with(|k| {
+            k.write([0u8; 64]);
+        })
+        .map_err(|_| CryptoError::Memory)?;
         expand(master, volume_id, LABEL_XTS, xts_key.as_mut_slice());
-        let mut mac_key = Zeroizing::new([0u8; 32]);
-        expand(master, volume_id, LABEL_MAC, mac_key.as_mut_slice());
-        let k1 = Aes256::new_from_slice(&xts_key[..32]).expect("32-byte key");
-        let k2 = Aes256::new_from_slice(&xts_key[32..]).expect("32-byte key");
-        xts_key.zeroize();
-        VolumeKeys {
-            xts: Xts128::new(k1, k2),
-            mac_key,
-            volume_id: *volume_id,
-        }
+        let schedule = Locked::new_with(|s| {
+            let k1 = Aes256::new_from_slice(&xts_key[..32]).expect("32-byte key");
+            let k2 = Aes256::new_from_slice(&xts_key[32..]).expect("32-byte key");
+            let s = s.write(Schedule {
+                xts: Xts128::new(k1, k2),
+                mac_key: [0u8; 32],
+                volume_id: *volume_id,
+            });
+            expand(master, volume_id, LABEL_MAC, &mut s.mac_key);
+        })
+        .map_err(|_| CryptoError::Memory)?;
+        Ok(VolumeKeys(schedule))
     }
 
     pub fn volume_id(&self) -> &[u8; 16] {
-        &self.volume_id
+        &self.0.volume_id
     }
 
     /// Encrypts one block in place under the tweak of `tag`.
     pub fn encrypt(&self, tag: Tag, block: &mut [u8]) {
-        self.xts.encrypt_sector(block, tag.tweak().into());
+        self.0.xts.encrypt_sector(block, tag.tweak().into());
     }
 
     /// Encrypts consecutive blocks of `buf` in place, one tag each. One loop
@@ -95,30 +140,38 @@ impl VolumeKeys {
     /// in registers across blocks (measured: ~3x faster than per-block calls).
     pub fn encrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
         for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.xts.encrypt_sector(block, tag.tweak().into());
+            self.0.xts.encrypt_sector(block, tag.tweak().into());
         }
     }
 
     /// Decrypts consecutive blocks of `buf` in place, one tag each.
     pub fn decrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
         for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.xts.decrypt_sector(block, tag.tweak().into());
+            self.0.xts.decrypt_sector(block, tag.tweak().into());
         }
     }
 
     /// Decrypts one block in place under the tweak of `tag`.
     pub fn decrypt(&self, tag: Tag, block: &mut [u8]) {
-        self.xts.decrypt_sector(block, tag.tweak().into());
+        self.0.xts.decrypt_sector(block, tag.tweak().into());
     }
 
     /// The keyed MAC of a ciphertext, bound to the volume and to `tag`.
     pub fn mac(&self, tag: Tag, ciphertext: &[u8]) -> Mac {
+        let m = self.keyed_hash(tag, ciphertext);
+        // The hasher held the key (its chaining value) in the frames below.
+        scrub_stack_small();
+        m
+    }
+
+    #[inline(never)]
+    fn keyed_hash(&self, tag: Tag, ciphertext: &[u8]) -> Mac {
         // The ciphertext goes first so it lines up with BLAKE3's 1 KiB chunks,
         // which BLAKE3 then hashes in parallel SIMD lanes.
-        let mut h = blake3::Hasher::new_keyed(&self.mac_key);
+        let mut h = blake3::Hasher::new_keyed(&self.0.mac_key);
         h.update(ciphertext);
         h.update(&tag.encode());
-        h.update(&self.volume_id);
+        h.update(&self.0.volume_id);
         let full = h.finalize();
         let mut out = [0u8; MAC_LEN];
         out.copy_from_slice(&full.as_bytes()[..MAC_LEN]);

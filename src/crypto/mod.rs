@@ -13,7 +13,7 @@ mod keys;
 mod wrap;
 
 pub use engine::{CryptoEngine, DEFAULT_CHUNK_BYTES};
-pub use keys::{random_bytes, MasterKey, VolumeKeys, KEY_LEN};
+pub use keys::{derived_key_bytes, random_bytes, MasterKey, VolumeKeys, KEY_LEN};
 pub use wrap::{unwrap_key, wrap_key, Kek, WrappedKey, WRAPPED_LEN};
 
 /// Length of a block MAC in bytes (128 bits).
@@ -31,6 +31,9 @@ pub enum CryptoError {
     /// The operating system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,
+    /// No memory could be mapped for a key.
+    #[error("out of memory for key material")]
+    Memory,
 }
 
 impl CryptoError {
@@ -39,7 +42,7 @@ impl CryptoError {
         match self {
             CryptoError::Integrity => Class::Corrupt,
             CryptoError::WrongKey => Class::WrongKey,
-            CryptoError::Random => Class::Io(libc::EIO),
+            CryptoError::Random | CryptoError::Memory => Class::Io(libc::EIO),
         }
     }
 }

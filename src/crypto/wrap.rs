@@ -5,21 +5,38 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::Zeroizing;
 
+use lsvfs_keyserver::secret::{scrub_stack, Locked};
+
+use super::keys::locked_key;
 use super::{random_bytes, CryptoError, MasterKey, KEY_LEN};
 
 /// Bytes of a wrapped key: nonce (24) + ciphertext (32) + tag (16).
 pub const WRAPPED_LEN: usize = 24 + KEY_LEN + 16;
 
-/// A key-encryption key: from a key file, or (later) released by a key server.
-pub struct Kek(Zeroizing<[u8; KEY_LEN]>);
+/// A key-encryption key: from a key file, or released by a key server. It
+/// lives in locked, dump-excluded memory.
+pub struct Kek(Locked<[u8; KEY_LEN]>);
 
 impl Kek {
+    /// A KEK from bytes held elsewhere; `bytes` is zeroized by its owner.
     pub fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
-        Kek(bytes)
+        let mut k = locked_key().expect("locked memory for one key");
+        k.copy_from_slice(&bytes[..]);
+        Kek(k)
+    }
+
+    /// A KEK filled in place by `fill`, which may refuse.
+    pub fn fill<E>(
+        fill: impl FnOnce(&mut [u8; KEY_LEN]) -> Result<(), E>,
+    ) -> Result<Result<Self, E>, CryptoError> {
+        let mut k = locked_key()?;
+        Ok(fill(&mut k).map(|()| Kek(k)))
     }
 
     pub fn generate() -> Result<Self, CryptoError> {
-        Ok(Kek(random_bytes::<KEY_LEN>()?))
+        let mut k = locked_key()?;
+        getrandom::fill(k.as_mut_slice()).map_err(|_| CryptoError::Random)?;
+        Ok(Kek(k))
     }
 
     pub fn expose(&self) -> &[u8; KEY_LEN] {
@@ -82,9 +99,11 @@ pub fn unwrap_key(
     if plain.len() != KEY_LEN {
         return Err(CryptoError::WrongKey);
     }
-    let mut key = Zeroizing::new([0u8; KEY_LEN]);
-    key.copy_from_slice(&plain);
-    Ok(MasterKey::from_bytes(key))
+    let master = MasterKey::from_slice(&plain);
+    drop(plain);
+    // The cipher's key schedule and the plaintext's copies were on the stack.
+    scrub_stack();
+    master
 }
 
 #[cfg(test)]

@@ -51,31 +51,41 @@ pub fn read_key_file(path: &Path) -> Result<Kek> {
             path.display()
         )));
     }
-    let mut text = Zeroizing::new(String::new());
+    let mut text = Zeroizing::new(Vec::new());
     f.take(4096)
-        .read_to_string(&mut text)
+        .read_to_end(&mut text)
         .map_err(|e| KeysError::io(format!("reading key file {}", path.display()), e))?;
+    parse_key_file(&text, path)
+}
+
+/// Parses a key file's bytes (`path` only names it in errors): untrusted
+/// input, validated before any byte becomes key material.
+pub fn parse_key_file(text: &[u8], path: &Path) -> Result<Kek> {
     let bad = || {
         KeysError::Invalid(format!(
             "{} is not an lsvfs key file (expected one line: {PREFIX}<64 hex digits>); make one with `lsvfs keygen`",
             path.display()
         ))
     };
+    let text = std::str::from_utf8(text).map_err(|_| bad())?;
     let hex = text.trim_end().strip_prefix(PREFIX).ok_or_else(bad)?;
     if hex.len() != 2 * KEY_LEN {
         return Err(bad());
     }
-    let mut key = Zeroizing::new([0u8; KEY_LEN]);
-    for (i, out) in key.iter_mut().enumerate() {
-        let hi = hex.as_bytes()[2 * i];
-        let lo = hex.as_bytes()[2 * i + 1];
-        let d = |c: u8| (c as char).to_digit(16);
-        match (d(hi), d(lo)) {
-            (Some(h), Some(l)) => *out = (h * 16 + l) as u8,
-            _ => return Err(bad()),
+    // Decoded straight into the KEK's locked memory.
+    let kek = Kek::fill(|key| {
+        for (i, out) in key.iter_mut().enumerate() {
+            let hi = hex.as_bytes()[2 * i];
+            let lo = hex.as_bytes()[2 * i + 1];
+            let d = |c: u8| (c as char).to_digit(16);
+            match (d(hi), d(lo)) {
+                (Some(h), Some(l)) => *out = (h * 16 + l) as u8,
+                _ => return Err(bad()),
+            }
         }
-    }
-    Ok(Kek::from_bytes(key))
+        Ok(())
+    })??;
+    Ok(kek)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ mod keyfile;
 pub mod sealed;
 
 pub use error::{KeysError, Result};
-pub use keyfile::{generate_key_file, read_key_file};
+pub use keyfile::{generate_key_file, parse_key_file, read_key_file};
 pub use sealed::{SealedStore, VolumeEntry, DEFAULT_STORE};
 
 use std::path::Path;

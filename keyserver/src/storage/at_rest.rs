@@ -24,6 +24,13 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use crate::secret::{scrub_stack, Locked};
+
+/// Zeroed, locked memory for one key.
+fn locked_key() -> Result<Locked<[u8; 32]>, StorageError> {
+    Locked::zeroed().map_err(|e| StorageError::Io(format!("memory for a key: {e}")))
+}
+
 use crate::protocol::{KekVersion, VolumeId};
 
 use super::format::RECORD_FORMAT;
@@ -39,13 +46,14 @@ pub const CHECK_AD: &[u8] = b"lsvfs-ks v1 master key check";
 /// Length of a sealed KEK.
 pub const SEALED_LEN: usize = 1 + 24 + 48;
 
-/// The server master key. Not `Debug`; zeroized on drop.
-pub struct MasterKey(Zeroizing<[u8; 32]>);
+/// The server master key. Not `Debug`; in locked, dump-excluded memory,
+/// zeroed on drop.
+pub struct MasterKey(Locked<[u8; 32]>);
 
 impl MasterKey {
     /// A fresh key from the OS RNG.
     pub fn generate() -> Result<MasterKey, StorageError> {
-        let mut k = Zeroizing::new([0u8; 32]);
+        let mut k = locked_key()?;
         getrandom::fill(k.as_mut()).map_err(|e| StorageError::Io(format!("getrandom: {e}")))?;
         Ok(MasterKey(k))
     }
@@ -56,7 +64,7 @@ impl MasterKey {
         let text = std::str::from_utf8(contents)
             .map_err(|_| StorageError::MasterKey("not text: want 64 hex digits".into()))?
             .trim();
-        let mut k = Zeroizing::new([0u8; 32]);
+        let mut k = locked_key()?;
         if text.len() != 64 || hex::decode_to_slice(text, k.as_mut()).is_err() {
             return Err(StorageError::MasterKey(format!(
                 "want 64 hex digits, have {} characters",
@@ -88,7 +96,7 @@ impl MasterKey {
     /// exists.
     pub fn create_file(path: &Path) -> Result<(), StorageError> {
         let key = MasterKey::generate()?;
-        let mut text = Zeroizing::new(hex::encode(*key.0));
+        let mut text = Zeroizing::new(hex::encode(&key.0[..]));
         text.push('\n');
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -104,7 +112,8 @@ impl MasterKey {
 
 /// Seals and opens KEKs at rest.
 pub struct AtRest {
-    cipher: XChaCha20Poly1305,
+    /// Holds the at-rest key's schedule: locked, dump-excluded.
+    cipher: Locked<XChaCha20Poly1305>,
 }
 
 impl AtRest {
@@ -114,9 +123,14 @@ impl AtRest {
         Hkdf::<Sha256>::new(None, master.0.as_ref())
             .expand(AT_REST_LABEL, okm.as_mut())
             .expect("32 bytes is a valid HKDF-SHA256 output length");
-        AtRest {
-            cipher: XChaCha20Poly1305::new(Key::from_slice(okm.as_ref())),
-        }
+        let cipher = Locked::new_with(|c| {
+            c.write(XChaCha20Poly1305::new(Key::from_slice(okm.as_ref())));
+        })
+        .expect("memory for the at-rest key");
+        drop(okm);
+        // The HKDF state and the cipher's key were built on the stack.
+        scrub_stack();
+        AtRest { cipher }
     }
 
     fn kek_ad(volume: VolumeId, version: KekVersion) -> Vec<u8> {

@@ -1,0 +1,235 @@
+//! Keys out of core dumps, swap and other processes' reach: a real mount
+//! daemon run by an unprivileged user, holding a volume's keys, is not
+//! dumpable (its /proc entries belong to root, and the same user cannot
+//! read its memory or environment), keeps its keys in locked memory, and a
+//! core of it taken as root holds none of the keys: not the key file's
+//! KEK, not the master key, not the XTS or MAC keys derived from it.
+
+use std::fs;
+use std::os::unix::fs::{chown, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use lsvfs::crypto::derived_key_bytes;
+use lsvfs::{keys, volume};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lsvfs");
+const NOBODY: u32 = 65534;
+
+/// Runs lsvfs as uid/gid 65534 in `dir`.
+fn as_nobody(dir: &Path, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args(args)
+        .current_dir(dir)
+        .env("LSVFS_RUN_DIR", dir.join("run"))
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The mount daemon serving `dir/m`.
+fn daemon_pid(dir: &Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for e in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("mount")
+                && cmd.contains("--foreground")
+                && fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() == Some(dir)
+            {
+                return pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "no mount daemon for {dir:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+struct Unmount(PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-uz").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_mount_daemon_keeps_its_keys_out_of_dumps_swap_and_other_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().canonicalize().unwrap();
+    for d in ["m", "run"] {
+        fs::create_dir(dir.join(d)).unwrap();
+    }
+    for p in [dir.clone(), dir.join("m"), dir.join("run")] {
+        chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    // A standard system's udev makes /dev/fuse 0666 so users can mount
+    // (fuser opens it directly); some containers leave it 0600.
+    let fuse = fs::metadata("/dev/fuse").unwrap();
+    if fuse.mode() & 0o006 != 0o006 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    ok(as_nobody(&dir, &["keygen", "k"]), "keygen");
+    ok(
+        as_nobody(
+            &dir,
+            &["create", "v.vol", "--size", "256M", "--key-file", "k"],
+        ),
+        "create",
+    );
+    ok(
+        as_nobody(&dir, &["mount", "v.vol", "m", "--key-file", "k"]),
+        "mount as an unprivileged user",
+    );
+    let _unmount = Unmount(dir.join("m"));
+    // Some work for the daemon (a non-root mount is its user's alone).
+    ok(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+            ])
+            .arg("echo hello > m/hello && cat m/hello")
+            .current_dir(&dir)
+            .output()
+            .unwrap(),
+        "write as nobody",
+    );
+    let pid = daemon_pid(&dir);
+
+    // Not dumpable: the kernel gives its /proc entries to root although
+    // it runs as nobody, and nobody cannot read its environment.
+    assert!(
+        status_field(pid, "Uid:").starts_with("65534"),
+        "the daemon runs as nobody"
+    );
+    let owner = fs::metadata(format!("/proc/{pid}/status")).unwrap().uid();
+    assert_eq!(
+        owner, 0,
+        "a dumpable process's /proc entries belong to its user"
+    );
+    let environ = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(format!("/proc/{pid}/environ"))
+        .output()
+        .unwrap();
+    assert!(
+        !environ.status.success(),
+        "the same user read the daemon's environment"
+    );
+
+    // Keys locked in RAM.
+    let locked: u64 = status_field(pid, "VmLck:")
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        locked > 0,
+        "no locked memory in the daemon (VmLck: {locked} kB)"
+    );
+
+    // The keys it holds, computed here from the key file.
+    let kek = keys::read_key_file(&dir.join("k")).unwrap();
+    // (The daemon holds the volume's lock: read the header bytes directly.)
+    let mut block = [0u8; lsvfs::BLOCK_SIZE];
+    block.copy_from_slice(&fs::read(dir.join("v.vol")).unwrap()[..lsvfs::BLOCK_SIZE]);
+    let header = volume::format::Header::decode(&block).unwrap();
+    let master = keys::unlock(&header, &kek).unwrap();
+    let derived = derived_key_bytes(&master, &header.volume_id);
+    let secrets: [(&str, &[u8]); 5] = [
+        ("the key file's KEK", kek.expose()),
+        ("the master key", master.expose()),
+        ("the first XTS key", &derived[..32]),
+        ("the second XTS key", &derived[32..64]),
+        ("the MAC key", &derived[64..]),
+    ];
+
+    // A core as a crash would write it (gdb honours MADV_DONTDUMP, as the
+    // kernel does).
+    let core = dir.join("core");
+    let g = Command::new("gcore")
+        .arg("-o")
+        .arg(&core)
+        .arg(pid.to_string())
+        .output()
+        .unwrap();
+    let core = dir.join(format!("core.{pid}"));
+    assert!(
+        g.status.success() && core.exists(),
+        "gcore: {}",
+        String::from_utf8_lossy(&g.stderr)
+    );
+    let image = fs::read(&core).unwrap();
+    // It is a real image of the daemon: it holds the volume's path.
+    assert!(
+        contains(&image, dir.join("v.vol").to_string_lossy().as_bytes()),
+        "the core does not hold the volume path: it is not the daemon's memory"
+    );
+    for (what, key) in secrets {
+        assert!(!contains(&image, key), "{what} is in the core dump");
+    }
+    fs::remove_file(&core).unwrap();
+}
+
+/// Every systemd unit the project ships forbids core files and locks the
+/// process personality: a unit added later is covered by this test too.
+#[test]
+fn every_shipped_unit_forbids_core_files() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut units = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if p.is_dir() {
+                if !name.starts_with('.') && name != "target" && name != "fuzz" {
+                    dirs.push(p);
+                }
+            } else if name.ends_with(".service") {
+                units.push(p);
+            }
+        }
+    }
+    assert!(!units.is_empty(), "no unit files found under {root:?}");
+    for u in units {
+        let text = fs::read_to_string(&u).unwrap();
+        let has = |line: &str| text.lines().any(|l| l.trim() == line);
+        assert!(has("LimitCORE=0"), "{} lacks LimitCORE=0", u.display());
+        assert!(
+            has("LockPersonality=yes"),
+            "{} lacks LockPersonality=yes",
+            u.display()
+        );
+    }
+}
