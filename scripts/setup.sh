@@ -48,6 +48,7 @@ bench_tools=(
 # "binary crate" pairs installed with `cargo install`.
 test_cargo=(
   "fsx fsx"                   # the fsx file-system exerciser
+  "cargo-deny cargo-deny"     # dependency policy (deny.toml)
 )
 
 groups=("$@")
