@@ -36,7 +36,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -146,6 +146,29 @@ fn read_secret(dir: &Path) -> Result<Zeroizing<[u8; 32]>> {
     Ok(Zeroizing::new(secret))
 }
 
+/// Refuses a store directory that another user owns or that group or
+/// others can write to: whoever can write it can replace the store.
+fn check_dir(dir: &Path) -> Result<()> {
+    let md =
+        fs::metadata(dir).map_err(|e| KeysError::io(format!("reading {}", dir.display()), e))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me && md.uid() != 0 {
+        return Err(KeysError::SealedStore(format!(
+            "{} belongs to uid {}, not to uid {me} or root; use a store directory of your own",
+            dir.display(),
+            md.uid()
+        )));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(KeysError::SealedStore(format!(
+            "{} can be written by group or others, who could replace the store; run `chmod 700 {}`",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses a secret file that group or others can read.
 fn check_private(path: &Path) -> Result<()> {
     let md =
@@ -178,7 +201,17 @@ impl SealedStore {
             fs::create_dir_all(dir)
                 .and_then(|_| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
                 .map_err(|e| KeysError::io(format!("creating {}", dir.display()), e))?;
+        } else if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+            // An empty directory made beforehand (by a package, say) is
+            // ours to tighten; a directory with other files is not.
+            let md = fs::metadata(dir)
+                .map_err(|e| KeysError::io(format!("reading {}", dir.display()), e))?;
+            if md.uid() == nix::unistd::geteuid().as_raw() && md.mode() & 0o077 != 0 {
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                    .map_err(|e| KeysError::io(format!("tightening {}", dir.display()), e))?;
+            }
         }
+        check_dir(dir)?;
         let secret = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
         let identity = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
         write_private(dir, SECRET_FILE, &secret[..])?;
@@ -228,6 +261,7 @@ impl SealedStore {
                 dir.display()
             )));
         }
+        check_dir(dir)?;
         check_private(&secret_path)?;
         let secret = read_secret(dir)?;
         let b = fs::read(&sealed_path)
@@ -418,5 +452,54 @@ mod tests {
         fs::set_permissions(dir.join(SECRET_FILE), fs::Permissions::from_mode(0o640)).unwrap();
         let e = SealedStore::open(&dir).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn the_store_directory_is_private_and_a_writable_one_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let chmod =
+            |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+
+        // Created by lsvfs: 0700.
+        let fresh = d.path().join("fresh");
+        SealedStore::init(&fresh, "x", Vec::new()).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+
+        // Made empty beforehand with a wide mode (by a package, say): tightened.
+        let made = d.path().join("made");
+        fs::create_dir(&made).unwrap();
+        chmod(&made, 0o755);
+        SealedStore::init(&made, "x", Vec::new()).unwrap();
+        assert_eq!(mode(&made), 0o700);
+
+        // A shared directory with other files in it is not ours to chmod:
+        // refused while others can write it, with the command to run.
+        let shared = d.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::write(shared.join("unrelated"), b"x").unwrap();
+        chmod(&shared, 0o777);
+        let e = SealedStore::init(&shared, "x", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("chmod 700"), "{e}");
+        assert_eq!(mode(&shared), 0o777, "left as it was");
+        assert!(!shared.join(SECRET_FILE).exists(), "nothing written");
+
+        // A store whose directory became writable by others is refused
+        // at open, before its files are read.
+        chmod(&fresh, 0o770);
+        let e = SealedStore::open(&fresh).unwrap_err().to_string();
+        assert!(e.contains("can be written by group or others"), "{e}");
+        chmod(&fresh, 0o700);
+        SealedStore::open(&fresh).unwrap();
+
+        // A directory another user owns is refused (when lsvfs runs as
+        // root, only root's own; otherwise the user's or root's).
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&fresh, Some(65534), None).unwrap();
+            let e = SealedStore::open(&fresh).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+        }
     }
 }
