@@ -34,6 +34,7 @@ test_tools=(
   "systemd-analyze systemd"   # shipped unit files are verified
   "sha256sum coreutils"
   "gcore gdb"                 # key hygiene: a core of a process holding keys
+  "/usr/bin/python3 python3"  # a socket impostor run as another user (not a per-user shim)
 )
 bench_tools=(
   "${demo_tools[@]}"

@@ -230,6 +230,82 @@ fn snapshots_dir_is_hidden_reachable_and_shown_by_a_mount_option() {
     m.unmount_and_check();
 }
 
+/// Runs `cmd` as nobody holding CAP_DAC_OVERRIDE, so that the kernel's
+/// mode checks pass and the file system's own check is what answers.
+fn as_nobody_past_modes(dir: &Path, cmd: &str) -> (bool, String) {
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=+dac_override",
+            "--ambient-caps=+dac_override",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// Taking and deleting snapshots through `.snapshots` is root's alone, by
+/// two checks: the kernel's (`.snapshots` is mode 0555, so EACCES) and,
+/// for a process that may override modes, lsvfs's own (EPERM for any uid
+/// but 0).
+#[test]
+fn only_root_takes_or_deletes_snapshots_through_the_snapshots_dir() {
+    let m = Mounted::with_size("256M");
+    populate(&m);
+    ok(&["snapshot", "create", "m", "one"], m.p());
+    for cmd in ["mkdir .snapshots/two", "rmdir .snapshots/one"] {
+        let (done, err) = as_nobody(&m.m(), cmd);
+        assert!(!done && err.contains("Permission denied"), "{cmd}: {err}");
+        let (done, err) = as_nobody_past_modes(&m.m(), cmd);
+        assert!(
+            !done && err.contains("Operation not permitted"),
+            "{cmd} with CAP_DAC_OVERRIDE: {err}"
+        );
+    }
+    assert_eq!(m.sh("ls .snapshots"), "one\n");
+    // Root can do both.
+    m.sh("mkdir .snapshots/two && rmdir .snapshots/one");
+    assert_eq!(m.sh("ls .snapshots"), "two\n");
+    m.unmount_and_check();
+}
+
+/// Files in a snapshot keep the modes they had when it was taken: a file
+/// that was private stays private there, and (the consequence
+/// docs/SECURITY.md D12 states) a file another user could read stays
+/// readable to that user in the snapshot after a chmod or rm in the live
+/// tree, until the snapshot is deleted.
+#[test]
+fn files_in_a_snapshot_keep_the_modes_they_had() {
+    let m = Mounted::with_size("256M");
+    m.sh("echo private > private && chmod 600 private && echo open > open && chmod 644 open");
+    ok(&["snapshot", "create", "m", "s"], m.p());
+    m.sh("chmod 600 open && chmod 644 private");
+    let (read, err) = as_nobody(&m.m(), "cat .snapshots/s/private");
+    assert!(!read && err.contains("Permission denied"), "{err}");
+    let (read, _) = as_nobody(&m.m(), "cat private");
+    assert!(read, "the live file was made readable");
+    let (read, err) = as_nobody(&m.m(), "cat open");
+    assert!(!read && err.contains("Permission denied"), "{err}");
+    let (read, err) = as_nobody(&m.m(), "cat .snapshots/s/open");
+    assert!(read, "the snapshot keeps the old mode 0644: {err}");
+    m.sh("rm open");
+    let (read, err) = as_nobody(&m.m(), "cat .snapshots/s/open");
+    assert!(
+        read,
+        "deleting the live file does not change the snapshot: {err}"
+    );
+    m.unmount_and_check();
+}
+
 #[test]
 fn inode_numbers_are_stable_and_never_collide() {
     let m = Mounted::with_size("256M");
@@ -409,6 +485,87 @@ fn the_control_socket_refuses_garbage_and_other_users() {
     ok(&["snapshot", "create", "m", "after"], m.p());
     assert!(m.m().join(".snapshots/after").is_dir());
     m.unmount_and_check();
+}
+
+/// The control socket's path for `mountpoint` under `run` (FORMAT.md,
+/// "Control socket").
+fn control_socket(run: &Path, mountpoint: &Path) -> std::path::PathBuf {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
+    let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
+    run.join(format!("{hex}.sock"))
+}
+
+/// A socket at the control path that another user serves (an impostor
+/// waiting for root to ask a mount for its snapshots) is refused before
+/// anything is sent; the same socket served by root is talked to.
+#[test]
+fn the_snapshot_client_trusts_only_a_socket_served_by_root_or_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().canonicalize().unwrap();
+    let (run, mp) = (dir.join("run"), dir.join("m"));
+    fs::create_dir(&run).unwrap();
+    fs::create_dir(&mp).unwrap();
+    std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = control_socket(&run, &mp);
+    // Serves one connection: records what it received, answers garbage.
+    let server = "import socket,sys\n\
+        s=socket.socket(socket.AF_UNIX)\n\
+        s.bind(sys.argv[1])\n\
+        s.listen(1)\n\
+        c,_=s.accept()\n\
+        c.settimeout(5)\n\
+        data=c.recv(4096)\n\
+        open(sys.argv[1]+'.got','wb').write(data)\n\
+        try:\n c.sendall(b'not the answer of a mount\\n')\n\
+        except OSError:\n pass\n";
+    for (uid, trusted) in [(65534u32, false), (0, true)] {
+        let _ = fs::remove_file(&sock);
+        let _ = fs::remove_file(sock.with_extension("sock.got"));
+        let mut child = Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .args(["--clear-groups", "/usr/bin/python3", "-c", server])
+            .arg(&sock)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the socket did not appear"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let o = Command::new(BIN)
+            .args(["snapshot", "list"])
+            .arg(&mp)
+            .env("LSVFS_RUN_DIR", &run)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "uid {uid}: {err}");
+        let got = fs::read(sock.with_extension("sock.got")).unwrap_or_default();
+        if trusted {
+            assert!(
+                err.contains("not valid"),
+                "root's socket was talked to: {err}"
+            );
+            assert!(
+                String::from_utf8_lossy(&got).contains("\"op\""),
+                "request sent"
+            );
+        } else {
+            assert!(
+                err.contains("served by uid 65534") && err.contains("refusing to trust it"),
+                "{err}"
+            );
+            assert!(got.is_empty(), "a request was sent to the impostor");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// 50 snapshots kept (mkdir new, rmdir oldest) while a file is rewritten a

@@ -255,10 +255,12 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
     match peer_uid(&stream) {
         Some(uid) if uid == 0 || uid == me => {}
         other => {
+            let who = other.map_or_else(|| "an unknown uid".to_string(), |u| format!("uid {u}"));
             return Err(Error::Usage(format!(
-                "{} is served by uid {other:?}, not by root or uid {me}; refusing to trust it",
+                "{} is served by {who}, not by root or uid {me}; refusing to trust it \
+                 (remove it if no lsvfs mount of yours is running)",
                 path.display()
-            )))
+            )));
         }
     }
     let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
