@@ -71,59 +71,102 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-struct Unmount(PathBuf);
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3").arg("-uz").arg(&self.0).status();
+/// A volume created and mounted by nobody in a fresh directory, with
+/// `hello` written through the mount; unmounted on drop.
+struct NobodysMount {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl NobodysMount {
+    fn new() -> NobodysMount {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        for d in ["m", "run"] {
+            fs::create_dir(dir.join(d)).unwrap();
+        }
+        for p in [dir.clone(), dir.join("m"), dir.join("run")] {
+            chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        // A standard system's udev makes /dev/fuse 0666 so users can mount
+        // (fuser opens it directly); some containers leave it 0600.
+        let fuse = fs::metadata("/dev/fuse").unwrap();
+        if fuse.mode() & 0o006 != 0o006 {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+        }
+        ok(as_nobody(&dir, &["keygen", "k"]), "keygen");
+        ok(
+            as_nobody(
+                &dir,
+                &["create", "v.vol", "--size", "256M", "--key-file", "k"],
+            ),
+            "create",
+        );
+        ok(
+            as_nobody(&dir, &["mount", "v.vol", "m", "--key-file", "k"]),
+            "mount as an unprivileged user",
+        );
+        let mounted = NobodysMount { _tmp: tmp, dir };
+        ok(
+            in_shell_as(NOBODY, &mounted.dir, "echo hello > m/hello && cat m/hello"),
+            "write as nobody",
+        );
+        mounted
     }
+}
+
+impl Drop for NobodysMount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(self.dir.join("m"))
+            .status();
+    }
+}
+
+/// Runs `cmd` with `sh -c` as uid and gid `uid`, in `dir`.
+fn in_shell_as(uid: u32, dir: &Path, cmd: &str) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "sh", "-c", cmd])
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// Every readable mapping of process `pid`, read as root through
+/// /proc/PID/mem (which, unlike a core dump, includes locked and
+/// dump-excluded memory).
+fn process_memory(pid: u32) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut all = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.contains("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let a = u64::from_str_radix(a, 16).unwrap();
+        let b = u64::from_str_radix(b, 16).unwrap();
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.seek(SeekFrom::Start(a)).is_ok() && mem.read_exact(&mut buf).is_ok() {
+            all.extend_from_slice(&buf);
+        }
+    }
+    all
 }
 
 #[test]
 fn a_mount_daemon_keeps_its_keys_out_of_dumps_swap_and_other_processes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().canonicalize().unwrap();
-    for d in ["m", "run"] {
-        fs::create_dir(dir.join(d)).unwrap();
-    }
-    for p in [dir.clone(), dir.join("m"), dir.join("run")] {
-        chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
-    }
-    // A standard system's udev makes /dev/fuse 0666 so users can mount
-    // (fuser opens it directly); some containers leave it 0600.
-    let fuse = fs::metadata("/dev/fuse").unwrap();
-    if fuse.mode() & 0o006 != 0o006 {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
-    }
-    ok(as_nobody(&dir, &["keygen", "k"]), "keygen");
-    ok(
-        as_nobody(
-            &dir,
-            &["create", "v.vol", "--size", "256M", "--key-file", "k"],
-        ),
-        "create",
-    );
-    ok(
-        as_nobody(&dir, &["mount", "v.vol", "m", "--key-file", "k"]),
-        "mount as an unprivileged user",
-    );
-    let _unmount = Unmount(dir.join("m"));
-    // Some work for the daemon (a non-root mount is its user's alone).
-    ok(
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "sh",
-                "-c",
-            ])
-            .arg("echo hello > m/hello && cat m/hello")
-            .current_dir(&dir)
-            .output()
-            .unwrap(),
-        "write as nobody",
-    );
+    let mounted = NobodysMount::new();
+    let dir = mounted.dir.clone();
     let pid = daemon_pid(&dir);
 
     // Not dumpable: the kernel gives its /proc entries to root although
@@ -199,6 +242,44 @@ fn a_mount_daemon_keeps_its_keys_out_of_dumps_swap_and_other_processes() {
         assert!(!contains(&image, key), "{what} is in the core dump");
     }
     fs::remove_file(&core).unwrap();
+
+    // The master key and the KEK do not outlive the unlock: all of the
+    // daemon's memory, locked pages included, read as root, holds the
+    // derived keys it needs (which shows that the scan sees key memory)
+    // and neither the master key nor the KEK.
+    let memory = process_memory(pid);
+    assert!(
+        contains(&memory, &derived[64..]) || contains(&memory, &derived[..32]),
+        "the derived keys are not found in the daemon's memory: the scan is blind"
+    );
+    for (what, key) in &secrets[..2] {
+        assert!(
+            !contains(&memory, key),
+            "{what} is still in the mount daemon's memory after the unlock"
+        );
+    }
+}
+
+/// A mount made by an unprivileged user serves that user alone: FUSE
+/// without `allow_other` refuses every other uid, root included.
+#[test]
+fn a_users_mount_serves_that_user_alone() {
+    let mounted = NobodysMount::new();
+    let dir = &mounted.dir;
+    ok(
+        in_shell_as(NOBODY, dir, "cat m/hello && ls m"),
+        "the owner reads",
+    );
+    for uid in [1u32, 0] {
+        let o = in_shell_as(uid, dir, "ls m; stat m/hello; cat m/hello");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "uid {uid} used nobody's mount");
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("hello"),
+            "uid {uid} read nobody's file"
+        );
+        assert!(err.contains("Permission denied"), "uid {uid}: {err}");
+    }
 }
 
 /// Every systemd unit the project ships forbids core files and locks the

@@ -44,29 +44,52 @@ struct KeyServer {
 
 impl KeyServer {
     fn start() -> KeyServer {
+        KeyServer::start_as(None)
+    }
+
+    /// A server at `real`'s address with `real`'s TLS certificate and key,
+    /// but its own database and master key: what an attacker who took over
+    /// the key server's machine (or its TLS key) would run. `real` must be
+    /// stopped first.
+    fn impostor_of(real: &KeyServer) -> KeyServer {
+        KeyServer::start_as(Some(real))
+    }
+
+    fn start_as(impostor_of: Option<&KeyServer>) -> KeyServer {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         let ks = keyserver_bin();
-        for args in [
-            vec![
-                "gen-cert",
-                "--cert",
-                "cert.pem",
-                "--key",
-                "cert.key",
-                "127.0.0.1",
-            ],
-            vec!["gen-master-key", "master-key"],
-        ] {
-            let o = run(&ks, &args, p, &[]);
+        if let Some(real) = impostor_of {
+            for f in ["cert.pem", "cert.key"] {
+                std::fs::copy(real.dir.path().join(f), p.join(f)).unwrap();
+            }
+        } else {
+            let o = run(
+                &ks,
+                &[
+                    "gen-cert",
+                    "--cert",
+                    "cert.pem",
+                    "--key",
+                    "cert.key",
+                    "127.0.0.1",
+                ],
+                p,
+                &[],
+            );
             assert!(o.status.success(), "{}", text(&o));
         }
+        let o = run(&ks, &["gen-master-key", "master-key"], p, &[]);
+        assert!(o.status.success(), "{}", text(&o));
         // A fixed port, so that a restarted server has the same URL.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = match impostor_of {
+            Some(real) => real.url.rsplit(':').next().unwrap().parse().unwrap(),
+            None => std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        };
         std::fs::write(
             p.join("config.toml"),
             format!(
@@ -453,4 +476,175 @@ fn the_key_servers_master_key_stays_out_of_its_core() {
         !image.windows(hex.len()).any(|w| w == hex.as_bytes()),
         "the master key file's text is in the key server's core"
     );
+}
+
+/// The host's sealed store, opened here as `lsvfs` opens it on that host
+/// (the measurement is the one `src/keys/sealed.rs` documents).
+fn open_store(h: &Host) -> lsvfs::keys::SealedStore {
+    use sha2::Digest;
+    let id = std::fs::read(&h.machine_id).unwrap();
+    let mut m = sha2::Sha256::new();
+    m.update(b"lsvfs v1 host measurement\0");
+    m.update(id.trim_ascii());
+    let measured: [u8; 32] = m.finalize().into();
+    let secret: [u8; 32] = std::fs::read(h.store.join("host-secret"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let sealed = std::fs::read(h.store.join("sealed")).unwrap();
+    lsvfs::keys::SealedStore::unseal(&h.store, &sealed, &secret, &measured).unwrap()
+}
+
+/// How a host's store reaches its key server, as a client configuration.
+fn client_of(store: &lsvfs::keys::SealedStore) -> lsvfs_keyserver::client::ClientConfig {
+    lsvfs_keyserver::client::ClientConfig {
+        url: store.keyserver_url.clone(),
+        ca_pem: Some(store.ca_pem.clone()),
+        timeout: Duration::from_secs(10),
+        attempts: 1,
+    }
+}
+
+fn header_of(path: &Path) -> lsvfs::volume::Header {
+    let mut block = [0u8; lsvfs::BLOCK_SIZE];
+    block.copy_from_slice(&std::fs::read(path).unwrap()[..lsvfs::BLOCK_SIZE]);
+    lsvfs::volume::Header::decode(&block).unwrap()
+}
+
+/// Writes `h` over both header copies of the volume file at `path`.
+fn put_header(path: &Path, h: &lsvfs::volume::Header) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for blk in lsvfs::volume::format::HEADER_BLOCKS {
+        f.write_all_at(&h.encode()[..], blk * lsvfs::BLOCK_SIZE as u64)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// Writes a key file holding `kek` (the format of `lsvfs keygen`).
+fn write_key_file(path: &Path, kek: &[u8; 32]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let hex: String = kek.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, format!("lsvfs-key-v1 {hex}\n").as_bytes()).unwrap();
+}
+
+/// SECURITY.md C13 and C14. A key server that has been taken over (its
+/// database, its master key, its TLS key) holds the volume's KEK, but that
+/// KEK opens no key slot of the volume file: with the file alone it gets
+/// no data. And a server that answers with a KEK of its own making cannot
+/// make the host mount anything: the KEK does not open the sealed key, so
+/// "wrong key", and the host's sealed store is left as it was.
+#[test]
+fn a_compromised_key_server_gets_no_data_and_cannot_make_a_host_mount_wrong_data() {
+    use lsvfs_keyserver::client::{self, HostIdentity};
+    let mut ks = KeyServer::start();
+    let a = Host::new("host-c-machine-id");
+    let id = a.init(&ks, &ks.ca());
+    ks.admin(&["enroll", "host-c", &id]);
+    a.ok(&["create", "v.vol", "--size", "256M", "--keyserver", &ks.url]);
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/secret"), b"the host's data").unwrap();
+    a.ok(&["unmount", "m"]);
+
+    // The KEK the server holds for the volume (what its database and
+    // master key give an attacker), fetched as the host fetches it.
+    let store = open_store(&a);
+    let host = HostIdentity::from_secret(&store.identity);
+    let header = header_of(&a.p().join("v.vol"));
+    let vid = header.volume_id;
+    let kek = client::unlock(&client_of(&store), &host, vid, 1)
+        .unwrap()
+        .kek;
+    let as_kek = lsvfs::crypto::Kek::from_bytes(zeroize::Zeroizing::new(*kek.key));
+    // C13: no slot of the volume file opens with it, by the library and
+    // through the binary (the KEK written out as a key file).
+    let e = lsvfs::keys::unlock(&header, &as_kek)
+        .err()
+        .expect("the server's KEK opened the volume file");
+    assert!(e.to_string().contains("no key slot"), "{e}");
+    write_key_file(&a.p().join("server-kek"), &kek.key);
+    a.fails(
+        &["check", "v.vol", "--key-file", "server-kek"],
+        5,
+        "wrong key",
+    );
+
+    // C14: an impostor with the server's address and TLS key, where this
+    // host is enrolled and the volume registered under a KEK of its own.
+    ks.stop();
+    let evil = KeyServer::impostor_of(&ks);
+    evil.admin(&["enroll", "host-c", &id]);
+    client::register_volume(&client_of(&store), &host, vid).unwrap();
+    let sealed_before = std::fs::read(a.store.join("sealed")).unwrap();
+    a.fails(&["mount", "v.vol", "m"], 5, "does not open the sealed key");
+    assert!(!a.p().join("m/secret").exists(), "nothing is mounted");
+    assert_eq!(
+        std::fs::read(a.store.join("sealed")).unwrap(),
+        sealed_before,
+        "the impostor changed the host's sealed store"
+    );
+    // A rotation on the impostor (a "newer" KEK) changes nothing either.
+    evil.admin(&["rotate-kek", &lsvfs::keys::hex(&vid)]);
+    a.fails(&["mount", "v.vol", "m"], 5, "does not open the sealed key");
+    assert_eq!(
+        std::fs::read(a.store.join("sealed")).unwrap(),
+        sealed_before
+    );
+    drop(evil);
+    // The real server back: the host mounts its own data.
+    ks.spawn();
+    a.ok(&["mount", "v.vol", "m"]);
+    assert_eq!(
+        std::fs::read(a.p().join("m/secret")).unwrap(),
+        b"the host's data"
+    );
+    a.ok(&["unmount", "m"]);
+}
+
+/// SECURITY.md A16. An attacker's volume, made to carry the victim's
+/// volume id in its header, does not mount on the victim's host as the
+/// victim's volume: the sealed key's check value differs ("wrong key");
+/// with the victim's check value copied too, the key is the victim's but
+/// the attacker's checkpoints do not verify under it.
+#[test]
+fn a_volume_made_to_carry_another_volumes_id_does_not_mount_as_it() {
+    let ks = KeyServer::start();
+    let a = Host::new("host-v-machine-id");
+    let id = a.init(&ks, &ks.ca());
+    ks.admin(&["enroll", "host-v", &id]);
+    a.ok(&["create", "v.vol", "--size", "256M", "--keyserver", &ks.url]);
+    // The attacker's volume, under a key of the attacker's.
+    a.ok(&["keygen", "attacker.key"]);
+    a.ok(&[
+        "create",
+        "x.vol",
+        "--size",
+        "256M",
+        "--key-file",
+        "attacker.key",
+    ]);
+    a.ok(&["mount", "x.vol", "m", "--key-file", "attacker.key"]);
+    std::fs::write(a.p().join("m/planted"), b"attacker's data").unwrap();
+    a.ok(&["unmount", "m"]);
+
+    let victim = header_of(&a.p().join("v.vol"));
+    let mut forged = header_of(&a.p().join("x.vol"));
+    forged.volume_id = victim.volume_id;
+    put_header(&a.p().join("x.vol"), &forged);
+    a.fails(&["mount", "x.vol", "m"], 5, "does not open the sealed key");
+    assert!(!a.p().join("m/planted").exists());
+
+    forged.key_check = victim.key_check;
+    put_header(&a.p().join("x.vol"), &forged);
+    a.fails(&["mount", "x.vol", "m"], 4, "no valid checkpoint");
+    assert!(!a.p().join("m/planted").exists());
+    // The victim's own volume is unaffected.
+    a.ok(&["check", "v.vol"]);
 }

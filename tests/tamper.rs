@@ -316,6 +316,61 @@ fn wrong_key_is_reported_as_wrong_key() {
     ));
 }
 
+/// KNOWN LIMITATION (docs/SECURITY.md A17): an older copy of the whole
+/// backing file is authentic and opens without complaint, showing the old
+/// data. This test pins today's behaviour so that it cannot change
+/// unnoticed: when rollback protection lands (it is planned), it must be
+/// turned around to assert that the copy is refused.
+#[test]
+fn known_limitation_a_whole_file_rollback_opens_without_complaint() {
+    let dev = written();
+    let old_image = dev.image();
+    let v = open(dev.clone());
+    let mut data = Vec::new();
+    for l in 0..32 {
+        data.extend_from_slice(&block(l, 2));
+    }
+    v.write(Lba(0), &data).unwrap();
+    v.close().unwrap();
+    let rolled_back = Arc::new(MemDevice::from_image(old_image));
+    let v = open(rolled_back);
+    assert_eq!(read_block(&v, 7).unwrap(), block(7, 1), "the old data");
+    v.close().unwrap();
+}
+
+/// KNOWN LIMITATION (docs/SECURITY.md B8): removing a key slot does not
+/// revoke the key file against someone who kept a copy of the old header,
+/// because the master key does not change. Pinned so that it is turned
+/// around when re-keying lands.
+#[test]
+fn known_limitation_a_removed_key_slot_still_opens_an_old_header() {
+    let kek = Kek::generate().unwrap();
+    let mk = MasterKey::generate().unwrap();
+    let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
+    slots[0] = keys::key_file_slot(&kek, &mk, &VOLUME_ID).unwrap();
+    let d = MemDevice::new();
+    let old = volume::create(
+        &d,
+        &mk,
+        VOLUME_ID,
+        slots,
+        &CreateOptions {
+            logical_blocks: 64,
+            segment_blocks: 16,
+        },
+    )
+    .unwrap();
+    let mut removed = old.clone();
+    removed.slots[0] = KeySlot::EMPTY;
+    assert!(keys::unlock(&removed, &kek).is_err(), "the slot is gone");
+    // The old header still unwraps the master key that opens the volume today.
+    let from_old = keys::unlock(&old, &kek).unwrap();
+    assert_eq!(from_old.expose(), mk.expose());
+    volume::write_header(&d, &removed).unwrap();
+    let v = Volume::open(Arc::new(d), &from_old, opts()).unwrap();
+    v.close().unwrap();
+}
+
 #[test]
 fn random_corruption_never_returns_wrong_data() {
     // Overwrite random blocks of a written volume with garbage, many times:

@@ -116,6 +116,8 @@ impl<T> Drop for Locked<T> {
                 std::ptr::write_volatile(bytes.add(i), 0);
             }
             std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            #[cfg(test)]
+            tests::before_unmap(std::slice::from_raw_parts(bytes, self.map_len));
             libc::munlock(p.cast(), self.map_len);
             libc::munmap(p.cast(), self.map_len);
         }
@@ -183,6 +185,32 @@ fn scrub<const BYTES: usize>() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// What `Drop` left in the mapping just before unmapping it.
+        static LAST_UNMAPPED: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn before_unmap(bytes: &[u8]) {
+        LAST_UNMAPPED.with(|l| *l.borrow_mut() = Some(bytes.to_vec()));
+    }
+
+    #[test]
+    fn dropping_locked_memory_zeroes_the_whole_mapping_before_unmapping_it() {
+        let mut k = Locked::new([0u8; 48]).unwrap();
+        k.copy_from_slice(&[0xA5u8; 48]);
+        drop(k);
+        // The whole mapping (a page) is checked, not only the value's bytes.
+        let seen = LAST_UNMAPPED
+            .with(|l| l.borrow_mut().take())
+            .expect("drop ran");
+        assert!(seen.len() >= 4096, "the mapping is at least a page");
+        assert!(
+            seen.iter().all(|b| *b == 0),
+            "key bytes survived until munmap"
+        );
+    }
 
     #[test]
     fn locked_memory_holds_its_value_and_is_excluded_from_dumps() {

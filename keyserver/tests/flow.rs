@@ -177,6 +177,41 @@ fn restart_keeps_state_and_admin_socket_is_private() {
     );
 }
 
+/// The admin socket answers only root and the server's own user, by its
+/// own check too: with the socket's mode opened up (as a careless operator
+/// might), another user's request is refused and changes nothing.
+#[test]
+fn the_admin_socket_refuses_other_users_by_peer_credentials() {
+    let server = Server::start();
+    let mode = |m: u32| std::fs::Permissions::from_mode(m);
+    std::fs::set_permissions(server.dir.path(), mode(0o755)).unwrap();
+    std::fs::set_permissions(&server.socket, mode(0o666)).unwrap();
+    let host = HostIdentity::generate().public_hex();
+    let o = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::BIN,
+        ])
+        .args(["admin", "--socket"])
+        .arg(&server.socket)
+        .args(["--json", "enroll", "intruder", &host])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("only root or the server's user may use the admin socket"),
+        "{out}"
+    );
+    let hosts = server.admin_ok(&["list-hosts"]);
+    assert!(!hosts.to_string().contains(&host), "{hosts}");
+    // Root (the server's user here) still can.
+    server.admin_ok(&["enroll", "admin-host", &host]);
+    assert!(server.admin_ok(&["list-hosts"]).to_string().contains(&host));
+}
+
 #[test]
 fn admin_refusals_exit_3_with_a_reason() {
     let server = Server::start();
