@@ -648,3 +648,43 @@ fn a_volume_made_to_carry_another_volumes_id_does_not_mount_as_it() {
     // The victim's own volume is unaffected.
     a.ok(&["check", "v.vol"]);
 }
+
+/// SECURITY.md B5, a known limitation. A thief who copies a host's whole
+/// sealed store and its machine-id (a stolen root disk) opens the host's
+/// volumes while the host is still enrolled and the key server can be
+/// reached: the store signs as the host. Only revoking the host stops it.
+/// When a TPM backend binds the store to hardware, this test must change.
+#[test]
+fn known_limitation_a_stolen_store_opens_until_the_host_is_revoked() {
+    let ks = KeyServer::start();
+    let a = Host::new("machine-stolen");
+    let id = a.init(&ks, &ks.ca());
+    ks.admin(&["enroll", "host-s", &id]);
+    a.ok(&["create", "v.vol", "--size", "256M", "--keyserver", &ks.url]);
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/f"), b"the host's data").unwrap();
+    a.ok(&["unmount", "m"]);
+
+    // The thief's machine: a copy of the store, the machine-id and the volume.
+    let thief = Host::new("elsewhere");
+    std::fs::create_dir(&thief.store).unwrap();
+    std::fs::set_permissions(
+        &thief.store,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    for f in ["host-secret", "sealed"] {
+        std::fs::copy(a.store.join(f), thief.store.join(f)).unwrap();
+    }
+    std::fs::copy(&a.machine_id, &thief.machine_id).unwrap();
+    std::fs::copy(a.p().join("v.vol"), thief.p().join("v.vol")).unwrap();
+    thief.ok(&["mount", "v.vol", "m"]);
+    assert_eq!(
+        std::fs::read(thief.p().join("m/f")).unwrap(),
+        b"the host's data"
+    );
+    thief.ok(&["unmount", "m"]);
+
+    ks.admin(&["revoke", "host-s"]);
+    thief.fails(&["mount", "v.vol", "m"], 10, "revoked");
+}

@@ -456,13 +456,7 @@ fn snapshots_survive_remount_and_kill_9_while_being_taken_and_deleted() {
 fn the_control_socket_refuses_garbage_and_other_users() {
     let m = Mounted::with_size("256M");
     let mp = fs::canonicalize(m.m()).unwrap();
-    let sock = {
-        // The same derivation as the daemon's (FORMAT.md, "Control socket").
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(mp.as_os_str().as_encoded_bytes());
-        let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
-        Path::new("/run/lsvfs").join(format!("{hex}.sock"))
-    };
+    let sock = control_socket(Path::new("/run/lsvfs"), &mp);
     let mode = fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the socket is root's alone");
     for garbage in [
@@ -494,6 +488,51 @@ fn control_socket(run: &Path, mountpoint: &Path) -> std::path::PathBuf {
     let d = sha2::Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
     let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
     run.join(format!("{hex}.sock"))
+}
+
+/// The mount's own check of its peer's uid, alone: with the run directory
+/// opened to 0755 and the socket to 0666 (as a careless admin might),
+/// `nobody` reaches the socket and is still refused by its credentials;
+/// root is served.
+#[test]
+fn the_control_socket_refuses_other_users_by_peer_credentials() {
+    let m = Mounted::with_size("256M");
+    m.unmount();
+    let run = m.p().join("run");
+    fs::set_permissions(m.p(), fs::Permissions::from_mode(0o755)).unwrap();
+    let with_run = |args: &[&str]| {
+        let o = Command::new(BIN)
+            .args(args)
+            .current_dir(m.p())
+            .env("LSVFS_RUN_DIR", &run)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stderr).to_string();
+        (o.status.success(), text)
+    };
+    let (mounted, err) = with_run(&["mount", "v.vol", "m", "--key-file", "k"]);
+    assert!(mounted, "{err}");
+    let sock = control_socket(&run, &fs::canonicalize(m.m()).unwrap());
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o666)).unwrap();
+    let (listed, err) = as_nobody(
+        m.p(),
+        &format!(
+            "LSVFS_RUN_DIR={} {BIN} snapshot create m by-nobody",
+            run.display()
+        ),
+    );
+    assert!(!listed, "nobody took a snapshot");
+    assert!(
+        err.contains("the snapshot control socket is for root"),
+        "{err}"
+    );
+    assert!(!m.m().join(".snapshots/by-nobody").exists());
+    let (created, err) = with_run(&["snapshot", "create", "m", "by-root"]);
+    assert!(created, "{err}");
+    assert!(m.m().join(".snapshots/by-root").is_dir());
+    let (unmounted, err) = with_run(&["unmount", "m"]);
+    assert!(unmounted, "{err}");
 }
 
 /// A socket at the control path that another user serves (an impostor
