@@ -17,6 +17,21 @@ pub(super) struct Env {
 }
 
 impl Env {
+    /// The store and key-server settings a mount's options (`store=`,
+    /// `timeout=`, `attempts=`) choose instead of the global flags.
+    pub fn with_mount_options(self, o: &super::options::MountOptions) -> Env {
+        Env {
+            store: o.store.clone().unwrap_or(self.store),
+            server: keys::ServerOptions {
+                timeout: o.timeout.map_or(self.server.timeout, |s| {
+                    std::time::Duration::from_secs(s.max(1))
+                }),
+                attempts: o.attempts.map_or(self.server.attempts, |n| n.max(1)),
+            },
+            tuning: self.tuning,
+        }
+    }
+
     /// Where to get a volume's key: `key_file` if given, else this host's
     /// sealed store and the key server.
     pub fn keys(&self, key_file: Option<PathBuf>) -> Keys {

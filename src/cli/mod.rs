@@ -26,8 +26,10 @@ mod blocks;
 mod common;
 mod control;
 mod error;
+mod helper;
 mod host;
 mod mount;
+mod options;
 mod snapshot;
 mod volumes;
 
@@ -187,6 +189,21 @@ enum Cmd {
         /// `cp -a` of the mount do not walk every snapshot).
         #[arg(long)]
         show_snapshots: bool,
+        /// Mount read-only: every change fails with EROFS and nothing is
+        /// written to the volume (a crash's log is replayed in memory).
+        #[arg(long)]
+        read_only: bool,
+        /// Let other users in (their access is still checked against modes
+        /// and ACLs). Root's mounts always let them in; a user's need
+        /// `user_allow_other` in /etc/fuse.conf.
+        #[arg(long)]
+        allow_other: bool,
+        /// Options as mount(8) and fstab give them, comma-separated: ro, rw,
+        /// key_file=PATH, store=PATH, timeout=SECONDS, attempts=N,
+        /// show_snapshots, allow_other, noexec, nosuid, nodev, noatime,
+        /// sync, dirsync (and mount(8)'s own: defaults, _netdev, nofail, x-*).
+        #[arg(short = 'o', long = "options", value_name = "OPTS")]
+        options: Option<String>,
     },
     /// Snapshots of a mounted volume (root or the user who mounted it;
     /// through the mount's control socket).
@@ -220,6 +237,10 @@ enum Cmd {
 
 /// Runs the `lsvfs` command line.
 pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Error> {
+    let args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    if let Some(helper) = args.first().and_then(|a0| helper::by_name(a0.as_ref())) {
+        return helper(args);
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -258,12 +279,23 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             key_file,
             foreground,
             show_snapshots,
+            read_only,
+            allow_other,
+            options,
         } => {
-            let k = env.keys(key_file);
+            let mut opts = options::MountOptions::parse(options.as_deref().unwrap_or(""), false)?;
+            opts.read_only |= read_only;
+            opts.show_snapshots |= show_snapshots;
+            opts.allow_other |= allow_other;
+            if key_file.is_some() {
+                opts.key_file = key_file;
+            }
+            let env = env.with_mount_options(&opts);
+            let k = env.keys(opts.key_file.clone());
             if foreground {
-                mount::foreground(&volume, &mountpoint, &k, &env.tuning, show_snapshots)
+                mount::foreground(&volume, &mountpoint, &k, &env.tuning, &opts)
             } else {
-                mount::daemon(&volume, &mountpoint, &k, show_snapshots)
+                mount::daemon(&volume, &mountpoint, &k, &opts)
             }
         }
         Cmd::Unmount { mountpoint } => mount::unmount(&mountpoint),

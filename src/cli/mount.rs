@@ -10,6 +10,7 @@ use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use super::common::{open_device, Keys, Tuning};
+use super::options::MountOptions;
 use crate::error::Class;
 use crate::fs::{Fs, FsError, Snapshots};
 use crate::fuse::FuseFs;
@@ -60,7 +61,7 @@ pub fn foreground(
     mountpoint: &Path,
     k: &Keys,
     t: &Tuning,
-    show_snapshots: bool,
+    opts: &MountOptions,
 ) -> Result<(), Error> {
     // The kernel may need this process to make progress on writeback to
     // free memory: mark it as an I/O flusher (root only; harmless if
@@ -69,7 +70,7 @@ pub fn foreground(
     unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
-    let fs = Arc::new(open_fs(&path, k, t)?);
+    let fs = Arc::new(open_fs(&path, k, t, opts.read_only)?);
     // Signals are taken synchronously below; block them before any thread
     // starts so that every thread inherits the mask.
     let mut signals = SigSet::empty();
@@ -84,12 +85,27 @@ pub fn foreground(
         fs.clone(),
         Box::new(move || sync_mount(&synced)),
     ));
-    let session = fuser::spawn_mount(
-        FuseFs::new(fs.clone(), snaps.clone(), show_snapshots)?,
-        &mountpoint,
-        &mount_config(&path),
-    )
-    .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
+    let fuse = FuseFs::new(fs.clone(), snaps.clone(), opts.show_snapshots)?;
+    let config = mount_config(&path, opts);
+    // SAFETY: geteuid has no preconditions.
+    let (session, own_mount) = if unsafe { libc::geteuid() } == 0 {
+        // Root mounts with mount(2) itself, so that the mount's type is
+        // fuse.lsvfs (fuser's own mount says only "fuse"): umount(8) then
+        // finds umount.fuse.lsvfs, and findmnt -t fuse.lsvfs finds lsvfs.
+        let fd = kernel_mount(&path, &mountpoint, opts)?;
+        let s = fuser::Session::from_fd(fuse, fd, config.acl, config)
+            .and_then(|s| s.spawn())
+            .map_err(|e| {
+                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                Error::io(format!("serving the mount on {}", mountpoint.display()), e)
+            })?;
+        (s, true)
+    } else {
+        // A user's mount goes through fusermount3, which sets the type.
+        let s = fuser::spawn_mount(fuse, &mountpoint, &config)
+            .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
+        (s, false)
+    };
     tune_bdi(&mountpoint);
     let control = match super::control::serve(&mountpoint, snaps.clone()) {
         Ok(p) => Some(p),
@@ -109,10 +125,15 @@ pub fn foreground(
     }
 
     let by_signal = serve(&session, &fs, &signals);
-    let ended = if by_signal {
-        session.umount_and_join()
-    } else {
-        session.join()
+    let ended = match (by_signal, own_mount) {
+        (true, true) => {
+            // As fuser does for its own mounts: detach, then wait for the
+            // kernel to end the session.
+            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            session.join()
+        }
+        (true, false) => session.umount_and_join(),
+        (false, _) => session.join(),
     };
     if let Err(e) = ended {
         eprintln!("lsvfs: the FUSE session ended with an error: {e}");
@@ -168,33 +189,97 @@ fn sync_mount(mountpoint: &Path) -> Result<(), FsError> {
 }
 
 /// Opens the volume at `path` with the key `k` gives and mounts its file
-/// system (not yet in the kernel).
-fn open_fs(path: &Path, k: &Keys, t: &Tuning) -> Result<Fs, Error> {
-    let dev = open_device(path, true)?;
+/// system (not yet in the kernel). Read-only, nothing is written to the
+/// backing file: a log left by a crash is replayed in memory only, and
+/// the mount says so.
+fn open_fs(path: &Path, k: &Keys, t: &Tuning, read_only: bool) -> Result<Fs, Error> {
+    let dev = open_device(path, !read_only)?;
     let header = volume::read_header(&*dev)?;
     let master = k.master(&header)?;
     let opts = Options {
         crypto_threads: t.crypto_threads,
         chunk_bytes: t.chunk_bytes,
+        read_only,
         ..Options::default()
     };
     let v = volume::Volume::open(dev, &master, opts)?;
     drop(master);
+    let r = v.recovery();
+    if read_only && (r.transactions > 0 || r.dropped_records > 0) {
+        eprintln!(
+            "lsvfs: {} was not unmounted cleanly: {} transactions in its log were replayed in memory \
+             for this read-only mount{}, and the file was left unchanged; a read-write mount stores \
+             the replay",
+            path.display(),
+            r.transactions,
+            if r.dropped_records > 0 {
+                format!(" ({} records of an unfinished one ignored)", r.dropped_records)
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(Fs::mount(v)?)
 }
 
+/// Mounts /dev/fuse on `mountpoint` as type fuse.lsvfs (root only) and
+/// returns the FUSE device to serve it on.
+fn kernel_mount(
+    path: &Path,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<std::os::fd::OwnedFd, Error> {
+    use nix::mount::MsFlags;
+    use std::os::fd::AsRawFd;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| Error::io("opening /dev/fuse (is the fuse module loaded?)", e))?;
+    let st = nix::sys::stat::stat(mountpoint)
+        .map_err(|e| Error::io(format!("reading {}", mountpoint.display()), e.into()))?;
+    let mut flags = MsFlags::empty();
+    for (on, flag) in [
+        (opts.read_only, MsFlags::MS_RDONLY),
+        (opts.no_exec, MsFlags::MS_NOEXEC),
+        (opts.no_suid, MsFlags::MS_NOSUID),
+        (opts.no_dev, MsFlags::MS_NODEV),
+        (opts.no_atime, MsFlags::MS_NOATIME),
+        (opts.sync, MsFlags::MS_SYNCHRONOUS),
+        (opts.dir_sync, MsFlags::MS_DIRSYNC),
+    ] {
+        if on {
+            flags |= flag;
+        }
+    }
+    // Root's mounts let every user in (access is still checked by mode).
+    let data = format!(
+        "fd={},rootmode={:o},user_id=0,group_id=0,default_permissions,allow_other",
+        dev.as_raw_fd(),
+        st.st_mode & libc::S_IFMT,
+    );
+    nix::mount::mount(
+        Some(format!("lsvfs:{}", path.display()).as_str()),
+        mountpoint,
+        Some("fuse.lsvfs"),
+        flags,
+        Some(data.as_str()),
+    )
+    .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e.into()))?;
+    Ok(dev.into())
+}
+
 /// The mount's options and threads.
-fn mount_config(path: &Path) -> Config {
+fn mount_config(path: &Path, opts: &MountOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("lsvfs:{}", path.display())),
         MountOption::Subtype("lsvfs".into()),
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
     ];
+    config.mount_options.extend(opts.kernel());
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if opts.allow_other || unsafe { libc::geteuid() } == 0 {
         config.acl = SessionACL::All;
     }
     // One request thread per CPU (at least 2, at most 8): more only adds
@@ -255,14 +340,12 @@ fn detach_stderr() {
 
 /// Starts a foreground mount in the background and returns once it is
 /// mounted, or with its error.
-pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys, show_snapshots: bool) -> Result<(), Error> {
+pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys, opts: &MountOptions) -> Result<(), Error> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("finding the lsvfs binary", e))?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount").arg(path).arg(mountpoint);
-    if show_snapshots {
-        cmd.arg("--show-snapshots");
-    }
+    cmd.arg("-o").arg(opts.to_list());
     if let Some(f) = &k.key_file {
         cmd.arg("--key-file").arg(f);
     }
@@ -284,13 +367,16 @@ pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys, show_snapshots: bool) ->
     let mut line = String::new();
     let mut out = BufReader::new(child.stdout.take().expect("piped"));
     let _ = out.read_line(&mut line);
-    if line.starts_with(READY) {
-        print!("{line}");
-        return Ok(());
-    }
+    // What the daemon said before it was mounted (or why it failed). Once
+    // mounted it lets go of this pipe, so this read ends.
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);
+    }
+    if line.starts_with(READY) {
+        eprint!("{err}");
+        print!("{line}");
+        return Ok(());
     }
     let status = child
         .wait()
@@ -350,6 +436,17 @@ fn detach(mountpoint: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Detaches `mountpoint` now (umount -l); the daemon flushes and closes the
+/// volume once the last process using the mount lets go.
+pub fn detach_lazily(mountpoint: &Path) -> Result<(), Error> {
+    nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+        Error::io(
+            format!("detaching {} lazily", mountpoint.display()),
+            e.into(),
+        )
+    })
+}
+
 /// Unmounts and waits until the daemon has flushed and released the volume.
 pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
     let mountpoint = canonical(mountpoint)?;
@@ -362,7 +459,7 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
     detach(&mountpoint)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if crate::device::FileDevice::open(&vol, false).is_ok() {
+        if let Ok(false) = crate::device::FileDevice::is_held(&vol) {
             println!(
                 "unmounted {} and closed {}",
                 mountpoint.display(),

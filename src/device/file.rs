@@ -88,6 +88,17 @@ impl FileDevice {
         })
     }
 
+    /// Whether some process holds the volume at `path` open (a mount,
+    /// read-write or read-only, or another command): its lock is taken.
+    pub fn is_held(path: &Path) -> io::Result<bool> {
+        let file = File::open(path)?;
+        match Self::lock(&file, path, libc::LOCK_EX) {
+            Ok(()) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Opens a block device (or file) for `create`, with the lock held.
     pub fn open_for_create(path: &Path) -> io::Result<Self> {
         match std::fs::metadata(path) {

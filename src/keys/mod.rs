@@ -75,6 +75,16 @@ pub struct ServerOptions {
     pub attempts: u32,
 }
 
+impl Default for ServerOptions {
+    /// The `lsvfs` command line's defaults (`--timeout 10 --attempts 4`).
+    fn default() -> Self {
+        ServerOptions {
+            timeout: Duration::from_secs(10),
+            attempts: 4,
+        }
+    }
+}
+
 fn client_config(store: &SealedStore, o: &ServerOptions) -> ClientConfig {
     ClientConfig {
         url: store.keyserver_url.clone(),

@@ -1,0 +1,248 @@
+//! Mount options, as `lsvfs mount -o OPTS` and the `mount.lsvfs` helper
+//! (run by mount(8) for `mount -t lsvfs` and fstab entries) take them.
+//!
+//! One parser for both, so that an fstab line and a command line mean the
+//! same thing. Unknown options are refused by name, unless the caller is
+//! sloppy (`mount -s`); options meant for mount(8), systemd or fstab
+//! (`_netdev`, `nofail`, `noauto`, `x-systemd.*`, ...) are accepted and
+//! ignored here.
+
+use std::path::PathBuf;
+
+use fuser::MountOption;
+
+use super::Error;
+
+/// What a mount is asked for, beyond the volume and the mountpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    /// `ro`: no write reaches the backing file (EROFS for every change).
+    pub read_only: bool,
+    /// `show_snapshots`: list `.snapshots` in the root directory.
+    pub show_snapshots: bool,
+    /// `allow_other`: other users may use the mount (their access is still
+    /// checked against modes and ACLs). Root's mounts always allow them.
+    pub allow_other: bool,
+    /// `noexec`, `nosuid`, `nodev`, `noatime`, `sync`, `dirsync`: passed to
+    /// the kernel.
+    pub no_exec: bool,
+    pub no_suid: bool,
+    pub no_dev: bool,
+    pub no_atime: bool,
+    pub sync: bool,
+    pub dir_sync: bool,
+    /// `key_file=PATH`: a recovery key file instead of the key server.
+    pub key_file: Option<PathBuf>,
+    /// `store=PATH`: this host's sealed store.
+    pub store: Option<PathBuf>,
+    /// `timeout=SECONDS`: one exchange with the key server.
+    pub timeout: Option<u64>,
+    /// `attempts=N`: tries to reach the key server before giving up.
+    pub attempts: Option<u32>,
+}
+
+/// Options for mount(8), fstab or systemd, not for lsvfs.
+const IGNORED: &[&str] = &[
+    "defaults",
+    "auto",
+    "noauto",
+    "_netdev",
+    "nofail",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "relatime",
+    "atime",
+    "rw",
+    "exec",
+    "suid",
+    "dev",
+    "async",
+    "nosymfollow",
+];
+
+/// What `unknown option` lists as known.
+const KNOWN: &str = "ro, rw, key_file=PATH, store=PATH, timeout=SECONDS, attempts=N, \
+    show_snapshots, allow_other, noexec, nosuid, nodev, noatime, sync, dirsync, \
+    and mount(8)'s own (defaults, auto, noauto, _netdev, nofail, x-*)";
+
+impl MountOptions {
+    /// Applies a comma-separated option list (later options win). With
+    /// `sloppy`, unknown options are ignored instead of refused.
+    pub fn apply(&mut self, list: &str, sloppy: bool) -> Result<(), Error> {
+        for opt in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (name, value) = match opt.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (opt, None),
+            };
+            let flag = |set: &mut bool, on: bool| -> Result<(), Error> {
+                if value.is_some() {
+                    return Err(Error::Usage(format!(
+                        "mount option {name:?} takes no value (got {opt:?})"
+                    )));
+                }
+                *set = on;
+                Ok(())
+            };
+            let need = || -> Result<&str, Error> {
+                match value {
+                    Some(v) if !v.is_empty() => Ok(v),
+                    _ => Err(Error::Usage(format!(
+                        "mount option {name:?} needs a value ({name}=...)"
+                    ))),
+                }
+            };
+            let number = |what: &str| -> Result<u64, Error> {
+                let v = need()?;
+                v.parse().map_err(|_| {
+                    Error::Usage(format!(
+                        "mount option {name}={v}: {what} must be a whole number"
+                    ))
+                })
+            };
+            match name {
+                "ro" => flag(&mut self.read_only, true)?,
+                "rw" => flag(&mut self.read_only, false)?,
+                "show_snapshots" => flag(&mut self.show_snapshots, true)?,
+                "allow_other" => flag(&mut self.allow_other, true)?,
+                "noexec" => flag(&mut self.no_exec, true)?,
+                "exec" => flag(&mut self.no_exec, false)?,
+                "nosuid" => flag(&mut self.no_suid, true)?,
+                "suid" => flag(&mut self.no_suid, false)?,
+                "nodev" => flag(&mut self.no_dev, true)?,
+                "dev" => flag(&mut self.no_dev, false)?,
+                "noatime" => flag(&mut self.no_atime, true)?,
+                "atime" | "relatime" => flag(&mut self.no_atime, false)?,
+                "sync" => flag(&mut self.sync, true)?,
+                "async" => flag(&mut self.sync, false)?,
+                "dirsync" => flag(&mut self.dir_sync, true)?,
+                "key_file" | "keyfile" => self.key_file = Some(PathBuf::from(need()?)),
+                "store" => self.store = Some(PathBuf::from(need()?)),
+                "timeout" => self.timeout = Some(number("the timeout in seconds")?),
+                "attempts" => {
+                    let n = number("the number of attempts")?;
+                    self.attempts = Some(u32::try_from(n).map_err(|_| {
+                        Error::Usage(format!("mount option attempts={n} is too large"))
+                    })?);
+                }
+                _ if IGNORED.contains(&name) || name.starts_with("x-") || name == "comment" => {}
+                _ if sloppy => {}
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "unknown mount option {opt:?}; lsvfs knows {KNOWN}"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses a comma-separated option list onto the defaults.
+    pub fn parse(list: &str, sloppy: bool) -> Result<MountOptions, Error> {
+        let mut o = MountOptions::default();
+        o.apply(list, sloppy)?;
+        Ok(o)
+    }
+
+    /// The options the kernel gets, besides lsvfs's own (fsname, subtype,
+    /// default_permissions).
+    pub fn kernel(&self) -> Vec<MountOption> {
+        let pick = |no: bool, yes: MountOption, not: MountOption| if no { not } else { yes };
+        let mut k = vec![
+            pick(self.read_only, MountOption::RW, MountOption::RO),
+            pick(self.no_exec, MountOption::Exec, MountOption::NoExec),
+            pick(self.no_suid, MountOption::Suid, MountOption::NoSuid),
+            pick(self.no_dev, MountOption::Dev, MountOption::NoDev),
+        ];
+        if self.no_atime {
+            k.push(MountOption::NoAtime);
+        }
+        if self.sync {
+            k.push(MountOption::Sync);
+        }
+        if self.dir_sync {
+            k.push(MountOption::DirSync);
+        }
+        k
+    }
+
+    /// The option list that gives these options back (keys and key-server
+    /// settings excluded: those travel as their own flags).
+    pub fn to_list(&self) -> String {
+        let mut l = vec![if self.read_only { "ro" } else { "rw" }];
+        for (on, name) in [
+            (self.show_snapshots, "show_snapshots"),
+            (self.allow_other, "allow_other"),
+            (self.no_exec, "noexec"),
+            (self.no_suid, "nosuid"),
+            (self.no_dev, "nodev"),
+            (self.no_atime, "noatime"),
+            (self.sync, "sync"),
+            (self.dir_sync, "dirsync"),
+        ] {
+            if on {
+                l.push(name);
+            }
+        }
+        l.join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fstab_options_parse_and_round_trip() {
+        let o = MountOptions::parse(
+            "defaults,_netdev,nofail,x-systemd.requires=lsvfs-keyserver.service,ro,\
+             key_file=/etc/lsvfs/k,store=/var/lib/s,timeout=3,attempts=9,show_snapshots,\
+             noexec,nosuid,nodev,noatime,allow_other,comment=backup",
+            false,
+        )
+        .unwrap();
+        assert!(o.read_only && o.show_snapshots && o.allow_other);
+        assert!(o.no_exec && o.no_suid && o.no_dev && o.no_atime);
+        assert_eq!(o.key_file, Some(PathBuf::from("/etc/lsvfs/k")));
+        assert_eq!(o.store, Some(PathBuf::from("/var/lib/s")));
+        assert_eq!((o.timeout, o.attempts), (Some(3), Some(9)));
+        assert!(o.kernel().contains(&MountOption::RO));
+        assert!(o.kernel().contains(&MountOption::NoExec));
+        let back = MountOptions::parse(&o.to_list(), false).unwrap();
+        assert_eq!(
+            back,
+            MountOptions {
+                key_file: None,
+                store: None,
+                timeout: None,
+                attempts: None,
+                ..o
+            }
+        );
+        // Later options win.
+        let o = MountOptions::parse("ro,noexec,rw,exec", false).unwrap();
+        assert_eq!(o, MountOptions::default());
+        assert!(o.kernel().contains(&MountOption::RW));
+    }
+
+    #[test]
+    fn bad_options_are_refused_by_name() {
+        for (list, says) in [
+            ("ro,fancy", "unknown mount option \"fancy\""),
+            ("key_file", "needs a value"),
+            ("key_file=", "needs a value"),
+            ("ro=1", "takes no value"),
+            ("timeout=soon", "must be a whole number"),
+            ("attempts=99999999999", "too large"),
+        ] {
+            let e = MountOptions::parse(list, false).unwrap_err().to_string();
+            assert!(e.contains(says), "{list}: {e}");
+        }
+        // Sloppy (mount -s) ignores what it does not know, and still
+        // checks what it does.
+        assert!(MountOptions::parse("ro,fancy", true).unwrap().read_only);
+        assert!(MountOptions::parse("timeout=soon", true).is_err());
+    }
+}

@@ -1,0 +1,352 @@
+//! lsvfs as the host mounts file systems: `mount -t lsvfs`, fstab entries
+//! through the mount.lsvfs helper, `umount` through umount.fuse.lsvfs, and
+//! read-only mounts that leave the backing file's bytes as they were.
+//! Everything goes through the real mount(8), umount(8) and kernel FUSE.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::mounted::{lsvfs, ok, sh_in, Mounted};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lsvfs");
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs a shell command in `dir`; returns (success, stdout and stderr).
+fn try_sh(dir: &Path, cmd: &str) -> (bool, String) {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (o.status.success(), text(&o))
+}
+
+/// The helpers mount(8) and umount(8) look for, linked to the binary under
+/// test for as long as this lives; whatever was there before (an installed
+/// package's links) is put back afterwards.
+struct Helpers {
+    saved: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+impl Helpers {
+    fn install() -> Helpers {
+        let mut saved = Vec::new();
+        for name in ["mount.lsvfs", "umount.fuse.lsvfs"] {
+            let link = Path::new("/sbin").join(name);
+            let before = fs::read_link(&link).ok();
+            assert!(
+                before.is_some() || !link.exists(),
+                "{} is a file, not a link; not replacing it",
+                link.display()
+            );
+            let tmp = link.with_extension("lsvfs-test");
+            let _ = fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(BIN, &tmp).unwrap();
+            fs::rename(&tmp, &link).unwrap();
+            saved.push((link, before));
+        }
+        Helpers { saved }
+    }
+}
+
+impl Drop for Helpers {
+    fn drop(&mut self) {
+        for (link, before) in &self.saved {
+            match before {
+                Some(target) => {
+                    let tmp = link.with_extension("lsvfs-test");
+                    let _ = fs::remove_file(&tmp);
+                    let _ = std::os::unix::fs::symlink(target, &tmp);
+                    let _ = fs::rename(&tmp, link);
+                }
+                None => {
+                    let _ = fs::remove_file(link);
+                }
+            }
+        }
+    }
+}
+
+/// The mountinfo line of the mount on `dir`, if any.
+fn mountinfo(dir: &Path) -> Option<String> {
+    let dir = fs::canonicalize(dir).ok()?;
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == dir.to_str())
+        .map(String::from)
+}
+
+fn sha256(path: &Path) -> String {
+    sh_in(Path::new("/"), &format!("sha256sum {}", path.display()))
+}
+
+/// A new volume `name`.vol with its key file `name`.key and mountpoint
+/// `name`, in `dir`.
+fn new_volume(dir: &Path, name: &str) {
+    ok(&["keygen", &format!("{name}.key")], dir);
+    ok(
+        &[
+            "create",
+            &format!("{name}.vol"),
+            "--size",
+            "256M",
+            "--key-file",
+            &format!("{name}.key"),
+        ],
+        dir,
+    );
+    fs::create_dir(dir.join(name)).unwrap();
+}
+
+/// An fstab with two lsvfs volumes, mounted with `mount --fstab F -a`,
+/// used, and unmounted with plain `umount`; each `umount` returns only
+/// once its volume is closed (`lsvfs check` opens it at once). Bad options
+/// fail naming the option, and mount(8)'s own options pass.
+#[test]
+fn fstab_entries_mount_with_mount_a_and_umount_closes_the_volume() {
+    let _helpers = Helpers::install();
+    let d = tempfile::tempdir().unwrap();
+    let p = fs::canonicalize(d.path()).unwrap();
+    new_volume(&p, "data");
+    new_volume(&p, "archive");
+    // The archive gets a file before it is mounted read-only from fstab.
+    ok(
+        &[
+            "mount",
+            "archive.vol",
+            "archive",
+            "--key-file",
+            "archive.key",
+        ],
+        &p,
+    );
+    fs::write(p.join("archive/old"), b"kept").unwrap();
+    ok(&["unmount", "archive"], &p);
+
+    let fstab = p.join("fstab");
+    let at = |f: &str| p.join(f).display().to_string();
+    fs::write(
+        &fstab,
+        format!(
+            "# lsvfs volumes\n\
+             {} {} lsvfs defaults,_netdev,nofail,x-systemd.requires=network-online.target,key_file={},noexec,nodev 0 0\n\
+             {} {} lsvfs ro,key_file={},show_snapshots,comment=backups 0 0\n",
+            at("data.vol"),
+            at("data"),
+            at("data.key"),
+            at("archive.vol"),
+            at("archive"),
+            at("archive.key"),
+        ),
+    )
+    .unwrap();
+    let (mounted, out) = try_sh(&p, &format!("mount --fstab {} -a", fstab.display()));
+    assert!(mounted, "mount -a: {out}");
+
+    let data = mountinfo(&p.join("data")).expect("data is mounted");
+    assert!(data.contains(" - fuse.lsvfs lsvfs:"), "{data}");
+    assert!(data.contains("noexec") && data.contains("nodev"), "{data}");
+    let archive = mountinfo(&p.join("archive")).expect("archive is mounted");
+    assert!(archive.contains(" ro,"), "{archive}");
+    // The options took effect: writes, noexec, ro, show_snapshots.
+    sh_in(&p, "echo hello > data/f && cp /bin/true data/t && sync");
+    let (ran, out) = try_sh(&p, "./data/t");
+    assert!(!ran && out.contains("Permission denied"), "noexec: {out}");
+    assert_eq!(fs::read(p.join("archive/old")).unwrap(), b"kept");
+    let (wrote, out) = try_sh(&p, "touch archive/new");
+    assert!(!wrote && out.contains("Read-only file system"), "{out}");
+    assert!(sh_in(&p, "ls -a archive").contains(".snapshots"));
+
+    // umount waits for the daemon: the volume opens right after.
+    for name in ["data", "archive"] {
+        let (unmounted, out) = try_sh(&p, &format!("umount {name}"));
+        assert!(unmounted, "umount {name}: {out}");
+        assert!(mountinfo(&p.join(name)).is_none());
+        let c = ok(
+            &[
+                "check",
+                &format!("{name}.vol"),
+                "--key-file",
+                &format!("{name}.key"),
+            ],
+            &p,
+        );
+        assert!(c.contains("clean"), "{c}");
+    }
+    // The data written through the fstab mount is there.
+    let (mounted, out) = try_sh(&p, &format!("mount -T {} {}", fstab.display(), at("data")));
+    assert!(mounted, "mount -T: {out}");
+    assert_eq!(fs::read(p.join("data/f")).unwrap(), b"hello\n");
+    sh_in(&p, "umount data");
+
+    // mount -t with -o on the command line, and bad options named.
+    let (mounted, out) = try_sh(
+        &p,
+        "mount -t lsvfs data.vol data -o key_file=data.key,ro,noatime",
+    );
+    assert!(mounted, "mount -t lsvfs: {out}");
+    assert!(mountinfo(&p.join("data")).unwrap().contains("noatime"));
+    sh_in(&p, "umount data");
+    for (opts, says) in [
+        (
+            "key_file=data.key,compress=zstd",
+            "unknown mount option \"compress=zstd\"",
+        ),
+        ("key_file", "\"key_file\" needs a value"),
+        ("key_file=data.key,timeout=soon", "timeout=soon"),
+        ("key_file=missing.key", "missing.key"),
+    ] {
+        let (mounted, out) = try_sh(&p, &format!("mount -t lsvfs data.vol data -o {opts}"));
+        assert!(!mounted, "-o {opts} mounted");
+        assert!(out.contains(says), "-o {opts}: {out}");
+        assert!(mountinfo(&p.join("data")).is_none());
+    }
+    // Sloppy (-s) ignores what lsvfs does not know.
+    let (mounted, out) = try_sh(
+        &p,
+        "mount -s -t lsvfs data.vol data -o key_file=data.key,compress=zstd",
+    );
+    assert!(mounted, "mount -s: {out}");
+    sh_in(&p, "umount data");
+}
+
+/// Everything a read-only mount refuses, with the backing file's bytes
+/// hashed before and after: every change fails with EROFS (root's
+/// included, snapshots included), every read works.
+#[test]
+fn read_only_mounts_refuse_every_change_and_leave_the_file_unchanged() {
+    let m = Mounted::with_size("256M");
+    m.sh(
+        "mkdir d && echo one > d/f && echo two > g && ln -s g link && \
+         setfattr -n user.k -v v g && mkfifo fifo && sync",
+    );
+    ok(&["snapshot", "create", "m", "s1"], m.p());
+    m.unmount();
+    let before = sha256(&m.p().join("v.vol"));
+    for how in [&["--read-only"][..], &["-o", "ro"][..]] {
+        let mut args = vec!["mount", "v.vol", "m", "--key-file", "k"];
+        args.extend_from_slice(how);
+        ok(&args, m.p());
+        assert!(mountinfo(&m.m()).unwrap().contains(" ro,"));
+        // Reads work.
+        assert_eq!(m.sh("cat d/f g .snapshots/s1/g"), "one\ntwo\ntwo\n");
+        assert_eq!(m.sh("getfattr --only-values -n user.k g"), "v");
+        for change in [
+            "echo x > new",
+            "echo x >> g",
+            "truncate -s 0 g",
+            "rm g",
+            "mkdir e",
+            "rmdir d",
+            "mv g h",
+            "ln g hard",
+            "ln -s g soft",
+            "chmod 600 g",
+            "chown 1:1 g",
+            "touch g",
+            "setfattr -n user.k -v w g",
+            "setfattr -x user.k g",
+            "mknod n p",
+            "fallocate -l 1M g",
+            "mkdir .snapshots/s2",
+            "rmdir .snapshots/s1",
+            "echo x > .snapshots/s1/g",
+        ] {
+            let (done, out) = try_sh(&m.m(), change);
+            assert!(!done, "{change} succeeded on a read-only mount");
+            assert!(out.contains("Read-only file system"), "{change}: {out}");
+        }
+        let o = lsvfs(&["snapshot", "create", "m", "s3"], m.p());
+        assert!(!o.status.success());
+        assert!(text(&o).contains("read-only"), "{}", text(&o));
+        m.sh("sync");
+        m.unmount();
+        assert_eq!(
+            sha256(&m.p().join("v.vol")),
+            before,
+            "{how:?} changed the file"
+        );
+    }
+    // A read-only mount holds the volume: no writer may open it meanwhile.
+    ok(
+        &["mount", "v.vol", "m", "--key-file", "k", "--read-only"],
+        m.p(),
+    );
+    let o = lsvfs(&["check", "v.vol", "--key-file", "k"], m.p());
+    assert!(
+        text(&o).contains("clean"),
+        "a reader beside a reader: {}",
+        text(&o)
+    );
+    let o = lsvfs(
+        &[
+            "write-blocks",
+            "v.vol",
+            "--key-file",
+            "k",
+            "--input",
+            "/etc/hostname",
+        ],
+        m.p(),
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    m.unmount();
+    assert_eq!(sha256(&m.p().join("v.vol")), before);
+}
+
+/// A volume left by a crash (kill -9 after an fsync) mounts read-only: the
+/// mount says the log was replayed in memory, the fsynced data is there,
+/// and the file's bytes do not change. The next read-write mount stores
+/// the replay.
+#[test]
+fn a_read_only_mount_after_a_crash_replays_in_memory_and_says_so() {
+    let m = Mounted::with_size("256M");
+    m.sh("echo base > base && sync");
+    let pid = m.daemon_pid();
+    // coreutils' `sync FILE` fsyncs that file alone.
+    m.sh("head -c 300000 /dev/urandom > after && sync after");
+    let sum = m.sh("sha256sum after");
+    sh_in(
+        m.p(),
+        &format!("kill -9 {pid}; fusermount3 -uz m; sleep 0.3"),
+    );
+    let before = sha256(&m.p().join("v.vol"));
+    let out = ok(
+        &["mount", "v.vol", "m", "--key-file", "k", "--read-only"],
+        m.p(),
+    );
+    assert!(
+        out.contains("was not unmounted cleanly") && out.contains("replayed in memory"),
+        "{out}"
+    );
+    assert_eq!(m.sh("cat base"), "base\n");
+    assert_eq!(m.sh("sha256sum after"), sum);
+    m.unmount();
+    assert_eq!(
+        sha256(&m.p().join("v.vol")),
+        before,
+        "the read-only mount wrote"
+    );
+    // Read-write: the replay is stored, and the next mount has nothing to say.
+    m.mount();
+    assert_eq!(m.sh("sha256sum after"), sum);
+    m.unmount_and_check();
+    let out = ok(
+        &["mount", "v.vol", "m", "--key-file", "k", "--read-only"],
+        m.p(),
+    );
+    assert!(!out.contains("not unmounted cleanly"), "{out}");
+    m.unmount();
+}
