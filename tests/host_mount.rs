@@ -350,3 +350,30 @@ fn a_read_only_mount_after_a_crash_replays_in_memory_and_says_so() {
     assert!(!out.contains("not unmounted cleanly"), "{out}");
     m.unmount();
 }
+
+/// The boot-time mount unit passes `systemd-analyze verify` (with
+/// ExecStart pointed at the built binary, since verify checks that the
+/// program exists) and runs `lsvfs mount-entry` for its instance's path.
+/// What it runs is tested in tests/keyserver.rs
+/// (`the_boot_mount_waits_for_the_key_server_and_says_why`).
+#[test]
+fn the_boot_mount_unit_verifies() {
+    let unit = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/lsvfs-mount@.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("\nExecStart=/usr/bin/lsvfs mount-entry %f\n"));
+    assert!(unit.contains("\nType=notify\n") && unit.contains("\nRestart=on-failure\n"));
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("lsvfs-mount@srv-data.service");
+    fs::write(&path, unit.replace("/usr/bin/lsvfs", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd; scripts/setup.sh installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("lsvfs")).collect();
+    assert!(out.status.success() && ours.is_empty(), "{stderr}");
+}

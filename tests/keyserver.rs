@@ -688,3 +688,96 @@ fn known_limitation_a_stolen_store_opens_until_the_host_is_revoked() {
     ks.admin(&["revoke", "host-s"]);
     thief.fails(&["mount", "v.vol", "m"], 10, "revoked");
 }
+
+/// The boot-time mount (`lsvfs mount-entry`, what lsvfs-mount@.service
+/// runs) with the key server down: it waits, retrying with a growing
+/// delay, and its systemd status (NOTIFY_SOCKET, as systemd reads it) says
+/// why; once the server is back it mounts and reports READY; SIGTERM
+/// flushes, unmounts and ends it cleanly.
+#[test]
+fn the_boot_mount_waits_for_the_key_server_and_says_why() {
+    use std::os::unix::net::UnixDatagram;
+    let mut ks = KeyServer::start();
+    let a = Host::new("host-boot-machine-id");
+    let id = a.init(&ks, &ks.ca());
+    ks.admin(&["enroll", "host-boot", &id]);
+    a.ok(&["create", "v.vol", "--size", "256M", "--keyserver", &ks.url]);
+    ks.stop();
+
+    let p = a.p().canonicalize().unwrap();
+    std::fs::write(
+        p.join("fstab"),
+        format!(
+            "{0}/v.vol {0}/m lsvfs noauto,_netdev,store={1},timeout=1,attempts=1 0 0\n",
+            p.display(),
+            a.store.display()
+        ),
+    )
+    .unwrap();
+    let notify = UnixDatagram::bind(p.join("notify")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut service = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
+        .args(["mount-entry", "m", "--fstab", "fstab"])
+        .current_dir(&p)
+        .env("LSVFS_MACHINE_ID_FILE", &a.machine_id)
+        .env("NOTIFY_SOCKET", p.join("notify"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = notify.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    // Two tries refused, the delay growing; not ready meanwhile.
+    let first = next();
+    assert!(
+        first.contains("STATUS=waiting for the key server to unlock")
+            && first.contains("next try in 1 s"),
+        "{first}"
+    );
+    let second = next();
+    assert!(second.contains("next try in 2 s"), "{second}");
+    assert!(!first.contains("READY=1") && !second.contains("READY=1"));
+    assert!(!mounted_on(&p.join("m")));
+
+    ks.spawn();
+    let ready = loop {
+        let m = next();
+        if m.contains("READY=1") {
+            break m;
+        }
+        assert!(m.contains("waiting for the key server"), "{m}");
+    };
+    assert!(ready.contains("STATUS=mounted"), "{ready}");
+    assert!(mounted_on(&p.join("m")));
+    std::fs::write(p.join("m/booted"), b"yes").unwrap();
+
+    Command::new("kill")
+        .args(["-TERM", &service.id().to_string()])
+        .status()
+        .unwrap();
+    let status = service.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut service.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        stderr.contains("waiting for the key server"),
+        "the wait is logged too: {stderr}"
+    );
+    assert!(next().contains("STOPPING=1"));
+    assert!(!mounted_on(&p.join("m")));
+    a.ok(&["mount", "v.vol", "m"]);
+    assert_eq!(std::fs::read(p.join("m/booted")).unwrap(), b"yes");
+    a.ok(&["unmount", "m"]);
+}
+
+fn mounted_on(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == dir.to_str())
+}

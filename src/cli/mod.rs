@@ -205,6 +205,16 @@ enum Cmd {
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
         options: Option<String>,
     },
+    /// Mount the fstab entry (type lsvfs) for MOUNTPOINT in the
+    /// foreground, as the lsvfs-mount@.service unit does at boot: while the
+    /// key server cannot be reached it waits and retries (1 s doubling to
+    /// 60 s), saying why in the unit's status; ready once mounted.
+    MountEntry {
+        mountpoint: PathBuf,
+        /// The fstab file to read.
+        #[arg(long, default_value = "/etc/fstab")]
+        fstab: PathBuf,
+    },
     /// Snapshots of a mounted volume (root or the user who mounted it;
     /// through the mount's control socket).
     #[command(subcommand)]
@@ -293,10 +303,25 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             let env = env.with_mount_options(&opts);
             let k = env.keys(opts.key_file.clone());
             if foreground {
-                mount::foreground(&volume, &mountpoint, &k, &env.tuning, &opts)
+                mount::foreground(&volume, &mountpoint, &k, &env.tuning, &opts, false)
             } else {
                 mount::daemon(&volume, &mountpoint, &k, &opts)
             }
+        }
+        Cmd::MountEntry { mountpoint, fstab } => {
+            // fstab names mountpoints by absolute path.
+            let mountpoint = std::fs::canonicalize(&mountpoint).unwrap_or(mountpoint);
+            let text = std::fs::read_to_string(&fstab)
+                .map_err(|e| Error::io(format!("reading {}", fstab.display()), e))?;
+            let entry = options::fstab_entry(
+                &text,
+                &fstab.display().to_string(),
+                &mountpoint.display().to_string(),
+            )?;
+            let opts = options::MountOptions::parse(&entry.options, false)?;
+            let env = env.with_mount_options(&opts);
+            let k = env.keys(opts.key_file.clone());
+            mount::foreground(&entry.volume, &mountpoint, &k, &env.tuning, &opts, true)
         }
         Cmd::Unmount { mountpoint } => mount::unmount(&mountpoint),
         Cmd::Snapshot(c) => snapshot::run(c),

@@ -62,6 +62,7 @@ pub fn foreground(
     k: &Keys,
     t: &Tuning,
     opts: &MountOptions,
+    service: bool,
 ) -> Result<(), Error> {
     // The kernel may need this process to make progress on writeback to
     // free memory: mark it as an I/O flusher (root only; harmless if
@@ -70,7 +71,11 @@ pub fn foreground(
     unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
-    let fs = Arc::new(open_fs(&path, k, t, opts.read_only)?);
+    let fs = Arc::new(if service {
+        open_fs_waiting(&path, k, t, opts.read_only)?
+    } else {
+        open_fs(&path, k, t, opts.read_only)?
+    });
     // Signals are taken synchronously below; block them before any thread
     // starts so that every thread inherits the mask.
     let mut signals = SigSet::empty();
@@ -118,6 +123,17 @@ pub fn foreground(
     };
     println!("{READY} {} on {}", path.display(), mountpoint.display());
     let _ = std::io::stdout().flush();
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!(
+                "mounted {} on {}",
+                path.display(),
+                mountpoint.display()
+            )),
+        ],
+    );
     if std::env::var_os(DAEMON_CHILD).is_some() {
         // The starting `lsvfs mount` reads our stderr only until READY and
         // then exits: later messages would hit a closed pipe.
@@ -125,6 +141,13 @@ pub fn foreground(
     }
 
     let by_signal = serve(&session, &fs, &signals);
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("flushing and closing the volume"),
+        ],
+    );
     let ended = match (by_signal, own_mount) {
         (true, true) => {
             // As fuser does for its own mounts: detach, then wait for the
@@ -220,6 +243,33 @@ fn open_fs(path: &Path, k: &Keys, t: &Tuning, read_only: bool) -> Result<Fs, Err
         );
     }
     Ok(Fs::mount(v)?)
+}
+
+/// Longest wait between two tries to reach the key server.
+const KEYSERVER_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// [`open_fs`] for a service starting at boot: while the key server cannot
+/// be reached (exit code 9), waits and tries again (1 s, doubling up to a
+/// minute), saying why in the service's status and on stderr. Any other
+/// error ends it. SIGTERM ends the wait.
+fn open_fs_waiting(path: &Path, k: &Keys, t: &Tuning, read_only: bool) -> Result<Fs, Error> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match open_fs(path, k, t, read_only) {
+            Err(e) if e.exit_code() == 9 => {
+                let status = format!(
+                    "waiting for the key server to unlock {}: {e}; next try in {} s",
+                    path.display(),
+                    delay.as_secs()
+                );
+                eprintln!("lsvfs: {status}");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(KEYSERVER_RETRY_MAX);
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Mounts /dev/fuse on `mountpoint` as type fuse.lsvfs (root only) and

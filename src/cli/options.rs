@@ -190,6 +190,65 @@ impl MountOptions {
     }
 }
 
+/// An fstab entry of type lsvfs: the volume and its options.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FstabEntry {
+    pub volume: PathBuf,
+    pub options: String,
+}
+
+/// Undoes fstab's octal escapes (`\040` for a space, as in fstab(5)).
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The fstab entry of type lsvfs (or fuse.lsvfs) for `mountpoint`, from
+/// the text of an fstab file named `file`.
+pub fn fstab_entry(text: &str, file: &str, mountpoint: &str) -> Result<FstabEntry, Error> {
+    let want = mountpoint.trim_end_matches('/');
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(spec), Some(target), Some(kind)) = (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        let target = unescape(target);
+        if target.trim_end_matches('/') != want || !matches!(*kind, "lsvfs" | "fuse.lsvfs") {
+            continue;
+        }
+        return Ok(FstabEntry {
+            volume: PathBuf::from(unescape(spec)),
+            options: fields.get(3).map_or_else(String::new, |o| unescape(o)),
+        });
+    }
+    Err(Error::Usage(format!(
+        "{file} has no lsvfs entry for {mountpoint}; add one such as \
+         `/srv/data.vol {mountpoint} lsvfs noauto,_netdev 0 0`"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +303,31 @@ mod tests {
         // checks what it does.
         assert!(MountOptions::parse("ro,fancy", true).unwrap().read_only);
         assert!(MountOptions::parse("timeout=soon", true).is_err());
+    }
+
+    #[test]
+    fn fstab_entries_are_found_by_mountpoint() {
+        let fstab = "# comment\n\
+            UUID=1234 / ext4 defaults 0 1\n\
+            /srv/a.vol /srv/a lsvfs noauto,_netdev,key_file=/k 0 0\n\
+            \t/srv/my\\040vol.vol  /srv/my\\040data/  fuse.lsvfs  ro\n\
+            /srv/x.vol /srv/x ext4 defaults 0 0\n\
+            /srv/b.vol /srv/b lsvfs\n";
+        let e = fstab_entry(fstab, "fstab", "/srv/a").unwrap();
+        assert_eq!(e.volume, PathBuf::from("/srv/a.vol"));
+        assert_eq!(e.options, "noauto,_netdev,key_file=/k");
+        let e = fstab_entry(fstab, "fstab", "/srv/my data").unwrap();
+        assert_eq!(e.volume, PathBuf::from("/srv/my vol.vol"));
+        assert_eq!(e.options, "ro");
+        assert_eq!(fstab_entry(fstab, "fstab", "/srv/b/").unwrap().options, "");
+        let e = fstab_entry(fstab, "/etc/fstab", "/srv/x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/fstab has no lsvfs entry for /srv/x"),
+            "{e}"
+        );
+        assert!(fstab_entry(fstab, "f", "/srv").is_err());
+        assert_eq!(unescape("a\\134b\\0"), "a\\b\\0");
     }
 }
