@@ -4,13 +4,22 @@
 # file, write files, take a snapshot, change files, list the snapshot,
 # read and restore from it, unmount; then raw blocks through the engine
 # and a `cp -a` round trip. Works on a fresh machine with a Rust toolchain.
+#
+# LSVFS_BIN_DIR=/usr/bin scripts/demo.sh runs it against installed
+# binaries (the package) instead of building them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh demo
-cargo build --release --quiet --workspace
-lsvfs=target/release/lsvfs
-ks=target/release/lsvfs-keyserver
+if [ -n "${LSVFS_BIN_DIR:-}" ]; then
+  lsvfs=$LSVFS_BIN_DIR/lsvfs
+  ks=$LSVFS_BIN_DIR/lsvfs-keyserver
+else
+  cargo build --release --quiet --workspace
+  lsvfs=target/release/lsvfs
+  ks=target/release/lsvfs-keyserver
+fi
+echo "== using $lsvfs and $ks"
 work=$(mktemp -d /tmp/lsvfs-demo.XXXXXX)
 ks_pid=
 cleanup() {

@@ -4,7 +4,7 @@
 # is present. scripts/test.sh, scripts/demo.sh, the benchmarks and .ci/run
 # all call it.
 #
-#   scripts/setup.sh [GROUP...]      groups: demo, test, bench (default: test)
+#   scripts/setup.sh [GROUP...]      groups: demo, test, bench, package (default: test)
 #
 # Where something is missing and cannot be installed (not root, no
 # apt-get), it prints one message naming every missing piece and how to
@@ -46,6 +46,19 @@ bench_tools=(
   "openssl openssl"
   "perf linux-perf"
 )
+package_tools=(
+  "cc build-essential"
+  "dpkg-shlibdeps dpkg-dev"   # cargo deb: the package's library dependencies
+  "gzip gzip"                 # manual pages
+  "man man-db"                # package check: man lsvfs
+  "mount mount"
+  "systemd-analyze systemd"   # package check: the installed units verify
+  "python3 python3"           # the demo, run against the installed binaries
+  "fusermount3 fuse3"
+)
+package_cargo=(
+  "cargo-deb cargo-deb"       # builds the .deb
+)
 # "binary crate" pairs installed with `cargo install`.
 test_cargo=(
   "fsx fsx"                   # the fsx file-system exerciser
@@ -61,7 +74,8 @@ for g in "${groups[@]}"; do
     demo) tools+=("${demo_tools[@]}") ;;
     test) tools+=("${test_tools[@]}"); cargo_tools+=("${test_cargo[@]}") ;;
     bench) tools+=("${bench_tools[@]}") ;;
-    *) echo "setup.sh: unknown group '$g' (demo, test, bench)" >&2; exit 2 ;;
+    package) tools+=("${package_tools[@]}"); cargo_tools+=("${package_cargo[@]}") ;;
+    *) echo "setup.sh: unknown group '$g' (demo, test, bench, package)" >&2; exit 2 ;;
   esac
 done
 

@@ -377,3 +377,52 @@ fn the_boot_mount_unit_verifies() {
     let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("lsvfs")).collect();
     assert!(out.status.success() && ours.is_empty(), "{stderr}");
 }
+
+/// The manual pages and completions the package ships come from the clap
+/// definitions: every command has its page, the helpers have section 8
+/// pages that list the mount options, and completions know the commands.
+#[test]
+fn manual_pages_and_completions_cover_every_command() {
+    let d = tempfile::tempdir().unwrap();
+    ok(&["generate-man", "man"], d.path());
+    let page = |name: &str| {
+        fs::read_to_string(d.path().join("man").join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    for cmd in [
+        "mount",
+        "mount-entry",
+        "unmount",
+        "snapshot-create",
+        "check",
+        "host-init",
+    ] {
+        assert!(
+            page(&format!("lsvfs-{cmd}.1")).contains(".TH lsvfs-"),
+            "{cmd}"
+        );
+    }
+    assert!(page("lsvfs.1").contains("mount\\-entry"));
+    let helper = page("mount.lsvfs.8");
+    for opt in [
+        "key_file=PATH",
+        "show_snapshots",
+        "allow_other",
+        "_netdev",
+        "nofail",
+    ] {
+        assert!(
+            helper.contains(&opt.replace('-', "\\-")),
+            "mount.lsvfs(8) lacks {opt}"
+        );
+    }
+    assert!(page("umount.fuse.lsvfs.8").contains("waits until the volume is closed"));
+    assert!(page("lsvfs-mount.1").contains("read\\-only"));
+    for shell in ["bash", "zsh", "fish"] {
+        let c = ok(&["completions", shell], d.path());
+        assert!(
+            c.contains("mount-entry") && c.contains("snapshot"),
+            "{shell}"
+        );
+    }
+}

@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use lsvfs_keyserver::admin::{self, AdminRequest, AdminResponse, DEFAULT_AUDIT_LIMIT};
 use lsvfs_keyserver::server::config::{DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG};
@@ -66,6 +66,10 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Write the manual pages (lsvfs-keyserver(8) and one per command)
+    /// into DIR, for packaging.
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -187,6 +191,21 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_REFUSED)
                 }
                 AdminResponse::Error { message } => fail(format!("server error: {message}")),
+            }
+        }
+        Command::GenerateMan { dir } => {
+            let cmd = Cli::command();
+            match std::fs::create_dir_all(&dir).and_then(|()| {
+                for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                    let name = format!("lsvfs-keyserver-{}", sub.get_name());
+                    let sub = sub.clone().bin_name(name.clone()).display_name(name);
+                    clap_mangen::Man::new(sub).section("8").generate_to(&dir)?;
+                }
+                clap_mangen::Man::new(cmd).section("8").generate_to(&dir)?;
+                Ok(())
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("writing manual pages to {}: {e}", dir.display())),
             }
         }
         Command::GenMasterKey { file } => match MasterKey::create_file(&file) {

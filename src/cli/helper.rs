@@ -11,7 +11,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use super::common::{Env, Tuning};
 use super::options::MountOptions;
@@ -30,10 +30,30 @@ pub(super) fn by_name(arg0: &Path) -> Option<Helper> {
     }
 }
 
+/// What `mount.lsvfs --help` and its manual page say about options.
+const MOUNT_LONG_ABOUT: &str =
+    "mount(8) helper for lsvfs volumes: mount -t lsvfs VOLUME DIR -o OPTIONS, \
+and fstab entries of type lsvfs.
+
+Options: ro, rw; key_file=PATH (a recovery key file instead of the key server); \
+store=PATH (the sealed store, default /var/lib/lsvfs); timeout=SECONDS and attempts=N \
+(reaching the key server); show_snapshots (list .snapshots in the root); allow_other \
+(root's mounts always allow other users; modes and ACLs still apply); noexec, nosuid, \
+nodev, noatime, sync, dirsync (passed to the kernel). mount(8)'s and systemd's own \
+(defaults, auto, noauto, _netdev, nofail, user, comment=, x-*) are accepted and left to \
+them. An unknown option is refused by name unless -s is given.
+
+Example fstab line:  /srv/data.vol  /srv/data  lsvfs  _netdev,nodev,noexec  0 0
+
+umount DIR runs umount.fuse.lsvfs, which returns once the volume is flushed and closed. \
+For mounts that must wait for the key server at boot, see lsvfs-mount@.service \
+(lsvfs-mount-entry(1)).";
+
 #[derive(Parser)]
 #[command(
     name = "mount.lsvfs",
     about = "mount(8) helper for lsvfs volumes: mount -t lsvfs VOLUME DIR -o OPTIONS",
+    long_about = MOUNT_LONG_ABOUT,
     disable_version_flag = true
 )]
 struct MountArgs {
@@ -92,6 +112,11 @@ struct UmountArgs {
     fstype: Option<String>,
     #[arg(short = 'N', value_name = "NS")]
     namespace: Option<String>,
+}
+
+/// The helpers' command lines, for their manual pages.
+pub(super) fn commands() -> [clap::Command; 2] {
+    [MountArgs::command(), UmountArgs::command()]
 }
 
 fn parse<T: Parser>(args: Vec<OsString>) -> T {

@@ -35,7 +35,7 @@ mod volumes;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 pub use common::parse_size;
 use common::{Env, Tuning};
@@ -229,6 +229,15 @@ enum Cmd {
     /// A volume's key slots (recovery keys).
     #[command(subcommand)]
     Keyslot(SlotCmd),
+    /// Write the manual pages (lsvfs(1) and one per command, mount.lsvfs(8),
+    /// umount.fuse.lsvfs(8)) into DIR, for packaging.
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
+    /// Print shell completions for lsvfs.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
     /// Read bytes from the volume into a file.
     ReadBlocks {
         volume: PathBuf,
@@ -243,6 +252,28 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
     },
+}
+
+/// Shells `lsvfs completions` writes for.
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Writes every manual page into `dir`.
+fn generate_man(dir: &std::path::Path) -> Result<(), Error> {
+    let io = |e| Error::io(format!("writing manual pages to {}", dir.display()), e);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    clap_mangen::generate_to(Cli::command(), dir).map_err(io)?;
+    for cmd in helper::commands() {
+        clap_mangen::Man::new(cmd)
+            .section("8")
+            .generate_to(dir)
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Runs the `lsvfs` command line.
@@ -335,6 +366,23 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             unlock_key_file,
         }) => host::slot_add_recovery(&env, &volume, &key_file, unlock_key_file),
         Cmd::Keyslot(SlotCmd::Remove { volume, slot }) => host::slot_remove(&env, &volume, slot),
+        Cmd::GenerateMan { dir } => generate_man(&dir),
+        Cmd::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let out = &mut std::io::stdout();
+            match shell {
+                Shell::Bash => {
+                    clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "lsvfs", out)
+                }
+                Shell::Zsh => {
+                    clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, "lsvfs", out)
+                }
+                Shell::Fish => {
+                    clap_complete::generate(clap_complete::Shell::Fish, &mut cmd, "lsvfs", out)
+                }
+            }
+            Ok(())
+        }
     }
 }
 
