@@ -426,3 +426,58 @@ fn manual_pages_and_completions_cover_every_command() {
         );
     }
 }
+
+/// `lsvfs mount --foreground -v` logs each FUSE request at debug level
+/// (fuser's request log, taken in by the logger); without -v nothing below
+/// info appears. At trace level the log still holds no key: not the key
+/// file's KEK, as hex or as bytes.
+#[test]
+fn a_verbose_foreground_mount_logs_requests_and_no_key() {
+    let d = tempfile::tempdir().unwrap();
+    let p = fs::canonicalize(d.path()).unwrap();
+    new_volume(&p, "v");
+    let kek_hex = fs::read_to_string(p.join("v.key"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert_eq!(kek_hex.len(), 64, "a key file holds 32 bytes in hex");
+    let kek: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&kek_hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    for (flags, verbose) in [(&[][..], false), (&["-v"][..], true), (&["-vv"][..], true)] {
+        let log = fs::File::create(p.join("log")).unwrap();
+        let mut daemon = Command::new(BIN)
+            .args(["mount", "v.vol", "v", "--key-file", "v.key", "--foreground"])
+            .args(flags)
+            .current_dir(&p)
+            .env_remove("LSVFS_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        assert!(ready.starts_with("lsvfs: mounted"), "{ready}");
+        sh_in(&p, "echo x > v/file && cat v/file && ls -l v >/dev/null");
+        sh_in(&p, "umount v");
+        assert!(daemon.wait().unwrap().success());
+        let log = fs::read(p.join("log")).unwrap();
+        let text = String::from_utf8_lossy(&log);
+        assert_eq!(
+            text.contains("debug: fuser::request: FUSE(") && text.contains("LOOKUP name \"file\""),
+            verbose,
+            "{flags:?}: {text}"
+        );
+        assert!(!text.contains(&kek_hex), "the KEK in the log");
+        assert!(
+            !log.windows(kek.len()).any(|w| w == &kek[..]),
+            "the KEK's bytes in the log"
+        );
+    }
+}

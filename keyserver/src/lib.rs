@@ -18,6 +18,7 @@
 pub mod admin;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod logging;
 pub mod protocol;
 pub mod secret;
 #[cfg(feature = "server")]

@@ -25,6 +25,9 @@ const EXIT_REFUSED: u8 = 3;
     about = "Key server for lsvfs volumes"
 )]
 struct Cli {
+    /// More log detail: -v debug, -vv trace (or LSVFS_LOG=LEVEL).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -148,7 +151,13 @@ fn write_new(path: &Path, mode: u32, data: &[u8]) -> std::io::Result<()> {
 fn main() -> ExitCode {
     // Before any key is loaded: no core dumps, no ptrace by the same user.
     lsvfs_keyserver::secret::harden_process();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    lsvfs_keyserver::logging::init(
+        "lsvfs-keyserver",
+        cli.verbose,
+        lsvfs_keyserver::logging::Journal::IfStderrIsJournal,
+    );
+    match cli.command {
         Command::Serve { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,

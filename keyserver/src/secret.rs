@@ -56,8 +56,8 @@ impl<T> Locked<T> {
             // Not inherited by a child of fork (it would be copied unlocked).
             libc::madvise(p, map_len, libc::MADV_DONTFORK);
             if libc::mlock(p, map_len) != 0 && !LOCK_WARNED.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "lsvfs: could not lock key memory in RAM ({}); keys could reach swap. \
+                tracing::warn!(
+                    "could not lock key memory in RAM ({}); keys could reach swap. \
                      Raise the memlock limit (ulimit -l) or run as root.",
                     std::io::Error::last_os_error()
                 );

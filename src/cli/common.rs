@@ -58,7 +58,7 @@ impl Keys {
             None => {
                 let (m, r) = keys::unlock_with_server(&self.store, &self.server, header)?;
                 if let Some((from, to)) = r {
-                    eprintln!("lsvfs: rewrapped the volume key from KEK v{from} to v{to}");
+                    tracing::info!("rewrapped the volume key from KEK v{from} to v{to}");
                 }
                 Ok(m)
             }

@@ -151,6 +151,7 @@ fn default_env() -> Env {
 
 fn mount_helper(args: Vec<OsString>) -> Result<(), Error> {
     let a: MountArgs = parse(args);
+    super::start_logging(a.verbose as u8);
     no_namespaces(&a.namespace)?;
     if let Some(t) = &a.fstype {
         if t != "lsvfs" && t != "fuse.lsvfs" {
@@ -161,7 +162,7 @@ fn mount_helper(args: Vec<OsString>) -> Result<(), Error> {
     }
     let opts = MountOptions::parse(&a.options.join(","), a.sloppy)?;
     if a.verbose {
-        eprintln!(
+        tracing::info!(
             "mount.lsvfs: {} on {} with {}",
             a.source.display(),
             a.target.display(),
@@ -178,6 +179,7 @@ fn mount_helper(args: Vec<OsString>) -> Result<(), Error> {
 
 fn umount_helper(args: Vec<OsString>) -> Result<(), Error> {
     let a: UmountArgs = parse(args);
+    super::start_logging(a.verbose as u8);
     no_namespaces(&a.namespace)?;
     if a.lazy {
         return mount::detach_lazily(&a.target);

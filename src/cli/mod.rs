@@ -64,6 +64,10 @@ struct Cli {
     /// Attempts to reach the key server (with backoff) before giving up.
     #[arg(long, global = true, default_value_t = 4)]
     attempts: u32,
+    /// More log detail: -v debug (a mount's FUSE requests), -vv trace (or
+    /// LSVFS_LOG=LEVEL). A foreground mount under systemd logs to journald.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -276,6 +280,19 @@ fn generate_man(dir: &std::path::Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Starts logging (see `lsvfs_keyserver::logging`). A mount daemon started
+/// in the background logs to journald too: its stderr goes away once it is
+/// mounted.
+fn start_logging(verbosity: u8) {
+    use lsvfs_keyserver::logging::{init, Journal};
+    let journal = if mount::is_daemon_child() {
+        Journal::Also
+    } else {
+        Journal::IfStderrIsJournal
+    };
+    init("lsvfs", verbosity, journal);
+}
+
 /// Runs the `lsvfs` command line.
 pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Error> {
     let args: Vec<std::ffi::OsString> = args.into_iter().collect();
@@ -289,6 +306,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             std::process::exit(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    start_logging(cli.verbose);
     let env = env_of(&cli)?;
     match cli.cmd {
         Cmd::Keygen { keyfile } => volumes::keygen(&keyfile),

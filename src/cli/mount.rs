@@ -50,7 +50,7 @@ fn tune_bdi(mountpoint: &Path) {
         ("max_ratio", MAX_DIRTY_RATIO),
     ] {
         if let Err(e) = std::fs::write(format!("{bdi}/{knob}"), value.to_string()) {
-            eprintln!("lsvfs: could not set {bdi}/{knob} to {value} ({e}); continuing");
+            tracing::warn!("could not set {bdi}/{knob} to {value} ({e}); continuing");
         }
     }
 }
@@ -115,9 +115,7 @@ pub fn foreground(
     let control = match super::control::serve(&mountpoint, snaps.clone()) {
         Ok(p) => Some(p),
         Err(e) => {
-            eprintln!(
-                "lsvfs: no snapshot control socket ({e}); `mkdir .snapshots/NAME` still works"
-            );
+            tracing::warn!("no snapshot control socket ({e}); `mkdir .snapshots/NAME` still works");
             None
         }
     };
@@ -134,7 +132,7 @@ pub fn foreground(
             )),
         ],
     );
-    if std::env::var_os(DAEMON_CHILD).is_some() {
+    if is_daemon_child() {
         // The starting `lsvfs mount` reads our stderr only until READY and
         // then exits: later messages would hit a closed pipe.
         detach_stderr();
@@ -159,7 +157,7 @@ pub fn foreground(
         (false, _) => session.join(),
     };
     if let Err(e) = ended {
-        eprintln!("lsvfs: the FUSE session ended with an error: {e}");
+        tracing::error!("the FUSE session ended with an error: {e}");
     }
     if let Some(p) = control {
         let _ = std::fs::remove_file(p);
@@ -229,8 +227,8 @@ fn open_fs(path: &Path, k: &Keys, t: &Tuning, read_only: bool) -> Result<Fs, Err
     drop(master);
     let r = v.recovery();
     if read_only && (r.transactions > 0 || r.dropped_records > 0) {
-        eprintln!(
-            "lsvfs: {} was not unmounted cleanly: {} transactions in its log were replayed in memory \
+        tracing::warn!(
+            "{} was not unmounted cleanly: {} transactions in its log were replayed in memory \
              for this read-only mount{}, and the file was left unchanged; a read-write mount stores \
              the replay",
             path.display(),
@@ -262,7 +260,7 @@ fn open_fs_waiting(path: &Path, k: &Keys, t: &Tuning, read_only: bool) -> Result
                     path.display(),
                     delay.as_secs()
                 );
-                eprintln!("lsvfs: {status}");
+                tracing::warn!("{status}");
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(KEYSERVER_RETRY_MAX);
@@ -356,7 +354,7 @@ fn serve(session: &fuser::BackgroundSession, fs: &Fs, signals: &SigSet) -> bool 
         }
         if last_flush.elapsed() >= FLUSH_INTERVAL {
             if let Err(e) = fs.sync() {
-                eprintln!("lsvfs: periodic flush failed: {e}");
+                tracing::error!("periodic flush failed: {e}");
             }
             last_flush = Instant::now();
         }
@@ -378,6 +376,11 @@ const PR_SET_IO_FLUSHER: libc::c_int = 57;
 
 /// Set in the environment of the daemon `lsvfs mount` starts.
 const DAEMON_CHILD: &str = "LSVFS_MOUNT_DAEMON";
+
+/// Whether this process is a mount daemon `lsvfs mount` started.
+pub fn is_daemon_child() -> bool {
+    std::env::var_os(DAEMON_CHILD).is_some()
+}
 
 /// Points stderr at /dev/null.
 fn detach_stderr() {
@@ -408,6 +411,11 @@ pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys, opts: &MountOptions) -> 
         .arg(k.server.attempts.to_string())
         .arg("--foreground")
         .env(DAEMON_CHILD, "1")
+        // The daemon logs at this command's level (-v).
+        .env(
+            "LSVFS_LOG",
+            tracing::level_filters::LevelFilter::current().to_string(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -88,8 +88,8 @@ pub fn create(
             hex(&volume_id)
         );
         if key_file.is_none() {
-            eprintln!(
-                "lsvfs: warning: {} has no recovery key: if this host's sealed store \
+            tracing::warn!(
+                "{} has no recovery key: if this host's sealed store \
                  is lost (reinstall, new machine-id), the volume cannot be opened. \
                  Add one now: lsvfs keyslot add-recovery {} --key-file RECOVERY.key",
                 path.display(),

@@ -596,7 +596,7 @@ impl Fs {
                 .collect::<Result<Vec<Ino>>>()
         })?;
         if let Err(e) = self.reclaim_all(&orphans) {
-            eprintln!("lsvfs: freeing deleted inodes (retried at the next mount): {e}");
+            tracing::warn!("freeing deleted inodes (retried at the next mount): {e}");
         }
         Ok(())
     }
@@ -789,14 +789,14 @@ impl Fs {
             return Ok(());
         }
         if let Err(e) = self.reclaim_unheld() {
-            eprintln!("lsvfs: freeing deleted inodes (retried at the next mount): {e}");
+            tracing::warn!("freeing deleted inodes (retried at the next mount): {e}");
         }
         let times = self.op(|op, _| Self::store_lazy_times(op));
         // The volume is flushed even when the times could not be stored
         // (a full volume): committed data must not wait for them.
         let flushed = self.volume.flush();
         if let Err(e) = &times {
-            eprintln!("lsvfs: storing file times: {e}");
+            tracing::warn!("storing file times: {e}");
         }
         Ok(flushed?)
     }
@@ -1200,7 +1200,7 @@ impl Fs {
     fn reclaim_after(&self, orphan: Option<Ino>) {
         if let Some(ino) = orphan {
             if let Err(e) = self.reclaim(ino) {
-                eprintln!("lsvfs: freeing deleted inode {ino} (retried at the next mount): {e}");
+                tracing::warn!("freeing deleted inode {ino} (retried at the next mount): {e}");
             }
         }
     }

@@ -132,7 +132,7 @@ fn old_name(parent: u64, name: &OsStr) -> Result<Ino, Errno> {
 fn errno(op: &str, ino: impl std::fmt::Display, e: &FsError) -> Errno {
     let n = e.errno();
     if n == libc::EIO {
-        eprintln!("lsvfs: {op} on inode {ino}: {e}");
+        tracing::error!("{op} on inode {ino}: {e}");
     }
     Errno::from_i32(n)
 }
@@ -439,13 +439,13 @@ impl fuser::Filesystem for FuseFs {
                     match r {
                         Ok(a) => reply.entry(&NO_TTL, &a, Generation(0)),
                         Err(e) => {
-                            eprintln!("lsvfs: creating snapshot {name}: {e}");
+                            tracing::error!("creating snapshot {name}: {e}");
                             reply.error(errno("mkdir", SNAPDIR_INO, &e))
                         }
                     }
                 });
             if let Err(e) = spawned {
-                eprintln!("lsvfs: starting a snapshot thread: {e}");
+                tracing::error!("starting a snapshot thread: {e}");
             }
             return;
         }
@@ -900,7 +900,7 @@ impl FuseFs {
             })
             .collect();
         if let Err(e) = self.fs.forget_many(&live) {
-            eprintln!("lsvfs: freeing forgotten inodes (retried at unmount): {e}");
+            tracing::warn!("freeing forgotten inodes (retried at unmount): {e}");
         }
     }
 

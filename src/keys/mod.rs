@@ -183,8 +183,8 @@ pub fn unlock_with_server(
         // The key is safe under the new KEK either way; if the server does
         // not hear of it now, it keeps the old version a while longer.
         if let Err(e) = client::report_rewrapped(&cfg, &host, vid, newest.version) {
-            eprintln!(
-                "lsvfs: could not tell the key server about the rewrap, so it keeps the \
+            tracing::warn!(
+                "could not tell the key server about the rewrap, so it keeps the \
                  old KEK for now; run `lsvfs rewrap` (volume unmounted) to report it: {e}"
             );
         }

@@ -277,7 +277,7 @@ async fn execute(store: &Store, req: AdminRequest) -> AdminResponse {
             message: refusal.to_string(),
         },
         Err(e) => {
-            eprintln!("lsvfs-keyserver: admin: {e}");
+            tracing::warn!("admin: {e}");
             AdminResponse::Error {
                 message: e.to_string(),
             }

@@ -137,7 +137,7 @@ pub(super) async fn accept_loop(
             Ok((tcp, _)) => tcp,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                eprintln!("lsvfs-keyserver: accept: {e}");
+                tracing::warn!("accept: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
@@ -229,7 +229,7 @@ async fn dispatch(
         return Err(ApiError::UnsupportedMediaType);
     }
     let internal = |e: crate::storage::StorageError| {
-        eprintln!("lsvfs-keyserver: database: {e}");
+        tracing::error!("database: {e}");
         ApiError::Internal
     };
     match route {

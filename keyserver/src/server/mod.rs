@@ -189,7 +189,7 @@ async fn purge_loop(state: Arc<AppState>, mut stopped: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
         }
         if let Err(e) = state.store.purge_challenges().await {
-            eprintln!("lsvfs-keyserver: purging challenges: {e}");
+            tracing::warn!("purging challenges: {e}");
         }
     }
 }

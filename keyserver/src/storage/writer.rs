@@ -106,7 +106,7 @@ fn run(db: &Database, rx: &Receiver<Queued>) {
             Ok(t) => t,
             // Dropping the batch tells every caller it was not committed.
             Err(e) => {
-                eprintln!("lsvfs-keyserver: database: begin write: {e}");
+                tracing::error!("database: begin write: {e}");
                 continue;
             }
         };
@@ -131,7 +131,7 @@ fn run(db: &Database, rx: &Receiver<Queued>) {
             None => txn.commit().map_err(StorageError::from),
         };
         if let Err(e) = &result {
-            eprintln!("lsvfs-keyserver: database: commit failed: {e}");
+            tracing::error!("database: commit failed: {e}");
         }
         for c in done {
             c(result.clone());

@@ -368,8 +368,8 @@ impl State {
             }
         }
         if missing > 0 {
-            eprintln!(
-                "lsvfs: deleting a snapshot: {missing} of its blocks were not in the held table; `lsvfs check` reports such problems"
+            tracing::error!(
+                "deleting a snapshot: {missing} of its blocks were not in the held table; `lsvfs check` reports such problems"
             );
         }
         self.usage.held.dirty = true;
