@@ -35,6 +35,7 @@ test_tools=(
   "sha256sum coreutils"
   "gcore gdb"                 # key hygiene: a core of a process holding keys
   "/usr/bin/python3 python3"  # a socket impostor run as another user (not a per-user shim)
+  "script bsdutils"           # a terminal for the progress bar test
 )
 bench_tools=(
   "${demo_tools[@]}"

@@ -481,3 +481,41 @@ fn a_verbose_foreground_mount_logs_requests_and_no_key() {
         );
     }
 }
+
+/// `lsvfs check` shows a progress bar while it authenticates data blocks
+/// when stderr is a terminal (here `script` gives it one), and only its
+/// one-line summaries otherwise.
+#[test]
+fn check_shows_a_progress_bar_on_a_terminal_and_summaries_elsewhere() {
+    let d = tempfile::tempdir().unwrap();
+    let p = fs::canonicalize(d.path()).unwrap();
+    new_volume(&p, "v");
+    sh_in(&p, "head -c 40000000 /dev/urandom > data");
+    ok(
+        &[
+            "write-blocks",
+            "v.vol",
+            "--key-file",
+            "v.key",
+            "--input",
+            "data",
+        ],
+        &p,
+    );
+    let (checked, tty) = try_sh(
+        &p,
+        &format!("script -qec '{BIN} check v.vol --key-file v.key' /dev/null"),
+    );
+    assert!(checked, "{tty}");
+    assert!(
+        tty.contains("authenticating data blocks: [") && tty.contains("/9,766 blocks"),
+        "{tty}"
+    );
+    assert!(tty.contains("v.vol: clean"), "{tty}");
+    let plain = ok(&["check", "v.vol", "--key-file", "v.key"], &p);
+    assert!(!plain.contains("authenticating"), "{plain}");
+    assert!(
+        plain.contains("9766 data blocks") && plain.contains("v.vol: clean"),
+        "{plain}"
+    );
+}

@@ -167,11 +167,37 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
     Ok(())
 }
 
+/// A progress bar on stderr, for a terminal (elsewhere the command's
+/// one-line summaries are its report).
+fn progress_bar(what: &'static str, total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg}: [{bar:40}] {human_pos}/{human_len} blocks, {eta} left",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what);
+    bar
+}
+
 /// `lsvfs check VOLUME [--key-file K]`: the volume, every snapshot's file
 /// system and the live one; problems found exit with code 4.
 pub fn check(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
     let v = open_volume(path, &env.keys(key_file), true, &env.tuning)?;
-    let r = v.check()?;
+    let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut bar = None;
+    let r = v.check_with_progress(&mut |done, total| {
+        if show {
+            bar.get_or_insert_with(|| progress_bar("authenticating data blocks", total))
+                .set_position(done);
+        }
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let r = r?;
     let rec = v.recovery();
     println!(
         "checked {} metadata pages and {} data blocks ({} transactions in the log past the last checkpoint)",

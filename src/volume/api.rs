@@ -577,9 +577,15 @@ impl Volume {
     /// Verifies everything reachable: every page, every data block, and that
     /// counts and bitmaps agree with the map.
     pub fn check(&self) -> Result<CheckReport> {
+        self.check_with_progress(&mut |_, _| {})
+    }
+
+    /// [`Volume::check`], telling `progress(done, total)` how many of the
+    /// mapped data blocks are authenticated so far.
+    pub fn check_with_progress(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport> {
         self.live_only()?;
         let mut st = self.inner.lock()?;
-        st.check(&self.inner.ctx())
+        st.check(&self.inner.ctx(), progress)
     }
 
     /// Where the current version of `lba` is stored on the device (a block

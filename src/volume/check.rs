@@ -29,8 +29,13 @@ impl CheckReport {
     }
 }
 
+/// Data blocks authenticated between two calls of a check's progress.
+const PROGRESS_EVERY: u64 = 4096;
+
 impl State {
-    pub fn check(&mut self, ctx: &Ctx) -> Result<CheckReport> {
+    /// Checks every tree page and authenticates every mapped data block;
+    /// `progress(done, total)` hears how many data blocks are done.
+    pub fn check(&mut self, ctx: &Ctx, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport> {
         let mut r = CheckReport::default();
         let mut live = vec![0u64; self.log.extent as usize];
         let mut usage_pages: HashMap<SegmentId, u64> = HashMap::new();
@@ -69,6 +74,8 @@ impl State {
         }
 
         let mut mapped = 0u64;
+        let total = self.allocated;
+        progress(0, total);
         let mut buf = vec![0u8; BLOCK_SIZE];
         for leaf in map_leaves {
             let page = match self.trees.get(ctx, PageKey::leaf(TreeId::Map, leaf)) {
@@ -85,6 +92,9 @@ impl State {
                 }
                 let lba = Lba(leaf * MAP_ENTRIES_PER_PAGE as u64 + i as u64);
                 mapped += 1;
+                if mapped % PROGRESS_EVERY == 0 {
+                    progress(mapped.min(total), total);
+                }
                 if lba.0 >= self.geo.logical_blocks {
                     r.problems.push(format!(
                         "map entry for block {lba} lies past the end of the volume"
@@ -123,6 +133,7 @@ impl State {
                 }
             }
         }
+        progress(total, total);
         if mapped != self.allocated {
             r.problems.push(format!(
                 "the map has {mapped} blocks but the volume counts {}",
