@@ -6,6 +6,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -517,5 +518,182 @@ fn check_shows_a_progress_bar_on_a_terminal_and_summaries_elsewhere() {
     assert!(
         plain.contains("9766 data blocks") && plain.contains("v.vol: clean"),
         "{plain}"
+    );
+}
+
+/// One journald record: its fields in order.
+type Record = Vec<(String, String)>;
+
+/// Journald's socket, bound by the test, with a thread that keeps taking
+/// records off it (as journald does: a full socket would block the sender).
+struct FakeJournaldSocket {
+    records: std::sync::Arc<std::sync::Mutex<Vec<Record>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeJournaldSocket {
+    const PATH: &'static str = "/run/systemd/journal/socket";
+
+    /// Binds journald's socket, unless a journald owns it (then None).
+    fn bind() -> Option<FakeJournaldSocket> {
+        let path = Path::new(Self::PATH);
+        if path.exists() {
+            return None;
+        }
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, st) = (records.clone(), stop.clone());
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    r.lock().unwrap().push(journal_fields(&buf[..n]));
+                }
+            }
+        });
+        Some(FakeJournaldSocket {
+            records,
+            stop,
+            reader: Some(reader),
+        })
+    }
+
+    /// The records received so far (taken: the next call returns newer ones).
+    fn take(&self) -> Vec<Record> {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::mem::take(&mut *self.records.lock().unwrap())
+    }
+}
+
+/// The fields of one record in journald's native protocol: `KEY=value\n`,
+/// or `KEY\n`, a 64-bit little-endian length, the value and `\n`.
+fn journal_fields(mut b: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = b.iter().position(|&c| c == b'=' || c == b'\n') {
+        let key = String::from_utf8_lossy(&b[..end]).into_owned();
+        let value;
+        if b[end] == b'=' {
+            let nl = b[end..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |i| end + i);
+            value = b[end + 1..nl].to_vec();
+            b = &b[(nl + 1).min(b.len())..];
+        } else {
+            let Some(len) = b.get(end + 1..end + 9) else {
+                break;
+            };
+            let len = u64::from_le_bytes(len.try_into().unwrap()) as usize;
+            let start = end + 9;
+            let Some(v) = b.get(start..start + len) else {
+                break;
+            };
+            value = v.to_vec();
+            b = &b[(start + len + 1).min(b.len())..];
+        }
+        fields.push((key, String::from_utf8_lossy(&value).into_owned()));
+    }
+    fields
+}
+
+fn field<'a>(record: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    record
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+impl Drop for FakeJournaldSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(Self::PATH);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// The journald half of logging, on journald's own socket and protocol
+/// (this machine runs no journald, so the test binds its socket): a
+/// background mount daemon (whose stderr goes away once mounted) sends its
+/// records there, with identifier and priority; a foreground mount whose
+/// stderr is the journal ($JOURNAL_STREAM names it, as under systemd) logs
+/// there instead of to stderr.
+#[test]
+fn mount_daemons_and_services_log_to_journald() {
+    let Some(journal) = FakeJournaldSocket::bind() else {
+        eprintln!("SKIPPED: a journald runs here; this test needs its socket");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let p = fs::canonicalize(d.path()).unwrap();
+    new_volume(&p, "v");
+
+    // A background mount at debug level.
+    ok(&["mount", "v.vol", "v", "--key-file", "v.key", "-v"], &p);
+    sh_in(&p, "ls v/journal-probe-1 2>/dev/null || true");
+    ok(&["unmount", "v"], &p);
+    let records = journal.take();
+    let probe = records
+        .iter()
+        .find(|r| field(r, "MESSAGE").is_some_and(|m| m.contains("journal-probe-1")))
+        .unwrap_or_else(|| panic!("no record of the lookup in {records:?}"));
+    assert_eq!(
+        field(probe, "SYSLOG_IDENTIFIER"),
+        Some("lsvfs"),
+        "{probe:?}"
+    );
+    assert_eq!(
+        field(probe, "PRIORITY"),
+        Some("7"),
+        "debug is priority 7: {probe:?}"
+    );
+
+    // A foreground mount whose stderr is the journal stream.
+    let log = fs::File::create(p.join("stderr")).unwrap();
+    let md = log.metadata().unwrap();
+    let mut service = Command::new(BIN)
+        .args([
+            "mount",
+            "v.vol",
+            "v",
+            "--key-file",
+            "v.key",
+            "--foreground",
+            "-v",
+        ])
+        .current_dir(&p)
+        .env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()))
+        .env_remove("LSVFS_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(service.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    sh_in(&p, "ls v/journal-probe-2 2>/dev/null || true");
+    sh_in(&p, "umount v");
+    assert!(service.wait().unwrap().success());
+    let records = journal.take();
+    assert!(
+        records
+            .iter()
+            .any(|r| field(r, "MESSAGE").is_some_and(|m| m.contains("journal-probe-2"))),
+        "the service's lookup did not reach the journal: {records:?}"
+    );
+    let stderr = fs::read_to_string(p.join("stderr")).unwrap();
+    assert!(
+        !stderr.contains("journal-probe-2"),
+        "logged to stderr as well as the journal: {stderr}"
     );
 }
