@@ -113,21 +113,19 @@ pub fn init(program: &'static str, verbosity: u8, journal: Journal) {
         Journal::Also => true,
     };
     let journald = if to_journal {
-        tracing_journald::layer()
-            .ok()
-            .map(|l| {
-                // syslog's meanings: info is 6, debug 7 (the crate's default
-                // is one step more urgent).
-                use tracing_journald::{Priority, PriorityMappings};
-                l.with_syslog_identifier(program.to_string())
-                    .with_priority_mappings(PriorityMappings {
-                        error: Priority::Error,
-                        warn: Priority::Warning,
-                        info: Priority::Informational,
-                        debug: Priority::Debug,
-                        trace: Priority::Debug,
-                    })
-            })
+        tracing_journald::layer().ok().map(|l| {
+            // syslog's meanings: info is 6, debug 7 (the crate's default
+            // is one step more urgent).
+            use tracing_journald::{Priority, PriorityMappings};
+            l.with_syslog_identifier(program.to_string())
+                .with_priority_mappings(PriorityMappings {
+                    error: Priority::Error,
+                    warn: Priority::Warning,
+                    info: Priority::Informational,
+                    debug: Priority::Debug,
+                    trace: Priority::Debug,
+                })
+        })
     } else {
         None
     };
