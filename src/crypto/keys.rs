@@ -1,11 +1,11 @@
 //! Key types. They zeroize on drop and implement neither `Debug` nor `Display`.
 
+use super::xts::Xts;
 use aes::cipher::KeyInit;
 use aes::Aes256;
 use hkdf::Hkdf;
 use lsvfs_keyserver::secret::{scrub_stack, scrub_stack_small, Locked};
 use sha2::Sha256;
-use xts_mode::Xts128;
 use zeroize::Zeroizing;
 
 use super::{CryptoError, Mac, Tag, MAC_LEN};
@@ -82,7 +82,7 @@ fn expand(master: &MasterKey, volume_id: &[u8; 16], label: &[u8], out: &mut [u8]
 pub struct VolumeKeys(Locked<Schedule>);
 
 struct Schedule {
-    xts: Xts128<Aes256>,
+    xts: Xts,
     mac_key: [u8; 32],
     volume_id: [u8; 16],
 }
@@ -116,7 +116,7 @@ impl VolumeKeys {
             let k1 = Aes256::new_from_slice(&xts_key[..32]).expect("32-byte key");
             let k2 = Aes256::new_from_slice(&xts_key[32..]).expect("32-byte key");
             let s = s.write(Schedule {
-                xts: Xts128::new(k1, k2),
+                xts: Xts::new(k1, k2),
                 mac_key: [0u8; 32],
                 volume_id: *volume_id,
             });
@@ -132,28 +132,26 @@ impl VolumeKeys {
 
     /// Encrypts one block in place under the tweak of `tag`.
     pub fn encrypt(&self, tag: Tag, block: &mut [u8]) {
-        self.0.xts.encrypt_sector(block, tag.tweak().into());
+        self.0.xts.encrypt(block, tag.tweak());
     }
 
-    /// Encrypts consecutive blocks of `buf` in place, one tag each. One loop
-    /// over many blocks lets the compiler keep the expanded AES round keys
-    /// in registers across blocks (measured: ~3x faster than per-block calls).
+    /// Encrypts consecutive blocks of `buf` in place, one tag each.
     pub fn encrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
         for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.0.xts.encrypt_sector(block, tag.tweak().into());
+            self.0.xts.encrypt(block, tag.tweak());
         }
     }
 
     /// Decrypts consecutive blocks of `buf` in place, one tag each.
     pub fn decrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
         for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.0.xts.decrypt_sector(block, tag.tweak().into());
+            self.0.xts.decrypt(block, tag.tweak());
         }
     }
 
     /// Decrypts one block in place under the tweak of `tag`.
     pub fn decrypt(&self, tag: Tag, block: &mut [u8]) {
-        self.0.xts.decrypt_sector(block, tag.tweak().into());
+        self.0.xts.decrypt(block, tag.tweak());
     }
 
     /// The keyed MAC of a ciphertext, bound to the volume and to `tag`.

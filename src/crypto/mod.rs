@@ -11,10 +11,14 @@
 mod engine;
 mod keys;
 mod wrap;
+pub(crate) mod xts;
 
 pub use engine::{CryptoEngine, DEFAULT_CHUNK_BYTES};
 pub use keys::{derived_key_bytes, random_bytes, MasterKey, VolumeKeys, KEY_LEN};
 pub use wrap::{unwrap_key, wrap_key, Kek, WrappedKey, WRAPPED_LEN};
+/// The block cipher mode, for its benchmark (benches/xts.rs).
+#[doc(hidden)]
+pub use xts::Xts;
 
 /// Length of a block MAC in bytes (128 bits).
 pub const MAC_LEN: usize = 16;
