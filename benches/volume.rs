@@ -277,6 +277,9 @@ struct Args {
     /// Only the sequential write, printed as one line (for bench-volume.sh).
     #[arg(long)]
     seq_write_only: bool,
+    /// Only the crypto measurements (no volume on disk).
+    #[arg(long)]
+    crypto_only: bool,
     /// Internal: reopen the volume at PATH and report (a child process, so
     /// that its peak memory is its own).
     #[arg(long, hide = true, value_name = "PATH")]
@@ -313,6 +316,9 @@ fn main() {
         "MB/s",
     );
     report("crypto seal scaling 1 -> all threads", sealn / seal1, "x");
+    if args.crypto_only {
+        return;
+    }
     engine(&dir, mib, seconds);
     reopen(&dir, mib, false);
     reopen(&dir, mib, true);

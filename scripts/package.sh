@@ -5,9 +5,8 @@
 # manual pages (clap_mangen), shell completions (clap_complete) and an
 # example key-server configuration.
 #
-# The binaries are the portable build: for the baseline x86-64, not for
-# this machine's CPU (.cargo/config.toml's target-cpu=native is overridden),
-# in their own target directory (target/portable).
+# The binaries are portable (baseline x86-64; the AES instructions are
+# found at run time), as every lsvfs build is.
 #
 #   scripts/package.sh            prints the path of the .deb
 set -euo pipefail
@@ -15,10 +14,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh package
 export PATH="$HOME/.cargo/bin:$PATH"
 
-export CARGO_TARGET_DIR=$PWD/target/portable
-export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS=""
 cargo build --release --locked --quiet --workspace
-bin=$CARGO_TARGET_DIR/release
+bin=target/release
 
 gen=target/package
 rm -rf "$gen"
