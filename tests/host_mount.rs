@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::mounted::{lsvfs, ok, sh_in, Mounted};
+use common::mounted::{lsvfs, ok, sh_in, try_sh, Mounted};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lsvfs");
 
@@ -20,17 +20,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Runs a shell command in `dir`; returns (success, stdout and stderr).
-fn try_sh(dir: &Path, cmd: &str) -> (bool, String) {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (o.status.success(), text(&o))
 }
 
 /// The helpers mount(8) and umount(8) look for, linked to the binary under
@@ -428,6 +417,34 @@ fn manual_pages_and_completions_cover_every_command() {
     }
 }
 
+/// `lsvfs mount v.vol v --key-file v.key --foreground FLAGS` in `dir`, with
+/// `env` set and stderr to `stderr`; returns once it says it is mounted.
+fn mount_in_foreground(
+    dir: &Path,
+    flags: &[&str],
+    env: &[(&str, &str)],
+    stderr: fs::File,
+) -> std::process::Child {
+    let mut daemon = Command::new(BIN)
+        .args(["mount", "v.vol", "v", "--key-file", "v.key", "--foreground"])
+        .args(flags)
+        .current_dir(dir)
+        .env_remove("LSVFS_LOG")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert!(ready.starts_with("lsvfs: mounted"), "{ready}");
+    daemon
+}
+
 /// `lsvfs mount --foreground -v` logs each FUSE request at debug level
 /// (fuser's request log, taken in by the logger); without -v nothing below
 /// info appears. At trace level the log still holds no key: not the key
@@ -449,22 +466,7 @@ fn a_verbose_foreground_mount_logs_requests_and_no_key() {
         .collect();
     for (flags, verbose) in [(&[][..], false), (&["-v"][..], true), (&["-vv"][..], true)] {
         let log = fs::File::create(p.join("log")).unwrap();
-        let mut daemon = Command::new(BIN)
-            .args(["mount", "v.vol", "v", "--key-file", "v.key", "--foreground"])
-            .args(flags)
-            .current_dir(&p)
-            .env_remove("LSVFS_LOG")
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut ready = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
-            &mut ready,
-        )
-        .unwrap();
-        assert!(ready.starts_with("lsvfs: mounted"), "{ready}");
+        let mut daemon = mount_in_foreground(&p, flags, &[], log);
         sh_in(&p, "echo x > v/file && cat v/file && ls -l v >/dev/null");
         sh_in(&p, "umount v");
         assert!(daemon.wait().unwrap().success());
@@ -658,29 +660,8 @@ fn mount_daemons_and_services_log_to_journald() {
     // A foreground mount whose stderr is the journal stream.
     let log = fs::File::create(p.join("stderr")).unwrap();
     let md = log.metadata().unwrap();
-    let mut service = Command::new(BIN)
-        .args([
-            "mount",
-            "v.vol",
-            "v",
-            "--key-file",
-            "v.key",
-            "--foreground",
-            "-v",
-        ])
-        .current_dir(&p)
-        .env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()))
-        .env_remove("LSVFS_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(service.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
+    let journal_stream = format!("{}:{}", md.dev(), md.ino());
+    let mut service = mount_in_foreground(&p, &["-v"], &[("JOURNAL_STREAM", &journal_stream)], log);
     sh_in(&p, "ls v/journal-probe-2 2>/dev/null || true");
     sh_in(&p, "umount v");
     assert!(service.wait().unwrap().success());

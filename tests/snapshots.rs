@@ -11,7 +11,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use common::mounted::{as_nobody, lsvfs, ok, sh_in, Mounted};
+use common::mounted::{as_nobody, as_nobody_with, lsvfs, ok, sh_in, Mounted};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lsvfs");
 
@@ -233,23 +233,10 @@ fn snapshots_dir_is_hidden_reachable_and_shown_by_a_mount_option() {
 /// Runs `cmd` as nobody holding CAP_DAC_OVERRIDE, so that the kernel's
 /// mode checks pass and the file system's own check is what answers.
 fn as_nobody_past_modes(dir: &Path, cmd: &str) -> (bool, String) {
-    let o = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=+dac_override",
-            "--ambient-caps=+dac_override",
-            "sh",
-            "-c",
-            cmd,
-        ])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
+    as_nobody_with(
+        dir,
+        &["--inh-caps=+dac_override", "--ambient-caps=+dac_override"],
+        cmd,
     )
 }
 

@@ -290,20 +290,7 @@ fn wrong_key_is_reported_as_wrong_key() {
     // Through key slots: the right KEK opens, another does not.
     let kek = Kek::generate().unwrap();
     let mk = MasterKey::generate().unwrap();
-    let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
-    slots[0] = keys::key_file_slot(&kek, &mk, &VOLUME_ID).unwrap();
-    let d = MemDevice::new();
-    let h = volume::create(
-        &d,
-        &mk,
-        VOLUME_ID,
-        slots,
-        &CreateOptions {
-            logical_blocks: 64,
-            segment_blocks: 16,
-        },
-    )
-    .unwrap();
+    let (_, h) = volume_with_key_file_slot(&kek, &mk);
     assert_eq!(keys::unlock(&h, &kek).unwrap().expose(), mk.expose());
     let e = keys::unlock(&h, &Kek::generate().unwrap()).err().unwrap();
     assert!(matches!(e, KeysError::WrongKey(_)));
@@ -338,20 +325,15 @@ fn known_limitation_a_whole_file_rollback_opens_without_complaint() {
     v.close().unwrap();
 }
 
-/// KNOWN LIMITATION (docs/SECURITY.md B8): removing a key slot does not
-/// revoke the key file against someone who kept a copy of the old header,
-/// because the master key does not change. Pinned so that it is turned
-/// around when re-keying lands.
-#[test]
-fn known_limitation_a_removed_key_slot_still_opens_an_old_header() {
-    let kek = Kek::generate().unwrap();
-    let mk = MasterKey::generate().unwrap();
+/// A new volume on a memory device, and its header, whose slot 0 opens
+/// `mk` with `kek`.
+fn volume_with_key_file_slot(kek: &Kek, mk: &MasterKey) -> (MemDevice, volume::Header) {
     let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
-    slots[0] = keys::key_file_slot(&kek, &mk, &VOLUME_ID).unwrap();
+    slots[0] = keys::key_file_slot(kek, mk, &VOLUME_ID).unwrap();
     let d = MemDevice::new();
-    let old = volume::create(
+    let h = volume::create(
         &d,
-        &mk,
+        mk,
         VOLUME_ID,
         slots,
         &CreateOptions {
@@ -360,6 +342,18 @@ fn known_limitation_a_removed_key_slot_still_opens_an_old_header() {
         },
     )
     .unwrap();
+    (d, h)
+}
+
+/// KNOWN LIMITATION (docs/SECURITY.md B8): removing a key slot does not
+/// revoke the key file against someone who kept a copy of the old header,
+/// because the master key does not change. Pinned so that it is turned
+/// around when re-keying lands.
+#[test]
+fn known_limitation_a_removed_key_slot_still_opens_an_old_header() {
+    let kek = Kek::generate().unwrap();
+    let mk = MasterKey::generate().unwrap();
+    let (d, old) = volume_with_key_file_slot(&kek, &mk);
     let mut removed = old.clone();
     removed.slots[0] = KeySlot::EMPTY;
     assert!(keys::unlock(&removed, &kek).is_err(), "the slot is gone");

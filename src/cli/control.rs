@@ -191,6 +191,22 @@ fn handle(stream: UnixStream, snaps: &Snapshots) {
     let _ = (&stream).write_all(&out);
 }
 
+/// Sends one request line and reads the answer line. A mount that refuses
+/// us answers without reading the request and closes, so the write may
+/// fail with EPIPE: its answer (the reason) is still there to read, and is
+/// what to report.
+fn exchange(stream: &UnixStream, line: &[u8]) -> Result<String, Error> {
+    let sent = (&*stream).write_all(line);
+    let mut answer = String::new();
+    let read = BufReader::new(stream).read_line(&mut answer);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => Ok(answer),
+        (Err(e), _) => Err(Error::io("sending the control request", e)),
+        (Ok(()), Err(e)) => Err(Error::io("reading the mount's answer", e)),
+        (Ok(()), Ok(_)) => Ok(answer),
+    }
+}
+
 /// Parses one request line (at most MAX_REQUEST bytes, ended by a
 /// newline): untrusted bytes from the control socket.
 pub fn parse_request(line: &[u8]) -> Result<Request, Error> {
@@ -266,13 +282,7 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
     let mut line = serde_json::to_vec(req).map_err(|e| Error::Usage(e.to_string()))?;
     line.push(b'\n');
-    (&stream)
-        .write_all(&line)
-        .map_err(|e| Error::io("sending the control request", e))?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(|e| Error::io("reading the mount's answer", e))?;
+    let answer = exchange(&stream, &line)?;
     serde_json::from_str(&answer).map_err(|e| {
         Error::io(
             "reading the mount's answer",
@@ -287,6 +297,23 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_sent_before_the_request_is_read_is_still_reported() {
+        let (client, server) = UnixStream::pair().unwrap();
+        (&server)
+            .write_all(b"{\"ok\":false,\"error\":\"for root\"}\n")
+            .unwrap();
+        drop(server);
+        // The peer is gone: the write fails (EPIPE), the answer is there.
+        let answer = exchange(&client, b"{\"op\":\"list\"}\n").unwrap();
+        assert!(answer.contains("for root"), "{answer}");
+        // Nothing to read either: the send error is what is reported.
+        let (client, server) = UnixStream::pair().unwrap();
+        drop(server);
+        let e = exchange(&client, b"{\"op\":\"list\"}\n").unwrap_err();
+        assert!(e.to_string().contains("sending the control request"), "{e}");
+    }
 
     #[test]
     fn requests_round_trip_and_garbage_is_refused() {

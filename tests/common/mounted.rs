@@ -105,21 +105,39 @@ pub fn sh_in(dir: &Path, cmd: &str) -> String {
 
 /// Runs `cmd` as uid/gid 65534 (nobody) in `dir`; returns (success, stderr).
 pub fn as_nobody(dir: &Path, cmd: &str) -> (bool, String) {
+    as_nobody_with(dir, &[], cmd)
+}
+
+/// [`as_nobody`] with more `setpriv` options (capabilities, say).
+pub fn as_nobody_with(dir: &Path, setpriv: &[&str], cmd: &str) -> (bool, String) {
     let o = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            cmd,
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(setpriv)
+        .args(["sh", "-c", cmd])
         .current_dir(dir)
         .output()
         .unwrap();
     (
         o.status.success(),
         String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// Runs a shell command in `dir`; returns (success, stdout and stderr).
+pub fn try_sh(dir: &Path, cmd: &str) -> (bool, String) {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
     )
 }
 

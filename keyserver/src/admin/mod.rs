@@ -292,9 +292,16 @@ pub fn call(socket: &Path, req: &AdminRequest) -> std::io::Result<AdminResponse>
     stream.set_write_timeout(Some(Duration::from_secs(60)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // A server that refuses us answers without reading the request and
+    // closes, so the write may fail with EPIPE: the answer (the reason) is
+    // still there to read, and is what to report.
+    let sent = stream.write_all(&line);
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply)?;
+    match (sent, BufReader::new(stream).read_line(&mut reply)) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+        (Ok(()), Ok(_)) => {}
+    }
     serde_json::from_str(&reply).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
