@@ -54,7 +54,11 @@ grep "listening on" "$work/ks/log"
 url=https://127.0.0.1:$port
 export LSVFS_STORE=$work/store   # this host's sealed store (default /var/lib/lsvfs)
 echo "== this host: identity and sealed store, enrolled on the key server"
-host_id=$(run host init --keyserver "$url" --ca "$work/ks/cert.pem" | tee /dev/stderr | awk '/^host id:/ {print $3}')
+# (Not `tee /dev/stderr`: with stderr redirected to a file, that reopens
+# and truncates the file.)
+init_out=$(run host init --keyserver "$url" --ca "$work/ks/cert.pem")
+echo "$init_out"
+host_id=$(awk '/^host id:/ {print $3}' <<<"$init_out")
 ksrun admin --socket "$work/ks/admin.sock" enroll demo-host "$host_id"
 echo "== a volume registered with the key server, mounted with no key file"
 run create "$work/net.vol" --size 1G --keyserver "$url"
