@@ -5,6 +5,8 @@
 //! core of it taken as root holds none of the keys: not the key file's
 //! KEK, not the master key, not the XTS or MAC keys derived from it.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::{chown, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -219,20 +221,7 @@ fn a_mount_daemon_keeps_its_keys_out_of_dumps_swap_and_other_processes() {
 
     // A core as a crash would write it (gdb honours MADV_DONTDUMP, as the
     // kernel does).
-    let core = dir.join("core");
-    let g = Command::new("gcore")
-        .arg("-o")
-        .arg(&core)
-        .arg(pid.to_string())
-        .output()
-        .unwrap();
-    let core = dir.join(format!("core.{pid}"));
-    assert!(
-        g.status.success() && core.exists(),
-        "gcore: {}",
-        String::from_utf8_lossy(&g.stderr)
-    );
-    let image = fs::read(&core).unwrap();
+    let image = common::core_image(&pid, &dir);
     // It is a real image of the daemon: it holds the volume's path.
     assert!(
         contains(&image, dir.join("v.vol").to_string_lossy().as_bytes()),
@@ -241,7 +230,6 @@ fn a_mount_daemon_keeps_its_keys_out_of_dumps_swap_and_other_processes() {
     for (what, key) in secrets {
         assert!(!contains(&image, key), "{what} is in the core dump");
     }
-    fs::remove_file(&core).unwrap();
 
     // The master key and the KEK do not outlive the unlock: all of the
     // daemon's memory, locked pages included, read as root, holds the

@@ -3,6 +3,8 @@
 //! real FUSE mounts. `cargo test --workspace` builds the key server binary
 //! before any test runs.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -439,20 +441,7 @@ fn the_key_servers_master_key_stays_out_of_its_core() {
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
         .collect();
     assert_eq!(master.len(), 32);
-    let core = ks.dir.path().join("core");
-    let g = Command::new("gcore")
-        .arg("-o")
-        .arg(&core)
-        .arg(pid.to_string())
-        .output()
-        .unwrap();
-    let core = ks.dir.path().join(format!("core.{pid}"));
-    assert!(
-        g.status.success() && core.exists(),
-        "gcore: {}",
-        String::from_utf8_lossy(&g.stderr)
-    );
-    let image = std::fs::read(&core).unwrap();
+    let image = common::core_image(&pid, ks.dir.path());
     // A real image of the server: it holds its configuration's file names.
     assert!(
         image.windows(8).any(|w| w == b"cert.pem"),

@@ -59,10 +59,10 @@ struct Cli {
     #[arg(long, global = true, env = "LSVFS_STORE", default_value = keys::DEFAULT_STORE)]
     store: PathBuf,
     /// Seconds allowed for one exchange with the key server.
-    #[arg(long, global = true, default_value_t = 10)]
+    #[arg(long, global = true, default_value_t = keys::DEFAULT_TIMEOUT_SECS)]
     timeout: u64,
     /// Attempts to reach the key server (with backoff) before giving up.
-    #[arg(long, global = true, default_value_t = 4)]
+    #[arg(long, global = true, default_value_t = keys::DEFAULT_ATTEMPTS)]
     attempts: u32,
     /// More log detail: -v debug (a mount's FUSE requests), -vv trace (or
     /// LSVFS_LOG=LEVEL). A foreground mount under systemd logs to journald.

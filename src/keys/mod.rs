@@ -75,12 +75,17 @@ pub struct ServerOptions {
     pub attempts: u32,
 }
 
+/// Seconds one exchange with the key server may take, by default.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
+/// Tries to reach the key server before giving up, by default.
+pub const DEFAULT_ATTEMPTS: u32 = 4;
+
 impl Default for ServerOptions {
-    /// The `lsvfs` command line's defaults (`--timeout 10 --attempts 4`).
+    /// The defaults of `lsvfs --timeout` and `--attempts`.
     fn default() -> Self {
         ServerOptions {
-            timeout: Duration::from_secs(10),
-            attempts: 4,
+            timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+            attempts: DEFAULT_ATTEMPTS,
         }
     }
 }

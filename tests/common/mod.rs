@@ -86,3 +86,24 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// A core of the running process `pid`, as a crash would write it (gcore;
+/// gdb honours MADV_DONTDUMP, as the kernel does), written in `dir` and
+/// read back; the file is removed.
+pub fn core_image(pid: &dyn std::fmt::Display, dir: &std::path::Path) -> Vec<u8> {
+    let o = std::process::Command::new("gcore")
+        .arg("-o")
+        .arg(dir.join("core"))
+        .arg(pid.to_string())
+        .output()
+        .unwrap();
+    let core = dir.join(format!("core.{pid}"));
+    assert!(
+        o.status.success() && core.exists(),
+        "gcore: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let image = std::fs::read(&core).unwrap();
+    std::fs::remove_file(&core).unwrap();
+    image
+}

@@ -87,13 +87,9 @@ impl Mounted {
     }
 }
 
+/// Runs a shell command in `dir`; returns its stdout, panics on failure.
 pub fn sh_in(dir: &Path, cmd: &str) -> String {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .unwrap();
+    let o = sh_output(dir, cmd);
     assert!(
         o.status.success(),
         "{cmd}: {}{}",
@@ -101,6 +97,15 @@ pub fn sh_in(dir: &Path, cmd: &str) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn sh_output(dir: &Path, cmd: &str) -> std::process::Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap()
 }
 
 /// Runs `cmd` as uid/gid 65534 (nobody) in `dir`; returns (success, stderr).
@@ -125,12 +130,7 @@ pub fn as_nobody_with(dir: &Path, setpriv: &[&str], cmd: &str) -> (bool, String)
 
 /// Runs a shell command in `dir`; returns (success, stdout and stderr).
 pub fn try_sh(dir: &Path, cmd: &str) -> (bool, String) {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .unwrap();
+    let o = sh_output(dir, cmd);
     (
         o.status.success(),
         format!(
