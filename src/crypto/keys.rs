@@ -58,9 +58,17 @@ impl MasterKey {
     /// The key-check value stored in the volume header: a one-way function
     /// of the master key that tells "wrong key" apart from "corrupt data".
     pub fn check_value(&self, volume_id: &[u8; 16]) -> [u8; 16] {
+        let kcv = self.check_value_below(volume_id);
+        // The HKDF state was in the frames below (never in this one: the
+        // scrub clears only below its caller).
+        scrub_stack();
+        kcv
+    }
+
+    #[inline(never)]
+    fn check_value_below(&self, volume_id: &[u8; 16]) -> [u8; 16] {
         let mut kcv = [0u8; 16];
         expand(self, volume_id, LABEL_KCV, &mut kcv);
-        scrub_stack();
         kcv
     }
 }
@@ -101,11 +109,15 @@ pub fn derived_key_bytes(master: &MasterKey, volume_id: &[u8; 16]) -> Zeroizing<
 impl VolumeKeys {
     pub fn derive(master: &MasterKey, volume_id: &[u8; 16]) -> Self {
         let keys = Self::derive_locked(master, volume_id).expect("locked memory for the keys");
-        // The key schedules and HKDF state were built on the stack.
+        // The key schedules and HKDF state were built on the stack, in
+        // the frames below this one (never in it: the scrub clears only
+        // below its caller, and a caller that inlined the work would keep
+        // copies that later code moves to the heap as uninitialized bytes).
         scrub_stack();
         keys
     }
 
+    #[inline(never)]
     fn derive_locked(master: &MasterKey, volume_id: &[u8; 16]) -> Result<Self, CryptoError> {
         let mut xts_key = Locked::<[u8; 64]>::new_with(|k| {
             k.write([0u8; 64]);

@@ -84,6 +84,20 @@ pub fn unwrap_key(
     wrapped: &WrappedKey,
     associated: &[u8],
 ) -> Result<MasterKey, CryptoError> {
+    let master = unwrap_below(kek, wrapped, associated);
+    // The cipher's key schedule and the plaintext's copies were on the
+    // stack, in the frames below this one (the scrub clears only below its
+    // caller).
+    scrub_stack();
+    master
+}
+
+#[inline(never)]
+fn unwrap_below(
+    kek: &Kek,
+    wrapped: &WrappedKey,
+    associated: &[u8],
+) -> Result<MasterKey, CryptoError> {
     let cipher = XChaCha20Poly1305::new(kek.0.as_slice().into());
     let plain = Zeroizing::new(
         cipher
@@ -99,11 +113,7 @@ pub fn unwrap_key(
     if plain.len() != KEY_LEN {
         return Err(CryptoError::WrongKey);
     }
-    let master = MasterKey::from_slice(&plain);
-    drop(plain);
-    // The cipher's key schedule and the plaintext's copies were on the stack.
-    scrub_stack();
-    master
+    MasterKey::from_slice(&plain)
 }
 
 #[cfg(test)]

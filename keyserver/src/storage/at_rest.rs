@@ -119,6 +119,15 @@ pub struct AtRest {
 impl AtRest {
     /// Derives the at-rest key.
     pub fn new(master: &MasterKey) -> AtRest {
+        let cipher = Self::derive_below(master);
+        // The HKDF state and the cipher's key were built on the stack, in
+        // the frames below this one (the scrub clears only below its caller).
+        scrub_stack();
+        AtRest { cipher }
+    }
+
+    #[inline(never)]
+    fn derive_below(master: &MasterKey) -> Locked<XChaCha20Poly1305> {
         let mut okm = Zeroizing::new([0u8; 32]);
         Hkdf::<Sha256>::new(None, master.0.as_ref())
             .expand(AT_REST_LABEL, okm.as_mut())
@@ -128,9 +137,7 @@ impl AtRest {
         })
         .expect("memory for the at-rest key");
         drop(okm);
-        // The HKDF state and the cipher's key were built on the stack.
-        scrub_stack();
-        AtRest { cipher }
+        cipher
     }
 
     fn kek_ad(volume: VolumeId, version: KekVersion) -> Vec<u8> {
