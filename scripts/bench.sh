@@ -5,7 +5,8 @@
 #
 #   scripts/bench.sh [WORKDIR] [SEQ_MIB] [RAND_SECONDS]
 #
-# Defaults: target/fsbench, 1024 MiB sequential, 20 s random; BENCH_FS
+# Defaults: target/fsbench, 1024 MiB sequential, 20 s random (and 10 s
+# per mixed-load row, BENCH_MIX_SECONDS); BENCH_FS
 # selects file systems (default "ext4 gocryptfs cryfs lsvfs"). LSVFS_BASE
 # names another lsvfs binary (an earlier build) to measure as "lsvfs-base"
 # in the same run, beside this tree's: before/after a change. BENCH_ROUNDS
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 root=$(realpath -m "${1:-target/fsbench}")
 seq_mib=${2:-1024}
 rand_s=${3:-20}
+mix_s=${BENCH_MIX_SECONDS:-10}
 rounds=${BENCH_ROUNDS:-1}
 scripts/setup.sh bench
 cargo build --release --quiet
@@ -85,6 +87,12 @@ fio_mbs() { # fio args... -> MB/s (or IOPS with --iops)
   esac
 }
 
+dir_ops() { # directory, other stressor options -> the dir stressor's ops/s
+  local out
+  out=$(cd "$1" && stress-ng --dir 1 $2 -t "$mix_s" --metrics-brief 2>&1)
+  echo "$out" | awk '$4 == "dir" {print $9}'
+}
+
 run_all() {
   local name=$1 d
   d=$(setup "$name")
@@ -102,6 +110,21 @@ run_all() {
   record "$name" "rand 4k write (IOPS)" "$(fio_mbs write-iops --name=rw --directory="$d" --filename=rnd --rw=randwrite --bs=4k --size=256M --ioengine=psync --time_based --runtime=$rand_s)" up
   record "$name" "rand 4k read (IOPS)" "$(fio_mbs read-iops --name=rr --directory="$d" --filename=rnd --rw=randread --bs=4k --size=256M --ioengine=psync --time_based --runtime=$rand_s)" up
   rm -f "$d/rnd"
+  # fsync after every write: one job, then eight at once (group commit).
+  record "$name" "rand 4k write+fsync, 1 job (IOPS)" "$(fio_mbs write-iops --name=fs1 --directory="$d" --rw=randwrite --bs=4k --size=64M --ioengine=psync --fsync=1 --time_based --runtime=$rand_s)" up
+  record "$name" "rand 4k write+fsync, 8 jobs (IOPS)" "$(fio_mbs write-iops --name=fs8 --directory="$d" --rw=randwrite --bs=4k --size=16M --ioengine=psync --fsync=1 --numjobs=8 --group_reporting --time_based --runtime=$rand_s)" up
+  rm -f "$d"/fs1.* "$d"/fs8.*
+  # A metadata workload alone, then beside a process that fallocates,
+  # sync_file_ranges and fsyncs (stress-ng's sync-file stressor), then
+  # beside one that fallocates and truncates 1 GiB (its fallocate one).
+  local solo beside
+  solo=$(dir_ops "$d" "")
+  record "$name" "mkdir/rmdir alone (ops/s)" "$solo" up
+  for other in sync-file fallocate; do
+    beside=$(dir_ops "$d" "--$other 1")
+    record "$name" "mkdir/rmdir beside $other (ops/s)" "$beside" up
+    record "$name" "  kept beside $other (% of alone)" "$(echo "scale=1; 100 * $beside / $solo" | bc)" up
+  done
   local t0 t1
   t0=$(now)
   python3 - "$d/small" <<'PY'

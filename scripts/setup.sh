@@ -40,6 +40,7 @@ test_tools=(
 bench_tools=(
   "${demo_tools[@]}"
   "fio fio"
+  "stress-ng stress-ng"       # the mixed-load rows
   "gocryptfs gocryptfs"
   "cryfs cryfs"
   "bc bc"

@@ -60,10 +60,17 @@ fn record_workload(seed: u64, txns: usize, snapshots: bool) -> Recorded {
             // Up to 40 blocks: larger than a 16-block segment, so one
             // transaction spans several records and segments.
             let n = (rng.below(40) + 1).min(RANGE - lba);
-            if rng.below(6) == 0 {
+            let kind = rng.below(6);
+            if kind == 0 {
                 t.trim(Lba(lba), n);
                 for l in lba..lba + n {
                     model[l as usize] = None;
+                }
+            } else if kind == 1 && rng.below(2) == 0 {
+                // Zeroed: allocated, reading as zeros (version 0).
+                t.zero(Lba(lba), n);
+                for l in lba..lba + n {
+                    model[l as usize] = Some(0);
                 }
             } else {
                 let mut data = Vec::new();
@@ -172,12 +179,23 @@ fn recovered_state(
 ) -> Option<usize> {
     let mut buf = vec![0u8; RANGE as usize * BLOCK_SIZE];
     v.read(Lba(0), &mut buf).expect("read after recovery");
+    let allocated: BTreeSet<u64> = v
+        .allocated_runs()
+        .expect("allocated runs after recovery")
+        .into_iter()
+        .flat_map(|(s, n)| s..s + n)
+        .collect();
     let mut got = Vec::with_capacity(RANGE as usize);
     for l in 0..RANGE {
         let b = &buf[l as usize * BLOCK_SIZE..(l as usize + 1) * BLOCK_SIZE];
         if b.iter().all(|x| *x == 0) {
-            got.push(None);
+            // Zeros: a zeroed block is allocated, an unmapped one is not.
+            got.push(allocated.contains(&l).then_some(0));
         } else {
+            assert!(
+                allocated.contains(&l),
+                "block {l} has data but is not allocated"
+            );
             let ver = u64::from_le_bytes(b[8..16].try_into().unwrap());
             assert!(
                 b == block(l, ver).as_slice(),
@@ -248,8 +266,8 @@ fn check_snapshots(v: &lsvfs::volume::Volume, rec: &Recorded, durable_end: usize
         for l in 0..RANGE {
             let b = &buf[l as usize * BLOCK_SIZE..(l as usize + 1) * BLOCK_SIZE];
             let want = match rec.states[j][l as usize] {
-                Some(ver) => block(l, ver),
-                None => vec![0u8; BLOCK_SIZE],
+                Some(ver) if ver > 0 => block(l, ver),
+                _ => vec![0u8; BLOCK_SIZE],
             };
             assert!(
                 b == want.as_slice(),

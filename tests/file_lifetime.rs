@@ -9,7 +9,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -271,23 +271,90 @@ fn a_thousand_unlinks_under_sync_and_snapshots() {
     assert_eq!(check_orphans(&m), 0, "no orphan left after unmount");
 }
 
-/// fallocate modes lsvfs does not implement answer EOPNOTSUPP, which
-/// programs fall back on (it answered EINVAL for FALLOC_FL_ZERO_RANGE).
+/// fallocate through the kernel: preallocation takes space at once (st_blocks,
+/// statfs) and reads as zeros; FALLOC_FL_ZERO_RANGE (which answered EINVAL,
+/// then EOPNOTSUPP) zeroes a range, partial blocks and pages the kernel has
+/// cached included, with and without KEEP_SIZE; PUNCH_HOLE frees. The
+/// kernel's FUSE client itself refuses COLLAPSE_RANGE and INSERT_RANGE
+/// with EOPNOTSUPP (fuse_file_fallocate passes only KEEP_SIZE, PUNCH_HOLE
+/// and ZERO_RANGE to a FUSE server), which programs fall back on.
 #[test]
-fn unsupported_fallocate_modes_answer_eopnotsupp() {
-    let m = Mounted::with_size("256M");
-    m.sh("head -c 100000 /dev/urandom > f");
+fn fallocate_modes_through_the_kernel() {
+    const KEEP_SIZE: libc::c_int = 0x01;
+    const PUNCH_HOLE: libc::c_int = 0x02;
+    const COLLAPSE_RANGE: libc::c_int = 0x08;
+    const ZERO_RANGE: libc::c_int = 0x10;
+    const INSERT_RANGE: libc::c_int = 0x20;
+    let m = Mounted::with_size("2G");
+    let falloc = |f: &fs::File, mode: libc::c_int, off: i64, len: i64| {
+        // SAFETY: a valid descriptor; fallocate takes plain integers.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let statfs_used = |p: &std::path::Path| {
+        let s = nix::sys::statvfs::statvfs(p).unwrap();
+        (s.blocks() - s.blocks_free()) * s.fragment_size()
+    };
+    let used_before = statfs_used(&m.m());
+    let big = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.m().join("big"))
+        .unwrap();
+    falloc(&big, 0, 0, 1 << 30).unwrap();
+    let md = big.metadata().unwrap();
+    assert_eq!(md.len(), 1 << 30);
+    assert!(md.blocks() * 512 >= 1 << 30, "st_blocks {}", md.blocks());
+    let used = statfs_used(&m.m()) - used_before;
+    assert!(
+        used >= 1 << 30,
+        "statfs counts the preallocated GiB: {used}"
+    );
+    let mut buf = vec![1u8; 1 << 20];
+    big.read_exact_at(&mut buf, 700 << 20).unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+    drop(big);
+
+    let orig: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    fs::write(m.m().join("f"), &orig).unwrap();
     let f = OpenOptions::new()
+        .read(true)
         .write(true)
         .open(m.m().join("f"))
         .unwrap();
-    const ZERO_RANGE: libc::c_int = 0x10;
-    // SAFETY: a valid descriptor; fallocate takes plain integers.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), ZERO_RANGE, 0, 4096) };
-    let e = std::io::Error::last_os_error();
-    assert_eq!(r, -1);
-    assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
+    // Cached pages, partial blocks at both ends.
+    let mut want = orig.clone();
+    falloc(&f, ZERO_RANGE, 5000, 100_000).unwrap();
+    want[5000..105_000].fill(0);
+    let mut got = vec![0u8; want.len()];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == want, "ZERO_RANGE through the page cache");
+    // Past the end: grows the file, or with KEEP_SIZE only allocates.
+    falloc(&f, ZERO_RANGE, 290_000, 20_000).unwrap();
+    want[290_000..].fill(0);
+    want.resize(310_000, 0);
+    assert_eq!(f.metadata().unwrap().len(), 310_000);
+    falloc(&f, ZERO_RANGE | KEEP_SIZE, 300_000, 100_000).unwrap();
+    want[300_000..].fill(0);
+    assert_eq!(f.metadata().unwrap().len(), 310_000);
+    falloc(&f, PUNCH_HOLE | KEEP_SIZE, 150_001, 50_000).unwrap();
+    want[150_001..200_001].fill(0);
+    for (mode, name) in [(COLLAPSE_RANGE, "COLLAPSE"), (INSERT_RANGE, "INSERT")] {
+        let e = falloc(&f, mode, 0, 4096).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{name}: {e}");
+    }
     drop(f);
+    // What a new open reads, and (after the unmount) what is on disk.
+    assert!(fs::read(m.m().join("f")).unwrap() == want);
+    m.unmount_and_check();
+    m.mount();
+    assert!(fs::read(m.m().join("f")).unwrap() == want);
     m.unmount_and_check();
 }
 

@@ -6,10 +6,13 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{mem_volume, open, Rng};
+use common::{master, mem_volume, open, opts, Rng};
 use lsvfs::device::MemDevice;
 use lsvfs::fs::format::Time;
-use lsvfs::fs::{Fs, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, XATTR_CREATE, XATTR_REPLACE};
+use lsvfs::fs::{
+    Fs, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE, XATTR_CREATE,
+    XATTR_REPLACE,
+};
 
 use lsvfs::fs::ROOT_INO as ROOT;
 const REG: u32 = libc::S_IFREG | 0o644;
@@ -54,10 +57,20 @@ fn random_io_matches_a_model_across_kills() {
             7 => {
                 let off = rng.below(SPAN);
                 let len = rng.below(200_000) + 1;
-                fs.fallocate(ino, off, len, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE)
-                    .unwrap();
-                let end = ((off + len) as usize).min(model.len());
-                if (off as usize) < end {
+                let mode = [
+                    FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE,
+                    FALLOC_ZERO_RANGE,
+                    FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE,
+                    0,
+                    FALLOC_KEEP_SIZE,
+                ][rng.below(5) as usize];
+                fs.fallocate(ino, off, len, mode).unwrap();
+                let end = (off + len) as usize;
+                if mode & FALLOC_KEEP_SIZE == 0 && model.len() < end {
+                    model.resize(end, 0);
+                }
+                let end = end.min(model.len());
+                if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 && (off as usize) < end {
                     model[off as usize..end].fill(0);
                 }
             }
@@ -509,4 +522,147 @@ fn blocks_freed_under_a_read_in_flight_are_not_reused_until_it_ends() {
     assert!(fs.file_blocks(c).unwrap().iter().any(|x| old.contains(x)));
     assert_eq!(fs.read_data(b, 0, 64 << 10).unwrap(), pattern(2, 64 << 10));
     assert!(fs.check().unwrap().problems.is_empty());
+}
+
+/// fallocate takes its space at once without writing or encrypting
+/// anything: the blocks are zeroed in the volume (allocated, stored
+/// nowhere). Filling the rest of the file system afterwards cannot take
+/// that space: every write into the preallocated range still succeeds.
+#[test]
+fn fallocate_reserves_space_without_writing_and_later_writes_fit() {
+    let (_dev, fs) = new_fs(16384);
+    let (pre, _) = fs.mknod(ROOT, b"pre", REG, 0, 0, 0).unwrap();
+    let len = 16u64 << 20;
+    let live_before = fs.volume_stats().unwrap().live_blocks;
+    fs.fallocate(pre, 0, len, 0).unwrap();
+    let i = fs.getattr(pre).unwrap();
+    assert_eq!((i.size, i.blocks), (len, len / 4096));
+    let grew = fs.volume_stats().unwrap().live_blocks - live_before;
+    assert!(
+        grew < 64,
+        "preallocating 4,096 blocks stored {grew} blocks (metadata only)"
+    );
+    let r = fs.volume_check().unwrap();
+    assert!(r.is_clean(), "{:?}", r.problems);
+    assert_eq!(r.zeroed_blocks, len / 4096);
+    assert!(fs
+        .read_data(pre, 0, 1 << 20)
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0));
+    // Fill everything else.
+    let (hog, _) = fs.mknod(ROOT, b"hog", REG, 0, 0, 0).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let mut at = 0u64;
+    let err = loop {
+        match fs.write_data(hog, at, &chunk, false) {
+            Ok(_) => at += chunk.len() as u64,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    // Now write the whole preallocated file, partial blocks included.
+    for (k, off) in (0..len).step_by(1 << 20).enumerate() {
+        let data = pattern(k as u64, (1 << 20) - 100);
+        fs.write_data(pre, off + 50, &data, false)
+            .unwrap_or_else(|e| panic!("write at {off} into preallocated space: {e}"));
+        assert_eq!(fs.read_data(pre, off + 50, data.len()).unwrap(), data);
+        assert_eq!(fs.read_data(pre, off, 50).unwrap(), vec![0u8; 50]);
+    }
+    assert_eq!(fs.getattr(pre).unwrap().blocks, len / 4096);
+    let report = fs.check().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// A large truncate frees in steps, each its own short transaction, after
+/// a first one that sets the new size and records the truncation. A crash
+/// at any point leaves either the old file or the new size, never stale
+/// data past it: the next mount finishes freeing what lies past the size.
+#[test]
+fn a_large_truncate_goes_in_steps_and_a_crash_anywhere_is_finished_at_mount() {
+    use lsvfs::device::RecordedOp;
+    let (dev, fs) = new_fs(65536);
+    let (f, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    let len = 40u64 << 20; // 10,240 blocks: ten truncate steps
+    let data = pattern(9, len as usize);
+    for (k, piece) in data.chunks(4 << 20).enumerate() {
+        fs.write_data(f, k as u64 * (4 << 20), piece, false)
+            .unwrap();
+    }
+    fs.sync().unwrap();
+    let base = dev.image();
+    dev.record();
+    let new_size = 5000u64;
+    let i = fs.setattr(f, SetAttr::size(new_size)).unwrap();
+    assert_eq!((i.size, i.blocks), (new_size, 2));
+    fs.sync().unwrap();
+    let ops = dev.take_ops();
+    let writes = ops
+        .iter()
+        .filter(|o| matches!(o, RecordedOp::Write { .. }))
+        .count();
+    assert!(writes > 10, "the truncate took {writes} device writes");
+    drop(fs);
+    let mut img = base;
+    // Cuts that left the new size with blocks past it still to free.
+    let mut unfinished = 0;
+    for (k, op) in ops.iter().enumerate() {
+        match op {
+            RecordedOp::Write { offset, data } => {
+                let end = *offset as usize + data.len();
+                if img.len() < end {
+                    img.resize(end, 0);
+                }
+                img[*offset as usize..end].copy_from_slice(data);
+            }
+            RecordedOp::Discard { offset, len } => {
+                let end = ((offset + len) as usize).min(img.len());
+                if (*offset as usize) < end {
+                    img[*offset as usize..end].fill(0);
+                }
+            }
+            RecordedOp::Flush => {}
+        }
+        if k % 3 != 0 && k + 1 != ops.len() {
+            continue;
+        }
+        let dev = Arc::new(MemDevice::from_image(img.clone()));
+        // Read-only first: what the crash left, before a mount finishes it.
+        let ro = lsvfs::volume::Volume::open(
+            dev.clone(),
+            &master(),
+            lsvfs::volume::Options {
+                read_only: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        let left = Fs::mount(ro).unwrap().getattr(f).unwrap();
+        if left.size == new_size && left.blocks > 2 {
+            unfinished += 1;
+        }
+        let fs = Fs::mount(open(dev)).unwrap();
+        let i = fs.getattr(f).unwrap();
+        if i.size == len {
+            assert_eq!(i.blocks, len / 4096, "cut {k}: the old file, whole");
+            assert!(fs.read_data(f, 0, len as usize).unwrap() == data);
+        } else {
+            assert_eq!(i.size, new_size, "cut {k}");
+            assert_eq!(i.blocks, 2, "cut {k}: the mount freed the rest");
+            assert_eq!(
+                fs.read_data(f, 0, len as usize).unwrap(),
+                &data[..new_size as usize]
+            );
+            // Growing it again shows zeros, not what was there.
+            fs.setattr(f, SetAttr::size(len)).unwrap();
+            assert!(fs
+                .read_data(f, new_size, (len - new_size) as usize)
+                .unwrap()
+                .iter()
+                .all(|b| *b == 0));
+        }
+        let r = fs.check().unwrap();
+        assert!(r.problems.is_empty(), "cut {k}: {:?}", r.problems);
+    }
+    assert!(unfinished > 0, "no cut fell between the steps");
 }

@@ -200,8 +200,8 @@ pub fn check(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Er
     let r = r?;
     let rec = v.recovery();
     println!(
-        "checked {} metadata pages and {} data blocks ({} transactions in the log past the last checkpoint)",
-        r.pages, r.data_blocks, rec.transactions
+        "checked {} metadata pages and {} data blocks, {} zeroed ({} transactions in the log past the last checkpoint)",
+        r.pages, r.data_blocks, r.zeroed_blocks, rec.transactions
     );
     let mut problems = r.problems;
     if holds_file_system(&v) {

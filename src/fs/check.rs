@@ -29,6 +29,8 @@ struct Items {
     /// Data block -> the inode whose chunk names it.
     owners: HashMap<u64, Ino>,
     orphans: BTreeSet<Ino>,
+    /// Files whose truncation is still freeing blocks past their size.
+    truncating: BTreeSet<Ino>,
     data_blocks: u64,
 }
 
@@ -85,6 +87,12 @@ impl Items {
                         it.orphans.insert(Ino(o));
                     }
                 }
+                kind::TRUNCATING if ino == ORPHANS => match u64_of(rest) {
+                    Some(t) => {
+                        it.truncating.insert(Ino(t));
+                    }
+                    None => problems.push("a malformed truncation record".into()),
+                },
                 kind::XATTR | kind::SYMLINK => {}
                 other => problems.push(format!("inode {ino}: unknown item kind {other}")),
             }
@@ -205,6 +213,12 @@ impl Fs {
         r.entries = items.dirents.len() as u64;
         if !items.inodes.get(&ROOT_INO).is_some_and(|i| i.is_dir()) {
             r.problems.push("the root directory is missing".into());
+        }
+        for t in &items.truncating {
+            if !items.inodes.contains_key(t) {
+                r.problems
+                    .push(format!("a truncation record names missing inode {t}"));
+            }
         }
         let (links, subdirs) = items.check_entries(&mut r);
         items.check_links(&links, &subdirs, &mut r);

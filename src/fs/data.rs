@@ -8,14 +8,15 @@
 
 use super::acl;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLockReadGuard};
 
 use super::filesystem::{FileMap, Fs, Op};
 use super::format::{
-    decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, Ino, Inode, Time, CHUNK_BLOCKS,
+    decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, truncating_key, Ino, Inode,
+    Time, CHUNK_BLOCKS,
 };
 use crate::fs::{FsError, Posix, Result};
-use crate::volume::Lba;
+use crate::volume::{Lba, Transaction};
 use crate::BLOCK_SIZE;
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -26,9 +27,26 @@ pub const MAX_FILE_SIZE: u64 = 1 << 44;
 /// `fallocate` modes (as in fallocate(2)).
 pub const FALLOC_KEEP_SIZE: u32 = 0x01;
 pub const FALLOC_PUNCH_HOLE: u32 = 0x02;
+pub const FALLOC_ZERO_RANGE: u32 = 0x10;
 
 /// Blocks that one `fallocate` transaction covers (16 MiB).
-const FALLOC_STEP: u64 = 4096;
+const FALLOC_STEP: u64 = 1024;
+
+/// Blocks that one truncate transaction frees, about (16 MiB).
+const TRUNCATE_STEP: u64 = 1024;
+
+/// Runs of consecutive block addresses, as (first, count).
+#[derive(Default)]
+struct Runs(Vec<(u64, u64)>);
+
+impl Runs {
+    fn push(&mut self, lba: u64) {
+        match self.0.last_mut() {
+            Some((first, n)) if *first + *n == lba => *n += 1,
+            _ => self.0.push((lba, 1)),
+        }
+    }
+}
 
 /// Attribute changes for [`Fs::setattr`]; None leaves a field alone.
 #[derive(Clone, Copy, Debug, Default)]
@@ -107,12 +125,17 @@ impl Op<'_> {
         Ok(self.chunk(ino, fb / CHUNK_BLOCKS)?[(fb % CHUNK_BLOCKS) as usize])
     }
 
-    /// Frees file blocks `from..` (to the end of the file's chunks).
-    fn free_blocks_from(&mut self, ino: Ino, i: &mut Inode, from: u64) -> Result<()> {
+    /// Frees file blocks `from..`, in the first chunks that hold about
+    /// `max` blocks. Returns whether no chunk past them is left.
+    fn free_blocks_from(&mut self, ino: Ino, i: &mut Inode, from: u64, max: u64) -> Result<bool> {
         let (_, end) = kind_range(ino, kind::CHUNK);
         let first_chunk = from / CHUNK_BLOCKS;
         let start = key(ino, kind::CHUNK, &first_chunk.to_be_bytes());
-        for (k, _) in self.tree.range(&mut self.store, &start, &end, usize::MAX)? {
+        let limit = (max / CHUNK_BLOCKS) as usize + 1;
+        let mut items = self.tree.range(&mut self.store, &start, &end, limit + 1)?;
+        let more = items.len() > limit;
+        items.truncate(limit);
+        for (k, _) in items {
             let index = key_suffix_u64(&k)
                 .ok_or_else(|| FsError::Corrupted(format!("inode {ino}: a chunk key")))?;
             let mut c = self.chunk(ino, index)?;
@@ -125,7 +148,7 @@ impl Op<'_> {
             }
             self.put_chunk(ino, index, &c)?;
         }
-        Ok(())
+        Ok(!more)
     }
 }
 
@@ -154,9 +177,14 @@ impl Fs {
                     item.ok_or_else(|| FsError::Corrupted(format!("inode {ino}: a chunk item")))?;
                 chunks.insert(index, blocks);
             }
+            let privileged = i.mode & (libc::S_ISUID | libc::S_ISGID) != 0
+                || op
+                    .get(&key(ino, kind::XATTR, SECURITY_CAPABILITY))?
+                    .is_some();
             let m = Arc::new(FileMap {
                 size: i.size,
                 chunks,
+                privileged,
             });
             self.files
                 .lock()
@@ -166,14 +194,14 @@ impl Fs {
         })
     }
 
-    /// Reads up to `size` bytes at `offset`. The block lookup uses the
-    /// file's cached map, so reads never wait for another file's commit.
-    pub fn read_data(&self, ino: Ino, offset: u64, size: usize) -> Result<Vec<u8>> {
-        // From the lookup to the last volume read (see `Fs::reads`). The map
-        // is fetched first (loading it takes the metadata lock, which must
-        // never be waited for while `reads` is held), then checked to be
-        // still current once `reads` is held.
-        let (map, _reading) = loop {
+    /// The file's current block map, with `reads` held shared: from the
+    /// lookup to the last volume access, no block freed meanwhile is handed
+    /// out again (see `Fs::reads`). The map is fetched first (loading it
+    /// takes the metadata lock, which must never be waited for while
+    /// `reads` is held), then checked to be still current once `reads` is
+    /// held.
+    fn current_map(&self, ino: Ino) -> Result<(Arc<FileMap>, RwLockReadGuard<'_, ()>)> {
+        loop {
             let map = self.file_map(ino)?;
             let reading = self.reads.read().map_err(|_| FsError::PreviousIo)?;
             let current = self
@@ -183,9 +211,15 @@ impl Fs {
                 .get(&ino)
                 .is_some_and(|m| Arc::ptr_eq(m, &map));
             if current {
-                break (map, reading);
+                return Ok((map, reading));
             }
-        };
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset`. The block lookup uses the
+    /// file's cached map, so reads never wait for another file's commit.
+    pub fn read_data(&self, ino: Ino, offset: u64, size: usize) -> Result<Vec<u8>> {
+        let (map, _reading) = self.current_map(ino)?;
         if offset >= map.size || size == 0 {
             return Ok(Vec::new());
         }
@@ -219,11 +253,81 @@ impl Fs {
         Ok(buf[skip..skip + len as usize].to_vec())
     }
 
+    /// Writes `data` into blocks the file already has, inside its size,
+    /// without the metadata lock: such a write changes no metadata (the
+    /// kernel keeps the file times). The blocks come from the cached map
+    /// and are written only if still allocated (`Volume::commit_overwrite`);
+    /// with `reads` held none of them can have been handed to another file
+    /// meanwhile. Ok(false) when the write needs the ordinary path.
+    fn overwrite_in_place(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        kill_suid: bool,
+    ) -> Result<bool> {
+        if !self.kernel_times() {
+            return Ok(false);
+        }
+        let end = offset + data.len() as u64;
+        let (map, _reading) = self.current_map(ino)?;
+        if end > map.size || (kill_suid && map.privileged) {
+            return Ok(false);
+        }
+        let block_at = |fb: u64| {
+            map.chunks
+                .get(&(fb / CHUNK_BLOCKS))
+                .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
+        };
+        let (first, last) = (offset / BS, (end - 1) / BS);
+        let lbas: Vec<u64> = (first..=last).map(block_at).collect();
+        if lbas.contains(&0) {
+            return Ok(false);
+        }
+        let mut txn = Transaction::new();
+        let mut run: Option<(u64, Vec<u8>)> = None;
+        for (k, fb) in (first..=last).enumerate() {
+            let lba = lbas[k];
+            let lo = (fb * BS).max(offset);
+            let hi = ((fb + 1) * BS).min(end);
+            let src = &data[(lo - offset) as usize..(hi - offset) as usize];
+            let mut block = Vec::new();
+            if hi - lo < BS {
+                block.resize(BLOCK_SIZE, 0);
+                self.volume().read(Lba(lba), &mut block)?;
+                block[(lo - fb * BS) as usize..(hi - fb * BS) as usize].copy_from_slice(src);
+            }
+            let bytes: &[u8] = if block.is_empty() { src } else { &block };
+            match &mut run {
+                Some((start, buf)) if *start + (buf.len() / BLOCK_SIZE) as u64 == lba => {
+                    buf.extend_from_slice(bytes)
+                }
+                _ => {
+                    if let Some((start, buf)) = run.take() {
+                        txn.write(Lba(start), buf);
+                    }
+                    run = Some((lba, bytes.to_vec()));
+                }
+            }
+        }
+        if let Some((start, buf)) = run {
+            txn.write(Lba(start), buf);
+        }
+        Ok(self.volume().commit_overwrite(txn)?)
+    }
+
     /// Writes `data` at `offset`. With `kill_suid`, clears the setuid bit
     /// (and setgid if group-executable), as a write by an unprivileged user must.
     pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8], kill_suid: bool) -> Result<u64> {
         if data.is_empty() {
             return Ok(0);
+        }
+        if offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|e| e <= MAX_FILE_SIZE)
+            && self.overwrite_in_place(ino, offset, data, kill_suid)?
+        {
+            return Ok(data.len() as u64);
         }
         let end = offset
             .checked_add(data.len() as u64)
@@ -322,7 +426,8 @@ impl Fs {
                 Ok(i)
             });
         }
-        self.op(|op, txn| {
+        let mut pending = false;
+        let i = self.op(|op, txn| {
             let mut i = op.inode(ino)?;
             let now = Time::now();
             if let Some(m) = a.mode {
@@ -358,7 +463,12 @@ impl Fs {
                 }
                 if size < i.size {
                     let keep = size.div_ceil(BS);
-                    op.free_blocks_from(ino, &mut i, keep)?;
+                    // A large truncate frees the rest in more steps (see
+                    // `finish_truncate`), each its own short transaction.
+                    if !op.free_blocks_from(ino, &mut i, keep, TRUNCATE_STEP)? {
+                        op.put(&truncating_key(ino), &[])?;
+                        pending = true;
+                    }
                     // Zero the tail of the last kept block, so that growing
                     // the file again shows zeros there.
                     if size % BS != 0 {
@@ -379,11 +489,61 @@ impl Fs {
             i.ctime = a.ctime.unwrap_or(now);
             op.put_inode(ino, &i)?;
             Ok(i)
-        })
+        })?;
+        if pending {
+            return self
+                .finish_truncate(ino)?
+                .ok_or_else(|| Posix::NotFound.at(format!("inode {ino}")));
+        }
+        Ok(i)
     }
 
-    /// fallocate(2): mode 0 allocates (and extends), KEEP_SIZE allocates
-    /// only, PUNCH_HOLE|KEEP_SIZE frees the range (partial blocks zeroed).
+    /// Frees what a truncate left past the file's size, TRUNCATE_STEP
+    /// blocks per transaction, then drops its record; returns the inode.
+    /// The new size took effect in the first step. Between steps other
+    /// operations go on; the mount's kernel holds this file's inode lock
+    /// throughout a truncate, so no write to it comes in between (a
+    /// caller of this API must not write the file meanwhile either).
+    pub(super) fn finish_truncate(&self, ino: Ino) -> Result<Option<Inode>> {
+        loop {
+            // (finished, the inode if it still exists)
+            let (done, inode) = self.op(|op, _| {
+                let record = truncating_key(ino);
+                let mut i = match op.inode(ino) {
+                    Ok(i) => i,
+                    Err(FsError::Refused {
+                        why: Posix::NotFound,
+                        ..
+                    }) => {
+                        op.del(&record)?;
+                        return Ok((true, None));
+                    }
+                    Err(e) => return Err(e),
+                };
+                let before = i.blocks;
+                let keep = i.size.div_ceil(BS);
+                let done = op.free_blocks_from(ino, &mut i, keep, TRUNCATE_STEP)?;
+                if i.blocks != before {
+                    op.put_inode(ino, &i)?;
+                }
+                if done {
+                    op.del(&record)?;
+                }
+                Ok((done, Some(i)))
+            })?;
+            if done {
+                return Ok(inode);
+            }
+        }
+    }
+
+    /// fallocate(2). Mode 0 allocates (and extends), KEEP_SIZE allocates
+    /// only, PUNCH_HOLE|KEEP_SIZE frees the range (partial blocks zeroed),
+    /// ZERO_RANGE (with or without KEEP_SIZE) makes the range read as zeros
+    /// and allocated. Allocated blocks are zeroed in the volume (see
+    /// [`crate::volume::Transaction::zero`]): they take their logical space
+    /// at once, so later writes to them cannot run out of it, but nothing
+    /// is written or encrypted until data comes.
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: u32) -> Result<()> {
         let end = offset
             .checked_add(len)
@@ -391,18 +551,21 @@ impl Fs {
         let Some(end) = end else {
             return Err(Posix::Invalid.at(format!("fallocate range {offset}+{len}")));
         };
+        if mode & !(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
+            return Err(Posix::NotSupported.at(format!("fallocate mode {mode:#x}")));
+        }
         let punch = mode & FALLOC_PUNCH_HOLE != 0;
         if punch && mode & FALLOC_KEEP_SIZE == 0 {
             // fallocate(2): PUNCH_HOLE must come with KEEP_SIZE.
             return Err(Posix::Invalid.at("fallocate PUNCH_HOLE without KEEP_SIZE"));
         }
-        if mode & !(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE) != 0 {
-            return Err(Posix::NotSupported.at(format!("fallocate mode {mode:#x}")));
+        if punch && mode & FALLOC_ZERO_RANGE != 0 {
+            return Err(Posix::Invalid.at("fallocate PUNCH_HOLE with ZERO_RANGE"));
         }
-        // A large range goes in steps of FALLOC_STEP blocks, one transaction
-        // each (a transaction has a size limit). Every step leaves a
-        // consistent file, so a crash between steps leaves part of the
-        // range done, as on ext4.
+        // A large range goes in steps of FALLOC_STEP blocks, one short
+        // transaction each, so that other operations wait at most one step
+        // for the metadata lock. Every step leaves a consistent file, so a
+        // crash between steps leaves part of the range done, as on ext4.
         let step = FALLOC_STEP * BS;
         let mut at = offset;
         while at < end {
@@ -414,19 +577,30 @@ impl Fs {
             } else {
                 mode
             };
-            self.fallocate_step(ino, at, to, m)?;
+            self.fallocate_step(ino, at, to, end, m)?;
             at = to;
         }
         Ok(())
     }
 
-    fn fallocate_step(&self, ino: Ino, offset: u64, end: u64, mode: u32) -> Result<()> {
+    /// One step of [`Fs::fallocate`]: the range `offset..end` of the whole
+    /// range that ends at `range_end`.
+    fn fallocate_step(
+        &self,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        range_end: u64,
+        mode: u32,
+    ) -> Result<()> {
         let punch = mode & FALLOC_PUNCH_HOLE != 0;
+        let zero_range = mode & FALLOC_ZERO_RANGE != 0;
         self.op(|op, txn| {
             let mut i = op.inode(ino)?;
             if file_type(i.mode) != libc::S_IFREG {
                 return Err(Posix::Invalid.at(format!("fallocate on inode {ino}")));
             }
+            let mut zeroed = Runs::default();
             let mut hint = 0;
             let (first, last) = (offset / BS, end.div_ceil(BS));
             for index in first / CHUNK_BLOCKS..=(last - 1) / CHUNK_BLOCKS {
@@ -438,41 +612,49 @@ impl Fs {
                     let slot = (fb % CHUNK_BLOCKS) as usize;
                     let lo = (fb * BS).max(offset);
                     let hi = ((fb + 1) * BS).min(end);
-                    if punch {
-                        if c[slot] == 0 {
+                    let whole = hi - lo == BS;
+                    if c[slot] == 0 {
+                        if punch {
                             continue;
                         }
-                        if hi - lo == BS {
-                            op.free_data(c[slot]);
-                            c[slot] = 0;
-                            i.blocks -= 1;
-                            changed = true;
-                        } else {
-                            let mut b = vec![0u8; BLOCK_SIZE];
-                            self.volume().read(Lba(c[slot]), &mut b)?;
-                            b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
-                            txn.write(Lba(c[slot]), b);
-                        }
-                    } else if c[slot] == 0 {
+                        // A hole: allocated, and zeroed (reads as zeros,
+                        // stored nowhere).
                         let b = op.alloc_data(hint)?;
                         hint = b + 1;
                         c[slot] = b;
                         i.blocks += 1;
-                        txn.write(Lba(b), vec![0u8; BLOCK_SIZE]);
+                        zeroed.push(b);
                         changed = true;
+                    } else if punch && whole {
+                        op.free_data(c[slot]);
+                        c[slot] = 0;
+                        i.blocks -= 1;
+                        changed = true;
+                    } else if zero_range && whole {
+                        // Keeps its logical block; the data goes.
+                        zeroed.push(c[slot]);
+                    } else if punch || zero_range {
+                        // Part of a block: zeros written over that part.
+                        let mut b = vec![0u8; BLOCK_SIZE];
+                        self.volume().read(Lba(c[slot]), &mut b)?;
+                        b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
+                        txn.write(Lba(c[slot]), b);
                     }
                 }
                 if changed {
                     op.put_chunk(ino, index, &c)?;
                 }
             }
+            for (lba, n) in zeroed.0 {
+                txn.zero(Lba(lba), n);
+            }
             if !punch && mode & FALLOC_KEEP_SIZE == 0 {
-                // `end` of the last step is the end of the whole range.
-                i.size = i.size.max(end);
+                // Only the last step comes without KEEP_SIZE.
+                i.size = i.size.max(range_end);
             }
             let now = Time::now();
             i.ctime = now;
-            if punch {
+            if punch || zero_range {
                 // The content changed (ext4 sets mtime too; the kernel
                 // updates times itself only when fallocate grows the file).
                 i.mtime = now;

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use super::acl;
 use super::btree::{BTree, Node, NodeStore};
 use super::format::{
-    file_type, inode_range, key, key_suffix_u64, kind, kind_range, orphan_key, Dirent, Ino, Inode,
-    Superblock, Time, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
+    file_type, inode_range, key, key_suffix_u64, kind, kind_range, orphan_key, truncating_key,
+    Dirent, Ino, Inode, Superblock, Time, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
 };
 use super::holds::Holds;
 use super::store::{Allocator, VolumeStore};
@@ -52,6 +52,34 @@ struct Meta {
     lazy: HashMap<Ino, LazyTimes>,
 }
 
+/// The held metadata lock; poisons it if dropped by a panic.
+struct MetaGuard<'a> {
+    guard: parking_lot::MutexGuard<'a, Meta>,
+    poisoned: &'a std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for MetaGuard<'_> {
+    type Target = Meta;
+    fn deref(&self) -> &Meta {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for MetaGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Meta {
+        &mut self.guard
+    }
+}
+
+impl Drop for MetaGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 /// Times of an inode kept in memory until the next sync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct LazyTimes {
@@ -67,7 +95,15 @@ const PURGE_STEP: u64 = 16384;
 /// A mounted file system.
 pub struct Fs {
     volume: Volume,
-    meta: Mutex<Meta>,
+    /// Eventually fair (parking_lot): a long operation that runs as a
+    /// series of short transactions (fallocate, truncate, deletes) cannot
+    /// starve the others by taking the lock back at once after each one;
+    /// a waiter gets it within about half a millisecond.
+    meta: parking_lot::Mutex<Meta>,
+    /// A thread panicked while holding `meta`: its state may be half
+    /// changed, so every later operation is refused (as a poisoned std
+    /// mutex would be).
+    meta_poisoned: std::sync::atomic::AtomicBool,
     /// Open handles and kernel lookups per inode: an inode that loses its
     /// last name while held lives on (as an orphan) until nothing holds it.
     holds: Mutex<Holds>,
@@ -84,6 +120,19 @@ pub struct Fs {
     /// The kernel keeps file times of writes (FUSE writeback cache): writes
     /// leave mtime and ctime alone; the kernel sends them with setattr.
     kernel_times: std::sync::atomic::AtomicBool,
+    /// Syncs shared between concurrent callers (see `Fs::sync_shared`).
+    syncs: Mutex<SyncRound>,
+    sync_done: std::sync::Condvar,
+}
+
+/// The syncs of [`Fs::sync_shared`]: how many began and finished, whether
+/// one is running, and the last that failed.
+#[derive(Default)]
+struct SyncRound {
+    started: u64,
+    finished: u64,
+    running: bool,
+    failed: Option<u64>,
 }
 
 /// A regular file's size and block addresses, as of the last commit.
@@ -91,6 +140,9 @@ pub(super) struct FileMap {
     pub size: u64,
     /// Chunk index -> block addresses; a missing chunk is a hole.
     pub chunks: HashMap<u64, Vec<u64>>,
+    /// setuid, setgid or file capabilities: a write by an unprivileged
+    /// user must clear them (which changes the inode).
+    pub privileged: bool,
 }
 
 /// One operation in progress: reads see its own changes; `Fs::op` commits.
@@ -301,6 +353,8 @@ impl Op<'_> {
     /// Removes every item of an inode, freeing its data blocks.
     pub(super) fn purge(&mut self, ino: Ino) -> Result<()> {
         self.touched.push(ino);
+        // A truncation still in progress has nothing left to do.
+        self.del(&truncating_key(ino))?;
         let (s, e) = inode_range(ino);
         loop {
             let batch = self.tree.range(&mut self.store, &s, &e, 256)?;
@@ -550,7 +604,8 @@ impl Fs {
             Allocator::from_allocated(1, limit, &volume.allocated_runs()?)
         };
         let fs = Fs {
-            meta: Mutex::new(Meta {
+            meta_poisoned: Default::default(),
+            meta: parking_lot::Mutex::new(Meta {
                 tree: BTree { root: sb.root },
                 sb,
                 alloc,
@@ -561,6 +616,8 @@ impl Fs {
             files: Mutex::new(HashMap::new()),
             reads: std::sync::RwLock::new(()),
             kernel_times: Default::default(),
+            syncs: Mutex::default(),
+            sync_done: std::sync::Condvar::new(),
             volume,
         };
         let highest = fs.read_op(|op| op.tree.last_key(&mut op.store))?;
@@ -570,14 +627,36 @@ impl Fs {
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| FsError::Corrupted("a short metadata key".into()))?;
-            let mut m = fs.meta.lock().map_err(|_| FsError::PreviousIo)?;
+            let mut m = fs.lock_meta()?;
             m.sb.next_ino = m.sb.next_ino.max(ino + 1);
         }
         if fs.volume.is_read_only() {
             return Ok(fs);
         }
         fs.reclaim_orphans()?;
+        fs.finish_truncations()?;
         Ok(fs)
+    }
+
+    /// Finishes truncations a crash interrupted: frees what lies past
+    /// each file's size (see [`kind::TRUNCATING`]).
+    fn finish_truncations(&self) -> Result<()> {
+        let inos = self.read_op(|op| {
+            let (s, e) = kind_range(ORPHANS, kind::TRUNCATING);
+            op.tree
+                .range(&mut op.store, &s, &e, usize::MAX)?
+                .iter()
+                .map(|(k, _)| {
+                    key_suffix_u64(k)
+                        .map(Ino)
+                        .ok_or_else(|| FsError::Corrupted("a truncation record's key".into()))
+                })
+                .collect::<Result<Vec<Ino>>>()
+        })?;
+        for ino in inos {
+            self.finish_truncate(ino)?;
+        }
+        Ok(())
     }
 
     /// Frees every orphan on disk: at mount (left by the last mount or a
@@ -768,12 +847,24 @@ impl Fs {
     /// for tests that show which operations do not wait for it.
     #[doc(hidden)]
     pub fn with_metadata_locked<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        let _guard = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
+        let _guard = self.lock_meta()?;
         Ok(f())
     }
 
     pub(super) fn volume(&self) -> &Volume {
         &self.volume
+    }
+
+    /// The volume's counters. For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn volume_stats(&self) -> Result<crate::volume::Stats> {
+        Ok(self.volume.stats()?)
+    }
+
+    /// The volume's own check (pages, blocks, bitmaps). For tests.
+    #[doc(hidden)]
+    pub fn volume_check(&self) -> Result<crate::volume::CheckReport> {
+        Ok(self.volume.check()?)
     }
 
     /// Logical blocks the volume maps (superblock, metadata nodes, data).
@@ -801,6 +892,47 @@ impl Fs {
         Ok(flushed?)
     }
 
+    /// [`Fs::sync`] shared between concurrent callers (group commit): a
+    /// caller waits for one sync that began after it called, running it
+    /// itself if none is running. However many processes fsync at once,
+    /// at most one sync runs and one more waits to start.
+    pub fn sync_shared(&self) -> Result<()> {
+        let lock = || self.syncs.lock().map_err(|_| FsError::PreviousIo);
+        let mut round = lock()?;
+        // A sync already running may have begun before our data was
+        // committed: ours is the next one to start.
+        let want = round.started + 1;
+        loop {
+            if round.finished >= want {
+                // A failed flush poisons the volume: every later operation
+                // fails too, so a waiter reports the earlier failure.
+                return match round.failed {
+                    Some(n) if n >= want => Err(FsError::PreviousIo),
+                    _ => Ok(()),
+                };
+            }
+            if !round.running {
+                round.running = true;
+                round.started += 1;
+                let me = round.started;
+                drop(round);
+                let r = self.sync();
+                round = lock()?;
+                round.running = false;
+                round.finished = me;
+                if r.is_err() {
+                    round.failed = Some(me);
+                }
+                self.sync_done.notify_all();
+                return r;
+            }
+            round = self
+                .sync_done
+                .wait(round)
+                .map_err(|_| FsError::PreviousIo)?;
+        }
+    }
+
     fn store_lazy_times(op: &mut Op) -> Result<()> {
         let pending: Vec<Ino> = op.lazy.keys().copied().collect();
         for ino in pending {
@@ -825,7 +957,7 @@ impl Fs {
     /// not begun: the metadata lock is held throughout, and times kept
     /// in memory are stored first.
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotId> {
-        let mut guard = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
+        let mut guard = self.lock_meta()?;
         self.op_in(&mut guard, |op, _| Self::store_lazy_times(op))?;
         let id = self.volume.snapshot_create(name)?;
         drop(guard);
@@ -876,8 +1008,20 @@ impl Fs {
         &self,
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
-        let mut guard = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
+        let mut guard = self.lock_meta()?;
         self.op_in(&mut guard, f)
+    }
+
+    /// The metadata lock, unless a thread panicked holding it.
+    fn lock_meta(&self) -> Result<MetaGuard<'_>> {
+        let guard = self.meta.lock();
+        if self.meta_poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(FsError::PreviousIo);
+        }
+        Ok(MetaGuard {
+            guard,
+            poisoned: &self.meta_poisoned,
+        })
     }
 
     /// [`Fs::op`] with the metadata lock already held.
@@ -962,7 +1106,7 @@ impl Fs {
 
     /// Free logical blocks and inode numbers handed out so far.
     pub(super) fn meta_stats(&self) -> Result<(u64, u64)> {
-        let m = self.meta.lock().map_err(|_| FsError::PreviousIo)?;
+        let m = self.lock_meta()?;
         Ok((m.alloc.free_blocks(), m.sb.next_ino - 1))
     }
 

@@ -48,6 +48,11 @@ pub mod kind {
     /// 0, kind, ino (BE u64). Value: empty. Reclaimed at the last close or
     /// at the next mount.
     pub const ORPHAN: u8 = 7;
+    /// A file whose truncation is still freeing blocks past its size (a
+    /// large truncate frees in steps). Key: inode 0, kind, ino (BE u64).
+    /// Value: empty. Removed by the last step; finished at the next mount
+    /// after a crash.
+    pub const TRUNCATING: u8 = 8;
 }
 
 /// File blocks per chunk item.
@@ -80,6 +85,11 @@ pub fn decode_chunk(v: &[u8]) -> Option<Vec<u64>> {
 /// The orphan list's item for `ino`.
 pub fn orphan_key(ino: Ino) -> Vec<u8> {
     key(ORPHANS, kind::ORPHAN, &ino.0.to_be_bytes())
+}
+
+/// The truncation record of `ino` (see [`kind::TRUNCATING`]).
+pub fn truncating_key(ino: Ino) -> Vec<u8> {
+    key(ORPHANS, kind::TRUNCATING, &ino.0.to_be_bytes())
 }
 
 /// The range of keys of one kind for one inode: `[start, end)`.

@@ -21,8 +21,8 @@ pub use crate::volume::format::MAX_SNAPSHOT_ID;
 pub use crate::volume::{SnapshotId, SnapshotInfo};
 pub use check::FsReport;
 pub use data::{
-    FsStats, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, MAX_FILE_SIZE, XATTR_CREATE,
-    XATTR_REPLACE,
+    FsStats, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE, MAX_FILE_SIZE,
+    XATTR_CREATE, XATTR_REPLACE,
 };
 pub use error::{FsError, Result};
 pub use filesystem::{DirEntry, Fs, LINK_MAX, MAX_INO, RENAME_EXCHANGE, RENAME_NOREPLACE};

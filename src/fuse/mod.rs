@@ -23,6 +23,7 @@ use crate::fs::{
 };
 use crate::BLOCK_SIZE;
 
+mod slow;
 pub mod snapdir;
 use snapdir::{is_reserved, node, snap_ino, Node, SNAPDIR_INO, SNAPDIR_NAME};
 
@@ -47,6 +48,8 @@ const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 
 pub struct FuseFs {
     fs: Arc<Fs>,
+    /// fsync, fallocate and truncate run here, off the request threads.
+    slow: slow::SlowWork,
     snaps: Arc<Snapshots>,
     /// List `.snapshots` in the root directory.
     show_snapshots: bool,
@@ -63,6 +66,7 @@ impl FuseFs {
         fs.count_lookups()?;
         Ok(FuseFs {
             fs,
+            slow: slow::SlowWork::new(),
             snaps,
             show_snapshots,
         })
@@ -375,9 +379,16 @@ impl fuser::Filesystem for FuseFs {
             mtime: mtime.map(our_time),
             ctime: ctime.map(|t| our_time(TimeOrNow::SpecificTime(t))),
         };
-        match self.fs.setattr(i, a) {
+        let set = move |fs: &Fs| match fs.setattr(i, a) {
             Ok(n) => reply.attr(&TTL, &attr(i.0, &n)),
             Err(e) => reply.error(errno("setattr", i, &e)),
+        };
+        if size.is_some() {
+            // A truncate may free much; it goes in steps, off the request threads.
+            let fs = self.fs.clone();
+            self.slow.run(move || set(&fs));
+        } else {
+            set(&self.fs);
         }
     }
 
@@ -677,7 +688,11 @@ impl fuser::Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         match node(ino.0) {
-            Node::Live(_) => empty("fsync", ino.0, self.fs.sync(), reply),
+            Node::Live(_) => {
+                let fs = self.fs.clone();
+                self.slow
+                    .run(move || empty("fsync", ino.0, fs.sync_shared(), reply));
+            }
             _ => reply.ok(),
         }
     }
@@ -745,7 +760,11 @@ impl fuser::Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         match node(ino.0) {
-            Node::Live(_) => empty("fsyncdir", ino.0, self.fs.sync(), reply),
+            Node::Live(_) => {
+                let fs = self.fs.clone();
+                self.slow
+                    .run(move || empty("fsyncdir", ino.0, fs.sync_shared(), reply));
+            }
             _ => reply.ok(),
         }
     }
@@ -878,12 +897,13 @@ impl fuser::Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         match writable(ino.0) {
-            Ok(i) => empty(
-                "fallocate",
-                i,
-                self.fs.fallocate(i, offset, length, mode as u32),
-                reply,
-            ),
+            Ok(i) => {
+                let fs = self.fs.clone();
+                self.slow.run(move || {
+                    let r = fs.fallocate(i, offset, length, mode as u32);
+                    empty("fallocate", i, r, reply)
+                });
+            }
             Err(e) => reply.error(e),
         }
     }

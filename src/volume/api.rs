@@ -301,7 +301,7 @@ impl Volume {
         };
         let mut i = 0usize;
         while i < entries.len() {
-            if !entries[i].is_mapped() {
+            if !entries[i].is_stored() {
                 buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0);
                 i += 1;
                 continue;
@@ -309,7 +309,7 @@ impl Volume {
             // A run of blocks that are contiguous on disk: one read, one open.
             let mut j = i + 1;
             while j < entries.len()
-                && entries[j].is_mapped()
+                && entries[j].is_stored()
                 && entries[j].pba == entries[j - 1].pba + 1
             {
                 j += 1;
@@ -369,24 +369,63 @@ impl Volume {
         }
     }
 
+    /// Zeroes `count` blocks from `lba` (see [`Transaction::zero`]), in
+    /// transactions of at most [`TRIM_CHUNK_BLOCKS`] blocks.
+    pub fn zero(&self, lba: Lba, count: u64) -> Result<()> {
+        self.inner.check_blocks(lba, count)?;
+        let end = lba + count;
+        let mut at = lba;
+        while at < end {
+            let n = (end - at).min(TRIM_CHUNK_BLOCKS);
+            let mut t = Transaction::new();
+            t.zero(at, n);
+            self.commit(t)?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Applies a transaction atomically. It is in the log when this returns
     /// and durable after the next [`Volume::flush`].
     pub fn commit(&self, txn: Transaction) -> Result<()> {
+        self.commit_checked(txn, false).map(|_| ())
+    }
+
+    /// [`Volume::commit`] of a transaction that overwrites blocks in place:
+    /// applied only if every block it writes is still allocated (checked
+    /// under the lock that orders commits); Ok(false), with nothing
+    /// written, if one is not. A caller that knows which blocks it owns,
+    /// and that no freed block is handed out again meanwhile, can so write
+    /// without holding its own metadata lock.
+    pub fn commit_overwrite(&self, txn: Transaction) -> Result<bool> {
+        self.commit_checked(txn, true)
+    }
+
+    fn commit_checked(&self, txn: Transaction, only_allocated: bool) -> Result<bool> {
         let inner = &*self.inner;
         self.writable()?;
         if txn.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
-        let mut n_blocks = 0u64;
+        let (mut n_blocks, mut n_zeroed) = (0u64, 0u64);
         for op in &txn.ops {
             match op {
                 Op::Write { lba, data } => n_blocks += inner.check_range(*lba, data.len())?,
                 Op::Trim { lba, count } => inner.check_blocks(*lba, *count)?,
+                Op::Zero { lba, count } => {
+                    inner.check_blocks(*lba, *count)?;
+                    n_zeroed += count;
+                }
             }
         }
         if n_blocks > MAX_TXN_BLOCKS {
             return Err(VolumeError::InvalidArgument(format!(
                 "a transaction may write at most {MAX_TXN_BLOCKS} blocks, not {n_blocks}"
+            )));
+        }
+        if n_zeroed > TRIM_CHUNK_BLOCKS {
+            return Err(VolumeError::InvalidArgument(format!(
+                "a transaction may zero at most {TRIM_CHUNK_BLOCKS} blocks, not {n_zeroed}"
             )));
         }
         let _committing = inner.commits.read().unwrap_or_else(|p| p.into_inner());
@@ -427,6 +466,11 @@ impl Volume {
                         at += c;
                     }
                 }
+                // At most TRIM_CHUNK_BLOCKS (checked above): one entry.
+                Op::Zero { lba, count } => entries.push(Entry::Zero {
+                    lba,
+                    count: count as u32,
+                }),
             }
         }
         let mut macs = vec![Mac::default(); tags.len()];
@@ -444,9 +488,26 @@ impl Volume {
 
         let mut st = inner.lock()?;
         let ctx = inner.ctx();
+        if only_allocated {
+            for e in &entries {
+                if let Entry::Write { lba, .. } = *e {
+                    if !st.lookup(&ctx, lba)?.is_mapped() {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        if !st.checkpointed {
+            // The first commit since opening writes a checkpoint of the
+            // version this code writes first: what follows in the log may
+            // need it (zeroed blocks, truncation records), and an older
+            // lsvfs then refuses the volume by its version rather than
+            // misreading the log after an older checkpoint.
+            st.checkpoint(&ctx)?;
+        }
         // A transaction that only trims frees space: it may use the reserve.
         // Not while snapshots exist: what it drops, they may hold.
-        let frees = payload.is_empty() && st.snaps.list.is_empty();
+        let frees = payload.is_empty() && n_zeroed == 0 && st.snaps.list.is_empty();
         st.ensure_space(&ctx, &entries, frees)?;
         st.prefetch(&ctx, &entries)?;
         let pbas = match st.append(&ctx, &entries, &payload, true, frees) {
@@ -465,7 +526,7 @@ impl Volume {
         }
         inner.maybe_checkpoint(&mut st, &ctx);
         st.trees.evict();
-        Ok(())
+        Ok(true)
     }
 
     /// Makes every committed transaction durable (fdatasync).
@@ -562,13 +623,14 @@ impl Volume {
     }
 
     /// The key generation that sealed `lba`'s current version (low bit, from
-    /// the key-generation bitmap), or None if the block is unmapped.
+    /// the key-generation bitmap), or None if the block is not stored
+    /// (unmapped or zeroed).
     pub fn key_generation_bit(&self, lba: Lba) -> Result<Option<bool>> {
         self.live_only()?;
         self.inner.check_range(lba, BLOCK_SIZE)?;
         let mut st = self.inner.lock()?;
         let ctx = self.inner.ctx();
-        if !st.lookup(&ctx, lba)?.is_mapped() {
+        if !st.lookup(&ctx, lba)?.is_stored() {
             return Ok(None);
         }
         Ok(Some(st.get_bit(&ctx, format::TreeId::KeyGen, lba)?))
@@ -589,13 +651,13 @@ impl Volume {
     }
 
     /// Where the current version of `lba` is stored on the device (a block
-    /// address), or None if it is unmapped. For diagnostics and tests.
+    /// address), or None if it is unmapped or zeroed. For diagnostics and tests.
     pub fn locate(&self, lba: Lba) -> Result<Option<u64>> {
         self.live_only()?;
         self.inner.check_range(lba, BLOCK_SIZE)?;
         let mut st = self.inner.lock()?;
         let e = st.lookup(&self.inner.ctx(), lba)?;
-        Ok(e.is_mapped().then_some(e.pba))
+        Ok(e.is_stored().then_some(e.pba))
     }
 
     /// Stops using the volume without a checkpoint or flush, as if the

@@ -20,6 +20,8 @@ use crate::BLOCK_SIZE;
 pub struct CheckReport {
     pub pages: u64,
     pub data_blocks: u64,
+    /// Live blocks that are zeroed: allocated, stored nowhere.
+    pub zeroed_blocks: u64,
     pub problems: Vec<String>,
 }
 
@@ -99,6 +101,19 @@ impl State {
                     r.problems.push(format!(
                         "map entry for block {lba} lies past the end of the volume"
                     ));
+                    continue;
+                }
+                if e.is_zeroed() {
+                    match self.get_bit(ctx, TreeId::Allocated, lba) {
+                        Ok(true) => {}
+                        Ok(false) => r.problems.push(format!(
+                            "logical block {lba} is zeroed but not marked allocated"
+                        )),
+                        Err(err) => r
+                            .problems
+                            .push(format!("allocated bitmap at block {lba}: {err}")),
+                    }
+                    r.zeroed_blocks += 1;
                     continue;
                 }
                 if e.pba < DATA_START || e.pba >= end {

@@ -227,7 +227,7 @@ impl State {
                             moves.push((*e, (offset + 1) as usize + i));
                         }
                     }
-                    Entry::Trim { .. } => {}
+                    Entry::Trim { .. } | Entry::Zero { .. } => {}
                 }
             }
             offset += 1 + rec.head.n_payload as u64;

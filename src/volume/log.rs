@@ -351,7 +351,9 @@ impl Log {
                         gen,
                         mac,
                     } => (page_tag(tree, level, index, gen), mac),
-                    Entry::Trim { .. } => unreachable!("payload entries come first"),
+                    Entry::Trim { .. } | Entry::Zero { .. } => {
+                        unreachable!("payload entries come first")
+                    }
                 };
                 if !ctx
                     .keys

@@ -40,6 +40,9 @@ pub struct State {
     pub changed_since: u64,
     /// The key generation new writes are sealed with.
     pub key_gen: u32,
+    /// This process has written a checkpoint (of the version it writes,
+    /// [`super::format::CHECKPOINT_VERSION`]) since opening the volume.
+    pub checkpointed: bool,
 }
 
 impl State {
@@ -55,6 +58,7 @@ impl State {
             allocated: c.allocated,
             changed_since: c.changed_since,
             key_gen: c.key_gen,
+            checkpointed: false,
             ckpt,
         }
     }
@@ -95,14 +99,14 @@ impl State {
         let page = trees.get_mut(ctx, key, &mut |t, p| usage.superseded(t, p))?;
         let old = MapEntry::decode(&page[slot..]);
         new.encode(&mut page[slot..]);
-        if old.is_mapped() {
+        if old.is_stored() {
             if changed {
                 usage.dropped(old.gen, old.pba);
             } else {
                 usage.dec(old.pba);
             }
         }
-        if new.is_mapped() {
+        if new.is_stored() {
             usage.inc(new.pba);
         }
         match (old.is_mapped(), new.is_mapped()) {
@@ -119,7 +123,7 @@ impl State {
         if changed {
             self.set_bit(ctx, TreeId::Changed, lba, true)?;
         }
-        if new.is_mapped() {
+        if new.is_stored() {
             self.set_bit(ctx, TreeId::KeyGen, lba, new.key_gen & 1 == 1)?;
         }
         Ok(())
@@ -156,7 +160,7 @@ impl State {
                     map.insert(lba.0 / per_map);
                     bits.insert(lba.0 / BITS_PER_PAGE);
                 }
-                Entry::Trim { count, .. } => {
+                Entry::Trim { count, .. } | Entry::Zero { count, .. } => {
                     let n = count as u64;
                     ranges += n.div_ceil(per_map) + 1 + 2 * (n.div_ceil(BITS_PER_PAGE) + 1);
                 }
@@ -169,7 +173,7 @@ impl State {
         let blocks: u64 = entries
             .iter()
             .map(|e| match *e {
-                Entry::Trim { count, .. } => count as u64,
+                Entry::Trim { count, .. } | Entry::Zero { count, .. } => count as u64,
                 _ => 1,
             })
             .sum();
@@ -197,6 +201,19 @@ impl State {
                     self.lookup(ctx, lba)?;
                     for t in [TreeId::Allocated, TreeId::Changed, TreeId::KeyGen] {
                         self.get_bit(ctx, t, lba)?;
+                    }
+                }
+                Entry::Zero { lba, count } => {
+                    let per = MAP_ENTRIES_PER_PAGE as u64;
+                    for leaf in lba.0 / per..=(lba.0 + count as u64 - 1) / per {
+                        self.trees.get(ctx, PageKey::leaf(TreeId::Map, leaf))?;
+                    }
+                    for t in [TreeId::Allocated, TreeId::Changed] {
+                        let first = lba.0 / BITS_PER_PAGE;
+                        let last = (lba.0 + count as u64 - 1) / BITS_PER_PAGE;
+                        for leaf in first..=last {
+                            self.trees.get(ctx, PageKey::leaf(t, leaf))?;
+                        }
                     }
                 }
                 Entry::Trim { lba, count } => {
@@ -276,11 +293,20 @@ impl State {
                     let pba = pbas[p];
                     p += 1;
                     let old = self.lookup(ctx, lba)?;
-                    if old.is_mapped() && old.gen == gen {
+                    if old.is_stored() && old.gen == gen {
                         self.map_set(ctx, lba, MapEntry { pba, mac, ..old }, false)?;
                     }
                 }
                 Entry::TreePage { .. } => p += 1,
+                Entry::Zero { lba, count } => {
+                    // Zeroing a zeroed block changes nothing (not even
+                    // its changed bit).
+                    for l in lba.0..lba.0 + count as u64 {
+                        if !self.lookup(ctx, Lba(l))?.is_zeroed() {
+                            self.map_set(ctx, Lba(l), MapEntry::ZEROED, true)?;
+                        }
+                    }
+                }
                 Entry::Trim { lba, count } => {
                     let per = MAP_ENTRIES_PER_PAGE as u64;
                     let end = (lba + count as u64).0;
@@ -354,6 +380,7 @@ impl State {
             snap_pages: self.snaps.meta_root.1,
         };
         self.ckpt.commit(ctx, c)?;
+        self.checkpointed = true;
         self.log.blocks_since_checkpoint = 0;
         self.release_segments(ctx);
         Ok(())

@@ -13,7 +13,9 @@
 //! - when a page is first dirtied, its old on-disk copy is reported as
 //!   superseded exactly once, so segment usage stays exact.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
 
 use super::format::{Block, TreeId, TreePtr, TREE_PTR_LEN};
 use crate::volume::Result;
@@ -86,7 +88,9 @@ struct Cached {
 pub struct Trees {
     roots: [TreePtr; 5],
     shapes: [Shape; 5],
-    cache: HashMap<PageKey, Cached>,
+    /// Keyed by page position, which the volume chooses (never a caller):
+    /// a fast non-keyed hash is safe here and is most of a lookup's cost.
+    cache: FxHashMap<PageKey, Cached>,
     dirty: BTreeSet<PageKey>,
     capacity: usize,
     tick: u64,
@@ -97,7 +101,7 @@ impl Trees {
         Trees {
             roots,
             shapes,
-            cache: HashMap::new(),
+            cache: FxHashMap::default(),
             dirty: BTreeSet::new(),
             capacity: capacity_pages.max(64),
             tick: 0,
@@ -341,6 +345,7 @@ impl Trees {
 mod tests {
     use super::*;
     use std::cell::RefCell;
+    use std::collections::HashMap;
 
     /// A page store that hands out pages by pointer, standing in for the
     /// device and the crypto layer.

@@ -19,6 +19,7 @@ pub struct Transaction {
 pub(super) enum Op {
     Write { lba: Lba, data: Vec<u8> },
     Trim { lba: Lba, count: u64 },
+    Zero { lba: Lba, count: u64 },
 }
 
 impl Transaction {
@@ -35,6 +36,14 @@ impl Transaction {
     /// Unmaps `count` blocks from `lba`; they read as zeros afterwards.
     pub fn trim(&mut self, lba: Lba, count: u64) -> &mut Self {
         self.ops.push(Op::Trim { lba, count });
+        self
+    }
+
+    /// Makes `count` blocks from `lba` read as zeros while staying
+    /// allocated, without writing or encrypting anything: they take no log
+    /// space until written (a preallocated or zeroed range).
+    pub fn zero(&mut self, lba: Lba, count: u64) -> &mut Self {
+        self.ops.push(Op::Zero { lba, count });
         self
     }
 

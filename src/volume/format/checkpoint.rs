@@ -1,7 +1,10 @@
 //! Checkpoints: the authenticated roots of the volume, in two slots.
 
 use super::{arr16, put_u32, put_u64, range, u32_at, u64_at, Block, DecodeError, Header, TreePtr};
-use super::{CHECKPOINT_MAGIC, CHECKPOINT_VERSION, DATA_START, FORMAT_VERSION, TREE_PTR_LEN};
+use super::{
+    CHECKPOINT_MAGIC, CHECKPOINT_SNAPSHOTS, CHECKPOINT_VERSION, DATA_START, FORMAT_VERSION,
+    TREE_PTR_LEN,
+};
 use crate::crypto::{Mac, MAC_LEN};
 use crate::volume::{Generation, SegmentId};
 use crate::BLOCK_SIZE;
@@ -115,7 +118,7 @@ impl Checkpoint {
             return Err(DecodeError::Magic("checkpoint"));
         }
         let version = u32_at(b, C_VERSION);
-        if version != FORMAT_VERSION && version != CHECKPOINT_VERSION {
+        if !(FORMAT_VERSION..=CHECKPOINT_VERSION).contains(&version) {
             return Err(DecodeError::Version {
                 want: CHECKPOINT_VERSION,
                 have: version,
@@ -159,7 +162,7 @@ impl Checkpoint {
             )?;
         }
         // Version 1 checkpoints predate snapshots: those bytes were reserved.
-        let (snap_meta, snap_pages) = if version == CHECKPOINT_VERSION {
+        let (snap_meta, snap_pages) = if version >= CHECKPOINT_SNAPSHOTS {
             (TreePtr::decode(&b[C_SNAP_META..]), u32_at(b, C_SNAP_PAGES))
         } else {
             (TreePtr::ABSENT, 0)

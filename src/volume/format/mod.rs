@@ -32,13 +32,18 @@ pub use snapmeta::{
 };
 pub use tree::{
     page_addr, MapEntry, TreeId, TreePtr, MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN, TREES, TREE_PTR_LEN,
+    ZERO_PBA,
 };
 
 /// The format version of the header (and of checkpoints before snapshots).
 pub const FORMAT_VERSION: u32 = 1;
-/// The checkpoint version this code writes: version 1 plus the snapshot
-/// metadata pointer. Version 1 checkpoints are read as "no snapshots".
-pub const CHECKPOINT_VERSION: u32 = 2;
+/// The checkpoint version this code writes. Version 2 added the snapshot
+/// metadata pointer (version 1 checkpoints are read as "no snapshots");
+/// version 3 adds zeroed blocks (map entries at [`ZERO_PBA`], log entry
+/// kind 5), which earlier code cannot read. All three are read.
+pub const CHECKPOINT_VERSION: u32 = 3;
+/// The first checkpoint version with the snapshot metadata pointer.
+pub const CHECKPOINT_SNAPSHOTS: u32 = 2;
 
 pub const HEADER_MAGIC: [u8; 8] = *b"LSVFS\0VH";
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"LSVFS\0CP";

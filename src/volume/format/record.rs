@@ -68,17 +68,21 @@ pub enum Entry {
     },
     /// `count` logical blocks from `lba` are unmapped. No payload.
     Trim { lba: Lba, count: u32 },
+    /// `count` logical blocks from `lba` become zeroed: allocated, reading
+    /// as zeros, stored nowhere (checkpoint version 3). No payload.
+    Zero { lba: Lba, count: u32 },
 }
 
 impl Entry {
     pub fn has_payload(&self) -> bool {
-        !matches!(self, Entry::Trim { .. })
+        !matches!(self, Entry::Trim { .. } | Entry::Zero { .. })
     }
 
     fn encode(&self, out: &mut [u8]) {
         let (kind, tree, count, addr, gen, mac) = match *self {
             Entry::Write { lba, gen, mac } => (1u8, 0u8, 0u32, lba.0, gen.0, mac),
             Entry::Trim { lba, count } => (2, 0, count, lba.0, 0, Mac::default()),
+            Entry::Zero { lba, count } => (5, 0, count, lba.0, 0, Mac::default()),
             Entry::TreePage {
                 tree,
                 level,
@@ -143,6 +147,13 @@ impl Entry {
                     lba: Lba(addr),
                     gen,
                     mac,
+                }
+            }
+            5 => {
+                lba_ok(addr, count as u64)?;
+                Entry::Zero {
+                    lba: Lba(addr),
+                    count,
                 }
             }
             k => {

@@ -47,7 +47,13 @@ impl TreePtr {
 // ---------------------------------------------------------------- map entry
 //
 // | 0 loc u64: pba (bits 0..48) | key generation (bits 48..64) | 8 gen u64 | 16 mac [16] |
-// loc 0 = unmapped (reads as zeros).
+// loc 0 = unmapped (reads as zeros). pba ZERO_PBA = allocated but stored
+// nowhere: reads as zeros, counts as allocated, holds no log space
+// (checkpoint version 3).
+
+/// The location of a block that is allocated and reads as zeros without
+/// being stored (a zeroed, or preallocated, block).
+pub const ZERO_PBA: u64 = MAX_PBA;
 
 pub const MAP_ENTRY_LEN: usize = 32;
 pub const MAP_ENTRIES_PER_PAGE: usize = BLOCK_SIZE / MAP_ENTRY_LEN;
@@ -61,8 +67,27 @@ pub struct MapEntry {
 }
 
 impl MapEntry {
+    /// A zeroed block: allocated, stored nowhere.
+    pub const ZEROED: MapEntry = MapEntry {
+        pba: ZERO_PBA,
+        key_gen: 0,
+        gen: Generation(0),
+        mac: Mac([0; MAC_LEN]),
+    };
+
+    /// Allocated: stored, or zeroed.
     pub fn is_mapped(&self) -> bool {
         self.pba != 0
+    }
+
+    /// Zeroed: allocated, reading as zeros, stored nowhere.
+    pub fn is_zeroed(&self) -> bool {
+        self.pba == ZERO_PBA
+    }
+
+    /// Stored in the log: a block with a location, generation and MAC.
+    pub fn is_stored(&self) -> bool {
+        self.pba != 0 && self.pba != ZERO_PBA
     }
 
     pub fn encode(&self, out: &mut [u8]) {

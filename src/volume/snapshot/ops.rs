@@ -183,7 +183,7 @@ impl State {
         } else {
             self.lookup(ctx, lba)?
         };
-        Ok(e.is_mapped() && e.gen == gen)
+        Ok(e.is_stored() && e.gen == gen)
     }
 
     /// A snapshot's map entry for `lba` (its stored location may be stale:
@@ -205,14 +205,14 @@ impl State {
     /// moved by the cleaner), or where the snapshot says.
     pub fn snap_locate(&mut self, ctx: &Ctx, i: usize, lba: Lba) -> Result<MapEntry> {
         let mut e = self.snap_lookup(ctx, i, lba)?;
-        if !e.is_mapped() {
+        if !e.is_stored() {
             return Ok(e);
         }
         if let Some(pba) = self.usage.held.get(e.gen) {
             e.pba = pba;
         } else {
             let live = self.lookup(ctx, lba)?;
-            if live.is_mapped() && live.gen == e.gen {
+            if live.is_stored() && live.gen == e.gen {
                 e.pba = live.pba;
             }
         }
@@ -295,7 +295,8 @@ impl State {
             }
             for s in 0..MAP_ENTRIES_PER_PAGE {
                 let e = MapEntry::decode(&page[s * MAP_ENTRY_LEN..]);
-                if !e.is_mapped() {
+                // A zeroed block holds nothing.
+                if !e.is_stored() {
                     continue;
                 }
                 let lba = Lba(k.index * MAP_ENTRIES_PER_PAGE as u64 + s as u64);
