@@ -641,39 +641,33 @@ impl Fs {
     /// Finishes truncations a crash interrupted: frees what lies past
     /// each file's size (see [`kind::TRUNCATING`]).
     fn finish_truncations(&self) -> Result<()> {
-        let inos = self.read_op(|op| {
-            let (s, e) = kind_range(ORPHANS, kind::TRUNCATING);
-            op.tree
-                .range(&mut op.store, &s, &e, usize::MAX)?
-                .iter()
-                .map(|(k, _)| {
-                    key_suffix_u64(k)
-                        .map(Ino)
-                        .ok_or_else(|| FsError::Corrupted("a truncation record's key".into()))
-                })
-                .collect::<Result<Vec<Ino>>>()
-        })?;
-        for ino in inos {
+        for ino in self.listed(kind::TRUNCATING, "a truncation record's key")? {
             self.finish_truncate(ino)?;
         }
         Ok(())
     }
 
-    /// Frees every orphan on disk: at mount (left by the last mount or a
-    /// crash) and at unmount (nothing holds an inode any more).
-    fn reclaim_orphans(&self) -> Result<()> {
-        let orphans = self.read_op(|op| {
-            let (s, e) = kind_range(ORPHANS, kind::ORPHAN);
+    /// The inode numbers that the items of `kind` under inode 0 name
+    /// (orphans, truncations); `what` names a malformed key.
+    fn listed(&self, kind: u8, what: &str) -> Result<Vec<Ino>> {
+        self.read_op(|op| {
+            let (s, e) = kind_range(ORPHANS, kind);
             op.tree
                 .range(&mut op.store, &s, &e, usize::MAX)?
                 .iter()
                 .map(|(k, _)| {
                     key_suffix_u64(k)
                         .map(Ino)
-                        .ok_or_else(|| FsError::Corrupted("an orphan key".into()))
+                        .ok_or_else(|| FsError::Corrupted(what.into()))
                 })
-                .collect::<Result<Vec<Ino>>>()
-        })?;
+                .collect()
+        })
+    }
+
+    /// Frees every orphan on disk: at mount (left by the last mount or a
+    /// crash) and at unmount (nothing holds an inode any more).
+    fn reclaim_orphans(&self) -> Result<()> {
+        let orphans = self.listed(kind::ORPHAN, "an orphan key")?;
         if let Err(e) = self.reclaim_all(&orphans) {
             tracing::warn!("freeing deleted inodes (retried at the next mount): {e}");
         }

@@ -103,16 +103,16 @@ impl State {
                     ));
                     continue;
                 }
+                match self.get_bit(ctx, TreeId::Allocated, lba) {
+                    Ok(true) => {}
+                    Ok(false) => r.problems.push(format!(
+                        "logical block {lba} is mapped but not marked allocated"
+                    )),
+                    Err(err) => r
+                        .problems
+                        .push(format!("allocated bitmap at block {lba}: {err}")),
+                }
                 if e.is_zeroed() {
-                    match self.get_bit(ctx, TreeId::Allocated, lba) {
-                        Ok(true) => {}
-                        Ok(false) => r.problems.push(format!(
-                            "logical block {lba} is zeroed but not marked allocated"
-                        )),
-                        Err(err) => r
-                            .problems
-                            .push(format!("allocated bitmap at block {lba}: {err}")),
-                    }
                     r.zeroed_blocks += 1;
                     continue;
                 }
@@ -129,15 +129,6 @@ impl State {
                     None => r.problems.push(format!(
                         "logical block {lba} lies in segment {seg}, past the extent"
                     )),
-                }
-                match self.get_bit(ctx, TreeId::Allocated, lba) {
-                    Ok(true) => {}
-                    Ok(false) => r.problems.push(format!(
-                        "logical block {lba} is mapped but not marked allocated"
-                    )),
-                    Err(err) => r
-                        .problems
-                        .push(format!("allocated bitmap at block {lba}: {err}")),
                 }
                 r.data_blocks += 1;
                 if !ctx.data_block_authentic(&mut buf, lba, &e) {
