@@ -64,6 +64,17 @@ const SNAP2: &str = "tests/images/snap2.vol.gz";
 /// Key file format v1: the recovery key of [`SNAP2`].
 const SNAP2_KEY: &str = "tests/images/snap2.key";
 
+/// Checkpoint version 3 (zeroed blocks) on a small file system: a file
+/// preallocated with fallocate (inside and past its end) and partly
+/// written, a file with ranges zeroed by FALLOC_FL_ZERO_RANGE (whole and
+/// partial blocks), a snapshot `before-zero` that still holds the data a
+/// later ZERO_RANGE dropped, and a log tail past the last checkpoint: a
+/// preallocation and a zero range made durable by fsync before the mount
+/// was killed with SIGKILL (log entries of kind 5 to replay).
+const ZERO3: &str = "tests/images/zero3.vol.gz";
+/// Key file format v1: the recovery key of [`ZERO3`].
+const ZERO3_KEY: &str = "tests/images/zero3.key";
+
 /// Sealed store format v1 (`lsvfs host init`, then `lsvfs create
 /// --keyserver`): `host-secret`, `sealed` (host identity, key server URL,
 /// pinned CA, and [`FS1`]'s master key wrapped under KEK v1) and the
@@ -591,6 +602,33 @@ stamp 1610000000
 const SNAP2_TAIL_SCRIPT: &str = "printf 'written after the last snapshot\\n' > tail.txt\n";
 const SNAP2_TAIL_TIMES: &str = "touch -h -d @1620000000.5 tail.txt\ntouch -h -d @1620000001.25 .\n";
 
+/// [`ZERO3`] before snapshot `before-zero`.
+const ZERO3_FIRST_SCRIPT: &str = r#"
+pat 1 30000 > data.bin
+fallocate -l 40960 pre
+fallocate -n -o 40960 -l 8192 pre
+pat 700 3000 | dd of=pre bs=1 seek=5000 conv=notrunc status=none
+fallocate -z -o 100 -l 50 data.bin
+stamp 1630000000
+"#;
+
+/// [`ZERO3`] after `before-zero`: its blocks 1-3 zeroed whole, part of
+/// block 5 zeroed, and the file grown by a zero range.
+const ZERO3_SECOND_SCRIPT: &str = r#"
+fallocate -z -o 4096 -l 12288 data.bin
+fallocate -z -o 21000 -l 1000 data.bin
+fallocate -z -o 29000 -l 6000 data.bin
+stamp 1640000000
+"#;
+
+/// [`ZERO3`]'s log tail.
+const ZERO3_TAIL_SCRIPT: &str = r#"
+fallocate -l 16384 tail-pre
+fallocate -z -o 0 -l 4096 pre
+touch -h -d @1650000000.5 tail-pre pre
+touch -h -d @1650000001.25 .
+"#;
+
 /// Runs a generator script (after [`PRELUDE`]) in `dir`.
 fn script(dir: &Path, body: &str) {
     sh(dir, &format!("{PRELUDE}{body}"));
@@ -993,6 +1031,68 @@ fn generate_snap2_image() {
 
     gzip_to(SNAP2, &img);
     fs::copy(p.join("k"), repo(SNAP2_KEY)).unwrap();
+}
+
+#[test]
+#[ignore = "writes tests/images/zero3.vol.gz once; never rerun"]
+fn generate_zero3_image() {
+    refuse_overwrite(&[ZERO3, ZERO3_KEY]);
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let (r, m) = (p.join("ref"), p.join("m"));
+    fs::create_dir(&r).unwrap();
+    fs::create_dir(&m).unwrap();
+    let _detach = Detach(m.clone());
+    run_ok(p, &["keygen", "k"], &[]);
+    let args = ["create", "v.vol", "--size", "1M", "--segment-blocks", "16"];
+    run_ok(p, &[&args[..], &["--key-file", "k"]].concat(), &[]);
+    run_ok(p, &["mount", "v.vol", "m", "--key-file", "k"], &[]);
+    script(&r, ZERO3_FIRST_SCRIPT);
+    script(&m, ZERO3_FIRST_SCRIPT);
+    same_tree(&r, &m, "zero3 first");
+    let first = listing(&r);
+    run_ok(p, &["snapshot", "create", "m", "before-zero"], &[]);
+    script(&r, ZERO3_SECOND_SCRIPT);
+    script(&m, ZERO3_SECOND_SCRIPT);
+    same_tree(&r, &m, "zero3 second");
+    assert_tree(&m.join(".snapshots/before-zero"), &first, "before-zero");
+    run_ok(p, &["unmount", "m"], &[]);
+    clean(&p.join("v.vol"), &p.join("k"));
+    zero_unreferenced_segments(p);
+
+    // The log tail: durable by fsync, then the mount is killed.
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
+        .args(["mount", "v.vol", "m", "--key-file", "k", "--foreground"])
+        .current_dir(p)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("lsvfs: mounted"), "{line}");
+    for dir in [&r, &m] {
+        script(dir, ZERO3_TAIL_SCRIPT);
+        fs::File::open(dir.join("pre")).unwrap().sync_all().unwrap();
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    sh(p, "fusermount3 -uz m");
+    let img = fs::read(p.join("v.vol")).unwrap();
+    let check = run_ok(p, &["check", "v.vol", "--key-file", "k"], &[]);
+    eprintln!("{check}");
+    assert!(
+        count_before(&check, "transactions in the log") > 0,
+        "{check}"
+    );
+    assert!(count_before(&check, "zeroed") > 0, "{check}");
+    run_ok(p, &["mount", "v.vol", "m", "--key-file", "k"], &[]);
+    same_tree(&r, &m, "zero3 live after recovery");
+    eprintln!("live:\n{}\nbefore-zero:\n{first}", listing(&r));
+    run_ok(p, &["unmount", "m"], &[]);
+    gzip_to(ZERO3, &img);
+    fs::copy(p.join("k"), repo(ZERO3_KEY)).unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -1600,4 +1700,59 @@ fn sealed1_is_refused_on_another_host_or_altered() {
         &|st| fs::remove_file(st.join("sealed")).unwrap(),
         "no sealed store in",
     );
+}
+
+/// [`ZERO3`]'s live tree once its log tail is replayed.
+const ZERO3_LIVE: &str = r#". d 0755 0:0 n2 mtime:1650000001.250000000
+data.bin f 0644 0:0 n1 s35000 data:len:35000,sha256:68b24b77ab172a14238a1ac2defc42642dbd2532b9c4971888bdb1ec5e57ce0c mtime:1640172800.002469134
+pre f 0644 0:0 n1 s40960 data:len:40960,sha256:b0a09e03c98a7b12572ae2550adbc475b19c4ac96accad16e1c653bed892d925 mtime:1650000000.500000000
+tail-pre f 0644 0:0 n1 s16384 data:len:16384,sha256:4fe7b59af6de3b665b67788cc2f99892ab827efae3a467342b3bb4e3bc8e5bfe mtime:1650000000.500000000
+"#;
+
+/// [`ZERO3`]'s tree when `before-zero` was taken.
+const ZERO3_BEFORE: &str = r#". d 0755 0:0 n2 mtime:1630086400.001234567
+data.bin f 0644 0:0 n1 s30000 data:len:30000,sha256:1f0ce4afe0f51ebd16b365dd44705675786732dda663c418d08545dcc2880f32 mtime:1630172800.002469134
+pre f 0644 0:0 n1 s40960 data:len:40960,sha256:b0a09e03c98a7b12572ae2550adbc475b19c4ac96accad16e1c653bed892d925 mtime:1630259200.003703701
+"#;
+
+#[test]
+fn zero3_replays_zeroed_blocks_and_its_snapshot_keeps_what_they_replaced() {
+    let s = Scratch::new(ZERO3, ZERO3_KEY);
+    let c = s.check();
+    assert!(count_before(&c, "transactions in the log") > 0, "{c}");
+    // Zeroed: pre's 10 blocks and 2 past its end, tail-pre's 4, data.bin's
+    // 3 zeroed whole and the 2 its last zero range grew it by.
+    assert!(c.contains(" 19 zeroed "), "{c}");
+    assert!(
+        c.contains("file system: 4 inodes, 3 directory entries, 25 data blocks, 0 orphans"),
+        "{c}"
+    );
+    assert!(
+        c.contains("snapshot before-zero: 3 inodes, 2 directory entries, 20 data blocks"),
+        "{c}"
+    );
+    s.mount();
+    assert_tree(&s.m(), ZERO3_LIVE, "live");
+    assert_tree(
+        &s.m().join(".snapshots/before-zero"),
+        ZERO3_BEFORE,
+        "before-zero",
+    );
+    // Preallocated blocks count, inside and past the end of the file.
+    let blocks = |name: &str| fs::metadata(s.m().join(name)).unwrap().blocks() / 8;
+    assert_eq!((blocks("pre"), blocks("tail-pre")), (12, 4));
+    // A zeroed block takes data like any other.
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(s.m().join("tail-pre"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"into a zeroed block", 9000).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let back = fs::read(s.m().join("tail-pre")).unwrap();
+    assert_eq!(&back[9000..9019], b"into a zeroed block");
+    assert!(back[..9000].iter().all(|b| *b == 0));
+    s.unmount();
+    let c = s.check();
+    assert!(c.contains(" 18 zeroed "), "{c}");
 }
