@@ -817,6 +817,31 @@ impl Drop for Detach {
     }
 }
 
+/// `v.vol` mounted on `m` in `p` by a foreground daemon, once it says so;
+/// for a log tail that [`kill_mount`] then leaves behind.
+fn mount_foreground(p: &Path) -> Child {
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
+        .args(["mount", "v.vol", "m", "--key-file", "k", "--foreground"])
+        .current_dir(p)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("lsvfs: mounted"), "{line}");
+    daemon
+}
+
+/// Kills a [`mount_foreground`] daemon with SIGKILL (no checkpoint, no
+/// flush) and detaches its dead mount.
+fn kill_mount(mut daemon: Child, p: &Path) {
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    sh(p, "fusermount3 -uz m");
+}
+
 fn mounted(mountpoint: &Path) -> bool {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let m = mountpoint.to_str().unwrap();
@@ -981,17 +1006,7 @@ fn generate_snap2_image() {
     zero_unreferenced_segments(p);
 
     // The log tail: work made durable by fsync, then the mount is killed.
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
-        .args(["mount", "v.vol", "m", "--key-file", "k", "--foreground"])
-        .current_dir(p)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("lsvfs: mounted"), "{line}");
+    let daemon = mount_foreground(p);
     assert!(mounted(&m));
     for dir in [&r, &m] {
         script(dir, SNAP2_TAIL_SCRIPT);
@@ -1010,10 +1025,8 @@ fn generate_snap2_image() {
         .unwrap()
         .sync_all()
         .unwrap();
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    kill_mount(daemon, p);
     drop(held);
-    sh(p, "fusermount3 -uz m");
     let img = fs::read(p.join("v.vol")).unwrap();
 
     let check = run_ok(p, &["check", "v.vol", "--key-file", "k"], &[]);
@@ -1061,24 +1074,12 @@ fn generate_zero3_image() {
     zero_unreferenced_segments(p);
 
     // The log tail: durable by fsync, then the mount is killed.
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
-        .args(["mount", "v.vol", "m", "--key-file", "k", "--foreground"])
-        .current_dir(p)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("lsvfs: mounted"), "{line}");
+    let daemon = mount_foreground(p);
     for dir in [&r, &m] {
         script(dir, ZERO3_TAIL_SCRIPT);
         fs::File::open(dir.join("pre")).unwrap().sync_all().unwrap();
     }
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
-    sh(p, "fusermount3 -uz m");
+    kill_mount(daemon, p);
     let img = fs::read(p.join("v.vol")).unwrap();
     let check = run_ok(p, &["check", "v.vol", "--key-file", "k"], &[]);
     eprintln!("{check}");

@@ -15,6 +15,7 @@ use super::format::{
     decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, truncating_key, Ino, Inode,
     Time, CHUNK_BLOCKS,
 };
+use super::store::Runs;
 use crate::fs::{FsError, Posix, Result};
 use crate::volume::{Lba, Transaction};
 use crate::BLOCK_SIZE;
@@ -34,19 +35,6 @@ const FALLOC_STEP: u64 = 1024;
 
 /// Blocks that one truncate transaction frees, about (16 MiB).
 const TRUNCATE_STEP: u64 = 1024;
-
-/// Runs of consecutive block addresses, as (first, count).
-#[derive(Default)]
-struct Runs(Vec<(u64, u64)>);
-
-impl Runs {
-    fn push(&mut self, lba: u64) {
-        match self.0.last_mut() {
-            Some((first, n)) if *first + *n == lba => *n += 1,
-            _ => self.0.push((lba, 1)),
-        }
-    }
-}
 
 /// Attribute changes for [`Fs::setattr`]; None leaves a field alone.
 #[derive(Clone, Copy, Debug, Default)]

@@ -2,7 +2,7 @@
 //!
 //! The allocator's truth is the volume's allocated bitmap: a logical block
 //! is in use exactly when it is mapped. Blocks are allocated by writing
-//! them and freed by trimming them, in the same volume transaction as the
+//! (or zeroing) them and freed by trimming them, in the same volume transaction as the
 //! operation that needs it, so allocation can never leak across a crash.
 //! At mount the free extents are rebuilt from the bitmap.
 
@@ -13,6 +13,19 @@ use super::btree::{Node, NodeStore};
 use crate::fs::{FsError, Result};
 use crate::volume::{Lba, Transaction, Volume};
 use crate::BLOCK_SIZE;
+
+/// Runs of consecutive block addresses, as (first, count).
+#[derive(Default)]
+pub(super) struct Runs(pub(super) Vec<(u64, u64)>);
+
+impl Runs {
+    pub(super) fn push(&mut self, lba: u64) {
+        match self.0.last_mut() {
+            Some((first, n)) if *first + *n == lba => *n += 1,
+            _ => self.0.push((lba, 1)),
+        }
+    }
+}
 
 /// Free logical blocks, as extents (start -> length).
 pub struct Allocator {
@@ -156,18 +169,11 @@ impl<'a> VolumeStore<'a> {
         }
         // Freed blocks go out as runs: one trim entry per run of adjacent
         // blocks (the volume prices each entry by the map pages it may touch).
-        let mut run: Option<(u64, u64)> = None;
+        let mut runs = Runs::default();
         for &lba in &self.freed {
-            run = match run {
-                Some((start, n)) if start + n == lba => Some((start, n + 1)),
-                Some((start, n)) => {
-                    txn.trim(Lba(start), n);
-                    Some((lba, 1))
-                }
-                None => Some((lba, 1)),
-            };
+            runs.push(lba);
         }
-        if let Some((start, n)) = run {
+        for (start, n) in runs.0 {
             txn.trim(Lba(start), n);
         }
         match self.volume.commit(txn) {

@@ -4,7 +4,6 @@
 //! replies in any order; each job replies when done.
 
 use crossbeam::channel::{unbounded, Sender};
-use lsvfs_keyserver::secret::scrub_stack;
 use std::thread::JoinHandle;
 
 /// Threads for slow requests. They mostly wait on the disk (fdatasync) or
@@ -31,10 +30,6 @@ impl SlowWork {
                     .spawn(move || {
                         for job in rx {
                             job();
-                            // A job may have sealed or opened blocks on this
-                            // stack (key schedules among the spilled
-                            // registers); an idle thread keeps none of it.
-                            scrub_stack();
                         }
                     })
                     .map_err(|e| tracing::warn!("starting a slow-request thread: {e}"))
