@@ -629,6 +629,14 @@ touch -h -d @1650000000.5 tail-pre pre
 touch -h -d @1650000001.25 .
 "#;
 
+/// Runs a generator script in the host directory `r` and in the mount `m`,
+/// and asserts they hold the same tree.
+fn script_both(r: &Path, m: &Path, body: &str, what: &str) {
+    script(r, body);
+    script(m, body);
+    same_tree(r, m, what);
+}
+
 /// Runs a generator script (after [`PRELUDE`]) in `dir`.
 fn script(dir: &Path, body: &str) {
     sh(dir, &format!("{PRELUDE}{body}"));
@@ -817,6 +825,19 @@ impl Drop for Detach {
     }
 }
 
+/// In `p`: a key `k`, a 1 MiB volume `v.vol` in 16-block segments mounted
+/// on `m`, and `ref`, the host directory the generator scripts also run in.
+fn small_mounted_volume(p: &Path) -> Detach {
+    fs::create_dir(p.join("ref")).unwrap();
+    fs::create_dir(p.join("m")).unwrap();
+    let detach = Detach(p.join("m"));
+    run_ok(p, &["keygen", "k"], &[]);
+    let args = ["create", "v.vol", "--size", "1M", "--segment-blocks", "16"];
+    run_ok(p, &[&args[..], &["--key-file", "k"]].concat(), &[]);
+    run_ok(p, &["mount", "v.vol", "m", "--key-file", "k"], &[]);
+    detach
+}
+
 /// `v.vol` mounted on `m` in `p` by a foreground daemon, once it says so;
 /// for a log tail that [`kill_mount`] then leaves behind.
 fn mount_foreground(p: &Path) -> Child {
@@ -969,33 +990,11 @@ fn generate_snap2_image() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     let (r, m) = (p.join("ref"), p.join("m"));
-    fs::create_dir(&r).unwrap();
-    fs::create_dir(&m).unwrap();
-    let _detach = Detach(m.clone());
-    run_ok(p, &["keygen", "k"], &[]);
-    run_ok(
-        p,
-        &[
-            "create",
-            "v.vol",
-            "--size",
-            "1M",
-            "--segment-blocks",
-            "16",
-            "--key-file",
-            "k",
-        ],
-        &[],
-    );
-    run_ok(p, &["mount", "v.vol", "m", "--key-file", "k"], &[]);
-    script(&r, SNAP2_FIRST_SCRIPT);
-    script(&m, SNAP2_FIRST_SCRIPT);
-    same_tree(&r, &m, "snap2 first");
+    let _detach = small_mounted_volume(p);
+    script_both(&r, &m, SNAP2_FIRST_SCRIPT, "snap2 first");
     let first = listing(&r);
     run_ok(p, &["snapshot", "create", "m", "first"], &[]);
-    script(&r, SNAP2_SECOND_SCRIPT);
-    script(&m, SNAP2_SECOND_SCRIPT);
-    same_tree(&r, &m, "snap2 second");
+    script_both(&r, &m, SNAP2_SECOND_SCRIPT, "snap2 second");
     run_ok(p, &["snapshot", "create", "m", "second"], &[]);
     fs::create_dir(m.join(".snapshots/scratch")).unwrap();
     run_ok(p, &["snapshot", "delete", "m", "scratch"], &[]);
@@ -1053,21 +1052,11 @@ fn generate_zero3_image() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     let (r, m) = (p.join("ref"), p.join("m"));
-    fs::create_dir(&r).unwrap();
-    fs::create_dir(&m).unwrap();
-    let _detach = Detach(m.clone());
-    run_ok(p, &["keygen", "k"], &[]);
-    let args = ["create", "v.vol", "--size", "1M", "--segment-blocks", "16"];
-    run_ok(p, &[&args[..], &["--key-file", "k"]].concat(), &[]);
-    run_ok(p, &["mount", "v.vol", "m", "--key-file", "k"], &[]);
-    script(&r, ZERO3_FIRST_SCRIPT);
-    script(&m, ZERO3_FIRST_SCRIPT);
-    same_tree(&r, &m, "zero3 first");
+    let _detach = small_mounted_volume(p);
+    script_both(&r, &m, ZERO3_FIRST_SCRIPT, "zero3 first");
     let first = listing(&r);
     run_ok(p, &["snapshot", "create", "m", "before-zero"], &[]);
-    script(&r, ZERO3_SECOND_SCRIPT);
-    script(&m, ZERO3_SECOND_SCRIPT);
-    same_tree(&r, &m, "zero3 second");
+    script_both(&r, &m, ZERO3_SECOND_SCRIPT, "zero3 second");
     assert_tree(&m.join(".snapshots/before-zero"), &first, "before-zero");
     run_ok(p, &["unmount", "m"], &[]);
     clean(&p.join("v.vol"), &p.join("k"));
