@@ -24,6 +24,7 @@ use std::sync::OnceLock;
 
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
+use lsvfs_keyserver::secret::scrub_stack_small;
 use xts_mode::Xts128;
 
 /// Pieces (16 bytes each) processed per batch: 256 make one 4 KiB block.
@@ -96,15 +97,21 @@ impl Xts {
     /// Runs the data key over `buf` (whole 16-byte pieces) between two
     /// maskings with the tweaks of its pieces; the first is `tweak`
     /// encrypted under the tweak key.
+    ///
+    /// Then it clears the stack the cipher used. With VAES (AVX-512 or
+    /// AVX2) the `aes` crate copies the whole key schedule into its own
+    /// frame for every call (each round key broadcast to every lane; the
+    /// first two round keys of AES-256 are the key itself) and leaves it
+    /// there, for a core dump or a later stack or heap reuse to find. The
+    /// cipher runs in frames of its own, directly below this one, so one
+    /// scrub after the loop clears what every call left.
     fn run(&self, buf: &mut [u8], tweak: [u8; 16], encrypt: bool) {
         assert!(
             buf.len() % 16 == 0 && !buf.is_empty(),
             "XTS here takes whole 16-byte pieces, not {} bytes",
             buf.len()
         );
-        let mut t = Array::from(tweak);
-        self.tweak.encrypt_block(&mut t);
-        let mut t = u128::from_le_bytes(t.into());
+        let mut t = self.first_tweak(tweak);
         let mut tweaks = [0u128; BATCH];
         for chunk in buf.chunks_mut(BATCH * 16) {
             let n = chunk.len() / 16;
@@ -113,13 +120,28 @@ impl Xts {
                 t = times_x(t);
             }
             Self::mask(chunk, &tweaks[..n]);
-            let (pieces, _) = Array::slice_as_chunks_mut(chunk);
-            if encrypt {
-                self.data.encrypt_blocks(pieces);
-            } else {
-                self.data.decrypt_blocks(pieces);
-            }
+            self.cipher(chunk, encrypt);
             Self::mask(chunk, &tweaks[..n]);
+        }
+        scrub_stack_small();
+    }
+
+    /// The tweak of a data unit's first piece: `tweak` under the tweak key.
+    #[inline(never)]
+    fn first_tweak(&self, tweak: [u8; 16]) -> u128 {
+        let mut t = Array::from(tweak);
+        self.tweak.encrypt_block(&mut t);
+        u128::from_le_bytes(t.into())
+    }
+
+    /// The data key over whole pieces, 8 or more at once.
+    #[inline(never)]
+    fn cipher(&self, chunk: &mut [u8], encrypt: bool) {
+        let (pieces, _) = Array::slice_as_chunks_mut(chunk);
+        if encrypt {
+            self.data.encrypt_blocks(pieces);
+        } else {
+            self.data.decrypt_blocks(pieces);
         }
     }
 
