@@ -39,7 +39,8 @@ pub fn key_file(data: &[u8]) {
 }
 
 /// The sealed store: byte 0 even, the sealed file as it is on disk (magic,
-/// version, measurement, AEAD); odd, its contents after the AEAD opened.
+/// version, measurement, AEAD); odd, its contents after the AEAD opened,
+/// as version 1 (bit 1 clear) or 2 (bit 1 set).
 pub fn sealed_store(data: &[u8]) {
     let Some((&which, rest)) = data.split_first() else {
         return;
@@ -47,10 +48,13 @@ pub fn sealed_store(data: &[u8]) {
     let dir = Path::new("/nonexistent/lsvfs-fuzz-store");
     if which % 2 == 0 {
         let _ = SealedStore::unseal(dir, rest, &[7u8; 32], &[9u8; 32]);
-    } else if let Some(st) = SealedStore::decode(dir, rest) {
+    } else if let Some(st) = SealedStore::decode(dir, 1 + u32::from(which & 2 != 0), rest) {
         let _ = lsvfs::keys::host_id(&st);
         for v in &st.volumes {
             let _ = st.entry(&v.volume_id);
+        }
+        for s in &st.seen {
+            let _ = st.seen(&s.volume_id);
         }
     }
 }

@@ -97,6 +97,10 @@ pub enum Class {
     Refused,
     /// The sealed store is missing, damaged or from another host.
     SealedStore,
+    /// The volume is older than a state this host has seen (a copy put back).
+    Rollback,
+    /// The volume's keys were destroyed (`lsvfs erase`).
+    Erased,
     /// A POSIX refusal (ENOENT, EEXIST, ENOTEMPTY, ...).
     Posix(Posix),
     /// A failure another process reported with an errno (the mount's
@@ -112,7 +116,8 @@ impl Class {
         match self {
             Class::Usage | Class::NotAVolume => libc::EINVAL,
             Class::Corrupt | Class::PreviousIo => libc::EIO,
-            Class::WrongKey | Class::Refused | Class::SealedStore => libc::EACCES,
+            Class::WrongKey | Class::Refused | Class::SealedStore | Class::Erased => libc::EACCES,
+            Class::Rollback => libc::ESTALE,
             Class::NoSpace => libc::ENOSPC,
             Class::Busy => libc::EBUSY,
             Class::Io(n) | Class::Errno(n) => n,
@@ -136,6 +141,8 @@ impl Class {
             Class::KeyServer => 9,
             Class::Refused => 10,
             Class::SealedStore => 11,
+            Class::Rollback => 12,
+            Class::Erased => 13,
             Class::Errno(n) => match n {
                 libc::EINVAL => 2,
                 libc::ENOSPC => 6,
@@ -176,6 +183,8 @@ mod tests {
             (Class::KeyServer, libc::EHOSTUNREACH, 9),
             (Class::Refused, libc::EACCES, 10),
             (Class::SealedStore, libc::EACCES, 11),
+            (Class::Rollback, libc::ESTALE, 12),
+            (Class::Erased, libc::EACCES, 13),
             (Class::ReadOnly, libc::EROFS, 1),
             (Class::Posix(Posix::NotFound), libc::ENOENT, 1),
             (Class::Posix(Posix::NotSupported), libc::EOPNOTSUPP, 1),

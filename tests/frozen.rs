@@ -1580,15 +1580,78 @@ const SEALED1_KEY_SERVER: &str = "https://127.0.0.1:38033";
 /// [`SEALED1`] copied to a private directory (git keeps neither the
 /// directory's 0700 nor the files' 0600), beside [`FS1`].
 fn sealed_store() -> (Scratch, PathBuf) {
+    sealed_store_of(SEALED1)
+}
+
+/// The sealed store image `image`, copied as [`sealed_store`] does.
+fn sealed_store_of(image: &str) -> (Scratch, PathBuf) {
     let s = Scratch::new(FS1, FS1_KEY);
     let store = s.p().join("store");
     fs::create_dir(&store).unwrap();
     fs::set_permissions(&store, fs::Permissions::from_mode(0o700)).unwrap();
     for f in ["host-secret", "sealed", "machine-id"] {
-        fs::copy(repo(SEALED1).join(f), store.join(f)).unwrap();
+        fs::copy(repo(image).join(f), store.join(f)).unwrap();
         fs::set_permissions(store.join(f), fs::Permissions::from_mode(0o600)).unwrap();
     }
     (s, store)
+}
+
+/// A sealed store of version 2: [`SEALED1`] after its host mounted and
+/// unmounted [`FS1`] with the recovery key (`lsvfs mount v.vol m --key-file
+/// k --store S` with `LSVFS_MACHINE_ID_FILE=S/machine-id`, then `lsvfs
+/// unmount m`), which recorded FS1's newest checkpoint then and saved the
+/// store as version 2.
+const SEALED2: &str = "tests/images/sealed2";
+/// The checkpoint the store recorded for FS1 (FS1 as committed is older).
+const SEALED2_SEEN: u64 = 14;
+
+/// The version 2 store opens, keeps its volume entry and holds its
+/// rollback record; the committed FS1, older than the record, is refused
+/// as a rollback (exit 12) before anything is written; `--allow-rollback`
+/// mounts it and moves the record to it.
+#[test]
+fn sealed2_holds_a_rollback_record_that_refuses_the_older_fs1() {
+    let (s, store) = sealed_store_of(SEALED2);
+    let sealed = fs::read(store.join("sealed")).unwrap();
+    assert_eq!(&sealed[..12], b"LSVFSSS\0\x02\0\0\0", "a version 2 file");
+    let shown = succeeded(&with_store(&s, &store, &["host", "show"]), "host show");
+    for want in [
+        format!("host id:    {SEALED1_HOST_ID}"),
+        format!("volume {FS1_VOLUME_ID}: KEK v1"),
+        format!("volume {FS1_VOLUME_ID}: newest checkpoint seen {SEALED2_SEEN} (rollback record)"),
+    ] {
+        assert!(shown.contains(&want), "{want:?} missing from {shown}");
+    }
+    let before = s.image();
+    failed(
+        &with_store(&s, &store, &["mount", "v.vol", "m", "--key-file", "k"]),
+        12,
+        &format!("this host has seen checkpoint {SEALED2_SEEN}"),
+        "mount of the older FS1",
+    );
+    assert!(s.image() == before, "the refused mount wrote to the volume");
+    succeeded(
+        &with_store(
+            &s,
+            &store,
+            &["mount", "v.vol", "m", "--key-file", "k", "--allow-rollback"],
+        ),
+        "mount --allow-rollback",
+    );
+    let shown = succeeded(&with_store(&s, &store, &["host", "show"]), "host show");
+    let seen: u64 = shown
+        .lines()
+        .find_map(|l| l.split("newest checkpoint seen ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no record in {shown}"));
+    assert!(seen < SEALED2_SEEN, "the record moved back: {seen}");
+    s.ok(&["unmount", "m"]);
+    succeeded(
+        &with_store(&s, &store, &["mount", "v.vol", "m", "--key-file", "k"]),
+        "mount after the accepted rollback",
+    );
+    s.ok(&["unmount", "m"]);
 }
 
 fn with_store(s: &Scratch, store: &Path, args: &[&str]) -> Output {
@@ -1670,8 +1733,8 @@ fn sealed1_is_refused_on_another_host_or_altered() {
     );
     shows(
         "a newer version",
-        &|st| edit(&st.join("sealed"), &|b| b[8] = 2),
-        "unsupported sealed store version: want=1 have=2",
+        &|st| edit(&st.join("sealed"), &|b| b[8] = 3),
+        "unsupported sealed store version: want=2 have=3",
     );
     shows(
         "a truncated file",

@@ -140,8 +140,9 @@ fn key_file_parser_survives_mutations() {
 
 #[test]
 fn sealed_store_decoders_survive_mutations() {
-    // Contents: identity, URL, CA, one volume (see docs/FORMAT.md).
-    let mut plain = vec![1u8];
+    // Contents: identity, URL, CA, one volume, then (version 2) one
+    // rollback record (see docs/FORMAT.md). The first byte picks version 2.
+    let mut plain = vec![3u8];
     plain.extend_from_slice(&[3u8; 32]);
     let url = b"https://127.0.0.1:7443";
     plain.extend_from_slice(&(url.len() as u16).to_le_bytes());
@@ -153,7 +154,20 @@ fn sealed_store_decoders_survive_mutations() {
     plain.extend_from_slice(&[5u8; 16]);
     plain.extend_from_slice(&2u32.to_le_bytes());
     plain.extend_from_slice(&[6u8; lsvfs::crypto::WRAPPED_LEN]);
-    assert!(lsvfs::keys::SealedStore::decode(std::path::Path::new("/x"), &plain[1..]).is_some());
+    let x = std::path::Path::new("/x");
+    let v1 = plain[1..].to_vec();
+    plain.extend_from_slice(&1u32.to_le_bytes());
+    plain.extend_from_slice(&[5u8; 16]);
+    plain.extend_from_slice(&77u64.to_le_bytes());
+    let st = lsvfs::keys::SealedStore::decode(x, 2, &plain[1..]).unwrap();
+    assert_eq!(st.seen(&[5u8; 16]), Some(77));
+    // Version 1 has no records; each version refuses the other's bytes.
+    assert!(lsvfs::keys::SealedStore::decode(x, 1, &v1)
+        .unwrap()
+        .seen
+        .is_empty());
+    assert!(lsvfs::keys::SealedStore::decode(x, 1, &plain[1..]).is_none());
+    assert!(lsvfs::keys::SealedStore::decode(x, 2, &v1).is_none());
     mutations(&plain, 5000, decoders::sealed_store);
     // The file as on disk: magic, version, measurement, nonce, ciphertext.
     let mut file = vec![0u8];

@@ -770,3 +770,213 @@ fn mounted_on(dir: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == dir.to_str())
 }
+
+/// Rollback protection. Someone with access to the backing file keeps a
+/// copy, lets the host write more, and puts the copy back (to undo a
+/// deletion, say, or bring back a file the owner removed). The host
+/// recorded the newest checkpoint it saw at every mount and unmount, so
+/// the older copy is refused, by every way of mounting it (key server,
+/// recovery key, read-only), before anything is written to it; only
+/// --allow-rollback mounts it, and then the record follows it.
+#[test]
+fn an_older_copy_of_the_volume_put_back_is_refused_as_a_rollback() {
+    let ks = KeyServer::start();
+    let a = Host::new("host-a");
+    let id = a.init(&ks, &ks.ca());
+    ks.admin(&["enroll", "host-a", &id]);
+    a.ok(&["create", "v.vol", "--size", "1G", "--keyserver", &ks.url]);
+    a.ok(&["keyslot", "add-recovery", "v.vol", "--key-file", "rk"]);
+    let vid = volume_id(&a);
+    let vol = a.p().join("v.vol");
+    let old = a.p().join("old.vol");
+
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/ledger"), b"balance 100").unwrap();
+    a.ok(&["unmount", "m"]);
+    std::fs::copy(&vol, &old).unwrap();
+    let recorded = |a: &Host| -> u64 {
+        let show = a.ok(&["host", "show"]);
+        show.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("volume {vid}: newest checkpoint seen "))
+                    .and_then(|r| r.split_whitespace().next())
+            })
+            .unwrap_or_else(|| panic!("no rollback record in {show}"))
+            .parse()
+            .unwrap()
+    };
+    let at_copy = recorded(&a);
+
+    // While mounted, a newer checkpoint (a snapshot makes one) is recorded
+    // within the record interval (60 s; 1 s here), not only at unmount.
+    let o = run(
+        Path::new(env!("CARGO_BIN_EXE_lsvfs")),
+        &["mount", "v.vol", "m", "--store", a.store.to_str().unwrap()],
+        a.p(),
+        &[
+            ("LSVFS_MACHINE_ID_FILE", &a.machine_id),
+            ("LSVFS_RECORD_SECS", Path::new("1")),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let at_mount = recorded(&a);
+    std::fs::write(a.p().join("m/ledger"), b"balance 0").unwrap();
+    std::fs::create_dir(a.p().join("m/.snapshots/after")).unwrap();
+    let t0 = Instant::now();
+    while recorded(&a) <= at_mount {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not recorded while mounted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.ok(&["unmount", "m"]);
+    let newest = recorded(&a);
+    assert!(newest > at_copy, "{newest} > {at_copy}");
+    assert!(a
+        .ok(&["info", "v.vol"])
+        .contains(&format!("rollback record: checkpoint {newest}")));
+
+    // The copy put back: refused every way, and left as it was.
+    std::fs::copy(&old, &vol).unwrap();
+    let before = std::fs::read(&vol).unwrap();
+    for args in [
+        &["mount", "v.vol", "m"][..],
+        &["mount", "v.vol", "m", "--read-only"],
+        &["mount", "v.vol", "m", "--key-file", "rk"],
+        &["mount", "v.vol", "m", "-o", "ro,key_file=rk"],
+    ] {
+        let t = a.fails(args, 12, "rollback refused");
+        assert!(
+            t.contains(&format!("this host has seen checkpoint {newest}"))
+                && t.contains("--allow-rollback"),
+            "{t}"
+        );
+        assert!(!mounted_on(&a.p().join("m")), "{args:?}");
+    }
+    assert!(
+        std::fs::read(&vol).unwrap() == before,
+        "a refused mount wrote to the volume"
+    );
+    assert_eq!(recorded(&a), newest, "a refused mount keeps the record");
+
+    // Accepted on purpose: the old state, and the record follows it.
+    a.ok(&["mount", "v.vol", "m", "--allow-rollback"]);
+    assert_eq!(
+        std::fs::read(a.p().join("m/ledger")).unwrap(),
+        b"balance 100"
+    );
+    let reset = recorded(&a);
+    assert!(reset < newest, "reset at mount: {reset} < {newest}");
+    a.ok(&["unmount", "m"]);
+    assert!(recorded(&a) > reset, "the unmount's checkpoint is recorded");
+    a.ok(&["mount", "v.vol", "m"]);
+    a.ok(&["unmount", "m"]);
+    a.ok(&["check", "v.vol"]);
+}
+
+/// Crypto-erase. A volume is retired (or its host sold): `lsvfs erase`
+/// must leave nothing that opens it. Its header's key slots and key-check
+/// value are zeroed in both copies (no wrapped key or key-check value is
+/// left anywhere in the backing file), the key server destroys its KEKs
+/// (so even a copy of the sealed store taken earlier opens nothing), this
+/// host forgets it, and every way of opening it, the recovery key file
+/// included, says it was erased.
+#[test]
+fn erase_destroys_every_key_and_nothing_opens_the_volume_afterwards() {
+    use lsvfs_keyserver::client::{self, ClientError, HostIdentity, Refusal};
+    let ks = KeyServer::start();
+    let a = Host::new("host-a");
+    let id = a.init(&ks, &ks.ca());
+    ks.admin(&["enroll", "host-a", &id]);
+    a.ok(&["create", "v.vol", "--size", "1G", "--keyserver", &ks.url]);
+    a.ok(&["keyslot", "add-recovery", "v.vol", "--key-file", "rk"]);
+    let vid = volume_id(&a);
+    let vol = a.p().join("v.vol");
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/secret"), b"the plans").unwrap();
+
+    // What an attacker could later use: every wrapped key and the
+    // key-check value in the header, the host's sealed entry, and a copy
+    // of the sealed store taken before the erase.
+    let h = header_of(&vol);
+    let mut material: Vec<Vec<u8>> = vec![h.key_check.to_vec()];
+    for s in h
+        .slots
+        .iter()
+        .filter(|s| s.kind != lsvfs::volume::SlotKind::Empty)
+    {
+        material.push(s.wrapped.0.to_vec());
+    }
+    assert_eq!(material.len(), 2, "a key-check value and one recovery slot");
+    let before = open_store(&a);
+    let sealed_entry = before.entry(&h.volume_id).unwrap().clone();
+    let file = std::fs::read(&vol).unwrap();
+    for m in &material {
+        assert!(file.windows(m.len()).any(|w| w == &m[..]), "found before");
+    }
+
+    // Mounted: refused as busy. Not on a terminal, without --yes: refused.
+    a.fails(&["erase", "v.vol", "--yes"], 7, "");
+    a.ok(&["unmount", "m"]);
+    a.fails(&["erase", "v.vol"], 2, "--yes");
+    assert!(header_of(&vol) == h, "nothing erased without --yes");
+
+    let out = a.ok(&["erase", "v.vol", "--yes"]);
+    assert!(out.contains("destroyed KEK versions [1]"), "{out}");
+    assert!(out.contains("crypto-erased"), "{out}");
+
+    // No key material survives anywhere in the backing file.
+    let file = std::fs::read(&vol).unwrap();
+    for m in &material {
+        assert!(
+            !file.windows(m.len()).any(|w| w == &m[..]),
+            "key material survived"
+        );
+    }
+    assert!(!file.windows(72).any(|w| w == &sealed_entry.wrapped.0[..]));
+    assert!(header_of(&vol).erased.is_some());
+
+    // Nothing opens it, and each way says why.
+    a.fails(&["mount", "v.vol", "m"], 13, "crypto-erased");
+    a.fails(
+        &["mount", "v.vol", "m", "--key-file", "rk"],
+        13,
+        "crypto-erased",
+    );
+    a.fails(&["check", "v.vol", "--key-file", "rk"], 13, "crypto-erased");
+    a.fails(&["rewrap", "v.vol"], 13, "crypto-erased");
+    assert!(a.ok(&["info", "v.vol"]).contains("erased:          yes"));
+    assert!(
+        !a.ok(&["host", "show"]).contains(&vid),
+        "the host forgot it"
+    );
+
+    // The key server destroyed its KEKs and audited it: the sealed store
+    // copied before the erase gets nothing.
+    let volumes = ks.admin(&["list-volumes"]);
+    assert!(!volumes.contains(&vid), "{volumes}");
+    let audit = ks.admin(&["audit", "--volume", &vid]);
+    assert!(
+        audit.contains("erase") && audit.contains("destroyed KEKs"),
+        "{audit}"
+    );
+    let host = HostIdentity::from_secret(&before.identity);
+    match client::unlock(
+        &client_of(&before),
+        &host,
+        h.volume_id,
+        sealed_entry.kek_version,
+    ) {
+        Err(ClientError::Refused {
+            reason: Refusal::UnknownVolume,
+            ..
+        }) => {}
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("an erased volume's KEK was released"),
+    }
+
+    // Running it again is harmless and says what it found.
+    let again = a.ok(&["erase", "v.vol", "--yes"]);
+    assert!(again.contains("already erased"), "{again}");
+}

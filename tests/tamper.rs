@@ -303,13 +303,17 @@ fn wrong_key_is_reported_as_wrong_key() {
     ));
 }
 
-/// KNOWN LIMITATION (docs/SECURITY.md A17): an older copy of the whole
-/// backing file is authentic and opens without complaint, showing the old
-/// data. This test pins today's behaviour so that it cannot change
-/// unnoticed: when rollback protection lands (it is planned), it must be
-/// turned around to assert that the copy is refused.
+/// docs/SECURITY.md A17: an older copy of the whole backing file is
+/// authentic, so the volume alone cannot tell it from the current one; the
+/// host's record of the newest checkpoint it saw can. Given that record
+/// (`Options::newest_seen`, which the mount fills from the sealed store),
+/// the older copy is refused as a rollback, naming both checkpoints,
+/// before anything is written to it; the current file opens. Without a
+/// record (a host with no sealed store) the copy still opens: that part is
+/// pinned. The flow through `lsvfs mount` and the sealed store is
+/// `tests/keyserver.rs::an_older_copy_of_the_volume_put_back_is_refused_as_a_rollback`.
 #[test]
-fn known_limitation_a_whole_file_rollback_opens_without_complaint() {
+fn a_whole_file_rollback_is_refused_against_the_hosts_record() {
     let dev = written();
     let old_image = dev.image();
     let v = open(dev.clone());
@@ -318,8 +322,35 @@ fn known_limitation_a_whole_file_rollback_opens_without_complaint() {
         data.extend_from_slice(&block(l, 2));
     }
     v.write(Lba(0), &data).unwrap();
+    let seen = v.close_at().unwrap();
+
+    let with_record = || volume::Options {
+        newest_seen: Some(seen),
+        ..opts()
+    };
+    let rolled_back = Arc::new(MemDevice::from_image(old_image.clone()));
+    match Volume::open(rolled_back.clone(), &master(), with_record()) {
+        Err(e @ VolumeError::Rollback { have, seen: s }) => {
+            assert!(have < seen && s == seen, "{e}");
+            assert_eq!(e.class().exit_code(), 12);
+            assert!(e.to_string().contains("--allow-rollback"), "{e}");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("an older copy opened against a newer record"),
+    }
+    assert!(
+        rolled_back.image() == old_image,
+        "the refused open wrote nothing"
+    );
+    let v = Volume::open(dev, &master(), with_record()).unwrap();
+    assert_eq!(
+        read_block(&v, 7).unwrap(),
+        block(7, 2),
+        "the current file opens"
+    );
     v.close().unwrap();
-    let rolled_back = Arc::new(MemDevice::from_image(old_image));
+
+    // Pinned: without a record the old copy opens, with the old data.
     let v = open(rolled_back);
     assert_eq!(read_block(&v, 7).unwrap(), block(7, 1), "the old data");
     v.close().unwrap();

@@ -89,6 +89,9 @@ enum AdminCommand {
     CreateVolume { volume: String },
     /// Add KEK version n+1 to VOLUME.
     RotateKek { volume: String },
+    /// Crypto-erase VOLUME: destroy every KEK version, its ACL and its
+    /// record (audited). No host can unlock it afterwards; irreversible.
+    EraseVolume { volume: String },
     /// List enrolled hosts.
     ListHosts,
     /// List volumes, their KEK versions and who holds what.
@@ -118,6 +121,7 @@ impl From<AdminCommand> for AdminRequest {
             AdminCommand::Revoke { host } => AdminRequest::Revoke { host },
             AdminCommand::CreateVolume { volume } => AdminRequest::CreateVolume { volume },
             AdminCommand::RotateKek { volume } => AdminRequest::RotateKek { volume },
+            AdminCommand::EraseVolume { volume } => AdminRequest::EraseVolume { volume },
             AdminCommand::ListHosts => AdminRequest::ListHosts,
             AdminCommand::ListVolumes => AdminRequest::ListVolumes,
             AdminCommand::Audit {

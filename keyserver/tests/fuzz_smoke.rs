@@ -24,11 +24,7 @@ fn seeds() -> Vec<Vec<u8>> {
     let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
     let mut out = vec![];
     for (i, op) in Op::ALL.into_iter().enumerate() {
-        let ck = if op == Op::Rewrapped {
-            [0; 32]
-        } else {
-            [9; 32]
-        };
+        let ck = if op.releases_key() { [9; 32] } else { [0; 32] };
         let req = SignedRequest::sign(
             op,
             &key,

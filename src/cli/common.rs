@@ -52,7 +52,50 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    pub fn master(&self, header: &volume::Header) -> Result<MasterKey, Error> {
+    /// The newest checkpoint of the volume this host has recorded (its
+    /// rollback record), from the sealed store. None without a store: a
+    /// host that never ran `host init` keeps no records. A store that
+    /// exists but does not open is an error when the key comes from it
+    /// anyway, and only a warning when it does not (a key file).
+    pub fn newest_seen(&self, volume_id: &[u8; 16]) -> Result<Option<u64>, Error> {
+        match keys::SealedStore::open(&self.store) {
+            Ok(st) => Ok(st.seen(volume_id)),
+            Err(_) if !keys::SealedStore::exists(&self.store) => Ok(None),
+            Err(e) if self.key_file.is_none() => Err(e.into()),
+            Err(e) => {
+                tracing::warn!("no rollback check for this volume: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Records `checkpoint` as the newest this host has seen of the volume
+    /// (`reset`: even if lower, after an accepted rollback). Without a
+    /// store nothing is recorded; a failure is logged, never fatal: the
+    /// volume itself is fine, only the record lags.
+    pub fn record_seen(&self, volume_id: &[u8; 16], checkpoint: u64, reset: bool) {
+        let current = keys::SealedStore::open(&self.store).map(|st| st.seen(volume_id));
+        match current {
+            Err(_) if !keys::SealedStore::exists(&self.store) => return,
+            Ok(Some(c)) if c == checkpoint || (c > checkpoint && !reset) => return,
+            _ => {}
+        }
+        let r = keys::SealedStore::update(&self.store, |st| {
+            Ok(st.record_seen(volume_id, checkpoint, reset))
+        });
+        if let Err(e) = r {
+            tracing::warn!(
+                "could not record checkpoint {checkpoint} of volume {} against rollback: {e}",
+                keys::hex(volume_id)
+            );
+        }
+    }
+
+    /// The master key of the volume at `path` whose header is `header`.
+    pub fn master(&self, header: &volume::Header, path: &Path) -> Result<MasterKey, Error> {
+        if header.erased.is_some() {
+            return Err(VolumeError::Erased(path.display().to_string()).into());
+        }
         match &self.key_file {
             Some(f) => Ok(keys::unlock(header, &keys::read_key_file(f)?)?),
             None => {
@@ -122,7 +165,7 @@ pub(super) fn open_volume(
 ) -> Result<Volume, Error> {
     let dev = open_device(path, !read_only)?;
     let header = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
-    let master = k.master(&header)?;
+    let master = k.master(&header, path)?;
     open_with(dev, &master, read_only, t)
 }
 

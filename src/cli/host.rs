@@ -36,6 +36,13 @@ pub fn show(env: &Env) -> Result<(), Error> {
     for v in &st.volumes {
         println!("volume {}: KEK v{}", hex(&v.volume_id), v.kek_version);
     }
+    for s in &st.seen {
+        println!(
+            "volume {}: newest checkpoint seen {} (rollback record)",
+            hex(&s.volume_id),
+            s.checkpoint
+        );
+    }
     Ok(())
 }
 
@@ -43,6 +50,9 @@ pub fn show(env: &Env) -> Result<(), Error> {
 pub fn rewrap(env: &Env, path: &Path) -> Result<(), Error> {
     let dev = open_device(path, false)?;
     let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    if h.erased.is_some() {
+        return Err(volume::VolumeError::Erased(path.display().to_string()).into());
+    }
     let (_, r) = keys::unlock_with_server(&env.store, &env.server, &h)?;
     match r {
         Some((from, to)) => println!(
@@ -57,6 +67,75 @@ pub fn rewrap(env: &Env, path: &Path) -> Result<(), Error> {
                 path.display()
             )
         }
+    }
+    Ok(())
+}
+
+/// `lsvfs erase VOLUME [--yes]`: the header first (both copies, durably:
+/// the one step that needs nothing but the file), then the key server's
+/// KEKs and this host's sealed copy. If the key server cannot be reached
+/// the command fails after the header is erased, keeping the sealed entry
+/// so that running it again still knows to ask the server.
+pub fn erase(env: &Env, path: &Path, yes: bool) -> Result<(), Error> {
+    // Writable: the device lock refuses a mounted volume (exit code 7).
+    let dev = open_device(path, true)?;
+    let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    let id = hex(&h.volume_id);
+    if !yes {
+        confirm_erase(path, &id)?;
+    }
+    volume::erase(&*dev)?;
+    println!(
+        "{}: every key slot and the key-check value zeroed in both header copies{}",
+        path.display(),
+        if h.erased.is_some() {
+            " (it was already erased)"
+        } else {
+            ""
+        }
+    );
+    drop(dev);
+    match keys::erase_with_server(&env.store, &env.server, &h.volume_id)? {
+        Some(v) if v.is_empty() => {
+            println!("the key server holds no KEK of volume {id} any more (erased before)")
+        }
+        Some(v) => println!("the key server destroyed KEK versions {v:?} of volume {id}"),
+        None => println!(
+            "this host's sealed store holds no key for volume {id}, so no key server was \
+             asked; if one holds its KEKs, its administrator runs \
+             `lsvfs-keyserver admin erase-volume {id}`"
+        ),
+    }
+    println!(
+        "{} is crypto-erased: nothing opens it any more",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Asks on the terminal before an erase; without one, --yes is required.
+fn confirm_erase(path: &Path, id: &str) -> Result<(), Error> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::Usage(format!(
+            "erase destroys the keys of {} for good and its data with them; \
+             pass --yes to confirm",
+            path.display()
+        )));
+    }
+    eprint!(
+        "This destroys every key of {} (volume {id}); its data cannot be recovered \
+         afterwards, by anyone. Type ERASE to go on: ",
+        path.display()
+    );
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| Error::io("reading the confirmation", e))?;
+    if line.trim() != "ERASE" {
+        return Err(Error::Usage("not confirmed; nothing was erased".into()));
     }
     Ok(())
 }
@@ -96,7 +175,7 @@ pub fn slot_add_recovery(
 ) -> Result<(), Error> {
     let dev = open_device(path, true)?;
     let mut h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
-    let master = env.keys(unlock_key_file).master(&h)?;
+    let master = env.keys(unlock_key_file).master(&h, path)?;
     if !key_file.exists() {
         keys::generate_key_file(key_file)?;
         println!("wrote key file {} (mode 0600)", key_file.display());

@@ -16,11 +16,13 @@
 //! | 9 | key server unreachable, or its certificate is not the pinned one |
 //! | 10 | key server refused (host revoked, not enrolled, not authorized) |
 //! | 11 | sealed store missing, damaged, or from another host |
+//! | 12 | rollback refused: the volume is older than a state this host has seen |
+//! | 13 | the volume was crypto-erased: nothing opens it |
 //!
 //! `run` parses the command line and hands each subcommand to one function:
 //! volumes (keygen, create, info, check), blocks (write-blocks,
 //! read-blocks), mount (mount, unmount), snapshot, host (host, rewrap,
-//! keyslot).
+//! keyslot, erase).
 
 mod blocks;
 mod common;
@@ -202,9 +204,14 @@ enum Cmd {
         /// `user_allow_other` in /etc/fuse.conf.
         #[arg(long)]
         allow_other: bool,
+        /// Mount even if the volume is older than the state this host has
+        /// recorded for it (an older copy of the backing file put back,
+        /// refused with exit code 12 otherwise), and reset the record.
+        #[arg(long)]
+        allow_rollback: bool,
         /// Options as mount(8) and fstab give them, comma-separated: ro, rw,
         /// key_file=PATH, store=PATH, timeout=SECONDS, attempts=N,
-        /// show_snapshots, allow_other, noexec, nosuid, nodev, noatime,
+        /// show_snapshots, allow_other, allow_rollback, noexec, nosuid, nodev, noatime,
         /// sync, dirsync (and mount(8)'s own: defaults, _netdev, nofail, x-*).
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
         options: Option<String>,
@@ -230,6 +237,17 @@ enum Cmd {
     Host(HostCmd),
     /// Re-wrap the volume's sealed key under the key server's newest KEK.
     Rewrap { volume: PathBuf },
+    /// Crypto-erase a volume (unmounted), for good: zero every key slot and
+    /// the key-check value in both header copies, ask the key server to
+    /// destroy the volume's KEKs (audited), and drop this host's sealed
+    /// copy. Afterwards nothing opens it, recovery key files included.
+    /// Running it again finishes an erase that was interrupted.
+    Erase {
+        volume: PathBuf,
+        /// Do not ask for confirmation (needed when not on a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// A volume's key slots (recovery keys).
     #[command(subcommand)]
     Keyslot(SlotCmd),
@@ -340,12 +358,14 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             show_snapshots,
             read_only,
             allow_other,
+            allow_rollback,
             options,
         } => {
             let mut opts = options::MountOptions::parse(options.as_deref().unwrap_or(""), false)?;
             opts.read_only |= read_only;
             opts.show_snapshots |= show_snapshots;
             opts.allow_other |= allow_other;
+            opts.allow_rollback |= allow_rollback;
             if key_file.is_some() {
                 opts.key_file = key_file;
             }
@@ -377,6 +397,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         Cmd::Host(HostCmd::Init { keyserver, ca }) => host::init(&env, &keyserver, &ca),
         Cmd::Host(HostCmd::Show) => host::show(&env),
         Cmd::Rewrap { volume } => host::rewrap(&env, &volume),
+        Cmd::Erase { volume, yes } => host::erase(&env, &volume, yes),
         Cmd::Keyslot(SlotCmd::List { volume }) => host::slot_list(&env, &volume),
         Cmd::Keyslot(SlotCmd::AddRecovery {
             volume,

@@ -72,10 +72,11 @@ pub fn foreground(
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
     let fs = Arc::new(if service {
-        open_fs_waiting(&path, k, t, opts.read_only)?
+        open_fs_waiting(&path, k, t, opts)?
     } else {
-        open_fs(&path, k, t, opts.read_only)?
+        open_fs(&path, k, t, opts)?
     });
+    let volume_id = fs.volume_id();
     // Signals are taken synchronously below; block them before any thread
     // starts so that every thread inherits the mask.
     let mut signals = SigSet::empty();
@@ -138,7 +139,9 @@ pub fn foreground(
         detach_stderr();
     }
 
-    let by_signal = serve(&session, &fs, &signals);
+    let by_signal = serve(&session, &fs, &signals, &|seq| {
+        k.record_seen(&volume_id, seq, false)
+    });
     let _ = sd_notify::notify(
         false,
         &[
@@ -165,12 +168,15 @@ pub fn foreground(
     snaps.shutdown();
     // A snapshot request still running (control socket, mkdir) may hold
     // the file system for a moment: wait for it, then close cleanly.
-    close(fs)
+    let checkpoint = close(fs)?;
+    k.record_seen(&volume_id, checkpoint, false);
+    Ok(())
 }
 
 /// Closes the file system once the mount has ended: waits (up to 60 s)
 /// for snapshot requests still holding it, then flushes and closes.
-fn close(fs: Arc<Fs>) -> Result<(), Error> {
+/// Returns the newest durable checkpoint's sequence number.
+fn close(fs: Arc<Fs>) -> Result<u64, Error> {
     let mut fs = fs;
     let deadline = Instant::now() + Duration::from_secs(60);
     let fs = loop {
@@ -189,7 +195,7 @@ fn close(fs: Arc<Fs>) -> Result<(), Error> {
             }
         }
     };
-    Ok(fs.unmount()?)
+    Ok(fs.unmount_at()?)
 }
 
 /// syncfs(2) on the mount: the kernel writes back every dirty page and
@@ -213,18 +219,36 @@ fn sync_mount(mountpoint: &Path) -> Result<(), FsError> {
 /// system (not yet in the kernel). Read-only, nothing is written to the
 /// backing file: a log left by a crash is replayed in memory only, and
 /// the mount says so.
-fn open_fs(path: &Path, k: &Keys, t: &Tuning, read_only: bool) -> Result<Fs, Error> {
+///
+/// Rollback: a volume whose newest checkpoint is older than the one this
+/// host recorded is refused before anything is written, unless
+/// `allow_rollback`, which accepts it and resets the record. The record
+/// moves to the checkpoint the open leaves.
+fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Fs, Error> {
+    let read_only = o.read_only;
     let dev = open_device(path, !read_only)?;
     let header = volume::read_header(&*dev)?;
-    let master = k.master(&header)?;
+    let master = k.master(&header, path)?;
+    let vid = header.volume_id;
+    let seen = k.newest_seen(&vid)?;
     let opts = Options {
         crypto_threads: t.crypto_threads,
         chunk_bytes: t.chunk_bytes,
         read_only,
+        newest_seen: seen.filter(|_| !o.allow_rollback),
         ..Options::default()
     };
     let v = volume::Volume::open(dev, &master, opts)?;
     drop(master);
+    let checkpoint = v.stats()?.checkpoint_seq;
+    if let Some(seen) = seen.filter(|s| *s > checkpoint) {
+        tracing::warn!(
+            "{}: accepted a rollback (--allow-rollback): its newest checkpoint was older than \
+             checkpoint {seen}, which this host had seen; the record now says {checkpoint}",
+            path.display()
+        );
+    }
+    k.record_seen(&vid, checkpoint, o.allow_rollback);
     let r = v.recovery();
     if read_only && (r.transactions > 0 || r.dropped_records > 0) {
         tracing::warn!(
@@ -250,10 +274,10 @@ const KEYSERVER_RETRY_MAX: Duration = Duration::from_secs(60);
 /// be reached (exit code 9), waits and tries again (1 s, doubling up to a
 /// minute), saying why in the service's status and on stderr. Any other
 /// error ends it. SIGTERM ends the wait.
-fn open_fs_waiting(path: &Path, k: &Keys, t: &Tuning, read_only: bool) -> Result<Fs, Error> {
+fn open_fs_waiting(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Fs, Error> {
     let mut delay = Duration::from_secs(1);
     loop {
-        match open_fs(path, k, t, read_only) {
+        match open_fs(path, k, t, o) {
             Err(e) if e.exit_code() == 9 => {
                 let status = format!(
                     "waiting for the key server to unlock {}: {e}; next try in {} s",
@@ -344,10 +368,24 @@ fn mount_config(path: &Path, opts: &MountOptions) -> Config {
 
 /// Flushes every FLUSH_INTERVAL until the session ends (returns false) or
 /// a signal arrives (returns true).
-fn serve(session: &fuser::BackgroundSession, fs: &Fs, signals: &SigSet) -> bool {
+///
+/// Every RECORD_INTERVAL, a checkpoint newer than the last one recorded
+/// goes to `record` (the host's rollback record), so that a copy of the
+/// file taken while mounted is refused too once a newer checkpoint exists.
+fn serve(
+    session: &fuser::BackgroundSession,
+    fs: &Fs,
+    signals: &SigSet,
+    record: &dyn Fn(u64),
+) -> bool {
     // Without fsync, committed writes still reach the disk within
     // FLUSH_INTERVAL (as ext4's 5-second commit).
     let mut last_flush = Instant::now();
+    let every = record_interval();
+    let mut last_record = (
+        Instant::now(),
+        fs.volume_stats().map_or(0, |s| s.checkpoint_seq),
+    );
     loop {
         if session.guard.is_finished() {
             break false;
@@ -357,6 +395,13 @@ fn serve(session: &fuser::BackgroundSession, fs: &Fs, signals: &SigSet) -> bool 
                 tracing::error!("periodic flush failed: {e}");
             }
             last_flush = Instant::now();
+        }
+        if last_record.0.elapsed() >= every {
+            let seq = fs.volume_stats().map_or(0, |s| s.checkpoint_seq);
+            if seq > last_record.1 {
+                record(seq);
+            }
+            last_record = (Instant::now(), seq.max(last_record.1));
         }
         let ts = libc::timespec {
             tv_sec: 0,
@@ -369,6 +414,18 @@ fn serve(session: &fuser::BackgroundSession, fs: &Fs, signals: &SigSet) -> bool 
             break true;
         }
     }
+}
+
+/// How often a mounted volume's newest checkpoint is recorded against
+/// rollback (when it changed).
+const RECORD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// RECORD_INTERVAL, or `LSVFS_RECORD_SECS` (for tests).
+fn record_interval() -> Duration {
+    std::env::var("LSVFS_RECORD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(RECORD_INTERVAL, Duration::from_secs)
 }
 
 /// prctl option (Linux 5.6, include/uapi/linux/prctl.h); not in `libc` yet.

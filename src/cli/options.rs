@@ -39,6 +39,9 @@ pub struct MountOptions {
     pub timeout: Option<u64>,
     /// `attempts=N`: tries to reach the key server before giving up.
     pub attempts: Option<u32>,
+    /// `allow_rollback`: mount a volume older than the state this host has
+    /// recorded (an older copy put back), and reset the record to it.
+    pub allow_rollback: bool,
 }
 
 /// Options for mount(8), fstab or systemd, not for lsvfs.
@@ -65,7 +68,7 @@ const IGNORED: &[&str] = &[
 
 /// What `unknown option` lists as known.
 const KNOWN: &str = "ro, rw, key_file=PATH, store=PATH, timeout=SECONDS, attempts=N, \
-    show_snapshots, allow_other, noexec, nosuid, nodev, noatime, sync, dirsync, \
+    show_snapshots, allow_other, allow_rollback, noexec, nosuid, nodev, noatime, sync, dirsync, \
     and mount(8)'s own (defaults, auto, noauto, _netdev, nofail, x-*)";
 
 impl MountOptions {
@@ -107,6 +110,7 @@ impl MountOptions {
                 "rw" => flag(&mut self.read_only, false)?,
                 "show_snapshots" => flag(&mut self.show_snapshots, true)?,
                 "allow_other" => flag(&mut self.allow_other, true)?,
+                "allow_rollback" => flag(&mut self.allow_rollback, true)?,
                 "noexec" => flag(&mut self.no_exec, true)?,
                 "exec" => flag(&mut self.no_exec, false)?,
                 "nosuid" => flag(&mut self.no_suid, true)?,
@@ -175,6 +179,7 @@ impl MountOptions {
         for (on, name) in [
             (self.show_snapshots, "show_snapshots"),
             (self.allow_other, "allow_other"),
+            (self.allow_rollback, "allow_rollback"),
             (self.no_exec, "noexec"),
             (self.no_suid, "nosuid"),
             (self.no_dev, "nodev"),
@@ -258,11 +263,11 @@ mod tests {
         let o = MountOptions::parse(
             "defaults,_netdev,nofail,x-systemd.requires=lsvfs-keyserver.service,ro,\
              key_file=/etc/lsvfs/k,store=/var/lib/s,timeout=3,attempts=9,show_snapshots,\
-             noexec,nosuid,nodev,noatime,allow_other,comment=backup",
+             noexec,nosuid,nodev,noatime,allow_other,allow_rollback,comment=backup",
             false,
         )
         .unwrap();
-        assert!(o.read_only && o.show_snapshots && o.allow_other);
+        assert!(o.read_only && o.show_snapshots && o.allow_other && o.allow_rollback);
         assert!(o.no_exec && o.no_suid && o.no_dev && o.no_atime);
         assert_eq!(o.key_file, Some(PathBuf::from("/etc/lsvfs/k")));
         assert_eq!(o.store, Some(PathBuf::from("/var/lib/s")));

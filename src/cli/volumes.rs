@@ -113,6 +113,15 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
     let hex: String = h.volume_id.iter().map(|b| format!("{b:02x}")).collect();
     println!("volume:          {}", path.display());
     println!("volume id:       {hex}");
+    if let Some(t) = h.erased {
+        println!("erased:          yes, at {t} (Unix seconds); no key opens it");
+    }
+    if let Ok(st) = crate::keys::SealedStore::open(&env.store) {
+        match st.seen(&h.volume_id) {
+            Some(c) => println!("rollback record: checkpoint {c} (the newest this host has seen)"),
+            None => println!("rollback record: none on this host yet"),
+        }
+    }
     println!("format version:  {}", volume::format::FORMAT_VERSION);
     println!(
         "logical size:    {} ({} blocks)",

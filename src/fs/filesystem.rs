@@ -986,13 +986,24 @@ impl Fs {
 
     /// Frees the orphans nothing holds any more, stores lazy times,
     /// flushes and closes the volume.
+    /// The volume's id (its header's).
+    pub fn volume_id(&self) -> [u8; 16] {
+        self.volume.header().volume_id
+    }
+
     pub fn unmount(self) -> Result<()> {
+        self.unmount_at().map(|_| ())
+    }
+
+    /// [`Fs::unmount`], returning the sequence number of the volume's
+    /// newest durable checkpoint (what the host records against rollback).
+    pub fn unmount_at(self) -> Result<u64> {
         if !self.volume.is_read_only() {
             self.holds()?.clear();
             self.reclaim_orphans()?;
         }
         let synced = self.sync();
-        let closed = self.volume.close();
+        let closed = self.volume.close_at();
         synced.and(closed.map_err(FsError::from))
     }
 

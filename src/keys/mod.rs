@@ -197,6 +197,42 @@ pub fn unlock_with_server(
     Ok((master, rewrapped))
 }
 
+/// Crypto-erase on the key server's side: asks it to destroy every KEK of
+/// the volume (it checks that this host is authorized, and audits it),
+/// then drops this host's sealed copy and rollback record. Returns the
+/// KEK versions destroyed, or None when this host's store holds no key
+/// for the volume (nothing to ask; only the rollback record is dropped).
+/// A server that no longer knows the volume has erased it already.
+pub fn erase_with_server(
+    store_dir: &Path,
+    o: &ServerOptions,
+    volume_id: &[u8; 16],
+) -> Result<Option<Vec<u32>>> {
+    if !SealedStore::exists(store_dir) {
+        return Ok(None);
+    }
+    let store = SealedStore::open(store_dir)?;
+    let destroyed = match store.entry(volume_id) {
+        None => None,
+        Some(_) => {
+            let host = HostIdentity::from_secret(&store.identity);
+            match client::erase_volume(&client_config(&store, o), &host, *volume_id) {
+                Ok(v) => Some(v),
+                Err(ClientError::Refused {
+                    reason: client::Refusal::UnknownVolume,
+                    ..
+                }) => Some(Vec::new()),
+                Err(e) => return Err(from_client(e)),
+            }
+        }
+    };
+    SealedStore::update(store_dir, |st| {
+        st.forget(volume_id);
+        Ok(())
+    })?;
+    Ok(destroyed)
+}
+
 /// Tells the key server again which KEK version this host's sealed key for
 /// the volume is wrapped under (after a report that did not get through).
 pub fn report_current(store_dir: &Path, o: &ServerOptions, volume_id: &[u8; 16]) -> Result<u32> {

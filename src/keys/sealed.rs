@@ -49,7 +49,9 @@ use crate::crypto::{random_bytes, WRAPPED_LEN};
 use crate::keys::{KeysError, Result};
 
 const MAGIC: &[u8; 8] = b"LSVFSSS\0";
-const VERSION: u32 = 1;
+/// Version 2 added the rollback records; version 1 stores still open (as
+/// having none) and are saved as version 2.
+const VERSION: u32 = 2;
 /// magic, version, measurement digest, nonce, plaintext length.
 const HEADER: usize = 8 + 4 + 32 + 24 + 4;
 const SECRET_FILE: &str = "host-secret";
@@ -68,6 +70,14 @@ pub struct VolumeEntry {
     pub wrapped: WrappedKey,
 }
 
+/// The newest checkpoint of a volume this host has seen: a volume whose
+/// newest checkpoint is older is an older copy put back (rollback).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeenRecord {
+    pub volume_id: [u8; 16],
+    pub checkpoint: u64,
+}
+
 /// The opened store. `Debug` shows no key material.
 pub struct SealedStore {
     dir: PathBuf,
@@ -76,6 +86,8 @@ pub struct SealedStore {
     pub keyserver_url: String,
     pub ca_pem: Vec<u8>,
     pub volumes: Vec<VolumeEntry>,
+    /// Rollback records, one per volume this host has opened.
+    pub seen: Vec<SeenRecord>,
 }
 
 impl std::fmt::Debug for SealedStore {
@@ -84,6 +96,7 @@ impl std::fmt::Debug for SealedStore {
             .field("dir", &self.dir)
             .field("keyserver_url", &self.keyserver_url)
             .field("volumes", &self.volumes.len())
+            .field("seen", &self.seen)
             .finish_non_exhaustive()
     }
 }
@@ -221,6 +234,7 @@ impl SealedStore {
             keyserver_url: keyserver_url.to_string(),
             ca_pem,
             volumes: Vec::new(),
+            seen: Vec::new(),
         };
         if let Err(e) = store.save() {
             let _ = fs::remove_file(dir.join(SECRET_FILE));
@@ -248,6 +262,11 @@ impl SealedStore {
         let out = f(&mut store)?;
         store.save()?;
         Ok(out)
+    }
+
+    /// True if `dir` holds a sealed store (whether or not it opens here).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(SEALED_FILE).exists()
     }
 
     /// Opens the store in `dir` on this host.
@@ -286,7 +305,7 @@ impl SealedStore {
             ));
         }
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(store_err(
                 dir,
                 format!("unsupported sealed store version: want={VERSION} have={version}"),
@@ -319,12 +338,14 @@ impl SealedStore {
                      with another host secret, or it was altered",
                 )
             })?;
-        Self::decode(dir, &plain).ok_or_else(|| store_err(dir, "the sealed contents are malformed"))
+        Self::decode(dir, version, &plain)
+            .ok_or_else(|| store_err(dir, "the sealed contents are malformed"))
     }
 
-    /// Decodes the sealed contents (after the AEAD opened them).
+    /// Decodes the sealed contents of a store of `version` (after the AEAD
+    /// opened them).
     #[doc(hidden)]
-    pub fn decode(dir: &Path, plain: &[u8]) -> Option<SealedStore> {
+    pub fn decode(dir: &Path, version: u32, plain: &[u8]) -> Option<SealedStore> {
         let mut r = crate::wire::Reader::new(plain);
         let identity = Zeroizing::new(<[u8; 32]>::try_from(r.take(32)?).ok()?);
         let n = r.u16()? as usize;
@@ -343,12 +364,22 @@ impl SealedStore {
                 wrapped,
             });
         }
+        let mut seen = Vec::new();
+        if version >= 2 {
+            for _ in 0..r.u32()? {
+                seen.push(SeenRecord {
+                    volume_id: r.take(16)?.try_into().ok()?,
+                    checkpoint: r.u64()?,
+                });
+            }
+        }
         (r.remaining() == 0).then(|| SealedStore {
             dir: dir.to_path_buf(),
             identity,
             keyserver_url,
             ca_pem,
             volumes,
+            seen,
         })
     }
 
@@ -371,6 +402,11 @@ impl SealedStore {
             plain.extend_from_slice(&v.volume_id);
             plain.extend_from_slice(&v.kek_version.to_le_bytes());
             plain.extend_from_slice(&v.wrapped.0);
+        }
+        plain.extend_from_slice(&(self.seen.len() as u32).to_le_bytes());
+        for s in &self.seen {
+            plain.extend_from_slice(&s.volume_id);
+            plain.extend_from_slice(&s.checkpoint.to_le_bytes());
         }
         let digest = measurement()?;
         let nonce = random_bytes::<24>().map_err(|e| store_err(dir, e))?;
@@ -402,6 +438,42 @@ impl SealedStore {
     pub fn put(&mut self, e: VolumeEntry) {
         self.volumes.retain(|v| v.volume_id != e.volume_id);
         self.volumes.push(e);
+    }
+
+    /// The newest checkpoint of the volume this host has recorded.
+    pub fn seen(&self, volume_id: &[u8; 16]) -> Option<u64> {
+        self.seen
+            .iter()
+            .find(|s| &s.volume_id == volume_id)
+            .map(|s| s.checkpoint)
+    }
+
+    /// Records `checkpoint` as seen for the volume: never lowers the record
+    /// unless `reset` (an accepted rollback). True if the record changed.
+    pub fn record_seen(&mut self, volume_id: &[u8; 16], checkpoint: u64, reset: bool) -> bool {
+        match self.seen.iter_mut().find(|s| &s.volume_id == volume_id) {
+            Some(s) if s.checkpoint == checkpoint || (s.checkpoint > checkpoint && !reset) => false,
+            Some(s) => {
+                s.checkpoint = checkpoint;
+                true
+            }
+            None => {
+                self.seen.push(SeenRecord {
+                    volume_id: *volume_id,
+                    checkpoint,
+                });
+                true
+            }
+        }
+    }
+
+    /// Drops everything the store holds for the volume (its sealed key and
+    /// its rollback record). True if there was anything.
+    pub fn forget(&mut self, volume_id: &[u8; 16]) -> bool {
+        let before = self.volumes.len() + self.seen.len();
+        self.volumes.retain(|v| &v.volume_id != volume_id);
+        self.seen.retain(|s| &s.volume_id != volume_id);
+        before != self.volumes.len() + self.seen.len()
     }
 }
 
@@ -452,6 +524,36 @@ mod tests {
         fs::set_permissions(dir.join(SECRET_FILE), fs::Permissions::from_mode(0o640)).unwrap();
         let e = SealedStore::open(&dir).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn rollback_records_only_rise_unless_reset_and_survive_a_save() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("store");
+        let mut s = SealedStore::init(&dir, "https://127.0.0.1:1", Vec::new()).unwrap();
+        assert_eq!(s.seen(&[1; 16]), None);
+        assert!(s.record_seen(&[1; 16], 7, false));
+        assert!(!s.record_seen(&[1; 16], 7, false), "unchanged");
+        assert!(!s.record_seen(&[1; 16], 5, false), "never lowered");
+        assert!(s.record_seen(&[1; 16], 9, false));
+        assert!(s.record_seen(&[2; 16], 3, false));
+        s.save().unwrap();
+        let mut o = SealedStore::open(&dir).unwrap();
+        assert_eq!((o.seen(&[1; 16]), o.seen(&[2; 16])), (Some(9), Some(3)));
+        assert!(
+            o.record_seen(&[1; 16], 4, true),
+            "an accepted rollback resets it"
+        );
+        assert_eq!(o.seen(&[1; 16]), Some(4));
+        o.put(VolumeEntry {
+            volume_id: [2; 16],
+            kek_version: 1,
+            wrapped: WrappedKey([9; WRAPPED_LEN]),
+        });
+        assert!(o.forget(&[2; 16]));
+        assert!(!o.forget(&[2; 16]));
+        assert!(o.entry(&[2; 16]).is_none() && o.seen(&[2; 16]).is_none());
+        assert_eq!(o.seen(&[1; 16]), Some(4), "other volumes kept");
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub struct Options {
     pub background: bool,
     /// Log blocks written between checkpoints (bounds recovery time).
     pub checkpoint_blocks: u64,
+    /// Refuse to open ([`VolumeError::Rollback`]) when the newest valid
+    /// checkpoint's sequence number is below this: the host saw a newer
+    /// state of the volume, so this is an older copy put back. Checked
+    /// before anything is written.
+    pub newest_seen: Option<u64>,
 }
 
 impl Default for Options {
@@ -45,6 +50,7 @@ impl Default for Options {
             read_only: false,
             background: true,
             checkpoint_blocks: 65536,
+            newest_seen: None,
         }
     }
 }
@@ -97,6 +103,9 @@ impl Volume {
     /// Opens a volume, recovering it if it was not closed cleanly.
     pub fn open(dev: Arc<dyn Device>, master: &MasterKey, opts: Options) -> Result<Volume> {
         let header = read_header(&*dev)?;
+        if header.erased.is_some() {
+            return Err(VolumeError::Erased("the volume".into()));
+        }
         if master.check_value(&header.volume_id) != header.key_check {
             return Err(VolumeError::WrongKey(
                 "the key does not match this volume's key check value".into(),
@@ -118,6 +127,7 @@ impl Volume {
             },
             opts.cache_bytes / BLOCK_SIZE,
             opts.read_only,
+            opts.newest_seen,
         )?;
         let inner = Arc::new(Inner {
             checkpoint_blocks: opts.checkpoint_blocks.max(header.segment_blocks as u64),
@@ -671,8 +681,15 @@ impl Volume {
     }
 
     /// Checkpoints and flushes, and stops the background thread.
-    pub fn close(mut self) -> Result<()> {
-        self.shutdown()
+    pub fn close(self) -> Result<()> {
+        self.close_at().map(|_| ())
+    }
+
+    /// [`Volume::close`], returning the sequence number of the newest
+    /// durable checkpoint (what the host records against rollback).
+    pub fn close_at(mut self) -> Result<u64> {
+        self.shutdown()?;
+        Ok(self.inner.lock()?.ckpt.last.seq)
     }
 
     fn shutdown(&mut self) -> Result<()> {

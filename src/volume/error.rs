@@ -43,6 +43,21 @@ pub enum VolumeError {
     /// No snapshot has this name or id (it may have been deleted).
     #[error("no such snapshot: {0}")]
     NoSuchSnapshot(String),
+    /// The newest checkpoint is older than one this host has seen: an older
+    /// copy of the backing file was put back.
+    #[error(
+        "rollback refused: the volume's newest checkpoint is {have}, but this host has seen \
+         checkpoint {seen}, so this is an older copy of the volume put back in place of the \
+         newer one; put the newest copy back, or mount with --allow-rollback (-o allow_rollback) \
+         to accept this state and reset the record"
+    )]
+    Rollback { have: u64, seen: u64 },
+    /// The volume's keys were destroyed by `lsvfs erase`.
+    #[error(
+        "{0} was crypto-erased: its keys are destroyed and its data cannot be recovered by \
+         anyone; reuse the file with `lsvfs create` or delete it"
+    )]
+    Erased(String),
     /// A snapshot with this name exists already.
     #[error("snapshot {0} exists")]
     SnapshotExists(String),
@@ -69,6 +84,8 @@ impl VolumeError {
             }
             VolumeError::Corrupted(_) | VolumeError::Integrity(_) => Class::Corrupt,
             VolumeError::WrongKey(_) => Class::WrongKey,
+            VolumeError::Rollback { .. } => Class::Rollback,
+            VolumeError::Erased(_) => Class::Erased,
             VolumeError::NoSpace(_) => Class::NoSpace,
             VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => Class::Usage,
             VolumeError::ReadOnly => Class::ReadOnly,

@@ -76,6 +76,27 @@ pub fn write_header(dev: &dyn Device, header: &Header) -> Result<()> {
     Ok(())
 }
 
+/// Crypto-erases the volume on `dev`: both header copies are rewritten
+/// with every key slot and the key-check value zeroed and the erased flag
+/// set (durably, one copy after the other). Nothing opens the volume
+/// afterwards: its master key exists nowhere on the device. Erasing an
+/// erased volume rewrites it again (keeping the first erase's time).
+pub fn erase(dev: &dyn Device) -> Result<Header> {
+    let old = read_header(dev)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let h = Header {
+        seq: old.seq + 1,
+        key_check: [0; 16],
+        slots: [KeySlot::EMPTY; KEY_SLOTS],
+        erased: Some(old.erased.unwrap_or(now)),
+        ..old
+    };
+    write_header(dev, &h)?;
+    Ok(h)
+}
+
 /// Formats a new volume on `dev` and returns its header.
 pub fn create(
     dev: &dyn Device,
@@ -124,6 +145,7 @@ pub fn create(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         slots,
+        erased: None,
     };
     // Both checkpoint slots are cleared first: stale ones from an earlier
     // volume on the same device must not be mistaken for ours.

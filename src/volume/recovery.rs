@@ -38,12 +38,20 @@ pub struct Recovery {
 /// segment usage, then the log rolled forward past it. A writable open then
 /// makes the recovered state the new checkpoint, so the replayed log can be
 /// reused.
-pub fn recover(ctx: &Ctx, cache_pages: usize, read_only: bool) -> Result<(State, Recovery)> {
-    let mut st = State::at_checkpoint(
-        Geometry::of(ctx.header),
-        Checkpoints::read(ctx)?,
-        cache_pages,
-    );
+pub fn recover(
+    ctx: &Ctx,
+    cache_pages: usize,
+    read_only: bool,
+    newest_seen: Option<u64>,
+) -> Result<(State, Recovery)> {
+    let ckpts = Checkpoints::read(ctx)?;
+    if let Some(seen) = newest_seen.filter(|s| ckpts.last.seq < *s) {
+        return Err(VolumeError::Rollback {
+            have: ckpts.last.seq,
+            seen,
+        });
+    }
+    let mut st = State::at_checkpoint(Geometry::of(ctx.header), ckpts, cache_pages);
     let c = st.ckpt.last.clone();
     let (meta, pages) = Snapshots::read_meta(ctx, c.snap_meta, c.snap_pages, st.ckpt.gen_limit)?;
     st.snaps

@@ -65,6 +65,11 @@ pub enum AdminRequest {
         /// Volume id, hex.
         volume: String,
     },
+    /// Destroy every KEK of a volume, its ACL and its record.
+    EraseVolume {
+        /// Volume id, hex.
+        volume: String,
+    },
     /// List hosts.
     ListHosts,
     /// List volumes.
@@ -236,6 +241,15 @@ async fn execute(store: &Store, req: AdminRequest) -> AdminResponse {
                 Ok(v) => store.rotate_kek(v).await?.map(|n| AdminResult::Rotated {
                     volume: v.to_hex(),
                     version: n.0,
+                }),
+            },
+            AdminRequest::EraseVolume { volume } => match parse_volume(&volume) {
+                Err(e) => Err(e),
+                Ok(v) => store.erase_volume(v).await?.map(|destroyed| {
+                    done(format!(
+                        "erased volume {v}: destroyed KEK versions {:?}",
+                        destroyed.iter().map(|k| k.0).collect::<Vec<_>>()
+                    ))
                 }),
             },
             AdminRequest::ListHosts => Ok(AdminResult::Hosts {

@@ -13,9 +13,9 @@ use zeroize::Zeroizing;
 
 pub use crate::protocol::Refusal;
 use crate::protocol::{
-    self, open_kek, parse_challenge_response, parse_error_body, parse_key_response,
-    parse_rewrapped_response, Challenge, ChallengeRequest, HostId, KekVersion, Op, Recipient,
-    SignedRequest, VolumeId, MAX_RESPONSE,
+    self, open_kek, parse_challenge_response, parse_erased_response, parse_error_body,
+    parse_key_response, parse_rewrapped_response, Challenge, ChallengeRequest, HostId, KekVersion,
+    Op, Recipient, SignedRequest, VolumeId, MAX_RESPONSE,
 };
 
 /// First pause between attempts; it doubles after each failed attempt.
@@ -266,6 +266,22 @@ pub fn report_rewrapped(
     })
 }
 
+/// Asks the key server to destroy every KEK of the volume (crypto-erase);
+/// returns the versions destroyed. Only a host authorized for the volume
+/// may; the server audits it. After it, no unlock of the volume succeeds.
+pub fn erase_volume(
+    cfg: &ClientConfig,
+    host: &HostIdentity,
+    volume_id: [u8; 16],
+) -> Result<Vec<u32>, ClientError> {
+    let volume = VolumeId(volume_id);
+    with_retries(cfg, |agent| {
+        let (_, _, body) = signed_exchange(agent, cfg, host, Op::Erase, volume, KekVersion::FIRST)?;
+        let resp = parse_erased_response(&body).map_err(fatal_protocol)?;
+        Ok(resp.destroyed)
+    })
+}
+
 /// Outcome of one attempt.
 enum Attempt {
     /// Worth another attempt after a pause.
@@ -360,10 +376,10 @@ fn signed_exchange(
     let body = post(agent, cfg, "/v1/challenge", &req)?;
     let challenge = parse_challenge_response(&body).map_err(fatal_protocol)?;
     let recipient = Recipient::generate();
-    let client_key = if op == Op::Rewrapped {
-        [0; 32]
-    } else {
+    let client_key = if op.releases_key() {
         recipient.public()
+    } else {
+        [0; 32]
     };
     let signed = SignedRequest::sign(op, &host.key, volume, version, challenge, client_key);
     let body = post(agent, cfg, op.path(), &signed.to_body())?;

@@ -76,6 +76,14 @@ pub struct RewrappedResponse {
     pub retired: Vec<u32>,
 }
 
+/// Response of `erase`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErasedResponse {
+    /// The KEK versions destroyed.
+    pub destroyed: Vec<u32>,
+}
+
 /// Body of every non-2xx response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -163,6 +171,11 @@ pub fn parse_key_response(body: &[u8]) -> Result<(SealedKek, Option<SealedKek>),
 
 /// Client side: parses a `rewrapped` response.
 pub fn parse_rewrapped_response(body: &[u8]) -> Result<RewrappedResponse, ProtocolError> {
+    parse_json(body, MAX_RESPONSE as usize)
+}
+
+/// Client side: parses an `erase` response.
+pub fn parse_erased_response(body: &[u8]) -> Result<ErasedResponse, ProtocolError> {
     parse_json(body, MAX_RESPONSE as usize)
 }
 

@@ -12,9 +12,10 @@ mod signed;
 
 pub use ids::{Challenge, HostId, KekVersion, VolumeId};
 pub use messages::{
-    parse_challenge_request, parse_challenge_response, parse_error_body, parse_key_response,
-    parse_rewrapped_response, parse_signed_request, ChallengeRequest, ChallengeResponse, ErrorBody,
-    KeyResponse, RewrappedResponse, SealedKekBody, SignedRequestBody,
+    parse_challenge_request, parse_challenge_response, parse_erased_response, parse_error_body,
+    parse_key_response, parse_rewrapped_response, parse_signed_request, ChallengeRequest,
+    ChallengeResponse, ErasedResponse, ErrorBody, KeyResponse, RewrappedResponse, SealedKekBody,
+    SignedRequestBody,
 };
 pub use seal::{open_kek, seal_kek, Recipient, SealedKek, KEK_INFO_LABEL};
 pub use signed::{Op, SignedRequest, SIGNED_PREFIX};
@@ -137,7 +138,7 @@ pub fn fuzz_request(data: &[u8]) {
     let Some((&selector, body)) = data.split_first() else {
         return;
     };
-    match selector % 4 {
+    match usize::from(selector) % (Op::ALL.len() + 1) {
         0 => {
             if let Ok(req) = parse_challenge_request(body) {
                 let again = serde_json::to_vec(&ChallengeRequest { host: req.to_hex() })
@@ -146,7 +147,7 @@ pub fn fuzz_request(data: &[u8]) {
             }
         }
         n => {
-            let op = Op::ALL[usize::from(n - 1)];
+            let op = Op::ALL[n - 1];
             if let Ok(req) = parse_signed_request(op, body) {
                 let again = serde_json::to_vec(&req.to_body())
                     .expect("serializing a struct of strings cannot fail");

@@ -38,11 +38,13 @@ pub enum Op {
     Unlock,
     /// Report that the caller's copy is now wrapped under a version.
     Rewrapped,
+    /// Destroy every KEK of the volume (crypto-erase); releases nothing.
+    Erase,
 }
 
 impl Op {
     /// Every op.
-    pub const ALL: [Op; 3] = [Op::Register, Op::Unlock, Op::Rewrapped];
+    pub const ALL: [Op; 4] = [Op::Register, Op::Unlock, Op::Rewrapped, Op::Erase];
 
     /// The name used in the signed message and the URL path.
     pub fn name(self) -> &'static str {
@@ -50,7 +52,14 @@ impl Op {
             Op::Register => "register",
             Op::Unlock => "unlock",
             Op::Rewrapped => "rewrapped",
+            Op::Erase => "erase",
         }
+    }
+
+    /// Whether the op releases a KEK (sealed to the request's one-time
+    /// `client_key`); the others carry an all-zero `client_key`.
+    pub fn releases_key(self) -> bool {
+        matches!(self, Op::Register | Op::Unlock)
     }
 
     /// The URL path of the op.
@@ -59,6 +68,7 @@ impl Op {
             Op::Register => "/v1/register",
             Op::Unlock => "/v1/unlock",
             Op::Rewrapped => "/v1/rewrapped",
+            Op::Erase => "/v1/erase",
         }
     }
 }
@@ -168,10 +178,10 @@ impl SignedRequest {
                     reason: "register creates version 1",
                 })
             }
-            Op::Rewrapped if client_key != [0; 32] => {
+            _ if !op.releases_key() && client_key != [0; 32] => {
                 return Err(ProtocolError::Invalid {
                     field: "client_key",
-                    reason: "must be all zero for rewrapped",
+                    reason: "must be all zero for rewrapped and erase",
                 })
             }
             Op::Register | Op::Unlock if client_key == [0; 32] => {
@@ -203,11 +213,7 @@ mod tests {
     }
 
     fn request(op: Op) -> SignedRequest {
-        let ck = if op == Op::Rewrapped {
-            [0; 32]
-        } else {
-            [9; 32]
-        };
+        let ck = if op.releases_key() { [9; 32] } else { [0; 32] };
         SignedRequest::sign(
             op,
             &key(),

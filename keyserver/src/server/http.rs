@@ -16,8 +16,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{AppState, CONNECTION_LIFETIME, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 use crate::protocol::{
-    parse_challenge_request, parse_signed_request, ChallengeResponse, ErrorBody, KeyResponse, Op,
-    Refusal, RewrappedResponse, SealedKekBody, MAX_BODY,
+    parse_challenge_request, parse_signed_request, ChallengeResponse, ErasedResponse, ErrorBody,
+    KeyResponse, Op, Refusal, RewrappedResponse, SealedKekBody, MAX_BODY,
 };
 use crate::storage::SignedOutcome;
 
@@ -37,6 +37,7 @@ const ROUTES: &[(&str, Route)] = &[
     ("/v1/register", Route::Signed(Op::Register)),
     ("/v1/unlock", Route::Signed(Op::Unlock)),
     ("/v1/rewrapped", Route::Signed(Op::Rewrapped)),
+    ("/v1/erase", Route::Signed(Op::Erase)),
 ];
 
 /// Every way a request can fail.
@@ -274,6 +275,12 @@ async fn dispatch(
                     &RewrappedResponse {
                         wrapped_version: wrapped.0,
                         retired: retired.into_iter().map(|v| v.0).collect(),
+                    },
+                )),
+                SignedOutcome::Erased { destroyed } => Ok(json_response(
+                    StatusCode::OK,
+                    &ErasedResponse {
+                        destroyed: destroyed.into_iter().map(|v| v.0).collect(),
                     },
                 )),
                 SignedOutcome::Refused(r, m) => Err(ApiError::Refused(r, m)),

@@ -136,6 +136,11 @@ pub enum SignedOutcome {
         /// Versions deleted.
         retired: Vec<KekVersion>,
     },
+    /// `erase`: the KEK versions destroyed.
+    Erased {
+        /// Versions deleted.
+        destroyed: Vec<KekVersion>,
+    },
     /// Refused; already audited.
     Refused(Refusal, String),
 }
@@ -299,6 +304,27 @@ impl<'t> Tables<'t> {
             out.push(item?.0.value().1);
         }
         Ok(out)
+    }
+
+    /// Crypto-erase: deletes every KEK of the volume, its ACL and its
+    /// record. Returns the versions deleted.
+    fn erase_volume(&mut self, volume: VolumeId) -> Result<Vec<KekVersion>, StorageError> {
+        let versions = self.kek_versions(volume)?;
+        for v in &versions {
+            self.keks.remove((volume.0, *v))?;
+        }
+        let mut holders = vec![];
+        for item in self
+            .acl
+            .range((volume.0, [0; 32])..=(volume.0, [0xff; 32]))?
+        {
+            holders.push(item?.0.value().1);
+        }
+        for h in holders {
+            self.acl.remove((volume.0, h))?;
+        }
+        self.volumes.remove(&volume.0)?;
+        Ok(versions.into_iter().map(KekVersion).collect())
     }
 
     /// Deletes the versions older than every active holder's wrapped version
@@ -489,6 +515,10 @@ impl Store {
                     SignedOutcome::Rewrapped { wrapped, retired } => (
                         Outcome::Ok,
                         format!("wrapped under {wrapped}; retired {retired:?}"),
+                    ),
+                    SignedOutcome::Erased { destroyed } => (
+                        Outcome::Ok,
+                        format!("volume erased; destroyed KEKs {destroyed:?}"),
                     ),
                     SignedOutcome::Refused(r, m) => (Outcome::Refused, format!("{r}: {m}")),
                 };
@@ -703,6 +733,25 @@ impl Store {
             Ok(Ok((
                 next,
                 admin_audit(now, None, Some(volume), next.0, "rotate-kek", String::new()),
+            )))
+        })
+        .await
+    }
+
+    /// Crypto-erases a volume: every KEK, its ACL and its record.
+    pub async fn erase_volume(
+        &self,
+        volume: VolumeId,
+    ) -> Result<Result<Vec<KekVersion>, AdminRefusal>, StorageError> {
+        self.admin(move |t, _, now| {
+            if t.volume(volume)?.is_none() {
+                return Ok(Err(AdminRefusal::UnknownVolume(volume.to_hex())));
+            }
+            let destroyed = t.erase_volume(volume)?;
+            let reason = format!("destroyed KEKs {destroyed:?}");
+            Ok(Ok((
+                destroyed,
+                admin_audit(now, None, Some(volume), 0, "erase-volume", reason),
             )))
         })
         .await
@@ -948,6 +997,10 @@ fn signed_job(
             ),
         );
     };
+    if req.op == Op::Erase {
+        let destroyed = t.erase_volume(req.volume)?;
+        return Ok(SignedOutcome::Erased { destroyed });
+    }
     if t.keks.get((req.volume.0, req.version.0))?.is_none() {
         return refuse(
             Refusal::UnknownVersion,

@@ -43,10 +43,10 @@ async fn request(
         .unwrap()
         .unwrap();
     let r = Recipient::generate();
-    let ck = if op == Op::Rewrapped {
-        [0; 32]
-    } else {
+    let ck = if op.releases_key() {
         r.public()
+    } else {
+        [0; 32]
     };
     let req = SignedRequest::sign(op, key, volume, KekVersion(version), challenge, ck);
     let ok = req.verify();
@@ -201,5 +201,83 @@ fn low_order_client_key_is_refused_without_aborting() {
         let o = s.signed(req, true).await.unwrap();
         assert_eq!(refusal(&o), Some(Refusal::BadRequest), "{o:?}");
         assert!(s.list_volumes().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn erase_destroys_every_kek_only_for_an_authorized_host_and_is_audited() {
+    let f = fixture(&MasterKey::generate().unwrap());
+    let s = &f.store;
+    let a = SigningKey::from_bytes(&[1; 32]);
+    let b = SigningKey::from_bytes(&[2; 32]);
+    let ha = HostId(a.verifying_key().to_bytes());
+    let hb = HostId(b.verifying_key().to_bytes());
+    let vol = VolumeId([4; 16]);
+    let other = VolumeId([6; 16]);
+    rt().block_on(async {
+        s.enroll("a".into(), ha).await.unwrap().unwrap();
+        s.enroll("b".into(), hb).await.unwrap().unwrap();
+        for v in [vol, other] {
+            let (o, ..) = request(s, &a, Op::Register, v, 1).await;
+            assert_eq!(refusal(&o), None);
+        }
+        assert_eq!(s.rotate_kek(vol).await.unwrap(), Ok(KekVersion(2)));
+        // A host not on the volume's ACL cannot erase it.
+        let (o, ..) = request(s, &b, Op::Erase, vol, 1).await;
+        assert_eq!(refusal(&o), Some(Refusal::NotAuthorized));
+        assert_eq!(s.list_volumes().unwrap().len(), 2);
+
+        let (o, ..) = request(s, &a, Op::Erase, vol, 1).await;
+        let SignedOutcome::Erased { destroyed } = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(destroyed, vec![KekVersion(1), KekVersion(2)]);
+        // Gone: no version unlocks, a second erase finds nothing; the
+        // other volume is untouched.
+        for v in [1, 2] {
+            let (o, ..) = request(s, &a, Op::Unlock, vol, v).await;
+            assert_eq!(refusal(&o), Some(Refusal::UnknownVolume));
+        }
+        let (o, ..) = request(s, &a, Op::Erase, vol, 1).await;
+        assert_eq!(refusal(&o), Some(Refusal::UnknownVolume));
+        let left = s.list_volumes().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].id, other.to_hex());
+        let (o, ..) = request(s, &a, Op::Unlock, other, 1).await;
+        assert_eq!(refusal(&o), None);
+
+        // The administrator's erase: the same, for any volume.
+        let e = s.erase_volume(other).await.unwrap().unwrap();
+        assert_eq!(e, vec![KekVersion(1)]);
+        assert!(s.list_volumes().unwrap().is_empty());
+        assert_eq!(
+            s.erase_volume(other).await.unwrap(),
+            Err(AdminRefusal::UnknownVolume(other.to_hex()))
+        );
+
+        let log = s
+            .audit(&AuditFilter {
+                host: None,
+                volume: Some(vol),
+                limit: 100,
+            })
+            .unwrap();
+        let erases: Vec<_> = log.iter().filter(|e| e.action == "erase").collect();
+        assert_eq!(erases.len(), 3, "{log:?}");
+        assert_eq!(erases[0].outcome, "refused");
+        assert_eq!(erases[1].outcome, "ok");
+        assert!(
+            erases[1].reason.contains("destroyed KEKs"),
+            "{:?}",
+            erases[1]
+        );
+        let log = s
+            .audit(&AuditFilter {
+                host: None,
+                volume: Some(other),
+                limit: 100,
+            })
+            .unwrap();
+        assert_eq!(log.last().unwrap().action, "erase-volume");
     });
 }

@@ -14,7 +14,7 @@ use crate::BLOCK_SIZE;
 // |------|-----|----------------|
 // | 0    | 8   | magic          |
 // | 8    | 4   | version        |
-// | 12   | 4   | flags (0)      |
+// | 12   | 4   | flags (bit 0: erased) |
 // | 16   | 8   | header_seq     |
 // | 24   | 16  | volume_id      |
 // | 40   | 8   | logical_blocks |
@@ -23,7 +23,8 @@ use crate::BLOCK_SIZE;
 // | 56   | 8   | max_segments   |
 // | 64   | 16  | key_check      |
 // | 80   | 8   | created (unix s)|
-// | 88   | 40  | reserved       |
+// | 88   | 8   | erased (unix s; 0 unless flag) |
+// | 96   | 32  | reserved       |
 // | 128  | 512 | 4 key slots of 128 bytes |
 // | 640  | ..  | reserved (zero) |
 // | 4080 | 16  | BLAKE3(bytes 0..4080)[..16] |
@@ -38,6 +39,10 @@ pub(super) const H_SEGMENT_BLOCKS: usize = H_LOGICAL + 8;
 pub(super) const H_MAX_SEGMENTS: usize = H_SEGMENT_BLOCKS + 4 + 4;
 pub(super) const H_KCV: usize = H_MAX_SEGMENTS + 8;
 pub(super) const H_CREATED: usize = H_KCV + 16;
+pub(super) const H_ERASED: usize = H_CREATED + 8;
+/// Header flag: the volume was crypto-erased (`lsvfs erase`): no key slot,
+/// no key-check value; nothing opens it.
+pub const FLAG_ERASED: u32 = 1;
 pub(super) const H_SLOTS: usize = 128;
 pub(super) const SLOT_LEN: usize = 128;
 pub(super) const H_CHECKSUM: usize = BLOCK_SIZE - 16;
@@ -82,6 +87,8 @@ pub struct Header {
     pub key_check: [u8; 16],
     pub created: u64,
     pub slots: [KeySlot; KEY_SLOTS],
+    /// When the volume was crypto-erased (Unix seconds), if it was.
+    pub erased: Option<u64>,
 }
 
 impl std::fmt::Debug for Header {
@@ -104,7 +111,15 @@ impl Header {
         let mut b = Box::new([0u8; BLOCK_SIZE]);
         b[H_MAGIC..H_MAGIC + 8].copy_from_slice(&HEADER_MAGIC);
         put_u32(&mut b[..], H_VERSION, FORMAT_VERSION);
-        put_u32(&mut b[..], H_FLAGS, 0);
+        put_u32(
+            &mut b[..],
+            H_FLAGS,
+            if self.erased.is_some() {
+                FLAG_ERASED
+            } else {
+                0
+            },
+        );
         put_u64(&mut b[..], H_SEQ, self.seq);
         b[H_VOLUME_ID..H_VOLUME_ID + 16].copy_from_slice(&self.volume_id);
         put_u64(&mut b[..], H_LOGICAL, self.logical_blocks);
@@ -112,6 +127,7 @@ impl Header {
         put_u64(&mut b[..], H_MAX_SEGMENTS, self.max_segments);
         b[H_KCV..H_KCV + 16].copy_from_slice(&self.key_check);
         put_u64(&mut b[..], H_CREATED, self.created);
+        put_u64(&mut b[..], H_ERASED, self.erased.unwrap_or(0));
         for (i, s) in self.slots.iter().enumerate() {
             let o = H_SLOTS + i * SLOT_LEN;
             b[o + S_KIND] = s.kind as u8;
@@ -138,7 +154,7 @@ impl Header {
             return Err(DecodeError::Checksum);
         }
         let flags = u32_at(b, H_FLAGS);
-        range("flags", flags as u64, flags == 0)?;
+        range("flags", flags as u64, flags & !FLAG_ERASED == 0)?;
         let logical_blocks = u64_at(b, H_LOGICAL);
         range(
             "logical_blocks",
@@ -183,7 +199,15 @@ impl Header {
                 wrapped: WrappedKey(wrapped),
             };
         }
+        let erased = (flags & FLAG_ERASED != 0).then(|| u64_at(b, H_ERASED));
+        if erased.is_some() {
+            // An erased header carries no key material at all.
+            let keyless =
+                b[H_KCV..H_KCV + 16] == [0; 16] && slots.iter().all(|s| *s == KeySlot::EMPTY);
+            range("erased header key material", 1, keyless)?;
+        }
         Ok(Header {
+            erased,
             seq: u64_at(b, H_SEQ),
             volume_id: arr16(b, H_VOLUME_ID),
             logical_blocks,

@@ -116,7 +116,7 @@ pub(super) fn range(field: &'static str, value: u64, ok: bool) -> Result<(), Dec
 #[cfg(test)]
 mod tests {
     use super::checkpoint::{C_ANCHOR, C_GEN_LIMIT, C_GEOMETRY, C_ROOTS};
-    use super::header::{H_CREATED, H_KCV, H_SLOTS};
+    use super::header::{H_CREATED, H_ERASED, H_FLAGS, H_KCV, H_SLOTS};
     use super::record::R_PREV;
     use super::*;
     use crate::crypto::Mac;
@@ -132,7 +132,36 @@ mod tests {
             key_check: [4; 16],
             created: 5,
             slots: [KeySlot::EMPTY; KEY_SLOTS],
+            erased: None,
         }
+    }
+
+    #[test]
+    fn an_erased_header_round_trips_and_carries_no_key_material() {
+        let erased = Header {
+            key_check: [0; 16],
+            erased: Some(1_800_000_000),
+            ..header()
+        };
+        let b = erased.encode();
+        assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 1);
+        assert!(Header::decode(&b).unwrap() == erased);
+        // The flag with a key-check value or a slot left is refused.
+        let mut leaky = erased.clone();
+        leaky.key_check = [4; 16];
+        assert!(Header::decode(&leaky.encode()).is_err());
+        let mut leaky = erased;
+        leaky.slots[2].kind = SlotKind::KeyFile;
+        assert!(Header::decode(&leaky.encode()).is_err());
+        // Any other flag is refused.
+        let mut b = header().encode();
+        b[H_FLAGS] = 2;
+        let sum = blake3::hash(&b[..BLOCK_SIZE - 16]);
+        b[BLOCK_SIZE - 16..].copy_from_slice(&sum.as_bytes()[..16]);
+        assert!(matches!(
+            Header::decode(&b),
+            Err(DecodeError::Range { field: "flags", .. })
+        ));
     }
 
     #[test]
@@ -162,7 +191,10 @@ mod tests {
     #[test]
     fn offsets_match_the_spec() {
         // These numbers are the tables in docs/FORMAT.md.
-        assert_eq!((H_KCV, H_CREATED, H_SLOTS), (64, 80, 128));
+        assert_eq!(
+            (H_FLAGS, H_KCV, H_CREATED, H_ERASED, H_SLOTS),
+            (12, 64, 80, 88, 128)
+        );
         assert_eq!(
             (C_ANCHOR, C_GEN_LIMIT, C_ROOTS, C_GEOMETRY),
             (72, 88, 128, 288)
