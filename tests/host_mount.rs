@@ -678,3 +678,106 @@ fn mount_daemons_and_services_log_to_journald() {
         "logged to stderr as well as the journal: {stderr}"
     );
 }
+
+/// Idle lock. A laptop's volume is left mounted over lunch: `--idle-lock`
+/// must unmount it by itself once nothing uses it, closing the volume (and
+/// dropping its keys) with the data written before safely in it, but never
+/// while a process keeps using it or holds a file open on it.
+#[test]
+fn an_idle_lock_unmounts_an_unused_mount_but_not_a_used_or_busy_one() {
+    use std::time::{Duration, Instant};
+    let d = tempfile::tempdir().unwrap();
+    let p = fs::canonicalize(d.path()).unwrap();
+    new_volume(&p, "v");
+    let m = p.join("v");
+    ok(
+        &[
+            "mount",
+            "v.vol",
+            "v",
+            "--key-file",
+            "v.key",
+            "--idle-lock",
+            "3s",
+        ],
+        &p,
+    );
+    fs::write(m.join("f"), b"written before the lock").unwrap();
+    // Used: a directory listing (which always reaches the file system)
+    // every half second keeps it mounted well past the idle time.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(7) {
+        assert_eq!(fs::read_dir(&m).unwrap().count(), 1);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(mountinfo(&m).is_some(), "unmounted while in use");
+    // Busy: idle, but a file is held open; it stays mounted.
+    let held = fs::File::open(m.join("f")).unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(mountinfo(&m).is_some(), "unmounted under an open file");
+    // Let go: it unmounts by itself and closes the volume.
+    drop(held);
+    let t0 = Instant::now();
+    while mountinfo(&m).is_some() || lsvfs::device::FileDevice::is_held(&p.join("v.vol")).unwrap() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "still mounted or open 30 s after the last use"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let c = ok(&["check", "v.vol", "--key-file", "v.key"], &p);
+    assert!(
+        c.contains("(0 transactions in the log") && c.contains("clean"),
+        "{c}"
+    );
+    ok(&["mount", "v.vol", "v", "--key-file", "v.key"], &p);
+    assert_eq!(fs::read(m.join("f")).unwrap(), b"written before the lock");
+    ok(&["unmount", "v"], &p);
+    // A bad duration is refused by name.
+    let o = lsvfs(
+        &[
+            "mount",
+            "v.vol",
+            "v",
+            "--key-file",
+            "v.key",
+            "-o",
+            "idle_lock=soon",
+        ],
+        &p,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("write a duration such as 15m"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// The automount example that brings an idle-locked volume back on the
+/// next access: both units pass `systemd-analyze verify` under their
+/// shipped names.
+#[test]
+fn the_idle_lock_automount_units_verify() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/examples");
+    let mount = fs::read_to_string(format!("{dir}/srv-data.mount")).unwrap();
+    assert!(mount.contains("\nType=lsvfs\n") && mount.contains("idle_lock=15m"));
+    let automount = fs::read_to_string(format!("{dir}/srv-data.automount")).unwrap();
+    assert!(automount.contains("\nWhere=/srv/data\n"));
+    let d = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("srv-data.mount", &mount),
+        ("srv-data.automount", &automount),
+    ] {
+        fs::write(d.path().join(name), text).unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(d.path().join("srv-data.automount"))
+        .arg(d.path().join("srv-data.mount"))
+        .output()
+        .expect("systemd-analyze (Debian package systemd; scripts/setup.sh installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("srv-data")).collect();
+    assert!(out.status.success() && ours.is_empty(), "{stderr}");
+}

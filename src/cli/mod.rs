@@ -209,10 +209,17 @@ enum Cmd {
         /// refused with exit code 12 otherwise), and reset the record.
         #[arg(long)]
         allow_rollback: bool,
+        /// Unmount by itself after this long without a request (15m, 1h,
+        /// 90s), closing the volume and dropping its keys; while a file or
+        /// directory on it is in use it stays, and tries again every minute.
+        /// With a systemd automount unit the next access mounts it again.
+        #[arg(long, value_name = "DURATION", value_parser = options::parse_idle)]
+        idle_lock: Option<std::time::Duration>,
         /// Options as mount(8) and fstab give them, comma-separated: ro, rw,
         /// key_file=PATH, store=PATH, timeout=SECONDS, attempts=N,
-        /// show_snapshots, allow_other, allow_rollback, noexec, nosuid, nodev, noatime,
-        /// sync, dirsync (and mount(8)'s own: defaults, _netdev, nofail, x-*).
+        /// show_snapshots, allow_other, allow_rollback, idle_lock=DURATION,
+        /// noexec, nosuid, nodev, noatime, sync, dirsync (and mount(8)'s
+        /// own: defaults, _netdev, nofail, x-*).
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
         options: Option<String>,
     },
@@ -359,6 +366,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             read_only,
             allow_other,
             allow_rollback,
+            idle_lock,
             options,
         } => {
             let mut opts = options::MountOptions::parse(options.as_deref().unwrap_or(""), false)?;
@@ -366,6 +374,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             opts.show_snapshots |= show_snapshots;
             opts.allow_other |= allow_other;
             opts.allow_rollback |= allow_rollback;
+            opts.idle_lock = idle_lock.or(opts.idle_lock);
             if key_file.is_some() {
                 opts.key_file = key_file;
             }

@@ -13,7 +13,7 @@ use super::common::{open_device, Keys, Tuning};
 use super::options::MountOptions;
 use crate::error::Class;
 use crate::fs::{Fs, FsError, Snapshots};
-use crate::fuse::FuseFs;
+use crate::fuse::{self, FuseFs};
 use crate::volume::Options;
 use crate::{volume, Error};
 
@@ -92,6 +92,11 @@ pub fn foreground(
         Box::new(move || sync_mount(&synced)),
     ));
     let fuse = FuseFs::new(fs.clone(), snaps.clone(), opts.show_snapshots)?;
+    let idle = opts.idle_lock.map(|after| IdleLock {
+        after,
+        activity: fuse.activity(),
+        mountpoint: mountpoint.clone(),
+    });
     let config = mount_config(&path, opts);
     // SAFETY: geteuid has no preconditions.
     let (session, own_mount) = if unsafe { libc::geteuid() } == 0 {
@@ -139,7 +144,7 @@ pub fn foreground(
         detach_stderr();
     }
 
-    let by_signal = serve(&session, &fs, &signals, &|seq| {
+    let by_signal = serve(&session, &fs, &signals, idle.as_ref(), &|seq| {
         k.record_seen(&volume_id, seq, false)
     });
     let _ = sd_notify::notify(
@@ -372,12 +377,19 @@ fn mount_config(path: &Path, opts: &MountOptions) -> Config {
 /// Every RECORD_INTERVAL, a checkpoint newer than the last one recorded
 /// goes to `record` (the host's rollback record), so that a copy of the
 /// file taken while mounted is refused too once a newer checkpoint exists.
+///
+/// With an idle lock, once no request came for its duration it unmounts
+/// (as `lsvfs unmount` would: refused while a file or directory on the
+/// mount is in use, then tried again every minute); the session then ends
+/// and the volume is closed and its keys dropped, as at any unmount.
 fn serve(
     session: &fuser::BackgroundSession,
     fs: &Fs,
     signals: &SigSet,
+    idle: Option<&IdleLock>,
     record: &dyn Fn(u64),
 ) -> bool {
+    let mut next_idle_try = Instant::now();
     // Without fsync, committed writes still reach the disk within
     // FLUSH_INTERVAL (as ext4's 5-second commit).
     let mut last_flush = Instant::now();
@@ -396,6 +408,12 @@ fn serve(
             }
             last_flush = Instant::now();
         }
+        if let Some(l) = idle.filter(|l| l.activity.idle() >= l.after) {
+            if Instant::now() >= next_idle_try {
+                l.lock();
+                next_idle_try = Instant::now() + l.after.min(IDLE_RETRY);
+            }
+        }
         if last_record.0.elapsed() >= every {
             let seq = fs.volume_stats().map_or(0, |s| s.checkpoint_seq);
             if seq > last_record.1 {
@@ -412,6 +430,36 @@ fn serve(
         let sig = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &ts) };
         if sig > 0 {
             break true;
+        }
+    }
+}
+
+/// `--idle-lock`: unmount after `after` without a request.
+struct IdleLock {
+    after: Duration,
+    activity: Arc<fuse::Activity>,
+    mountpoint: PathBuf,
+}
+
+/// How often an idle mount that was busy is tried again.
+const IDLE_RETRY: Duration = Duration::from_secs(60);
+
+impl IdleLock {
+    /// Unmounts, or says why not (it is tried again later).
+    fn lock(&self) {
+        let idle = humantime::format_duration(Duration::from_secs(self.activity.idle().as_secs()));
+        match detach(&self.mountpoint) {
+            Ok(()) => tracing::info!(
+                "{}: no request for {idle}: unmounted (idle lock); the volume is closed and \
+                 its keys are dropped",
+                self.mountpoint.display()
+            ),
+            Err(e) => tracing::info!(
+                "{}: no request for {idle}, but not unmounted (idle lock): {e}; trying again \
+                 in {}",
+                self.mountpoint.display(),
+                humantime::format_duration(self.after.min(IDLE_RETRY))
+            ),
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct MountOptions {
     /// `allow_rollback`: mount a volume older than the state this host has
     /// recorded (an older copy put back), and reset the record to it.
     pub allow_rollback: bool,
+    /// `idle_lock=DURATION` (`15m`, `1h`, `90s`): after that long without a
+    /// request, unmount cleanly, which closes the volume and drops its keys.
+    pub idle_lock: Option<std::time::Duration>,
 }
 
 /// Options for mount(8), fstab or systemd, not for lsvfs.
@@ -68,7 +71,7 @@ const IGNORED: &[&str] = &[
 
 /// What `unknown option` lists as known.
 const KNOWN: &str = "ro, rw, key_file=PATH, store=PATH, timeout=SECONDS, attempts=N, \
-    show_snapshots, allow_other, allow_rollback, noexec, nosuid, nodev, noatime, sync, dirsync, \
+    show_snapshots, allow_other, allow_rollback, idle_lock=DURATION, noexec, nosuid, nodev, noatime, sync, dirsync, \
     and mount(8)'s own (defaults, auto, noauto, _netdev, nofail, x-*)";
 
 impl MountOptions {
@@ -125,6 +128,7 @@ impl MountOptions {
                 "key_file" | "keyfile" => self.key_file = Some(PathBuf::from(need()?)),
                 "store" => self.store = Some(PathBuf::from(need()?)),
                 "timeout" => self.timeout = Some(number("the timeout in seconds")?),
+                "idle_lock" => self.idle_lock = Some(parse_idle(need()?)?),
                 "attempts" => {
                     let n = number("the number of attempts")?;
                     self.attempts = Some(u32::try_from(n).map_err(|_| {
@@ -175,7 +179,11 @@ impl MountOptions {
     /// The option list that gives these options back (keys and key-server
     /// settings excluded: those travel as their own flags).
     pub fn to_list(&self) -> String {
+        let idle = self
+            .idle_lock
+            .map(|d| format!("idle_lock={}s", d.as_secs()));
         let mut l = vec![if self.read_only { "ro" } else { "rw" }];
+        l.extend(idle.as_deref());
         for (on, name) in [
             (self.show_snapshots, "show_snapshots"),
             (self.allow_other, "allow_other"),
@@ -193,6 +201,21 @@ impl MountOptions {
         }
         l.join(",")
     }
+}
+
+/// Parses an idle-lock duration: `15m`, `1h 30m`, `90s` (at least 1 s).
+pub fn parse_idle(v: &str) -> Result<std::time::Duration, Error> {
+    let d = humantime::parse_duration(v).map_err(|e| {
+        Error::Usage(format!(
+            "idle lock {v:?}: {e}; write a duration such as 15m, 1h or 90s"
+        ))
+    })?;
+    if d.as_secs() == 0 {
+        return Err(Error::Usage(format!(
+            "idle lock {v:?} is under a second; write a duration such as 15m"
+        )));
+    }
+    Ok(d)
 }
 
 /// An fstab entry of type lsvfs: the volume and its options.
@@ -263,11 +286,12 @@ mod tests {
         let o = MountOptions::parse(
             "defaults,_netdev,nofail,x-systemd.requires=lsvfs-keyserver.service,ro,\
              key_file=/etc/lsvfs/k,store=/var/lib/s,timeout=3,attempts=9,show_snapshots,\
-             noexec,nosuid,nodev,noatime,allow_other,allow_rollback,comment=backup",
+             noexec,nosuid,nodev,noatime,allow_other,allow_rollback,idle_lock=15m,comment=backup",
             false,
         )
         .unwrap();
         assert!(o.read_only && o.show_snapshots && o.allow_other && o.allow_rollback);
+        assert_eq!(o.idle_lock, Some(std::time::Duration::from_secs(900)));
         assert!(o.no_exec && o.no_suid && o.no_dev && o.no_atime);
         assert_eq!(o.key_file, Some(PathBuf::from("/etc/lsvfs/k")));
         assert_eq!(o.store, Some(PathBuf::from("/var/lib/s")));
@@ -300,6 +324,9 @@ mod tests {
             ("ro=1", "takes no value"),
             ("timeout=soon", "must be a whole number"),
             ("attempts=99999999999", "too large"),
+            ("idle_lock=soon", "write a duration such as 15m"),
+            ("idle_lock=0s", "under a second"),
+            ("idle_lock", "needs a value"),
         ] {
             let e = MountOptions::parse(list, false).unwrap_err().to_string();
             assert!(e.contains(says), "{list}: {e}");

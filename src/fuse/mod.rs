@@ -6,8 +6,9 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
@@ -53,6 +54,36 @@ pub struct FuseFs {
     snaps: Arc<Snapshots>,
     /// List `.snapshots` in the root directory.
     show_snapshots: bool,
+    activity: Arc<Activity>,
+}
+
+/// When the mount last served a request from a process (`--idle-lock`).
+/// The kernel's own housekeeping (FORGET) and statfs (which `df` and
+/// monitoring agents send to every mount) do not count as use.
+pub struct Activity {
+    start: Instant,
+    /// Milliseconds from `start` to the last request.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long since the last request (or since the mount, if none).
+    pub fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
 }
 
 impl FuseFs {
@@ -69,7 +100,14 @@ impl FuseFs {
             slow: slow::SlowWork::new(),
             snaps,
             show_snapshots,
+            activity: Arc::new(Activity::new()),
         })
+    }
+
+    /// When the mount was last used (shared; read it after the session
+    /// took this FuseFs).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
     }
 
     /// The file system an inode belongs to, its number there, and the
@@ -288,6 +326,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.activity.touch();
         let name = name.as_bytes();
         match node(parent.0) {
             Node::Live(p) if is_reserved(p, name) => match self.snapdir_attr() {
@@ -330,6 +369,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.activity.touch();
         let r = match node(ino.0) {
             Node::SnapDir => self.snapdir_attr().map(|a| (a, TTL)),
             Node::Snap(id, i) if i == ROOT_INO => self
@@ -366,6 +406,7 @@ impl fuser::Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.activity.touch();
         let i = match writable(ino.0) {
             Ok(i) => i,
             Err(e) => return reply.error(e),
@@ -393,6 +434,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.activity.touch();
         match self.target(ino.0).and_then(|(fs, i, _)| fs.readlink(i)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno("readlink", ino.0, &e)),
@@ -409,6 +451,7 @@ impl fuser::Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.activity.touch();
         match new_name(parent.0, name) {
             Ok(p) => entry(
                 "mknod",
@@ -429,6 +472,7 @@ impl fuser::Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.activity.touch();
         if node(parent.0) == Node::SnapDir {
             // `mkdir .snapshots/NAME` takes a snapshot, as ZFS's .zfs/snapshot.
             if req.uid() != 0 {
@@ -472,6 +516,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.activity.touch();
         match old_name(parent.0, name) {
             Ok(p) => empty("unlink", p, self.fs.unlink(p, name.as_bytes()), reply),
             Err(e) => reply.error(e),
@@ -479,6 +524,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.activity.touch();
         if node(parent.0) == Node::SnapDir {
             // `rmdir .snapshots/NAME` deletes the snapshot.
             if req.uid() != 0 {
@@ -504,6 +550,7 @@ impl fuser::Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.activity.touch();
         let p = match new_name(parent.0, link_name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -535,6 +582,7 @@ impl fuser::Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.activity.touch();
         let (p, np) = match (old_name(parent.0, name), old_name(newparent.0, newname)) {
             (Ok(p), Ok(np)) => (p, np),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -566,6 +614,7 @@ impl fuser::Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.activity.touch();
         let (i, np) = match (writable(ino.0), new_name(newparent.0, newname)) {
             (Ok(i), Ok(np)) => (i, np),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -577,6 +626,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.activity.touch();
         match node(ino.0) {
             Node::Live(i) => {
                 self.fs.open(i);
@@ -609,6 +659,7 @@ impl fuser::Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.activity.touch();
         let r = self
             .target(ino.0)
             .and_then(|(fs, i, _)| fs.read_data(i, offset, size as usize));
@@ -630,6 +681,7 @@ impl fuser::Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.activity.touch();
         let i = match writable(ino.0) {
             Ok(i) => i,
             Err(e) => return reply.error(e),
@@ -649,6 +701,7 @@ impl fuser::Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.activity.touch();
         // Nothing to do at close: data is written back (and its errors
         // reported to close) by the kernel before it would send FLUSH, and
         // there are no POSIX locks to drop here. ENOSYS makes the kernel stop
@@ -666,6 +719,7 @@ impl fuser::Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.activity.touch();
         match node(ino.0) {
             Node::Live(i) => empty("release", i, self.fs.release(i), reply),
             // A snapshot's files are never orphans; a deleted snapshot's
@@ -687,6 +741,7 @@ impl fuser::Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.activity.touch();
         match node(ino.0) {
             Node::Live(_) => {
                 let fs = self.fs.clone();
@@ -705,6 +760,7 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.activity.touch();
         match self.listing(ino.0, offset, true) {
             Ok(entries) => {
                 let mut entries = entries.into_iter();
@@ -737,6 +793,7 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.activity.touch();
         match self.listing(ino.0, offset, false) {
             Ok(entries) => {
                 for e in entries {
@@ -759,6 +816,7 @@ impl fuser::Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.activity.touch();
         match node(ino.0) {
             Node::Live(_) => {
                 let fs = self.fs.clone();
@@ -795,6 +853,7 @@ impl fuser::Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.activity.touch();
         let i = match writable(ino.0) {
             Ok(i) => i,
             Err(e) => return reply.error(e),
@@ -806,6 +865,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.activity.touch();
         if node(ino.0) == Node::SnapDir {
             return reply.error(Errno::ENODATA);
         }
@@ -821,6 +881,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.activity.touch();
         let r = if node(ino.0) == Node::SnapDir {
             Ok(Vec::new())
         } else {
@@ -846,6 +907,7 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.activity.touch();
         match writable(ino.0) {
             Ok(i) => empty(
                 "removexattr",
@@ -867,6 +929,7 @@ impl fuser::Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        self.activity.touch();
         let p = match new_name(parent.0, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -896,6 +959,7 @@ impl fuser::Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.activity.touch();
         match writable(ino.0) {
             Ok(i) => {
                 let fs = self.fs.clone();
