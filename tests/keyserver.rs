@@ -255,6 +255,20 @@ fn volume_id(h: &Host) -> String {
         .to_string()
 }
 
+/// A host enrolled on `ks` as `name`, with a volume `v.vol` registered
+/// there and a recovery key file `rk` in one of its key slots; returns the
+/// host and the volume id.
+fn host_with_volume(ks: &KeyServer, name: &str) -> (Host, String) {
+    let a = Host::new(name);
+    let id = a.init(ks, &ks.ca());
+    ks.admin(&["enroll", name, &id]);
+    a.ok(&["create", "v.vol", "--size", "1G", "--keyserver", &ks.url]);
+    // Added while the key server still vouches for the host.
+    a.ok(&["keyslot", "add-recovery", "v.vol", "--key-file", "rk"]);
+    let vid = volume_id(&a);
+    (a, vid)
+}
+
 #[test]
 fn enroll_create_mount_rotate_revoke_and_recover() {
     let mut ks = KeyServer::start();
@@ -318,12 +332,7 @@ fn enroll_create_mount_rotate_revoke_and_recover() {
 #[test]
 fn revoked_host_is_refused_and_the_recovery_key_still_opens() {
     let ks = KeyServer::start();
-    let a = Host::new("host-a");
-    let id = a.init(&ks, &ks.ca());
-    ks.admin(&["enroll", "host-a", &id]);
-    a.ok(&["create", "v.vol", "--size", "1G", "--keyserver", &ks.url]);
-    // Add a recovery key while the key server still vouches for us.
-    a.ok(&["keyslot", "add-recovery", "v.vol", "--key-file", "rk"]);
+    let (a, vid) = host_with_volume(&ks, "host-a");
     let list = a.ok(&["keyslot", "list", "v.vol"]);
     assert!(
         list.contains("slot 0: KeyFile") && list.contains("sealed on this host: KEK v1"),
@@ -334,7 +343,6 @@ fn revoked_host_is_refused_and_the_recovery_key_still_opens() {
     a.ok(&["unmount", "m"]);
 
     // Taken off the volume's ACL: refused until authorized again.
-    let vid = volume_id(&a);
     ks.admin(&["deauthorize", "host-a", &vid]);
     a.fails(&["mount", "v.vol", "m"], 10, "not authorized");
     ks.admin(&["authorize", "host-a", &vid]);
@@ -781,12 +789,7 @@ fn mounted_on(dir: &Path) -> bool {
 #[test]
 fn an_older_copy_of_the_volume_put_back_is_refused_as_a_rollback() {
     let ks = KeyServer::start();
-    let a = Host::new("host-a");
-    let id = a.init(&ks, &ks.ca());
-    ks.admin(&["enroll", "host-a", &id]);
-    a.ok(&["create", "v.vol", "--size", "1G", "--keyserver", &ks.url]);
-    a.ok(&["keyslot", "add-recovery", "v.vol", "--key-file", "rk"]);
-    let vid = volume_id(&a);
+    let (a, vid) = host_with_volume(&ks, "host-a");
     let vol = a.p().join("v.vol");
     let old = a.p().join("old.vol");
 
@@ -886,12 +889,7 @@ fn an_older_copy_of_the_volume_put_back_is_refused_as_a_rollback() {
 fn erase_destroys_every_key_and_nothing_opens_the_volume_afterwards() {
     use lsvfs_keyserver::client::{self, ClientError, HostIdentity, Refusal};
     let ks = KeyServer::start();
-    let a = Host::new("host-a");
-    let id = a.init(&ks, &ks.ca());
-    ks.admin(&["enroll", "host-a", &id]);
-    a.ok(&["create", "v.vol", "--size", "1G", "--keyserver", &ks.url]);
-    a.ok(&["keyslot", "add-recovery", "v.vol", "--key-file", "rk"]);
-    let vid = volume_id(&a);
+    let (a, vid) = host_with_volume(&ks, "host-a");
     let vol = a.p().join("v.vol");
     a.ok(&["mount", "v.vol", "m"]);
     std::fs::write(a.p().join("m/secret"), b"the plans").unwrap();
