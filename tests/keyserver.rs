@@ -888,7 +888,7 @@ fn an_older_copy_of_the_volume_put_back_is_refused_as_a_rollback() {
 #[test]
 fn erase_destroys_every_key_and_nothing_opens_the_volume_afterwards() {
     use lsvfs_keyserver::client::{self, ClientError, HostIdentity, Refusal};
-    let ks = KeyServer::start();
+    let mut ks = KeyServer::start();
     let (a, vid) = host_with_volume(&ks, "host-a");
     let vol = a.p().join("v.vol");
     a.ok(&["mount", "v.vol", "m"]);
@@ -919,6 +919,39 @@ fn erase_destroys_every_key_and_nothing_opens_the_volume_afterwards() {
     a.ok(&["unmount", "m"]);
     a.fails(&["erase", "v.vol"], 2, "--yes");
     assert!(header_of(&vol) == h, "nothing erased without --yes");
+
+    // The key server down: the header is erased at once (nothing opens
+    // the volume from here on), the command fails saying so, and the
+    // host keeps its sealed entry, so that running it again still asks
+    // the server.
+    ks.stop();
+    let down = a.fails(
+        &[
+            "erase",
+            "v.vol",
+            "--yes",
+            "--attempts",
+            "1",
+            "--timeout",
+            "2",
+        ],
+        9,
+        "unreachable",
+    );
+    assert!(
+        down.contains("key slot and the key-check value zeroed"),
+        "{down}"
+    );
+    assert!(header_of(&vol).erased.is_some());
+    a.fails(
+        &["mount", "v.vol", "m", "--key-file", "rk"],
+        13,
+        "crypto-erased",
+    );
+    assert!(a
+        .ok(&["host", "show"])
+        .contains(&format!("volume {vid}: KEK v1")));
+    ks.spawn();
 
     let out = a.ok(&["erase", "v.vol", "--yes"]);
     assert!(out.contains("destroyed KEK versions [1]"), "{out}");
