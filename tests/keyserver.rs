@@ -898,6 +898,10 @@ fn erase_destroys_every_key_and_nothing_opens_the_volume_afterwards() {
     // key-check value in the header, the host's sealed entry, and a copy
     // of the sealed store taken before the erase.
     let h = header_of(&vol);
+    assert_eq!(
+        h.seq, 2,
+        "created, then a slot added: each raises header_seq"
+    );
     let mut material: Vec<Vec<u8>> = vec![h.key_check.to_vec()];
     for s in h
         .slots

@@ -202,6 +202,7 @@ pub fn slot_add_recovery(
         )));
     };
     h.slots[i] = slot;
+    h.seq += 1;
     volume::write_header(&*dev, &h)?;
     println!("added recovery key {} in slot {i}", key_file.display());
     Ok(())
@@ -230,6 +231,7 @@ pub fn slot_remove(env: &Env, path: &Path, slot: usize) -> Result<(), Error> {
         )));
     }
     h.slots[slot] = KeySlot::EMPTY;
+    h.seq += 1;
     volume::write_header(&*dev, &h)?;
     println!("removed key slot {slot} of {}", path.display());
     Ok(())
