@@ -96,6 +96,7 @@ pub fn foreground(
         after,
         activity: fuse.activity(),
         mountpoint: mountpoint.clone(),
+        refusal_said: std::cell::Cell::new(false),
     });
     let config = mount_config(&path, opts);
     // SAFETY: geteuid has no preconditions.
@@ -408,8 +409,10 @@ fn serve(
             }
             last_flush = Instant::now();
         }
-        if let Some(l) = idle.filter(|l| l.activity.idle() >= l.after) {
-            if Instant::now() >= next_idle_try {
+        if let Some(l) = idle {
+            if l.activity.idle() < l.after {
+                l.refusal_said.set(false);
+            } else if Instant::now() >= next_idle_try {
                 l.lock();
                 next_idle_try = Instant::now() + l.after.min(IDLE_RETRY);
             }
@@ -439,6 +442,9 @@ struct IdleLock {
     after: Duration,
     activity: Arc<fuse::Activity>,
     mountpoint: PathBuf,
+    /// A refused unmount was logged since the mount was last used (the
+    /// retries after it are logged at debug level only).
+    refusal_said: std::cell::Cell<bool>,
 }
 
 /// How often an idle mount that was busy is tried again.
@@ -454,12 +460,18 @@ impl IdleLock {
                  its keys are dropped",
                 self.mountpoint.display()
             ),
-            Err(e) => tracing::info!(
-                "{}: no request for {idle}, but not unmounted (idle lock): {e}; trying again \
-                 in {}",
-                self.mountpoint.display(),
-                humantime::format_duration(self.after.min(IDLE_RETRY))
-            ),
+            Err(e) => {
+                let retry = humantime::format_duration(self.after.min(IDLE_RETRY));
+                let m = self.mountpoint.display();
+                if self.refusal_said.replace(true) {
+                    tracing::debug!("{m}: still in use (idle lock): {e}; trying again in {retry}");
+                } else {
+                    tracing::info!(
+                        "{m}: no request for {idle}, but not unmounted (idle lock): {e}; \
+                         trying again every {retry}"
+                    );
+                }
+            }
         }
     }
 }
