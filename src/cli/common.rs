@@ -74,14 +74,11 @@ impl Keys {
     /// store nothing is recorded; a failure is logged, never fatal: the
     /// volume itself is fine, only the record lags.
     pub fn record_seen(&self, volume_id: &[u8; 16], checkpoint: u64, reset: bool) {
-        let current = keys::SealedStore::open(&self.store).map(|st| st.seen(volume_id));
-        match current {
-            Err(_) if !keys::SealedStore::exists(&self.store) => return,
-            Ok(Some(c)) if c == checkpoint || (c > checkpoint && !reset) => return,
-            _ => {}
+        if !keys::SealedStore::exists(&self.store) {
+            return;
         }
-        let r = keys::SealedStore::update(&self.store, |st| {
-            Ok(st.record_seen(volume_id, checkpoint, reset))
+        let r = keys::SealedStore::update_if(&self.store, |st| {
+            Ok(((), st.record_seen(volume_id, checkpoint, reset)))
         });
         if let Err(e) = r {
             tracing::warn!(
@@ -93,9 +90,7 @@ impl Keys {
 
     /// The master key of the volume at `path` whose header is `header`.
     pub fn master(&self, header: &volume::Header, path: &Path) -> Result<MasterKey, Error> {
-        if header.erased.is_some() {
-            return Err(VolumeError::Erased(path.display().to_string()).into());
-        }
+        volume::refuse_erased(header, &path.display().to_string())?;
         match &self.key_file {
             Some(f) => Ok(keys::unlock(header, &keys::read_key_file(f)?)?),
             None => {

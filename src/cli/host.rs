@@ -50,9 +50,7 @@ pub fn show(env: &Env) -> Result<(), Error> {
 pub fn rewrap(env: &Env, path: &Path) -> Result<(), Error> {
     let dev = open_device(path, false)?;
     let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
-    if h.erased.is_some() {
-        return Err(volume::VolumeError::Erased(path.display().to_string()).into());
-    }
+    volume::refuse_erased(&h, &path.display().to_string())?;
     let (_, r) = keys::unlock_with_server(&env.store, &env.server, &h)?;
     match r {
         Some((from, to)) => println!(

@@ -152,6 +152,7 @@ impl Xts {
             self.run(buf, tweak, true);
         } else {
             self.reference.encrypt_sector(buf, Array::from(tweak));
+            scrub_stack_small();
         }
     }
 
@@ -161,6 +162,7 @@ impl Xts {
             self.run(buf, tweak, false);
         } else {
             self.reference.decrypt_sector(buf, Array::from(tweak));
+            scrub_stack_small();
         }
     }
 }

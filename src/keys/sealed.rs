@@ -247,6 +247,15 @@ impl SealedStore {
     /// saves. Concurrent updates (a create beside a mount that rewraps)
     /// never drop each other's entries.
     pub fn update<T>(dir: &Path, f: impl FnOnce(&mut SealedStore) -> Result<T>) -> Result<T> {
+        Self::update_if(dir, |st| f(st).map(|out| (out, true)))
+    }
+
+    /// [`SealedStore::update`], where `f` also says whether it changed
+    /// anything: an unchanged store is not written again.
+    pub fn update_if<T>(
+        dir: &Path,
+        f: impl FnOnce(&mut SealedStore) -> Result<(T, bool)>,
+    ) -> Result<T> {
         let lock_path = dir.join("lock");
         let lock = fs::OpenOptions::new()
             .write(true)
@@ -259,8 +268,10 @@ impl SealedStore {
             |(_, e)| KeysError::io(format!("locking {}", lock_path.display()), e.into()),
         )?;
         let mut store = SealedStore::open(dir)?;
-        let out = f(&mut store)?;
-        store.save()?;
+        let (out, changed) = f(&mut store)?;
+        if changed {
+            store.save()?;
+        }
         Ok(out)
     }
 

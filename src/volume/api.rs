@@ -103,9 +103,7 @@ impl Volume {
     /// Opens a volume, recovering it if it was not closed cleanly.
     pub fn open(dev: Arc<dyn Device>, master: &MasterKey, opts: Options) -> Result<Volume> {
         let header = read_header(&*dev)?;
-        if header.erased.is_some() {
-            return Err(VolumeError::Erased("the volume".into()));
-        }
+        super::header::refuse_erased(&header, "the volume")?;
         if master.check_value(&header.volume_id) != header.key_check {
             return Err(VolumeError::WrongKey(
                 "the key does not match this volume's key check value".into(),

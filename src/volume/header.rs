@@ -76,6 +76,15 @@ pub fn write_header(dev: &dyn Device, header: &Header) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an erased volume (`name` names it in the message): checked
+/// before any key is looked for.
+pub fn refuse_erased(h: &Header, name: &str) -> Result<()> {
+    match h.erased {
+        Some(_) => Err(VolumeError::Erased(name.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// Crypto-erases the volume on `dev`: both header copies are rewritten
 /// with every key slot and the key-check value zeroed and the erased flag
 /// set (durably, one copy after the other). Nothing opens the volume

@@ -53,6 +53,13 @@ async fn request(
     (store.signed(req, ok).await.unwrap(), r, challenge)
 }
 
+/// A host's signing key (from `seed`) and its id.
+fn host(seed: u8) -> (SigningKey, HostId) {
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    let id = HostId(key.verifying_key().to_bytes());
+    (key, id)
+}
+
 fn refusal(o: &SignedOutcome) -> Option<Refusal> {
     match o {
         SignedOutcome::Refused(r, _) => Some(*r),
@@ -90,10 +97,7 @@ fn kek_is_never_stored_in_clear_and_wrong_master_key_is_refused() {
 fn challenge_rules_and_retirement() {
     let f = fixture(&MasterKey::generate().unwrap());
     let s = &f.store;
-    let a = SigningKey::from_bytes(&[1; 32]);
-    let b = SigningKey::from_bytes(&[2; 32]);
-    let ha = HostId(a.verifying_key().to_bytes());
-    let hb = HostId(b.verifying_key().to_bytes());
+    let ((a, ha), (b, hb)) = (host(1), host(2));
     let vol = VolumeId([9; 16]);
     rt().block_on(async {
         // Not enrolled, then enrolled.
@@ -208,10 +212,7 @@ fn low_order_client_key_is_refused_without_aborting() {
 fn erase_destroys_every_kek_only_for_an_authorized_host_and_is_audited() {
     let f = fixture(&MasterKey::generate().unwrap());
     let s = &f.store;
-    let a = SigningKey::from_bytes(&[1; 32]);
-    let b = SigningKey::from_bytes(&[2; 32]);
-    let ha = HostId(a.verifying_key().to_bytes());
-    let hb = HostId(b.verifying_key().to_bytes());
+    let ((a, ha), (b, hb)) = (host(1), host(2));
     let vol = VolumeId([4; 16]);
     let other = VolumeId([6; 16]);
     rt().block_on(async {
