@@ -48,10 +48,11 @@ pub fn sealed_store(data: &[u8]) {
     let dir = Path::new("/nonexistent/lsvfs-fuzz-store");
     if which % 2 == 0 {
         let _ = SealedStore::unseal(dir, rest, &[7u8; 32], &[9u8; 32]);
-    } else if let Some(st) = SealedStore::decode(dir, 1 + u32::from(which & 2 != 0), rest) {
+    } else if let Some(st) = SealedStore::decode(dir, 1 + u32::from(which >> 1) % 3, rest) {
         let _ = lsvfs::keys::host_id(&st);
         for v in &st.volumes {
-            let _ = st.entry(&v.volume_id);
+            let e = st.entry(&v.volume_id).expect("a decoded volume is found");
+            assert!(e.shares.len() >= e.threshold as usize && e.threshold >= 1);
         }
         for s in &st.seen {
             let _ = st.seen(&s.volume_id);

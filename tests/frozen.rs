@@ -1664,6 +1664,69 @@ fn with_store(s: &Scratch, store: &Path, args: &[&str]) -> Output {
     )
 }
 
+/// A sealed store of version 3 (several key servers, a threshold volume):
+/// `lsvfs host init` with three `--keyserver`s (throwaway servers on
+/// 127.0.0.1:39441..39443), `lsvfs create v.vol --size 64M` with all three
+/// and `--threshold 2`; then the third server rotated its KEK and `lsvfs
+/// rewrap v.vol` rewrapped that share only; then a mount and unmount with
+/// the first server stopped, so only the second and third answered. The
+/// volume itself is not kept: the store is what is frozen.
+const SEALED3: &str = "tests/images/sealed3";
+const SEALED3_HOST_ID: &str = "7a129f7c88dac9c7204ed7b243c6c9460471223dcdcc4dfa9c55c43ba9814173";
+const SEALED3_VOLUME_ID: &str = "90dcb7e4bb4c7b4d24b7fd02680f089f";
+
+#[test]
+fn sealed3_holds_three_key_servers_and_a_two_of_three_volume() {
+    let (s, store) = sealed_store_of(SEALED3);
+    let sealed = fs::read(store.join("sealed")).unwrap();
+    assert_eq!(&sealed[..12], b"LSVFSSS\0\x03\0\0\0", "a version 3 file");
+    let shown = succeeded(&with_store(&s, &store, &["host", "show"]), "host show");
+    let urls = [
+        "https://127.0.0.1:39441",
+        "https://127.0.0.1:39442",
+        "https://127.0.0.1:39443",
+    ];
+    for want in [
+        format!("host id:    {SEALED3_HOST_ID}"),
+        format!("key server: {}", urls.join(", ")),
+        format!(
+            "volume {SEALED3_VOLUME_ID}: threshold 2 of 3: {} KEK v1, {} KEK v1, {} KEK v2",
+            urls[0], urls[1], urls[2]
+        ),
+        format!("volume {SEALED3_VOLUME_ID}: newest checkpoint seen 7 (rollback record)"),
+    ] {
+        assert!(shown.contains(&want), "{want:?} missing from {shown}");
+    }
+    let machine = fs::read_to_string(store.join("machine-id")).unwrap();
+    let mut m = sha2::Sha256::new();
+    sha2::Digest::update(&mut m, b"lsvfs v1 host measurement\0");
+    sha2::Digest::update(&mut m, machine.trim().as_bytes());
+    let secret: [u8; 32] = fs::read(store.join("host-secret"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let st = lsvfs::keys::SealedStore::unseal(
+        &store,
+        &sealed,
+        &secret,
+        &sha2::Digest::finalize(m).into(),
+    )
+    .unwrap();
+    let e = &st.volumes[0];
+    assert_eq!(
+        (e.threshold, e.answered),
+        (2, 0b110),
+        "the last unlock: servers 2 and 3"
+    );
+    assert_eq!(
+        e.shares
+            .iter()
+            .map(|s| (s.x, s.kek_version))
+            .collect::<Vec<_>>(),
+        [(1, 1), (2, 1), (3, 2)]
+    );
+}
+
 #[test]
 fn sealed1_opens_and_decodes_on_its_host() {
     let (s, store) = sealed_store();
@@ -1733,8 +1796,8 @@ fn sealed1_is_refused_on_another_host_or_altered() {
     );
     shows(
         "a newer version",
-        &|st| edit(&st.join("sealed"), &|b| b[8] = 3),
-        "unsupported sealed store version: want=2 have=3",
+        &|st| edit(&st.join("sealed"), &|b| b[8] = 4),
+        "unsupported sealed store version: want=3 have=4",
     );
     shows(
         "a truncated file",

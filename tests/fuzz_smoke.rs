@@ -141,7 +141,8 @@ fn key_file_parser_survives_mutations() {
 #[test]
 fn sealed_store_decoders_survive_mutations() {
     // Contents: identity, URL, CA, one volume, then (version 2) one
-    // rollback record (see docs/FORMAT.md). The first byte picks version 2.
+    // rollback record (see docs/FORMAT.md). The first byte picks the
+    // version: 3 is version 2, 5 version 3.
     let mut plain = vec![3u8];
     plain.extend_from_slice(&[3u8; 32]);
     let url = b"https://127.0.0.1:7443";
@@ -169,6 +170,43 @@ fn sealed_store_decoders_survive_mutations() {
     assert!(lsvfs::keys::SealedStore::decode(x, 1, &plain[1..]).is_none());
     assert!(lsvfs::keys::SealedStore::decode(x, 2, &v1).is_none());
     mutations(&plain, 5000, decoders::sealed_store);
+
+    // Version 3 (first byte 5): three servers, one volume of threshold 2
+    // with three shares, one record.
+    let mut v3 = vec![5u8];
+    v3.extend_from_slice(&[3u8; 32]);
+    v3.push(3);
+    let urls: Vec<String> = (1..=3)
+        .map(|i| format!("https://127.0.0.1:744{i}"))
+        .collect();
+    let put_str = |b: &mut Vec<u8>, s: &str| {
+        b.extend_from_slice(&(s.len() as u16).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    };
+    for u in &urls {
+        put_str(&mut v3, u);
+    }
+    v3.extend_from_slice(&(ca.len() as u32).to_le_bytes());
+    v3.extend_from_slice(ca);
+    v3.extend_from_slice(&1u32.to_le_bytes());
+    v3.extend_from_slice(&[5u8; 16]);
+    v3.extend_from_slice(&[2, 3, 0b011]);
+    for (i, u) in urls.iter().enumerate() {
+        v3.push(i as u8 + 1);
+        put_str(&mut v3, u);
+        v3.extend_from_slice(&1u32.to_le_bytes());
+        v3.extend_from_slice(&[6u8; lsvfs::crypto::WRAPPED_LEN]);
+    }
+    v3.extend_from_slice(&1u32.to_le_bytes());
+    v3.extend_from_slice(&[5u8; 16]);
+    v3.extend_from_slice(&77u64.to_le_bytes());
+    let st = lsvfs::keys::SealedStore::decode(x, 3, &v3[1..]).unwrap();
+    let e = st.entry(&[5u8; 16]).unwrap();
+    assert_eq!((e.threshold, e.shares.len(), e.answered), (2, 3, 0b011));
+    assert_eq!(st.servers, urls);
+    assert!(lsvfs::keys::SealedStore::decode(x, 2, &v3[1..]).is_none());
+    assert!(lsvfs::keys::SealedStore::decode(x, 3, &plain[1..]).is_none());
+    mutations(&v3, 5000, decoders::sealed_store);
     // The file as on disk: magic, version, measurement, nonce, ciphertext.
     let mut file = vec![0u8];
     file.extend_from_slice(b"LSVFSSS\0");

@@ -495,7 +495,7 @@ fn open_store(h: &Host) -> lsvfs::keys::SealedStore {
 /// How a host's store reaches its key server, as a client configuration.
 fn client_of(store: &lsvfs::keys::SealedStore) -> lsvfs_keyserver::client::ClientConfig {
     lsvfs_keyserver::client::ClientConfig {
-        url: store.keyserver_url.clone(),
+        url: store.primary().to_string(),
         ca_pem: Some(store.ca_pem.clone()),
         timeout: Duration::from_secs(10),
         attempts: 1,
@@ -969,7 +969,9 @@ fn erase_destroys_every_key_and_nothing_opens_the_volume_afterwards() {
             "key material survived"
         );
     }
-    assert!(!file.windows(72).any(|w| w == &sealed_entry.wrapped.0[..]));
+    assert!(!file
+        .windows(72)
+        .any(|w| w == &sealed_entry.shares[0].wrapped.0[..]));
     assert!(header_of(&vol).erased.is_some());
 
     // Nothing opens it, and each way says why.
@@ -1001,7 +1003,7 @@ fn erase_destroys_every_key_and_nothing_opens_the_volume_afterwards() {
         &client_of(&before),
         &host,
         h.volume_id,
-        sealed_entry.kek_version,
+        sealed_entry.shares[0].kek_version,
     ) {
         Err(ClientError::Refused {
             reason: Refusal::UnknownVolume,
@@ -1014,4 +1016,215 @@ fn erase_destroys_every_key_and_nothing_opens_the_volume_afterwards() {
     // Running it again is harmless and says what it found.
     let again = a.ok(&["erase", "v.vol", "--yes"]);
     assert!(again.contains("already erased"), "{again}");
+}
+
+/// Three key servers and one host enrolled on each; `ca.pem` in the host's
+/// directory trusts all three (their self-signed certificates, one file).
+fn three_servers(name: &str) -> ([KeyServer; 3], Host, String) {
+    let ks = [KeyServer::start(), KeyServer::start(), KeyServer::start()];
+    let a = Host::new(name);
+    let mut bundle = Vec::new();
+    for s in &ks {
+        bundle.extend(std::fs::read(s.ca()).unwrap());
+    }
+    std::fs::write(a.p().join("ca.pem"), bundle).unwrap();
+    let out = a.ok(&[
+        "host",
+        "init",
+        "--keyserver",
+        &ks[0].url,
+        "--keyserver",
+        &ks[1].url,
+        "--keyserver",
+        &ks[2].url,
+        "--ca",
+        "ca.pem",
+    ]);
+    assert!(out.contains("on each of the 3 key servers"), "{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("host id: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    for s in &ks {
+        s.admin(&["enroll", name, &id]);
+    }
+    (ks, a, id)
+}
+
+/// Mounts `v.vol` on `m`, reads `m/f`, unmounts; returns how long the
+/// mount command took (the unlock is most of it).
+fn timed_mount(a: &Host, want: &[u8]) -> Duration {
+    let t0 = Instant::now();
+    a.ok(&["mount", "v.vol", "m"]);
+    let took = t0.elapsed();
+    assert_eq!(std::fs::read(a.p().join("m/f")).unwrap(), want);
+    a.ok(&["unmount", "m"]);
+    took
+}
+
+fn signal(s: &KeyServer, sig: &str) {
+    let pid = s.child.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn two_of_three_key_servers_unlock_and_one_server_or_a_black_hole_changes_nothing() {
+    let (mut ks, a, _) = three_servers("host-a");
+    let owned: Vec<String> = ks.iter().map(|s| s.url.clone()).collect();
+    let urls: Vec<&str> = owned.iter().map(|s| s.as_str()).collect();
+    let create = |extra: &[&str]| {
+        let mut args = vec!["create", "v.vol", "--size", "1G"];
+        for u in &urls {
+            args.extend(["--keyserver", u]);
+        }
+        args.extend_from_slice(extra);
+        a.lsvfs(&args)
+    };
+    // A threshold of 1 with three servers would let any one of them open it.
+    let o = create(&["--threshold", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(!a.p().join("v.vol").exists());
+    let o = create(&["--threshold", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("any 2 of them unlock it"), "{}", text(&o));
+    let vid = volume_id(&a);
+    let info = a.ok(&["info", "v.vol"]);
+    assert!(info.contains("(threshold 2 of 3)"), "{info}");
+    for u in &urls {
+        assert!(info.contains(&format!("{u} (KEK v1)")), "{info}");
+    }
+
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/f"), b"shared custody").unwrap();
+    a.ok(&["unmount", "m"]);
+
+    // The same unlock with all three up, then with one black-holed
+    // (stopped: it accepts connections and never answers), alternating.
+    let (mut up, mut holed) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        up.push(timed_mount(&a, b"shared custody"));
+        signal(&ks[2], "-STOP");
+        holed.push(timed_mount(&a, b"shared custody"));
+        signal(&ks[2], "-CONT");
+    }
+    up.sort();
+    holed.sort();
+    println!(
+        "mount (unlock) with 3 of 3 servers up: median {:?}; with one black-holed: median {:?}",
+        up[1], holed[1]
+    );
+    // Its 10 s time-out (4 attempts) is never waited for.
+    assert!(holed[2] < Duration::from_secs(5), "{holed:?}");
+    signal(&ks[2], "-STOP");
+    a.ok(&["mount", "v.vol", "m"]);
+    a.ok(&["unmount", "m"]);
+    let info = a.ok(&["info", "v.vol"]);
+    assert!(
+        info.contains(&format!("answered by {}, {}", urls[0], urls[1])),
+        "{info}"
+    );
+    signal(&ks[2], "-CONT");
+
+    // A dead one (stopped for good, connection refused) neither.
+    ks[1].stop();
+    timed_mount(&a, b"shared custody");
+    // Two dead: refused after the time-outs, with every server's answer.
+    ks[2].stop();
+    let t = a.fails(
+        &["mount", "v.vol", "m", "--attempts", "1", "--timeout", "2"],
+        9,
+        "needs 2 of 3 key servers and 2 failed",
+    );
+    assert!(t.contains(urls[1]) && t.contains(urls[2]), "{t}");
+    ks[1].spawn();
+    ks[2].spawn();
+
+    // KEK rotation is per server: only server 3's share is rewrapped.
+    ks[2].admin(&["rotate-kek", &vid]);
+    let r = a.ok(&["rewrap", "v.vol"]);
+    assert!(
+        r.contains(&format!("from KEK v1 to v2 of {}", urls[2])),
+        "{r}"
+    );
+    let show = a.ok(&["host", "show"]);
+    assert!(
+        show.contains("threshold 2 of 3")
+            && show.contains(&format!("{} KEK v1", urls[0]))
+            && show.contains(&format!("{} KEK v2", urls[2])),
+        "{show}"
+    );
+    timed_mount(&a, b"shared custody");
+
+    // Revoked on one server (n - k = 1): the other two still open it,
+    // and that server audits its refusal.
+    ks[0].admin(&["revoke", "host-a"]);
+    timed_mount(&a, b"shared custody");
+    let audit = ks[0].admin(&["audit", "--volume", &vid]);
+    assert!(audit.contains("refused"), "{audit}");
+    let audit = ks[1].admin(&["audit", "--volume", &vid]);
+    assert!(audit.contains("released"), "{audit}");
+    // Revoked on two (n - k + 1): refused, without waiting out a time-out.
+    ks[1].admin(&["revoke", "host-a"]);
+    let t0 = Instant::now();
+    let t = a.fails(&["mount", "v.vol", "m"], 10, "needs 2 of 3 key servers");
+    assert!(t.contains("revoked"), "{t}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(ks[1]
+        .admin(&["audit", "--volume", &vid])
+        .contains("refused"));
+}
+
+#[test]
+fn one_key_servers_kek_and_the_hosts_own_share_do_not_open_a_threshold_volume() {
+    let (ks, a, _) = three_servers("host-b");
+    let mut args = vec!["create", "v.vol", "--size", "1G", "--threshold", "2"];
+    for s in &ks {
+        args.extend(["--keyserver", s.url.as_str()]);
+    }
+    a.ok(&args);
+    let header = header_of(&a.p().join("v.vol"));
+    // What one server's database and master key give (its KEK, here
+    // asked for as the host itself), even together with this host's own
+    // sealed store: one share, which is not the key and rebuilds no key
+    // that passes the key check.
+    let store = open_store(&a);
+    let entry = store.entry(&header.volume_id).unwrap().clone();
+    assert_eq!((entry.threshold, entry.shares.len()), (2, 3));
+    let host = lsvfs_keyserver::client::HostIdentity::from_secret(&store.identity);
+    let mut cfg = client_of(&store);
+    let mut keks = Vec::new();
+    for (i, s) in ks.iter().enumerate() {
+        cfg.url = s.url.clone();
+        let got = lsvfs_keyserver::client::unlock(&cfg, &host, header.volume_id, 1).unwrap();
+        let kek = lsvfs::crypto::Kek::from_bytes(zeroize::Zeroizing::new(*got.kek.key));
+        let share = &entry.shares[i];
+        let mut ad = b"lsvfs v1 key share ".to_vec();
+        ad.extend_from_slice(&header.volume_id);
+        ad.push(share.x);
+        let y = lsvfs::crypto::unwrap_key(&kek, &share.wrapped, &ad).unwrap();
+        // The share is not the key, and no other server's KEK opens it.
+        assert_ne!(y.check_value(&header.volume_id), header.key_check);
+        keks.push((share.x, zeroize::Zeroizing::new(*y.expose())));
+    }
+    let as_share = |(x, y): &(u8, zeroize::Zeroizing<[u8; 32]>)| lsvfs::keys::threshold::KeyShare {
+        x: *x,
+        y: y.clone(),
+    };
+    for one in &keks {
+        let k = lsvfs::keys::threshold::combine(&[as_share(one)]);
+        assert!(
+            k.map_or(true, |k| k.check_value(&header.volume_id)
+                != header.key_check),
+            "one share alone opened the volume"
+        );
+    }
+    // Any two do (the control that makes the check above mean something).
+    let two = lsvfs::keys::threshold::combine(&[as_share(&keks[0]), as_share(&keks[2])]).unwrap();
+    assert_eq!(two.check_value(&header.volume_id), header.key_check);
 }

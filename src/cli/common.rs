@@ -94,9 +94,18 @@ impl Keys {
         match &self.key_file {
             Some(f) => Ok(keys::unlock(header, &keys::read_key_file(f)?)?),
             None => {
-                let (m, r) = keys::unlock_with_server(&self.store, &self.server, header)?;
-                if let Some((from, to)) = r {
-                    tracing::info!("rewrapped the volume key from KEK v{from} to v{to}");
+                let got = keys::unlock_with_server(&self.store, &self.server, header, false);
+                // Shares, KEKs and the combined key passed through the
+                // frames below this one.
+                lsvfs_keyserver::secret::scrub_stack();
+                let (m, r) = got?;
+                for w in r {
+                    tracing::info!(
+                        "rewrapped the volume key from KEK v{} to v{} of {}",
+                        w.from,
+                        w.to,
+                        w.server
+                    );
                 }
                 Ok(m)
             }

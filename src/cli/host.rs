@@ -8,8 +8,8 @@ use super::Error;
 use crate::keys::{self, hex};
 use crate::volume::{self, KeySlot, KEY_SLOTS};
 
-/// `lsvfs host init --keyserver URL --ca CA.pem`.
-pub fn init(env: &Env, keyserver: &str, ca: &Path) -> Result<(), Error> {
+/// `lsvfs host init --keyserver URL... --ca CA.pem`.
+pub fn init(env: &Env, keyservers: &[String], ca: &Path) -> Result<(), Error> {
     let ca_pem = std::fs::read(ca)
         .map_err(|e| Error::io(format!("reading the CA certificate {}", ca.display()), e))?;
     if !ca_pem.starts_with(b"-----BEGIN") {
@@ -18,11 +18,26 @@ pub fn init(env: &Env, keyserver: &str, ca: &Path) -> Result<(), Error> {
             ca.display()
         )));
     }
-    let st = keys::SealedStore::init(&env.store, keyserver, ca_pem)?;
+    for (i, u) in keyservers.iter().enumerate() {
+        if !u.starts_with("https://") {
+            return Err(Error::Usage(format!(
+                "key server {u} must be an https:// URL"
+            )));
+        }
+        if keyservers[..i].contains(u) {
+            return Err(Error::Usage(format!("--keyserver {u} is given twice")));
+        }
+    }
+    let st = keys::SealedStore::init(&env.store, keyservers, ca_pem)?;
     println!("created the sealed store in {}", env.store.display());
     println!("host id: {}", keys::host_id(&st));
+    let on = if keyservers.len() == 1 {
+        "on the key server".to_string()
+    } else {
+        format!("on each of the {} key servers", keyservers.len())
+    };
     println!(
-        "enroll it on the key server: lsvfs-keyserver admin enroll NAME {}",
+        "enroll it {on}: lsvfs-keyserver admin enroll NAME {}",
         keys::host_id(&st)
     );
     Ok(())
@@ -32,9 +47,23 @@ pub fn init(env: &Env, keyserver: &str, ca: &Path) -> Result<(), Error> {
 pub fn show(env: &Env) -> Result<(), Error> {
     let st = keys::SealedStore::open(&env.store)?;
     println!("host id:    {}", keys::host_id(&st));
-    println!("key server: {}", st.keyserver_url);
+    println!("key server: {}", st.servers.join(", "));
+    println!("sealed store: software ({})", env.store.display());
     for v in &st.volumes {
-        println!("volume {}: KEK v{}", hex(&v.volume_id), v.kek_version);
+        match &v.shares[..] {
+            [s] if s.x == 0 => println!("volume {}: KEK v{}", hex(&v.volume_id), s.kek_version),
+            shares => println!(
+                "volume {}: threshold {} of {}: {}",
+                hex(&v.volume_id),
+                v.threshold,
+                shares.len(),
+                shares
+                    .iter()
+                    .map(|s| format!("{} KEK v{}", s.server, s.kek_version))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
     }
     for s in &st.seen {
         println!(
@@ -51,20 +80,24 @@ pub fn rewrap(env: &Env, path: &Path) -> Result<(), Error> {
     let dev = open_device(path, false)?;
     let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
     volume::refuse_erased(&h, &path.display().to_string())?;
-    let (_, r) = keys::unlock_with_server(&env.store, &env.server, &h)?;
-    match r {
-        Some((from, to)) => println!(
-            "rewrapped the key of {} from KEK v{from} to v{to}",
-            path.display()
-        ),
-        None => {
-            // Report again, in case an earlier report was lost.
-            let v = keys::report_current(&env.store, &env.server, &h.volume_id)?;
+    let (_, r) = keys::unlock_with_server(&env.store, &env.server, &h, true)?;
+    if r.is_empty() {
+        // Report again, in case an earlier report was lost.
+        for (server, v) in keys::report_current(&env.store, &env.server, &h.volume_id)? {
             println!(
-                "the key of {} is already wrapped under the newest KEK (v{v})",
+                "the key of {} is already wrapped under the newest KEK (v{v}) of {server}",
                 path.display()
             )
         }
+    }
+    for w in r {
+        println!(
+            "rewrapped the key of {} from KEK v{} to v{} of {}",
+            path.display(),
+            w.from,
+            w.to,
+            w.server
+        );
     }
     Ok(())
 }
@@ -94,10 +127,18 @@ pub fn erase(env: &Env, path: &Path, yes: bool) -> Result<(), Error> {
     );
     drop(dev);
     match keys::erase_with_server(&env.store, &env.server, &h.volume_id)? {
-        Some(v) if v.is_empty() => {
-            println!("the key server holds no KEK of volume {id} any more (erased before)")
+        Some(each) => {
+            for (server, v) in each {
+                if v.is_empty() {
+                    println!(
+                        "the key server {server} holds no KEK of volume {id} any more \
+                         (erased before)"
+                    )
+                } else {
+                    println!("the key server {server} destroyed KEK versions {v:?} of volume {id}")
+                }
+            }
         }
-        Some(v) => println!("the key server destroyed KEK versions {v:?} of volume {id}"),
         None => println!(
             "this host's sealed store holds no key for volume {id}, so no key server was \
              asked; if one holds its KEKs, its administrator runs \
@@ -153,9 +194,19 @@ pub fn slot_list(env: &Env, path: &Path) -> Result<(), Error> {
     }
     match keys::SealedStore::open(&env.store) {
         Ok(st) => match st.entry(&h.volume_id) {
-            Some(e) => println!(
+            Some(e) if e.shares.len() == 1 => println!(
                 "sealed on this host: KEK v{} from {}",
-                e.kek_version, st.keyserver_url
+                e.shares[0].kek_version, e.shares[0].server
+            ),
+            Some(e) => println!(
+                "sealed on this host: {} of {}: {}",
+                e.threshold,
+                e.shares.len(),
+                e.shares
+                    .iter()
+                    .map(|s| format!("KEK v{} from {}", s.kek_version, s.server))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             None => println!("sealed on this host: no"),
         },

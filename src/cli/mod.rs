@@ -77,12 +77,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum HostCmd {
     /// Create this host's identity (Ed25519) and sealed store; prints the
-    /// host id to enroll on the key server.
+    /// host id to enroll on each key server.
     Init {
-        /// The key server, https://HOST:PORT.
-        #[arg(long)]
-        keyserver: String,
-        /// CA certificate (PEM) of the key server to pin (or its self-signed certificate).
+        /// A key server, https://HOST:PORT; repeat it for several (up to 8;
+        /// a volume can then need a threshold of them, see `create`).
+        #[arg(long, required = true)]
+        keyserver: Vec<String>,
+        /// CA certificate (PEM) of the key servers to pin (or their
+        /// self-signed certificates, concatenated).
         #[arg(long)]
         ca: PathBuf,
     },
@@ -147,9 +149,15 @@ enum Cmd {
         #[arg(long)]
         key_file: Option<PathBuf>,
         /// Register the volume with this key server (after `lsvfs host
-        /// init`) and seal its key on this host.
+        /// init`) and seal its key on this host. Repeat it to need a
+        /// threshold of several servers (see --threshold).
         #[arg(long)]
-        keyserver: Option<String>,
+        keyserver: Vec<String>,
+        /// With several --keyserver: how many of them must release their
+        /// key to unlock the volume (2 up to their number; default: a
+        /// majority). Fewer servers learn nothing about the key.
+        #[arg(long)]
+        threshold: Option<usize>,
         /// Segment size in 4 KiB blocks (a power of two, 16..=16384).
         #[arg(long, default_value_t = volume::DEFAULT_SEGMENT_BLOCKS)]
         segment_blocks: u32,
@@ -340,8 +348,16 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             size,
             key_file,
             keyserver,
+            threshold,
             segment_blocks,
-        } => volumes::create(&env, &volume, &size, key_file, keyserver, segment_blocks),
+        } => volumes::create(
+            &env,
+            &volume,
+            &size,
+            key_file,
+            (keyserver, threshold),
+            segment_blocks,
+        ),
         Cmd::Info { volume, key_file } => volumes::info(&env, &volume, key_file),
         Cmd::Check { volume, key_file } => volumes::check(&env, &volume, key_file),
         Cmd::WriteBlocks {

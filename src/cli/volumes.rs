@@ -22,13 +22,14 @@ pub fn keygen(keyfile: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// `lsvfs create VOLUME --size S [--key-file K] [--keyserver URL]`.
+/// `lsvfs create VOLUME --size S [--key-file K] [--keyserver URL]...
+/// [--threshold K]`.
 pub fn create(
     env: &Env,
     path: &Path,
     size: &str,
     key_file: Option<PathBuf>,
-    keyserver: Option<String>,
+    (keyserver, threshold): (Vec<String>, Option<usize>),
     segment_blocks: u32,
 ) -> Result<(), Error> {
     let bytes = parse_size(size)?;
@@ -37,26 +38,30 @@ pub fn create(
             "--size must be a non-zero multiple of 4096 bytes, not {bytes}"
         )));
     }
-    if key_file.is_none() && keyserver.is_none() {
+    if key_file.is_none() && keyserver.is_empty() {
         return Err(Error::Usage(
             "give --keyserver URL (after `lsvfs host init`), --key-file KEYFILE, or both".into(),
         ));
     }
+    let servers = servers_of(env, &keyserver)?;
+    let threshold = match (servers.len(), threshold) {
+        (0, None) => 0,
+        (0, Some(_)) => return Err(Error::Usage("--threshold needs --keyserver".into())),
+        (1, None | Some(1)) => 1,
+        (n, None) => n / 2 + 1,
+        (n, Some(k)) if n > 1 && (2..=n).contains(&k) => k,
+        (n, Some(k)) => {
+            return Err(Error::Usage(format!(
+                "--threshold {k} with {n} key server(s): use 1 with one server, \
+                 2 to {n} with {n} (one server alone must not open a shared volume)"
+            )))
+        }
+    };
     let master = MasterKey::generate().map_err(|e| Error::Usage(e.to_string()))?;
     let volume_id = *random_bytes::<16>().map_err(|e| Error::Usage(e.to_string()))?;
     let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
     if let Some(kf) = &key_file {
         slots[0] = keys::key_file_slot(&keys::read_key_file(kf)?, &master, &volume_id)?;
-    }
-    if let Some(url) = &keyserver {
-        let st = keys::SealedStore::open(&env.store)?;
-        if st.keyserver_url.trim_end_matches('/') != url.trim_end_matches('/') {
-            return Err(Error::Usage(format!(
-                "this host is set up for key server {}, not {url}; \
-                 run `lsvfs host init` again for another server",
-                st.keyserver_url
-            )));
-        }
     }
     let dev = FileDevice::open_for_create(path)
         .map_err(|e| DeviceError::new(format!("creating {}", path.display()), e))?;
@@ -73,8 +78,15 @@ pub fn create(
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         crate::fs::Fs::format(&v, uid, gid)?;
         v.close()?;
-        if keyserver.is_some() {
-            keys::register_volume(&env.store, &env.server, &volume_id, &master)?;
+        if !servers.is_empty() {
+            keys::register_volume(
+                &env.store,
+                &env.server,
+                &volume_id,
+                &master,
+                &servers,
+                threshold,
+            )?;
         }
         Ok::<_, Error>(h)
     })();
@@ -82,11 +94,20 @@ pub fn create(
         let _ = std::fs::remove_file(path);
     }
     let h = made?;
-    if keyserver.is_some() {
-        println!(
-            "registered volume {} with the key server; its key is sealed on this host",
-            hex(&volume_id)
-        );
+    if !servers.is_empty() {
+        if servers.len() == 1 {
+            println!(
+                "registered volume {} with the key server; its key is sealed on this host",
+                hex(&volume_id)
+            );
+        } else {
+            println!(
+                "registered volume {} with {} key servers; any {threshold} of them unlock it, \
+                 and its key shares are sealed on this host",
+                hex(&volume_id),
+                servers.len()
+            );
+        }
         if key_file.is_none() {
             tracing::warn!(
                 "{} has no recovery key: if this host's sealed store \
@@ -106,6 +127,37 @@ pub fn create(
     Ok(())
 }
 
+/// The --keyserver URLs of a create, each one this host was set up for
+/// (`host init`), without repeats.
+fn servers_of(env: &Env, urls: &[String]) -> Result<Vec<String>, Error> {
+    if urls.is_empty() {
+        return Ok(Vec::new());
+    }
+    let st = keys::SealedStore::open(&env.store)?;
+    let norm = |u: &str| u.trim_end_matches('/').to_string();
+    let mut out: Vec<String> = Vec::new();
+    for url in urls {
+        let Some(known) = st.servers.iter().find(|s| norm(s) == norm(url)) else {
+            return Err(Error::Usage(format!(
+                "this host is set up for key server(s) {}, not {url}; \
+                 run `lsvfs host init` again with every server",
+                st.servers.join(", ")
+            )));
+        };
+        if out.contains(known) {
+            return Err(Error::Usage(format!("--keyserver {url} is given twice")));
+        }
+        out.push(known.clone());
+    }
+    if out.len() > keys::MAX_SERVERS {
+        return Err(Error::Usage(format!(
+            "at most {} key servers per volume",
+            keys::MAX_SERVERS
+        )));
+    }
+    Ok(out)
+}
+
 /// `lsvfs info VOLUME [--key-file K]`.
 pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
     let dev = open_device(path, false)?;
@@ -117,6 +169,33 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
         println!("erased:          yes, at {t} (Unix seconds); no key opens it");
     }
     if let Ok(st) = crate::keys::SealedStore::open(&env.store) {
+        if let Some(e) = st.entry(&h.volume_id) {
+            let answered: Vec<&str> = e
+                .shares
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| e.answered & (1 << i) != 0)
+                .map(|(_, s)| s.server.as_str())
+                .collect();
+            println!(
+                "key servers:     {} (threshold {} of {})",
+                e.shares
+                    .iter()
+                    .map(|s| format!("{} (KEK v{})", s.server, s.kek_version))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                e.threshold,
+                e.shares.len()
+            );
+            println!(
+                "last unlock:     {}",
+                if answered.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    format!("answered by {}", answered.join(", "))
+                }
+            );
+        }
         match st.seen(&h.volume_id) {
             Some(c) => println!("rollback record: checkpoint {c} (the newest this host has seen)"),
             None => println!("rollback record: none on this host yet"),

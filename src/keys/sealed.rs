@@ -1,6 +1,8 @@
 //! The host's sealed store: a software stand-in for a TPM. It keeps the
-//! host's Ed25519 identity key, the key server's address and pinned CA, and
-//! each volume's data key wrapped under that volume's KEK.
+//! host's Ed25519 identity key, the key servers' addresses and pinned CA,
+//! and each volume's data key wrapped under that volume's KEK (or, for a
+//! volume with a threshold of key servers, one Shamir share of it per
+//! server, each wrapped under that server's KEK).
 //!
 //! # Threat model
 //!
@@ -49,9 +51,10 @@ use crate::crypto::{random_bytes, WRAPPED_LEN};
 use crate::keys::{KeysError, Result};
 
 const MAGIC: &[u8; 8] = b"LSVFSSS\0";
-/// Version 2 added the rollback records; version 1 stores still open (as
-/// having none) and are saved as version 2.
-const VERSION: u32 = 2;
+/// Version 2 added the rollback records, version 3 several key servers and
+/// threshold volumes (shares); versions 1 and 2 still open and are saved
+/// as version 3.
+const VERSION: u32 = 3;
 /// magic, version, measurement digest, nonce, plaintext length.
 const HEADER: usize = 8 + 4 + 32 + 24 + 4;
 const SECRET_FILE: &str = "host-secret";
@@ -62,12 +65,55 @@ const DEFAULT_MACHINE_ID: &str = "/etc/machine-id";
 /// Upper bound on a sealed file (a CA bundle and many volumes fit easily).
 const MAX_SEALED: usize = 4 << 20;
 
-/// One volume's data key, wrapped under KEK `kek_version`.
+/// Most key servers one host or one volume uses (the last-unlock record
+/// is a bit mask).
+pub const MAX_SERVERS: usize = 8;
+
+/// One volume's data key as this host holds it: `threshold` of `shares`
+/// open it. A volume of one key server has threshold 1 and one share with
+/// `x == 0`: the whole key, not a Shamir share.
 #[derive(Clone)]
 pub struct VolumeEntry {
     pub volume_id: [u8; 16],
+    pub threshold: u8,
+    pub shares: Vec<Share>,
+    /// Which shares (bit i: `shares[i]`) the key servers released at the
+    /// last unlock; 0 before the first.
+    pub answered: u8,
+}
+
+/// The part of a volume's key that one key server's KEK opens.
+#[derive(Clone)]
+pub struct Share {
+    /// The key server's URL.
+    pub server: String,
+    /// Shamir x coordinate, 1..=255; 0: the whole key (threshold 1).
+    pub x: u8,
+    /// The KEK version it is wrapped under.
     pub kek_version: u32,
     pub wrapped: WrappedKey,
+}
+
+impl VolumeEntry {
+    /// A volume of one key server: its whole key under one KEK.
+    pub fn single(
+        volume_id: [u8; 16],
+        server: &str,
+        kek_version: u32,
+        wrapped: WrappedKey,
+    ) -> Self {
+        VolumeEntry {
+            volume_id,
+            threshold: 1,
+            shares: vec![Share {
+                server: server.to_string(),
+                x: 0,
+                kek_version,
+                wrapped,
+            }],
+            answered: 0,
+        }
+    }
 }
 
 /// The newest checkpoint of a volume this host has seen: a volume whose
@@ -83,7 +129,9 @@ pub struct SealedStore {
     dir: PathBuf,
     /// Ed25519 secret key of this host's identity.
     pub identity: Zeroizing<[u8; 32]>,
-    pub keyserver_url: String,
+    /// The key servers this host was set up for (`host init --keyserver`,
+    /// in order; at least one).
+    pub servers: Vec<String>,
     pub ca_pem: Vec<u8>,
     pub volumes: Vec<VolumeEntry>,
     /// Rollback records, one per volume this host has opened.
@@ -94,7 +142,7 @@ impl std::fmt::Debug for SealedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SealedStore")
             .field("dir", &self.dir)
-            .field("keyserver_url", &self.keyserver_url)
+            .field("servers", &self.servers)
             .field("volumes", &self.volumes.len())
             .field("seen", &self.seen)
             .finish_non_exhaustive()
@@ -199,7 +247,13 @@ fn check_private(path: &Path) -> Result<()> {
 impl SealedStore {
     /// Creates a new store in `dir` with a fresh host secret and identity.
     /// Refuses to overwrite an existing store.
-    pub fn init(dir: &Path, keyserver_url: &str, ca_pem: Vec<u8>) -> Result<SealedStore> {
+    pub fn init(dir: &Path, servers: &[String], ca_pem: Vec<u8>) -> Result<SealedStore> {
+        if servers.is_empty() || servers.len() > MAX_SERVERS {
+            return Err(store_err(
+                dir,
+                format!("give 1 to {MAX_SERVERS} key servers, not {}", servers.len()),
+            ));
+        }
         if dir.join(SEALED_FILE).exists() || dir.join(SECRET_FILE).exists() {
             return Err(store_err(
                 dir,
@@ -231,7 +285,7 @@ impl SealedStore {
         let store = SealedStore {
             dir: dir.to_path_buf(),
             identity,
-            keyserver_url: keyserver_url.to_string(),
+            servers: servers.to_vec(),
             ca_pem,
             volumes: Vec::new(),
             seen: Vec::new(),
@@ -359,20 +413,65 @@ impl SealedStore {
     pub fn decode(dir: &Path, version: u32, plain: &[u8]) -> Option<SealedStore> {
         let mut r = crate::wire::Reader::new(plain);
         let identity = Zeroizing::new(<[u8; 32]>::try_from(r.take(32)?).ok()?);
-        let n = r.u16()? as usize;
-        let keyserver_url = String::from_utf8(r.take(n)?.to_vec()).ok()?;
+        let string = |r: &mut crate::wire::Reader| {
+            let n = r.u16()? as usize;
+            String::from_utf8(r.take(n)?.to_vec()).ok()
+        };
+        let servers = if version >= 3 {
+            let n = r.u8()? as usize;
+            (0..n).map(|_| string(&mut r)).collect::<Option<Vec<_>>>()?
+        } else {
+            vec![string(&mut r)?]
+        };
+        if servers.is_empty() || servers.len() > MAX_SERVERS {
+            return None;
+        }
         let n = r.u32()? as usize;
         let ca_pem = r.take(n)?.to_vec();
         let count = r.u32()?;
         let mut volumes = Vec::new();
         for _ in 0..count {
-            let volume_id = r.take(16)?.try_into().ok()?;
-            let kek_version = r.u32()?;
-            let wrapped = WrappedKey(r.take(WRAPPED_LEN)?.try_into().ok()?);
+            let volume_id: [u8; 16] = r.take(16)?.try_into().ok()?;
+            if version < 3 {
+                let kek_version = r.u32()?;
+                let wrapped = WrappedKey(r.take(WRAPPED_LEN)?.try_into().ok()?);
+                volumes.push(VolumeEntry::single(
+                    volume_id,
+                    &servers[0],
+                    kek_version,
+                    wrapped,
+                ));
+                continue;
+            }
+            let threshold = r.u8()?;
+            let n = r.u8()? as usize;
+            let answered = r.u8()?;
+            let mut shares = Vec::with_capacity(n);
+            for _ in 0..n {
+                shares.push(Share {
+                    x: r.u8()?,
+                    server: string(&mut r)?,
+                    kek_version: r.u32()?,
+                    wrapped: WrappedKey(r.take(WRAPPED_LEN)?.try_into().ok()?),
+                });
+            }
+            let whole = n == 1 && threshold == 1 && shares[0].x == 0;
+            let split = threshold >= 2
+                && n >= threshold as usize
+                && n <= MAX_SERVERS
+                && shares.iter().all(|s| s.x != 0)
+                && shares
+                    .iter()
+                    .enumerate()
+                    .all(|(i, s)| shares[..i].iter().all(|o| o.x != s.x));
+            if !(whole || split) || (answered as usize) >> n != 0 {
+                return None;
+            }
             volumes.push(VolumeEntry {
                 volume_id,
-                kek_version,
-                wrapped,
+                threshold,
+                shares,
+                answered,
             });
         }
         let mut seen = Vec::new();
@@ -387,7 +486,7 @@ impl SealedStore {
         (r.remaining() == 0).then(|| SealedStore {
             dir: dir.to_path_buf(),
             identity,
-            keyserver_url,
+            servers,
             ca_pem,
             volumes,
             seen,
@@ -398,21 +497,44 @@ impl SealedStore {
     pub fn save(&self) -> Result<()> {
         let dir = &self.dir;
         let secret = read_secret(dir)?;
-        let url = self.keyserver_url.as_bytes();
-        if url.len() > u16::MAX as usize || self.ca_pem.len() > MAX_SEALED / 2 {
-            return Err(store_err(dir, "the key server URL or CA is too large"));
+        let too_long = |u: &String| u.len() > u16::MAX as usize;
+        if self.servers.iter().any(too_long)
+            || self.servers.is_empty()
+            || self.servers.len() > MAX_SERVERS
+            || self.ca_pem.len() > MAX_SEALED / 2
+        {
+            return Err(store_err(
+                dir,
+                "the key server URLs or the CA are too large",
+            ));
         }
+        let put_str = |plain: &mut Vec<u8>, s: &str| {
+            plain.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            plain.extend_from_slice(s.as_bytes());
+        };
         let mut plain = Zeroizing::new(Vec::new());
         plain.extend_from_slice(&self.identity[..]);
-        plain.extend_from_slice(&(url.len() as u16).to_le_bytes());
-        plain.extend_from_slice(url);
+        plain.push(self.servers.len() as u8);
+        for u in &self.servers {
+            put_str(&mut plain, u);
+        }
         plain.extend_from_slice(&(self.ca_pem.len() as u32).to_le_bytes());
         plain.extend_from_slice(&self.ca_pem);
         plain.extend_from_slice(&(self.volumes.len() as u32).to_le_bytes());
         for v in &self.volumes {
+            if v.shares.len() > MAX_SERVERS || v.shares.iter().any(|s| too_long(&s.server)) {
+                return Err(store_err(dir, "a volume has too many key servers"));
+            }
             plain.extend_from_slice(&v.volume_id);
-            plain.extend_from_slice(&v.kek_version.to_le_bytes());
-            plain.extend_from_slice(&v.wrapped.0);
+            plain.push(v.threshold);
+            plain.push(v.shares.len() as u8);
+            plain.push(v.answered);
+            for s in &v.shares {
+                plain.push(s.x);
+                put_str(&mut plain, &s.server);
+                plain.extend_from_slice(&s.kek_version.to_le_bytes());
+                plain.extend_from_slice(&s.wrapped.0);
+            }
         }
         plain.extend_from_slice(&(self.seen.len() as u32).to_le_bytes());
         for s in &self.seen {
@@ -439,6 +561,11 @@ impl SealedStore {
             .map_err(|_| store_err(dir, "sealing failed"))?;
         out.extend_from_slice(&ct);
         write_private(dir, SEALED_FILE, &out)
+    }
+
+    /// The first key server: the one a volume of one server uses by default.
+    pub fn primary(&self) -> &str {
+        &self.servers[0]
     }
 
     pub fn entry(&self, volume_id: &[u8; 16]) -> Option<&VolumeEntry> {
@@ -492,33 +619,91 @@ impl SealedStore {
 mod tests {
     use super::*;
 
+    fn one(url: &str) -> Vec<String> {
+        vec![url.to_string()]
+    }
+
+    #[test]
+    fn several_servers_and_a_threshold_volume_survive_a_save_and_bad_entries_do_not_decode() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("store");
+        let urls: Vec<String> = (1..=3).map(|i| format!("https://127.0.0.1:{i}")).collect();
+        let mut s = SealedStore::init(&dir, &urls, b"CA".to_vec()).unwrap();
+        let share = |i: u8| Share {
+            server: urls[i as usize - 1].clone(),
+            x: i,
+            kek_version: i as u32 + 10,
+            wrapped: WrappedKey([i; WRAPPED_LEN]),
+        };
+        s.put(VolumeEntry {
+            volume_id: [5; 16],
+            threshold: 2,
+            shares: vec![share(1), share(2), share(3)],
+            answered: 0b101,
+        });
+        s.save().unwrap();
+        let o = SealedStore::open(&dir).unwrap();
+        assert_eq!(o.servers, urls);
+        let e = o.entry(&[5; 16]).unwrap();
+        assert_eq!((e.threshold, e.answered, e.shares.len()), (2, 0b101, 3));
+        assert_eq!(e.shares[2].server, urls[2]);
+        assert_eq!((e.shares[2].x, e.shares[2].kek_version), (3, 13));
+        assert_eq!(e.shares[1].wrapped.0, [2; WRAPPED_LEN]);
+
+        // Entries that cannot be right are refused whole: a threshold above
+        // the share count, a repeated x, a whole key beside shares.
+        let mut encode = |e: VolumeEntry| {
+            s.volumes = vec![e];
+            s.save().unwrap();
+            SealedStore::open(&dir).map(|_| ())
+        };
+        let bad = [
+            (3u8, vec![share(1), share(2)], 0u8),
+            (2, vec![share(1), share(1)], 0),
+            (2, vec![share(1), Share { x: 0, ..share(2) }], 0),
+            (2, vec![share(1), share(2)], 0b100),
+        ];
+        for (threshold, shares, answered) in bad {
+            let e = encode(VolumeEntry {
+                volume_id: [6; 16],
+                threshold,
+                shares,
+                answered,
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("malformed"), "{e}");
+        }
+    }
+
     #[test]
     fn round_trip_tamper_and_another_host() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("store");
-        let mut s = SealedStore::init(&dir, "https://127.0.0.1:1", b"CA".to_vec()).unwrap();
-        s.put(VolumeEntry {
-            volume_id: [7; 16],
-            kek_version: 3,
-            wrapped: WrappedKey([9; WRAPPED_LEN]),
-        });
+        let mut s = SealedStore::init(&dir, &one("https://127.0.0.1:1"), b"CA".to_vec()).unwrap();
+        s.put(VolumeEntry::single(
+            [7; 16],
+            "https://127.0.0.1:1",
+            3,
+            WrappedKey([9; WRAPPED_LEN]),
+        ));
         s.save().unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir.join(SECRET_FILE)), 0o600);
         assert_eq!(mode(&dir.join(SEALED_FILE)), 0o600);
         let o = SealedStore::open(&dir).unwrap();
         assert_eq!(o.identity[..], s.identity[..]);
-        assert_eq!(o.keyserver_url, "https://127.0.0.1:1");
-        assert_eq!(o.entry(&[7; 16]).unwrap().kek_version, 3);
+        assert_eq!(o.servers, one("https://127.0.0.1:1"));
+        assert_eq!(o.entry(&[7; 16]).unwrap().shares[0].kek_version, 3);
         assert!(!format!("{o:?}").contains(&format!("{:?}", &o.identity[..4])));
         assert!(
-            SealedStore::init(&dir, "x", Vec::new()).is_err(),
+            SealedStore::init(&dir, &one("x"), Vec::new()).is_err(),
             "no overwrite"
         );
 
         // Another host secret: the sealed file does not open.
         let other = d.path().join("other");
-        SealedStore::init(&other, "x", Vec::new()).unwrap();
+        SealedStore::init(&other, &one("x"), Vec::new()).unwrap();
         fs::copy(dir.join(SEALED_FILE), other.join(SEALED_FILE)).unwrap();
         let e = SealedStore::open(&other).unwrap_err().to_string();
         assert!(e.contains("another host secret"), "{e}");
@@ -541,7 +726,7 @@ mod tests {
     fn rollback_records_only_rise_unless_reset_and_survive_a_save() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("store");
-        let mut s = SealedStore::init(&dir, "https://127.0.0.1:1", Vec::new()).unwrap();
+        let mut s = SealedStore::init(&dir, &one("https://127.0.0.1:1"), Vec::new()).unwrap();
         assert_eq!(s.seen(&[1; 16]), None);
         assert!(s.record_seen(&[1; 16], 7, false));
         assert!(!s.record_seen(&[1; 16], 7, false), "unchanged");
@@ -556,11 +741,12 @@ mod tests {
             "an accepted rollback resets it"
         );
         assert_eq!(o.seen(&[1; 16]), Some(4));
-        o.put(VolumeEntry {
-            volume_id: [2; 16],
-            kek_version: 1,
-            wrapped: WrappedKey([9; WRAPPED_LEN]),
-        });
+        o.put(VolumeEntry::single(
+            [2; 16],
+            "x",
+            1,
+            WrappedKey([9; WRAPPED_LEN]),
+        ));
         assert!(o.forget(&[2; 16]));
         assert!(!o.forget(&[2; 16]));
         assert!(o.entry(&[2; 16]).is_none() && o.seen(&[2; 16]).is_none());
@@ -576,14 +762,14 @@ mod tests {
 
         // Created by lsvfs: 0700.
         let fresh = d.path().join("fresh");
-        SealedStore::init(&fresh, "x", Vec::new()).unwrap();
+        SealedStore::init(&fresh, &one("x"), Vec::new()).unwrap();
         assert_eq!(mode(&fresh), 0o700);
 
         // Made empty beforehand with a wide mode (by a package, say): tightened.
         let made = d.path().join("made");
         fs::create_dir(&made).unwrap();
         chmod(&made, 0o755);
-        SealedStore::init(&made, "x", Vec::new()).unwrap();
+        SealedStore::init(&made, &one("x"), Vec::new()).unwrap();
         assert_eq!(mode(&made), 0o700);
 
         // A shared directory with other files in it is not ours to chmod:
@@ -592,7 +778,7 @@ mod tests {
         fs::create_dir(&shared).unwrap();
         fs::write(shared.join("unrelated"), b"x").unwrap();
         chmod(&shared, 0o777);
-        let e = SealedStore::init(&shared, "x", Vec::new())
+        let e = SealedStore::init(&shared, &one("x"), Vec::new())
             .unwrap_err()
             .to_string();
         assert!(e.contains("chmod 700"), "{e}");

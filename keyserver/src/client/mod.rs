@@ -282,6 +282,68 @@ pub fn erase_volume(
     })
 }
 
+/// What each server of a failed [`quorum`] said, by its index.
+pub type Failures = Vec<(usize, ClientError)>;
+
+/// Asks every server at once, each on a thread of its own, and returns as
+/// soon as `k` have answered: a slow, dead or black-holed server costs
+/// nothing while `k` others answer. Answers that come later are dropped
+/// (whatever key they carry is zeroized with them); their threads end on
+/// their own, within the configured time-outs. Fails as soon as so many
+/// servers have failed that `k` answers can no longer come, with every
+/// failure so far (by index into `servers`). With `every`, waits for
+/// every server's answer or failure instead (for rewrapping under every
+/// server's newest KEK), and succeeds if `k` answered.
+pub fn quorum<T: Send + 'static>(
+    k: usize,
+    servers: Vec<ClientConfig>,
+    every: bool,
+    ask: impl Fn(usize, &ClientConfig) -> Result<T, ClientError> + Send + Sync + 'static,
+) -> Result<Vec<(usize, T)>, Failures> {
+    let n = servers.len();
+    if k == 0 || k > n {
+        return Err(vec![(
+            0,
+            ClientError::Protocol(format!("a quorum of {k} out of {n} key servers")),
+        )]);
+    }
+    let ask = Arc::new(ask);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, cfg) in servers.into_iter().enumerate() {
+        let (mine, ask) = (tx.clone(), ask.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("keyserver-{i}"))
+            .stack_size(512 << 10)
+            .spawn(move || {
+                let _ = mine.send((i, ask(i, &cfg)));
+            });
+        if let Err(e) = spawned {
+            let _ = tx.send((i, Err(ClientError::Protocol(format!("no thread: {e}")))));
+        }
+    }
+    drop(tx);
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for (i, r) in rx {
+        match r {
+            Ok(v) => ok.push((i, v)),
+            Err(e) => failed.push((i, e)),
+        }
+        if every {
+            continue;
+        }
+        if ok.len() >= k {
+            return Ok(ok);
+        }
+        if failed.len() > n - k {
+            break;
+        }
+    }
+    if ok.len() >= k {
+        return Ok(ok);
+    }
+    Err(failed)
+}
+
 /// Outcome of one attempt.
 enum Attempt {
     /// Worth another attempt after a pause.
