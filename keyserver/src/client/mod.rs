@@ -307,6 +307,11 @@ pub fn quorum<T: Send + 'static>(
             ClientError::Protocol(format!("a quorum of {k} out of {n} key servers")),
         )]);
     }
+    if n == 1 {
+        // Nothing to wait for in parallel: no thread.
+        let cfg = servers.into_iter().next().expect("one server");
+        return ask(0, &cfg).map(|v| vec![(0, v)]).map_err(|e| vec![(0, e)]);
+    }
     let ask = Arc::new(ask);
     let (tx, rx) = std::sync::mpsc::channel();
     for (i, cfg) in servers.into_iter().enumerate() {
@@ -529,6 +534,74 @@ fn classify(cfg: &ClientConfig, e: ureq::Error) -> Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cfgs(n: usize) -> Vec<ClientConfig> {
+        (0..n)
+            .map(|i| ClientConfig {
+                url: format!("https://127.0.0.1:{}", 1 + i),
+                ca_pem: None,
+                timeout: Duration::from_secs(1),
+                attempts: 1,
+            })
+            .collect()
+    }
+
+    fn refused() -> ClientError {
+        ClientError::Refused {
+            reason: Refusal::Revoked,
+            message: "revoked".into(),
+        }
+    }
+
+    #[test]
+    fn a_quorum_goes_on_at_k_and_fails_as_soon_as_k_cannot_come() {
+        // Server 2 hangs for 5 s: two of three answer at once.
+        let t0 = std::time::Instant::now();
+        let got = quorum(2, cfgs(3), false, |i, _| {
+            if i == 2 {
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            Ok(i)
+        })
+        .unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        let mut who: Vec<usize> = got.iter().map(|(i, _)| *i).collect();
+        who.sort();
+        assert_eq!(who, [0, 1]);
+
+        // Two refuse while the third hangs: 2 of 3 can no longer come, so
+        // it fails at once with both refusals.
+        let t0 = std::time::Instant::now();
+        let failed = quorum(2, cfgs(3), false, |i, _| match i {
+            2 => {
+                std::thread::sleep(Duration::from_secs(5));
+                Ok(())
+            }
+            _ => Err(refused()),
+        })
+        .unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(failed.len(), 2);
+
+        // One refusal of three is fine.
+        let got = quorum(2, cfgs(3), false, |i, _| {
+            if i == 0 {
+                Err(refused())
+            } else {
+                Ok(i)
+            }
+        });
+        assert_eq!(got.unwrap().len(), 2);
+        // `every` waits for all and keeps every answer.
+        let got = quorum(2, cfgs(3), true, |i, _| {
+            std::thread::sleep(Duration::from_millis(50 * i as u64));
+            Ok(i)
+        });
+        assert_eq!(got.unwrap().len(), 3);
+        // A quorum that cannot exist is an error, not a hang.
+        assert!(quorum(4, cfgs(3), false, |_, _| Ok(())).is_err());
+        assert!(quorum(0, cfgs(3), false, |_, _| Ok(())).is_err());
+    }
 
     #[test]
     fn identity_round_trip_and_debug_hides_secret() {
