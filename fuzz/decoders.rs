@@ -48,6 +48,13 @@ pub fn sealed_store(data: &[u8]) {
     let dir = Path::new("/nonexistent/lsvfs-fuzz-store");
     if which % 2 == 0 {
         let _ = SealedStore::unseal(dir, rest, &[7u8; 32], &[9u8; 32]);
+        if let Some(t) = lsvfs::keys::tpm::TpmSealed::decode(rest) {
+            assert!(t.pcrs.len() <= 24);
+            assert_eq!(
+                lsvfs::keys::tpm::TpmSealed::decode(&t.encode()).map(|u| u.pcrs),
+                Some(t.pcrs)
+            );
+        }
     } else if let Some(st) = SealedStore::decode(dir, 1 + u32::from(which >> 1) % 3, rest) {
         let _ = lsvfs::keys::host_id(&st);
         for v in &st.volumes {

@@ -15,12 +15,15 @@ set -euo pipefail
 # that provides it.
 demo_tools=(
   "cc build-essential"        # C compilers for crates that build C
+  "pkg-config pkg-config"     # finds libtss2 for the build
+  "/usr/include/tss2/tss2_esys.h libtss2-dev"   # the TPM 2.0 store links libtss2 (tss-esapi)
   "fusermount3 fuse3"         # FUSE mounts (unprivileged unmount, the tests' cleanup)
   "python3 python3"           # demo: a free loopback port
 )
 test_tools=(
   "${demo_tools[@]}"
   "pgrep procps"              # kill -9 tests find the daemon
+  "swtpm swtpm"               # a software TPM 2.0 for the TPM store tests
   "setfacl acl"               # POSIX ACL tests (cp -a, setfacl)
   "getfacl acl"
   "setfattr attr"             # xattr tests
@@ -50,6 +53,8 @@ bench_tools=(
 )
 package_tools=(
   "cc build-essential"
+  "pkg-config pkg-config"
+  "/usr/include/tss2/tss2_esys.h libtss2-dev"
   "dpkg-shlibdeps dpkg-dev"   # cargo deb: the package's library dependencies
   "gzip gzip"                 # manual pages
   "man man-db"                # package check: man lsvfs
@@ -82,7 +87,8 @@ for g in "${groups[@]}"; do
 done
 
 export PATH="$HOME/.cargo/bin:$PATH"
-have() { command -v "$1" >/dev/null 2>&1; }
+# A command on PATH, or (an absolute path) a file that must exist.
+have() { case $1 in /*) [ -e "$1" ] ;; *) command -v "$1" >/dev/null 2>&1 ;; esac; }
 
 missing_pkgs=()
 for t in "${tools[@]}"; do

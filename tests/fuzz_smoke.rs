@@ -207,6 +207,23 @@ fn sealed_store_decoders_survive_mutations() {
     assert!(lsvfs::keys::SealedStore::decode(x, 2, &v3[1..]).is_none());
     assert!(lsvfs::keys::SealedStore::decode(x, 3, &plain[1..]).is_none());
     mutations(&v3, 5000, decoders::sealed_store);
+
+    // A TPM-sealed host secret file (first byte 0: even), PCRs 0 and 7.
+    let mut tpm = vec![0u8];
+    tpm.extend_from_slice(b"LSVFSTPM");
+    tpm.extend_from_slice(&1u32.to_le_bytes());
+    tpm.extend_from_slice(&[2, 0, 7]);
+    tpm.extend_from_slice(&[4u8; 32]);
+    for part in [&[1u8; 90][..], &[2u8; 120][..]] {
+        tpm.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        tpm.extend_from_slice(part);
+    }
+    let t = lsvfs::keys::tpm::TpmSealed::decode(&tpm[1..]).unwrap();
+    assert_eq!(
+        (t.pcrs.as_slice(), t.pcr_digest),
+        (&[0u8, 7][..], [4u8; 32])
+    );
+    mutations(&tpm, 5000, decoders::sealed_store);
     // The file as on disk: magic, version, measurement, nonce, ciphertext.
     let mut file = vec![0u8];
     file.extend_from_slice(b"LSVFSSS\0");

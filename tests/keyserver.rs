@@ -169,6 +169,8 @@ struct Host {
     dir: tempfile::TempDir,
     store: PathBuf,
     machine_id: PathBuf,
+    /// `LSVFS_TPM_TCTI` for its commands: the TPM it has, if any.
+    tpm: Option<PathBuf>,
 }
 
 impl Host {
@@ -182,6 +184,7 @@ impl Host {
             dir,
             store,
             machine_id,
+            tpm: None,
         }
     }
 
@@ -192,12 +195,11 @@ impl Host {
     fn lsvfs(&self, args: &[&str]) -> Output {
         let mut all: Vec<&str> = args.to_vec();
         all.extend_from_slice(&["--store", self.store.to_str().unwrap()]);
-        run(
-            Path::new(env!("CARGO_BIN_EXE_lsvfs")),
-            &all,
-            self.p(),
-            &[("LSVFS_MACHINE_ID_FILE", &self.machine_id)],
-        )
+        let mut env = vec![("LSVFS_MACHINE_ID_FILE", self.machine_id.as_path())];
+        if let Some(t) = &self.tpm {
+            env.push(("LSVFS_TPM_TCTI", t.as_path()));
+        }
+        run(Path::new(env!("CARGO_BIN_EXE_lsvfs")), &all, self.p(), &env)
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -305,9 +307,10 @@ fn enroll_create_mount_rotate_revoke_and_recover() {
     assert!(r.contains("from KEK v1 to v2"), "{r}");
     let r = a.ok(&["rewrap", "v.vol"]);
     assert!(r.contains("already wrapped under the newest"), "{r}");
-    assert!(a
-        .ok(&["host", "show"])
-        .contains(&format!("volume {vid}: KEK v2")));
+    let show = a.ok(&["host", "show"]);
+    assert!(show.contains(&format!("volume {vid}: KEK v2")), "{show}");
+    // Without --tpm: the software store, and `host show` says so.
+    assert!(show.contains("sealed store: software"), "{show}");
 
     // While the server is down: a bounded, clear failure.
     ks.stop();
@@ -1227,4 +1230,185 @@ fn one_key_servers_kek_and_the_hosts_own_share_do_not_open_a_threshold_volume() 
     // Any two do (the control that makes the check above mean something).
     let two = lsvfs::keys::threshold::combine(&[as_share(&keks[0]), as_share(&keks[2])]).unwrap();
     assert_eq!(two.check_value(&header.volume_id), header.key_check);
+}
+
+/// A software TPM 2.0 (`swtpm`, Debian package `swtpm`) on 127.0.0.1, with
+/// its state in a directory of its own; killed on drop.
+struct SoftTpm {
+    _dir: tempfile::TempDir,
+    child: Child,
+    tcti: String,
+}
+
+impl SoftTpm {
+    fn start() -> SoftTpm {
+        let dir = tempfile::tempdir().unwrap();
+        // The swtpm TCTI finds the control channel at the next port up.
+        let server = (0..100)
+            .find_map(|_| {
+                let a = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+                let p = a.local_addr().ok()?.port();
+                std::net::TcpListener::bind(("127.0.0.1", p.checked_add(1)?)).ok()?;
+                Some(p)
+            })
+            .expect("two free ports in a row");
+        let ctrl = server + 1;
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+            .arg("--tpmstate")
+            .arg(format!("dir={}", dir.path().display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={server},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("swtpm (Debian package swtpm; scripts/setup.sh installs it)");
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", server)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "swtpm did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SoftTpm {
+            _dir: dir,
+            child,
+            tcti: format!("swtpm:host=127.0.0.1,port={server}"),
+        }
+    }
+
+    /// Extends PCR 7 (SHA-256 bank): what a changed Secure Boot state does.
+    fn extend_pcr7(&self) {
+        use std::str::FromStr;
+        use tss_esapi::handles::PcrHandle;
+        use tss_esapi::interface_types::{
+            algorithm::HashingAlgorithm, session_handles::AuthSession,
+        };
+        use tss_esapi::structures::{Digest, DigestValues};
+        let mut ctx =
+            tss_esapi::Context::new(tss_esapi::TctiNameConf::from_str(&self.tcti).unwrap())
+                .unwrap();
+        let mut v = DigestValues::new();
+        v.set(
+            HashingAlgorithm::Sha256,
+            Digest::try_from(vec![7u8; 32]).unwrap(),
+        );
+        ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.pcr_extend(PcrHandle::Pcr7, v)
+        })
+        .unwrap();
+    }
+}
+
+impl Drop for SoftTpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_tpm_sealed_store_unlocks_and_a_changed_pcr_another_tpm_or_a_revocation_refuses() {
+    let tpm = SoftTpm::start();
+    let ks = KeyServer::start();
+    let mut a = Host::new("host-tpm");
+    a.tpm = Some(PathBuf::from(&tpm.tcti));
+    let out = a.ok(&[
+        "host",
+        "init",
+        "--keyserver",
+        &ks.url,
+        "--ca",
+        ks.ca().to_str().unwrap(),
+        "--tpm",
+        "--tpm-pcrs",
+        "7",
+    ]);
+    assert!(out.contains("bound to PCR 7"), "{out}");
+    // No host secret in a file: only the TPM's sealed object, mode 0600.
+    assert!(!a.store.join("host-secret").exists());
+    let sealed = a.store.join("host-secret.tpm");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sealed).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let show = a.ok(&["host", "show"]);
+    assert!(
+        show.contains("sealed store: TPM 2.0 (host secret sealed to the TPM, bound to PCR 7)"),
+        "{show}"
+    );
+    let id = show
+        .lines()
+        .find_map(|l| l.strip_prefix("host id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    // Enroll, create, mount: the whole flow with the TPM-sealed store.
+    ks.admin(&["enroll", "host-tpm", &id]);
+    a.ok(&["create", "v.vol", "--size", "1G", "--keyserver", &ks.url]);
+    a.ok(&["keyslot", "add-recovery", "v.vol", "--key-file", "rk"]);
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/f"), b"sealed by the TPM").unwrap();
+    a.ok(&["unmount", "m"]);
+
+    // The same files with another TPM: refused, naming the recovery path.
+    let other = SoftTpm::start();
+    let mut b = Host::new("host-tpm");
+    b.tpm = Some(PathBuf::from(&other.tcti));
+    std::fs::remove_dir_all(b.p().join("m")).unwrap();
+    let copy = b.store.clone();
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::set_permissions(
+        &copy,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700),
+    )
+    .unwrap();
+    for f in ["host-secret.tpm", "sealed"] {
+        std::fs::copy(a.store.join(f), copy.join(f)).unwrap();
+    }
+    let t = b.fails(&["host", "show"], 11, "another TPM");
+    assert!(t.contains("--key-file"), "{t}");
+
+    // Revoked: refused by the key server, as with the software store.
+    ks.admin(&["revoke", "host-tpm"]);
+    a.fails(&["mount", "v.vol", "m"], 10, "revoked");
+
+    // A changed PCR 7: refused before the key server is asked, naming the
+    // PCR and the recovery key.
+    tpm.extend_pcr7();
+    let t = a.fails(&["mount", "v.vol", "m"], 11, "PCR 7 changed");
+    assert!(t.contains("recovery key (--key-file)"), "{t}");
+    // The TPM itself enforces it: with the recorded digest made to match
+    // the new PCR value (so lsvfs's own check passes), the TPM still
+    // refuses to unseal under the policy of the old value.
+    let mut b = std::fs::read(&sealed).unwrap();
+    let at = 8 + 4 + 1 + 1; // magic, version, PCR count, PCR 7
+    {
+        use sha2::Digest as _;
+        let mut ctx = tss_esapi::Context::new(
+            <tss_esapi::TctiNameConf as std::str::FromStr>::from_str(&tpm.tcti).unwrap(),
+        )
+        .unwrap();
+        let sel = tss_esapi::structures::PcrSelectionListBuilder::new()
+            .with_selection(
+                tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256,
+                &[tss_esapi::structures::PcrSlot::Slot7],
+            )
+            .build()
+            .unwrap();
+        let (_, _, values) = ctx.pcr_read(sel).unwrap();
+        let now: [u8; 32] = sha2::Sha256::digest(values.value()[0].value()).into();
+        b[at..at + 32].copy_from_slice(&now);
+    }
+    std::fs::write(&sealed, &b).unwrap();
+    a.fails(&["host", "show"], 11, "refused to unseal");
+    // The recovery key still opens the volume.
+    a.ok(&["mount", "v.vol", "m", "--key-file", "rk"]);
+    assert_eq!(
+        std::fs::read(a.p().join("m/f")).unwrap(),
+        b"sealed by the TPM"
+    );
+    a.ok(&["unmount", "m"]);
 }

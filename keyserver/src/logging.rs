@@ -137,9 +137,21 @@ pub fn init(program: &'static str, verbosity: u8, journal: Journal) {
                 targets: level >= LevelFilter::DEBUG,
             })
     });
+    // The TPM binding logs every context it closes at info level: noise
+    // below -vv.
+    let tpm_level = if level == LevelFilter::TRACE {
+        level
+    } else {
+        level.min(LevelFilter::WARN)
+    };
+    let filter = || {
+        tracing_subscriber::filter::Targets::new()
+            .with_default(level)
+            .with_target("tss_esapi", tpm_level)
+    };
     let _ = tracing_subscriber::registry()
-        .with(journald.with_filter(level))
-        .with(stderr.with_filter(level))
+        .with(journald.with_filter(filter()))
+        .with(stderr.with_filter(filter()))
         .try_init();
 }
 

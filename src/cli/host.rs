@@ -8,8 +8,21 @@ use super::Error;
 use crate::keys::{self, hex};
 use crate::volume::{self, KeySlot, KEY_SLOTS};
 
-/// `lsvfs host init --keyserver URL... --ca CA.pem`.
-pub fn init(env: &Env, keyservers: &[String], ca: &Path) -> Result<(), Error> {
+/// `lsvfs host init --keyserver URL... --ca CA.pem [--tpm [--tpm-pcrs 7]]`.
+pub fn init(
+    env: &Env,
+    keyservers: &[String],
+    ca: &Path,
+    tpm: Option<Vec<u8>>,
+) -> Result<(), Error> {
+    let mut pcrs = tpm.clone().unwrap_or_default();
+    pcrs.sort_unstable();
+    pcrs.dedup();
+    if let Some(p) = pcrs.iter().find(|&&p| p > 23) {
+        return Err(Error::Usage(format!(
+            "--tpm-pcrs {p}: a TPM 2.0 has PCRs 0 to 23"
+        )));
+    }
     let ca_pem = std::fs::read(ca)
         .map_err(|e| Error::io(format!("reading the CA certificate {}", ca.display()), e))?;
     if !ca_pem.starts_with(b"-----BEGIN") {
@@ -28,8 +41,17 @@ pub fn init(env: &Env, keyservers: &[String], ca: &Path) -> Result<(), Error> {
             return Err(Error::Usage(format!("--keyserver {u} is given twice")));
         }
     }
-    let st = keys::SealedStore::init(&env.store, keyservers, ca_pem)?;
-    println!("created the sealed store in {}", env.store.display());
+    let st = keys::SealedStore::init(
+        &env.store,
+        keyservers,
+        ca_pem,
+        tpm.as_ref().map(|_| &pcrs[..]),
+    )?;
+    println!(
+        "created the sealed store in {}: {}",
+        env.store.display(),
+        st.backend()?
+    );
     println!("host id: {}", keys::host_id(&st));
     let on = if keyservers.len() == 1 {
         "on the key server".to_string()
@@ -48,7 +70,11 @@ pub fn show(env: &Env) -> Result<(), Error> {
     let st = keys::SealedStore::open(&env.store)?;
     println!("host id:    {}", keys::host_id(&st));
     println!("key server: {}", st.servers.join(", "));
-    println!("sealed store: software ({})", env.store.display());
+    println!(
+        "sealed store: {}, in {}",
+        st.backend()?,
+        env.store.display()
+    );
     for v in &st.volumes {
         match &v.shares[..] {
             [s] if s.x == 0 => println!("volume {}: KEK v{}", hex(&v.volume_id), s.kek_version),

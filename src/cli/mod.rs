@@ -87,6 +87,14 @@ enum HostCmd {
         /// self-signed certificates, concatenated).
         #[arg(long)]
         ca: PathBuf,
+        /// Seal the host secret to this host's TPM 2.0 instead of keeping it
+        /// in a root-only file (the TPM: /dev/tpmrm0, or $LSVFS_TPM_TCTI).
+        #[arg(long)]
+        tpm: bool,
+        /// With --tpm: bind it to these PCRs' current values (SHA-256 bank),
+        /// comma-separated, e.g. 7 (Secure Boot state) or 0,2,7.
+        #[arg(long, value_delimiter = ',', requires = "tpm")]
+        tpm_pcrs: Vec<u8>,
     },
     /// Show this host's id, key server and sealed volumes.
     Show,
@@ -419,7 +427,12 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         }
         Cmd::Unmount { mountpoint } => mount::unmount(&mountpoint),
         Cmd::Snapshot(c) => snapshot::run(c),
-        Cmd::Host(HostCmd::Init { keyserver, ca }) => host::init(&env, &keyserver, &ca),
+        Cmd::Host(HostCmd::Init {
+            keyserver,
+            ca,
+            tpm,
+            tpm_pcrs,
+        }) => host::init(&env, &keyserver, &ca, tpm.then_some(tpm_pcrs)),
         Cmd::Host(HostCmd::Show) => host::show(&env),
         Cmd::Rewrap { volume } => host::rewrap(&env, &volume),
         Cmd::Erase { volume, yes } => host::erase(&env, &volume, yes),

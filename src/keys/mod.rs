@@ -7,6 +7,7 @@ mod error;
 mod keyfile;
 pub mod sealed;
 pub mod threshold;
+pub mod tpm;
 
 pub use error::{KeysError, Result};
 pub use keyfile::{generate_key_file, parse_key_file, read_key_file};

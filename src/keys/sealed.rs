@@ -24,11 +24,15 @@
 //!   Revoking the host on the key server locks it out at the next mount.
 //! - Tampering: any change to `sealed` fails authentication.
 //!
-//! What it does not protect against (a TPM backend would):
+//! What it does not protect against:
 //! - root on this host while the host is enrolled: root can read the host
-//!   secret and ask the key server for KEKs, as the mount does;
-//! - an attacker who copies both files *and* reproduces the machine-id
-//!   (which is not secret). The machine-id path can be overridden with
+//!   secret (or have the TPM unseal it) and ask the key server for KEKs, as
+//!   the mount does;
+//! - with the software backend, an attacker who copies both files *and*
+//!   reproduces the machine-id (which is not secret). The TPM backend
+//!   (`host init --tpm`, `super::tpm`) closes this: the host secret is then
+//!   sealed to the TPM (and optionally to PCR values), and the copied file
+//!   does not unseal on any other TPM. The machine-id path can be overridden with
 //!   `LSVFS_MACHINE_ID_FILE`, which the tests use to simulate a second host;
 //!   the override changes the measurement, it grants nothing.
 //!
@@ -194,8 +198,50 @@ fn write_private(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
+/// Where the host secret is kept: a file, or sealed to the TPM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// `host-secret`, readable by root only.
+    Software,
+    /// `host-secret.tpm`, sealed to this host's TPM 2.0, bound to these
+    /// PCRs (SHA-256 bank; none: to the TPM alone).
+    Tpm { pcrs: Vec<u8> },
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Software => write!(f, "software (host secret in a root-only file)"),
+            Backend::Tpm { pcrs } if pcrs.is_empty() => {
+                write!(f, "TPM 2.0 (host secret sealed to the TPM)")
+            }
+            Backend::Tpm { pcrs } => write!(
+                f,
+                "TPM 2.0 (host secret sealed to the TPM, bound to PCR {})",
+                super::tpm::pcr_list(pcrs)
+            ),
+        }
+    }
+}
+
+/// The TPM-sealed host secret of the store in `dir`, if it has one.
+fn tpm_sealed(dir: &Path) -> Result<Option<super::tpm::TpmSealed>> {
+    let path = dir.join(super::tpm::TPM_SECRET_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    check_private(&path)?;
+    let b = fs::read(&path).map_err(|e| KeysError::io(format!("reading {}", path.display()), e))?;
+    super::tpm::TpmSealed::decode(&b)
+        .map(Some)
+        .ok_or_else(|| store_err(dir, format!("{} is damaged", path.display())))
+}
+
 /// The host secret; the buffer it was read into is zeroized too.
 fn read_secret(dir: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    if let Some(t) = tpm_sealed(dir)? {
+        return super::tpm::unseal(&t);
+    }
     let path = dir.join(SECRET_FILE);
     let bytes = Zeroizing::new(
         fs::read(&path).map_err(|e| KeysError::io(format!("reading {}", path.display()), e))?,
@@ -247,14 +293,24 @@ fn check_private(path: &Path) -> Result<()> {
 impl SealedStore {
     /// Creates a new store in `dir` with a fresh host secret and identity.
     /// Refuses to overwrite an existing store.
-    pub fn init(dir: &Path, servers: &[String], ca_pem: Vec<u8>) -> Result<SealedStore> {
+    /// With `tpm`, the host secret is sealed to this host's TPM, bound to
+    /// those PCRs (none: to the TPM alone), instead of kept in a file.
+    pub fn init(
+        dir: &Path,
+        servers: &[String],
+        ca_pem: Vec<u8>,
+        tpm: Option<&[u8]>,
+    ) -> Result<SealedStore> {
         if servers.is_empty() || servers.len() > MAX_SERVERS {
             return Err(store_err(
                 dir,
                 format!("give 1 to {MAX_SERVERS} key servers, not {}", servers.len()),
             ));
         }
-        if dir.join(SEALED_FILE).exists() || dir.join(SECRET_FILE).exists() {
+        if [SEALED_FILE, SECRET_FILE, super::tpm::TPM_SECRET_FILE]
+            .iter()
+            .any(|f| dir.join(f).exists())
+        {
             return Err(store_err(
                 dir,
                 "a sealed store already exists here; remove it first to start over \
@@ -281,7 +337,17 @@ impl SealedStore {
         check_dir(dir)?;
         let secret = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
         let identity = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
-        write_private(dir, SECRET_FILE, &secret[..])?;
+        let secret_file = match tpm {
+            Some(pcrs) => {
+                let sealed = super::tpm::seal(&secret, pcrs)?;
+                write_private(dir, super::tpm::TPM_SECRET_FILE, &sealed.encode())?;
+                super::tpm::TPM_SECRET_FILE
+            }
+            None => {
+                write_private(dir, SECRET_FILE, &secret[..])?;
+                SECRET_FILE
+            }
+        };
         let store = SealedStore {
             dir: dir.to_path_buf(),
             identity,
@@ -290,8 +356,8 @@ impl SealedStore {
             volumes: Vec::new(),
             seen: Vec::new(),
         };
-        if let Err(e) = store.save() {
-            let _ = fs::remove_file(dir.join(SECRET_FILE));
+        if let Err(e) = store.save_with(&secret) {
+            let _ = fs::remove_file(dir.join(secret_file));
             return Err(e);
         }
         Ok(store)
@@ -329,6 +395,14 @@ impl SealedStore {
         Ok(out)
     }
 
+    /// Where this store keeps its host secret.
+    pub fn backend(&self) -> Result<Backend> {
+        Ok(match tpm_sealed(&self.dir)? {
+            Some(t) => Backend::Tpm { pcrs: t.pcrs },
+            None => Backend::Software,
+        })
+    }
+
     /// True if `dir` holds a sealed store (whether or not it opens here).
     pub fn exists(dir: &Path) -> bool {
         dir.join(SEALED_FILE).exists()
@@ -346,7 +420,9 @@ impl SealedStore {
             )));
         }
         check_dir(dir)?;
-        check_private(&secret_path)?;
+        if !dir.join(super::tpm::TPM_SECRET_FILE).exists() {
+            check_private(&secret_path)?;
+        }
         let secret = read_secret(dir)?;
         let b = fs::read(&sealed_path)
             .map_err(|e| KeysError::io(format!("reading {}", sealed_path.display()), e))?;
@@ -495,8 +571,11 @@ impl SealedStore {
 
     /// Seals the current contents and replaces the file atomically.
     pub fn save(&self) -> Result<()> {
+        self.save_with(&*read_secret(&self.dir)?)
+    }
+
+    fn save_with(&self, secret: &[u8; 32]) -> Result<()> {
         let dir = &self.dir;
-        let secret = read_secret(dir)?;
         let too_long = |u: &String| u.len() > u16::MAX as usize;
         if self.servers.iter().any(too_long)
             || self.servers.is_empty()
@@ -549,7 +628,7 @@ impl SealedStore {
         out.extend_from_slice(&digest);
         out.extend_from_slice(&nonce[..]);
         out.extend_from_slice(&(plain.len() as u32).to_le_bytes());
-        let key = sealing_key(&secret, &digest);
+        let key = sealing_key(secret, &digest);
         let ct = XChaCha20Poly1305::new(key.as_ref().into())
             .encrypt(
                 XNonce::from_slice(&nonce[..]),
@@ -628,7 +707,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("store");
         let urls: Vec<String> = (1..=3).map(|i| format!("https://127.0.0.1:{i}")).collect();
-        let mut s = SealedStore::init(&dir, &urls, b"CA".to_vec()).unwrap();
+        let mut s = SealedStore::init(&dir, &urls, b"CA".to_vec(), None).unwrap();
         let share = |i: u8| Share {
             server: urls[i as usize - 1].clone(),
             x: i,
@@ -680,7 +759,8 @@ mod tests {
     fn round_trip_tamper_and_another_host() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("store");
-        let mut s = SealedStore::init(&dir, &one("https://127.0.0.1:1"), b"CA".to_vec()).unwrap();
+        let mut s =
+            SealedStore::init(&dir, &one("https://127.0.0.1:1"), b"CA".to_vec(), None).unwrap();
         s.put(VolumeEntry::single(
             [7; 16],
             "https://127.0.0.1:1",
@@ -697,13 +777,13 @@ mod tests {
         assert_eq!(o.entry(&[7; 16]).unwrap().shares[0].kek_version, 3);
         assert!(!format!("{o:?}").contains(&format!("{:?}", &o.identity[..4])));
         assert!(
-            SealedStore::init(&dir, &one("x"), Vec::new()).is_err(),
+            SealedStore::init(&dir, &one("x"), Vec::new(), None).is_err(),
             "no overwrite"
         );
 
         // Another host secret: the sealed file does not open.
         let other = d.path().join("other");
-        SealedStore::init(&other, &one("x"), Vec::new()).unwrap();
+        SealedStore::init(&other, &one("x"), Vec::new(), None).unwrap();
         fs::copy(dir.join(SEALED_FILE), other.join(SEALED_FILE)).unwrap();
         let e = SealedStore::open(&other).unwrap_err().to_string();
         assert!(e.contains("another host secret"), "{e}");
@@ -726,7 +806,7 @@ mod tests {
     fn rollback_records_only_rise_unless_reset_and_survive_a_save() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("store");
-        let mut s = SealedStore::init(&dir, &one("https://127.0.0.1:1"), Vec::new()).unwrap();
+        let mut s = SealedStore::init(&dir, &one("https://127.0.0.1:1"), Vec::new(), None).unwrap();
         assert_eq!(s.seen(&[1; 16]), None);
         assert!(s.record_seen(&[1; 16], 7, false));
         assert!(!s.record_seen(&[1; 16], 7, false), "unchanged");
@@ -762,14 +842,14 @@ mod tests {
 
         // Created by lsvfs: 0700.
         let fresh = d.path().join("fresh");
-        SealedStore::init(&fresh, &one("x"), Vec::new()).unwrap();
+        SealedStore::init(&fresh, &one("x"), Vec::new(), None).unwrap();
         assert_eq!(mode(&fresh), 0o700);
 
         // Made empty beforehand with a wide mode (by a package, say): tightened.
         let made = d.path().join("made");
         fs::create_dir(&made).unwrap();
         chmod(&made, 0o755);
-        SealedStore::init(&made, &one("x"), Vec::new()).unwrap();
+        SealedStore::init(&made, &one("x"), Vec::new(), None).unwrap();
         assert_eq!(mode(&made), 0o700);
 
         // A shared directory with other files in it is not ours to chmod:
@@ -778,7 +858,7 @@ mod tests {
         fs::create_dir(&shared).unwrap();
         fs::write(shared.join("unrelated"), b"x").unwrap();
         chmod(&shared, 0o777);
-        let e = SealedStore::init(&shared, &one("x"), Vec::new())
+        let e = SealedStore::init(&shared, &one("x"), Vec::new(), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("chmod 700"), "{e}");
