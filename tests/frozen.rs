@@ -1796,8 +1796,8 @@ fn sealed1_is_refused_on_another_host_or_altered() {
     );
     shows(
         "a newer version",
-        &|st| edit(&st.join("sealed"), &|b| b[8] = 4),
-        "unsupported sealed store version: want=3 have=4",
+        &|st| edit(&st.join("sealed"), &|b| b[8] = 5),
+        "unsupported sealed store version: want=4 have=5",
     );
     shows(
         "a truncated file",

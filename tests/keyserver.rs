@@ -1335,7 +1335,7 @@ fn a_tpm_sealed_store_unlocks_and_a_changed_pcr_another_tpm_or_a_revocation_refu
     assert_eq!(mode & 0o777, 0o600);
     let show = a.ok(&["host", "show"]);
     assert!(
-        show.contains("sealed store: TPM 2.0 (host secret sealed to the TPM, bound to PCR 7)"),
+        show.contains("sealed store: TPM 2.0 (host secret sealed to the TPM, bound to PCR 7; anchored by NV counter 0x01"),
         "{show}"
     );
     let id = show
@@ -1352,6 +1352,20 @@ fn a_tpm_sealed_store_unlocks_and_a_changed_pcr_another_tpm_or_a_revocation_refu
     a.ok(&["mount", "v.vol", "m"]);
     std::fs::write(a.p().join("m/f"), b"sealed by the TPM").unwrap();
     a.ok(&["unmount", "m"]);
+
+    // The store is anchored to a TPM counter at each mount and unmount:
+    // an older copy of it put back (with older rollback records) is refused.
+    let store_file = a.store.join("sealed");
+    let older = std::fs::read(&store_file).unwrap();
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/g"), b"later").unwrap();
+    a.ok(&["unmount", "m"]);
+    let newest = std::fs::read(&store_file).unwrap();
+    std::fs::write(&store_file, &older).unwrap();
+    let t = a.fails(&["mount", "v.vol", "m"], 11, "rollback of the sealed store");
+    assert!(t.contains("older copy of the store"), "{t}");
+    std::fs::write(&store_file, &newest).unwrap();
+    timed_mount(&a, b"sealed by the TPM");
 
     // The same files with another TPM: refused, naming the recovery path.
     let other = SoftTpm::start();

@@ -73,11 +73,13 @@ impl Keys {
     /// (`reset`: even if lower, after an accepted rollback). Without a
     /// store nothing is recorded; a failure is logged, never fatal: the
     /// volume itself is fine, only the record lags.
-    pub fn record_seen(&self, volume_id: &[u8; 16], checkpoint: u64, reset: bool) {
+    /// `anchor`: also anchor the store to the TPM counter, if it has one
+    /// (at a mount's open and close; not for the records made every minute).
+    pub fn record_seen(&self, volume_id: &[u8; 16], checkpoint: u64, reset: bool, anchor: bool) {
         if !keys::SealedStore::exists(&self.store) {
             return;
         }
-        let r = keys::SealedStore::update_if(&self.store, |st| {
+        let r = keys::SealedStore::update_if(&self.store, anchor, |st| {
             Ok(((), st.record_seen(volume_id, checkpoint, reset)))
         });
         if let Err(e) = r {

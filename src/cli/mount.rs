@@ -71,11 +71,12 @@ pub fn foreground(
     unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
-    let fs = Arc::new(if service {
+    let (fs, device) = if service {
         open_fs_waiting(&path, k, t, opts)?
     } else {
         open_fs(&path, k, t, opts)?
-    });
+    };
+    let fs = Arc::new(fs);
     let volume_id = fs.volume_id();
     // Signals are taken synchronously below; block them before any thread
     // starts so that every thread inherits the mask.
@@ -146,7 +147,7 @@ pub fn foreground(
     }
 
     let by_signal = serve(&session, &fs, &signals, idle.as_ref(), &|seq| {
-        k.record_seen(&volume_id, seq, false)
+        k.record_seen(&volume_id, seq, false, false)
     });
     let _ = sd_notify::notify(
         false,
@@ -175,7 +176,10 @@ pub fn foreground(
     // A snapshot request still running (control socket, mkdir) may hold
     // the file system for a moment: wait for it, then close cleanly.
     let checkpoint = close(fs)?;
-    k.record_seen(&volume_id, checkpoint, false);
+    k.record_seen(&volume_id, checkpoint, false, true);
+    // Only now is the backing file's lock let go: `lsvfs unmount` waits
+    // for it, and so returns after the record too.
+    drop(device);
     Ok(())
 }
 
@@ -230,9 +234,13 @@ fn sync_mount(mountpoint: &Path) -> Result<(), FsError> {
 /// host recorded is refused before anything is written, unless
 /// `allow_rollback`, which accepts it and resets the record. The record
 /// moves to the checkpoint the open leaves.
-fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Fs, Error> {
+/// The file system, and the backing device it holds (and so its lock).
+type Opened = (Fs, Arc<dyn crate::device::Device>);
+
+fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Opened, Error> {
     let read_only = o.read_only;
     let dev = open_device(path, !read_only)?;
+    let device = dev.clone();
     let header = volume::read_header(&*dev)?;
     let master = k.master(&header, path)?;
     let vid = header.volume_id;
@@ -254,7 +262,7 @@ fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Fs, Er
             path.display()
         );
     }
-    k.record_seen(&vid, checkpoint, o.allow_rollback);
+    k.record_seen(&vid, checkpoint, o.allow_rollback, true);
     let r = v.recovery();
     if read_only && (r.transactions > 0 || r.dropped_records > 0) {
         tracing::warn!(
@@ -270,7 +278,7 @@ fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Fs, Er
             }
         );
     }
-    Ok(Fs::mount(v)?)
+    Ok((Fs::mount(v)?, device))
 }
 
 /// Longest wait between two tries to reach the key server.
@@ -280,7 +288,7 @@ const KEYSERVER_RETRY_MAX: Duration = Duration::from_secs(60);
 /// be reached (exit code 9), waits and tries again (1 s, doubling up to a
 /// minute), saying why in the service's status and on stderr. Any other
 /// error ends it. SIGTERM ends the wait.
-fn open_fs_waiting(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Fs, Error> {
+fn open_fs_waiting(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Opened, Error> {
     let mut delay = Duration::from_secs(1);
     loop {
         match open_fs(path, k, t, o) {

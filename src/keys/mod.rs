@@ -347,7 +347,7 @@ pub fn unlock_with_server(
         }
     }
     let answered = got.iter().fold(0u8, |m, (i, _)| m | 1 << i);
-    SealedStore::update_if(store_dir, |st| {
+    SealedStore::update_if(store_dir, true, |st| {
         let Some(e) = st.volumes.iter_mut().find(|e| e.volume_id == vid) else {
             return Ok(((), false));
         };

@@ -56,9 +56,9 @@ use crate::keys::{KeysError, Result};
 
 const MAGIC: &[u8; 8] = b"LSVFSSS\0";
 /// Version 2 added the rollback records, version 3 several key servers and
-/// threshold volumes (shares); versions 1 and 2 still open and are saved
-/// as version 3.
-const VERSION: u32 = 3;
+/// threshold volumes (shares), version 4 the TPM counter anchor; older
+/// versions still open and are saved as version 4.
+const VERSION: u32 = 4;
 /// magic, version, measurement digest, nonce, plaintext length.
 const HEADER: usize = 8 + 4 + 32 + 24 + 4;
 const SECRET_FILE: &str = "host-secret";
@@ -140,6 +140,12 @@ pub struct SealedStore {
     pub volumes: Vec<VolumeEntry>,
     /// Rollback records, one per volume this host has opened.
     pub seen: Vec<SeenRecord>,
+    /// The TPM NV counter's value when this store was last anchored (0
+    /// without a counter): an older copy of the store has a lower anchor
+    /// than the counter and is refused.
+    pub anchor: u64,
+    /// The store's NV counter and its value, as read when it was opened.
+    counter: Option<(u32, u64)>,
 }
 
 impl std::fmt::Debug for SealedStore {
@@ -204,22 +210,28 @@ pub enum Backend {
     /// `host-secret`, readable by root only.
     Software,
     /// `host-secret.tpm`, sealed to this host's TPM 2.0, bound to these
-    /// PCRs (SHA-256 bank; none: to the TPM alone).
-    Tpm { pcrs: Vec<u8> },
+    /// PCRs (SHA-256 bank; none: to the TPM alone), the store anchored by
+    /// this NV counter (0: none).
+    Tpm { pcrs: Vec<u8>, nv_index: u32 },
 }
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Backend::Software => write!(f, "software (host secret in a root-only file)"),
-            Backend::Tpm { pcrs } if pcrs.is_empty() => {
-                write!(f, "TPM 2.0 (host secret sealed to the TPM)")
+            Backend::Tpm { pcrs, nv_index } => {
+                write!(f, "TPM 2.0 (host secret sealed to the TPM")?;
+                if !pcrs.is_empty() {
+                    write!(f, ", bound to PCR {}", super::tpm::pcr_list(pcrs))?;
+                }
+                match nv_index {
+                    0 => write!(
+                        f,
+                        "; no NV counter, so an older copy of the store is not detected)"
+                    ),
+                    i => write!(f, "; anchored by NV counter {i:#010x})"),
+                }
             }
-            Backend::Tpm { pcrs } => write!(
-                f,
-                "TPM 2.0 (host secret sealed to the TPM, bound to PCR {})",
-                super::tpm::pcr_list(pcrs)
-            ),
         }
     }
 }
@@ -337,9 +349,12 @@ impl SealedStore {
         check_dir(dir)?;
         let secret = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
         let identity = random_bytes::<32>().map_err(|e| store_err(dir, e))?;
+        let mut counter = None;
         let secret_file = match tpm {
             Some(pcrs) => {
-                let sealed = super::tpm::seal(&secret, pcrs)?;
+                let mut sealed = super::tpm::seal(&secret, pcrs)?;
+                counter = super::tpm::nv_counter_create()?;
+                sealed.nv_index = counter.map_or(0, |(i, _)| i);
                 write_private(dir, super::tpm::TPM_SECRET_FILE, &sealed.encode())?;
                 super::tpm::TPM_SECRET_FILE
             }
@@ -355,9 +370,14 @@ impl SealedStore {
             ca_pem,
             volumes: Vec::new(),
             seen: Vec::new(),
+            anchor: counter.map_or(0, |(_, v)| v),
+            counter,
         };
         if let Err(e) = store.save_with(&secret) {
             let _ = fs::remove_file(dir.join(secret_file));
+            if let Some((i, _)) = counter {
+                let _ = super::tpm::nv_counter_remove(i);
+            }
             return Err(e);
         }
         Ok(store)
@@ -367,13 +387,17 @@ impl SealedStore {
     /// saves. Concurrent updates (a create beside a mount that rewraps)
     /// never drop each other's entries.
     pub fn update<T>(dir: &Path, f: impl FnOnce(&mut SealedStore) -> Result<T>) -> Result<T> {
-        Self::update_if(dir, |st| f(st).map(|out| (out, true)))
+        Self::update_if(dir, true, |st| f(st).map(|out| (out, true)))
     }
 
     /// [`SealedStore::update`], where `f` also says whether it changed
-    /// anything: an unchanged store is not written again.
+    /// anything: an unchanged store is not written again. With `anchor`
+    /// and a TPM counter, the saved store is anchored to the counter's
+    /// next value and the counter is then advanced (one NV write: not for
+    /// the records a mount makes every minute).
     pub fn update_if<T>(
         dir: &Path,
+        anchor: bool,
         f: impl FnOnce(&mut SealedStore) -> Result<(T, bool)>,
     ) -> Result<T> {
         let lock_path = dir.join("lock");
@@ -390,7 +414,16 @@ impl SealedStore {
         let mut store = SealedStore::open(dir)?;
         let (out, changed) = f(&mut store)?;
         if changed {
-            store.save()?;
+            match store.counter.filter(|_| anchor) {
+                // The file first, then the counter: a crash between leaves
+                // a store ahead of the counter, which still opens.
+                Some((index, value)) => {
+                    store.anchor = value + 1;
+                    store.save()?;
+                    super::tpm::nv_counter_increment(index)?;
+                }
+                None => store.save()?,
+            }
         }
         Ok(out)
     }
@@ -398,7 +431,10 @@ impl SealedStore {
     /// Where this store keeps its host secret.
     pub fn backend(&self) -> Result<Backend> {
         Ok(match tpm_sealed(&self.dir)? {
-            Some(t) => Backend::Tpm { pcrs: t.pcrs },
+            Some(t) => Backend::Tpm {
+                pcrs: t.pcrs,
+                nv_index: t.nv_index,
+            },
             None => Backend::Software,
         })
     }
@@ -426,7 +462,26 @@ impl SealedStore {
         let secret = read_secret(dir)?;
         let b = fs::read(&sealed_path)
             .map_err(|e| KeysError::io(format!("reading {}", sealed_path.display()), e))?;
-        Self::unseal(dir, &b, &secret, &measurement()?)
+        let mut store = Self::unseal(dir, &b, &secret, &measurement()?)?;
+        let index = tpm_sealed(dir)?.map_or(0, |t| t.nv_index);
+        if index != 0 {
+            let value = super::tpm::nv_counter_read(index)?;
+            if store.anchor < value {
+                return Err(store_err(
+                    dir,
+                    format!(
+                        "rollback of the sealed store: it was anchored at {}, but this \
+                         host's TPM counter {index:#010x} is at {value}, so this is an older \
+                         copy of the store put back (its rollback records are older too). \
+                         Put the newest copy back, or open volumes with their recovery key \
+                         (--key-file) and set the host up anew",
+                        store.anchor
+                    ),
+                ));
+            }
+            store.counter = Some((index, value));
+        }
+        Ok(store)
     }
 
     /// Opens the sealed file's bytes `b` with the host secret, on a host
@@ -559,6 +614,7 @@ impl SealedStore {
                 });
             }
         }
+        let anchor = if version >= 4 { r.u64()? } else { 0 };
         (r.remaining() == 0).then(|| SealedStore {
             dir: dir.to_path_buf(),
             identity,
@@ -566,6 +622,8 @@ impl SealedStore {
             ca_pem,
             volumes,
             seen,
+            anchor,
+            counter: None,
         })
     }
 
@@ -620,6 +678,7 @@ impl SealedStore {
             plain.extend_from_slice(&s.volume_id);
             plain.extend_from_slice(&s.checkpoint.to_le_bytes());
         }
+        plain.extend_from_slice(&self.anchor.to_le_bytes());
         let digest = measurement()?;
         let nonce = random_bytes::<24>().map_err(|e| store_err(dir, e))?;
         let mut out = Vec::with_capacity(HEADER + plain.len() + 16);

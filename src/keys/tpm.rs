@@ -15,17 +15,21 @@
 use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
-use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
+use tss_esapi::attributes::{
+    NvIndexAttributesBuilder, ObjectAttributesBuilder, SessionAttributesBuilder,
+};
+use tss_esapi::constants::nv_index_type::NvIndexType;
 use tss_esapi::constants::SessionType;
-use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle};
+use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::resource_handles::{NvAuth, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Digest, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private,
-    Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
-    SymmetricDefinition, SymmetricDefinitionObject,
+    Digest, EccPoint, KeyedHashScheme, NvPublicBuilder, PcrSelectionList, PcrSelectionListBuilder,
+    PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters,
+    SensitiveData, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::{Context, TctiNameConf};
@@ -45,6 +49,9 @@ pub struct TpmSealed {
     pub pcrs: Vec<u8>,
     /// SHA-256 over those PCRs' values at sealing (the PolicyPCR digest).
     pub pcr_digest: [u8; 32],
+    /// The NV counter index that anchors the sealed store against being
+    /// put back (0: none; the owner hierarchy refused one).
+    pub nv_index: u32,
     public: Vec<u8>,
     private: Vec<u8>,
 }
@@ -53,8 +60,33 @@ fn tpm_err(what: &str, e: impl std::fmt::Display) -> KeysError {
     KeysError::SealedStore(format!("TPM: {what}: {e}"))
 }
 
-/// Which TPM to talk to, and the context.
-fn context() -> Result<(Context, String)> {
+/// Held while lsvfs talks to the TPM: a TPM without a resource manager
+/// (swtpm, or /dev/tpm0) has room for only a few objects and sessions,
+/// and two lsvfs processes (a mount and its daemon) would take each
+/// other's. The kernel's /dev/tpmrm0 does not need it; it costs nothing.
+type TpmLock = Option<nix::fcntl::Flock<std::fs::File>>;
+
+/// In a directory only root can write (a lock anyone can take would let
+/// anyone stall the mounts); without root there is none.
+fn tpm_lock() -> TpmLock {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let _ = std::fs::create_dir_all("/run/lsvfs");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open("/run/lsvfs/tpm.lock")
+        .ok()?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok()
+}
+
+/// Which TPM to talk to, the context and the lock held while it is used.
+fn context() -> Result<(Context, String, TpmLock)> {
+    let lock = tpm_lock();
     let tcti = ["LSVFS_TPM_TCTI", "TCTI", "TPM2TOOLS_TCTI"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
@@ -66,7 +98,7 @@ fn context() -> Result<(Context, String)> {
              Set LSVFS_TPM_TCTI for another, or use the software store (host init without --tpm)"
         ))
     })?;
-    Ok((ctx, tcti))
+    Ok((ctx, tcti, lock))
 }
 
 /// The storage primary key of the owner hierarchy (ECC P-256, AES-128-CFB
@@ -204,7 +236,7 @@ fn pcr_policy(
 /// Seals `secret` to this host's TPM, bound to the current values of
 /// `pcrs` (none: bound to the TPM alone).
 pub fn seal(secret: &[u8; 32], pcrs: &[u8]) -> Result<TpmSealed> {
-    let (mut ctx, _) = context()?;
+    let (mut ctx, _, _lock) = context()?;
     let primary = primary(&mut ctx)?;
     let mut loaded: Vec<ObjectHandle> = vec![primary.into()];
     let r = (|| {
@@ -247,6 +279,7 @@ pub fn seal(secret: &[u8; 32], pcrs: &[u8]) -> Result<TpmSealed> {
         Ok(TpmSealed {
             pcrs: pcrs.to_vec(),
             pcr_digest: digest,
+            nv_index: 0,
             public: made
                 .out_public
                 .marshall()
@@ -261,7 +294,7 @@ pub fn seal(secret: &[u8; 32], pcrs: &[u8]) -> Result<TpmSealed> {
 /// Unseals the host secret. A PCR that changed since sealing gives an error
 /// that names it and the way back in.
 pub fn unseal(sealed: &TpmSealed) -> Result<Zeroizing<[u8; 32]>> {
-    let (mut ctx, tcti) = context()?;
+    let (mut ctx, tcti, _lock) = context()?;
     let primary = primary(&mut ctx)?;
     let mut loaded: Vec<ObjectHandle> = vec![primary.into()];
     let r = (|| {
@@ -316,6 +349,119 @@ pub fn unseal(sealed: &TpmSealed) -> Result<Zeroizing<[u8; 32]>> {
     r
 }
 
+/// NV indexes of the owner's range (TCG handle registry).
+const OWNER_NV: std::ops::RangeInclusive<u32> = 0x0180_0000..=0x01BF_FFFF;
+
+fn nv_handle(ctx: &mut Context, index: u32) -> Result<NvIndexHandle> {
+    let tpm = NvIndexTpmHandle::new(index).map_err(|e| tpm_err("NV index", e))?;
+    ctx.execute_without_session(|ctx| ctx.tr_from_tpm_public(tpm.into()))
+        .map(NvIndexHandle::from)
+        .map_err(|e| {
+            KeysError::SealedStore(format!(
+                "the TPM has no NV counter {index:#010x} any more (the TPM was cleared?): {e}. \
+                 Open volumes with their recovery key (--key-file)"
+            ))
+        })
+}
+
+/// Defines a monotonic NV counter for this host's store in the owner
+/// hierarchy (empty owner password) and starts it; returns its index and
+/// value. None when the TPM refuses (an owner password is set, or no NV
+/// space): the store then has no counter, and says so.
+pub fn nv_counter_create() -> Result<Option<(u32, u64)>> {
+    let (mut ctx, _, _lock) = context()?;
+    let attrs = NvIndexAttributesBuilder::new()
+        .with_owner_write(true)
+        .with_owner_read(true)
+        .with_nv_index_type(NvIndexType::Counter)
+        .build()
+        .map_err(|e| tpm_err("NV counter attributes", e))?;
+    for _ in 0..16 {
+        let mut r = [0u8; 4];
+        getrandom::fill(&mut r).map_err(|e| tpm_err("random NV index", e))?;
+        let index = OWNER_NV.start() + u32::from_le_bytes(r) % (OWNER_NV.end() - OWNER_NV.start());
+        let public = NvPublicBuilder::new()
+            .with_nv_index(NvIndexTpmHandle::new(index).map_err(|e| tpm_err("NV index", e))?)
+            .with_index_name_algorithm(HashingAlgorithm::Sha256)
+            .with_index_attributes(attrs)
+            .with_data_area_size(8)
+            .build()
+            .map_err(|e| tpm_err("NV counter", e))?;
+        let defined = ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.nv_define_space(Provision::Owner, None, public)
+        });
+        match defined {
+            Ok(h) => {
+                let _ = ctx.tr_close(&mut ObjectHandle::from(h));
+                nv_increment_with(&mut ctx, index)?;
+                return Ok(Some((index, nv_read_with(&mut ctx, index)?)));
+            }
+            // Taken by someone else: another index.
+            Err(tss_esapi::Error::Tss2Error(rc))
+                if rc.kind()
+                    == Some(
+                        tss_esapi::constants::response_code::Tss2ResponseCodeKind::NvDefined,
+                    ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "the TPM gives no NV counter for this host's store ({e}); the store \
+                     works without one, but an older copy of it put back is not detected"
+                );
+                return Ok(None);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The counter's value.
+pub fn nv_counter_read(index: u32) -> Result<u64> {
+    let (mut ctx, _, _lock) = context()?;
+    nv_read_with(&mut ctx, index)
+}
+
+fn nv_read_with(ctx: &mut Context, index: u32) -> Result<u64> {
+    let h = nv_handle(ctx, index)?;
+    let buf = ctx
+        .execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.nv_read(NvAuth::Owner, h, 8, 0)
+        })
+        .map_err(|e| tpm_err(&format!("reading NV counter {index:#010x}"), e))?;
+    let b: [u8; 8] = buf
+        .value()
+        .try_into()
+        .map_err(|_| tpm_err("NV counter", "not 8 bytes"))?;
+    // TPM integers are big-endian.
+    Ok(u64::from_be_bytes(b))
+}
+
+/// Adds one to the counter.
+pub fn nv_counter_increment(index: u32) -> Result<()> {
+    let (mut ctx, _, _lock) = context()?;
+    nv_increment_with(&mut ctx, index)
+}
+
+fn nv_increment_with(ctx: &mut Context, index: u32) -> Result<()> {
+    let h = nv_handle(ctx, index)?;
+    ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+        ctx.nv_increment(NvAuth::Owner, h)
+    })
+    .map_err(|e| tpm_err(&format!("incrementing NV counter {index:#010x}"), e))
+}
+
+/// Removes the counter (a store being made anew on the same TPM).
+pub fn nv_counter_remove(index: u32) -> Result<()> {
+    let (mut ctx, _, _lock) = context()?;
+    let h = nv_handle(&mut ctx, index)?;
+    ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+        ctx.nv_undefine_space(Provision::Owner, h)
+    })
+    .map_err(|e| tpm_err(&format!("removing NV counter {index:#010x}"), e))
+}
+
 /// "7" or "0, 2 and 7".
 pub fn pcr_list(pcrs: &[u8]) -> String {
     let s: Vec<String> = pcrs.iter().map(|p| p.to_string()).collect();
@@ -334,6 +480,7 @@ impl TpmSealed {
         b.push(self.pcrs.len() as u8);
         b.extend_from_slice(&self.pcrs);
         b.extend_from_slice(&self.pcr_digest);
+        b.extend_from_slice(&self.nv_index.to_le_bytes());
         b.extend_from_slice(&(self.public.len() as u32).to_le_bytes());
         b.extend_from_slice(&self.public);
         b.extend_from_slice(&(self.private.len() as u32).to_le_bytes());
@@ -353,6 +500,10 @@ impl TpmSealed {
             return None;
         }
         let pcr_digest = r.take(32)?.try_into().ok()?;
+        let nv_index = r.u32()?;
+        if nv_index != 0 && !OWNER_NV.contains(&nv_index) {
+            return None;
+        }
         let n = r.u32()? as usize;
         let public = r.take(n)?.to_vec();
         let n = r.u32()? as usize;
@@ -360,6 +511,7 @@ impl TpmSealed {
         (r.remaining() == 0 && public.len() <= 4096 && private.len() <= 4096).then_some(TpmSealed {
             pcrs,
             pcr_digest,
+            nv_index,
             public,
             private,
         })
@@ -375,6 +527,7 @@ mod tests {
         let t = TpmSealed {
             pcrs: vec![0, 7],
             pcr_digest: [3; 32],
+            nv_index: 0x0180_1234,
             public: vec![1; 50],
             private: vec![2; 60],
         };
