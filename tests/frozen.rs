@@ -1585,11 +1585,17 @@ fn sealed_store() -> (Scratch, PathBuf) {
 
 /// The sealed store image `image`, copied as [`sealed_store`] does.
 fn sealed_store_of(image: &str) -> (Scratch, PathBuf) {
+    sealed_store_of_files(image, &["host-secret", "sealed", "machine-id"])
+}
+
+/// The files `files` of the sealed store image `image`, copied into a
+/// private store directory beside [`FS1`].
+fn sealed_store_of_files(image: &str, files: &[&str]) -> (Scratch, PathBuf) {
     let s = Scratch::new(FS1, FS1_KEY);
     let store = s.p().join("store");
     fs::create_dir(&store).unwrap();
     fs::set_permissions(&store, fs::Permissions::from_mode(0o700)).unwrap();
-    for f in ["host-secret", "sealed", "machine-id"] {
+    for f in files {
         fs::copy(repo(image).join(f), store.join(f)).unwrap();
         fs::set_permissions(store.join(f), fs::Permissions::from_mode(0o600)).unwrap();
     }
@@ -1724,6 +1730,52 @@ fn sealed3_holds_three_key_servers_and_a_two_of_three_volume() {
             .map(|s| (s.x, s.kek_version))
             .collect::<Vec<_>>(),
         [(1, 1), (2, 1), (3, 2)]
+    );
+}
+
+/// A sealed store of version 4 on a TPM, with the TPM: `lsvfs host init
+/// --tpm --tpm-pcrs 7` against a swtpm (its state `tpm2-00.permall` kept
+/// beside the store), then a volume created with a key file and mounted
+/// and unmounted once, which recorded its checkpoint and anchored the
+/// store to the TPM's NV counter. The TPM-sealed host secret
+/// (`host-secret.tpm`, version 1), the counter and the anchor are frozen.
+const SEALED4_TPM: &str = "tests/images/sealed4-tpm";
+
+#[test]
+fn sealed4_tpm_opens_with_its_tpm_and_is_refused_by_another() {
+    let (s, store) =
+        sealed_store_of_files(SEALED4_TPM, &["host-secret.tpm", "sealed", "machine-id"]);
+    let sealed = fs::read(store.join("sealed")).unwrap();
+    assert_eq!(&sealed[..12], b"LSVFSSS\0\x04\0\0\0", "a version 4 file");
+    let with_tpm = |tpm: &common::tpm::SoftTpm, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--store", store.to_str().unwrap()]);
+        run_in(
+            s.p(),
+            &all,
+            &[
+                ("LSVFS_MACHINE_ID_FILE", &store.join("machine-id")),
+                ("LSVFS_TPM_TCTI", Path::new(&tpm.tcti)),
+            ],
+        )
+    };
+    let tpm = common::tpm::SoftTpm::start_from(Some(&repo(SEALED4_TPM)));
+    let shown = succeeded(&with_tpm(&tpm, &["host", "show"]), "host show");
+    for want in [
+        "host id:    e99bb5f9b6431cc88bdc489ad675519cbd8900b07701b08574871375d17b70b7",
+        "key server: https://127.0.0.1:39451",
+        "sealed store: TPM 2.0 (host secret sealed to the TPM, bound to PCR 7; anchored by NV counter 0x018b0c34)",
+        "volume ebe529e0b84322cb41813679765f4308: newest checkpoint seen 7 (rollback record)",
+    ] {
+        assert!(shown.contains(want), "{want:?} missing from {shown}");
+    }
+    // Another TPM (fresh state): it does not load the sealed secret.
+    let other = common::tpm::SoftTpm::start();
+    failed(
+        &with_tpm(&other, &["host", "show"]),
+        11,
+        "another TPM",
+        "another TPM",
     );
 }
 

@@ -1232,86 +1232,9 @@ fn one_key_servers_kek_and_the_hosts_own_share_do_not_open_a_threshold_volume() 
     assert_eq!(two.check_value(&header.volume_id), header.key_check);
 }
 
-/// A software TPM 2.0 (`swtpm`, Debian package `swtpm`) on 127.0.0.1, with
-/// its state in a directory of its own; killed on drop.
-struct SoftTpm {
-    _dir: tempfile::TempDir,
-    child: Child,
-    tcti: String,
-}
-
-impl SoftTpm {
-    fn start() -> SoftTpm {
-        let dir = tempfile::tempdir().unwrap();
-        // The swtpm TCTI finds the control channel at the next port up.
-        let server = (0..100)
-            .find_map(|_| {
-                let a = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-                let p = a.local_addr().ok()?.port();
-                std::net::TcpListener::bind(("127.0.0.1", p.checked_add(1)?)).ok()?;
-                Some(p)
-            })
-            .expect("two free ports in a row");
-        let ctrl = server + 1;
-        let child = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-            .arg("--tpmstate")
-            .arg(format!("dir={}", dir.path().display()))
-            .arg("--server")
-            .arg(format!("type=tcp,port={server},bindaddr=127.0.0.1"))
-            .arg("--ctrl")
-            .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("swtpm (Debian package swtpm; scripts/setup.sh installs it)");
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", server)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "swtpm did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        SoftTpm {
-            _dir: dir,
-            child,
-            tcti: format!("swtpm:host=127.0.0.1,port={server}"),
-        }
-    }
-
-    /// Extends PCR 7 (SHA-256 bank): what a changed Secure Boot state does.
-    fn extend_pcr7(&self) {
-        use std::str::FromStr;
-        use tss_esapi::handles::PcrHandle;
-        use tss_esapi::interface_types::{
-            algorithm::HashingAlgorithm, session_handles::AuthSession,
-        };
-        use tss_esapi::structures::{Digest, DigestValues};
-        let mut ctx =
-            tss_esapi::Context::new(tss_esapi::TctiNameConf::from_str(&self.tcti).unwrap())
-                .unwrap();
-        let mut v = DigestValues::new();
-        v.set(
-            HashingAlgorithm::Sha256,
-            Digest::try_from(vec![7u8; 32]).unwrap(),
-        );
-        ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
-            ctx.pcr_extend(PcrHandle::Pcr7, v)
-        })
-        .unwrap();
-    }
-}
-
-impl Drop for SoftTpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_tpm_sealed_store_unlocks_and_a_changed_pcr_another_tpm_or_a_revocation_refuses() {
-    let tpm = SoftTpm::start();
+    let tpm = common::tpm::SoftTpm::start();
     let ks = KeyServer::start();
     let mut a = Host::new("host-tpm");
     a.tpm = Some(PathBuf::from(&tpm.tcti));
@@ -1368,7 +1291,7 @@ fn a_tpm_sealed_store_unlocks_and_a_changed_pcr_another_tpm_or_a_revocation_refu
     timed_mount(&a, b"sealed by the TPM");
 
     // The same files with another TPM: refused, naming the recovery path.
-    let other = SoftTpm::start();
+    let other = common::tpm::SoftTpm::start();
     let mut b = Host::new("host-tpm");
     b.tpm = Some(PathBuf::from(&other.tcti));
     std::fs::remove_dir_all(b.p().join("m")).unwrap();

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod mounted;
+pub mod tpm;
 
 use std::sync::Arc;
 
