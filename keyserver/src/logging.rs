@@ -137,12 +137,13 @@ pub fn init(program: &'static str, verbosity: u8, journal: Journal) {
                 targets: level >= LevelFilter::DEBUG,
             })
     });
-    // The TPM binding logs every context it closes at info level: noise
-    // below -vv.
+    // The TPM binding logs every context it closes at info level, and
+    // every failure that lsvfs then reports itself at error level: only
+    // with -vv.
     let tpm_level = if level == LevelFilter::TRACE {
         level
     } else {
-        level.min(LevelFilter::WARN)
+        LevelFilter::OFF
     };
     let filter = || {
         tracing_subscriber::filter::Targets::new()

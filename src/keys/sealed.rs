@@ -459,13 +459,19 @@ impl SealedStore {
         if !dir.join(super::tpm::TPM_SECRET_FILE).exists() {
             check_private(&secret_path)?;
         }
+        // The counter before the file: a writer saves the file (anchored one
+        // above the counter) before it advances the counter, so whichever
+        // file is read after this, a current one is never below it.
+        let index = tpm_sealed(dir)?.map_or(0, |t| t.nv_index);
+        let counter = match index {
+            0 => None,
+            i => Some((i, super::tpm::nv_counter_read(i)?)),
+        };
         let secret = read_secret(dir)?;
         let b = fs::read(&sealed_path)
             .map_err(|e| KeysError::io(format!("reading {}", sealed_path.display()), e))?;
         let mut store = Self::unseal(dir, &b, &secret, &measurement()?)?;
-        let index = tpm_sealed(dir)?.map_or(0, |t| t.nv_index);
-        if index != 0 {
-            let value = super::tpm::nv_counter_read(index)?;
+        if let Some((index, value)) = counter {
             if store.anchor < value {
                 return Err(store_err(
                     dir,

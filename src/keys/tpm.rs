@@ -358,8 +358,9 @@ fn nv_handle(ctx: &mut Context, index: u32) -> Result<NvIndexHandle> {
         .map(NvIndexHandle::from)
         .map_err(|e| {
             KeysError::SealedStore(format!(
-                "the TPM has no NV counter {index:#010x} any more (the TPM was cleared?): {e}. \
-                 Open volumes with their recovery key (--key-file)"
+                "this TPM has no NV counter {index:#010x}: the store was sealed by another \
+                 TPM (a copied store), or this one was cleared ({e}). Open volumes with their \
+                 recovery key (--key-file)"
             ))
         })
 }
