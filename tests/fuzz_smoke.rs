@@ -214,6 +214,7 @@ fn sealed_store_decoders_survive_mutations() {
     tpm.extend_from_slice(&1u32.to_le_bytes());
     tpm.extend_from_slice(&[2, 0, 7]);
     tpm.extend_from_slice(&[4u8; 32]);
+    tpm.extend_from_slice(&0x0180_0001u32.to_le_bytes());
     for part in [&[1u8; 90][..], &[2u8; 120][..]] {
         tpm.extend_from_slice(&(part.len() as u32).to_le_bytes());
         tpm.extend_from_slice(part);
