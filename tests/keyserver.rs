@@ -227,15 +227,20 @@ impl Host {
             "--ca",
             ca.to_str().unwrap(),
         ]);
-        let id = out
-            .lines()
-            .find_map(|l| l.strip_prefix("host id: "))
-            .expect("host id printed")
-            .trim()
-            .to_string();
-        assert_eq!(id.len(), 64);
-        id
+        host_id_in(&out)
     }
+}
+
+/// The host id `lsvfs host init` or `host show` printed.
+fn host_id_in(out: &str) -> String {
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("host id:"))
+        .expect("host id printed")
+        .trim()
+        .to_string();
+    assert_eq!(id.len(), 64, "{out}");
+    id
 }
 
 impl Drop for Host {
@@ -1044,12 +1049,7 @@ fn three_servers(name: &str) -> ([KeyServer; 3], Host, String) {
         "ca.pem",
     ]);
     assert!(out.contains("on each of the 3 key servers"), "{out}");
-    let id = out
-        .lines()
-        .find_map(|l| l.strip_prefix("host id: "))
-        .unwrap()
-        .trim()
-        .to_string();
+    let id = host_id_in(&out);
     for s in &ks {
         s.admin(&["enroll", name, &id]);
     }
@@ -1261,12 +1261,7 @@ fn a_tpm_sealed_store_unlocks_and_a_changed_pcr_another_tpm_or_a_revocation_refu
         show.contains("sealed store: TPM 2.0 (host secret sealed to the TPM, bound to PCR 7; anchored by NV counter 0x01"),
         "{show}"
     );
-    let id = show
-        .lines()
-        .find_map(|l| l.strip_prefix("host id:"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let id = host_id_in(&show);
 
     // Enroll, create, mount: the whole flow with the TPM-sealed store.
     ks.admin(&["enroll", "host-tpm", &id]);
