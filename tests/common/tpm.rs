@@ -4,6 +4,15 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// True if a TPM answers a command (GetRandom) through `tcti`.
+fn answers(tcti: &str) -> bool {
+    use std::str::FromStr;
+    let Ok(conf) = tss_esapi::TctiNameConf::from_str(tcti) else {
+        return false;
+    };
+    tss_esapi::Context::new(conf).is_ok_and(|mut c| c.get_random(8).is_ok())
+}
+
 /// A software TPM 2.0 (`swtpm`, Debian package `swtpm`) on 127.0.0.1, with
 /// its state in a directory of its own; killed on drop.
 pub struct SoftTpm {
@@ -28,7 +37,35 @@ impl SoftTpm {
             )
             .unwrap();
         }
-        // The swtpm TCTI finds the control channel at the next port up.
+        // Ports picked here may be taken by another test's server before
+        // swtpm binds them: then it exits, or the TCTI meets that server.
+        // So: start it, and try again until a real TPM command answers.
+        for _ in 0..10 {
+            let (server, mut child) = Self::spawn(dir.path());
+            let tcti = format!("swtpm:host=127.0.0.1,port={server}");
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if answers(&tcti) {
+                    return SoftTpm {
+                        _dir: dir,
+                        child,
+                        tcti,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("swtpm did not start (10 tries)");
+    }
+
+    /// Starts swtpm on a free port and the next one up (where the swtpm
+    /// TCTI finds its control channel).
+    fn spawn(state: &Path) -> (u16, Child) {
         let server = (0..100)
             .find_map(|_| {
                 let a = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
@@ -41,27 +78,16 @@ impl SoftTpm {
         let child = Command::new("swtpm")
             .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
             .arg("--tpmstate")
-            .arg(format!("dir={}", dir.path().display()))
+            .arg(format!("dir={}", state.display()))
             .arg("--server")
             .arg(format!("type=tcp,port={server},bindaddr=127.0.0.1"))
             .arg("--ctrl")
             .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("swtpm (Debian package swtpm; scripts/setup.sh installs it)");
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", server)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "swtpm did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        SoftTpm {
-            _dir: dir,
-            child,
-            tcti: format!("swtpm:host=127.0.0.1,port={server}"),
-        }
+        (server, child)
     }
 
     /// Extends PCR 7 (SHA-256 bank): what a changed Secure Boot state does.
