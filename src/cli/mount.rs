@@ -462,7 +462,7 @@ impl IdleLock {
     /// Unmounts, or says why not (it is tried again later).
     fn lock(&self) {
         let idle = humantime::format_duration(Duration::from_secs(self.activity.idle().as_secs()));
-        match detach(&self.mountpoint) {
+        match detach(&self.mountpoint, Duration::ZERO) {
             Ok(()) => tracing::info!(
                 "{}: no request for {idle}: unmounted (idle lock); the volume is closed and \
                  its keys are dropped",
@@ -584,8 +584,9 @@ fn mounted_volume(mountpoint: &Path) -> Option<PathBuf> {
 }
 
 /// Unmounts `mountpoint` (the daemon then flushes and closes the volume):
-/// umount2(2) as root, fusermount3 (from fuse3) otherwise.
-fn detach(mountpoint: &Path) -> Result<(), Error> {
+/// umount2(2) as root, fusermount3 (from fuse3) otherwise. As root, a busy
+/// mount is tried again for up to `patience`.
+fn detach(mountpoint: &Path, patience: Duration) -> Result<(), Error> {
     let busy = || {
         Error::Busy(format!(
             "{} is busy; close the files open on it",
@@ -594,14 +595,24 @@ fn detach(mountpoint: &Path) -> Result<(), Error> {
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        return match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
-            Ok(()) => Ok(()),
-            Err(nix::errno::Errno::EBUSY) => Err(busy()),
-            Err(e) => Err(Error::io(
-                format!("unmounting {}", mountpoint.display()),
-                e.into(),
-            )),
-        };
+        // A file closed a moment ago can still pin the mount briefly (its
+        // last reference dropped by another process, or a child between
+        // fork and exec holding a copy): busy only if it stays busy.
+        let deadline = Instant::now() + patience;
+        loop {
+            return match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+                Ok(()) => Ok(()),
+                Err(nix::errno::Errno::EBUSY) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(nix::errno::Errno::EBUSY) => Err(busy()),
+                Err(e) => Err(Error::io(
+                    format!("unmounting {}", mountpoint.display()),
+                    e.into(),
+                )),
+            };
+        }
     }
     let st = Command::new("fusermount3")
         .arg("-u")
@@ -639,7 +650,7 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
             mountpoint.display()
         ))
     })?;
-    detach(&mountpoint)?;
+    detach(&mountpoint, Duration::from_secs(2))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if let Ok(false) = crate::device::FileDevice::is_held(&vol) {
