@@ -1185,7 +1185,7 @@ fn two_of_three_key_servers_unlock_and_one_server_or_a_black_hole_changes_nothin
 
 #[test]
 fn one_key_servers_kek_and_the_hosts_own_share_do_not_open_a_threshold_volume() {
-    let (ks, a, _) = three_servers("host-b");
+    let (mut ks, a, host_id) = three_servers("host-b");
     let mut args = vec!["create", "v.vol", "--size", "1G", "--threshold", "2"];
     for s in &ks {
         args.extend(["--keyserver", s.url.as_str()]);
@@ -1230,6 +1230,39 @@ fn one_key_servers_kek_and_the_hosts_own_share_do_not_open_a_threshold_volume() 
     // Any two do (the control that makes the check above mean something).
     let two = lsvfs::keys::threshold::combine(&[as_share(&keks[0]), as_share(&keks[2])]).unwrap();
     assert_eq!(two.check_value(&header.volume_id), header.key_check);
+
+    // One server taken over (an impostor at its address, with its TLS key,
+    // that answers with a KEK of its own making): its answer opens no
+    // share, so it counts as that server failing, and the other two
+    // unlock the volume.
+    let urls: Vec<String> = ks.iter().map(|s| s.url.clone()).collect();
+    ks[0].stop();
+    let evil = KeyServer::impostor_of(&ks[0]);
+    evil.admin(&["enroll", "host-b", &host_id]);
+    cfg.url = urls[0].clone();
+    lsvfs_keyserver::client::register_volume(&cfg, &host, header.volume_id).unwrap();
+    // `rewrap` waits for every server, so the impostor's answer is always
+    // among those it gets.
+    a.ok(&["rewrap", "v.vol"]);
+    a.ok(&["mount", "v.vol", "m"]);
+    a.ok(&["unmount", "m"]);
+    let info = a.ok(&["info", "v.vol"]);
+    assert!(
+        info.contains(&format!("answered by {}, {}", urls[1], urls[2])),
+        "{info}"
+    );
+    // With a second server down, the impostor's answer is named.
+    ks[1].stop();
+    let t = a.fails(
+        &["mount", "v.vol", "m", "--attempts", "1", "--timeout", "2"],
+        9,
+        "needs 2 of 3 key servers",
+    );
+    assert!(
+        t.contains(&format!("{}: ", urls[0]))
+            && t.contains("does not open this host's sealed key share"),
+        "{t}"
+    );
 }
 
 #[test]

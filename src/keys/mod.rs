@@ -276,13 +276,25 @@ pub fn unlock_with_server(
     let urls: Vec<String> = entry.shares.iter().map(|s| s.server.clone()).collect();
     let cfgs: Vec<ClientConfig> = urls.iter().map(|u| client_config(&store, u, o)).collect();
     let versions: Vec<u32> = entry.shares.iter().map(|s| s.kek_version).collect();
+    let whole = entry.shares.len() == 1 && entry.shares[0].x == 0;
+    // A share whose server's KEK does not open it counts as that server
+    // failing, so a wrong answer from one server (compromised, or restored
+    // from an old backup) does not stop the unlock while k others answer.
+    let shares: Vec<(u8, WrappedKey)> = entry.shares.iter().map(|s| (s.x, s.wrapped)).collect();
     let asker = host.clone();
     let mut got = client::quorum(k, cfgs.clone(), every, move |i, cfg| {
-        client::unlock(cfg, &asker, vid, versions[i])
+        let got = client::unlock(cfg, &asker, vid, versions[i])?;
+        let (x, wrapped) = &shares[i];
+        if !whole && unwrap_key(&kek_of(&got.kek), wrapped, &share_associated(&vid, *x)).is_err() {
+            return Err(ClientError::Protocol(format!(
+                "its KEK v{} does not open this host's sealed key share",
+                versions[i]
+            )));
+        }
+        Ok(got)
     })
     .map_err(|f| quorum_failed("unlocking", k, &urls, f))?;
     got.sort_by_key(|(i, _)| *i);
-    let whole = entry.shares.len() == 1 && entry.shares[0].x == 0;
     let not_ours = |what: String| {
         KeysError::WrongKey(format!(
             "{what} of volume {hex}; the sealed store and the volume do not belong together"
