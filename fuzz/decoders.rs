@@ -55,7 +55,7 @@ pub fn sealed_store(data: &[u8]) {
                 Some(t.pcrs)
             );
         }
-    } else if let Some(st) = SealedStore::decode(dir, 1 + u32::from(which >> 1) % 3, rest) {
+    } else if let Some(st) = SealedStore::decode(dir, 1 + u32::from(which >> 1) % 4, rest) {
         let _ = lsvfs::keys::host_id(&st);
         for v in &st.volumes {
             let e = st.entry(&v.volume_id).expect("a decoded volume is found");

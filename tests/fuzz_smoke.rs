@@ -142,7 +142,7 @@ fn key_file_parser_survives_mutations() {
 fn sealed_store_decoders_survive_mutations() {
     // Contents: identity, URL, CA, one volume, then (version 2) one
     // rollback record (see docs/FORMAT.md). The first byte picks the
-    // version: 3 is version 2, 5 version 3.
+    // version: 3 is version 2, 5 version 3, 7 version 4.
     let mut plain = vec![3u8];
     plain.extend_from_slice(&[3u8; 32]);
     let url = b"https://127.0.0.1:7443";
@@ -207,6 +207,15 @@ fn sealed_store_decoders_survive_mutations() {
     assert!(lsvfs::keys::SealedStore::decode(x, 2, &v3[1..]).is_none());
     assert!(lsvfs::keys::SealedStore::decode(x, 3, &plain[1..]).is_none());
     mutations(&v3, 5000, decoders::sealed_store);
+    // Version 4 (first byte 7): version 3 and the TPM counter anchor.
+    let mut v4 = v3.clone();
+    v4[0] = 7;
+    v4.extend_from_slice(&41u64.to_le_bytes());
+    let st = lsvfs::keys::SealedStore::decode(x, 4, &v4[1..]).unwrap();
+    assert_eq!((st.anchor, st.seen(&[5u8; 16])), (41, Some(77)));
+    assert!(lsvfs::keys::SealedStore::decode(x, 4, &v3[1..]).is_none());
+    assert!(lsvfs::keys::SealedStore::decode(x, 3, &v4[1..]).is_none());
+    mutations(&v4, 5000, decoders::sealed_store);
 
     // A TPM-sealed host secret file (first byte 0: even), PCRs 0 and 7.
     let mut tpm = vec![0u8];
