@@ -1762,10 +1762,10 @@ fn sealed4_tpm_opens_with_its_tpm_and_is_refused_by_another() {
     let tpm = common::tpm::SoftTpm::start_from(Some(&repo(SEALED4_TPM)));
     let shown = succeeded(&with_tpm(&tpm, &["host", "show"]), "host show");
     for want in [
-        "host id:    e99bb5f9b6431cc88bdc489ad675519cbd8900b07701b08574871375d17b70b7",
+        "host id:    e5d15a0d19ce49ded1c7bcbb309896d45150395bd50420da7d68580517a059ee",
         "key server: https://127.0.0.1:39451",
-        "sealed store: TPM 2.0 (host secret sealed to the TPM, bound to PCR 7; anchored by NV counter 0x018b0c34)",
-        "volume ebe529e0b84322cb41813679765f4308: newest checkpoint seen 7 (rollback record)",
+        "sealed store: TPM 2.0 (host secret sealed to the TPM, bound to PCR 7; anchored by NV counter 0x018940d4)",
+        "volume a5ae1012d923db612abf992119da1f13: newest checkpoint seen 7 (rollback record)",
     ] {
         assert!(shown.contains(want), "{want:?} missing from {shown}");
     }

@@ -211,8 +211,12 @@ fn sealed_store_decoders_survive_mutations() {
     let mut v4 = v3.clone();
     v4[0] = 7;
     v4.extend_from_slice(&41u64.to_le_bytes());
+    v4.extend_from_slice(&0x0180_0001u32.to_le_bytes());
     let st = lsvfs::keys::SealedStore::decode(x, 4, &v4[1..]).unwrap();
-    assert_eq!((st.anchor, st.seen(&[5u8; 16])), (41, Some(77)));
+    assert_eq!(
+        (st.anchor, st.nv_index, st.seen(&[5u8; 16])),
+        (41, 0x0180_0001, Some(77))
+    );
     assert!(lsvfs::keys::SealedStore::decode(x, 4, &v3[1..]).is_none());
     assert!(lsvfs::keys::SealedStore::decode(x, 3, &v4[1..]).is_none());
     mutations(&v4, 5000, decoders::sealed_store);

@@ -1315,6 +1315,19 @@ fn a_tpm_sealed_store_unlocks_and_a_changed_pcr_another_tpm_or_a_revocation_refu
     std::fs::write(&store_file, &older).unwrap();
     let t = a.fails(&["mount", "v.vol", "m"], 11, "rollback of the sealed store");
     assert!(t.contains("older copy of the store"), "{t}");
+    // Nor by pointing host-secret.tpm at no counter (its NV index zeroed:
+    // magic, version, PCR count, PCR 7, PCR digest, then the index).
+    let tpm_file = a.store.join("host-secret.tpm");
+    let good = std::fs::read(&tpm_file).unwrap();
+    let mut no_counter = good.clone();
+    no_counter[8 + 4 + 1 + 1 + 32..][..4].fill(0);
+    std::fs::write(&tpm_file, &no_counter).unwrap();
+    a.fails(
+        &["mount", "v.vol", "m"],
+        11,
+        "one of the two files was replaced",
+    );
+    std::fs::write(&tpm_file, &good).unwrap();
     std::fs::write(&store_file, &newest).unwrap();
     timed_mount(&a, b"sealed by the TPM");
 

@@ -125,6 +125,10 @@ fn quorum_failed(
         .iter()
         .filter(|(_, e)| matches!(e, ClientError::Refused { .. }))
         .count();
+    let unusable = failed
+        .iter()
+        .filter(|(_, e)| matches!(e, ClientError::Unusable(_)))
+        .count();
     failed.sort_by_key(|(i, _)| *i);
     let each: Vec<String> = failed
         .iter()
@@ -136,7 +140,10 @@ fn quorum_failed(
         failed.len(),
         each.join("; ")
     );
-    if refused > urls.len() - k {
+    // What waiting cannot mend: wrong keys (first), or refusals.
+    if unusable > 0 && refused + unusable > urls.len() - k {
+        KeysError::WrongKey(msg)
+    } else if refused > urls.len() - k {
         KeysError::Refused(msg)
     } else {
         KeysError::KeyServer(msg)
@@ -234,7 +241,7 @@ pub fn register_volume(
             volume_id: *volume_id,
             threshold: threshold as u8,
             shares,
-            answered: ((1u16 << n) - 1) as u8,
+            answered: 0,
         });
         Ok(())
     })
@@ -286,7 +293,7 @@ pub fn unlock_with_server(
         let got = client::unlock(cfg, &asker, vid, versions[i])?;
         let (x, wrapped) = &shares[i];
         if !whole && unwrap_key(&kek_of(&got.kek), wrapped, &share_associated(&vid, *x)).is_err() {
-            return Err(ClientError::Protocol(format!(
+            return Err(ClientError::Unusable(format!(
                 "its KEK v{} does not open this host's sealed key share",
                 versions[i]
             )));
@@ -468,21 +475,26 @@ pub fn report_current(
         .entry(volume_id)
         .ok_or_else(|| KeysError::SealedStore("no key for this volume on this host".into()))?;
     let host = HostIdentity::from_secret(&store.identity);
-    let mut out = Vec::new();
+    let (mut out, mut failed) = (Vec::new(), Vec::new());
     for (i, s) in entry.shares.iter().enumerate() {
         if entry.answered & (1 << i) == 0 {
             continue;
         }
-        client::report_rewrapped(
+        // Every server hears it, whichever fails.
+        match client::report_rewrapped(
             &client_config(&store, &s.server, o),
             &host,
             *volume_id,
             s.kek_version,
-        )
-        .map_err(from_client)?;
-        out.push((s.server.clone(), s.kek_version));
+        ) {
+            Ok(()) => out.push((s.server.clone(), s.kek_version)),
+            Err(e) => failed.push(format!("{}: {e}", s.server)),
+        }
     }
-    Ok(out)
+    match failed.len() {
+        0 => Ok(out),
+        _ => Err(KeysError::KeyServer(failed.join("; "))),
+    }
 }
 
 /// Bytes as lowercase hex (volume ids, fingerprints).

@@ -144,6 +144,9 @@ pub struct SealedStore {
     /// without a counter): an older copy of the store has a lower anchor
     /// than the counter and is refused.
     pub anchor: u64,
+    /// The TPM NV counter's index (0: none), here where the host secret
+    /// authenticates it; `host-secret.tpm` must name the same.
+    pub nv_index: u32,
     /// The store's NV counter and its value, as read when it was opened.
     counter: Option<(u32, u64)>,
 }
@@ -355,7 +358,12 @@ impl SealedStore {
                 let mut sealed = super::tpm::seal(&secret, pcrs)?;
                 counter = super::tpm::nv_counter_create()?;
                 sealed.nv_index = counter.map_or(0, |(i, _)| i);
-                write_private(dir, super::tpm::TPM_SECRET_FILE, &sealed.encode())?;
+                if let Err(e) = write_private(dir, super::tpm::TPM_SECRET_FILE, &sealed.encode()) {
+                    if let Some((i, _)) = counter {
+                        let _ = super::tpm::nv_counter_remove(i);
+                    }
+                    return Err(e);
+                }
                 super::tpm::TPM_SECRET_FILE
             }
             None => {
@@ -371,6 +379,7 @@ impl SealedStore {
             volumes: Vec::new(),
             seen: Vec::new(),
             anchor: counter.map_or(0, |(_, v)| v),
+            nv_index: counter.map_or(0, |(i, _)| i),
             counter,
         };
         if let Err(e) = store.save_with(&secret) {
@@ -420,7 +429,14 @@ impl SealedStore {
                 Some((index, value)) => {
                     store.anchor = value + 1;
                     store.save()?;
-                    super::tpm::nv_counter_increment(index)?;
+                    // Saved: a store ahead of its counter still opens, so
+                    // a counter that did not move is only a warning.
+                    if let Err(e) = super::tpm::nv_counter_increment(index) {
+                        tracing::warn!(
+                            "the sealed store was saved, but its TPM counter did not \
+                             advance, so the previous copy of it still opens: {e}"
+                        );
+                    }
                 }
                 None => store.save()?,
             }
@@ -471,6 +487,18 @@ impl SealedStore {
         let b = fs::read(&sealed_path)
             .map_err(|e| KeysError::io(format!("reading {}", sealed_path.display()), e))?;
         let mut store = Self::unseal(dir, &b, &secret, &measurement()?)?;
+        if store.nv_index != index {
+            return Err(store_err(
+                dir,
+                format!(
+                    "{} names TPM counter {index:#010x} but the store was anchored to \
+                     {:#010x}: one of the two files was replaced. Put the store's own files \
+                     back, or open volumes with their recovery key (--key-file)",
+                    dir.join(super::tpm::TPM_SECRET_FILE).display(),
+                    store.nv_index
+                ),
+            ));
+        }
         if let Some((index, value)) = counter {
             if store.anchor < value {
                 return Err(store_err(
@@ -597,10 +625,11 @@ impl SealedStore {
                 && n >= threshold as usize
                 && n <= MAX_SERVERS
                 && shares.iter().all(|s| s.x != 0)
-                && shares
-                    .iter()
-                    .enumerate()
-                    .all(|(i, s)| shares[..i].iter().all(|o| o.x != s.x));
+                && shares.iter().enumerate().all(|(i, s)| {
+                    shares[..i]
+                        .iter()
+                        .all(|o| o.x != s.x && o.server != s.server)
+                });
             if !(whole || split) || (answered as usize) >> n != 0 {
                 return None;
             }
@@ -620,7 +649,11 @@ impl SealedStore {
                 });
             }
         }
-        let anchor = if version >= 4 { r.u64()? } else { 0 };
+        let (anchor, nv_index) = if version >= 4 {
+            (r.u64()?, r.u32()?)
+        } else {
+            (0, 0)
+        };
         (r.remaining() == 0).then(|| SealedStore {
             dir: dir.to_path_buf(),
             identity,
@@ -629,6 +662,7 @@ impl SealedStore {
             volumes,
             seen,
             anchor,
+            nv_index,
             counter: None,
         })
     }
@@ -685,6 +719,7 @@ impl SealedStore {
             plain.extend_from_slice(&s.checkpoint.to_le_bytes());
         }
         plain.extend_from_slice(&self.anchor.to_le_bytes());
+        plain.extend_from_slice(&self.nv_index.to_le_bytes());
         let digest = measurement()?;
         let nonce = random_bytes::<24>().map_err(|e| store_err(dir, e))?;
         let mut out = Vec::with_capacity(HEADER + plain.len() + 16);
@@ -806,6 +841,7 @@ mod tests {
             (2, vec![share(1), share(1)], 0),
             (2, vec![share(1), Share { x: 0, ..share(2) }], 0),
             (2, vec![share(1), share(2)], 0b100),
+            (2, vec![share(1), Share { x: 2, ..share(1) }], 0),
         ];
         for (threshold, shares, answered) in bad {
             let e = encode(VolumeEntry {

@@ -28,10 +28,11 @@ pub fn split(master: &MasterKey, k: usize, n: usize) -> Result<Vec<KeyShare>> {
     let rng = getrandom::rand_core::UnwrapErr(getrandom::SysRng);
     let shares = Gf256::split_bytes_with_participant_ids_iter(k, n, master.expose(), rng, ids)
         .map_err(|e| KeysError::Invalid(format!("splitting the volume key: {e:?}")))?;
+    // Every share under Zeroizing before anything can return early.
+    let shares: Vec<Zeroizing<Vec<u8>>> = shares.into_iter().map(Zeroizing::new).collect();
     shares
-        .into_iter()
+        .iter()
         .map(|s| {
-            let s = Zeroizing::new(s);
             let mut y = Zeroizing::new([0u8; KEY_LEN]);
             if s.len() != KEY_LEN + 1 {
                 return Err(KeysError::Invalid("a key share of the wrong length".into()));

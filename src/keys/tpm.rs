@@ -84,8 +84,10 @@ fn tpm_lock() -> TpmLock {
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok()
 }
 
-/// Which TPM to talk to, the context and the lock held while it is used.
-fn context() -> Result<(Context, String, TpmLock)> {
+/// The lock held while the TPM is used, the context and which TPM. Bound
+/// as `let (_lock, ctx, _) = ...`, the context is dropped (its handles
+/// flushed) before the lock.
+fn context() -> Result<(TpmLock, Context, String)> {
     let lock = tpm_lock();
     let tcti = ["LSVFS_TPM_TCTI", "TCTI", "TPM2TOOLS_TCTI"]
         .iter()
@@ -98,7 +100,7 @@ fn context() -> Result<(Context, String, TpmLock)> {
              Set LSVFS_TPM_TCTI for another, or use the software store (host init without --tpm)"
         ))
     })?;
-    Ok((ctx, tcti, lock))
+    Ok((lock, ctx, tcti))
 }
 
 /// The storage primary key of the owner hierarchy (ECC P-256, AES-128-CFB
@@ -236,7 +238,7 @@ fn pcr_policy(
 /// Seals `secret` to this host's TPM, bound to the current values of
 /// `pcrs` (none: bound to the TPM alone).
 pub fn seal(secret: &[u8; 32], pcrs: &[u8]) -> Result<TpmSealed> {
-    let (mut ctx, _, _lock) = context()?;
+    let (_lock, mut ctx, _) = context()?;
     let primary = primary(&mut ctx)?;
     let mut loaded: Vec<ObjectHandle> = vec![primary.into()];
     let r = (|| {
@@ -294,7 +296,7 @@ pub fn seal(secret: &[u8; 32], pcrs: &[u8]) -> Result<TpmSealed> {
 /// Unseals the host secret. A PCR that changed since sealing gives an error
 /// that names it and the way back in.
 pub fn unseal(sealed: &TpmSealed) -> Result<Zeroizing<[u8; 32]>> {
-    let (mut ctx, tcti, _lock) = context()?;
+    let (_lock, mut ctx, tcti) = context()?;
     let primary = primary(&mut ctx)?;
     let mut loaded: Vec<ObjectHandle> = vec![primary.into()];
     let r = (|| {
@@ -370,7 +372,7 @@ fn nv_handle(ctx: &mut Context, index: u32) -> Result<NvIndexHandle> {
 /// value. None when the TPM refuses (an owner password is set, or no NV
 /// space): the store then has no counter, and says so.
 pub fn nv_counter_create() -> Result<Option<(u32, u64)>> {
-    let (mut ctx, _, _lock) = context()?;
+    let (_lock, mut ctx, _) = context()?;
     let attrs = NvIndexAttributesBuilder::new()
         .with_owner_write(true)
         .with_owner_read(true)
@@ -393,9 +395,16 @@ pub fn nv_counter_create() -> Result<Option<(u32, u64)>> {
         });
         match defined {
             Ok(h) => {
-                let _ = ctx.tr_close(&mut ObjectHandle::from(h));
-                nv_increment_with(&mut ctx, index)?;
-                return Ok(Some((index, nv_read_with(&mut ctx, index)?)));
+                let started =
+                    nv_increment_with(&mut ctx, index).and_then(|_| nv_read_with(&mut ctx, index));
+                if started.is_err() {
+                    let _ = ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+                        ctx.nv_undefine_space(Provision::Owner, h)
+                    });
+                } else {
+                    let _ = ctx.tr_close(&mut ObjectHandle::from(h));
+                }
+                return Ok(Some((index, started?)));
             }
             // Taken by someone else: another index.
             Err(tss_esapi::Error::Tss2Error(rc))
@@ -420,17 +429,36 @@ pub fn nv_counter_create() -> Result<Option<(u32, u64)>> {
 
 /// The counter's value.
 pub fn nv_counter_read(index: u32) -> Result<u64> {
-    let (mut ctx, _, _lock) = context()?;
+    let (_lock, mut ctx, _) = context()?;
     nv_read_with(&mut ctx, index)
 }
 
 fn nv_read_with(ctx: &mut Context, index: u32) -> Result<u64> {
     let h = nv_handle(ctx, index)?;
+    // A counter, and only a counter: an ordinary index at that handle
+    // (someone undefined the counter and wrote 0 there) would read low.
+    let (public, _) = ctx
+        .execute_without_session(|ctx| ctx.nv_read_public(h))
+        .map_err(|e| tpm_err(&format!("NV index {index:#010x}"), e))?;
+    if public.attributes().index_type().ok() != Some(NvIndexType::Counter) {
+        return Err(KeysError::SealedStore(format!(
+            "TPM NV index {index:#010x} is not the store's counter any more (it was \
+             replaced); open volumes with their recovery key (--key-file)"
+        )));
+    }
     let buf = ctx
         .execute_with_session(Some(AuthSession::Password), |ctx| {
             ctx.nv_read(NvAuth::Owner, h, 8, 0)
         })
-        .map_err(|e| tpm_err(&format!("reading NV counter {index:#010x}"), e))?;
+        .map_err(|e| {
+            tpm_err(
+                &format!(
+                    "reading NV counter {index:#010x} with the owner's authorization (if an \
+                     owner password was set since `host init --tpm`, that is why)"
+                ),
+                e,
+            )
+        })?;
     let b: [u8; 8] = buf
         .value()
         .try_into()
@@ -441,7 +469,7 @@ fn nv_read_with(ctx: &mut Context, index: u32) -> Result<u64> {
 
 /// Adds one to the counter.
 pub fn nv_counter_increment(index: u32) -> Result<()> {
-    let (mut ctx, _, _lock) = context()?;
+    let (_lock, mut ctx, _) = context()?;
     nv_increment_with(&mut ctx, index)
 }
 
@@ -455,7 +483,7 @@ fn nv_increment_with(ctx: &mut Context, index: u32) -> Result<()> {
 
 /// Removes the counter (a store being made anew on the same TPM).
 pub fn nv_counter_remove(index: u32) -> Result<()> {
-    let (mut ctx, _, _lock) = context()?;
+    let (_lock, mut ctx, _) = context()?;
     let h = nv_handle(&mut ctx, index)?;
     ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
         ctx.nv_undefine_space(Provision::Owner, h)

@@ -138,6 +138,9 @@ pub enum ClientError {
     /// A malformed answer, a bad URL or configuration, or a KEK that does not
     /// open.
     Protocol(String),
+    /// The server answered, but what it gave cannot be used (its KEK opens
+    /// nothing of this host's): counted as that server failing.
+    Unusable(String),
 }
 
 fn refusal_hint(reason: Refusal) -> &'static str {
@@ -187,6 +190,7 @@ impl std::fmt::Display for ClientError {
                  {detail} (pass the key server's CA certificate with --ca)"
             ),
             ClientError::Protocol(m) => write!(f, "key server protocol error: {m}"),
+            ClientError::Unusable(m) => write!(f, "key server answered, unusably: {m}"),
         }
     }
 }
