@@ -812,3 +812,44 @@ fn nothing_written_through_a_mount_appears_in_the_backing_file() {
     );
     m.unmount();
 }
+
+/// The daemon takes SIGTERM, SIGINT and SIGHUP synchronously on its main
+/// thread: every one of its threads must block them. A thread started
+/// before the mask was set (the volume's crypto or cleaner threads) once
+/// took a SIGTERM that came while the main thread was between two waits,
+/// and the default action killed the daemon without flushing.
+#[test]
+fn every_thread_of_the_daemon_blocks_the_stop_signals() {
+    let m = Mounted::new();
+    m.sh("echo x > f");
+    let pid = m.daemon_pid();
+    // SIGHUP 1, SIGINT 2, SIGTERM 15: bits 0, 1 and 14 of SigBlk.
+    let want = (1u64 << 0) | (1 << 1) | (1 << 14);
+    let mut threads = 0;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap();
+        // The main thread sits in sigtimedwait, which unblocks the signals
+        // it waits for while it waits (and /proc shows that).
+        if task.file_name().to_str() == Some(pid.as_str()) {
+            continue;
+        }
+        let status = fs::read_to_string(task.path().join("status")).unwrap();
+        let name = status.lines().next().unwrap_or_default().to_string();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(
+            blocked & want,
+            want,
+            "{name} does not block the stop signals"
+        );
+        threads += 1;
+    }
+    assert!(
+        threads > 2,
+        "only {threads} threads: the crypto and cleaner threads are missing"
+    );
+    m.unmount_and_check();
+}

@@ -71,21 +71,33 @@ pub fn foreground(
     unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     let path = canonical(path)?;
     let mountpoint = canonical(mountpoint)?;
-    let (fs, device) = if service {
-        open_fs_waiting(&path, k, t, opts)?
-    } else {
-        open_fs(&path, k, t, opts)?
-    };
-    let fs = Arc::new(fs);
-    let volume_id = fs.volume_id();
-    // Signals are taken synchronously below; block them before any thread
-    // starts so that every thread inherits the mask.
+    // Signals are taken synchronously (sigtimedwait); block them before any
+    // thread starts (the volume's crypto and cleaner threads, key server
+    // requests) so that every thread inherits the mask: a thread that did
+    // not block SIGTERM would take it while the main thread is between two
+    // waits, and die of it with the whole process.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGHUP);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)
         .map_err(|e| Error::io("blocking signals", e.into()))?;
+    let (fs, device) = if service {
+        match open_fs_waiting(&path, k, t, opts, &signals)? {
+            Some(opened) => opened,
+            None => {
+                tracing::info!(
+                    "stopped while waiting for the key server; {} was not mounted",
+                    path.display()
+                );
+                return Ok(());
+            }
+        }
+    } else {
+        open_fs(&path, k, t, opts)?
+    };
+    let fs = Arc::new(fs);
+    let volume_id = fs.volume_id();
 
     let synced = mountpoint.clone();
     let snaps = Arc::new(Snapshots::new(
@@ -287,8 +299,15 @@ const KEYSERVER_RETRY_MAX: Duration = Duration::from_secs(60);
 /// [`open_fs`] for a service starting at boot: while the key server cannot
 /// be reached (exit code 9), waits and tries again (1 s, doubling up to a
 /// minute), saying why in the service's status and on stderr. Any other
-/// error ends it. SIGTERM ends the wait.
-fn open_fs_waiting(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Opened, Error> {
+/// error ends it. One of `signals` (blocked by the caller) ends the wait:
+/// None.
+fn open_fs_waiting(
+    path: &Path,
+    k: &Keys,
+    t: &Tuning,
+    o: &MountOptions,
+    signals: &SigSet,
+) -> Result<Option<Opened>, Error> {
     let mut delay = Duration::from_secs(1);
     loop {
         match open_fs(path, k, t, o) {
@@ -300,10 +319,18 @@ fn open_fs_waiting(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Resul
                 );
                 tracing::warn!("{status}");
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&status)]);
-                std::thread::sleep(delay);
+                let ts = libc::timespec {
+                    tv_sec: delay.as_secs() as libc::time_t,
+                    tv_nsec: 0,
+                };
+                // SAFETY: the set and timespec are valid for the call; a
+                // null info pointer is allowed.
+                if unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &ts) } > 0 {
+                    return Ok(None);
+                }
                 delay = (delay * 2).min(KEYSERVER_RETRY_MAX);
             }
-            r => return r,
+            r => return r.map(Some),
         }
     }
 }
