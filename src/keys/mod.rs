@@ -105,6 +105,7 @@ fn client_config(store: &SealedStore, url: &str, o: &ServerOptions) -> ClientCon
 fn from_client(e: ClientError) -> KeysError {
     match e {
         ClientError::Refused { .. } => KeysError::Refused(e.to_string()),
+        ClientError::Unusable(m) => KeysError::WrongKey(m),
         _ => KeysError::KeyServer(e.to_string()),
     }
 }
@@ -284,21 +285,28 @@ pub fn unlock_with_server(
     let cfgs: Vec<ClientConfig> = urls.iter().map(|u| client_config(&store, u, o)).collect();
     let versions: Vec<u32> = entry.shares.iter().map(|s| s.kek_version).collect();
     let whole = entry.shares.len() == 1 && entry.shares[0].x == 0;
-    // A share whose server's KEK does not open it counts as that server
-    // failing, so a wrong answer from one server (compromised, or restored
-    // from an old backup) does not stop the unlock while k others answer.
+    // Each answer is opened as it comes: a KEK that does not open this
+    // host's share counts as that server failing, so a wrong answer from
+    // one server (compromised, or restored from an old backup) does not stop
+    // the unlock while k others answer.
     let shares: Vec<(u8, WrappedKey)> = entry.shares.iter().map(|s| (s.x, s.wrapped)).collect();
     let asker = host.clone();
+    let volume = hex.clone();
     let mut got = client::quorum(k, cfgs.clone(), every, move |i, cfg| {
         let got = client::unlock(cfg, &asker, vid, versions[i])?;
         let (x, wrapped) = &shares[i];
-        if !whole && unwrap_key(&kek_of(&got.kek), wrapped, &share_associated(&vid, *x)).is_err() {
-            return Err(ClientError::Unusable(format!(
+        match unwrap_key(&kek_of(&got.kek), wrapped, &share_associated(&vid, *x)) {
+            Ok(secret) => Ok((got, Zeroizing::new(*secret.expose()))),
+            Err(_) if whole => Err(ClientError::Unusable(format!(
+                "the key server's KEK v{} does not open the sealed key of volume {volume}; \
+                 the sealed store and the volume do not belong together",
+                versions[i]
+            ))),
+            Err(_) => Err(ClientError::Unusable(format!(
                 "its KEK v{} does not open this host's sealed key share",
                 versions[i]
-            )));
+            ))),
         }
-        Ok(got)
     })
     .map_err(|f| quorum_failed("unlocking", k, &urls, f))?;
     got.sort_by_key(|(i, _)| *i);
@@ -307,36 +315,16 @@ pub fn unlock_with_server(
             "{what} of volume {hex}; the sealed store and the volume do not belong together"
         ))
     };
-    let opened = |i: usize, kek: &client::Kek| -> Result<Zeroizing<[u8; 32]>> {
-        let s = &entry.shares[i];
-        unwrap_key(&kek_of(kek), &s.wrapped, &share_associated(&vid, s.x))
-            .map(|m| Zeroizing::new(*m.expose()))
-            .map_err(|_| {
-                not_ours(if whole {
-                    format!(
-                        "the key server's KEK v{} does not open the sealed key",
-                        s.kek_version
-                    )
-                } else {
-                    format!(
-                        "the KEK v{} of {} does not open its sealed key share",
-                        s.kek_version, s.server
-                    )
-                })
-            })
-    };
     let master = if whole {
-        MasterKey::from_bytes(opened(got[0].0, &got[0].1.kek)?)
+        MasterKey::from_bytes(got[0].1 .1.clone())
     } else {
-        let parts = got
+        let parts: Vec<threshold::KeyShare> = got
             .iter()
-            .map(|(i, u)| {
-                Ok(threshold::KeyShare {
-                    x: entry.shares[*i].x,
-                    y: opened(*i, &u.kek)?,
-                })
+            .map(|(i, (_, y))| threshold::KeyShare {
+                x: entry.shares[*i].x,
+                y: y.clone(),
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         threshold::combine(&parts)?
     };
     if master.check_value(&vid) != header.key_check {
@@ -353,14 +341,14 @@ pub fn unlock_with_server(
     }
     // Shares under a newer KEK, then one locked update of the store.
     let mut rewraps = Vec::new();
-    for (i, u) in &got {
+    for (i, (u, y)) in &got {
         if let Some(newest) = &u.newest {
             let s = &entry.shares[*i];
             let wrapped = if s.x == 0 {
                 wrap_key(&kek_of(newest), &master, &associated(&vid))
                     .map_err(|e| KeysError::Invalid(format!("wrapping the volume key: {e}")))?
             } else {
-                wrap_share(newest, &*opened(*i, &u.kek)?, &vid, s.x)?
+                wrap_share(newest, y, &vid, s.x)?
             };
             rewraps.push((*i, newest.version, wrapped));
         }

@@ -149,6 +149,9 @@ pub struct SealedStore {
     pub nv_index: u32,
     /// The store's NV counter and its value, as read when it was opened.
     counter: Option<(u32, u64)>,
+    /// The host secret it was opened with, so that saving it again needs
+    /// no second TPM unseal.
+    secret: Option<Zeroizing<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for SealedStore {
@@ -253,9 +256,11 @@ fn tpm_sealed(dir: &Path) -> Result<Option<super::tpm::TpmSealed>> {
 }
 
 /// The host secret; the buffer it was read into is zeroized too.
-fn read_secret(dir: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    if let Some(t) = tpm_sealed(dir)? {
-        return super::tpm::unseal(&t);
+/// The host secret: unsealed by the TPM when the store has `tpm` (its
+/// `host-secret.tpm`), else read from `host-secret`.
+fn read_secret(dir: &Path, tpm: Option<&super::tpm::TpmSealed>) -> Result<Zeroizing<[u8; 32]>> {
+    if let Some(t) = tpm {
+        return super::tpm::unseal(t);
     }
     let path = dir.join(SECRET_FILE);
     let bytes = Zeroizing::new(
@@ -381,6 +386,7 @@ impl SealedStore {
             anchor: counter.map_or(0, |(_, v)| v),
             nv_index: counter.map_or(0, |(i, _)| i),
             counter,
+            secret: Some(secret.clone()),
         };
         if let Err(e) = store.save_with(&secret) {
             let _ = fs::remove_file(dir.join(secret_file));
@@ -478,12 +484,13 @@ impl SealedStore {
         // The counter before the file: a writer saves the file (anchored one
         // above the counter) before it advances the counter, so whichever
         // file is read after this, a current one is never below it.
-        let index = tpm_sealed(dir)?.map_or(0, |t| t.nv_index);
+        let tpm = tpm_sealed(dir)?;
+        let index = tpm.as_ref().map_or(0, |t| t.nv_index);
         let counter = match index {
             0 => None,
             i => Some((i, super::tpm::nv_counter_read(i)?)),
         };
-        let secret = read_secret(dir)?;
+        let secret = read_secret(dir, tpm.as_ref())?;
         let b = fs::read(&sealed_path)
             .map_err(|e| KeysError::io(format!("reading {}", sealed_path.display()), e))?;
         let mut store = Self::unseal(dir, &b, &secret, &measurement()?)?;
@@ -515,6 +522,7 @@ impl SealedStore {
             }
             store.counter = Some((index, value));
         }
+        store.secret = Some(secret);
         Ok(store)
     }
 
@@ -664,12 +672,16 @@ impl SealedStore {
             anchor,
             nv_index,
             counter: None,
+            secret: None,
         })
     }
 
     /// Seals the current contents and replaces the file atomically.
     pub fn save(&self) -> Result<()> {
-        self.save_with(&*read_secret(&self.dir)?)
+        match &self.secret {
+            Some(secret) => self.save_with(secret),
+            None => self.save_with(&*read_secret(&self.dir, tpm_sealed(&self.dir)?.as_ref())?),
+        }
     }
 
     fn save_with(&self, secret: &[u8; 32]) -> Result<()> {
