@@ -71,3 +71,31 @@ pub fn sealed_store(data: &[u8]) {
 pub fn control_request(data: &[u8]) {
     let _ = lsvfs::cli::parse_control_request(data);
 }
+
+/// An export stream (byte 0 even), as `lsvfs export verify` and `lsvfs
+/// restore` read it, with the key file whose KEK is 32 bytes of 0x33; or
+/// (odd) a chunk's plaintext, as the records decoder sees it after
+/// authentication.
+pub fn export_stream(data: &[u8]) {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    if which % 2 == 1 {
+        let mut next = 0;
+        if let Ok(rs) = lsvfs::export::decode_records(rest, 1 << 20, &mut next) {
+            for r in rs {
+                assert!(r.count > 0 && r.first + r.count <= 1 << 20);
+            }
+        }
+        return;
+    }
+    if let Ok(s) = lsvfs::export::Stream::open(rest, "fuzz.lsx") {
+        let _ = s.verify();
+    }
+    let kek = lsvfs::crypto::Kek::from_bytes(zeroize::Zeroizing::new([0x33; 32]));
+    if let Ok(s) = lsvfs::export::Stream::open(rest, "fuzz.lsx") {
+        if let Ok(key) = s.open_key(&[], std::slice::from_ref(&kek)) {
+            let _ = s.read_records(&key, &mut |_| Ok(()));
+        }
+    }
+}

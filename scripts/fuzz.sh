@@ -9,8 +9,9 @@
 # patches to a valid one), fs_metadata (inodes, directory entries, the
 # superblock, B+tree nodes, ACLs, chunk items), key_file, sealed_store,
 # control_request (the mount's control socket), keyserver_request (the key
-# server's HTTP bodies). Corpus and crashes stay in fuzz/corpus/TARGET and
-# fuzz/artifacts/TARGET (not committed).
+# server's HTTP bodies), export_stream (export files and chunk records).
+# Corpus and crashes stay in fuzz/corpus/TARGET and fuzz/artifacts/TARGET
+# (not committed).
 #
 # cargo-fuzz needs nightly-only compiler flags; on the stable toolchain they
 # are enabled with RUSTC_BOOTSTRAP=1.

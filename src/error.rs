@@ -101,6 +101,15 @@ pub enum Class {
     Rollback,
     /// The volume's keys were destroyed (`lsvfs erase`).
     Erased,
+    /// Not an export stream, or an export format version this build
+    /// cannot read.
+    NotAnExport,
+    /// A chain of exports with a missing, reordered or foreign link, or an
+    /// increment whose base is not what the target volume holds.
+    Chain,
+    /// Incomplete: an export stream cut short, or a volume whose restore
+    /// did not finish.
+    Incomplete,
     /// A POSIX refusal (ENOENT, EEXIST, ENOTEMPTY, ...).
     Posix(Posix),
     /// A failure another process reported with an errno (the mount's
@@ -114,7 +123,8 @@ impl Class {
     /// The errno a POSIX caller sees.
     pub fn errno(self) -> i32 {
         match self {
-            Class::Usage | Class::NotAVolume => libc::EINVAL,
+            Class::Usage | Class::NotAVolume | Class::NotAnExport | Class::Chain => libc::EINVAL,
+            Class::Incomplete => libc::EIO,
             Class::Corrupt | Class::PreviousIo => libc::EIO,
             Class::WrongKey | Class::Refused | Class::SealedStore | Class::Erased => libc::EACCES,
             Class::Rollback => libc::ESTALE,
@@ -143,6 +153,9 @@ impl Class {
             Class::SealedStore => 11,
             Class::Rollback => 12,
             Class::Erased => 13,
+            Class::NotAnExport => 14,
+            Class::Chain => 15,
+            Class::Incomplete => 16,
             Class::Errno(n) => match n {
                 libc::EINVAL => 2,
                 libc::ENOSPC => 6,
@@ -185,6 +198,9 @@ mod tests {
             (Class::SealedStore, libc::EACCES, 11),
             (Class::Rollback, libc::ESTALE, 12),
             (Class::Erased, libc::EACCES, 13),
+            (Class::NotAnExport, libc::EINVAL, 14),
+            (Class::Chain, libc::EINVAL, 15),
+            (Class::Incomplete, libc::EIO, 16),
             (Class::ReadOnly, libc::EROFS, 1),
             (Class::Posix(Posix::NotFound), libc::ENOENT, 1),
             (Class::Posix(Posix::NotSupported), libc::EOPNOTSUPP, 1),

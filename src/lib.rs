@@ -10,6 +10,7 @@
 //! | [`fs`]     | the POSIX file system on a volume: inodes, directories, data, xattrs |
 //! | [`fuse`]   | the fuser adapter: the kernel mount (types and replies only) |
 //! | [`keys`]   | key files and volume key slots: turning what the user holds into a master key |
+//! | [`export`] | snapshot exports and restore: encrypted, incremental, hash-chained streams of a snapshot's blocks |
 //! | [`cli`]    | the `lsvfs` command |
 //!
 //! The on-disk format is specified byte by byte in `docs/FORMAT.md`.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod crypto;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod fs;
 pub mod fuse;
 pub mod keys;

@@ -258,3 +258,59 @@ fn control_request_parser_survives_mutations() {
         mutations(seed.as_bytes(), 3000, decoders::control_request);
     }
 }
+
+#[test]
+fn export_stream_decoders_survive_mutations() {
+    use lsvfs::crypto::{Kek, MasterKey};
+    use lsvfs::device::{Device, MemDevice};
+    use lsvfs::volume::{self, CreateOptions, KeySlot, Lba, Options, Transaction, Volume};
+    use std::sync::Arc;
+    // A small export with a key-file slot for the decoder's key (0x33...).
+    let dev = Arc::new(MemDevice::new());
+    let m = MasterKey::from_bytes(zeroize::Zeroizing::new([1; 32]));
+    volume::create(
+        &*dev,
+        &m,
+        [2; 16],
+        [KeySlot::EMPTY; volume::KEY_SLOTS],
+        &CreateOptions {
+            logical_blocks: 64,
+            segment_blocks: 16,
+        },
+    )
+    .unwrap();
+    let o = Options {
+        background: false,
+        ..Options::default()
+    };
+    let v = Volume::open(dev as Arc<dyn Device>, &m, o).unwrap();
+    let mut t = Transaction::new();
+    t.write(Lba(3), vec![7u8; 4096]);
+    t.zero(Lba(9), 2);
+    v.commit(t).unwrap();
+    v.snapshot_create("a").unwrap();
+    v.trim(Lba(3), 1).unwrap();
+    v.write(Lba(20), &[9u8; 4096]).unwrap();
+    v.snapshot_create("b").unwrap();
+    let holders = lsvfs::export::Holders {
+        recipients: vec![],
+        key_files: vec![Kek::from_bytes(zeroize::Zeroizing::new([0x33; 32]))],
+    };
+    for since in [None, Some("a")] {
+        let mut out = vec![0u8];
+        lsvfs::export::export(&v, "b", since, &holders, &mut out, &mut |_, _| Ok(())).unwrap();
+        decoders::export_stream(&out);
+        mutations(&out, 3000, decoders::export_stream);
+    }
+    // Records: a data, a zero and a trim record, mutated.
+    let mut recs = vec![1u8];
+    for (kind, first, count) in [(1u8, 2u64, 1u32), (2, 5, 3), (3, 9, 100)] {
+        recs.push(kind);
+        recs.extend_from_slice(&first.to_le_bytes());
+        recs.extend_from_slice(&count.to_le_bytes());
+        if kind == 1 {
+            recs.extend_from_slice(&[5u8; 4096]);
+        }
+    }
+    mutations(&recs, 3000, decoders::export_stream);
+}

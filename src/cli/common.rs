@@ -159,6 +159,9 @@ pub(super) fn open_device(path: &Path, writable: bool) -> Result<Arc<dyn Device>
 pub(super) fn with_path(e: VolumeError, path: &Path) -> Error {
     match e {
         VolumeError::NotAVolume(_) => VolumeError::NotAVolume(path.display().to_string()).into(),
+        VolumeError::IncompleteRestore(_) => {
+            VolumeError::IncompleteRestore(path.display().to_string()).into()
+        }
         e => e.into(),
     }
 }
@@ -171,8 +174,18 @@ pub(super) fn open_volume(
 ) -> Result<Volume, Error> {
     let dev = open_device(path, !read_only)?;
     let header = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    refuse_restoring(&header, path)?;
     let master = k.master(&header, path)?;
     open_with(dev, &master, read_only, t)
+}
+
+/// Refuses a volume whose restore has not finished, before any key is
+/// asked for.
+pub(super) fn refuse_restoring(h: &volume::Header, path: &Path) -> Result<(), Error> {
+    if h.restoring {
+        return Err(VolumeError::IncompleteRestore(path.display().to_string()).into());
+    }
+    Ok(())
 }
 
 pub(super) fn open_with(

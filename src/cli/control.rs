@@ -1,8 +1,11 @@
-//! The mount's control socket: `lsvfs snapshot create|list|delete` talk
-//! to the running mount over a Unix socket that only root (or the user
-//! who mounted) may use. Wire format: docs/FORMAT.md, "Control socket".
+//! The mount's control socket: `lsvfs snapshot create|list|delete|export`
+//! talk to the running mount over a Unix socket that only root (or the
+//! user who mounted) may use. An export request carries the descriptor to
+//! write the export to (SCM_RIGHTS), so the stream never passes through
+//! the socket. Wire format: docs/FORMAT.md, "Control socket".
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -21,9 +24,55 @@ const MAX_REQUEST: u64 = 4096;
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    Create { name: String },
-    Delete { name: String },
+    Create {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
     List {},
+    /// Export snapshot `name` (an increment over `since`) to the
+    /// descriptor sent with the request, for the recipients (public keys,
+    /// their text form) and key files (absolute paths) given.
+    Export {
+        name: String,
+        #[serde(default)]
+        since: Option<String>,
+        #[serde(default)]
+        recipients: Vec<String>,
+        #[serde(default)]
+        key_files: Vec<PathBuf>,
+    },
+}
+
+/// What an export wrote, as the mount reports it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ExportEntry {
+    pub snapshot: String,
+    #[serde(default)]
+    pub base: Option<String>,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    pub trim_blocks: u64,
+    /// SHA-256 of the stream (hex): the trailer's hash.
+    pub hash: String,
+}
+
+impl ExportEntry {
+    pub fn of(s: &crate::export::Summary) -> ExportEntry {
+        ExportEntry {
+            snapshot: s.header.snapshot.name.clone(),
+            base: s.header.base.as_ref().map(|b| b.name.clone()),
+            bytes: s.bytes,
+            chunks: s.trailer.chunks,
+            data_blocks: s.trailer.data_blocks,
+            zero_blocks: s.trailer.zero_blocks,
+            trim_blocks: s.trailer.trim_blocks,
+            hash: crate::keys::hex(&s.trailer.hash),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -47,6 +96,8 @@ pub struct Response {
     pub id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<Vec<SnapshotEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportEntry>,
 }
 
 /// Directory of control sockets (`$LSVFS_RUN_DIR`, default /run/lsvfs).
@@ -172,11 +223,9 @@ fn handle(stream: UnixStream, snaps: &Snapshots) {
     let me = unsafe { libc::geteuid() };
     let resp = match peer_uid(&stream) {
         Some(uid) if uid == 0 || uid == me => {
-            let mut line = Vec::new();
-            let read = BufReader::new((&stream).take(MAX_REQUEST)).read_until(b'\n', &mut line);
-            match read.map(|_| parse_request(&line)) {
-                Ok(Ok(req)) => answer(req, snaps),
-                Ok(Err(e)) => failure(&e),
+            match read_request(&stream).map(|(line, fds)| (parse_request(&line), fds)) {
+                Ok((Ok(req), fds)) => answer(req, fds, snaps),
+                Ok((Err(e), _)) => failure(&e),
                 Err(e) => failure(&Error::io("reading the control request", e)),
             }
         }
@@ -189,6 +238,37 @@ fn handle(stream: UnixStream, snaps: &Snapshots) {
     let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
     let _ = (&stream).write_all(&out);
+}
+
+/// Reads one request line, and the descriptors sent with it.
+fn read_request(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    loop {
+        let mut buf = [0u8; 1024];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(got) = c {
+                // SAFETY: the kernel just installed these descriptors in
+                // this process for us; nothing else owns them.
+                fds.extend(got.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+            }
+        }
+        let n = msg.bytes;
+        line.extend_from_slice(&buf[..n]);
+        if n == 0 || line.contains(&b'\n') || line.len() as u64 > MAX_REQUEST {
+            return Ok((line, fds));
+        }
+    }
 }
 
 /// Sends one request line and reads the answer line. A mount that refuses
@@ -222,7 +302,27 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Error> {
     })
 }
 
-fn answer(req: Request, snaps: &Snapshots) -> Response {
+fn answer(req: Request, fds: Vec<OwnedFd>, snaps: &Snapshots) -> Response {
+    if let Request::Export {
+        name,
+        since,
+        recipients,
+        key_files,
+    } = req
+    {
+        let Some(fd) = fds.into_iter().next() else {
+            return failure(&Error::Usage(
+                "an export request must carry the descriptor to write to".into(),
+            ));
+        };
+        return export_to(snaps, &name, since.as_deref(), &recipients, &key_files, fd)
+            .map(|e| Response {
+                ok: true,
+                export: Some(e),
+                ..Response::default()
+            })
+            .unwrap_or_else(|e| failure(&e));
+    }
     let r = match req {
         Request::Create { name } => snaps.create(&name).map(|id| Response {
             ok: true,
@@ -249,12 +349,58 @@ fn answer(req: Request, snaps: &Snapshots) -> Response {
             ),
             ..Response::default()
         }),
+        Request::Export { .. } => unreachable!("answered above"),
     };
     r.unwrap_or_else(|e| failure(&e.into()))
 }
 
+/// Writes an export of the mounted volume to `fd`. It stops (and fails)
+/// if the mount ends meanwhile.
+fn export_to(
+    snaps: &Snapshots,
+    name: &str,
+    since: Option<&str>,
+    recipients: &[String],
+    key_files: &[PathBuf],
+    fd: OwnedFd,
+) -> Result<ExportEntry, Error> {
+    let holders = crate::export::Holders {
+        recipients: recipients
+            .iter()
+            .map(|r| crate::export::RecipientKey::parse(r, "a --recipient"))
+            .collect::<Result<_, _>>()?,
+        key_files: key_files
+            .iter()
+            .map(|k| crate::keys::read_key_file(k))
+            .collect::<Result<_, _>>()?,
+    };
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd));
+    let s = snaps.with_volume(|v, mounted| {
+        crate::export::export(v, name, since, &holders, &mut out, &mut |_, _| {
+            if mounted() {
+                Ok(())
+            } else {
+                Err(crate::export::ExportError::Usage(
+                    "the volume was unmounted during the export".into(),
+                ))
+            }
+        })
+    })??;
+    Ok(ExportEntry::of(&s))
+}
+
 /// Sends one request to the mount on `mountpoint` and returns its answer.
 pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
+    request_with(mountpoint, req, None)
+}
+
+/// [`request`], sending `fd` with it (an export's output); it then waits
+/// for the answer as long as the export takes.
+pub fn request_with(
+    mountpoint: &Path,
+    req: &Request,
+    fd: Option<std::os::fd::BorrowedFd>,
+) -> Result<Response, Error> {
     let mountpoint = std::fs::canonicalize(mountpoint)
         .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
     let path = socket_path(&mountpoint);
@@ -279,10 +425,32 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response, Error> {
             )));
         }
     }
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
     let mut line = serde_json::to_vec(req).map_err(|e| Error::Usage(e.to_string()))?;
     line.push(b'\n');
-    let answer = exchange(&stream, &line)?;
+    let answer = match fd {
+        None => {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
+            exchange(&stream, &line)?
+        }
+        Some(fd) => {
+            use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+            let fds = [fd.as_raw_fd()];
+            let iov = [std::io::IoSlice::new(&line)];
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            )
+            .map_err(|e| Error::io("sending the control request", e.into()))?;
+            let mut answer = String::new();
+            BufReader::new(&stream)
+                .read_line(&mut answer)
+                .map_err(|e| Error::io("reading the mount's answer", e))?;
+            answer
+        }
+    };
     serde_json::from_str(&answer).map_err(|e| {
         Error::io(
             "reading the mount's answer",

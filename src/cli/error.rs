@@ -6,6 +6,7 @@ use std::io;
 use crate::crypto::CryptoError;
 use crate::device::DeviceError;
 use crate::error::Class;
+use crate::export::ExportError;
 use crate::fs::FsError;
 use crate::keys::KeysError;
 use crate::volume::VolumeError;
@@ -31,6 +32,9 @@ pub enum Error {
     /// Key files, the sealed store or the key server refused or failed.
     #[error(transparent)]
     Keys(#[from] KeysError),
+    /// An export stream or a restore refused or failed.
+    #[error(transparent)]
+    Export(#[from] ExportError),
     /// A file the command reads or writes, or a program it runs, failed.
     #[error("{context}: {source}")]
     Io {
@@ -65,6 +69,7 @@ impl Error {
             Error::Volume(e) => e.class(),
             Error::Fs(e) => e.class(),
             Error::Keys(e) => e.class(),
+            Error::Export(e) => e.class(),
             Error::Io { source, .. } => Class::of_io(source),
             Error::Usage(_) => Class::Usage,
             Error::Busy(_) => Class::Busy,

@@ -18,16 +18,21 @@
 //! | 11 | sealed store missing, damaged, or from another host |
 //! | 12 | rollback refused: the volume is older than a state this host has seen |
 //! | 13 | the volume was crypto-erased: nothing opens it |
+//! | 14 | not an export, or an export format version this build cannot read |
+//! | 15 | export chain refused: a missing, reordered or foreign link, or a target that is not the increment's base |
+//! | 16 | incomplete: an export cut short, or a volume whose restore did not finish |
 //!
 //! `run` parses the command line and hands each subcommand to one function:
 //! volumes (keygen, create, info, check), blocks (write-blocks,
 //! read-blocks), mount (mount, unmount), snapshot, host (host, rewrap,
-//! keyslot, erase).
+//! keyslot, erase), export (snapshot export, export verify|show, restore,
+//! recipient keygen).
 
 mod blocks;
 mod common;
 mod control;
 mod error;
+mod export;
 mod helper;
 mod host;
 mod mount;
@@ -137,6 +142,67 @@ enum SnapCmd {
     /// Delete a snapshot and free the space only it held (so does
     /// `rmdir MOUNTPOINT/.snapshots/NAME`).
     Delete { mountpoint: PathBuf, name: String },
+    /// Export a snapshot as a portable, encrypted file: its blocks (or,
+    /// with --since, only those changed since an older snapshot), sealed
+    /// with a key of the export's own that only the --recipient keys and
+    /// --key-file keys can open. Verify it with `lsvfs export verify`,
+    /// rebuild a volume from it with `lsvfs restore`.
+    Export {
+        /// A mountpoint (exported through the running mount, which keeps
+        /// serving), or an unmounted volume (opened read-only with the first
+        /// --key-file, else this host's sealed store and key server).
+        source: PathBuf,
+        /// The snapshot to export.
+        name: String,
+        /// Export only what changed since this older snapshot (an
+        /// increment; restore applies it over the export of BASE).
+        #[arg(long, value_name = "BASE")]
+        since: Option<String>,
+        /// A recipient's public key file (`lsvfs recipient keygen`): it
+        /// alone can restore the export, with no key server. Repeatable.
+        #[arg(long, value_name = "PUBFILE")]
+        recipient: Vec<PathBuf>,
+        /// A key file (the volume's recovery key, say) that can open the
+        /// export. Repeatable.
+        #[arg(long, value_name = "KEYFILE")]
+        key_file: Vec<PathBuf>,
+        /// Where to write: a file (written as FILE.partial, renamed when
+        /// complete), or - for standard output.
+        #[arg(short = 'o', long, value_name = "FILE|-")]
+        output: String,
+        /// Print the summary as JSON (on stderr; stdout may be the export).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// Check export files without any key: each complete and intact (every
+    /// byte against its trailer's hash), and, given several, that they form
+    /// a chain in the order given (each an increment over the one before).
+    Verify {
+        #[arg(required = true, value_name = "FILE|-")]
+        files: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what an export holds: volume, snapshot, base, who can open it,
+    /// sizes and hash (checking the whole file, without any key).
+    Show {
+        #[arg(value_name = "FILE|-")]
+        file: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecipientCmd {
+    /// Make a recipient key pair: the identity KEYFILE (mode 0600; it opens
+    /// exports made for it) and KEYFILE.pub, whose one line (also printed)
+    /// is what `lsvfs snapshot export --recipient` takes.
+    Keygen { keyfile: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -274,6 +340,55 @@ enum Cmd {
     /// A volume's key slots (recovery keys).
     #[command(subcommand)]
     Keyslot(SlotCmd),
+    /// Check or inspect export files (see `lsvfs snapshot export`).
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Rebuild a volume from exports: a new volume (new id, new data key)
+    /// from a full export and its increments, oldest first, each becoming a
+    /// snapshot under .snapshots/ and the newest the live tree; or, with
+    /// --incremental, apply increments to a volume whose newest snapshot is
+    /// their base.
+    Restore {
+        /// Export files, oldest first (or - for standard input, alone).
+        #[arg(required = true, value_name = "FILE|-")]
+        files: Vec<String>,
+        /// The volume to create (or, with --incremental, to update).
+        #[arg(long, value_name = "VOLUME")]
+        to: PathBuf,
+        /// Key file: opens exports made for it (--key-file at export), and
+        /// becomes the new volume's recovery key slot (with --incremental:
+        /// opens the volume).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// A recipient identity (`lsvfs recipient keygen`) that opens the
+        /// exports. Repeatable.
+        #[arg(long, value_name = "KEYFILE")]
+        identity: Vec<PathBuf>,
+        /// Register the new volume with this key server (after `lsvfs host
+        /// init`), as `lsvfs create` does. Repeatable, with --threshold.
+        #[arg(long)]
+        keyserver: Vec<String>,
+        #[arg(long)]
+        threshold: Option<usize>,
+        /// Apply the increments to the existing volume --to, whose newest
+        /// snapshot must be the first one's base.
+        #[arg(long)]
+        incremental: bool,
+        /// With --incremental: first put the volume back to its newest
+        /// snapshot, discarding what changed since (also finishes an
+        /// increment whose restore was interrupted).
+        #[arg(long, requires = "incremental")]
+        rollback: bool,
+        /// Segment size of the new volume, in 4 KiB blocks.
+        #[arg(long, default_value_t = volume::DEFAULT_SEGMENT_BLOCKS)]
+        segment_blocks: u32,
+        /// One JSON summary line instead of the progress bar and summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recipient key pairs for exports.
+    #[command(subcommand)]
+    Recipient(RecipientCmd),
     /// Write the manual pages (lsvfs(1) and one per command, mount.lsvfs(8),
     /// umount.fuse.lsvfs(8)) into DIR, for packaging.
     #[command(hide = true)]
@@ -348,6 +463,16 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         }
     };
     start_logging(cli.verbose);
+    if !matches!(cli.cmd, Cmd::Mount { .. } | Cmd::MountEntry { .. }) {
+        // Like other Unix tools, end quietly when the reader of our output
+        // goes away (`lsvfs info V | head`); a mount keeps ignoring SIGPIPE,
+        // its control clients may hang up at any time.
+        // SAFETY: setting a signal's disposition to its default is always
+        // sound; no handler runs.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let env = env_of(&cli)?;
     match cli.cmd {
         Cmd::Keygen { keyfile } => volumes::keygen(&keyfile),
@@ -426,7 +551,58 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             mount::foreground(&entry.volume, &mountpoint, &k, &env.tuning, &opts, true)
         }
         Cmd::Unmount { mountpoint } => mount::unmount(&mountpoint),
+        Cmd::Snapshot(SnapCmd::Export {
+            source,
+            name,
+            since,
+            recipient,
+            key_file,
+            output,
+            json,
+        }) => export::snapshot_export(
+            &env,
+            export::ExportArgs {
+                source,
+                name,
+                since,
+                recipients: recipient,
+                key_files: key_file,
+                output,
+                json,
+            },
+        ),
         Cmd::Snapshot(c) => snapshot::run(c),
+        Cmd::Export(ExportCmd::Verify { files, json }) => export::verify(&files, json),
+        Cmd::Export(ExportCmd::Show { file, json }) => export::show(&file, json),
+        Cmd::Recipient(RecipientCmd::Keygen { keyfile }) => export::recipient_keygen(&keyfile),
+        Cmd::Restore {
+            files,
+            to,
+            key_file,
+            identity,
+            keyserver,
+            threshold,
+            incremental,
+            rollback,
+            segment_blocks,
+            json,
+        } => export::restore(
+            &env,
+            export::RestoreArgs {
+                files,
+                to,
+                keying: volumes::Keying {
+                    key_file,
+                    keyserver,
+                    threshold,
+                },
+                identities: identity,
+                incremental,
+                rollback,
+                segment_blocks,
+                json,
+            },
+        ),
         Cmd::Host(HostCmd::Init {
             keyserver,
             ca,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-use super::common::{open_device, Keys, Tuning};
+use super::common::{open_device, refuse_restoring, Keys, Tuning};
 use super::options::MountOptions;
 use crate::error::Class;
 use crate::fs::{Fs, FsError, Snapshots};
@@ -254,6 +254,7 @@ fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Opened
     let dev = open_device(path, !read_only)?;
     let device = dev.clone();
     let header = volume::read_header(&*dev)?;
+    refuse_restoring(&header, path)?;
     let master = k.master(&header, path)?;
     let vid = header.volume_id;
     let seen = k.newest_seen(&vid)?;

@@ -17,6 +17,12 @@ pub(super) fn run(c: SnapCmd) -> Result<(), Error> {
                 mountpoint.display()
             );
         }
+        // Dispatched to cli::export by `run`, which has the global options.
+        SnapCmd::Export { .. } => {
+            return Err(Error::Usage(
+                "snapshot export is run by the export command".into(),
+            ))
+        }
         SnapCmd::Delete { mountpoint, name } => {
             control_call(&mountpoint, control::Request::Delete { name: name.clone() })?;
             println!("snapshot {name} deleted");
@@ -63,7 +69,7 @@ fn control_call(mountpoint: &Path, req: control::Request) -> Result<control::Res
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) for Unix seconds.
-fn utc(secs: i64) -> String {
+pub(super) fn utc(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::common::{human, open_device, open_volume, open_with, parse_size, with_path, Env};
+use super::common::{human, open_device, open_volume, parse_size, with_path, Env};
 use super::Error;
 use crate::crypto::{random_bytes, MasterKey};
 use crate::device::{Device, DeviceError, FileDevice};
@@ -38,13 +38,67 @@ pub fn create(
             "--size must be a non-zero multiple of 4096 bytes, not {bytes}"
         )));
     }
+    let keying = Keying {
+        key_file,
+        keyserver,
+        threshold,
+    };
+    let h = make_volume(
+        env,
+        path,
+        bytes / BLOCK_SIZE as u64,
+        &keying,
+        segment_blocks,
+        None,
+        &mut |v| {
+            // SAFETY: getuid/getgid have no preconditions.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            crate::fs::Fs::format(v, uid, gid)?;
+            Ok(())
+        },
+    )?;
+    println!(
+        "created {}: {} logical, backing store grows to at most {}",
+        path.display(),
+        human(h.logical_blocks * BLOCK_SIZE as u64),
+        human(h.end_block() * BLOCK_SIZE as u64)
+    );
+    Ok(())
+}
+
+/// How a new volume's key is held: a key file's slot, key servers, or both.
+pub(super) struct Keying {
+    pub key_file: Option<PathBuf>,
+    pub keyserver: Vec<String>,
+    pub threshold: Option<usize>,
+}
+
+/// The volume a restore fills: the header's restore flag is set from before
+/// the first block is written until `fill` has returned and the volume is
+/// closed, so a restore that stops half-way leaves a volume nothing mounts.
+pub(super) struct Restoring;
+
+/// Makes a new volume at `path` with a new id and master key, keyed as
+/// `keying` says, lets `fill` write it (a file system, or a restore's
+/// blocks), closes it and registers it with its key servers. A volume that
+/// fails is removed (a regular file; a block device is left as it is).
+pub(super) fn make_volume(
+    env: &Env,
+    path: &Path,
+    logical_blocks: u64,
+    keying: &Keying,
+    segment_blocks: u32,
+    restoring: Option<Restoring>,
+    fill: &mut dyn FnMut(&Volume) -> Result<(), Error>,
+) -> Result<volume::Header, Error> {
+    let (key_file, keyserver) = (&keying.key_file, &keying.keyserver);
     if key_file.is_none() && keyserver.is_empty() {
         return Err(Error::Usage(
             "give --keyserver URL (after `lsvfs host init`), --key-file KEYFILE, or both".into(),
         ));
     }
-    let servers = servers_of(env, &keyserver)?;
-    let threshold = match (servers.len(), threshold) {
+    let servers = servers_of(env, keyserver)?;
+    let threshold = match (servers.len(), keying.threshold) {
         (0, None) => 0,
         (0, Some(_)) => return Err(Error::Usage("--threshold needs --keyserver".into())),
         (1, None | Some(1)) => 1,
@@ -60,24 +114,36 @@ pub fn create(
     let master = MasterKey::generate().map_err(|e| Error::Usage(e.to_string()))?;
     let volume_id = *random_bytes::<16>().map_err(|e| Error::Usage(e.to_string()))?;
     let mut slots = [KeySlot::EMPTY; KEY_SLOTS];
-    if let Some(kf) = &key_file {
+    if let Some(kf) = key_file {
         slots[0] = keys::key_file_slot(&keys::read_key_file(kf)?, &master, &volume_id)?;
     }
     let dev = FileDevice::open_for_create(path)
         .map_err(|e| DeviceError::new(format!("creating {}", path.display()), e))?;
     let opts = CreateOptions {
-        logical_blocks: bytes / BLOCK_SIZE as u64,
+        logical_blocks,
         segment_blocks,
     };
     let fixed = dev.fixed_size();
     let made = (|| {
-        let h = volume::create(&dev, &master, volume_id, slots, &opts)?;
+        let mut h = if restoring.is_some() {
+            volume::create_restoring(&dev, &master, volume_id, slots, &opts)?
+        } else {
+            volume::create(&dev, &master, volume_id, slots, &opts)?
+        };
         let dev: Arc<dyn Device> = Arc::new(dev);
-        let v = open_with(dev, &master, false, &env.tuning)?;
-        // SAFETY: getuid/getgid have no preconditions.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        crate::fs::Fs::format(&v, uid, gid)?;
+        let o = volume::Options {
+            restoring: restoring.is_some(),
+            background: false,
+            crypto_threads: env.tuning.crypto_threads,
+            chunk_bytes: env.tuning.chunk_bytes,
+            ..volume::Options::default()
+        };
+        let v = Volume::open(dev.clone(), &master, o)?;
+        fill(&v)?;
         v.close()?;
+        if restoring.is_some() {
+            h = volume::set_restoring(&*dev, false)?;
+        }
         if !servers.is_empty() {
             keys::register_volume(
                 &env.store,
@@ -118,13 +184,7 @@ pub fn create(
             );
         }
     }
-    println!(
-        "created {}: {} logical, backing store grows to at most {}",
-        path.display(),
-        human(h.logical_blocks * BLOCK_SIZE as u64),
-        human(h.end_block() * BLOCK_SIZE as u64)
-    );
-    Ok(())
+    Ok(h)
 }
 
 /// The --keyserver URLs of a create, each one this host was set up for

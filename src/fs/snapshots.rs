@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::Fs;
 use crate::fs::{FsError, Posix, Result};
-use crate::volume::{SnapshotId, SnapshotInfo};
+use crate::volume::{SnapshotId, SnapshotInfo, Volume};
 
 /// Snapshot views kept open at once.
 const MAX_VIEWS: usize = 16;
@@ -108,5 +108,14 @@ impl Snapshots {
 
     pub fn list(&self) -> Result<Vec<SnapshotInfo>> {
         self.fs()?.snapshot_list()
+    }
+
+    /// Runs `f` on the live volume (a snapshot export reads through it).
+    /// `f` is handed a check that turns false once the mount is ending: a
+    /// long `f` polls it and stops, so that it never holds up an unmount.
+    pub fn with_volume<T>(&self, f: impl FnOnce(&Volume, &dyn Fn() -> bool) -> T) -> Result<T> {
+        let fs = self.fs()?;
+        let mounted = || self.fs.lock().map(|g| g.is_some()).unwrap_or(false);
+        Ok(f(fs.volume(), &mounted))
     }
 }

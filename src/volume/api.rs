@@ -39,6 +39,9 @@ pub struct Options {
     /// state of the volume, so this is an older copy put back. Checked
     /// before anything is written.
     pub newest_seen: Option<u64>,
+    /// Open a volume whose restore has not finished (only `lsvfs restore`
+    /// does; anything else gets [`VolumeError::IncompleteRestore`]).
+    pub restoring: bool,
 }
 
 impl Default for Options {
@@ -51,6 +54,7 @@ impl Default for Options {
             background: true,
             checkpoint_blocks: 65536,
             newest_seen: None,
+            restoring: false,
         }
     }
 }
@@ -104,6 +108,9 @@ impl Volume {
     pub fn open(dev: Arc<dyn Device>, master: &MasterKey, opts: Options) -> Result<Volume> {
         let header = read_header(&*dev)?;
         super::header::refuse_erased(&header, "the volume")?;
+        if header.restoring && !opts.restoring {
+            return Err(VolumeError::IncompleteRestore("the volume".into()));
+        }
         if master.check_value(&header.volume_id) != header.key_check {
             return Err(VolumeError::WrongKey(
                 "the key does not match this volume's key check value".into(),
@@ -189,10 +196,17 @@ impl Volume {
     /// Takes a snapshot of every committed transaction, named `name`, and
     /// returns its id. Durable when it returns; costs one checkpoint.
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotId> {
-        self.writable()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or((0, 0), |d| (d.as_secs() as i64, d.subsec_nanos()));
+        self.snapshot_create_at(name, now)
+    }
+
+    /// [`Volume::snapshot_create`] with a given creation time (seconds and
+    /// nanoseconds since the Unix epoch): a restore keeps the times the
+    /// snapshots had on the volume they were exported from.
+    pub fn snapshot_create_at(&self, name: &str, now: (i64, u32)) -> Result<SnapshotId> {
+        self.writable()?;
         // Transactions that took their generations must be applied first:
         // a block with a generation below the snapshot's birth is in it.
         let _no_commits = self
@@ -244,6 +258,15 @@ impl Volume {
         let mut st = self.inner.lock()?;
         let i = st.snaps.named(name)?;
         st.snapshot_changed_runs(&self.inner.ctx(), i)
+    }
+
+    /// Runs of blocks written or trimmed since the newest snapshot was
+    /// taken (overlapping runs possible): empty when the live volume is
+    /// still exactly its newest snapshot.
+    pub fn changed_since_newest_snapshot(&self) -> Result<Vec<(u64, u64)>> {
+        self.live_only()?;
+        let mut st = self.inner.lock()?;
+        st.live_changed_runs(&self.inner.ctx())
     }
 
     /// A read-only handle that reads snapshot `id` (it keeps working while

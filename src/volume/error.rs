@@ -58,6 +58,14 @@ pub enum VolumeError {
          anyone; reuse the file with `lsvfs create` or delete it"
     )]
     Erased(String),
+    /// `lsvfs restore` was writing the volume and did not finish.
+    #[error(
+        "{0} is an unfinished restore (the restore was interrupted or failed): its contents are \
+         incomplete; restore again into a new file, or, if an increment was being applied, apply \
+         it again with `lsvfs restore --incremental --rollback`, which first puts the volume \
+         back to its newest snapshot"
+    )]
+    IncompleteRestore(String),
     /// A snapshot with this name exists already.
     #[error("snapshot {0} exists")]
     SnapshotExists(String),
@@ -86,6 +94,7 @@ impl VolumeError {
             VolumeError::WrongKey(_) => Class::WrongKey,
             VolumeError::Rollback { .. } => Class::Rollback,
             VolumeError::Erased(_) => Class::Erased,
+            VolumeError::IncompleteRestore(_) => Class::Incomplete,
             VolumeError::NoSpace(_) => Class::NoSpace,
             VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => Class::Usage,
             VolumeError::ReadOnly => Class::ReadOnly,

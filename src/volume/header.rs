@@ -106,6 +106,20 @@ pub fn erase(dev: &dyn Device) -> Result<Header> {
     Ok(h)
 }
 
+/// Sets or clears the header's restore-in-progress flag (durably, one
+/// copy after the other). While it is set, [`crate::volume::Volume::open`]
+/// refuses the volume unless its options allow it.
+pub fn set_restoring(dev: &dyn Device, on: bool) -> Result<Header> {
+    let old = read_header(dev)?;
+    let h = Header {
+        seq: old.seq + 1,
+        restoring: on,
+        ..old
+    };
+    write_header(dev, &h)?;
+    Ok(h)
+}
+
 /// Formats a new volume on `dev` and returns its header.
 pub fn create(
     dev: &dyn Device,
@@ -113,6 +127,30 @@ pub fn create(
     volume_id: [u8; 16],
     slots: [KeySlot; KEY_SLOTS],
     opts: &CreateOptions,
+) -> Result<Header> {
+    create_with(dev, master, volume_id, slots, opts, false)
+}
+
+/// [`create`] for `lsvfs restore`: the header carries the restoring flag
+/// from its first write, so no moment exists at which the new volume opens
+/// as an ordinary one before its restore has finished.
+pub fn create_restoring(
+    dev: &dyn Device,
+    master: &MasterKey,
+    volume_id: [u8; 16],
+    slots: [KeySlot; KEY_SLOTS],
+    opts: &CreateOptions,
+) -> Result<Header> {
+    create_with(dev, master, volume_id, slots, opts, true)
+}
+
+fn create_with(
+    dev: &dyn Device,
+    master: &MasterKey,
+    volume_id: [u8; 16],
+    slots: [KeySlot; KEY_SLOTS],
+    opts: &CreateOptions,
+    restoring: bool,
 ) -> Result<Header> {
     let seg = opts.segment_blocks;
     if !seg.is_power_of_two()
@@ -155,6 +193,7 @@ pub fn create(
             .map_or(0, |d| d.as_secs()),
         slots,
         erased: None,
+        restoring,
     };
     // Both checkpoint slots are cleared first: stale ones from an earlier
     // volume on the same device must not be mistaken for ours.

@@ -36,7 +36,10 @@ pub use check::CheckReport;
 pub use error::{Result, VolumeError};
 pub use format::{Header, KeySlot, SlotKind, DEFAULT_SEGMENT_BLOCKS, KEY_SLOTS};
 pub use geometry::max_segments_for;
-pub use header::{create, erase, read_header, refuse_erased, write_header, CreateOptions};
+pub use header::{
+    create, create_restoring, erase, read_header, refuse_erased, set_restoring, write_header,
+    CreateOptions,
+};
 pub use ids::{Generation, Lba, SegmentId, SnapshotId};
 pub use recovery::Recovery;
 pub use snapshot::SnapshotInfo;

@@ -14,7 +14,7 @@ use crate::BLOCK_SIZE;
 // |------|-----|----------------|
 // | 0    | 8   | magic          |
 // | 8    | 4   | version        |
-// | 12   | 4   | flags (bit 0: erased) |
+// | 12   | 4   | flags (bit 0: erased; bit 1: restore in progress) |
 // | 16   | 8   | header_seq     |
 // | 24   | 16  | volume_id      |
 // | 40   | 8   | logical_blocks |
@@ -43,6 +43,10 @@ pub(super) const H_ERASED: usize = H_CREATED + 8;
 /// Header flag: the volume was crypto-erased (`lsvfs erase`): no key slot,
 /// no key-check value; nothing opens it.
 pub const FLAG_ERASED: u32 = 1;
+/// Header flag: `lsvfs restore` is writing this volume and has not
+/// finished; nothing mounts it until it has (releases that predate the flag
+/// refuse it as an unknown flag).
+pub const FLAG_RESTORING: u32 = 2;
 pub(super) const H_SLOTS: usize = 128;
 pub(super) const SLOT_LEN: usize = 128;
 pub(super) const H_CHECKSUM: usize = BLOCK_SIZE - 16;
@@ -89,6 +93,8 @@ pub struct Header {
     pub slots: [KeySlot; KEY_SLOTS],
     /// When the volume was crypto-erased (Unix seconds), if it was.
     pub erased: Option<u64>,
+    /// `lsvfs restore` has not finished writing the volume.
+    pub restoring: bool,
 }
 
 impl std::fmt::Debug for Header {
@@ -118,7 +124,7 @@ impl Header {
                 FLAG_ERASED
             } else {
                 0
-            },
+            } | if self.restoring { FLAG_RESTORING } else { 0 },
         );
         put_u64(&mut b[..], H_SEQ, self.seq);
         b[H_VOLUME_ID..H_VOLUME_ID + 16].copy_from_slice(&self.volume_id);
@@ -154,7 +160,11 @@ impl Header {
             return Err(DecodeError::Checksum);
         }
         let flags = u32_at(b, H_FLAGS);
-        range("flags", flags as u64, flags & !FLAG_ERASED == 0)?;
+        range(
+            "flags",
+            flags as u64,
+            flags & !(FLAG_ERASED | FLAG_RESTORING) == 0,
+        )?;
         let logical_blocks = u64_at(b, H_LOGICAL);
         range(
             "logical_blocks",
@@ -208,6 +218,7 @@ impl Header {
         }
         Ok(Header {
             erased,
+            restoring: flags & FLAG_RESTORING != 0,
             seq: u64_at(b, H_SEQ),
             volume_id: arr16(b, H_VOLUME_ID),
             logical_blocks,

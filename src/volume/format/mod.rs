@@ -133,6 +133,7 @@ mod tests {
             created: 5,
             slots: [KeySlot::EMPTY; KEY_SLOTS],
             erased: None,
+            restoring: false,
         }
     }
 
@@ -141,6 +142,7 @@ mod tests {
         let erased = Header {
             key_check: [0; 16],
             erased: Some(1_800_000_000),
+            restoring: false,
             ..header()
         };
         let b = erased.encode();
@@ -153,9 +155,16 @@ mod tests {
         let mut leaky = erased;
         leaky.slots[2].kind = SlotKind::KeyFile;
         assert!(Header::decode(&leaky.encode()).is_err());
-        // Any other flag is refused.
+        // The restoring flag round-trips; any other flag is refused.
+        let restoring = Header {
+            restoring: true,
+            ..header()
+        };
+        let b = restoring.encode();
+        assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 2);
+        assert!(Header::decode(&b).unwrap() == restoring);
         let mut b = header().encode();
-        b[H_FLAGS] = 2;
+        b[H_FLAGS] = 4;
         let sum = blake3::hash(&b[..BLOCK_SIZE - 16]);
         b[BLOCK_SIZE - 16..].copy_from_slice(&sum.as_bytes()[..16]);
         assert!(matches!(

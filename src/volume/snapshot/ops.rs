@@ -456,6 +456,20 @@ impl State {
         Ok(bit_runs(leaves, self.geo.logical_blocks))
     }
 
+    /// Runs of blocks written or trimmed since the newest snapshot (since
+    /// the volume was made if it has none): the live changed bitmap and
+    /// those deleted snapshots left to the live interval.
+    pub fn live_changed_runs(&mut self, ctx: &Ctx) -> Result<Vec<(u64, u64)>> {
+        let mut runs = self.bitmap_runs(ctx, TreeId::Changed)?;
+        let roots = self.snaps.live_changed.clone();
+        if !roots.is_empty() {
+            let leaves = self.changed_leaves(ctx, &roots)?;
+            runs.extend(bit_runs(leaves, self.geo.logical_blocks));
+            runs.sort_unstable();
+        }
+        Ok(runs)
+    }
+
     /// Runs of logical blocks snapshot `i` maps, as (first block, count).
     pub fn snapshot_allocated_runs(&mut self, ctx: &Ctx, i: usize) -> Result<Vec<(u64, u64)>> {
         let mut leaves = Vec::new();

@@ -1,0 +1,732 @@
+//! `lsvfs snapshot export`, `lsvfs export verify|show`, `lsvfs restore` and
+//! `lsvfs recipient keygen`: snapshots as portable, encrypted, incremental
+//! files (the stream format is in docs/FORMAT.md, "Export stream").
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, IsTerminal, Read};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::common::{human, open_device, open_volume, refuse_restoring, Env};
+use super::control::{self, ExportEntry};
+use super::volumes::{make_volume, Keying, Restoring};
+use super::Error;
+use crate::crypto::Kek;
+use crate::export::{
+    self, ExportError, Header, Holders, Identity, Kind, RecipientKey, Stream, Summary,
+};
+use crate::keys;
+use crate::volume::{self, Volume};
+
+/// `lsvfs recipient keygen KEYFILE`.
+pub fn recipient_keygen(path: &Path) -> Result<(), Error> {
+    let id = Identity::generate(path)?;
+    let public = id.public().to_string();
+    let pubfile = PathBuf::from(format!("{}.pub", path.display()));
+    std::fs::write(&pubfile, format!("{public}\n"))
+        .map_err(|e| Error::io(format!("writing {}", pubfile.display()), e))?;
+    println!("{public}");
+    eprintln!(
+        "wrote the identity {} (mode 0600; it opens every export made for it: keep it safe) \
+         and its public key {} (give that to `lsvfs snapshot export --recipient`)",
+        path.display(),
+        pubfile.display()
+    );
+    Ok(())
+}
+
+/// A progress bar on a terminal (stderr), nothing otherwise.
+fn bar(what: &'static str, total: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg}: [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, {eta} left",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b.set_message(what);
+    Some(b)
+}
+
+/// Where an export goes: standard output, or a file written under a
+/// temporary name and renamed into place once complete (so an interrupted
+/// export never leaves a file by the name asked for).
+enum Output {
+    Stdout,
+    File {
+        tmp: PathBuf,
+        path: PathBuf,
+        file: File,
+    },
+}
+
+impl Output {
+    fn open(to: &str) -> Result<Output, Error> {
+        if to == "-" {
+            if std::io::stdout().is_terminal() {
+                return Err(Error::Usage(
+                    "refusing to write an export to a terminal; redirect it (-o - > FILE, or a \
+                     pipe) or give -o FILE"
+                        .into(),
+                ));
+            }
+            return Ok(Output::Stdout);
+        }
+        if to.starts_with("s3://") {
+            return Err(Error::Usage(format!(
+                "{to}: object storage destinations are not built yet; export to a file or to \
+                 standard output (-o -) and upload that"
+            )));
+        }
+        let path = PathBuf::from(to);
+        if path.symlink_metadata().is_ok() {
+            return Err(Error::Usage(format!(
+                "{} exists; remove it or choose another name",
+                path.display()
+            )));
+        }
+        let tmp = PathBuf::from(format!("{to}.partial"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        Ok(Output::File { tmp, path, file })
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Output::Stdout => "standard output".into(),
+            Output::File { path, .. } => path.display().to_string(),
+        }
+    }
+
+    /// Makes the written export durable and gives it its name.
+    fn finish(self) -> Result<(), Error> {
+        if let Output::File { tmp, path, file } = self {
+            file.sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))?;
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    fn abandon(self) {
+        if let Output::File { tmp, .. } = self {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// The options of `lsvfs snapshot export`.
+pub(super) struct ExportArgs {
+    pub source: PathBuf,
+    pub name: String,
+    pub since: Option<String>,
+    pub recipients: Vec<PathBuf>,
+    pub key_files: Vec<PathBuf>,
+    pub output: String,
+    pub json: bool,
+}
+
+/// `lsvfs snapshot export SOURCE NAME [--since BASE] [--recipient PUBFILE]...
+/// [--key-file K]... -o FILE|-`.
+pub(super) fn snapshot_export(env: &Env, a: ExportArgs) -> Result<(), Error> {
+    let recipients: Vec<RecipientKey> = a
+        .recipients
+        .iter()
+        .map(|p| RecipientKey::read(p))
+        .collect::<Result<_, _>>()?;
+    if recipients.is_empty() && a.key_files.is_empty() {
+        return Err(Error::Usage(
+            "nobody could open this export: give --recipient PUBFILE (see `lsvfs recipient \
+             keygen`) or --key-file KEYFILE, or both"
+                .into(),
+        ));
+    }
+    let mounted = a.source.is_dir();
+    let mut out = Output::open(&a.output)?;
+    let started = Instant::now();
+    let r = if mounted {
+        export_mounted(&a, &recipients, &out)
+    } else {
+        export_unmounted(env, &a, recipients, &mut out)
+    };
+    let entry = match r {
+        Ok(e) => e,
+        Err(e) => {
+            out.abandon();
+            return Err(e);
+        }
+    };
+    let to = out.name();
+    out.finish()?;
+    report_export(&entry, &a.source, &to, started, a.json)
+}
+
+fn export_mounted(
+    a: &ExportArgs,
+    recipients: &[RecipientKey],
+    out: &Output,
+) -> Result<ExportEntry, Error> {
+    let key_files = a
+        .key_files
+        .iter()
+        .map(|k| {
+            std::fs::canonicalize(k).map_err(|e| Error::io(format!("resolving {}", k.display()), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let req = control::Request::Export {
+        name: a.name.clone(),
+        since: a.since.clone(),
+        recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        key_files,
+    };
+    let stdout = std::io::stdout();
+    let fd = match out {
+        Output::Stdout => stdout.as_fd(),
+        Output::File { file, .. } => file.as_fd(),
+    };
+    let r = control::request_with(&a.source, &req, Some(fd))?;
+    if !r.ok {
+        return Err(Error::Reported {
+            class: crate::error::Class::Errno(r.errno.unwrap_or(libc::EIO)),
+            message: r.error.unwrap_or_else(|| "the mount refused".into()),
+        });
+    }
+    r.export
+        .ok_or_else(|| Error::Usage("the mount's answer holds no export summary".into()))
+}
+
+fn export_unmounted(
+    env: &Env,
+    a: &ExportArgs,
+    recipients: Vec<RecipientKey>,
+    out: &mut Output,
+) -> Result<ExportEntry, Error> {
+    let key_files: Vec<Kek> = a
+        .key_files
+        .iter()
+        .map(|k| keys::read_key_file(k))
+        .collect::<Result<_, _>>()?;
+    // Opened with the first key file if one is given, else with this
+    // host's sealed store and key server; read-only, nothing is written.
+    let v = open_volume(
+        &a.source,
+        &env.keys(a.key_files.first().cloned()),
+        true,
+        &env.tuning,
+    )?;
+    let holders = Holders {
+        recipients,
+        key_files,
+    };
+    let quiet = a.json;
+    let mut progress: Option<indicatif::ProgressBar> = None;
+    let mut tick = |done: u64, total: u64| -> export::Result<()> {
+        let b = progress.get_or_insert_with(|| {
+            bar("exporting", total * crate::BLOCK_SIZE as u64, quiet)
+                .unwrap_or_else(indicatif::ProgressBar::hidden)
+        });
+        b.set_position(done * crate::BLOCK_SIZE as u64);
+        Ok(())
+    };
+    let s: Summary = match out {
+        Output::Stdout => {
+            let stdout = std::io::stdout();
+            let mut w = BufWriter::with_capacity(1 << 20, stdout.lock());
+            export::export(&v, &a.name, a.since.as_deref(), &holders, &mut w, &mut tick)?
+        }
+        Output::File { file, .. } => {
+            let mut w = BufWriter::with_capacity(1 << 20, &*file);
+            export::export(&v, &a.name, a.since.as_deref(), &holders, &mut w, &mut tick)?
+        }
+    };
+    if let Some(b) = progress {
+        b.finish_and_clear();
+    }
+    Ok(ExportEntry::of(&s))
+}
+
+fn report_export(
+    e: &ExportEntry,
+    source: &Path,
+    to: &str,
+    started: Instant,
+    json: bool,
+) -> Result<(), Error> {
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(e).map_err(|e| Error::Usage(e.to_string()))?;
+        v["output"] = to.into();
+        v["seconds"] = secs.into();
+        eprintln!("{v}");
+        return Ok(());
+    }
+    let what = match &e.base {
+        Some(b) => format!("snapshot {} as an increment over {b}", e.snapshot),
+        None => format!("snapshot {} (full)", e.snapshot),
+    };
+    eprintln!(
+        "exported {what} of {} to {to}: {} ({} data, {} zero, {} trimmed blocks) in {secs:.1} s, \
+         {}/s; sha256 {}",
+        source.display(),
+        human(e.bytes),
+        e.data_blocks,
+        e.zero_blocks,
+        e.trim_blocks,
+        human((e.bytes as f64 / secs.max(1e-3)) as u64),
+        e.hash
+    );
+    Ok(())
+}
+
+/// An input: a file, or standard input.
+fn open_input(name: &str) -> Result<Stream<Box<dyn Read>>, Error> {
+    if name == "-" {
+        let r: Box<dyn Read> = Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()));
+        return Ok(Stream::open(r, "standard input")?);
+    }
+    if name.starts_with("s3://") {
+        return Err(Error::Usage(format!(
+            "{name}: object storage sources are not built yet; download the export and give \
+             its file"
+        )));
+    }
+    let f = File::open(name).map_err(|e| Error::io(format!("opening {name}"), e))?;
+    let r: Box<dyn Read> = Box::new(BufReader::with_capacity(1 << 20, f));
+    Ok(Stream::open(r, name)?)
+}
+
+/// Checks that `headers` (in the order given) form a chain: each one an
+/// increment over the snapshot of the one before, all of one volume.
+fn check_chain(headers: &[(String, Header)]) -> Result<(), ExportError> {
+    for w in headers.windows(2) {
+        let ((pn, prev), (n, h)) = (&w[0], &w[1]);
+        if h.volume_id != prev.volume_id {
+            return Err(ExportError::Chain(format!(
+                "{n} is from volume {}, {pn} from volume {}: a foreign link; give one volume's \
+                 exports only",
+                keys::hex(&h.volume_id),
+                keys::hex(&prev.volume_id)
+            )));
+        }
+        let Some(base) = &h.base else {
+            return Err(ExportError::Chain(format!(
+                "{n} is a full export, so it cannot follow {pn}; restore it on its own, or give \
+                 the chain oldest first: one full export, then its increments"
+            )));
+        };
+        if h.base_link() != Some(prev.snapshot_link()) {
+            let later = headers
+                .iter()
+                .find(|(_, x)| Some(x.snapshot_link()) == h.base_link())
+                .map(|(x, _)| x.clone());
+            return Err(ExportError::Chain(match later {
+                Some(x) => format!(
+                    "{n} applies over snapshot {} ({x}), not over {} ({pn}): the files are out \
+                     of order; give them oldest first",
+                    base.name, prev.snapshot.name
+                ),
+                None => format!(
+                    "{n} applies over snapshot {}, but {pn} holds snapshot {}: the export of {} \
+                     (or of the snapshots between) is missing from the chain",
+                    base.name, prev.snapshot.name, base.name
+                ),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// `lsvfs export verify FILE...`: each file complete and intact (its
+/// trailer's hash), and the files a chain in the order given. No key.
+pub fn verify(files: &[String], json: bool) -> Result<(), Error> {
+    let mut headers = Vec::new();
+    for f in files {
+        let s = open_input(f)?;
+        let h = s.header().clone();
+        let (t, bytes) = s.verify()?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "file": f, "snapshot": h.snapshot.name,
+                    "base": h.base.as_ref().map(|b| b.name.clone()),
+                    "bytes": bytes, "hash": keys::hex(&t.hash), "ok": true,
+                })
+            );
+        } else {
+            println!(
+                "{f}: intact and complete: {} of {} ({}), sha256 {}",
+                match &h.base {
+                    Some(b) => format!("increment {} -> {}", b.name, h.snapshot.name),
+                    None => format!("full export of {}", h.snapshot.name),
+                },
+                keys::hex(&h.volume_id),
+                human(bytes),
+                keys::hex(&t.hash)
+            );
+        }
+        headers.push((f.clone(), h));
+    }
+    check_chain(&headers)?;
+    if headers.len() > 1 && !json {
+        println!(
+            "chain: {} exports, each linked to the one before",
+            headers.len()
+        );
+    }
+    Ok(())
+}
+
+/// `lsvfs export show FILE`: what the header says, and the trailer after a
+/// keyless check of the whole file.
+pub fn show(file: &str, json: bool) -> Result<(), Error> {
+    let s = open_input(file)?;
+    let h = s.header().clone();
+    let (t, bytes) = s.verify()?;
+    let time = |sec: i64, nsec: u32| format!("{} (+{nsec} ns)", super::snapshot::utc(sec));
+    let holders: Vec<String> = h.slots.iter().map(export::describe_slot).collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": file,
+                "version": export::VERSION,
+                "kind": if h.kind == Kind::Full { "full" } else { "increment" },
+                "export_id": keys::hex(&h.export_id),
+                "volume": keys::hex(&h.volume_id),
+                "logical_bytes": h.logical_blocks * crate::BLOCK_SIZE as u64,
+                "snapshot": h.snapshot.name, "snapshot_id": h.snapshot.id,
+                "created": h.snapshot.created_sec,
+                "base": h.base.as_ref().map(|b| b.name.clone()),
+                "link": keys::hex(&h.snapshot_link()),
+                "base_link": h.base_link().map(|l| keys::hex(&l)),
+                "holders": holders,
+                "bytes": bytes, "chunks": t.chunks, "data_blocks": t.data_blocks,
+                "zero_blocks": t.zero_blocks, "trim_blocks": t.trim_blocks,
+                "hash": keys::hex(&t.hash),
+            })
+        );
+        return Ok(());
+    }
+    println!("file:            {file}");
+    println!("format version:  {}", export::VERSION);
+    println!(
+        "kind:            {}",
+        match &h.base {
+            Some(b) => format!("increment over snapshot {} (id {})", b.name, b.id),
+            None => "full".into(),
+        }
+    );
+    println!("volume:          {}", keys::hex(&h.volume_id));
+    println!(
+        "volume size:     {}",
+        human(h.logical_blocks * crate::BLOCK_SIZE as u64)
+    );
+    println!(
+        "snapshot:        {} (id {}), taken {}",
+        h.snapshot.name,
+        h.snapshot.id,
+        time(h.snapshot.created_sec, h.snapshot.created_nsec)
+    );
+    if let Some(b) = &h.base {
+        println!(
+            "base:            {} (id {}), taken {}",
+            b.name,
+            b.id,
+            time(b.created_sec, b.created_nsec)
+        );
+    }
+    println!("link:            {}", keys::hex(&h.snapshot_link()));
+    if let Some(l) = h.base_link() {
+        println!("base link:       {}", keys::hex(&l));
+    }
+    println!("export id:       {}", keys::hex(&h.export_id));
+    for d in &holders {
+        println!("opens for:       {d}");
+    }
+    println!(
+        "size:            {} in {} chunks: {} data, {} zero, {} trimmed blocks",
+        human(bytes),
+        t.chunks,
+        t.data_blocks,
+        t.zero_blocks,
+        t.trim_blocks
+    );
+    println!("sha256:          {}", keys::hex(&t.hash));
+    Ok(())
+}
+
+/// The options of `lsvfs restore`.
+pub(super) struct RestoreArgs {
+    pub files: Vec<String>,
+    pub to: PathBuf,
+    pub keying: Keying,
+    pub identities: Vec<PathBuf>,
+    pub incremental: bool,
+    pub rollback: bool,
+    pub segment_blocks: u32,
+    pub json: bool,
+}
+
+/// `lsvfs restore FILE... --to VOLUME ...` and `lsvfs restore --incremental
+/// FILE --to VOLUME`.
+pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
+    if a.files.is_empty() {
+        return Err(Error::Usage("give at least one export file".into()));
+    }
+    if a.files.len() > 1 && a.files.iter().any(|f| f == "-") {
+        return Err(Error::Usage(
+            "standard input (-) can only be restored alone".into(),
+        ));
+    }
+    let identities: Vec<Identity> = a
+        .identities
+        .iter()
+        .map(|p| Identity::read(p))
+        .collect::<Result<_, _>>()?;
+    let key_files: Vec<Kek> = a
+        .keying
+        .key_file
+        .iter()
+        .map(|k| keys::read_key_file(k))
+        .collect::<Result<_, _>>()?;
+    // Every header first: the chain is checked, and every export's key
+    // found, before anything is written.
+    let mut streams = Vec::new();
+    for f in &a.files {
+        streams.push(open_input(f)?);
+    }
+    let headers: Vec<(String, Header)> = streams
+        .iter()
+        .map(|s| (s.name().to_string(), s.header().clone()))
+        .collect();
+    check_chain(&headers)?;
+    let mut opened = Vec::new();
+    for s in streams {
+        let key = s.open_key(&identities, &key_files)?;
+        opened.push((s, key));
+    }
+    let started = Instant::now();
+    let mut applied = 0u64;
+    if a.incremental {
+        restore_incremental(env, &a, opened, &mut applied)?;
+    } else {
+        let (first_name, first) = &headers[0];
+        if first.kind != Kind::Full {
+            return Err(ExportError::Chain(format!(
+                "{first_name} is an increment over snapshot {}: a restore into a new volume \
+                 starts with a full export; give the chain's full export first (or use \
+                 --incremental to apply it to a volume that holds {})",
+                first.base.as_ref().map_or("?", |b| b.name.as_str()),
+                first.base.as_ref().map_or("?", |b| b.name.as_str())
+            ))
+            .into());
+        }
+        let total = total_blocks(&headers);
+        let mut progress = bar("restoring", total, a.json);
+        let mut opened = Some(opened);
+        make_volume(
+            env,
+            &a.to,
+            first.logical_blocks,
+            &a.keying,
+            a.segment_blocks,
+            Some(Restoring),
+            &mut |v| {
+                for (s, key) in opened.take().unwrap_or_default() {
+                    apply(v, s, &key, &mut applied, &mut progress)?;
+                }
+                Ok(())
+            },
+        )?;
+        if let Some(b) = progress {
+            b.finish_and_clear();
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let newest = &headers[headers.len() - 1].1.snapshot.name;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "volume": a.to.display().to_string(), "exports": a.files.len(),
+                "snapshots": headers.iter().map(|(_, h)| h.snapshot.name.clone()).collect::<Vec<_>>(),
+                "blocks": applied, "seconds": secs,
+            })
+        );
+    } else {
+        eprintln!(
+            "restored {} export(s) into {} in {secs:.1} s ({} blocks); its snapshots: {}; its \
+             live tree is {newest}",
+            a.files.len(),
+            a.to.display(),
+            applied,
+            headers
+                .iter()
+                .map(|(_, h)| h.snapshot.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Blocks of data the exports announce (an estimate for the progress bar:
+/// the exact counts are in the trailers, at the end).
+fn total_blocks(headers: &[(String, Header)]) -> u64 {
+    headers
+        .iter()
+        .map(|(_, h)| h.logical_blocks)
+        .max()
+        .unwrap_or(0)
+        * crate::BLOCK_SIZE as u64
+}
+
+fn apply(
+    v: &Volume,
+    s: Stream<Box<dyn Read>>,
+    key: &export::ExportKey,
+    applied: &mut u64,
+    progress: &mut Option<indicatif::ProgressBar>,
+) -> Result<(), Error> {
+    let base = *applied;
+    let name = s.header().snapshot.name.clone();
+    if let Some(b) = progress {
+        b.set_message(format!("restoring {name}"));
+    }
+    let (_, t) = export::restore_stream(v, s, key, &mut |n| {
+        if let Some(b) = progress {
+            b.set_position((base + n) * crate::BLOCK_SIZE as u64);
+        }
+    })?;
+    *applied += t.data_blocks + t.zero_blocks + t.trim_blocks;
+    Ok(())
+}
+
+fn restore_incremental(
+    env: &Env,
+    a: &RestoreArgs,
+    opened: Vec<(Stream<Box<dyn Read>>, export::ExportKey)>,
+    applied: &mut u64,
+) -> Result<(), Error> {
+    let path = &a.to;
+    let first = opened[0].0.header().clone();
+    let (first_name, base) = match &first.base {
+        Some(b) => (opened[0].0.name().to_string(), b.clone()),
+        None => {
+            return Err(Error::Usage(format!(
+                "{} is a full export: --incremental applies increments; restore a full export \
+                 into a new volume (without --incremental)",
+                opened[0].0.name()
+            )))
+        }
+    };
+    let dev = open_device(path, true)?;
+    let header = volume::read_header(&*dev).map_err(|e| super::common::with_path(e, path))?;
+    // An increment whose restore was interrupted leaves the volume flagged;
+    // --rollback puts it back to its newest snapshot and applies again.
+    let resuming = header.restoring && a.rollback;
+    if !resuming {
+        refuse_restoring(&header, path)?;
+    }
+    let k = env.keys(a.keying.key_file.clone());
+    let master = k.master(&header, path)?;
+    let opts = |restoring| volume::Options {
+        restoring,
+        background: false,
+        crypto_threads: env.tuning.crypto_threads,
+        chunk_bytes: env.tuning.chunk_bytes,
+        ..volume::Options::default()
+    };
+    // The target must hold the base as its newest snapshot, unchanged since.
+    {
+        let v = Volume::open(dev.clone(), &master, opts(resuming))?;
+        let names = v.snapshot_names()?;
+        let newest = names.last();
+        let same = newest.is_some_and(|(_, n, sec, nsec)| {
+            *n == base.name && *sec == base.created_sec && *nsec == base.created_nsec
+        });
+        if !same {
+            return Err(ExportError::Chain(format!(
+                "{first_name} applies over snapshot {} (taken {}), but the newest snapshot of \
+                 {} is {}: apply the increments in order, starting after its newest snapshot, \
+                 or restore the whole chain into a new volume",
+                base.name,
+                super::snapshot::utc(base.created_sec),
+                path.display(),
+                newest.map_or("none".to_string(), |n| format!(
+                    "{} (taken {})",
+                    n.1,
+                    super::snapshot::utc(n.2)
+                ))
+            ))
+            .into());
+        }
+        let changed: u64 = v.changed_since_newest_snapshot()?.iter().map(|r| r.1).sum();
+        if changed > 0 && !a.rollback {
+            return Err(ExportError::Chain(format!(
+                "{} changed since its snapshot {} (about {changed} blocks written, by a mount \
+                 that wrote or updated access times, say): an increment applies only to an \
+                 unchanged copy; pass --rollback to put it back to {} first (discarding those \
+                 changes), or restore the chain into a new volume",
+                path.display(),
+                base.name,
+                base.name
+            ))
+            .into());
+        }
+        v.close()?;
+    }
+    volume::set_restoring(&*dev, true)?;
+    let v = Volume::open(dev.clone(), &master, opts(true))?;
+    drop(master);
+    if a.rollback {
+        let (snap, n) = export::roll_back_to_newest(&v)?;
+        if n > 0 {
+            eprintln!(
+                "rolled {} back to snapshot {snap}: {n} blocks put back",
+                path.display()
+            );
+        }
+    }
+    let mut progress = bar(
+        "restoring",
+        total_blocks(
+            &opened
+                .iter()
+                .map(|(s, _)| (String::new(), s.header().clone()))
+                .collect::<Vec<_>>(),
+        ),
+        a.json,
+    );
+    for (s, key) in opened {
+        apply(&v, s, &key, applied, &mut progress)?;
+    }
+    if let Some(b) = progress {
+        b.finish_and_clear();
+    }
+    let checkpoint = v.close_at()?;
+    volume::set_restoring(&*dev, false)?;
+    k.record_seen(&header.volume_id, checkpoint, false, true);
+    drop(dev);
+    Ok(())
+}

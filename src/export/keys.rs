@@ -1,0 +1,360 @@
+//! An export's own key and the slots that hold it: one per recipient public
+//! key (HPKE, RFC 9180: X25519, HKDF-SHA256, ChaCha20-Poly1305) and one per
+//! key file (XChaCha20-Poly1305 under a key derived from the file's KEK).
+//! The volume's data key is never in an export, not even wrapped.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use hpke::aead::ChaCha20Poly1305;
+use hpke::kdf::HkdfSha256;
+use hpke::kem::X25519HkdfSha256;
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::format::{Slot, SlotKind, FIXED_LEN};
+use super::{ExportError, Result};
+use crate::crypto::Kek;
+
+type Kem = X25519HkdfSha256;
+
+const HPKE_INFO: &[u8] = b"lsvfs v1 export key";
+const SLOT_INFO: &[u8] = b"lsvfs v1 export key slot";
+const CHUNK_INFO: &[u8] = b"lsvfs v1 export chunks";
+const PUBLIC_PREFIX: &str = "lsvfs-recipient-v1 ";
+const SECRET_PREFIX: &str = "lsvfs-recipient-secret-v1 ";
+
+/// An export's random key. Zeroized on drop, never printed.
+pub struct ExportKey(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for ExportKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExportKey(..)")
+    }
+}
+
+impl ExportKey {
+    pub fn generate() -> Result<ExportKey> {
+        let mut k = Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut k[..])
+            .map_err(|e| ExportError::Usage(format!("no randomness: {e}")))?;
+        Ok(ExportKey(k))
+    }
+
+    /// The chunk cipher: HKDF-SHA256 of the export key, salted with the
+    /// export id.
+    pub fn chunk_cipher(&self, export_id: &[u8; 16]) -> XChaCha20Poly1305 {
+        let hk = Hkdf::<Sha256>::new(Some(export_id), &self.0[..]);
+        let mut k = Zeroizing::new([0u8; 32]);
+        hk.expand(CHUNK_INFO, &mut k[..]).expect("32 bytes");
+        XChaCha20Poly1305::new_from_slice(&k[..]).expect("32-byte key")
+    }
+}
+
+/// A recipient's public key, parsed from its one-line text form.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RecipientKey(pub [u8; 32]);
+
+impl std::fmt::Display for RecipientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{PUBLIC_PREFIX}{}", crate::keys::hex(&self.0))
+    }
+}
+
+impl std::fmt::Debug for RecipientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RecipientKey({})", crate::keys::hex(&self.0))
+    }
+}
+
+fn unhex32(s: &str) -> Option<Zeroizing<[u8; 32]>> {
+    let s = s.as_bytes();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = Zeroizing::new([0u8; 32]);
+    for (i, o) in out.iter_mut().enumerate() {
+        let d = |c: u8| (c as char).to_digit(16);
+        *o = (d(s[2 * i])? << 4 | d(s[2 * i + 1])?) as u8;
+    }
+    Some(out)
+}
+
+impl RecipientKey {
+    /// Parses `lsvfs-recipient-v1 <64 hex digits>` (`from` names the source
+    /// in errors).
+    pub fn parse(text: &str, from: &str) -> Result<RecipientKey> {
+        let k = text
+            .trim()
+            .strip_prefix(PUBLIC_PREFIX)
+            .and_then(unhex32)
+            .ok_or_else(|| {
+                ExportError::Usage(format!(
+                    "{from} is not a recipient public key (expected one line: \
+                     {PUBLIC_PREFIX}<64 hex digits>, as `lsvfs recipient keygen` prints)"
+                ))
+            })?;
+        <Kem as hpke::Kem>::PublicKey::from_bytes(&k[..])
+            .map_err(|_| ExportError::Usage(format!("{from}: not a usable X25519 public key")))?;
+        Ok(RecipientKey(*k))
+    }
+
+    pub fn read(path: &Path) -> Result<RecipientKey> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ExportError::io(format!("reading recipient {}", path.display()), e))?;
+        RecipientKey::parse(&text, &path.display().to_string())
+    }
+}
+
+/// A recipient's private key (an identity file).
+pub struct Identity {
+    sk: <Kem as hpke::Kem>::PrivateKey,
+    public: RecipientKey,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({:?})", self.public)
+    }
+}
+
+impl Identity {
+    pub fn public(&self) -> RecipientKey {
+        self.public
+    }
+
+    /// Writes a new identity file (mode 0600, never overwritten) and
+    /// returns it.
+    pub fn generate(path: &Path) -> Result<Identity> {
+        let (sk, pk) = Kem::gen_keypair();
+        let mut line = Zeroizing::new(String::from(SECRET_PREFIX));
+        line.push_str(&crate::keys::hex(&sk.to_bytes()));
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| ExportError::io(format!("creating {}", path.display()), e))?;
+        f.write_all(line.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| ExportError::io(format!("writing {}", path.display()), e))?;
+        let mut public = [0u8; 32];
+        public.copy_from_slice(&pk.to_bytes());
+        Ok(Identity {
+            sk,
+            public: RecipientKey(public),
+        })
+    }
+
+    /// Reads an identity file; refuses one that others may read.
+    pub fn read(path: &Path) -> Result<Identity> {
+        use std::os::unix::fs::MetadataExt;
+        let name = path.display();
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ExportError::io(format!("reading identity {name}"), e))?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(ExportError::Usage(format!(
+                "identity {name} is accessible by group or others (mode {:o}); run: chmod 600 {name}",
+                meta.mode() & 0o777
+            )));
+        }
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| ExportError::io(format!("reading identity {name}"), e))?,
+        );
+        let bytes = text
+            .trim()
+            .strip_prefix(SECRET_PREFIX)
+            .and_then(unhex32)
+            .ok_or_else(|| {
+                ExportError::Usage(format!(
+                    "{name} is not a recipient identity (expected one line: {SECRET_PREFIX}<64 \
+                     hex digits>, as `lsvfs recipient keygen` writes)"
+                ))
+            })?;
+        let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(&bytes[..])
+            .map_err(|_| ExportError::Usage(format!("{name}: not a usable X25519 key")))?;
+        let mut public = [0u8; 32];
+        public.copy_from_slice(&Kem::sk_to_pk(&sk).to_bytes());
+        Ok(Identity {
+            sk,
+            public: RecipientKey(public),
+        })
+    }
+}
+
+/// A slot holding `key` for a recipient: its public key, the HPKE
+/// encapsulated key and the sealed export key, bound to the header's
+/// fixed part.
+pub fn recipient_slot(to: &RecipientKey, key: &ExportKey, fixed: &[u8; FIXED_LEN]) -> Result<Slot> {
+    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&to.0)
+        .map_err(|_| ExportError::Usage(format!("{to}: not a usable X25519 public key")))?;
+    let (enc, ct) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem>(
+        &OpModeS::Base,
+        &pk,
+        HPKE_INFO,
+        &key.0[..],
+        fixed,
+    )
+    .map_err(|e| ExportError::Usage(format!("sealing the export key for {to}: {e}")))?;
+    let mut body = to.0.to_vec();
+    body.extend_from_slice(&enc.to_bytes());
+    body.extend_from_slice(&ct);
+    Ok(Slot {
+        kind: SlotKind::Recipient,
+        body,
+    })
+}
+
+fn slot_cipher(kek: &Kek, fixed: &[u8; FIXED_LEN]) -> XChaCha20Poly1305 {
+    let hk = Hkdf::<Sha256>::new(Some(&fixed[16..32]), kek.expose());
+    let mut k = Zeroizing::new([0u8; 32]);
+    hk.expand(SLOT_INFO, &mut k[..]).expect("32 bytes");
+    XChaCha20Poly1305::new_from_slice(&k[..]).expect("32-byte key")
+}
+
+/// A slot holding `key` under a key file's KEK: the KEK's fingerprint, a
+/// random nonce and the sealed export key, bound to the header's fixed part.
+pub fn key_file_slot(kek: &Kek, key: &ExportKey, fixed: &[u8; FIXED_LEN]) -> Result<Slot> {
+    let mut nonce = [0u8; 24];
+    getrandom::fill(&mut nonce).map_err(|e| ExportError::Usage(format!("no randomness: {e}")))?;
+    let ct = slot_cipher(kek, fixed)
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &key.0[..],
+                aad: fixed,
+            },
+        )
+        .map_err(|_| ExportError::Usage("sealing the export key".into()))?;
+    let mut body = kek.fingerprint().to_vec();
+    body.extend_from_slice(&nonce);
+    body.extend_from_slice(&ct);
+    Ok(Slot {
+        kind: SlotKind::KeyFile,
+        body,
+    })
+}
+
+fn key_from(plain: &[u8]) -> Option<ExportKey> {
+    let mut k = Zeroizing::new([0u8; 32]);
+    if plain.len() != 32 {
+        return None;
+    }
+    k.copy_from_slice(plain);
+    Some(ExportKey(k))
+}
+
+/// Opens the export key with whatever the caller holds: the first slot an
+/// identity or a key file opens. `Ok(None)` when none does.
+pub fn open_slots(
+    slots: &[Slot],
+    fixed: &[u8; FIXED_LEN],
+    identities: &[Identity],
+    key_files: &[Kek],
+) -> Option<ExportKey> {
+    for s in slots {
+        match s.kind {
+            SlotKind::Recipient if s.body.len() == 32 + 32 + 48 => {
+                let Some(id) = identities.iter().find(|i| i.public.0[..] == s.body[..32]) else {
+                    continue;
+                };
+                let Ok(enc) = <Kem as hpke::Kem>::EncappedKey::from_bytes(&s.body[32..64]) else {
+                    continue;
+                };
+                let plain = hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, Kem>(
+                    &OpModeR::Base,
+                    &id.sk,
+                    &enc,
+                    HPKE_INFO,
+                    &s.body[64..],
+                    fixed,
+                );
+                if let Some(k) = plain.ok().map(Zeroizing::new).and_then(|p| key_from(&p)) {
+                    return Some(k);
+                }
+            }
+            SlotKind::KeyFile if s.body.len() == 16 + 24 + 48 => {
+                let Some(kek) = key_files
+                    .iter()
+                    .find(|k| k.fingerprint()[..] == s.body[..16])
+                else {
+                    continue;
+                };
+                let plain = slot_cipher(kek, fixed).decrypt(
+                    XNonce::from_slice(&s.body[16..40]),
+                    Payload {
+                        msg: &s.body[40..],
+                        aad: fixed,
+                    },
+                );
+                if let Some(k) = plain.ok().map(Zeroizing::new).and_then(|p| key_from(&p)) {
+                    return Some(k);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// What a slot says about who can open it (for `export show`).
+pub fn describe(s: &Slot) -> String {
+    match s.kind {
+        SlotKind::Recipient if s.body.len() >= 32 => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&s.body[..32]);
+            format!("recipient {}", RecipientKey(k))
+        }
+        SlotKind::KeyFile if s.body.len() >= 16 => {
+            format!(
+                "key file (KEK fingerprint {})",
+                crate::keys::hex(&s.body[..16])
+            )
+        }
+        _ => "a malformed slot".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_slot_opens_with_its_key_only_and_only_for_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = Identity::generate(&dir.path().join("alice")).unwrap();
+        let bob = Identity::generate(&dir.path().join("bob")).unwrap();
+        let kek = Kek::generate().unwrap();
+        let other = Kek::generate().unwrap();
+        let key = ExportKey::generate().unwrap();
+        let fixed = [5u8; FIXED_LEN];
+        let slots = vec![
+            recipient_slot(&alice.public(), &key, &fixed).unwrap(),
+            key_file_slot(&kek, &key, &fixed).unwrap(),
+        ];
+        let got = open_slots(&slots, &fixed, std::slice::from_ref(&alice), &[]).unwrap();
+        assert_eq!(*got.0, *key.0);
+        let got = open_slots(&slots, &fixed, &[], std::slice::from_ref(&kek)).unwrap();
+        assert_eq!(*got.0, *key.0);
+        assert!(open_slots(&slots, &fixed, std::slice::from_ref(&bob), &[other]).is_none());
+        // Bound to the header: another export's fixed part opens nothing.
+        let mut moved = fixed;
+        moved[20] ^= 1;
+        assert!(open_slots(&slots, &moved, &[alice], std::slice::from_ref(&kek)).is_none());
+        // Identity files: 0600, read back to the same public key, and the
+        // public key's text form parses.
+        let again = Identity::read(&dir.path().join("bob")).unwrap();
+        assert_eq!(again.public(), bob.public());
+        let text = bob.public().to_string();
+        assert_eq!(RecipientKey::parse(&text, "t").unwrap(), bob.public());
+        assert!(RecipientKey::parse("lsvfs-recipient-v1 zz", "t").is_err());
+        assert!(!format!("{again:?}").contains(&crate::keys::hex(&again.sk.to_bytes())));
+    }
+}

@@ -1,0 +1,333 @@
+//! Reading an export: the header, then frame by frame, hashing every byte.
+//! Without a key a stream can be checked for completeness and for its
+//! hash; with its key every chunk is authenticated before its records are
+//! used.
+
+use std::io::Read;
+
+use chacha20poly1305::aead::{Aead, Payload};
+use sha2::{Digest, Sha256};
+
+use super::format::{
+    records, Header, Kind, RecordKind, Trailer, MAX_CHUNK, TAG_LEN, TRAILER_LEN, TRAILER_MARK,
+};
+use super::keys::{open_slots, ExportKey, Identity};
+use super::write::{nonce, plan_increment, union, Step};
+use super::{ExportError, Result};
+use crate::crypto::Kek;
+use crate::volume::{Lba, SnapshotId, Transaction, Volume};
+
+/// One frame of the stream.
+enum Frame {
+    Chunk(Vec<u8>),
+    End(Trailer),
+}
+
+/// An export stream being read.
+pub struct Stream<R: Read> {
+    r: R,
+    sha: Sha256,
+    bytes: u64,
+    header: Header,
+    header_hash: [u8; 32],
+    /// Names the stream in errors (a path, or "standard input").
+    name: String,
+}
+
+fn cut_short(name: &str) -> ExportError {
+    ExportError::Incomplete(format!(
+        "{name} ends before its trailer: the export was cut short (interrupted, truncated, or \
+         still being written); export it again"
+    ))
+}
+
+impl<R: Read> Stream<R> {
+    /// Reads and checks the header.
+    pub fn open(mut r: R, name: &str) -> Result<Stream<R>> {
+        let mut first = [0u8; 16];
+        read_all(&mut r, &mut first, name)?;
+        let len = Header::length(&first).map_err(|e| e.about(name))?;
+        let mut head = first.to_vec();
+        head.resize(len, 0);
+        read_all(&mut r, &mut head[16..], name)?;
+        let header = Header::decode(&head).map_err(|e| e.about(name))?;
+        let mut sha = Sha256::new();
+        sha.update(&head);
+        Ok(Stream {
+            r,
+            sha,
+            bytes: head.len() as u64,
+            header_hash: Sha256::digest(&head).into(),
+            header,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn take(&mut self, buf: &mut [u8]) -> Result<()> {
+        read_all(&mut self.r, buf, &self.name)?;
+        self.sha.update(&*buf);
+        self.bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    fn frame(&mut self) -> Result<Frame> {
+        let mut len = [0u8; 4];
+        self.take(&mut len)?;
+        let len = u32::from_le_bytes(len);
+        if len == TRAILER_MARK {
+            let mut body = [0u8; TRAILER_LEN];
+            self.take(&mut body[..TRAILER_LEN - 32])?;
+            let want: [u8; 32] = self.sha.clone().finalize().into();
+            read_all(&mut self.r, &mut body[TRAILER_LEN - 32..], &self.name)?;
+            self.bytes += 32;
+            let t = Trailer::decode(&body).map_err(|e| e.about(&self.name))?;
+            if t.hash != want {
+                return Err(ExportError::Corrupt(format!(
+                    "{}: its bytes do not match the hash in its trailer: the file was damaged \
+                     or modified; use another copy",
+                    self.name
+                )));
+            }
+            let mut extra = [0u8; 1];
+            match self.r.read(&mut extra) {
+                Ok(0) => {}
+                Ok(_) => {
+                    return Err(ExportError::Corrupt(format!(
+                        "{}: bytes follow its trailer (two exports run together?)",
+                        self.name
+                    )))
+                }
+                Err(e) => return Err(ExportError::io(format!("reading {}", self.name), e)),
+            }
+            return Ok(Frame::End(t));
+        }
+        let len = len as usize;
+        if !(TAG_LEN..=MAX_CHUNK + TAG_LEN).contains(&len) {
+            return Err(ExportError::Corrupt(format!(
+                "{}: a chunk of {len} bytes at byte {} (at most {} are allowed): the file is \
+                 damaged",
+                self.name,
+                self.bytes - 4,
+                MAX_CHUNK + TAG_LEN
+            )));
+        }
+        let mut ct = vec![0u8; len];
+        self.take(&mut ct)?;
+        Ok(Frame::Chunk(ct))
+    }
+
+    /// Checks the stream without any key: complete, framed, and every byte
+    /// matching the trailer's hash. Returns the trailer and the stream's
+    /// size.
+    pub fn verify(mut self) -> Result<(Trailer, u64)> {
+        let mut chunks = 0u64;
+        loop {
+            match self.frame()? {
+                Frame::Chunk(_) => chunks += 1,
+                Frame::End(t) => {
+                    if t.chunks != chunks || chunks == 0 {
+                        return Err(ExportError::Corrupt(format!(
+                            "{}: its trailer counts {} chunks, the file holds {chunks}",
+                            self.name, t.chunks
+                        )));
+                    }
+                    return Ok((t, self.bytes));
+                }
+            }
+        }
+    }
+
+    /// The export's key, from the first slot an identity or key file opens.
+    pub fn open_key(&self, identities: &[Identity], key_files: &[Kek]) -> Result<ExportKey> {
+        open_slots(
+            &self.header.slots,
+            &self.header.fixed(),
+            identities,
+            key_files,
+        )
+        .ok_or_else(|| {
+            let held: Vec<String> = self.header.slots.iter().map(super::describe_slot).collect();
+            ExportError::WrongKey(format!(
+                "{}: no key given opens this export (it opens for: {}); pass the matching \
+                 --identity or --key-file",
+                self.name,
+                held.join("; ")
+            ))
+        })
+    }
+
+    /// Authenticates the stream chunk by chunk with `key` and hands each
+    /// chunk's records to `apply`, in order. Nothing of a chunk is handed
+    /// on before the chunk is authenticated; the trailer is checked last.
+    pub fn read_records(
+        mut self,
+        key: &ExportKey,
+        apply: &mut dyn FnMut(&[super::format::Record]) -> Result<()>,
+    ) -> Result<Trailer> {
+        let cipher = key.chunk_cipher(&self.header.export_id);
+        let logical = self.header.logical_blocks;
+        let mut next = 0u64;
+        let mut index = 0u64;
+        let mut last_seen = false;
+        let (mut data, mut zero, mut trim) = (0u64, 0u64, 0u64);
+        loop {
+            match self.frame()? {
+                Frame::Chunk(ct) => {
+                    if last_seen {
+                        return Err(ExportError::Corrupt(format!(
+                            "{}: a chunk follows the final one: the file was modified",
+                            self.name
+                        )));
+                    }
+                    let open = |last| {
+                        cipher.decrypt(
+                            &nonce(index, last),
+                            Payload {
+                                msg: &ct,
+                                aad: &self.header_hash,
+                            },
+                        )
+                    };
+                    let plain = match open(false) {
+                        Ok(p) => p,
+                        Err(_) => {
+                            let p = open(true).map_err(|_| {
+                                ExportError::Corrupt(format!(
+                                    "{}: chunk {index} fails authentication: the export was \
+                                     modified, damaged or reordered; use another copy",
+                                    self.name
+                                ))
+                            })?;
+                            last_seen = true;
+                            p
+                        }
+                    };
+                    let plain = zeroize::Zeroizing::new(plain);
+                    let rs =
+                        records(&plain, logical, &mut next).map_err(|e| e.about(&self.name))?;
+                    for r in &rs {
+                        match r.kind {
+                            RecordKind::Data => data += r.count,
+                            RecordKind::Zero => zero += r.count,
+                            RecordKind::Trim => trim += r.count,
+                        }
+                        if self.header.kind == Kind::Full && r.kind == RecordKind::Trim {
+                            return Err(ExportError::Corrupt(format!(
+                                "{}: a full export holds a trim",
+                                self.name
+                            )));
+                        }
+                    }
+                    apply(&rs)?;
+                    index += 1;
+                }
+                Frame::End(t) => {
+                    if !last_seen {
+                        return Err(ExportError::Corrupt(format!(
+                            "{}: its final chunk is missing: chunks were dropped from its end",
+                            self.name
+                        )));
+                    }
+                    if (t.chunks, t.data_blocks, t.zero_blocks, t.trim_blocks)
+                        != (index, data, zero, trim)
+                    {
+                        return Err(ExportError::Corrupt(format!(
+                            "{}: its trailer's counts do not match its chunks",
+                            self.name
+                        )));
+                    }
+                    return Ok(t);
+                }
+            }
+        }
+    }
+}
+
+fn read_all(r: &mut impl Read, buf: &mut [u8], name: &str) -> Result<()> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            cut_short(name)
+        } else {
+            ExportError::io(format!("reading {name}"), e)
+        }
+    })
+}
+
+/// Applies a stream to `volume` (whose live tree must be the stream's base,
+/// or empty for a full export), then takes the stream's snapshot with its
+/// original name and time. `progress(blocks)` counts blocks applied.
+pub fn restore_stream<R: Read>(
+    volume: &Volume,
+    stream: Stream<R>,
+    key: &ExportKey,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(SnapshotId, Trailer)> {
+    let snap = stream.header().snapshot.clone();
+    let mut done = 0u64;
+    let trailer = stream.read_records(key, &mut |rs| {
+        let mut t = Transaction::new();
+        for r in rs {
+            match r.kind {
+                RecordKind::Data => {
+                    t.write(Lba(r.first), r.data.to_vec());
+                }
+                RecordKind::Zero => volume.zero(Lba(r.first), r.count)?,
+                RecordKind::Trim => volume.trim(Lba(r.first), r.count)?,
+            }
+            done += r.count;
+        }
+        volume.commit(t)?;
+        progress(done);
+        Ok(())
+    })?;
+    volume.flush()?;
+    let id = volume.snapshot_create_at(&snap.name, (snap.created_sec, snap.created_nsec))?;
+    Ok((id, trailer))
+}
+
+/// Puts the live volume back to its newest snapshot: every block changed
+/// since is rewritten from the snapshot, or trimmed where the snapshot maps
+/// nothing. Returns the snapshot's name and how many blocks were put back.
+pub fn roll_back_to_newest(volume: &Volume) -> Result<(String, u64)> {
+    let list = volume.snapshot_names()?;
+    let Some((id, name, _, _)) = list.last().cloned() else {
+        return Err(ExportError::Chain(
+            "the volume has no snapshot to roll back to".into(),
+        ));
+    };
+    let view = volume.snapshot_view(id)?;
+    let changed = union(volume.changed_since_newest_snapshot()?);
+    let plan = plan_increment(&changed, &view.allocated_runs()?);
+    let mut put_back = 0u64;
+    let mut buf = vec![0u8; 256 * crate::BLOCK_SIZE];
+    for step in plan {
+        match step {
+            Step::Trim(s, n) => volume.trim(Lba(s), n)?,
+            Step::Read(s, n) => {
+                let mut at = s;
+                while at < s + n {
+                    let m = (s + n - at).min(256);
+                    let b = &mut buf[..m as usize * crate::BLOCK_SIZE];
+                    view.read(Lba(at), b)?;
+                    let mut t = Transaction::new();
+                    t.write(Lba(at), b.to_vec());
+                    volume.commit(t)?;
+                    at += m;
+                }
+            }
+        }
+        put_back += match step {
+            Step::Trim(_, n) | Step::Read(_, n) => n,
+        };
+    }
+    volume.flush()?;
+    Ok((name, put_back))
+}
