@@ -425,7 +425,10 @@ fn kill_9_and_a_full_disk_never_leave_anything_that_passes_for_complete() {
     // file size says nothing, creating it allocates its reserve).
     let t = Instant::now();
     while read_so_far(child.id()) < 24 << 20 {
-        assert!(t.elapsed() < Duration::from_secs(60), "the restore never read its input");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the restore never read its input"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap();
