@@ -39,6 +39,7 @@ test_tools=(
   "gcore gdb"                 # key hygiene: a core of a process holding keys
   "/usr/bin/python3 python3"  # a socket impostor run as another user (not a per-user shim)
   "script bsdutils"           # a terminal for the progress bar test
+  "curl curl"                 # the S3 tests make buckets and list keys
 )
 bench_tools=(
   "${demo_tools[@]}"
@@ -133,6 +134,24 @@ if [ ${#missing_crates[@]} -gt 0 ]; then
     done
   else
     problems+=("cargo tools ${missing_crates[*]}: cargo install ${missing_crates[*]}")
+  fi
+fi
+# An S3-compatible server for the export tests: moto's, from PyPI, in a
+# virtual environment of its own (the system Python stays untouched).
+moto=/opt/lsvfs-moto/bin/moto_server
+if [[ " ${groups[*]} " == *" test "* ]] && ! have "$moto"; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "setup.sh: installing moto (S3 test server) in /opt/lsvfs-moto" >&2
+    if ! /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null && have apt-get; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq >/dev/null
+      apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+    { /usr/bin/python3 -m venv /opt/lsvfs-moto \
+        && /opt/lsvfs-moto/bin/pip install -q 'moto[server]==5.*'; } >/dev/null 2>&1 \
+      || problems+=("moto: python3 -m venv /opt/lsvfs-moto && /opt/lsvfs-moto/bin/pip install 'moto[server]==5.*'")
+  else
+    problems+=("moto (an S3 test server): as root, python3 -m venv /opt/lsvfs-moto && /opt/lsvfs-moto/bin/pip install 'moto[server]==5.*'")
   fi
 fi
 [ -e /dev/fuse ] || problems+=("/dev/fuse: load the fuse module (modprobe fuse) or give the container --device /dev/fuse")

@@ -7,10 +7,12 @@ use std::io::{BufReader, BufWriter, IsTerminal, Read};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::common::{human, open_device, open_volume, refuse_restoring, Env};
 use super::control::{self, ExportEntry};
+use super::objects::{Bucket, ObjectWriter, S3Url};
 use super::volumes::{make_volume, Keying, Restoring};
 use super::Error;
 use crate::crypto::Kek;
@@ -64,10 +66,16 @@ enum Output {
         path: PathBuf,
         file: File,
     },
+    /// A multipart upload: the object exists once it is completed.
+    Object {
+        url: S3Url,
+        writer: ObjectWriter,
+    },
 }
 
 impl Output {
-    fn open(to: &str) -> Result<Output, Error> {
+    /// `snapshot`: the object's name under an s3:// prefix.
+    fn open(to: &str, snapshot: &str) -> Result<Output, Error> {
         if to == "-" {
             if std::io::stdout().is_terminal() {
                 return Err(Error::Usage(
@@ -78,11 +86,16 @@ impl Output {
             }
             return Ok(Output::Stdout);
         }
-        if to.starts_with("s3://") {
-            return Err(Error::Usage(format!(
-                "{to}: object storage destinations are not built yet; export to a file or to \
-                 standard output (-o -) and upload that"
-            )));
+        if let Some(url) = S3Url::parse(to) {
+            let url = url?.object_for(snapshot);
+            let bucket = Bucket::open(&url.bucket)?;
+            if bucket.exists(&url.key)? {
+                return Err(Error::Usage(format!(
+                    "{url} exists; delete it or choose another prefix"
+                )));
+            }
+            let writer = bucket.writer(&url.key)?;
+            return Ok(Output::Object { url, writer });
         }
         let path = PathBuf::from(to);
         if path.symlink_metadata().is_ok() {
@@ -106,11 +119,15 @@ impl Output {
         match self {
             Output::Stdout => "standard output".into(),
             Output::File { path, .. } => path.display().to_string(),
+            Output::Object { url, .. } => url.to_string(),
         }
     }
 
     /// Makes the written export durable and gives it its name.
     fn finish(self) -> Result<(), Error> {
+        if let Output::Object { writer, .. } = self {
+            return writer.finish();
+        }
         if let Output::File { tmp, path, file } = self {
             file.sync_all()
                 .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
@@ -128,8 +145,12 @@ impl Output {
     }
 
     fn abandon(self) {
-        if let Output::File { tmp, .. } = self {
-            let _ = std::fs::remove_file(tmp);
+        match self {
+            Output::File { tmp, .. } => {
+                let _ = std::fs::remove_file(tmp);
+            }
+            Output::Object { writer, .. } => writer.abort(),
+            Output::Stdout => {}
         }
     }
 }
@@ -161,10 +182,10 @@ pub(super) fn snapshot_export(env: &Env, a: ExportArgs) -> Result<(), Error> {
         ));
     }
     let mounted = a.source.is_dir();
-    let mut out = Output::open(&a.output)?;
+    let mut out = Output::open(&a.output, &a.name)?;
     let started = Instant::now();
     let r = if mounted {
-        export_mounted(&a, &recipients, &out)
+        export_mounted(&a, &recipients, &mut out)
     } else {
         export_unmounted(env, &a, recipients, &mut out)
     };
@@ -183,7 +204,7 @@ pub(super) fn snapshot_export(env: &Env, a: ExportArgs) -> Result<(), Error> {
 fn export_mounted(
     a: &ExportArgs,
     recipients: &[RecipientKey],
-    out: &Output,
+    out: &mut Output,
 ) -> Result<ExportEntry, Error> {
     let key_files = a
         .key_files
@@ -199,11 +220,27 @@ fn export_mounted(
         key_files,
     };
     let stdout = std::io::stdout();
-    let fd = match out {
-        Output::Stdout => stdout.as_fd(),
-        Output::File { file, .. } => file.as_fd(),
+    let r = match out {
+        Output::Stdout => control::request_with(&a.source, &req, Some(stdout.as_fd()))?,
+        Output::File { file, .. } => control::request_with(&a.source, &req, Some(file.as_fd()))?,
+        Output::Object { writer, .. } => {
+            // The mount writes into a pipe; this process uploads what comes
+            // out of it.
+            let (rd, wr) = nix::unistd::pipe().map_err(|e| Error::io("making a pipe", e.into()))?;
+            std::thread::scope(|s| {
+                let pump = s.spawn(move || std::io::copy(&mut File::from(rd), writer));
+                let r = control::request_with(&a.source, &req, Some(wr.as_fd()));
+                drop(wr);
+                let copied = pump.join();
+                let r = r?;
+                match copied {
+                    Ok(Ok(_)) => Ok(r),
+                    Ok(Err(e)) if r.ok => Err(Error::io("uploading the export", e)),
+                    _ => Ok(r),
+                }
+            })?
+        }
     };
-    let r = control::request_with(&a.source, &req, Some(fd))?;
     if !r.ok {
         return Err(Error::Reported {
             class: crate::error::Class::Errno(r.errno.unwrap_or(libc::EIO)),
@@ -257,6 +294,9 @@ fn export_unmounted(
             let mut w = BufWriter::with_capacity(1 << 20, &*file);
             export::export(&v, &a.name, a.since.as_deref(), &holders, &mut w, &mut tick)?
         }
+        Output::Object { writer, .. } => {
+            export::export(&v, &a.name, a.since.as_deref(), &holders, writer, &mut tick)?
+        }
     };
     if let Some(b) = progress {
         b.finish_and_clear();
@@ -297,21 +337,169 @@ fn report_export(
     Ok(())
 }
 
-/// An input: a file, or standard input.
-fn open_input(name: &str) -> Result<Stream<Box<dyn Read>>, Error> {
-    if name == "-" {
-        let r: Box<dyn Read> = Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()));
-        return Ok(Stream::open(r, "standard input")?);
+/// One export to read: standard input (it can be read once: its header
+/// is kept with the stream), a file, or an object.
+enum Input {
+    Stdin(Option<Box<Stream<Box<dyn Read>>>>),
+    File(String),
+    Object(Arc<Bucket>, S3Url),
+}
+
+impl Input {
+    fn name(&self) -> String {
+        match self {
+            Input::Stdin(_) => "standard input".into(),
+            Input::File(f) => f.clone(),
+            Input::Object(_, u) => u.to_string(),
+        }
     }
-    if name.starts_with("s3://") {
-        return Err(Error::Usage(format!(
-            "{name}: object storage sources are not built yet; download the export and give \
-             its file"
+
+    /// The whole stream, from its start.
+    fn stream(&mut self) -> Result<Stream<Box<dyn Read>>, Error> {
+        let name = self.name();
+        match self {
+            Input::Stdin(s) => match s.take() {
+                Some(s) => Ok(*s),
+                None => {
+                    let r: Box<dyn Read> =
+                        Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()));
+                    Ok(Stream::open(r, &name)?)
+                }
+            },
+            Input::File(f) => {
+                let file = File::open(&*f).map_err(|e| Error::io(format!("opening {f}"), e))?;
+                let r: Box<dyn Read> = Box::new(BufReader::with_capacity(1 << 20, file));
+                Ok(Stream::open(r, &name)?)
+            }
+            Input::Object(b, u) => {
+                let r: Box<dyn Read> =
+                    Box::new(BufReader::with_capacity(1 << 20, b.reader(&u.key)?));
+                Ok(Stream::open(r, &name)?)
+            }
+        }
+    }
+
+    /// The header alone (an object's first bytes; standard input is kept
+    /// open for [`Input::stream`]).
+    fn header(&mut self) -> Result<Header, Error> {
+        let name = self.name();
+        match self {
+            Input::Stdin(s) => {
+                if s.is_none() {
+                    let r: Box<dyn Read> =
+                        Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()));
+                    *s = Some(Box::new(Stream::open(r, &name)?));
+                }
+                Ok(s.as_ref().map(|s| s.header().clone()).expect("just opened"))
+            }
+            Input::File(_) => Ok(self.stream()?.header().clone()),
+            Input::Object(b, u) => {
+                let bytes = b.head_bytes(&u.key)?;
+                Ok(Stream::open(&bytes[..], &name)?.header().clone())
+            }
+        }
+    }
+}
+
+/// The exports the command line names, each with its header: `-`, files,
+/// `s3://BUCKET/KEY.lsx` objects, and `s3://BUCKET/PREFIX` for every
+/// export under the prefix, in chain order.
+fn inputs(names: &[String]) -> Result<Vec<(Input, Header)>, Error> {
+    if names.len() > 1 && names.iter().any(|f| f == "-") {
+        return Err(Error::Usage(
+            "standard input (-) can only be read alone".into(),
+        ));
+    }
+    let mut out = Vec::new();
+    for n in names {
+        if n == "-" {
+            let mut i = Input::Stdin(None);
+            let h = i.header()?;
+            out.push((i, h));
+            continue;
+        }
+        let Some(url) = S3Url::parse(n) else {
+            let mut i = Input::File(n.clone());
+            let h = i.header()?;
+            out.push((i, h));
+            continue;
+        };
+        let url = url?;
+        let bucket = Arc::new(Bucket::open(&url.bucket)?);
+        if url.is_object() {
+            let mut i = Input::Object(bucket, url);
+            let h = i.header()?;
+            out.push((i, h));
+            continue;
+        }
+        let mut found = Vec::new();
+        for key in bucket.list(&url.key)? {
+            let u = S3Url {
+                bucket: url.bucket.clone(),
+                key,
+            };
+            let mut i = Input::Object(bucket.clone(), u);
+            let h = i.header()?;
+            found.push((i, h));
+        }
+        if found.is_empty() {
+            return Err(Error::Usage(format!("no exports (*.lsx) under {n}")));
+        }
+        out.extend(chain_order(n, found)?);
+    }
+    Ok(out)
+}
+
+/// The exports found under one prefix, put in chain order: the one whose
+/// base is none of theirs first, then each increment over the one before.
+fn chain_order(
+    prefix: &str,
+    mut items: Vec<(Input, Header)>,
+) -> Result<Vec<(Input, Header)>, ExportError> {
+    let links: Vec<[u8; 32]> = items.iter().map(|(_, h)| h.snapshot_link()).collect();
+    let starts: Vec<usize> = (0..items.len())
+        .filter(|&i| items[i].1.base_link().is_none_or(|b| !links.contains(&b)))
+        .collect();
+    let names = |ix: &[usize], items: &[(Input, Header)]| {
+        ix.iter()
+            .map(|&i| items[i].0.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if starts.len() != 1 {
+        return Err(ExportError::Chain(format!(
+            "{prefix} holds {} exports that each start a chain ({}): keep one chain per prefix, \
+             or name the objects",
+            starts.len(),
+            names(&starts, &items)
         )));
     }
-    let f = File::open(name).map_err(|e| Error::io(format!("opening {name}"), e))?;
-    let r: Box<dyn Read> = Box::new(BufReader::with_capacity(1 << 20, f));
-    Ok(Stream::open(r, name)?)
+    let mut order = vec![items.remove(starts[0])];
+    loop {
+        let last = order[order.len() - 1].1.snapshot_link();
+        let next: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].1.base_link() == Some(last))
+            .collect();
+        match next.len() {
+            0 => break,
+            1 => order.push(items.remove(next[0])),
+            _ => {
+                return Err(ExportError::Chain(format!(
+                    "{prefix}: {} are increments over the same snapshot; keep one of them",
+                    names(&next, &items)
+                )))
+            }
+        }
+    }
+    if !items.is_empty() {
+        let rest: Vec<usize> = (0..items.len()).collect();
+        return Err(ExportError::Chain(format!(
+            "{prefix}: {} do not continue the chain that starts at {}",
+            names(&rest, &items),
+            order[0].0.name()
+        )));
+    }
+    Ok(order)
 }
 
 /// Checks that `headers` (in the order given) form a chain: each one an
@@ -356,11 +544,13 @@ fn check_chain(headers: &[(String, Header)]) -> Result<(), ExportError> {
 }
 
 /// `lsvfs export verify FILE...`: each file complete and intact (its
-/// trailer's hash), and the files a chain in the order given. No key.
+/// trailer's hash), and the files a chain in the order given (an s3://
+/// prefix: the chain under it). No key.
 pub fn verify(files: &[String], json: bool) -> Result<(), Error> {
     let mut headers = Vec::new();
-    for f in files {
-        let s = open_input(f)?;
+    for (mut input, _) in inputs(files)? {
+        let f = input.name();
+        let s = input.stream()?;
         let h = s.header().clone();
         let (t, bytes) = s.verify()?;
         if json {
@@ -384,7 +574,7 @@ pub fn verify(files: &[String], json: bool) -> Result<(), Error> {
                 keys::hex(&t.hash)
             );
         }
-        headers.push((f.clone(), h));
+        headers.push((f, h));
     }
     check_chain(&headers)?;
     if headers.len() > 1 && !json {
@@ -399,7 +589,14 @@ pub fn verify(files: &[String], json: bool) -> Result<(), Error> {
 /// `lsvfs export show FILE`: what the header says, and the trailer after a
 /// keyless check of the whole file.
 pub fn show(file: &str, json: bool) -> Result<(), Error> {
-    let s = open_input(file)?;
+    let mut found = inputs(&[file.to_string()])?;
+    if found.len() != 1 {
+        return Err(Error::Usage(format!(
+            "{file} holds {} exports; show one object (s3://BUCKET/KEY.lsx)",
+            found.len()
+        )));
+    }
+    let s = found[0].0.stream()?;
     let h = s.header().clone();
     let (t, bytes) = s.verify()?;
     let time = |sec: i64, nsec: u32| format!("{} (+{nsec} ns)", super::snapshot::utc(sec));
@@ -493,11 +690,6 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
     if a.files.is_empty() {
         return Err(Error::Usage("give at least one export file".into()));
     }
-    if a.files.len() > 1 && a.files.iter().any(|f| f == "-") {
-        return Err(Error::Usage(
-            "standard input (-) can only be restored alone".into(),
-        ));
-    }
     let identities: Vec<Identity> = a
         .identities
         .iter()
@@ -511,19 +703,13 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
         .collect::<Result<_, _>>()?;
     // Every header first: the chain is checked, and every export's key
     // found, before anything is written.
-    let mut streams = Vec::new();
-    for f in &a.files {
-        streams.push(open_input(f)?);
-    }
-    let headers: Vec<(String, Header)> = streams
-        .iter()
-        .map(|s| (s.name().to_string(), s.header().clone()))
-        .collect();
+    let found = inputs(&a.files)?;
+    let headers: Vec<(String, Header)> = found.iter().map(|(i, h)| (i.name(), h.clone())).collect();
     check_chain(&headers)?;
     let mut opened = Vec::new();
-    for s in streams {
-        let key = s.open_key(&identities, &key_files)?;
-        opened.push((s, key));
+    for (input, h) in found {
+        let key = export::open_key(&h, &input.name(), &identities, &key_files)?;
+        opened.push((input, h, key));
     }
     let started = Instant::now();
     let mut applied = 0u64;
@@ -552,8 +738,8 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
             a.segment_blocks,
             Some(Restoring),
             &mut |v| {
-                for (s, key) in opened.take().unwrap_or_default() {
-                    apply(v, s, &key, &mut applied, &mut progress)?;
+                for (input, h, key) in opened.take().unwrap_or_default() {
+                    apply(v, input, &h, &key, &mut applied, &mut progress)?;
                 }
                 Ok(())
             },
@@ -568,7 +754,7 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
         println!(
             "{}",
             serde_json::json!({
-                "volume": a.to.display().to_string(), "exports": a.files.len(),
+                "volume": a.to.display().to_string(), "exports": headers.len(),
                 "snapshots": headers.iter().map(|(_, h)| h.snapshot.name.clone()).collect::<Vec<_>>(),
                 "blocks": applied, "seconds": secs,
             })
@@ -577,7 +763,7 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
         eprintln!(
             "restored {} export(s) into {} in {secs:.1} s ({} blocks); its snapshots: {}; its \
              live tree is {newest}",
-            a.files.len(),
+            headers.len(),
             a.to.display(),
             applied,
             headers
@@ -601,14 +787,25 @@ fn total_blocks(headers: &[(String, Header)]) -> u64 {
         * crate::BLOCK_SIZE as u64
 }
 
+/// One export applied to `v`: its stream opened (again) and checked to be
+/// the export whose header was read first.
 fn apply(
     v: &Volume,
-    s: Stream<Box<dyn Read>>,
+    mut input: Input,
+    header: &Header,
     key: &export::ExportKey,
     applied: &mut u64,
     progress: &mut Option<indicatif::ProgressBar>,
 ) -> Result<(), Error> {
     let base = *applied;
+    let s = input.stream()?;
+    if s.header() != header {
+        return Err(ExportError::Chain(format!(
+            "{} changed while the restore ran (its header is not the one checked first)",
+            input.name()
+        ))
+        .into());
+    }
     let name = s.header().snapshot.name.clone();
     if let Some(b) = progress {
         b.set_message(format!("restoring {name}"));
@@ -625,13 +822,13 @@ fn apply(
 fn restore_incremental(
     env: &Env,
     a: &RestoreArgs,
-    opened: Vec<(Stream<Box<dyn Read>>, export::ExportKey)>,
+    opened: Vec<(Input, Header, export::ExportKey)>,
     applied: &mut u64,
 ) -> Result<(), Error> {
     let path = &a.to;
-    let first = opened[0].0.header().clone();
+    let first = opened[0].1.clone();
     let (first_name, base) = match &first.base {
-        Some(b) => (opened[0].0.name().to_string(), b.clone()),
+        Some(b) => (opened[0].0.name(), b.clone()),
         None => {
             return Err(Error::Usage(format!(
                 "{} is a full export: --incremental applies increments; restore a full export \
@@ -713,13 +910,13 @@ fn restore_incremental(
         total_blocks(
             &opened
                 .iter()
-                .map(|(s, _)| (String::new(), s.header().clone()))
+                .map(|(_, h, _)| (String::new(), h.clone()))
                 .collect::<Vec<_>>(),
         ),
         a.json,
     );
-    for (s, key) in opened {
-        apply(&v, s, &key, applied, &mut progress)?;
+    for (input, h, key) in opened {
+        apply(&v, input, &h, &key, applied, &mut progress)?;
     }
     if let Some(b) = progress {
         b.finish_and_clear();

@@ -36,6 +36,7 @@ mod export;
 mod helper;
 mod host;
 mod mount;
+mod objects;
 mod options;
 mod snapshot;
 mod volumes;

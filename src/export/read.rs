@@ -147,21 +147,7 @@ impl<R: Read> Stream<R> {
 
     /// The export's key, from the first slot an identity or key file opens.
     pub fn open_key(&self, identities: &[Identity], key_files: &[Kek]) -> Result<ExportKey> {
-        open_slots(
-            &self.header.slots,
-            &self.header.fixed(),
-            identities,
-            key_files,
-        )
-        .ok_or_else(|| {
-            let held: Vec<String> = self.header.slots.iter().map(super::describe_slot).collect();
-            ExportError::WrongKey(format!(
-                "{}: no key given opens this export (it opens for: {}); pass the matching \
-                 --identity or --key-file",
-                self.name,
-                held.join("; ")
-            ))
-        })
+        open_key(&self.header, &self.name, identities, key_files)
     }
 
     /// Authenticates the stream chunk by chunk with `key` and hands each
@@ -249,6 +235,24 @@ impl<R: Read> Stream<R> {
             }
         }
     }
+}
+
+/// The key of the export whose header is `header` (`name` names it in
+/// the error), from the first slot an identity or key file opens.
+pub fn open_key(
+    header: &Header,
+    name: &str,
+    identities: &[Identity],
+    key_files: &[Kek],
+) -> Result<ExportKey> {
+    open_slots(&header.slots, &header.fixed(), identities, key_files).ok_or_else(|| {
+        let held: Vec<String> = header.slots.iter().map(super::describe_slot).collect();
+        ExportError::WrongKey(format!(
+            "{name}: no key given opens this export (it opens for: {}); pass the matching \
+             --identity or --key-file",
+            held.join("; ")
+        ))
+    })
 }
 
 fn read_all(r: &mut impl Read, buf: &mut [u8], name: &str) -> Result<()> {
