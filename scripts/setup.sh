@@ -51,6 +51,8 @@ bench_tools=(
   "jq jq"
   "openssl openssl"
   "perf linux-perf"
+  "restic restic"             # the export benchmark's peer
+  "/usr/bin/time time"        # peak RSS (GNU time -v)
 )
 package_tools=(
   "cc build-essential"

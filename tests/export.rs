@@ -451,3 +451,40 @@ fn kill_9_and_a_full_disk_never_leave_anything_that_passes_for_complete() {
     assert_eq!(code(&r), 6, "{}", text(&r));
     assert!(listing.trim().is_empty(), "left behind: {listing}");
 }
+
+#[test]
+fn progress_shows_on_a_terminal_and_json_summaries_elsewhere() {
+    let src = Mounted::new();
+    let p = src.p();
+    sh_in(&src.m(), "head -c 60000000 /dev/urandom > data");
+    lx(p, "snapshot create m s1");
+    src.unmount();
+    let bin = env!("CARGO_BIN_EXE_lsvfs");
+    let (done, tty) = try_sh(
+        p,
+        &format!("script -qec '{bin} snapshot export v.vol s1 --key-file k -o s1.lsx' /dev/null"),
+    );
+    assert!(done, "{tty}");
+    assert!(tty.contains("exporting: ["), "no progress bar: {tty}");
+    assert!(tty.contains("exported snapshot s1 (full)"), "{tty}");
+    let (done, tty) = try_sh(
+        p,
+        &format!("script -qec '{bin} restore s1.lsx --to r.vol --key-file k' /dev/null"),
+    );
+    assert!(done, "{tty}");
+    assert!(tty.contains("restoring"), "no progress bar: {tty}");
+    // Not a terminal: no bar; --json: one JSON object.
+    let o = lxr(p, "snapshot export v.vol s1 --key-file k -o s2.lsx --json");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success() && !err.contains("exporting: ["), "{err}");
+    let v: serde_json::Value = serde_json::from_str(err.trim()).expect("one JSON object");
+    assert_eq!(v["snapshot"], "s1");
+    assert_eq!(
+        v["bytes"].as_u64(),
+        Some(std::fs::metadata(p.join("s2.lsx")).unwrap().len())
+    );
+    let o = lxr(p, "restore s2.lsx --to r2.vol --key-file k --json");
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("restore --json prints one JSON object");
+    assert_eq!(v["snapshots"][0], "s1");
+}
