@@ -292,15 +292,32 @@ fn a_recipient_opens_an_export_with_its_identity_alone() {
     // scan could find.
     let m = master();
     assert!(!out.windows(KEY_LEN).any(|w| w == m.expose()));
-    // Nobody can open an export nobody holds.
-    let e = export::export(
+    // With no recipient and no key file, the volume slot alone: it opens
+    // with the source volume's keys, and nothing else opens it.
+    let mut only = Vec::new();
+    export::export(
         &src,
         "s1",
         None,
         &Holders::default(),
-        &mut Vec::new(),
+        &mut only,
         &mut |_, _| Ok(()),
     )
-    .unwrap_err();
-    assert_eq!(e.class(), Class::Usage);
+    .unwrap();
+    let s = Stream::open(&only[..], "f").unwrap();
+    assert_eq!(s.header().slots.len(), 1);
+    assert!(s
+        .open_key(std::slice::from_ref(&id), &[key_file()])
+        .is_err());
+    let h = s.header().clone();
+    let other = lsvfs::crypto::VolumeKeys::derive(
+        &MasterKey::from_bytes(Zeroizing::new([0x77; KEY_LEN])),
+        &h.volume_id,
+    );
+    assert!(export::open_key(&h, "f", &[], &[], Some(&other)).is_err());
+    let ours = lsvfs::crypto::VolumeKeys::derive(&master(), &h.volume_id);
+    let key = export::open_key(&h, "f", &[], &[], Some(&ours)).unwrap();
+    let t = new_target();
+    export::restore_stream(&t, s, &key, &mut |_| {}).unwrap();
+    assert!(read_all(&t) == kept["s1"]);
 }

@@ -1390,3 +1390,77 @@ fn a_tpm_sealed_store_unlocks_and_a_changed_pcr_another_tpm_or_a_revocation_refu
     );
     a.ok(&["unmount", "m"]);
 }
+
+/// An export's volume slot: whoever can unlock the source volume (this
+/// host, through its sealed store and the key server) restores it, even
+/// once the volume itself is gone; another host cannot, nor this one once
+/// revoked.
+#[test]
+fn an_export_opens_for_whoever_unlocks_its_volume_and_not_after_revocation() {
+    let ks = KeyServer::start();
+    let (a, _vid) = host_with_volume(&ks, "host-x");
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/kept"), b"exported").unwrap();
+    a.ok(&["snapshot", "create", "m", "s1"]);
+    let out = a.ok(&["snapshot", "export", "m", "s1", "-o", "s1.lsx"]);
+    assert!(
+        out.contains("only whoever can unlock the source volume"),
+        "{out}"
+    );
+    a.ok(&["unmount", "m"]);
+    let show = a.ok(&["export", "show", "s1.lsx"]);
+    assert!(
+        show.contains("whoever can unlock the source volume"),
+        "{show}"
+    );
+    // The volume is lost; its export restores on this host alone.
+    std::fs::remove_file(a.p().join("v.vol")).unwrap();
+    a.ok(&["keygen", "new.key"]);
+    a.ok(&[
+        "restore",
+        "s1.lsx",
+        "--to",
+        "r.vol",
+        "--key-file",
+        "new.key",
+    ]);
+    a.ok(&["mount", "r.vol", "m", "--key-file", "new.key"]);
+    assert_eq!(std::fs::read(a.p().join("m/kept")).unwrap(), b"exported");
+    a.ok(&["unmount", "m"]);
+
+    // Another host, enrolled, holds no key of the volume: wrong key.
+    let b = Host::new("host-y");
+    let id = b.init(&ks, &ks.ca());
+    ks.admin(&["enroll", "host-y", &id]);
+    std::fs::copy(a.p().join("s1.lsx"), b.p().join("s1.lsx")).unwrap();
+    b.ok(&["keygen", "new.key"]);
+    b.fails(
+        &[
+            "restore",
+            "s1.lsx",
+            "--to",
+            "r.vol",
+            "--key-file",
+            "new.key",
+        ],
+        5,
+        "whoever can unlock the source volume",
+    );
+    assert!(!b.p().join("r.vol").exists());
+
+    // Revoked: the key server refuses, so does the restore.
+    ks.admin(&["revoke", "host-x"]);
+    a.fails(
+        &[
+            "restore",
+            "s1.lsx",
+            "--to",
+            "r2.vol",
+            "--key-file",
+            "new.key",
+        ],
+        10,
+        "revoked",
+    );
+    assert!(!a.p().join("r2.vol").exists());
+}

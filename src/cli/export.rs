@@ -15,7 +15,7 @@ use super::control::{self, ExportEntry};
 use super::objects::{Bucket, ObjectWriter, S3Url};
 use super::volumes::{make_volume, Keying, Restoring};
 use super::Error;
-use crate::crypto::Kek;
+use crate::crypto::{Kek, VolumeKeys};
 use crate::export::{
     self, ExportError, Header, Holders, Identity, Kind, RecipientKey, Stream, Summary,
 };
@@ -175,11 +175,11 @@ pub(super) fn snapshot_export(env: &Env, a: ExportArgs) -> Result<(), Error> {
         .map(|p| RecipientKey::read(p))
         .collect::<Result<_, _>>()?;
     if recipients.is_empty() && a.key_files.is_empty() {
-        return Err(Error::Usage(
-            "nobody could open this export: give --recipient PUBFILE (see `lsvfs recipient \
-             keygen`) or --key-file KEYFILE, or both"
-                .into(),
-        ));
+        tracing::warn!(
+            "only whoever can unlock the source volume (this host, through its sealed store and \
+             the volume's key servers) can open this export; for one another host can restore, \
+             add --recipient PUBFILE (see `lsvfs recipient keygen`) or --key-file KEYFILE"
+        );
     }
     let mounted = a.source.is_dir();
     let mut out = Output::open(&a.output, &a.name)?;
@@ -708,7 +708,7 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
     check_chain(&headers)?;
     let mut opened = Vec::new();
     for (input, h) in found {
-        let key = export::open_key(&h, &input.name(), &identities, &key_files)?;
+        let key = export_key(env, &h, &input.name(), &identities, &key_files)?;
         opened.push((input, h, key));
     }
     let started = Instant::now();
@@ -774,6 +774,43 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// The key of an export: from an identity or a key file given, else,
+/// through its volume slot, by unlocking its source volume with this host's
+/// sealed store and that volume's key servers (the host that exported it,
+/// while the key servers still release the volume's key to it).
+fn export_key(
+    env: &Env,
+    h: &Header,
+    name: &str,
+    identities: &[Identity],
+    key_files: &[Kek],
+) -> Result<export::ExportKey, Error> {
+    let refused = match export::open_key(h, name, identities, key_files, None) {
+        Ok(k) => return Ok(k),
+        Err(e) => e,
+    };
+    let Some(key_check) = export::volume_slot_check(&h.slots) else {
+        return Err(refused.into());
+    };
+    let sealed = keys::SealedStore::exists(&env.store)
+        && keys::SealedStore::open(&env.store).is_ok_and(|s| s.entry(&h.volume_id).is_some());
+    if !sealed {
+        return Err(refused.into());
+    }
+    let (master, _) =
+        keys::unlock_volume_id(&env.store, &env.server, &h.volume_id, &key_check, false)?;
+    lsvfs_keyserver::secret::scrub_stack();
+    let volume = VolumeKeys::derive(&master, &h.volume_id);
+    drop(master);
+    Ok(export::open_key(
+        h,
+        name,
+        identities,
+        key_files,
+        Some(&volume),
+    )?)
 }
 
 /// Blocks of data the exports announce (an estimate for the progress bar:

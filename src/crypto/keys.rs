@@ -18,6 +18,7 @@ pub const KEY_LEN: usize = 32;
 pub const LABEL_XTS: &[u8] = b"lsvfs v1 AES-256-XTS block encryption";
 pub const LABEL_MAC: &[u8] = b"lsvfs v1 BLAKE3 block authentication";
 pub const LABEL_KCV: &[u8] = b"lsvfs v1 key check value";
+pub const LABEL_EXPORT: &[u8] = b"lsvfs v1 export volume slot";
 
 /// 32 random bytes from the operating system.
 pub fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, CryptoError> {
@@ -92,6 +93,9 @@ pub struct VolumeKeys(Locked<Schedule>);
 struct Schedule {
     xts: Xts,
     mac_key: [u8; 32],
+    /// The root of the keys that seal an export's key for whoever can
+    /// unlock this volume (see [`VolumeKeys::export_slot_key`]).
+    export_root: [u8; 32],
     volume_id: [u8; 16],
 }
 
@@ -130,9 +134,11 @@ impl VolumeKeys {
             let s = s.write(Schedule {
                 xts: Xts::new(k1, k2),
                 mac_key: [0u8; 32],
+                export_root: [0u8; 32],
                 volume_id: *volume_id,
             });
             expand(master, volume_id, LABEL_MAC, &mut s.mac_key);
+            expand(master, volume_id, LABEL_EXPORT, &mut s.export_root);
         })
         .map_err(|_| CryptoError::Memory)?;
         Ok(VolumeKeys(schedule))
@@ -140,6 +146,16 @@ impl VolumeKeys {
 
     pub fn volume_id(&self) -> &[u8; 16] {
         &self.0.volume_id
+    }
+
+    /// The key that seals export `export_id`'s key in its volume slot:
+    /// anyone who can unlock this volume can derive it, nobody else.
+    pub fn export_slot_key(&self, export_id: &[u8; 16]) -> Zeroizing<[u8; 32]> {
+        let hk = Hkdf::<Sha256>::new(Some(export_id), &self.0.export_root);
+        let mut out = Zeroizing::new([0u8; 32]);
+        hk.expand(b"lsvfs v1 export volume slot key", &mut out[..])
+            .expect("32 bytes");
+        out
     }
 
     /// Encrypts one block in place under the tweak of `tag`.

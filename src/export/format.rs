@@ -60,6 +60,9 @@ pub enum SlotKind {
     Recipient = 1,
     /// A key file's KEK (the volume's recovery key, or any key file).
     KeyFile = 2,
+    /// Whoever can unlock the source volume (a key derived from its master
+    /// key): this host's sealed store and the volume's key servers.
+    Volume = 3,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -253,6 +256,7 @@ impl Header {
             let kind = match r.u8() {
                 Some(1) => SlotKind::Recipient,
                 Some(2) => SlotKind::KeyFile,
+                Some(3) => SlotKind::Volume,
                 _ => return Err(bad("unknown key slot kind")),
             };
             let n = r.u16().ok_or_else(|| bad("short"))? as usize;

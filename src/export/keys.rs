@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 
 use super::format::{Slot, SlotKind, FIXED_LEN};
 use super::{ExportError, Result};
-use crate::crypto::Kek;
+use crate::crypto::{Kek, VolumeKeys};
 
 type Kem = X25519HkdfSha256;
 
@@ -242,6 +242,46 @@ pub fn key_file_slot(kek: &Kek, key: &ExportKey, fixed: &[u8; FIXED_LEN]) -> Res
     })
 }
 
+/// A slot holding `key` for whoever can unlock the source volume: its
+/// key-check value (which volume, which key), a random nonce and the export
+/// key sealed with XChaCha20-Poly1305 under `slot_key` (the volume's
+/// [`crate::crypto::VolumeKeys::export_slot_key`] for this export), bound
+/// to the header's fixed part.
+pub fn volume_slot(
+    slot_key: &[u8; 32],
+    key_check: &[u8; 16],
+    key: &ExportKey,
+    fixed: &[u8; FIXED_LEN],
+) -> Result<Slot> {
+    let mut nonce = [0u8; 24];
+    getrandom::fill(&mut nonce).map_err(|e| ExportError::Usage(format!("no randomness: {e}")))?;
+    let ct = XChaCha20Poly1305::new_from_slice(slot_key)
+        .expect("32-byte key")
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &key.0[..],
+                aad: fixed,
+            },
+        )
+        .map_err(|_| ExportError::Usage("sealing the export key".into()))?;
+    let mut body = key_check.to_vec();
+    body.extend_from_slice(&nonce);
+    body.extend_from_slice(&ct);
+    Ok(Slot {
+        kind: SlotKind::Volume,
+        body,
+    })
+}
+
+/// The source volume's key-check value, if the export has a volume slot.
+pub fn volume_slot_check(slots: &[Slot]) -> Option<[u8; 16]> {
+    slots
+        .iter()
+        .find(|s| s.kind == SlotKind::Volume && s.body.len() == 16 + 24 + 48)
+        .map(|s| s.body[..16].try_into().expect("16 bytes"))
+}
+
 fn key_from(plain: &[u8]) -> Option<ExportKey> {
     let mut k = Zeroizing::new([0u8; 32]);
     if plain.len() != 32 {
@@ -258,9 +298,26 @@ pub fn open_slots(
     fixed: &[u8; FIXED_LEN],
     identities: &[Identity],
     key_files: &[Kek],
+    volume: Option<&VolumeKeys>,
 ) -> Option<ExportKey> {
     for s in slots {
         match s.kind {
+            SlotKind::Volume if s.body.len() == 16 + 24 + 48 => {
+                let Some(v) = volume else { continue };
+                let id: [u8; 16] = fixed[16..32].try_into().expect("16 bytes");
+                let plain = XChaCha20Poly1305::new_from_slice(&v.export_slot_key(&id)[..])
+                    .expect("32-byte key")
+                    .decrypt(
+                        XNonce::from_slice(&s.body[16..40]),
+                        Payload {
+                            msg: &s.body[40..],
+                            aad: fixed,
+                        },
+                    );
+                if let Some(k) = plain.ok().map(Zeroizing::new).and_then(|p| key_from(&p)) {
+                    return Some(k);
+                }
+            }
             SlotKind::Recipient if s.body.len() == 32 + 32 + 48 => {
                 let Some(id) = identities.iter().find(|i| i.public.0[..] == s.body[..32]) else {
                     continue;
@@ -318,6 +375,9 @@ pub fn describe(s: &Slot) -> String {
                 crate::keys::hex(&s.body[..16])
             )
         }
+        SlotKind::Volume => "whoever can unlock the source volume (its key servers, with this \
+             host's sealed store)"
+            .to_string(),
         _ => "a malformed slot".into(),
     }
 }
@@ -339,15 +399,15 @@ mod tests {
             recipient_slot(&alice.public(), &key, &fixed).unwrap(),
             key_file_slot(&kek, &key, &fixed).unwrap(),
         ];
-        let got = open_slots(&slots, &fixed, std::slice::from_ref(&alice), &[]).unwrap();
+        let got = open_slots(&slots, &fixed, std::slice::from_ref(&alice), &[], None).unwrap();
         assert_eq!(*got.0, *key.0);
-        let got = open_slots(&slots, &fixed, &[], std::slice::from_ref(&kek)).unwrap();
+        let got = open_slots(&slots, &fixed, &[], std::slice::from_ref(&kek), None).unwrap();
         assert_eq!(*got.0, *key.0);
-        assert!(open_slots(&slots, &fixed, std::slice::from_ref(&bob), &[other]).is_none());
+        assert!(open_slots(&slots, &fixed, std::slice::from_ref(&bob), &[other], None).is_none());
         // Bound to the header: another export's fixed part opens nothing.
         let mut moved = fixed;
         moved[20] ^= 1;
-        assert!(open_slots(&slots, &moved, &[alice], std::slice::from_ref(&kek)).is_none());
+        assert!(open_slots(&slots, &moved, &[alice], std::slice::from_ref(&kek), None).is_none());
         // Identity files: 0600, read back to the same public key, and the
         // public key's text form parses.
         let again = Identity::read(&dir.path().join("bob")).unwrap();

@@ -14,7 +14,7 @@ use super::format::{
 use super::keys::{open_slots, ExportKey, Identity};
 use super::write::{nonce, plan_increment, union, Step};
 use super::{ExportError, Result};
-use crate::crypto::Kek;
+use crate::crypto::{Kek, VolumeKeys};
 use crate::volume::{Lba, SnapshotId, Transaction, Volume};
 
 /// One frame of the stream.
@@ -147,7 +147,7 @@ impl<R: Read> Stream<R> {
 
     /// The export's key, from the first slot an identity or key file opens.
     pub fn open_key(&self, identities: &[Identity], key_files: &[Kek]) -> Result<ExportKey> {
-        open_key(&self.header, &self.name, identities, key_files)
+        open_key(&self.header, &self.name, identities, key_files, None)
     }
 
     /// Authenticates the stream chunk by chunk with `key` and hands each
@@ -244,8 +244,16 @@ pub fn open_key(
     name: &str,
     identities: &[Identity],
     key_files: &[Kek],
+    volume: Option<&VolumeKeys>,
 ) -> Result<ExportKey> {
-    open_slots(&header.slots, &header.fixed(), identities, key_files).ok_or_else(|| {
+    open_slots(
+        &header.slots,
+        &header.fixed(),
+        identities,
+        key_files,
+        volume,
+    )
+    .ok_or_else(|| {
         let held: Vec<String> = header.slots.iter().map(super::describe_slot).collect();
         ExportError::WrongKey(format!(
             "{name}: no key given opens this export (it opens for: {}); pass the matching \

@@ -12,7 +12,7 @@ use super::format::{
     put_record, Header, Kind, RecordKind, SnapRef, Trailer, CHUNK_BLOCKS, MAX_CHUNK, RECORD_HEADER,
     TRAILER_MARK,
 };
-use super::keys::{key_file_slot, recipient_slot, ExportKey, RecipientKey};
+use super::keys::{key_file_slot, recipient_slot, volume_slot, ExportKey, RecipientKey};
 use super::{ExportError, Result};
 use crate::crypto::Kek;
 use crate::volume::{SnapshotId, Volume};
@@ -152,13 +152,6 @@ pub fn export(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<Summary> {
-    if holders.recipients.is_empty() && holders.key_files.is_empty() {
-        return Err(ExportError::Usage(
-            "nobody could open this export: give --recipient PUBFILE (see `lsvfs recipient \
-             keygen`) or --key-file KEYFILE, or both"
-                .into(),
-        ));
-    }
     let list = volume.snapshot_names()?;
     let (at, snapshot) = find(&list, name)?;
     let view = volume.snapshot_view(SnapshotId(snapshot.id))?;
@@ -208,6 +201,13 @@ pub fn export(
     for k in &holders.key_files {
         header.slots.push(key_file_slot(k, &key, &fixed)?);
     }
+    // Always: whoever can unlock the volume can open its exports.
+    header.slots.push(volume_slot(
+        &volume.export_slot_key(&header.export_id),
+        &volume.header().key_check,
+        &key,
+        &fixed,
+    )?);
     let head = header.encode();
     let cipher = key.chunk_cipher(&header.export_id);
     let header_hash: [u8; 32] = Sha256::digest(&head).into();

@@ -269,8 +269,20 @@ pub fn unlock_with_server(
     header: &Header,
     every: bool,
 ) -> Result<(MasterKey, Vec<Rewrapped>)> {
+    unlock_volume_id(store_dir, o, &header.volume_id, &header.key_check, every)
+}
+
+/// [`unlock_with_server`] for a volume known by its id and key-check value
+/// alone (an export's volume slot: the volume itself may be gone).
+pub fn unlock_volume_id(
+    store_dir: &Path,
+    o: &ServerOptions,
+    volume_id: &[u8; 16],
+    key_check: &[u8; 16],
+    every: bool,
+) -> Result<(MasterKey, Vec<Rewrapped>)> {
     let store = SealedStore::open(store_dir)?;
-    let vid = header.volume_id;
+    let vid = *volume_id;
     let hex = hex(&vid);
     let entry = store.entry(&vid).cloned().ok_or_else(|| {
         KeysError::SealedStore(format!(
@@ -327,7 +339,7 @@ pub fn unlock_with_server(
             .collect();
         threshold::combine(&parts)?
     };
-    if master.check_value(&vid) != header.key_check {
+    if master.check_value(&vid) != *key_check {
         return Err(not_ours(if whole {
             format!(
                 "the key server's KEK v{} does not open the sealed key",

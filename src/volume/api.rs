@@ -164,6 +164,11 @@ impl Volume {
         &self.inner.header
     }
 
+    /// See [`crate::crypto::VolumeKeys::export_slot_key`].
+    pub fn export_slot_key(&self, export_id: &[u8; 16]) -> zeroize::Zeroizing<[u8; 32]> {
+        self.inner.keys.export_slot_key(export_id)
+    }
+
     pub fn logical_blocks(&self) -> u64 {
         self.inner.header.logical_blocks
     }
