@@ -48,11 +48,23 @@ impl S3 {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let made = Command::new("curl")
-            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", s.endpoint())])
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "creating bucket {bucket}");
+        // Listening is not yet serving: try until the bucket is made.
+        let t = Instant::now();
+        loop {
+            let made = Command::new("curl")
+                .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", s.endpoint())])
+                .output()
+                .unwrap();
+            if made.status.success() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "creating bucket {bucket}: {}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         s
     }
 

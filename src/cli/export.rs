@@ -325,7 +325,7 @@ fn report_export(
     };
     eprintln!(
         "exported {what} of {} to {to}: {} ({} data, {} zero, {} trimmed blocks) in {secs:.1} s, \
-         {}/s; sha256 {}",
+         {}/s; blake3 {}",
         source.display(),
         human(e.bytes),
         e.data_blocks,
@@ -340,7 +340,7 @@ fn report_export(
 /// One export to read: standard input (it can be read once: its header
 /// is kept with the stream), a file, or an object.
 enum Input {
-    Stdin(Option<Box<Stream<Box<dyn Read>>>>),
+    Stdin(Option<Box<Stream<Box<dyn Read + Send>>>>),
     File(String),
     Object(Arc<Bucket>, S3Url),
 }
@@ -355,24 +355,24 @@ impl Input {
     }
 
     /// The whole stream, from its start.
-    fn stream(&mut self) -> Result<Stream<Box<dyn Read>>, Error> {
+    fn stream(&mut self) -> Result<Stream<Box<dyn Read + Send>>, Error> {
         let name = self.name();
         match self {
             Input::Stdin(s) => match s.take() {
                 Some(s) => Ok(*s),
                 None => {
-                    let r: Box<dyn Read> =
+                    let r: Box<dyn Read + Send> =
                         Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()));
                     Ok(Stream::open(r, &name)?)
                 }
             },
             Input::File(f) => {
                 let file = File::open(&*f).map_err(|e| Error::io(format!("opening {f}"), e))?;
-                let r: Box<dyn Read> = Box::new(BufReader::with_capacity(1 << 20, file));
+                let r: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 20, file));
                 Ok(Stream::open(r, &name)?)
             }
             Input::Object(b, u) => {
-                let r: Box<dyn Read> =
+                let r: Box<dyn Read + Send> =
                     Box::new(BufReader::with_capacity(1 << 20, b.reader(&u.key)?));
                 Ok(Stream::open(r, &name)?)
             }
@@ -386,7 +386,7 @@ impl Input {
         match self {
             Input::Stdin(s) => {
                 if s.is_none() {
-                    let r: Box<dyn Read> =
+                    let r: Box<dyn Read + Send> =
                         Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()));
                     *s = Some(Box::new(Stream::open(r, &name)?));
                 }
@@ -564,7 +564,7 @@ pub fn verify(files: &[String], json: bool) -> Result<(), Error> {
             );
         } else {
             println!(
-                "{f}: intact and complete: {} of {} ({}), sha256 {}",
+                "{f}: intact and complete: {} of {} ({}), blake3 {}",
                 match &h.base {
                     Some(b) => format!("increment {} -> {}", b.name, h.snapshot.name),
                     None => format!("full export of {}", h.snapshot.name),
@@ -668,7 +668,7 @@ pub fn show(file: &str, json: bool) -> Result<(), Error> {
         t.zero_blocks,
         t.trim_blocks
     );
-    println!("sha256:          {}", keys::hex(&t.hash));
+    println!("blake3:          {}", keys::hex(&t.hash));
     Ok(())
 }
 

@@ -370,7 +370,7 @@ pub struct Trailer {
     pub data_blocks: u64,
     pub zero_blocks: u64,
     pub trim_blocks: u64,
-    /// SHA-256 of every byte of the stream before this field.
+    /// BLAKE3 of every byte of the stream before this field.
     pub hash: [u8; 32],
 }
 

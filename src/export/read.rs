@@ -5,8 +5,7 @@
 
 use std::io::Read;
 
-use chacha20poly1305::aead::{Aead, Payload};
-use sha2::{Digest, Sha256};
+use chacha20poly1305::aead::AeadInPlace;
 
 use super::format::{
     records, Header, Kind, RecordKind, Trailer, MAX_CHUNK, TAG_LEN, TRAILER_LEN, TRAILER_MARK,
@@ -26,7 +25,7 @@ enum Frame {
 /// An export stream being read.
 pub struct Stream<R: Read> {
     r: R,
-    sha: Sha256,
+    sha: blake3::Hasher,
     bytes: u64,
     header: Header,
     header_hash: [u8; 32],
@@ -51,13 +50,13 @@ impl<R: Read> Stream<R> {
         head.resize(len, 0);
         read_all(&mut r, &mut head[16..], name)?;
         let header = Header::decode(&head).map_err(|e| e.about(name))?;
-        let mut sha = Sha256::new();
+        let mut sha = blake3::Hasher::new();
         sha.update(&head);
         Ok(Stream {
             r,
             sha,
             bytes: head.len() as u64,
-            header_hash: Sha256::digest(&head).into(),
+            header_hash: blake3::hash(&head).into(),
             header,
             name: name.to_string(),
         })
@@ -85,7 +84,7 @@ impl<R: Read> Stream<R> {
         if len == TRAILER_MARK {
             let mut body = [0u8; TRAILER_LEN];
             self.take(&mut body[..TRAILER_LEN - 32])?;
-            let want: [u8; 32] = self.sha.clone().finalize().into();
+            let want: [u8; 32] = self.sha.finalize().into();
             read_all(&mut self.r, &mut body[TRAILER_LEN - 32..], &self.name)?;
             self.bytes += 32;
             let t = Trailer::decode(&body).map_err(|e| e.about(&self.name))?;
@@ -154,9 +153,23 @@ impl<R: Read> Stream<R> {
     /// chunk's records to `apply`, in order. Nothing of a chunk is handed
     /// on before the chunk is authenticated; the trailer is checked last.
     pub fn read_records(
-        mut self,
+        self,
         key: &ExportKey,
         apply: &mut dyn FnMut(&[super::format::Record]) -> Result<()>,
+    ) -> Result<Trailer> {
+        let logical = self.header.logical_blocks;
+        let mut next = 0u64;
+        self.read_chunks(key, &mut |plain| {
+            apply(&records(&plain, logical, &mut next)?)
+        })
+    }
+
+    /// [`Stream::read_records`], handing on each chunk's authenticated
+    /// plaintext (whose records are checked) instead.
+    pub fn read_chunks(
+        mut self,
+        key: &ExportKey,
+        apply: &mut dyn FnMut(zeroize::Zeroizing<Vec<u8>>) -> Result<()>,
     ) -> Result<Trailer> {
         let cipher = key.chunk_cipher(&self.header.export_id);
         let logical = self.header.logical_blocks;
@@ -173,30 +186,30 @@ impl<R: Read> Stream<R> {
                             self.name
                         )));
                     }
-                    let open = |last| {
-                        cipher.decrypt(
+                    // Opened in place; a failed attempt leaves the buffer
+                    // as it was (the tag is checked before decrypting).
+                    let mut plain = zeroize::Zeroizing::new(ct);
+                    let body = plain.len() - TAG_LEN;
+                    let tag = *chacha20poly1305::Tag::from_slice(&plain[body..]);
+                    plain.truncate(body);
+                    let open = |last, buf: &mut Vec<u8>| {
+                        cipher.decrypt_in_place_detached(
                             &nonce(index, last),
-                            Payload {
-                                msg: &ct,
-                                aad: &self.header_hash,
-                            },
+                            &self.header_hash,
+                            buf,
+                            &tag,
                         )
                     };
-                    let plain = match open(false) {
-                        Ok(p) => p,
-                        Err(_) => {
-                            let p = open(true).map_err(|_| {
-                                ExportError::Corrupt(format!(
-                                    "{}: chunk {index} fails authentication: the export was \
-                                     modified, damaged or reordered; use another copy",
-                                    self.name
-                                ))
-                            })?;
-                            last_seen = true;
-                            p
-                        }
-                    };
-                    let plain = zeroize::Zeroizing::new(plain);
+                    if open(false, &mut plain).is_err() {
+                        open(true, &mut plain).map_err(|_| {
+                            ExportError::Corrupt(format!(
+                                "{}: chunk {index} fails authentication: the export was \
+                                 modified, damaged or reordered; use another copy",
+                                self.name
+                            ))
+                        })?;
+                        last_seen = true;
+                    }
                     let rs =
                         records(&plain, logical, &mut next).map_err(|e| e.about(&self.name))?;
                     for r in &rs {
@@ -212,7 +225,8 @@ impl<R: Read> Stream<R> {
                             )));
                         }
                     }
-                    apply(&rs)?;
+                    drop(rs);
+                    apply(plain)?;
                     index += 1;
                 }
                 Frame::End(t) => {
@@ -276,29 +290,55 @@ fn read_all(r: &mut impl Read, buf: &mut [u8], name: &str) -> Result<()> {
 /// Applies a stream to `volume` (whose live tree must be the stream's base,
 /// or empty for a full export), then takes the stream's snapshot with its
 /// original name and time. `progress(blocks)` counts blocks applied.
-pub fn restore_stream<R: Read>(
+/// Reading, hashing and authenticating run on a thread of their own, a few
+/// chunks ahead of the writes into the volume.
+pub fn restore_stream<R: Read + Send>(
     volume: &Volume,
     stream: Stream<R>,
     key: &ExportKey,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(SnapshotId, Trailer)> {
     let snap = stream.header().snapshot.clone();
-    let mut done = 0u64;
-    let trailer = stream.read_records(key, &mut |rs| {
-        let mut t = Transaction::new();
-        for r in rs {
-            match r.kind {
-                RecordKind::Data => {
-                    t.write(Lba(r.first), r.data.to_vec());
+    let logical = stream.header().logical_blocks;
+    let (tx, rx) = crossbeam::channel::bounded::<zeroize::Zeroizing<Vec<u8>>>(4);
+    let trailer = std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            stream.read_chunks(key, &mut |plain| {
+                tx.send(plain)
+                    .map_err(|_| ExportError::Usage("the restore stopped".into()))
+            })
+        });
+        let mut next = 0u64;
+        let mut done = 0u64;
+        let mut applied: Result<()> = Ok(());
+        for plain in rx.iter() {
+            applied = (|| {
+                let rs = records(&plain, logical, &mut next)?;
+                let mut t = Transaction::new();
+                for r in &rs {
+                    match r.kind {
+                        RecordKind::Data => {
+                            t.write(Lba(r.first), r.data.to_vec());
+                        }
+                        RecordKind::Zero => volume.zero(Lba(r.first), r.count)?,
+                        RecordKind::Trim => volume.trim(Lba(r.first), r.count)?,
+                    }
+                    done += r.count;
                 }
-                RecordKind::Zero => volume.zero(Lba(r.first), r.count)?,
-                RecordKind::Trim => volume.trim(Lba(r.first), r.count)?,
+                volume.commit(t)?;
+                progress(done);
+                Ok(())
+            })();
+            if applied.is_err() {
+                break;
             }
-            done += r.count;
         }
-        volume.commit(t)?;
-        progress(done);
-        Ok(())
+        // The reader's sends fail once this end is gone, and it stops.
+        drop(rx);
+        let read = reader
+            .join()
+            .unwrap_or_else(|_| Err(ExportError::Usage("the export reader failed".into())));
+        applied.and(read)
     })?;
     volume.flush()?;
     let id = volume.snapshot_create_at(&snap.name, (snap.created_sec, snap.created_nsec))?;

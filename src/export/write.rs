@@ -4,13 +4,13 @@
 
 use std::io::Write;
 
-use chacha20poly1305::aead::{Aead, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use sha2::{Digest, Sha256};
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::XNonce;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::format::{
     put_record, Header, Kind, RecordKind, SnapRef, Trailer, CHUNK_BLOCKS, MAX_CHUNK, RECORD_HEADER,
-    TRAILER_MARK,
+    TAG_LEN, TRAILER_MARK,
 };
 use super::keys::{key_file_slot, recipient_slot, volume_slot, ExportKey, RecipientKey};
 use super::{ExportError, Result};
@@ -37,7 +37,7 @@ pub struct Summary {
 /// Counts and hashes what passes to the output.
 struct Hashing<'a> {
     out: &'a mut dyn Write,
-    sha: Sha256,
+    sha: blake3::Hasher,
     bytes: u64,
 }
 
@@ -210,10 +210,10 @@ pub fn export(
     )?);
     let head = header.encode();
     let cipher = key.chunk_cipher(&header.export_id);
-    let header_hash: [u8; 32] = Sha256::digest(&head).into();
+    let header_hash: [u8; 32] = blake3::hash(&head).into();
     let mut w = Hashing {
         out,
-        sha: Sha256::new(),
+        sha: blake3::Hasher::new(),
         bytes: 0,
     };
     w.put(&head)?;
@@ -225,36 +225,74 @@ pub fn export(
             Step::Trim(..) => 0,
         })
         .sum();
-    let mut chunk = Chunker {
-        cipher,
-        header_hash,
-        plain: Vec::with_capacity(MAX_CHUNK),
-        trailer: Trailer::default(),
-    };
-    let mut done = 0u64;
-    let mut buf = vec![0u8; CHUNK_BLOCKS as usize * BLOCK_SIZE];
-    for step in plan {
-        match step {
-            Step::Trim(s, n) => chunk.record(&mut w, RecordKind::Trim, s, n, &[])?,
-            Step::Read(s, n) => {
-                let mut at = s;
-                while at < s + n {
-                    let m = (s + n - at).min(CHUNK_BLOCKS);
-                    let b = &mut buf[..m as usize * BLOCK_SIZE];
-                    view.read(crate::volume::Lba(at), b)?;
-                    chunk.blocks(&mut w, at, b)?;
-                    at += m;
-                    done += m;
-                    progress(done, total)?;
+    // A thread reads the snapshot's blocks and gathers them into chunks,
+    // a few chunks ahead; this one seals, hashes and writes them.
+    let (tx, rx) = crossbeam::channel::bounded::<Piece>(4);
+    let view = &view;
+    let counts = std::thread::scope(|s| {
+        let producer = s.spawn(move || {
+            let mut chunk = Chunker {
+                tx,
+                plain: Zeroizing::new(Vec::with_capacity(MAX_CHUNK)),
+                counts: Trailer::default(),
+                done: 0,
+            };
+            let mut buf = vec![0u8; CHUNK_BLOCKS as usize * BLOCK_SIZE];
+            for step in plan {
+                match step {
+                    Step::Trim(s, n) => chunk.record(RecordKind::Trim, s, n, &[])?,
+                    Step::Read(s, n) => {
+                        let mut at = s;
+                        while at < s + n {
+                            let m = (s + n - at).min(CHUNK_BLOCKS);
+                            let b = &mut buf[..m as usize * BLOCK_SIZE];
+                            view.read(crate::volume::Lba(at), b)?;
+                            chunk.done += m;
+                            chunk.blocks(at, b)?;
+                            at += m;
+                        }
+                    }
                 }
             }
+            buf.zeroize();
+            chunk.send(true)?;
+            Ok::<_, ExportError>(chunk.counts)
+        });
+        let mut sealed = Ok(0u64);
+        for mut piece in rx.iter() {
+            sealed = sealed.and_then(|chunks| {
+                // Sealed in place: the ciphertext, then its tag.
+                let tag = cipher
+                    .encrypt_in_place_detached(
+                        &nonce(chunks, piece.last),
+                        &header_hash,
+                        &mut piece.plain,
+                    )
+                    .map_err(|_| ExportError::Usage("sealing a chunk".into()))?;
+                w.put(&((piece.plain.len() + TAG_LEN) as u32).to_le_bytes())?;
+                w.put(&piece.plain)?;
+                w.put(&tag)?;
+                progress(piece.done, total)?;
+                Ok(chunks + 1)
+            });
+            if sealed.is_err() {
+                break;
+            }
         }
-    }
-    chunk.seal(&mut w, true)?;
-    let mut trailer = chunk.trailer;
+        // The producer's sends fail once this end is gone, and it stops.
+        drop(rx);
+        let produced = producer
+            .join()
+            .unwrap_or_else(|_| Err(ExportError::Usage("the export reader failed".into())));
+        sealed.and_then(|chunks| produced.map(|c| (chunks, c)))
+    })?;
+    let mut trailer = Trailer {
+        chunks: counts.0,
+        ..counts.1
+    };
     w.put(&TRAILER_MARK.to_le_bytes())?;
     w.put(&trailer.body())?;
-    trailer.hash = w.sha.clone().finalize().into();
+    trailer.hash = w.sha.finalize().into();
     w.out
         .write_all(&trailer.hash)
         .and_then(|()| w.out.flush())
@@ -266,23 +304,26 @@ pub fn export(
     })
 }
 
-/// Gathers records into chunks and seals them.
+/// A chunk's plaintext on its way to be sealed.
+struct Piece {
+    plain: Zeroizing<Vec<u8>>,
+    /// The final chunk.
+    last: bool,
+    /// Blocks read so far (progress).
+    done: u64,
+}
+
+/// Gathers records into chunks and hands them on to be sealed.
 struct Chunker {
-    cipher: XChaCha20Poly1305,
-    header_hash: [u8; 32],
-    plain: Vec<u8>,
-    trailer: Trailer,
+    tx: crossbeam::channel::Sender<Piece>,
+    plain: Zeroizing<Vec<u8>>,
+    /// Blocks of each kind (the trailer's counts).
+    counts: Trailer,
+    done: u64,
 }
 
 impl Chunker {
-    fn record(
-        &mut self,
-        w: &mut Hashing,
-        kind: RecordKind,
-        first: u64,
-        count: u64,
-        data: &[u8],
-    ) -> Result<()> {
+    fn record(&mut self, kind: RecordKind, first: u64, count: u64, data: &[u8]) -> Result<()> {
         // Trims and zeros of any length, in records of at most u32::MAX.
         let mut at = first;
         let mut left = count;
@@ -294,13 +335,13 @@ impl Chunker {
                 &[][..]
             };
             if self.plain.len() + RECORD_HEADER + bytes.len() > MAX_CHUNK {
-                self.seal(w, false)?;
+                self.send(false)?;
             }
             put_record(&mut self.plain, kind, at, n as u32, bytes);
             match kind {
-                RecordKind::Data => self.trailer.data_blocks += n,
-                RecordKind::Zero => self.trailer.zero_blocks += n,
-                RecordKind::Trim => self.trailer.trim_blocks += n,
+                RecordKind::Data => self.counts.data_blocks += n,
+                RecordKind::Zero => self.counts.zero_blocks += n,
+                RecordKind::Trim => self.counts.trim_blocks += n,
             }
             at += n;
             left -= n;
@@ -310,7 +351,7 @@ impl Chunker {
 
     /// Blocks read from `first` on: runs of all-zero blocks become zero
     /// records, the rest data records.
-    fn blocks(&mut self, w: &mut Hashing, first: u64, b: &[u8]) -> Result<()> {
+    fn blocks(&mut self, first: u64, b: &[u8]) -> Result<()> {
         let n = b.len() / BLOCK_SIZE;
         let zero = |i: usize| {
             b[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
@@ -330,28 +371,24 @@ impl Chunker {
                 RecordKind::Data
             };
             let data = &b[i * BLOCK_SIZE..j * BLOCK_SIZE];
-            self.record(w, kind, first + i as u64, (j - i) as u64, data)?;
+            self.record(kind, first + i as u64, (j - i) as u64, data)?;
             i = j;
         }
         Ok(())
     }
 
-    fn seal(&mut self, w: &mut Hashing, last: bool) -> Result<()> {
-        let ct = self
-            .cipher
-            .encrypt(
-                &nonce(self.trailer.chunks, last),
-                Payload {
-                    msg: &self.plain,
-                    aad: &self.header_hash,
-                },
-            )
-            .map_err(|_| ExportError::Usage("sealing a chunk".into()))?;
-        w.put(&(ct.len() as u32).to_le_bytes())?;
-        w.put(&ct)?;
-        self.trailer.chunks += 1;
-        self.plain.clear();
-        Ok(())
+    fn send(&mut self, last: bool) -> Result<()> {
+        let plain = std::mem::replace(
+            &mut self.plain,
+            Zeroizing::new(Vec::with_capacity(MAX_CHUNK)),
+        );
+        self.tx
+            .send(Piece {
+                plain,
+                last,
+                done: self.done,
+            })
+            .map_err(|_| ExportError::Usage("the export stopped".into()))
     }
 }
 
