@@ -1464,3 +1464,53 @@ fn an_export_opens_for_whoever_unlocks_its_volume_and_not_after_revocation() {
     );
     assert!(!a.p().join("r2.vol").exists());
 }
+
+/// A recipient on another host, with a key server of its own, restores an
+/// export into a volume registered there: it mounts through that server,
+/// and the exporting host's server is never asked.
+#[test]
+fn an_export_restores_on_another_host_under_another_key_server() {
+    let ks1 = KeyServer::start();
+    let (a, _) = host_with_volume(&ks1, "source");
+    a.ok(&["mount", "v.vol", "m"]);
+    std::fs::write(a.p().join("m/kept"), b"moved").unwrap();
+    a.ok(&["snapshot", "create", "m", "s1"]);
+    let ks2 = KeyServer::start();
+    let b = Host::new("target");
+    let id = b.init(&ks2, &ks2.ca());
+    ks2.admin(&["enroll", "target", &id]);
+    b.ok(&["recipient", "keygen", "b.id"]);
+    std::fs::copy(b.p().join("b.id.pub"), a.p().join("b.id.pub")).unwrap();
+    a.ok(&[
+        "snapshot",
+        "export",
+        "m",
+        "s1",
+        "--recipient",
+        "b.id.pub",
+        "-o",
+        "s1.lsx",
+    ]);
+    a.ok(&["unmount", "m"]);
+    std::fs::copy(a.p().join("s1.lsx"), b.p().join("s1.lsx")).unwrap();
+    // The source's key server is gone: the target never needs it.
+    drop(ks1);
+    b.ok(&[
+        "restore",
+        "s1.lsx",
+        "--to",
+        "r.vol",
+        "--identity",
+        "b.id",
+        "--keyserver",
+        &ks2.url,
+    ]);
+    b.ok(&["mount", "r.vol", "m"]);
+    assert_eq!(std::fs::read(b.p().join("m/kept")).unwrap(), b"moved");
+    b.ok(&["unmount", "m"]);
+    let audit = ks2.admin(&["audit", "--limit", "20"]);
+    assert!(
+        audit.contains("register") || audit.contains("Register"),
+        "{audit}"
+    );
+}
