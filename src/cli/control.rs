@@ -4,7 +4,7 @@
 //! write the export to (SCM_RIGHTS), so the stream never passes through
 //! the socket. Wire format: docs/FORMAT.md, "Control socket".
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -56,7 +56,7 @@ pub struct ExportEntry {
     pub data_blocks: u64,
     pub zero_blocks: u64,
     pub trim_blocks: u64,
-    /// SHA-256 of the stream (hex): the trailer's hash.
+    /// BLAKE3 of the stream (hex): the trailer's hash.
     pub hash: String,
 }
 
@@ -237,7 +237,7 @@ fn handle(stream: UnixStream, snaps: &Snapshots) {
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
-    let _ = (&stream).write_all(&out);
+    let _ = send_all(&stream, &out);
 }
 
 /// Reads one request line, and the descriptors sent with it.
@@ -276,7 +276,7 @@ fn read_request(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)>
 /// fail with EPIPE: its answer (the reason) is still there to read, and is
 /// what to report.
 fn exchange(stream: &UnixStream, line: &[u8]) -> Result<String, Error> {
-    let sent = (&*stream).write_all(line);
+    let sent = send_all(stream, line);
     let mut answer = String::new();
     let read = BufReader::new(stream).read_line(&mut answer);
     match (sent, read) {
@@ -285,6 +285,21 @@ fn exchange(stream: &UnixStream, line: &[u8]) -> Result<String, Error> {
         (Ok(()), Err(e)) => Err(Error::io("reading the mount's answer", e)),
         (Ok(()), Ok(_)) => Ok(answer),
     }
+}
+
+/// Writes all of `b` with MSG_NOSIGNAL: a mount that hung up is an error
+/// to report (EPIPE), never a SIGPIPE that ends this process (the command
+/// line restores SIGPIPE's default so that `lsvfs ... | head` ends quietly).
+fn send_all(stream: &UnixStream, mut b: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    while !b.is_empty() {
+        match send(stream.as_raw_fd(), b, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => b = &b[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Parses one request line (at most MAX_REQUEST bytes, ended by a
@@ -440,7 +455,7 @@ pub fn request_with(
                 stream.as_raw_fd(),
                 &iov,
                 &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::empty(),
+                MsgFlags::MSG_NOSIGNAL,
                 None,
             )
             .map_err(|e| Error::io("sending the control request", e.into()))?;
@@ -465,6 +480,7 @@ pub fn request_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn a_refusal_sent_before_the_request_is_read_is_still_reported() {

@@ -105,10 +105,16 @@ impl Output {
             )));
         }
         let tmp = PathBuf::from(format!("{to}.partial"));
+        // One left by an export that was killed goes (the name itself, if it
+        // is a symlink); the new one is made afresh, never through a link.
+        if tmp.symlink_metadata().is_ok() {
+            std::fs::remove_file(&tmp)
+                .map_err(|e| Error::io(format!("removing the stale {}", tmp.display()), e))?;
+        }
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
@@ -131,7 +137,7 @@ impl Output {
         if let Output::File { tmp, path, file } = self {
             file.sync_all()
                 .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
-            std::fs::rename(&tmp, &path)
+            rename_noreplace(&tmp, &path)
                 .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))?;
             let dir = path
                 .parent()
@@ -152,6 +158,32 @@ impl Output {
             Output::Object { writer, .. } => writer.abort(),
             Output::Stdout => {}
         }
+    }
+}
+
+/// rename(2) that fails (EEXIST) rather than replace what appeared at `to`
+/// meanwhile.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -884,8 +916,11 @@ fn restore_incremental(
     }
     let k = env.keys(a.keying.key_file.clone());
     let master = k.master(&header, path)?;
+    // An older copy of the volume put back is refused, as a mount refuses it.
+    let seen = k.newest_seen(&header.volume_id)?;
     let opts = |restoring| volume::Options {
         restoring,
+        newest_seen: seen,
         background: false,
         crypto_threads: env.tuning.crypto_threads,
         chunk_bytes: env.tuning.chunk_bytes,
@@ -894,6 +929,16 @@ fn restore_incremental(
     // The target must hold the base as its newest snapshot, unchanged since.
     {
         let v = Volume::open(dev.clone(), &master, opts(resuming))?;
+        if v.logical_blocks() != first.logical_blocks {
+            return Err(ExportError::Chain(format!(
+                "{first_name} is of a volume of {} blocks, {} has {}: not the volume its base \
+                 was restored into",
+                first.logical_blocks,
+                path.display(),
+                v.logical_blocks()
+            ))
+            .into());
+        }
         let names = v.snapshot_names()?;
         let newest = names.last();
         let same = newest.is_some_and(|(_, n, sec, nsec)| {

@@ -132,7 +132,7 @@ impl Bucket {
         }
     }
 
-    /// Keys of the exports (`*.lsx`) under `prefix`, sorted.
+    /// Keys of the exports (`*.lsx`) directly under `prefix`, sorted.
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
         let p = prefix.trim_end_matches('/');
         let prefix_path = (!p.is_empty()).then(|| ObjectPath::from(p));
@@ -142,7 +142,13 @@ impl Bucket {
             while let Some(m) = s.next().await {
                 let m = m.map_err(|e| failed(format!("listing {}", self.url(p)), e))?;
                 let k = m.location.to_string();
-                if k.ends_with(".lsx") {
+                // Directly under the prefix: deeper ones are other chains.
+                let rest = if p.is_empty() {
+                    &k[..]
+                } else {
+                    k[p.len()..].trim_start_matches('/')
+                };
+                if k.ends_with(".lsx") && !rest.contains('/') {
                     out.push(k);
                 }
             }
@@ -207,7 +213,8 @@ pub struct ObjectReader {
 
 impl Read for ObjectReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        if self.buf.is_empty() {
+        // An empty piece is not the end: only the stream's end is.
+        while self.buf.is_empty() {
             match self.rt.block_on(self.stream.next()) {
                 Some(Ok(b)) => self.buf = b,
                 Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),

@@ -230,7 +230,12 @@ impl Header {
         }
         let base = match kind {
             Kind::Full => {
-                if !base_name.is_empty() || base_link != [0; 32] || base_id != 0 {
+                if !base_name.is_empty()
+                    || base_link != [0; 32]
+                    || base_id != 0
+                    || base_sec != 0
+                    || base_nsec != 0
+                {
                     return Err(bad("a full export names a base"));
                 }
                 None

@@ -15,7 +15,7 @@ use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 use sha2::Sha256;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::format::{Slot, SlotKind, FIXED_LEN};
 use super::{ExportError, Result};
@@ -133,7 +133,9 @@ impl Identity {
     pub fn generate(path: &Path) -> Result<Identity> {
         let (sk, pk) = Kem::gen_keypair();
         let mut line = Zeroizing::new(String::from(SECRET_PREFIX));
-        line.push_str(&crate::keys::hex(&sk.to_bytes()));
+        let mut secret = sk.to_bytes();
+        line.push_str(&Zeroizing::new(crate::keys::hex(&secret)));
+        secret.zeroize();
         line.push('\n');
         let mut f = std::fs::OpenOptions::new()
             .write(true)

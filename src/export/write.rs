@@ -9,8 +9,8 @@ use chacha20poly1305::XNonce;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::format::{
-    put_record, Header, Kind, RecordKind, SnapRef, Trailer, CHUNK_BLOCKS, MAX_CHUNK, RECORD_HEADER,
-    TAG_LEN, TRAILER_MARK,
+    put_record, Header, Kind, RecordKind, SnapRef, Trailer, CHUNK_BLOCKS, MAX_CHUNK, MAX_SLOTS,
+    RECORD_HEADER, TAG_LEN, TRAILER_MARK,
 };
 use super::keys::{key_file_slot, recipient_slot, volume_slot, ExportKey, RecipientKey};
 use super::{ExportError, Result};
@@ -152,6 +152,12 @@ pub fn export(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<Summary> {
+    if holders.recipients.len() + holders.key_files.len() + 1 > MAX_SLOTS {
+        return Err(ExportError::Usage(format!(
+            "at most {} --recipient and --key-file in all (one slot is the volume's own)",
+            MAX_SLOTS - 1
+        )));
+    }
     let list = volume.snapshot_names()?;
     let (at, snapshot) = find(&list, name)?;
     let view = volume.snapshot_view(SnapshotId(snapshot.id))?;
