@@ -179,6 +179,43 @@ fn a_chain_exported_from_a_busy_mount_restores_for_a_recipient_file_for_file() {
     let r = lxr(q, "check r.vol --key-file k");
     assert_eq!(code(&r), 5, "{}", text(&r));
 
+    // Signed by the source volume: pinned, only its exports restore; one a
+    // stranger wrote for the same recipient is refused.
+    let signer = show
+        .lines()
+        .find_map(|l| l.strip_prefix("signed by:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(signer.len(), 64, "{show}");
+    let stranger = Mounted::with_size("64M");
+    lx(stranger.p(), "snapshot create m s1");
+    std::fs::copy(p.join("alice.id.pub"), stranger.p().join("alice.id.pub")).unwrap();
+    lx(
+        stranger.p(),
+        "snapshot export m s1 --recipient alice.id.pub -o forged.lsx",
+    );
+    stranger.unmount();
+    std::fs::copy(stranger.p().join("forged.lsx"), q.join("forged.lsx")).unwrap();
+    let pinned = format!("--source-key {signer}");
+    let r = lxr(
+        q,
+        &format!("restore forged.lsx --to f.vol --identity alice.id --key-file k2 {pinned}"),
+    );
+    assert_eq!(code(&r), 15, "{}", text(&r));
+    assert!(
+        text(&r).contains("not written by the volume you expect"),
+        "{}",
+        text(&r)
+    );
+    assert!(!q.join("f.vol").exists());
+    lx(
+        q,
+        &format!("restore s1.lsx s2.lsx --to p.vol --identity alice.id --key-file k2 {pinned}"),
+    );
+
     std::fs::create_dir(q.join("m")).unwrap();
     lx(q, "mount r.vol m --key-file k2");
     let snaps = sh_in(&q.join("m"), "ls .snapshots");

@@ -547,6 +547,14 @@ fn check_chain(headers: &[(String, Header)]) -> Result<(), ExportError> {
                 keys::hex(&prev.volume_id)
             )));
         }
+        if h.source_key != prev.source_key {
+            return Err(ExportError::Chain(format!(
+                "{n} is signed by source key {}, {pn} by {}: a foreign link (not written by \
+                 the volume that wrote the rest of the chain)",
+                keys::hex(&h.source_key),
+                keys::hex(&prev.source_key)
+            )));
+        }
         let Some(base) = &h.base else {
             return Err(ExportError::Chain(format!(
                 "{n} is a full export, so it cannot follow {pn}; restore it on its own, or give \
@@ -689,6 +697,10 @@ pub fn show(file: &str, json: bool) -> Result<(), Error> {
         println!("base link:       {}", keys::hex(&l));
     }
     println!("export id:       {}", keys::hex(&h.export_id));
+    println!(
+        "signed by:       {} (the source volume's export key; pin it with restore --source-key)",
+        keys::hex(&h.source_key)
+    );
     for d in &holders {
         println!("opens for:       {d}");
     }
@@ -710,6 +722,8 @@ pub(super) struct RestoreArgs {
     pub to: PathBuf,
     pub keying: Keying,
     pub identities: Vec<PathBuf>,
+    /// The source volume's export signing key (hex) every export must carry.
+    pub source_key: Option<String>,
     pub incremental: bool,
     pub rollback: bool,
     pub segment_blocks: u32,
@@ -738,6 +752,26 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
     let found = inputs(&a.files)?;
     let headers: Vec<(String, Header)> = found.iter().map(|(i, h)| (i.name(), h.clone())).collect();
     check_chain(&headers)?;
+    let source = &headers[0].1.source_key;
+    match &a.source_key {
+        Some(pin) if !pin.eq_ignore_ascii_case(&keys::hex(source)) => {
+            return Err(ExportError::Chain(format!(
+                "{} is signed by source key {}, not by the --source-key given ({pin}): it was \
+                 not written by the volume you expect",
+                headers[0].0,
+                keys::hex(source)
+            ))
+            .into());
+        }
+        Some(_) => {}
+        None if !a.json => eprintln!(
+            "the exports are signed by source key {}; to refuse any other next time, pass \
+             --source-key {}",
+            keys::hex(source),
+            keys::hex(source)
+        ),
+        None => {}
+    }
     let mut opened = Vec::new();
     for (input, h) in found {
         let key = export_key(env, &h, &input.name(), &identities, &key_files)?;

@@ -365,6 +365,11 @@ enum Cmd {
         /// exports. Repeatable.
         #[arg(long, value_name = "KEYFILE")]
         identity: Vec<PathBuf>,
+        /// Refuse exports not signed by this source key (hex, as `lsvfs
+        /// export show` prints it): anyone can write an export for a
+        /// recipient, only the source volume can sign it.
+        #[arg(long, value_name = "HEX")]
+        source_key: Option<String>,
         /// Register the new volume with this key server (after `lsvfs host
         /// init`), as `lsvfs create` does. Repeatable, with --threshold.
         #[arg(long)]
@@ -581,6 +586,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             to,
             key_file,
             identity,
+            source_key,
             keyserver,
             threshold,
             incremental,
@@ -598,6 +604,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
                     threshold,
                 },
                 identities: identity,
+                source_key,
                 incremental,
                 rollback,
                 segment_blocks,

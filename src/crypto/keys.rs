@@ -148,6 +148,17 @@ impl VolumeKeys {
         &self.0.volume_id
     }
 
+    /// The key that signs this volume's exports (Ed25519): anyone who can
+    /// unlock the volume can derive it, nobody else; its public half says
+    /// which volume an export came from.
+    pub fn export_signing_key(&self) -> ed25519_dalek::SigningKey {
+        let hk = Hkdf::<Sha256>::new(None, &self.0.export_root);
+        let mut seed = Zeroizing::new([0u8; 32]);
+        hk.expand(b"lsvfs v1 export signing key", &mut seed[..])
+            .expect("32 bytes");
+        ed25519_dalek::SigningKey::from_bytes(&seed)
+    }
+
     /// The key that seals export `export_id`'s key in its volume slot:
     /// anyone who can unlock this volume can derive it, nobody else.
     pub fn export_slot_key(&self, export_id: &[u8; 16]) -> Zeroizing<[u8; 32]> {

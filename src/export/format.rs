@@ -14,7 +14,7 @@ pub const TRAILER_MAGIC: [u8; 8] = *b"LSVFSEND";
 /// The export format version this build writes and reads.
 pub const VERSION: u16 = 1;
 /// Bytes of the header's fixed part (the slots' associated data).
-pub const FIXED_LEN: usize = 176;
+pub const FIXED_LEN: usize = 208;
 /// Largest header (fixed part, names, slots).
 pub const MAX_HEADER: usize = 64 << 10;
 /// Most key slots in one export.
@@ -25,6 +25,8 @@ pub const MAX_SLOT: usize = 1024;
 pub const TRAILER_MARK: u32 = u32::MAX;
 /// Bytes of the trailer after its mark.
 pub const TRAILER_LEN: usize = 8 + 8 * 4 + 32;
+/// The Ed25519 signature after the trailer's hash.
+pub const SIGNATURE_LEN: usize = 64;
 /// AEAD tag per chunk.
 pub const TAG_LEN: usize = 16;
 /// Data blocks a writer puts in one chunk.
@@ -83,6 +85,9 @@ pub struct Header {
     pub snapshot: SnapRef,
     /// For an increment: the snapshot it applies over.
     pub base: Option<SnapRef>,
+    /// The Ed25519 public key that signs the stream (the source volume's
+    /// export signing key).
+    pub source_key: [u8; 32],
     pub slots: Vec<Slot>,
 }
 
@@ -130,6 +135,7 @@ impl Header {
         b[156..160].copy_from_slice(&base.map_or(0, |s| s.created_nsec).to_le_bytes());
         b[160..168].copy_from_slice(&base.map_or(0, |s| s.created_sec).to_le_bytes());
         b[168..176].copy_from_slice(&base.map_or(0, |s| s.id).to_le_bytes());
+        b[176..208].copy_from_slice(&self.source_key);
         b
     }
 
@@ -214,6 +220,11 @@ impl Header {
         let base_nsec = r.u32().ok_or_else(|| bad("short"))?;
         let base_sec = r.u64().ok_or_else(|| bad("short"))? as i64;
         let base_id = r.u64().ok_or_else(|| bad("short"))?;
+        let source_key: [u8; 32] = r
+            .take(32)
+            .ok_or_else(|| bad("short"))?
+            .try_into()
+            .expect("32 bytes");
         let name = |r: &mut Reader, empty_ok: bool| -> Result<String> {
             let n = r.u8().ok_or_else(|| bad("short"))? as usize;
             let s = r.take(n).ok_or_else(|| bad("short"))?;
@@ -287,6 +298,7 @@ impl Header {
                 created_nsec,
             },
             base,
+            source_key,
             slots,
         };
         if h.snapshot_link()[..] != snap_link[..]
@@ -437,6 +449,7 @@ mod tests {
                 created_sec: 1_799_999_000,
                 created_nsec: 9,
             }),
+            source_key: [8; 32],
             slots: vec![Slot {
                 kind: SlotKind::KeyFile,
                 body: vec![9; 88],

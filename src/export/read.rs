@@ -8,10 +8,11 @@ use std::io::Read;
 use chacha20poly1305::aead::AeadInPlace;
 
 use super::format::{
-    records, Header, Kind, RecordKind, Trailer, MAX_CHUNK, TAG_LEN, TRAILER_LEN, TRAILER_MARK,
+    records, Header, Kind, RecordKind, Trailer, MAX_CHUNK, SIGNATURE_LEN, TAG_LEN, TRAILER_LEN,
+    TRAILER_MARK,
 };
 use super::keys::{open_slots, ExportKey, Identity};
-use super::write::{nonce, plan_increment, union, Step};
+use super::write::{nonce, plan_increment, signed_message, union, Step};
 use super::{ExportError, Result};
 use crate::crypto::{Kek, VolumeKeys};
 use crate::volume::{Lba, SnapshotId, Transaction, Volume};
@@ -86,12 +87,30 @@ impl<R: Read> Stream<R> {
             self.take(&mut body[..TRAILER_LEN - 32])?;
             let want: [u8; 32] = self.sha.finalize().into();
             read_all(&mut self.r, &mut body[TRAILER_LEN - 32..], &self.name)?;
-            self.bytes += 32;
+            let mut signature = [0u8; SIGNATURE_LEN];
+            read_all(&mut self.r, &mut signature, &self.name)?;
+            self.bytes += (32 + SIGNATURE_LEN) as u64;
             let t = Trailer::decode(&body).map_err(|e| e.about(&self.name))?;
             if t.hash != want {
                 return Err(ExportError::Corrupt(format!(
                     "{}: its bytes do not match the hash in its trailer: the file was damaged \
                      or modified; use another copy",
+                    self.name
+                )));
+            }
+            let signed = ed25519_dalek::VerifyingKey::from_bytes(&self.header.source_key)
+                .ok()
+                .is_some_and(|k| {
+                    k.verify_strict(
+                        &signed_message(&want),
+                        &ed25519_dalek::Signature::from_bytes(&signature),
+                    )
+                    .is_ok()
+                });
+            if !signed {
+                return Err(ExportError::Corrupt(format!(
+                    "{}: its signature does not verify under the source key its header names: \
+                     the file was modified; use another copy",
                     self.name
                 )));
             }

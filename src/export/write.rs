@@ -10,7 +10,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::format::{
     put_record, Header, Kind, RecordKind, SnapRef, Trailer, CHUNK_BLOCKS, MAX_CHUNK, MAX_SLOTS,
-    RECORD_HEADER, TAG_LEN, TRAILER_MARK,
+    RECORD_HEADER, SIGNATURE_LEN, TAG_LEN, TRAILER_MARK,
 };
 use super::keys::{key_file_slot, recipient_slot, volume_slot, ExportKey, RecipientKey};
 use super::{ExportError, Result};
@@ -197,6 +197,7 @@ pub fn export(
             .map_or(0, |d| d.as_secs()),
         snapshot,
         base,
+        source_key: volume.export_signing_key().verifying_key().to_bytes(),
         slots: Vec::new(),
     };
     let key = ExportKey::generate()?;
@@ -299,15 +300,30 @@ pub fn export(
     w.put(&TRAILER_MARK.to_le_bytes())?;
     w.put(&trailer.body())?;
     trailer.hash = w.sha.finalize().into();
+    let signature = signature_of(&volume.export_signing_key(), &trailer.hash);
     w.out
         .write_all(&trailer.hash)
+        .and_then(|()| w.out.write_all(&signature))
         .and_then(|()| w.out.flush())
         .map_err(|e| ExportError::io("writing the export", e))?;
     Ok(Summary {
         header,
         trailer,
-        bytes: w.bytes + 32,
+        bytes: w.bytes + 32 + SIGNATURE_LEN as u64,
     })
+}
+
+/// What the source volume's export key signs: the stream's hash, which
+/// covers every byte before it, the header included.
+pub(super) fn signed_message(hash: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"lsvfs v1 export stream ".to_vec();
+    m.extend_from_slice(hash);
+    m
+}
+
+fn signature_of(key: &ed25519_dalek::SigningKey, hash: &[u8; 32]) -> [u8; SIGNATURE_LEN] {
+    use ed25519_dalek::Signer;
+    key.sign(&signed_message(hash)).to_bytes()
 }
 
 /// A chunk's plaintext on its way to be sealed.

@@ -164,6 +164,11 @@ impl Volume {
         &self.inner.header
     }
 
+    /// See [`crate::crypto::VolumeKeys::export_signing_key`].
+    pub fn export_signing_key(&self) -> ed25519_dalek::SigningKey {
+        self.inner.keys.export_signing_key()
+    }
+
     /// See [`crate::crypto::VolumeKeys::export_slot_key`].
     pub fn export_slot_key(&self, export_id: &[u8; 16]) -> zeroize::Zeroizing<[u8; 32]> {
         self.inner.keys.export_slot_key(export_id)
