@@ -221,12 +221,19 @@ fn slot_cipher(kek: &Kek, fixed: &[u8; FIXED_LEN]) -> XChaCha20Poly1305 {
     XChaCha20Poly1305::new_from_slice(&k[..]).expect("32-byte key")
 }
 
-/// A slot holding `key` under a key file's KEK: the KEK's fingerprint, a
-/// random nonce and the sealed export key, bound to the header's fixed part.
-pub fn key_file_slot(kek: &Kek, key: &ExportKey, fixed: &[u8; FIXED_LEN]) -> Result<Slot> {
+/// A slot of `kind`: `prefix` (which key opens it), a random nonce, and
+/// the export key sealed with `cipher` (XChaCha20-Poly1305), bound to the
+/// header's fixed part.
+fn sealed_slot(
+    kind: SlotKind,
+    cipher: XChaCha20Poly1305,
+    prefix: &[u8],
+    key: &ExportKey,
+    fixed: &[u8; FIXED_LEN],
+) -> Result<Slot> {
     let mut nonce = [0u8; 24];
     getrandom::fill(&mut nonce).map_err(|e| ExportError::Usage(format!("no randomness: {e}")))?;
-    let ct = slot_cipher(kek, fixed)
+    let ct = cipher
         .encrypt(
             XNonce::from_slice(&nonce),
             Payload {
@@ -235,13 +242,39 @@ pub fn key_file_slot(kek: &Kek, key: &ExportKey, fixed: &[u8; FIXED_LEN]) -> Res
             },
         )
         .map_err(|_| ExportError::Usage("sealing the export key".into()))?;
-    let mut body = kek.fingerprint().to_vec();
+    let mut body = prefix.to_vec();
     body.extend_from_slice(&nonce);
     body.extend_from_slice(&ct);
-    Ok(Slot {
-        kind: SlotKind::KeyFile,
-        body,
-    })
+    Ok(Slot { kind, body })
+}
+
+/// Opens what [`sealed_slot`] made, given the body after its prefix.
+fn open_sealed(
+    cipher: XChaCha20Poly1305,
+    rest: &[u8],
+    fixed: &[u8; FIXED_LEN],
+) -> Option<ExportKey> {
+    let plain = cipher.decrypt(
+        XNonce::from_slice(rest.get(..24)?),
+        Payload {
+            msg: rest.get(24..)?,
+            aad: fixed,
+        },
+    );
+    plain.ok().map(Zeroizing::new).and_then(|p| key_from(&p))
+}
+
+/// A slot holding `key` under a key file's KEK: the KEK's fingerprint, a
+/// random nonce and the sealed export key, bound to the header's fixed part.
+pub fn key_file_slot(kek: &Kek, key: &ExportKey, fixed: &[u8; FIXED_LEN]) -> Result<Slot> {
+    let fingerprint = kek.fingerprint();
+    sealed_slot(
+        SlotKind::KeyFile,
+        slot_cipher(kek, fixed),
+        &fingerprint,
+        key,
+        fixed,
+    )
 }
 
 /// A slot holding `key` for whoever can unlock the source volume: its
@@ -255,25 +288,8 @@ pub fn volume_slot(
     key: &ExportKey,
     fixed: &[u8; FIXED_LEN],
 ) -> Result<Slot> {
-    let mut nonce = [0u8; 24];
-    getrandom::fill(&mut nonce).map_err(|e| ExportError::Usage(format!("no randomness: {e}")))?;
-    let ct = XChaCha20Poly1305::new_from_slice(slot_key)
-        .expect("32-byte key")
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: &key.0[..],
-                aad: fixed,
-            },
-        )
-        .map_err(|_| ExportError::Usage("sealing the export key".into()))?;
-    let mut body = key_check.to_vec();
-    body.extend_from_slice(&nonce);
-    body.extend_from_slice(&ct);
-    Ok(Slot {
-        kind: SlotKind::Volume,
-        body,
-    })
+    let cipher = XChaCha20Poly1305::new_from_slice(slot_key).expect("32-byte key");
+    sealed_slot(SlotKind::Volume, cipher, key_check, key, fixed)
 }
 
 /// The source volume's key-check value, if the export has a volume slot.
@@ -307,16 +323,9 @@ pub fn open_slots(
             SlotKind::Volume if s.body.len() == 16 + 24 + 48 => {
                 let Some(v) = volume else { continue };
                 let id: [u8; 16] = fixed[16..32].try_into().expect("16 bytes");
-                let plain = XChaCha20Poly1305::new_from_slice(&v.export_slot_key(&id)[..])
-                    .expect("32-byte key")
-                    .decrypt(
-                        XNonce::from_slice(&s.body[16..40]),
-                        Payload {
-                            msg: &s.body[40..],
-                            aad: fixed,
-                        },
-                    );
-                if let Some(k) = plain.ok().map(Zeroizing::new).and_then(|p| key_from(&p)) {
+                let cipher = XChaCha20Poly1305::new_from_slice(&v.export_slot_key(&id)[..])
+                    .expect("32-byte key");
+                if let Some(k) = open_sealed(cipher, &s.body[16..], fixed) {
                     return Some(k);
                 }
             }
@@ -346,14 +355,7 @@ pub fn open_slots(
                 else {
                     continue;
                 };
-                let plain = slot_cipher(kek, fixed).decrypt(
-                    XNonce::from_slice(&s.body[16..40]),
-                    Payload {
-                        msg: &s.body[40..],
-                        aad: fixed,
-                    },
-                );
-                if let Some(k) = plain.ok().map(Zeroizing::new).and_then(|p| key_from(&p)) {
+                if let Some(k) = open_sealed(slot_cipher(kek, fixed), &s.body[16..], fixed) {
                     return Some(k);
                 }
             }
