@@ -60,6 +60,16 @@ fn change(m: &Path) {
     );
 }
 
+/// A mount with snapshot s1 of [`populate`]'s tree and s2 after [`change`].
+fn two_snapshots() -> Mounted {
+    let src = Mounted::new();
+    populate(&src.m());
+    lx(src.p(), "snapshot create m s1");
+    change(&src.m());
+    lx(src.p(), "snapshot create m s2");
+    src
+}
+
 fn code(o: &std::process::Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
@@ -74,12 +84,8 @@ fn text(o: &std::process::Output) -> String {
 
 #[test]
 fn a_chain_exported_from_a_busy_mount_restores_for_a_recipient_file_for_file() {
-    let src = Mounted::new();
+    let src = two_snapshots();
     let p = src.p();
-    populate(&src.m());
-    lx(p, "snapshot create m s1");
-    change(&src.m());
-    lx(p, "snapshot create m s2");
     sh_in(&src.m(), "echo after > after.txt");
     lx(p, "snapshot create m s3");
     lx(p, "recipient keygen alice.id");
@@ -243,12 +249,8 @@ fn a_chain_exported_from_a_busy_mount_restores_for_a_recipient_file_for_file() {
 
 #[test]
 fn increments_apply_to_a_restored_copy_and_a_changed_copy_needs_a_rollback() {
-    let src = Mounted::new();
+    let src = two_snapshots();
     let p = src.p();
-    populate(&src.m());
-    lx(p, "snapshot create m s1");
-    change(&src.m());
-    lx(p, "snapshot create m s2");
     for (name, since) in [("s1", None), ("s2", Some("s1"))] {
         let mut args = vec!["snapshot", "export", "m", name, "--key-file", "k"];
         if let Some(b) = since {
@@ -305,12 +307,8 @@ fn increments_apply_to_a_restored_copy_and_a_changed_copy_needs_a_rollback() {
 
 #[test]
 fn bad_exports_are_refused_with_their_exit_codes_and_a_way_out() {
-    let src = Mounted::new();
+    let src = two_snapshots();
     let p = src.p();
-    populate(&src.m());
-    lx(p, "snapshot create m s1");
-    change(&src.m());
-    lx(p, "snapshot create m s2");
     lx(p, "snapshot export m s1 --key-file k -o s1.lsx");
     lx(p, "snapshot export m s2 --since s1 --key-file k -o s2.lsx");
     let full = std::fs::read(p.join("s1.lsx")).unwrap();

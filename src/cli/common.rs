@@ -204,6 +204,22 @@ pub(super) fn open_with(
     Ok(Volume::open(dev, master, opts)?)
 }
 
+/// A progress bar showing `template`'s fields after "`what`: [bar]".
+pub(super) fn progress_bar(
+    what: &'static str,
+    total: u64,
+    template: &str,
+) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{{msg}}: {template}"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what);
+    bar
+}
+
 pub(super) fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes as f64;

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::common::{human, open_device, open_volume, refuse_restoring, Env};
+use super::common::{human, open_device, open_volume, progress_bar, refuse_restoring, Env};
 use super::control::{self, ExportEntry};
 use super::objects::{Bucket, ObjectWriter, S3Url};
-use super::volumes::{make_volume, Keying, Restoring};
+use super::volumes::{make_volume, Keying};
 use super::Error;
 use crate::crypto::{Kek, VolumeKeys};
 use crate::export::{
@@ -44,16 +44,11 @@ fn bar(what: &'static str, total: u64, quiet: bool) -> Option<indicatif::Progres
     if quiet || !std::io::stderr().is_terminal() {
         return None;
     }
-    let b = indicatif::ProgressBar::new(total);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg}: [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, {eta} left",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    b.set_message(what);
-    Some(b)
+    Some(progress_bar(
+        what,
+        total,
+        "[{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, {eta} left",
+    ))
 }
 
 /// Where an export goes: standard output, or a file written under a
@@ -802,7 +797,7 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
             first.logical_blocks,
             &a.keying,
             a.segment_blocks,
-            Some(Restoring),
+            true,
             &mut |v| {
                 for (input, h, key) in opened.take().unwrap_or_default() {
                     apply(v, input, &h, &key, &mut applied, &mut progress)?;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::common::{human, open_device, open_volume, parse_size, with_path, Env};
+use super::common::{human, open_device, open_volume, parse_size, progress_bar, with_path, Env};
 use super::Error;
 use crate::crypto::{random_bytes, MasterKey};
 use crate::device::{Device, DeviceError, FileDevice};
@@ -49,7 +49,7 @@ pub fn create(
         bytes / BLOCK_SIZE as u64,
         &keying,
         segment_blocks,
-        None,
+        false,
         &mut |v| {
             // SAFETY: getuid/getgid have no preconditions.
             let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -73,14 +73,12 @@ pub(super) struct Keying {
     pub threshold: Option<usize>,
 }
 
-/// The volume a restore fills: the header's restore flag is set from before
-/// the first block is written until `fill` has returned and the volume is
-/// closed, so a restore that stops half-way leaves a volume nothing mounts.
-pub(super) struct Restoring;
-
 /// Makes a new volume at `path` with a new id and master key, keyed as
 /// `keying` says, lets `fill` write it (a file system, or a restore's
-/// blocks), closes it and registers it with its key servers. A volume that
+/// blocks), closes it and registers it with its key servers. With
+/// `restoring`, the header's restore flag is set from its first write until
+/// `fill` has returned and the volume is closed, so a restore that stops
+/// half-way leaves a volume nothing mounts. A volume that
 /// fails is removed (a regular file; a block device is left as it is).
 pub(super) fn make_volume(
     env: &Env,
@@ -88,7 +86,7 @@ pub(super) fn make_volume(
     logical_blocks: u64,
     keying: &Keying,
     segment_blocks: u32,
-    restoring: Option<Restoring>,
+    restoring: bool,
     fill: &mut dyn FnMut(&Volume) -> Result<(), Error>,
 ) -> Result<volume::Header, Error> {
     let (key_file, keyserver) = (&keying.key_file, &keying.keyserver);
@@ -125,14 +123,14 @@ pub(super) fn make_volume(
     };
     let fixed = dev.fixed_size();
     let made = (|| {
-        let mut h = if restoring.is_some() {
+        let mut h = if restoring {
             volume::create_restoring(&dev, &master, volume_id, slots, &opts)?
         } else {
             volume::create(&dev, &master, volume_id, slots, &opts)?
         };
         let dev: Arc<dyn Device> = Arc::new(dev);
         let o = volume::Options {
-            restoring: restoring.is_some(),
+            restoring,
             background: false,
             crypto_threads: env.tuning.crypto_threads,
             chunk_bytes: env.tuning.chunk_bytes,
@@ -141,7 +139,7 @@ pub(super) fn make_volume(
         let v = Volume::open(dev.clone(), &master, o)?;
         fill(&v)?;
         v.close()?;
-        if restoring.is_some() {
+        if restoring {
             h = volume::set_restoring(&*dev, false)?;
         }
         if !servers.is_empty() {
@@ -315,21 +313,6 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
     Ok(())
 }
 
-/// A progress bar on stderr, for a terminal (elsewhere the command's
-/// one-line summaries are its report).
-fn progress_bar(what: &'static str, total: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg}: [{bar:40}] {human_pos}/{human_len} blocks, {eta} left",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(what);
-    bar
-}
-
 /// `lsvfs check VOLUME [--key-file K]`: the volume, every snapshot's file
 /// system and the live one; problems found exit with code 4.
 pub fn check(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
@@ -338,8 +321,14 @@ pub fn check(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Er
     let mut bar = None;
     let r = v.check_with_progress(&mut |done, total| {
         if show {
-            bar.get_or_insert_with(|| progress_bar("authenticating data blocks", total))
-                .set_position(done);
+            bar.get_or_insert_with(|| {
+                progress_bar(
+                    "authenticating data blocks",
+                    total,
+                    "[{bar:40}] {human_pos}/{human_len} blocks, {eta} left",
+                )
+            })
+            .set_position(done);
         }
     });
     if let Some(b) = &bar {

@@ -186,6 +186,7 @@ pub fn export(
             )
         }
     };
+    let signer = volume.export_signing_key();
     let mut header = Header {
         kind,
         export_id: *crate::crypto::random_bytes::<16>()
@@ -197,7 +198,7 @@ pub fn export(
             .map_or(0, |d| d.as_secs()),
         snapshot,
         base,
-        source_key: volume.export_signing_key().verifying_key().to_bytes(),
+        source_key: signer.verifying_key().to_bytes(),
         slots: Vec::new(),
     };
     let key = ExportKey::generate()?;
@@ -300,7 +301,7 @@ pub fn export(
     w.put(&TRAILER_MARK.to_le_bytes())?;
     w.put(&trailer.body())?;
     trailer.hash = w.sha.finalize().into();
-    let signature = signature_of(&volume.export_signing_key(), &trailer.hash);
+    let signature = signature_of(&signer, &trailer.hash);
     w.out
         .write_all(&trailer.hash)
         .and_then(|()| w.out.write_all(&signature))

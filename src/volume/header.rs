@@ -91,17 +91,23 @@ pub fn refuse_erased(h: &Header, name: &str) -> Result<()> {
 /// afterwards: its master key exists nowhere on the device. Erasing an
 /// erased volume rewrites it again (keeping the first erase's time).
 pub fn erase(dev: &dyn Device) -> Result<Header> {
-    let old = read_header(dev)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let h = Header {
-        seq: old.seq + 1,
+    update_header(dev, |old| Header {
         key_check: [0; 16],
         slots: [KeySlot::EMPTY; KEY_SLOTS],
         erased: Some(old.erased.unwrap_or(now)),
         ..old
-    };
+    })
+}
+
+/// Reads the header, changes it with `f`, and writes it back (both
+/// copies, durably) under the next sequence number.
+fn update_header(dev: &dyn Device, f: impl FnOnce(Header) -> Header) -> Result<Header> {
+    let old = read_header(dev)?;
+    let seq = old.seq + 1;
+    let h = Header { seq, ..f(old) };
     write_header(dev, &h)?;
     Ok(h)
 }
@@ -110,14 +116,10 @@ pub fn erase(dev: &dyn Device) -> Result<Header> {
 /// copy after the other). While it is set, [`crate::volume::Volume::open`]
 /// refuses the volume unless its options allow it.
 pub fn set_restoring(dev: &dyn Device, on: bool) -> Result<Header> {
-    let old = read_header(dev)?;
-    let h = Header {
-        seq: old.seq + 1,
+    update_header(dev, |old| Header {
         restoring: on,
         ..old
-    };
-    write_header(dev, &h)?;
-    Ok(h)
+    })
 }
 
 /// Formats a new volume on `dev` and returns its header.
