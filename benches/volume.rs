@@ -54,13 +54,13 @@ fn crypto(threads: usize) -> (f64, f64) {
         let mut bytes = 0usize;
         while t.elapsed() < Duration::from_secs(2) {
             let tags: Vec<Tag> = (0..n as u64)
-                .map(|i| Tag::new(BlockKind::Data, i, gen + i))
+                .map(|i| Tag::new(BlockKind::Data, i, gen + i, 0))
                 .collect();
             gen += n as u64;
             if seal {
-                engine.seal(&keys, &mut buf, &tags, &mut macs);
+                engine.seal(&keys.current(), &mut buf, &tags, &mut macs);
             } else if threads == 1 {
-                keys.encrypt_blocks(&tags, &mut buf);
+                keys.current().encrypt_blocks(&tags, &mut buf);
             } else {
                 return 0.0;
             }

@@ -163,6 +163,115 @@ fn generate_v1_image() {
     gzip_to(V1, &img);
 }
 
+// ---------------------------------------------------------------------------
+// Header version 2: key generations, a rekey half done.
+
+/// A 128-block volume (16-block segments, master key `common::master()`)
+/// written under key generation 0 with a snapshot `before`, then rekeyed to
+/// generation 1 and the pass run part way: the header lists generation 1,
+/// segments hold blocks of both generations, held blocks carry their key
+/// generation and MAC in the held table, and a log tail (after the last
+/// checkpoint) holds blocks 30 and 31 under generation 1.
+const REKEY2: &str = "tests/images/rekey2.vol.gz";
+
+/// (live, snapshot `before`): each block's version, 0 = unmapped.
+fn rekey2_expected() -> (Vec<u64>, Vec<u64>) {
+    let mut before = vec![0u64; 128];
+    before[..32].fill(1);
+    let mut live = before.clone();
+    live[8..16].fill(2);
+    live[20..24].fill(0);
+    live[30] = 3;
+    live[31] = 3;
+    (live, before)
+}
+
+#[test]
+#[ignore = "writes tests/images/rekey2.vol.gz once; never rerun"]
+fn generate_rekey2_image() {
+    refuse_overwrite(&[REKEY2]);
+    let dev = Arc::new(MemDevice::new());
+    volume::create(
+        &*dev,
+        &master(),
+        *b"lsvfs-frozen-rk2",
+        [KeySlot::EMPTY; KEY_SLOTS],
+        &CreateOptions {
+            logical_blocks: 128,
+            segment_blocks: 16,
+        },
+    )
+    .unwrap();
+    let v = open(dev.clone());
+    v.write(
+        Lba(0),
+        &(0..32).flat_map(|l| block(l, 1)).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    v.snapshot_create("before").unwrap();
+    let mut t = Transaction::new();
+    t.write(Lba(8), (8..16).flat_map(|l| block(l, 2)).collect())
+        .trim(Lba(20), 4);
+    v.commit(t).unwrap();
+    v.checkpoint().unwrap();
+    let h = volume::read_header(&*dev).unwrap();
+    let (entry, secret) = volume::new_key_generation(&h, &master()).unwrap();
+    v.rekey_start(entry, &secret).unwrap();
+    assert!(v.rekey_step().unwrap() && v.rekey_step().unwrap());
+    let st = v.rekey_status().unwrap();
+    assert!(st.in_progress() && st.segments_left > 0, "{st:?}");
+    v.checkpoint().unwrap();
+    v.write(Lba(30), &[block(30, 3), block(31, 3)].concat())
+        .unwrap();
+    v.flush().unwrap();
+    let img = dev.image();
+    v.abandon();
+    gzip_to(REKEY2, &img);
+}
+
+#[test]
+fn header_v2_image_with_a_rekey_half_done_reads_and_finishes_it() {
+    let dev = Arc::new(MemDevice::from_image(gunzip(REKEY2)));
+    let h = volume::read_header(&*dev).unwrap();
+    assert_eq!(
+        (
+            h.key_gens.iter().map(|g| g.key_gen).collect::<Vec<_>>(),
+            h.retired_below
+        ),
+        (vec![1], 0)
+    );
+    let (live, before) = rekey2_expected();
+    let read_as = |v: &Volume, want: &[u64], what: &str| {
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for (l, ver) in want.iter().enumerate() {
+            v.read(Lba(l as u64), &mut buf).unwrap();
+            if *ver == 0 {
+                assert!(buf.iter().all(|b| *b == 0), "{what}: block {l}");
+            } else {
+                assert_eq!(buf, block(l as u64, *ver), "{what}: block {l}");
+            }
+        }
+    };
+    let v = open(dev.clone());
+    assert_eq!(v.recovery().transactions, 1, "the log tail");
+    read_as(&v, &live, "live");
+    let id = v.snapshot_names().unwrap()[0].0;
+    read_as(&v.snapshot_view(id).unwrap(), &before, "before");
+    assert!(v.rekey_status().unwrap().in_progress());
+    while v.rekey_step().unwrap() {}
+    let st = v.rekey_status().unwrap();
+    assert_eq!((st.generations, st.retired_below), (vec![1], 1));
+    assert!(v.check().unwrap().is_clean());
+    v.close().unwrap();
+    let v = open(dev);
+    read_as(&v, &live, "live after the rekey");
+    read_as(
+        &v.snapshot_view(id).unwrap(),
+        &before,
+        "before after the rekey",
+    );
+}
+
 #[test]
 fn format_v1_image_still_opens_and_reads() {
     let dev = Arc::new(MemDevice::from_image(gunzip(V1)));
@@ -1271,12 +1380,12 @@ fn fs1_damaged_headers_are_refused() {
     };
     s.set_image(&both(&|b| b.fill(0)));
     s.check_fails(3, "is not an lsvfs volume");
-    s.set_image(&both(&|b| b[8] = 2));
-    s.check_fails(3, "unsupported volume format: want=1 have=2");
+    s.set_image(&both(&|b| b[8] = 3));
+    s.check_fails(3, "unsupported volume format: want=2 have=3");
     s.fails(
         &["mount", "v.vol", "m", "--key-file", "k"],
         3,
-        "want=1 have=2",
+        "want=2 have=3",
     );
     s.set_image(&both(&|b| b[100] ^= 1));
     s.check_fails(4, "both header copies are damaged");

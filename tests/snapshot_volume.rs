@@ -105,6 +105,26 @@ fn commit_or_make_room(
     }
 }
 
+/// One rekey step; when the volume is too full to move a segment, deletes
+/// the oldest snapshot (as a user would) and tries again.
+fn rekey_step_or_make_room(v: &Volume, snaps: &mut BTreeMap<String, (SnapshotId, Model)>) -> bool {
+    loop {
+        match v.rekey_step() {
+            Ok(more) => return more,
+            Err(VolumeError::NoSpace(why)) => {
+                let oldest = snaps
+                    .iter()
+                    .min_by_key(|(_, (id, _))| *id)
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_else(|| panic!("rekey: full without snapshots: {why}"));
+                v.snapshot_delete(&oldest).unwrap();
+                snaps.remove(&oldest);
+            }
+            Err(e) => panic!("rekey step: {e}"),
+        }
+    }
+}
+
 /// Random writes and trims, snapshots taken and deleted at random, the
 /// cleaner forced often (16-block segments), reopened after clean closes
 /// and after crashes (abandon: no checkpoint, the log is replayed).
@@ -118,8 +138,9 @@ fn model_run(seed: u64, steps: usize) {
     let mut snaps: BTreeMap<String, (SnapshotId, Model)> = BTreeMap::new();
     let mut version = 0u64;
     let mut next_name = 0;
+    let mut rekeys = 0;
     for step in 0..steps {
-        match rng.below(20) {
+        match rng.below(24) {
             0..=11 => {
                 let mut t = Transaction::new();
                 for _ in 0..rng.below(3) + 1 {
@@ -177,12 +198,42 @@ fn model_run(seed: u64, steps: usize) {
                 v.abandon();
                 v = open(dev.clone());
             }
-            _ => {
+            19 => {
                 v.checkpoint().expect("checkpoint");
+            }
+            20 => {
+                // A new key generation, while the last rekey may still run.
+                if !v.rekey_status().unwrap().in_progress() {
+                    let h = lsvfs::volume::read_header(&*dev).unwrap();
+                    let (entry, secret) =
+                        lsvfs::volume::new_key_generation(&h, &common::master()).unwrap();
+                    v.rekey_start(entry, &secret).expect("rekey start");
+                    rekeys += 1;
+                }
+            }
+            _ => {
+                for _ in 0..rng.below(4) + 1 {
+                    if !rekey_step_or_make_room(&v, &mut snaps) {
+                        break;
+                    }
+                }
             }
         }
         verify(&v, &live, &snaps, &format!("seed {seed} step {step}"));
     }
+    // The last rekey finishes: every block, held ones too, is sealed under
+    // the newest key generation, and the older ones are gone.
+    while rekey_step_or_make_room(&v, &mut snaps) {}
+    let st = v.rekey_status().unwrap();
+    assert!(rekeys > 0, "seed {seed}: the run started no rekey");
+    assert_eq!(st.generations, vec![st.current], "seed {seed}: {st:?}");
+    assert_eq!(st.retired_below, st.current, "seed {seed}: {st:?}");
+    let h = lsvfs::volume::read_header(&*dev).unwrap();
+    assert!(
+        h.key_gens.iter().all(|g| g.key_gen == st.current),
+        "seed {seed}: an older generation's secret is still in the header"
+    );
+    verify(&v, &live, &snaps, &format!("seed {seed} after the rekey"));
     // Deleting every snapshot returns the volume to holding only live data.
     let names: Vec<String> = snaps.keys().cloned().collect();
     for n in names {

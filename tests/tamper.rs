@@ -234,15 +234,15 @@ fn damaged_header_copies() {
 fn future_format_version_is_refused_by_name() {
     let dev = written();
     let mut h = volume::read_header(&*dev).unwrap().encode();
-    h[8] = 2; // version field; the checksum no longer matters: version is checked first
+    h[8] = 3; // version field; the checksum no longer matters: version is checked first
     patch(&dev, 0, &h[..]);
     patch(&dev, B, &h[..]);
     let e = volume::read_header(&*dev).unwrap_err();
     assert!(
-        matches!(e, VolumeError::UnsupportedVersion { want: 1, have: 2 }),
+        matches!(e, VolumeError::UnsupportedVersion { want: 2, have: 3 }),
         "{e:?}"
     );
-    assert!(e.to_string().contains("want=1 have=2"));
+    assert!(e.to_string().contains("want=2 have=3"));
 }
 
 #[test]

@@ -3,7 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::{Mac, Tag, VolumeKeys};
+use std::sync::Arc;
+
+use super::{GenKeys, Mac, Tag, VolumeKeys};
 use crate::BLOCK_SIZE;
 
 /// Default chunk size in bytes.
@@ -47,8 +49,10 @@ impl CryptoEngine {
         self.threads
     }
 
-    /// Encrypts every block of `buf` in place under its tag and writes its MAC.
-    pub fn seal(&self, keys: &VolumeKeys, buf: &mut [u8], tags: &[Tag], macs: &mut [Mac]) {
+    /// Encrypts every block of `buf` in place under its tag and writes its
+    /// MAC, with the keys of one key generation (the tags name it).
+    pub fn seal(&self, keys: &GenKeys, buf: &mut [u8], tags: &[Tag], macs: &mut [Mac]) {
+        debug_assert!(tags.iter().all(|t| t.key == keys.key_gen()));
         assert_eq!(buf.len(), tags.len() * BLOCK_SIZE);
         assert_eq!(tags.len(), macs.len());
         let work = |(b, (t, m)): (&mut [u8], (&[Tag], &mut [Mac]))| {
@@ -83,13 +87,22 @@ impl CryptoEngine {
         assert_eq!(tags.len(), macs.len());
         let cb = self.chunk_blocks;
         let work = |ci: usize, b: &mut [u8], t: &[Tag], m: &[Mac]| -> Result<(), usize> {
-            // Authenticate the whole chunk before decrypting any of it.
+            // Authenticate the whole chunk before decrypting any of it,
+            // each block under the key generation its tag names.
+            let mut gk: Option<Arc<GenKeys>> = None;
+            let mut ring = Vec::with_capacity(t.len());
             for (i, ((blk, tag), mac)) in b.chunks_exact(BLOCK_SIZE).zip(t).zip(m).enumerate() {
-                if !keys.mac(*tag, blk).ct_eq(mac) {
-                    return Err(ci * cb + i);
+                if gk.as_ref().is_none_or(|g| g.key_gen() != tag.key) {
+                    gk = keys.get(tag.key);
+                }
+                match &gk {
+                    Some(g) if g.mac(*tag, blk).ct_eq(mac) => ring.push(g.clone()),
+                    _ => return Err(ci * cb + i),
                 }
             }
-            keys.decrypt_blocks(t, b);
+            for ((blk, tag), g) in b.chunks_exact_mut(BLOCK_SIZE).zip(t).zip(&ring) {
+                g.decrypt(*tag, blk);
+            }
             Ok(())
         };
         let Some(pool) = self.pool.as_ref().filter(|_| tags.len() > cb) else {
@@ -120,7 +133,7 @@ mod tests {
         let keys = VolumeKeys::derive(&mk, &[9; 16]);
         let n = 300;
         let tags: Vec<Tag> = (0..n)
-            .map(|i| Tag::new(BlockKind::Data, i, 1000 + i))
+            .map(|i| Tag::new(BlockKind::Data, i, 1000 + i, 0))
             .collect();
         let plain: Vec<u8> = (0..n as usize * BLOCK_SIZE)
             .map(|i| (i * 7 % 251) as u8)
@@ -130,8 +143,8 @@ mod tests {
         let (mut a, mut b) = (plain.clone(), plain.clone());
         let mut ma = vec![Mac::default(); n as usize];
         let mut mb = ma.clone();
-        par.seal(&keys, &mut a, &tags, &mut ma);
-        ser.seal(&keys, &mut b, &tags, &mut mb);
+        par.seal(&keys.current(), &mut a, &tags, &mut ma);
+        ser.seal(&keys.current(), &mut b, &tags, &mut mb);
         assert_eq!(a, b);
         assert_eq!(ma, mb);
         let mut bad = a.clone();

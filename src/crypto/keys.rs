@@ -3,6 +3,8 @@
 use super::xts::Xts;
 use aes::cipher::KeyInit;
 use aes::Aes256;
+use std::sync::Arc;
+
 use hkdf::Hkdf;
 use lsvfs_keyserver::secret::{scrub_stack, scrub_stack_small, Locked};
 use sha2::Sha256;
@@ -19,6 +21,7 @@ pub const LABEL_XTS: &[u8] = b"lsvfs v1 AES-256-XTS block encryption";
 pub const LABEL_MAC: &[u8] = b"lsvfs v1 BLAKE3 block authentication";
 pub const LABEL_KCV: &[u8] = b"lsvfs v1 key check value";
 pub const LABEL_EXPORT: &[u8] = b"lsvfs v1 export volume slot";
+pub const LABEL_GEN_WRAP: &[u8] = b"lsvfs v1 key generation wrap";
 
 /// 32 random bytes from the operating system.
 pub fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, CryptoError> {
@@ -86,16 +89,41 @@ fn expand(master: &MasterKey, volume_id: &[u8; 16], label: &[u8], out: &mut [u8]
         .expect("HKDF output length is a small constant");
 }
 
-/// The working keys of one open volume: the XTS key pair (as expanded AES
-/// key schedules) and the MAC key, in locked, dump-excluded memory.
-pub struct VolumeKeys(Locked<Schedule>);
+/// The working keys of one open volume: the root of its export keys and
+/// its key ring, the keys of every key generation that still seals some
+/// block (`lsvfs rekey`). Key generation 0 derives from the master key;
+/// every later one from a random secret the header keeps wrapped under a
+/// key derived from the master key. New blocks are sealed under the
+/// current generation; a block is opened under the generation its
+/// pointer names.
+pub struct VolumeKeys {
+    root: Locked<Root>,
+    ring: std::sync::RwLock<Ring>,
+}
+
+struct Root {
+    /// The root of the keys that seal an export's key for whoever can
+    /// unlock this volume (see [`VolumeKeys::export_slot_key`]).
+    export_root: [u8; 32],
+    volume_id: [u8; 16],
+}
+
+struct Ring {
+    /// Ascending by generation.
+    gens: Vec<Arc<GenKeys>>,
+    current: u16,
+}
+
+/// The keys of one key generation: the XTS key pair (as expanded AES key
+/// schedules) and the MAC key, in locked, dump-excluded memory.
+pub struct GenKeys {
+    key_gen: u16,
+    s: Locked<Schedule>,
+}
 
 struct Schedule {
     xts: Xts,
     mac_key: [u8; 32],
-    /// The root of the keys that seal an export's key for whoever can
-    /// unlock this volume (see [`VolumeKeys::export_slot_key`]).
-    export_root: [u8; 32],
     volume_id: [u8; 16],
 }
 
@@ -110,87 +138,91 @@ pub fn derived_key_bytes(master: &MasterKey, volume_id: &[u8; 16]) -> Zeroizing<
     out
 }
 
-impl VolumeKeys {
-    pub fn derive(master: &MasterKey, volume_id: &[u8; 16]) -> Self {
-        let keys = Self::derive_locked(master, volume_id).expect("locked memory for the keys");
+/// The key that wraps the secrets of key generations 1 and up in the
+/// header: anyone who holds the master key can derive it, nobody else.
+pub fn generation_wrap_key(master: &MasterKey, volume_id: &[u8; 16]) -> super::Kek {
+    let mut k = Zeroizing::new([0u8; KEY_LEN]);
+    expand(master, volume_id, LABEL_GEN_WRAP, &mut k[..]);
+    let kek = super::Kek::from_bytes(k);
+    scrub_stack();
+    kek
+}
+
+/// What a key generation's wrapped secret is bound to: the volume and the
+/// generation number.
+pub fn generation_binding(volume_id: &[u8; 16], key_gen: u16) -> [u8; 38] {
+    let mut ad = [0u8; 38];
+    ad[..20].copy_from_slice(b"lsvfs key generation");
+    ad[20..36].copy_from_slice(volume_id);
+    ad[36..].copy_from_slice(&key_gen.to_le_bytes());
+    ad
+}
+
+impl GenKeys {
+    /// The keys of generation `key_gen`, derived from `ikm` (the master key
+    /// for generation 0, the generation's own secret after it).
+    fn derive(ikm: &MasterKey, volume_id: &[u8; 16], key_gen: u16) -> Result<Self, CryptoError> {
+        let k = Self::derive_locked(ikm, volume_id, key_gen);
         // The key schedules and HKDF state were built on the stack, in
         // the frames below this one (never in it: the scrub clears only
         // below its caller, and a caller that inlined the work would keep
         // copies that later code moves to the heap as uninitialized bytes).
         scrub_stack();
-        keys
+        k
     }
 
     #[inline(never)]
-    fn derive_locked(master: &MasterKey, volume_id: &[u8; 16]) -> Result<Self, CryptoError> {
+    fn derive_locked(
+        ikm: &MasterKey,
+        volume_id: &[u8; 16],
+        key_gen: u16,
+    ) -> Result<Self, CryptoError> {
         let mut xts_key = Locked::<[u8; 64]>::new_with(|k| {
             k.write([0u8; 64]);
         })
         .map_err(|_| CryptoError::Memory)?;
-        expand(master, volume_id, LABEL_XTS, xts_key.as_mut_slice());
-        let schedule = Locked::new_with(|s| {
+        expand(ikm, volume_id, LABEL_XTS, xts_key.as_mut_slice());
+        let s = Locked::new_with(|s| {
             let k1 = Aes256::new_from_slice(&xts_key[..32]).expect("32-byte key");
             let k2 = Aes256::new_from_slice(&xts_key[32..]).expect("32-byte key");
             let s = s.write(Schedule {
                 xts: Xts::new(k1, k2),
                 mac_key: [0u8; 32],
-                export_root: [0u8; 32],
                 volume_id: *volume_id,
             });
-            expand(master, volume_id, LABEL_MAC, &mut s.mac_key);
-            expand(master, volume_id, LABEL_EXPORT, &mut s.export_root);
+            expand(ikm, volume_id, LABEL_MAC, &mut s.mac_key);
         })
         .map_err(|_| CryptoError::Memory)?;
-        Ok(VolumeKeys(schedule))
+        Ok(GenKeys { key_gen, s })
     }
 
-    pub fn volume_id(&self) -> &[u8; 16] {
-        &self.0.volume_id
-    }
-
-    /// The key that signs this volume's exports (Ed25519): anyone who can
-    /// unlock the volume can derive it, nobody else; its public half says
-    /// which volume an export came from.
-    pub fn export_signing_key(&self) -> ed25519_dalek::SigningKey {
-        let hk = Hkdf::<Sha256>::new(None, &self.0.export_root);
-        let mut seed = Zeroizing::new([0u8; 32]);
-        hk.expand(b"lsvfs v1 export signing key", &mut seed[..])
-            .expect("32 bytes");
-        ed25519_dalek::SigningKey::from_bytes(&seed)
-    }
-
-    /// The key that seals export `export_id`'s key in its volume slot:
-    /// anyone who can unlock this volume can derive it, nobody else.
-    pub fn export_slot_key(&self, export_id: &[u8; 16]) -> Zeroizing<[u8; 32]> {
-        let hk = Hkdf::<Sha256>::new(Some(export_id), &self.0.export_root);
-        let mut out = Zeroizing::new([0u8; 32]);
-        hk.expand(b"lsvfs v1 export volume slot key", &mut out[..])
-            .expect("32 bytes");
-        out
+    /// The key generation these keys belong to.
+    pub fn key_gen(&self) -> u16 {
+        self.key_gen
     }
 
     /// Encrypts one block in place under the tweak of `tag`.
     pub fn encrypt(&self, tag: Tag, block: &mut [u8]) {
-        self.0.xts.encrypt(block, tag.tweak());
+        self.s.xts.encrypt(block, tag.tweak());
     }
 
     /// Encrypts consecutive blocks of `buf` in place, one tag each.
     pub fn encrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
         for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.0.xts.encrypt(block, tag.tweak());
+            self.s.xts.encrypt(block, tag.tweak());
         }
     }
 
     /// Decrypts consecutive blocks of `buf` in place, one tag each.
     pub fn decrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
         for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.0.xts.decrypt(block, tag.tweak());
+            self.s.xts.decrypt(block, tag.tweak());
         }
     }
 
     /// Decrypts one block in place under the tweak of `tag`.
     pub fn decrypt(&self, tag: Tag, block: &mut [u8]) {
-        self.0.xts.decrypt(block, tag.tweak());
+        self.s.xts.decrypt(block, tag.tweak());
     }
 
     /// The keyed MAC of a ciphertext, bound to the volume and to `tag`.
@@ -205,10 +237,10 @@ impl VolumeKeys {
     fn keyed_hash(&self, tag: Tag, ciphertext: &[u8]) -> Mac {
         // The ciphertext goes first so it lines up with BLAKE3's 1 KiB chunks,
         // which BLAKE3 then hashes in parallel SIMD lanes.
-        let mut h = blake3::Hasher::new_keyed(&self.0.mac_key);
+        let mut h = blake3::Hasher::new_keyed(&self.s.mac_key);
         h.update(ciphertext);
         h.update(&tag.encode());
-        h.update(&self.0.volume_id);
+        h.update(&self.s.volume_id);
         let full = h.finalize();
         let mut out = [0u8; MAC_LEN];
         out.copy_from_slice(&full.as_bytes()[..MAC_LEN]);
@@ -229,5 +261,131 @@ impl VolumeKeys {
         }
         self.decrypt(tag, block);
         Ok(())
+    }
+}
+
+impl VolumeKeys {
+    /// The keys of a volume that has only key generation 0 (the keys of a
+    /// volume never rekeyed).
+    pub fn derive(master: &MasterKey, volume_id: &[u8; 16]) -> Self {
+        let keys = Self::derive_locked(master, volume_id).expect("locked memory for the keys");
+        // The HKDF state was on the stack, in the frames below this one.
+        scrub_stack();
+        keys
+    }
+
+    #[inline(never)]
+    fn derive_locked(master: &MasterKey, volume_id: &[u8; 16]) -> Result<Self, CryptoError> {
+        let gen0 = GenKeys::derive(master, volume_id, 0)?;
+        let root = Locked::new_with(|r| {
+            let r = r.write(Root {
+                export_root: [0u8; 32],
+                volume_id: *volume_id,
+            });
+            expand(master, volume_id, LABEL_EXPORT, &mut r.export_root);
+        })
+        .map_err(|_| CryptoError::Memory)?;
+        Ok(VolumeKeys {
+            root,
+            ring: std::sync::RwLock::new(Ring {
+                gens: vec![Arc::new(gen0)],
+                current: 0,
+            }),
+        })
+    }
+
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, Ring> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ring_mut(&self) -> std::sync::RwLockWriteGuard<'_, Ring> {
+        self.ring.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds key generation `key_gen` (above every one the ring has) from
+    /// its secret, and makes it current: new blocks are sealed under it.
+    pub fn add_generation(&self, key_gen: u16, secret: &MasterKey) -> Result<(), CryptoError> {
+        let g = GenKeys::derive(secret, &self.root.volume_id, key_gen)?;
+        let mut r = self.ring_mut();
+        if r.gens.last().is_some_and(|l| l.key_gen >= key_gen) {
+            return Err(CryptoError::WrongKey);
+        }
+        r.gens.push(Arc::new(g));
+        r.current = key_gen;
+        Ok(())
+    }
+
+    /// Drops every generation below `key_gen`: blocks sealed under them no
+    /// longer open. Their keys are zeroized once the last user lets go.
+    pub fn retire_below(&self, key_gen: u16) {
+        let mut r = self.ring_mut();
+        let current = r.current;
+        r.gens.retain(|g| g.key_gen >= key_gen.min(current));
+    }
+
+    /// The generation new blocks are sealed under.
+    pub fn current(&self) -> Arc<GenKeys> {
+        let r = self.ring();
+        r.gens
+            .iter()
+            .find(|g| g.key_gen == r.current)
+            .cloned()
+            .expect("the current key generation is in the ring")
+    }
+
+    /// The keys of generation `key_gen`, if the ring still has them.
+    pub fn get(&self, key_gen: u16) -> Option<Arc<GenKeys>> {
+        self.ring()
+            .gens
+            .iter()
+            .find(|g| g.key_gen == key_gen)
+            .cloned()
+    }
+
+    /// The generations in the ring, ascending.
+    pub fn generations(&self) -> Vec<u16> {
+        self.ring().gens.iter().map(|g| g.key_gen).collect()
+    }
+
+    pub fn volume_id(&self) -> &[u8; 16] {
+        &self.root.volume_id
+    }
+
+    /// The key that signs this volume's exports (Ed25519): anyone who can
+    /// unlock the volume can derive it, nobody else; its public half says
+    /// which volume an export came from.
+    pub fn export_signing_key(&self) -> ed25519_dalek::SigningKey {
+        let hk = Hkdf::<Sha256>::new(None, &self.root.export_root);
+        let mut seed = Zeroizing::new([0u8; 32]);
+        hk.expand(b"lsvfs v1 export signing key", &mut seed[..])
+            .expect("32 bytes");
+        ed25519_dalek::SigningKey::from_bytes(&seed)
+    }
+
+    /// The key that seals export `export_id`'s key in its volume slot:
+    /// anyone who can unlock this volume can derive it, nobody else.
+    pub fn export_slot_key(&self, export_id: &[u8; 16]) -> Zeroizing<[u8; 32]> {
+        let hk = Hkdf::<Sha256>::new(Some(export_id), &self.root.export_root);
+        let mut out = Zeroizing::new([0u8; 32]);
+        hk.expand(b"lsvfs v1 export volume slot key", &mut out[..])
+            .expect("32 bytes");
+        out
+    }
+
+    /// Whether `mac` is the MAC of `ciphertext` under `tag`, with the keys
+    /// of the generation the tag names (false if the ring lacks them).
+    pub fn verify(&self, tag: Tag, ciphertext: &[u8], mac: &Mac) -> bool {
+        self.get(tag.key)
+            .is_some_and(|g| g.mac(tag, ciphertext).ct_eq(mac))
+    }
+
+    /// Checks the MAC of the ciphertext in `block` under the generation
+    /// the tag names, then decrypts it in place. A generation the ring
+    /// lacks fails like a wrong MAC.
+    pub fn open(&self, tag: Tag, block: &mut [u8], mac: &Mac) -> Result<(), CryptoError> {
+        match self.get(tag.key) {
+            Some(g) => g.open(tag, block, mac),
+            None => Err(CryptoError::Integrity),
+        }
     }
 }

@@ -14,7 +14,10 @@ mod wrap;
 pub(crate) mod xts;
 
 pub use engine::{CryptoEngine, DEFAULT_CHUNK_BYTES};
-pub use keys::{derived_key_bytes, random_bytes, MasterKey, VolumeKeys, KEY_LEN};
+pub use keys::{
+    derived_key_bytes, generation_binding, generation_wrap_key, random_bytes, GenKeys, MasterKey,
+    VolumeKeys, KEY_LEN,
+};
 pub use wrap::{unwrap_key, wrap_key, Kek, WrappedKey, WRAPPED_LEN};
 /// The block cipher mode, for its benchmark (benches/xts.rs).
 #[doc(hidden)]
@@ -95,11 +98,20 @@ pub struct Tag {
     pub kind: BlockKind,
     pub addr: u64,
     pub gen: u64,
+    /// The key generation whose keys seal the block. It selects the keys
+    /// and is in neither the tweak nor the MAC input: each generation's
+    /// keys are independent.
+    pub key: u16,
 }
 
 impl Tag {
-    pub fn new(kind: BlockKind, addr: u64, gen: u64) -> Tag {
-        Tag { kind, addr, gen }
+    pub fn new(kind: BlockKind, addr: u64, gen: u64, key: u16) -> Tag {
+        Tag {
+            kind,
+            addr,
+            gen,
+            key,
+        }
     }
 
     /// 17 bytes: kind, addr (LE), gen (LE). The MAC binds them (after the
@@ -136,10 +148,10 @@ mod tests {
     #[test]
     fn seal_open_round_trip() {
         let k = keys();
-        let tag = Tag::new(BlockKind::Data, 42, 9);
+        let tag = Tag::new(BlockKind::Data, 42, 9, 0);
         let plain = vec![0xabu8; 4096];
         let mut b = plain.clone();
-        let mac = k.seal(tag, &mut b);
+        let mac = k.current().seal(tag, &mut b);
         assert_ne!(b, plain, "ciphertext equals plaintext");
         k.open(tag, &mut b, &mac).unwrap();
         assert_eq!(b, plain);
@@ -148,23 +160,27 @@ mod tests {
     #[test]
     fn tampering_is_detected() {
         let k = keys();
-        let tag = Tag::new(BlockKind::Data, 42, 9);
+        let tag = Tag::new(BlockKind::Data, 42, 9, 0);
         let mut b = vec![1u8; 4096];
-        let mac = k.seal(tag, &mut b);
+        let mac = k.current().seal(tag, &mut b);
         let mut flipped = b.clone();
         flipped[100] ^= 1;
         assert!(k.open(tag, &mut flipped, &mac).is_err());
         let mut moved = b.clone();
         assert!(k
-            .open(Tag::new(BlockKind::Data, 43, 9), &mut moved, &mac)
+            .open(Tag::new(BlockKind::Data, 43, 9, 0), &mut moved, &mac)
             .is_err());
         let mut stale = b.clone();
         assert!(k
-            .open(Tag::new(BlockKind::Data, 42, 8), &mut stale, &mac)
+            .open(Tag::new(BlockKind::Data, 42, 8, 0), &mut stale, &mac)
             .is_err());
         let mut other_kind = b.clone();
         assert!(k
-            .open(Tag::new(BlockKind::TreePage, 42, 9), &mut other_kind, &mac)
+            .open(
+                Tag::new(BlockKind::TreePage, 42, 9, 0),
+                &mut other_kind,
+                &mac
+            )
             .is_err());
     }
 
@@ -173,9 +189,36 @@ mod tests {
         let k = keys();
         let mut a = vec![5u8; 4096];
         let mut b = a.clone();
-        k.seal(Tag::new(BlockKind::Data, 1, 1), &mut a);
-        k.seal(Tag::new(BlockKind::Data, 1, 2), &mut b);
+        k.current().seal(Tag::new(BlockKind::Data, 1, 1, 0), &mut a);
+        k.current().seal(Tag::new(BlockKind::Data, 1, 2, 0), &mut b);
         assert_ne!(a, b);
+    }
+
+    /// Each key generation has its own keys: a block sealed under one does
+    /// not open under another, a tag naming a generation the ring lacks
+    /// fails like a wrong MAC, and retiring a generation drops its keys.
+    #[test]
+    fn key_generations_are_independent_and_retire() {
+        let k = keys();
+        let secret = MasterKey::from_bytes(zeroize::Zeroizing::new([9u8; KEY_LEN]));
+        k.add_generation(1, &secret).unwrap();
+        assert_eq!(k.current().key_gen(), 1);
+        assert!(k.add_generation(1, &secret).is_err(), "a generation twice");
+        let plain = vec![0x42u8; 4096];
+        let tag1 = Tag::new(BlockKind::Data, 5, 6, 1);
+        let mut b = plain.clone();
+        let mac = k.current().seal(tag1, &mut b);
+        let mut as0 = b.clone();
+        assert!(k.open(Tag { key: 0, ..tag1 }, &mut as0, &mac).is_err());
+        assert!(!k.verify(Tag { key: 7, ..tag1 }, &b, &mac));
+        let mut old = plain.clone();
+        let mac0 = k.get(0).unwrap().seal(Tag { key: 0, ..tag1 }, &mut old);
+        assert_ne!(old, b, "two generations gave one ciphertext");
+        k.retire_below(1);
+        assert_eq!(k.generations(), vec![1]);
+        assert!(k.open(Tag { key: 0, ..tag1 }, &mut old, &mac0).is_err());
+        k.open(tag1, &mut b, &mac).unwrap();
+        assert_eq!(b, plain);
     }
 
     #[test]
@@ -183,9 +226,9 @@ mod tests {
         let mk = MasterKey::from_bytes(zeroize::Zeroizing::new([7u8; KEY_LEN]));
         let k1 = VolumeKeys::derive(&mk, &[1u8; 16]);
         let k2 = VolumeKeys::derive(&mk, &[2u8; 16]);
-        let tag = Tag::new(BlockKind::Data, 0, 1);
+        let tag = Tag::new(BlockKind::Data, 0, 1, 0);
         let mut b = vec![3u8; 4096];
-        let mac = k1.seal(tag, &mut b);
+        let mac = k1.current().seal(tag, &mut b);
         assert!(k2.open(tag, &mut b, &mac).is_err());
     }
 
@@ -198,7 +241,7 @@ mod tests {
     fn known_answer() {
         let k = keys();
         let mut b = vec![0u8; 4096];
-        let mac = k.seal(Tag::new(BlockKind::Data, 0, 1), &mut b);
+        let mac = k.current().seal(Tag::new(BlockKind::Data, 0, 1, 0), &mut b);
         let head: String = b[..8].iter().map(|x| format!("{x:02x}")).collect();
         let mac_hex: String = mac.0.iter().map(|x| format!("{x:02x}")).collect();
         assert_eq!(

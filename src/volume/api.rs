@@ -7,10 +7,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::ctx::{data_tag, Ctx};
-use super::format::{self, Entry, Header};
+use super::format::{self, Entry, Header, KeyGenEntry};
 use super::geometry::data_need;
 use super::header::read_header;
 use super::recovery::{self, Recovery};
+use super::rekey::RekeyStatus;
 use super::snapshot;
 use super::state::State;
 use super::txn::{Op, Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};
@@ -116,7 +117,7 @@ impl Volume {
                 "the key does not match this volume's key check value".into(),
             ));
         }
-        let keys = VolumeKeys::derive(master, &header.volume_id);
+        let keys = super::header::key_ring(&header, master)?;
         let engine = CryptoEngine::new(opts.crypto_threads, opts.chunk_bytes)
             .map_err(|e| VolumeError::io("starting crypto threads", e))?;
         let reuse = RwLock::new(());
@@ -146,6 +147,11 @@ impl Volume {
             commits: RwLock::new(()),
             read_only: opts.read_only,
         });
+        if !opts.read_only && inner.rekey_pending() {
+            // A rekey was running when the volume was last closed: it starts
+            // over, skipping what is done.
+            inner.lock()?.rekey_begin(&inner.ctx())?;
+        }
         let background = if opts.background && !opts.read_only {
             Some(Inner::start_background(&inner)?)
         } else {
@@ -162,6 +168,81 @@ impl Volume {
 
     pub fn header(&self) -> &Header {
         &self.inner.header
+    }
+
+    /// Starts key generation `entry` (made by
+    /// [`super::header::new_key_generation`] with the master key, which
+    /// this volume does not hold) from its `secret`: the header lists it
+    /// (durably) before anything is sealed under it, new blocks are sealed
+    /// under it from now on, and a pass begins that seals every older
+    /// block again ([`Volume::rekey_step`]).
+    pub fn rekey_start(&self, entry: KeyGenEntry, secret: &MasterKey) -> Result<()> {
+        self.writable()?;
+        self.live_only()?;
+        let inner = &*self.inner;
+        // No transaction is between sealing its blocks and applying them.
+        let _no_commits = inner.commits.write().unwrap_or_else(|p| p.into_inner());
+        let mut st = inner.lock()?;
+        if inner.rekey_pending() {
+            return Err(VolumeError::InvalidArgument(format!(
+                "a rekey is already running (key generations {:?}); let it finish (lsvfs rekey \
+                 --wait) before starting another",
+                inner.keys.generations()
+            )));
+        }
+        super::header::add_key_generation(&*inner.dev, entry)?;
+        inner
+            .keys
+            .add_generation(entry.key_gen, secret)
+            .map_err(|e| {
+                VolumeError::Corrupted(format!("key generation {}: {e}", entry.key_gen))
+            })?;
+        st.rekey_begin(&inner.ctx())
+    }
+
+    /// Seals the blocks of the next segment that older key generations seal
+    /// again. Returns true while the pass goes on; once nothing is left it
+    /// finishes (the older generations leave the header and the key ring)
+    /// and returns false. Each call holds the volume's lock for one segment
+    /// at most, so other work goes on between calls.
+    pub fn rekey_step(&self) -> Result<bool> {
+        self.writable()?;
+        let inner = &*self.inner;
+        if !inner.rekey_pending() {
+            return Ok(false);
+        }
+        let mut st = inner.lock()?;
+        let ctx = inner.ctx();
+        if st.rekey.is_none() {
+            st.rekey_begin(&ctx)?;
+        }
+        if st.rekey_step(&ctx)? {
+            return Ok(true);
+        }
+        // Both checkpoint slots sealed under the current generation: then
+        // nothing reachable needs an older one.
+        st.checkpoint(&ctx)?;
+        st.checkpoint(&ctx)?;
+        st.rekey = None;
+        if st.unsealed > 0 {
+            return Err(VolumeError::Integrity(format!(
+                "{} blocks sealed under an older key generation fail authentication, so the \
+                 rekey kept that generation; run lsvfs check to find them",
+                st.unsealed
+            )));
+        }
+        let current = inner.keys.current().key_gen();
+        super::header::retire_key_generations(&*inner.dev, current)?;
+        inner.keys.retire_below(current);
+        Ok(false)
+    }
+
+    /// The key generations and where a rekey stands.
+    pub fn rekey_status(&self) -> Result<RekeyStatus> {
+        let st = self.inner.lock()?;
+        let retired = super::header::read_header(&*self.inner.dev)
+            .map_or(self.inner.header.retired_below, |h| h.retired_below);
+        Ok(st.rekey_status(&self.inner.ctx(), retired))
     }
 
     /// See [`crate::crypto::VolumeKeys::export_signing_key`].
@@ -368,7 +449,7 @@ impl Volume {
                 }
             })?;
             let tags: Vec<Tag> = (i..j)
-                .map(|k| data_tag(lba + k as u64, entries[k].gen))
+                .map(|k| data_tag(lba + k as u64, entries[k].gen, entries[k].key_gen))
                 .collect();
             let macs: Vec<Mac> = entries[i..j].iter().map(|e| e.mac).collect();
             if let Err(bad) = self.inner.engine.open(&self.inner.keys, run, &tags, &macs) {
@@ -474,7 +555,10 @@ impl Volume {
             let mut st = inner.lock()?;
             st.alloc_gens(&inner.ctx(), n_blocks)?
         };
-        // Entries in operation order; payload blocks sealed in place.
+        // Entries in operation order; payload blocks sealed in place, under
+        // the current key generation.
+        let gk = inner.keys.current();
+        let key_gen = gk.key_gen();
         let mut entries = Vec::with_capacity(n_blocks as usize);
         let mut tags = Vec::with_capacity(n_blocks as usize);
         let mut payload = Vec::new();
@@ -482,10 +566,11 @@ impl Volume {
             match op {
                 Op::Write { lba, data } => {
                     for i in 0..(data.len() / BLOCK_SIZE) as u64 {
-                        tags.push(data_tag(lba + i, base + tags.len() as u64));
+                        tags.push(data_tag(lba + i, base + tags.len() as u64, key_gen));
                         entries.push(Entry::Write {
                             lba: lba + i,
                             gen: Generation(0),
+                            key_gen,
                             mac: Mac::default(),
                         });
                     }
@@ -515,9 +600,7 @@ impl Volume {
             }
         }
         let mut macs = vec![Mac::default(); tags.len()];
-        inner
-            .engine
-            .seal(&inner.keys, &mut payload, &tags, &mut macs);
+        inner.engine.seal(&gk, &mut payload, &tags, &mut macs);
         let mut k = 0;
         for e in entries.iter_mut() {
             if let Entry::Write { gen, mac, .. } = e {
@@ -770,6 +853,11 @@ impl Inner {
             reuse: &self.reuse,
             poisoned: &self.poisoned,
         }
+    }
+
+    /// Key generations other than the current one are still in the ring.
+    fn rekey_pending(&self) -> bool {
+        self.keys.generations().len() > 1
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {

@@ -230,8 +230,9 @@ impl State {
                 };
                 referenced.insert(e.gen);
                 r.data_blocks += 1;
-                let pba = self.usage.held.get(e.gen).unwrap_or(e.pba);
-                if !ctx.data_block_authentic(&mut buf, lba, &MapEntry { pba, ..e }) {
+                let e = self.usage.held.resolve(e).unwrap_or(e);
+                let pba = e.pba;
+                if !ctx.data_block_authentic(&mut buf, lba, &e) {
                     r.problems.push(format!(
                         "snapshot {name}: logical block {lba} (stored at block {pba}) fails authentication"
                     ));

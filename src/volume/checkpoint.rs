@@ -51,6 +51,7 @@ impl Checkpoints {
             let mut c = self.last.clone();
             c.seq += 1;
             c.gen_limit = self.next_gen + n + GEN_RESERVE;
+            c.key_gen = ctx.keys.current().key_gen() as u32;
             write_slot(ctx, &c)?;
             self.gen_limit = c.gen_limit;
             self.last = c;
@@ -61,8 +62,9 @@ impl Checkpoints {
     }
 
     /// Makes `c` (whose sequence number follows the last one) the newest
-    /// durable checkpoint.
-    pub fn commit(&mut self, ctx: &Ctx, c: Checkpoint) -> Result<()> {
+    /// durable checkpoint, sealed under the current key generation.
+    pub fn commit(&mut self, ctx: &Ctx, mut c: Checkpoint) -> Result<()> {
+        c.key_gen = ctx.keys.current().key_gen() as u32;
         write_slot(ctx, &c)?;
         self.last = c;
         Ok(())
@@ -72,7 +74,7 @@ impl Checkpoints {
 /// Seals `c` and writes it to its slot (sequence number parity), durably.
 /// A failed write poisons the volume.
 fn write_slot(ctx: &Ctx, c: &Checkpoint) -> Result<()> {
-    let b = seal(ctx.keys, ctx.header, c);
+    let b = seal(ctx.keys, ctx.header, c)?;
     let off = CHECKPOINT_BLOCKS[(c.seq % 2) as usize] * BLOCK_SIZE as u64;
     let r = ctx.dev.write_at(&b[..], off).and_then(|_| ctx.dev.flush());
     r.map_err(|e| {
@@ -81,16 +83,23 @@ fn write_slot(ctx: &Ctx, c: &Checkpoint) -> Result<()> {
     })
 }
 
-/// `c` encoded and MAC'd for its slot.
-pub fn seal(keys: &VolumeKeys, header: &Header, c: &Checkpoint) -> Box<Block> {
+/// `c` encoded and MAC'd for its slot, under the key generation it names
+/// as current.
+pub fn seal(keys: &VolumeKeys, header: &Header, c: &Checkpoint) -> Result<Box<Block>> {
     let slot = c.seq % 2;
     let mut b = c.encode_body(header);
-    let mac = keys.mac(
-        Tag::new(BlockKind::Checkpoint, slot, c.seq),
+    let key_gen = c.key_gen as u16;
+    let gk = keys.get(key_gen).ok_or_else(|| {
+        VolumeError::Corrupted(format!(
+            "a checkpoint names key generation {key_gen}, which the key ring does not hold"
+        ))
+    })?;
+    let mac = gk.mac(
+        Tag::new(BlockKind::Checkpoint, slot, c.seq, key_gen),
         &b[..CHECKPOINT_MAC_AT],
     );
     b[CHECKPOINT_MAC_AT..].copy_from_slice(&mac.0);
-    b
+    Ok(b)
 }
 
 /// Reads both checkpoint slots and returns the newest that authenticates.
@@ -104,11 +113,19 @@ pub fn read_newest(ctx: &Ctx) -> Result<Checkpoint> {
             continue;
         }
         let seq = u64::from_le_bytes(b[32..40].try_into().expect("8 bytes"));
-        let mac = ctx.keys.mac(
-            Tag::new(BlockKind::Checkpoint, slot as u64, seq),
-            &b[..CHECKPOINT_MAC_AT],
-        );
-        if !mac.ct_eq(&Mac(b[CHECKPOINT_MAC_AT..].try_into().expect("16 bytes"))) {
+        // The key generation is read before the MAC that covers it is
+        // checked: it only picks the key the MAC is checked with.
+        let key_gen = Checkpoint::peek_key_gen(&b);
+        let tag = Tag::new(BlockKind::Checkpoint, slot as u64, seq, key_gen);
+        let mac = Mac(b[CHECKPOINT_MAC_AT..].try_into().expect("16 bytes"));
+        if ctx.keys.get(key_gen).is_none() {
+            why.push(format!(
+                "slot {slot}: sealed under key generation {key_gen}, which the volume's header \
+                 does not hold"
+            ));
+            continue;
+        }
+        if !ctx.keys.verify(tag, &b[..CHECKPOINT_MAC_AT], &mac) {
             why.push(format!("slot {slot}: {}", DecodeError::Mac));
             continue;
         }

@@ -9,12 +9,15 @@
 //! Cleaned segments become free at the next checkpoint, once nothing
 //! durable refers to them.
 
-use super::ctx::Ctx;
+use zeroize::Zeroize;
+
+use super::ctx::{payload_seal, with_seal, Ctx};
 use super::format::{Entry, TreeId, ENTRIES_PER_RECORD, TREES};
 use super::geometry::usable_per_segment;
 use super::log::open_summary;
 use super::state::State;
 use super::tree::PageKey;
+use crate::crypto::{Mac, Tag};
 use crate::device::read_exact_at;
 use crate::volume::{Generation, Result, SegmentId, VolumeError};
 use crate::BLOCK_SIZE;
@@ -126,7 +129,7 @@ impl State {
     /// blocks and still write the checkpoint afterwards: the copies of its
     /// live blocks with their summaries, then a checkpoint of the pages dirty
     /// now plus those the victim can dirty (at most one per block).
-    fn room_to_clean(&self, live: u64) -> u64 {
+    pub(super) fn room_to_clean(&self, live: u64) -> u64 {
         let copies = live + live.div_ceil(ENTRIES_PER_RECORD as u64);
         let pages = self.trees.dirty_count() as u64 + live;
         self.segments_for(copies + self.checkpoint_blocks(pages))
@@ -181,7 +184,18 @@ impl State {
             {
                 let pba = start + offset + 1 + i as u64;
                 match *e {
-                    Entry::Write { lba, gen, mac } | Entry::Relocate { lba, gen, mac } => {
+                    Entry::Write {
+                        lba,
+                        gen,
+                        key_gen,
+                        mac,
+                    }
+                    | Entry::Relocate {
+                        lba,
+                        gen,
+                        key_gen,
+                        mac,
+                    } => {
                         let cur = self.lookup(ctx, lba)?;
                         let live = cur.pba == pba && cur.gen == gen;
                         if live || self.usage.held.is_at(gen, pba) {
@@ -189,7 +203,12 @@ impl State {
                                 held_moves.push((moves.len(), gen, pba));
                             }
                             moves.push((
-                                Entry::Relocate { lba, gen, mac },
+                                Entry::Relocate {
+                                    lba,
+                                    gen,
+                                    key_gen,
+                                    mac,
+                                },
                                 (offset + 1) as usize + i,
                             ));
                         }
@@ -239,7 +258,8 @@ impl State {
         for (_, blk) in &moves {
             payload.extend_from_slice(&seg[blk * BLOCK_SIZE..(blk + 1) * BLOCK_SIZE]);
         }
-        let entries: Vec<Entry> = moves.into_iter().map(|(e, _)| e).collect();
+        let mut entries: Vec<Entry> = moves.into_iter().map(|(e, _)| e).collect();
+        self.unsealed += reseal(ctx, &mut entries, &mut payload);
         self.prefetch(ctx, &entries)?;
         let pbas = self.append(ctx, &entries, &payload, true, true)?;
         self.apply(ctx, &entries, &pbas)
@@ -247,8 +267,68 @@ impl State {
         // `apply` ignores these (the live map does not have them): the held
         // table follows them instead, durable with the next checkpoint.
         for (j, gen, old) in held_moves {
-            self.usage.held_moved(gen, old, pbas[j]);
+            let (tag, mac) = payload_seal(&entries[j]).expect("a moved block has payload");
+            self.usage.held_moved(gen, old, pbas[j], tag.key, mac);
         }
         Ok(())
     }
+}
+
+/// Seals again, under the current key generation, every block in `payload`
+/// that an older one seals (a rekey in progress), and updates its entry. A
+/// block that fails authentication under its old key is left as it is
+/// (moved verbatim): sealing it again would launder the damage. Returns how
+/// many were left so.
+fn reseal(ctx: &Ctx, entries: &mut [Entry], payload: &mut [u8]) -> u64 {
+    let current = ctx.keys.current();
+    let key_gen = current.key_gen();
+    let old: Vec<(usize, Tag, Mac)> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| payload_seal(e).map(|(t, m)| (i, t, m)))
+        .filter(|(_, t, _)| t.key != key_gen)
+        .collect();
+    if old.is_empty() {
+        return 0;
+    }
+    let block = |i: usize| i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE;
+    let mut buf = Vec::with_capacity(old.len() * BLOCK_SIZE);
+    for (i, _, _) in &old {
+        buf.extend_from_slice(&payload[block(*i)]);
+    }
+    let tags: Vec<Tag> = old.iter().map(|o| o.1).collect();
+    let macs: Vec<Mac> = old.iter().map(|o| o.2).collect();
+    // Every block authentic (the usual case): opened in one parallel batch.
+    // Otherwise one at a time, keeping the ones that open.
+    let opened: Vec<bool> = if ctx.engine.open(ctx.keys, &mut buf, &tags, &macs).is_ok() {
+        vec![true; old.len()]
+    } else {
+        old.iter()
+            .enumerate()
+            .map(|(j, (i, t, m))| {
+                buf[block(j)].copy_from_slice(&payload[block(*i)]);
+                ctx.keys.open(*t, &mut buf[block(j)], m).is_ok()
+            })
+            .collect()
+    };
+    let keep: Vec<usize> = (0..old.len()).filter(|&j| opened[j]).collect();
+    let mut plain = Vec::with_capacity(keep.len() * BLOCK_SIZE);
+    let mut new_tags = Vec::with_capacity(keep.len());
+    for &j in &keep {
+        plain.extend_from_slice(&buf[block(j)]);
+        new_tags.push(Tag {
+            key: key_gen,
+            ..tags[j]
+        });
+    }
+    buf.zeroize();
+    let mut new_macs = vec![Mac::default(); keep.len()];
+    ctx.engine
+        .seal(&current, &mut plain, &new_tags, &mut new_macs);
+    for (n, &j) in keep.iter().enumerate() {
+        let i = old[j].0;
+        payload[block(i)].copy_from_slice(&plain[block(n)]);
+        entries[i] = with_seal(entries[i], key_gen, new_macs[n]);
+    }
+    (old.len() - keep.len()) as u64
 }

@@ -4,9 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
-use super::format::{self, Block, Header, MapEntry, TreeId, TreePtr, DATA_START};
+use super::format::{self, Block, Entry, Header, MapEntry, TreeId, TreePtr, DATA_START};
 use super::tree::{PageKey, PageSource};
-use crate::crypto::{BlockKind, CryptoEngine, Tag, VolumeKeys};
+use crate::crypto::{BlockKind, CryptoEngine, Mac, Tag, VolumeKeys};
 use crate::device::{read_exact_at, Device};
 use crate::volume::{Generation, Lba, Result, VolumeError};
 use crate::BLOCK_SIZE;
@@ -23,18 +23,82 @@ pub(crate) struct Ctx<'a> {
     pub poisoned: &'a AtomicBool,
 }
 
-/// What binds a data block's seal: its logical address and generation.
-pub fn data_tag(lba: Lba, gen: Generation) -> Tag {
-    Tag::new(BlockKind::Data, lba.0, gen.0)
+/// What binds a data block's seal: its logical address and generation
+/// (and which key generation seals it).
+pub fn data_tag(lba: Lba, gen: Generation, key_gen: u16) -> Tag {
+    Tag::new(BlockKind::Data, lba.0, gen.0, key_gen)
 }
 
-/// What binds a tree page's seal: its place in its tree and its generation.
-pub fn page_tag(tree: TreeId, level: u8, index: u64, gen: Generation) -> Tag {
+/// What binds a tree page's seal: its place in its tree and its generation
+/// (and which key generation seals it).
+pub fn page_tag(tree: TreeId, level: u8, index: u64, gen: Generation, key_gen: u16) -> Tag {
     Tag::new(
         BlockKind::TreePage,
         format::page_addr(tree, level, index),
         gen.0,
+        key_gen,
     )
+}
+
+/// How a payload entry's block is sealed: its tag and MAC (None for
+/// entries without payload).
+pub fn payload_seal(e: &Entry) -> Option<(Tag, Mac)> {
+    match *e {
+        Entry::Write {
+            lba,
+            gen,
+            key_gen,
+            mac,
+        }
+        | Entry::Relocate {
+            lba,
+            gen,
+            key_gen,
+            mac,
+        } => Some((data_tag(lba, gen, key_gen), mac)),
+        Entry::TreePage {
+            tree,
+            level,
+            index,
+            gen,
+            key_gen,
+            mac,
+        } => Some((page_tag(tree, level, index, gen, key_gen), mac)),
+        Entry::Trim { .. } | Entry::Zero { .. } => None,
+    }
+}
+
+/// A payload entry whose block is now sealed under `key_gen` with `mac`.
+pub fn with_seal(e: Entry, new_key_gen: u16, new_mac: Mac) -> Entry {
+    match e {
+        Entry::Write { lba, gen, .. } => Entry::Write {
+            lba,
+            gen,
+            key_gen: new_key_gen,
+            mac: new_mac,
+        },
+        Entry::Relocate { lba, gen, .. } => Entry::Relocate {
+            lba,
+            gen,
+            key_gen: new_key_gen,
+            mac: new_mac,
+        },
+        Entry::TreePage {
+            tree,
+            level,
+            index,
+            gen,
+            ..
+        } => Entry::TreePage {
+            tree,
+            level,
+            index,
+            gen,
+            key_gen: new_key_gen,
+            mac: new_mac,
+        },
+        other => other,
+    }
 }
 
 impl Ctx<'_> {
@@ -50,7 +114,9 @@ impl Ctx<'_> {
     /// authenticates.
     pub fn data_block_authentic(&self, buf: &mut [u8], lba: Lba, e: &MapEntry) -> bool {
         read_exact_at(self.dev, buf, e.pba * BLOCK_SIZE as u64).is_ok()
-            && self.keys.mac(data_tag(lba, e.gen), buf).ct_eq(&e.mac)
+            && self
+                .keys
+                .verify(data_tag(lba, e.gen, e.key_gen), buf, &e.mac)
     }
 }
 
@@ -79,7 +145,7 @@ impl PageSource for Ctx<'_> {
                 VolumeError::io(format!("reading {}", what()), e)
             }
         })?;
-        let tag = page_tag(key.tree, key.level, key.index, ptr.gen);
+        let tag = page_tag(key.tree, key.level, key.index, ptr.gen, ptr.key_gen);
         self.keys
             .open(tag, &mut b[..], &ptr.mac)
             .map_err(|_| VolumeError::Integrity(what()))?;

@@ -76,6 +76,105 @@ pub fn write_header(dev: &dyn Device, header: &Header) -> Result<()> {
     Ok(())
 }
 
+/// The key ring of the volume `header` describes, opened with its master
+/// key: key generation 0 and every later one the header lists, less the
+/// retired ones.
+pub fn key_ring(header: &Header, master: &MasterKey) -> Result<VolumeKeys> {
+    let keys = VolumeKeys::derive(master, &header.volume_id);
+    if header.key_gens.is_empty() {
+        return Ok(keys);
+    }
+    let wrap = crate::crypto::generation_wrap_key(master, &header.volume_id);
+    for g in &header.key_gens {
+        let binding = crate::crypto::generation_binding(&header.volume_id, g.key_gen);
+        let secret = crate::crypto::unwrap_key(&wrap, &g.wrapped, &binding).map_err(|_| {
+            VolumeError::Corrupted(format!(
+                "the header's key generation {} does not open with the volume's key: the \
+                 header is damaged; restore the volume from an export or a copy",
+                g.key_gen
+            ))
+        })?;
+        keys.add_generation(g.key_gen, &secret)
+            .map_err(|e| VolumeError::Corrupted(format!("key generation {}: {e}", g.key_gen)))?;
+    }
+    keys.retire_below(header.retired_below);
+    Ok(keys)
+}
+
+/// A new key generation for the volume `header` describes: the number
+/// after its newest, a random secret, and the header entry that keeps the
+/// secret wrapped under a key only the master key gives. Refused while the
+/// header holds as many generations as it can (a rekey still running).
+pub fn new_key_generation(
+    header: &Header,
+    master: &MasterKey,
+) -> Result<(format::KeyGenEntry, MasterKey)> {
+    if header.key_gens.len() >= format::MAX_KEY_GENS - 1 {
+        return Err(VolumeError::InvalidArgument(format!(
+            "the volume already has {} key generations whose blocks are not all sealed again; \
+             let the running rekey finish (lsvfs rekey --wait) before starting another",
+            header.key_gens.len()
+        )));
+    }
+    let newest = header.key_gens.last().map_or(0, |g| g.key_gen);
+    let key_gen = newest.checked_add(1).ok_or_else(|| {
+        VolumeError::InvalidArgument("the volume has used every key generation number".into())
+    })?;
+    let secret = MasterKey::generate()
+        .map_err(|e| VolumeError::io("making a new key", std::io::Error::other(e)))?;
+    let wrap = crate::crypto::generation_wrap_key(master, &header.volume_id);
+    let binding = crate::crypto::generation_binding(&header.volume_id, key_gen);
+    let wrapped = crate::crypto::wrap_key(&wrap, &secret, &binding)
+        .map_err(|e| VolumeError::io("wrapping a new key", std::io::Error::other(e)))?;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok((
+        format::KeyGenEntry {
+            key_gen,
+            started,
+            wrapped,
+        },
+        secret,
+    ))
+}
+
+/// Adds key generation `entry` to the header (both copies, durably).
+pub(super) fn add_key_generation(dev: &dyn Device, entry: format::KeyGenEntry) -> Result<Header> {
+    let h = read_header(dev)?;
+    if h.key_gens
+        .last()
+        .is_some_and(|l| l.key_gen >= entry.key_gen)
+        || h.key_gens.len() >= format::MAX_KEY_GENS
+    {
+        return Err(VolumeError::InvalidArgument(format!(
+            "key generation {} does not follow the header's newest; start the rekey again",
+            entry.key_gen
+        )));
+    }
+    update_header(dev, |old| {
+        let mut key_gens = old.key_gens.clone();
+        key_gens.push(entry);
+        Header { key_gens, ..old }
+    })
+}
+
+/// Removes every key generation below `key_gen` from the header and marks
+/// them retired (both copies, durably): their secrets exist nowhere on the
+/// device afterwards.
+pub(super) fn retire_key_generations(dev: &dyn Device, key_gen: u16) -> Result<Header> {
+    update_header(dev, |old| Header {
+        key_gens: old
+            .key_gens
+            .iter()
+            .copied()
+            .filter(|g| g.key_gen >= key_gen)
+            .collect(),
+        retired_below: key_gen.max(old.retired_below),
+        ..old
+    })
+}
+
 /// Refuses an erased volume (`name` names it in the message): checked
 /// before any key is looked for.
 pub fn refuse_erased(h: &Header, name: &str) -> Result<()> {
@@ -97,6 +196,8 @@ pub fn erase(dev: &dyn Device) -> Result<Header> {
     update_header(dev, |old| Header {
         key_check: [0; 16],
         slots: [KeySlot::EMPTY; KEY_SLOTS],
+        key_gens: Vec::new(),
+        retired_below: 0,
         erased: Some(old.erased.unwrap_or(now)),
         ..old
     })
@@ -196,6 +297,8 @@ fn create_with(
         slots,
         erased: None,
         restoring,
+        key_gens: Vec::new(),
+        retired_below: 0,
     };
     // Both checkpoint slots are cleared first: stale ones from an earlier
     // volume on the same device must not be mistaken for ours.
@@ -229,7 +332,7 @@ fn create_with(
         snap_meta: TreePtr::ABSENT,
         snap_pages: 0,
     };
-    let b = super::checkpoint::seal(&keys, &header, &c);
+    let b = super::checkpoint::seal(&keys, &header, &c)?;
     dev.write_at(&b[..], format::CHECKPOINT_BLOCKS[1] * BLOCK_SIZE as u64)
         .and_then(|_| dev.flush())
         .map_err(|e| VolumeError::io("writing the first checkpoint", e))?;

@@ -9,13 +9,13 @@
 use std::collections::BTreeSet;
 
 use super::checkpoint::Checkpoints;
-use super::ctx::{data_tag, page_tag, Ctx};
+use super::ctx::{payload_seal, Ctx};
 use super::format::{
     decode_entries, encode_entries, Block, Entry, LogPos, SummaryHead, ENTRIES_PER_RECORD,
     FLAG_COMMIT, SUMMARY_BODY_AT, SUMMARY_MAC_AT,
 };
 use super::geometry::Geometry;
-use crate::crypto::{BlockKind, Mac, Tag};
+use crate::crypto::{BlockKind, GenKeys, Mac, Tag};
 use crate::device::read_exact_at;
 use crate::volume::{Result, SegmentId, VolumeError};
 use crate::BLOCK_SIZE;
@@ -215,6 +215,17 @@ impl Log {
         }))
     }
 
+    /// Ends the head segment early: the next record starts the pre-chosen
+    /// next segment, and a fresh one is chosen after it. (Recovery, finding
+    /// no record where the head was, follows the chain to the next segment.)
+    pub fn close_head(&mut self, ctx: &Ctx) -> Result<()> {
+        let next = self.take_segment(ctx, true)?;
+        self.head.segment = self.head.next_segment;
+        self.head.offset = 0;
+        self.head.next_segment = next;
+        Ok(())
+    }
+
     /// Appends `entries` (with `payload`, one sealed block per payload entry)
     /// as records at the log head; the last record carries COMMIT if
     /// `commit`. Returns the block address of each payload block.
@@ -254,6 +265,7 @@ impl Log {
         let base_gen = gens.alloc_gens(ctx, records.len() as u64)?;
         let mut pbas = Vec::with_capacity(payload.len() / BLOCK_SIZE);
         let last = records.len().saturating_sub(1);
+        let keys = ctx.keys.current();
         for (ri, r) in records.iter().enumerate() {
             if r.switch_before {
                 self.head.segment = self.head.next_segment;
@@ -270,9 +282,10 @@ impl Log {
                 n_payload: r.n_payload as u16,
                 n_other: (r.entries.len() - r.n_payload) as u16,
                 flags: if commit && ri == last { FLAG_COMMIT } else { 0 },
+                key_gen: keys.key_gen(),
                 prev: self.head.anchor,
             };
-            let (block, mac) = seal_summary(ctx, &head, &entries[r.entries.clone()]);
+            let (block, mac) = seal_summary(&keys, &head, &entries[r.entries.clone()]);
             let at = self.geo.pba_of(segment, offset);
             let body = &payload
                 [r.payload_start * BLOCK_SIZE..(r.payload_start + r.n_payload) * BLOCK_SIZE];
@@ -340,25 +353,10 @@ impl Log {
                 Err(e) => return Err(VolumeError::io(format!("reading log block {at}"), e)),
             }
             for (i, e) in rec.entries[..n].iter().enumerate() {
-                let (tag, mac) = match *e {
-                    Entry::Write { lba, gen, mac } | Entry::Relocate { lba, gen, mac } => {
-                        (data_tag(lba, gen), mac)
-                    }
-                    Entry::TreePage {
-                        tree,
-                        level,
-                        index,
-                        gen,
-                        mac,
-                    } => (page_tag(tree, level, index, gen), mac),
-                    Entry::Trim { .. } | Entry::Zero { .. } => {
-                        unreachable!("payload entries come first")
-                    }
-                };
+                let (tag, mac) = payload_seal(e).expect("payload entries come first");
                 if !ctx
                     .keys
-                    .mac(tag, &buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE])
-                    .ct_eq(&mac)
+                    .verify(tag, &buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE], &mac)
                 {
                     return Ok(None);
                 }
@@ -368,15 +366,15 @@ impl Log {
     }
 }
 
-/// Builds and seals a summary block. Returns it and its MAC.
-fn seal_summary(ctx: &Ctx, head: &SummaryHead, entries: &[Entry]) -> (Box<Block>, Mac) {
+/// Builds and seals a summary block under `keys` (the head names their
+/// generation). Returns it and its MAC.
+fn seal_summary(keys: &GenKeys, head: &SummaryHead, entries: &[Entry]) -> (Box<Block>, Mac) {
     let mut b: Box<Block> = Box::new([0u8; BLOCK_SIZE]);
     head.encode(&mut b);
     encode_entries(entries, &mut b);
-    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen.0);
-    ctx.keys
-        .encrypt(tag, &mut b[SUMMARY_BODY_AT..SUMMARY_MAC_AT]);
-    let mac = ctx.keys.mac(tag, &b[..SUMMARY_MAC_AT]);
+    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen.0, head.key_gen);
+    keys.encrypt(tag, &mut b[SUMMARY_BODY_AT..SUMMARY_MAC_AT]);
+    let mac = keys.mac(tag, &b[..SUMMARY_MAC_AT]);
     b[SUMMARY_MAC_AT..].copy_from_slice(&mac.0);
     (b, mac)
 }
@@ -387,13 +385,13 @@ pub fn open_summary(ctx: &Ctx, b: &mut Block, segment: SegmentId, offset: u64) -
     if head.segment != segment || head.offset as u64 != offset {
         return None;
     }
-    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen.0);
-    let mac = ctx.keys.mac(tag, &b[..SUMMARY_MAC_AT]);
+    let tag = Tag::new(BlockKind::Summary, head.seq, head.gen.0, head.key_gen);
+    let keys = ctx.keys.get(head.key_gen)?;
+    let mac = keys.mac(tag, &b[..SUMMARY_MAC_AT]);
     if !mac.ct_eq(&Mac(b[SUMMARY_MAC_AT..].try_into().ok()?)) {
         return None;
     }
-    ctx.keys
-        .decrypt(tag, &mut b[SUMMARY_BODY_AT..SUMMARY_MAC_AT]);
+    keys.decrypt(tag, &mut b[SUMMARY_BODY_AT..SUMMARY_MAC_AT]);
     let entries = decode_entries(b, &head, ctx.header.logical_blocks).ok()?;
     Some(Record { head, entries, mac })
 }

@@ -25,6 +25,7 @@ mod header;
 mod ids;
 mod log;
 mod recovery;
+mod rekey;
 mod snapshot;
 mod state;
 mod tree;
@@ -37,10 +38,11 @@ pub use error::{Result, VolumeError};
 pub use format::{Header, KeySlot, SlotKind, DEFAULT_SEGMENT_BLOCKS, KEY_SLOTS};
 pub use geometry::max_segments_for;
 pub use header::{
-    create, create_restoring, erase, read_header, refuse_erased, set_restoring, write_header,
-    CreateOptions,
+    create, create_restoring, erase, key_ring, new_key_generation, read_header, refuse_erased,
+    set_restoring, write_header, CreateOptions,
 };
 pub use ids::{Generation, Lba, SegmentId, SnapshotId};
 pub use recovery::Recovery;
+pub use rekey::RekeyStatus;
 pub use snapshot::SnapshotInfo;
 pub use txn::{Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};

@@ -27,6 +27,17 @@ use crate::crypto::Mac;
 use crate::volume::{Generation, Lba, Result, SegmentId, VolumeError};
 use crate::BLOCK_SIZE;
 
+/// A rekey in progress.
+#[derive(Clone, Debug, Default)]
+pub struct RekeyPass {
+    /// Segments still to look at, lowest first.
+    pub todo: BTreeSet<SegmentId>,
+    /// Segments there were to look at when the pass began.
+    pub total: u64,
+    /// Segments cleaned since the last checkpoint.
+    pub since_checkpoint: u64,
+}
+
 pub struct State {
     pub geo: Geometry,
     pub log: Log,
@@ -43,6 +54,11 @@ pub struct State {
     /// This process has written a checkpoint (of the version it writes,
     /// [`super::format::CHECKPOINT_VERSION`]) since opening the volume.
     pub checkpointed: bool,
+    /// Blocks the cleaner found under an older key generation that failed
+    /// authentication, and so left sealed as they were (see `cleaner.rs`).
+    pub unsealed: u64,
+    /// A rekey in progress (`rekey.rs`).
+    pub rekey: Option<RekeyPass>,
 }
 
 impl State {
@@ -59,6 +75,8 @@ impl State {
             changed_since: c.changed_since,
             key_gen: c.key_gen,
             checkpointed: false,
+            unsealed: 0,
+            rekey: None,
             ckpt,
         }
     }
@@ -101,7 +119,7 @@ impl State {
         new.encode(&mut page[slot..]);
         if old.is_stored() {
             if changed {
-                usage.dropped(old.gen, old.pba);
+                usage.dropped(old.gen, old.pba, old.key_gen, old.mac);
             } else {
                 usage.dec(old.pba);
             }
@@ -273,10 +291,14 @@ impl State {
         let mut p = 0;
         for e in entries {
             match *e {
-                Entry::Write { lba, gen, mac } => {
+                Entry::Write {
+                    lba,
+                    gen,
+                    key_gen,
+                    mac,
+                } => {
                     let pba = pbas[p];
                     p += 1;
-                    let key_gen = self.key_gen as u16;
                     self.map_set(
                         ctx,
                         lba,
@@ -289,12 +311,23 @@ impl State {
                         true,
                     )?;
                 }
-                Entry::Relocate { lba, gen, mac } => {
+                Entry::Relocate {
+                    lba,
+                    gen,
+                    key_gen,
+                    mac,
+                } => {
                     let pba = pbas[p];
                     p += 1;
                     let old = self.lookup(ctx, lba)?;
                     if old.is_stored() && old.gen == gen {
-                        self.map_set(ctx, lba, MapEntry { pba, mac, ..old }, false)?;
+                        let new = MapEntry {
+                            pba,
+                            key_gen,
+                            mac,
+                            ..old
+                        };
+                        self.map_set(ctx, lba, new, false)?;
                     }
                 }
                 Entry::TreePage { .. } => p += 1,
@@ -452,14 +485,21 @@ impl State {
                 continue;
             }
             let base = self.alloc_gens(ctx, keys.len() as u64)?;
+            let gk = ctx.keys.current();
             let mut buf = Vec::with_capacity(keys.len() * BLOCK_SIZE);
             let mut tags = Vec::with_capacity(keys.len());
             for (i, k) in keys.iter().enumerate() {
                 buf.extend_from_slice(self.trees.cached(k));
-                tags.push(page_tag(tree, level, k.index, base + i as u64));
+                tags.push(page_tag(
+                    tree,
+                    level,
+                    k.index,
+                    base + i as u64,
+                    gk.key_gen(),
+                ));
             }
             let mut macs = vec![Mac::default(); keys.len()];
-            ctx.engine.seal(ctx.keys, &mut buf, &tags, &mut macs);
+            ctx.engine.seal(&gk, &mut buf, &tags, &mut macs);
             let entries: Vec<Entry> = keys
                 .iter()
                 .zip(&tags)
@@ -469,6 +509,7 @@ impl State {
                     level,
                     index: k.index,
                     gen: Generation(t.gen),
+                    key_gen: t.key,
                     mac: *m,
                 })
                 .collect();
@@ -479,6 +520,7 @@ impl State {
                     TreePtr {
                         pba: *pba,
                         gen: Generation(t.gen),
+                        key_gen: t.key,
                         mac: *m,
                     },
                 );

@@ -4,9 +4,10 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::ctx::Ctx;
-use super::format::{TreeId, TreePtr};
+use super::format::{MapEntry, TreeId, TreePtr};
 use super::geometry::{Geometry, USAGE_PER_PAGE};
 use super::tree::{PageKey, Trees};
+use crate::crypto::Mac;
 use crate::volume::{Generation, Result, SegmentId};
 
 /// Blocks only snapshots reference: generation -> current location. They
@@ -14,6 +15,11 @@ use crate::volume::{Generation, Result, SegmentId};
 #[derive(Default)]
 pub struct Held {
     pub table: HashMap<Generation, u64>,
+    /// How a held block is sealed now where that is not what the snapshot
+    /// trees say: (key generation, MAC) for every held block sealed under a
+    /// key generation above 0 (a rekey seals blocks again, and snapshot
+    /// trees are never rewritten).
+    pub seals: HashMap<Generation, (u16, Mac)>,
     /// Changed since the snapshot metadata was last written.
     pub dirty: bool,
     /// The newest snapshot's birth (0 without snapshots): a map or changed
@@ -28,19 +34,51 @@ impl Held {
         self.table.get(&gen) == Some(&pba)
     }
 
-    pub fn insert(&mut self, gen: Generation, pba: u64) {
+    /// Holds the block `gen` at `pba`, sealed under `key_gen` with `mac`.
+    pub fn insert(&mut self, gen: Generation, pba: u64, key_gen: u16, mac: Mac) {
         self.table.insert(gen, pba);
+        if key_gen != 0 {
+            self.seals.insert(gen, (key_gen, mac));
+        } else {
+            self.seals.remove(&gen);
+        }
         self.dirty = true;
     }
 
     pub fn remove(&mut self, gen: Generation) -> Option<u64> {
         let r = self.table.remove(&gen);
+        self.seals.remove(&gen);
         self.dirty |= r.is_some();
         r
     }
 
-    pub fn get(&self, gen: Generation) -> Option<u64> {
-        self.table.get(&gen).copied()
+    /// Where and how a page a snapshot tree points at is now, if held.
+    pub fn resolve_ptr(&self, ptr: TreePtr) -> TreePtr {
+        let mut p = ptr;
+        if let Some(&pba) = self.table.get(&ptr.gen) {
+            p.pba = pba;
+            if let Some(&(key_gen, mac)) = self.seals.get(&ptr.gen) {
+                p.key_gen = key_gen;
+                p.mac = mac;
+            }
+        }
+        p
+    }
+
+    /// Where and how a data block a snapshot's map names is now, if held.
+    pub fn resolve(&self, e: MapEntry) -> Option<MapEntry> {
+        let pba = *self.table.get(&e.gen)?;
+        let (key_gen, mac) = self
+            .seals
+            .get(&e.gen)
+            .copied()
+            .unwrap_or((e.key_gen, e.mac));
+        Some(MapEntry {
+            pba,
+            key_gen,
+            mac,
+            ..e
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -75,9 +113,9 @@ impl Usage {
 
     /// The live state stops referencing a block: it is held if the newest
     /// snapshot references it, else its space is released.
-    pub fn dropped(&mut self, gen: Generation, pba: u64) {
+    pub fn dropped(&mut self, gen: Generation, pba: u64, key_gen: u16, mac: Mac) {
         if gen < self.held.retain_below {
-            self.held.insert(gen, pba);
+            self.held.insert(gen, pba, key_gen, mac);
         } else {
             self.dec(pba);
         }
@@ -118,7 +156,7 @@ impl Usage {
     pub fn superseded(&mut self, tree: TreeId, ptr: TreePtr) {
         if matches!(tree, TreeId::Map | TreeId::Changed) {
             // Pages snapshots can share.
-            self.dropped(ptr.gen, ptr.pba);
+            self.dropped(ptr.gen, ptr.pba, ptr.key_gen, ptr.mac);
         } else if tree == TreeId::SegmentUsage {
             let s = self.geo.segment_of(ptr.pba);
             let c = self.usage_pages.entry(s).or_insert(0);
@@ -140,11 +178,12 @@ impl Usage {
         }
     }
 
-    /// A block only snapshots reference moved from `old` to `new`.
-    pub fn held_moved(&mut self, gen: Generation, old: u64, new: u64) {
+    /// A block only snapshots reference moved from `old` to `new` (and is
+    /// now sealed under `key_gen` with `mac`).
+    pub fn held_moved(&mut self, gen: Generation, old: u64, new: u64, key_gen: u16, mac: Mac) {
         self.dec(old);
         self.inc(new);
-        self.held.insert(gen, new);
+        self.held.insert(gen, new, key_gen, mac);
     }
 
     /// Loads the counters of segments `0..extent` from the usage tree, and

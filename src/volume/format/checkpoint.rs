@@ -84,6 +84,12 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The key generation a checkpoint block names (which keys its MAC is
+    /// checked with), read before the MAC is.
+    pub fn peek_key_gen(b: &Block) -> u16 {
+        u32_at(b, C_KEY_GEN).min(u16::MAX as u32) as u16
+    }
+
     /// Encodes everything but the MAC, which the caller fills in at
     /// [`CHECKPOINT_MAC_AT`] over the bytes before it.
     pub fn encode_body(&self, header: &Header) -> Box<Block> {

@@ -24,10 +24,19 @@ use crate::BLOCK_SIZE;
 // | 64   | 16  | key_check      |
 // | 80   | 8   | created (unix s)|
 // | 88   | 8   | erased (unix s; 0 unless flag) |
-// | 96   | 32  | reserved       |
+// | 96   | 2   | retired below: key generations under it open nothing (version 2) |
+// | 98   | 30  | reserved       |
 // | 128  | 512 | 4 key slots of 128 bytes |
-// | 640  | ..  | reserved (zero) |
+// | 640  | 768 | 8 key generation entries of 96 bytes (version 2) |
+// | 1408 | ..  | reserved (zero) |
 // | 4080 | 16  | BLAKE3(bytes 0..4080)[..16] |
+//
+// Key generation entry: | 0 generation u16 (0 = empty) | 2 reserved[6] |
+// 8 started (unix s) u64 | 16 wrapped secret[72] | 88 reserved[8] |
+//
+// A header is written as version 1 while it has no key generation entry
+// and retires nothing (so releases before key generations still open it),
+// as version 2 otherwise.
 
 pub(super) const H_MAGIC: usize = 0;
 pub(super) const H_VERSION: usize = H_MAGIC + 8;
@@ -40,6 +49,7 @@ pub(super) const H_MAX_SEGMENTS: usize = H_SEGMENT_BLOCKS + 4 + 4;
 pub(super) const H_KCV: usize = H_MAX_SEGMENTS + 8;
 pub(super) const H_CREATED: usize = H_KCV + 16;
 pub(super) const H_ERASED: usize = H_CREATED + 8;
+pub(super) const H_RETIRED_BELOW: usize = H_ERASED + 8;
 /// Header flag: the volume was crypto-erased (`lsvfs erase`): no key slot,
 /// no key-check value; nothing opens it.
 pub const FLAG_ERASED: u32 = 1;
@@ -49,6 +59,12 @@ pub const FLAG_ERASED: u32 = 1;
 pub const FLAG_RESTORING: u32 = 2;
 pub(super) const H_SLOTS: usize = 128;
 pub(super) const SLOT_LEN: usize = 128;
+pub(super) const H_KEY_GENS: usize = H_SLOTS + KEY_SLOTS * SLOT_LEN;
+pub(super) const KEY_GEN_LEN: usize = 96;
+/// Key generations the header can hold at once (besides generation 0).
+pub const MAX_KEY_GENS: usize = 8;
+/// The header version with key generations.
+pub const HEADER_VERSION_KEY_GENS: u32 = 2;
 pub(super) const H_CHECKSUM: usize = BLOCK_SIZE - 16;
 
 // Key slot: | 0 kind u8 | 1 reserved[7] | 8 kek fingerprint[16] | 24 wrapped key[72] | 96 reserved[32] |
@@ -80,6 +96,16 @@ impl KeySlot {
     };
 }
 
+/// A key generation after the first: its number, when it began, and its
+/// secret wrapped under the volume's generation wrap key
+/// ([`crate::crypto::generation_wrap_key`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyGenEntry {
+    pub key_gen: u16,
+    pub started: u64,
+    pub wrapped: WrappedKey,
+}
+
 /// `Debug` shows the geometry and slot kinds; wrapped keys are left out.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Header {
@@ -95,6 +121,10 @@ pub struct Header {
     pub erased: Option<u64>,
     /// `lsvfs restore` has not finished writing the volume.
     pub restoring: bool,
+    /// Key generations 1 and up, ascending.
+    pub key_gens: Vec<KeyGenEntry>,
+    /// Key generations below it are retired: nothing they sealed opens.
+    pub retired_below: u16,
 }
 
 impl std::fmt::Debug for Header {
@@ -108,6 +138,11 @@ impl std::fmt::Debug for Header {
                 "slots",
                 &self.slots.iter().map(|s| s.kind).collect::<Vec<_>>(),
             )
+            .field(
+                "key_gens",
+                &self.key_gens.iter().map(|g| g.key_gen).collect::<Vec<_>>(),
+            )
+            .field("retired_below", &self.retired_below)
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +151,12 @@ impl Header {
     pub fn encode(&self) -> Box<Block> {
         let mut b = Box::new([0u8; BLOCK_SIZE]);
         b[H_MAGIC..H_MAGIC + 8].copy_from_slice(&HEADER_MAGIC);
-        put_u32(&mut b[..], H_VERSION, FORMAT_VERSION);
+        let version = if self.key_gens.is_empty() && self.retired_below == 0 {
+            FORMAT_VERSION
+        } else {
+            HEADER_VERSION_KEY_GENS
+        };
+        put_u32(&mut b[..], H_VERSION, version);
         put_u32(
             &mut b[..],
             H_FLAGS,
@@ -140,6 +180,13 @@ impl Header {
             b[o + S_FINGERPRINT..o + S_FINGERPRINT + 16].copy_from_slice(&s.fingerprint);
             b[o + S_WRAPPED..o + S_WRAPPED + WRAPPED_LEN].copy_from_slice(&s.wrapped.0);
         }
+        b[H_RETIRED_BELOW..H_RETIRED_BELOW + 2].copy_from_slice(&self.retired_below.to_le_bytes());
+        for (i, g) in self.key_gens.iter().take(MAX_KEY_GENS).enumerate() {
+            let o = H_KEY_GENS + i * KEY_GEN_LEN;
+            b[o..o + 2].copy_from_slice(&g.key_gen.to_le_bytes());
+            put_u64(&mut b[..], o + 8, g.started);
+            b[o + 16..o + 16 + WRAPPED_LEN].copy_from_slice(&g.wrapped.0);
+        }
         let sum = blake3::hash(&b[..H_CHECKSUM]);
         b[H_CHECKSUM..].copy_from_slice(&sum.as_bytes()[..16]);
         b
@@ -150,9 +197,9 @@ impl Header {
             return Err(DecodeError::Magic("volume"));
         }
         let version = u32_at(b, H_VERSION);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION..=HEADER_VERSION_KEY_GENS).contains(&version) {
             return Err(DecodeError::Version {
-                want: FORMAT_VERSION,
+                want: HEADER_VERSION_KEY_GENS,
                 have: version,
             });
         }
@@ -209,11 +256,44 @@ impl Header {
                 wrapped: WrappedKey(wrapped),
             };
         }
+        let mut key_gens: Vec<KeyGenEntry> = Vec::new();
+        let mut retired_below = 0;
+        if version >= HEADER_VERSION_KEY_GENS {
+            retired_below = u16::from_le_bytes([b[H_RETIRED_BELOW], b[H_RETIRED_BELOW + 1]]);
+            for i in 0..MAX_KEY_GENS {
+                let o = H_KEY_GENS + i * KEY_GEN_LEN;
+                let key_gen = u16::from_le_bytes([b[o], b[o + 1]]);
+                if key_gen == 0 {
+                    continue;
+                }
+                range(
+                    "key generation order",
+                    key_gen as u64,
+                    key_gens.last().is_none_or(|l| l.key_gen < key_gen),
+                )?;
+                let mut wrapped = [0u8; WRAPPED_LEN];
+                wrapped.copy_from_slice(&b[o + 16..o + 16 + WRAPPED_LEN]);
+                key_gens.push(KeyGenEntry {
+                    key_gen,
+                    started: u64_at(b, o + 8),
+                    wrapped: WrappedKey(wrapped),
+                });
+            }
+            // Generation 0 derives from the master key: it can be retired,
+            // never listed. Every listed one at or above the retirement.
+            let newest = key_gens.last().map_or(0, |g| g.key_gen);
+            range(
+                "retired key generations",
+                retired_below as u64,
+                retired_below <= newest && key_gens.iter().all(|g| g.key_gen >= retired_below),
+            )?;
+        }
         let erased = (flags & FLAG_ERASED != 0).then(|| u64_at(b, H_ERASED));
         if erased.is_some() {
             // An erased header carries no key material at all.
-            let keyless =
-                b[H_KCV..H_KCV + 16] == [0; 16] && slots.iter().all(|s| *s == KeySlot::EMPTY);
+            let keyless = b[H_KCV..H_KCV + 16] == [0; 16]
+                && slots.iter().all(|s| *s == KeySlot::EMPTY)
+                && key_gens.is_empty();
             range("erased header key material", 1, keyless)?;
         }
         Ok(Header {
@@ -227,6 +307,8 @@ impl Header {
             key_check: arr16(b, H_KCV),
             created: u64_at(b, H_CREATED),
             slots,
+            key_gens,
+            retired_below,
         })
     }
 

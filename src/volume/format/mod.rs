@@ -21,7 +21,7 @@ mod snapmeta;
 mod tree;
 
 pub use checkpoint::{Checkpoint, LogPos, CHECKPOINT_MAC_AT};
-pub use header::{Header, KeySlot, SlotKind};
+pub use header::{Header, KeyGenEntry, KeySlot, SlotKind, MAX_KEY_GENS};
 pub use record::{
     decode_entries, encode_entries, Entry, SummaryHead, ENTRIES_PER_RECORD, ENTRY_LEN, FLAG_COMMIT,
     SUMMARY_BODY_AT, SUMMARY_MAC_AT,
@@ -134,7 +134,52 @@ mod tests {
             slots: [KeySlot::EMPTY; KEY_SLOTS],
             erased: None,
             restoring: false,
+            key_gens: Vec::new(),
+            retired_below: 0,
         }
+    }
+
+    /// Key generations make a version 2 header that round-trips; a header
+    /// without them stays version 1; disorder and retiring more than exists
+    /// are refused.
+    #[test]
+    fn key_generations_round_trip_in_a_version_2_header() {
+        let b = header().encode();
+        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 1);
+        let entry = |k: u16| KeyGenEntry {
+            key_gen: k,
+            started: 1_800_000_000 + k as u64,
+            wrapped: crate::crypto::WrappedKey([k as u8; crate::crypto::WRAPPED_LEN]),
+        };
+        let h = Header {
+            key_gens: vec![entry(1), entry(2)],
+            retired_below: 1,
+            ..header()
+        };
+        let b = h.encode();
+        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 2);
+        assert!(Header::decode(&b).unwrap() == h);
+        let bad = Header {
+            key_gens: vec![entry(2), entry(1)],
+            ..header()
+        };
+        assert!(Header::decode(&bad.encode()).is_err(), "out of order");
+        let bad = Header {
+            key_gens: vec![entry(1)],
+            retired_below: 2,
+            ..header()
+        };
+        assert!(Header::decode(&bad.encode()).is_err(), "retires the newest");
+        let erased = Header {
+            key_check: [0; 16],
+            erased: Some(1),
+            key_gens: vec![entry(1)],
+            ..header()
+        };
+        assert!(
+            Header::decode(&erased.encode()).is_err(),
+            "an erased header keeps a generation's secret"
+        );
     }
 
     #[test]
@@ -188,7 +233,7 @@ mod tests {
         b[8] = 9;
         assert!(matches!(
             Header::decode(&b),
-            Err(DecodeError::Version { want: 1, have: 9 })
+            Err(DecodeError::Version { want: 2, have: 9 })
         ));
         let zero = [0u8; BLOCK_SIZE];
         assert_eq!(
@@ -217,11 +262,13 @@ mod tests {
             Entry::Write {
                 lba: Lba(7),
                 gen: Generation(8),
+                key_gen: 0,
                 mac: Mac([1; 16]),
             },
             Entry::Relocate {
                 lba: Lba(9),
                 gen: Generation(10),
+                key_gen: 3,
                 mac: Mac([2; 16]),
             },
             Entry::TreePage {
@@ -229,6 +276,7 @@ mod tests {
                 level: 2,
                 index: 77,
                 gen: Generation(3),
+                key_gen: 65535,
                 mac: Mac([5; 16]),
             },
             Entry::Trim {
@@ -247,6 +295,7 @@ mod tests {
             n_payload: 3,
             n_other: 1,
             flags: 0,
+            key_gen: 1,
             prev: Mac::default(),
         };
         assert_eq!(decode_entries(&b, &head, 1 << 20).unwrap(), es);

@@ -26,13 +26,14 @@ use crate::BLOCK_SIZE;
 // | 44   | 2    | n_payload |
 // | 46   | 2    | n_other (entries without payload) |
 // | 48   | 4    | flags (bit 0: COMMIT, ends a transaction) |
-// | 52   | 4    | reserved |
+// | 52   | 2    | key generation sealing this summary |
+// | 54   | 2    | reserved |
 // | 56   | 16   | MAC of the previous record's summary (hash chain) |
 // | 72   | 8    | reserved |
 // | 80   | 4000 | body: 100 entries of 40 bytes, encrypted (XTS, tweak from gen) |
 // | 4080 | 16   | MAC over bytes 0..4080 (body as ciphertext) |
 //
-// Entry: | 0 kind u8 | 1 tree u8 | 2 reserved u16 | 4 count u32 | 8 addr u64 | 16 gen u64 | 24 mac [16] |
+// Entry: | 0 kind u8 | 1 tree u8 | 2 key generation u16 (payload entries) | 4 count u32 | 8 addr u64 | 16 gen u64 | 24 mac [16] |
 
 pub(super) const R_MAGIC: usize = 0;
 pub(super) const R_SEQ: usize = R_MAGIC + 8;
@@ -43,7 +44,8 @@ pub(super) const R_OFFSET: usize = R_NEXT_SEGMENT + 8;
 pub(super) const R_N_PAYLOAD: usize = R_OFFSET + 4;
 pub(super) const R_N_OTHER: usize = R_N_PAYLOAD + 2;
 pub(super) const R_FLAGS: usize = R_N_OTHER + 2;
-pub(super) const R_PREV: usize = R_FLAGS + 4 + 4;
+pub(super) const R_KEY_GEN: usize = R_FLAGS + 4;
+pub(super) const R_PREV: usize = R_KEY_GEN + 2 + 2;
 pub const SUMMARY_BODY_AT: usize = R_PREV + 16 + 8;
 pub const SUMMARY_MAC_AT: usize = BLOCK_SIZE - MAC_LEN;
 pub const ENTRY_LEN: usize = 40;
@@ -54,16 +56,30 @@ pub const FLAG_COMMIT: u32 = 1;
 /// What a record entry describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entry {
-    /// A new version of logical block `lba`, in the payload.
-    Write { lba: Lba, gen: Generation, mac: Mac },
-    /// A copy, made by the cleaner, of the version `gen` of `lba`, in the payload.
-    Relocate { lba: Lba, gen: Generation, mac: Mac },
+    /// A new version of logical block `lba`, in the payload, sealed under
+    /// key generation `key_gen`.
+    Write {
+        lba: Lba,
+        gen: Generation,
+        key_gen: u16,
+        mac: Mac,
+    },
+    /// A copy of the version `gen` of `lba`, in the payload: moved by the
+    /// cleaner (same key generation, same MAC), or sealed again under a
+    /// newer key generation by a rekey.
+    Relocate {
+        lba: Lba,
+        gen: Generation,
+        key_gen: u16,
+        mac: Mac,
+    },
     /// A page of a metadata tree, in the payload (written by a checkpoint).
     TreePage {
         tree: TreeId,
         level: u8,
         index: u64,
         gen: Generation,
+        key_gen: u16,
         mac: Mac,
     },
     /// `count` logical blocks from `lba` are unmapped. No payload.
@@ -79,21 +95,41 @@ impl Entry {
     }
 
     fn encode(&self, out: &mut [u8]) {
-        let (kind, tree, count, addr, gen, mac) = match *self {
-            Entry::Write { lba, gen, mac } => (1u8, 0u8, 0u32, lba.0, gen.0, mac),
-            Entry::Trim { lba, count } => (2, 0, count, lba.0, 0, Mac::default()),
-            Entry::Zero { lba, count } => (5, 0, count, lba.0, 0, Mac::default()),
+        let (kind, tree, key_gen, count, addr, gen, mac) = match *self {
+            Entry::Write {
+                lba,
+                gen,
+                key_gen,
+                mac,
+            } => (1u8, 0u8, key_gen, 0u32, lba.0, gen.0, mac),
+            Entry::Trim { lba, count } => (2, 0, 0, count, lba.0, 0, Mac::default()),
+            Entry::Zero { lba, count } => (5, 0, 0, count, lba.0, 0, Mac::default()),
             Entry::TreePage {
                 tree,
                 level,
                 index,
                 gen,
+                key_gen,
                 mac,
-            } => (3, tree as u8, 0, page_addr(tree, level, index), gen.0, mac),
-            Entry::Relocate { lba, gen, mac } => (4, 0, 0, lba.0, gen.0, mac),
+            } => (
+                3,
+                tree as u8,
+                key_gen,
+                0,
+                page_addr(tree, level, index),
+                gen.0,
+                mac,
+            ),
+            Entry::Relocate {
+                lba,
+                gen,
+                key_gen,
+                mac,
+            } => (4, 0, key_gen, 0, lba.0, gen.0, mac),
         };
         out[0] = kind;
         out[1] = tree;
+        put_u16(out, 2, key_gen);
         put_u32(out, 4, count);
         put_u64(out, 8, addr);
         put_u64(out, 16, gen);
@@ -101,6 +137,7 @@ impl Entry {
     }
 
     fn decode(b: &[u8], logical_blocks: u64) -> Result<Entry, DecodeError> {
+        let key_gen = u16_at(b, 2);
         let count = u32_at(b, 4);
         let addr = u64_at(b, 8);
         let gen = Generation(u64_at(b, 16));
@@ -118,6 +155,7 @@ impl Entry {
                 Entry::Write {
                     lba: Lba(addr),
                     gen,
+                    key_gen,
                     mac,
                 }
             }
@@ -138,6 +176,7 @@ impl Entry {
                     level: (addr >> 48) as u8,
                     index: addr & ((1 << 48) - 1),
                     gen,
+                    key_gen,
                     mac,
                 }
             }
@@ -146,6 +185,7 @@ impl Entry {
                 Entry::Relocate {
                     lba: Lba(addr),
                     gen,
+                    key_gen,
                     mac,
                 }
             }
@@ -177,6 +217,8 @@ pub struct SummaryHead {
     pub n_payload: u16,
     pub n_other: u16,
     pub flags: u32,
+    /// The key generation sealing the summary.
+    pub key_gen: u16,
     pub prev: Mac,
 }
 
@@ -196,6 +238,7 @@ impl SummaryHead {
         put_u16(b, R_N_PAYLOAD, self.n_payload);
         put_u16(b, R_N_OTHER, self.n_other);
         put_u32(b, R_FLAGS, self.flags);
+        put_u16(b, R_KEY_GEN, self.key_gen);
         b[R_PREV..R_PREV + 16].copy_from_slice(&self.prev.0);
     }
 
@@ -214,6 +257,7 @@ impl SummaryHead {
             n_payload: u16_at(b, R_N_PAYLOAD),
             n_other: u16_at(b, R_N_OTHER),
             flags: u32_at(b, R_FLAGS),
+            key_gen: u16_at(b, R_KEY_GEN),
             prev: Mac(arr16(b, R_PREV)),
         };
         let seg = header.segment_blocks as u64;

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use super::super::{Generation, SnapshotId};
-use super::{TreePtr, DATA_START, TREE_PTR_LEN};
+use super::{TreePtr, DATA_START, MAX_PBA, TREE_PTR_LEN};
+use crate::crypto::Mac;
 use crate::volume::{Result, VolumeError};
 use crate::BLOCK_SIZE;
 
@@ -60,6 +61,9 @@ pub struct SnapMeta {
     pub live_changed: Vec<TreePtr>,
     /// Generation -> location of every block that only snapshots reference.
     pub held: HashMap<Generation, u64>,
+    /// Generation -> (key generation, MAC) of every held block sealed under
+    /// a key generation above 0.
+    pub seals: HashMap<Generation, (u16, Mac)>,
 }
 
 /// A read of the snapshot metadata that ran past its end.
@@ -122,7 +126,15 @@ impl SnapMeta {
         put(&mut out, &(held.len() as u64).to_le_bytes());
         for (g, p) in held {
             put(&mut out, &g.to_le_bytes());
-            put(&mut out, &p.to_le_bytes());
+            // A held block sealed under a key generation above 0 has it in
+            // the location's top 16 bits, and its MAC after.
+            match self.seals.get(&Generation(g)) {
+                Some((k, mac)) if *k != 0 => {
+                    put(&mut out, &(p | ((*k as u64) << 48)).to_le_bytes());
+                    put(&mut out, &mac.0);
+                }
+                _ => put(&mut out, &p.to_le_bytes()),
+            }
         }
         out
     }
@@ -201,9 +213,15 @@ impl SnapMeta {
             return Err(bad(format!("{nh} held blocks")));
         }
         let mut held = HashMap::with_capacity(nh as usize);
+        let mut seals = HashMap::new();
         for _ in 0..nh {
             let g = Generation(need(r.u64())?);
-            let p = need(r.u64())?;
+            let loc = need(r.u64())?;
+            let (p, key_gen) = (loc & MAX_PBA, (loc >> 48) as u16);
+            if key_gen != 0 {
+                let mac = Mac(need(r.take(16))?.try_into().expect("16 bytes"));
+                seals.insert(g, (key_gen, mac));
+            }
             if !(DATA_START..end_block).contains(&p) || g >= gen_limit {
                 return Err(bad(format!("held block {g} at {p} is out of range")));
             }
@@ -219,6 +237,7 @@ impl SnapMeta {
             snaps,
             live_changed,
             held,
+            seals,
         })
     }
 }

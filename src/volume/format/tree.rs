@@ -7,13 +7,16 @@ use crate::BLOCK_SIZE;
 
 // ---------------------------------------------------------------- tree pointer
 //
-// | 0 pba u64 | 8 gen u64 | 16 mac [16] |   (32 bytes; pba 0 = absent, an all-zero page)
+// | 0 loc u64: pba (bits 0..48) | key generation (bits 48..64) | 8 gen u64 | 16 mac [16] |
+// (32 bytes; pba 0 = absent, an all-zero page)
 
 pub const TREE_PTR_LEN: usize = 32;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TreePtr {
     pub pba: u64,
+    /// The key generation the page is sealed under.
+    pub key_gen: u16,
     pub gen: Generation,
     pub mac: Mac,
 }
@@ -21,6 +24,7 @@ pub struct TreePtr {
 impl TreePtr {
     pub const ABSENT: TreePtr = TreePtr {
         pba: 0,
+        key_gen: 0,
         gen: Generation(0),
         mac: Mac([0; MAC_LEN]),
     };
@@ -30,14 +34,16 @@ impl TreePtr {
     }
 
     pub fn encode(&self, out: &mut [u8]) {
-        put_u64(out, 0, self.pba);
+        put_u64(out, 0, (self.pba & MAX_PBA) | ((self.key_gen as u64) << 48));
         put_u64(out, 8, self.gen.0);
         out[16..32].copy_from_slice(&self.mac.0);
     }
 
     pub fn decode(b: &[u8]) -> TreePtr {
+        let loc = u64_at(b, 0);
         TreePtr {
-            pba: u64_at(b, 0),
+            pba: loc & MAX_PBA,
+            key_gen: (loc >> 48) as u16,
             gen: Generation(u64_at(b, 8)),
             mac: Mac(arr16(b, 16)),
         }

@@ -30,7 +30,7 @@
 
 mod ops;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use super::checkpoint::Checkpoints;
 use super::ctx::page_tag;
@@ -75,16 +75,12 @@ pub struct Snap {
 /// knows where the cleaner moved a block that only snapshots reference.
 pub struct HeldSource<'a> {
     pub(crate) ctx: &'a Ctx<'a>,
-    pub held: &'a HashMap<Generation, u64>,
+    pub held: &'a Held,
 }
 
 impl PageSource for HeldSource<'_> {
     fn load_page(&self, key: PageKey, ptr: &TreePtr) -> Result<Box<Block>> {
-        let mut p = *ptr;
-        if let Some(&pba) = self.held.get(&ptr.gen) {
-            p.pba = pba;
-        }
-        self.ctx.load_page(key, &p)
+        self.ctx.load_page(key, &self.held.resolve_ptr(*ptr))
     }
 }
 
@@ -142,6 +138,7 @@ impl Snapshots {
             snaps: self.list.iter().map(|s| s.rec.clone()).collect(),
             live_changed: self.live_changed.clone(),
             held: held.table.clone(),
+            seals: held.seals.clone(),
         }
     }
 
@@ -298,6 +295,7 @@ impl Snapshots {
         self.next_id = meta.next_id.max(1);
         self.live_changed = meta.live_changed;
         held.table = meta.held;
+        held.seals = meta.seals;
         held.retain_below = meta.snaps.last().map_or(Generation(0), |s| s.birth);
         self.list = meta.snaps.into_iter().map(|r| self.new_snap(r)).collect();
         self.meta_pages = pages;
@@ -342,14 +340,21 @@ fn append_meta_pages(
     pages: &[Box<Block>],
 ) -> Result<Vec<TreePtr>> {
     let base = gens.alloc_gens(ctx, pages.len() as u64)?;
+    let gk = ctx.keys.current();
     let mut buf = Vec::with_capacity(pages.len() * BLOCK_SIZE);
     let mut tags = Vec::with_capacity(pages.len());
     for (i, p) in pages.iter().enumerate() {
         buf.extend_from_slice(&p[..]);
-        tags.push(page_tag(TreeId::SnapMeta, level, i as u64, base + i as u64));
+        tags.push(page_tag(
+            TreeId::SnapMeta,
+            level,
+            i as u64,
+            base + i as u64,
+            gk.key_gen(),
+        ));
     }
     let mut macs = vec![Mac::default(); pages.len()];
-    ctx.engine.seal(ctx.keys, &mut buf, &tags, &mut macs);
+    ctx.engine.seal(&gk, &mut buf, &tags, &mut macs);
     let entries: Vec<Entry> = tags
         .iter()
         .zip(&macs)
@@ -359,6 +364,7 @@ fn append_meta_pages(
             level,
             index: i as u64,
             gen: Generation(t.gen),
+            key_gen: t.key,
             mac: *m,
         })
         .collect();
@@ -369,6 +375,7 @@ fn append_meta_pages(
         .map(|(pba, (t, m))| TreePtr {
             pba: *pba,
             gen: Generation(t.gen),
+            key_gen: t.key,
             mac: *m,
         })
         .collect())

@@ -113,7 +113,7 @@ impl State {
         t.visit(ctx, TreeId::Changed, &mut |_, p, _, _| fresh.push(p))?;
         // Only the snapshot list references the new pages: they are held.
         for p in fresh {
-            self.usage.held.insert(p.gen, p.pba);
+            self.usage.held.insert(p.gen, p.pba, p.key_gen, p.mac);
         }
         for g in old {
             if let Some(pba) = self.usage.held.remove(g) {
@@ -148,7 +148,7 @@ impl State {
         } = self;
         let src = HeldSource {
             ctx,
-            held: &usage.held.table,
+            held: &usage.held,
         };
         if i > 0 {
             let p = snaps.list[i - 1].trees.current_ptr(&src, key)?.0;
@@ -194,7 +194,7 @@ impl State {
         let State { snaps, usage, .. } = self;
         let src = HeldSource {
             ctx,
-            held: &usage.held.table,
+            held: &usage.held,
         };
         Ok(MapEntry::decode(
             &snaps.list[i].trees.get(&src, key)?[slot..],
@@ -208,12 +208,13 @@ impl State {
         if !e.is_stored() {
             return Ok(e);
         }
-        if let Some(pba) = self.usage.held.get(e.gen) {
-            e.pba = pba;
+        if let Some(h) = self.usage.held.resolve(e) {
+            e = h;
         } else {
+            // Still live: where (and, after a rekey, how) the live map has it.
             let live = self.lookup(ctx, lba)?;
             if live.is_stored() && live.gen == e.gen {
-                e.pba = live.pba;
+                e = live;
             }
         }
         Ok(e)
@@ -263,7 +264,7 @@ impl State {
                 let State { snaps, usage, .. } = self;
                 let src = HeldSource {
                     ctx,
-                    held: &usage.held.table,
+                    held: &usage.held,
                 };
                 snaps.list[i].trees.current_ptr(&src, k)?.0
             };
@@ -275,7 +276,7 @@ impl State {
                 let State { snaps, usage, .. } = self;
                 let src = HeldSource {
                     ctx,
-                    held: &usage.held.table,
+                    held: &usage.held,
                 };
                 Box::new(*snaps.list[i].trees.get(&src, k)?)
             };
@@ -319,7 +320,7 @@ impl State {
             let mut t = self.snaps.changed_tree(*r);
             let src = HeldSource {
                 ctx,
-                held: &self.usage.held.table,
+                held: &self.usage.held,
             };
             t.visit(&src, TreeId::Changed, &mut |_, p, _, _| out.push(p.gen))?;
         }
@@ -432,7 +433,7 @@ impl State {
             let mut t = self.snaps.changed_tree(*r);
             let src = HeldSource {
                 ctx,
-                held: &self.usage.held.table,
+                held: &self.usage.held,
             };
             t.visit(&src, TreeId::Changed, &mut |k, _, _, data| {
                 if k.level == 0 {
@@ -477,7 +478,7 @@ impl State {
             let State { snaps, usage, .. } = self;
             let src = HeldSource {
                 ctx,
-                held: &usage.held.table,
+                held: &usage.held,
             };
             snaps.list[i]
                 .trees

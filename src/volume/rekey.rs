@@ -1,0 +1,189 @@
+//! Rekey: every block sealed again under a new key generation, online.
+//!
+//! A new key generation takes effect for new blocks at once (see
+//! [`crate::crypto::VolumeKeys`]). The blocks older generations seal are
+//! moved the way the cleaner moves blocks, and the cleaner seals a block
+//! it moves under the current generation whenever an older one sealed it
+//! (`cleaner.rs`). So the pass is: close the log head (every record after
+//! it is sealed under the new generation), then clean every segment that
+//! holds a record sealed under an older generation, live or not, held by
+//! snapshots or not. Live tree pages the cleaner meets are rewritten by the
+//! next checkpoint, under the current generation; snapshot metadata too.
+//!
+//! Once no segment holds such a record and both checkpoint slots are sealed
+//! under the current generation, nothing an older generation sealed is
+//! reachable: their secrets leave the header, and generation 0 (derived
+//! from the master key) is marked retired, so blocks they sealed no longer
+//! open. A crash at any point leaves every block readable (the older
+//! generations stay in the header until the end), and the pass starts over
+//! at the next open, skipping the segments already done.
+
+use std::collections::BTreeSet;
+
+use super::ctx::Ctx;
+use super::log::open_summary;
+use super::state::{RekeyPass, State};
+use crate::device::read_exact_at;
+use crate::volume::{Result, SegmentId, VolumeError};
+use crate::BLOCK_SIZE;
+
+/// Where a rekey stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RekeyStatus {
+    /// The generation new blocks are sealed under.
+    pub current: u16,
+    /// Every generation whose keys the volume still holds, ascending.
+    pub generations: Vec<u16>,
+    /// Generations below it are retired.
+    pub retired_below: u16,
+    /// Segments left to look at, of how many (0 of 0 when no pass runs).
+    pub segments_left: u64,
+    pub segments_total: u64,
+    /// Blocks under an older generation that fail authentication: they
+    /// keep that generation alive (see `lsvfs check`).
+    pub unsealed: u64,
+}
+
+impl RekeyStatus {
+    /// Older generations remain.
+    pub fn in_progress(&self) -> bool {
+        self.generations.iter().any(|g| *g != self.current)
+    }
+}
+
+/// Segments cleaned between checkpoints during a pass.
+const CHECKPOINT_EVERY: u64 = 16;
+
+impl State {
+    /// Starts (or restarts) the pass: the head moves to a fresh segment,
+    /// and every segment in use before is to be looked at.
+    pub fn rekey_begin(&mut self, ctx: &Ctx) -> Result<()> {
+        self.close_head(ctx)?;
+        let todo: BTreeSet<SegmentId> = self
+            .log
+            .segments()
+            .filter(|s| !self.log.is_head(*s) && !self.log.free.contains(s))
+            .collect();
+        self.rekey = Some(RekeyPass {
+            total: todo.len() as u64,
+            todo,
+            since_checkpoint: 0,
+        });
+        self.checkpoint(ctx)
+    }
+
+    /// Ends the log head's segment early if anything is in it, so that
+    /// every later record starts in a segment of its own (recovery follows
+    /// the chain to the next segment when the current one has no record).
+    fn close_head(&mut self, ctx: &Ctx) -> Result<()> {
+        if self.log.head.offset == 0 {
+            return Ok(());
+        }
+        self.log.close_head(ctx)
+    }
+
+    /// Whether segment `s` holds a record that an older key generation
+    /// seals, or a block in such a record.
+    fn holds_older(&self, ctx: &Ctx, s: SegmentId, current: u16) -> Result<bool> {
+        let mut offset = 0u64;
+        while offset < self.geo.seg_blocks {
+            let at = self.geo.pba_of(s, offset);
+            let mut b = Box::new([0u8; BLOCK_SIZE]);
+            read_exact_at(ctx.dev, &mut b[..], at * BLOCK_SIZE as u64)
+                .map_err(|e| VolumeError::io(format!("rekey reading log block {at}"), e))?;
+            if super::format::SummaryHead::decode(&b, ctx.header)
+                .is_ok_and(|h| h.segment == s && h.offset as u64 == offset && h.key_gen != current)
+            {
+                return Ok(true);
+            }
+            let Some(rec) = open_summary(ctx, &mut b, s, offset) else {
+                return Ok(false);
+            };
+            if rec
+                .entries
+                .iter()
+                .filter_map(super::ctx::payload_seal)
+                .any(|(t, _)| t.key != current)
+            {
+                return Ok(true);
+            }
+            offset += 1 + rec.head.n_payload as u64;
+        }
+        Ok(false)
+    }
+
+    /// Looks at the next segment of the pass and cleans it if an older key
+    /// generation seals anything in it. Returns false once none is left
+    /// (the caller then finishes the pass).
+    pub fn rekey_step(&mut self, ctx: &Ctx) -> Result<bool> {
+        let current = ctx.keys.current().key_gen();
+        loop {
+            let Some(pass) = self.rekey.as_mut() else {
+                return Ok(false);
+            };
+            let Some(s) = pass.todo.pop_first() else {
+                return Ok(false);
+            };
+            if self.log.is_head(s) || self.log.free.contains(&s) || self.log.cleaned.contains(&s) {
+                continue;
+            }
+            if !self.holds_older(ctx, s, current)? {
+                continue;
+            }
+            // Room to copy its live blocks and checkpoint afterwards, as the
+            // cleaner needs; cleaned segments free at the checkpoint.
+            let live = self.usage.live(s);
+            if self.log.available() < self.room_to_clean(live) + self.geo.reserve {
+                // Segments emptied since the last checkpoint free with the
+                // next; the emptiest ones are cleaned first if that is not
+                // enough (the cleaner seals what it moves under the current
+                // generation too).
+                self.checkpoint(ctx)?;
+                let mut rounds = 0;
+                // The pass is work that can wait: it leaves the reserve to
+                // what frees space.
+                let room = |st: &State| st.room_to_clean(live) + st.geo.reserve;
+                while self.log.available() < room(self) && rounds < 4 {
+                    rounds += 1;
+                    if self.clean_batch(ctx)? == 0 {
+                        break;
+                    }
+                    self.checkpoint(ctx)?;
+                }
+                if self.log.available() < room(self) {
+                    if let Some(p) = self.rekey.as_mut() {
+                        p.todo.insert(s);
+                    }
+                    return Err(VolumeError::NoSpace(format!(
+                        "the rekey needs room to move segment {s} ({live} blocks); delete or \
+                         trim data, then it goes on by itself"
+                    )));
+                }
+            }
+            self.clean_one(ctx, s)?;
+            let pass = self.rekey.as_mut().expect("the pass is running");
+            pass.since_checkpoint += 1;
+            if pass.since_checkpoint >= CHECKPOINT_EVERY {
+                pass.since_checkpoint = 0;
+                self.checkpoint(ctx)?;
+            }
+            return Ok(true);
+        }
+    }
+
+    /// Where the pass stands, as the caller's key ring sees it.
+    pub fn rekey_status(&self, ctx: &Ctx, retired_below: u16) -> RekeyStatus {
+        let (left, total) = self
+            .rekey
+            .as_ref()
+            .map_or((0, 0), |p| (p.todo.len() as u64, p.total));
+        RekeyStatus {
+            current: ctx.keys.current().key_gen(),
+            generations: ctx.keys.generations(),
+            retired_below,
+            segments_left: left,
+            segments_total: total,
+            unsealed: self.unsealed,
+        }
+    }
+}
