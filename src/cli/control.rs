@@ -43,6 +43,55 @@ pub enum Request {
         #[serde(default)]
         key_files: Vec<PathBuf>,
     },
+    /// Start key generation `key_gen` (its header entry: `started`, the
+    /// wrapped secret in hex) from its secret (hex), and the rekey pass.
+    Rekey {
+        key_gen: u16,
+        started: u64,
+        wrapped: String,
+        secret: SecretHex,
+    },
+    /// Where the rekey stands (and the volume's path); with `resume`, a
+    /// pass that is due but not running starts again.
+    RekeyStatus {
+        #[serde(default)]
+        resume: bool,
+    },
+}
+
+/// A key in hex on its way over the control socket: zeroized when
+/// dropped, never shown by `Debug`.
+#[derive(Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretHex(pub String);
+
+impl Drop for SecretHex {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+impl std::fmt::Debug for SecretHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretHex(…)")
+    }
+}
+
+/// Where a mounted volume's rekey stands.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct RekeyEntry {
+    pub volume: String,
+    pub current: u16,
+    pub generations: Vec<u16>,
+    pub retired_below: u16,
+    pub segments_left: u64,
+    pub segments_total: u64,
+    pub unsealed: u64,
+    /// A thread runs the pass now.
+    pub running: bool,
+    /// Why the pass last stopped early.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What an export wrote, as the mount reports it.
@@ -98,6 +147,8 @@ pub struct Response {
     pub snapshots: Option<Vec<SnapshotEntry>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<ExportEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rekey: Option<RekeyEntry>,
 }
 
 /// Directory of control sockets (`$LSVFS_RUN_DIR`, default /run/lsvfs).
@@ -113,7 +164,8 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
 
 /// Serves the control socket until the process ends. Returns the socket's
 /// path (remove it at unmount).
-pub fn serve(mountpoint: &Path, snaps: Arc<Snapshots>) -> Result<PathBuf, Error> {
+pub fn serve(mountpoint: &Path, volume: &Path, snaps: Arc<Snapshots>) -> Result<PathBuf, Error> {
+    let volume = volume.to_path_buf();
     let dir = run_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -153,11 +205,12 @@ pub fn serve(mountpoint: &Path, snaps: Arc<Snapshots>) -> Result<PathBuf, Error>
             for conn in listener.incoming() {
                 let Ok(stream) = conn else { continue };
                 let snaps = snaps.clone();
+                let volume = volume.clone();
                 // One thread per client: a slow snapshot list must not hold
                 // up the others.
                 let _ = std::thread::Builder::new()
                     .name("lsvfs-control-client".into())
-                    .spawn(move || handle(stream, &snaps));
+                    .spawn(move || handle(stream, &snaps, &volume));
             }
         })
         .map_err(|e| Error::io("starting the control thread", e))?;
@@ -217,14 +270,20 @@ fn failure(e: &Error) -> Response {
     }
 }
 
-fn handle(stream: UnixStream, snaps: &Snapshots) {
+fn handle(stream: UnixStream, snaps: &Arc<Snapshots>, volume: &Path) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     let resp = match peer_uid(&stream) {
         Some(uid) if uid == 0 || uid == me => {
-            match read_request(&stream).map(|(line, fds)| (parse_request(&line), fds)) {
-                Ok((Ok(req), fds)) => answer(req, fds, snaps),
+            let read = read_request(&stream).map(|(mut line, fds)| {
+                let req = parse_request(&line);
+                // A rekey request carries a key.
+                zeroize::Zeroize::zeroize(&mut line);
+                (req, fds)
+            });
+            match read {
+                Ok((Ok(req), fds)) => answer(req, fds, snaps, volume),
                 Ok((Err(e), _)) => failure(&e),
                 Err(e) => failure(&Error::io("reading the control request", e)),
             }
@@ -317,7 +376,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Error> {
     })
 }
 
-fn answer(req: Request, fds: Vec<OwnedFd>, snaps: &Snapshots) -> Response {
+fn answer(req: Request, fds: Vec<OwnedFd>, snaps: &Arc<Snapshots>, volume: &Path) -> Response {
     if let Request::Export {
         name,
         since,
@@ -364,9 +423,68 @@ fn answer(req: Request, fds: Vec<OwnedFd>, snaps: &Snapshots) -> Response {
             ),
             ..Response::default()
         }),
+        Request::Rekey {
+            key_gen,
+            started,
+            wrapped,
+            secret,
+        } => {
+            return rekey_start(snaps, key_gen, started, &wrapped, &secret)
+                .and_then(|()| rekey_status(snaps, volume))
+                .unwrap_or_else(|e| failure(&e));
+        }
+        Request::RekeyStatus { resume } => {
+            if resume {
+                snaps.rekey_in_background();
+            }
+            return rekey_status(snaps, volume).unwrap_or_else(|e| failure(&e));
+        }
         Request::Export { .. } => unreachable!("answered above"),
     };
     r.unwrap_or_else(|e| failure(&e.into()))
+}
+
+/// Starts a key generation the command line made (with the master key,
+/// which the mount does not hold).
+fn rekey_start(
+    snaps: &Arc<Snapshots>,
+    key_gen: u16,
+    started: u64,
+    wrapped: &str,
+    secret: &SecretHex,
+) -> Result<(), Error> {
+    let bad = |what: &str| Error::Usage(format!("a rekey request with a bad {what}"));
+    let mut w = [0u8; crate::crypto::WRAPPED_LEN];
+    hex::decode_to_slice(wrapped, &mut w).map_err(|_| bad("wrapped secret"))?;
+    let mut k = zeroize::Zeroizing::new([0u8; crate::crypto::KEY_LEN]);
+    hex::decode_to_slice(&secret.0, &mut k[..]).map_err(|_| bad("secret"))?;
+    let secret = crate::crypto::MasterKey::from_bytes(k);
+    let entry = crate::volume::format::KeyGenEntry {
+        key_gen,
+        started,
+        wrapped: crate::crypto::WrappedKey(w),
+    };
+    snaps.rekey_start(entry, &secret)?;
+    Ok(())
+}
+
+fn rekey_status(snaps: &Snapshots, volume: &Path) -> Result<Response, Error> {
+    let (st, running, error) = snaps.rekey_status()?;
+    Ok(Response {
+        ok: true,
+        rekey: Some(RekeyEntry {
+            volume: volume.display().to_string(),
+            current: st.current,
+            generations: st.generations,
+            retired_below: st.retired_below,
+            segments_left: st.segments_left,
+            segments_total: st.segments_total,
+            unsealed: st.unsealed,
+            running,
+            error,
+        }),
+        ..Response::default()
+    })
 }
 
 /// Writes an export of the mounted volume to `fd`. It stops (and fails)
@@ -440,7 +558,8 @@ pub fn request_with(
             )));
         }
     }
-    let mut line = serde_json::to_vec(req).map_err(|e| Error::Usage(e.to_string()))?;
+    let mut line =
+        zeroize::Zeroizing::new(serde_json::to_vec(req).map_err(|e| Error::Usage(e.to_string()))?);
     line.push(b'\n');
     let answer = match fd {
         None => {
@@ -515,9 +634,28 @@ mod tests {
             r#"{"op":"format"}"#,
             r#"{"op":"create"}"#,
             r#"{"op":"list","x":1}"#,
+            r#"{"op":"rekey","key_gen":1}"#,
+            r#"{"op":"rekey","key_gen":70000,"started":1,"wrapped":"","secret":""}"#,
             "\u{0}\u{1}",
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A rekey request round-trips, and its secret never shows in `Debug`.
+    #[test]
+    fn a_rekey_request_round_trips_and_hides_its_secret() {
+        let secret = "ab".repeat(32);
+        let r = Request::Rekey {
+            key_gen: 3,
+            started: 1_800_000_000,
+            wrapped: "cd".repeat(72),
+            secret: SecretHex(secret.clone()),
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
+        assert!(!format!("{r:?}").contains(&secret), "{r:?}");
+        let s = serde_json::from_str::<Request>(r#"{"op":"rekeystatus"}"#).unwrap();
+        assert_eq!(s, Request::RekeyStatus { resume: false });
     }
 }

@@ -38,6 +38,7 @@ mod host;
 mod mount;
 mod objects;
 mod options;
+mod rekey;
 mod snapshot;
 mod volumes;
 
@@ -242,6 +243,25 @@ enum Cmd {
         volume: PathBuf,
         #[arg(long)]
         key_file: Option<PathBuf>,
+    },
+    /// Seal every block of a volume again under a new key generation, online
+    /// when TARGET is a mountpoint (new writes use the new keys at once; a
+    /// background pass seals the rest, snapshots included, then destroys
+    /// the older keys), or here when TARGET is an unmounted volume. If a
+    /// rekey is already running, it is resumed (or waited for) instead.
+    Rekey {
+        /// A mountpoint or an unmounted volume.
+        target: PathBuf,
+        /// Recovery key file (default: the sealed store and key server).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Wait until the pass is done (a progress bar on a terminal). An
+        /// unmounted volume is always waited for.
+        #[arg(long)]
+        wait: bool,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Verify every metadata page and data block of a volume (read-only).
     Check {
@@ -499,6 +519,12 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         ),
         Cmd::Info { volume, key_file } => volumes::info(&env, &volume, key_file),
         Cmd::Check { volume, key_file } => volumes::check(&env, &volume, key_file),
+        Cmd::Rekey {
+            target,
+            key_file,
+            wait,
+            json,
+        } => rekey::rekey(&env, &target, key_file, wait, json),
         Cmd::WriteBlocks {
             volume,
             key_file,

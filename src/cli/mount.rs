@@ -132,7 +132,14 @@ pub fn foreground(
         (s, false)
     };
     tune_bdi(&mountpoint);
-    let control = match super::control::serve(&mountpoint, snaps.clone()) {
+    // A rekey that was running when the volume was last closed goes on.
+    if snaps
+        .rekey_status()
+        .is_ok_and(|(st, _, _)| st.in_progress())
+    {
+        snaps.rekey_in_background();
+    }
+    let control = match super::control::serve(&mountpoint, &path, snaps.clone()) {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!("no snapshot control socket ({e}); `mkdir .snapshots/NAME` still works");

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::common::{human, open_device, open_volume, parse_size, progress_bar, with_path, Env};
+use super::common::{human, open_volume, parse_size, progress_bar, with_path, Env};
 use super::Error;
 use crate::crypto::{random_bytes, MasterKey};
 use crate::device::{Device, DeviceError, FileDevice};
@@ -218,8 +218,11 @@ fn servers_of(env: &Env, urls: &[String]) -> Result<Vec<String>, Error> {
 
 /// `lsvfs info VOLUME [--key-file K]`.
 pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
-    let dev = open_device(path, false)?;
-    let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    // The header only: readable while a mount holds the volume (its two
+    // checksummed copies are consistent on their own).
+    let dev = FileDevice::open_unlocked(path)
+        .map_err(|e| DeviceError::new(format!("opening {}", path.display()), e))?;
+    let h = volume::read_header(&dev).map_err(|e| with_path(e, path))?;
     let hex: String = h.volume_id.iter().map(|b| format!("{b:02x}")).collect();
     println!("volume:          {}", path.display());
     println!("volume id:       {hex}");
@@ -259,7 +262,34 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             None => println!("rollback record: none on this host yet"),
         }
     }
-    println!("format version:  {}", volume::format::FORMAT_VERSION);
+    let version = if h.key_gens.is_empty() && h.retired_below == 0 {
+        1
+    } else {
+        2
+    };
+    println!("format version:  {version}");
+    let mut gens: Vec<String> = Vec::new();
+    if h.retired_below == 0 {
+        gens.push("0 (from the master key, since creation)".into());
+    }
+    for g in &h.key_gens {
+        gens.push(format!("{} (since {} Unix seconds)", g.key_gen, g.started));
+    }
+    let current = h.key_gens.last().map_or(0, |g| g.key_gen);
+    println!("key generations: {}; current {current}", gens.join(", "));
+    if h.retired_below > 0 {
+        println!(
+            "retired:         key generations below {} (nothing they sealed opens)",
+            h.retired_below
+        );
+    }
+    if gens.len() > 1 {
+        println!(
+            "rekey:           not finished: older generations still seal blocks; a mount resumes \
+             it (`lsvfs rekey MOUNTPOINT --wait` shows its progress), or `lsvfs rekey VOLUME` \
+             finishes it here"
+        );
+    }
     println!(
         "logical size:    {} ({} blocks)",
         human(h.logical_blocks * BLOCK_SIZE as u64),

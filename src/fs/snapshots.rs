@@ -3,11 +3,12 @@
 //! layer shows them under `.snapshots`; the control socket drives them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::Fs;
 use crate::fs::{FsError, Posix, Result};
-use crate::volume::{SnapshotId, SnapshotInfo, Volume};
+use crate::volume::{RekeyStatus, SnapshotId, SnapshotInfo, Volume};
 
 /// Snapshot views kept open at once.
 const MAX_VIEWS: usize = 16;
@@ -25,6 +26,10 @@ pub struct Snapshots {
     before: BeforeSnapshot,
     /// Creates and deletes one at a time.
     busy: Mutex<()>,
+    /// A thread runs the rekey pass.
+    rekeying: AtomicBool,
+    /// Why the last rekey pass stopped early, if it did.
+    rekey_error: Mutex<Option<String>>,
 }
 
 impl Snapshots {
@@ -34,6 +39,8 @@ impl Snapshots {
             views: Mutex::new(HashMap::new()),
             before,
             busy: Mutex::new(()),
+            rekeying: AtomicBool::new(false),
+            rekey_error: Mutex::new(None),
         }
     }
 
@@ -108,6 +115,73 @@ impl Snapshots {
 
     pub fn list(&self) -> Result<Vec<SnapshotInfo>> {
         self.fs()?.snapshot_list()
+    }
+
+    /// Starts key generation `entry` from its `secret` (see
+    /// [`Volume::rekey_start`]) and the pass that seals every older block
+    /// again, on a thread of its own.
+    pub fn rekey_start(
+        self: &Arc<Self>,
+        entry: crate::volume::format::KeyGenEntry,
+        secret: &crate::crypto::MasterKey,
+    ) -> Result<()> {
+        self.with_volume(|v, _| v.rekey_start(entry, secret))??;
+        self.rekey_in_background();
+        Ok(())
+    }
+
+    /// Where the rekey stands, whether a thread runs it, and why it last
+    /// stopped early (if it did).
+    pub fn rekey_status(&self) -> Result<(RekeyStatus, bool, Option<String>)> {
+        let st = self.with_volume(|v, _| v.rekey_status())??;
+        let error = self.rekey_error.lock().ok().and_then(|e| e.clone());
+        Ok((st, self.rekeying.load(Ordering::SeqCst), error))
+    }
+
+    /// Runs the rekey pass, if one is due, on a thread of its own until it
+    /// is done, fails, or the mount ends. Each step holds the volume for one
+    /// segment, so the mount's other work goes on between steps.
+    pub fn rekey_in_background(self: &Arc<Self>) {
+        if self.rekeying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Ok(mut e) = self.rekey_error.lock() {
+            *e = None;
+        }
+        let me = self.clone();
+        let started = std::thread::Builder::new()
+            .name("lsvfs-rekey".into())
+            .spawn(move || {
+                loop {
+                    let step = me.with_volume(
+                        |v, mounted| {
+                            if mounted() {
+                                v.rekey_step()
+                            } else {
+                                Ok(false)
+                            }
+                        },
+                    );
+                    match step {
+                        Ok(Ok(true)) => continue,
+                        Ok(Ok(false)) | Err(_) => break,
+                        Ok(Err(e)) => {
+                            tracing::warn!(
+                                "the rekey stopped: {e}; it goes on at the next mount, or now \
+                                 with `lsvfs rekey MOUNTPOINT`"
+                            );
+                            if let Ok(mut last) = me.rekey_error.lock() {
+                                *last = Some(e.to_string());
+                            }
+                            break;
+                        }
+                    }
+                }
+                me.rekeying.store(false, Ordering::SeqCst);
+            });
+        if started.is_err() {
+            self.rekeying.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Runs `f` on the live volume (a snapshot export reads through it).

@@ -1,0 +1,234 @@
+//! `lsvfs rekey TARGET [--wait]`: a new key generation for a volume,
+//! mounted (online) or not, and the pass that seals every older block
+//! again (see `volume/rekey.rs`).
+//!
+//! The new generation's secret is wrapped under a key derived from the
+//! master key, which only this command holds (a mount keeps only the keys
+//! its blocks need): it unlocks the volume as `mount` does (key server or
+//! `--key-file`), makes the generation, and hands it to the mount over its
+//! root-only control socket, or runs the pass itself when the volume is
+//! not mounted.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use super::common::{open_device, open_with, progress_bar, refuse_restoring, with_path, Env};
+use super::control::{self, RekeyEntry, Request, SecretHex};
+use crate::volume::{self, RekeyStatus, VolumeError};
+use crate::Error;
+
+/// What a finished or started rekey reports.
+fn describe(generations: &[u16], current: u16) -> String {
+    let older: Vec<String> = generations
+        .iter()
+        .filter(|g| **g != current)
+        .map(|g| g.to_string())
+        .collect();
+    if older.is_empty() {
+        format!("every block is sealed under key generation {current}")
+    } else {
+        format!(
+            "new blocks are sealed under key generation {current}; generation {} still seals some",
+            older.join(", ")
+        )
+    }
+}
+
+pub fn rekey(
+    env: &Env,
+    target: &Path,
+    key_file: Option<std::path::PathBuf>,
+    wait: bool,
+    json: bool,
+) -> Result<(), Error> {
+    if target.is_dir() {
+        mounted(env, target, key_file, wait, json)
+    } else {
+        unmounted(env, target, key_file, json)
+    }
+}
+
+fn status_of(mountpoint: &Path, resume: bool) -> Result<RekeyEntry, Error> {
+    let r = control::request(mountpoint, &Request::RekeyStatus { resume })?;
+    if !r.ok {
+        return Err(Error::Usage(r.error.unwrap_or_default()));
+    }
+    r.rekey.ok_or_else(|| {
+        Error::Usage(format!(
+            "the mount on {} did not say where its rekey stands (is it an older lsvfs?)",
+            mountpoint.display()
+        ))
+    })
+}
+
+fn in_progress(e: &RekeyEntry) -> bool {
+    e.generations.iter().any(|g| *g != e.current)
+}
+
+fn mounted(
+    env: &Env,
+    mountpoint: &Path,
+    key_file: Option<std::path::PathBuf>,
+    wait: bool,
+    json: bool,
+) -> Result<(), Error> {
+    // A pass that is due but stopped (an error, or a remount) starts again.
+    let mut st = status_of(mountpoint, true)?;
+    if in_progress(&st) {
+        if !json {
+            eprintln!(
+                "{}: a rekey to key generation {} is already running; {}",
+                mountpoint.display(),
+                st.current,
+                if wait {
+                    "waiting for it"
+                } else {
+                    "`lsvfs rekey --wait` waits for it"
+                }
+            );
+        }
+    } else {
+        let path = Path::new(&st.volume).to_path_buf();
+        // The mount holds the volume's lock; its header is consistent on
+        // its own (two checksummed copies).
+        let dev = crate::device::FileDevice::open_unlocked(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let h = volume::read_header(&dev).map_err(|e| with_path(e, &path))?;
+        let master = env.keys(key_file).master(&h, &path)?;
+        let (entry, secret) = volume::new_key_generation(&h, &master)?;
+        drop(master);
+        let req = Request::Rekey {
+            key_gen: entry.key_gen,
+            started: entry.started,
+            wrapped: crate::keys::hex(&entry.wrapped.0),
+            secret: SecretHex(crate::keys::hex(secret.expose())),
+        };
+        drop(secret);
+        let r = control::request(mountpoint, &req)?;
+        if !r.ok {
+            return Err(Error::Usage(r.error.unwrap_or_default()));
+        }
+        st = r.rekey.unwrap_or_default();
+        if !json {
+            eprintln!(
+                "{}: rekey started: {}",
+                mountpoint.display(),
+                describe(&st.generations, st.current)
+            );
+        }
+    }
+    if wait {
+        st = wait_for(mountpoint, st, json)?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&st).map_err(|e| Error::Usage(e.to_string()))?
+        );
+    } else if wait {
+        println!(
+            "{}: rekey done: {}",
+            mountpoint.display(),
+            describe(&st.generations, st.current)
+        );
+    }
+    Ok(())
+}
+
+/// Polls the mount until its rekey is done, with a progress bar on a
+/// terminal. A pass that stops early is an error naming why.
+fn wait_for(mountpoint: &Path, mut st: RekeyEntry, json: bool) -> Result<RekeyEntry, Error> {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        progress_bar(
+            "rekey",
+            st.segments_total.max(1),
+            "[{bar:40}] {pos}/{len} segments, {eta} left",
+        )
+    });
+    while in_progress(&st) {
+        if let Some(b) = &bar {
+            b.set_length(st.segments_total.max(1));
+            b.set_position(st.segments_total.saturating_sub(st.segments_left));
+        }
+        if !st.running {
+            let why = st.error.clone().unwrap_or_else(|| "it stopped".into());
+            return Err(VolumeError::InvalidArgument(format!(
+                "the rekey of {} did not finish: {why}; run `lsvfs rekey {}` again to resume it",
+                mountpoint.display(),
+                mountpoint.display()
+            ))
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        st = status_of(mountpoint, false)?;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(st)
+}
+
+/// Rekeys a volume that is not mounted, running the whole pass here.
+fn unmounted(
+    env: &Env,
+    path: &Path,
+    key_file: Option<std::path::PathBuf>,
+    json: bool,
+) -> Result<(), Error> {
+    let dev = open_device(path, true)?;
+    let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
+    refuse_restoring(&h, path)?;
+    let master = env.keys(key_file).master(&h, path)?;
+    let v = open_with(dev, &master, false, &env.tuning)?;
+    let st = v.rekey_status()?;
+    if !st.in_progress() {
+        let (entry, secret) = volume::new_key_generation(&h, &master)?;
+        v.rekey_start(entry, &secret)?;
+    } else if !json {
+        eprintln!(
+            "{}: finishing the rekey to key generation {} that was running",
+            path.display(),
+            st.current
+        );
+    }
+    drop(master);
+    let st = v.rekey_status()?;
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        progress_bar(
+            "rekey",
+            st.segments_total.max(1),
+            "[{bar:40}] {pos}/{len} segments, {eta} left",
+        )
+    });
+    while v.rekey_step()? {
+        if let (Some(b), Ok(s)) = (&bar, v.rekey_status()) {
+            b.set_position(s.segments_total.saturating_sub(s.segments_left));
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let st: RekeyStatus = v.rekey_status()?;
+    v.close()?;
+    if json {
+        let e = RekeyEntry {
+            volume: path.display().to_string(),
+            current: st.current,
+            generations: st.generations,
+            retired_below: st.retired_below,
+            ..RekeyEntry::default()
+        };
+        println!(
+            "{}",
+            serde_json::to_string(&e).map_err(|e| Error::Usage(e.to_string()))?
+        );
+    } else {
+        println!(
+            "{}: rekey done: {}",
+            path.display(),
+            describe(&st.generations, st.current)
+        );
+    }
+    Ok(())
+}
