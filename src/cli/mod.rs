@@ -259,6 +259,9 @@ enum Cmd {
         /// unmounted volume is always waited for.
         #[arg(long)]
         wait: bool,
+        /// Only say where the rekey stands (starts nothing).
+        #[arg(long, conflicts_with = "wait")]
+        status: bool,
         /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
@@ -523,8 +526,9 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             target,
             key_file,
             wait,
+            status,
             json,
-        } => rekey::rekey(&env, &target, key_file, wait, json),
+        } => rekey::rekey(&env, &target, key_file, wait, status, json),
         Cmd::WriteBlocks {
             volume,
             key_file,

@@ -40,8 +40,12 @@ pub fn rekey(
     target: &Path,
     key_file: Option<std::path::PathBuf>,
     wait: bool,
+    status: bool,
     json: bool,
 ) -> Result<(), Error> {
+    if status {
+        return show_status(target, json);
+    }
     if target.is_dir() {
         mounted(env, target, key_file, wait, json)
     } else {
@@ -60,6 +64,54 @@ fn status_of(mountpoint: &Path, resume: bool) -> Result<RekeyEntry, Error> {
             mountpoint.display()
         ))
     })
+}
+
+/// `--status`: where the rekey stands; starts nothing.
+fn show_status(target: &Path, json: bool) -> Result<(), Error> {
+    let st = if target.is_dir() {
+        status_of(target, false)?
+    } else {
+        let dev = crate::device::FileDevice::open_unlocked(target)
+            .map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
+        let h = volume::read_header(&dev).map_err(|e| with_path(e, target))?;
+        let mut generations: Vec<u16> = h.key_gens.iter().map(|g| g.key_gen).collect();
+        if h.retired_below == 0 {
+            generations.insert(0, 0);
+        }
+        RekeyEntry {
+            volume: target.display().to_string(),
+            current: h.key_gens.last().map_or(0, |g| g.key_gen),
+            generations,
+            retired_below: h.retired_below,
+            ..RekeyEntry::default()
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&st).map_err(|e| Error::Usage(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: {}",
+        target.display(),
+        describe(&st.generations, st.current)
+    );
+    if in_progress(&st) {
+        if st.segments_total > 0 {
+            println!(
+                "rekey: {} of {} segments left{}",
+                st.segments_left,
+                st.segments_total,
+                if st.running { "" } else { " (stopped)" }
+            );
+        }
+        if let Some(e) = &st.error {
+            println!("rekey stopped: {e}");
+        }
+    }
+    Ok(())
 }
 
 fn in_progress(e: &RekeyEntry) -> bool {

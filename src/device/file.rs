@@ -140,6 +140,27 @@ impl FileDevice {
 }
 
 impl Device for FileDevice {
+    fn write_behind(&self) {
+        // SAFETY: sync_file_range on a valid, owned descriptor has no
+        // memory effects; a failure only means no early write-back.
+        unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        // SAFETY: posix_fadvise on a valid, owned descriptor has no memory
+        // effects; a failure only means no read-ahead.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut done = 0;
         while done < buf.len() {

@@ -84,6 +84,15 @@ pub trait Device: Send + Sync {
 
     /// True if the device cannot grow (a block device); its `len` is its capacity.
     fn fixed_size(&self) -> bool;
+
+    /// A hint that `len` bytes at `offset` will be read soon: the device
+    /// may start reading them now. Advisory; the default does nothing.
+    fn will_need(&self, _offset: u64, _len: u64) {}
+
+    /// A hint to start writing back what was written so far, without
+    /// waiting for it: so that a later flush (another process's fsync) does
+    /// not find a mountain of dirty data. Advisory; the default does nothing.
+    fn write_behind(&self) {}
 }
 
 /// Reads exactly `buf.len()` bytes, or fails with `UnexpectedEof` naming the offset.

@@ -153,15 +153,22 @@ impl Snapshots {
             .name("lsvfs-rekey".into())
             .spawn(move || {
                 loop {
-                    let step = me.with_volume(
-                        |v, mounted| {
-                            if mounted() {
-                                v.rekey_step()
-                            } else {
-                                Ok(false)
-                            }
-                        },
-                    );
+                    // A step holds the volume for one segment. When other
+                    // processes used the volume meanwhile, the pass then
+                    // waits twice as long as the step took, so that they
+                    // get two thirds of the time (and of the disk); an idle
+                    // volume is rekeyed flat out.
+                    let step = me.with_volume(|v, mounted| -> crate::volume::Result<bool> {
+                        if !mounted() {
+                            return Ok(false);
+                        }
+                        let (before, t) = (v.activity(), std::time::Instant::now());
+                        let more = v.rekey_step()?;
+                        if more && v.activity() != before {
+                            std::thread::sleep(2 * t.elapsed());
+                        }
+                        Ok(more)
+                    });
                     match step {
                         Ok(Ok(true)) => continue,
                         Ok(Ok(false)) | Err(_) => break,

@@ -93,6 +93,8 @@ struct Inner {
     commits: RwLock<()>,
     read_only: bool,
     checkpoint_blocks: u64,
+    /// Reads and commits so far: background work (a rekey) yields to them.
+    activity: std::sync::atomic::AtomicU64,
 }
 
 pub struct Volume {
@@ -146,11 +148,12 @@ impl Volume {
             poisoned,
             commits: RwLock::new(()),
             read_only: opts.read_only,
+            activity: std::sync::atomic::AtomicU64::new(0),
         });
         if !opts.read_only && inner.rekey_pending() {
             // A rekey was running when the volume was last closed: it starts
             // over, skipping what is done.
-            inner.lock()?.rekey_begin(&inner.ctx())?;
+            inner.lock()?.rekey_begin(&inner.ctx(), true)?;
         }
         let background = if opts.background && !opts.read_only {
             Some(Inner::start_background(&inner)?)
@@ -197,7 +200,7 @@ impl Volume {
             .map_err(|e| {
                 VolumeError::Corrupted(format!("key generation {}: {e}", entry.key_gen))
             })?;
-        st.rekey_begin(&inner.ctx())
+        st.rekey_begin(&inner.ctx(), false)
     }
 
     /// Seals the blocks of the next segment that older key generations seal
@@ -214,9 +217,24 @@ impl Volume {
         let mut st = inner.lock()?;
         let ctx = inner.ctx();
         if st.rekey.is_none() {
-            st.rekey_begin(&ctx)?;
+            st.rekey_begin(&ctx, true)?;
         }
         if st.rekey_step(&ctx)? {
+            return Ok(true);
+        }
+        if st.unsealed > 0 {
+            st.rekey = None;
+            return Err(VolumeError::Integrity(format!(
+                "{} blocks sealed under an older key generation fail authentication, so the \
+                 rekey kept that generation; run lsvfs check to find them",
+                st.unsealed
+            )));
+        }
+        // The cleaned segments free; then every segment still in use is
+        // looked at once more before anything is retired.
+        st.checkpoint(&ctx)?;
+        let round = st.rekey.as_ref().map_or(0, |p| p.rechecks);
+        if st.rekey_recheck(&ctx, round)? {
             return Ok(true);
         }
         // Both checkpoint slots sealed under the current generation: then
@@ -224,17 +242,16 @@ impl Volume {
         st.checkpoint(&ctx)?;
         st.checkpoint(&ctx)?;
         st.rekey = None;
-        if st.unsealed > 0 {
-            return Err(VolumeError::Integrity(format!(
-                "{} blocks sealed under an older key generation fail authentication, so the \
-                 rekey kept that generation; run lsvfs check to find them",
-                st.unsealed
-            )));
-        }
         let current = inner.keys.current().key_gen();
         super::header::retire_key_generations(&*inner.dev, current)?;
         inner.keys.retire_below(current);
         Ok(false)
+    }
+
+    /// How many reads and commits this volume has served: background work
+    /// that sees it grow yields to them.
+    pub fn activity(&self) -> u64 {
+        self.inner.activity.load(Ordering::Relaxed)
     }
 
     /// The key generations and where a rekey stands.
@@ -394,6 +411,7 @@ impl Volume {
     /// Reads `buf.len() / 4096` blocks from `lba`. Unwritten blocks read as
     /// zeros. A block that fails authentication is an [`VolumeError::Integrity`].
     pub fn read(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
+        self.inner.activity.fetch_add(1, Ordering::Relaxed);
         let n = self.inner.check_range(lba, buf.len())?;
         let (entries, _guard) = {
             let mut st = self.inner.lock()?;
@@ -525,6 +543,7 @@ impl Volume {
 
     fn commit_checked(&self, txn: Transaction, only_allocated: bool) -> Result<bool> {
         let inner = &*self.inner;
+        inner.activity.fetch_add(1, Ordering::Relaxed);
         self.writable()?;
         if txn.is_empty() {
             return Ok(true);

@@ -258,7 +258,18 @@ impl State {
         for (_, blk) in &moves {
             payload.extend_from_slice(&seg[blk * BLOCK_SIZE..(blk + 1) * BLOCK_SIZE]);
         }
+        let sources: Vec<usize> = moves.iter().map(|(_, blk)| *blk).collect();
         let mut entries: Vec<Entry> = moves.into_iter().map(|(e, _)| e).collect();
+        if !reseal_all(ctx, &mut entries, &mut payload) {
+            // Some block did not open: `payload` is half opened. Start
+            // again from the segment, one block at a time.
+            for (i, blk) in sources.iter().enumerate() {
+                payload[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
+                    .copy_from_slice(&seg[blk * BLOCK_SIZE..(blk + 1) * BLOCK_SIZE]);
+            }
+        }
+        // Whatever an older generation still seals (none after `reseal_all`
+        // did them all; some when only some were older).
         self.unsealed += reseal(ctx, &mut entries, &mut payload);
         self.prefetch(ctx, &entries)?;
         let pbas = self.append(ctx, &entries, &payload, true, true)?;
@@ -272,6 +283,39 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// The rekey's usual case: every moved block is sealed under an older key
+/// generation and authentic. Opens and seals them again in place, in
+/// parallel batches. Returns false, with `payload` half opened, if a block
+/// fails to open (the caller then takes the slow path, [`reseal`]); true,
+/// changing nothing, if some block is already sealed under the current
+/// generation (then [`reseal`] does the older ones).
+fn reseal_all(ctx: &Ctx, entries: &mut [Entry], payload: &mut [u8]) -> bool {
+    let current = ctx.keys.current();
+    let key_gen = current.key_gen();
+    let Some(seals) = entries
+        .iter()
+        .map(payload_seal)
+        .collect::<Option<Vec<(Tag, Mac)>>>()
+    else {
+        return true;
+    };
+    if seals.is_empty() || seals.iter().any(|(t, _)| t.key == key_gen) {
+        return true;
+    }
+    let tags: Vec<Tag> = seals.iter().map(|s| s.0).collect();
+    let macs: Vec<Mac> = seals.iter().map(|s| s.1).collect();
+    if ctx.engine.open(ctx.keys, payload, &tags, &macs).is_err() {
+        return false;
+    }
+    let new_tags: Vec<Tag> = tags.iter().map(|t| Tag { key: key_gen, ..*t }).collect();
+    let mut new_macs = vec![Mac::default(); tags.len()];
+    ctx.engine.seal(&current, payload, &new_tags, &mut new_macs);
+    for (e, m) in entries.iter_mut().zip(new_macs) {
+        *e = with_seal(*e, key_gen, m);
+    }
+    true
 }
 
 /// Seals again, under the current key generation, every block in `payload`

@@ -55,9 +55,9 @@ impl RekeyStatus {
 const CHECKPOINT_EVERY: u64 = 16;
 
 impl State {
-    /// Starts (or restarts) the pass: the head moves to a fresh segment,
-    /// and every segment in use before is to be looked at.
-    pub fn rekey_begin(&mut self, ctx: &Ctx) -> Result<()> {
+    /// Starts the pass (`resumed`: again, at an open): the head moves to a
+    /// fresh segment, and every segment in use before is to be cleaned.
+    pub fn rekey_begin(&mut self, ctx: &Ctx, resumed: bool) -> Result<()> {
         self.close_head(ctx)?;
         let todo: BTreeSet<SegmentId> = self
             .log
@@ -68,6 +68,8 @@ impl State {
             total: todo.len() as u64,
             todo,
             since_checkpoint: 0,
+            check_each: resumed,
+            rechecks: 0,
         });
         self.checkpoint(ctx)
     }
@@ -127,7 +129,7 @@ impl State {
             if self.log.is_head(s) || self.log.free.contains(&s) || self.log.cleaned.contains(&s) {
                 continue;
             }
-            if !self.holds_older(ctx, s, current)? {
+            if pass.check_each && !self.holds_older(ctx, s, current)? {
                 continue;
             }
             // Room to copy its live blocks and checkpoint afterwards, as the
@@ -160,7 +162,16 @@ impl State {
                     )));
                 }
             }
+            // The next segment is read while this one is sealed again.
+            if let Some(next) = self.rekey.as_ref().and_then(|p| p.todo.first()) {
+                let bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
+                ctx.dev
+                    .will_need(self.geo.pba_of(*next, 0) * BLOCK_SIZE as u64, bytes);
+            }
             self.clean_one(ctx, s)?;
+            // Written back now rather than all at once by the next flush,
+            // which another process's fsync may be waiting for.
+            ctx.dev.write_behind();
             let pass = self.rekey.as_mut().expect("the pass is running");
             pass.since_checkpoint += 1;
             if pass.since_checkpoint >= CHECKPOINT_EVERY {
@@ -169,6 +180,45 @@ impl State {
             }
             return Ok(true);
         }
+    }
+
+    /// Before older generations are retired: every segment in use is looked
+    /// at again, and those still holding a record or block an older
+    /// generation seals become the pass's list (the log head is closed
+    /// first if it is one of them). Returns whether any was found. After
+    /// three rounds that keep finding some, it fails instead: retiring would
+    /// make them unreadable.
+    pub fn rekey_recheck(&mut self, ctx: &Ctx, round: u32) -> Result<bool> {
+        let current = ctx.keys.current().key_gen();
+        let mut left = BTreeSet::new();
+        for s in self.log.segments().collect::<Vec<_>>() {
+            if !self.log.free.contains(&s)
+                && !self.log.cleaned.contains(&s)
+                && self.holds_older(ctx, s, current)?
+            {
+                left.insert(s);
+            }
+        }
+        if left.is_empty() {
+            return Ok(false);
+        }
+        if round >= 3 {
+            return Err(VolumeError::Corrupted(format!(
+                "the rekey could not seal segments {left:?} under key generation {current}; the \
+                 older generations stay; run lsvfs check"
+            )));
+        }
+        if left.iter().any(|s| self.log.is_head(*s)) {
+            self.close_head(ctx)?;
+        }
+        self.rekey = Some(RekeyPass {
+            total: left.len() as u64,
+            todo: left,
+            since_checkpoint: 0,
+            check_each: true,
+            rechecks: round + 1,
+        });
+        Ok(true)
     }
 
     /// Where the pass stands, as the caller's key ring sees it.

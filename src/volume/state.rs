@@ -36,6 +36,13 @@ pub struct RekeyPass {
     pub total: u64,
     /// Segments cleaned since the last checkpoint.
     pub since_checkpoint: u64,
+    /// Look at each segment's records before cleaning it: a pass begun
+    /// again at an open may meet segments an earlier run already sealed.
+    /// A pass begun with a new generation cleans every segment it lists,
+    /// all of them written before that generation.
+    pub check_each: bool,
+    /// Rounds of the final recheck so far (see `rekey_recheck`).
+    pub rechecks: u32,
 }
 
 pub struct State {
