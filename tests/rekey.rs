@@ -110,6 +110,15 @@ fn an_unmounted_volume_rekeys_and_a_killed_mount_resumes_its_rekey() {
     assert_eq!(generations(&st), (vec![1], 1, 1), "{st}");
     let c = ok(&["check", "v.vol", "--key-file", "k"], m.p());
     assert!(c.contains("v.vol: clean"), "{c}");
+    let info = ok(&["info", "v.vol", "--key-file", "k"], m.p());
+    let sealed = info
+        .lines()
+        .find(|l| l.starts_with("sealed blocks:"))
+        .unwrap();
+    assert!(
+        sealed.contains("generation 1: ") && !sealed.contains("generation 0"),
+        "{info}"
+    );
     m.mount();
     assert_eq!(sums(&m, "."), want);
 
@@ -129,6 +138,13 @@ fn an_unmounted_volume_rekeys_and_a_killed_mount_resumes_its_rekey() {
         info.contains("rekey:           not finished"),
         "the pass was not cut short: {info}"
     );
+    // The older generation still seals blocks.
+    let info = ok(&["info", "v.vol", "--key-file", "k"], m.p());
+    let sealed = info
+        .lines()
+        .find(|l| l.starts_with("sealed blocks:"))
+        .unwrap();
+    assert!(sealed.contains("generation 1: "), "{info}");
 
     // The next mount resumes it; --wait waits for the running pass.
     m.mount();
@@ -136,6 +152,15 @@ fn an_unmounted_volume_rekeys_and_a_killed_mount_resumes_its_rekey() {
     assert_eq!(generations(&st), (vec![2], 2, 2), "{st}");
     assert_eq!(sums(&m, "."), want);
     m.unmount_and_check();
+    let info = ok(&["info", "v.vol", "--key-file", "k"], m.p());
+    let sealed = info
+        .lines()
+        .find(|l| l.starts_with("sealed blocks:"))
+        .unwrap();
+    assert!(
+        sealed.contains("generation 2: ") && !sealed.contains("generation 1"),
+        "{info}"
+    );
 }
 
 #[test]

@@ -465,3 +465,95 @@ fn altered_header_geometry_is_detected() {
     assert!(matches!(e, VolumeError::Corrupted(_)), "{e:?}");
     assert!(e.to_string().contains("geometry"), "{e}");
 }
+
+/// Runs a rekey to its end (key generation 1 on a fresh volume).
+fn rekeyed(dev: &Arc<MemDevice>) {
+    let v = open(dev.clone());
+    let h = volume::read_header(&**dev).unwrap();
+    let (entry, secret) = volume::new_key_generation(&h, &master()).unwrap();
+    v.rekey_start(entry, &secret).unwrap();
+    while v.rekey_step().unwrap() {}
+    v.close().unwrap();
+}
+
+/// A block sealed under an older key generation, put back where the map
+/// names the newer one (a block relabelled with the wrong generation), is
+/// an integrity error, during the rekey and after it.
+#[test]
+fn a_block_of_another_key_generation_put_back_is_an_integrity_error() {
+    let dev = written();
+    let old_at = locate(&dev, 5);
+    let old = peek(&dev, old_at * B, BLOCK_SIZE);
+    // Half way: both generations in the ring.
+    let v = open(dev.clone());
+    let h = volume::read_header(&*dev).unwrap();
+    let (entry, secret) = volume::new_key_generation(&h, &master()).unwrap();
+    v.rekey_start(entry, &secret).unwrap();
+    while v.rekey_status().unwrap().segments_left > 0 {
+        v.rekey_step().unwrap();
+    }
+    v.checkpoint().unwrap();
+    let p = v.locate(Lba(5)).unwrap().unwrap();
+    assert_ne!(p, old_at, "block 5 was moved by the rekey");
+    patch(&dev, p * B, &old);
+    assert!(
+        matches!(read_block(&v, 5), Err(VolumeError::Integrity(_))),
+        "a generation-0 block read where generation 1 seals it"
+    );
+    assert_eq!(read_block(&v, 6).unwrap(), block(6, 1));
+    v.abandon();
+
+    // After the rekey: generation 0 is retired.
+    let dev = written();
+    let old_at = locate(&dev, 5);
+    let old = peek(&dev, old_at * B, BLOCK_SIZE);
+    rekeyed(&dev);
+    let new_at = locate(&dev, 5);
+    patch(&dev, new_at * B, &old);
+    let v = open(dev);
+    assert!(matches!(read_block(&v, 5), Err(VolumeError::Integrity(_))));
+    assert_eq!(read_block(&v, 6).unwrap(), block(6, 1));
+}
+
+/// The header's key generation entries are bound to the volume's key and
+/// to their number: a changed secret, a changed number or a checkpoint
+/// naming a generation the header lacks is refused, never misread.
+#[test]
+fn altered_key_generation_entries_are_refused() {
+    let dev = written();
+    rekeyed(&dev);
+    let good = dev.image();
+    let h = volume::read_header(&*dev).unwrap();
+    assert_eq!(h.key_gens.len(), 1);
+
+    let mut bad = h.clone();
+    bad.key_gens[0].wrapped.0[40] ^= 1;
+    volume::write_header(&*dev, &bad).unwrap();
+    let e = Volume::open(dev.clone(), &master(), opts()).err().unwrap();
+    assert!(matches!(e, VolumeError::Corrupted(_)), "{e:?}");
+    assert!(e.to_string().contains("key generation 1"), "{e}");
+
+    let dev = Arc::new(MemDevice::from_image(good.clone()));
+    let mut bad = h.clone();
+    bad.key_gens[0].key_gen = 2;
+    bad.retired_below = 2;
+    volume::write_header(&*dev, &bad).unwrap();
+    let e = Volume::open(dev, &master(), opts()).err().unwrap();
+    assert!(e.to_string().contains("key generation 2"), "{e}");
+
+    // The secret dropped (an older header's view): the checkpoints and
+    // blocks sealed under generation 1 do not open.
+    let dev = Arc::new(MemDevice::from_image(good));
+    let bad = volume::Header {
+        key_gens: Vec::new(),
+        retired_below: 0,
+        ..h
+    };
+    volume::write_header(&*dev, &bad).unwrap();
+    let e = Volume::open(dev, &master(), opts()).err().unwrap();
+    assert!(e.to_string().contains("no valid checkpoint"), "{e}");
+    assert!(
+        e.to_string().contains("key generation 1"),
+        "the refusal names the generation: {e}"
+    );
+}

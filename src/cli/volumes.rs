@@ -327,6 +327,19 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             s.extent_segments, s.max_segments, s.free_segments
         );
         println!("checkpoint:      {}", s.checkpoint_seq);
+        let by_gen: Vec<String> = v
+            .blocks_by_key_gen()?
+            .into_iter()
+            .map(|(g, n)| format!("generation {g}: {n}"))
+            .collect();
+        println!(
+            "sealed blocks:   {}",
+            if by_gen.is_empty() {
+                "none".to_string()
+            } else {
+                by_gen.join(", ")
+            }
+        );
         println!(
             "snapshots:       {} (holding {} that the live volume no longer uses)",
             s.snapshots,

@@ -248,6 +248,17 @@ impl Volume {
         Ok(false)
     }
 
+    /// How many data blocks each key generation seals (live and held; see
+    /// `State::blocks_by_key_gen`). Reads every map page.
+    pub fn blocks_by_key_gen(&self) -> Result<std::collections::BTreeMap<u16, u64>> {
+        self.live_only()?;
+        let mut st = self.inner.lock()?;
+        let ctx = self.inner.ctx();
+        let r = st.blocks_by_key_gen(&ctx);
+        st.trees.evict();
+        r
+    }
+
     /// How many reads and commits this volume has served: background work
     /// that sees it grow yields to them.
     pub fn activity(&self) -> u64 {

@@ -18,9 +18,10 @@
 //! generations stay in the header until the end), and the pass starts over
 //! at the next open, skipping the segments already done.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::ctx::Ctx;
+use super::format::{MapEntry, TreeId, MAP_ENTRY_LEN};
 use super::log::open_summary;
 use super::state::{RekeyPass, State};
 use crate::device::read_exact_at;
@@ -219,6 +220,27 @@ impl State {
             rechecks: round + 1,
         });
         Ok(true)
+    }
+
+    /// How many data blocks each key generation seals: those the live map
+    /// names and those only snapshots hold. (Reads every map page: for
+    /// `info`, not for a busy mount.)
+    pub fn blocks_by_key_gen(&mut self, ctx: &Ctx) -> Result<BTreeMap<u16, u64>> {
+        let mut n: BTreeMap<u16, u64> = BTreeMap::new();
+        self.trees.visit(ctx, TreeId::Map, &mut |k, _, _, data| {
+            if k.level == 0 {
+                for e in data.chunks_exact(MAP_ENTRY_LEN).map(MapEntry::decode) {
+                    if e.is_stored() {
+                        *n.entry(e.key_gen).or_default() += 1;
+                    }
+                }
+            }
+        })?;
+        let held = &self.usage.held;
+        for g in held.table.keys() {
+            *n.entry(held.seals.get(g).map_or(0, |s| s.0)).or_default() += 1;
+        }
+        Ok(n)
     }
 
     /// Where the pass stands, as the caller's key ring sees it.
