@@ -272,6 +272,59 @@ fn header_v2_image_with_a_rekey_half_done_reads_and_finishes_it() {
     );
 }
 
+/// Checkpoint version 4: a 64-block volume (master key `common::master()`)
+/// with the rekey policy set (30 days, 1 GiB) and 12 blocks written.
+const POLICY4: &str = "tests/images/policy4.vol.gz";
+
+#[test]
+#[ignore = "writes tests/images/policy4.vol.gz once; never rerun"]
+fn generate_policy4_image() {
+    refuse_overwrite(&[POLICY4]);
+    let dev = Arc::new(MemDevice::new());
+    volume::create(
+        &*dev,
+        &master(),
+        *b"lsvfs-frozen-cp4",
+        [KeySlot::EMPTY; KEY_SLOTS],
+        &CreateOptions {
+            logical_blocks: 64,
+            segment_blocks: 16,
+        },
+    )
+    .unwrap();
+    let v = open(dev.clone());
+    v.set_rekey_policy(
+        Some(std::time::Duration::from_secs(30 * 86_400)),
+        Some(1 << 30),
+    )
+    .unwrap();
+    v.write(
+        Lba(0),
+        &(0..12).flat_map(|l| block(l, 1)).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    v.close().unwrap();
+    gzip_to(POLICY4, &dev.image());
+}
+
+#[test]
+fn checkpoint_v4_image_keeps_its_rekey_policy() {
+    let dev = Arc::new(MemDevice::from_image(gunzip(POLICY4)));
+    let v = open(dev);
+    let st = v.rekey_status().unwrap();
+    assert_eq!(
+        (st.after_secs, st.after_bytes),
+        (Some(30 * 86_400), Some(1 << 30))
+    );
+    assert!(st.sealed_bytes >= 12 * BLOCK_SIZE as u64, "{st:?}");
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    for l in 0..12 {
+        v.read(Lba(l), &mut buf).unwrap();
+        assert_eq!(buf, block(l, 1), "block {l}");
+    }
+    assert!(v.check().unwrap().is_clean());
+}
+
 #[test]
 fn format_v1_image_still_opens_and_reads() {
     let dev = Arc::new(MemDevice::from_image(gunzip(V1)));

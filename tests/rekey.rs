@@ -186,3 +186,108 @@ fn rekey_refuses_what_it_cannot_do_with_a_way_out() {
     assert!(!o.status.success(), "{text}");
     assert!(text.contains("is it mounted"), "{text}");
 }
+
+/// Mounts with the policy checked every second (`LSVFS_RECORD_SECS`).
+fn mount_checking_often(m: &Mounted) {
+    let o = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
+        .args(["mount", "v.vol", "m", "--key-file", "k"])
+        .env("LSVFS_RECORD_SECS", "1")
+        .current_dir(m.p())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+}
+
+/// Polls `rekey --status --json` until `done` holds (at most a minute).
+fn wait_until(m: &Mounted, what: &str, done: &dyn Fn(&serde_json::Value) -> bool) {
+    for _ in 0..300 {
+        let st = rekey_json(m, &["rekey", "m", "--status", "--json"]);
+        if done(&st) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("{what}: not within a minute");
+}
+
+#[test]
+fn a_mount_rekeys_by_itself_when_its_policy_says_so() {
+    let m = Mounted::new();
+    m.unmount();
+    for (args, needle) in [
+        (
+            vec!["tune", "v.vol", "--key-file", "k"],
+            "nothing to change",
+        ),
+        (
+            vec!["tune", "v.vol", "--key-file", "k", "--rekey-after", "soon"],
+            "write a duration",
+        ),
+        (
+            vec![
+                "tune",
+                "v.vol",
+                "--key-file",
+                "k",
+                "--rekey-after-bytes",
+                "12Q",
+            ],
+            "unknown size suffix",
+        ),
+    ] {
+        let o = lsvfs(&args, m.p());
+        let text = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {text}");
+        assert!(text.contains(needle), "{args:?}: {text}");
+    }
+    let info = ok(&["info", "v.vol", "--key-file", "k"], m.p());
+    assert!(
+        info.contains("rekey policy:    after 120d;"),
+        "the default policy is 120 days: {info}"
+    );
+
+    // By bytes: 8 MiB sealed under a generation.
+    let t = ok(
+        &[
+            "tune",
+            "v.vol",
+            "--key-file",
+            "k",
+            "--rekey-after",
+            "never",
+            "--rekey-after-bytes",
+            "8M",
+        ],
+        m.p(),
+    );
+    assert!(t.contains("never by age, or after 8.0 MiB sealed"), "{t}");
+    mount_checking_often(&m);
+    m.sh("head -c 24M /dev/urandom > a && sync");
+    wait_until(&m, "a rekey by bytes", &|st| {
+        generations(st).1 >= 1 && st["generations"].as_array().unwrap().len() == 1
+    });
+    let want = sums(&m, ".");
+    m.unmount_and_check();
+
+    // By age: two seconds.
+    ok(
+        &[
+            "tune",
+            "v.vol",
+            "--key-file",
+            "k",
+            "--rekey-after",
+            "2s",
+            "--rekey-after-bytes",
+            "none",
+        ],
+        m.p(),
+    );
+    let before = generations(&rekey_json(&m, &["rekey", "v.vol", "--status", "--json"])).1;
+    mount_checking_often(&m);
+    wait_until(&m, "a rekey by age", &|st| {
+        generations(st).1 > before && st["generations"].as_array().unwrap().len() == 1
+    });
+    assert_eq!(sums(&m, "."), want);
+    m.unmount_and_check();
+}

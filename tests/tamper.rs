@@ -557,3 +557,41 @@ fn altered_key_generation_entries_are_refused() {
         "the refusal names the generation: {e}"
     );
 }
+
+/// A block that fails authentication under its old key generation is never
+/// sealed again under the new one (that would launder the damage): the
+/// rekey moves it as it is, ends with an error naming the count, and keeps
+/// the older generation, so the block still reads as an integrity error
+/// and every other block reads back.
+#[test]
+fn a_damaged_block_is_not_sealed_again_by_a_rekey() {
+    let dev = written();
+    let pba = locate(&dev, 7);
+    let mut b = peek(&dev, pba * B + 100, 1);
+    b[0] ^= 0x01;
+    patch(&dev, pba * B + 100, &b);
+    let v = open(dev.clone());
+    let h = volume::read_header(&*dev).unwrap();
+    let (entry, secret) = volume::new_key_generation(&h, &master()).unwrap();
+    v.rekey_start(entry, &secret).unwrap();
+    let e = loop {
+        match v.rekey_step() {
+            Ok(true) => {}
+            Ok(false) => panic!("the rekey finished over a damaged block"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(e, VolumeError::Integrity(_)), "{e:?}");
+    assert!(e.to_string().contains("1 blocks"), "{e}");
+    let st = v.rekey_status().unwrap();
+    assert_eq!(st.generations, vec![0, 1], "{st:?}");
+    assert!(matches!(read_block(&v, 7), Err(VolumeError::Integrity(_))));
+    for l in (0..32).filter(|l| *l != 7) {
+        assert_eq!(read_block(&v, l).unwrap(), block(l, 1), "block {l}");
+    }
+    v.close().unwrap();
+    // Reopened, the older generation is still there, and so is the damage.
+    let v = open(dev);
+    assert!(matches!(read_block(&v, 7), Err(VolumeError::Integrity(_))));
+    assert_eq!(read_block(&v, 8).unwrap(), block(8, 1));
+}

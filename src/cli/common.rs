@@ -45,6 +45,7 @@ impl Env {
 
 /// Where a command gets a volume's master key: a key file (recovery), or
 /// this host's sealed store and the key server.
+#[derive(Clone)]
 pub(crate) struct Keys {
     pub key_file: Option<PathBuf>,
     pub store: PathBuf,

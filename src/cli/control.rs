@@ -92,6 +92,36 @@ pub struct RekeyEntry {
     /// Why the pass last stopped early.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The rekey policy (None: never by age; no byte limit), the current
+    /// generation's age and the bytes it has sealed.
+    #[serde(default)]
+    pub after_secs: Option<u64>,
+    #[serde(default)]
+    pub after_bytes: Option<u64>,
+    #[serde(default)]
+    pub age_secs: u64,
+    #[serde(default)]
+    pub sealed_bytes: u64,
+}
+
+impl RekeyEntry {
+    /// The status of the volume at `volume`.
+    pub fn of(st: crate::volume::RekeyStatus, volume: &Path) -> RekeyEntry {
+        RekeyEntry {
+            volume: volume.display().to_string(),
+            current: st.current,
+            generations: st.generations,
+            retired_below: st.retired_below,
+            segments_left: st.segments_left,
+            segments_total: st.segments_total,
+            unsealed: st.unsealed,
+            after_secs: st.after_secs,
+            after_bytes: st.after_bytes,
+            age_secs: st.age_secs,
+            sealed_bytes: st.sealed_bytes,
+            ..RekeyEntry::default()
+        }
+    }
 }
 
 /// What an export wrote, as the mount reports it.
@@ -473,15 +503,9 @@ fn rekey_status(snaps: &Snapshots, volume: &Path) -> Result<Response, Error> {
     Ok(Response {
         ok: true,
         rekey: Some(RekeyEntry {
-            volume: volume.display().to_string(),
-            current: st.current,
-            generations: st.generations,
-            retired_below: st.retired_below,
-            segments_left: st.segments_left,
-            segments_total: st.segments_total,
-            unsealed: st.unsealed,
             running,
             error,
+            ..RekeyEntry::of(st, volume)
         }),
         ..Response::default()
     })

@@ -266,6 +266,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Set a volume's rekey policy (unmounted): a mount rekeys by itself
+    /// once its key generation is older than --rekey-after (default 120d) or
+    /// has sealed more than --rekey-after-bytes.
+    Tune {
+        volume: PathBuf,
+        /// Recovery key file (default: the sealed store and key server).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// A duration (120d, 12h, 90m), or never.
+        #[arg(long, value_name = "DURATION")]
+        rekey_after: Option<String>,
+        /// A size (64T, 500G), or none.
+        #[arg(long, value_name = "SIZE")]
+        rekey_after_bytes: Option<String>,
+    },
     /// Verify every metadata page and data block of a volume (read-only).
     Check {
         volume: PathBuf,
@@ -522,6 +537,12 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         ),
         Cmd::Info { volume, key_file } => volumes::info(&env, &volume, key_file),
         Cmd::Check { volume, key_file } => volumes::check(&env, &volume, key_file),
+        Cmd::Tune {
+            volume,
+            key_file,
+            rekey_after,
+            rekey_after_bytes,
+        } => rekey::tune(&env, &volume, key_file, rekey_after, rekey_after_bytes),
         Cmd::Rekey {
             target,
             key_file,

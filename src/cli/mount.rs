@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -165,9 +166,24 @@ pub fn foreground(
         detach_stderr();
     }
 
-    let by_signal = serve(&session, &fs, &signals, idle.as_ref(), &|seq| {
-        k.record_seen(&volume_id, seq, false, false)
-    });
+    let auto = AutoRekey {
+        snaps: snaps.clone(),
+        path: path.clone(),
+        keys: k.clone(),
+        starting: Arc::new(AtomicBool::new(false)),
+    };
+    let by_signal = serve(
+        &session,
+        &fs,
+        &signals,
+        idle.as_ref(),
+        &|seq| k.record_seen(&volume_id, seq, false, false),
+        &|| {
+            if !opts.read_only {
+                auto.tick()
+            }
+        },
+    );
     let _ = sd_notify::notify(
         false,
         &[
@@ -432,6 +448,7 @@ fn serve(
     signals: &SigSet,
     idle: Option<&IdleLock>,
     record: &dyn Fn(u64),
+    tick: &dyn Fn(),
 ) -> bool {
     let mut next_idle_try = Instant::now();
     // Without fsync, committed writes still reach the disk within
@@ -465,6 +482,7 @@ fn serve(
             if seq > last_record.1 {
                 record(seq);
             }
+            tick();
             last_record = (Instant::now(), seq.max(last_record.1));
         }
         let ts = libc::timespec {
@@ -529,6 +547,70 @@ fn record_interval() -> Duration {
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(RECORD_INTERVAL, Duration::from_secs)
+}
+
+/// The rekey policy, followed by the mount: when the volume's key
+/// generation is due (`lsvfs tune`), the mount unlocks the volume as it did
+/// at mount (key server or key file), makes a new generation, drops the
+/// master key and starts the rekey, on a thread of its own so that the key
+/// server's answer never holds up the mount's other work.
+struct AutoRekey {
+    snaps: Arc<Snapshots>,
+    path: PathBuf,
+    keys: Keys,
+    /// A thread is starting a rekey.
+    starting: Arc<AtomicBool>,
+}
+
+impl AutoRekey {
+    fn tick(&self) {
+        if self.starting.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok((st, _, _)) = self.snaps.rekey_status() else {
+            return;
+        };
+        let Some(why) = st.due() else {
+            return;
+        };
+        self.starting.store(true, Ordering::SeqCst);
+        let (snaps, path, keys, starting) = (
+            self.snaps.clone(),
+            self.path.clone(),
+            self.keys.clone(),
+            self.starting.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("lsvfs-auto-rekey".into())
+            .spawn(move || {
+                tracing::info!("{}: a rekey is due ({why}); starting it", path.display());
+                let started = (|| -> Result<u16, Error> {
+                    let dev = crate::device::FileDevice::open_unlocked(&path)
+                        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                    let h = volume::read_header(&dev)?;
+                    let master = keys.master(&h, &path)?;
+                    let (entry, secret) = volume::new_key_generation(&h, &master)?;
+                    drop(master);
+                    snaps.rekey_start(entry, &secret)?;
+                    Ok(entry.key_gen)
+                })();
+                match started {
+                    Ok(g) => tracing::info!(
+                        "{}: rekey to key generation {g} started (the policy)",
+                        path.display()
+                    ),
+                    Err(e) => tracing::warn!(
+                        "{}: a rekey is due ({why}) but did not start: {e}; trying again at the \
+                         next check",
+                        path.display()
+                    ),
+                }
+                starting.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.starting.store(false, Ordering::SeqCst);
+        }
+    }
 }
 
 /// prctl option (Linux 5.6, include/uapi/linux/prctl.h); not in `libc` yet.

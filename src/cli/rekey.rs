@@ -98,6 +98,15 @@ fn show_status(target: &Path, json: bool) -> Result<(), Error> {
         target.display(),
         describe(&st.generations, st.current)
     );
+    if target.is_dir() {
+        println!(
+            "policy: rekey {}; key generation {} is {} old and has sealed {}",
+            describe_policy(st.after_secs, st.after_bytes),
+            st.current,
+            human_secs(st.age_secs),
+            super::common::human(st.sealed_bytes)
+        );
+    }
     if in_progress(&st) {
         if st.segments_total > 0 {
             println!(
@@ -264,13 +273,7 @@ fn unmounted(
     let st: RekeyStatus = v.rekey_status()?;
     v.close()?;
     if json {
-        let e = RekeyEntry {
-            volume: path.display().to_string(),
-            current: st.current,
-            generations: st.generations,
-            retired_below: st.retired_below,
-            ..RekeyEntry::default()
-        };
+        let e = RekeyEntry::of(st, path);
         println!(
             "{}",
             serde_json::to_string(&e).map_err(|e| Error::Usage(e.to_string()))?
@@ -282,5 +285,95 @@ fn unmounted(
             describe(&st.generations, st.current)
         );
     }
+    Ok(())
+}
+
+/// A rekey policy's age: a duration (`120d`, `12h`), or `never`.
+fn parse_after(v: &str) -> Result<Option<Duration>, Error> {
+    if v == "never" {
+        return Ok(None);
+    }
+    let d = humantime::parse_duration(v).map_err(|e| {
+        Error::Usage(format!(
+            "--rekey-after {v:?}: {e}; write a duration such as 120d or 12h, or never"
+        ))
+    })?;
+    if d.as_secs() == 0 {
+        return Err(Error::Usage(format!(
+            "--rekey-after {v:?} is under a second; write a duration such as 120d, or never"
+        )));
+    }
+    Ok(Some(d))
+}
+
+/// A rekey policy's byte limit: a size (`64T`), or `none`.
+fn parse_bytes(v: &str) -> Result<Option<u64>, Error> {
+    if v == "none" {
+        return Ok(None);
+    }
+    let b = super::common::parse_size(v)?;
+    if b < crate::BLOCK_SIZE as u64 {
+        return Err(Error::Usage(format!(
+            "--rekey-after-bytes {v:?} is under one block; write a size such as 64T, or none"
+        )));
+    }
+    Ok(Some(b))
+}
+
+/// Seconds in the largest whole unit: `120d`, `12h`, `90m`, `7s`; a
+/// length of time that is no whole number of them, in the two largest.
+pub fn human_secs(s: u64) -> String {
+    for (unit, n) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if s >= n && s % n == 0 {
+            return format!("{}{unit}", s / n);
+        }
+    }
+    match s {
+        86_400.. => format!("{}d {}h", s / 86_400, s % 86_400 / 3_600),
+        3_600.. => format!("{}h {}m", s / 3_600, s % 3_600 / 60),
+        60.. => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{s}s"),
+    }
+}
+
+/// Says a policy in words.
+pub fn describe_policy(after: Option<u64>, bytes: Option<u64>) -> String {
+    let a = after.map_or("never by age".to_string(), |s| {
+        format!("after {}", human_secs(s))
+    });
+    match bytes {
+        Some(b) => format!("{a}, or after {} sealed", super::common::human(b)),
+        None => a,
+    }
+}
+
+/// `lsvfs tune VOLUME [--rekey-after DUR|never] [--rekey-after-bytes SIZE|none]`
+/// (unmounted): the rekey policy a mount follows by itself.
+pub fn tune(
+    env: &Env,
+    path: &Path,
+    key_file: Option<std::path::PathBuf>,
+    after: Option<String>,
+    bytes: Option<String>,
+) -> Result<(), Error> {
+    if after.is_none() && bytes.is_none() {
+        return Err(Error::Usage(
+            "nothing to change: give --rekey-after and/or --rekey-after-bytes".into(),
+        ));
+    }
+    let after = after.as_deref().map(parse_after).transpose()?;
+    let bytes = bytes.as_deref().map(parse_bytes).transpose()?;
+    let v = super::common::open_volume(path, &env.keys(key_file), false, &env.tuning)?;
+    let st = v.rekey_status()?;
+    let after = after.unwrap_or(st.after_secs.map(Duration::from_secs));
+    let bytes = bytes.unwrap_or(st.after_bytes);
+    v.set_rekey_policy(after, bytes)?;
+    let st = v.rekey_status()?;
+    v.close()?;
+    println!(
+        "{}: rekey {}",
+        path.display(),
+        describe_policy(st.after_secs, st.after_bytes)
+    );
     Ok(())
 }

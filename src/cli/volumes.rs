@@ -332,6 +332,14 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             .into_iter()
             .map(|(g, n)| format!("generation {g}: {n}"))
             .collect();
+        let st = v.rekey_status()?;
+        println!(
+            "rekey policy:    {}; key generation {} is {} old and has sealed {}",
+            super::rekey::describe_policy(st.after_secs, st.after_bytes),
+            st.current,
+            super::rekey::human_secs(st.age_secs),
+            human(st.sealed_bytes)
+        );
         println!(
             "sealed blocks:   {}",
             if by_gen.is_empty() {

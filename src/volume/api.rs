@@ -194,6 +194,7 @@ impl Volume {
             )));
         }
         super::header::add_key_generation(&*inner.dev, entry)?;
+        st.sealed_blocks = 0;
         inner
             .keys
             .add_generation(entry.key_gen, secret)
@@ -265,12 +266,26 @@ impl Volume {
         self.inner.activity.load(Ordering::Relaxed)
     }
 
-    /// The key generations and where a rekey stands.
+    /// The key generations, where a rekey stands, and the rekey policy.
     pub fn rekey_status(&self) -> Result<RekeyStatus> {
+        // The header as it is now: a rekey changes it.
+        let h = super::header::read_header(&*self.inner.dev)?;
+        let started = h.key_gens.last().map_or(h.created, |g| g.started);
         let st = self.inner.lock()?;
-        let retired = super::header::read_header(&*self.inner.dev)
-            .map_or(self.inner.header.retired_below, |h| h.retired_below);
-        Ok(st.rekey_status(&self.inner.ctx(), retired))
+        Ok(st.rekey_status(&self.inner.ctx(), h.retired_below, started))
+    }
+
+    /// Sets the rekey policy (durable when it returns): rekey after `after`
+    /// of a key generation (None: never; `Some(0)`: the default, 120 days)
+    /// or after `bytes` sealed under one (None: no limit). A mount starts
+    /// the rekey by itself when it is due.
+    pub fn set_rekey_policy(&self, after: Option<Duration>, bytes: Option<u64>) -> Result<()> {
+        self.writable()?;
+        self.live_only()?;
+        let mut st = self.inner.lock()?;
+        st.rekey_after_secs = after.map_or(u64::MAX, |d| d.as_secs().min(u64::MAX - 1));
+        st.rekey_after_bytes = bytes.unwrap_or(0);
+        st.checkpoint(&self.inner.ctx())
     }
 
     /// See [`crate::crypto::VolumeKeys::export_signing_key`].

@@ -331,6 +331,9 @@ fn create_with(
         roots: [TreePtr::ABSENT; 5],
         snap_meta: TreePtr::ABSENT,
         snap_pages: 0,
+        rekey_after_secs: 0,
+        rekey_after_bytes: 0,
+        sealed_blocks: 0,
     };
     let b = super::checkpoint::seal(&keys, &header, &c)?;
     dev.write_at(&b[..], format::CHECKPOINT_BLOCKS[1] * BLOCK_SIZE as u64)

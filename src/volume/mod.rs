@@ -43,6 +43,6 @@ pub use header::{
 };
 pub use ids::{Generation, Lba, SegmentId, SnapshotId};
 pub use recovery::Recovery;
-pub use rekey::RekeyStatus;
+pub use rekey::{RekeyStatus, DEFAULT_REKEY_AFTER_SECS};
 pub use snapshot::SnapshotInfo;
 pub use txn::{Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};

@@ -43,6 +43,40 @@ pub struct RekeyStatus {
     /// Blocks under an older generation that fail authentication: they
     /// keep that generation alive (see `lsvfs check`).
     pub unsealed: u64,
+    /// The policy: rekey after this long (None: never) or this many bytes
+    /// sealed (None: no limit) under one key generation.
+    pub after_secs: Option<u64>,
+    pub after_bytes: Option<u64>,
+    /// How long the current generation has sealed new blocks, and how many
+    /// bytes it has sealed (counted since it began, up to the last
+    /// checkpoint before a crash).
+    pub age_secs: u64,
+    pub sealed_bytes: u64,
+}
+
+/// The default policy: a key generation is retired after 120 days.
+pub const DEFAULT_REKEY_AFTER_SECS: u64 = 120 * 86_400;
+
+impl RekeyStatus {
+    /// Why a rekey is due under the policy, if it is (never while one runs).
+    pub fn due(&self) -> Option<String> {
+        if self.in_progress() {
+            return None;
+        }
+        if let Some(a) = self.after_secs.filter(|a| self.age_secs >= *a) {
+            return Some(format!(
+                "key generation {} has sealed new blocks for {} s (the policy: {a} s)",
+                self.current, self.age_secs
+            ));
+        }
+        if let Some(b) = self.after_bytes.filter(|b| self.sealed_bytes >= *b) {
+            return Some(format!(
+                "key generation {} has sealed {} bytes (the policy: {b})",
+                self.current, self.sealed_bytes
+            ));
+        }
+        None
+    }
 }
 
 impl RekeyStatus {
@@ -243,8 +277,9 @@ impl State {
         Ok(n)
     }
 
-    /// Where the pass stands, as the caller's key ring sees it.
-    pub fn rekey_status(&self, ctx: &Ctx, retired_below: u16) -> RekeyStatus {
+    /// Where the pass stands, as the caller's key ring sees it; `started`
+    /// is when the current key generation began (Unix seconds).
+    pub fn rekey_status(&self, ctx: &Ctx, retired_below: u16, started: u64) -> RekeyStatus {
         let (left, total) = self
             .rekey
             .as_ref()
@@ -256,6 +291,17 @@ impl State {
             segments_left: left,
             segments_total: total,
             unsealed: self.unsealed,
+            after_secs: match self.rekey_after_secs {
+                0 => Some(DEFAULT_REKEY_AFTER_SECS),
+                u64::MAX => None,
+                s => Some(s),
+            },
+            after_bytes: (self.rekey_after_bytes != 0).then_some(self.rekey_after_bytes),
+            age_secs: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                .saturating_sub(started),
+            sealed_bytes: self.sealed_blocks * BLOCK_SIZE as u64,
         }
     }
 }

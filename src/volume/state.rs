@@ -66,6 +66,11 @@ pub struct State {
     pub unsealed: u64,
     /// A rekey in progress (`rekey.rs`).
     pub rekey: Option<RekeyPass>,
+    /// The rekey policy and the blocks sealed under the current key
+    /// generation (see [`Checkpoint`]).
+    pub rekey_after_secs: u64,
+    pub rekey_after_bytes: u64,
+    pub sealed_blocks: u64,
 }
 
 impl State {
@@ -84,6 +89,9 @@ impl State {
             checkpointed: false,
             unsealed: 0,
             rekey: None,
+            rekey_after_secs: c.rekey_after_secs,
+            rekey_after_bytes: c.rekey_after_bytes,
+            sealed_blocks: c.sealed_blocks,
             ckpt,
         }
     }
@@ -102,8 +110,11 @@ impl State {
         commit: bool,
         privileged: bool,
     ) -> Result<Vec<u64>> {
-        self.log
-            .append(ctx, &mut self.ckpt, entries, payload, commit, privileged)
+        let pbas = self
+            .log
+            .append(ctx, &mut self.ckpt, entries, payload, commit, privileged)?;
+        self.sealed_blocks += (payload.len() / BLOCK_SIZE) as u64;
+        Ok(pbas)
     }
 
     // ------------------------------------------------------------ block map
@@ -418,6 +429,9 @@ impl State {
             roots: self.trees.roots(),
             snap_meta: self.snaps.meta_root.0,
             snap_pages: self.snaps.meta_root.1,
+            rekey_after_secs: self.rekey_after_secs,
+            rekey_after_bytes: self.rekey_after_bytes,
+            sealed_blocks: self.sealed_blocks,
         };
         self.ckpt.commit(ctx, c)?;
         self.checkpointed = true;

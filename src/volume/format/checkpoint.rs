@@ -2,8 +2,8 @@
 
 use super::{arr16, put_u32, put_u64, range, u32_at, u64_at, Block, DecodeError, Header, TreePtr};
 use super::{
-    CHECKPOINT_MAGIC, CHECKPOINT_SNAPSHOTS, CHECKPOINT_VERSION, DATA_START, FORMAT_VERSION,
-    TREE_PTR_LEN,
+    CHECKPOINT_MAGIC, CHECKPOINT_REKEY_POLICY, CHECKPOINT_SNAPSHOTS, CHECKPOINT_VERSION,
+    DATA_START, FORMAT_VERSION, TREE_PTR_LEN,
 };
 use crate::crypto::{Mac, MAC_LEN};
 use crate::volume::{Generation, SegmentId};
@@ -34,7 +34,10 @@ use crate::BLOCK_SIZE;
 // | 288  | 16  | geometry digest: binds the header's geometry to this MAC'd block |
 // | 304  | 32  | snapshot metadata: first page of the chain (version 2; absent if none) |
 // | 336  | 4   | snapshot metadata: pages in the chain |
-// | 340  | ..  | reserved (zero) |
+// | 340  | 8   | rekey after this many seconds of a key generation (0: the default, 120 days; 2^64-1: never) (version 4) |
+// | 348  | 8   | rekey after this many bytes sealed under a key generation (0: no limit) (version 4) |
+// | 356  | 8   | blocks sealed under the current key generation (version 4) |
+// | 364  | ..  | reserved (zero) |
 // | 4080 | 16  | MAC over bytes 0..4080 |
 
 pub(super) const C_MAGIC: usize = 0;
@@ -55,6 +58,9 @@ pub(super) const C_ROOTS: usize = C_KEY_GEN + 4 + 4;
 pub(super) const C_GEOMETRY: usize = C_ROOTS + 5 * TREE_PTR_LEN;
 pub(super) const C_SNAP_META: usize = C_GEOMETRY + 16;
 pub(super) const C_SNAP_PAGES: usize = C_SNAP_META + TREE_PTR_LEN;
+pub(super) const C_REKEY_AFTER_SECS: usize = C_SNAP_PAGES + 4;
+pub(super) const C_REKEY_AFTER_BYTES: usize = C_REKEY_AFTER_SECS + 8;
+pub(super) const C_SEALED_BLOCKS: usize = C_REKEY_AFTER_BYTES + 8;
 pub const CHECKPOINT_MAC_AT: usize = BLOCK_SIZE - MAC_LEN;
 
 /// Position of the log head: where the next record goes.
@@ -81,6 +87,13 @@ pub struct Checkpoint {
     /// no blocks held for them).
     pub snap_meta: TreePtr,
     pub snap_pages: u32,
+    /// Rekey after this many seconds of a key generation (0: the default;
+    /// `u64::MAX`: never).
+    pub rekey_after_secs: u64,
+    /// Rekey after this many bytes sealed under a key generation (0: no limit).
+    pub rekey_after_bytes: u64,
+    /// Blocks sealed under the current key generation.
+    pub sealed_blocks: u64,
 }
 
 impl Checkpoint {
@@ -114,6 +127,9 @@ impl Checkpoint {
         }
         self.snap_meta.encode(&mut b[C_SNAP_META..]);
         put_u32(&mut b[..], C_SNAP_PAGES, self.snap_pages);
+        put_u64(&mut b[..], C_REKEY_AFTER_SECS, self.rekey_after_secs);
+        put_u64(&mut b[..], C_REKEY_AFTER_BYTES, self.rekey_after_bytes);
+        put_u64(&mut b[..], C_SEALED_BLOCKS, self.sealed_blocks);
         b
     }
 
@@ -183,7 +199,20 @@ impl Checkpoint {
                     && snap_meta.pba >= DATA_START
                     && snap_meta.pba < header.end_block()),
         )?;
+        let (rekey_after_secs, rekey_after_bytes, sealed_blocks) =
+            if version >= CHECKPOINT_REKEY_POLICY {
+                (
+                    u64_at(b, C_REKEY_AFTER_SECS),
+                    u64_at(b, C_REKEY_AFTER_BYTES),
+                    u64_at(b, C_SEALED_BLOCKS),
+                )
+            } else {
+                (0, 0, 0)
+            };
         Ok(Checkpoint {
+            rekey_after_secs,
+            rekey_after_bytes,
+            sealed_blocks,
             snap_meta,
             snap_pages,
             seq: u64_at(b, C_SEQ),

@@ -40,8 +40,12 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The checkpoint version this code writes. Version 2 added the snapshot
 /// metadata pointer (version 1 checkpoints are read as "no snapshots");
 /// version 3 adds zeroed blocks (map entries at [`ZERO_PBA`], log entry
-/// kind 5), which earlier code cannot read. All three are read.
-pub const CHECKPOINT_VERSION: u32 = 3;
+/// kind 5), which earlier code cannot read; version 4 the rekey policy and
+/// the count of blocks sealed under the current key generation (read as the
+/// default policy and 0 from older ones). All four are read.
+pub const CHECKPOINT_VERSION: u32 = 4;
+/// The first checkpoint version with the rekey policy.
+pub const CHECKPOINT_REKEY_POLICY: u32 = 4;
 /// The first checkpoint version with the snapshot metadata pointer.
 pub const CHECKPOINT_SNAPSHOTS: u32 = 2;
 
