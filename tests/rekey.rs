@@ -245,6 +245,26 @@ fn a_mount_rekeys_by_itself_when_its_policy_says_so() {
         info.contains("rekey policy:    after 120d;"),
         "the default policy is 120 days: {info}"
     );
+    ok(
+        &[
+            "create",
+            "p.vol",
+            "--size",
+            "64M",
+            "--key-file",
+            "k",
+            "--rekey-after",
+            "30d",
+            "--rekey-after-bytes",
+            "1T",
+        ],
+        m.p(),
+    );
+    let info = ok(&["info", "p.vol", "--key-file", "k"], m.p());
+    assert!(
+        info.contains("rekey policy:    after 30d, or after 1.0 TiB sealed;"),
+        "{info}"
+    );
 
     // By bytes: 8 MiB sealed under a generation.
     let t = ok(

@@ -237,6 +237,14 @@ enum Cmd {
         /// Segment size in 4 KiB blocks (a power of two, 16..=16384).
         #[arg(long, default_value_t = volume::DEFAULT_SEGMENT_BLOCKS)]
         segment_blocks: u32,
+        /// Rekey by itself after a key generation has sealed new blocks this
+        /// long (120d, 12h), or never (default 120d; see `lsvfs tune`).
+        #[arg(long, value_name = "DURATION")]
+        rekey_after: Option<String>,
+        /// Rekey by itself after this many bytes sealed under a key
+        /// generation (64T), or none (the default).
+        #[arg(long, value_name = "SIZE")]
+        rekey_after_bytes: Option<String>,
     },
     /// Show a volume's header; with --key-file also its usage.
     Info {
@@ -527,6 +535,8 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             keyserver,
             threshold,
             segment_blocks,
+            rekey_after,
+            rekey_after_bytes,
         } => volumes::create(
             &env,
             &volume,
@@ -534,6 +544,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             key_file,
             (keyserver, threshold),
             segment_blocks,
+            (rekey_after, rekey_after_bytes),
         ),
         Cmd::Info { volume, key_file } => volumes::info(&env, &volume, key_file),
         Cmd::Check { volume, key_file } => volumes::check(&env, &volume, key_file),

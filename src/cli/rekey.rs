@@ -336,6 +336,22 @@ pub fn human_secs(s: u64) -> String {
     }
 }
 
+/// The policy `--rekey-after` and `--rekey-after-bytes` give: None if
+/// neither is given; each part None if not given (then unchanged).
+#[allow(clippy::type_complexity)]
+pub fn parse_policy(
+    after: Option<&str>,
+    bytes: Option<&str>,
+) -> Result<Option<(Option<Option<Duration>>, Option<Option<u64>>)>, Error> {
+    if after.is_none() && bytes.is_none() {
+        return Ok(None);
+    }
+    Ok(Some((
+        after.map(parse_after).transpose()?,
+        bytes.map(parse_bytes).transpose()?,
+    )))
+}
+
 /// Says a policy in words.
 pub fn describe_policy(after: Option<u64>, bytes: Option<u64>) -> String {
     let a = after.map_or("never by age".to_string(), |s| {
@@ -356,13 +372,11 @@ pub fn tune(
     after: Option<String>,
     bytes: Option<String>,
 ) -> Result<(), Error> {
-    if after.is_none() && bytes.is_none() {
+    let Some((after, bytes)) = parse_policy(after.as_deref(), bytes.as_deref())? else {
         return Err(Error::Usage(
             "nothing to change: give --rekey-after and/or --rekey-after-bytes".into(),
         ));
-    }
-    let after = after.as_deref().map(parse_after).transpose()?;
-    let bytes = bytes.as_deref().map(parse_bytes).transpose()?;
+    };
     let v = super::common::open_volume(path, &env.keys(key_file), false, &env.tuning)?;
     let st = v.rekey_status()?;
     let after = after.unwrap_or(st.after_secs.map(Duration::from_secs));

@@ -31,7 +31,9 @@ pub fn create(
     key_file: Option<PathBuf>,
     (keyserver, threshold): (Vec<String>, Option<usize>),
     segment_blocks: u32,
+    (rekey_after, rekey_after_bytes): (Option<String>, Option<String>),
 ) -> Result<(), Error> {
+    let policy = super::rekey::parse_policy(rekey_after.as_deref(), rekey_after_bytes.as_deref())?;
     let bytes = parse_size(size)?;
     if bytes == 0 || bytes % BLOCK_SIZE as u64 != 0 {
         return Err(Error::Usage(format!(
@@ -51,6 +53,13 @@ pub fn create(
         segment_blocks,
         false,
         &mut |v| {
+            if let Some((after, bytes)) = policy {
+                let st = v.rekey_status()?;
+                v.set_rekey_policy(
+                    after.unwrap_or(st.after_secs.map(std::time::Duration::from_secs)),
+                    bytes.unwrap_or(st.after_bytes),
+                )?;
+            }
             // SAFETY: getuid/getgid have no preconditions.
             let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
             crate::fs::Fs::format(v, uid, gid)?;
