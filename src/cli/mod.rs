@@ -344,9 +344,16 @@ enum Cmd {
         /// With a systemd automount unit the next access mounts it again.
         #[arg(long, value_name = "DURATION", value_parser = options::parse_idle)]
         idle_lock: Option<std::time::Duration>,
+        /// With --idle-lock: before unmounting, take a snapshot and export
+        /// it to DEST (a directory, or s3://BUCKET/PREFIX), incrementally
+        /// over the previous one; the exports open with the volume's keys
+        /// (and with the mount's --key-file, if it has one).
+        #[arg(long, value_name = "DEST")]
+        on_lock_export: Option<String>,
         /// Options as mount(8) and fstab give them, comma-separated: ro, rw,
         /// key_file=PATH, store=PATH, timeout=SECONDS, attempts=N,
         /// show_snapshots, allow_other, allow_rollback, idle_lock=DURATION,
+        /// on_lock_export=DEST,
         /// noexec, nosuid, nodev, noatime, sync, dirsync (and mount(8)'s
         /// own: defaults, _netdev, nofail, x-*).
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
@@ -584,6 +591,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             allow_other,
             allow_rollback,
             idle_lock,
+            on_lock_export,
             options,
         } => {
             let mut opts = options::MountOptions::parse(options.as_deref().unwrap_or(""), false)?;
@@ -592,6 +600,13 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             opts.allow_other |= allow_other;
             opts.allow_rollback |= allow_rollback;
             opts.idle_lock = idle_lock.or(opts.idle_lock);
+            opts.on_lock_export = on_lock_export.or(opts.on_lock_export);
+            if opts.on_lock_export.is_some() && opts.idle_lock.is_none() {
+                return Err(Error::Usage(
+                    "--on-lock-export exports when the idle lock unmounts: give --idle-lock too"
+                        .into(),
+                ));
+            }
             if key_file.is_some() {
                 opts.key_file = key_file;
             }

@@ -111,6 +111,14 @@ pub fn foreground(
         activity: fuse.activity(),
         mountpoint: mountpoint.clone(),
         refusal_said: std::cell::Cell::new(false),
+        export: opts.on_lock_export.clone().map(|dest| LockExport {
+            dest,
+            snaps: snaps.clone(),
+            key_file: k
+                .key_file
+                .as_deref()
+                .and_then(|f| std::fs::canonicalize(f).ok()),
+        }),
     });
     let config = mount_config(&path, opts);
     // SAFETY: geteuid has no preconditions.
@@ -506,6 +514,99 @@ struct IdleLock {
     /// A refused unmount was logged since the mount was last used (the
     /// retries after it are logged at debug level only).
     refusal_said: std::cell::Cell<bool>,
+    /// `--on-lock-export`: where to export a snapshot before unmounting.
+    export: Option<LockExport>,
+}
+
+/// `--on-lock-export DEST`: before the idle lock unmounts, a snapshot
+/// `idle-<UTC time>` is taken and exported to DEST (as `lsvfs snapshot
+/// export` would, through this mount's control socket), incrementally over
+/// the previous `idle-` snapshot, which then goes: one stays as the next
+/// base. Nothing changed since that one: nothing to export. A failed
+/// export is logged and the lock goes ahead (the data is safe on the
+/// volume; the lock is what was asked for).
+struct LockExport {
+    dest: String,
+    snaps: Arc<Snapshots>,
+    /// The mount's key file: the exports get a slot for it too.
+    key_file: Option<PathBuf>,
+}
+
+impl LockExport {
+    fn run(&self, mountpoint: &Path) {
+        let m = mountpoint.display();
+        match self.export(mountpoint) {
+            Ok(Some(name)) => {
+                tracing::info!("{m}: exported snapshot {name} to {} (idle lock)", self.dest)
+            }
+            Ok(None) => tracing::debug!("{m}: nothing changed since the last idle export"),
+            Err(e) => tracing::warn!(
+                "{m}: the export before the idle lock failed: {e}; locking anyway (the data is \
+                 on the volume; `lsvfs snapshot export` exports it later)"
+            ),
+        }
+    }
+
+    fn export(&self, mountpoint: &Path) -> Result<Option<String>, Error> {
+        let names = self.snaps.names()?;
+        let base = names
+            .iter()
+            .rev()
+            .find(|(_, n)| n.starts_with("idle-"))
+            .map(|(_, n)| n.clone());
+        let newest_is_base = names.last().map(|(_, n)| n) == base.as_ref();
+        if newest_is_base
+            && self
+                .snaps
+                .with_volume(|v, _| v.changed_since_newest_snapshot())??
+                .is_empty()
+        {
+            return Ok(None);
+        }
+        let name = format!(
+            "idle-{}",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        );
+        self.snaps.create(&name)?;
+        let to = if self.dest.starts_with("s3://") {
+            self.dest.clone()
+        } else {
+            Path::new(&self.dest)
+                .join(format!("{name}.lsx"))
+                .display()
+                .to_string()
+        };
+        let exe = std::env::current_exe().map_err(|e| Error::io("finding this program", e))?;
+        let mut c = Command::new(exe);
+        c.arg("snapshot")
+            .arg("export")
+            .arg(mountpoint)
+            .arg(&name)
+            .args(["-o", &to, "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some(b) = &base {
+            c.args(["--since", b]);
+        }
+        if let Some(k) = &self.key_file {
+            c.arg("--key-file").arg(k);
+        }
+        let out = c
+            .output()
+            .map_err(|e| Error::io("running lsvfs snapshot export", e))?;
+        if !out.status.success() {
+            return Err(Error::Usage(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        // The new snapshot is the next base; older idle snapshots go.
+        for (_, n) in names.iter().filter(|(_, n)| n.starts_with("idle-")) {
+            if let Err(e) = self.snaps.delete(n) {
+                tracing::warn!("{}: deleting snapshot {n}: {e}", mountpoint.display());
+            }
+        }
+        Ok(Some(name))
+    }
 }
 
 /// How often an idle mount that was busy is tried again.
@@ -515,6 +616,9 @@ impl IdleLock {
     /// Unmounts, or says why not (it is tried again later).
     fn lock(&self) {
         let idle = humantime::format_duration(Duration::from_secs(self.activity.idle().as_secs()));
+        if let Some(x) = &self.export {
+            x.run(&self.mountpoint);
+        }
         match detach(&self.mountpoint, Duration::ZERO) {
             Ok(()) => tracing::info!(
                 "{}: no request for {idle}: unmounted (idle lock); the volume is closed and \

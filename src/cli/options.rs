@@ -45,6 +45,10 @@ pub struct MountOptions {
     /// `idle_lock=DURATION` (`15m`, `1h`, `90s`): after that long without a
     /// request, unmount cleanly, which closes the volume and drops its keys.
     pub idle_lock: Option<std::time::Duration>,
+    /// `on_lock_export=DIR|s3://BUCKET/PREFIX`: before the idle lock
+    /// unmounts, snapshot the volume and export it (incrementally, over the
+    /// previous such snapshot) there.
+    pub on_lock_export: Option<String>,
 }
 
 /// Options for mount(8), fstab or systemd, not for lsvfs.
@@ -71,7 +75,7 @@ const IGNORED: &[&str] = &[
 
 /// What `unknown option` lists as known.
 const KNOWN: &str = "ro, rw, key_file=PATH, store=PATH, timeout=SECONDS, attempts=N, \
-    show_snapshots, allow_other, allow_rollback, idle_lock=DURATION, noexec, nosuid, nodev, noatime, sync, dirsync, \
+    show_snapshots, allow_other, allow_rollback, idle_lock=DURATION, on_lock_export=DEST, noexec, nosuid, nodev, noatime, sync, dirsync, \
     and mount(8)'s own (defaults, auto, noauto, _netdev, nofail, x-*)";
 
 impl MountOptions {
@@ -129,6 +133,7 @@ impl MountOptions {
                 "store" => self.store = Some(PathBuf::from(need()?)),
                 "timeout" => self.timeout = Some(number("the timeout in seconds")?),
                 "idle_lock" => self.idle_lock = Some(parse_idle(need()?)?),
+                "on_lock_export" => self.on_lock_export = Some(need()?.to_string()),
                 "attempts" => {
                     let n = number("the number of attempts")?;
                     self.attempts = Some(u32::try_from(n).map_err(|_| {
@@ -182,8 +187,13 @@ impl MountOptions {
         let idle = self
             .idle_lock
             .map(|d| format!("idle_lock={}s", d.as_secs()));
+        let export = self
+            .on_lock_export
+            .as_ref()
+            .map(|d| format!("on_lock_export={d}"));
         let mut l = vec![if self.read_only { "ro" } else { "rw" }];
         l.extend(idle.as_deref());
+        l.extend(export.as_deref());
         for (on, name) in [
             (self.show_snapshots, "show_snapshots"),
             (self.allow_other, "allow_other"),
