@@ -27,6 +27,17 @@ fn rekey_json(m: &Mounted, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(line).unwrap()
 }
 
+/// `info --key-file`'s line of blocks per key generation, and all of it.
+fn sealed_blocks(m: &Mounted) -> (String, String) {
+    let info = ok(&["info", "v.vol", "--key-file", "k"], m.p());
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("sealed blocks:"))
+        .unwrap_or_else(|| panic!("no sealed blocks line: {info}"))
+        .to_string();
+    (line, info)
+}
+
 fn generations(v: &serde_json::Value) -> (Vec<u64>, u64, u64) {
     (
         v["generations"]
@@ -110,11 +121,7 @@ fn an_unmounted_volume_rekeys_and_a_killed_mount_resumes_its_rekey() {
     assert_eq!(generations(&st), (vec![1], 1, 1), "{st}");
     let c = ok(&["check", "v.vol", "--key-file", "k"], m.p());
     assert!(c.contains("v.vol: clean"), "{c}");
-    let info = ok(&["info", "v.vol", "--key-file", "k"], m.p());
-    let sealed = info
-        .lines()
-        .find(|l| l.starts_with("sealed blocks:"))
-        .unwrap();
+    let (sealed, info) = sealed_blocks(&m);
     assert!(
         sealed.contains("generation 1: ") && !sealed.contains("generation 0"),
         "{info}"
@@ -139,11 +146,7 @@ fn an_unmounted_volume_rekeys_and_a_killed_mount_resumes_its_rekey() {
         "the pass was not cut short: {info}"
     );
     // The older generation still seals blocks.
-    let info = ok(&["info", "v.vol", "--key-file", "k"], m.p());
-    let sealed = info
-        .lines()
-        .find(|l| l.starts_with("sealed blocks:"))
-        .unwrap();
+    let (sealed, info) = sealed_blocks(&m);
     assert!(sealed.contains("generation 1: "), "{info}");
 
     // The next mount resumes it; --wait waits for the running pass.
@@ -152,11 +155,7 @@ fn an_unmounted_volume_rekeys_and_a_killed_mount_resumes_its_rekey() {
     assert_eq!(generations(&st), (vec![2], 2, 2), "{st}");
     assert_eq!(sums(&m, "."), want);
     m.unmount_and_check();
-    let info = ok(&["info", "v.vol", "--key-file", "k"], m.p());
-    let sealed = info
-        .lines()
-        .find(|l| l.starts_with("sealed blocks:"))
-        .unwrap();
+    let (sealed, info) = sealed_blocks(&m);
     assert!(
         sealed.contains("generation 2: ") && !sealed.contains("generation 1"),
         "{info}"

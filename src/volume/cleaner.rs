@@ -184,18 +184,8 @@ impl State {
             {
                 let pba = start + offset + 1 + i as u64;
                 match *e {
-                    Entry::Write {
-                        lba,
-                        gen,
-                        key_gen,
-                        mac,
-                    }
-                    | Entry::Relocate {
-                        lba,
-                        gen,
-                        key_gen,
-                        mac,
-                    } => {
+                    Entry::Write { lba, gen, .. } | Entry::Relocate { lba, gen, .. } => {
+                        let (tag, mac) = payload_seal(e).expect("a write has payload");
                         let cur = self.lookup(ctx, lba)?;
                         let live = cur.pba == pba && cur.gen == gen;
                         if live || self.usage.held.is_at(gen, pba) {
@@ -206,7 +196,7 @@ impl State {
                                 Entry::Relocate {
                                     lba,
                                     gen,
-                                    key_gen,
+                                    key_gen: tag.key,
                                     mac,
                                 },
                                 (offset + 1) as usize + i,
