@@ -1514,3 +1514,79 @@ fn an_export_restores_on_another_host_under_another_key_server() {
         "{audit}"
     );
 }
+
+/// A volume the key server's administrator declares compromised: the next
+/// unlock rewraps the volume key under a new KEK and starts a rekey of the
+/// data, and once it is done the host reports it; the server records both,
+/// and the next unlock asks for nothing more.
+#[test]
+fn a_compromise_declared_on_the_key_server_rewraps_rekeys_and_is_reported() {
+    let ks = KeyServer::start();
+    let (a, vid) = host_with_volume(&ks, "host-a");
+    a.ok(&["mount", "v.vol", "m"]);
+    a.ok(&["rekey", "m", "--status"]);
+    std::fs::write(a.p().join("m/hello"), b"before the compromise").unwrap();
+    a.ok(&["unmount", "m"]);
+
+    let out = ks.admin(&["compromise", &vid]);
+    assert!(out.contains("declared compromised: KEK v2 added"), "{out}");
+    // Mounted with the policy (and the report) checked every second.
+    let store = a.store.to_str().unwrap().to_string();
+    let o = run(
+        Path::new(env!("CARGO_BIN_EXE_lsvfs")),
+        &["mount", "v.vol", "m", "--store", &store],
+        a.p(),
+        &[
+            ("LSVFS_MACHINE_ID_FILE", a.machine_id.as_path()),
+            ("LSVFS_RECORD_SECS", Path::new("1")),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let status = || -> serde_json::Value {
+        let out = a.ok(&["rekey", "m", "--status", "--json"]);
+        serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap()).unwrap()
+    };
+    let t0 = Instant::now();
+    let audit = loop {
+        let st = status();
+        let audit = ks.admin(&["audit", "--volume", &vid]);
+        if st["current"] == 1
+            && st["generations"].as_array().unwrap().len() == 1
+            && audit.contains("rekeyed")
+        {
+            break audit;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no rekey reported: {st} {audit}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(audit.contains("compromise"), "{audit}");
+    assert!(audit.contains("rekey asked"), "{audit}");
+    assert!(audit.contains("compromise mark is cleared"), "{audit}");
+    let show = a.ok(&["host", "show"]);
+    assert!(
+        show.contains(&format!("volume {vid}: KEK v2")),
+        "rewrapped: {show}"
+    );
+    assert_eq!(
+        std::fs::read(a.p().join("m/hello")).unwrap(),
+        b"before the compromise"
+    );
+    a.ok(&["unmount", "m"]);
+
+    // Cleared: the next mount starts no rekey.
+    a.ok(&["mount", "v.vol", "m"]);
+    let st = status();
+    assert_eq!(
+        (
+            st["current"].as_u64(),
+            st["generations"].as_array().unwrap().len()
+        ),
+        (Some(1), 1),
+        "{st}"
+    );
+    a.ok(&["unmount", "m"]);
+    a.ok(&["check", "v.vol"]);
+}

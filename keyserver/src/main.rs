@@ -89,6 +89,10 @@ enum AdminCommand {
     CreateVolume { volume: String },
     /// Add KEK version n+1 to VOLUME.
     RotateKek { volume: String },
+    /// Declare VOLUME compromised (audited): add KEK version n+1; at its
+    /// next unlock each host rewraps under it, seals the volume's data
+    /// again under a new data key (an online rekey) and reports when done.
+    Compromise { volume: String },
     /// Crypto-erase VOLUME: destroy every KEK version, its ACL and its
     /// record (audited). No host can unlock it afterwards; irreversible.
     EraseVolume { volume: String },
@@ -121,6 +125,7 @@ impl From<AdminCommand> for AdminRequest {
             AdminCommand::Revoke { host } => AdminRequest::Revoke { host },
             AdminCommand::CreateVolume { volume } => AdminRequest::CreateVolume { volume },
             AdminCommand::RotateKek { volume } => AdminRequest::RotateKek { volume },
+            AdminCommand::Compromise { volume } => AdminRequest::Compromise { volume },
             AdminCommand::EraseVolume { volume } => AdminRequest::EraseVolume { volume },
             AdminCommand::ListHosts => AdminRequest::ListHosts,
             AdminCommand::ListVolumes => AdminRequest::ListVolumes,

@@ -93,15 +93,25 @@ impl Keys {
 
     /// The master key of the volume at `path` whose header is `header`.
     pub fn master(&self, header: &volume::Header, path: &Path) -> Result<MasterKey, Error> {
+        self.master_and_rekey(header, path).map(|(m, _)| m)
+    }
+
+    /// [`Keys::master`], and the key servers that asked for a rekey (they
+    /// declared the volume compromised; a mount starts one and reports it).
+    pub fn master_and_rekey(
+        &self,
+        header: &volume::Header,
+        path: &Path,
+    ) -> Result<(MasterKey, Vec<String>), Error> {
         volume::refuse_erased(header, &path.display().to_string())?;
         match &self.key_file {
-            Some(f) => Ok(keys::unlock(header, &keys::read_key_file(f)?)?),
+            Some(f) => Ok((keys::unlock(header, &keys::read_key_file(f)?)?, Vec::new())),
             None => {
                 let got = keys::unlock_with_server(&self.store, &self.server, header, false);
                 // Shares, KEKs and the combined key passed through the
                 // frames below this one.
                 lsvfs_keyserver::secret::scrub_stack();
-                let (m, r) = got?;
+                let (m, r, rekey) = got?;
                 for w in r {
                     tracing::info!(
                         "rewrapped the volume key from KEK v{} to v{} of {}",
@@ -110,7 +120,7 @@ impl Keys {
                         w.server
                     );
                 }
-                Ok(m)
+                Ok((m, rekey))
             }
         }
     }

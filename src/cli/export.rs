@@ -860,7 +860,7 @@ fn export_key(
     if !sealed {
         return Err(refused.into());
     }
-    let (master, _) =
+    let (master, _, _) =
         keys::unlock_volume_id(&env.store, &env.server, &h.volume_id, &key_check, false)?;
     lsvfs_keyserver::secret::scrub_stack();
     let volume = VolumeKeys::derive(&master, &h.volume_id);

@@ -106,7 +106,7 @@ pub fn rewrap(env: &Env, path: &Path) -> Result<(), Error> {
     let dev = open_device(path, false)?;
     let h = volume::read_header(&*dev).map_err(|e| with_path(e, path))?;
     volume::refuse_erased(&h, &path.display().to_string())?;
-    let (_, r) = keys::unlock_with_server(&env.store, &env.server, &h, true)?;
+    let (_, r, _) = keys::unlock_with_server(&env.store, &env.server, &h, true)?;
     if r.is_empty() {
         // Report again, in case an earlier report was lost.
         for (server, v) in keys::report_current(&env.store, &env.server, &h.volume_id)? {

@@ -83,7 +83,7 @@ pub fn foreground(
     signals.add(Signal::SIGHUP);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)
         .map_err(|e| Error::io("blocking signals", e.into()))?;
-    let (fs, device) = if service {
+    let (fs, device, rekey_asked) = if service {
         match open_fs_waiting(&path, k, t, opts, &signals)? {
             Some(opened) => opened,
             None => {
@@ -179,6 +179,8 @@ pub fn foreground(
         path: path.clone(),
         keys: k.clone(),
         starting: Arc::new(AtomicBool::new(false)),
+        report_to: Arc::new(std::sync::Mutex::new(rekey_asked)),
+        volume_id,
     };
     let by_signal = serve(
         &session,
@@ -278,7 +280,9 @@ fn sync_mount(mountpoint: &Path) -> Result<(), FsError> {
 /// `allow_rollback`, which accepts it and resets the record. The record
 /// moves to the checkpoint the open leaves.
 /// The file system, and the backing device it holds (and so its lock).
-type Opened = (Fs, Arc<dyn crate::device::Device>);
+/// The file system, its device, and the key servers that asked for a
+/// rekey at the unlock (a rekey is started; they hear when it is done).
+type Opened = (Fs, Arc<dyn crate::device::Device>, Vec<String>);
 
 fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Opened, Error> {
     let read_only = o.read_only;
@@ -286,7 +290,7 @@ fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Opened
     let device = dev.clone();
     let header = volume::read_header(&*dev)?;
     refuse_restoring(&header, path)?;
-    let master = k.master(&header, path)?;
+    let (master, mut rekey_asked) = k.master_and_rekey(&header, path)?;
     let vid = header.volume_id;
     let seen = k.newest_seen(&vid)?;
     let opts = Options {
@@ -297,6 +301,28 @@ fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Opened
         ..Options::default()
     };
     let v = volume::Volume::open(dev, &master, opts)?;
+    if !rekey_asked.is_empty() {
+        if read_only {
+            tracing::warn!(
+                "{}: the key server ({}) declared the volume compromised and asks for a rekey; \
+                 a read-only mount cannot: mount it read-write",
+                path.display(),
+                rekey_asked.join(", ")
+            );
+            rekey_asked.clear();
+        } else if !v.rekey_status()?.in_progress() {
+            let (entry, secret) = volume::new_key_generation(&header, &master)?;
+            v.rekey_start(entry, &secret)?;
+            tracing::warn!(
+                "{}: the key server ({}) declared the volume compromised: the volume key was \
+                 rewrapped under its new KEK, and a rekey to key generation {} started; the \
+                 server hears when it is done",
+                path.display(),
+                rekey_asked.join(", "),
+                entry.key_gen
+            );
+        }
+    }
     drop(master);
     let checkpoint = v.stats()?.checkpoint_seq;
     if let Some(seen) = seen.filter(|s| *s > checkpoint) {
@@ -322,7 +348,7 @@ fn open_fs(path: &Path, k: &Keys, t: &Tuning, o: &MountOptions) -> Result<Opened
             }
         );
     }
-    Ok((Fs::mount(v)?, device))
+    Ok((Fs::mount(v)?, device, rekey_asked))
 }
 
 /// Longest wait between two tries to reach the key server.
@@ -664,6 +690,10 @@ struct AutoRekey {
     keys: Keys,
     /// A thread is starting a rekey.
     starting: Arc<AtomicBool>,
+    /// Key servers that asked for a rekey at the unlock: told once it is
+    /// done (then emptied).
+    report_to: Arc<std::sync::Mutex<Vec<String>>>,
+    volume_id: [u8; 16],
 }
 
 impl AutoRekey {
@@ -674,6 +704,12 @@ impl AutoRekey {
         let Ok((st, _, _)) = self.snaps.rekey_status() else {
             return;
         };
+        if !st.in_progress() {
+            self.report_rekeyed();
+            if self.starting.load(Ordering::SeqCst) {
+                return;
+            }
+        }
         let Some(why) = st.due() else {
             return;
         };
@@ -708,6 +744,51 @@ impl AutoRekey {
                          next check",
                         path.display()
                     ),
+                }
+                starting.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.starting.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+impl AutoRekey {
+    /// Tells the key servers that asked for a rekey that it is done (each
+    /// clears its compromise mark and audits it), on a thread of its own;
+    /// tried again at the next check if one cannot be reached.
+    fn report_rekeyed(&self) {
+        let to = match self.report_to.lock() {
+            Ok(mut to) if !to.is_empty() => std::mem::take(&mut *to),
+            _ => return,
+        };
+        self.starting.store(true, Ordering::SeqCst);
+        let (keys, path, back, starting, vid) = (
+            self.keys.clone(),
+            self.path.clone(),
+            self.report_to.clone(),
+            self.starting.clone(),
+            self.volume_id,
+        );
+        let spawned = std::thread::Builder::new()
+            .name("lsvfs-rekey-report".into())
+            .spawn(move || {
+                match crate::keys::report_rekeyed(&keys.store, &keys.server, &vid, &to) {
+                    Ok(_) => tracing::info!(
+                        "{}: told {} that the rekey asked for is done",
+                        path.display(),
+                        to.join(", ")
+                    ),
+                    Err(e) => {
+                        tracing::warn!(
+                            "{}: could not tell the key server the rekey is done: {e}; trying \
+                             again at the next check",
+                            path.display()
+                        );
+                        if let Ok(mut b) = back.lock() {
+                            b.extend(to);
+                        }
+                    }
                 }
                 starting.store(false, Ordering::SeqCst);
             });

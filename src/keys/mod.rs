@@ -268,7 +268,7 @@ pub fn unlock_with_server(
     o: &ServerOptions,
     header: &Header,
     every: bool,
-) -> Result<(MasterKey, Vec<Rewrapped>)> {
+) -> Result<(MasterKey, Vec<Rewrapped>, Vec<String>)> {
     unlock_volume_id(store_dir, o, &header.volume_id, &header.key_check, every)
 }
 
@@ -280,7 +280,7 @@ pub fn unlock_volume_id(
     volume_id: &[u8; 16],
     key_check: &[u8; 16],
     every: bool,
-) -> Result<(MasterKey, Vec<Rewrapped>)> {
+) -> Result<(MasterKey, Vec<Rewrapped>, Vec<String>)> {
     let store = SealedStore::open(store_dir)?;
     let vid = *volume_id;
     let hex = hex(&vid);
@@ -405,7 +405,38 @@ pub fn unlock_volume_id(
             to: version,
         });
     }
-    Ok((master, done))
+    // Servers that declared the volume compromised ask for a rekey.
+    let rekey: Vec<String> = got
+        .iter()
+        .filter(|(_, (u, _))| u.rekey)
+        .map(|(i, _)| urls[*i].clone())
+        .collect();
+    Ok((master, done, rekey))
+}
+
+/// Tells the key servers in `servers` (those that asked at an unlock) that
+/// the volume's data is sealed under a new data key; each clears its
+/// compromise mark and audits it. Returns the servers that cleared one.
+pub fn report_rekeyed(
+    store_dir: &Path,
+    o: &ServerOptions,
+    volume_id: &[u8; 16],
+    servers: &[String],
+) -> Result<Vec<String>> {
+    let store = SealedStore::open(store_dir)?;
+    let host = HostIdentity::from_secret(&store.identity);
+    let (mut cleared, mut failed) = (Vec::new(), Vec::new());
+    for server in servers {
+        match client::report_rekeyed(&client_config(&store, server, o), &host, *volume_id) {
+            Ok(true) => cleared.push(server.clone()),
+            Ok(false) => {}
+            Err(e) => failed.push(format!("{server}: {e}")),
+        }
+    }
+    match failed.len() {
+        0 => Ok(cleared),
+        _ => Err(KeysError::KeyServer(failed.join("; "))),
+    }
 }
 
 /// A key server and the KEK versions of a volume it destroyed.

@@ -65,6 +65,12 @@ pub enum AdminRequest {
         /// Volume id, hex.
         volume: String,
     },
+    /// Declare a volume compromised: add KEK version n+1 and ask every
+    /// host, at its next unlock, to rewrap and to rekey the volume's data.
+    Compromise {
+        /// Volume id, hex.
+        volume: String,
+    },
     /// Destroy every KEK of a volume, its ACL and its record.
     EraseVolume {
         /// Volume id, hex.
@@ -241,6 +247,16 @@ async fn execute(store: &Store, req: AdminRequest) -> AdminResponse {
                 Ok(v) => store.rotate_kek(v).await?.map(|n| AdminResult::Rotated {
                     volume: v.to_hex(),
                     version: n.0,
+                }),
+            },
+            AdminRequest::Compromise { volume } => match parse_volume(&volume) {
+                Err(e) => Err(e),
+                Ok(v) => store.compromise(v).await?.map(|n| {
+                    done(format!(
+                        "volume {v} declared compromised: KEK v{} added; at its next unlock each \
+                         host rewraps and rekeys the volume's data, and reports it",
+                        n.0
+                    ))
                 }),
             },
             AdminRequest::EraseVolume { volume } => match parse_volume(&volume) {

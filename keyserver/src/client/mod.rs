@@ -14,8 +14,8 @@ use zeroize::Zeroizing;
 pub use crate::protocol::Refusal;
 use crate::protocol::{
     self, open_kek, parse_challenge_response, parse_erased_response, parse_error_body,
-    parse_key_response, parse_rewrapped_response, Challenge, ChallengeRequest, HostId, KekVersion,
-    Op, Recipient, SignedRequest, VolumeId, MAX_RESPONSE,
+    parse_key_response, parse_rekeyed_response, parse_rewrapped_response, Challenge,
+    ChallengeRequest, HostId, KekVersion, Op, Recipient, SignedRequest, VolumeId, MAX_RESPONSE,
 };
 
 /// First pause between attempts; it doubles after each failed attempt.
@@ -106,6 +106,9 @@ pub struct Unlocked {
     /// The newest version, when it is newer than the one asked for: the host
     /// should rewrap under it and call [`report_rewrapped`].
     pub newest: Option<Kek>,
+    /// The volume was declared compromised: the host should seal its data
+    /// again under a new data key and call [`report_rekeyed`].
+    pub rekey: bool,
 }
 
 /// Why a key-server call failed.
@@ -209,7 +212,7 @@ pub fn register_volume(
     with_retries(cfg, |agent| {
         let (challenge, recipient, body) =
             signed_exchange(agent, cfg, host, Op::Register, volume, KekVersion::FIRST)?;
-        let (sealed, _) = parse_key_response(&body).map_err(fatal_protocol)?;
+        let (sealed, _, _) = parse_key_response(&body).map_err(fatal_protocol)?;
         if sealed.version != KekVersion::FIRST {
             return Err(fatal_protocol("register returned a version other than 1"));
         }
@@ -231,7 +234,7 @@ pub fn unlock(
     with_retries(cfg, |agent| {
         let (challenge, recipient, body) =
             signed_exchange(agent, cfg, host, Op::Unlock, volume, KekVersion(version))?;
-        let (sealed, newest) = parse_key_response(&body).map_err(fatal_protocol)?;
+        let (sealed, newest, rekey) = parse_key_response(&body).map_err(fatal_protocol)?;
         if sealed.version != KekVersion(version) {
             return Err(fatal_protocol("unlock returned another version"));
         }
@@ -246,6 +249,7 @@ pub fn unlock(
         Ok(Unlocked {
             kek: open(&sealed)?,
             newest: newest.as_ref().map(open).transpose()?,
+            rekey,
         })
     })
 }
@@ -267,6 +271,23 @@ pub fn report_rewrapped(
             return Err(fatal_protocol("rewrapped recorded an older version"));
         }
         Ok(())
+    })
+}
+
+/// Reports that the volume's data is sealed under a new data key (after
+/// the server asked for it: the volume was declared compromised). Returns
+/// whether the server's compromise mark was cleared.
+pub fn report_rekeyed(
+    cfg: &ClientConfig,
+    host: &HostIdentity,
+    volume_id: [u8; 16],
+) -> Result<bool, ClientError> {
+    let volume = VolumeId(volume_id);
+    with_retries(cfg, |agent| {
+        let (_, _, body) =
+            signed_exchange(agent, cfg, host, Op::Rekeyed, volume, KekVersion::FIRST)?;
+        let resp = parse_rekeyed_response(&body).map_err(fatal_protocol)?;
+        Ok(resp.cleared)
     })
 }
 

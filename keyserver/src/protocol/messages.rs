@@ -64,6 +64,18 @@ pub struct KeyResponse {
     pub kek: SealedKekBody,
     /// The newest version, when it is newer than the one asked for.
     pub newest: Option<SealedKekBody>,
+    /// The volume was declared compromised: the host must seal its data
+    /// again under a new data key (`lsvfs rekey`) and report `rekeyed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rekey: bool,
+}
+
+/// Response of `rekeyed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RekeyedResponse {
+    /// A compromise mark was cleared.
+    pub cleared: bool,
 }
 
 /// Response of `rewrapped`.
@@ -150,7 +162,9 @@ impl From<&SealedKek> for SealedKekBody {
 
 /// Client side: parses a `register`/`unlock` response into the sealed KEK
 /// and the optional sealed newest KEK.
-pub fn parse_key_response(body: &[u8]) -> Result<(SealedKek, Option<SealedKek>), ProtocolError> {
+pub fn parse_key_response(
+    body: &[u8],
+) -> Result<(SealedKek, Option<SealedKek>, bool), ProtocolError> {
     let resp: KeyResponse = parse_json(body, MAX_RESPONSE as usize)?;
     let kek = resp.kek.decode()?;
     let newest = resp
@@ -166,7 +180,7 @@ pub fn parse_key_response(body: &[u8]) -> Result<(SealedKek, Option<SealedKek>),
             });
         }
     }
-    Ok((kek, newest))
+    Ok((kek, newest, resp.rekey))
 }
 
 /// Client side: parses a `rewrapped` response.
@@ -176,6 +190,11 @@ pub fn parse_rewrapped_response(body: &[u8]) -> Result<RewrappedResponse, Protoc
 
 /// Client side: parses an `erase` response.
 pub fn parse_erased_response(body: &[u8]) -> Result<ErasedResponse, ProtocolError> {
+    parse_json(body, MAX_RESPONSE as usize)
+}
+
+/// Client side: parses a `rekeyed` response.
+pub fn parse_rekeyed_response(body: &[u8]) -> Result<RekeyedResponse, ProtocolError> {
     parse_json(body, MAX_RESPONSE as usize)
 }
 
@@ -228,6 +247,7 @@ mod tests {
                     enc: "00".repeat(32),
                     ct: "00".repeat(48),
                 }),
+                rekey: false,
             })
             .unwrap()
         };

@@ -13,9 +13,9 @@ mod signed;
 pub use ids::{Challenge, HostId, KekVersion, VolumeId};
 pub use messages::{
     parse_challenge_request, parse_challenge_response, parse_erased_response, parse_error_body,
-    parse_key_response, parse_rewrapped_response, parse_signed_request, ChallengeRequest,
-    ChallengeResponse, ErasedResponse, ErrorBody, KeyResponse, RewrappedResponse, SealedKekBody,
-    SignedRequestBody,
+    parse_key_response, parse_rekeyed_response, parse_rewrapped_response, parse_signed_request,
+    ChallengeRequest, ChallengeResponse, ErasedResponse, ErrorBody, KeyResponse, RekeyedResponse,
+    RewrappedResponse, SealedKekBody, SignedRequestBody,
 };
 pub use seal::{open_kek, seal_kek, Recipient, SealedKek, KEK_INFO_LABEL};
 pub use signed::{Op, SignedRequest, SIGNED_PREFIX};

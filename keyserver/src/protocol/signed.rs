@@ -40,11 +40,20 @@ pub enum Op {
     Rewrapped,
     /// Destroy every KEK of the volume (crypto-erase); releases nothing.
     Erase,
+    /// Report that the volume's data was sealed again under a new data key
+    /// (after a compromise); releases nothing.
+    Rekeyed,
 }
 
 impl Op {
     /// Every op.
-    pub const ALL: [Op; 4] = [Op::Register, Op::Unlock, Op::Rewrapped, Op::Erase];
+    pub const ALL: [Op; 5] = [
+        Op::Register,
+        Op::Unlock,
+        Op::Rewrapped,
+        Op::Erase,
+        Op::Rekeyed,
+    ];
 
     /// The name used in the signed message and the URL path.
     pub fn name(self) -> &'static str {
@@ -53,6 +62,7 @@ impl Op {
             Op::Unlock => "unlock",
             Op::Rewrapped => "rewrapped",
             Op::Erase => "erase",
+            Op::Rekeyed => "rekeyed",
         }
     }
 
@@ -69,6 +79,7 @@ impl Op {
             Op::Unlock => "/v1/unlock",
             Op::Rewrapped => "/v1/rewrapped",
             Op::Erase => "/v1/erase",
+            Op::Rekeyed => "/v1/rekeyed",
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{AppState, CONNECTION_LIFETIME, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 use crate::protocol::{
     parse_challenge_request, parse_signed_request, ChallengeResponse, ErasedResponse, ErrorBody,
-    KeyResponse, Op, Refusal, RewrappedResponse, SealedKekBody, MAX_BODY,
+    KeyResponse, Op, Refusal, RekeyedResponse, RewrappedResponse, SealedKekBody, MAX_BODY,
 };
 use crate::storage::SignedOutcome;
 
@@ -38,6 +38,7 @@ const ROUTES: &[(&str, Route)] = &[
     ("/v1/unlock", Route::Signed(Op::Unlock)),
     ("/v1/rewrapped", Route::Signed(Op::Rewrapped)),
     ("/v1/erase", Route::Signed(Op::Erase)),
+    ("/v1/rekeyed", Route::Signed(Op::Rekeyed)),
 ];
 
 /// Every way a request can fail.
@@ -263,13 +264,17 @@ async fn dispatch(
                 .await
                 .map_err(internal)?
             {
-                SignedOutcome::Released { kek, newest } => Ok(json_response(
+                SignedOutcome::Released { kek, newest, rekey } => Ok(json_response(
                     StatusCode::OK,
                     &KeyResponse {
                         kek: SealedKekBody::from(&kek),
                         newest: newest.as_ref().map(SealedKekBody::from),
+                        rekey,
                     },
                 )),
+                SignedOutcome::Rekeyed { cleared } => {
+                    Ok(json_response(StatusCode::OK, &RekeyedResponse { cleared }))
+                }
                 SignedOutcome::Rewrapped { wrapped, retired } => Ok(json_response(
                     StatusCode::OK,
                     &RewrappedResponse {

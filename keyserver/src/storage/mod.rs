@@ -48,6 +48,10 @@ const KEKS: TableDefinition<([u8; 16], u32), &[u8]> = TableDefinition::new("keks
 const ACL: TableDefinition<([u8; 16], [u8; 32]), u32> = TableDefinition::new("acl");
 const CHALLENGES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("challenges");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Volumes an admin declared compromised (`admin compromise`): volume id ->
+/// when (Unix ms). An unlock answer tells the host to rekey; the host's
+/// `rekeyed` report clears it.
+const COMPROMISED: TableDefinition<[u8; 16], u64> = TableDefinition::new("compromised");
 
 /// What went wrong in the storage layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,6 +132,13 @@ pub enum SignedOutcome {
         kek: SealedKek,
         /// The newest version, if newer.
         newest: Option<SealedKek>,
+        /// The volume was declared compromised: the host must rekey it.
+        rekey: bool,
+    },
+    /// `rekeyed`: whether a compromise mark was cleared.
+    Rekeyed {
+        /// A mark was there.
+        cleared: bool,
     },
     /// `rewrapped`: the recorded version and the versions retired.
     Rewrapped {
@@ -239,6 +250,7 @@ struct Tables<'t> {
     acl: Table<'t, ([u8; 16], [u8; 32]), u32>,
     challenges: Table<'t, [u8; 32], &'static [u8]>,
     audit: Table<'t, u64, &'static [u8]>,
+    compromised: Table<'t, [u8; 16], u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -251,6 +263,7 @@ impl<'t> Tables<'t> {
             acl: txn.open_table(ACL)?,
             challenges: txn.open_table(CHALLENGES)?,
             audit: txn.open_table(AUDIT)?,
+            compromised: txn.open_table(COMPROMISED)?,
         })
     }
 
@@ -324,6 +337,7 @@ impl<'t> Tables<'t> {
             self.acl.remove((volume.0, h))?;
         }
         self.volumes.remove(&volume.0)?;
+        self.compromised.remove(&volume.0)?;
         Ok(versions.into_iter().map(KekVersion).collect())
     }
 
@@ -505,11 +519,28 @@ impl Store {
                 let now = now_ms();
                 let outcome = signed_job(&mut t, &at_rest, &req, signature_ok, now)?;
                 let (result, reason) = match &outcome {
-                    SignedOutcome::Released { kek, newest } => (
+                    SignedOutcome::Released { kek, newest, rekey } => (
                         Outcome::Ok,
-                        match newest {
-                            Some(n) => format!("released {} and newest {}", kek.version, n.version),
-                            None => format!("released {}", kek.version),
+                        format!(
+                            "{}{}",
+                            match newest {
+                                Some(n) =>
+                                    format!("released {} and newest {}", kek.version, n.version),
+                                None => format!("released {}", kek.version),
+                            },
+                            if *rekey {
+                                "; the volume is marked compromised: rekey asked"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ),
+                    SignedOutcome::Rekeyed { cleared } => (
+                        Outcome::Ok,
+                        if *cleared {
+                            "rekeyed; the compromise mark is cleared".to_string()
+                        } else {
+                            "rekeyed (the volume was not marked)".to_string()
                         },
                     ),
                     SignedOutcome::Rewrapped { wrapped, retired } => (
@@ -736,6 +767,50 @@ impl Store {
             )))
         })
         .await
+    }
+
+    /// Declares a volume compromised: adds KEK version n+1 (so hosts rewrap
+    /// at their next unlock) and marks the volume, so that every unlock
+    /// answer asks the host to rekey its data until a host reports that it
+    /// has (`rekeyed`). Returns the new KEK version.
+    pub async fn compromise(
+        &self,
+        volume: VolumeId,
+    ) -> Result<Result<KekVersion, AdminRefusal>, StorageError> {
+        self.admin(move |t, at_rest, now| {
+            let Some(mut vol) = t.volume(volume)? else {
+                return Ok(Err(AdminRefusal::UnknownVolume(volume.to_hex())));
+            };
+            let Some(next) = vol.newest.next() else {
+                return Ok(Err(AdminRefusal::Invalid("KEK versions exhausted".into())));
+            };
+            t.put_kek(at_rest, volume, next, &*new_kek()?)?;
+            vol.newest = next;
+            t.volumes.insert(&volume.0, vol.encode().as_slice())?;
+            t.compromised.insert(&volume.0, now)?;
+            Ok(Ok((
+                next,
+                admin_audit(
+                    now,
+                    None,
+                    Some(volume),
+                    next.0,
+                    "compromise",
+                    "KEK rotated; hosts are asked to rewrap and rekey at their next unlock".into(),
+                ),
+            )))
+        })
+        .await
+    }
+
+    /// Whether a volume is marked compromised (not yet reported rekeyed).
+    pub fn is_compromised(&self, volume: VolumeId) -> Result<bool, StorageError> {
+        let r = self.db.begin_read()?;
+        match r.open_table(COMPROMISED) {
+            Ok(t) => Ok(t.get(&volume.0)?.is_some()),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Crypto-erases a volume: every KEK, its ACL and its record.
@@ -983,6 +1058,7 @@ fn signed_job(
         return Ok(SignedOutcome::Released {
             kek: sealed,
             newest: None,
+            rekey: false,
         });
     }
     let Some(vol) = t.volume(req.volume)? else {
@@ -1000,6 +1076,10 @@ fn signed_job(
     if req.op == Op::Erase {
         let destroyed = t.erase_volume(req.volume)?;
         return Ok(SignedOutcome::Erased { destroyed });
+    }
+    if req.op == Op::Rekeyed {
+        let cleared = t.compromised.remove(&req.volume.0)?.is_some();
+        return Ok(SignedOutcome::Rekeyed { cleared });
     }
     if t.keks.get((req.volume.0, req.version.0))?.is_none() {
         return refuse(
@@ -1035,7 +1115,8 @@ fn signed_job(
     } else {
         None
     };
-    Ok(SignedOutcome::Released { kek, newest })
+    let rekey = t.compromised.get(&req.volume.0)?.is_some();
+    Ok(SignedOutcome::Released { kek, newest, rekey })
 }
 
 const _: () = assert!(SEALED_LEN == 73);

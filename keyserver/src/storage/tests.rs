@@ -77,7 +77,10 @@ fn kek_is_never_stored_in_clear_and_wrong_master_key_is_refused() {
     let kek = rt().block_on(async {
         f.store.enroll("h1".into(), host).await.unwrap().unwrap();
         let (o, r, ch) = request(&f.store, &key, Op::Register, vol, 1).await;
-        let SignedOutcome::Released { kek, newest: None } = o else {
+        let SignedOutcome::Released {
+            kek, newest: None, ..
+        } = o
+        else {
             panic!("{o:?}")
         };
         open_kek(&r, &kek, host, ch, vol).unwrap()
@@ -280,5 +283,71 @@ fn erase_destroys_every_kek_only_for_an_authorized_host_and_is_audited() {
             })
             .unwrap();
         assert_eq!(log.last().unwrap().action, "erase-volume");
+    });
+}
+
+#[test]
+fn a_compromised_volume_asks_its_hosts_to_rekey_until_one_reports_it() {
+    let f = fixture(&MasterKey::generate().unwrap());
+    let s = &f.store;
+    let ((a, ha), (b, hb)) = (host(1), host(2));
+    let vol = VolumeId([7; 16]);
+    rt().block_on(async {
+        s.enroll("a".into(), ha).await.unwrap().unwrap();
+        s.enroll("b".into(), hb).await.unwrap().unwrap();
+        let (o, ..) = request(s, &a, Op::Register, vol, 1).await;
+        assert!(matches!(o, SignedOutcome::Released { rekey: false, .. }), "{o:?}");
+        let (o, ..) = request(s, &a, Op::Unlock, vol, 1).await;
+        assert!(matches!(o, SignedOutcome::Released { rekey: false, newest: None, .. }));
+        assert!(!s.is_compromised(vol).unwrap());
+        assert_eq!(
+            s.compromise(VolumeId([9; 16])).await.unwrap(),
+            Err(AdminRefusal::UnknownVolume(VolumeId([9; 16]).to_hex()))
+        );
+
+        // Declared compromised: a new KEK, and every unlock asks for a rekey.
+        assert_eq!(s.compromise(vol).await.unwrap(), Ok(KekVersion(2)));
+        assert!(s.is_compromised(vol).unwrap());
+        let (o, ..) = request(s, &a, Op::Unlock, vol, 1).await;
+        assert!(
+            matches!(o, SignedOutcome::Released { rekey: true, newest: Some(ref n), .. } if n.version == KekVersion(2)),
+            "{o:?}"
+        );
+        // A host not on the volume's ACL cannot clear the mark.
+        let (o, ..) = request(s, &b, Op::Rekeyed, vol, 1).await;
+        assert_eq!(refusal(&o), Some(Refusal::NotAuthorized));
+        assert!(s.is_compromised(vol).unwrap());
+
+        let (o, ..) = request(s, &a, Op::Rekeyed, vol, 1).await;
+        assert!(matches!(o, SignedOutcome::Rekeyed { cleared: true }), "{o:?}");
+        assert!(!s.is_compromised(vol).unwrap());
+        let (o, ..) = request(s, &a, Op::Unlock, vol, 2).await;
+        assert!(matches!(o, SignedOutcome::Released { rekey: false, .. }), "{o:?}");
+        let (o, ..) = request(s, &a, Op::Rekeyed, vol, 1).await;
+        assert!(matches!(o, SignedOutcome::Rekeyed { cleared: false }), "{o:?}");
+
+        // Erasing a marked volume drops the mark too.
+        assert_eq!(s.compromise(vol).await.unwrap(), Ok(KekVersion(3)));
+        s.erase_volume(vol).await.unwrap().unwrap();
+        assert!(!s.is_compromised(vol).unwrap());
+
+        let log = s
+            .audit(&AuditFilter {
+                host: None,
+                volume: Some(vol),
+                limit: 100,
+            })
+            .unwrap();
+        let actions: Vec<(&str, &str)> = log
+            .iter()
+            .map(|e| (e.action.as_str(), e.outcome.as_str()))
+            .collect();
+        for want in [("compromise", "ok"), ("rekeyed", "ok"), ("rekeyed", "refused")] {
+            assert!(actions.contains(&want), "{want:?} not in {actions:?}");
+        }
+        assert!(
+            log.iter().any(|e| e.action == "unlock" && e.reason.contains("rekey asked")),
+            "{log:?}"
+        );
     });
 }
