@@ -235,8 +235,9 @@ pub struct FstabEntry {
     pub options: String,
 }
 
-/// Undoes fstab's octal escapes (`\040` for a space, as in fstab(5)).
-fn unescape(field: &str) -> String {
+/// Undoes fstab's octal escapes (`\040` for a space, as in fstab(5); so
+/// does /proc/self/mountinfo).
+pub(super) fn unescape(field: &str) -> String {
     let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

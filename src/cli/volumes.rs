@@ -292,12 +292,36 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             h.retired_below
         );
     }
-    if gens.len() > 1 {
-        println!(
+    let mounted = mountpoint_of(path);
+    if let Some(m) = &mounted {
+        println!("mounted on:      {}", m.display());
+    }
+    let running = mounted.as_deref().and_then(|m| {
+        super::control::request(m, &super::control::Request::RekeyStatus { resume: false })
+            .ok()
+            .and_then(|r| r.rekey)
+    });
+    match running {
+        Some(st) if st.generations.len() > 1 => println!(
+            "rekey:           {} of {} segments left{}",
+            st.segments_left,
+            st.segments_total,
+            if st.running {
+                String::new()
+            } else {
+                format!(
+                    " (stopped{}; `lsvfs rekey {}` resumes it)",
+                    st.error.map(|e| format!(": {e}")).unwrap_or_default(),
+                    mounted.as_deref().unwrap_or(path).display()
+                )
+            }
+        ),
+        _ if gens.len() > 1 => println!(
             "rekey:           not finished: older generations still seal blocks; a mount resumes \
              it (`lsvfs rekey MOUNTPOINT --wait` shows its progress), or `lsvfs rekey VOLUME` \
              finishes it here"
-        );
+        ),
+        _ => {}
     }
     println!(
         "logical size:    {} ({} blocks)",
@@ -371,6 +395,24 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
         }
     }
     Ok(())
+}
+
+/// Where the volume at `path` is mounted, if it is (the mount's source is
+/// `lsvfs:<canonical path>`, as `lsvfs mount` names it).
+fn mountpoint_of(path: &Path) -> Option<PathBuf> {
+    let want = format!("lsvfs:{}", std::fs::canonicalize(path).ok()?.display());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mut r = right.split(' ');
+        let (fstype, source) = (r.next()?, r.next()?);
+        if !fstype.starts_with("fuse") || super::options::unescape(source) != want {
+            return None;
+        }
+        Some(PathBuf::from(super::options::unescape(
+            left.split(' ').nth(4)?,
+        )))
+    })
 }
 
 /// `lsvfs check VOLUME [--key-file K]`: the volume, every snapshot's file

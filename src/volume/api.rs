@@ -268,10 +268,11 @@ impl Volume {
 
     /// The key generations, where a rekey stands, and the rekey policy.
     pub fn rekey_status(&self) -> Result<RekeyStatus> {
-        // The header as it is now: a rekey changes it.
+        // The header as it is now (a rekey changes it, under the lock held
+        // here, so that it agrees with the key ring).
+        let st = self.inner.lock()?;
         let h = super::header::read_header(&*self.inner.dev)?;
         let started = h.key_gens.last().map_or(h.created, |g| g.started);
-        let st = self.inner.lock()?;
         Ok(st.rekey_status(&self.inner.ctx(), h.retired_below, started))
     }
 
