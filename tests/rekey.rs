@@ -99,6 +99,10 @@ fn a_mounted_volume_rekeys_online_under_a_busy_writer_and_keeps_every_file() {
     );
     assert!(!info.contains("not finished"), "{info}");
     assert!(info.contains("mounted on:      "), "{info}");
+    assert!(
+        info.contains("rekey policy:    after 120d; key generation 1 is "),
+        "{info}"
+    );
 
     // A second rekey, and everything again after a remount.
     let st = rekey_json(&m, &["rekey", "m", "--key-file", "k", "--wait", "--json"]);

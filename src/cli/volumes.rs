@@ -301,6 +301,15 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             .ok()
             .and_then(|r| r.rekey)
     });
+    if let Some(st) = &running {
+        println!(
+            "rekey policy:    {}; key generation {} is {} old and has sealed {}",
+            super::rekey::describe_policy(st.after_secs, st.after_bytes),
+            st.current,
+            super::rekey::human_secs(st.age_secs),
+            human(st.sealed_bytes)
+        );
+    }
     match running {
         Some(st) if st.generations.len() > 1 => println!(
             "rekey:           {} of {} segments left{}",
