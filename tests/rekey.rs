@@ -99,6 +99,14 @@ fn a_mounted_volume_rekeys_online_under_a_busy_writer_and_keeps_every_file() {
     );
     assert!(!info.contains("not finished"), "{info}");
     assert!(info.contains("mounted on:      "), "{info}");
+    let sealed = info
+        .lines()
+        .find(|l| l.starts_with("sealed blocks:"))
+        .unwrap_or_else(|| panic!("{info}"));
+    assert!(
+        sealed.contains("generation 1: ") && !sealed.contains("generation 0"),
+        "counted through the mount: {info}"
+    );
     assert!(
         info.contains("rekey policy:    after 120d; key generation 1 is "),
         "{info}"

@@ -56,6 +56,10 @@ pub enum Request {
     RekeyStatus {
         #[serde(default)]
         resume: bool,
+        /// Count the data blocks each key generation seals too (reads
+        /// every map page, a few at a time).
+        #[serde(default)]
+        blocks: bool,
     },
 }
 
@@ -102,6 +106,9 @@ pub struct RekeyEntry {
     pub age_secs: u64,
     #[serde(default)]
     pub sealed_bytes: u64,
+    /// Data blocks per key generation, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<std::collections::BTreeMap<u16, u64>>,
 }
 
 impl RekeyEntry {
@@ -463,11 +470,27 @@ fn answer(req: Request, fds: Vec<OwnedFd>, snaps: &Arc<Snapshots>, volume: &Path
                 .and_then(|()| rekey_status(snaps, volume))
                 .unwrap_or_else(|e| failure(&e));
         }
-        Request::RekeyStatus { resume } => {
+        Request::RekeyStatus { resume, blocks } => {
             if resume {
                 snaps.rekey_in_background();
             }
-            return rekey_status(snaps, volume).unwrap_or_else(|e| failure(&e));
+            let counted = if blocks {
+                match snaps.with_volume(|v, _| v.blocks_by_key_gen()) {
+                    Ok(Ok(n)) => Some(n),
+                    Ok(Err(e)) => return failure(&e.into()),
+                    Err(e) => return failure(&e.into()),
+                }
+            } else {
+                None
+            };
+            return rekey_status(snaps, volume)
+                .map(|mut r| {
+                    if let Some(e) = r.rekey.as_mut() {
+                        e.blocks = counted;
+                    }
+                    r
+                })
+                .unwrap_or_else(|e| failure(&e));
         }
         Request::Export { .. } => unreachable!("answered above"),
     };
@@ -680,6 +703,12 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
         assert!(!format!("{r:?}").contains(&secret), "{r:?}");
         let s = serde_json::from_str::<Request>(r#"{"op":"rekeystatus"}"#).unwrap();
-        assert_eq!(s, Request::RekeyStatus { resume: false });
+        assert_eq!(
+            s,
+            Request::RekeyStatus {
+                resume: false,
+                blocks: false
+            }
+        );
     }
 }

@@ -53,8 +53,8 @@ pub fn rekey(
     }
 }
 
-fn status_of(mountpoint: &Path, resume: bool) -> Result<RekeyEntry, Error> {
-    let r = control::request(mountpoint, &Request::RekeyStatus { resume })?;
+fn status_of(mountpoint: &Path, resume: bool, blocks: bool) -> Result<RekeyEntry, Error> {
+    let r = control::request(mountpoint, &Request::RekeyStatus { resume, blocks })?;
     if !r.ok {
         return Err(Error::Usage(r.error.unwrap_or_default()));
     }
@@ -69,7 +69,7 @@ fn status_of(mountpoint: &Path, resume: bool) -> Result<RekeyEntry, Error> {
 /// `--status`: where the rekey stands; starts nothing.
 fn show_status(target: &Path, json: bool) -> Result<(), Error> {
     let st = if target.is_dir() {
-        status_of(target, false)?
+        status_of(target, false, true)?
     } else {
         let dev = crate::device::FileDevice::open_unlocked(target)
             .map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
@@ -107,6 +107,9 @@ fn show_status(target: &Path, json: bool) -> Result<(), Error> {
             super::common::human(st.sealed_bytes)
         );
     }
+    if let Some(n) = &st.blocks {
+        println!("sealed blocks: {}", blocks_per_generation(n));
+    }
     if in_progress(&st) {
         if st.segments_total > 0 {
             println!(
@@ -135,7 +138,7 @@ fn mounted(
     json: bool,
 ) -> Result<(), Error> {
     // A pass that is due but stopped (an error, or a remount) starts again.
-    let mut st = status_of(mountpoint, true)?;
+    let mut st = status_of(mountpoint, true, false)?;
     if in_progress(&st) {
         if !json {
             eprintln!(
@@ -222,7 +225,7 @@ fn wait_for(mountpoint: &Path, mut st: RekeyEntry, json: bool) -> Result<RekeyEn
             .into());
         }
         std::thread::sleep(Duration::from_millis(200));
-        st = status_of(mountpoint, false)?;
+        st = status_of(mountpoint, false, false)?;
     }
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -286,6 +289,17 @@ fn unmounted(
         );
     }
     Ok(())
+}
+
+/// Data blocks per key generation, in words.
+pub fn blocks_per_generation(n: &std::collections::BTreeMap<u16, u64>) -> String {
+    if n.is_empty() {
+        return "none".into();
+    }
+    n.iter()
+        .map(|(g, c)| format!("generation {g}: {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A rekey policy's age: a duration (`120d`, `12h`), or `never`.

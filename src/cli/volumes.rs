@@ -297,11 +297,19 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
         println!("mounted on:      {}", m.display());
     }
     let running = mounted.as_deref().and_then(|m| {
-        super::control::request(m, &super::control::Request::RekeyStatus { resume: false })
-            .ok()
-            .and_then(|r| r.rekey)
+        let req = super::control::Request::RekeyStatus {
+            resume: false,
+            blocks: true,
+        };
+        super::control::request(m, &req).ok().and_then(|r| r.rekey)
     });
     if let Some(st) = &running {
+        if let Some(n) = &st.blocks {
+            println!(
+                "sealed blocks:   {}",
+                super::rekey::blocks_per_generation(n)
+            );
+        }
         println!(
             "rekey policy:    {}; key generation {} is {} old and has sealed {}",
             super::rekey::describe_policy(st.after_secs, st.after_bytes),
@@ -369,11 +377,7 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             s.extent_segments, s.max_segments, s.free_segments
         );
         println!("checkpoint:      {}", s.checkpoint_seq);
-        let by_gen: Vec<String> = v
-            .blocks_by_key_gen()?
-            .into_iter()
-            .map(|(g, n)| format!("generation {g}: {n}"))
-            .collect();
+        let by_gen = super::rekey::blocks_per_generation(&v.blocks_by_key_gen()?);
         let st = v.rekey_status()?;
         println!(
             "rekey policy:    {}; key generation {} is {} old and has sealed {}",
@@ -382,14 +386,7 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             super::rekey::human_secs(st.age_secs),
             human(st.sealed_bytes)
         );
-        println!(
-            "sealed blocks:   {}",
-            if by_gen.is_empty() {
-                "none".to_string()
-            } else {
-                by_gen.join(", ")
-            }
-        );
+        println!("sealed blocks:   {by_gen}");
         println!(
             "snapshots:       {} (holding {} that the live volume no longer uses)",
             s.snapshots,

@@ -249,15 +249,24 @@ impl Volume {
         Ok(false)
     }
 
-    /// How many data blocks each key generation seals (live and held; see
-    /// `State::blocks_by_key_gen`). Reads every map page.
+    /// How many data blocks each key generation seals, live and held. It
+    /// reads every map page, a few at a time, letting go of the volume in
+    /// between: on a busy mount other work goes on, and the counts are
+    /// taken while blocks change (a rekey moves them between generations).
     pub fn blocks_by_key_gen(&self) -> Result<std::collections::BTreeMap<u16, u64>> {
         self.live_only()?;
-        let mut st = self.inner.lock()?;
-        let ctx = self.inner.ctx();
-        let r = st.blocks_by_key_gen(&ctx);
-        st.trees.evict();
-        r
+        let mut n = std::collections::BTreeMap::new();
+        // One interior map page's worth of leaves per turn of the lock.
+        let step = (format::MAP_ENTRIES_PER_PAGE * format::MAP_ENTRIES_PER_PAGE) as u64;
+        let mut lba = 0;
+        while lba < self.inner.header.logical_blocks {
+            let mut st = self.inner.lock()?;
+            st.count_by_key_gen(&self.inner.ctx(), Lba(lba), step, &mut n)?;
+            st.trees.evict();
+            lba += step;
+        }
+        self.inner.lock()?.count_held_by_key_gen(&mut n);
+        Ok(n)
     }
 
     /// How many reads and commits this volume has served: background work

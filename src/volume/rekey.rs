@@ -24,8 +24,9 @@ use super::ctx::Ctx;
 use super::format::{MapEntry, TreeId, MAP_ENTRY_LEN};
 use super::log::open_summary;
 use super::state::{RekeyPass, State};
+use super::tree::PageKey;
 use crate::device::read_exact_at;
-use crate::volume::{Result, SegmentId, VolumeError};
+use crate::volume::{Lba, Result, SegmentId, VolumeError};
 use crate::BLOCK_SIZE;
 
 /// Where a rekey stands.
@@ -256,25 +257,38 @@ impl State {
         Ok(true)
     }
 
-    /// How many data blocks each key generation seals: those the live map
-    /// names and those only snapshots hold. (Reads every map page: for
-    /// `info`, not for a busy mount.)
-    pub fn blocks_by_key_gen(&mut self, ctx: &Ctx) -> Result<BTreeMap<u16, u64>> {
-        let mut n: BTreeMap<u16, u64> = BTreeMap::new();
-        self.trees.visit(ctx, TreeId::Map, &mut |k, _, _, data| {
-            if k.level == 0 {
-                for e in data.chunks_exact(MAP_ENTRY_LEN).map(MapEntry::decode) {
-                    if e.is_stored() {
-                        *n.entry(e.key_gen).or_default() += 1;
-                    }
+    /// Counts, into `n`, the data blocks of the live map in `blocks` blocks
+    /// from `lba` by the key generation that seals them (absent map
+    /// subtrees are skipped unread).
+    pub fn count_by_key_gen(
+        &mut self,
+        ctx: &Ctx,
+        lba: Lba,
+        blocks: u64,
+        n: &mut BTreeMap<u16, u64>,
+    ) -> Result<()> {
+        let blocks = blocks.min(self.geo.logical_blocks.saturating_sub(lba.0));
+        if blocks == 0 {
+            return Ok(());
+        }
+        self.for_each_present_map_leaf(ctx, lba, blocks, &mut |st, leaf| {
+            let page = st.trees.get(ctx, PageKey::leaf(TreeId::Map, leaf))?;
+            for e in page.chunks_exact(MAP_ENTRY_LEN).map(MapEntry::decode) {
+                if e.is_stored() {
+                    *n.entry(e.key_gen).or_default() += 1;
                 }
             }
-        })?;
+            Ok(())
+        })
+    }
+
+    /// Counts, into `n`, the blocks only snapshots hold by the key
+    /// generation that seals them.
+    pub fn count_held_by_key_gen(&self, n: &mut BTreeMap<u16, u64>) {
         let held = &self.usage.held;
         for g in held.table.keys() {
             *n.entry(held.seals.get(g).map_or(0, |s| s.0)).or_default() += 1;
         }
-        Ok(n)
     }
 
     /// Where the pass stands, as the caller's key ring sees it; `started`

@@ -270,7 +270,7 @@ impl State {
 
     /// Calls `f(first_lba, n)` for each map leaf overlapping the range that
     /// exists, skipping absent subtrees without reading them.
-    fn for_each_present_map_leaf(
+    pub(super) fn for_each_present_map_leaf(
         &mut self,
         ctx: &Ctx,
         lba: Lba,
