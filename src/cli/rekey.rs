@@ -99,13 +99,7 @@ fn show_status(target: &Path, json: bool) -> Result<(), Error> {
         describe(&st.generations, st.current)
     );
     if target.is_dir() {
-        println!(
-            "policy: rekey {}; key generation {} is {} old and has sealed {}",
-            describe_policy(st.after_secs, st.after_bytes),
-            st.current,
-            human_secs(st.age_secs),
-            super::common::human(st.sealed_bytes)
-        );
+        println!("policy: {}", policy_line(&st));
     }
     if let Some(n) = &st.blocks {
         println!("sealed blocks: {}", blocks_per_generation(n));
@@ -289,6 +283,17 @@ fn unmounted(
         );
     }
     Ok(())
+}
+
+/// The policy and where the current generation stands against it.
+pub fn policy_line(st: &RekeyEntry) -> String {
+    format!(
+        "rekey {}; key generation {} is {} old and has sealed {}",
+        describe_policy(st.after_secs, st.after_bytes),
+        st.current,
+        human_secs(st.age_secs),
+        super::common::human(st.sealed_bytes)
+    )
 }
 
 /// Data blocks per key generation, in words.

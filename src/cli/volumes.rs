@@ -310,13 +310,7 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
                 super::rekey::blocks_per_generation(n)
             );
         }
-        println!(
-            "rekey policy:    {}; key generation {} is {} old and has sealed {}",
-            super::rekey::describe_policy(st.after_secs, st.after_bytes),
-            st.current,
-            super::rekey::human_secs(st.age_secs),
-            human(st.sealed_bytes)
-        );
+        println!("{}", policy_field(st));
     }
     match running {
         Some(st) if st.generations.len() > 1 => println!(
@@ -378,14 +372,8 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
         );
         println!("checkpoint:      {}", s.checkpoint_seq);
         let by_gen = super::rekey::blocks_per_generation(&v.blocks_by_key_gen()?);
-        let st = v.rekey_status()?;
-        println!(
-            "rekey policy:    {}; key generation {} is {} old and has sealed {}",
-            super::rekey::describe_policy(st.after_secs, st.after_bytes),
-            st.current,
-            super::rekey::human_secs(st.age_secs),
-            human(st.sealed_bytes)
-        );
+        let st = super::control::RekeyEntry::of(v.rekey_status()?, path);
+        println!("{}", policy_field(&st));
         println!("sealed blocks:   {by_gen}");
         println!(
             "snapshots:       {} (holding {} that the live volume no longer uses)",
@@ -401,6 +389,14 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
         }
     }
     Ok(())
+}
+
+/// info's rekey policy line.
+fn policy_field(st: &super::control::RekeyEntry) -> String {
+    format!(
+        "rekey policy:    {}",
+        super::rekey::policy_line(st).trim_start_matches("rekey ")
+    )
 }
 
 /// Where the volume at `path` is mounted, if it is (the mount's source is

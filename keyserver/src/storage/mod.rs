@@ -321,6 +321,24 @@ impl<'t> Tables<'t> {
 
     /// Crypto-erase: deletes every KEK of the volume, its ACL and its
     /// record. Returns the versions deleted.
+    /// Adds KEK version n+1 to a volume (a new random KEK); returns it.
+    fn add_kek(
+        &mut self,
+        at_rest: &AtRest,
+        volume: VolumeId,
+    ) -> Result<Result<KekVersion, AdminRefusal>, StorageError> {
+        let Some(mut vol) = self.volume(volume)? else {
+            return Ok(Err(AdminRefusal::UnknownVolume(volume.to_hex())));
+        };
+        let Some(next) = vol.newest.next() else {
+            return Ok(Err(AdminRefusal::Invalid("KEK versions exhausted".into())));
+        };
+        self.put_kek(at_rest, volume, next, &*new_kek()?)?;
+        vol.newest = next;
+        self.volumes.insert(&volume.0, vol.encode().as_slice())?;
+        Ok(Ok(next))
+    }
+
     fn erase_volume(&mut self, volume: VolumeId) -> Result<Vec<KekVersion>, StorageError> {
         let versions = self.kek_versions(volume)?;
         for v in &versions {
@@ -752,15 +770,10 @@ impl Store {
         volume: VolumeId,
     ) -> Result<Result<KekVersion, AdminRefusal>, StorageError> {
         self.admin(move |t, at_rest, now| {
-            let Some(mut vol) = t.volume(volume)? else {
-                return Ok(Err(AdminRefusal::UnknownVolume(volume.to_hex())));
+            let next = match t.add_kek(at_rest, volume)? {
+                Ok(n) => n,
+                Err(r) => return Ok(Err(r)),
             };
-            let Some(next) = vol.newest.next() else {
-                return Ok(Err(AdminRefusal::Invalid("KEK versions exhausted".into())));
-            };
-            t.put_kek(at_rest, volume, next, &*new_kek()?)?;
-            vol.newest = next;
-            t.volumes.insert(&volume.0, vol.encode().as_slice())?;
             Ok(Ok((
                 next,
                 admin_audit(now, None, Some(volume), next.0, "rotate-kek", String::new()),
@@ -778,15 +791,10 @@ impl Store {
         volume: VolumeId,
     ) -> Result<Result<KekVersion, AdminRefusal>, StorageError> {
         self.admin(move |t, at_rest, now| {
-            let Some(mut vol) = t.volume(volume)? else {
-                return Ok(Err(AdminRefusal::UnknownVolume(volume.to_hex())));
+            let next = match t.add_kek(at_rest, volume)? {
+                Ok(n) => n,
+                Err(r) => return Ok(Err(r)),
             };
-            let Some(next) = vol.newest.next() else {
-                return Ok(Err(AdminRefusal::Invalid("KEK versions exhausted".into())));
-            };
-            t.put_kek(at_rest, volume, next, &*new_kek()?)?;
-            vol.newest = next;
-            t.volumes.insert(&volume.0, vol.encode().as_slice())?;
             t.compromised.insert(&volume.0, now)?;
             Ok(Ok((
                 next,
