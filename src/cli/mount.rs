@@ -141,10 +141,12 @@ pub fn foreground(
         (s, false)
     };
     tune_bdi(&mountpoint);
-    // A rekey that was running when the volume was last closed goes on.
-    if snaps
-        .rekey_status()
-        .is_ok_and(|(st, _, _)| st.in_progress())
+    // A rekey that was running when the volume was last closed goes on
+    // (a read-only mount leaves it for the next read-write one).
+    if !opts.read_only
+        && snaps
+            .rekey_status()
+            .is_ok_and(|(st, _, _)| st.in_progress())
     {
         snaps.rekey_in_background();
     }
