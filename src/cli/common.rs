@@ -160,6 +160,15 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
         .ok_or_else(|| Error::Usage(format!("size {s:?} is too large")))
 }
 
+/// The header of the volume at `path`, read without its lock: a mount
+/// may hold the volume (the header's two checksummed copies are consistent
+/// on their own; nothing past the header is).
+pub(super) fn header_unlocked(path: &Path) -> Result<volume::Header, Error> {
+    let dev = FileDevice::open_unlocked(path)
+        .map_err(|e| DeviceError::new(format!("opening {}", path.display()), e))?;
+    volume::read_header(&dev).map_err(|e| with_path(e, path))
+}
+
 pub(super) fn open_device(path: &Path, writable: bool) -> Result<Arc<dyn Device>, Error> {
     FileDevice::open(path, writable)
         .map(|d| Arc::new(d) as Arc<dyn Device>)

@@ -550,7 +550,8 @@ struct IdleLock {
 /// `idle-<UTC time>` is taken and exported to DEST (as `lsvfs snapshot
 /// export` would, through this mount's control socket), incrementally over
 /// the previous `idle-` snapshot, which then goes: one stays as the next
-/// base. Nothing changed since that one: nothing to export. A failed
+/// base. Nothing changed since that one (a lock tried again while the mount
+/// is busy): nothing to export. A failed
 /// export is logged and the lock goes ahead (the data is safe on the
 /// volume; the lock is what was asked for).
 struct LockExport {
@@ -727,9 +728,7 @@ impl AutoRekey {
             .spawn(move || {
                 tracing::info!("{}: a rekey is due ({why}); starting it", path.display());
                 let started = (|| -> Result<u16, Error> {
-                    let dev = crate::device::FileDevice::open_unlocked(&path)
-                        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-                    let h = volume::read_header(&dev)?;
+                    let h = super::common::header_unlocked(&path)?;
                     let master = keys.master(&h, &path)?;
                     let (entry, secret) = volume::new_key_generation(&h, &master)?;
                     drop(master);

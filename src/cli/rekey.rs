@@ -71,9 +71,7 @@ fn show_status(target: &Path, json: bool) -> Result<(), Error> {
     let st = if target.is_dir() {
         status_of(target, false, true)?
     } else {
-        let dev = crate::device::FileDevice::open_unlocked(target)
-            .map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
-        let h = volume::read_header(&dev).map_err(|e| with_path(e, target))?;
+        let h = super::common::header_unlocked(target)?;
         let mut generations: Vec<u16> = h.key_gens.iter().map(|g| g.key_gen).collect();
         if h.retired_below == 0 {
             generations.insert(0, 0);
@@ -148,11 +146,8 @@ fn mounted(
         }
     } else {
         let path = Path::new(&st.volume).to_path_buf();
-        // The mount holds the volume's lock; its header is consistent on
-        // its own (two checksummed copies).
-        let dev = crate::device::FileDevice::open_unlocked(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let h = volume::read_header(&dev).map_err(|e| with_path(e, &path))?;
+        // The mount holds the volume's lock.
+        let h = super::common::header_unlocked(&path)?;
         let master = env.keys(key_file).master(&h, &path)?;
         let (entry, secret) = volume::new_key_generation(&h, &master)?;
         drop(master);
@@ -260,7 +255,8 @@ fn unmounted(
         )
     });
     while v.rekey_step()? {
-        if let (Some(b), Ok(s)) = (&bar, v.rekey_status()) {
+        if let Some(b) = &bar {
+            let s = v.rekey_status()?;
             b.set_position(s.segments_total.saturating_sub(s.segments_left));
         }
     }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::common::{human, open_volume, parse_size, progress_bar, with_path, Env};
+use super::common::{human, open_volume, parse_size, progress_bar, Env};
 use super::Error;
 use crate::crypto::{random_bytes, MasterKey};
 use crate::device::{Device, DeviceError, FileDevice};
@@ -227,11 +227,8 @@ fn servers_of(env: &Env, urls: &[String]) -> Result<Vec<String>, Error> {
 
 /// `lsvfs info VOLUME [--key-file K]`.
 pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
-    // The header only: readable while a mount holds the volume (its two
-    // checksummed copies are consistent on their own).
-    let dev = FileDevice::open_unlocked(path)
-        .map_err(|e| DeviceError::new(format!("opening {}", path.display()), e))?;
-    let h = volume::read_header(&dev).map_err(|e| with_path(e, path))?;
+    // The header only: readable while a mount holds the volume.
+    let h = super::common::header_unlocked(path)?;
     let hex: String = h.volume_id.iter().map(|b| format!("{b:02x}")).collect();
     println!("volume:          {}", path.display());
     println!("volume id:       {hex}");
@@ -358,7 +355,6 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
         }
     }
     if let Some(kf) = key_file {
-        drop(dev);
         let v = open_volume(path, &env.keys(Some(kf)), true, &env.tuning)?;
         let s = v.stats()?;
         println!(

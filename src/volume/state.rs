@@ -56,8 +56,6 @@ pub struct State {
     pub allocated: u64,
     /// The checkpoint the changed bitmap starts at.
     pub changed_since: u64,
-    /// The key generation new writes are sealed with.
-    pub key_gen: u32,
     /// This process has written a checkpoint (of the version it writes,
     /// [`super::format::CHECKPOINT_VERSION`]) since opening the volume.
     pub checkpointed: bool,
@@ -85,7 +83,6 @@ impl State {
             snaps: Snapshots::new(geo),
             allocated: c.allocated,
             changed_since: c.changed_since,
-            key_gen: c.key_gen,
             checkpointed: false,
             unsealed: 0,
             rekey: None,
@@ -425,7 +422,7 @@ impl State {
             extent: self.log.extent,
             allocated: self.allocated,
             changed_since: self.changed_since,
-            key_gen: self.key_gen,
+            key_gen: ctx.keys.current().key_gen() as u32,
             roots: self.trees.roots(),
             snap_meta: self.snaps.meta_root.0,
             snap_pages: self.snaps.meta_root.1,
