@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
 use zeroize::Zeroizing;
 
@@ -450,7 +452,43 @@ fn agent(cfg: &ClientConfig) -> Result<Agent, ClientError> {
         .output_buffer_size(BUFFER_SIZE)
         .tls_config(tls)
         .build();
-    Ok(Agent::new_with_config(config))
+    Ok(Agent::with_parts(
+        config,
+        DefaultConnector::default(),
+        LiteralFirst::default(),
+    ))
+}
+
+/// Resolves a URL whose host is an IP address by parsing it, and any other
+/// host through ureq's own resolver. With a time-out set, ureq's resolver
+/// starts a thread for every connection, even to `127.0.0.1`; key server
+/// URLs are usually addresses, and a boot storm of unlocks paid a thread
+/// start and exit per server for nothing.
+#[derive(Debug, Default)]
+struct LiteralFirst(DefaultResolver);
+
+impl Resolver for LiteralFirst {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let host = uri.host().unwrap_or_default();
+        let literal = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .parse::<std::net::IpAddr>();
+        match (literal, uri.port_u16()) {
+            (Ok(ip), Some(port)) => {
+                let mut out = self.empty();
+                out.push(std::net::SocketAddr::new(ip, port));
+                Ok(out)
+            }
+            _ => self.0.resolve(uri, config, timeout),
+        }
+    }
 }
 
 /// One challenge and one signed request over the agent's connection.
@@ -642,6 +680,42 @@ mod tests {
             key: Zeroizing::new([0xab; 32]),
         };
         assert!(!format!("{kek:?}").contains("abab"));
+    }
+
+    #[test]
+    fn address_urls_resolve_without_the_resolver() {
+        use ureq::unversioned::transport::time::Duration as UreqDuration;
+        // A time-out of zero: ureq's resolver, which waits for a thread of
+        // its own with it, cannot answer in time; an address needs no wait.
+        let no_time = NextTimeout {
+            after: UreqDuration::Exact(Duration::ZERO),
+            reason: ureq::Timeout::Global,
+            per_read: None,
+            per_write: None,
+        };
+        let config = ureq::config::Config::default();
+        let r = LiteralFirst::default();
+        for (url, want) in [
+            ("https://127.0.0.1:8443/v1/unlock", "127.0.0.1:8443"),
+            ("https://[::1]:9/", "[::1]:9"),
+            ("https://10.1.2.3:443", "10.1.2.3:443"),
+        ] {
+            let uri: ureq::http::Uri = url.parse().unwrap();
+            let got = r.resolve(&uri, &config, no_time).unwrap();
+            assert_eq!(got.len(), 1, "{url}");
+            assert_eq!(got[0].to_string(), want, "{url}");
+        }
+        // A name goes to ureq's resolver (here with time to answer).
+        let uri: ureq::http::Uri = "https://localhost:7/".parse().unwrap();
+        let some_time = NextTimeout {
+            after: UreqDuration::Exact(Duration::from_secs(10)),
+            ..no_time
+        };
+        let got = r.resolve(&uri, &config, some_time).unwrap();
+        assert!(
+            got.iter().all(|a| a.port() == 7 && a.ip().is_loopback()),
+            "{got:?}"
+        );
     }
 
     #[test]
