@@ -231,3 +231,54 @@ fn admin_refusals_exit_3_with_a_reason() {
         assert!(text.contains(needle), "{args:?}: {text}");
     }
 }
+
+/// The server picks a SHA-256 suite even when the client prefers AES-256
+/// with SHA-384, and sends no session tickets (hosts never resume).
+#[test]
+fn tls_prefers_sha256_suites_and_sends_no_session_tickets() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let server = Server::start();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&server.ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    // ring's default order offers TLS13_AES_256_GCM_SHA384 first.
+    let provider = rustls::crypto::ring::default_provider();
+    assert_eq!(
+        provider.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let host = HostIdentity::generate();
+    let body = format!(r#"{{"host":"{}"}}"#, host.public_hex());
+    write!(
+        tls,
+        "POST /v1/challenge HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    // The server closes without close_notify after `connection: close`.
+    let _ = tls.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        tls.conn.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(tls.conn.tls13_tickets_received(), 0);
+}
