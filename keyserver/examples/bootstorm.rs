@@ -24,7 +24,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, RwLock};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -291,27 +291,43 @@ fn main() {
             format!("sequential: one host unlocked {rounds} times in a row"),
         )
     } else {
-        let barrier = Arc::new(Barrier::new(args.hosts + 1));
-        let results: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::with_capacity(args.hosts)));
+        // The hosts wait at a gate, a read-write lock the main thread holds
+        // for writing: releasing it wakes every reader at once (a Barrier
+        // hands its mutex from one woken thread to the next, 4,000 times).
+        // Each host reports its result over a channel and then waits at a
+        // second gate, so that 4,000 thread exits (stack unmapping, TLB
+        // shootdowns) happen after the clock stops: they are the load
+        // generator's cost, not the key server's.
+        let start_gate = Arc::new(RwLock::new(()));
+        let exit_gate = Arc::new(RwLock::new(()));
+        let (held_start, held_exit) = (start_gate.write().unwrap(), exit_gate.write().unwrap());
+        let ready = Arc::new(Barrier::new(args.hosts + 1));
+        let (tx, rx) = std::sync::mpsc::channel::<Sample>();
         let mut threads = Vec::with_capacity(args.hosts);
         for i in 0..args.hosts {
-            let (barrier, results, clients, hosts) = (
-                barrier.clone(),
-                results.clone(),
+            let (start_gate, exit_gate, ready, tx, clients, hosts) = (
+                start_gate.clone(),
+                exit_gate.clone(),
+                ready.clone(),
+                tx.clone(),
                 clients.clone(),
                 hosts.clone(),
             );
             let t = std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
-                    barrier.wait();
+                    ready.wait();
+                    drop(start_gate.read());
                     let start = Instant::now();
                     let r = unlock_one(&hosts, i, &clients);
-                    results.lock().unwrap().push((start.elapsed(), r));
+                    let _ = tx.send((start.elapsed(), r));
+                    drop(exit_gate.read());
                 })
                 .expect("spawn host thread");
             threads.push(t);
         }
+        drop(tx);
+        ready.wait();
         let killer = args.kill_after_ms.map(|ms| {
             let pid = last.child.id();
             std::thread::spawn(move || {
@@ -321,12 +337,14 @@ fn main() {
             })
         });
         let storm = Instant::now();
-        barrier.wait();
+        drop(held_start);
+        let results: Vec<Sample> = rx.iter().take(args.hosts).collect();
+        let wall = storm.elapsed();
+        cpu_after = Some((server_cpu(), own_cpu()));
+        drop(held_exit);
         for t in threads {
             t.join().unwrap();
         }
-        let wall = storm.elapsed();
-        cpu_after = Some((server_cpu(), own_cpu()));
         if let Some(k) = killer {
             let ms = k.join().unwrap();
             let alive = last.child.try_wait().ok().flatten().is_none();
@@ -340,7 +358,6 @@ fn main() {
                 }
             );
         }
-        let results = std::mem::take(&mut *results.lock().unwrap());
         (
             results,
             wall,
