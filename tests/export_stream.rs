@@ -82,7 +82,16 @@ fn holders() -> Holders {
 
 fn export_of(v: &Volume, name: &str, since: Option<&str>) -> Vec<u8> {
     let mut out = Vec::new();
-    let s = export::export(v, name, since, &holders(), &mut out, &mut |_, _| Ok(())).unwrap();
+    let s = export::export(
+        v,
+        name,
+        since,
+        &holders(),
+        export::READERS,
+        &mut out,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
     assert_eq!(s.bytes, out.len() as u64);
     out
 }
@@ -280,7 +289,16 @@ fn a_recipient_opens_an_export_with_its_identity_alone() {
         recipients: vec![id.public()],
         key_files: vec![],
     };
-    export::export(&src, "s1", None, &h, &mut out, &mut |_, _| Ok(())).unwrap();
+    export::export(
+        &src,
+        "s1",
+        None,
+        &h,
+        export::READERS,
+        &mut out,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
     let s = Stream::open(&out[..], "f").unwrap();
     // The key file opens nothing here; the identity does.
     assert!(s.open_key(&[], &[key_file()]).is_err());
@@ -300,6 +318,7 @@ fn a_recipient_opens_an_export_with_its_identity_alone() {
         "s1",
         None,
         &Holders::default(),
+        1,
         &mut only,
         &mut |_, _| Ok(()),
     )

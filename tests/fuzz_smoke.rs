@@ -298,7 +298,16 @@ fn export_stream_decoders_survive_mutations() {
     };
     for since in [None, Some("a")] {
         let mut out = vec![0u8];
-        lsvfs::export::export(&v, "b", since, &holders, &mut out, &mut |_, _| Ok(())).unwrap();
+        lsvfs::export::export(
+            &v,
+            "b",
+            since,
+            &holders,
+            lsvfs::export::READERS,
+            &mut out,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
         decoders::export_stream(&out);
         mutations(&out, 3000, decoders::export_stream);
     }

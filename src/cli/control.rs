@@ -556,15 +556,23 @@ fn export_to(
     };
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd));
     let s = snaps.with_volume(|v, mounted| {
-        crate::export::export(v, name, since, &holders, &mut out, &mut |_, _| {
-            if mounted() {
-                Ok(())
-            } else {
-                Err(crate::export::ExportError::Usage(
-                    "the volume was unmounted during the export".into(),
-                ))
-            }
-        })
+        crate::export::export(
+            v,
+            name,
+            since,
+            &holders,
+            crate::export::READERS_MOUNTED,
+            &mut out,
+            &mut |_, _| {
+                if mounted() {
+                    Ok(())
+                } else {
+                    Err(crate::export::ExportError::Usage(
+                        "the volume was unmounted during the export".into(),
+                    ))
+                }
+            },
+        )
     })??;
     Ok(ExportEntry::of(&s))
 }

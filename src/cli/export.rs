@@ -315,15 +315,37 @@ fn export_unmounted(
         Output::Stdout => {
             let stdout = std::io::stdout();
             let mut w = BufWriter::with_capacity(1 << 20, stdout.lock());
-            export::export(&v, &a.name, a.since.as_deref(), &holders, &mut w, &mut tick)?
+            export::export(
+                &v,
+                &a.name,
+                a.since.as_deref(),
+                &holders,
+                export::READERS,
+                &mut w,
+                &mut tick,
+            )?
         }
         Output::File { file, .. } => {
             let mut w = BufWriter::with_capacity(1 << 20, &*file);
-            export::export(&v, &a.name, a.since.as_deref(), &holders, &mut w, &mut tick)?
+            export::export(
+                &v,
+                &a.name,
+                a.since.as_deref(),
+                &holders,
+                export::READERS,
+                &mut w,
+                &mut tick,
+            )?
         }
-        Output::Object { writer, .. } => {
-            export::export(&v, &a.name, a.since.as_deref(), &holders, writer, &mut tick)?
-        }
+        Output::Object { writer, .. } => export::export(
+            &v,
+            &a.name,
+            a.since.as_deref(),
+            &holders,
+            export::READERS,
+            writer,
+            &mut tick,
+        )?,
     };
     if let Some(b) = progress {
         b.finish_and_clear();

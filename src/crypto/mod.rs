@@ -10,6 +10,7 @@
 
 mod engine;
 mod keys;
+mod wiped;
 mod wrap;
 pub(crate) mod xts;
 
@@ -18,6 +19,7 @@ pub use keys::{
     derived_key_bytes, generation_binding, generation_wrap_key, random_bytes, GenKeys, MasterKey,
     VolumeKeys, KEY_LEN,
 };
+pub use wiped::{Wiped, WipedPool};
 pub use wrap::{unwrap_key, wrap_key, Kek, WrappedKey, WRAPPED_LEN};
 /// The block cipher mode, for its benchmark (benches/xts.rs).
 #[doc(hidden)]

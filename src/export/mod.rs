@@ -13,6 +13,7 @@
 
 mod format;
 mod keys;
+mod ordered;
 mod read;
 mod write;
 
@@ -22,7 +23,7 @@ pub use format::{records as decode_records, Record, RecordKind};
 pub use format::{Header, Kind, SnapRef, Trailer, VERSION};
 pub use keys::{describe as describe_slot, volume_slot_check, ExportKey, Identity, RecipientKey};
 pub use read::{open_key, restore_stream, roll_back_to_newest, Stream};
-pub use write::{export, Holders, Summary};
+pub use write::{export, Holders, Summary, READERS, READERS_MOUNTED};
 
 use crate::error::Class;
 use crate::volume::VolumeError;

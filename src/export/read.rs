@@ -188,7 +188,7 @@ impl<R: Read> Stream<R> {
     pub fn read_chunks(
         mut self,
         key: &ExportKey,
-        apply: &mut dyn FnMut(zeroize::Zeroizing<Vec<u8>>) -> Result<()>,
+        apply: &mut dyn FnMut(crate::crypto::Wiped) -> Result<()>,
     ) -> Result<Trailer> {
         let cipher = key.chunk_cipher(&self.header.export_id);
         let logical = self.header.logical_blocks;
@@ -207,7 +207,7 @@ impl<R: Read> Stream<R> {
                     }
                     // Opened in place; a failed attempt leaves the buffer
                     // as it was (the tag is checked before decrypting).
-                    let mut plain = zeroize::Zeroizing::new(ct);
+                    let mut plain = crate::crypto::Wiped::new(ct);
                     let body = plain.len() - TAG_LEN;
                     let tag = *chacha20poly1305::Tag::from_slice(&plain[body..]);
                     plain.truncate(body);
@@ -319,7 +319,7 @@ pub fn restore_stream<R: Read + Send>(
 ) -> Result<(SnapshotId, Trailer)> {
     let snap = stream.header().snapshot.clone();
     let logical = stream.header().logical_blocks;
-    let (tx, rx) = crossbeam::channel::bounded::<zeroize::Zeroizing<Vec<u8>>>(4);
+    let (tx, rx) = crossbeam::channel::bounded::<crate::crypto::Wiped>(4);
     let trailer = std::thread::scope(|s| {
         let reader = s.spawn(move || {
             stream.read_chunks(key, &mut |plain| {

@@ -6,15 +6,15 @@ use std::io::Write;
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::XNonce;
-use zeroize::{Zeroize, Zeroizing};
 
 use super::format::{
     put_record, Header, Kind, RecordKind, SnapRef, Trailer, CHUNK_BLOCKS, MAX_CHUNK, MAX_SLOTS,
     RECORD_HEADER, SIGNATURE_LEN, TAG_LEN, TRAILER_MARK,
 };
 use super::keys::{key_file_slot, recipient_slot, volume_slot, ExportKey, RecipientKey};
+use super::ordered::ordered_map;
 use super::{ExportError, Result};
-use crate::crypto::Kek;
+use crate::crypto::{Kek, Wiped, WipedPool};
 use crate::volume::{SnapshotId, Volume};
 use crate::BLOCK_SIZE;
 
@@ -149,6 +149,7 @@ pub fn export(
     name: &str,
     since: Option<&str>,
     holders: &Holders,
+    readers: usize,
     out: &mut dyn Write,
     progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<Summary> {
@@ -233,71 +234,80 @@ pub fn export(
             Step::Trim(..) => 0,
         })
         .sum();
-    // A thread reads the snapshot's blocks and gathers them into chunks,
-    // a few chunks ahead; this one seals, hashes and writes them.
-    let (tx, rx) = crossbeam::channel::bounded::<Piece>(4);
+    // Runs of at most CHUNK_BLOCKS blocks are read by READERS threads at
+    // once (several reads in flight on the disk), gathered into chunks in
+    // order, and sealed by SEALERS threads at once; this thread hashes and
+    // writes the chunks in order.
+    let units = plan.into_iter().flat_map(|step| match step {
+        Step::Trim(..) => vec![step],
+        Step::Read(s, n) => (s..s + n)
+            .step_by(CHUNK_BLOCKS as usize)
+            .map(|a| Step::Read(a, (s + n - a).min(CHUNK_BLOCKS)))
+            .collect(),
+    });
     let view = &view;
-    let counts = std::thread::scope(|s| {
-        let producer = s.spawn(move || {
-            let mut chunk = Chunker {
-                tx,
-                plain: Zeroizing::new(Vec::with_capacity(MAX_CHUNK)),
-                counts: Trailer::default(),
-                done: 0,
-            };
-            let mut buf = vec![0u8; CHUNK_BLOCKS as usize * BLOCK_SIZE];
-            for step in plan {
-                match step {
-                    Step::Trim(s, n) => chunk.record(RecordKind::Trim, s, n, &[])?,
-                    Step::Read(s, n) => {
-                        let mut at = s;
-                        while at < s + n {
-                            let m = (s + n - at).min(CHUNK_BLOCKS);
-                            let b = &mut buf[..m as usize * BLOCK_SIZE];
-                            view.read(crate::volume::Lba(at), b)?;
-                            chunk.done += m;
-                            chunk.blocks(at, b)?;
-                            at += m;
-                        }
-                    }
-                }
-            }
-            buf.zeroize();
-            chunk.send(true)?;
-            Ok::<_, ExportError>(chunk.counts)
-        });
-        let mut sealed = Ok(0u64);
-        for mut piece in rx.iter() {
-            sealed = sealed.and_then(|chunks| {
-                // Sealed in place: the ciphertext, then its tag.
-                let tag = cipher
-                    .encrypt_in_place_detached(
-                        &nonce(chunks, piece.last),
-                        &header_hash,
-                        &mut piece.plain,
-                    )
-                    .map_err(|_| ExportError::Usage("sealing a chunk".into()))?;
-                w.put(&((piece.plain.len() + TAG_LEN) as u32).to_le_bytes())?;
-                w.put(&piece.plain)?;
-                w.put(&tag)?;
-                progress(piece.done, total)?;
-                Ok(chunks + 1)
-            });
-            if sealed.is_err() {
-                break;
+    // Enough buffers for every stage's window, so that none is allocated
+    // after the first few megabytes.
+    let pool = &WipedPool::new(READ_WINDOW + readers + SEAL_WINDOW + SEALERS + 4, MAX_CHUNK);
+    let read = move |unit: Step| -> Result<Loaded> {
+        match unit {
+            Step::Trim(s, n) => Ok(Loaded {
+                first: s,
+                blocks: 0,
+                runs: vec![(RecordKind::Trim, s, n)],
+                data: Wiped::default(),
+            }),
+            Step::Read(s, n) => {
+                let mut data = pool.zeroed(n as usize * BLOCK_SIZE);
+                view.read(crate::volume::Lba(s), &mut data)?;
+                Ok(Loaded {
+                    first: s,
+                    blocks: n,
+                    runs: zero_and_data_runs(s, &data),
+                    data,
+                })
             }
         }
-        // The producer's sends fail once this end is gone, and it stops.
-        drop(rx);
-        let produced = producer
-            .join()
-            .unwrap_or_else(|_| Err(ExportError::Usage("the export reader failed".into())));
-        sealed.and_then(|chunks| produced.map(|c| (chunks, c)))
-    })?;
-    let mut trailer = Trailer {
-        chunks: counts.0,
-        ..counts.1
     };
+    let cipher = &cipher;
+    let header_hash = &header_hash;
+    let seal = move |piece: Result<Piece>| -> Result<Piece> {
+        let mut p = piece?;
+        // Sealed in place: the ciphertext, then its tag.
+        let tag = cipher
+            .encrypt_in_place_detached(&nonce(p.index, p.last), header_hash, &mut p.plain)
+            .map_err(|_| ExportError::Usage("sealing a chunk".into()))?;
+        p.tag.copy_from_slice(&tag);
+        Ok(p)
+    };
+    let (chunks, counts) = std::thread::scope(|s| -> Result<(u64, Trailer)> {
+        let loaded = ordered_map(s, units, readers, READ_WINDOW, read, lost);
+        let sealed = ordered_map(
+            s,
+            Chunker::new(loaded, pool),
+            SEALERS,
+            SEAL_WINDOW,
+            seal,
+            lost,
+        );
+        let mut chunks = 0u64;
+        for piece in sealed {
+            let mut p = piece?;
+            w.put(&((p.plain.len() + TAG_LEN) as u32).to_le_bytes())?;
+            w.put(&p.plain)?;
+            w.put(&p.tag)?;
+            pool.put(std::mem::take(&mut p.plain));
+            progress(p.done, total)?;
+            chunks += 1;
+            if let Some(counts) = p.counts {
+                return Ok((chunks, counts));
+            }
+        }
+        Err(ExportError::Usage(
+            "the export's last chunk never came".into(),
+        ))
+    })?;
+    let mut trailer = Trailer { chunks, ..counts };
     w.put(&TRAILER_MARK.to_le_bytes())?;
     w.put(&trailer.body())?;
     trailer.hash = w.sha.finalize().into();
@@ -327,26 +337,112 @@ fn signature_of(key: &ed25519_dalek::SigningKey, hash: &[u8; 32]) -> [u8; SIGNAT
     key.sign(&signed_message(hash)).to_bytes()
 }
 
-/// A chunk's plaintext on its way to be sealed.
+/// What a worker that panicked leaves in the stream.
+fn lost<T>() -> Result<T> {
+    Err(ExportError::Usage("an export worker failed".into()))
+}
+
+/// Threads reading runs of blocks at once for an export of a volume that
+/// is not mounted. A cold export of many small files reads blocks
+/// scattered over the log: 2.4 GB took 6.7-7.5 s with one read at a time,
+/// 5.0 s with 4 readers, 4.3-4.7 s with 8 and 4.1-4.4 s with 16 (this
+/// machine, output to a pipe).
+pub const READERS: usize = 8;
+/// Readers of an export that a mount runs: it shares the disk and the
+/// volume with every other process using the mount.
+pub const READERS_MOUNTED: usize = 2;
+/// How many runs may be read ahead of the chunk being gathered (each at
+/// most 1 MiB).
+const READ_WINDOW: usize = 32;
+/// Threads sealing chunks at once, and how many chunks may wait.
+const SEALERS: usize = 2;
+const SEAL_WINDOW: usize = 4;
+
+/// A run of blocks read (or a trim), cut into records.
+struct Loaded {
+    /// The run's first block.
+    first: u64,
+    /// Blocks read (progress).
+    blocks: u64,
+    /// Records: kind, first block, count. Data records' blocks are in
+    /// `data`, from block `first` on.
+    runs: Vec<(RecordKind, u64, u64)>,
+    data: Wiped,
+}
+
+/// Whether a block is all zeros: eight words at a time, stopping at the
+/// first 64 bytes that hold data (a data block's first ones, nearly always).
+fn is_zero(block: &[u8]) -> bool {
+    block.chunks(64).all(|c| {
+        c.chunks(8).fold(0u64, |a, w| {
+            let mut x = [0u8; 8];
+            x[..w.len()].copy_from_slice(w);
+            a | u64::from_le_bytes(x)
+        }) == 0
+    })
+}
+
+/// Blocks read from `first` on, as records: runs of all-zero blocks become
+/// zero records, the rest data records.
+fn zero_and_data_runs(first: u64, b: &[u8]) -> Vec<(RecordKind, u64, u64)> {
+    let mut out: Vec<(RecordKind, u64, u64)> = Vec::new();
+    for (i, block) in b.chunks_exact(BLOCK_SIZE).enumerate() {
+        let kind = if is_zero(block) {
+            RecordKind::Zero
+        } else {
+            RecordKind::Data
+        };
+        match out.last_mut() {
+            Some((k, _, n)) if *k == kind => *n += 1,
+            _ => out.push((kind, first + i as u64, 1)),
+        }
+    }
+    out
+}
+
+/// A chunk on its way: its plaintext, then (sealed) its ciphertext.
 struct Piece {
-    plain: Zeroizing<Vec<u8>>,
+    /// The chunk's position in the stream (its nonce).
+    index: u64,
+    plain: Wiped,
+    tag: [u8; TAG_LEN],
     /// The final chunk.
     last: bool,
     /// Blocks read so far (progress).
     done: u64,
+    /// Blocks of each kind in the whole export, on the final chunk.
+    counts: Option<Trailer>,
 }
 
-/// Gathers records into chunks and hands them on to be sealed.
-struct Chunker {
-    tx: crossbeam::channel::Sender<Piece>,
-    plain: Zeroizing<Vec<u8>>,
-    /// Blocks of each kind (the trailer's counts).
+/// Gathers records into chunks, in order: an iterator of pieces over an
+/// iterator of runs read. After the last run it yields the final chunk
+/// (possibly empty); after an error, the error and nothing more.
+struct Chunker<'p, I> {
+    input: I,
+    pool: &'p WipedPool,
+    plain: Wiped,
     counts: Trailer,
     done: u64,
+    index: u64,
+    ready: std::collections::VecDeque<Piece>,
+    finished: bool,
 }
 
-impl Chunker {
-    fn record(&mut self, kind: RecordKind, first: u64, count: u64, data: &[u8]) -> Result<()> {
+impl<'p, I: Iterator<Item = Result<Loaded>>> Chunker<'p, I> {
+    fn new(input: I, pool: &'p WipedPool) -> Self {
+        Chunker {
+            input,
+            pool,
+            plain: pool.get(),
+            counts: Trailer::default(),
+            done: 0,
+            index: 0,
+            ready: Default::default(),
+            finished: false,
+        }
+    }
+
+    fn record(&mut self, kind: RecordKind, first: u64, count: u64, data: &[u8]) {
         // Trims and zeros of any length, in records of at most u32::MAX.
         let mut at = first;
         let mut left = count;
@@ -358,7 +454,7 @@ impl Chunker {
                 &[][..]
             };
             if self.plain.len() + RECORD_HEADER + bytes.len() > MAX_CHUNK {
-                self.send(false)?;
+                self.send(false);
             }
             put_record(&mut self.plain, kind, at, n as u32, bytes);
             match kind {
@@ -369,55 +465,84 @@ impl Chunker {
             at += n;
             left -= n;
         }
-        Ok(())
     }
 
-    /// Blocks read from `first` on: runs of all-zero blocks become zero
-    /// records, the rest data records.
-    fn blocks(&mut self, first: u64, b: &[u8]) -> Result<()> {
-        let n = b.len() / BLOCK_SIZE;
-        let zero = |i: usize| {
-            b[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
-                .iter()
-                .all(|&x| x == 0)
+    fn send(&mut self, last: bool) {
+        let next = if last {
+            Wiped::default()
+        } else {
+            self.pool.get()
         };
-        let mut i = 0;
-        while i < n {
-            let z = zero(i);
-            let mut j = i + 1;
-            while j < n && zero(j) == z {
-                j += 1;
-            }
-            let kind = if z {
-                RecordKind::Zero
-            } else {
-                RecordKind::Data
-            };
-            let data = &b[i * BLOCK_SIZE..j * BLOCK_SIZE];
-            self.record(kind, first + i as u64, (j - i) as u64, data)?;
-            i = j;
-        }
-        Ok(())
+        let plain = std::mem::replace(&mut self.plain, next);
+        self.ready.push_back(Piece {
+            index: self.index,
+            plain,
+            tag: [0; TAG_LEN],
+            last,
+            done: self.done,
+            counts: last.then(|| std::mem::take(&mut self.counts)),
+        });
+        self.index += 1;
     }
+}
 
-    fn send(&mut self, last: bool) -> Result<()> {
-        let plain = std::mem::replace(
-            &mut self.plain,
-            Zeroizing::new(Vec::with_capacity(MAX_CHUNK)),
-        );
-        self.tx
-            .send(Piece {
-                plain,
-                last,
-                done: self.done,
-            })
-            .map_err(|_| ExportError::Usage("the export stopped".into()))
+impl<I: Iterator<Item = Result<Loaded>>> Iterator for Chunker<'_, I> {
+    type Item = Result<Piece>;
+
+    fn next(&mut self) -> Option<Result<Piece>> {
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return Some(Ok(p));
+            }
+            if self.finished {
+                return None;
+            }
+            match self.input.next() {
+                Some(Ok(l)) => {
+                    self.done += l.blocks;
+                    for &(kind, first, count) in &l.runs {
+                        let from = (first - l.first) as usize * BLOCK_SIZE;
+                        self.record(kind, first, count, &l.data[from.min(l.data.len())..]);
+                    }
+                    self.pool.put(l.data);
+                }
+                Some(Err(e)) => {
+                    self.finished = true;
+                    return Some(Err(e));
+                }
+                None => {
+                    self.finished = true;
+                    self.send(true);
+                }
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_become_zero_and_data_runs_whatever_byte_holds_the_data() {
+        let bs = BLOCK_SIZE;
+        let mut b = vec![0u8; 6 * bs];
+        b[bs + bs - 1] = 1; // block 1: only its last byte
+        b[2 * bs] = 9; // block 2: only its first byte
+        b[4 * bs + 1000] = 3; // block 4: one byte in the middle
+        use RecordKind::{Data, Zero};
+        assert_eq!(
+            zero_and_data_runs(100, &b),
+            vec![
+                (Zero, 100, 1),
+                (Data, 101, 2),
+                (Zero, 103, 1),
+                (Data, 104, 1),
+                (Zero, 105, 1)
+            ]
+        );
+        assert!(zero_and_data_runs(7, &[]).is_empty());
+    }
 
     #[test]
     fn runs_merge_and_an_increment_reads_what_is_allocated_and_trims_the_rest() {
