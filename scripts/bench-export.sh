@@ -68,6 +68,20 @@ eng=$(cargo bench --quiet --bench volume -- --dir "$work/eng" --mib 1024 --secon
 rm -rf "$work/eng"
 echo "${eng:-engine seq read: not measured}"
 
+echo "== full export to a pipe (cat > /dev/null): the export's own rate, apart from the output disk"
+drop_caches
+s=$(now)
+"$lsvfs" snapshot export "$work/v.vol" full --key-file "$work/k" -o - 2>/dev/null | cat >/dev/null
+t_pipe=$(since "$s")
+echo "lsvfs export to a pipe: ${t_pipe} s"
+# What a durable local copy of that many bytes costs on this disk alone.
+drop_caches
+s=$(now)
+dd if=/dev/zero of="$work/dd.out" bs=1M count=2048 conv=fdatasync status=none
+t_dd=$(since "$s")
+rm -f "$work/dd.out"
+echo "this disk's durable write rate (dd 2 GiB conv=fdatasync): $(rate $((2048 * 1048576)) "$t_dd") MiB/s"
+
 echo "== full: lsvfs export (unmounted volume, to a local file) vs restic backup (of the same tree, mounted)"
 drop_caches
 s=$(now)
@@ -75,6 +89,7 @@ s=$(now)
   "$lsvfs" snapshot export "$work/v.vol" full --key-file "$work/k" -o "$work/full.lsx" 2>/dev/null
 t_full=$(since "$s")
 full_size=$(stat -c %s "$work/full.lsx")
+echo "lsvfs export to a pipe: $(rate "$full_size" "$t_pipe") MiB/s of export"
 echo "lsvfs export:  ${t_full} s, $(rate "$full_size" "$t_full") MiB/s of export, $(rate "$bytes" "$t_full") MiB/s of file data, $(echo "$full_size / 1048576" | bc) MiB, peak RSS $(rss "$work/time-export") MiB"
 "$lsvfs" mount "$work/v.vol" "$work/m" --key-file "$work/k" >/dev/null
 restic init --repo "$work/repo" >/dev/null 2>&1
