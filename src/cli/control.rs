@@ -554,7 +554,11 @@ fn export_to(
             .map(|k| crate::keys::read_key_file(k))
             .collect::<Result<_, _>>()?,
     };
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd));
+    // A file or a pipe; for a pipe, the write-back hints fail and are
+    // ignored.
+    let file = std::fs::File::from(fd);
+    let mut out =
+        std::io::BufWriter::with_capacity(1 << 20, super::export::WriteBehind::new(&file));
     let s = snaps.with_volume(|v, mounted| {
         crate::export::export(
             v,

@@ -1066,7 +1066,7 @@ fn restore_incremental(
 /// export reads and seals, and the final fsync finds little left, instead
 /// of gigabytes of dirty pages written at the end (or in bursts when the
 /// kernel's dirty limit throttles the writer).
-struct WriteBehind<'a> {
+pub(super) struct WriteBehind<'a> {
     file: &'a File,
     /// Bytes written.
     at: u64,
@@ -1079,7 +1079,7 @@ struct WriteBehind<'a> {
 impl<'a> WriteBehind<'a> {
     const STEP: u64 = 16 << 20;
 
-    fn new(file: &'a File) -> Self {
+    pub(super) fn new(file: &'a File) -> Self {
         WriteBehind {
             file,
             at: 0,

@@ -234,7 +234,7 @@ pub fn export(
             Step::Trim(..) => 0,
         })
         .sum();
-    // Runs of at most CHUNK_BLOCKS blocks are read by READERS threads at
+    // Runs of at most CHUNK_BLOCKS blocks are read by `readers` threads at
     // once (several reads in flight on the disk), gathered into chunks in
     // order, and sealed by SEALERS threads at once; this thread hashes and
     // writes the chunks in order.
