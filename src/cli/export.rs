@@ -311,41 +311,27 @@ fn export_unmounted(
         b.set_position(done * crate::BLOCK_SIZE as u64);
         Ok(())
     };
-    let s: Summary = match out {
-        Output::Stdout => {
-            let stdout = std::io::stdout();
-            let mut w = BufWriter::with_capacity(1 << 20, stdout.lock());
-            export::export(
-                &v,
-                &a.name,
-                a.since.as_deref(),
-                &holders,
-                export::READERS,
-                &mut w,
-                &mut tick,
-            )?
-        }
-        Output::File { file, .. } => {
-            let mut w = BufWriter::with_capacity(1 << 20, WriteBehind::new(file));
-            export::export(
-                &v,
-                &a.name,
-                a.since.as_deref(),
-                &holders,
-                export::READERS,
-                &mut w,
-                &mut tick,
-            )?
-        }
-        Output::Object { writer, .. } => export::export(
+    let mut run = |w: &mut dyn std::io::Write| {
+        export::export(
             &v,
             &a.name,
             a.since.as_deref(),
             &holders,
             export::READERS,
-            writer,
+            w,
             &mut tick,
-        )?,
+        )
+    };
+    let s: Summary = match out {
+        Output::Stdout => run(&mut BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout().lock(),
+        ))?,
+        Output::File { file, .. } => run(&mut BufWriter::with_capacity(
+            1 << 20,
+            WriteBehind::new(file),
+        ))?,
+        Output::Object { writer, .. } => run(writer)?,
     };
     if let Some(b) = progress {
         b.finish_and_clear();
