@@ -39,17 +39,21 @@ fn sealed_blocks(m: &Mounted) -> (String, String) {
 }
 
 /// Polls `rekey --status` on the mount until one key generation is left
-/// and no pass runs (at most 120 s).
+/// and no pass runs (at most 120 s); a pass that stopped with an error
+/// fails at once. (Each status counts the blocks per generation through
+/// the mount, so it polls twice a second, not faster.)
 fn wait_for_pass(m: &Mounted) -> serde_json::Value {
-    for _ in 0..1200 {
-        let st = rekey_json(m, &["rekey", "m", "--status", "--json"]);
+    let mut st = serde_json::Value::Null;
+    for _ in 0..240 {
+        st = rekey_json(m, &["rekey", "m", "--status", "--json"]);
+        assert!(st.get("error").is_none(), "the resumed rekey stopped: {st}");
         let left = st["generations"].as_array().map_or(0, |g| g.len());
         if st["running"] == serde_json::Value::Bool(false) && left == 1 {
             return st;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    panic!("the resumed rekey did not finish in 120 s");
+    panic!("the resumed rekey did not finish in 120 s; last status: {st}");
 }
 
 fn generations(v: &serde_json::Value) -> (Vec<u64>, u64, u64) {

@@ -319,8 +319,12 @@ fn main() {
                     ready.wait();
                     drop(start_gate.read());
                     let start = Instant::now();
-                    let r = unlock_one(&hosts, i, &clients);
+                    // A panic is this host's error, not a result that never
+                    // comes (the main thread counts results).
+                    let r = std::panic::catch_unwind(|| unlock_one(&hosts, i, &clients))
+                        .unwrap_or_else(|_| Err("the host's thread panicked".to_string()));
                     let _ = tx.send((start.elapsed(), r));
+                    drop(tx);
                     drop(exit_gate.read());
                 })
                 .expect("spawn host thread");

@@ -1048,13 +1048,15 @@ fn restore_incremental(
 }
 
 /// Writes a file and starts its write-back every [`WriteBehind::STEP`]
-/// bytes, then waits for the write-back started a step before: the disk writes while the
-/// export reads and seals, and the final fsync finds little left, instead
-/// of gigabytes of dirty pages written at the end (or in bursts when the
-/// kernel's dirty limit throttles the writer).
+/// bytes, then waits for the write-back started a step before: the disk
+/// writes while the export reads and seals, and the final fsync finds
+/// little left, instead of gigabytes of dirty pages written at the end (or
+/// in bursts when the kernel's dirty limit throttles the writer). Offsets
+/// are the file's own, from where writing began (a descriptor handed over
+/// may be positioned anywhere); on a pipe the hints fail and are ignored.
 pub(super) struct WriteBehind<'a> {
     file: &'a File,
-    /// Bytes written.
+    /// The file offset of the next byte written.
     at: u64,
     /// Write-back started up to here.
     started: u64,
@@ -1066,11 +1068,13 @@ impl<'a> WriteBehind<'a> {
     const STEP: u64 = 16 << 20;
 
     pub(super) fn new(file: &'a File) -> Self {
+        use std::io::Seek;
+        let start = (&mut &*file).stream_position().unwrap_or(0);
         WriteBehind {
             file,
-            at: 0,
-            started: 0,
-            waited: 0,
+            at: start,
+            started: start,
+            waited: start,
         }
     }
 }
@@ -1091,13 +1095,16 @@ impl Write for WriteBehind<'_> {
                     (self.at - self.started) as i64,
                     libc::SYNC_FILE_RANGE_WRITE,
                 );
-                // The step started last time has had a step's time.
-                libc::sync_file_range(
-                    fd,
-                    self.waited as i64,
-                    (self.started - self.waited) as i64,
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE,
-                );
+                // The step started last time has had a step's time. (A
+                // length of 0 would mean "to the end of the file".)
+                if self.started > self.waited {
+                    libc::sync_file_range(
+                        fd,
+                        self.waited as i64,
+                        (self.started - self.waited) as i64,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE,
+                    );
+                }
             }
             self.waited = self.started;
             self.started = self.at;

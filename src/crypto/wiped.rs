@@ -3,15 +3,16 @@
 //! `zeroize` clears a `Vec<u8>` with one volatile store per byte, about a
 //! byte per cycle: an export or a restore, which passes every byte of a
 //! volume through megabyte buffers, spent more time wiping them than
-//! sealing them. [`Wiped`] clears its whole allocation with one vectorized
-//! `write_bytes`, kept from being removed as a dead store by a compiler
-//! fence and `black_box`.
+//! sealing them. [`Wiped`] clears its whole allocation with the C
+//! library's `explicit_bzero`: a memset that the compiler may not remove
+//! as a dead store.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{compiler_fence, Ordering};
 
 /// A `Vec<u8>` whose whole allocation (spare capacity included) is
-/// overwritten with zeros when it is dropped.
+/// overwritten with zeros when it is dropped. Like `Zeroizing<Vec<u8>>`,
+/// it cannot wipe what a reallocation leaves behind: callers size it
+/// first (the pool's buffers never grow).
 #[derive(Default)]
 pub struct Wiped(Vec<u8>);
 
@@ -33,11 +34,11 @@ impl Wiped {
     pub fn wipe(&mut self) {
         let cap = self.0.capacity();
         self.0.clear();
-        // SAFETY: writes `cap` bytes into the vector's own allocation of
-        // `cap` bytes; u8 has no invalid values and no drop.
-        unsafe { std::ptr::write_bytes(self.0.as_mut_ptr(), 0, cap) };
-        compiler_fence(Ordering::SeqCst);
-        std::hint::black_box(self.0.as_ptr());
+        if cap > 0 {
+            // SAFETY: writes `cap` bytes into the vector's own allocation
+            // of `cap` bytes; u8 has no invalid values and no drop.
+            unsafe { libc::explicit_bzero(self.0.as_mut_ptr().cast(), cap) };
+        }
     }
 }
 

@@ -238,17 +238,28 @@ pub fn export(
     // once (several reads in flight on the disk), gathered into chunks in
     // order, and sealed by SEALERS threads at once; this thread hashes and
     // writes the chunks in order.
-    let units = plan.into_iter().flat_map(|step| match step {
-        Step::Trim(..) => vec![step],
-        Step::Read(s, n) => (s..s + n)
-            .step_by(CHUNK_BLOCKS as usize)
-            .map(|a| Step::Read(a, (s + n - a).min(CHUNK_BLOCKS)))
-            .collect(),
+    // Read runs are cut into units of at most CHUNK_BLOCKS as they are
+    // needed (a volume's one big run would otherwise list a unit per MiB).
+    let units = plan.into_iter().flat_map(|step| {
+        let (s, n, pieces) = match step {
+            Step::Trim(s, n) => (s, n, 1),
+            Step::Read(s, n) => (s, n, n.div_ceil(CHUNK_BLOCKS)),
+        };
+        let trim = matches!(step, Step::Trim(..));
+        (0..pieces).map(move |k| {
+            let a = s + k * CHUNK_BLOCKS;
+            if trim {
+                Step::Trim(s, n)
+            } else {
+                Step::Read(a, (s + n - a).min(CHUNK_BLOCKS))
+            }
+        })
     });
     let view = &view;
     // Enough buffers for every stage's window, so that none is allocated
     // after the first few megabytes.
-    let pool = &WipedPool::new(READ_WINDOW + readers + SEAL_WINDOW + SEALERS + 4, MAX_CHUNK);
+    let read_window = READ_AHEAD_PER_READER * readers.max(1);
+    let pool = &WipedPool::new(read_window + readers + SEAL_WINDOW + SEALERS + 4, MAX_CHUNK);
     let read = move |unit: Step| -> Result<Loaded> {
         match unit {
             Step::Trim(s, n) => Ok(Loaded {
@@ -281,7 +292,7 @@ pub fn export(
         Ok(p)
     };
     let (chunks, counts) = std::thread::scope(|s| -> Result<(u64, Trailer)> {
-        let loaded = ordered_map(s, units, readers, READ_WINDOW, read, lost);
+        let loaded = ordered_map(s, units, readers, read_window, read, lost);
         let sealed = ordered_map(
             s,
             Chunker::new(loaded, pool),
@@ -339,7 +350,11 @@ fn signature_of(key: &ed25519_dalek::SigningKey, hash: &[u8; 32]) -> [u8; SIGNAT
 
 /// What a worker that panicked leaves in the stream.
 fn lost<T>() -> Result<T> {
-    Err(ExportError::Usage("an export worker failed".into()))
+    Err(ExportError::Usage(
+        "an export thread failed: this is a bug in lsvfs (its message is above); what was \
+         written is incomplete and will not verify, so run the export again, and please report it"
+            .into(),
+    ))
 }
 
 /// Threads reading runs of blocks at once for an export of a volume that
@@ -351,9 +366,10 @@ pub const READERS: usize = 8;
 /// Readers of an export that a mount runs: it shares the disk and the
 /// volume with every other process using the mount.
 pub const READERS_MOUNTED: usize = 2;
-/// How many runs may be read ahead of the chunk being gathered (each at
-/// most 1 MiB).
-const READ_WINDOW: usize = 32;
+/// How many runs (each at most 1 MiB) may be read ahead of the chunk
+/// being gathered, per reader: 32 MiB for a command's export, 8 MiB for a
+/// mount's.
+const READ_AHEAD_PER_READER: usize = 4;
 /// Threads sealing chunks at once, and how many chunks may wait.
 const SEALERS: usize = 2;
 const SEAL_WINDOW: usize = 4;
