@@ -94,10 +94,11 @@ fn tls_acceptor(cfg: &Config) -> Result<TlsAcceptor, ServerError> {
     );
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| ServerError::Tls(format!("{}: {e}", key_path.display())))?;
-    // TLS 1.3's SHA-256 suites first, chosen by the server: the exchange
-    // is X25519 (a 128-bit security level), so AES-256 adds nothing, and
-    // SHA-384 costs a handshake more than SHA-256 (which has CPU
-    // instructions). Every suite of the default list stays allowed.
+    // TLS 1.3's SHA-256 suites first, chosen by the server: the key
+    // exchange (X25519 with lsvfs's client, P-256 otherwise) is at a
+    // 128-bit security level, so AES-256 adds nothing, and SHA-384 costs a
+    // handshake more than SHA-256 (which has CPU instructions). Every
+    // suite of the default list stays allowed.
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites.sort_by_key(|s| {
         !matches!(
@@ -115,8 +116,7 @@ fn tls_acceptor(cfg: &Config) -> Result<TlsAcceptor, ServerError> {
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     // No session tickets: a host builds a new TLS client for each call and
     // never resumes a session, so the two tickets TLS 1.3 sends by default
-    // after every handshake were made, stored, sent and thrown away (and
-    // their unread bytes turned each close into a reset).
+    // after every handshake were made, stored, sent and thrown away.
     tls.send_tls13_tickets = 0;
     tls.ignore_client_order = true;
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
