@@ -558,7 +558,7 @@ fn export_to(
     // ignored.
     let file = std::fs::File::from(fd);
     let mut out =
-        std::io::BufWriter::with_capacity(1 << 20, super::export::WriteBehind::new(&file));
+        std::io::BufWriter::with_capacity(1 << 20, super::common::WriteBehind::new(&file));
     let s = snaps.with_volume(|v, mounted| {
         crate::export::export(
             v,
