@@ -36,6 +36,16 @@ since() { echo "$(now) - $1" | bc -l | xargs printf '%.2f'; }
 rate() { echo "$1 / 1048576 / $2" | bc -l | xargs printf '%.0f'; } # bytes seconds -> MiB/s
 rss() { awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# The most dirty page cache (MiB, /proc/meminfo) seen while process $1 runs.
+dirty_peak() {
+  local most=0 d
+  while kill -0 "$1" 2>/dev/null; do
+    d=$(awk '/^Dirty:/ {print $2}' /proc/meminfo)
+    [ "$d" -gt "$most" ] && most=$d
+    sleep 0.05
+  done
+  echo $((most / 1024))
+}
 
 echo "== a volume with $gib GiB of /usr's files"
 "$lsvfs" create "$work/v.vol" --size "$((gib * 3))G" --key-file "$work/k" >/dev/null
@@ -68,12 +78,12 @@ eng=$(cargo bench --quiet --bench volume -- --dir "$work/eng" --mib 1024 --secon
 rm -rf "$work/eng"
 echo "${eng:-engine seq read: not measured}"
 
-echo "== full export to a pipe (cat > /dev/null): the export's own rate, apart from the output disk"
+echo "== full export to a pipe (counted by wc -c): the export's own rate, apart from the output disk"
 drop_caches
 s=$(now)
-"$lsvfs" snapshot export "$work/v.vol" full --key-file "$work/k" -o - 2>/dev/null | cat >/dev/null
+pipe_size=$("$lsvfs" snapshot export "$work/v.vol" full --key-file "$work/k" -o - 2>/dev/null | wc -c)
 t_pipe=$(since "$s")
-echo "lsvfs export to a pipe: ${t_pipe} s"
+echo "lsvfs export to a pipe: ${t_pipe} s, $(rate "$pipe_size" "$t_pipe") MiB/s of export"
 # What a durable local copy of that many bytes costs on this disk alone.
 drop_caches
 s=$(now)
@@ -86,10 +96,12 @@ echo "== full: lsvfs export (unmounted volume, to a local file) vs restic backup
 drop_caches
 s=$(now)
 /usr/bin/time -v -o "$work/time-export" \
-  "$lsvfs" snapshot export "$work/v.vol" full --key-file "$work/k" -o "$work/full.lsx" 2>/dev/null
+  "$lsvfs" snapshot export "$work/v.vol" full --key-file "$work/k" -o "$work/full.lsx" 2>/dev/null &
+dirty=$(dirty_peak $!)
+wait $!
 t_full=$(since "$s")
 full_size=$(stat -c %s "$work/full.lsx")
-echo "lsvfs export to a pipe: $(rate "$full_size" "$t_pipe") MiB/s of export"
+echo "dirty page cache at most ${dirty} MiB during the export to a file (its write-behind)"
 echo "lsvfs export:  ${t_full} s, $(rate "$full_size" "$t_full") MiB/s of export, $(rate "$bytes" "$t_full") MiB/s of file data, $(echo "$full_size / 1048576" | bc) MiB, peak RSS $(rss "$work/time-export") MiB"
 "$lsvfs" mount "$work/v.vol" "$work/m" --key-file "$work/k" >/dev/null
 restic init --repo "$work/repo" >/dev/null 2>&1

@@ -25,11 +25,6 @@ impl Wiped {
         Wiped(Vec::with_capacity(n))
     }
 
-    /// `n` zero bytes.
-    pub fn zeroed(n: usize) -> Wiped {
-        Wiped(vec![0; n])
-    }
-
     /// Overwrites the whole allocation with zeros and empties the vector.
     pub fn wipe(&mut self) {
         let cap = self.0.capacity();
