@@ -3,7 +3,8 @@
 //! threads that every other process's operations need. The kernel takes
 //! replies in any order; each job replies when done.
 
-use crossbeam::channel::{unbounded, Sender};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 /// Threads for slow requests. They mostly wait on the disk (fdatasync) or
@@ -14,21 +15,53 @@ const SLOW_THREADS: usize = 4;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The jobs waiting for a thread. Idle threads sleep on a condition
+/// variable: a channel whose receivers spin and yield before they sleep
+/// (crossbeam's) cost every job a burst of sched_yield calls from each idle
+/// thread, which on a small machine took CPU from the caller waiting for
+/// its fsync.
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, (VecDeque<Job>, bool)> {
+        // A job runs outside the lock, so a panic cannot poison it midway.
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next job, or None once the queue is closed and empty.
+    fn next(&self) -> Option<Job> {
+        let mut q = self.lock();
+        loop {
+            if let Some(job) = q.0.pop_front() {
+                return Some(job);
+            }
+            if q.1 {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 pub struct SlowWork {
-    tx: Option<Sender<Job>>,
+    queue: Arc<Queue>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl SlowWork {
     pub fn new() -> SlowWork {
-        let (tx, rx) = unbounded::<Job>();
+        let queue = Arc::new(Queue::default());
         let threads = (0..SLOW_THREADS)
             .filter_map(|n| {
-                let rx = rx.clone();
+                let queue = queue.clone();
                 std::thread::Builder::new()
                     .name(format!("lsvfs-slow-{n}"))
                     .spawn(move || {
-                        for job in rx {
+                        while let Some(job) = queue.next() {
                             job();
                         }
                     })
@@ -36,24 +69,17 @@ impl SlowWork {
                     .ok()
             })
             .collect();
-        SlowWork {
-            tx: Some(tx),
-            threads,
-        }
+        SlowWork { queue, threads }
     }
 
     /// Runs `job` on a slow-request thread; on the caller's thread if none
     /// could be started.
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
-        let job: Job = Box::new(job);
-        match &self.tx {
-            Some(tx) if !self.threads.is_empty() => {
-                if let Err(e) = tx.send(job) {
-                    (e.into_inner())();
-                }
-            }
-            _ => job(),
+        if self.threads.is_empty() {
+            return job();
         }
+        self.queue.lock().0.push_back(Box::new(job));
+        self.queue.ready.notify_one();
     }
 }
 
@@ -66,7 +92,8 @@ impl Default for SlowWork {
 impl Drop for SlowWork {
     /// Finishes the jobs already queued (each owes the kernel a reply).
     fn drop(&mut self) {
-        drop(self.tx.take());
+        self.queue.lock().1 = true;
+        self.queue.ready.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
