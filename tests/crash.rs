@@ -26,6 +26,7 @@ use lsvfs::BLOCK_SIZE;
 const LOGICAL: u64 = 512;
 const RANGE: u64 = 256;
 const SECTOR: usize = 512;
+const SEGMENT_BLOCKS: usize = 16;
 
 struct Recorded {
     base: Vec<u8>,
@@ -43,7 +44,7 @@ struct Recorded {
 fn record_workload(seed: u64, txns: usize, snapshots: bool, rekey: bool) -> Recorded {
     let mut rng = Rng(seed);
     let dev = Arc::new(MemDevice::new());
-    create(&*dev, LOGICAL, 16);
+    create(&*dev, LOGICAL, SEGMENT_BLOCKS as u32);
     let v = open(dev.clone());
     dev.record();
     let base = dev.image();
@@ -155,6 +156,12 @@ fn record_workload(seed: u64, txns: usize, snapshots: bool, rekey: bool) -> Reco
         states,
         snaps,
     }
+}
+
+/// A segment the log wrote whole with zeros before using it.
+fn is_prepared(op: &RecordedOp) -> bool {
+    matches!(op, RecordedOp::Write { data, .. }
+        if data.len() == SEGMENT_BLOCKS * BLOCK_SIZE && data.iter().all(|b| *b == 0))
 }
 
 fn apply(img: &mut Vec<u8>, op: &RecordedOp, rng: Option<&mut Rng>) {
@@ -318,6 +325,11 @@ fn run_with(
         assert!(creates >= 10 && deletes >= 5, "too few snapshot events");
     }
     let n = rec.ops.len();
+    // Segments the log prepared (wrote whole with zeros) before using them:
+    // the cuts below land among those writes too.
+    let prepared = rec.ops.iter().filter(|op| is_prepared(op)).count();
+    eprintln!("segments prepared: {prepared}");
+    assert!(prepared > 0, "the workload prepared no segment");
     let flushes: Vec<usize> = (0..n)
         .filter(|i| matches!(rec.ops[*i], RecordedOp::Flush))
         .collect();
@@ -422,7 +434,7 @@ fn power_cut_second_workload() {
 #[test]
 fn dropped_record_left_at_the_head_does_not_hide_later_flushed_work() {
     let dev = Arc::new(MemDevice::new());
-    create(&*dev, LOGICAL, 16);
+    create(&*dev, LOGICAL, SEGMENT_BLOCKS as u32);
     let v = open(dev.clone());
     let data: Vec<u8> = (0..14).flat_map(|l| block(l, 1)).collect();
     v.write(Lba(0), &data).unwrap();
@@ -453,9 +465,12 @@ fn dropped_record_left_at_the_head_does_not_hide_later_flushed_work() {
     v.commit(t).unwrap();
     let ops = dev.take_ops();
     v.abandon();
-    // Power cut: only the first record's writes (body, then summary) landed.
+    // Power cut: only the first record's writes (body, then summary) landed
+    // (and not the zeros of a segment the log prepared).
     let mut img = before;
-    let mut writes = ops.iter().filter(|o| matches!(o, RecordedOp::Write { .. }));
+    let mut writes = ops
+        .iter()
+        .filter(|o| matches!(o, RecordedOp::Write { .. }) && !is_prepared(o));
     for op in writes.by_ref().take(2) {
         apply(&mut img, op, None);
     }

@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::Device;
@@ -19,6 +19,8 @@ pub struct FileDevice {
     /// Held across a flush, so that a flush that finds nothing new to sync
     /// still waits for one in progress (which may cover its caller's data).
     flushing: Mutex<()>,
+    /// Flushes that synced something.
+    flushes: AtomicU64,
 }
 
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
@@ -46,6 +48,7 @@ impl FileDevice {
             block_device: false,
             unflushed: AtomicBool::new(true),
             flushing: Mutex::new(()),
+            flushes: AtomicU64::new(0),
         })
     }
 
@@ -71,6 +74,7 @@ impl FileDevice {
             block_device,
             unflushed: AtomicBool::new(true),
             flushing: Mutex::new(()),
+            flushes: AtomicU64::new(0),
         })
     }
 
@@ -85,6 +89,7 @@ impl FileDevice {
             block_device,
             unflushed: AtomicBool::new(true),
             flushing: Mutex::new(()),
+            flushes: AtomicU64::new(0),
         })
     }
 
@@ -189,7 +194,33 @@ impl Device for FileDevice {
         }
         self.file.sync_data().inspect_err(|_| {
             self.unflushed.store(true, Ordering::Release);
-        })
+        })?;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+
+    fn prepare(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device {
+            return Ok(());
+        }
+        super::write_zeros(self, offset, len)?;
+        // Start writing the zeros back now, so that the next flush finds
+        // them on their way instead of waiting for all of them.
+        // SAFETY: sync_file_range on a valid, owned descriptor has no
+        // memory effects; a failure only means no early write-back.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {

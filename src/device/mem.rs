@@ -18,6 +18,7 @@ struct Inner {
     data: Vec<u8>,
     ops: Option<Vec<RecordedOp>>,
     capacity: Option<u64>,
+    flushes: u64,
 }
 
 pub struct MemDevice {
@@ -35,6 +36,7 @@ impl MemDevice {
                 data,
                 ops: None,
                 capacity: None,
+                flushes: 0,
             }),
         }
     }
@@ -110,10 +112,16 @@ impl Device for MemDevice {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if let Some(ops) = self.lock().ops.as_mut() {
+        let mut inner = self.lock();
+        inner.flushes += 1;
+        if let Some(ops) = inner.ops.as_mut() {
             ops.push(RecordedOp::Flush);
         }
         Ok(())
+    }
+
+    fn flushes(&self) -> u64 {
+        self.lock().flushes
     }
 
     fn len(&self) -> io::Result<u64> {

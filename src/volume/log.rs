@@ -37,7 +37,21 @@ pub struct Log {
     pub growth_blocked: bool,
     /// Log blocks written since the last checkpoint.
     pub blocks_since_checkpoint: u64,
+    /// The device's flush count when the log last took a segment (none
+    /// yet since the volume was opened).
+    flushes_at_take: Option<u64>,
 }
+
+/// A segment is prepared ([`Device::prepare`]) when the device was flushed
+/// at least once per this many blocks while the log filled the one before:
+/// small commits, each made durable (an fsync after every write). Writing
+/// a 4 MiB segment of zeros then costs less than the 64 host journal
+/// commits it saves. A writer of large runs flushes rarely, and its data
+/// overwrites the zeros in the page cache before they reach the disk, so
+/// preparing its segments would only cost it CPU.
+///
+/// [`Device::prepare`]: crate::device::Device::prepare
+const PREPARE_BLOCKS_PER_FLUSH: u64 = 16;
 
 /// One record as laid out by [`plan`]: a range of entries and its place.
 struct Placed {
@@ -66,6 +80,7 @@ impl Log {
             cleaned: BTreeSet::new(),
             growth_blocked: false,
             blocks_since_checkpoint: 0,
+            flushes_at_take: None,
         }
     }
 
@@ -165,8 +180,28 @@ impl Log {
     /// (checkpoints, the cleaner, trims), and only when the file cannot
     /// grow: so it is there when the host filesystem is full. Space is
     /// reserved on the device before use, so writes into the segment
-    /// cannot fail for lack of space.
+    /// cannot fail for lack of space. It is prepared (written once with
+    /// zeros) when the log's records are being flushed one by one.
     fn take_segment(&mut self, ctx: &Ctx, privileged: bool) -> Result<SegmentId> {
+        let seg = self.choose_segment(ctx, privileged)?;
+        let flushes = ctx.dev.flushes();
+        let often = self.flushes_at_take.is_some_and(|before| {
+            flushes.saturating_sub(before) * PREPARE_BLOCKS_PER_FLUSH >= self.geo.seg_blocks
+        });
+        self.flushes_at_take = Some(flushes);
+        if often {
+            let bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
+            // The segment holds nothing of value (it is the log's now, to
+            // overwrite), so a failure here only costs the speed-up.
+            let _ = ctx
+                .dev
+                .prepare(self.geo.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes);
+        }
+        Ok(seg)
+    }
+
+    /// [`Log::take_segment`] without preparing the segment.
+    fn choose_segment(&mut self, ctx: &Ctx, privileged: bool) -> Result<SegmentId> {
         let bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
         if self.free.len() as u64 > self.geo.reserve {
             let seg = *self.free.iter().next_back().expect("free is not empty");
