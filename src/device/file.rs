@@ -142,15 +142,26 @@ impl FileDevice {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Starts writing back `len` bytes at `offset` (0: to the end) without
+    /// waiting.
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // SAFETY: sync_file_range on a valid, owned descriptor has no
+        // memory effects; a failure only means no early write-back.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
 }
 
 impl Device for FileDevice {
     fn write_behind(&self) {
-        // SAFETY: sync_file_range on a valid, owned descriptor has no
-        // memory effects; a failure only means no early write-back.
-        unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-        }
+        self.start_writeback(0, 0);
     }
 
     fn will_need(&self, offset: u64, len: u64) {
@@ -210,16 +221,7 @@ impl Device for FileDevice {
         super::write_zeros(self, offset, len)?;
         // Start writing the zeros back now, so that the next flush finds
         // them on their way instead of waiting for all of them.
-        // SAFETY: sync_file_range on a valid, owned descriptor has no
-        // memory effects; a failure only means no early write-back.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+        self.start_writeback(offset, len);
         Ok(())
     }
 
