@@ -265,8 +265,9 @@ impl Log {
     /// as records at the log head; the last record carries COMMIT if
     /// `commit`. Returns the block address of each payload block.
     ///
-    /// Every segment the append needs is taken before anything is written,
-    /// so running out of space fails cleanly with nothing written. A failed
+    /// Every segment the append needs is taken before any record is
+    /// written, so running out of space fails cleanly with no record
+    /// written. A failed
     /// device write poisons the volume.
     pub fn append(
         &mut self,
@@ -290,7 +291,8 @@ impl Log {
             match self.take_segment(ctx, privileged) {
                 Ok(s) => fresh.push(s),
                 Err(e) => {
-                    // Nothing was written: hand the segments back untouched.
+                    // No record was written: hand the segments back (a prepared
+                    // one holds zeros, which is as good as what it held).
                     self.free.extend(fresh);
                     return Err(e);
                 }
