@@ -451,7 +451,8 @@ fn prepared_segments(ops: &[lsvfs::device::RecordedOp], seg_bytes: usize) -> Vec
 /// write) writes each segment once with zeros before it fills it, so that
 /// its flushes overwrite written blocks on the host; a writer of large runs
 /// that flushes rarely gets no such writes. Either way, everything written
-/// reads back, also after reopening, and the cleaner can reuse the segments.
+/// reads back, also after reopening, including segments the cleaner freed
+/// and the log prepared again.
 #[test]
 fn segments_are_prepared_for_flush_per_write_and_not_for_large_runs() {
     const SEG: u32 = 64;
@@ -464,15 +465,36 @@ fn segments_are_prepared_for_flush_per_write_and_not_for_large_runs() {
     dev.record();
     let mut model = vec![0u64; logical as usize];
     let mut rng = Rng(7);
-    for _ in 0..600 {
+    for i in 0..3000 {
         write_run(&v, &mut model, rng.below(256), 1, &mut version).unwrap();
         v.flush().unwrap();
+        if i % 200 == 199 {
+            // Empty segments and free them, so the log reuses some.
+            v.clean(8).unwrap();
+        }
     }
-    v.clean(4).unwrap();
     let ops = dev.take_ops();
     let prepared = prepared_segments(&ops, seg_bytes);
-    // 600 records of two blocks fill about 19 segments of 64.
-    assert!(prepared.len() >= 10, "prepared {prepared:?}");
+    // 3,000 records of two blocks fill about 94 segments of 64.
+    assert!(prepared.len() >= 50, "prepared {}", prepared.len());
+    // Some were segments the log had used before and the cleaner freed.
+    let reused = ops
+        .iter()
+        .enumerate()
+        .filter(|(i, op)| {
+            let lsvfs::device::RecordedOp::Write { offset, data } = op else {
+                return false;
+            };
+            data.len() == seg_bytes
+                && data.iter().all(|b| *b == 0)
+                && ops[..*i].iter().any(|o| {
+                    matches!(o, lsvfs::device::RecordedOp::Write { offset: o2, data: d2 }
+                        if *o2 >= *offset && *o2 < offset + seg_bytes as u64
+                            && d2.len() < seg_bytes)
+                })
+        })
+        .count();
+    assert!(reused > 0, "no prepared segment had been used before");
     verify_all(&v, &model);
     v.close().unwrap();
     let v = open(dev.clone());

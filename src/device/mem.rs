@@ -18,7 +18,10 @@ struct Inner {
     data: Vec<u8>,
     ops: Option<Vec<RecordedOp>>,
     capacity: Option<u64>,
+    /// Flushes that had something to sync, and whether something has
+    /// been written since the last one.
     flushes: u64,
+    unflushed: bool,
 }
 
 pub struct MemDevice {
@@ -37,6 +40,7 @@ impl MemDevice {
                 ops: None,
                 capacity: None,
                 flushes: 0,
+                unflushed: false,
             }),
         }
     }
@@ -102,6 +106,7 @@ impl Device for MemDevice {
         let mut inner = self.lock();
         grow(&mut inner, offset + buf.len() as u64)?;
         inner.data[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        inner.unflushed = true;
         if let Some(ops) = inner.ops.as_mut() {
             ops.push(RecordedOp::Write {
                 offset,
@@ -113,7 +118,10 @@ impl Device for MemDevice {
 
     fn flush(&self) -> io::Result<()> {
         let mut inner = self.lock();
-        inner.flushes += 1;
+        // Counted like a file's: only a flush that had something to sync.
+        if std::mem::take(&mut inner.unflushed) {
+            inner.flushes += 1;
+        }
         if let Some(ops) = inner.ops.as_mut() {
             ops.push(RecordedOp::Flush);
         }
@@ -129,7 +137,9 @@ impl Device for MemDevice {
     }
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        grow(&mut self.lock(), offset + len)
+        let mut inner = self.lock();
+        inner.unflushed = true;
+        grow(&mut inner, offset + len)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -138,6 +148,7 @@ impl Device for MemDevice {
         if (offset as usize) < end {
             inner.data[offset as usize..end].fill(0);
         }
+        inner.unflushed = true;
         if let Some(ops) = inner.ops.as_mut() {
             ops.push(RecordedOp::Discard { offset, len });
         }

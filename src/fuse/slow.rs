@@ -4,6 +4,7 @@
 //! replies in any order; each job replies when done.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -64,7 +65,13 @@ impl SlowWork {
                     .name(format!("lsvfs-slow-{n}"))
                     .spawn(move || {
                         while let Some(job) = queue.next() {
-                            job();
+                            // A job that panics loses its reply (the
+                            // kernel gets EIO), not its thread: the queue
+                            // would otherwise keep jobs that no thread runs.
+                            let ran = std::panic::catch_unwind(AssertUnwindSafe(job));
+                            if ran.is_err() {
+                                tracing::error!("a slow request panicked; it was answered EIO");
+                            }
                         }
                     })
                     .map_err(|e| tracing::warn!("starting a slow-request thread: {e}"))
