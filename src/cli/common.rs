@@ -288,27 +288,19 @@ impl std::io::Write for WriteBehind<'_> {
         let n = (&mut &*self.file).write(buf)?;
         self.at += n as u64;
         if self.at - self.started >= Self::STEP {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(self.file);
-            // SAFETY: sync_file_range on a descriptor we hold, over byte
-            // ranges of the file; it reads and writes no memory of ours.
-            // Failures are ignored: the final fsync reports any error.
-            unsafe {
-                libc::sync_file_range(
-                    fd,
-                    self.started as i64,
-                    (self.at - self.started) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
+            use crate::device::sync_file_range;
+            let len = self.at - self.started;
+            sync_file_range(self.file, self.started, len, libc::SYNC_FILE_RANGE_WRITE);
+            // The step started last time has had a step's time. (A length
+            // of 0 would mean "to the end of the file".)
+            if self.started > self.waited {
+                let len = self.started - self.waited;
+                sync_file_range(
+                    self.file,
+                    self.waited,
+                    len,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE,
                 );
-                // The step started last time has had a step's time. (A
-                // length of 0 would mean "to the end of the file".)
-                if self.started > self.waited {
-                    libc::sync_file_range(
-                        fd,
-                        self.waited as i64,
-                        (self.started - self.waited) as i64,
-                        libc::SYNC_FILE_RANGE_WAIT_BEFORE,
-                    );
-                }
             }
             self.waited = self.started;
             self.started = self.at;

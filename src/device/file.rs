@@ -42,14 +42,7 @@ impl FileDevice {
             _ => Path::new("."),
         };
         File::open(parent)?.sync_all()?;
-        Ok(FileDevice {
-            file,
-            path: path.to_owned(),
-            block_device: false,
-            unflushed: AtomicBool::new(true),
-            flushing: Mutex::new(()),
-            flushes: AtomicU64::new(0),
-        })
+        Ok(Self::with(file, path, false))
     }
 
     /// Opens an existing file or block device. A writable open takes an
@@ -68,14 +61,7 @@ impl FileDevice {
                 libc::LOCK_SH
             },
         )?;
-        Ok(FileDevice {
-            file,
-            path: path.to_owned(),
-            block_device,
-            unflushed: AtomicBool::new(true),
-            flushing: Mutex::new(()),
-            flushes: AtomicU64::new(0),
-        })
+        Ok(Self::with(file, path, block_device))
     }
 
     /// Opens read-only without any lock, to read a header while another
@@ -83,14 +69,7 @@ impl FileDevice {
     pub fn open_unlocked(path: &Path) -> io::Result<Self> {
         let file = File::open(path)?;
         let block_device = file.metadata()?.file_type().is_block_device();
-        Ok(FileDevice {
-            file,
-            path: path.to_owned(),
-            block_device,
-            unflushed: AtomicBool::new(true),
-            flushing: Mutex::new(()),
-            flushes: AtomicU64::new(0),
-        })
+        Ok(Self::with(file, path, block_device))
     }
 
     /// Whether some process holds the volume at `path` open (a mount,
@@ -143,25 +122,38 @@ impl FileDevice {
         &self.path
     }
 
-    /// Starts writing back `len` bytes at `offset` (0: to the end) without
-    /// waiting.
-    fn start_writeback(&self, offset: u64, len: u64) {
-        // SAFETY: sync_file_range on a valid, owned descriptor has no
-        // memory effects; a failure only means no early write-back.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
+    fn with(file: File, path: &Path, block_device: bool) -> Self {
+        FileDevice {
+            file,
+            path: path.to_owned(),
+            block_device,
+            unflushed: AtomicBool::new(true),
+            flushing: Mutex::new(()),
+            flushes: AtomicU64::new(0),
         }
+    }
+}
+
+/// sync_file_range(2) over `len` bytes at `offset` of `file` (0: to the
+/// end), with `flags` (`libc::SYNC_FILE_RANGE_*`). A hint: a failure (a
+/// pipe, a file system without it) only means no early write-back, and a
+/// later fsync reports any write error.
+pub fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) {
+    // SAFETY: sync_file_range on a valid descriptor that `file` holds; it
+    // reads and writes no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            flags,
+        );
     }
 }
 
 impl Device for FileDevice {
     fn write_behind(&self) {
-        self.start_writeback(0, 0);
+        sync_file_range(&self.file, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 
     fn will_need(&self, offset: u64, len: u64) {
@@ -221,7 +213,7 @@ impl Device for FileDevice {
         super::write_zeros(self, offset, len)?;
         // Start writing the zeros back now, so that the next flush finds
         // them on their way instead of waiting for all of them.
-        self.start_writeback(offset, len);
+        sync_file_range(&self.file, offset, len, libc::SYNC_FILE_RANGE_WRITE);
         Ok(())
     }
 

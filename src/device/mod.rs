@@ -7,7 +7,7 @@
 mod file;
 mod mem;
 
-pub use file::FileDevice;
+pub use file::{sync_file_range, FileDevice};
 pub use mem::{MemDevice, RecordedOp};
 
 use std::io;

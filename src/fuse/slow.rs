@@ -25,12 +25,19 @@ type Job = Box<dyn FnOnce() + Send>;
 /// its fsync.
 #[derive(Default)]
 struct Queue {
-    jobs: Mutex<(VecDeque<Job>, bool)>,
+    jobs: Mutex<Jobs>,
     ready: Condvar,
 }
 
+#[derive(Default)]
+struct Jobs {
+    waiting: VecDeque<Job>,
+    /// No job comes any more: the threads end once `waiting` is empty.
+    closed: bool,
+}
+
 impl Queue {
-    fn lock(&self) -> MutexGuard<'_, (VecDeque<Job>, bool)> {
+    fn lock(&self) -> MutexGuard<'_, Jobs> {
         // A job runs outside the lock, so a panic cannot poison it midway.
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -39,10 +46,10 @@ impl Queue {
     fn next(&self) -> Option<Job> {
         let mut q = self.lock();
         loop {
-            if let Some(job) = q.0.pop_front() {
+            if let Some(job) = q.waiting.pop_front() {
                 return Some(job);
             }
-            if q.1 {
+            if q.closed {
                 return None;
             }
             q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
@@ -87,7 +94,7 @@ impl SlowWork {
         if self.threads.is_empty() {
             return job();
         }
-        self.queue.lock().0.push_back(Box::new(job));
+        self.queue.lock().waiting.push_back(Box::new(job));
         self.queue.ready.notify_one();
     }
 }
@@ -101,7 +108,7 @@ impl Default for SlowWork {
 impl Drop for SlowWork {
     /// Finishes the jobs already queued (each owes the kernel a reply).
     fn drop(&mut self) {
-        self.queue.lock().1 = true;
+        self.queue.lock().closed = true;
         self.queue.ready.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
