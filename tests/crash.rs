@@ -465,7 +465,7 @@ fn dropped_record_left_at_the_head_does_not_hide_later_flushed_work() {
     v.commit(t).unwrap();
     let ops = dev.take_ops();
     v.abandon();
-    // Power cut: only the first record's writes (body, then summary) landed
+    // Power cut: only the first record's writes (summary, then body) landed
     // (and not the zeros of a segment the log prepared).
     let mut img = before;
     let mut writes = ops

@@ -326,10 +326,13 @@ impl Log {
             let at = self.geo.pba_of(segment, offset);
             let body = &payload
                 [r.payload_start * BLOCK_SIZE..(r.payload_start + r.n_payload) * BLOCK_SIZE];
+            // In address order, so that a device that gathers writes which
+            // continue each other (a file's) writes a small record, and a
+            // run of them, as one.
             let written = ctx
                 .dev
-                .write_at(body, (at + 1) * BLOCK_SIZE as u64)
-                .and_then(|_| ctx.dev.write_at(&block[..], at * BLOCK_SIZE as u64));
+                .write_at(&block[..], at * BLOCK_SIZE as u64)
+                .and_then(|_| ctx.dev.write_at(body, (at + 1) * BLOCK_SIZE as u64));
             if let Err(e) = written {
                 ctx.poison();
                 return Err(VolumeError::io(
