@@ -517,3 +517,37 @@ fn segments_are_prepared_for_flush_per_write_and_not_for_large_runs() {
     assert_eq!(prepared_segments(&ops, seg_bytes), Vec::<u64>::new());
     verify_all(&v, &model);
 }
+
+/// The reserve segments are allocated on the host once, not again at every
+/// checkpoint (each allocation is a host call under the volume lock), and
+/// a volume whose host is full still checkpoints from them.
+#[test]
+fn reserve_segments_are_allocated_once_not_at_every_checkpoint() {
+    let dev = mem_volume(2048, 64);
+    let v = open(dev.clone());
+    let mut model = vec![0u64; 2048];
+    let mut version = 0;
+    write_run(&v, &mut model, 0, 64, &mut version).unwrap();
+    v.checkpoint().unwrap();
+    let before = dev.allocations();
+    assert!(before >= 3, "the reserve was not allocated: {before} calls");
+    for i in 0..40 {
+        write_run(&v, &mut model, 100 + i, 1, &mut version).unwrap();
+        v.checkpoint().unwrap();
+    }
+    // Only segments that entered the reserve (freed ones below it) and
+    // those the log grew into; not the reserve again at each checkpoint.
+    let during = dev.allocations() - before;
+    assert!(during < 10, "{during} allocations over 40 checkpoints");
+    verify_all(&v, &model);
+    // The host fills up: checkpoints still run from the reserve.
+    dev.set_capacity(Some(dev.len().unwrap()));
+    for i in 0..8 {
+        v.trim(Lba(100 + i), 1).unwrap();
+        model[100 + i as usize] = 0;
+        v.checkpoint().unwrap();
+    }
+    verify_all(&v, &model);
+    v.close().unwrap();
+    verify_all(&open(dev.clone()), &model);
+}

@@ -22,6 +22,8 @@ struct Inner {
     /// been written since the last one.
     flushes: u64,
     unflushed: bool,
+    /// Calls to [`Device::allocate`].
+    allocations: u64,
 }
 
 pub struct MemDevice {
@@ -41,6 +43,7 @@ impl MemDevice {
                 capacity: None,
                 flushes: 0,
                 unflushed: false,
+                allocations: 0,
             }),
         }
     }
@@ -63,6 +66,11 @@ impl MemDevice {
     /// Limits the device to `bytes`: growing past it fails with ENOSPC.
     pub fn set_capacity(&self, bytes: Option<u64>) {
         self.lock().capacity = bytes;
+    }
+
+    /// How many times [`Device::allocate`] was called.
+    pub fn allocations(&self) -> u64 {
+        self.lock().allocations
     }
 
     pub fn image(&self) -> Vec<u8> {
@@ -139,6 +147,7 @@ impl Device for MemDevice {
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut inner = self.lock();
         inner.unflushed = true;
+        inner.allocations += 1;
         grow(&mut inner, offset + len)
     }
 
