@@ -274,6 +274,8 @@ impl Device for FileDevice {
             tail.data.extend_from_slice(buf);
             return Ok(());
         }
+        // Not held across a large write: other writers and readers go on.
+        drop(tail);
         self.file.write_all_at(buf, offset)
     }
 
@@ -284,7 +286,10 @@ impl Device for FileDevice {
         if !self.unflushed.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        self.write_out(&mut self.tail())
+        // Its own statement: the tail's lock is not held across the
+        // fdatasync, which would stall every reader and writer.
+        let written = self.write_out(&mut self.tail());
+        written
             .and_then(|_| self.file.sync_data())
             .inspect_err(|_| {
                 self.unflushed.store(true, Ordering::Release);
