@@ -28,9 +28,10 @@ pub struct FileDevice {
 /// Small writes that each continue the one before, held in memory and
 /// handed to the host as one write: the log appends a record (a summary
 /// block, then its payload) per transaction, and each metadata operation
-/// (a create, an unlink) commits a small one. A pwrite into the host's
-/// page cache costs about 20 µs whatever its size, more than the
-/// operation's own work.
+/// (a create, an unlink) commits a small one. Each pwrite costs a system
+/// call and the host file system's own work per write whatever its size;
+/// gathering them saved 5-10 µs of a 30-55 µs operation (`cargo bench
+/// --bench fs_ops`, docs/PERFORMANCE.md).
 ///
 /// Nothing is promised before a flush, and every path that could observe
 /// the file writes the tail out first: a flush, a write elsewhere (so
