@@ -190,8 +190,8 @@ impl Drop for FileDevice {
         // Best effort: what was never flushed was never promised, but a
         // closing volume flushes first, and this only keeps a reader that
         // opens the file next from seeing less than was written.
-        let tail = self.tail.get_mut().unwrap_or_else(|p| p.into_inner());
-        let _ = self.file.write_all_at(&tail.data, tail.offset);
+        let mut tail = std::mem::take(self.tail.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let _ = self.write_out(&mut tail);
     }
 }
 

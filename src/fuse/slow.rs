@@ -115,3 +115,32 @@ impl Drop for SlowWork {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More panicking jobs than threads, then ordinary ones: the threads
+    /// survive the panics and every ordinary job still runs.
+    #[test]
+    fn jobs_after_panicking_ones_still_run() {
+        let work = SlowWork::new();
+        assert_eq!(work.threads.len(), SLOW_THREADS);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..SLOW_THREADS + 2 {
+            work.run(|| panic!("a slow job panics (expected by this test)"));
+        }
+        for i in 0..SLOW_THREADS * 2 {
+            let tx = tx.clone();
+            work.run(move || tx.send(i).unwrap());
+        }
+        let mut ran: Vec<usize> = (0..SLOW_THREADS * 2)
+            .map(|_| {
+                rx.recv_timeout(std::time::Duration::from_secs(30))
+                    .expect("a queued job never ran: the panics took its threads")
+            })
+            .collect();
+        ran.sort_unstable();
+        assert_eq!(ran, (0..SLOW_THREADS * 2).collect::<Vec<_>>());
+    }
+}

@@ -267,8 +267,7 @@ impl Log {
     ///
     /// Every segment the append needs is taken before any record is
     /// written, so running out of space fails cleanly with no record
-    /// written. A failed
-    /// device write poisons the volume.
+    /// written. A failed device write poisons the volume.
     pub fn append(
         &mut self,
         ctx: &Ctx,
