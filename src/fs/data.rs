@@ -493,36 +493,32 @@ impl Fs {
     /// throughout a truncate, so no write to it comes in between (a
     /// caller of this API must not write the file meanwhile either).
     pub(super) fn finish_truncate(&self, ino: Ino) -> Result<Option<Inode>> {
-        loop {
-            // (finished, the inode if it still exists)
-            let (done, inode) = self.op(|op, _| {
-                let record = truncating_key(ino);
-                let mut i = match op.inode(ino) {
-                    Ok(i) => i,
-                    Err(FsError::Refused {
-                        why: Posix::NotFound,
-                        ..
-                    }) => {
-                        op.del(&record)?;
-                        return Ok((true, None));
-                    }
-                    Err(e) => return Err(e),
-                };
-                let before = i.blocks;
-                let keep = i.size.div_ceil(BS);
-                let done = op.free_blocks_from(ino, &mut i, keep, TRUNCATE_STEP)?;
-                if i.blocks != before {
-                    op.put_inode(ino, &i)?;
-                }
-                if done {
+        // Some(the inode if it still exists) once finished.
+        self.op_steps(|op, _| {
+            let record = truncating_key(ino);
+            let mut i = match op.inode(ino) {
+                Ok(i) => i,
+                Err(FsError::Refused {
+                    why: Posix::NotFound,
+                    ..
+                }) => {
                     op.del(&record)?;
+                    return Ok(Some(None));
                 }
-                Ok((done, Some(i)))
-            })?;
-            if done {
-                return Ok(inode);
+                Err(e) => return Err(e),
+            };
+            let before = i.blocks;
+            let keep = i.size.div_ceil(BS);
+            let done = op.free_blocks_from(ino, &mut i, keep, TRUNCATE_STEP)?;
+            if i.blocks != before {
+                op.put_inode(ino, &i)?;
             }
-        }
+            if !done {
+                return Ok(None);
+            }
+            op.del(&record)?;
+            Ok(Some(Some(i)))
+        })
     }
 
     /// fallocate(2). Mode 0 allocates (and extends), KEEP_SIZE allocates
@@ -556,7 +552,7 @@ impl Fs {
         // crash between steps leaves part of the range done, as on ext4.
         let step = FALLOC_STEP * BS;
         let mut at = offset;
-        while at < end {
+        self.op_steps(|op, txn| {
             let to = ((at / step + 1) * step).min(end);
             // Only the last step changes the size: a failure part way
             // leaves the size as it was (the kernel's copy agrees).
@@ -565,25 +561,26 @@ impl Fs {
             } else {
                 mode
             };
-            self.fallocate_step(ino, at, to, end, m)?;
+            self.fallocate_step(op, txn, ino, (at, to), end, m)?;
             at = to;
-        }
-        Ok(())
+            Ok((at == end).then_some(()))
+        })
     }
 
     /// One step of [`Fs::fallocate`]: the range `offset..end` of the whole
     /// range that ends at `range_end`.
     fn fallocate_step(
         &self,
+        op: &mut Op,
+        txn: &mut Transaction,
         ino: Ino,
-        offset: u64,
-        end: u64,
+        (offset, end): (u64, u64),
         range_end: u64,
         mode: u32,
     ) -> Result<()> {
         let punch = mode & FALLOC_PUNCH_HOLE != 0;
         let zero_range = mode & FALLOC_ZERO_RANGE != 0;
-        self.op(|op, txn| {
+        {
             let mut i = op.inode(ino)?;
             if file_type(i.mode) != libc::S_IFREG {
                 return Err(Posix::Invalid.at(format!("fallocate on inode {ino}")));
@@ -648,7 +645,7 @@ impl Fs {
                 i.mtime = now;
             }
             op.put_inode(ino, &i)
-        })
+        }
     }
 
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> Result<()> {

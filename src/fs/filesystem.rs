@@ -95,10 +95,8 @@ const PURGE_STEP: u64 = 16384;
 /// A mounted file system.
 pub struct Fs {
     volume: Volume,
-    /// Eventually fair (parking_lot): a long operation that runs as a
-    /// series of short transactions (fallocate, truncate, deletes) cannot
-    /// starve the others by taking the lock back at once after each one;
-    /// a waiter gets it within about half a millisecond.
+    /// Eventually fair (parking_lot), and handed fairly to a waiter
+    /// between the steps of a long operation (see [`Fs::op_steps`]).
     meta: parking_lot::Mutex<Meta>,
     /// A thread panicked while holding `meta`: its state may be half
     /// changed, so every later operation is refused (as a poisoned std
@@ -756,37 +754,32 @@ impl Fs {
     /// is open, then the inode once nothing holds it. A crash between the
     /// steps leaves an orphan that the next mount finishes.
     fn reclaim(&self, ino: Ino) -> Result<()> {
-        loop {
-            let done = self.op(|op, _| {
-                let orphan = orphan_key(ino);
-                if op.get(&orphan)?.is_none() {
-                    return Ok(true);
-                }
-                let (open, held) = {
-                    let h = op.holds()?;
-                    (h.is_open(ino), h.is_held(ino))
-                };
-                if open {
-                    // Opened again (through a name looked up before the
-                    // unlink): its last close finishes the job.
-                    return Ok(true);
-                }
-                if !op.free_some_chunks(ino, PURGE_STEP)? {
-                    return Ok(false);
-                }
-                if held {
-                    // The kernel still knows it: its last forget finishes.
-                    return Ok(true);
-                }
-                op.del(&orphan)?;
-                op.purge(ino)?;
-                op.holds()?.reclaimed(ino);
-                Ok(true)
-            })?;
-            if done {
-                return Ok(());
+        self.op_steps(|op, _| {
+            let orphan = orphan_key(ino);
+            if op.get(&orphan)?.is_none() {
+                return Ok(Some(()));
             }
-        }
+            let (open, held) = {
+                let h = op.holds()?;
+                (h.is_open(ino), h.is_held(ino))
+            };
+            if open {
+                // Opened again (through a name looked up before the
+                // unlink): its last close finishes the job.
+                return Ok(Some(()));
+            }
+            if !op.free_some_chunks(ino, PURGE_STEP)? {
+                return Ok(None);
+            }
+            if held {
+                // The kernel still knows it: its last forget finishes.
+                return Ok(Some(()));
+            }
+            op.del(&orphan)?;
+            op.purge(ino)?;
+            op.holds()?.reclaimed(ino);
+            Ok(Some(()))
+        })
     }
 
     /// Frees orphans that nothing holds: the small ones together, in one
@@ -1015,6 +1008,28 @@ impl Fs {
     ) -> Result<T> {
         let mut guard = self.lock_meta()?;
         self.op_in(&mut guard, f)
+    }
+
+    /// Runs `step` as one operation after another, each its own
+    /// transaction, until it returns a value. Between steps the metadata
+    /// lock goes to any thread waiting for it (a fair hand-over) before
+    /// this one takes it again, so a long operation made of short steps
+    /// (fallocate, truncate, freeing a large file) delays another
+    /// process's operation by at most one step.
+    pub(super) fn op_steps<T>(
+        &self,
+        mut step: impl FnMut(&mut Op, &mut Transaction) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let mut guard = self.lock_meta()?;
+        loop {
+            if let Some(v) = self.op_in(&mut guard, &mut step)? {
+                return Ok(v);
+            }
+            parking_lot::MutexGuard::bump(&mut guard.guard);
+            if self.meta_poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(FsError::PreviousIo);
+            }
+        }
     }
 
     /// The metadata lock, unless a thread panicked holding it.
