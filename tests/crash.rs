@@ -41,11 +41,39 @@ struct Recorded {
     snaps: Vec<(usize, usize, String, Option<usize>)>,
 }
 
-fn record_workload(seed: u64, txns: usize, snapshots: bool, rekey: bool) -> Recorded {
+/// What runs beside the transactions.
+#[derive(Clone, Copy, Default)]
+struct Beside {
+    snapshots: bool,
+    rekey: bool,
+    /// The volume's background thread, which lands checkpoints (flushes
+    /// and writes their slots) while the transactions go on.
+    background: bool,
+}
+
+fn record_workload(seed: u64, txns: usize, beside: Beside) -> Recorded {
+    let Beside {
+        snapshots,
+        rekey,
+        background,
+    } = beside;
     let mut rng = Rng(seed);
     let dev = Arc::new(MemDevice::new());
     create(&*dev, LOGICAL, SEGMENT_BLOCKS as u32);
-    let v = open(dev.clone());
+    let v = match background {
+        true => lsvfs::volume::Volume::open(
+            dev.clone(),
+            &common::master(),
+            lsvfs::volume::Options {
+                background: true,
+                // Checkpoints begun by commits every few transactions.
+                checkpoint_blocks: 48,
+                ..common::opts()
+            },
+        )
+        .expect("open"),
+        false => open(dev.clone()),
+    };
     dev.record();
     let base = dev.image();
     let mut model: Vec<Option<u64>> = vec![None; RANGE as usize];
@@ -99,6 +127,11 @@ fn record_workload(seed: u64, txns: usize, snapshots: bool, rekey: bool) -> Reco
         }
         txn_end.push(dev.recorded_len());
         states.push(model.clone());
+        if background && rng.below(2) == 0 {
+            // Time for the background thread to land a checkpoint begun
+            // by this commit, or to be part way through it at the next.
+            std::thread::sleep(std::time::Duration::from_micros(rng.below(1000)));
+        }
         match rng.below(10) {
             0..=2 => v.flush().expect("flush"),
             3 => v.checkpoint().expect("checkpoint"),
@@ -146,6 +179,14 @@ fn record_workload(seed: u64, txns: usize, snapshots: bool, rekey: bool) -> Reco
     if rekey {
         eprintln!("rekeys started: {rekeys}, finished: {finished}");
         assert!(rekeys >= 3 && finished >= 2, "too few rekeys");
+    }
+    if background {
+        let landed = v.stats().unwrap().landed_behind;
+        eprintln!("checkpoints landed by the background thread: {landed}");
+        assert!(
+            landed >= 10,
+            "only {landed} checkpoints landed in the background"
+        );
     }
     let ops = dev.take_ops();
     v.abandon();
@@ -307,18 +348,12 @@ fn check_snapshots(v: &lsvfs::volume::Volume, rec: &Recorded, durable_end: usize
 }
 
 fn run(seed: u64, txns: usize, points: usize) -> (usize, usize, usize) {
-    run_with(seed, txns, points, false, false)
+    run_with(seed, txns, points, Beside::default())
 }
 
-fn run_with(
-    seed: u64,
-    txns: usize,
-    points: usize,
-    snapshots: bool,
-    rekey: bool,
-) -> (usize, usize, usize) {
-    let rec = record_workload(seed, txns, snapshots, rekey);
-    if snapshots {
+fn run_with(seed: u64, txns: usize, points: usize, beside: Beside) -> (usize, usize, usize) {
+    let rec = record_workload(seed, txns, beside);
+    if beside.snapshots {
         let creates = rec.snaps.iter().filter(|s| s.3.is_some()).count();
         let deletes = rec.snaps.len() - creates;
         eprintln!("snapshots created: {creates}, deleted: {deletes}");
@@ -405,7 +440,11 @@ fn power_cut_at_every_flush_and_random_points() {
 
 #[test]
 fn power_cut_with_snapshots_being_created_and_deleted() {
-    let (checked, _, _) = run_with(0x5eed_0003, 140, 700, true, false);
+    let beside = Beside {
+        snapshots: true,
+        ..Beside::default()
+    };
+    let (checked, _, _) = run_with(0x5eed_0003, 140, 700, beside);
     assert!(checked >= 600, "only {checked} crash points");
 }
 
@@ -414,8 +453,29 @@ fn power_cut_with_snapshots_being_created_and_deleted() {
 /// block readable, snapshots included, and the pass resumes at the open.
 #[test]
 fn power_cut_during_rekeys() {
-    let (checked, _, _) = run_with(0x5eed_0004, 140, 700, true, true);
+    let beside = Beside {
+        snapshots: true,
+        rekey: true,
+        ..Beside::default()
+    };
+    let (checked, _, _) = run_with(0x5eed_0004, 140, 700, beside);
     assert!(checked >= 600, "only {checked} crash points");
+}
+
+/// Checkpoints begun by transactions and landed by the background thread
+/// while later transactions go on (their flush and slot write interleave
+/// with the transactions' writes), with snapshots: every cut leaves the
+/// state after some transaction, every flushed one included.
+#[test]
+fn power_cut_while_checkpoints_land_in_the_background() {
+    let beside = Beside {
+        snapshots: true,
+        background: true,
+        ..Beside::default()
+    };
+    let (checked, kept, lost) = run_with(0x5eed_0005, 160, 1000, beside);
+    eprintln!("crash points checked: {checked} (unflushed work kept at {kept}, lost at {lost})");
+    assert!(checked >= 900, "only {checked} crash points");
 }
 
 #[test]

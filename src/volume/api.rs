@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::ctx::{data_tag, Ctx};
 use super::format::{self, Entry, Header, KeyGenEntry};
@@ -76,6 +76,9 @@ pub struct Stats {
     pub snapshots: u64,
     /// Blocks only snapshots reference.
     pub held_blocks: u64,
+    /// Checkpoints the background thread made durable while operations
+    /// went on (see [`Inner::maybe_checkpoint`]).
+    pub landed_behind: u64,
 }
 
 struct Inner {
@@ -93,6 +96,11 @@ struct Inner {
     commits: RwLock<()>,
     read_only: bool,
     checkpoint_blocks: u64,
+    /// Wakes the background thread to land a checkpoint in flight (see
+    /// [`Inner::maybe_checkpoint`]); None without a background thread.
+    lander: Option<crossbeam::channel::Sender<()>>,
+    /// See [`Stats::landed_behind`].
+    landed_behind: std::sync::atomic::AtomicU64,
     /// Reads and commits so far: background work (a rekey) yields to them.
     activity: std::sync::atomic::AtomicU64,
 }
@@ -137,7 +145,17 @@ impl Volume {
             opts.read_only,
             opts.newest_seen,
         )?;
+        let background = opts.background && !opts.read_only;
+        let (lander, landings) = match background {
+            true => {
+                let (tx, rx) = crossbeam::channel::bounded::<()>(1);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let inner = Arc::new(Inner {
+            lander,
+            landed_behind: std::sync::atomic::AtomicU64::new(0),
             checkpoint_blocks: opts.checkpoint_blocks.max(header.segment_blocks as u64),
             dev,
             header,
@@ -155,10 +173,9 @@ impl Volume {
             // over, skipping what is done.
             inner.lock()?.rekey_begin(&inner.ctx(), true)?;
         }
-        let background = if opts.background && !opts.read_only {
-            Some(Inner::start_background(&inner)?)
-        } else {
-            None
+        let background = match landings {
+            Some(rx) => Some(Inner::start_background(&inner, rx)?),
+            None => None,
         };
         Ok(Volume {
             inner,
@@ -763,6 +780,7 @@ impl Volume {
             live_blocks: st.usage.total_live(st.log.extent),
             snapshots: st.snaps.list.len() as u64,
             held_blocks: st.usage.held.len() as u64,
+            landed_behind: self.inner.landed_behind.load(Ordering::Relaxed),
         })
     }
 
@@ -949,32 +967,86 @@ impl Inner {
         }
     }
 
+    /// After a commit: a checkpoint once enough pages are dirty or enough
+    /// log written since the last one. With a background thread, only its
+    /// first half runs here, under the lock; the thread lands it (flushes
+    /// and writes the slot) while other operations go on.
     fn maybe_checkpoint(&self, st: &mut State, ctx: &Ctx) {
-        if st.trees.dirty_count() as u64 > st.geo.dirty_limit
-            || st.log.blocks_since_checkpoint > self.checkpoint_blocks
+        if st.trees.dirty_count() as u64 <= st.geo.dirty_limit
+            && st.log.blocks_since_checkpoint <= self.checkpoint_blocks
         {
-            // The transaction is already committed; a checkpoint that cannot
-            // find space now is retried after the next one.
-            let _ = st.checkpoint(ctx);
+            return;
+        }
+        // The transaction is already committed; a checkpoint that cannot
+        // find space now is retried after the next one.
+        match &self.lander {
+            // One still in flight lands first (here, if the thread has not
+            // yet: the dirty pages must not outgrow the reserve).
+            Some(lander) => {
+                if st.begin_checkpoint(ctx).is_ok() {
+                    let _ = lander.try_send(());
+                }
+            }
+            None => {
+                let _ = st.checkpoint(ctx);
+            }
         }
     }
 
-    /// Starts the thread that cleans and checkpoints in the background; it
-    /// ends when the volume is dropped or the sender is.
+    /// Lands the checkpoint in flight without holding the state's lock,
+    /// then frees what it let go.
+    fn land_in_flight(&self) {
+        let landing = match self.lock() {
+            Ok(st) => st.ckpt.in_flight().cloned(),
+            Err(_) => return,
+        };
+        let Some(landing) = landing else {
+            return;
+        };
+        let ctx = self.ctx();
+        if let Ok(wrote) = landing.land(&ctx) {
+            if wrote {
+                self.landed_behind.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Ok(mut st) = self.lock() {
+                let _ = st.settle_if_landed(&ctx);
+            }
+        }
+    }
+
+    /// Starts the thread that lands checkpoints, cleans and checkpoints in
+    /// the background; it ends when the volume is dropped or the sender
+    /// is.
     fn start_background(
         inner: &Arc<Inner>,
+        landings: crossbeam::channel::Receiver<()>,
     ) -> Result<(crossbeam::channel::Sender<()>, JoinHandle<()>)> {
         let (tx, rx) = crossbeam::channel::bounded::<()>(1);
         let weak = Arc::downgrade(inner);
         let handle = std::thread::Builder::new()
             .name("lsvfs-cleaner".into())
             .spawn(move || {
-                while let Err(crossbeam::channel::RecvTimeoutError::Timeout) =
-                    rx.recv_timeout(Duration::from_millis(500))
-                {
-                    match weak.upgrade() {
-                        Some(inner) => inner.background_tick(),
-                        None => break,
+                let every = Duration::from_millis(500);
+                let mut next_tick = Instant::now() + every;
+                loop {
+                    let wait = next_tick.saturating_duration_since(Instant::now());
+                    let tick = crossbeam::channel::select! {
+                        recv(rx) -> _ => break,
+                        recv(landings) -> m => match (m, weak.upgrade()) {
+                            (Ok(()), Some(inner)) => {
+                                inner.land_in_flight();
+                                Instant::now() >= next_tick
+                            }
+                            _ => break,
+                        },
+                        default(wait) => true,
+                    };
+                    if tick {
+                        match weak.upgrade() {
+                            Some(inner) => inner.background_tick(),
+                            None => break,
+                        }
+                        next_tick = Instant::now() + every;
                     }
                 }
             })
@@ -988,14 +1060,17 @@ impl Inner {
         };
         let ctx = self.ctx();
         let low = (st.geo.reserve * 2).max(st.geo.max_segments / 16);
-        if st.log.available() < low {
-            if let Ok(n) = st.clean_batch(&ctx) {
-                if n > 0 {
-                    let _ = st.checkpoint(&ctx);
-                }
-            }
+        let begun = if st.log.available() < low {
+            matches!(st.clean_batch(&ctx), Ok(n) if n > 0) && st.begin_checkpoint(&ctx).is_ok()
         } else if st.log.blocks_since_checkpoint > self.checkpoint_blocks / 2 {
-            let _ = st.checkpoint(&ctx);
+            st.begin_checkpoint(&ctx).is_ok()
+        } else {
+            let _ = st.settle_if_landed(&ctx);
+            false
+        };
+        drop(st);
+        if begun {
+            self.land_in_flight();
         }
     }
 }

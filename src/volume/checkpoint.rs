@@ -6,6 +6,8 @@
 //! higher limit is written to a checkpoint slot, so that after a crash no
 //! generation is ever used twice, even by writes that never became durable.
 
+use std::sync::{Arc, Condvar, Mutex};
+
 use super::ctx::Ctx;
 use super::format::{Block, Checkpoint, DecodeError, Header, CHECKPOINT_BLOCKS, CHECKPOINT_MAC_AT};
 use super::Generation;
@@ -24,6 +26,80 @@ pub struct Checkpoints {
     /// Every generation below it may have been used; it is durable in the
     /// latest checkpoint slot before any generation near it is handed out.
     pub gen_limit: Generation,
+    /// A checkpoint whose pages are in the log and whose slot is sealed,
+    /// waiting to be made durable (see [`Landing`]). `last` stays the
+    /// newest durable one until it lands.
+    in_flight: Option<(Checkpoint, Arc<Landing>)>,
+}
+
+/// The durable half of a checkpoint: flush the log (its tree pages), write
+/// its sealed slot, flush again. It needs no lock on the volume's state,
+/// so a background thread can do it while operations go on; any thread
+/// that needs it done (the next checkpoint, a close) does it itself, or
+/// waits for the thread already doing it.
+pub struct Landing {
+    slot: Box<Block>,
+    at: u64,
+    stage: Mutex<Stage>,
+    landed: Condvar,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Waiting,
+    Writing,
+    /// Durable, or failed (the volume is then poisoned).
+    Done(bool),
+}
+
+impl Landing {
+    /// Makes the checkpoint durable, unless another thread did or is doing
+    /// it (then waits for that one). Returns whether this thread wrote it.
+    /// A failed write poisons the volume.
+    pub fn land(&self, ctx: &Ctx) -> Result<bool> {
+        let mut stage = self.stage.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match *stage {
+                Stage::Done(true) => return Ok(false),
+                Stage::Done(false) => return Err(VolumeError::PreviousIo),
+                Stage::Writing => {
+                    stage = self.landed.wait(stage).unwrap_or_else(|p| p.into_inner());
+                }
+                Stage::Waiting => {
+                    *stage = Stage::Writing;
+                    drop(stage);
+                    let r = self.write(ctx);
+                    stage = self.stage.lock().unwrap_or_else(|p| p.into_inner());
+                    *stage = Stage::Done(r.is_ok());
+                    self.landed.notify_all();
+                    return r.map(|()| true);
+                }
+            }
+        }
+    }
+
+    /// Landed, or failed to.
+    pub fn done(&self) -> bool {
+        matches!(
+            *self.stage.lock().unwrap_or_else(|p| p.into_inner()),
+            Stage::Done(_)
+        )
+    }
+
+    fn write(&self, ctx: &Ctx) -> Result<()> {
+        ctx.dev.flush().map_err(|e| {
+            ctx.poison();
+            VolumeError::io("flushing before a checkpoint", e)
+        })?;
+        let r = ctx
+            .dev
+            .write_at(&self.slot[..], self.at)
+            .and_then(|_| ctx.dev.flush());
+        r.map_err(|e| {
+            ctx.poison();
+            VolumeError::io("writing a checkpoint", e)
+        })
+    }
 }
 
 impl Checkpoints {
@@ -34,6 +110,7 @@ impl Checkpoints {
             next_gen: c.gen_limit,
             gen_limit: c.gen_limit,
             last: c,
+            in_flight: None,
         })
     }
 
@@ -48,6 +125,8 @@ impl Checkpoints {
             ));
         }
         if self.next_gen + n > self.gen_limit {
+            // Its slot follows the one in flight, which lands first.
+            self.settle(ctx)?;
             let mut c = self.last.clone();
             c.seq += 1;
             c.gen_limit = self.next_gen + n + GEN_RESERVE;
@@ -61,13 +140,37 @@ impl Checkpoints {
         Ok(base)
     }
 
-    /// Makes `c` (whose sequence number follows the last one) the newest
-    /// durable checkpoint, sealed under the current key generation.
-    pub fn commit(&mut self, ctx: &Ctx, mut c: Checkpoint) -> Result<()> {
+    /// Seals `c` (whose sequence number follows the last one) under the
+    /// current key generation and puts it in flight: it becomes `last`
+    /// when it has landed (see [`Checkpoints::settle`]). The log must hold
+    /// everything `c` points at; the landing flushes it first.
+    pub fn begin(&mut self, ctx: &Ctx, mut c: Checkpoint) -> Result<Arc<Landing>> {
+        debug_assert!(self.in_flight.is_none() && c.seq == self.last.seq + 1);
         c.key_gen = ctx.keys.current().key_gen() as u32;
-        write_slot(ctx, &c)?;
+        let landing = Arc::new(Landing {
+            slot: seal(ctx.keys, ctx.header, &c)?,
+            at: CHECKPOINT_BLOCKS[(c.seq % 2) as usize] * BLOCK_SIZE as u64,
+            stage: Mutex::new(Stage::Waiting),
+            landed: Condvar::new(),
+        });
+        self.in_flight = Some((c, landing.clone()));
+        Ok(landing)
+    }
+
+    /// Lands the checkpoint in flight, if any (see [`Landing::land`]), and
+    /// makes it `last`. Returns whether one landed.
+    pub fn settle(&mut self, ctx: &Ctx) -> Result<bool> {
+        let Some((c, landing)) = self.in_flight.take() else {
+            return Ok(false);
+        };
+        landing.land(ctx)?;
         self.last = c;
-        Ok(())
+        Ok(true)
+    }
+
+    /// The checkpoint in flight, if any.
+    pub fn in_flight(&self) -> Option<&Arc<Landing>> {
+        self.in_flight.as_ref().map(|(_, l)| l)
     }
 }
 

@@ -12,8 +12,9 @@
 //! | snapshots | [`Snapshots`] | the snapshot list and its stored metadata |
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use super::checkpoint::Checkpoints;
+use super::checkpoint::{Checkpoints, Landing};
 use super::ctx::{page_tag, Ctx};
 use super::format::{
     Checkpoint, Entry, MapEntry, TreeId, TreePtr, MAP_ENTRIES_PER_PAGE, MAP_ENTRY_LEN,
@@ -74,6 +75,17 @@ pub struct State {
     /// call (about a millisecond on ext4) under the volume lock at every
     /// checkpoint.
     reserve_on_host: BTreeSet<SegmentId>,
+    /// What the checkpoint in flight frees when it lands.
+    releasing: Option<Release>,
+}
+
+/// Segments a checkpoint frees once it is durable: those with nothing
+/// live when it was written. Later ones wait for the next checkpoint: it
+/// may still point into them.
+struct Release {
+    seq: u64,
+    empty: Vec<SegmentId>,
+    cleaned: BTreeSet<SegmentId>,
 }
 
 impl State {
@@ -95,6 +107,7 @@ impl State {
             rekey_after_bytes: c.rekey_after_bytes,
             sealed_blocks: c.sealed_blocks,
             reserve_on_host: BTreeSet::new(),
+            releasing: None,
             ckpt,
         }
     }
@@ -390,6 +403,17 @@ impl State {
     /// pages written so far are simply written early, and the durable
     /// checkpoint still names the old, intact roots.
     pub fn checkpoint(&mut self, ctx: &Ctx) -> Result<()> {
+        self.begin_checkpoint(ctx)?;
+        self.settle(ctx)?;
+        Ok(())
+    }
+
+    /// The first half of a checkpoint: lands the one before, if any, then
+    /// writes the dirty pages to the log and seals the slot that points at
+    /// them. [`State::settle`], or the returned landing from any thread,
+    /// makes it durable.
+    pub fn begin_checkpoint(&mut self, ctx: &Ctx) -> Result<Arc<Landing>> {
+        self.settle(ctx)?;
         for tree in [
             TreeId::Map,
             TreeId::Allocated,
@@ -417,10 +441,6 @@ impl State {
         self.write_tree(ctx, TreeId::SegmentUsage)?;
         debug_assert!(self.trees.dirty_count() == 0);
 
-        ctx.dev.flush().map_err(|e| {
-            ctx.poison();
-            VolumeError::io("flushing before a checkpoint", e)
-        })?;
         let c = Checkpoint {
             seq: self.ckpt.last.seq + 1,
             log: self.log.head,
@@ -436,19 +456,60 @@ impl State {
             rekey_after_bytes: self.rekey_after_bytes,
             sealed_blocks: self.sealed_blocks,
         };
-        self.ckpt.commit(ctx, c)?;
-        self.checkpointed = true;
+        let seq = c.seq;
+        let landing = self.ckpt.begin(ctx, c)?;
         self.log.blocks_since_checkpoint = 0;
-        self.release_segments(ctx);
-        Ok(())
+        self.releasing = Some(Release {
+            seq,
+            empty: self.empty_segments(),
+            cleaned: self.log.cleaned.clone(),
+        });
+        Ok(landing)
     }
 
-    /// After a durable checkpoint, every segment with nothing live (other
-    /// than the log head and the pre-chosen next segment) becomes free.
-    fn release_segments(&mut self, ctx: &Ctx) {
-        let newly: Vec<SegmentId> = self
-            .log
+    /// Lands the checkpoint in flight, if any, and frees what it let go.
+    /// Returns whether one landed.
+    pub fn settle(&mut self, ctx: &Ctx) -> Result<bool> {
+        let landed = self.ckpt.settle(ctx)?;
+        if landed {
+            self.checkpointed = true;
+        }
+        if let Some(r) = self.releasing.take() {
+            if r.seq <= self.ckpt.last.seq {
+                self.release_segments(ctx, r);
+            } else {
+                self.releasing = Some(r);
+            }
+        }
+        Ok(landed)
+    }
+
+    /// [`State::settle`], if the checkpoint in flight has landed already
+    /// (nothing to wait for).
+    pub fn settle_if_landed(&mut self, ctx: &Ctx) -> Result<bool> {
+        match self.ckpt.in_flight() {
+            Some(l) if l.done() => self.settle(ctx),
+            _ => Ok(false),
+        }
+    }
+
+    /// Segments with nothing live, other than the log head and the
+    /// pre-chosen next segment, not yet free.
+    fn empty_segments(&self) -> Vec<SegmentId> {
+        self.log
             .segments()
+            .filter(|&s| {
+                self.usage.live(s) == 0 && !self.log.is_head(s) && !self.log.free.contains(&s)
+            })
+            .collect()
+    }
+
+    /// After a durable checkpoint, the segments that were empty when it was
+    /// written (and still are) become free.
+    fn release_segments(&mut self, ctx: &Ctx, r: Release) {
+        let newly: Vec<SegmentId> = r
+            .empty
+            .into_iter()
             .filter(|&s| {
                 self.usage.live(s) == 0 && !self.log.is_head(s) && !self.log.free.contains(&s)
             })
@@ -458,7 +519,7 @@ impl State {
             // reading it: wait for them before the segment can be reused.
             let _no_readers = ctx.reuse.write().unwrap_or_else(|p| p.into_inner());
             self.log.free.extend(newly.iter().copied());
-            self.log.cleaned.clear();
+            self.log.cleaned.retain(|s| !r.cleaned.contains(s));
         }
         self.refresh_reserve(ctx, &newly);
     }
