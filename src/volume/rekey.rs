@@ -121,15 +121,33 @@ impl State {
     }
 
     /// Whether segment `s` holds a record that an older key generation
-    /// seals, or a block in such a record.
+    /// seals, or a block in such a record. Only the records of the
+    /// segment's current use count: they start at its first block and
+    /// follow each other in sequence. A segment taken again without being
+    /// hole-punched (a reserve one) may hold older records after
+    /// them, left from its last use and referenced by nothing.
     fn holds_older(&self, ctx: &Ctx, s: SegmentId, current: u16) -> Result<bool> {
+        // The log head's segment is in use up to the head; the segment
+        // chosen to follow it not yet.
+        let end = match s {
+            s if s == self.log.head.segment => self.log.head.offset as u64,
+            s if s == self.log.head.next_segment => 0,
+            _ => self.geo.seg_blocks,
+        };
         let mut offset = 0u64;
-        while offset < self.geo.seg_blocks {
+        let mut next_seq = None;
+        while offset < end {
             let at = self.geo.pba_of(s, offset);
             let mut b = Box::new([0u8; BLOCK_SIZE]);
             read_exact_at(ctx.dev, &mut b[..], at * BLOCK_SIZE as u64)
                 .map_err(|e| VolumeError::io(format!("rekey reading log block {at}"), e))?;
-            if super::format::SummaryHead::decode(&b, ctx.header)
+            let head = super::format::SummaryHead::decode(&b, ctx.header);
+            if let (Ok(h), Some(seq)) = (&head, next_seq) {
+                if h.seq != seq {
+                    return Ok(false);
+                }
+            }
+            if head
                 .is_ok_and(|h| h.segment == s && h.offset as u64 == offset && h.key_gen != current)
             {
                 return Ok(true);
@@ -146,6 +164,7 @@ impl State {
                 return Ok(true);
             }
             offset += 1 + rec.head.n_payload as u64;
+            next_seq = Some(rec.head.seq + 1);
         }
         Ok(false)
     }
