@@ -30,10 +30,10 @@ pub const FALLOC_KEEP_SIZE: u32 = 0x01;
 pub const FALLOC_PUNCH_HOLE: u32 = 0x02;
 pub const FALLOC_ZERO_RANGE: u32 = 0x10;
 
-/// Blocks that one `fallocate` transaction covers (16 MiB).
+/// Blocks that one `fallocate` transaction covers (4 MiB).
 const FALLOC_STEP: u64 = 1024;
 
-/// Blocks that one truncate transaction frees, about (16 MiB).
+/// Blocks that one truncate transaction frees, at most (4 MiB).
 const TRUNCATE_STEP: u64 = 1024;
 
 /// Attribute changes for [`Fs::setattr`]; None leaves a field alone.
