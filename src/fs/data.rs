@@ -580,72 +580,70 @@ impl Fs {
     ) -> Result<()> {
         let punch = mode & FALLOC_PUNCH_HOLE != 0;
         let zero_range = mode & FALLOC_ZERO_RANGE != 0;
-        {
-            let mut i = op.inode(ino)?;
-            if file_type(i.mode) != libc::S_IFREG {
-                return Err(Posix::Invalid.at(format!("fallocate on inode {ino}")));
-            }
-            let mut zeroed = Runs::default();
-            let mut hint = 0;
-            let (first, last) = (offset / BS, end.div_ceil(BS));
-            for index in first / CHUNK_BLOCKS..=(last - 1) / CHUNK_BLOCKS {
-                let mut c = op.chunk(ino, index)?;
-                let mut changed = false;
-                let lo_fb = first.max(index * CHUNK_BLOCKS);
-                let hi_fb = last.min((index + 1) * CHUNK_BLOCKS);
-                for fb in lo_fb..hi_fb {
-                    let slot = (fb % CHUNK_BLOCKS) as usize;
-                    let lo = (fb * BS).max(offset);
-                    let hi = ((fb + 1) * BS).min(end);
-                    let whole = hi - lo == BS;
-                    if c[slot] == 0 {
-                        if punch {
-                            continue;
-                        }
-                        // A hole: allocated, and zeroed (reads as zeros,
-                        // stored nowhere).
-                        let b = op.alloc_data(hint)?;
-                        hint = b + 1;
-                        c[slot] = b;
-                        i.blocks += 1;
-                        zeroed.push(b);
-                        changed = true;
-                    } else if punch && whole {
-                        op.free_data(c[slot]);
-                        c[slot] = 0;
-                        i.blocks -= 1;
-                        changed = true;
-                    } else if zero_range && whole {
-                        // Keeps its logical block; the data goes.
-                        zeroed.push(c[slot]);
-                    } else if punch || zero_range {
-                        // Part of a block: zeros written over that part.
-                        let mut b = vec![0u8; BLOCK_SIZE];
-                        self.volume().read(Lba(c[slot]), &mut b)?;
-                        b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
-                        txn.write(Lba(c[slot]), b);
-                    }
-                }
-                if changed {
-                    op.put_chunk(ino, index, &c)?;
-                }
-            }
-            for (lba, n) in zeroed.0 {
-                txn.zero(Lba(lba), n);
-            }
-            if !punch && mode & FALLOC_KEEP_SIZE == 0 {
-                // Only the last step comes without KEEP_SIZE.
-                i.size = i.size.max(range_end);
-            }
-            let now = Time::now();
-            i.ctime = now;
-            if punch || zero_range {
-                // The content changed (ext4 sets mtime too; the kernel
-                // updates times itself only when fallocate grows the file).
-                i.mtime = now;
-            }
-            op.put_inode(ino, &i)
+        let mut i = op.inode(ino)?;
+        if file_type(i.mode) != libc::S_IFREG {
+            return Err(Posix::Invalid.at(format!("fallocate on inode {ino}")));
         }
+        let mut zeroed = Runs::default();
+        let mut hint = 0;
+        let (first, last) = (offset / BS, end.div_ceil(BS));
+        for index in first / CHUNK_BLOCKS..=(last - 1) / CHUNK_BLOCKS {
+            let mut c = op.chunk(ino, index)?;
+            let mut changed = false;
+            let lo_fb = first.max(index * CHUNK_BLOCKS);
+            let hi_fb = last.min((index + 1) * CHUNK_BLOCKS);
+            for fb in lo_fb..hi_fb {
+                let slot = (fb % CHUNK_BLOCKS) as usize;
+                let lo = (fb * BS).max(offset);
+                let hi = ((fb + 1) * BS).min(end);
+                let whole = hi - lo == BS;
+                if c[slot] == 0 {
+                    if punch {
+                        continue;
+                    }
+                    // A hole: allocated, and zeroed (reads as zeros,
+                    // stored nowhere).
+                    let b = op.alloc_data(hint)?;
+                    hint = b + 1;
+                    c[slot] = b;
+                    i.blocks += 1;
+                    zeroed.push(b);
+                    changed = true;
+                } else if punch && whole {
+                    op.free_data(c[slot]);
+                    c[slot] = 0;
+                    i.blocks -= 1;
+                    changed = true;
+                } else if zero_range && whole {
+                    // Keeps its logical block; the data goes.
+                    zeroed.push(c[slot]);
+                } else if punch || zero_range {
+                    // Part of a block: zeros written over that part.
+                    let mut b = vec![0u8; BLOCK_SIZE];
+                    self.volume().read(Lba(c[slot]), &mut b)?;
+                    b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
+                    txn.write(Lba(c[slot]), b);
+                }
+            }
+            if changed {
+                op.put_chunk(ino, index, &c)?;
+            }
+        }
+        for (lba, n) in zeroed.0 {
+            txn.zero(Lba(lba), n);
+        }
+        if !punch && mode & FALLOC_KEEP_SIZE == 0 {
+            // Only the last step comes without KEEP_SIZE.
+            i.size = i.size.max(range_end);
+        }
+        let now = Time::now();
+        i.ctime = now;
+        if punch || zero_range {
+            // The content changed (ext4 sets mtime too; the kernel
+            // updates times itself only when fallocate grows the file).
+            i.mtime = now;
+        }
+        op.put_inode(ino, &i)
     }
 
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> Result<()> {

@@ -91,14 +91,7 @@ impl Landing {
             ctx.poison();
             VolumeError::io("flushing before a checkpoint", e)
         })?;
-        let r = ctx
-            .dev
-            .write_at(&self.slot[..], self.at)
-            .and_then(|_| ctx.dev.flush());
-        r.map_err(|e| {
-            ctx.poison();
-            VolumeError::io("writing a checkpoint", e)
-        })
+        write_sealed(ctx, &self.slot, self.at)
     }
 }
 
@@ -149,7 +142,7 @@ impl Checkpoints {
         c.key_gen = ctx.keys.current().key_gen() as u32;
         let landing = Arc::new(Landing {
             slot: seal(ctx.keys, ctx.header, &c)?,
-            at: CHECKPOINT_BLOCKS[(c.seq % 2) as usize] * BLOCK_SIZE as u64,
+            at: slot_offset(c.seq),
             stage: Mutex::new(Stage::Waiting),
             landed: Condvar::new(),
         });
@@ -178,12 +171,22 @@ impl Checkpoints {
 /// A failed write poisons the volume.
 fn write_slot(ctx: &Ctx, c: &Checkpoint) -> Result<()> {
     let b = seal(ctx.keys, ctx.header, c)?;
-    let off = CHECKPOINT_BLOCKS[(c.seq % 2) as usize] * BLOCK_SIZE as u64;
-    let r = ctx.dev.write_at(&b[..], off).and_then(|_| ctx.dev.flush());
+    write_sealed(ctx, &b, slot_offset(c.seq))
+}
+
+/// Writes a sealed checkpoint block at `at`, durably. A failed write
+/// poisons the volume.
+fn write_sealed(ctx: &Ctx, b: &Block, at: u64) -> Result<()> {
+    let r = ctx.dev.write_at(&b[..], at).and_then(|_| ctx.dev.flush());
     r.map_err(|e| {
         ctx.poison();
         VolumeError::io("writing a checkpoint", e)
     })
+}
+
+/// Where checkpoint `seq` goes: the slot of its parity.
+fn slot_offset(seq: u64) -> u64 {
+    CHECKPOINT_BLOCKS[(seq % 2) as usize] * BLOCK_SIZE as u64
 }
 
 /// `c` encoded and MAC'd for its slot, under the key generation it names

@@ -474,12 +474,9 @@ impl State {
         if landed {
             self.checkpointed = true;
         }
-        if let Some(r) = self.releasing.take() {
-            if r.seq <= self.ckpt.last.seq {
-                self.release_segments(ctx, r);
-            } else {
-                self.releasing = Some(r);
-            }
+        let durable = self.ckpt.last.seq;
+        if let Some(r) = self.releasing.take_if(|r| r.seq <= durable) {
+            self.release_segments(ctx, r);
         }
         Ok(landed)
     }
@@ -496,24 +493,19 @@ impl State {
     /// Segments with nothing live, other than the log head and the
     /// pre-chosen next segment, not yet free.
     fn empty_segments(&self) -> Vec<SegmentId> {
-        self.log
-            .segments()
-            .filter(|&s| {
-                self.usage.live(s) == 0 && !self.log.is_head(s) && !self.log.free.contains(&s)
-            })
-            .collect()
+        self.log.segments().filter(|&s| self.freeable(s)).collect()
+    }
+
+    /// `s` holds nothing live, is neither the log head nor the pre-chosen
+    /// next segment, and is not free yet.
+    fn freeable(&self, s: SegmentId) -> bool {
+        self.usage.live(s) == 0 && !self.log.is_head(s) && !self.log.free.contains(&s)
     }
 
     /// After a durable checkpoint, the segments that were empty when it was
     /// written (and still are) become free.
     fn release_segments(&mut self, ctx: &Ctx, r: Release) {
-        let newly: Vec<SegmentId> = r
-            .empty
-            .into_iter()
-            .filter(|&s| {
-                self.usage.live(s) == 0 && !self.log.is_head(s) && !self.log.free.contains(&s)
-            })
-            .collect();
+        let newly: Vec<SegmentId> = r.empty.into_iter().filter(|&s| self.freeable(s)).collect();
         {
             // Readers that looked up a block before it moved may still be
             // reading it: wait for them before the segment can be reused.
