@@ -3,6 +3,7 @@
 //! are logged with their context (operation, inode) and answered with
 //! [`FsError::errno`].
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -664,13 +665,20 @@ impl fuser::Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         self.activity.touch();
-        let r = self
-            .target(ino.0)
-            .and_then(|(fs, i, _)| fs.read_data(i, offset, size as usize));
-        match r {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno("read", ino.0, &e)),
+        // Each request thread keeps its read buffer: a fresh one per READ
+        // was zeroed, then copied once more.
+        thread_local! {
+            static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
+        BUF.with_borrow_mut(|buf| {
+            let r = self
+                .target(ino.0)
+                .and_then(|(fs, i, _)| fs.read_data_into(i, offset, size as usize, buf));
+            match r {
+                Ok(r) => reply.data(&buf[r]),
+                Err(e) => reply.error(errno("read", ino.0, &e)),
+            }
+        });
     }
 
     fn write(
