@@ -12,6 +12,8 @@
 #     same snapshot;
 #  5. the peak RSS of export and restore (GNU time).
 # Usage: scripts/bench-export.sh [WORKDIR] [GIB]     (default /tmp/lsvfs-exportbench, 2)
+# LSVFS_BASE=path/to/lsvfs also times that build's export to a pipe, in turns
+# with this one's.
 # Needs root, fuse3, restic and GNU time (scripts/setup.sh bench installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,11 +81,22 @@ rm -rf "$work/eng"
 echo "${eng:-engine seq read: not measured}"
 
 echo "== full export to a pipe (counted by wc -c): the export's own rate, apart from the output disk"
-drop_caches
-s=$(now)
-pipe_size=$("$lsvfs" snapshot export "$work/v.vol" full --key-file "$work/k" -o - 2>/dev/null | wc -c)
-t_pipe=$(since "$s")
-echo "lsvfs export to a pipe: ${t_pipe} s, $(rate "$pipe_size" "$t_pipe") MiB/s of export"
+pipe_export() { # BINARY LABEL: one cold export to a pipe
+  drop_caches
+  s=$(now)
+  pipe_size=$("$1" snapshot export "$work/v.vol" full --key-file "$work/k" -o - 2>/dev/null | wc -c)
+  t_pipe=$(since "$s")
+  echo "$2 export to a pipe: ${t_pipe} s, $(rate "$pipe_size" "$t_pipe") MiB/s of export"
+}
+if [ -n "${LSVFS_BASE:-}" ]; then
+  # Another build (LSVFS_BASE=path), alternating with this one, three each.
+  for _ in 1 2 3; do
+    pipe_export "$LSVFS_BASE" lsvfs-base
+    pipe_export "$lsvfs" lsvfs
+  done
+else
+  pipe_export "$lsvfs" lsvfs
+fi
 # What a durable local copy of that many bytes costs on this disk alone.
 drop_caches
 s=$(now)

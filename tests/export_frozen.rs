@@ -1,9 +1,9 @@
-//! The frozen export chain: a full export and one increment in export
-//! format version 1, written once by the `#[ignore]`d generator below and
-//! committed under tests/images/export1/, restored on every test run by the
-//! `lsvfs` binary and compared with trees the generator's scripts make on
-//! the host's own file system. Damaged copies are refused with their exit
-//! codes.
+//! The frozen export chains: a full export and one increment in each export
+//! format version (1: XChaCha20-Poly1305 chunks, 2: AES-256-GCM), written
+//! once by the `#[ignore]`d generator below and committed under
+//! tests/images/exportN/, restored on every test run by the `lsvfs` binary
+//! and compared with trees the generator's scripts make on the host's own
+//! file system. Damaged copies are refused with their exit codes.
 
 mod common;
 
@@ -11,7 +11,10 @@ use std::path::Path;
 
 use common::mounted::{lsvfs, ok, sh_in, Mounted};
 
-const DIR: &str = "tests/images/export1";
+/// The directory of version `v`'s chain, and its key file's name there.
+fn chain(v: u16) -> (String, String) {
+    (format!("tests/images/export{v}"), format!("export{v}.key"))
+}
 
 /// `ok` and `lsvfs` with the arguments in one string (no argument holds a
 /// space).
@@ -48,15 +51,16 @@ fn manifest(dir: &Path) -> String {
 }
 
 #[test]
-#[ignore = "writes the frozen export chain; run once per format version"]
-fn generate_export1() {
+#[ignore = "writes the frozen export chain of this build's format version; never regenerate an existing one"]
+fn generate_export_chain() {
+    let (dir, key) = chain(lsvfs::export::VERSION);
     let m = Mounted::with_size("16M");
     let p = m.p();
     sh_in(&m.m(), SCRIPT1);
     lx(p, "snapshot create m one");
     sh_in(&m.m(), SCRIPT2);
     lx(p, "snapshot create m two");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(DIR);
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     std::fs::create_dir_all(&out).unwrap();
     lx(p, "recipient keygen alice.id");
     lx(
@@ -70,7 +74,7 @@ fn generate_export1() {
     for f in ["full.lsx", "inc.lsx", "alice.id", "alice.id.pub"] {
         std::fs::copy(p.join(f), out.join(f)).unwrap();
     }
-    std::fs::copy(p.join("k"), out.join("export1.key")).unwrap();
+    std::fs::copy(p.join("k"), out.join(key)).unwrap();
     m.unmount();
 }
 
@@ -82,24 +86,40 @@ fn expected(script: &[&str]) -> String {
     manifest(d.path())
 }
 
-fn copy_images(to: &Path) {
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join(DIR);
-    for f in ["full.lsx", "inc.lsx", "alice.id", "export1.key"] {
+fn copy_images(v: u16, to: &Path) {
+    let (dir, key) = chain(v);
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    for f in ["full.lsx", "inc.lsx", "alice.id"] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
+    std::fs::copy(from.join(key), to.join("source.key")).unwrap();
     // Key files must be 0600 (git keeps only the executable bit).
-    sh_in(to, "chmod 600 alice.id export1.key");
+    sh_in(to, "chmod 600 alice.id source.key");
 }
 
 #[test]
-fn the_frozen_export_chain_restores_and_damage_to_it_is_refused() {
+fn the_frozen_version1_chain_restores_and_damage_to_it_is_refused() {
+    frozen_chain_restores_and_damage_to_it_is_refused(1, "XChaCha20-Poly1305");
+}
+
+#[test]
+fn the_frozen_version2_chain_restores_and_damage_to_it_is_refused() {
+    frozen_chain_restores_and_damage_to_it_is_refused(2, "AES-256-GCM");
+}
+
+fn frozen_chain_restores_and_damage_to_it_is_refused(v: u16, cipher: &str) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    copy_images(p);
+    copy_images(v, p);
+    let v_line = format!("format version:  {v} (chunks sealed with {cipher})");
+    for f in ["full.lsx", "inc.lsx"] {
+        let show = lx(p, &format!("export show {f}"));
+        assert!(show.contains(&v_line), "{f}: {show}");
+    }
     let v = lx(p, "export verify full.lsx inc.lsx");
     assert!(v.contains("chain: 2 exports"), "{v}");
     // The full export opens for the recipient, the increment for the key
-    // file: both slot kinds of version 1.
+    // file: both slot kinds.
     lx(p, "keygen new.key");
     lx(
         p,
@@ -117,7 +137,7 @@ fn the_frozen_export_chain_restores_and_damage_to_it_is_refused() {
     // The source's recovery key alone opens the whole chain too.
     lx(
         p,
-        "restore full.lsx inc.lsx --to r2.vol --key-file export1.key",
+        "restore full.lsx inc.lsx --to r2.vol --key-file source.key",
     );
     std::fs::create_dir(p.join("m")).unwrap();
     lx(p, "mount r.vol m --key-file new.key");
@@ -125,7 +145,7 @@ fn the_frozen_export_chain_restores_and_damage_to_it_is_refused() {
     let two = manifest(&p.join("m/.snapshots/two"));
     let live = manifest(&p.join("m"));
     lx(p, "unmount m");
-    lx(p, "mount r2.vol m --key-file export1.key");
+    lx(p, "mount r2.vol m --key-file source.key");
     let live2 = manifest(&p.join("m"));
     lx(p, "unmount m");
     assert_eq!(live2, live);

@@ -649,7 +649,8 @@ pub fn show(file: &str, json: bool) -> Result<(), Error> {
             "{}",
             serde_json::json!({
                 "file": file,
-                "version": export::VERSION,
+                "version": h.version,
+                "chunk_cipher": h.chunk_cipher_name(),
                 "kind": if h.kind == Kind::Full { "full" } else { "increment" },
                 "export_id": keys::hex(&h.export_id),
                 "volume": keys::hex(&h.volume_id),
@@ -668,7 +669,11 @@ pub fn show(file: &str, json: bool) -> Result<(), Error> {
         return Ok(());
     }
     println!("file:            {file}");
-    println!("format version:  {}", export::VERSION);
+    println!(
+        "format version:  {} (chunks sealed with {})",
+        h.version,
+        h.chunk_cipher_name()
+    );
     println!(
         "kind:            {}",
         match &h.base {

@@ -11,8 +11,12 @@ use crate::BLOCK_SIZE;
 
 pub const MAGIC: [u8; 8] = *b"LSVFSEXP";
 pub const TRAILER_MAGIC: [u8; 8] = *b"LSVFSEND";
-/// The export format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The export format version this build writes: 2 seals chunks with
+/// AES-256-GCM. Version 1 (XChaCha20-Poly1305 chunks, otherwise the same
+/// bytes) is still read.
+pub const VERSION: u16 = 2;
+/// The oldest version this build reads.
+pub const OLDEST_VERSION: u16 = 1;
 /// Bytes of the header's fixed part (the slots' associated data).
 pub const FIXED_LEN: usize = 208;
 /// Largest header (fixed part, names, slots).
@@ -76,6 +80,8 @@ pub struct Slot {
 /// The stream header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// The format version: which cipher seals the chunks.
+    pub version: u16,
     pub kind: Kind,
     pub export_id: [u8; 16],
     pub volume_id: [u8; 16],
@@ -106,6 +112,15 @@ pub fn link(volume_id: &[u8; 16], s: &SnapRef) -> [u8; 32] {
 }
 
 impl Header {
+    /// The AEAD that seals the chunks, as the format version names it.
+    pub fn chunk_cipher_name(&self) -> &'static str {
+        if self.version == 1 {
+            "XChaCha20-Poly1305"
+        } else {
+            "AES-256-GCM"
+        }
+    }
+
     pub fn snapshot_link(&self) -> [u8; 32] {
         link(&self.volume_id, &self.snapshot)
     }
@@ -118,7 +133,7 @@ impl Header {
     pub fn fixed(&self) -> [u8; FIXED_LEN] {
         let mut b = [0u8; FIXED_LEN];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..10].copy_from_slice(&self.version.to_le_bytes());
         b[10..12].copy_from_slice(&(self.kind as u16).to_le_bytes());
         // 12..16: header length, filled by encode (not part of the binding).
         b[16..32].copy_from_slice(&self.export_id);
@@ -166,10 +181,10 @@ impl Header {
             ));
         }
         let version = u16::from_le_bytes([first[8], first[9]]);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(ExportError::NotAnExport(format!(
-                "export format version {version}; this build reads version {VERSION}: \
-                 use an lsvfs release that reads it"
+                "export format version {version}; this build reads versions \
+                 {OLDEST_VERSION} to {VERSION}: use an lsvfs release that reads it"
             )));
         }
         let len = u32::from_le_bytes(first[12..16].try_into().expect("4 bytes")) as usize;
@@ -191,7 +206,9 @@ impl Header {
             return Err(bad("its length field does not match"));
         }
         let mut r = Reader::new(b);
-        r.take(10);
+        r.take(8);
+        // Checked by `length` above.
+        let version = r.u16().ok_or_else(|| bad("short"))?;
         let kind = match r.u16() {
             Some(0) => Kind::Full,
             Some(1) => Kind::Increment,
@@ -286,6 +303,7 @@ impl Header {
             return Err(bad("bytes after the last key slot"));
         }
         let h = Header {
+            version,
             kind,
             export_id,
             volume_id,
@@ -427,11 +445,12 @@ impl Trailer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn header(kind: Kind) -> Header {
         Header {
+            version: VERSION,
             kind,
             export_id: [1; 16],
             volume_id: [2; 16],

@@ -1,4 +1,5 @@
-//! An export's own key and the slots that hold it: one per recipient public
+//! An export's own key, the cipher its chunks are sealed with, and the
+//! slots that hold the key: one per recipient public
 //! key (HPKE, RFC 9180: X25519, HKDF-SHA256, ChaCha20-Poly1305) and one per
 //! key file (XChaCha20-Poly1305 under a key derived from the file's KEK).
 //! The volume's data key is never in an export, not even wrapped.
@@ -7,7 +8,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
 use hpke::aead::ChaCha20Poly1305;
@@ -17,7 +19,7 @@ use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::format::{Slot, SlotKind, FIXED_LEN};
+use super::format::{Header, Slot, SlotKind, FIXED_LEN, TAG_LEN};
 use super::{ExportError, Result};
 use crate::crypto::{Kek, VolumeKeys};
 
@@ -25,7 +27,10 @@ type Kem = X25519HkdfSha256;
 
 const HPKE_INFO: &[u8] = b"lsvfs v1 export key";
 const SLOT_INFO: &[u8] = b"lsvfs v1 export key slot";
-const CHUNK_INFO: &[u8] = b"lsvfs v1 export chunks";
+/// Format version 1's chunk key (XChaCha20-Poly1305).
+const CHUNK_INFO_V1: &[u8] = b"lsvfs v1 export chunks";
+/// The chunk key from version 2 on (AES-256-GCM).
+const CHUNK_INFO: &[u8] = b"lsvfs v2 export chunks (AES-256-GCM)";
 const PUBLIC_PREFIX: &str = "lsvfs-recipient-v1 ";
 const SECRET_PREFIX: &str = "lsvfs-recipient-secret-v1 ";
 
@@ -46,14 +51,101 @@ impl ExportKey {
         Ok(ExportKey(k))
     }
 
-    /// The chunk cipher: HKDF-SHA256 of the export key, salted with the
-    /// export id.
-    pub fn chunk_cipher(&self, export_id: &[u8; 16]) -> XChaCha20Poly1305 {
-        let hk = Hkdf::<Sha256>::new(Some(export_id), &self.0[..]);
+    /// The cipher of the chunks of an export with `header`: a key derived
+    /// with HKDF-SHA256 from the export key, salted with the export id, for
+    /// the cipher the header's format version names.
+    pub fn chunk_cipher(&self, header: &Header) -> ChunkCipher {
+        let v1 = header.version == 1;
+        let hk = Hkdf::<Sha256>::new(Some(&header.export_id), &self.0[..]);
         let mut k = Zeroizing::new([0u8; 32]);
-        hk.expand(CHUNK_INFO, &mut k[..]).expect("32 bytes");
-        XChaCha20Poly1305::new_from_slice(&k[..]).expect("32-byte key")
+        hk.expand(if v1 { CHUNK_INFO_V1 } else { CHUNK_INFO }, &mut k[..])
+            .expect("32 bytes");
+        if v1 {
+            ChunkCipher::XChaCha(XChaCha20Poly1305::new_from_slice(&k[..]).expect("32-byte key"))
+        } else {
+            ChunkCipher::Gcm(LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, &k[..]).expect("32-byte key"),
+            ))
+        }
     }
+}
+
+/// What seals an export's chunks: AES-256-GCM from format version 2 on,
+/// XChaCha20-Poly1305 in version 1. Each chunk's nonce is its index and
+/// whether it is the last one; each export has its own random key, so no
+/// nonce repeats under a key.
+pub enum ChunkCipher {
+    /// Version 1 (the key is zeroized on drop).
+    XChaCha(XChaCha20Poly1305),
+    /// Version 2. AWS-LC overwrites the context, key schedule included,
+    /// when it frees it.
+    Gcm(LessSafeKey),
+}
+
+impl ChunkCipher {
+    /// Seals chunk `index` in place, bound to `aad` (the header's hash);
+    /// returns its tag.
+    pub fn seal(
+        &self,
+        index: u64,
+        last: bool,
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN]> {
+        let failed = || ExportError::Usage("sealing a chunk".into());
+        match self {
+            ChunkCipher::XChaCha(c) => c
+                .encrypt_in_place_detached(&xnonce(index, last), aad, buf)
+                .map(Into::into)
+                .map_err(|_| failed()),
+            ChunkCipher::Gcm(k) => {
+                let tag = k
+                    .seal_in_place_separate_tag(gcm_nonce(index, last), Aad::from(aad), buf)
+                    .map_err(|_| failed())?;
+                tag.as_ref().try_into().map_err(|_| failed())
+            }
+        }
+    }
+
+    /// Opens chunk `index` (`ct`, then `tag`) into `out`, as long as `ct`.
+    /// `ct` is left as it was, so a failed attempt can be tried again as
+    /// the last chunk. Err: it does not authenticate.
+    pub fn open(
+        &self,
+        index: u64,
+        last: bool,
+        aad: &[u8],
+        ct: &[u8],
+        tag: &[u8; TAG_LEN],
+        out: &mut [u8],
+    ) -> std::result::Result<(), ()> {
+        match self {
+            ChunkCipher::XChaCha(c) => {
+                out.copy_from_slice(ct);
+                c.decrypt_in_place_detached(&xnonce(index, last), aad, out, tag.into())
+                    .map_err(|_| ())
+            }
+            ChunkCipher::Gcm(k) => k
+                .open_separate_gather(gcm_nonce(index, last), Aad::from(aad), ct, tag, out)
+                .map_err(|_| ()),
+        }
+    }
+}
+
+/// A version 1 chunk's nonce: its index (8 bytes, little endian), then 1
+/// for the last chunk, else 0, then zeros.
+fn xnonce(index: u64, last: bool) -> XNonce {
+    let mut n = [0u8; 24];
+    n[..8].copy_from_slice(&index.to_le_bytes());
+    n[8] = u8::from(last);
+    *XNonce::from_slice(&n)
+}
+
+/// A version 2 chunk's nonce: the first 12 bytes of the version 1 nonce.
+fn gcm_nonce(index: u64, last: bool) -> Nonce {
+    let mut n = [0u8; 12];
+    n.copy_from_slice(&xnonce(index, last)[..12]);
+    Nonce::assume_unique_for_key(n)
 }
 
 /// A recipient's public key, parsed from its one-line text form.
@@ -389,6 +481,38 @@ pub fn describe(s: &Slot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_open_only_at_their_place_under_their_version_and_a_failed_try_changes_nothing() {
+        let key = ExportKey::generate().unwrap();
+        let mut h = crate::export::format::tests::header(crate::export::Kind::Full);
+        for v in [1, 2] {
+            h.version = v;
+            let c = key.chunk_cipher(&h);
+            let plain: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+            let mut ct = plain.clone();
+            let tag = c.seal(3, true, b"head", &mut ct).unwrap();
+            assert_ne!(ct, plain, "version {v}: sealed");
+            let mut out = vec![0u8; ct.len()];
+            let before = ct.clone();
+            // Not the last chunk, another index, another header, another tag.
+            assert!(c.open(3, false, b"head", &ct, &tag, &mut out).is_err());
+            assert!(c.open(4, true, b"head", &ct, &tag, &mut out).is_err());
+            assert!(c.open(3, true, b"hea", &ct, &tag, &mut out).is_err());
+            let mut bad = tag;
+            bad[0] ^= 1;
+            assert!(c.open(3, true, b"head", &ct, &bad, &mut out).is_err());
+            assert_eq!(ct, before, "version {v}: failed tries leave the chunk");
+            c.open(3, true, b"head", &ct, &tag, &mut out).unwrap();
+            assert_eq!(out, plain, "version {v}");
+            // The other version's cipher (another key, another AEAD).
+            h.version = 3 - v;
+            assert!(key
+                .chunk_cipher(&h)
+                .open(3, true, b"head", &ct, &tag, &mut out)
+                .is_err());
+        }
+    }
 
     #[test]
     fn each_slot_opens_with_its_key_only_and_only_for_its_header() {

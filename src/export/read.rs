@@ -5,14 +5,12 @@
 
 use std::io::Read;
 
-use chacha20poly1305::aead::AeadInPlace;
-
 use super::format::{
     records, Header, Kind, RecordKind, Trailer, MAX_CHUNK, SIGNATURE_LEN, TAG_LEN, TRAILER_LEN,
     TRAILER_MARK,
 };
 use super::keys::{open_slots, ExportKey, Identity};
-use super::write::{nonce, plan_increment, signed_message, union, Step};
+use super::write::{plan_increment, signed_message, union, Step};
 use super::{ExportError, Result};
 use crate::crypto::{Kek, VolumeKeys};
 use crate::volume::{Lba, SnapshotId, Transaction, Volume};
@@ -190,7 +188,7 @@ impl<R: Read> Stream<R> {
         key: &ExportKey,
         apply: &mut dyn FnMut(crate::crypto::Wiped) -> Result<()>,
     ) -> Result<Trailer> {
-        let cipher = key.chunk_cipher(&self.header.export_id);
+        let cipher = key.chunk_cipher(&self.header);
         let logical = self.header.logical_blocks;
         let mut next = 0u64;
         let mut index = 0u64;
@@ -205,19 +203,14 @@ impl<R: Read> Stream<R> {
                             self.name
                         )));
                     }
-                    // Opened in place; a failed attempt leaves the buffer
-                    // as it was (the tag is checked before decrypting).
-                    let mut plain = crate::crypto::Wiped::new(ct);
-                    let body = plain.len() - TAG_LEN;
-                    let tag = *chacha20poly1305::Tag::from_slice(&plain[body..]);
-                    plain.truncate(body);
-                    let open = |last, buf: &mut Vec<u8>| {
-                        cipher.decrypt_in_place_detached(
-                            &nonce(index, last),
-                            &self.header_hash,
-                            buf,
-                            &tag,
-                        )
+                    // A failed attempt leaves `ct` as it was, for the next.
+                    let body = ct.len() - TAG_LEN;
+                    let (ct, tag) = ct.split_at(body);
+                    let tag: &[u8; TAG_LEN] = tag.try_into().expect("TAG_LEN bytes");
+                    let mut plain = crate::crypto::Wiped::with_capacity(body);
+                    plain.resize(body, 0);
+                    let open = |last, out: &mut Vec<u8>| {
+                        cipher.open(index, last, &self.header_hash, ct, tag, out)
                     };
                     if open(false, &mut plain).is_err() {
                         open(true, &mut plain).map_err(|_| {

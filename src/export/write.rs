@@ -4,12 +4,9 @@
 
 use std::io::Write;
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::XNonce;
-
 use super::format::{
     put_record, Header, Kind, RecordKind, SnapRef, Trailer, CHUNK_BLOCKS, MAX_CHUNK, MAX_SLOTS,
-    RECORD_HEADER, SIGNATURE_LEN, TAG_LEN, TRAILER_MARK,
+    RECORD_HEADER, SIGNATURE_LEN, TAG_LEN, TRAILER_MARK, VERSION,
 };
 use super::keys::{key_file_slot, recipient_slot, volume_slot, ExportKey, RecipientKey};
 use super::ordered::ordered_map;
@@ -49,14 +46,6 @@ impl Hashing<'_> {
             .write_all(b)
             .map_err(|e| ExportError::io("writing the export", e))
     }
-}
-
-/// The nonce of chunk `index`; `last` marks the final chunk.
-pub(super) fn nonce(index: u64, last: bool) -> XNonce {
-    let mut n = [0u8; 24];
-    n[..8].copy_from_slice(&index.to_le_bytes());
-    n[8] = u8::from(last);
-    *XNonce::from_slice(&n)
 }
 
 /// Which blocks an export holds, in order: runs to read (each block then
@@ -189,6 +178,7 @@ pub fn export(
     };
     let signer = volume.export_signing_key();
     let mut header = Header {
+        version: VERSION,
         kind,
         export_id: *crate::crypto::random_bytes::<16>()
             .map_err(|e| ExportError::Usage(e.to_string()))?,
@@ -218,7 +208,7 @@ pub fn export(
         &fixed,
     )?);
     let head = header.encode();
-    let cipher = key.chunk_cipher(&header.export_id);
+    let cipher = key.chunk_cipher(&header);
     let header_hash: [u8; 32] = blake3::hash(&head).into();
     let mut w = Hashing {
         out,
@@ -285,10 +275,7 @@ pub fn export(
     let seal = move |piece: Result<Piece>| -> Result<Piece> {
         let mut p = piece?;
         // Sealed in place: the ciphertext, then its tag.
-        let tag = cipher
-            .encrypt_in_place_detached(&nonce(p.index, p.last), header_hash, &mut p.plain)
-            .map_err(|_| ExportError::Usage("sealing a chunk".into()))?;
-        p.tag.copy_from_slice(&tag);
+        p.tag = cipher.seal(p.index, p.last, header_hash, &mut p.plain)?;
         Ok(p)
     };
     let (chunks, counts) = std::thread::scope(|s| -> Result<(u64, Trailer)> {
