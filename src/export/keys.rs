@@ -107,9 +107,9 @@ impl ChunkCipher {
         }
     }
 
-    /// Opens chunk `index` (`ct`, then `tag`) into `out`, as long as `ct`.
-    /// `ct` is left as it was, so a failed attempt can be tried again as
-    /// the last chunk. Err: it does not authenticate.
+    /// Opens chunk `index` (`ct`, then `tag`) into `out`, as long as `ct`;
+    /// false if it does not authenticate. `ct` is left as it was, so a
+    /// failed attempt can be tried again as the last chunk.
     pub fn open(
         &self,
         index: u64,
@@ -118,16 +118,16 @@ impl ChunkCipher {
         ct: &[u8],
         tag: &[u8; TAG_LEN],
         out: &mut [u8],
-    ) -> std::result::Result<(), ()> {
+    ) -> bool {
         match self {
             ChunkCipher::XChaCha(c) => {
                 out.copy_from_slice(ct);
                 c.decrypt_in_place_detached(&xnonce(index, last), aad, out, tag.into())
-                    .map_err(|_| ())
+                    .is_ok()
             }
             ChunkCipher::Gcm(k) => k
                 .open_separate_gather(gcm_nonce(index, last), Aad::from(aad), ct, tag, out)
-                .map_err(|_| ()),
+                .is_ok(),
         }
     }
 }
@@ -496,21 +496,20 @@ mod tests {
             let mut out = vec![0u8; ct.len()];
             let before = ct.clone();
             // Not the last chunk, another index, another header, another tag.
-            assert!(c.open(3, false, b"head", &ct, &tag, &mut out).is_err());
-            assert!(c.open(4, true, b"head", &ct, &tag, &mut out).is_err());
-            assert!(c.open(3, true, b"hea", &ct, &tag, &mut out).is_err());
+            assert!(!c.open(3, false, b"head", &ct, &tag, &mut out));
+            assert!(!c.open(4, true, b"head", &ct, &tag, &mut out));
+            assert!(!c.open(3, true, b"hea", &ct, &tag, &mut out));
             let mut bad = tag;
             bad[0] ^= 1;
-            assert!(c.open(3, true, b"head", &ct, &bad, &mut out).is_err());
+            assert!(!c.open(3, true, b"head", &ct, &bad, &mut out));
             assert_eq!(ct, before, "version {v}: failed tries leave the chunk");
-            c.open(3, true, b"head", &ct, &tag, &mut out).unwrap();
+            assert!(c.open(3, true, b"head", &ct, &tag, &mut out));
             assert_eq!(out, plain, "version {v}");
             // The other version's cipher (another key, another AEAD).
             h.version = 3 - v;
-            assert!(key
+            assert!(!key
                 .chunk_cipher(&h)
-                .open(3, true, b"head", &ct, &tag, &mut out)
-                .is_err());
+                .open(3, true, b"head", &ct, &tag, &mut out));
         }
     }
 

@@ -21,7 +21,9 @@ mod write;
 #[doc(hidden)]
 pub use format::{records as decode_records, Record, RecordKind};
 pub use format::{Header, Kind, SnapRef, Trailer, VERSION};
-pub use keys::{describe as describe_slot, volume_slot_check, ExportKey, Identity, RecipientKey};
+pub use keys::{
+    describe as describe_slot, volume_slot_check, ChunkCipher, ExportKey, Identity, RecipientKey,
+};
 pub use read::{open_key, restore_stream, roll_back_to_newest, Stream};
 pub use write::{export, Holders, Summary, READERS, READERS_MOUNTED};
 

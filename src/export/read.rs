@@ -212,14 +212,14 @@ impl<R: Read> Stream<R> {
                     let open = |last, out: &mut Vec<u8>| {
                         cipher.open(index, last, &self.header_hash, ct, tag, out)
                     };
-                    if open(false, &mut plain).is_err() {
-                        open(true, &mut plain).map_err(|_| {
-                            ExportError::Corrupt(format!(
+                    if !open(false, &mut plain) {
+                        if !open(true, &mut plain) {
+                            return Err(ExportError::Corrupt(format!(
                                 "{}: chunk {index} fails authentication: the export was \
                                  modified, damaged or reordered; use another copy",
                                 self.name
-                            ))
-                        })?;
+                            )));
+                        }
                         last_seen = true;
                     }
                     let rs =
