@@ -500,6 +500,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn versions_1_and_2_decode_as_themselves_and_others_are_refused() {
+        let mut h = header(Kind::Full);
+        for v in [OLDEST_VERSION, VERSION] {
+            h.version = v;
+            assert_eq!(Header::decode(&h.encode()).unwrap().version, v);
+        }
+        for v in [0, VERSION + 1, u16::MAX] {
+            h.version = v;
+            match Header::decode(&h.encode()) {
+                Err(ExportError::NotAnExport(m)) => {
+                    assert!(m.contains(&format!("version {v}")), "{m}")
+                }
+                other => panic!("version {v}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn records_must_be_ordered_inside_the_volume_and_whole() {
         let mut p = Vec::new();
         put_record(&mut p, RecordKind::Data, 3, 2, &[7u8; 2 * BLOCK_SIZE]);
