@@ -55,17 +55,19 @@ impl ExportKey {
     /// with HKDF-SHA256 from the export key, salted with the export id, for
     /// the cipher the header's format version names.
     pub fn chunk_cipher(&self, header: &Header) -> ChunkCipher {
-        let v1 = header.version == 1;
-        let hk = Hkdf::<Sha256>::new(Some(&header.export_id), &self.0[..]);
-        let mut k = Zeroizing::new([0u8; 32]);
-        hk.expand(if v1 { CHUNK_INFO_V1 } else { CHUNK_INFO }, &mut k[..])
-            .expect("32 bytes");
-        if v1 {
-            ChunkCipher::XChaCha(XChaCha20Poly1305::new_from_slice(&k[..]).expect("32-byte key"))
-        } else {
-            ChunkCipher::Gcm(LessSafeKey::new(
-                UnboundKey::new(&AES_256_GCM, &k[..]).expect("32-byte key"),
-            ))
+        let key = |info: &[u8]| {
+            let hk = Hkdf::<Sha256>::new(Some(&header.export_id), &self.0[..]);
+            let mut k = Zeroizing::new([0u8; 32]);
+            hk.expand(info, &mut k[..]).expect("32 bytes");
+            k
+        };
+        match header.version {
+            1 => ChunkCipher::XChaCha(
+                XChaCha20Poly1305::new_from_slice(&key(CHUNK_INFO_V1)[..]).expect("32-byte key"),
+            ),
+            _ => ChunkCipher::Gcm(LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, &key(CHUNK_INFO)[..]).expect("32-byte key"),
+            )),
         }
     }
 }
