@@ -323,7 +323,7 @@ fn export_chunks() -> Vec<(u16, &'static str, f64)> {
             n += 1;
         }
         let rate = (n as usize * MIB) as f64 / t.elapsed().as_secs_f64() / 1e6;
-        out.push((v, header.chunk_cipher_name(), rate));
+        out.push((v, header.chunk_aead().name(), rate));
     }
     out
 }

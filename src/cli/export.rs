@@ -650,7 +650,7 @@ pub fn show(file: &str, json: bool) -> Result<(), Error> {
             serde_json::json!({
                 "file": file,
                 "version": h.version,
-                "chunk_cipher": h.chunk_cipher_name(),
+                "chunk_cipher": h.chunk_aead().name(),
                 "kind": if h.kind == Kind::Full { "full" } else { "increment" },
                 "export_id": keys::hex(&h.export_id),
                 "volume": keys::hex(&h.volume_id),
@@ -672,7 +672,7 @@ pub fn show(file: &str, json: bool) -> Result<(), Error> {
     println!(
         "format version:  {} (chunks sealed with {})",
         h.version,
-        h.chunk_cipher_name()
+        h.chunk_aead().name()
     );
     println!(
         "kind:            {}",

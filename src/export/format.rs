@@ -111,13 +111,31 @@ pub fn link(volume_id: &[u8; 16], s: &SnapRef) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The AEAD that seals an export's chunks, which its format version names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkAead {
+    /// Version 1.
+    XChaCha20Poly1305,
+    /// Version 2.
+    Aes256Gcm,
+}
+
+impl ChunkAead {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkAead::XChaCha20Poly1305 => "XChaCha20-Poly1305",
+            ChunkAead::Aes256Gcm => "AES-256-GCM",
+        }
+    }
+}
+
 impl Header {
-    /// The AEAD that seals the chunks, as the format version names it.
-    pub fn chunk_cipher_name(&self) -> &'static str {
+    /// The AEAD that seals the chunks (`decode` admits versions 1 and 2).
+    pub fn chunk_aead(&self) -> ChunkAead {
         if self.version == 1 {
-            "XChaCha20-Poly1305"
+            ChunkAead::XChaCha20Poly1305
         } else {
-            "AES-256-GCM"
+            ChunkAead::Aes256Gcm
         }
     }
 

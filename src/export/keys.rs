@@ -19,7 +19,7 @@ use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::format::{Header, Slot, SlotKind, FIXED_LEN, TAG_LEN};
+use super::format::{ChunkAead, Header, Slot, SlotKind, FIXED_LEN, TAG_LEN};
 use super::{ExportError, Result};
 use crate::crypto::{Kek, VolumeKeys};
 
@@ -61,11 +61,11 @@ impl ExportKey {
             hk.expand(info, &mut k[..]).expect("32 bytes");
             k
         };
-        match header.version {
-            1 => ChunkCipher::XChaCha(
+        match header.chunk_aead() {
+            ChunkAead::XChaCha20Poly1305 => ChunkCipher::XChaCha(
                 XChaCha20Poly1305::new_from_slice(&key(CHUNK_INFO_V1)[..]).expect("32-byte key"),
             ),
-            _ => ChunkCipher::Gcm(LessSafeKey::new(
+            ChunkAead::Aes256Gcm => ChunkCipher::Gcm(LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, &key(CHUNK_INFO)[..]).expect("32-byte key"),
             )),
         }
