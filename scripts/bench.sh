@@ -13,7 +13,10 @@
 # (default 1) repeats the whole set, the file systems taking turns in each
 # round, and the table shows each figure's median: on a noisy VM one round
 # can move a peer's figure by half. Run as root (it drops the page cache
-# before reads and mounts FUSE file systems).
+# before reads and mounts FUSE file systems). lsvfs mounts with its default
+# transport, FUSE over io_uring where the kernel has it: the script turns
+# the fuse module's enable_uring on for the run (BENCH_URING=0 leaves it
+# off) and puts it back at the end; LSVFS_TRANSPORT=dev forces /dev/fuse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(realpath -m "${1:-target/fsbench}")
@@ -25,8 +28,18 @@ scripts/setup.sh bench
 cargo build --release --quiet
 lsvfs=$(pwd)/target/release/lsvfs
 rm -rf "$root"; mkdir -p "$root"
+uring=/sys/module/fuse/parameters/enable_uring
+uring_was=""
+if [ -w "$uring" ] && [ "${BENCH_URING:-1}" = 1 ]; then
+  uring_was=$(cat "$uring")
+  echo 1 >"$uring"
+fi
+echo "fuse.enable_uring: $(cat "$uring" 2>/dev/null || echo "not in this kernel")"
 cleanup() {
   for m in "$root"/*/mnt; do fusermount3 -uz "$m" 2>/dev/null || true; done
+  if [ -n "$uring_was" ]; then
+    if [ "$uring_was" = Y ]; then echo 1 >"$uring"; else echo 0 >"$uring"; fi
+  fi
 }
 trap cleanup EXIT
 

@@ -473,7 +473,11 @@ fn a_verbose_foreground_mount_logs_requests_and_no_key() {
         let log = fs::read(p.join("log")).unwrap();
         let text = String::from_utf8_lossy(&log);
         assert_eq!(
-            text.contains("debug: fuser::request: FUSE(") && text.contains("LOOKUP name \"file\""),
+            // fuser logs the requests of /dev/fuse, lsvfs those of the
+            // io_uring queues.
+            (text.contains("debug: fuser::request: FUSE(")
+                || text.contains("debug: lsvfs::fuse::uring: FUSE("))
+                && text.contains("LOOKUP name \"file\""),
             verbose,
             "{flags:?}: {text}"
         );

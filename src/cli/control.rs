@@ -51,6 +51,8 @@ pub enum Request {
         wrapped: String,
         secret: SecretHex,
     },
+    /// How the mount is served (its FUSE transport).
+    Status {},
     /// Where the rekey stands (and the volume's path); with `resume`, a
     /// pass that is due but not running starts again.
     RekeyStatus {
@@ -171,6 +173,22 @@ pub struct SnapshotEntry {
     pub unique_blocks: u64,
 }
 
+/// How a mount is served, as it reports it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct StatusEntry {
+    /// "io_uring" or "/dev/fuse".
+    pub transport: String,
+    /// Requests answered through the io_uring queues so far.
+    #[serde(default)]
+    pub ring_requests: u64,
+}
+
+/// What the mount tells `status` requests.
+pub struct Served {
+    pub transport: &'static str,
+    pub ring_requests: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Response {
     pub ok: bool,
@@ -186,6 +204,8 @@ pub struct Response {
     pub export: Option<ExportEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rekey: Option<RekeyEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusEntry>,
 }
 
 /// Directory of control sockets (`$LSVFS_RUN_DIR`, default /run/lsvfs).
@@ -201,7 +221,13 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
 
 /// Serves the control socket until the process ends. Returns the socket's
 /// path (remove it at unmount).
-pub fn serve(mountpoint: &Path, volume: &Path, snaps: Arc<Snapshots>) -> Result<PathBuf, Error> {
+pub fn serve(
+    mountpoint: &Path,
+    volume: &Path,
+    snaps: Arc<Snapshots>,
+    served: Served,
+) -> Result<PathBuf, Error> {
+    let served = Arc::new(served);
     let volume = volume.to_path_buf();
     let dir = run_dir();
     std::fs::DirBuilder::new()
@@ -243,11 +269,12 @@ pub fn serve(mountpoint: &Path, volume: &Path, snaps: Arc<Snapshots>) -> Result<
                 let Ok(stream) = conn else { continue };
                 let snaps = snaps.clone();
                 let volume = volume.clone();
+                let served = served.clone();
                 // One thread per client: a slow snapshot list must not hold
                 // up the others.
                 let _ = std::thread::Builder::new()
                     .name("lsvfs-control-client".into())
-                    .spawn(move || handle(stream, &snaps, &volume));
+                    .spawn(move || handle(stream, &snaps, &volume, &served));
             }
         })
         .map_err(|e| Error::io("starting the control thread", e))?;
@@ -307,7 +334,7 @@ fn failure(e: &Error) -> Response {
     }
 }
 
-fn handle(stream: UnixStream, snaps: &Arc<Snapshots>, volume: &Path) {
+fn handle(stream: UnixStream, snaps: &Arc<Snapshots>, volume: &Path, served: &Served) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
@@ -320,6 +347,7 @@ fn handle(stream: UnixStream, snaps: &Arc<Snapshots>, volume: &Path) {
                 (req, fds)
             });
             match read {
+                Ok((Ok(Request::Status {}), _)) => status(served),
                 Ok((Ok(req), fds)) => answer(req, fds, snaps, volume),
                 Ok((Err(e), _)) => failure(&e),
                 Err(e) => failure(&Error::io("reading the control request", e)),
@@ -413,6 +441,20 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Error> {
     })
 }
 
+fn status(served: &Served) -> Response {
+    Response {
+        ok: true,
+        status: Some(StatusEntry {
+            transport: served.transport.to_string(),
+            ring_requests: served
+                .ring_requests
+                .as_ref()
+                .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed)),
+        }),
+        ..Response::default()
+    }
+}
+
 fn answer(req: Request, fds: Vec<OwnedFd>, snaps: &Arc<Snapshots>, volume: &Path) -> Response {
     if let Request::Export {
         name,
@@ -493,6 +535,9 @@ fn answer(req: Request, fds: Vec<OwnedFd>, snaps: &Arc<Snapshots>, volume: &Path
                 .unwrap_or_else(|e| failure(&e));
         }
         Request::Export { .. } => unreachable!("answered above"),
+        Request::Status {} => {
+            return failure(&Error::Usage("status is answered by `handle`".into()))
+        }
     };
     r.unwrap_or_else(|e| failure(&e.into()))
 }
@@ -686,6 +731,10 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"list"}"#).unwrap(),
             Request::List {}
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"status"}"#).unwrap(),
+            Request::Status {}
         );
         for bad in [
             "",

@@ -350,10 +350,15 @@ enum Cmd {
         /// (and with the mount's --key-file, if it has one).
         #[arg(long, value_name = "DEST")]
         on_lock_export: Option<String>,
+        /// How the kernel's requests come: auto (FUSE over io_uring where
+        /// the kernel offers it: Linux 6.14+ with the fuse module's
+        /// enable_uring set; else /dev/fuse), uring (or fail), or dev.
+        #[arg(long, value_name = "auto|uring|dev", value_parser = options::parse_transport, env = "LSVFS_TRANSPORT")]
+        transport: Option<crate::fuse::Transport>,
         /// Options as mount(8) and fstab give them, comma-separated: ro, rw,
         /// key_file=PATH, store=PATH, timeout=SECONDS, attempts=N,
         /// show_snapshots, allow_other, allow_rollback, idle_lock=DURATION,
-        /// on_lock_export=DEST,
+        /// on_lock_export=DEST, transport=auto|uring|dev,
         /// noexec, nosuid, nodev, noatime, sync, dirsync (and mount(8)'s
         /// own: defaults, _netdev, nofail, x-*).
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
@@ -592,9 +597,11 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
             allow_rollback,
             idle_lock,
             on_lock_export,
+            transport,
             options,
         } => {
             let mut opts = options::MountOptions::parse(options.as_deref().unwrap_or(""), false)?;
+            opts.transport = transport.or(opts.transport);
             opts.read_only |= read_only;
             opts.show_snapshots |= show_snapshots;
             opts.allow_other |= allow_other;

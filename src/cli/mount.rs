@@ -1,6 +1,7 @@
 //! `lsvfs mount` and `lsvfs unmount`.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,7 @@ use super::common::{open_device, refuse_restoring, Keys, Tuning};
 use super::options::MountOptions;
 use crate::error::Class;
 use crate::fs::{Fs, FsError, Snapshots};
-use crate::fuse::{self, FuseFs};
+use crate::fuse::{self, FuseFs, Transport};
 use crate::volume::Options;
 use crate::{volume, Error};
 
@@ -105,7 +106,10 @@ pub fn foreground(
         fs.clone(),
         Box::new(move || sync_mount(&synced)),
     ));
-    let fuse = FuseFs::new(fs.clone(), snaps.clone(), opts.show_snapshots)?;
+    let transport = opts.transport.unwrap_or(Transport::Auto);
+    let fuse =
+        FuseFs::new(fs.clone(), snaps.clone(), opts.show_snapshots)?.with_transport(transport);
+    let rings_of = fuse.ring_starter();
     let idle = opts.idle_lock.map(|after| IdleLock {
         after,
         activity: fuse.activity(),
@@ -121,25 +125,69 @@ pub fn foreground(
         }),
     });
     let config = mount_config(&path, opts);
+    // As fuser: a mount that does not let others in serves only its owner.
     // SAFETY: geteuid has no preconditions.
-    let (session, own_mount) = if unsafe { libc::geteuid() } == 0 {
+    let owner = (config.acl != SessionACL::All).then(|| unsafe { libc::geteuid() });
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map_err(|e| Error::io("duplicating the /dev/fuse descriptor", e))
+    };
+    // SAFETY: geteuid has no preconditions.
+    let (session, own_mount, dev) = if unsafe { libc::geteuid() } == 0 {
         // Root mounts with mount(2) itself, so that the mount's type is
         // fuse.lsvfs (fuser's own mount says only "fuse"): umount(8) then
         // finds umount.fuse.lsvfs, and findmnt -t fuse.lsvfs finds lsvfs.
         let fd = kernel_mount(&path, &mountpoint, opts)?;
+        let dev = dup(fd.as_fd())?;
         let s = fuser::Session::from_fd(fuse, fd, config.acl, config)
             .and_then(|s| s.spawn())
             .map_err(|e| {
                 let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
                 Error::io(format!("serving the mount on {}", mountpoint.display()), e)
             })?;
-        (s, true)
+        (s, true, dev)
     } else {
         // A user's mount goes through fusermount3, which sets the type.
-        let s = fuser::spawn_mount(fuse, &mountpoint, &config)
+        let s = fuser::Session::new(fuse, &mountpoint, &config)
             .map_err(|e| Error::io(format!("mounting on {}", mountpoint.display()), e))?;
-        (s, false)
+        let dev = dup(s.as_fd())?;
+        let s = s
+            .spawn()
+            .map_err(|e| Error::io(format!("serving the mount on {}", mountpoint.display()), e))?;
+        (s, false, dev)
     };
+    // INIT is done: start the io_uring queues if it negotiated them.
+    let rings = if rings_of.negotiated() {
+        match rings_of.start(dev, owner) {
+            Ok(r) => {
+                tracing::info!("{} is served over FUSE io_uring", mountpoint.display());
+                Some(r)
+            }
+            Err(e) if transport == Transport::Uring => {
+                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                let _ = session.join();
+                return Err(Error::io(
+                    format!(
+                        "starting the FUSE io_uring queues of {} (unmounted; \
+                         --transport auto or dev serves it over /dev/fuse)",
+                        mountpoint.display()
+                    ),
+                    e,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "FUSE io_uring queues could not start ({e}); {} is served over /dev/fuse",
+                    mountpoint.display()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // It holds the file system, which must be let go at unmount.
+    drop(rings_of);
     tune_bdi(&mountpoint);
     // A rekey that was running when the volume was last closed goes on
     // (a read-only mount leaves it for the next read-write one).
@@ -150,7 +198,15 @@ pub fn foreground(
     {
         snaps.rekey_in_background();
     }
-    let control = match super::control::serve(&mountpoint, &path, snaps.clone()) {
+    let served = super::control::Served {
+        transport: if rings.is_some() {
+            "io_uring"
+        } else {
+            "/dev/fuse"
+        },
+        ring_requests: rings.as_ref().map(|r| r.served()),
+    };
+    let control = match super::control::serve(&mountpoint, &path, snaps.clone(), served) {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!("no snapshot control socket ({e}); `mkdir .snapshots/NAME` still works");
@@ -216,6 +272,9 @@ pub fn foreground(
     if let Err(e) = ended {
         tracing::error!("the FUSE session ended with an error: {e}");
     }
+    // The connection is gone: the ring threads end (and let go of the
+    // file system).
+    drop(rings);
     if let Some(p) = control {
         let _ = std::fs::remove_file(p);
     }

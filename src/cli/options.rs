@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use fuser::MountOption;
 
 use super::Error;
+use crate::fuse::Transport;
 
 /// What a mount is asked for, beyond the volume and the mountpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,6 +50,9 @@ pub struct MountOptions {
     /// unmounts, snapshot the volume and export it (incrementally, over the
     /// previous such snapshot) there.
     pub on_lock_export: Option<String>,
+    /// `transport=auto|uring|dev`: how the kernel's requests come (FUSE
+    /// over io_uring where the kernel offers it, by default).
+    pub transport: Option<Transport>,
 }
 
 /// Options for mount(8), fstab or systemd, not for lsvfs.
@@ -75,7 +79,7 @@ const IGNORED: &[&str] = &[
 
 /// What `unknown option` lists as known.
 const KNOWN: &str = "ro, rw, key_file=PATH, store=PATH, timeout=SECONDS, attempts=N, \
-    show_snapshots, allow_other, allow_rollback, idle_lock=DURATION, on_lock_export=DEST, noexec, nosuid, nodev, noatime, sync, dirsync, \
+    show_snapshots, allow_other, allow_rollback, idle_lock=DURATION, on_lock_export=DEST, transport=auto|uring|dev, noexec, nosuid, nodev, noatime, sync, dirsync, \
     and mount(8)'s own (defaults, auto, noauto, _netdev, nofail, x-*)";
 
 impl MountOptions {
@@ -134,6 +138,7 @@ impl MountOptions {
                 "timeout" => self.timeout = Some(number("the timeout in seconds")?),
                 "idle_lock" => self.idle_lock = Some(parse_idle(need()?)?),
                 "on_lock_export" => self.on_lock_export = Some(need()?.to_string()),
+                "transport" => self.transport = Some(parse_transport(need()?)?),
                 "attempts" => {
                     let n = number("the number of attempts")?;
                     self.attempts = Some(u32::try_from(n).map_err(|_| {
@@ -191,9 +196,13 @@ impl MountOptions {
             .on_lock_export
             .as_ref()
             .map(|d| format!("on_lock_export={d}"));
+        let transport = self
+            .transport
+            .map(|t| format!("transport={}", transport_name(t)));
         let mut l = vec![if self.read_only { "ro" } else { "rw" }];
         l.extend(idle.as_deref());
         l.extend(export.as_deref());
+        l.extend(transport.as_deref());
         for (on, name) in [
             (self.show_snapshots, "show_snapshots"),
             (self.allow_other, "allow_other"),
@@ -214,6 +223,27 @@ impl MountOptions {
 }
 
 /// Parses an idle-lock duration: `15m`, `1h 30m`, `90s` (at least 1 s).
+/// `auto`, `uring` or `dev` (`--transport`, `transport=`).
+pub fn parse_transport(v: &str) -> Result<Transport, Error> {
+    match v {
+        "auto" => Ok(Transport::Auto),
+        "uring" | "io_uring" => Ok(Transport::Uring),
+        "dev" | "dev-fuse" => Ok(Transport::Dev),
+        _ => Err(Error::Usage(format!(
+            "transport {v:?}: write auto (io_uring where the kernel offers it), uring or dev (/dev/fuse)"
+        ))),
+    }
+}
+
+/// The name `parse_transport` takes back.
+pub fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Auto => "auto",
+        Transport::Uring => "uring",
+        Transport::Dev => "dev",
+    }
+}
+
 pub fn parse_idle(v: &str) -> Result<std::time::Duration, Error> {
     let d = humantime::parse_duration(v).map_err(|e| {
         Error::Usage(format!(
@@ -297,11 +327,13 @@ mod tests {
         let o = MountOptions::parse(
             "defaults,_netdev,nofail,x-systemd.requires=lsvfs-keyserver.service,ro,\
              key_file=/etc/lsvfs/k,store=/var/lib/s,timeout=3,attempts=9,show_snapshots,\
-             noexec,nosuid,nodev,noatime,allow_other,allow_rollback,idle_lock=15m,comment=backup",
+             noexec,nosuid,nodev,noatime,allow_other,allow_rollback,idle_lock=15m,comment=backup,\
+             transport=dev",
             false,
         )
         .unwrap();
         assert!(o.read_only && o.show_snapshots && o.allow_other && o.allow_rollback);
+        assert_eq!(o.transport, Some(Transport::Dev));
         assert_eq!(o.idle_lock, Some(std::time::Duration::from_secs(900)));
         assert!(o.no_exec && o.no_suid && o.no_dev && o.no_atime);
         assert_eq!(o.key_file, Some(PathBuf::from("/etc/lsvfs/k")));
@@ -338,6 +370,8 @@ mod tests {
             ("idle_lock=soon", "write a duration such as 15m"),
             ("idle_lock=0s", "under a second"),
             ("idle_lock", "needs a value"),
+            ("transport=fast", "write auto"),
+            ("transport", "needs a value"),
         ] {
             let e = MountOptions::parse(list, false).unwrap_err().to_string();
             assert!(e.contains(says), "{list}: {e}");

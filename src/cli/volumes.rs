@@ -292,6 +292,15 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
     let mounted = mountpoint_of(path);
     if let Some(m) = &mounted {
         println!("mounted on:      {}", m.display());
+        let req = super::control::Request::Status {};
+        if let Some(st) = super::control::request(m, &req).ok().and_then(|r| r.status) {
+            let rings = if st.transport == "io_uring" {
+                format!("; requests through its queues: {}", st.ring_requests)
+            } else {
+                String::new()
+            };
+            println!("transport:       FUSE over {}{rings}", st.transport);
+        }
     }
     let running = mounted.as_deref().and_then(|m| {
         let req = super::control::Request::RekeyStatus {

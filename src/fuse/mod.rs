@@ -17,6 +17,10 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use reply::{
+    AttrReply, CreateReply, DataReply, DirPlusReply, DirReply, EmptyReply, EntryReply, OpenReply,
+    Statfs, StatfsReply, WriteReply, XattrReply,
+};
 
 use crate::fs::format::{file_type, Inode, Time};
 use crate::fs::{
@@ -25,8 +29,10 @@ use crate::fs::{
 };
 use crate::BLOCK_SIZE;
 
+pub mod reply;
 mod slow;
 pub mod snapdir;
+pub mod uring;
 use snapdir::{is_reserved, node, snap_ino, Node, SNAPDIR_INO, SNAPDIR_NAME};
 
 /// Entries under `.snapshots` are not cached: a snapshot deleted through
@@ -48,7 +54,10 @@ pub const MAX_WRITE: u32 = 1 << 20;
 /// cache stays valid across opens.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 
-pub struct FuseFs {
+/// The mount's operations, each written once for every transport
+/// (`reply`): fuser calls them through [`FuseFs`], the io_uring queues
+/// (`uring`) directly.
+pub(crate) struct Ops {
     fs: Arc<Fs>,
     /// fsync, fallocate and truncate run here, off the request threads.
     slow: slow::SlowWork,
@@ -56,6 +65,19 @@ pub struct FuseFs {
     /// List `.snapshots` in the root directory.
     show_snapshots: bool,
     activity: Arc<Activity>,
+    /// INIT negotiated FUSE over io_uring.
+    uring: std::sync::atomic::AtomicBool,
+}
+
+/// Which way the kernel's requests come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// io_uring queues when the kernel offers them, else /dev/fuse.
+    Auto,
+    /// io_uring queues, or no mount.
+    Uring,
+    /// /dev/fuse only.
+    Dev,
 }
 
 /// When the mount last served a request from a process (`--idle-lock`).
@@ -91,30 +113,7 @@ impl Activity {
     }
 }
 
-impl FuseFs {
-    /// Serves `fs`. From now on every inode it returns through an entry
-    /// reply stays valid until the kernel forgets it.
-    pub fn new(
-        fs: Arc<Fs>,
-        snaps: Arc<Snapshots>,
-        show_snapshots: bool,
-    ) -> Result<FuseFs, FsError> {
-        fs.count_lookups()?;
-        Ok(FuseFs {
-            fs,
-            slow: slow::SlowWork::new(),
-            snaps,
-            show_snapshots,
-            activity: Arc::new(Activity::new()),
-        })
-    }
-
-    /// When the mount was last used (shared; read it after the session
-    /// took this FuseFs).
-    pub fn activity(&self) -> Arc<Activity> {
-        self.activity.clone()
-    }
-
+impl Ops {
     /// The file system an inode belongs to, its number there, and the
     /// snapshot id (None for the live tree). `.snapshots` has none.
     fn target(&self, ino: u64) -> Result<(Arc<Fs>, Ino, Option<SnapshotId>), FsError> {
@@ -247,7 +246,7 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
 }
 
 /// Replies to an operation that returns nothing.
-fn empty(op: &str, ino: impl std::fmt::Display, r: Result<(), FsError>, reply: ReplyEmpty) {
+fn empty(op: &str, ino: impl std::fmt::Display, r: Result<(), FsError>, reply: impl EmptyReply) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(errno(op, ino, &e)),
@@ -255,18 +254,18 @@ fn empty(op: &str, ino: impl std::fmt::Display, r: Result<(), FsError>, reply: R
 }
 
 /// Replies to an operation that creates or finds an inode.
-fn entry(op: &str, parent: Ino, r: Result<(Ino, Inode), FsError>, reply: ReplyEntry) {
+fn entry(op: &str, parent: Ino, r: Result<(Ino, Inode), FsError>, reply: impl EntryReply) {
     match r {
         Ok((ino, i)) => reply.entry(&TTL, &attr(ino.0, &i), Generation(0)),
         Err(e) => reply.error(errno(op, parent, &e)),
     }
 }
 
-impl FuseFs {
+impl Ops {
     /// Owner and mode of a new inode: the caller's uid; the parent's gid and
     /// setgid bit (for directories) when the parent is setgid, as ext4 does.
     /// (The umask is applied by the file system, which knows about default ACLs.)
-    fn new_owner(&self, req: &Request, parent: Ino, mode: u32) -> Result<(u32, u32, u32), FsError> {
+    fn new_owner(&self, req: &Caller, parent: Ino, mode: u32) -> Result<(u32, u32, u32), FsError> {
         let p = self.fs.getattr(parent)?;
         let mut mode = mode;
         let gid = if p.mode & libc::S_ISGID != 0 {
@@ -282,7 +281,7 @@ impl FuseFs {
 
     fn make(
         &self,
-        req: &Request,
+        req: &Caller,
         parent: Ino,
         name: &OsStr,
         mode: u32,
@@ -295,42 +294,17 @@ impl FuseFs {
     }
 }
 
-impl fuser::Filesystem for FuseFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(MAX_WRITE);
-        // The kernel then owns POSIX ACL semantics: it checks ACLs, turns an
-        // ACL equivalent to a mode into a chmod (as `cp -a` relies on), and
-        // applies default ACLs to new inodes. We store the xattrs.
-        let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
-        // The umask is the file system's to apply (`Fs::create_node`): a
-        // directory's default ACL replaces it, which the kernel, masking
-        // first, would get wrong.
-        let _ = config.add_capabilities(InitFlags::FUSE_DONT_MASK);
-        // Lookups and readdirs in one directory may run in parallel: the
-        // file system serializes what it must.
-        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
-        // Directory listings carry each entry's attributes (and the kernel
-        // picks plain readdir when that would not pay off).
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
-        // The kernel's page cache absorbs writes and sends them in large
-        // batches; fsync, close and memory pressure write them back.
-        if config
-            .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
-            .is_ok()
-        {
-            // Then the kernel owns mtime and ctime of writes and sends them
-            // with setattr; writes reaching us must not overwrite them.
-            self.fs.set_kernel_times(true);
-        }
-        // Clearing setuid/setgid and file capabilities on write, truncate
-        // and chown is ours (`Op::kill_priv`); the kernel no longer asks
-        // for security.capability before every write.
-        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+// The operations take the request's fields as fuser decodes them, so
+// that both transports call them alike.
+#[allow(clippy::too_many_arguments)]
+impl Ops {
+    pub(crate) fn lookup(
+        &self,
+        _req: &Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: impl EntryReply,
+    ) {
         self.activity.touch();
         let name = name.as_bytes();
         match node(parent.0) {
@@ -369,11 +343,17 @@ impl fuser::Filesystem for FuseFs {
     }
 
     // BATCH_FORGET comes here too, one inode at a time (fuser's default).
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    pub(crate) fn forget(&self, _req: &Caller, ino: INodeNo, nlookup: u64) {
         self.forget_all([(ino.0, nlookup)].into_iter());
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    pub(crate) fn getattr(
+        &self,
+        _req: &Caller,
+        ino: INodeNo,
+        _fh: Option<FileHandle>,
+        reply: impl AttrReply,
+    ) {
         self.activity.touch();
         let r = match node(ino.0) {
             Node::SnapDir => self.snapdir_attr().map(|a| (a, TTL)),
@@ -393,9 +373,9 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn setattr(
+    pub(crate) fn setattr(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -409,7 +389,7 @@ impl fuser::Filesystem for FuseFs {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
+        reply: impl AttrReply,
     ) {
         self.activity.touch();
         let i = match writable(ino.0) {
@@ -438,7 +418,7 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    pub(crate) fn readlink(&self, _req: &Caller, ino: INodeNo, reply: impl DataReply) {
         self.activity.touch();
         match self.target(ino.0).and_then(|(fs, i, _)| fs.readlink(i)) {
             Ok(t) => reply.data(&t),
@@ -446,15 +426,15 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn mknod(
+    pub(crate) fn mknod(
         &self,
-        req: &Request,
+        req: &Caller,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
         rdev: u32,
-        reply: ReplyEntry,
+        reply: impl EntryReply,
     ) {
         self.activity.touch();
         match new_name(parent.0, name) {
@@ -468,14 +448,14 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn mkdir(
+    pub(crate) fn mkdir(
         &self,
-        req: &Request,
+        req: &Caller,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
-        reply: ReplyEntry,
+        reply: impl EntryReply,
     ) {
         self.activity.touch();
         if node(parent.0) == Node::SnapDir {
@@ -520,7 +500,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    pub(crate) fn unlink(
+        &self,
+        _req: &Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: impl EmptyReply,
+    ) {
         self.activity.touch();
         match old_name(parent.0, name) {
             Ok(p) => empty("unlink", p, self.fs.unlink(p, name.as_bytes()), reply),
@@ -528,7 +514,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    pub(crate) fn rmdir(
+        &self,
+        req: &Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: impl EmptyReply,
+    ) {
         self.activity.touch();
         if node(parent.0) == Node::SnapDir {
             // `rmdir .snapshots/NAME` deletes the snapshot.
@@ -547,13 +539,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn symlink(
+    pub(crate) fn symlink(
         &self,
-        req: &Request,
+        req: &Caller,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
-        reply: ReplyEntry,
+        reply: impl EntryReply,
     ) {
         self.activity.touch();
         let p = match new_name(parent.0, link_name) {
@@ -577,15 +569,15 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn rename(
+    pub(crate) fn rename(
         &self,
-        _req: &Request,
+        _req: &Caller,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
         newname: &OsStr,
         flags: RenameFlags,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
         self.activity.touch();
         let (p, np) = match (old_name(parent.0, name), old_name(newparent.0, newname)) {
@@ -611,13 +603,13 @@ impl fuser::Filesystem for FuseFs {
         )
     }
 
-    fn link(
+    pub(crate) fn link(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
-        reply: ReplyEntry,
+        reply: impl EntryReply,
     ) {
         self.activity.touch();
         let (i, np) = match (writable(ino.0), new_name(newparent.0, newname)) {
@@ -630,7 +622,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    pub(crate) fn open(
+        &self,
+        _req: &Caller,
+        ino: INodeNo,
+        flags: OpenFlags,
+        reply: impl OpenReply,
+    ) {
         self.activity.touch();
         match node(ino.0) {
             Node::Live(i) => {
@@ -653,16 +651,16 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn read(
+    pub(crate) fn read(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
+        reply: impl DataReply,
     ) {
         self.activity.touch();
         // Each request thread keeps its read buffer: a fresh one per READ
@@ -681,9 +679,9 @@ impl fuser::Filesystem for FuseFs {
         });
     }
 
-    fn write(
+    pub(crate) fn write(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -691,7 +689,7 @@ impl fuser::Filesystem for FuseFs {
         write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
+        reply: impl WriteReply,
     ) {
         self.activity.touch();
         let i = match writable(ino.0) {
@@ -705,13 +703,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn flush(
+    pub(crate) fn flush(
         &self,
-        _req: &Request,
+        _req: &Caller,
         _ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
         self.activity.touch();
         // Nothing to do at close: data is written back (and its errors
@@ -721,15 +719,15 @@ impl fuser::Filesystem for FuseFs {
         reply.error(Errno::ENOSYS);
     }
 
-    fn release(
+    pub(crate) fn release(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
         self.activity.touch();
         match node(ino.0) {
@@ -745,13 +743,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn fsync(
+    pub(crate) fn fsync(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
         self.activity.touch();
         match node(ino.0) {
@@ -764,13 +762,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn readdirplus(
+    pub(crate) fn readdirplus(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        mut reply: impl DirPlusReply,
     ) {
         self.activity.touch();
         match self.listing(ino.0, offset, true) {
@@ -797,13 +795,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn readdir(
+    pub(crate) fn readdir(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        mut reply: impl DirReply,
     ) {
         self.activity.touch();
         match self.listing(ino.0, offset, false) {
@@ -820,13 +818,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn fsyncdir(
+    pub(crate) fn fsyncdir(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
         self.activity.touch();
         match node(ino.0) {
@@ -839,31 +837,31 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    pub(crate) fn statfs(&self, _req: &Caller, _ino: INodeNo, reply: impl StatfsReply) {
         match self.fs.statfs() {
-            Ok(s) => reply.statfs(
-                s.blocks,
-                s.free_blocks,
-                s.free_blocks,
-                s.files + s.free_blocks,
-                s.free_blocks,
-                BLOCK_SIZE as u32,
-                255,
-                BLOCK_SIZE as u32,
-            ),
+            Ok(s) => reply.statfs(&Statfs {
+                blocks: s.blocks,
+                bfree: s.free_blocks,
+                bavail: s.free_blocks,
+                files: s.files + s.free_blocks,
+                ffree: s.free_blocks,
+                bsize: BLOCK_SIZE as u32,
+                namelen: 255,
+                frsize: BLOCK_SIZE as u32,
+            }),
             Err(e) => reply.error(errno("statfs", 1, &e)),
         }
     }
 
-    fn setxattr(
+    pub(crate) fn setxattr(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
         flags: i32,
         _position: u32,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
         self.activity.touch();
         let i = match writable(ino.0) {
@@ -876,7 +874,14 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    pub(crate) fn getxattr(
+        &self,
+        _req: &Caller,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: impl XattrReply,
+    ) {
         self.activity.touch();
         if node(ino.0) == Node::SnapDir {
             return reply.error(Errno::ENODATA);
@@ -892,7 +897,7 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    pub(crate) fn listxattr(&self, _req: &Caller, ino: INodeNo, size: u32, reply: impl XattrReply) {
         self.activity.touch();
         let r = if node(ino.0) == Node::SnapDir {
             Ok(Vec::new())
@@ -918,7 +923,13 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    pub(crate) fn removexattr(
+        &self,
+        _req: &Caller,
+        ino: INodeNo,
+        name: &OsStr,
+        reply: impl EmptyReply,
+    ) {
         self.activity.touch();
         match writable(ino.0) {
             Ok(i) => empty(
@@ -931,15 +942,15 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn create(
+    pub(crate) fn create(
         &self,
-        req: &Request,
+        req: &Caller,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
         _flags: i32,
-        reply: ReplyCreate,
+        reply: impl CreateReply,
     ) {
         self.activity.touch();
         let p = match new_name(parent.0, name) {
@@ -961,15 +972,15 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn fallocate(
+    pub(crate) fn fallocate(
         &self,
-        _req: &Request,
+        _req: &Caller,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
         self.activity.touch();
         match writable(ino.0) {
@@ -985,7 +996,470 @@ impl fuser::Filesystem for FuseFs {
     }
 }
 
+/// Who sent a request (the fields of its header the operations use).
+pub(crate) struct Caller {
+    uid: u32,
+    gid: u32,
+}
+
+impl Caller {
+    pub(crate) fn new(uid: u32, gid: u32) -> Caller {
+        Caller { uid, gid }
+    }
+    fn of(req: &Request) -> Caller {
+        Caller::new(req.uid(), req.gid())
+    }
+    fn uid(&self) -> u32 {
+        self.uid
+    }
+    fn gid(&self) -> u32 {
+        self.gid
+    }
+}
+
+/// The file system as fuser serves it over /dev/fuse: every operation
+/// goes to the shared [`Ops`], which the io_uring queues call too.
+pub struct FuseFs {
+    ops: Arc<Ops>,
+    transport: Transport,
+}
+
+/// Starts the io_uring queues of a mount whose INIT negotiated them; kept
+/// by the mount while fuser owns the [`FuseFs`].
+pub struct RingStarter {
+    ops: Arc<Ops>,
+}
+
+impl RingStarter {
+    /// Did INIT negotiate FUSE over io_uring?
+    pub fn negotiated(&self) -> bool {
+        self.ops.uring.load(Ordering::Relaxed)
+    }
+
+    /// Serves the io_uring queues of the connection `dev` (a descriptor of
+    /// the mount's /dev/fuse). `owner`: only this uid's requests are served
+    /// (as fuser does for a mount without allow_other). The returned
+    /// [`uring::Rings`] must be dropped only after the session ended.
+    pub fn start(
+        &self,
+        dev: std::os::fd::OwnedFd,
+        owner: Option<u32>,
+    ) -> std::io::Result<uring::Rings> {
+        uring::start(dev, self.ops.clone(), owner)
+    }
+}
+
 impl FuseFs {
+    /// Serves `fs`. From now on every inode it returns through an entry
+    /// reply stays valid until the kernel forgets it.
+    pub fn new(
+        fs: Arc<Fs>,
+        snaps: Arc<Snapshots>,
+        show_snapshots: bool,
+    ) -> Result<FuseFs, FsError> {
+        fs.count_lookups()?;
+        let ops = Ops {
+            fs,
+            slow: slow::SlowWork::new(),
+            snaps,
+            show_snapshots,
+            activity: Arc::new(Activity::new()),
+            uring: std::sync::atomic::AtomicBool::new(false),
+        };
+        Ok(FuseFs {
+            ops: Arc::new(ops),
+            transport: Transport::Dev,
+        })
+    }
+
+    /// Asks INIT for FUSE over io_uring (`Auto`, `Uring`), or not (`Dev`).
+    /// With `Uring`, a kernel that does not offer it fails the mount.
+    pub fn with_transport(mut self, t: Transport) -> FuseFs {
+        self.transport = t;
+        self
+    }
+
+    /// What starts the io_uring queues once INIT is done.
+    pub fn ring_starter(&self) -> RingStarter {
+        RingStarter {
+            ops: self.ops.clone(),
+        }
+    }
+
+    /// When the mount was last used (shared; read it after the session
+    /// took this FuseFs).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.ops.activity.clone()
+    }
+}
+
+impl fuser::Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        // The kernel then owns POSIX ACL semantics: it checks ACLs, turns an
+        // ACL equivalent to a mode into a chmod (as `cp -a` relies on), and
+        // applies default ACLs to new inodes. We store the xattrs.
+        let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
+        // The umask is the file system's to apply (`Fs::create_node`): a
+        // directory's default ACL replaces it, which the kernel, masking
+        // first, would get wrong.
+        let _ = config.add_capabilities(InitFlags::FUSE_DONT_MASK);
+        // Lookups and readdirs in one directory may run in parallel: the
+        // file system serializes what it must.
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Directory listings carry each entry's attributes (and the kernel
+        // picks plain readdir when that would not pay off).
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // The kernel's page cache absorbs writes and sends them in large
+        // batches; fsync, close and memory pressure write them back.
+        if config
+            .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+            .is_ok()
+        {
+            // Then the kernel owns mtime and ctime of writes and sends them
+            // with setattr; writes reaching us must not overwrite them.
+            self.ops.fs.set_kernel_times(true);
+        }
+        // Clearing setuid/setgid and file capabilities on write, truncate
+        // and chown is ours (`Op::kill_priv`); the kernel no longer asks
+        // for security.capability before every write.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        if self.transport != Transport::Dev {
+            // Requests then come through per-CPU io_uring queues (`uring`),
+            // once the mount has registered them.
+            let offered = config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            if !offered && self.transport == Transport::Uring {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "this kernel does not offer FUSE over io_uring (it needs Linux 6.14 or later \
+                     and, as root, `echo 1 > /sys/module/fuse/parameters/enable_uring`); \
+                     mount with --transport auto or dev",
+                ));
+            }
+            self.ops.uring.store(offered, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.ops.lookup(&Caller::of(req), parent, name, reply)
+    }
+
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        self.ops.forget(&Caller::of(req), ino, nlookup)
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.ops.getattr(&Caller::of(req), ino, fh, reply)
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        crtime: Option<SystemTime>,
+        chgtime: Option<SystemTime>,
+        bkuptime: Option<SystemTime>,
+        flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        self.ops.setattr(
+            &Caller::of(req),
+            ino,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            ctime,
+            fh,
+            crtime,
+            chgtime,
+            bkuptime,
+            flags,
+            reply,
+        )
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.ops.readlink(&Caller::of(req), ino, reply)
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.ops
+            .mknod(&Caller::of(req), parent, name, mode, umask, rdev, reply)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.ops
+            .mkdir(&Caller::of(req), parent, name, mode, umask, reply)
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.ops.unlink(&Caller::of(req), parent, name, reply)
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.ops.rmdir(&Caller::of(req), parent, name, reply)
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.ops
+            .symlink(&Caller::of(req), parent, link_name, target, reply)
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.ops.rename(
+            &Caller::of(req),
+            parent,
+            name,
+            newparent,
+            newname,
+            flags,
+            reply,
+        )
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.ops
+            .link(&Caller::of(req), ino, newparent, newname, reply)
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.ops.open(&Caller::of(req), ino, flags, reply)
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.ops.read(
+            &Caller::of(req),
+            ino,
+            fh,
+            offset,
+            size,
+            flags,
+            lock_owner,
+            reply,
+        )
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.ops.write(
+            &Caller::of(req),
+            ino,
+            fh,
+            offset,
+            data,
+            write_flags,
+            flags,
+            lock_owner,
+            reply,
+        )
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.ops.flush(&Caller::of(req), ino, fh, lock_owner, reply)
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.ops
+            .release(&Caller::of(req), ino, fh, flags, lock_owner, flush, reply)
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.ops.fsync(&Caller::of(req), ino, fh, datasync, reply)
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        self.ops
+            .readdirplus(&Caller::of(req), ino, fh, offset, reply)
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        self.ops.readdir(&Caller::of(req), ino, fh, offset, reply)
+    }
+
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.ops
+            .fsyncdir(&Caller::of(req), ino, fh, datasync, reply)
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.ops.statfs(&Caller::of(req), ino, reply)
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        self.ops
+            .setxattr(&Caller::of(req), ino, name, value, flags, position, reply)
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.ops.getxattr(&Caller::of(req), ino, name, size, reply)
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.ops.listxattr(&Caller::of(req), ino, size, reply)
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.ops.removexattr(&Caller::of(req), ino, name, reply)
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.ops
+            .create(&Caller::of(req), parent, name, mode, umask, flags, reply)
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.ops
+            .fallocate(&Caller::of(req), ino, fh, offset, length, mode, reply)
+    }
+}
+
+impl Ops {
     /// The kernel forgot (inode, lookups): orphans nothing holds any more
     /// are freed. Snapshot views are read-only: their inodes never are.
     fn forget_all(&self, forgets: impl Iterator<Item = (u64, u64)>) {
@@ -1022,7 +1496,7 @@ struct Listed {
     attr: Option<FileAttr>,
 }
 
-impl FuseFs {
+impl Ops {
     /// Entries of directory `ino` after `offset`, numbered for the mount:
     /// a snapshot's ".." at its root is `.snapshots`, and the root lists
     /// `.snapshots` last when the mount shows it. With `plus`, about 25

@@ -1,0 +1,209 @@
+//! The replies an operation can give, whichever transport carried its
+//! request: fuser's reply types for /dev/fuse, and the ring's own
+//! (`uring::Answer`) for FUSE over io_uring. Each operation in `Ops` is
+//! written once, against these traits.
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use fuser::{Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo};
+
+/// What every reply can do: fail. Replies move to other threads with slow
+/// work, and each must be answered exactly once (dropping one unanswered
+/// answers EIO).
+pub trait Reply: Send + 'static {
+    fn error(self, e: Errno);
+}
+
+pub trait EmptyReply: Reply {
+    fn ok(self);
+}
+
+pub trait EntryReply: Reply {
+    fn entry(self, ttl: &Duration, attr: &FileAttr, generation: Generation);
+}
+
+pub trait AttrReply: Reply {
+    fn attr(self, ttl: &Duration, attr: &FileAttr);
+}
+
+pub trait DataReply: Reply {
+    fn data(self, data: &[u8]);
+}
+
+pub trait OpenReply: Reply {
+    fn opened(self, fh: FileHandle, flags: FopenFlags);
+}
+
+pub trait WriteReply: Reply {
+    fn written(self, size: u32);
+}
+
+pub trait XattrReply: Reply {
+    /// The size a value or list would take (the caller asked with size 0).
+    fn size(self, size: u32);
+    fn data(self, data: &[u8]);
+}
+
+pub trait CreateReply: Reply {
+    fn created(
+        self,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: FileHandle,
+        flags: FopenFlags,
+    );
+}
+
+/// Numbers for statfs, in `fuse_kstatfs` order.
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+pub trait StatfsReply: Reply {
+    fn statfs(self, s: &Statfs);
+}
+
+pub trait DirReply: Reply {
+    /// Adds an entry; true when it did not fit (and was not added).
+    fn add(&mut self, ino: INodeNo, offset: u64, kind: FileType, name: &OsStr) -> bool;
+    fn ok(self);
+}
+
+pub trait DirPlusReply: Reply {
+    /// Adds an entry with its attributes; true when it did not fit.
+    fn add(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        name: &OsStr,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+    ) -> bool;
+    fn ok(self);
+}
+
+macro_rules! fuser_error {
+    ($($t:ty),*) => {$(
+        impl Reply for $t {
+            fn error(self, e: Errno) {
+                <$t>::error(self, e)
+            }
+        }
+    )*};
+}
+
+fuser_error!(
+    fuser::ReplyEmpty,
+    fuser::ReplyEntry,
+    fuser::ReplyAttr,
+    fuser::ReplyData,
+    fuser::ReplyOpen,
+    fuser::ReplyWrite,
+    fuser::ReplyXattr,
+    fuser::ReplyCreate,
+    fuser::ReplyStatfs,
+    fuser::ReplyDirectory,
+    fuser::ReplyDirectoryPlus
+);
+
+impl EmptyReply for fuser::ReplyEmpty {
+    fn ok(self) {
+        fuser::ReplyEmpty::ok(self)
+    }
+}
+
+impl EntryReply for fuser::ReplyEntry {
+    fn entry(self, ttl: &Duration, attr: &FileAttr, generation: Generation) {
+        fuser::ReplyEntry::entry(self, ttl, attr, generation)
+    }
+}
+
+impl AttrReply for fuser::ReplyAttr {
+    fn attr(self, ttl: &Duration, attr: &FileAttr) {
+        fuser::ReplyAttr::attr(self, ttl, attr)
+    }
+}
+
+impl DataReply for fuser::ReplyData {
+    fn data(self, data: &[u8]) {
+        fuser::ReplyData::data(self, data)
+    }
+}
+
+impl OpenReply for fuser::ReplyOpen {
+    fn opened(self, fh: FileHandle, flags: FopenFlags) {
+        fuser::ReplyOpen::opened(self, fh, flags)
+    }
+}
+
+impl WriteReply for fuser::ReplyWrite {
+    fn written(self, size: u32) {
+        fuser::ReplyWrite::written(self, size)
+    }
+}
+
+impl XattrReply for fuser::ReplyXattr {
+    fn size(self, size: u32) {
+        fuser::ReplyXattr::size(self, size)
+    }
+    fn data(self, data: &[u8]) {
+        fuser::ReplyXattr::data(self, data)
+    }
+}
+
+impl CreateReply for fuser::ReplyCreate {
+    fn created(
+        self,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: FileHandle,
+        flags: FopenFlags,
+    ) {
+        fuser::ReplyCreate::created(self, ttl, attr, generation, fh, flags)
+    }
+}
+
+impl StatfsReply for fuser::ReplyStatfs {
+    fn statfs(self, s: &Statfs) {
+        fuser::ReplyStatfs::statfs(
+            self, s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+        )
+    }
+}
+
+impl DirReply for fuser::ReplyDirectory {
+    fn add(&mut self, ino: INodeNo, offset: u64, kind: FileType, name: &OsStr) -> bool {
+        fuser::ReplyDirectory::add(self, ino, offset, kind, name)
+    }
+    fn ok(self) {
+        fuser::ReplyDirectory::ok(self)
+    }
+}
+
+impl DirPlusReply for fuser::ReplyDirectoryPlus {
+    fn add(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        name: &OsStr,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+    ) -> bool {
+        fuser::ReplyDirectoryPlus::add(self, ino, offset, name, ttl, attr, generation)
+    }
+    fn ok(self) {
+        fuser::ReplyDirectoryPlus::ok(self)
+    }
+}
