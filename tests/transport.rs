@@ -29,6 +29,19 @@ impl Drop for Param {
     }
 }
 
+/// Detaches a mount left by a failed assertion.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// `lsvfs info`'s transport line for the (mounted) volume in `dir`.
 fn transport(dir: &Path) -> String {
     let o = lsvfs(&["info", "v.vol"], dir);
@@ -101,6 +114,7 @@ fn transport_is_negotiated_reported_and_falls_back() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     fs::create_dir(p.join("m")).unwrap();
+    let _unmount = Unmount(p.join("m"));
     ok(&["keygen", "k"], p);
     ok(&["create", "v.vol", "--size", "2G", "--key-file", "k"], p);
     let mount = |extra: &[&str]| {

@@ -64,12 +64,17 @@ pub struct SlowWork {
 
 impl SlowWork {
     pub fn new() -> SlowWork {
+        SlowWork::with_threads(SLOW_THREADS, "lsvfs-slow")
+    }
+
+    /// A pool of `count` threads named `name-N`.
+    pub fn with_threads(count: usize, name: &str) -> SlowWork {
         let queue = Arc::new(Queue::default());
-        let threads = (0..SLOW_THREADS)
+        let threads = (0..count)
             .filter_map(|n| {
                 let queue = queue.clone();
                 std::thread::Builder::new()
-                    .name(format!("lsvfs-slow-{n}"))
+                    .name(format!("{name}-{n}"))
                     .spawn(move || {
                         while let Some(job) = queue.next() {
                             // A job that panics loses its reply (the
