@@ -156,36 +156,40 @@ pub fn foreground(
             .map_err(|e| Error::io(format!("serving the mount on {}", mountpoint.display()), e))?;
         (s, false, dev)
     };
-    // INIT is done: start the io_uring queues if it negotiated them.
-    let rings = if rings_of.negotiated() {
-        match rings_of.start(dev, owner) {
-            Ok(r) => {
-                tracing::info!("{} is served over FUSE io_uring", mountpoint.display());
-                Some(r)
-            }
-            Err(e) if transport == Transport::Uring => {
-                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
-                let _ = session.join();
-                return Err(Error::io(
-                    format!(
-                        "starting the FUSE io_uring queues of {} (unmounted; \
-                         --transport auto or dev serves it over /dev/fuse)",
-                        mountpoint.display()
-                    ),
-                    e,
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "FUSE io_uring queues could not start ({e}); {} is served over /dev/fuse",
-                    mountpoint.display()
-                );
-                None
-            }
-        }
+    // INIT is done: start the io_uring queues if it negotiated them. The
+    // rings are kept (and joined) until the session has ended, even when
+    // some failed to start: the others may serve.
+    let (rings, ring_error) = if rings_of.negotiated() {
+        let (r, e) = rings_of.start(dev, owner);
+        (Some(r), e.err())
     } else {
-        None
+        (None, None)
     };
+    let on_ring = rings.is_some() && ring_error.is_none();
+    match ring_error {
+        Some(e) if transport == Transport::Uring => {
+            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            let _ = session.join();
+            drop(rings);
+            return Err(Error::io(
+                format!(
+                    "starting the FUSE io_uring queues of {} (unmounted; \
+                     --transport auto or dev serves it over /dev/fuse)",
+                    mountpoint.display()
+                ),
+                e,
+            ));
+        }
+        Some(e) => tracing::warn!(
+            "FUSE io_uring queues could not all start ({e}); {} is served over /dev/fuse \
+             (`lsvfs info` counts any requests the started queues still take)",
+            mountpoint.display()
+        ),
+        None if rings.is_some() => {
+            tracing::info!("{} is served over FUSE io_uring", mountpoint.display())
+        }
+        None => {}
+    }
     // It holds the file system, which must be let go at unmount.
     drop(rings_of);
     tune_bdi(&mountpoint);
@@ -199,11 +203,7 @@ pub fn foreground(
         snaps.rekey_in_background();
     }
     let served = super::control::Served {
-        transport: if rings.is_some() {
-            "io_uring"
-        } else {
-            "/dev/fuse"
-        },
+        transport: if on_ring { "io_uring" } else { "/dev/fuse" },
         ring_requests: rings.as_ref().map(|r| r.served()),
     };
     let control = match super::control::serve(&mountpoint, &path, snaps.clone(), served) {

@@ -1039,12 +1039,13 @@ impl RingStarter {
     /// Serves the io_uring queues of the connection `dev` (a descriptor of
     /// the mount's /dev/fuse). `owner`: only this uid's requests are served
     /// (as fuser does for a mount without allow_other). The returned
-    /// [`uring::Rings`] must be dropped only after the session ended.
+    /// [`uring::Rings`], even with an error (some threads may serve), must
+    /// be dropped only after the session ended.
     pub fn start(
         &self,
         dev: std::os::fd::OwnedFd,
         owner: Option<u32>,
-    ) -> std::io::Result<uring::Rings> {
+    ) -> (uring::Rings, std::io::Result<()>) {
         uring::start(dev, self.ops.clone(), owner)
     }
 }

@@ -243,21 +243,23 @@ fn possible_cpus() -> usize {
 
 /// Starts serving the queues of the connection `dev` (a /dev/fuse
 /// descriptor whose INIT negotiated FUSE_OVER_IO_URING). Returns once every
-/// ring has registered its entries, or the first error (then the kernel
-/// keeps using /dev/fuse: it switches only when every queue has entries).
-pub(super) fn start(dev: OwnedFd, ops: Arc<Ops>, owner: Option<u32>) -> io::Result<Rings> {
+/// ring has registered its entries, with the first error if one did not:
+/// the kernel switches to the rings only when every CPU's queue has
+/// entries, so it then may or may not use the threads that did register.
+/// Either way the [`Rings`] must be kept until the session has ended.
+pub(super) fn start(dev: OwnedFd, ops: Arc<Ops>, owner: Option<u32>) -> (Rings, io::Result<()>) {
     let dev = Arc::new(dev);
     let served = Arc::new(AtomicU64::new(0));
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let bulk = Arc::new(SlowWork::with_threads(cpus.clamp(2, 8), "lsvfs-bulk"));
     let (tx, rx) = std::sync::mpsc::channel::<io::Result<()>>();
     let mut threads = Vec::new();
-    let queues = possible_cpus();
-    for queue in 0..queues {
+    let mut result = Ok(());
+    'spawn: for queue in 0..possible_cpus() {
         for n in 0..THREADS_PER_QUEUE {
             let (dev, ops, served, tx) = (dev.clone(), ops.clone(), served.clone(), tx.clone());
             let bulk = bulk.clone();
-            let t = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("lsvfs-ring-{queue}.{n}"))
                 .spawn(move || {
                     let to = Serve {
@@ -273,21 +275,33 @@ pub(super) fn start(dev: OwnedFd, ops: Arc<Ops>, owner: Option<u32>) -> io::Resu
                         tracing::error!("FUSE io_uring queue {queue}, thread {n}: {e}");
                         let _ = tx.send(Err(e));
                     }
-                })?;
-            threads.push(t);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    result = Err(e);
+                    break 'spawn;
+                }
+            }
         }
     }
     drop(tx);
-    // On an error the threads are left to end with the connection
-    // (dropping their handles detaches them; joining could wait forever).
-    for _ in 0..queues * THREADS_PER_QUEUE {
+    for _ in 0..threads.len() {
         match rx.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(io::Error::other("a ring thread ended before registering")),
+            Ok(Err(e)) => {
+                result = result.and(Err(e));
+                break;
+            }
+            Err(_) => {
+                result = result.and(Err(io::Error::other(
+                    "a ring thread ended before registering",
+                )));
+                break;
+            }
         }
     }
-    Ok(Rings { threads, served })
+    (Rings { threads, served }, result)
 }
 
 fn pin_to(cpu: usize) {
