@@ -168,8 +168,12 @@ pub fn foreground(
     let on_ring = rings.is_some() && ring_error.is_none();
     match ring_error {
         Some(e) if transport == Transport::Uring => {
-            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
-            let _ = session.join();
+            let _ = if own_mount {
+                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                session.join()
+            } else {
+                session.umount_and_join()
+            };
             drop(rings);
             return Err(Error::io(
                 format!(
