@@ -351,7 +351,8 @@ fn serve_queue(
     // A woken ring thread should run at once on its CPU, whose caller
     // waits for it: the getxattr round trip took 10.5-11.7 µs at nice 0
     // and 6.2-7.6 µs at -10 (`benches/fuse_transport.rs --measure`, two
-    // mounts each). Root only; refused, the thread keeps its nice.
+    // mounts each; the nice-0 figures come from a build with RING_NICE
+    // set to 0). Root only; refused, the thread keeps its nice.
     // SAFETY: setpriority on this thread, integer arguments only.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as u32, RING_NICE) };
     let mut uring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
