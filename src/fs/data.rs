@@ -208,27 +208,49 @@ impl Fs {
     /// Reads up to `size` bytes at `offset`. The block lookup uses the
     /// file's cached map, so reads never wait for another file's commit.
     pub fn read_data(&self, ino: Ino, offset: u64, size: usize) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
+        let mut buf = vec![0; Fs::read_span(offset, size)];
         let r = self.read_data_into(ino, offset, size, &mut buf)?;
         buf.truncate(r.end);
         buf.drain(..r.start);
         Ok(buf)
     }
 
-    /// [`Fs::read_data`] into `buf`, whose allocation a caller can keep for
-    /// the next read: returns where in `buf` the bytes are. `buf` only
-    /// grows, and what it held is overwritten, never zeroed first (a large
-    /// sequential read spent 5% of its CPU zeroing fresh buffers).
+    /// The bytes of buffer a read of `size` bytes at `offset` needs: every
+    /// block it touches, whole.
+    pub fn read_span(offset: u64, size: usize) -> usize {
+        if size == 0 {
+            return 0;
+        }
+        let first = offset / BS;
+        let last = offset.saturating_add(size as u64 - 1) / BS;
+        ((last - first + 1) as usize).saturating_mul(BLOCK_SIZE)
+    }
+
+    /// [`Fs::read_data`] into `buf`, which must hold
+    /// [`Fs::read_span`] bytes: returns where in `buf` the bytes are. What
+    /// `buf` held is overwritten, never zeroed first (a large sequential
+    /// read spent 5% of its CPU zeroing fresh buffers), so a caller can
+    /// keep one buffer for every read, or read straight into the buffer
+    /// the answer goes out from.
     pub fn read_data_into(
         &self,
         ino: Ino,
         offset: u64,
         size: usize,
-        buf: &mut Vec<u8>,
+        buf: &mut [u8],
     ) -> Result<Range<usize>> {
         let (map, _reading) = self.current_map(ino)?;
         if offset >= map.size || size == 0 {
             return Ok(0..0);
+        }
+        if buf.len() < Fs::read_span(offset, size) {
+            return Err(FsError::Refused {
+                why: Posix::Invalid,
+                what: format!(
+                    "read of {size} bytes at {offset} into a buffer of {}",
+                    buf.len()
+                ),
+            });
         }
         let len = (size as u64).min(map.size - offset);
         let first = offset / BS;
@@ -240,9 +262,6 @@ impl Fs {
                     .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
             })
             .collect();
-        if buf.len() < blocks.len() * BLOCK_SIZE {
-            buf.resize(blocks.len() * BLOCK_SIZE, 0);
-        }
         // Data blocks are read outside the metadata lock, in runs.
         let mut j = 0;
         while j < blocks.len() {

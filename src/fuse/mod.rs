@@ -3,7 +3,6 @@
 //! are logged with their context (operation, inode) and answered with
 //! [`FsError::errno`].
 
-use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -663,19 +662,13 @@ impl Ops {
         reply: impl DataReply,
     ) {
         self.activity.touch();
-        // Each request thread keeps its read buffer: a fresh one per READ
-        // was zeroed, then copied once more.
-        thread_local! {
-            static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
-        BUF.with_borrow_mut(|buf| {
-            let r = self
-                .target(ino.0)
-                .and_then(|(fs, i, _)| fs.read_data_into(i, offset, size as usize, buf));
-            match r {
-                Ok(r) => reply.data(&buf[r]),
-                Err(e) => reply.error(errno("read", ino.0, &e)),
-            }
+        // Into a buffer kept across READs (a fresh one was zeroed, then
+        // copied once more), or the ring's own.
+        let size = size as usize;
+        reply.fill(Fs::read_span(offset, size), |buf| {
+            self.target(ino.0)
+                .and_then(|(fs, i, _)| fs.read_data_into(i, offset, size, buf))
+                .map_err(|e| errno("read", ino.0, &e))
         });
     }
 

@@ -3,7 +3,9 @@
 //! (`uring::Answer`) for FUSE over io_uring. Each operation in `Ops` is
 //! written once, against these traits.
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
+use std::ops::Range;
 use std::time::Duration;
 
 use fuser::{Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo};
@@ -29,6 +31,38 @@ pub trait AttrReply: Reply {
 
 pub trait DataReply: Reply {
     fn data(self, data: &[u8]);
+
+    /// Answers with bytes that `read` writes into a buffer of `len` bytes
+    /// and names the range of. The ring reads straight into the buffer
+    /// the kernel takes the answer from; this default reads into the
+    /// thread's own buffer, kept across calls, and sends from it.
+    fn fill(self, len: usize, read: impl FnOnce(&mut [u8]) -> Result<Range<usize>, Errno>)
+    where
+        Self: Sized,
+    {
+        fill_from_thread_buffer(self, len, read)
+    }
+}
+
+/// [`DataReply::fill`] through the calling thread's buffer.
+pub fn fill_from_thread_buffer(
+    reply: impl DataReply,
+    len: usize,
+    read: impl FnOnce(&mut [u8]) -> Result<Range<usize>, Errno>,
+) {
+    thread_local! {
+        static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        match read(&mut buf[..len]) {
+            Ok(r) if r.end <= len => reply.data(&buf[r]),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    })
 }
 
 pub trait OpenReply: Reply {

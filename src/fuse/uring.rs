@@ -22,6 +22,7 @@
 use std::cell::Cell;
 use std::ffi::OsStr;
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -37,8 +38,8 @@ use fuser::{
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::reply::{
-    AttrReply, CreateReply, DataReply, DirPlusReply, DirReply, EmptyReply, EntryReply, OpenReply,
-    Reply, Statfs, StatfsReply, WriteReply, XattrReply,
+    fill_from_thread_buffer, AttrReply, CreateReply, DataReply, DirPlusReply, DirReply, EmptyReply,
+    EntryReply, OpenReply, Reply, Statfs, StatfsReply, WriteReply, XattrReply,
 };
 use super::slow::SlowWork;
 use super::{our_time, system_time, Caller, Ops, MAX_WRITE};
@@ -998,6 +999,41 @@ impl AttrReply for Answer {
 impl DataReply for Answer {
     fn data(self, data: &[u8]) {
         self.send(0, &[data])
+    }
+
+    /// Reads straight into the entry's payload buffer, which the kernel
+    /// copies the answer from: the bytes are copied once fewer than
+    /// through a buffer of the thread's own.
+    fn fill(mut self, len: usize, read: impl FnOnce(&mut [u8]) -> Result<Range<usize>, Errno>) {
+        let Some(ring) = self.ring.clone() else {
+            return;
+        };
+        if self.staged || len > PAYLOAD {
+            return fill_from_thread_buffer(self, len, read);
+        }
+        let base = ring.payloads[self.entry].ptr;
+        // SAFETY: the entry is ours until committed, the request reads
+        // nothing from its payload (not `staged`), and `len` fits in it.
+        // The slice ends with `read`, before the bytes are moved below.
+        let got = read(unsafe { std::slice::from_raw_parts_mut(base, len) });
+        match got {
+            Ok(r) if r.start <= r.end && r.end <= len => {
+                // SAFETY: both ranges lie in the payload (checked above);
+                // `copy` allows them to overlap.
+                unsafe { std::ptr::copy(base.add(r.start), base, r.len()) };
+                self.ring = None;
+                ring.push(Done {
+                    entry: self.entry,
+                    commit_id: self.commit_id,
+                    unique: self.unique,
+                    error: 0,
+                    len: r.len(),
+                    staged: None,
+                });
+            }
+            Ok(_) => self.error(Errno::EIO),
+            Err(e) => self.error(e),
+        }
     }
 }
 
