@@ -154,9 +154,16 @@ impl Node {
 /// Where nodes live: reads see staged changes; writes and frees are staged
 /// for the caller's next volume transaction.
 pub trait NodeStore {
-    /// The node at `lba`, shared with the store's cache: readers borrow it,
-    /// writers clone it (`Arc::unwrap_or_clone`) and `write` the result.
+    /// The node at `lba`, shared with the store's cache: readers borrow it;
+    /// writers `take` it instead and `write` the result.
     fn read(&mut self, lba: u64) -> Result<Arc<Node>>;
+    /// The node at `lba`, to change and `write` back: a copy of the shared
+    /// one. A store that stages writes hands over a node this operation
+    /// already changed without copying it (so it must be written back, or
+    /// the operation must fail).
+    fn take(&mut self, lba: u64) -> Result<Node> {
+        Ok(Arc::unwrap_or_clone(self.read(lba)?))
+    }
     fn write(&mut self, lba: u64, node: Node);
     /// A block for a new node.
     fn alloc(&mut self) -> Result<u64>;
@@ -176,6 +183,14 @@ enum Grew {
         key: Bytes,
         right: u64,
     },
+}
+
+/// A node read a moment ago came back as the other kind when taken to be
+/// changed: the store is inconsistent.
+fn changed_kind(lba: u64) -> FsError {
+    FsError::Corrupted(format!(
+        "metadata node at block {lba} changed kind within one operation"
+    ))
 }
 
 fn check_sizes(key: &[u8], value: &[u8]) -> Result<()> {
@@ -253,23 +268,38 @@ impl BTree {
                 "metadata tree deeper than 64 levels at block {lba}"
             )));
         }
-        let mut node = Arc::unwrap_or_clone(store.read(lba)?);
-        match &mut node {
-            Node::Leaf(es) => match es.binary_search_by(|(k, _)| k[..].cmp(key)) {
-                Ok(i) => *old = Some(std::mem::replace(&mut es[i].1, value.into()).to_vec()),
-                Err(i) => es.insert(i, (key.into(), value.into())),
-            },
+        // A branch is copied only when its child split: most inserts
+        // change one leaf, and copying every node on the way (every key's
+        // reference count up, then down) was a fifth of a create's work.
+        let child = match &*store.read(lba)? {
+            Node::Leaf(_) => None,
             Node::Branch { keys, children } => {
                 let i = keys.partition_point(|k| &k[..] <= key);
-                match self.insert_at(store, children[i], key, value, old, depth + 1)? {
-                    Grew::No => return Ok(Grew::No),
-                    Grew::Split { key: sep, right } => {
-                        keys.insert(i, sep);
-                        children.insert(i + 1, right);
-                    }
-                }
+                Some((i, children[i]))
             }
-        }
+        };
+        let Some((i, child)) = child else {
+            let mut node = store.take(lba)?;
+            let Node::Leaf(es) = &mut node else {
+                return Err(changed_kind(lba));
+            };
+            match es.binary_search_by(|(k, _)| k[..].cmp(key)) {
+                Ok(i) => *old = Some(std::mem::replace(&mut es[i].1, value.into()).to_vec()),
+                Err(i) => es.insert(i, (key.into(), value.into())),
+            }
+            return self.store_or_split(store, lba, node);
+        };
+        let Grew::Split { key: sep, right } =
+            self.insert_at(store, child, key, value, old, depth + 1)?
+        else {
+            return Ok(Grew::No);
+        };
+        let mut node = store.take(lba)?;
+        let Node::Branch { keys, children } = &mut node else {
+            return Err(changed_kind(lba));
+        };
+        keys.insert(i, sep);
+        children.insert(i + 1, right);
         self.store_or_split(store, lba, node)
     }
 
@@ -358,25 +388,41 @@ impl BTree {
                 "metadata tree deeper than 64 levels at block {lba}"
             )));
         }
-        let mut node = Arc::unwrap_or_clone(store.read(lba)?);
-        let old = match &mut node {
+        // Nodes are copied only to change them (see `insert_at`).
+        let at = match &*store.read(lba)? {
             Node::Leaf(es) => match es.binary_search_by(|(k, _)| k[..].cmp(key)) {
-                Ok(i) => Some(es.remove(i).1.to_vec()),
+                Ok(i) => Ok(i),
                 Err(_) => return Ok((None, false)),
             },
             Node::Branch { keys, children } => {
                 let i = keys.partition_point(|k| &k[..] <= key);
-                let (old, emptied) = self.remove_at(store, children[i], key, depth + 1)?;
+                Err((i, children[i]))
+            }
+        };
+        let (old, mut node) = match at {
+            Ok(i) => {
+                let mut node = store.take(lba)?;
+                let Node::Leaf(es) = &mut node else {
+                    return Err(changed_kind(lba));
+                };
+                (Some(es.remove(i).1.to_vec()), node)
+            }
+            Err((i, child)) => {
+                let (old, emptied) = self.remove_at(store, child, key, depth + 1)?;
                 if !emptied {
                     return Ok((old, false));
                 }
+                let mut node = store.take(lba)?;
+                let Node::Branch { keys, children } = &mut node else {
+                    return Err(changed_kind(lba));
+                };
                 children.remove(i);
                 if i > 0 {
                     keys.remove(i - 1);
                 } else if !keys.is_empty() {
                     keys.remove(0);
                 }
-                old
+                (old, node)
             }
         };
         let empty = match &node {

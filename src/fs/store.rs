@@ -231,6 +231,15 @@ impl NodeStore for VolumeStore<'_> {
         Ok(node)
     }
 
+    fn take(&mut self, lba: u64) -> Result<Node> {
+        match self.staged.remove(&lba) {
+            // Changed earlier in this operation: moved, not copied (unless
+            // a reader still holds it).
+            Some(n) => Ok(Arc::unwrap_or_clone(n)),
+            None => Ok(Arc::unwrap_or_clone(self.read(lba)?)),
+        }
+    }
+
     fn write(&mut self, lba: u64, node: Node) {
         self.staged.insert(lba, Arc::new(node));
     }
