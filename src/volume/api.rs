@@ -633,7 +633,18 @@ impl Volume {
         let key_gen = gk.key_gen();
         let mut entries = Vec::with_capacity(n_blocks as usize);
         let mut tags = Vec::with_capacity(n_blocks as usize);
-        let mut payload = Vec::new();
+        // One write moves its buffer into the record; several are copied
+        // into one made large enough at once.
+        let writes = txn
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Op::Write { .. }))
+            .count();
+        let mut payload = Vec::with_capacity(if writes > 1 {
+            n_blocks as usize * BLOCK_SIZE
+        } else {
+            0
+        });
         for op in txn.ops {
             match op {
                 Op::Write { lba, data } => {
@@ -646,7 +657,7 @@ impl Volume {
                             mac: Mac::default(),
                         });
                     }
-                    if payload.is_empty() {
+                    if writes == 1 {
                         payload = data;
                     } else {
                         payload.extend_from_slice(&data);
