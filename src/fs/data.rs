@@ -27,8 +27,8 @@ const BS: u64 = BLOCK_SIZE as u64;
 /// one buffer and one transaction write each: the volume seals a run in
 /// place, and a write that is one run goes into the log record without
 /// another copy. (One 4 KiB buffer per block, each zeroed, then copied
-/// again into the record as it grew, took a quarter of a sequential
-/// write's CPU.)
+/// again into the record as it grew: 14% of the daemon's samples in a
+/// sequential write went to memmove.)
 struct DataRuns {
     run: Option<(u64, Vec<u8>)>,
     /// Bytes of the blocks still to come: a new run makes room for them
@@ -75,10 +75,12 @@ impl DataRuns {
         fill(&mut buf[at..])
     }
 
-    /// Hands the last run to `txn`, giving back room it did not use.
+    /// Hands the last run to `txn`. The first run keeps the room it made
+    /// (the volume gathers the later runs into it); later ones give back
+    /// what they did not use.
     fn finish(&mut self, txn: &mut Transaction) {
         if let Some((start, mut buf)) = self.run.take() {
-            if buf.capacity() > 2 * buf.len() {
+            if !txn.is_empty() && buf.capacity() > 2 * buf.len() {
                 buf.shrink_to_fit();
             }
             txn.write(Lba(start), buf);

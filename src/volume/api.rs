@@ -633,18 +633,10 @@ impl Volume {
         let key_gen = gk.key_gen();
         let mut entries = Vec::with_capacity(n_blocks as usize);
         let mut tags = Vec::with_capacity(n_blocks as usize);
-        // One write moves its buffer into the record; several are copied
-        // into one made large enough at once.
-        let writes = txn
-            .ops
-            .iter()
-            .filter(|op| matches!(op, Op::Write { .. }))
-            .count();
-        let mut payload = Vec::with_capacity(if writes > 1 {
-            n_blocks as usize * BLOCK_SIZE
-        } else {
-            0
-        });
+        // The first write's buffer becomes the record's payload, made large
+        // enough for the others at once (the file system's writes leave
+        // room for all their blocks in it); the others are copied in.
+        let mut payload = Vec::new();
         for op in txn.ops {
             match op {
                 Op::Write { lba, data } => {
@@ -657,8 +649,9 @@ impl Volume {
                             mac: Mac::default(),
                         });
                     }
-                    if writes == 1 {
+                    if payload.is_empty() {
                         payload = data;
+                        payload.reserve(n_blocks as usize * BLOCK_SIZE - payload.len());
                     } else {
                         payload.extend_from_slice(&data);
                     }
