@@ -818,17 +818,22 @@ pub(super) struct Answer {
 }
 
 impl Answer {
-    fn send(mut self, error: i32, parts: &[&[u8]]) {
-        let Some(ring) = self.ring.take() else { return };
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut done = Done {
+    /// The answer to commit: `len` bytes already in the payload buffer.
+    fn done(&self, error: i32, len: usize) -> Done {
+        Done {
             entry: self.entry,
             commit_id: self.commit_id,
             unique: self.unique,
             error,
-            len: 0,
+            len,
             staged: None,
-        };
+        }
+    }
+
+    fn send(mut self, error: i32, parts: &[&[u8]]) {
+        let Some(ring) = self.ring.take() else { return };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = self.done(error, 0);
         if error == 0 {
             if self.staged {
                 done.staged = Some(parts.concat());
@@ -881,14 +886,7 @@ impl Answer {
     /// The listing built by `append`, already in place.
     fn send_listing(mut self) {
         let Some(ring) = self.ring.take() else { return };
-        ring.push(Done {
-            entry: self.entry,
-            commit_id: self.commit_id,
-            unique: self.unique,
-            error: 0,
-            len: self.len,
-            staged: None,
-        });
+        ring.push(self.done(0, self.len));
     }
 }
 
@@ -1022,14 +1020,7 @@ impl DataReply for Answer {
                 // `copy` allows them to overlap.
                 unsafe { std::ptr::copy(base.add(r.start), base, r.len()) };
                 self.ring = None;
-                ring.push(Done {
-                    entry: self.entry,
-                    commit_id: self.commit_id,
-                    unique: self.unique,
-                    error: 0,
-                    len: r.len(),
-                    staged: None,
-                });
+                ring.push(self.done(0, r.len()));
             }
             Ok(_) => self.error(Errno::EIO),
             Err(e) => self.error(e),
