@@ -58,7 +58,7 @@ pub fn fill_from_thread_buffer(
             buf.resize(len, 0);
         }
         match read(&mut buf[..len]) {
-            Ok(r) if r.end <= len => reply.data(&buf[r]),
+            Ok(r) if r.start <= r.end && r.end <= len => reply.data(&buf[r]),
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(e),
         }
