@@ -273,6 +273,10 @@ impl Fs {
     /// Reads up to `size` bytes at `offset`. The block lookup uses the
     /// file's cached map, so reads never wait for another file's commit.
     pub fn read_data(&self, ino: Ino, offset: u64, size: usize) -> Result<Vec<u8>> {
+        // The buffer is as large as the file allows, not as `size` asks
+        // (its size from the cached map: no metadata lock, as below).
+        let here = self.current_map(ino)?.0.size.saturating_sub(offset);
+        let size = size.min(usize::try_from(here).unwrap_or(usize::MAX));
         let mut buf = vec![0; Fs::read_span(offset, size)];
         let r = self.read_data_into(ino, offset, size, &mut buf)?;
         buf.truncate(r.end);
