@@ -2,7 +2,8 @@
 # Two lsvfs builds side by side, in turns, on fresh volumes: what a change
 # did to the daemon's own work, where bench.sh's medians are too coarse.
 # Each run of each build, on a new 16 GiB volume and mount:
-#  1. 10,000 4 KiB files in 100 directories (as bench.sh makes them), sync;
+#  1. 10,000 4 KiB files in 100 directories (scripts/small-files.py, as
+#     bench.sh makes them), sync;
 #  2. `ls -lR` of them; 3. `rm -rf` of them, sync;
 #  4. `cp -a /usr/include`, sync;
 #  5. fio 1 MiB sequential write of SEQ_MIB with a final fsync, then the
@@ -19,6 +20,7 @@ b=$(realpath "$2")
 runs=${3:-3}
 seq_mib=${4:-256}
 work=${5:-/tmp/lsvfs-ab}
+here=$(dirname "$(realpath "$0")")
 rm -rf "$work"
 mkdir -p "$work/m"
 cleanup() {
@@ -37,17 +39,7 @@ one() { # label build
   "$bin" mount "$work/v.vol" "$work/m" --key-file "$work/key" >/dev/null
   pid=$(pgrep -f -- "mount $work/v.vol" | head -1)
   t=$(now)
-  python3 - "$work/m/small" <<'PY'
-import os, sys
-root = sys.argv[1]
-data = os.urandom(4096)
-for d in range(100):
-    p = os.path.join(root, f"d{d:03}")
-    os.makedirs(p)
-    for f in range(100):
-        with open(os.path.join(p, f"f{f:03}"), "wb") as fh:
-            fh.write(data)
-PY
+  python3 "$here/small-files.py" "$work/m/small"
   sync
   local create ls rm cp w r ticks
   create=$(since "$t")

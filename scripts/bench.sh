@@ -140,17 +140,7 @@ run_all() {
   done
   local t0 t1
   t0=$(now)
-  python3 - "$d/small" <<'PY'
-import os, sys
-root = sys.argv[1]
-data = os.urandom(4096)
-for d in range(100):
-    p = os.path.join(root, f"d{d:03}")
-    os.makedirs(p)
-    for f in range(100):
-        with open(os.path.join(p, f"f{f:03}"), "wb") as fh:
-            fh.write(data)
-PY
+  python3 scripts/small-files.py "$d/small"
   sync
   t1=$(now); record "$name" "create 10,000 4 KiB files (s)" "$(echo "$t1 - $t0" | bc)" down
   t0=$(now); ls -lR "$d/small" >/dev/null; t1=$(now)
