@@ -482,8 +482,19 @@ fn kill_9_and_a_full_disk_never_leave_anything_that_passes_for_complete() {
     assert!(mounted, "tmpfs: {why}");
     let r = lxr(p, "restore s1.lsx --to small/r.vol --key-file k");
     let listing = sh_in(p, "ls -A small");
+    assert_eq!(code(&r), 6, "{}", text(&r));
+    assert!(listing.trim().is_empty(), "left behind: {listing}");
+    // And during an export to a file: exit 6, a message that names the
+    // file and what to do, and the partial file gone.
+    let r = lxr(p, "snapshot export v.vol s1 --key-file k -o small/s1.lsx");
+    let listing = sh_in(p, "ls -A small");
     let _ = try_sh(p, "umount small");
     assert_eq!(code(&r), 6, "{}", text(&r));
+    assert!(
+        text(&r).contains("small/s1.lsx") && text(&r).contains("space"),
+        "{}",
+        text(&r)
+    );
     assert!(listing.trim().is_empty(), "left behind: {listing}");
 }
 

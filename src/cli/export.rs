@@ -145,6 +145,25 @@ impl Output {
         Ok(())
     }
 
+    /// A full disk under an export file, said as such: which file, and what
+    /// to do. Other errors as they are.
+    fn explain(&self, e: Error) -> Error {
+        match self {
+            Output::File { path, .. } if e.class() == crate::error::Class::NoSpace => {
+                Error::Reported {
+                    class: e.class(),
+                    message: format!(
+                        "{}: no space left on its file system ({e}); the partial export is \
+                         removed: free space there, or export elsewhere (another -o FILE, -o - \
+                         into a pipe, or an s3:// prefix)",
+                        path.display()
+                    ),
+                }
+            }
+            _ => e,
+        }
+    }
+
     fn abandon(self) {
         match self {
             Output::File { tmp, .. } => {
@@ -219,6 +238,7 @@ pub(super) fn snapshot_export(env: &Env, a: ExportArgs) -> Result<(), Error> {
     let entry = match r {
         Ok(e) => e,
         Err(e) => {
+            let e = out.explain(e);
             out.abandon();
             return Err(e);
         }
