@@ -489,6 +489,51 @@ fn a_verbose_foreground_mount_logs_requests_and_no_key() {
     }
 }
 
+/// A missing name is answered with a negative entry the kernel keeps for
+/// the entry TTL: probing it again (a compiler's include path, a shell's
+/// PATH) sends no LOOKUP. Every way of making the name through the mount
+/// makes it visible at once, with what was written.
+#[test]
+fn missing_names_are_cached_and_every_way_of_making_them_shows_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let p = fs::canonicalize(d.path()).unwrap();
+    new_volume(&p, "v");
+    let log = fs::File::create(p.join("log")).unwrap();
+    let mut daemon = mount_in_foreground(&p, &["-v"], &[], log);
+    // Twenty probes in one shell, well within the 1 s TTL.
+    sh_in(
+        &p,
+        "for i in $(seq 20); do if test -e v/probe; then exit 1; fi; done",
+    );
+    // Each name is looked up (and found missing) first, then made.
+    let made = sh_in(
+        &p,
+        "for n in file dir link sym fifo moved; do test -e v/$n && echo \"$n exists\"; done
+         echo contents > v/file && cat v/file
+         mkdir v/dir && test -d v/dir && echo dir
+         ln v/file v/link && cat v/link
+         ln -s file v/sym && cat v/sym
+         mkfifo v/fifo && test -p v/fifo && echo fifo
+         echo other > v/tmp && mv v/tmp v/moved && cat v/moved",
+    );
+    assert_eq!(made, "contents\ndir\ncontents\ncontents\nfifo\nother\n");
+    // And unmade: a removed name is missing again, and can be made again.
+    let again = sh_in(
+        &p,
+        "rm v/file && test ! -e v/file && rmdir v/dir && test ! -e v/dir && \
+         echo new > v/file && cat v/file",
+    );
+    assert_eq!(again, "new\n");
+    sh_in(&p, "umount v");
+    assert!(daemon.wait().unwrap().success());
+    let text = fs::read_to_string(p.join("log")).unwrap();
+    let probes = text.matches("LOOKUP name \"probe\"").count();
+    assert!(
+        (1..10).contains(&probes),
+        "{probes} LOOKUPs for 20 probes of one missing name"
+    );
+}
+
 /// `lsvfs check` shows a progress bar while it authenticates data blocks
 /// when stderr is a terminal (here `script` gives it one), and only its
 /// one-line summaries otherwise.

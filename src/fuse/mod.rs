@@ -244,6 +244,32 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
     }
 }
 
+/// The entry that says a name is absent: node id 0, which the kernel
+/// keeps as a negative dentry for the entry's TTL, so that a second
+/// LOOKUP of the same missing name (an `open(O_CREAT)` after a probe, as
+/// `cp` does for every file it copies) is not sent. Only for the live
+/// tree: every change to it comes through the kernel, which replaces or
+/// drops the negative dentry itself when the name is made.
+fn absent() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK_SIZE as u32,
+        flags: 0,
+    }
+}
+
 /// Replies to an operation that returns nothing.
 fn empty(op: &str, ino: impl std::fmt::Display, r: Result<(), FsError>, reply: impl EmptyReply) {
     match r {
@@ -335,6 +361,9 @@ impl Ops {
                 });
                 match r {
                     Ok((a, _)) => reply.entry(&TTL, &a, Generation(0)),
+                    Err(e) if e.is(Posix::NotFound) && matches!(node(parent.0), Node::Live(_)) => {
+                        reply.entry(&TTL, &absent(), Generation(0))
+                    }
                     Err(e) => reply.error(errno("lookup", parent.0, &e)),
                 }
             }
