@@ -30,6 +30,9 @@ pub struct Stream<R: Read> {
     header_hash: [u8; 32],
     /// Names the stream in errors (a path, or "standard input").
     name: String,
+    /// The last chunk's buffer, read into again: a chunk's ciphertext is
+    /// not zeroed first unless it is longer than the one before.
+    spare: Vec<u8>,
 }
 
 fn cut_short(name: &str) -> ExportError {
@@ -58,6 +61,7 @@ impl<R: Read> Stream<R> {
             header_hash: blake3::hash(&head).into(),
             header,
             name: name.to_string(),
+            spare: Vec::new(),
         })
     }
 
@@ -135,7 +139,8 @@ impl<R: Read> Stream<R> {
                 MAX_CHUNK + TAG_LEN
             )));
         }
-        let mut ct = vec![0u8; len];
+        let mut ct = std::mem::take(&mut self.spare);
+        ct.resize(len, 0);
         self.take(&mut ct)?;
         Ok(Frame::Chunk(ct))
     }
@@ -147,7 +152,10 @@ impl<R: Read> Stream<R> {
         let mut chunks = 0u64;
         loop {
             match self.frame()? {
-                Frame::Chunk(_) => chunks += 1,
+                Frame::Chunk(ct) => {
+                    chunks += 1;
+                    self.spare = ct;
+                }
                 Frame::End(t) => {
                     if t.chunks != chunks || chunks == 0 {
                         return Err(ExportError::Corrupt(format!(
@@ -176,16 +184,19 @@ impl<R: Read> Stream<R> {
     ) -> Result<Trailer> {
         let logical = self.header.logical_blocks;
         let mut next = 0u64;
-        self.read_chunks(key, &mut |plain| {
+        self.read_chunks(key, &mut || None, &mut |plain| {
             apply(&records(&plain, logical, &mut next)?)
         })
     }
 
     /// [`Stream::read_records`], handing on each chunk's authenticated
-    /// plaintext (whose records are checked) instead.
+    /// plaintext (whose records are checked) instead. Plaintext goes into
+    /// a buffer `spare` hands back (one `apply` is done with; its old bytes
+    /// are all overwritten) or a new one.
     pub fn read_chunks(
         mut self,
         key: &ExportKey,
+        spare: &mut dyn FnMut() -> Option<crate::crypto::Wiped>,
         apply: &mut dyn FnMut(crate::crypto::Wiped) -> Result<()>,
     ) -> Result<Trailer> {
         let cipher = key.chunk_cipher(&self.header);
@@ -196,7 +207,7 @@ impl<R: Read> Stream<R> {
         let (mut data, mut zero, mut trim) = (0u64, 0u64, 0u64);
         loop {
             match self.frame()? {
-                Frame::Chunk(ct) => {
+                Frame::Chunk(frame) => {
                     if last_seen {
                         return Err(ExportError::Corrupt(format!(
                             "{}: a chunk follows the final one: the file was modified",
@@ -204,10 +215,14 @@ impl<R: Read> Stream<R> {
                         )));
                     }
                     // A failed attempt leaves `ct` as it was, for the next.
-                    let body = ct.len() - TAG_LEN;
-                    let (ct, tag) = ct.split_at(body);
+                    let body = frame.len() - TAG_LEN;
+                    let (ct, tag) = frame.split_at(body);
                     let tag: &[u8; TAG_LEN] = tag.try_into().expect("TAG_LEN bytes");
-                    let mut plain = crate::crypto::Wiped::with_capacity(body);
+                    // Room for any chunk, so that it never grows (a
+                    // reallocation would leave plaintext unwiped behind).
+                    let mut plain = spare()
+                        .filter(|b| b.capacity() >= MAX_CHUNK)
+                        .unwrap_or_else(|| crate::crypto::Wiped::with_capacity(MAX_CHUNK));
                     plain.resize(body, 0);
                     let open = |last, out: &mut Vec<u8>| {
                         cipher.open(index, last, &self.header_hash, ct, tag, out)
@@ -222,6 +237,7 @@ impl<R: Read> Stream<R> {
                         }
                         last_seen = true;
                     }
+                    self.spare = frame;
                     let rs =
                         records(&plain, logical, &mut next).map_err(|e| e.about(&self.name))?;
                     for r in &rs {
@@ -299,6 +315,9 @@ fn read_all(r: &mut impl Read, buf: &mut [u8], name: &str) -> Result<()> {
     })
 }
 
+/// Blocks a restore applies between two write-back hints (32 MiB).
+const WRITE_BEHIND_BLOCKS: u64 = 8192;
+
 /// Applies a stream to `volume` (whose live tree must be the stream's base,
 /// or empty for a full export), then takes the stream's snapshot with its
 /// original name and time. `progress(blocks)` counts blocks applied.
@@ -313,15 +332,19 @@ pub fn restore_stream<R: Read + Send>(
     let snap = stream.header().snapshot.clone();
     let logical = stream.header().logical_blocks;
     let (tx, rx) = crossbeam::channel::bounded::<crate::crypto::Wiped>(4);
+    // Applied chunks' buffers go back to the reader, to be decrypted into
+    // again instead of allocated, zeroed and wiped each time.
+    let (back, spares) = crossbeam::channel::bounded::<crate::crypto::Wiped>(4);
     let trailer = std::thread::scope(|s| {
         let reader = s.spawn(move || {
-            stream.read_chunks(key, &mut |plain| {
+            stream.read_chunks(key, &mut || spares.try_recv().ok(), &mut |plain| {
                 tx.send(plain)
                     .map_err(|_| ExportError::Usage("the restore stopped".into()))
             })
         });
         let mut next = 0u64;
         let mut done = 0u64;
+        let mut written_back = 0u64;
         let mut applied: Result<()> = Ok(());
         for plain in rx.iter() {
             applied = (|| {
@@ -338,6 +361,12 @@ pub fn restore_stream<R: Read + Send>(
                     done += r.count;
                 }
                 volume.commit(t)?;
+                // A full channel drops the buffer, which wipes it.
+                let _ = back.try_send(plain);
+                if done - written_back >= WRITE_BEHIND_BLOCKS {
+                    volume.write_behind();
+                    written_back = done;
+                }
                 progress(done);
                 Ok(())
             })();

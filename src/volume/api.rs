@@ -729,6 +729,14 @@ impl Volume {
         Ok(true)
     }
 
+    /// Starts writing back what was committed so far, without waiting for
+    /// it (a hint): a long run of commits (a restore) then keeps the disk
+    /// busy while it seals, instead of leaving its whole size to the final
+    /// [`Volume::flush`].
+    pub fn write_behind(&self) {
+        self.inner.dev.write_behind();
+    }
+
     /// Makes every committed transaction durable (fdatasync).
     pub fn flush(&self) -> Result<()> {
         if self.view.is_some() {
