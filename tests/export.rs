@@ -491,7 +491,7 @@ fn kill_9_and_a_full_disk_never_leave_anything_that_passes_for_complete() {
     let _ = try_sh(p, "umount small");
     assert_eq!(code(&r), 6, "{}", text(&r));
     assert!(
-        text(&r).contains("small/s1.lsx") && text(&r).contains("space"),
+        text(&r).contains("small/s1.lsx") && text(&r).contains("free space there"),
         "{}",
         text(&r)
     );

@@ -245,11 +245,12 @@ fn attr(ino: u64, i: &Inode) -> FileAttr {
 }
 
 /// The entry that says a name is absent: node id 0, which the kernel
-/// keeps as a negative dentry for the entry's TTL, so that a second
-/// LOOKUP of the same missing name (an `open(O_CREAT)` after a probe, as
-/// `cp` does for every file it copies) is not sent. Only for the live
-/// tree: every change to it comes through the kernel, which replaces or
-/// drops the negative dentry itself when the name is made.
+/// keeps as a negative dentry for the entry's TTL, so that probing the
+/// same missing name again (a compiler's include path, a shell's PATH)
+/// sends no LOOKUP. (An `open(O_CREAT|O_EXCL)`, as cp and tar make, looks
+/// the name up again whatever is cached.) Only for the live tree: every
+/// change to it comes through the kernel, which replaces or drops the
+/// negative dentry itself when the name is made.
 fn absent() -> FileAttr {
     FileAttr {
         ino: INodeNo(0),
