@@ -484,18 +484,25 @@ fn kill_9_and_a_full_disk_never_leave_anything_that_passes_for_complete() {
     let listing = sh_in(p, "ls -A small");
     assert_eq!(code(&r), 6, "{}", text(&r));
     assert!(listing.trim().is_empty(), "left behind: {listing}");
-    // And during an export to a file: exit 6, a message that names the
-    // file and what to do, and the partial file gone.
-    let r = lxr(p, "snapshot export v.vol s1 --key-file k -o small/s1.lsx");
-    let listing = sh_in(p, "ls -A small");
+    // And during an export to a file, by this command or by the mount:
+    // exit 6, a message that names the file and what to do, and the
+    // partial file gone.
+    let from_volume = lxr(p, "snapshot export v.vol s1 --key-file k -o small/s1.lsx");
+    let left_by_volume = sh_in(p, "ls -A small");
+    src.mount();
+    let from_mount = lxr(p, "snapshot export m s1 --key-file k -o small/s1.lsx");
+    let left_by_mount = sh_in(p, "ls -A small");
+    src.unmount();
     let _ = try_sh(p, "umount small");
-    assert_eq!(code(&r), 6, "{}", text(&r));
-    assert!(
-        text(&r).contains("small/s1.lsx") && text(&r).contains("free space there"),
-        "{}",
-        text(&r)
-    );
-    assert!(listing.trim().is_empty(), "left behind: {listing}");
+    for (r, listing) in [(from_volume, left_by_volume), (from_mount, left_by_mount)] {
+        assert_eq!(code(&r), 6, "{}", text(&r));
+        assert!(
+            text(&r).contains("small/s1.lsx") && text(&r).contains("free space there"),
+            "{}",
+            text(&r)
+        );
+        assert!(listing.trim().is_empty(), "left behind: {listing}");
+    }
 }
 
 #[test]

@@ -146,20 +146,19 @@ impl Output {
     }
 
     /// A full disk under an export file, said as such: which file, and what
-    /// to do. Other errors as they are.
+    /// to do. Other errors as they are. (An export a mount runs reports its
+    /// failure by errno, so the errno is what tells.)
     fn explain(&self, e: Error) -> Error {
         match self {
-            Output::File { path, .. } if e.class() == crate::error::Class::NoSpace => {
-                Error::Reported {
-                    class: e.class(),
-                    message: format!(
-                        "{}: no space left on its file system ({e}); the partial export is \
+            Output::File { path, .. } if e.class().errno() == libc::ENOSPC => Error::Reported {
+                class: e.class(),
+                message: format!(
+                    "{}: no space left on its file system ({e}); the partial export is \
                          removed: free space there, or export elsewhere (another -o FILE, -o - \
                          into a pipe, or an s3:// prefix)",
-                        path.display()
-                    ),
-                }
-            }
+                    path.display()
+                ),
+            },
             _ => e,
         }
     }
