@@ -21,15 +21,9 @@ runs=${3:-3}
 seq_mib=${4:-256}
 work=${5:-/tmp/lsvfs-ab}
 here=$(dirname "$(realpath "$0")")
-rm -rf "$work"
-mkdir -p "$work/m"
-cleanup() {
-  fusermount3 -uz "$work/m" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. "$here/bench-lib.sh"
+bench_workdir "$work"
 "$a" keygen "$work/key" >/dev/null
-now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc; }
 
 one() { # label build

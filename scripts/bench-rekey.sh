@@ -18,15 +18,9 @@ secs=6
 scripts/setup.sh bench
 cargo build --release --benches --quiet
 lsvfs=$PWD/target/release/lsvfs
-rm -rf "$work"
-mkdir -p "$work/m"
-cleanup() {
-  fusermount3 -uz "$work/m" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/bench-lib.sh
+bench_workdir "$work"
 
-now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc -l | xargs printf '%.2f'; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
