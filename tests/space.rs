@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use common::{block, create, master, mem_volume, open, opts, Rng};
@@ -348,6 +347,39 @@ fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
     }
 }
 
+/// A tmpfs of `size` (mount's syntax), the full host file system a volume
+/// file is put on; unmounted when dropped. Root only (CI runs as root).
+struct SmallHost {
+    dir: tempfile::TempDir,
+}
+
+impl SmallHost {
+    fn mount(size: &str) -> SmallHost {
+        assert_eq!(
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            unsafe { libc::geteuid() },
+            0,
+            "this test mounts a tmpfs and must run as root (CI does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "lsvfs-test"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        SmallHost { dir }
+    }
+}
+
+impl Drop for SmallHost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 /// A real full filesystem: the volume's file lives on a 24 MiB tmpfs, so
 /// the kernel answers ENOSPC when the host is full. Cycles of "write until
 /// full, then trim a third" must never fail a trim (the reserve stays
@@ -355,33 +387,8 @@ fn a_transaction_dirtying_many_pages_never_wedges_the_volume() {
 /// must work again after each trim, and no acknowledged data may change.
 #[test]
 fn full_host_filesystem_cycles_of_fill_and_trim() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        unsafe { libc::geteuid() },
-        0,
-        "this test mounts a tmpfs and must run as root (CI does)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path();
-    let st = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=24m",
-            "lsvfs-test",
-            mnt.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt);
+    let host = SmallHost::mount("24m");
+    let mnt = host.dir.path();
     let path = mnt.join("v.vol");
     let dev = FileDevice::create(&path).unwrap();
     create(&dev, 16384, 64); // 64 MiB logical: more than the host holds
@@ -430,6 +437,126 @@ fn full_host_filesystem_cycles_of_fill_and_trim() {
     )
     .unwrap();
     verify_all(&v, &model);
+}
+
+/// Fills the volume's host (a 24 MiB tmpfs) and trims a third of what is
+/// mapped, `cycles` times, writing 16-block runs: the log then takes its
+/// reserve segments, which keep older records past the current ones.
+fn fill_and_trim(v: &Volume, model: &mut [u64], version: &mut u64, rng: &mut Rng, cycles: u32) {
+    let n = model.len() as u64;
+    for cycle in 0..cycles {
+        let mut writes = 0;
+        loop {
+            match write_run(v, model, rng.below(n - 16), 16, version) {
+                Ok(()) => writes += 1,
+                Err(VolumeError::NoSpace(_)) => break,
+                Err(e) => panic!("cycle {cycle}: {e}"),
+            }
+            assert!(writes < 100_000);
+        }
+        trim_third(v, model);
+    }
+}
+
+fn trim_third(v: &Volume, model: &mut [u64]) {
+    let mapped: Vec<usize> = (0..model.len()).filter(|l| model[*l] != 0).collect();
+    for &l in mapped.iter().step_by(3) {
+        v.trim(Lba(l as u64), 1)
+            .unwrap_or_else(|e| panic!("trim on a full host: {e}"));
+        model[l] = 0;
+    }
+}
+
+/// Steps the rekey until it has finished or `steps` were taken; when the
+/// full host leaves it no room it says so, and trimming a third of what is
+/// mapped lets it go on. Writes go on between the steps. Returns whether
+/// it finished.
+fn rekey_on_full_host(
+    v: &Volume,
+    model: &mut [u64],
+    version: &mut u64,
+    rng: &mut Rng,
+    steps: u32,
+) -> bool {
+    let n = model.len() as u64;
+    for _ in 0..steps {
+        match v.rekey_step() {
+            Ok(true) => {}
+            Ok(false) => return true,
+            Err(VolumeError::NoSpace(why)) => {
+                assert!(why.contains("delete or trim"), "no way out in: {why}");
+                trim_third(v, model);
+            }
+            Err(e) => panic!("rekey step on a full host: {e}"),
+        }
+        for _ in 0..4 {
+            if let Err(e) = write_run(v, model, rng.below(n - 16), 16, version) {
+                assert!(matches!(e, VolumeError::NoSpace(_)), "write: {e}");
+            }
+        }
+    }
+    false
+}
+
+/// A rekey on a full host: its moves land in reserve segments that were
+/// used before and still hold older records past the new ones. The pass
+/// is interrupted (the volume closed and opened again, so that it looks
+/// at every segment's records) and finishes; the older key generation is
+/// then retired, so a block it still sealed would no longer read. Every
+/// block must read back as last written, before and after reopening, and
+/// only the new generation may seal anything.
+#[test]
+fn a_rekey_on_a_full_host_reuses_reserve_segments_and_loses_nothing() {
+    let host = SmallHost::mount("24m");
+    let path = host.dir.path().join("v.vol");
+    let dev = FileDevice::create(&path).unwrap();
+    create(&dev, 16384, 64);
+    drop(dev);
+    let reopen = || {
+        Volume::open(
+            Arc::new(FileDevice::open(&path, true).unwrap()),
+            &master(),
+            opts(),
+        )
+        .unwrap()
+    };
+    let v = reopen();
+    let mut model = vec![0u64; 16384];
+    let mut version = 0;
+    let mut rng = Rng(23);
+    fill_and_trim(&v, &mut model, &mut version, &mut rng, 3);
+    let (entry, secret) = lsvfs::volume::new_key_generation(v.header(), &master()).unwrap();
+    v.rekey_start(entry, &secret).unwrap();
+    assert!(
+        !rekey_on_full_host(&v, &mut model, &mut version, &mut rng, 6),
+        "the pass should still be running when the volume is closed"
+    );
+    // The host stays full: the writes between the steps took what the
+    // steps freed.
+    let before = v.blocks_by_key_gen().unwrap();
+    assert!(
+        before.get(&0).is_some_and(|n| *n > 0),
+        "the older generation should still seal blocks when the pass is interrupted: {before:?}"
+    );
+    v.close().unwrap();
+
+    let v = reopen();
+    verify_all(&v, &model);
+    assert!(
+        rekey_on_full_host(&v, &mut model, &mut version, &mut rng, 10_000),
+        "the rekey never finished"
+    );
+    let gens = v.blocks_by_key_gen().unwrap();
+    assert!(
+        gens.keys().all(|g| *g == entry.key_gen),
+        "blocks sealed under an older generation after the rekey: {gens:?}"
+    );
+    verify_all(&v, &model);
+    assert!(v.check().unwrap().is_clean());
+    v.close().unwrap();
+    let v = reopen();
+    verify_all(&v, &model);
+    assert!(v.check().unwrap().is_clean());
 }
 
 /// Segments the log wrote whole with zeros before using them (prepared):
