@@ -13,7 +13,7 @@ use std::process::Command;
 
 mod common;
 
-use common::mounted::{as_nobody, lsvfs, ok, sh_in, Mounted};
+use common::mounted::{as_nobody, lsvfs, ok, sh_in, try_sh, Mounted};
 
 fn errno_of(e: std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
@@ -818,6 +818,33 @@ fn nothing_written_through_a_mount_appears_in_the_backing_file() {
 /// before the mask was set (the volume's crypto or cleaner threads) once
 /// took a SIGTERM that came while the main thread was between two waits,
 /// and the default action killed the daemon without flushing.
+/// A request whose handler panics is answered EIO, and the thread that
+/// served it goes on serving: many more panics than the daemon has request
+/// threads (2 per io_uring queue; 2 to 8 over /dev/fuse), each followed by
+/// a file written and read back, leave the mount working. The panic is a
+/// debug build's failpoint: a LOOKUP of `lsvfs-test-panic` panics when the
+/// daemon's environment sets LSVFS_TEST_PANIC. Without the guard
+/// (`fuse::guarded`) the first panic ended the mount over either transport:
+/// the write after it failed with ECONNABORTED (tried).
+#[test]
+fn a_request_that_panics_is_answered_eio_and_the_mount_goes_on() {
+    let m = Mounted::created("1G");
+    m.mount_with_env(&[("LSVFS_TEST_PANIC", "1")]);
+    for i in 0..24 {
+        let (ok, out) = try_sh(&m.m(), "timeout 20 stat lsvfs-test-panic");
+        assert!(
+            !ok && out.contains("Input/output error"),
+            "panic {i}: the LOOKUP should fail with EIO (timeout's exit, 124, means it hung): {out}"
+        );
+        let data = pattern(i, 10_000 + i as usize);
+        let f = m.m().join(format!("f{i}"));
+        fs::write(&f, &data).unwrap();
+        assert_eq!(fs::read(&f).unwrap(), data, "file {i} after panic {i}");
+    }
+    assert_eq!(fs::read_dir(m.m()).unwrap().count(), 24);
+    m.unmount_and_check();
+}
+
 #[test]
 fn every_thread_of_the_daemon_blocks_the_stop_signals() {
     let m = Mounted::new();

@@ -320,6 +320,38 @@ impl Ops {
     }
 }
 
+/// Runs one request's handler. A handler that panics has answered EIO
+/// already (a reply dropped unanswered answers EIO, over either
+/// transport), and the thread serving it goes on serving. Without this,
+/// one panic ended the whole mount over either transport: the next write
+/// through it failed with ECONNABORTED, and dirty pages the kernel had not
+/// yet written back were lost. A panic under the metadata lock poisons it
+/// ([`crate::fs::Fs`]'s guard), so no later operation builds on what the
+/// panicking one left half done.
+pub(crate) fn guarded(f: impl FnOnce()) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!("a FUSE request panicked ({why}); it was answered EIO");
+    }
+}
+
+/// The name whose LOOKUP panics in a debug build when the daemon's
+/// environment sets `LSVFS_TEST_PANIC` (for the test that a panicking
+/// request is answered and the mount goes on).
+#[cfg(debug_assertions)]
+pub const TEST_PANIC_NAME: &str = "lsvfs-test-panic";
+
+#[cfg(debug_assertions)]
+fn panic_for_test(name: &[u8]) {
+    if name == TEST_PANIC_NAME.as_bytes() && std::env::var_os("LSVFS_TEST_PANIC").is_some() {
+        panic!("LSVFS_TEST_PANIC: a LOOKUP of {TEST_PANIC_NAME} panics, as the test asked");
+    }
+}
+
 // The operations take the request's fields as fuser decodes them, so
 // that both transports call them alike.
 #[allow(clippy::too_many_arguments)]
@@ -333,6 +365,8 @@ impl Ops {
     ) {
         self.activity.touch();
         let name = name.as_bytes();
+        #[cfg(debug_assertions)]
+        panic_for_test(name);
         match node(parent.0) {
             Node::Live(p) if is_reserved(p, name) => match self.snapdir_attr() {
                 Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -1169,15 +1203,15 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.ops.lookup(&Caller::of(req), parent, name, reply)
+        guarded(|| self.ops.lookup(&Caller::of(req), parent, name, reply))
     }
 
     fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
-        self.ops.forget(&Caller::of(req), ino, nlookup)
+        guarded(|| self.ops.forget(&Caller::of(req), ino, nlookup))
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.ops.getattr(&Caller::of(req), ino, fh, reply)
+        guarded(|| self.ops.getattr(&Caller::of(req), ino, fh, reply))
     }
 
     fn setattr(
@@ -1198,27 +1232,29 @@ impl fuser::Filesystem for FuseFs {
         flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.ops.setattr(
-            &Caller::of(req),
-            ino,
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime,
-            ctime,
-            fh,
-            crtime,
-            chgtime,
-            bkuptime,
-            flags,
-            reply,
-        )
+        guarded(|| {
+            self.ops.setattr(
+                &Caller::of(req),
+                ino,
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+                ctime,
+                fh,
+                crtime,
+                chgtime,
+                bkuptime,
+                flags,
+                reply,
+            )
+        })
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.ops.readlink(&Caller::of(req), ino, reply)
+        guarded(|| self.ops.readlink(&Caller::of(req), ino, reply))
     }
 
     fn mknod(
@@ -1231,8 +1267,10 @@ impl fuser::Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.ops
-            .mknod(&Caller::of(req), parent, name, mode, umask, rdev, reply)
+        guarded(|| {
+            self.ops
+                .mknod(&Caller::of(req), parent, name, mode, umask, rdev, reply)
+        })
     }
 
     fn mkdir(
@@ -1244,16 +1282,18 @@ impl fuser::Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.ops
-            .mkdir(&Caller::of(req), parent, name, mode, umask, reply)
+        guarded(|| {
+            self.ops
+                .mkdir(&Caller::of(req), parent, name, mode, umask, reply)
+        })
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.ops.unlink(&Caller::of(req), parent, name, reply)
+        guarded(|| self.ops.unlink(&Caller::of(req), parent, name, reply))
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.ops.rmdir(&Caller::of(req), parent, name, reply)
+        guarded(|| self.ops.rmdir(&Caller::of(req), parent, name, reply))
     }
 
     fn symlink(
@@ -1264,8 +1304,10 @@ impl fuser::Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.ops
-            .symlink(&Caller::of(req), parent, link_name, target, reply)
+        guarded(|| {
+            self.ops
+                .symlink(&Caller::of(req), parent, link_name, target, reply)
+        })
     }
 
     fn rename(
@@ -1278,15 +1320,17 @@ impl fuser::Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.ops.rename(
-            &Caller::of(req),
-            parent,
-            name,
-            newparent,
-            newname,
-            flags,
-            reply,
-        )
+        guarded(|| {
+            self.ops.rename(
+                &Caller::of(req),
+                parent,
+                name,
+                newparent,
+                newname,
+                flags,
+                reply,
+            )
+        })
     }
 
     fn link(
@@ -1297,12 +1341,14 @@ impl fuser::Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.ops
-            .link(&Caller::of(req), ino, newparent, newname, reply)
+        guarded(|| {
+            self.ops
+                .link(&Caller::of(req), ino, newparent, newname, reply)
+        })
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.ops.open(&Caller::of(req), ino, flags, reply)
+        guarded(|| self.ops.open(&Caller::of(req), ino, flags, reply))
     }
 
     fn read(
@@ -1316,16 +1362,18 @@ impl fuser::Filesystem for FuseFs {
         lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.ops.read(
-            &Caller::of(req),
-            ino,
-            fh,
-            offset,
-            size,
-            flags,
-            lock_owner,
-            reply,
-        )
+        guarded(|| {
+            self.ops.read(
+                &Caller::of(req),
+                ino,
+                fh,
+                offset,
+                size,
+                flags,
+                lock_owner,
+                reply,
+            )
+        })
     }
 
     fn write(
@@ -1340,17 +1388,19 @@ impl fuser::Filesystem for FuseFs {
         lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.ops.write(
-            &Caller::of(req),
-            ino,
-            fh,
-            offset,
-            data,
-            write_flags,
-            flags,
-            lock_owner,
-            reply,
-        )
+        guarded(|| {
+            self.ops.write(
+                &Caller::of(req),
+                ino,
+                fh,
+                offset,
+                data,
+                write_flags,
+                flags,
+                lock_owner,
+                reply,
+            )
+        })
     }
 
     fn flush(
@@ -1361,7 +1411,7 @@ impl fuser::Filesystem for FuseFs {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.ops.flush(&Caller::of(req), ino, fh, lock_owner, reply)
+        guarded(|| self.ops.flush(&Caller::of(req), ino, fh, lock_owner, reply))
     }
 
     fn release(
@@ -1374,8 +1424,10 @@ impl fuser::Filesystem for FuseFs {
         flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.ops
-            .release(&Caller::of(req), ino, fh, flags, lock_owner, flush, reply)
+        guarded(|| {
+            self.ops
+                .release(&Caller::of(req), ino, fh, flags, lock_owner, flush, reply)
+        })
     }
 
     fn fsync(
@@ -1386,7 +1438,7 @@ impl fuser::Filesystem for FuseFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.ops.fsync(&Caller::of(req), ino, fh, datasync, reply)
+        guarded(|| self.ops.fsync(&Caller::of(req), ino, fh, datasync, reply))
     }
 
     fn readdirplus(
@@ -1397,8 +1449,10 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        self.ops
-            .readdirplus(&Caller::of(req), ino, fh, offset, reply)
+        guarded(|| {
+            self.ops
+                .readdirplus(&Caller::of(req), ino, fh, offset, reply)
+        })
     }
 
     fn readdir(
@@ -1409,7 +1463,7 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         reply: ReplyDirectory,
     ) {
-        self.ops.readdir(&Caller::of(req), ino, fh, offset, reply)
+        guarded(|| self.ops.readdir(&Caller::of(req), ino, fh, offset, reply))
     }
 
     fn fsyncdir(
@@ -1420,12 +1474,14 @@ impl fuser::Filesystem for FuseFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.ops
-            .fsyncdir(&Caller::of(req), ino, fh, datasync, reply)
+        guarded(|| {
+            self.ops
+                .fsyncdir(&Caller::of(req), ino, fh, datasync, reply)
+        })
     }
 
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        self.ops.statfs(&Caller::of(req), ino, reply)
+        guarded(|| self.ops.statfs(&Caller::of(req), ino, reply))
     }
 
     fn setxattr(
@@ -1438,20 +1494,22 @@ impl fuser::Filesystem for FuseFs {
         position: u32,
         reply: ReplyEmpty,
     ) {
-        self.ops
-            .setxattr(&Caller::of(req), ino, name, value, flags, position, reply)
+        guarded(|| {
+            self.ops
+                .setxattr(&Caller::of(req), ino, name, value, flags, position, reply)
+        })
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.ops.getxattr(&Caller::of(req), ino, name, size, reply)
+        guarded(|| self.ops.getxattr(&Caller::of(req), ino, name, size, reply))
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.ops.listxattr(&Caller::of(req), ino, size, reply)
+        guarded(|| self.ops.listxattr(&Caller::of(req), ino, size, reply))
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.ops.removexattr(&Caller::of(req), ino, name, reply)
+        guarded(|| self.ops.removexattr(&Caller::of(req), ino, name, reply))
     }
 
     fn create(
@@ -1464,8 +1522,10 @@ impl fuser::Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.ops
-            .create(&Caller::of(req), parent, name, mode, umask, flags, reply)
+        guarded(|| {
+            self.ops
+                .create(&Caller::of(req), parent, name, mode, umask, flags, reply)
+        })
     }
 
     fn fallocate(
@@ -1478,8 +1538,10 @@ impl fuser::Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.ops
-            .fallocate(&Caller::of(req), ino, fh, offset, length, mode, reply)
+        guarded(|| {
+            self.ops
+                .fallocate(&Caller::of(req), ino, fh, offset, length, mode, reply)
+        })
     }
 }
 

@@ -440,7 +440,9 @@ fn serve_queue(
                 return Err(io::Error::from_raw_os_error(-result));
             } else {
                 to.served.fetch_add(1, Ordering::Relaxed);
-                dispatch(to, &ring, data as usize);
+                // A request that panics is answered EIO (its Answer, dropped
+                // unanswered), which this thread then commits.
+                super::guarded(|| dispatch(to, &ring, data as usize));
             }
         }
         completed.clear();

@@ -34,6 +34,12 @@ impl Mounted {
         Mounted::with_size("2G")
     }
     pub fn with_size(size: &str) -> Mounted {
+        let m = Mounted::created(size);
+        m.mount();
+        m
+    }
+    /// A volume of `size` (`lsvfs create --size`) and its key, not mounted.
+    pub fn created(size: &str) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join("m")).unwrap();
         ok(&["keygen", "k"], dir.path());
@@ -41,9 +47,7 @@ impl Mounted {
             &["create", "v.vol", "--size", size, "--key-file", "k"],
             dir.path(),
         );
-        let m = Mounted { dir };
-        m.mount();
-        m
+        Mounted { dir }
     }
     pub fn p(&self) -> &Path {
         self.dir.path()
@@ -53,6 +57,20 @@ impl Mounted {
     }
     pub fn mount(&self) {
         ok(&["mount", "v.vol", "m", "--key-file", "k"], self.p());
+    }
+    /// [`Mounted::mount`] with more variables in the daemon's environment.
+    pub fn mount_with_env(&self, env: &[(&str, &str)]) {
+        let o = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
+            .args(["mount", "v.vol", "m", "--key-file", "k"])
+            .envs(env.iter().copied())
+            .current_dir(self.p())
+            .output()
+            .expect("run lsvfs");
+        assert!(
+            o.status.success(),
+            "lsvfs mount: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     pub fn unmount(&self) {
         ok(&["unmount", "m"], self.p());
