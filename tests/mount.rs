@@ -813,11 +813,6 @@ fn nothing_written_through_a_mount_appears_in_the_backing_file() {
     m.unmount();
 }
 
-/// The daemon takes SIGTERM, SIGINT and SIGHUP synchronously on its main
-/// thread: every one of its threads must block them. A thread started
-/// before the mask was set (the volume's crypto or cleaner threads) once
-/// took a SIGTERM that came while the main thread was between two waits,
-/// and the default action killed the daemon without flushing.
 /// A request whose handler panics is answered EIO, and the thread that
 /// served it goes on serving: many more panics than the daemon has request
 /// threads (2 per io_uring queue; 2 to 8 over /dev/fuse), each followed by
@@ -845,6 +840,11 @@ fn a_request_that_panics_is_answered_eio_and_the_mount_goes_on() {
     m.unmount_and_check();
 }
 
+/// The daemon takes SIGTERM, SIGINT and SIGHUP synchronously on its main
+/// thread: every one of its threads must block them. A thread started
+/// before the mask was set (the volume's crypto or cleaner threads) once
+/// took a SIGTERM that came while the main thread was between two waits,
+/// and the default action killed the daemon without flushing.
 #[test]
 fn every_thread_of_the_daemon_blocks_the_stop_signals() {
     let m = Mounted::new();

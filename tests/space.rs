@@ -440,8 +440,8 @@ fn full_host_filesystem_cycles_of_fill_and_trim() {
 }
 
 /// Fills the volume's host (a 24 MiB tmpfs) and trims a third of what is
-/// mapped, `cycles` times, writing 16-block runs: the log then takes its
-/// reserve segments, which keep older records past the current ones.
+/// mapped, `cycles` times, writing 16-block runs: trims and the cleaner
+/// then append into the reserve.
 fn fill_and_trim(v: &Volume, model: &mut [u64], version: &mut u64, rng: &mut Rng, cycles: u32) {
     let n = model.len() as u64;
     for cycle in 0..cycles {
@@ -498,15 +498,19 @@ fn rekey_on_full_host(
     false
 }
 
-/// A rekey on a full host: its moves land in reserve segments that were
-/// used before and still hold older records past the new ones. The pass
-/// is interrupted (the volume closed and opened again, so that it looks
-/// at every segment's records) and finishes; the older key generation is
-/// then retired, so a block it still sealed would no longer read. Every
-/// block must read back as last written, before and after reopening, and
-/// only the new generation may seal anything.
+/// A rekey on a full host: the backing file cannot grow, so what the pass
+/// moves goes into free segments and the reserve, which the log reuses
+/// without punching them. The pass is interrupted while the older key
+/// generation still seals blocks (the volume closed and opened again, so
+/// that the resumed pass reads every segment's records to find them) and
+/// finishes; the older generation is then retired, so a block it still
+/// sealed would no longer read. Every block must read back as last
+/// written, before and after reopening, and only the new generation may
+/// seal anything. (A resumed pass that skips every segment fails it;
+/// dropping `holds_older`'s check of the records' sequence does not, so
+/// this does not show that check's case.)
 #[test]
-fn a_rekey_on_a_full_host_reuses_reserve_segments_and_loses_nothing() {
+fn a_rekey_on_a_full_host_interrupted_and_resumed_loses_nothing() {
     let host = SmallHost::mount("24m");
     let path = host.dir.path().join("v.vol");
     let dev = FileDevice::create(&path).unwrap();
