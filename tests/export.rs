@@ -305,6 +305,112 @@ fn increments_apply_to_a_restored_copy_and_a_changed_copy_needs_a_rollback() {
     src.unmount_and_check();
 }
 
+/// The newest snapshot of the volume at `path` (id, name, seconds,
+/// nanoseconds), read through the library with key file `key`.
+fn newest_snapshot(path: &Path, key: &Path) -> (u64, String, i64, u32) {
+    let dev = std::sync::Arc::new(lsvfs::device::FileDevice::open(path, true).unwrap());
+    let h = lsvfs::volume::read_header(&*dev).unwrap();
+    let master = lsvfs::keys::unlock(&h, &lsvfs::keys::read_key_file(key).unwrap()).unwrap();
+    let v = lsvfs::volume::Volume::open(dev, &master, lsvfs::volume::Options::default()).unwrap();
+    let (id, name, sec, nsec) = v.snapshot_names().unwrap().pop().unwrap();
+    v.close().unwrap();
+    (id.0, name, sec, nsec)
+}
+
+/// An increment another volume wrote is refused by a restored copy, even
+/// when that volume's base snapshot has the same name and time as the
+/// copy's newest snapshot (both are in every export's clear header) and
+/// the export opens with the copy owner's identity: the copy's header
+/// records the volume it was restored from and its signing key. The
+/// source's own increment still applies.
+#[test]
+fn a_restored_copy_refuses_an_increment_another_volume_wrote_for_its_base() {
+    let src = Mounted::with_size("64M");
+    let p = src.p();
+    sh_in(&src.m(), "echo original > a.txt");
+    lx(p, "snapshot create m s1");
+    sh_in(&src.m(), "echo second > b.txt");
+    lx(p, "snapshot create m s2");
+    lx(p, "recipient keygen alice.id");
+    for (name, since) in [("s1", ""), ("s2", "--since s1")] {
+        lx(
+            p,
+            &format!("snapshot export m {name} {since} --recipient alice.id.pub -o {name}.lsx"),
+        );
+    }
+    src.unmount();
+    lx(p, "keygen k2");
+    lx(
+        p,
+        "restore s1.lsx --to c.vol --identity alice.id --key-file k2",
+    );
+    let (_, name, sec, nsec) = newest_snapshot(&p.join("c.vol"), &p.join("k2"));
+    assert_eq!(name, "s1");
+    let info = lx(p, "info c.vol");
+    let source = lx(p, "info v.vol");
+    let source_id = source
+        .lines()
+        .find_map(|l| l.strip_prefix("volume id:"))
+        .unwrap()
+        .trim();
+    assert!(
+        info.contains(&format!("restored from:   volume {source_id}")),
+        "{info}"
+    );
+
+    // A stranger's volume with a snapshot s1 taken at the same instant,
+    // then its own change and s2, exported for alice.
+    let stranger = Mounted::created("64M");
+    let q = stranger.p();
+    {
+        let dev =
+            std::sync::Arc::new(lsvfs::device::FileDevice::open(&q.join("v.vol"), true).unwrap());
+        let h = lsvfs::volume::read_header(&*dev).unwrap();
+        let kek = lsvfs::keys::read_key_file(&q.join("k")).unwrap();
+        let master = lsvfs::keys::unlock(&h, &kek).unwrap();
+        let v =
+            lsvfs::volume::Volume::open(dev, &master, lsvfs::volume::Options::default()).unwrap();
+        v.snapshot_create_at("s1", (sec, nsec)).unwrap();
+        v.close().unwrap();
+    }
+    stranger.mount();
+    sh_in(&stranger.m(), "echo planted > evil.txt");
+    lx(q, "snapshot create m s2");
+    std::fs::copy(p.join("alice.id.pub"), q.join("alice.id.pub")).unwrap();
+    lx(
+        q,
+        "snapshot export m s2 --since s1 --recipient alice.id.pub -o evil.lsx",
+    );
+    stranger.unmount();
+    std::fs::copy(q.join("evil.lsx"), p.join("evil.lsx")).unwrap();
+
+    let r = lxr(
+        p,
+        "restore --incremental evil.lsx --to c.vol --identity alice.id --key-file k2",
+    );
+    assert_eq!(code(&r), 15, "{}", text(&r));
+    assert!(
+        text(&r).contains("restored from volume") && text(&r).contains("not a link"),
+        "{}",
+        text(&r)
+    );
+    // Nothing was applied: the copy's newest snapshot is still s1, and
+    // the source's own increment applies.
+    assert_eq!(newest_snapshot(&p.join("c.vol"), &p.join("k2")).1, "s1");
+    lx(
+        p,
+        "restore --incremental s2.lsx --to c.vol --identity alice.id --key-file k2",
+    );
+    std::fs::create_dir(p.join("cm")).unwrap();
+    lx(p, "mount c.vol cm --key-file k2");
+    assert_eq!(
+        sh_in(&p.join("cm"), "cat a.txt b.txt"),
+        "original\nsecond\n"
+    );
+    assert!(!p.join("cm/evil.txt").exists());
+    lx(p, "unmount cm");
+}
+
 #[test]
 fn bad_exports_are_refused_with_their_exit_codes_and_a_way_out() {
     let src = two_snapshots();

@@ -829,7 +829,10 @@ pub(super) fn restore(env: &Env, a: RestoreArgs) -> Result<(), Error> {
             first.logical_blocks,
             &a.keying,
             a.segment_blocks,
-            true,
+            Some(volume::RestoredFrom {
+                volume_id: first.volume_id,
+                source_key: first.source_key,
+            }),
             &mut |v| {
                 for (input, h, key) in opened.take().unwrap_or_default() {
                     apply(v, input, &h, &key, &mut applied, &mut progress)?;
@@ -949,6 +952,57 @@ fn apply(
     Ok(())
 }
 
+/// An increment applies only to a volume restored from the volume that
+/// wrote it: its header records that volume's id and export signing key
+/// (the base snapshot's name and time alone are in any export's clear
+/// header, so another volume's increment could claim them). A volume
+/// restored by a release from before the record has none: then only an
+/// increment whose signer `--source-key` pins is applied.
+fn check_source(
+    target: &volume::Header,
+    path: &Path,
+    name: &str,
+    inc: &Header,
+    pinned: bool,
+) -> Result<(), Error> {
+    let Some(from) = &target.restored_from else {
+        if pinned {
+            return Ok(());
+        }
+        return Err(ExportError::Chain(format!(
+            "{} does not record which volume it was restored from (an older lsvfs restored \
+             it), so {name} cannot be checked as a link of its chain: pass --source-key {} if \
+             that is the key of the volume it came from",
+            path.display(),
+            keys::hex(&inc.source_key)
+        ))
+        .into());
+    };
+    if from.volume_id != inc.volume_id {
+        return Err(ExportError::Chain(format!(
+            "{name} is an increment of volume {}, but {} was restored from volume {}: it is \
+             not a link of that volume's chain; apply the increments of {} (or restore this \
+             chain into a new volume)",
+            keys::hex(&inc.volume_id),
+            path.display(),
+            keys::hex(&from.volume_id),
+            keys::hex(&from.volume_id)
+        ))
+        .into());
+    }
+    if from.source_key != inc.source_key {
+        return Err(ExportError::Chain(format!(
+            "{name} is signed by source key {}, but {} was restored from exports signed by {}: \
+             it was not written by the volume it claims; it is refused",
+            keys::hex(&inc.source_key),
+            path.display(),
+            keys::hex(&from.source_key)
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 fn restore_incremental(
     env: &Env,
     a: &RestoreArgs,
@@ -975,6 +1029,7 @@ fn restore_incremental(
     if !resuming {
         refuse_restoring(&header, path)?;
     }
+    check_source(&header, path, &first_name, &first, a.source_key.is_some())?;
     let k = env.keys(a.keying.key_file.clone());
     let master = k.master(&header, path)?;
     // An older copy of the volume put back is refused, as a mount refuses it.
@@ -1069,4 +1124,82 @@ fn restore_incremental(
     k.record_seen(&header.volume_id, checkpoint, false, true);
     drop(dev);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::SnapRef;
+
+    fn increment(volume_id: [u8; 16], source_key: [u8; 32]) -> Header {
+        let snap = |id, name: &str| SnapRef {
+            id,
+            name: name.into(),
+            created_sec: 1_800_000_000,
+            created_nsec: 5,
+        };
+        Header {
+            version: 2,
+            kind: Kind::Increment,
+            export_id: [1; 16],
+            volume_id,
+            logical_blocks: 1 << 16,
+            written: 1_800_000_100,
+            snapshot: snap(2, "s2"),
+            base: Some(snap(1, "s1")),
+            source_key,
+            slots: Vec::new(),
+        }
+    }
+
+    fn target(restored_from: Option<volume::RestoredFrom>) -> volume::Header {
+        volume::Header {
+            seq: 1,
+            volume_id: [9; 16],
+            logical_blocks: 1 << 16,
+            segment_blocks: 1024,
+            max_segments: 100,
+            key_check: [0; 16],
+            created: 1,
+            slots: [volume::KeySlot::EMPTY; volume::KEY_SLOTS],
+            erased: None,
+            restoring: false,
+            key_gens: Vec::new(),
+            retired_below: 0,
+            restored_from,
+        }
+    }
+
+    /// The increment's volume and signer must be the ones the copy was
+    /// restored from; a copy that records none takes only a pinned signer.
+    #[test]
+    fn an_increment_applies_only_from_the_volume_and_signer_the_copy_came_from() {
+        let from = volume::RestoredFrom {
+            volume_id: [3; 16],
+            source_key: [4; 32],
+        };
+        let t = target(Some(from));
+        let path = Path::new("c.vol");
+        let check = |h: &Header, pinned| check_source(&t, path, "x.lsx", h, pinned);
+        assert!(check(&increment([3; 16], [4; 32]), false).is_ok());
+        let e = check(&increment([3; 16], [5; 32]), false).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not written by the volume it claims"),
+            "{e}"
+        );
+        let e = check(&increment([3; 16], [5; 32]), true).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not written by the volume it claims"),
+            "{e}"
+        );
+        let e = check(&increment([6; 16], [4; 32]), false).unwrap_err();
+        assert!(e.to_string().contains("not a link of that volume"), "{e}");
+
+        let old = target(None);
+        let e = check_source(&old, path, "x.lsx", &increment([3; 16], [4; 32]), false).unwrap_err();
+        assert!(e.to_string().contains("--source-key"), "{e}");
+        assert!(check_source(&old, path, "x.lsx", &increment([3; 16], [4; 32]), true).is_ok());
+    }
 }

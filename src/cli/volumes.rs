@@ -51,7 +51,7 @@ pub fn create(
         bytes / BLOCK_SIZE as u64,
         &keying,
         segment_blocks,
-        false,
+        None,
         &mut |v| {
             if let Some((after, bytes)) = policy {
                 let st = v.rekey_status()?;
@@ -85,9 +85,10 @@ pub(super) struct Keying {
 /// Makes a new volume at `path` with a new id and master key, keyed as
 /// `keying` says, lets `fill` write it (a file system, or a restore's
 /// blocks), closes it and registers it with its key servers. With
-/// `restoring`, the header's restore flag is set from its first write until
-/// `fill` has returned and the volume is closed, so a restore that stops
-/// half-way leaves a volume nothing mounts. A volume that
+/// `restoring` (the volume whose exports are restored), the header's
+/// restore flag is set from its first write until `fill` has returned and
+/// the volume is closed, so a restore that stops half-way leaves a volume
+/// nothing mounts; the header then records that source. A volume that
 /// fails is removed (a regular file; a block device is left as it is).
 pub(super) fn make_volume(
     env: &Env,
@@ -95,7 +96,7 @@ pub(super) fn make_volume(
     logical_blocks: u64,
     keying: &Keying,
     segment_blocks: u32,
-    restoring: bool,
+    restoring: Option<volume::RestoredFrom>,
     fill: &mut dyn FnMut(&Volume) -> Result<(), Error>,
 ) -> Result<volume::Header, Error> {
     let (key_file, keyserver) = (&keying.key_file, &keying.keyserver);
@@ -132,14 +133,14 @@ pub(super) fn make_volume(
     };
     let fixed = dev.fixed_size();
     let made = (|| {
-        let mut h = if restoring {
+        let mut h = if restoring.is_some() {
             volume::create_restoring(&dev, &master, volume_id, slots, &opts)?
         } else {
             volume::create(&dev, &master, volume_id, slots, &opts)?
         };
         let dev: Arc<dyn Device> = Arc::new(dev);
         let o = volume::Options {
-            restoring,
+            restoring: restoring.is_some(),
             background: false,
             crypto_threads: env.tuning.crypto_threads,
             chunk_bytes: env.tuning.chunk_bytes,
@@ -148,8 +149,8 @@ pub(super) fn make_volume(
         let v = Volume::open(dev.clone(), &master, o)?;
         fill(&v)?;
         v.close()?;
-        if restoring {
-            h = volume::set_restoring(&*dev, false)?;
+        if let Some(from) = restoring {
+            h = volume::finish_restore(&*dev, from)?;
         }
         if !servers.is_empty() {
             keys::register_volume(
@@ -232,6 +233,13 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
     let hex: String = h.volume_id.iter().map(|b| format!("{b:02x}")).collect();
     println!("volume:          {}", path.display());
     println!("volume id:       {hex}");
+    if let Some(r) = &h.restored_from {
+        println!(
+            "restored from:   volume {}, exports signed by {} (only its increments apply)",
+            crate::keys::hex(&r.volume_id),
+            crate::keys::hex(&r.source_key)
+        );
+    }
     if let Some(t) = h.erased {
         println!("erased:          yes, at {t} (Unix seconds); no key opens it");
     }

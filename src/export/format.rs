@@ -267,6 +267,10 @@ impl Header {
             if (n == 0 && !empty_ok) || n > NAME_MAX || s.contains(['/', '\0']) {
                 return Err(bad("a snapshot name is empty or holds / or NUL"));
             }
+            // A volume refuses them too, but only once every block is in.
+            if s == "." || s == ".." {
+                return Err(bad("a snapshot is named . or .."));
+            }
             Ok(s.to_string())
         };
         let snap_name = name(&mut r, false)?;
@@ -515,6 +519,23 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// Names a volume would refuse only after every block is applied are
+    /// refused when the header is read.
+    #[test]
+    fn snapshot_names_dot_and_dot_dot_are_refused() {
+        for bad in [".", ".."] {
+            let mut h = header(Kind::Increment);
+            h.snapshot.name = bad.into();
+            assert!(Header::decode(&h.encode()).is_err(), "snapshot {bad}");
+            let mut h = header(Kind::Increment);
+            h.base.as_mut().unwrap().name = bad.into();
+            assert!(Header::decode(&h.encode()).is_err(), "base {bad}");
+        }
+        let mut h = header(Kind::Full);
+        h.snapshot.name = "...".into();
+        assert!(Header::decode(&h.encode()).is_ok());
     }
 
     #[test]

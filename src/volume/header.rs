@@ -2,7 +2,7 @@
 //! formatting of a new volume.
 
 use super::format::{
-    self, Block, Checkpoint, Header, KeySlot, LogPos, TreePtr, DATA_START, KEY_SLOTS,
+    self, Block, Checkpoint, Header, KeySlot, LogPos, RestoredFrom, TreePtr, DATA_START, KEY_SLOTS,
     MAX_LOGICAL_BLOCKS,
 };
 use super::geometry::{max_segments_for, reserves};
@@ -223,6 +223,16 @@ pub fn set_restoring(dev: &dyn Device, on: bool) -> Result<Header> {
     })
 }
 
+/// Ends a restore into a new volume: clears the restoring flag and records
+/// the volume its exports came from, in one header update.
+pub fn finish_restore(dev: &dyn Device, from: RestoredFrom) -> Result<Header> {
+    update_header(dev, |old| Header {
+        restoring: false,
+        restored_from: Some(from),
+        ..old
+    })
+}
+
 /// Formats a new volume on `dev` and returns its header.
 pub fn create(
     dev: &dyn Device,
@@ -297,6 +307,7 @@ fn create_with(
         slots,
         erased: None,
         restoring,
+        restored_from: None,
         key_gens: Vec::new(),
         retired_below: 0,
     };

@@ -28,7 +28,9 @@ use crate::BLOCK_SIZE;
 // | 98   | 30  | reserved       |
 // | 128  | 512 | 4 key slots of 128 bytes |
 // | 640  | 768 | 8 key generation entries of 96 bytes (version 2) |
-// | 1408 | ..  | reserved (zero) |
+// | 1408 | 16  | restored from: the source volume's id (zero: not restored) |
+// | 1424 | 32  | restored from: the source's export signing key |
+// | 1456 | ..  | reserved (zero) |
 // | 4080 | 16  | BLAKE3(bytes 0..4080)[..16] |
 //
 // Key generation entry: | 0 generation u16 (0 = empty) | 2 reserved[6] |
@@ -65,6 +67,9 @@ pub(super) const KEY_GEN_LEN: usize = 96;
 pub const MAX_KEY_GENS: usize = 8;
 /// The header version with key generations.
 pub const HEADER_VERSION_KEY_GENS: u32 = 2;
+/// Where a restored volume came from (`lsvfs restore`): 16 bytes of the
+/// source volume's id, then its 32-byte export signing key.
+pub(super) const H_RESTORED_FROM: usize = H_KEY_GENS + MAX_KEY_GENS * KEY_GEN_LEN;
 pub(super) const H_CHECKSUM: usize = BLOCK_SIZE - 16;
 
 // Key slot: | 0 kind u8 | 1 reserved[7] | 8 kek fingerprint[16] | 24 wrapped key[72] | 96 reserved[32] |
@@ -125,6 +130,17 @@ pub struct Header {
     pub key_gens: Vec<KeyGenEntry>,
     /// Key generations below it are retired: nothing they sealed opens.
     pub retired_below: u16,
+    /// The volume whose exports `lsvfs restore` made this one from: an
+    /// increment is applied only if that volume wrote and signed it.
+    pub restored_from: Option<RestoredFrom>,
+}
+
+/// The source of a restored volume: the volume id and the export signing
+/// key (Ed25519, public) its exports carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoredFrom {
+    pub volume_id: [u8; 16],
+    pub source_key: [u8; 32],
 }
 
 impl std::fmt::Debug for Header {
@@ -145,6 +161,19 @@ impl std::fmt::Debug for Header {
             .field("retired_below", &self.retired_below)
             .finish_non_exhaustive()
     }
+}
+
+/// The "restored from" record, if the bytes are not all zero.
+fn restored_from(b: &Block) -> Option<RestoredFrom> {
+    let r = &b[H_RESTORED_FROM..H_RESTORED_FROM + 48];
+    (r != [0u8; 48]).then(|| {
+        let mut source_key = [0u8; 32];
+        source_key.copy_from_slice(&r[16..]);
+        RestoredFrom {
+            volume_id: arr16(b, H_RESTORED_FROM),
+            source_key,
+        }
+    })
 }
 
 impl Header {
@@ -186,6 +215,10 @@ impl Header {
             b[o..o + 2].copy_from_slice(&g.key_gen.to_le_bytes());
             put_u64(&mut b[..], o + 8, g.started);
             b[o + 16..o + 16 + WRAPPED_LEN].copy_from_slice(&g.wrapped.0);
+        }
+        if let Some(r) = &self.restored_from {
+            b[H_RESTORED_FROM..H_RESTORED_FROM + 16].copy_from_slice(&r.volume_id);
+            b[H_RESTORED_FROM + 16..H_RESTORED_FROM + 48].copy_from_slice(&r.source_key);
         }
         let sum = blake3::hash(&b[..H_CHECKSUM]);
         b[H_CHECKSUM..].copy_from_slice(&sum.as_bytes()[..16]);
@@ -309,6 +342,7 @@ impl Header {
             slots,
             key_gens,
             retired_below,
+            restored_from: restored_from(b),
         })
     }
 

@@ -21,7 +21,7 @@ mod snapmeta;
 mod tree;
 
 pub use checkpoint::{Checkpoint, LogPos, CHECKPOINT_MAC_AT};
-pub use header::{Header, KeyGenEntry, KeySlot, SlotKind, MAX_KEY_GENS};
+pub use header::{Header, KeyGenEntry, KeySlot, RestoredFrom, SlotKind, MAX_KEY_GENS};
 pub use record::{
     decode_entries, encode_entries, Entry, SummaryHead, ENTRIES_PER_RECORD, ENTRY_LEN, FLAG_COMMIT,
     SUMMARY_BODY_AT, SUMMARY_MAC_AT,
@@ -140,7 +140,31 @@ mod tests {
             restoring: false,
             key_gens: Vec::new(),
             retired_below: 0,
+            restored_from: None,
         }
+    }
+
+    /// A restored volume's source round-trips at bytes 1408..1456 and
+    /// leaves the version at 1 (releases before it ignore those bytes).
+    #[test]
+    fn the_restored_from_record_round_trips_in_a_version_1_header() {
+        let r = RestoredFrom {
+            volume_id: [7; 16],
+            source_key: [9; 32],
+        };
+        let h = Header {
+            restored_from: Some(r),
+            ..header()
+        };
+        let b = h.encode();
+        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 1);
+        assert_eq!(&b[1408..1424], &[7; 16]);
+        assert_eq!(&b[1424..1456], &[9; 32]);
+        assert!(Header::decode(&b).unwrap() == h);
+        assert_eq!(
+            Header::decode(&header().encode()).unwrap().restored_from,
+            None
+        );
     }
 
     /// Key generations make a version 2 header that round-trips; a header
