@@ -269,7 +269,13 @@ pub(super) fn start(dev: OwnedFd, ops: Arc<Ops>, owner: Option<u32>) -> (Rings, 
                         owner,
                         served: &served,
                     };
-                    let r = serve_queue(dev.as_raw_fd(), queue as u16, &to, &tx);
+                    // A panic (outside the requests, which `guarded`
+                    // answers) is an error too: `start` waits to hear from
+                    // every thread.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        serve_queue(dev.as_raw_fd(), queue as u16, &to, &tx)
+                    }))
+                    .unwrap_or_else(|_| Err(io::Error::other("the ring thread panicked")));
                     if let Err(e) = r {
                         // Before registering, `start` hears of it; after,
                         // the log must (the queue's other thread goes on).
@@ -306,6 +312,10 @@ pub(super) fn start(dev: OwnedFd, ops: Arc<Ops>, owner: Option<u32>) -> (Rings, 
 }
 
 fn pin_to(cpu: usize) {
+    // A CPU past what a cpu_set_t holds (CPU_SET would panic): unpinned.
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return;
+    }
     // SAFETY: a zeroed cpu_set_t is an empty set; the call only reads it.
     // Refused (an offline CPU), the thread runs anywhere.
     unsafe {
@@ -356,10 +366,6 @@ fn serve_queue(
     // set to 0). Root only; refused, the thread keeps its nice.
     // SAFETY: setpriority on this thread, integer arguments only.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as u32, RING_NICE) };
-    let mut uring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build((2 * ENTRIES_PER_THREAD) as u32)?;
     // SAFETY: eventfd with flags only.
     let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if wake < 0 {
@@ -375,6 +381,13 @@ fn serve_queue(
         wake: unsafe { OwnedFd::from_raw_fd(wake) },
     });
     SERVING.with(|s| s.set(Arc::as_ptr(&ring) as usize));
+    let mut wake_buf = Box::new([0u8; 8]);
+    // Made after the buffers its commands name, so that it is dropped
+    // (closed, cancelling them) before they are freed.
+    let mut uring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build((2 * ENTRIES_PER_THREAD) as u32)?;
     let iovecs: Vec<[libc::iovec; 2]> = (0..ENTRIES_PER_THREAD)
         .map(|e| {
             [
@@ -407,7 +420,6 @@ fn serve_queue(
         unsafe { uring.submission().push(&sqe) }
             .map_err(|_| io::Error::other("ring full while registering"))?;
     }
-    let mut wake_buf = Box::new([0u8; 8]);
     let arm_wake = |uring: &mut IoUring<squeue::Entry128, cqueue::Entry>, buf: *mut u8| {
         let sqe = opcode::Read::new(types::Fd(ring.wake.as_raw_fd()), buf, 8)
             .build()
@@ -461,6 +473,12 @@ fn serve_queue(
         match uring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            // Short of memory for now: the commands stay in the submission
+            // queue and go in at the next try. Ending the thread instead
+            // would strand the requests its entries hold.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             Err(e) => return Err(e),
         }
         completed.extend(uring.completion().map(|c| (c.user_data(), c.result())));
@@ -471,16 +489,22 @@ fn serve_queue(
 fn commit(ring: &Ring, d: &Done) {
     let header = &ring.headers[d.entry];
     let payload = &ring.payloads[d.entry];
-    let mut len = d.len;
-    if let Some(body) = &d.staged {
-        len = body.len().min(payload.len);
-        // SAFETY: the entry is ours until committed; nothing borrows its
-        // payload any more (the operation returned before this runs).
-        unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), payload.ptr, len) };
+    let (mut len, mut error) = (d.len, d.error);
+    match &d.staged {
+        // As `Answer::send` answers an unstaged body that does not fit.
+        Some(body) if body.len() > payload.len => (len, error) = (0, -libc::EIO),
+        Some(body) => {
+            len = body.len();
+            // SAFETY: the entry is ours until committed; nothing borrows
+            // its payload any more (the operation returned before this
+            // runs), and the body fits.
+            unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), payload.ptr, len) };
+        }
+        None => {}
     }
     let mut out = [0u8; OUT_HEADER];
     out[0..4].copy_from_slice(&((OUT_HEADER + len) as u32).to_le_bytes());
-    out[4..8].copy_from_slice(&d.error.to_le_bytes());
+    out[4..8].copy_from_slice(&error.to_le_bytes());
     out[8..16].copy_from_slice(&d.unique.to_le_bytes());
     // SAFETY: as above; the header is 288 bytes.
     unsafe {
