@@ -130,6 +130,15 @@ fn a_chain_exported_from_a_busy_mount_restores_for_a_recipient_file_for_file() {
     let v = lx(p, "export verify s1.lsx s2.lsx s3.lsx");
     assert!(v.contains("chain: 3 exports"), "{v}");
     let show = lx(p, "export show s2.lsx");
+    // verify names the signer, as show does.
+    let signer = show
+        .lines()
+        .find_map(|l| l.strip_prefix("signed by:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert_eq!(v.matches(&format!("signed by {signer}")).count(), 3, "{v}");
     assert!(
         show.contains("increment over snapshot s1") && show.contains(public.trim()),
         "{show}"

@@ -621,19 +621,22 @@ pub fn verify(files: &[String], json: bool) -> Result<(), Error> {
                 serde_json::json!({
                     "file": f, "snapshot": h.snapshot.name,
                     "base": h.base.as_ref().map(|b| b.name.clone()),
-                    "bytes": bytes, "hash": keys::hex(&t.hash), "ok": true,
+                    "bytes": bytes, "hash": keys::hex(&t.hash),
+                    "signed_by": keys::hex(&h.source_key), "ok": true,
                 })
             );
         } else {
+            // Anyone can sign an export: the signer says who wrote it.
             println!(
-                "{f}: intact and complete: {} of {} ({}), blake3 {}",
+                "{f}: intact and complete: {} of {} ({}), blake3 {}, signed by {}",
                 match &h.base {
                     Some(b) => format!("increment {} -> {}", b.name, h.snapshot.name),
                     None => format!("full export of {}", h.snapshot.name),
                 },
                 keys::hex(&h.volume_id),
                 human(bytes),
-                keys::hex(&t.hash)
+                keys::hex(&t.hash),
+                keys::hex(&h.source_key)
             );
         }
         headers.push((f, h));
