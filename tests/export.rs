@@ -130,14 +130,15 @@ fn a_chain_exported_from_a_busy_mount_restores_for_a_recipient_file_for_file() {
     let v = lx(p, "export verify s1.lsx s2.lsx s3.lsx");
     assert!(v.contains("chain: 3 exports"), "{v}");
     let show = lx(p, "export show s2.lsx");
-    // verify names the signer, as show does.
     let signer = show
         .lines()
         .find_map(|l| l.strip_prefix("signed by:"))
         .unwrap()
         .split_whitespace()
         .next()
-        .unwrap();
+        .unwrap()
+        .to_string();
+    // verify names the signer, as show does.
     assert_eq!(v.matches(&format!("signed by {signer}")).count(), 3, "{v}");
     assert!(
         show.contains("increment over snapshot s1") && show.contains(public.trim()),
@@ -196,14 +197,6 @@ fn a_chain_exported_from_a_busy_mount_restores_for_a_recipient_file_for_file() {
 
     // Signed by the source volume: pinned, only its exports restore; one a
     // stranger wrote for the same recipient is refused.
-    let signer = show
-        .lines()
-        .find_map(|l| l.strip_prefix("signed by:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
     assert_eq!(signer.len(), 64, "{show}");
     let stranger = Mounted::with_size("64M");
     lx(stranger.p(), "snapshot create m s1");

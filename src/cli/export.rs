@@ -1157,19 +1157,8 @@ mod tests {
 
     fn target(restored_from: Option<volume::RestoredFrom>) -> volume::Header {
         volume::Header {
-            seq: 1,
-            volume_id: [9; 16],
-            logical_blocks: 1 << 16,
-            segment_blocks: 1024,
-            max_segments: 100,
-            key_check: [0; 16],
-            created: 1,
-            slots: [volume::KeySlot::EMPTY; volume::KEY_SLOTS],
-            erased: None,
-            restoring: false,
-            key_gens: Vec::new(),
-            retired_below: 0,
             restored_from,
+            ..volume::format::tests::header()
         }
     }
 

@@ -118,7 +118,7 @@ pub(super) fn range(field: &'static str, value: u64, ok: bool) -> Result<(), Dec
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::checkpoint::{C_ANCHOR, C_GEN_LIMIT, C_GEOMETRY, C_ROOTS};
     use super::header::{H_CREATED, H_ERASED, H_FLAGS, H_KCV, H_SLOTS};
     use super::record::R_PREV;
@@ -126,7 +126,8 @@ mod tests {
     use crate::crypto::Mac;
     use crate::volume::{Generation, Lba, SegmentId};
 
-    fn header() -> Header {
+    /// A header for tests of what reads one.
+    pub(crate) fn header() -> Header {
         Header {
             seq: 1,
             volume_id: [3; 16],
