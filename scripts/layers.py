@@ -52,8 +52,8 @@ def strip_comments(text):
 
 
 def test_free(text):
-    """The text without `#[cfg(test)] mod tests { ... }` blocks."""
-    m = re.search(r"#\[cfg\(test\)\]\s*mod\s+\w+\s*\{", text)
+    """The text without `#[cfg(test)] [pub(crate)] mod tests { ... }` blocks."""
+    m = re.search(r"#\[cfg\(test\)\]\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+\w+\s*\{", text)
     if not m:
         return text
     depth, i = 0, m.end() - 1
