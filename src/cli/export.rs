@@ -982,14 +982,13 @@ fn check_source(
         .into());
     };
     if from.volume_id != inc.volume_id {
+        let source = keys::hex(&from.volume_id);
         return Err(ExportError::Chain(format!(
-            "{name} is an increment of volume {}, but {} was restored from volume {}: it is \
-             not a link of that volume's chain; apply the increments of {} (or restore this \
-             chain into a new volume)",
+            "{name} is an increment of volume {}, but {} was restored from volume {source}: it \
+             is not a link of that volume's chain; apply the increments of {source} (or \
+             restore this chain into a new volume)",
             keys::hex(&inc.volume_id),
             path.display(),
-            keys::hex(&from.volume_id),
-            keys::hex(&from.volume_id)
         ))
         .into());
     }

@@ -343,7 +343,7 @@ pub(crate) fn guarded(f: impl FnOnce()) {
 /// environment sets `LSVFS_TEST_PANIC` (for the test that a panicking
 /// request is answered and the mount goes on).
 #[cfg(debug_assertions)]
-pub const TEST_PANIC_NAME: &str = "lsvfs-test-panic";
+const TEST_PANIC_NAME: &str = "lsvfs-test-panic";
 
 #[cfg(debug_assertions)]
 fn panic_for_test(name: &[u8]) {

@@ -4,7 +4,6 @@
 //! replies in any order; each job replies when done.
 
 use std::collections::VecDeque;
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -80,10 +79,7 @@ impl SlowWork {
                             // A job that panics loses its reply (the
                             // kernel gets EIO), not its thread: the queue
                             // would otherwise keep jobs that no thread runs.
-                            let ran = std::panic::catch_unwind(AssertUnwindSafe(job));
-                            if ran.is_err() {
-                                tracing::error!("a slow request panicked; it was answered EIO");
-                            }
+                            super::guarded(job);
                         }
                     })
                     .map_err(|e| tracing::warn!("starting a slow-request thread: {e}"))
