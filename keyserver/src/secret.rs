@@ -158,14 +158,17 @@ pub fn is_dumpable() -> bool {
 
 /// Overwrites 64 KiB of stack below the caller with zeros: key schedules,
 /// KDF state and key bytes moved into [`Locked`] memory leave copies in the
-/// stack frames that built them.
+/// stack frames that built them. Then zeroes the thread's vector registers
+/// (see [`clear_vector_registers`]), as [`scrub_stack_small`] does.
 #[inline(never)]
 pub fn scrub_stack() {
     scrub::<{ 64 * 1024 }>();
 }
 
 /// Overwrites 8 KiB of stack below the caller: after a keyed hash, whose
-/// state (the key, as chaining value) lives in the frames below.
+/// state (the key, as chaining value) lives in the frames below, or a
+/// batch of blocks through the cipher. Then zeroes the thread's vector
+/// registers.
 #[inline(never)]
 pub fn scrub_stack_small() {
     scrub::<{ 8 * 1024 }>();
@@ -180,6 +183,101 @@ fn scrub<const BYTES: usize>() {
     unsafe { std::ptr::write_bytes(area.as_mut_ptr(), 0, 1) };
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
     std::hint::black_box(&area);
+    clear_vector_registers();
+}
+
+/// Zeroes the calling thread's SIMD registers. AES-NI and VAES keep round
+/// keys in them (AES-256's first two are the two halves of its key), and
+/// BLAKE3 its keyed chaining value; nothing overwrites them while the
+/// thread sleeps, and a core dump records every thread's registers (found
+/// by `tests/key_hygiene.rs`: a half of the XTS key was in the saved
+/// registers of every thread that had sealed or opened a block).
+pub fn clear_vector_registers() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            unsafe { clear_zmm() }
+        } else if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU has AVX, checked just above.
+            unsafe { clear_ymm() }
+        } else {
+            clear_xmm()
+        }
+    }
+}
+
+/// ZMM0-15 (which VZEROALL zeroes whole) and ZMM16-31.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn clear_zmm() {
+    // SAFETY: writes registers only, every one of them declared clobbered
+    // (`clobber_abi("C")`: all vector registers are caller-saved).
+    unsafe {
+        std::arch::asm!(
+            "vzeroall",
+            "vpxord zmm16, zmm16, zmm16",
+            "vpxord zmm17, zmm17, zmm17",
+            "vpxord zmm18, zmm18, zmm18",
+            "vpxord zmm19, zmm19, zmm19",
+            "vpxord zmm20, zmm20, zmm20",
+            "vpxord zmm21, zmm21, zmm21",
+            "vpxord zmm22, zmm22, zmm22",
+            "vpxord zmm23, zmm23, zmm23",
+            "vpxord zmm24, zmm24, zmm24",
+            "vpxord zmm25, zmm25, zmm25",
+            "vpxord zmm26, zmm26, zmm26",
+            "vpxord zmm27, zmm27, zmm27",
+            "vpxord zmm28, zmm28, zmm28",
+            "vpxord zmm29, zmm29, zmm29",
+            "vpxord zmm30, zmm30, zmm30",
+            "vpxord zmm31, zmm31, zmm31",
+            clobber_abi("C"),
+            options(nomem, nostack, preserves_flags),
+        )
+    }
+}
+
+/// YMM0-15, whole.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn clear_ymm() {
+    // SAFETY: as in `clear_zmm`.
+    unsafe {
+        std::arch::asm!(
+            "vzeroall",
+            clobber_abi("C"),
+            options(nomem, nostack, preserves_flags)
+        )
+    }
+}
+
+/// XMM0-15 (SSE2 is part of x86-64).
+#[cfg(target_arch = "x86_64")]
+fn clear_xmm() {
+    // SAFETY: as in `clear_zmm`.
+    unsafe {
+        std::arch::asm!(
+            "pxor xmm0, xmm0",
+            "pxor xmm1, xmm1",
+            "pxor xmm2, xmm2",
+            "pxor xmm3, xmm3",
+            "pxor xmm4, xmm4",
+            "pxor xmm5, xmm5",
+            "pxor xmm6, xmm6",
+            "pxor xmm7, xmm7",
+            "pxor xmm8, xmm8",
+            "pxor xmm9, xmm9",
+            "pxor xmm10, xmm10",
+            "pxor xmm11, xmm11",
+            "pxor xmm12, xmm12",
+            "pxor xmm13, xmm13",
+            "pxor xmm14, xmm14",
+            "pxor xmm15, xmm15",
+            clobber_abi("C"),
+            options(nomem, nostack, preserves_flags),
+        )
+    }
 }
 
 #[cfg(test)]
