@@ -5,6 +5,8 @@ use rayon::prelude::*;
 
 use std::sync::Arc;
 
+use lsvfs_keyserver::secret::scrub_stack_small;
+
 use super::{GenKeys, Mac, Tag, VolumeKeys};
 use crate::BLOCK_SIZE;
 
@@ -56,10 +58,11 @@ impl CryptoEngine {
         assert_eq!(buf.len(), tags.len() * BLOCK_SIZE);
         assert_eq!(tags.len(), macs.len());
         let work = |(b, (t, m)): (&mut [u8], (&[Tag], &mut [Mac]))| {
-            keys.encrypt_blocks(t, b);
-            for ((blk, tag), mac) in b.chunks_exact(BLOCK_SIZE).zip(t).zip(m.iter_mut()) {
-                *mac = keys.mac(*tag, blk);
+            for ((blk, tag), mac) in b.chunks_exact_mut(BLOCK_SIZE).zip(t).zip(m.iter_mut()) {
+                *mac = keys.seal_in_batch(*tag, blk);
             }
+            // The cipher's and the hasher's frames were below this one.
+            scrub_stack_small();
         };
         let cb = self.chunk_blocks;
         let Some(pool) = self.pool.as_ref().filter(|_| tags.len() > cb) else {
@@ -87,23 +90,22 @@ impl CryptoEngine {
         assert_eq!(tags.len(), macs.len());
         let cb = self.chunk_blocks;
         let work = |ci: usize, b: &mut [u8], t: &[Tag], m: &[Mac]| -> Result<(), usize> {
-            // Authenticate the whole chunk before decrypting any of it,
-            // each block under the key generation its tag names.
+            // Each block is authenticated, under the key generation its tag
+            // names, and then decrypted while it is still in the cache.
             let mut gk: Option<Arc<GenKeys>> = None;
-            let mut ring = Vec::with_capacity(t.len());
-            for (i, ((blk, tag), mac)) in b.chunks_exact(BLOCK_SIZE).zip(t).zip(m).enumerate() {
+            let mut bad = None;
+            for (i, ((blk, tag), mac)) in b.chunks_exact_mut(BLOCK_SIZE).zip(t).zip(m).enumerate() {
                 if gk.as_ref().is_none_or(|g| g.key_gen() != tag.key) {
                     gk = keys.get(tag.key);
                 }
-                match &gk {
-                    Some(g) if g.mac(*tag, blk).ct_eq(mac) => ring.push(g.clone()),
-                    _ => return Err(ci * cb + i),
+                if !gk.as_ref().is_some_and(|g| g.open_in_batch(*tag, blk, mac)) {
+                    bad = Some(ci * cb + i);
+                    break;
                 }
             }
-            for ((blk, tag), g) in b.chunks_exact_mut(BLOCK_SIZE).zip(t).zip(&ring) {
-                g.decrypt(*tag, blk);
-            }
-            Ok(())
+            // The cipher's and the hasher's frames were below this one.
+            scrub_stack_small();
+            bad.map_or(Ok(()), Err)
         };
         let Some(pool) = self.pool.as_ref().filter(|_| tags.len() > cb) else {
             return work(0, buf, tags, macs);

@@ -209,15 +209,37 @@ impl GenKeys {
     /// Encrypts consecutive blocks of `buf` in place, one tag each.
     pub fn encrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
         for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.s.xts.encrypt(block, tag.tweak());
+            self.s.xts.encrypt_in_batch(block, tag.tweak());
         }
+        scrub_stack_small();
     }
 
     /// Decrypts consecutive blocks of `buf` in place, one tag each.
     pub fn decrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
         for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.s.xts.decrypt(block, tag.tweak());
+            self.s.xts.decrypt_in_batch(block, tag.tweak());
         }
+        scrub_stack_small();
+    }
+
+    /// [`GenKeys::seal`] without clearing the stack after: for one block of
+    /// a batch, whose caller calls `scrub_stack_small` once after the
+    /// last, from a frame above this call's (the cipher's and the hasher's
+    /// frames, which hold key material, are below it).
+    pub fn seal_in_batch(&self, tag: Tag, block: &mut [u8]) -> Mac {
+        self.s.xts.encrypt_in_batch(block, tag.tweak());
+        self.keyed_hash(tag, block)
+    }
+
+    /// [`GenKeys::open`] without clearing the stack after (see
+    /// [`GenKeys::seal_in_batch`]): whether the MAC matched; only then is
+    /// the block decrypted.
+    pub fn open_in_batch(&self, tag: Tag, block: &mut [u8], mac: &Mac) -> bool {
+        if !self.keyed_hash(tag, block).ct_eq(mac) {
+            return false;
+        }
+        self.s.xts.decrypt_in_batch(block, tag.tweak());
+        true
     }
 
     /// Decrypts one block in place under the tweak of `tag`.

@@ -98,13 +98,14 @@ impl Xts {
     /// maskings with the tweaks of its pieces; the first is `tweak`
     /// encrypted under the tweak key.
     ///
-    /// Then it clears the stack the cipher used. With VAES (AVX-512 or
-    /// AVX2) the `aes` crate copies the whole key schedule into its own
-    /// frame for every call (each round key broadcast to every lane; the
-    /// first two round keys of AES-256 are the key itself) and leaves it
-    /// there, for a core dump or a later stack or heap reuse to find. The
-    /// cipher runs in frames of its own, directly below this one, so one
-    /// scrub after the loop clears what every call left.
+    /// It leaves the cipher's stack to its caller to clear. With VAES
+    /// (AVX-512 or AVX2) the `aes` crate copies the whole key schedule into
+    /// its own frame for every call (each round key broadcast to every
+    /// lane; the first two round keys of AES-256 are the key itself) and
+    /// leaves it there, for a core dump or a later stack or heap reuse to
+    /// find. The cipher runs in frames of its own, below the caller's, so
+    /// one [`scrub_stack_small`] by the caller after its last block clears
+    /// what every call left.
     fn run(&self, buf: &mut [u8], tweak: [u8; 16], encrypt: bool) {
         assert!(
             buf.len() % 16 == 0 && !buf.is_empty(),
@@ -123,7 +124,6 @@ impl Xts {
             self.cipher(chunk, encrypt);
             Self::mask(chunk, &tweaks[..n]);
         }
-        scrub_stack_small();
     }
 
     /// The tweak of a data unit's first piece: `tweak` under the tweak key.
@@ -148,21 +148,35 @@ impl Xts {
     /// Encrypts `buf` in place as one XTS data unit with `tweak` (the data
     /// unit's number, before encryption under the tweak key).
     pub fn encrypt(&self, buf: &mut [u8], tweak: [u8; 16]) {
-        if self.fast {
-            self.run(buf, tweak, true);
-        } else {
-            self.reference.encrypt_sector(buf, Array::from(tweak));
-            scrub_stack_small();
-        }
+        self.encrypt_in_batch(buf, tweak);
+        scrub_stack_small();
     }
 
     /// Decrypts `buf` in place; the inverse of [`Xts::encrypt`].
     pub fn decrypt(&self, buf: &mut [u8], tweak: [u8; 16]) {
+        self.decrypt_in_batch(buf, tweak);
+        scrub_stack_small();
+    }
+
+    /// [`Xts::encrypt`] without clearing the stack after: for one block
+    /// of a batch, whose caller calls [`scrub_stack_small`] once after the
+    /// last (clearing the stack after every 4 KiB block took 5-8% of a
+    /// seal's time).
+    pub fn encrypt_in_batch(&self, buf: &mut [u8], tweak: [u8; 16]) {
+        if self.fast {
+            self.run(buf, tweak, true);
+        } else {
+            self.reference.encrypt_sector(buf, Array::from(tweak));
+        }
+    }
+
+    /// [`Xts::decrypt`] without clearing the stack after (see
+    /// [`Xts::encrypt_in_batch`]).
+    pub fn decrypt_in_batch(&self, buf: &mut [u8], tweak: [u8; 16]) {
         if self.fast {
             self.run(buf, tweak, false);
         } else {
             self.reference.decrypt_sector(buf, Array::from(tweak));
-            scrub_stack_small();
         }
     }
 }
