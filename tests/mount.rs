@@ -840,6 +840,86 @@ fn a_request_that_panics_is_answered_eio_and_the_mount_goes_on() {
     m.unmount_and_check();
 }
 
+/// An io_uring ring thread that fails after it registered (an unexpected
+/// error from the kernel) leaves requests in its entries that nobody will
+/// answer, and the kernel goes on giving its queue new ones. The daemon
+/// then ends the connection: the caller gets an error at once instead of
+/// waiting forever, the daemon flushes and closes the volume and exits,
+/// and the mount leaves the table. A debug build's failpoint makes the
+/// failure: a LOOKUP of `lsvfs-test-ring-fail` fails its ring thread when
+/// the daemon's environment sets LSVFS_TEST_RING_FAIL. Before the daemon
+/// ended the connection, that `stat` hung until `timeout` killed it
+/// (tried). Over /dev/fuse (the suite's second pass) there is no ring,
+/// and the name is only missing.
+#[test]
+fn a_ring_thread_that_fails_ends_the_connection_instead_of_stranding_callers() {
+    let m = Mounted::created("1G");
+    let o = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
+        .args(["mount", "v.vol", "m", "--key-file", "k"])
+        .env("LSVFS_TEST_RING_FAIL", "1")
+        .current_dir(m.p())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "lsvfs mount: {said}");
+    let on_ring = said.contains("served over FUSE io_uring");
+    // Data made durable before the failure.
+    let data = pattern(7, 300_000);
+    {
+        let mut f = fs::File::create(m.m().join("kept")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let pid = m.daemon_pid();
+    // Not under timeout(1): a request the kernel has handed to the daemon
+    // is waited for uninterruptibly, so not even SIGKILL ends the caller.
+    let mut stat = Command::new("stat")
+        .arg(m.m().join("lsvfs-test-ring-fail"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while stat.try_wait().unwrap().is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(20) {
+            // Free the caller (a forced unmount aborts the connection).
+            let _ = Command::new("umount").arg("-f").arg(m.m()).status();
+            panic!("the LOOKUP the failed ring thread held was still waiting after 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = stat.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "stat succeeded: {out}");
+    if !on_ring {
+        assert!(out.contains("No such file"), "over /dev/fuse: {out}");
+        m.unmount_and_check();
+        return;
+    }
+    assert!(
+        out.contains("connection abort") || out.contains("not connected"),
+        "the caller should see the connection ended: {out}"
+    );
+    let t = std::time::Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "the daemon did not end after its connection did"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(m.m().to_str().unwrap()),
+        "the ended mount is still in the table"
+    );
+    let c = ok(&["check", "v.vol", "--key-file", "k"], m.p());
+    assert!(c.contains("v.vol: clean"), "{c}");
+    m.mount();
+    assert_eq!(fs::read(m.m().join("kept")).unwrap(), data);
+    m.unmount_and_check();
+}
+
 /// The daemon takes SIGTERM, SIGINT and SIGHUP synchronously on its main
 /// thread: every one of its threads must block them. A thread started
 /// before the mask was set (the volume's crypto or cleaner threads) once

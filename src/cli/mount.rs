@@ -57,6 +57,77 @@ fn tune_bdi(mountpoint: &Path) {
     }
 }
 
+/// What ends the FUSE connection of the mount on `mountpoint` when a ring
+/// thread fails (`fuse::uring::start`): every request waiting on it, and
+/// every later one, then fails with ENOTCONN instead of waiting forever;
+/// the session ends, and the daemon flushes and closes the volume as at an
+/// unmount. The connection's number is read now, from the mount table:
+/// a `stat` of the mount would be a request, which waits for the rings.
+fn connection_ender(mountpoint: &Path, own_mount: bool) -> Arc<dyn Fn() + Send + Sync> {
+    let conn = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|table| connection_of(&table, mountpoint));
+    let mountpoint = mountpoint.to_path_buf();
+    Arc::new(move || end_connection(&mountpoint, conn, own_mount))
+}
+
+/// The FUSE connection number (the minor device number; FUSE's major is
+/// 0) of the newest mount on `mountpoint` in a /proc/PID/mountinfo text.
+fn connection_of(mountinfo: &str, mountpoint: &Path) -> Option<u64> {
+    // The mount point is the fifth field, with space, tab, newline and
+    // backslash written as octal escapes.
+    let want = mountpoint
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 4 && f[4] == want).then(|| f[2].split_once(':'))?
+        })
+        .next_back()
+        .filter(|(major, _)| *major == "0")
+        .and_then(|(_, minor)| minor.parse().ok())
+}
+
+fn end_connection(mountpoint: &Path, conn: Option<u64>, own_mount: bool) {
+    use nix::mount::{umount2, MntFlags};
+    // The connection's own switch, where fusectl is mounted (its files
+    // belong to the mount's owner); else a forced unmount, which aborts a
+    // FUSE connection before it finds the mount busy (root only).
+    let by_switch = conn.is_some_and(|c| {
+        std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1").is_ok()
+    });
+    let ended = by_switch
+        || matches!(
+            umount2(mountpoint, MntFlags::MNT_FORCE),
+            Ok(()) | Err(nix::errno::Errno::EBUSY)
+        );
+    if ended {
+        // The aborted mount stays in the table until detached.
+        if own_mount {
+            let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+        } else {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(mountpoint)
+                .status();
+        }
+        return;
+    }
+    tracing::error!(
+        "could not end the FUSE connection of {} (no /sys/fs/fuse/connections, and a \
+         forced unmount needs root): exiting so that the kernel ends it; the next mount \
+         replays the volume's log",
+        mountpoint.display()
+    );
+    std::process::exit(crate::error::Class::Io(libc::EIO).exit_code());
+}
+
 /// Serves the file system until a signal or an unmount, then flushes.
 pub fn foreground(
     path: &Path,
@@ -160,7 +231,7 @@ pub fn foreground(
     // rings are kept (and joined) until the session has ended, even when
     // some failed to start: the others may serve.
     let (rings, ring_error) = if rings_of.negotiated() {
-        let (r, e) = rings_of.start(dev, owner);
+        let (r, e) = rings_of.start(dev, owner, connection_ender(&mountpoint, own_mount));
         (Some(r), e.err())
     } else {
         (None, None)
@@ -1033,4 +1104,25 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
         "{} did not close within 60 s",
         vol.display()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_number_comes_from_the_newest_mount_on_the_path() {
+        let table = "\
+22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+45 22 0:40 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/v.vol rw,user_id=0
+46 22 0:52 / /mnt/ab rw,relatime - fuse.lsvfs lsvfs:/w.vol rw,user_id=0
+47 45 0:61 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/x.vol rw,user_id=0
+48 22 8:3 / /data rw,relatime - ext4 /dev/sda3 rw
+";
+        assert_eq!(connection_of(table, Path::new("/mnt/a b")), Some(61));
+        assert_eq!(connection_of(table, Path::new("/mnt/ab")), Some(52));
+        // Not a FUSE (major 0) mount, or not mounted.
+        assert_eq!(connection_of(table, Path::new("/data")), None);
+        assert_eq!(connection_of(table, Path::new("/mnt/c")), None);
+    }
 }

@@ -1098,12 +1098,15 @@ impl RingStarter {
     /// (as fuser does for a mount without allow_other). The returned
     /// [`uring::Rings`], even with an error (some threads may serve), must
     /// be dropped only after the session ended.
+    ///
+    /// `abort` must end the connection (see [`uring::start`]).
     pub fn start(
         &self,
         dev: std::os::fd::OwnedFd,
         owner: Option<u32>,
+        abort: Arc<dyn Fn() + Send + Sync>,
     ) -> (uring::Rings, std::io::Result<()>) {
-        uring::start(dev, self.ops.clone(), owner)
+        uring::start(dev, self.ops.clone(), owner, abort)
     }
 }
 

@@ -248,7 +248,15 @@ fn possible_cpus() -> usize {
 /// the kernel switches to the rings only when every CPU's queue has
 /// entries, so it then may or may not use the threads that did register.
 /// Either way the [`Rings`] must be kept until the session has ended.
-pub(super) fn start(dev: OwnedFd, ops: Arc<Ops>, owner: Option<u32>) -> (Rings, io::Result<()>) {
+/// `abort` ends the connection: it is called when a thread that had
+/// registered fails, since the requests its entries hold (and every later
+/// one the kernel gives its queue) would otherwise wait forever.
+pub(super) fn start(
+    dev: OwnedFd,
+    ops: Arc<Ops>,
+    owner: Option<u32>,
+    abort: Arc<dyn Fn() + Send + Sync>,
+) -> (Rings, io::Result<()>) {
     let dev = Arc::new(dev);
     let served = Arc::new(AtomicU64::new(0));
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -259,7 +267,7 @@ pub(super) fn start(dev: OwnedFd, ops: Arc<Ops>, owner: Option<u32>) -> (Rings, 
     'spawn: for queue in 0..possible_cpus() {
         for n in 0..THREADS_PER_QUEUE {
             let (dev, ops, served, tx) = (dev.clone(), ops.clone(), served.clone(), tx.clone());
-            let bulk = bulk.clone();
+            let (bulk, abort) = (bulk.clone(), abort.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("lsvfs-ring-{queue}.{n}"))
                 .spawn(move || {
@@ -272,15 +280,30 @@ pub(super) fn start(dev: OwnedFd, ops: Arc<Ops>, owner: Option<u32>) -> (Rings, 
                     // A panic (outside the requests, which `guarded`
                     // answers) is an error too: `start` waits to hear from
                     // every thread.
+                    let mut registered = false;
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        serve_queue(dev.as_raw_fd(), queue as u16, &to, &tx)
+                        serve_queue(dev.as_raw_fd(), queue as u16, &to, &tx, &mut registered)
                     }))
                     .unwrap_or_else(|_| Err(io::Error::other("the ring thread panicked")));
-                    if let Err(e) = r {
-                        // Before registering, `start` hears of it; after,
-                        // the log must (the queue's other thread goes on).
-                        tracing::error!("FUSE io_uring queue {queue}, thread {n}: {e}");
-                        let _ = tx.send(Err(e));
+                    match r {
+                        Ok(()) => {}
+                        // Before registering, `start` hears of it.
+                        Err(e) if !registered => {
+                            tracing::error!("FUSE io_uring queue {queue}, thread {n}: {e}");
+                            let _ = tx.send(Err(e));
+                        }
+                        // After, its entries hold requests nobody will
+                        // answer, and the kernel goes on giving the queue
+                        // new ones: the callers would wait forever.
+                        Err(e) => {
+                            tracing::error!(
+                                "FUSE io_uring queue {queue}, thread {n}: {e}; the requests it \
+                                 held can never be answered, so the connection is ended \
+                                 (callers get ENOTCONN; the volume is flushed and closed \
+                                 as at an unmount; mount it again)"
+                            );
+                            abort();
+                        }
                     }
                 });
             match spawned {
@@ -357,6 +380,7 @@ fn serve_queue(
     queue: u16,
     to: &Serve<'_>,
     registered: &std::sync::mpsc::Sender<io::Result<()>>,
+    is_registered: &mut bool,
 ) -> io::Result<()> {
     pin_to(queue as usize);
     // A woken ring thread should run at once on its CPU, whose caller
@@ -438,6 +462,7 @@ fn serve_queue(
         return Err(io::Error::from_raw_os_error(-result));
     }
     let _ = registered.send(Ok(()));
+    *is_registered = true;
 
     // Each turn: serve what completed (requests, wake-ups), commit the
     // answers ready, then submit and wait for more.
@@ -451,6 +476,8 @@ fn serve_queue(
                 }
                 return Err(io::Error::from_raw_os_error(-result));
             } else {
+                #[cfg(debug_assertions)]
+                fail_for_test(&ring, data as usize)?;
                 to.served.fetch_add(1, Ordering::Relaxed);
                 // A request that panics is answered EIO (its Answer, dropped
                 // unanswered), which this thread then commits.
@@ -483,6 +510,32 @@ fn serve_queue(
         }
         completed.extend(uring.completion().map(|c| (c.user_data(), c.result())));
     }
+}
+
+/// The name whose LOOKUP, in a debug build whose environment sets
+/// `LSVFS_TEST_RING_FAIL`, makes the ring thread that took it fail as an
+/// unexpected io_uring error would: the request is never answered.
+#[cfg(debug_assertions)]
+const TEST_RING_FAIL_NAME: &[u8] = b"lsvfs-test-ring-fail";
+
+#[cfg(debug_assertions)]
+fn fail_for_test(ring: &Ring, entry: usize) -> io::Result<()> {
+    if std::env::var_os("LSVFS_TEST_RING_FAIL").is_none() {
+        return Ok(());
+    }
+    // SAFETY: as in `dispatch`: the entry is ours until committed.
+    let header = unsafe { std::slice::from_raw_parts(ring.headers[entry].ptr, RING_HEADER) };
+    let len = (u32_at(header, PAYLOAD_SZ) as usize).min(PAYLOAD);
+    // SAFETY: as in `dispatch`.
+    let p = unsafe { std::slice::from_raw_parts(ring.payloads[entry].ptr, len) };
+    if u32_at(header, 4) == FUSE_LOOKUP
+        && name(p).is_some_and(|(n, _)| n.as_bytes() == TEST_RING_FAIL_NAME)
+    {
+        return Err(io::Error::other(
+            "LSVFS_TEST_RING_FAIL: a LOOKUP of lsvfs-test-ring-fail fails its ring thread",
+        ));
+    }
+    Ok(())
 }
 
 /// Writes an answer's header (and staged body) into its entry.
