@@ -165,13 +165,14 @@ pub fn scrub_stack() {
     scrub::<{ 64 * 1024 }>();
 }
 
-/// Overwrites 8 KiB of stack below the caller: after a keyed hash, whose
+/// Overwrites 16 KiB of stack below the caller: after a keyed hash, whose
 /// state (the key, as chaining value) lives in the frames below, or a
-/// batch of blocks through the cipher. Then zeroes the thread's vector
-/// registers.
+/// batch of blocks through the cipher (whose frames hold a 4 KiB array of
+/// tweaks above the cipher's copies of the key schedule). Then zeroes the
+/// thread's vector registers.
 #[inline(never)]
 pub fn scrub_stack_small() {
-    scrub::<{ 8 * 1024 }>();
+    scrub::<{ 16 * 1024 }>();
 }
 
 #[inline(never)]
