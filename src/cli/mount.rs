@@ -58,71 +58,94 @@ fn tune_bdi(mountpoint: &Path) {
 }
 
 /// What ends the FUSE connection of the mount on `mountpoint` when a ring
-/// thread fails (`fuse::uring::start`): every request waiting on it, and
-/// every later one, then fails with ENOTCONN instead of waiting forever;
-/// the session ends, and the daemon flushes and closes the volume as at an
-/// unmount. The connection's number is read now, from the mount table:
-/// a `stat` of the mount would be a request, which waits for the rings.
+/// thread fails while the connection is live (`fuse::uring::start`):
+/// every request waiting on it, and every later one, then fails with
+/// ECONNABORTED or ENOTCONN instead of waiting forever; the session ends,
+/// and the daemon flushes and closes the volume as at an unmount. The
+/// connection's number is read now, from the mount table: a `stat` of
+/// the mount would be a request, and it hung waiting for the rings. Only
+/// the first call acts.
 fn connection_ender(mountpoint: &Path, own_mount: bool) -> Arc<dyn Fn() + Send + Sync> {
-    let conn = std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|table| connection_of(&table, mountpoint));
+    let conn = mounted_connection(mountpoint);
     let mountpoint = mountpoint.to_path_buf();
-    Arc::new(move || end_connection(&mountpoint, conn, own_mount))
+    let once = AtomicBool::new(false);
+    Arc::new(move || {
+        if !once.swap(true, Ordering::SeqCst) {
+            end_connection(&mountpoint, conn, own_mount)
+        }
+    })
+}
+
+/// The connection number of the mount now on `mountpoint`, if it is a
+/// FUSE one (see [`connection_of`]).
+fn mounted_connection(mountpoint: &Path) -> Option<u64> {
+    std::fs::read("/proc/self/mountinfo")
+        .ok()
+        .and_then(|table| connection_of(&table, mountpoint))
 }
 
 /// The FUSE connection number (the minor device number; FUSE's major is
 /// 0) of the newest mount on `mountpoint` in a /proc/PID/mountinfo text.
-fn connection_of(mountinfo: &str, mountpoint: &Path) -> Option<u64> {
+fn connection_of(mountinfo: &[u8], mountpoint: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
     // The mount point is the fifth field, with space, tab, newline and
-    // backslash written as octal escapes.
-    let want = mountpoint
-        .to_string_lossy()
-        .replace('\\', "\\134")
-        .replace(' ', "\\040")
-        .replace('\t', "\\011")
-        .replace('\n', "\\012");
-    mountinfo
-        .lines()
+    // backslash written as octal escapes; the bytes are the path's own.
+    let mut want = Vec::new();
+    for &b in mountpoint.as_os_str().as_bytes() {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => want.extend(format!("\\{b:03o}").bytes()),
+            _ => want.push(b),
+        }
+    }
+    let (major, minor) = mountinfo
+        .split(|&b| b == b'\n')
         .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.len() > 4 && f[4] == want).then(|| f[2].split_once(':'))?
+            let f: Vec<&[u8]> = l.split(|&b| b == b' ').collect();
+            (f.len() > 4 && f[4] == want.as_slice()).then(|| f[2])
         })
         .next_back()
-        .filter(|(major, _)| *major == "0")
-        .and_then(|(_, minor)| minor.parse().ok())
+        .and_then(|dev| std::str::from_utf8(dev).ok()?.split_once(':'))?;
+    (major == "0").then(|| minor.parse().ok()).flatten()
 }
 
 fn end_connection(mountpoint: &Path, conn: Option<u64>, own_mount: bool) {
     use nix::mount::{umount2, MntFlags};
-    // The connection's own switch, where fusectl is mounted (its files
-    // belong to the mount's owner); else a forced unmount, which aborts a
-    // FUSE connection before it finds the mount busy (root only).
+    // The connection is live (the ring thread checked), so its number is
+    // not another's: its own switch, where fusectl is mounted (its files
+    // belong to the mount's owner).
     let by_switch = conn.is_some_and(|c| {
         std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1").is_ok()
     });
+    // Else, as root, a forced unmount, which aborts a FUSE connection
+    // before it finds the mount busy: only while the mount on the path is
+    // still this connection (after a lazy unmount, or under another
+    // mount, the path leads elsewhere).
+    let ours = || conn.is_some() && mounted_connection(mountpoint) == conn;
     let ended = by_switch
-        || matches!(
-            umount2(mountpoint, MntFlags::MNT_FORCE),
-            Ok(()) | Err(nix::errno::Errno::EBUSY)
-        );
+        || (ours()
+            && matches!(
+                umount2(mountpoint, MntFlags::MNT_FORCE),
+                Ok(()) | Err(nix::errno::Errno::EBUSY)
+            ));
     if ended {
         // The aborted mount stays in the table until detached.
-        if own_mount {
-            let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
-        } else {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(mountpoint)
-                .status();
+        if ours() {
+            if own_mount {
+                let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+            } else {
+                let _ = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(mountpoint)
+                    .status();
+            }
         }
         return;
     }
     tracing::error!(
         "could not end the FUSE connection of {} (no /sys/fs/fuse/connections, and a \
-         forced unmount needs root): exiting so that the kernel ends it; the next mount \
-         replays the volume's log",
+         forced unmount needs root and the mount still on that path): exiting so that \
+         the kernel ends it; the next mount replays the volume's log",
         mountpoint.display()
     );
     std::process::exit(crate::error::Class::Io(libc::EIO).exit_code());
@@ -1112,7 +1135,7 @@ mod tests {
 
     #[test]
     fn the_connection_number_comes_from_the_newest_mount_on_the_path() {
-        let table = "\
+        let table = b"\
 22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
 45 22 0:40 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/v.vol rw,user_id=0
 46 22 0:52 / /mnt/ab rw,relatime - fuse.lsvfs lsvfs:/w.vol rw,user_id=0

@@ -292,6 +292,11 @@ pub(super) fn start(
                             tracing::error!("FUSE io_uring queue {queue}, thread {n}: {e}");
                             let _ = tx.send(Err(e));
                         }
+                        // An error while the connection ends (an unmount)
+                        // is its end too.
+                        Err(e) if !connection_live(dev.as_raw_fd()) => {
+                            tracing::debug!("FUSE io_uring queue {queue}, thread {n}: {e}, as the connection ended");
+                        }
                         // After, its entries hold requests nobody will
                         // answer, and the kernel goes on giving the queue
                         // new ones: the callers would wait forever.
@@ -332,6 +337,20 @@ pub(super) fn start(
         }
     }
     (Rings { threads, served }, result)
+}
+
+/// Whether the connection of `dev` (a /dev/fuse descriptor) still
+/// serves: once it has ended (unmounted or aborted), polling the device
+/// reports an error.
+fn connection_live(dev: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: dev,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, on the stack; no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n >= 0 && p.revents & (libc::POLLERR | libc::POLLNVAL) == 0
 }
 
 fn pin_to(cpu: usize) {
