@@ -220,13 +220,7 @@ fn rekey_refuses_what_it_cannot_do_with_a_way_out() {
 
 /// Mounts with the policy checked every second (`LSVFS_RECORD_SECS`).
 fn mount_checking_often(m: &Mounted) {
-    let o = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
-        .args(["mount", "v.vol", "m", "--key-file", "k"])
-        .env("LSVFS_RECORD_SECS", "1")
-        .current_dir(m.p())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
+    m.mount_with_env(&[("LSVFS_RECORD_SECS", "1")]);
 }
 
 /// Polls `rekey --status --json` until `done` holds (at most a minute).

@@ -59,18 +59,17 @@ impl Mounted {
         ok(&["mount", "v.vol", "m", "--key-file", "k"], self.p());
     }
     /// [`Mounted::mount`] with more variables in the daemon's environment.
-    pub fn mount_with_env(&self, env: &[(&str, &str)]) {
+    /// Returns what `lsvfs mount` wrote to stderr (the transport, say).
+    pub fn mount_with_env(&self, env: &[(&str, &str)]) -> String {
         let o = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
             .args(["mount", "v.vol", "m", "--key-file", "k"])
             .envs(env.iter().copied())
             .current_dir(self.p())
             .output()
             .expect("run lsvfs");
-        assert!(
-            o.status.success(),
-            "lsvfs mount: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let said = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "lsvfs mount: {said}");
+        said
     }
     pub fn unmount(&self) {
         ok(&["unmount", "m"], self.p());
