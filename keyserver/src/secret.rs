@@ -159,7 +159,7 @@ pub fn is_dumpable() -> bool {
 /// Overwrites 64 KiB of stack below the caller with zeros: key schedules,
 /// KDF state and key bytes moved into [`Locked`] memory leave copies in the
 /// stack frames that built them. Then zeroes the thread's vector registers
-/// (see [`clear_vector_registers`]), as [`scrub_stack_small`] does.
+/// (see `clear_vector_registers`), as [`scrub_stack_small`] does.
 #[inline(never)]
 pub fn scrub_stack() {
     scrub::<{ 64 * 1024 }>();
@@ -193,7 +193,7 @@ fn scrub<const BYTES: usize>() {
 /// thread sleeps, and a core dump records every thread's registers (found
 /// by `tests/key_hygiene.rs`: a half of the XTS key was in the saved
 /// registers of every thread that had sealed or opened a block).
-pub fn clear_vector_registers() {
+fn clear_vector_registers() {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {

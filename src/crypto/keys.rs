@@ -214,12 +214,9 @@ impl GenKeys {
         scrub_stack_small();
     }
 
-    /// Decrypts consecutive blocks of `buf` in place, one tag each.
-    pub fn decrypt_blocks(&self, tags: &[Tag], buf: &mut [u8]) {
-        for (block, tag) in buf.chunks_exact_mut(crate::BLOCK_SIZE).zip(tags) {
-            self.s.xts.decrypt_in_batch(block, tag.tweak());
-        }
-        scrub_stack_small();
+    /// Decrypts one block in place under the tweak of `tag`.
+    pub fn decrypt(&self, tag: Tag, block: &mut [u8]) {
+        self.s.xts.decrypt(block, tag.tweak());
     }
 
     /// [`GenKeys::seal`] without clearing the stack after: for one block of
@@ -240,11 +237,6 @@ impl GenKeys {
         }
         self.s.xts.decrypt_in_batch(block, tag.tweak());
         true
-    }
-
-    /// Decrypts one block in place under the tweak of `tag`.
-    pub fn decrypt(&self, tag: Tag, block: &mut [u8]) {
-        self.s.xts.decrypt(block, tag.tweak());
     }
 
     /// The keyed MAC of a ciphertext, bound to the volume and to `tag`.
@@ -271,18 +263,17 @@ impl GenKeys {
 
     /// Encrypts `block` in place and returns its MAC.
     pub fn seal(&self, tag: Tag, block: &mut [u8]) -> Mac {
-        self.encrypt(tag, block);
-        self.mac(tag, block)
+        let m = self.seal_in_batch(tag, block);
+        scrub_stack_small();
+        m
     }
 
     /// Checks the MAC of the ciphertext in `block`, then decrypts it in place.
     /// On a mismatch the block is left as it was.
     pub fn open(&self, tag: Tag, block: &mut [u8], mac: &Mac) -> Result<(), CryptoError> {
-        if !self.mac(tag, block).ct_eq(mac) {
-            return Err(CryptoError::Integrity);
-        }
-        self.decrypt(tag, block);
-        Ok(())
+        let opened = self.open_in_batch(tag, block, mac);
+        scrub_stack_small();
+        opened.then_some(()).ok_or(CryptoError::Integrity)
     }
 }
 

@@ -192,6 +192,20 @@ thread_local! {
 }
 
 impl Ring {
+    /// The header and the payload (as long as the header says) of the
+    /// request in `entry`, which the kernel has completed: the entry is
+    /// this thread's until committed. Answers to requests that read the
+    /// payload are staged (`reads_payload`), so nothing writes it while
+    /// these live.
+    fn request(&self, entry: usize) -> (&[u8], &[u8]) {
+        // SAFETY: as above; each buffer is as long as the slice made of it.
+        let header = unsafe { std::slice::from_raw_parts(self.headers[entry].ptr, RING_HEADER) };
+        let len = (u32_at(header, PAYLOAD_SZ) as usize).min(PAYLOAD);
+        // SAFETY: as above.
+        let payload = unsafe { std::slice::from_raw_parts(self.payloads[entry].ptr, len) };
+        (header, payload)
+    }
+
     fn push(self: &Arc<Ring>, d: Done) {
         self.done.lock().unwrap_or_else(|p| p.into_inner()).push(d);
         let here = SERVING.with(|s| s.get()) == Arc::as_ptr(self) as usize;
@@ -542,11 +556,7 @@ fn fail_for_test(ring: &Ring, entry: usize) -> io::Result<()> {
     if std::env::var_os("LSVFS_TEST_RING_FAIL").is_none() {
         return Ok(());
     }
-    // SAFETY: as in `dispatch`: the entry is ours until committed.
-    let header = unsafe { std::slice::from_raw_parts(ring.headers[entry].ptr, RING_HEADER) };
-    let len = (u32_at(header, PAYLOAD_SZ) as usize).min(PAYLOAD);
-    // SAFETY: as in `dispatch`.
-    let p = unsafe { std::slice::from_raw_parts(ring.payloads[entry].ptr, len) };
+    let (header, p) = ring.request(entry);
     if u32_at(header, 4) == FUSE_LOOKUP
         && name(p).is_some_and(|(n, _)| n.as_bytes() == TEST_RING_FAIL_NAME)
     {
@@ -667,8 +677,7 @@ fn time(secs: u64, nsecs: u32) -> SystemTime {
 /// Decodes one request and calls its operation.
 fn dispatch(to: &Serve<'_>, ring: &Arc<Ring>, entry: usize) {
     let (ops, owner) = (to.ops, to.owner);
-    // SAFETY: the entry is ours (the kernel completed it) until committed.
-    let header: &[u8] = unsafe { std::slice::from_raw_parts(ring.headers[entry].ptr, RING_HEADER) };
+    let (header, p) = ring.request(entry);
     let opcode = u32_at(header, 4);
     let unique = u64_at(header, 8);
     let node = INodeNo(u64_at(header, 16));
@@ -676,10 +685,6 @@ fn dispatch(to: &Serve<'_>, ring: &Arc<Ring>, entry: usize) {
     let commit_id = u64_at(header, COMMIT_ID);
     let mut op = [0u8; OP_IN_LEN];
     op.copy_from_slice(&header[OP_IN..OP_IN + OP_IN_LEN]);
-    let len = (u32_at(header, PAYLOAD_SZ) as usize).min(PAYLOAD);
-    // SAFETY: as above. Answers to requests that read it are staged
-    // (`reads_payload`), so nothing writes the payload while this lives.
-    let p: &[u8] = unsafe { std::slice::from_raw_parts(ring.payloads[entry].ptr, len) };
     let a = Answer {
         ring: Some(ring.clone()),
         entry,
