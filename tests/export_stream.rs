@@ -182,13 +182,7 @@ fn damaged_streams_are_refused_before_their_blocks_are_used() {
         let e = Stream::open(&good[..cut], "f")
             .and_then(|s| s.verify().map(|_| ()))
             .unwrap_err();
-        assert!(
-            matches!(
-                class(e),
-                Class::Incomplete | Class::Corrupt | Class::NotAnExport
-            ),
-            "cut at {cut}"
-        );
+        assert_eq!(class(e), Class::Incomplete, "cut at {cut}");
         let t = new_target();
         assert!(restore(&t, &full[..cut.min(full.len() - 1)], "f").is_err());
         assert!(
@@ -203,11 +197,13 @@ fn damaged_streams_are_refused_before_their_blocks_are_used() {
         let i = rng.below(full.len() as u64) as usize;
         let mut bad = full.clone();
         bad[i] ^= 1 << rng.below(8);
+        let e = Stream::open(&bad[..], "f")
+            .and_then(|s| s.verify())
+            .expect_err(&format!("flip at {i} passed verify"));
+        // Damaged, never taken for cut short (a length field included).
         assert!(
-            Stream::open(&bad[..], "f")
-                .and_then(|s| s.verify())
-                .is_err(),
-            "flip at {i} passed verify"
+            matches!(class(e), Class::Corrupt | Class::NotAnExport),
+            "flip at {i}"
         );
         let t = new_target();
         let r = restore(&t, &bad, "f");
@@ -246,6 +242,43 @@ fn damaged_streams_are_refused_before_their_blocks_are_used() {
         .err()
         .unwrap();
     assert_eq!(class(e), Class::NotAnExport);
+    // Short input: text is not an export; the start of one was cut short.
+    let e = Stream::open(&b"hi\n"[..], "f").err().unwrap();
+    assert_eq!(class(e), Class::NotAnExport);
+    for cut in [0, 4, 8, 15] {
+        let e = Stream::open(&full[..cut], "f").err().unwrap();
+        assert_eq!(class(e), Class::Incomplete, "the first {cut} bytes");
+    }
+
+    // A chunk's length field enlarged past the end of the file by one
+    // flipped bit, within the largest length allowed: the trailer is still
+    // there, so damaged, not cut short.
+    let mut enlarged = 0;
+    for &(at, frame) in &frames {
+        let (len, after) = (frame - 4, full.len() - at - 4);
+        let Some(bit) = (0..32).find(|b| {
+            let longer = len | 1 << b;
+            longer > after && longer <= 1 << 20
+        }) else {
+            continue;
+        };
+        enlarged += 1;
+        let mut bad = full.clone();
+        bad[at + bit / 8] ^= 1 << (bit % 8);
+        let e = Stream::open(&bad[..], "f")
+            .and_then(|s| s.verify())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("length field is damaged"),
+            "chunk at {at}: {e}"
+        );
+        assert_eq!(class(e), Class::Corrupt, "chunk at {at}");
+    }
+    assert!(
+        enlarged > 0,
+        "no chunk's length could be enlarged past the end"
+    );
+
     let mut future = full.clone();
     future[8] = 9;
     assert_eq!(

@@ -577,6 +577,14 @@ fn check_chain(headers: &[(String, Header)]) -> Result<(), ExportError> {
                 keys::hex(&prev.source_key)
             )));
         }
+        if h.logical_blocks != prev.logical_blocks {
+            return Err(ExportError::Chain(format!(
+                "{n} records a volume of {} blocks, {pn} one of {}: the links of one volume's \
+                 chain all record its size, so one of them is not of this chain (or its header \
+                 is damaged); give one chain's exports only",
+                h.logical_blocks, prev.logical_blocks
+            )));
+        }
         let Some(base) = &h.base else {
             return Err(ExportError::Chain(format!(
                 "{n} is a full export, so it cannot follow {pn}; restore it on its own, or give \
@@ -1192,5 +1200,32 @@ mod tests {
         let e = check_source(&old, path, "x.lsx", &increment([3; 16], [4; 32]), false).unwrap_err();
         assert!(e.to_string().contains("--source-key"), "{e}");
         assert!(check_source(&old, path, "x.lsx", &increment([3; 16], [4; 32]), true).is_ok());
+    }
+
+    /// Links of one chain that record different volume sizes are refused
+    /// with the headers, before a block is read.
+    #[test]
+    fn a_chain_whose_links_record_different_sizes_is_refused() {
+        let full = Header {
+            kind: Kind::Full,
+            base: None,
+            snapshot: increment([3; 16], [4; 32]).base.unwrap(),
+            ..increment([3; 16], [4; 32])
+        };
+        let inc = increment([3; 16], [4; 32]);
+        let chain = |inc: &Header| {
+            check_chain(&[
+                ("a.lsx".into(), full.clone()),
+                ("b.lsx".into(), inc.clone()),
+            ])
+        };
+        assert!(chain(&inc).is_ok());
+        let larger = Header {
+            logical_blocks: inc.logical_blocks + 1,
+            ..inc
+        };
+        let e = chain(&larger).unwrap_err();
+        assert!(matches!(e, ExportError::Chain(_)), "{e}");
+        assert!(e.to_string().contains("b.lsx records a volume of"), "{e}");
     }
 }

@@ -6,8 +6,8 @@
 use std::io::Read;
 
 use super::format::{
-    records, Header, Kind, RecordKind, Trailer, MAX_CHUNK, SIGNATURE_LEN, TAG_LEN, TRAILER_LEN,
-    TRAILER_MARK,
+    records, Header, Kind, RecordKind, Trailer, MAGIC, MAX_CHUNK, SIGNATURE_LEN, TAG_LEN,
+    TRAILER_LEN, TRAILER_MAGIC, TRAILER_MARK,
 };
 use super::keys::{open_slots, ExportKey, Identity};
 use super::write::{plan_increment, signed_message, union, Step};
@@ -46,11 +46,20 @@ impl<R: Read> Stream<R> {
     /// Reads and checks the header.
     pub fn open(mut r: R, name: &str) -> Result<Stream<R>> {
         let mut first = [0u8; 16];
-        read_all(&mut r, &mut first, name)?;
+        let got = read_upto(&mut r, &mut first, name)?;
+        let magic = got.min(MAGIC.len());
+        if got < first.len() && first[..magic] == MAGIC[..magic] {
+            return Err(cut_short(name));
+        }
+        // Short input that is not the start of an export is refused here
+        // as not an export (its magic does not match).
         let len = Header::length(&first).map_err(|e| e.about(name))?;
         let mut head = first.to_vec();
         head.resize(len, 0);
-        read_all(&mut r, &mut head[16..], name)?;
+        let got = read_upto(&mut r, &mut head[16..], name)?;
+        if got < len - 16 {
+            return Err(short_frame(name, "its header", len, &head[..16 + got]));
+        }
         let header = Header::decode(&head).map_err(|e| e.about(name))?;
         let mut sha = blake3::Hasher::new();
         sha.update(&head);
@@ -141,7 +150,13 @@ impl<R: Read> Stream<R> {
         }
         let mut ct = std::mem::take(&mut self.spare);
         ct.resize(len, 0);
-        self.take(&mut ct)?;
+        let got = read_upto(&mut self.r, &mut ct, &self.name)?;
+        if got < len {
+            let what = format!("the chunk at byte {}", self.bytes - 4);
+            return Err(short_frame(&self.name, &what, len, &ct[..got]));
+        }
+        self.sha.update(&ct);
+        self.bytes += len as u64;
         Ok(Frame::Chunk(ct))
     }
 
@@ -303,6 +318,41 @@ pub fn open_key(
             held.join("; ")
         ))
     })
+}
+
+/// Reads into `buf` until it is full or the input ends; returns how many
+/// bytes it read.
+fn read_upto(r: &mut impl Read, buf: &mut [u8], name: &str) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ExportError::io(format!("reading {name}"), e)),
+        }
+    }
+    Ok(got)
+}
+
+/// The error for a frame whose length field reaches past the end of the
+/// input, `read` being what was there. If what was there ends with a whole
+/// trailer, the export did end properly and the length field is damaged
+/// (a bit flip that enlarged it); otherwise the export was cut short.
+fn short_frame(name: &str, what: &str, len: usize, read: &[u8]) -> ExportError {
+    let trailer = 4 + TRAILER_LEN + SIGNATURE_LEN;
+    let ends_whole = read.len() >= trailer && {
+        let t = &read[read.len() - trailer..];
+        t[..4] == TRAILER_MARK.to_le_bytes() && t[4..12] == TRAILER_MAGIC
+    };
+    if !ends_whole {
+        return cut_short(name);
+    }
+    ExportError::Corrupt(format!(
+        "{name}: {what} claims {len} bytes, but the export's trailer ends it after {}: its \
+         length field is damaged; use another copy",
+        read.len()
+    ))
 }
 
 fn read_all(r: &mut impl Read, buf: &mut [u8], name: &str) -> Result<()> {
