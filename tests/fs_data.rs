@@ -443,6 +443,37 @@ fn fallocate_of_a_large_range() {
     assert!(fs.check().unwrap().problems.is_empty());
 }
 
+/// A long fallocate, alone, runs its steps back to back; while another
+/// thread keeps needing the metadata lock, it pauses between steps to leave
+/// the lock to it (for as long as a step held it), where a fair hand-over
+/// alone let the next step start at once: a process that sends one request
+/// at a time (through FUSE, each a round trip) then found a step running at
+/// nearly every request. scripts/bench.sh's mixed-load rows measure the
+/// effect through a mount.
+#[test]
+fn a_long_fallocate_pauses_between_steps_only_while_others_wait() {
+    let (_dev, fs) = new_fs(1 << 17);
+    let (ino, _) = fs.mknod(ROOT, b"alone", REG, 0, 0, 0).unwrap();
+    let len = 128u64 << 20; // 32 steps of FALLOC_STEP (1,024 blocks)
+    fs.fallocate(ino, 0, len, 0).unwrap();
+    assert_eq!(fs.step_pauses(), 0, "paused with no one waiting");
+
+    let (ino, _) = fs.mknod(ROOT, b"shared", REG, 0, 0, 0).unwrap();
+    let mut waits = 0u64;
+    std::thread::scope(|s| {
+        let long = s.spawn(|| fs.fallocate(ino, 0, len, 0).unwrap());
+        while !long.is_finished() {
+            fs.with_metadata_locked(|| waits += 1).unwrap();
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+    });
+    assert_eq!(fs.getattr(ino).unwrap().blocks, len / 4096);
+    assert!(
+        fs.step_pauses() > 0,
+        "no pause in 32 steps while another thread took the lock {waits} times"
+    );
+}
+
 /// Deleting a file larger than one transaction frees it in steps, through
 /// the orphan list; an orphan left by a crash (here: unlinked while open)
 /// is freed in steps at the next mount.

@@ -3,7 +3,9 @@
 //! happens completely or, after any crash, not at all.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::acl;
 use super::btree::{BTree, Node, NodeStore};
@@ -53,6 +55,10 @@ struct Meta {
 }
 
 /// The held metadata lock; poisons it if dropped by a panic.
+/// The longest pause between two steps of a long operation while others
+/// wait for the metadata lock (a step is meant to be far shorter).
+const MAX_STEP_PAUSE: Duration = Duration::from_millis(2);
+
 struct MetaGuard<'a> {
     guard: parking_lot::MutexGuard<'a, Meta>,
     poisoned: &'a std::sync::atomic::AtomicBool,
@@ -102,6 +108,13 @@ pub struct Fs {
     /// changed, so every later operation is refused (as a poisoned std
     /// mutex would be).
     meta_poisoned: std::sync::atomic::AtomicBool,
+    /// Set when a thread found the metadata lock taken and had to wait:
+    /// a long operation made of steps then pauses between them (see
+    /// [`Fs::op_steps`]).
+    meta_waited: std::sync::atomic::AtomicBool,
+    /// How many times a long operation paused for others (a counter for
+    /// tests and diagnostics).
+    step_pauses: std::sync::atomic::AtomicU64,
     /// Open handles and kernel lookups per inode: an inode that loses its
     /// last name while held lives on (as an orphan) until nothing holds it.
     holds: Mutex<Holds>,
@@ -603,6 +616,8 @@ impl Fs {
         };
         let fs = Fs {
             meta_poisoned: Default::default(),
+            meta_waited: Default::default(),
+            step_pauses: Default::default(),
             meta: parking_lot::Mutex::new(Meta {
                 tree: BTree { root: sb.root },
                 sb,
@@ -842,6 +857,13 @@ impl Fs {
         &self.volume
     }
 
+    /// How many times a long operation made of steps paused to leave the
+    /// metadata lock to others. For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn step_pauses(&self) -> u64 {
+        self.step_pauses.load(Ordering::Relaxed)
+    }
+
     /// The volume's counters. For tests and diagnostics.
     #[doc(hidden)]
     pub fn volume_stats(&self) -> Result<crate::volume::Stats> {
@@ -1021,12 +1043,29 @@ impl Fs {
         mut step: impl FnMut(&mut Op, &mut Transaction) -> Result<Option<T>>,
     ) -> Result<T> {
         let mut guard = self.lock_meta()?;
+        // Only a wait during one of this operation's steps counts.
+        self.meta_waited.store(false, Ordering::Relaxed);
         loop {
+            let began = Instant::now();
             if let Some(v) = self.op_in(&mut guard, &mut step)? {
                 return Ok(v);
             }
-            parking_lot::MutexGuard::bump(&mut guard.guard);
-            if self.meta_poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.meta_waited.swap(false, Ordering::Relaxed) {
+                // Others waited for the lock during this step: they get it
+                // for as long as the step held it. A process whose every
+                // request needs the lock (a mkdir loop) would otherwise
+                // find it taken at each of its requests and wait out most
+                // of a step each time, the hand-over below gives it only
+                // the requests already waiting.
+                let held = began.elapsed().min(MAX_STEP_PAUSE);
+                drop(guard);
+                self.step_pauses.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(held);
+                guard = self.lock_meta()?;
+            } else {
+                parking_lot::MutexGuard::bump(&mut guard.guard);
+            }
+            if self.meta_poisoned.load(Ordering::SeqCst) {
                 return Err(FsError::PreviousIo);
             }
         }
@@ -1034,7 +1073,13 @@ impl Fs {
 
     /// The metadata lock, unless a thread panicked holding it.
     fn lock_meta(&self) -> Result<MetaGuard<'_>> {
-        let guard = self.meta.lock();
+        let guard = match self.meta.try_lock() {
+            Some(g) => g,
+            None => {
+                self.meta_waited.store(true, Ordering::Relaxed);
+                self.meta.lock()
+            }
+        };
         if self.meta_poisoned.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(FsError::PreviousIo);
         }
