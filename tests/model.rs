@@ -1,10 +1,10 @@
-//! Model-based property tests: random sequences of transactions (writes and
-//! trims), flushes, checkpoints, cleaning, clean reopens and abrupt reopens,
+//! Model-based property tests: random sequences of transactions (writes,
+//! trims and zeroed runs), flushes, checkpoints, cleaning, clean reopens and abrupt reopens,
 //! compared block for block against an in-memory model.
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use common::{block, create, open, Rng};
@@ -15,11 +15,20 @@ use proptest::prelude::*;
 
 const LOGICAL: u64 = 600;
 
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    Write,
+    Trim,
+    Zero,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
-    /// A transaction of (lba, blocks) writes and (lba, count) trims.
-    Txn(Vec<(bool, u64, u64)>),
+    /// A transaction of (what, lba, count) pieces: writes, trims, zeroes.
+    Txn(Vec<(Piece, u64, u64)>),
     Flush,
+    /// Clears the changed bitmap.
+    ResetChanged,
     Checkpoint,
     Clean,
     Reopen,
@@ -29,13 +38,24 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let piece = (any::<bool>(), 0..LOGICAL, 1u64..40).prop_map(|(w, lba, n)| {
-        let n = n.min(LOGICAL - lba);
-        (w, lba, n)
+    let what = prop_oneof![
+        4 => Just(Piece::Write),
+        2 => Just(Piece::Trim),
+        1 => Just(Piece::Zero),
+    ];
+    // Up to 300 blocks: a trim or zeroed run may cover several map pages
+    // (128 entries each) and start or end inside one.
+    let piece = (what, 0..LOGICAL, 1u64..300).prop_map(|(w, lba, n)| {
+        let n = match w {
+            Piece::Write => n % 40 + 1,
+            _ => n,
+        };
+        (w, lba, n.min(LOGICAL - lba))
     });
     prop_oneof![
         10 => prop::collection::vec(piece, 1..4).prop_map(Op::Txn),
         2 => Just(Op::Flush),
+        1 => Just(Op::ResetChanged),
         1 => Just(Op::Checkpoint),
         1 => Just(Op::Clean),
         1 => Just(Op::Reopen),
@@ -44,12 +64,18 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The model: each allocated block's version (0: zeroed, reads as zeros).
 fn verify(v: &Volume, model: &BTreeMap<u64, u64>, lba: u64, n: u64) {
     let mut buf = vec![0u8; (n as usize) * BLOCK_SIZE];
     v.read(Lba(lba), &mut buf).expect("read");
     for i in 0..n {
         let got = &buf[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
         match model.get(&(lba + i)) {
+            Some(0) => assert!(
+                got.iter().all(|b| *b == 0),
+                "zeroed block {} should read as zeros",
+                lba + i
+            ),
             Some(ver) => assert!(
                 got == block(lba + i, *ver).as_slice(),
                 "block {} differs from version {ver}",
@@ -69,6 +95,9 @@ fn run(ops: Vec<Op>, segment_blocks: u32) {
     create(&*dev, LOGICAL, segment_blocks);
     let mut v = open(dev.clone());
     let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+    // Blocks written, trimmed while allocated, or zeroed while not zeroed,
+    // since the changed bitmap was last reset.
+    let mut changed: BTreeSet<u64> = BTreeSet::new();
     let mut version = 0u64;
     let mut dev = dev;
     for op in ops {
@@ -76,19 +105,33 @@ fn run(ops: Vec<Op>, segment_blocks: u32) {
             Op::Txn(pieces) => {
                 let mut t = Transaction::new();
                 let mut next = model.clone();
-                for (write, lba, n) in pieces {
-                    if write {
-                        let mut data = Vec::with_capacity(n as usize * BLOCK_SIZE);
-                        for i in 0..n {
-                            version += 1;
-                            data.extend_from_slice(&block(lba + i, version));
-                            next.insert(lba + i, version);
+                for (what, lba, n) in pieces {
+                    match what {
+                        Piece::Write => {
+                            let mut data = Vec::with_capacity(n as usize * BLOCK_SIZE);
+                            for i in 0..n {
+                                version += 1;
+                                data.extend_from_slice(&block(lba + i, version));
+                                next.insert(lba + i, version);
+                                changed.insert(lba + i);
+                            }
+                            t.write(Lba(lba), data);
                         }
-                        t.write(Lba(lba), data);
-                    } else {
-                        t.trim(Lba(lba), n);
-                        for i in 0..n {
-                            next.remove(&(lba + i));
+                        Piece::Trim => {
+                            t.trim(Lba(lba), n);
+                            for i in 0..n {
+                                if next.remove(&(lba + i)).is_some() {
+                                    changed.insert(lba + i);
+                                }
+                            }
+                        }
+                        Piece::Zero => {
+                            t.zero(Lba(lba), n);
+                            for i in 0..n {
+                                if next.insert(lba + i, 0) != Some(0) {
+                                    changed.insert(lba + i);
+                                }
+                            }
                         }
                     }
                 }
@@ -96,6 +139,10 @@ fn run(ops: Vec<Op>, segment_blocks: u32) {
                 model = next;
             }
             Op::Flush => v.flush().expect("flush"),
+            Op::ResetChanged => {
+                v.reset_changed().expect("reset the changed bitmap");
+                changed.clear();
+            }
             Op::Checkpoint => v.checkpoint().expect("checkpoint"),
             Op::Clean => {
                 v.clean(4).expect("clean");
@@ -123,6 +170,12 @@ fn run(ops: Vec<Op>, segment_blocks: u32) {
         from_bitmap.extend(s..s + n);
     }
     assert_eq!(from_bitmap, model.keys().copied().collect::<Vec<_>>());
+    // So does the changed bitmap.
+    let mut from_changed = Vec::new();
+    for (s, n) in v.changed_runs().unwrap() {
+        from_changed.extend(s..s + n);
+    }
+    assert_eq!(from_changed, changed.iter().copied().collect::<Vec<_>>());
     v.close().expect("close");
     let v = open(dev);
     verify(&v, &model, 0, LOGICAL);
@@ -161,7 +214,12 @@ fn long_random_run_near_full() {
             _ => {
                 let l = rng.below(LOGICAL);
                 let n = (rng.below(24) + 1).min(LOGICAL - l);
-                Op::Txn(vec![(rng.below(8) != 0, l, n)])
+                let what = match rng.below(16) {
+                    0 | 1 => Piece::Trim,
+                    2 => Piece::Zero,
+                    _ => Piece::Write,
+                };
+                Op::Txn(vec![(what, l, n)])
             }
         });
     }

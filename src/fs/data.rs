@@ -693,6 +693,9 @@ impl Fs {
         }
         let mut zeroed = Runs::default();
         let mut hint = 0;
+        // Blocks taken from the allocator for holes and not used yet: the
+        // next one, and how many.
+        let mut run = (0u64, 0u64);
         let (first, last) = (offset / BS, end.div_ceil(BS));
         for index in first / CHUNK_BLOCKS..=(last - 1) / CHUNK_BLOCKS {
             let mut c = op.chunk(ino, index)?;
@@ -709,8 +712,16 @@ impl Fs {
                         continue;
                     }
                     // A hole: allocated, and zeroed (reads as zeros,
-                    // stored nowhere).
-                    let b = op.alloc_data(hint)?;
+                    // stored nowhere). Blocks come a run at a time, never
+                    // more than the holes that follow in this chunk.
+                    if run.1 == 0 {
+                        let holes = (fb..hi_fb)
+                            .take_while(|f| c[(f % CHUNK_BLOCKS) as usize] == 0)
+                            .count() as u64;
+                        run = op.alloc_data_run(hint, holes)?;
+                    }
+                    let b = run.0;
+                    run = (b + 1, run.1 - 1);
                     hint = b + 1;
                     c[slot] = b;
                     i.blocks += 1;
@@ -736,6 +747,7 @@ impl Fs {
                 op.put_chunk(ino, index, &c)?;
             }
         }
+        debug_assert_eq!(run.1, 0, "blocks taken for holes left over");
         for (lba, n) in zeroed.0 {
             txn.zero(Lba(lba), n);
         }

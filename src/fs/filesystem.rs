@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::acl;
-use super::btree::{BTree, Node, NodeStore};
+use super::btree::{BTree, Node};
 use super::format::{
     file_type, inode_range, key, key_suffix_u64, kind, kind_range, orphan_key, truncating_key,
     Dirent, Ino, Inode, Superblock, Time, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
@@ -188,9 +188,14 @@ impl Op<'_> {
         self.store.alloc_data(hint)
     }
 
+    /// Up to `max` adjacent data blocks near `hint`: the first, how many.
+    pub(super) fn alloc_data_run(&mut self, hint: u64, max: u64) -> Result<(u64, u64)> {
+        self.store.alloc_data_run(hint, max)
+    }
+
     /// Frees a data block: trimmed in this operation's transaction.
     pub(super) fn free_data(&mut self, lba: u64) {
-        self.store.free(lba);
+        self.store.free_data(lba);
     }
 
     /// The inode, with its lazy times (if any) applied.

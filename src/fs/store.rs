@@ -77,13 +77,30 @@ impl Allocator {
     /// that no read which looked up blocks before they were freed is still
     /// running.
     pub fn release_quarantined(&mut self) {
-        for lba in std::mem::take(&mut self.quarantined) {
-            self.release(lba);
+        let mut q = std::mem::take(&mut self.quarantined);
+        // As runs: a large delete frees long runs of adjacent blocks.
+        q.sort_unstable();
+        let mut i = 0;
+        while i < q.len() {
+            let mut n = 1;
+            while i + n < q.len() && q[i + n] == q[i] + n as u64 {
+                n += 1;
+            }
+            self.release_run(q[i], n as u64);
+            i += n;
         }
     }
 
     /// One free block, the lowest at or after `hint` if any (else the lowest).
     pub fn alloc(&mut self, hint: u64) -> Option<u64> {
+        self.alloc_run(hint, 1).map(|(at, _)| at)
+    }
+
+    /// Up to `max` (at least 1) adjacent free blocks: from `hint` if it is
+    /// free, else from the start of the first free run after it (else the
+    /// lowest). Returns the first block and how many.
+    pub fn alloc_run(&mut self, hint: u64, max: u64) -> Option<(u64, u64)> {
+        debug_assert!(max >= 1);
         let (&start, &len) = self
             .free
             .range(..=hint)
@@ -96,35 +113,46 @@ impl Allocator {
         } else {
             start
         };
+        let n = max.min(start + len - at);
         self.free.remove(&start);
         if at > start {
             self.free.insert(start, at - start);
         }
-        if at + 1 < start + len {
-            self.free.insert(at + 1, start + len - at - 1);
+        if at + n < start + len {
+            self.free.insert(at + n, start + len - at - n);
         }
-        self.free_blocks -= 1;
-        Some(at)
+        self.free_blocks -= n;
+        Some((at, n))
     }
 
     /// Returns a block, merging it with its neighbours.
     pub fn release(&mut self, block: u64) {
-        let mut start = block;
-        let mut len = 1;
-        if let Some((&s, &l)) = self.free.range(..block).next_back() {
-            debug_assert!(s + l <= block, "double free of block {block}");
-            if s + l == block {
+        self.release_run(block, 1);
+    }
+
+    /// Returns `n` adjacent blocks from `first`, merging them with their
+    /// neighbours.
+    pub fn release_run(&mut self, first: u64, n: u64) {
+        let mut start = first;
+        let mut len = n;
+        if let Some((&s, &l)) = self.free.range(..first).next_back() {
+            debug_assert!(s + l <= first, "double free of block {first}");
+            if s + l == first {
                 self.free.remove(&s);
                 start = s;
                 len += l;
             }
         }
-        if let Some(&l) = self.free.get(&(block + 1)) {
-            self.free.remove(&(block + 1));
+        debug_assert!(
+            self.free.range(first..first + n).next().is_none(),
+            "double free in {first}+{n}"
+        );
+        if let Some(&l) = self.free.get(&(first + n)) {
+            self.free.remove(&(first + n));
             len += l;
         }
         self.free.insert(start, len);
-        self.free_blocks += 1;
+        self.free_blocks += n;
     }
 }
 
@@ -136,6 +164,9 @@ pub struct VolumeStore<'a> {
     staged: HashMap<u64, Arc<Node>>,
     allocated: Vec<u64>,
     freed: BTreeSet<u64>,
+    /// Data blocks freed by this operation (never nodes: neither staged
+    /// nor cached), in the order freed.
+    freed_data: Vec<u64>,
 }
 
 /// Clean nodes kept in memory between operations.
@@ -154,6 +185,7 @@ impl<'a> VolumeStore<'a> {
             staged: HashMap::new(),
             allocated: Vec::new(),
             freed: BTreeSet::new(),
+            freed_data: Vec::new(),
         }
     }
 
@@ -161,7 +193,11 @@ impl<'a> VolumeStore<'a> {
     /// makes the changes visible to later operations. On failure nothing
     /// changed: blocks allocated by this operation go back to the allocator.
     pub fn commit(mut self, mut txn: Transaction) -> Result<()> {
-        if txn.is_empty() && self.staged.is_empty() && self.freed.is_empty() {
+        if txn.is_empty()
+            && self.staged.is_empty()
+            && self.freed.is_empty()
+            && self.freed_data.is_empty()
+        {
             return Ok(());
         }
         for (lba, node) in &self.staged {
@@ -169,8 +205,11 @@ impl<'a> VolumeStore<'a> {
         }
         // Freed blocks go out as runs: one trim entry per run of adjacent
         // blocks (the volume prices each entry by the map pages it may touch).
+        let mut all: Vec<u64> = self.freed.iter().copied().collect();
+        all.extend_from_slice(&self.freed_data);
+        all.sort_unstable();
         let mut runs = Runs::default();
-        for &lba in &self.freed {
+        for &lba in &all {
             runs.push(lba);
         }
         for (start, n) in runs.0 {
@@ -180,8 +219,9 @@ impl<'a> VolumeStore<'a> {
             Ok(()) => {
                 for lba in std::mem::take(&mut self.freed) {
                     self.cache.remove(&lba);
-                    self.alloc.quarantined.push(lba);
                 }
+                self.freed_data.clear();
+                self.alloc.quarantined.extend(all);
                 if self.cache.len() + self.staged.len() > NODE_CACHE {
                     self.cache.clear();
                 }
@@ -204,13 +244,32 @@ impl Drop for VolumeStore<'_> {
 }
 
 impl VolumeStore<'_> {
+    /// Frees a data block (see [`NodeStore::free`] for nodes): trimmed when
+    /// the operation commits.
+    pub fn free_data(&mut self, lba: u64) {
+        if let Some(i) = self.allocated.iter().position(|a| *a == lba) {
+            // Allocated and freed within this operation: never written.
+            self.allocated.swap_remove(i);
+            self.alloc.release(lba);
+        } else {
+            self.freed_data.push(lba);
+        }
+    }
+
     /// A block near `hint`, given back if the operation does not commit.
     pub fn alloc_data(&mut self, hint: u64) -> Result<u64> {
-        let lba = self.alloc.alloc(hint).ok_or_else(|| {
+        self.alloc_data_run(hint, 1).map(|(lba, _)| lba)
+    }
+
+    /// Up to `max` adjacent blocks near `hint` (see
+    /// [`Allocator::alloc_run`]), given back if the operation does not
+    /// commit: the first and how many.
+    pub fn alloc_data_run(&mut self, hint: u64, max: u64) -> Result<(u64, u64)> {
+        let (first, n) = self.alloc.alloc_run(hint, max).ok_or_else(|| {
             FsError::NoSpace("the file system has no free block; delete files".into())
         })?;
-        self.allocated.push(lba);
-        Ok(lba)
+        self.allocated.extend(first..first + n);
+        Ok((first, n))
     }
 }
 
@@ -284,5 +343,35 @@ mod tests {
         }
         assert_eq!(a.free_blocks(), 86);
         assert_eq!(a.free.len(), 3, "released blocks merge back into 3 extents");
+    }
+
+    /// Runs come from the hint (or the next free run), never cross a used
+    /// block, and go back (through the quarantine too) as runs.
+    #[test]
+    fn allocator_hands_out_and_takes_back_runs() {
+        let mut a = Allocator::from_allocated(1, 100, &[(5, 3), (50, 10)]);
+        assert_eq!(a.alloc_run(2, 10), Some((2, 3)), "stops before block 5");
+        assert_eq!(a.alloc_run(6, 4), Some((8, 4)), "5..8 is used: from 8");
+        assert_eq!(a.alloc_run(48, 100), Some((48, 2)));
+        assert_eq!(a.alloc_run(99, 100), Some((99, 1)));
+        assert_eq!(a.alloc_run(99, 100), Some((1, 1)), "none after: the lowest");
+        assert_eq!(a.free_blocks(), 99 - 13 - 11);
+        let mut got = BTreeSet::new();
+        while let Some((b, n)) = a.alloc_run(30, 7) {
+            assert!((1..=7).contains(&n));
+            for x in b..b + n {
+                assert!(got.insert(x), "block {x} handed out twice");
+                assert!(!(5..8).contains(&x) && !(50..60).contains(&x));
+            }
+        }
+        assert_eq!(a.free_blocks(), 0);
+        // Back through the quarantine, in any order: merged into runs.
+        a.quarantined.extend(got.iter().rev());
+        a.quarantined.extend([2, 3, 4, 8, 9, 10, 11, 48, 49, 99, 1]);
+        a.release_quarantined();
+        assert_eq!(a.free_blocks(), 99 - 13);
+        assert_eq!(a.free.len(), 3, "merged back into 3 extents");
+        a.release_run(5, 3);
+        assert_eq!(a.free.len(), 2, "a run that fills a gap joins both sides");
     }
 }

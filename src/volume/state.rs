@@ -181,6 +181,101 @@ impl State {
         Ok(())
     }
 
+    /// [`State::map_set`] (a change, not a relocation) of every block in
+    /// `lbas`, which lie in one map leaf, whose entry `select` picks: the
+    /// leaf, and each bitmap page, read once and written once. A leaf where
+    /// nothing is picked is left clean.
+    fn map_set_in_leaf(
+        &mut self,
+        ctx: &Ctx,
+        lbas: std::ops::Range<u64>,
+        new: MapEntry,
+        select: impl Fn(&MapEntry) -> bool,
+    ) -> Result<()> {
+        let per = MAP_ENTRIES_PER_PAGE as u64;
+        let leaf = lbas.start / per;
+        debug_assert!(lbas.start < lbas.end && lbas.end <= (leaf + 1) * per);
+        let key = PageKey::leaf(TreeId::Map, leaf);
+        let slot = |l: u64| (l % per) as usize * MAP_ENTRY_LEN;
+        // One bit per entry of the leaf (128 of them).
+        let mut picked = 0u128;
+        let page = self.trees.get(ctx, key)?;
+        for l in lbas.clone() {
+            if select(&MapEntry::decode(&page[slot(l)..])) {
+                picked |= 1 << (l % per);
+            }
+        }
+        if picked == 0 {
+            return Ok(());
+        }
+        let mut mapped_flips = 0u128;
+        let State {
+            trees,
+            usage,
+            allocated,
+            ..
+        } = self;
+        let page = trees.get_mut(ctx, key, &mut |t, p| usage.superseded(t, p))?;
+        for l in lbas {
+            if picked & (1 << (l % per)) == 0 {
+                continue;
+            }
+            let old = MapEntry::decode(&page[slot(l)..]);
+            new.encode(&mut page[slot(l)..]);
+            if old.is_stored() {
+                usage.dropped(old.gen, old.pba, old.key_gen, old.mac);
+            }
+            if new.is_stored() {
+                usage.inc(new.pba);
+            }
+            if old.is_mapped() != new.is_mapped() {
+                mapped_flips |= 1 << (l % per);
+                if new.is_mapped() {
+                    *allocated += 1;
+                } else {
+                    *allocated -= 1;
+                }
+            }
+        }
+        let base = leaf * per;
+        self.set_bits(ctx, TreeId::Allocated, base, mapped_flips, new.is_mapped())?;
+        self.set_bits(ctx, TreeId::Changed, base, picked, true)?;
+        if new.is_stored() {
+            self.set_bits(ctx, TreeId::KeyGen, base, picked, new.key_gen & 1 == 1)?;
+        }
+        Ok(())
+    }
+
+    /// Sets (or clears) the bits `mask` picks among the 128 starting at
+    /// `base`, a multiple of 128 (one map leaf's blocks, which one bitmap
+    /// page holds). A page whose bits already are so stays clean.
+    fn set_bits(
+        &mut self,
+        ctx: &Ctx,
+        tree: TreeId,
+        base: u64,
+        mask: u128,
+        value: bool,
+    ) -> Result<()> {
+        const _: () = assert!(BITS_PER_PAGE % MAP_ENTRIES_PER_PAGE as u64 == 0);
+        debug_assert_eq!(base % MAP_ENTRIES_PER_PAGE as u64, 0);
+        if mask == 0 {
+            return Ok(());
+        }
+        let key = PageKey::leaf(tree, base / BITS_PER_PAGE);
+        let at = ((base % BITS_PER_PAGE) / 8) as usize;
+        let bits = |p: &[u8]| u128::from_le_bytes(p[at..at + 16].try_into().expect("16 bytes"));
+        let now = bits(self.trees.get(ctx, key)?);
+        let want = if value { now | mask } else { now & !mask };
+        if want == now {
+            return Ok(());
+        }
+        let State { trees, usage, .. } = self;
+        let page = trees.get_mut(ctx, key, &mut |t, p| usage.superseded(t, p))?;
+        page[at..at + 16].copy_from_slice(&want.to_le_bytes());
+        Ok(())
+    }
+
     pub fn get_bit(&mut self, ctx: &Ctx, tree: TreeId, lba: Lba) -> Result<bool> {
         let key = PageKey::leaf(tree, lba.0 / BITS_PER_PAGE);
         let bit = lba.0 % BITS_PER_PAGE;
@@ -368,10 +463,13 @@ impl State {
                 Entry::Zero { lba, count } => {
                     // Zeroing a zeroed block changes nothing (not even
                     // its changed bit).
-                    for l in lba.0..lba.0 + count as u64 {
-                        if !self.lookup(ctx, Lba(l))?.is_zeroed() {
-                            self.map_set(ctx, Lba(l), MapEntry::ZEROED, true)?;
-                        }
+                    let per = MAP_ENTRIES_PER_PAGE as u64;
+                    let end = lba.0 + count as u64;
+                    let mut lo = lba.0;
+                    while lo < end {
+                        let hi = ((lo / per + 1) * per).min(end);
+                        self.map_set_in_leaf(ctx, lo..hi, MapEntry::ZEROED, |e| !e.is_zeroed())?;
+                        lo = hi;
                     }
                 }
                 Entry::Trim { lba, count } => {
@@ -380,12 +478,7 @@ impl State {
                     self.for_each_present_map_leaf(ctx, lba, count as u64, &mut |st, leaf| {
                         let lo = (leaf * per).max(lba.0);
                         let hi = ((leaf + 1) * per).min(end);
-                        for l in lo..hi {
-                            if st.lookup(ctx, Lba(l))?.is_mapped() {
-                                st.map_set(ctx, Lba(l), MapEntry::default(), true)?;
-                            }
-                        }
-                        Ok(())
+                        st.map_set_in_leaf(ctx, lo..hi, MapEntry::default(), MapEntry::is_mapped)
                     })?;
                 }
             }
