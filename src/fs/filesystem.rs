@@ -54,11 +54,11 @@ struct Meta {
     lazy: HashMap<Ino, LazyTimes>,
 }
 
-/// The held metadata lock; poisons it if dropped by a panic.
 /// The longest pause between two steps of a long operation while others
 /// wait for the metadata lock (a step is meant to be far shorter).
 const MAX_STEP_PAUSE: Duration = Duration::from_millis(2);
 
+/// The held metadata lock; poisons it if dropped by a panic.
 struct MetaGuard<'a> {
     guard: parking_lot::MutexGuard<'a, Meta>,
     poisoned: &'a std::sync::atomic::AtomicBool,
@@ -1060,8 +1060,8 @@ impl Fs {
                 // for as long as the step held it. A process whose every
                 // request needs the lock (a mkdir loop) would otherwise
                 // find it taken at each of its requests and wait out most
-                // of a step each time, the hand-over below gives it only
-                // the requests already waiting.
+                // of a step each time: the hand-over below gives it only
+                // the request already waiting, not the next one.
                 let held = began.elapsed().min(MAX_STEP_PAUSE);
                 drop(guard);
                 self.step_pauses.fetch_add(1, Ordering::Relaxed);
