@@ -1067,6 +1067,9 @@ impl Fs {
                 self.step_pauses.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(held);
                 guard = self.lock_meta()?;
+                // A wait of this thread's own, just now, is not one of
+                // another's during a step.
+                self.meta_waited.store(false, Ordering::Relaxed);
             } else {
                 parking_lot::MutexGuard::bump(&mut guard.guard);
             }

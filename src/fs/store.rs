@@ -208,6 +208,9 @@ impl<'a> VolumeStore<'a> {
         let mut all: Vec<u64> = self.freed.iter().copied().collect();
         all.extend_from_slice(&self.freed_data);
         all.sort_unstable();
+        // A block named twice (damaged metadata) is freed once: twice
+        // would give it to two files later.
+        all.dedup();
         let mut runs = Runs::default();
         for &lba in &all {
             runs.push(lba);

@@ -192,6 +192,7 @@ impl State {
         new: MapEntry,
         select: impl Fn(&MapEntry) -> bool,
     ) -> Result<()> {
+        const _: () = assert!(MAP_ENTRIES_PER_PAGE == 128, "one u128 bit per entry");
         let per = MAP_ENTRIES_PER_PAGE as u64;
         let leaf = lbas.start / per;
         debug_assert!(lbas.start < lbas.end && lbas.end <= (leaf + 1) * per);
