@@ -84,9 +84,14 @@ impl<R: Read> Stream<R> {
 
     fn take(&mut self, buf: &mut [u8]) -> Result<()> {
         read_all(&mut self.r, buf, &self.name)?;
-        self.sha.update(&*buf);
-        self.bytes += buf.len() as u64;
+        self.absorb(buf);
         Ok(())
+    }
+
+    /// Counts and hashes bytes of the stream just read.
+    fn absorb(&mut self, buf: &[u8]) {
+        self.sha.update(buf);
+        self.bytes += buf.len() as u64;
     }
 
     fn frame(&mut self) -> Result<Frame> {
@@ -155,8 +160,7 @@ impl<R: Read> Stream<R> {
             let what = format!("the chunk at byte {}", self.bytes - 4);
             return Err(short_frame(&self.name, &what, len, &ct[..got]));
         }
-        self.sha.update(&ct);
-        self.bytes += len as u64;
+        self.absorb(&ct);
         Ok(Frame::Chunk(ct))
     }
 
@@ -355,14 +359,12 @@ fn short_frame(name: &str, what: &str, len: usize, read: &[u8]) -> ExportError {
     ))
 }
 
+/// Fills `buf`; input that ends first was cut short.
 fn read_all(r: &mut impl Read, buf: &mut [u8], name: &str) -> Result<()> {
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            cut_short(name)
-        } else {
-            ExportError::io(format!("reading {name}"), e)
-        }
-    })
+    if read_upto(r, buf, name)? < buf.len() {
+        return Err(cut_short(name));
+    }
+    Ok(())
 }
 
 /// Blocks a restore applies between two write-back hints (32 MiB).

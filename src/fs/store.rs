@@ -250,13 +250,20 @@ impl VolumeStore<'_> {
     /// Frees a data block (see [`NodeStore::free`] for nodes): trimmed when
     /// the operation commits.
     pub fn free_data(&mut self, lba: u64) {
-        if let Some(i) = self.allocated.iter().position(|a| *a == lba) {
-            // Allocated and freed within this operation: never written.
-            self.allocated.swap_remove(i);
-            self.alloc.release(lba);
-        } else {
+        if !self.give_back_if_new(lba) {
             self.freed_data.push(lba);
         }
+    }
+
+    /// A block allocated within this operation, and so never written, goes
+    /// straight back to the allocator; says whether `lba` was one.
+    fn give_back_if_new(&mut self, lba: u64) -> bool {
+        let Some(i) = self.allocated.iter().position(|a| *a == lba) else {
+            return false;
+        };
+        self.allocated.swap_remove(i);
+        self.alloc.release(lba);
+        true
     }
 
     /// A block near `hint`, given back if the operation does not commit.
@@ -317,11 +324,7 @@ impl NodeStore for VolumeStore<'_> {
 
     fn free(&mut self, lba: u64) {
         self.staged.remove(&lba);
-        if let Some(i) = self.allocated.iter().position(|a| *a == lba) {
-            // Allocated and freed within this operation: never written.
-            self.allocated.swap_remove(i);
-            self.alloc.release(lba);
-        } else {
+        if !self.give_back_if_new(lba) {
             self.freed.insert(lba);
         }
     }

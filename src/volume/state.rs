@@ -88,6 +88,37 @@ struct Release {
     cleaned: BTreeSet<SegmentId>,
 }
 
+/// Writes `new` over the map entry at the start of `at` and keeps the
+/// segment usage and the allocated count exact; returns the old entry.
+/// `changed` is false only for the cleaner's relocations, which move a block
+/// rather than drop it. The bitmaps are the caller's.
+fn replace_entry(
+    at: &mut [u8],
+    new: MapEntry,
+    changed: bool,
+    usage: &mut Usage,
+    allocated: &mut u64,
+) -> MapEntry {
+    let old = MapEntry::decode(at);
+    new.encode(at);
+    if old.is_stored() {
+        if changed {
+            usage.dropped(old.gen, old.pba, old.key_gen, old.mac);
+        } else {
+            usage.dec(old.pba);
+        }
+    }
+    if new.is_stored() {
+        usage.inc(new.pba);
+    }
+    match (old.is_mapped(), new.is_mapped()) {
+        (false, true) => *allocated += 1,
+        (true, false) => *allocated -= 1,
+        _ => {}
+    }
+    old
+}
+
 impl State {
     /// The state a checkpoint records (before the log after it is replayed).
     pub fn at_checkpoint(geo: Geometry, ckpt: Checkpoints, cache_pages: usize) -> State {
@@ -147,30 +178,16 @@ impl State {
     fn map_set(&mut self, ctx: &Ctx, lba: Lba, new: MapEntry, changed: bool) -> Result<()> {
         let key = PageKey::leaf(TreeId::Map, lba.0 / MAP_ENTRIES_PER_PAGE as u64);
         let slot = (lba.0 % MAP_ENTRIES_PER_PAGE as u64) as usize * MAP_ENTRY_LEN;
-        let State { trees, usage, .. } = self;
+        let State {
+            trees,
+            usage,
+            allocated,
+            ..
+        } = self;
         let page = trees.get_mut(ctx, key, &mut |t, p| usage.superseded(t, p))?;
-        let old = MapEntry::decode(&page[slot..]);
-        new.encode(&mut page[slot..]);
-        if old.is_stored() {
-            if changed {
-                usage.dropped(old.gen, old.pba, old.key_gen, old.mac);
-            } else {
-                usage.dec(old.pba);
-            }
-        }
-        if new.is_stored() {
-            usage.inc(new.pba);
-        }
-        match (old.is_mapped(), new.is_mapped()) {
-            (false, true) => {
-                self.allocated += 1;
-                self.set_bit(ctx, TreeId::Allocated, lba, true)?;
-            }
-            (true, false) => {
-                self.allocated -= 1;
-                self.set_bit(ctx, TreeId::Allocated, lba, false)?;
-            }
-            _ => {}
+        let old = replace_entry(&mut page[slot..], new, changed, usage, allocated);
+        if old.is_mapped() != new.is_mapped() {
+            self.set_bit(ctx, TreeId::Allocated, lba, new.is_mapped())?;
         }
         if changed {
             self.set_bit(ctx, TreeId::Changed, lba, true)?;
@@ -221,21 +238,9 @@ impl State {
             if picked & (1 << (l % per)) == 0 {
                 continue;
             }
-            let old = MapEntry::decode(&page[slot(l)..]);
-            new.encode(&mut page[slot(l)..]);
-            if old.is_stored() {
-                usage.dropped(old.gen, old.pba, old.key_gen, old.mac);
-            }
-            if new.is_stored() {
-                usage.inc(new.pba);
-            }
+            let old = replace_entry(&mut page[slot(l)..], new, true, usage, allocated);
             if old.is_mapped() != new.is_mapped() {
                 mapped_flips |= 1 << (l % per);
-                if new.is_mapped() {
-                    *allocated += 1;
-                } else {
-                    *allocated -= 1;
-                }
             }
         }
         let base = leaf * per;
