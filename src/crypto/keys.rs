@@ -23,6 +23,12 @@ pub const LABEL_KCV: &[u8] = b"lsvfs v1 key check value";
 pub const LABEL_EXPORT: &[u8] = b"lsvfs v1 export volume slot";
 pub const LABEL_GEN_WRAP: &[u8] = b"lsvfs v1 key generation wrap";
 
+/// What the MAC input adds after the ciphertext: the encoded tag (17
+/// bytes) and the volume id (16).
+const MAC_TAIL: usize = 17 + 16;
+/// The longest ciphertext whose MAC input is hashed in one piece.
+const MAC_JOINED: usize = crate::BLOCK_SIZE;
+
 /// 32 random bytes from the operating system.
 pub fn random_bytes<const N: usize>() -> Result<Zeroizing<[u8; N]>, CryptoError> {
     let mut out = Zeroizing::new([0u8; N]);
@@ -252,9 +258,26 @@ impl GenKeys {
         // The ciphertext goes first so it lines up with BLAKE3's 1 KiB chunks,
         // which BLAKE3 then hashes in parallel SIMD lanes.
         let mut h = blake3::Hasher::new_keyed(&self.s.mac_key);
-        h.update(ciphertext);
-        h.update(&tag.encode());
-        h.update(&self.s.volume_id);
+        let tag = tag.encode();
+        let n = ciphertext.len();
+        if n % blake3::CHUNK_LEN == 0 || n > MAC_JOINED {
+            h.update(ciphertext);
+            h.update(&tag);
+            h.update(&self.s.volume_id);
+        } else {
+            // A ciphertext that ends inside a chunk (a summary's body, a
+            // checkpoint's): given in one piece with what follows it, so
+            // that the hasher sees each whole chunk followed by more input
+            // and hashes them in parallel lanes. Given in three pieces, it
+            // compressed the last whole chunk and the partial one 64 bytes
+            // at a time (for a summary, 2 of its 4 chunks). Same bytes,
+            // same MAC.
+            let mut joined = [0u8; MAC_JOINED + MAC_TAIL];
+            joined[..n].copy_from_slice(ciphertext);
+            joined[n..n + tag.len()].copy_from_slice(&tag);
+            joined[n + tag.len()..n + MAC_TAIL].copy_from_slice(&self.s.volume_id);
+            h.update(&joined[..n + MAC_TAIL]);
+        }
         let full = h.finalize();
         let mut out = [0u8; MAC_LEN];
         out.copy_from_slice(&full.as_bytes()[..MAC_LEN]);

@@ -246,7 +246,18 @@ impl Drop for VolumeStore<'_> {
     }
 }
 
+fn used_after_free(lba: u64) -> FsError {
+    FsError::Corrupted(format!("metadata node {lba} used after it was freed"))
+}
+
 impl VolumeStore<'_> {
+    /// The committed node at `lba`, read from the volume (not cached).
+    fn load(&self, lba: u64) -> Result<Node> {
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        self.volume.read(Lba(lba), &mut buf)?;
+        Node::decode(&buf, lba)
+    }
+
     /// Frees a data block (see [`NodeStore::free`] for nodes): trimmed when
     /// the operation commits.
     pub fn free_data(&mut self, lba: u64) {
@@ -286,26 +297,32 @@ impl VolumeStore<'_> {
 impl NodeStore for VolumeStore<'_> {
     fn read(&mut self, lba: u64) -> Result<Arc<Node>> {
         if self.freed.contains(&lba) {
-            return Err(FsError::Corrupted(format!(
-                "metadata node {lba} used after it was freed"
-            )));
+            return Err(used_after_free(lba));
         }
         if let Some(n) = self.staged.get(&lba).or_else(|| self.cache.get(&lba)) {
             return Ok(n.clone());
         }
-        let mut buf = vec![0u8; BLOCK_SIZE];
-        self.volume.read(Lba(lba), &mut buf)?;
-        let node = Arc::new(Node::decode(&buf, lba)?);
+        let node = Arc::new(self.load(lba)?);
         self.cache.insert(lba, node.clone());
         Ok(node)
     }
 
     fn take(&mut self, lba: u64) -> Result<Node> {
-        match self.staged.remove(&lba) {
-            // Changed earlier in this operation: moved, not copied (unless
-            // a reader still holds it).
+        // Changed earlier in this operation, or clean in the cache: moved
+        // out, not copied (unless a reader still holds it). Copying a
+        // cached leaf (every key's and value's reference count up, and
+        // down again when the changed leaf replaced it) was a tenth of an
+        // unlink's work. A clean node taken and not written back is simply
+        // read again from the volume by the next operation.
+        if let Some(n) = self.staged.remove(&lba) {
+            return Ok(Arc::unwrap_or_clone(n));
+        }
+        if self.freed.contains(&lba) {
+            return Err(used_after_free(lba));
+        }
+        match self.cache.remove(&lba) {
             Some(n) => Ok(Arc::unwrap_or_clone(n)),
-            None => Ok(Arc::unwrap_or_clone(self.read(lba)?)),
+            None => self.load(lba),
         }
     }
 
