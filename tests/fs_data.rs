@@ -97,6 +97,9 @@ fn random_io_matches_a_model_across_kills() {
             }
         }
         if step % 100 == 99 {
+            // A kill after every completed operation reached the log (a
+            // kill loses what is still pending: see fs_namespace.rs).
+            fs.commit_pending().unwrap();
             let img = dev.image();
             drop(fs);
             dev = Arc::new(MemDevice::from_image(img));
@@ -341,6 +344,7 @@ fn unlinked_open_files_live_until_closed_or_remounted() {
     fs.write_data(ino, 0, &pattern(4, 50_000), false).unwrap();
     fs.open(ino);
     fs.unlink(ROOT, b"tmp2").unwrap();
+    fs.commit_pending().unwrap();
     let img = dev.image();
     drop(fs);
     let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img)))).unwrap();
@@ -491,6 +495,7 @@ fn deleting_a_huge_file_frees_it_in_steps() {
     // `b` is open when unlinked; the process dies before closing it.
     fs.open(b);
     fs.unlink(ROOT, b"b").unwrap();
+    fs.commit_pending().unwrap();
     let img = dev.image();
     drop(fs);
     dev = Arc::new(MemDevice::from_image(img));

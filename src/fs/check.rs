@@ -187,6 +187,9 @@ impl Fs {
     /// the right type, cookies and entries agree, link counts are right,
     /// no block is used twice, and every allocated block is accounted for.
     pub fn check(&self) -> Result<FsReport> {
+        // The volume's allocated blocks are compared with what the tree
+        // names: both as of one commit.
+        self.commit_pending()?;
         let mut r = FsReport::default();
         let (items, nodes) = self.read_op(|op| {
             let all = op

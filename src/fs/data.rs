@@ -841,6 +841,8 @@ impl Fs {
     }
 
     pub fn statfs(&self) -> Result<FsStats> {
+        // Space that completed operations freed counts as free.
+        self.commit_pending_frees()?;
         let (free, files) = self.meta_stats()?;
         // Blocks snapshots hold take room the file system could otherwise use.
         let free = if self.volume().is_read_only() {

@@ -1,6 +1,7 @@
 //! The file system's namespace: inodes and directories on the metadata
-//! B+tree. Every public operation is one volume transaction: it either
-//! happens completely or, after any crash, not at all.
+//! B+tree. Every public operation either happens completely or, after any
+//! crash, not at all; operations reach the volume's log in their order
+//! (see [`Pending`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -14,7 +15,7 @@ use super::format::{
     Dirent, Ino, Inode, Superblock, Time, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
 };
 use super::holds::Holds;
-use super::store::{Allocator, VolumeStore};
+use super::store::{Allocator, Pending, VolumeStore};
 use crate::fs::{FsError, Posix, Result};
 use crate::volume::{Lba, SnapshotId, SnapshotInfo, Transaction, Volume};
 
@@ -49,10 +50,21 @@ struct Meta {
     tree: BTree,
     alloc: Allocator,
     cache: HashMap<u64, std::sync::Arc<Node>>,
+    /// Metadata changes of completed operations, not yet committed.
+    pending: Pending,
     /// Lazy times: mtime and ctime of files changed only by overwrites,
     /// kept in memory until the next sync (as ext4's `lazytime`).
     lazy: HashMap<Ino, LazyTimes>,
 }
+
+/// Pending metadata changes (see [`Pending`]) are committed with the
+/// operation that brings them to this many changed nodes (1 MiB)...
+const PENDING_NODES: usize = 256;
+/// ...or to this many freed blocks (64 MiB).
+const PENDING_FREED: u64 = 16384;
+/// Below this many free blocks (128 MiB), blocks that pending operations
+/// freed are committed before the next operation, which may need them.
+const LOW_SPACE_BLOCKS: u64 = 32768;
 
 /// The longest pause between two steps of a long operation while others
 /// wait for the metadata lock (a step is meant to be far shorter).
@@ -588,7 +600,8 @@ impl Fs {
         }
         let mut alloc = Allocator::from_allocated(1, volume.logical_blocks(), &[]);
         let mut cache = HashMap::new();
-        let mut store = VolumeStore::new(volume, &mut alloc, &mut cache);
+        let mut pending = Pending::default();
+        let mut store = VolumeStore::new(volume, &mut alloc, &mut cache, &mut pending);
         let mut tree = BTree::create(&mut store)?;
         let mut root = Inode::new(libc::S_IFDIR | 0o755, uid, gid, 0);
         root.nlink = 2;
@@ -628,6 +641,7 @@ impl Fs {
                 sb,
                 alloc,
                 cache: HashMap::new(),
+                pending: Pending::default(),
                 lazy: HashMap::new(),
             }),
             holds: Mutex::new(Holds::default()),
@@ -878,17 +892,20 @@ impl Fs {
     /// The volume's own check (pages, blocks, bitmaps). For tests.
     #[doc(hidden)]
     pub fn volume_check(&self) -> Result<crate::volume::CheckReport> {
+        self.commit_pending()?;
         Ok(self.volume.check()?)
     }
 
     /// Logical blocks the volume maps (superblock, metadata nodes, data).
     #[doc(hidden)]
     pub fn mapped_blocks(&self) -> Result<u64> {
+        self.commit_pending()?;
         Ok(self.volume.allocated_runs()?.iter().map(|(_, n)| n).sum())
     }
 
-    /// Stores lazy times and flushes the volume: after this returns, every
-    /// completed operation survives a crash (fsync, syncfs, the periodic flush).
+    /// Stores lazy times, commits pending operations and flushes the
+    /// volume: after this returns, every completed operation survives a
+    /// crash (fsync, syncfs, the periodic flush).
     pub fn sync(&self) -> Result<()> {
         if self.volume.is_read_only() {
             return Ok(());
@@ -896,14 +913,20 @@ impl Fs {
         if let Err(e) = self.reclaim_unheld() {
             tracing::warn!("freeing deleted inodes (retried at the next mount): {e}");
         }
-        let times = self.op(|op, _| Self::store_lazy_times(op));
+        let times = self.op_now(|op, _| Self::store_lazy_times(op));
         // The volume is flushed even when the times could not be stored
-        // (a full volume): committed data must not wait for them.
+        // (a full volume): committed data must not wait for them, nor
+        // pending operations.
+        let pending = match &times {
+            Ok(()) => Ok(()),
+            Err(_) => self.commit_pending(),
+        };
         let flushed = self.volume.flush();
         if let Err(e) = &times {
             tracing::warn!("storing file times: {e}");
         }
-        Ok(flushed?)
+        flushed?;
+        pending
     }
 
     /// [`Fs::sync`] shared between concurrent callers (group commit): a
@@ -972,7 +995,7 @@ impl Fs {
     /// in memory are stored first.
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotId> {
         let mut guard = self.lock_meta()?;
-        self.op_in(&mut guard, |op, _| Self::store_lazy_times(op))?;
+        self.op_in(&mut guard, false, |op, _| Self::store_lazy_times(op))?;
         let id = self.volume.snapshot_create(name)?;
         drop(guard);
         Ok(id)
@@ -1029,12 +1052,51 @@ impl Fs {
 
     /// Runs `f` as one operation: its tree changes, plus whatever it adds to
     /// the transaction, commit atomically; on any error nothing changes.
+    /// An operation that changes only metadata (nothing in the
+    /// transaction) is not written yet: its changes wait, with those of
+    /// the operations before it, for the next commit (see [`Pending`]).
     pub(super) fn op<T>(
         &self,
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
         let mut guard = self.lock_meta()?;
-        self.op_in(&mut guard, f)
+        self.op_in(&mut guard, true, f)
+    }
+
+    /// [`Fs::op`] committed at once, with every change still pending.
+    fn op_now<T>(&self, f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>) -> Result<T> {
+        let mut guard = self.lock_meta()?;
+        self.op_in(&mut guard, false, f)
+    }
+
+    /// Commits the metadata changes of completed operations that are still
+    /// pending (see [`Pending`]): after this, the volume's log holds every
+    /// completed operation (a flush makes them durable).
+    pub fn commit_pending(&self) -> Result<()> {
+        if self.volume.is_read_only() {
+            return Ok(());
+        }
+        let mut guard = self.lock_meta()?;
+        self.commit_pending_in(&mut guard)
+    }
+
+    fn commit_pending_in(&self, guard: &mut Meta) -> Result<()> {
+        if guard.pending.is_empty() {
+            return Ok(());
+        }
+        self.run_op(guard, false, |_, _| Ok(()))
+    }
+
+    /// Commits pending frees, so that free space counts them.
+    pub(super) fn commit_pending_frees(&self) -> Result<()> {
+        if self.volume.is_read_only() {
+            return Ok(());
+        }
+        let mut guard = self.lock_meta()?;
+        if guard.pending.freed_blocks() == 0 {
+            return Ok(());
+        }
+        self.commit_pending_in(&mut guard)
     }
 
     /// Runs `step` as one operation after another, each its own
@@ -1052,7 +1114,7 @@ impl Fs {
         self.meta_waited.store(false, Ordering::Relaxed);
         loop {
             let began = Instant::now();
-            if let Some(v) = self.op_in(&mut guard, &mut step)? {
+            if let Some(v) = self.op_in(&mut guard, false, &mut step)? {
                 return Ok(v);
             }
             if self.meta_waited.swap(false, Ordering::Relaxed) {
@@ -1097,12 +1159,32 @@ impl Fs {
         })
     }
 
-    /// [`Fs::op`] with the metadata lock already held.
+    /// [`Fs::op`] with the metadata lock already held; `defer` says
+    /// whether a change of metadata alone may wait (see [`Pending`]).
     fn op_in<T>(
         &self,
         guard: &mut Meta,
+        defer: bool,
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
+        if guard.pending.freed_blocks() > 0 && guard.alloc.free_blocks() < LOW_SPACE_BLOCKS {
+            // Space is short: what pending operations freed becomes
+            // allocatable once committed (and out of quarantine, below).
+            self.commit_pending_in(guard)?;
+        }
+        self.run_op(guard, defer, f)
+    }
+
+    /// [`Fs::op_in`] without its check of free space.
+    fn run_op<T>(
+        &self,
+        guard: &mut Meta,
+        defer: bool,
+        f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
+    ) -> Result<T> {
+        let defer = defer
+            && guard.pending.nodes() < PENDING_NODES
+            && guard.pending.freed_blocks() < PENDING_FREED;
         // Usually without waiting: a read in flight (holding `reads`) keeps
         // the quarantine for a later operation. When most free space is in
         // quarantine, wait for the reads in flight; they never wait for the
@@ -1122,11 +1204,12 @@ impl Fs {
                 tree,
                 alloc,
                 cache,
+                pending,
                 lazy,
             } = &mut *guard;
             let mut txn = Transaction::new();
             let mut op = Op {
-                store: VolumeStore::new(&self.volume, alloc, cache),
+                store: VolumeStore::new(&self.volume, alloc, cache, pending),
                 tree,
                 sb,
                 holds: &self.holds,
@@ -1145,7 +1228,7 @@ impl Fs {
                     sb.root = tree.root;
                     txn.write(SUPERBLOCK, sb.encode());
                 }
-                store.commit(txn).map(|_| v)
+                store.finish(txn, defer).map(|_| v)
             });
             (result, lazy_undo, touched)
         };

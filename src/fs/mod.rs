@@ -3,8 +3,10 @@
 //!
 //! Its metadata (inodes, directory entries, xattrs, extents) lives in one
 //! B+tree ([`btree`]) whose nodes are volume blocks; each file-system
-//! operation stages its node, data and trim changes and commits them as a
-//! single volume transaction, so every operation is atomic across crashes.
+//! operation stages its node, data and trim changes, and they reach the
+//! volume in whole volume transactions, in order (a metadata-only
+//! operation waits for the next commit: [`store::Pending`]), so every
+//! operation is atomic across crashes.
 
 pub mod acl;
 pub mod btree;

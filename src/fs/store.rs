@@ -6,7 +6,7 @@
 //! operation that needs it, so allocation can never leak across a crash.
 //! At mount the free extents are rebuilt from the bitmap.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::btree::{Node, NodeStore};
@@ -156,11 +156,48 @@ impl Allocator {
     }
 }
 
-/// Nodes read from the volume, with one operation's changes staged.
+/// The metadata changes of completed operations that are not in the
+/// volume's log yet (a deferred commit). An operation that changes only
+/// metadata adds its changes here instead of committing them; the next
+/// transaction that commits carries them all (the next operation that
+/// writes data, a sync, or an explicit commit), so the log holds every
+/// operation up to some point, never part of one, in their order.
+#[derive(Default)]
+pub struct Pending {
+    /// Changed nodes, the newest version of each.
+    nodes: HashMap<u64, Arc<Node>>,
+    /// Blocks the log maps that pending operations freed (nodes and
+    /// data): trimmed by the commit, and handed out again only after it.
+    freed: BTreeSet<u64>,
+    /// Blocks pending operations took for new nodes. They hold nothing in
+    /// the log yet: one freed again before the commit goes straight back.
+    allocated: HashSet<u64>,
+}
+
+impl Pending {
+    /// Whether no change is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.freed.is_empty() && self.allocated.is_empty()
+    }
+
+    /// Changed nodes waiting.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Blocks freed by pending operations: free once committed.
+    pub fn freed_blocks(&self) -> u64 {
+        self.freed.len() as u64
+    }
+}
+
+/// Nodes read from the volume, with one operation's changes staged over
+/// the changes still pending from earlier operations.
 pub struct VolumeStore<'a> {
     volume: &'a Volume,
     alloc: &'a mut Allocator,
     cache: &'a mut HashMap<u64, Arc<Node>>,
+    pending: &'a mut Pending,
     staged: HashMap<u64, Arc<Node>>,
     allocated: Vec<u64>,
     freed: BTreeSet<u64>,
@@ -177,11 +214,13 @@ impl<'a> VolumeStore<'a> {
         volume: &'a Volume,
         alloc: &'a mut Allocator,
         cache: &'a mut HashMap<u64, Arc<Node>>,
+        pending: &'a mut Pending,
     ) -> Self {
         VolumeStore {
             volume,
             alloc,
             cache,
+            pending,
             staged: HashMap::new(),
             allocated: Vec::new(),
             freed: BTreeSet::new(),
@@ -189,51 +228,104 @@ impl<'a> VolumeStore<'a> {
         }
     }
 
-    /// Adds the staged node writes and frees to `txn`, commits it, and
-    /// makes the changes visible to later operations. On failure nothing
-    /// changed: blocks allocated by this operation go back to the allocator.
-    pub fn commit(mut self, mut txn: Transaction) -> Result<()> {
-        if txn.is_empty()
-            && self.staged.is_empty()
-            && self.freed.is_empty()
-            && self.freed_data.is_empty()
-        {
+    /// Adds the pending and staged node writes and frees to `txn`, commits
+    /// it, and makes the changes visible to later operations. On failure
+    /// nothing changed: blocks allocated by this operation go back to the
+    /// allocator, and what was pending still is.
+    pub fn commit(self, txn: Transaction) -> Result<()> {
+        self.finish(txn, false)
+    }
+
+    /// Ends the operation: with `defer` and nothing in `txn` (no data),
+    /// its changes join the pending ones (see [`Pending`]) and nothing is
+    /// written; otherwise as [`VolumeStore::commit`].
+    pub fn finish(mut self, mut txn: Transaction, defer: bool) -> Result<()> {
+        let own_changes =
+            !(self.staged.is_empty() && self.freed.is_empty() && self.freed_data.is_empty());
+        if txn.is_empty() && !own_changes && (defer || self.pending.is_empty()) {
             return Ok(());
+        }
+        if defer && txn.is_empty() {
+            self.merge_into_pending();
+            return Ok(());
+        }
+        // Freed blocks that only pending operations had taken were never
+        // written: they go straight back after the commit, untrimmed.
+        let mut unwritten = Vec::new();
+        let mut trims: Vec<u64> = Vec::new();
+        for lba in self.freed.iter().chain(&self.freed_data) {
+            if self.pending.allocated.contains(lba) {
+                unwritten.push(*lba);
+            } else {
+                trims.push(*lba);
+            }
+        }
+        for (lba, node) in &self.pending.nodes {
+            if !self.staged.contains_key(lba) && !self.freed.contains(lba) {
+                txn.write(Lba(*lba), node.encode());
+            }
         }
         for (lba, node) in &self.staged {
             txn.write(Lba(*lba), node.encode());
         }
         // Freed blocks go out as runs: one trim entry per run of adjacent
         // blocks (the volume prices each entry by the map pages it may touch).
-        let mut all: Vec<u64> = self.freed.iter().copied().collect();
-        all.extend_from_slice(&self.freed_data);
-        all.sort_unstable();
+        trims.extend(&self.pending.freed);
+        trims.sort_unstable();
         // A block named twice (damaged metadata) is freed once: twice
         // would give it to two files later.
-        all.dedup();
+        trims.dedup();
         let mut runs = Runs::default();
-        for &lba in &all {
+        for &lba in &trims {
             runs.push(lba);
         }
         for (start, n) in runs.0 {
             txn.trim(Lba(start), n);
         }
-        match self.volume.commit(txn) {
-            Ok(()) => {
-                for lba in std::mem::take(&mut self.freed) {
-                    self.cache.remove(&lba);
-                }
-                self.freed_data.clear();
-                self.alloc.quarantined.extend(all);
-                if self.cache.len() + self.staged.len() > NODE_CACHE {
-                    self.cache.clear();
-                }
-                self.cache.extend(self.staged.drain());
-                self.allocated.clear();
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
+        self.volume.commit(txn)?;
+        let pending = std::mem::take(self.pending);
+        let freed = std::mem::take(&mut self.freed);
+        self.freed_data.clear();
+        for lba in freed.iter().chain(&trims) {
+            self.cache.remove(lba);
         }
+        for lba in unwritten {
+            self.alloc.release(lba);
+        }
+        self.alloc.quarantined.extend(trims);
+        if self.cache.len() + pending.nodes.len() + self.staged.len() > NODE_CACHE {
+            self.cache.clear();
+        }
+        for (lba, node) in pending.nodes {
+            if !freed.contains(&lba) {
+                self.cache.insert(lba, node);
+            }
+        }
+        self.cache.extend(self.staged.drain());
+        self.allocated.clear();
+        Ok(())
+    }
+
+    /// Adds this operation's changes to the pending ones.
+    fn merge_into_pending(&mut self) {
+        let p = &mut *self.pending;
+        for lba in std::mem::take(&mut self.freed)
+            .into_iter()
+            .chain(std::mem::take(&mut self.freed_data))
+        {
+            p.nodes.remove(&lba);
+            self.cache.remove(&lba);
+            if p.allocated.remove(&lba) {
+                self.alloc.release(lba);
+            } else {
+                p.freed.insert(lba);
+            }
+        }
+        for (lba, node) in self.staged.drain() {
+            self.cache.remove(&lba);
+            p.nodes.insert(lba, node);
+        }
+        p.allocated.extend(self.allocated.drain(..));
     }
 }
 
@@ -296,10 +388,15 @@ impl VolumeStore<'_> {
 
 impl NodeStore for VolumeStore<'_> {
     fn read(&mut self, lba: u64) -> Result<Arc<Node>> {
-        if self.freed.contains(&lba) {
+        if self.freed.contains(&lba) || self.pending.freed.contains(&lba) {
             return Err(used_after_free(lba));
         }
-        if let Some(n) = self.staged.get(&lba).or_else(|| self.cache.get(&lba)) {
+        if let Some(n) = self
+            .staged
+            .get(&lba)
+            .or_else(|| self.pending.nodes.get(&lba))
+            .or_else(|| self.cache.get(&lba))
+        {
             return Ok(n.clone());
         }
         let node = Arc::new(self.load(lba)?);
@@ -317,8 +414,13 @@ impl NodeStore for VolumeStore<'_> {
         if let Some(n) = self.staged.remove(&lba) {
             return Ok(Arc::unwrap_or_clone(n));
         }
-        if self.freed.contains(&lba) {
+        if self.freed.contains(&lba) || self.pending.freed.contains(&lba) {
             return Err(used_after_free(lba));
+        }
+        // A pending node stays pending until this operation succeeds: it
+        // is copied (if this one fails, the earlier ones' change remains).
+        if let Some(n) = self.pending.nodes.get(&lba) {
+            return Ok(Node::clone(n));
         }
         match self.cache.remove(&lba) {
             Some(n) => Ok(Arc::unwrap_or_clone(n)),
