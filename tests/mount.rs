@@ -273,6 +273,48 @@ fn kill_dash_nine_during_writes_keeps_fsynced_files() {
     t.unmount_and_check();
 }
 
+/// Operations that change metadata only wait in memory for a commit; an
+/// fsync of the directory commits them. Each round makes a directory, an
+/// empty file in it and renames that, then fsyncs the directory; the
+/// daemon is killed right after the last round, with nothing else
+/// writing: every round must be there. (With the fsync leaving them
+/// pending, the rounds since the last 5-second flush are lost: tried.)
+#[test]
+fn kill_dash_nine_keeps_fsynced_metadata_only_operations() {
+    let t = Mounted::new();
+    for i in 0..40 {
+        let d = t.m().join(format!("n{i}"));
+        fs::create_dir(&d).unwrap();
+        fs::File::create(d.join("new")).unwrap();
+        fs::rename(d.join("new"), d.join("renamed")).unwrap();
+        fs::File::open(&d).unwrap().sync_all().unwrap();
+    }
+    let pid = t.daemon_pid();
+    assert!(Command::new("kill")
+        .arg("-9")
+        .arg(&pid)
+        .status()
+        .unwrap()
+        .success());
+    let _ = Command::new("fusermount3").arg("-uz").arg(t.m()).status();
+    for _ in 0..100 {
+        if lsvfs::device::FileDevice::open(&t.p().join("v.vol"), false).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(ok(&["check", "v.vol", "--key-file", "k"], t.p()).contains("clean"));
+    t.mount();
+    for i in 0..40 {
+        let d = t.m().join(format!("n{i}"));
+        assert!(
+            d.join("renamed").exists() && !d.join("new").exists(),
+            "n{i}: its mkdir, create and rename were fsynced, yet are not all there after kill -9"
+        );
+    }
+    t.unmount_and_check();
+}
+
 /// Bytes that differ per file and per position, so a misplaced block shows.
 fn pattern(seed: u32, len: usize) -> Vec<u8> {
     (0..len)
