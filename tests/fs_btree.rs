@@ -12,7 +12,7 @@ use std::sync::Arc;
 use common::{mem_volume, open, Rng};
 use lsvfs::device::MemDevice;
 use lsvfs::fs::btree::{BTree, Node, NodeStore};
-use lsvfs::fs::store::{Allocator, Pending, VolumeStore};
+use lsvfs::fs::store::{Allocator, Commit, Pending, VolumeStore};
 use lsvfs::volume::{Lba, Transaction, Volume};
 use lsvfs::BLOCK_SIZE;
 
@@ -158,7 +158,8 @@ fn btree_on_a_volume_survives_reopens_and_kills() {
         // superblock alone do): their changes join the pending ones.
         let defer = rng.below(2) == 0;
         let commits = !defer || !txn.is_empty();
-        store.finish(txn, defer).unwrap();
+        let when = if defer { Commit::Defer } else { Commit::Now };
+        store.finish(txn, when).unwrap();
         deferred += u32::from(!commits);
         model = next;
         if commits {
@@ -207,12 +208,22 @@ fn a_node_freed_before_its_first_commit_goes_straight_back() {
         let mut store = VolumeStore::new(&fs.v, &mut fs.alloc, &mut fs.cache, &mut fs.pending);
         let lba = store.alloc().unwrap();
         store.write(lba, Node::Leaf(Vec::new()));
-        store.finish(Transaction::new(), true).unwrap();
+        store.finish(Transaction::new(), Commit::Defer).unwrap();
         lba
     };
     let a = new_node(&mut fs);
     assert_eq!(fs.pending.nodes(), 1);
     assert_eq!(fs.alloc.free_blocks(), before - 1);
+    // An operation that changed nothing (a read) leaves the pending
+    // changes alone, even when it may not defer: it cannot fail for them.
+    let mut store = VolumeStore::new(&fs.v, &mut fs.alloc, &mut fs.cache, &mut fs.pending);
+    store.read(a).unwrap();
+    store.finish(Transaction::new(), Commit::IfChanged).unwrap();
+    assert_eq!(
+        fs.pending.nodes(),
+        1,
+        "a read committed the pending changes"
+    );
     // Freed by an operation that fails: still pending, still taken.
     let mut store = VolumeStore::new(&fs.v, &mut fs.alloc, &mut fs.cache, &mut fs.pending);
     store.free(a);
@@ -222,7 +233,7 @@ fn a_node_freed_before_its_first_commit_goes_straight_back() {
     // Freed by one that completes: back at once, nothing left pending.
     let mut store = VolumeStore::new(&fs.v, &mut fs.alloc, &mut fs.cache, &mut fs.pending);
     store.free(a);
-    store.finish(Transaction::new(), true).unwrap();
+    store.finish(Transaction::new(), Commit::Defer).unwrap();
     assert!(fs.pending.is_empty(), "nothing pending");
     assert_eq!(fs.alloc.free_blocks(), before, "the block went back");
     // Freed after it was committed: trimmed by the next commit, and out of
@@ -238,7 +249,7 @@ fn a_node_freed_before_its_first_commit_goes_straight_back() {
         .any(|&(s, n)| (s..s + n).contains(&b)));
     let mut store = VolumeStore::new(&fs.v, &mut fs.alloc, &mut fs.cache, &mut fs.pending);
     store.free(b);
-    store.finish(Transaction::new(), true).unwrap();
+    store.finish(Transaction::new(), Commit::Defer).unwrap();
     assert_eq!(fs.pending.freed_blocks(), 1);
     let store = VolumeStore::new(&fs.v, &mut fs.alloc, &mut fs.cache, &mut fs.pending);
     store.commit(Transaction::new()).unwrap();

@@ -241,27 +241,12 @@ fn kill_dash_nine_during_writes_keeps_fsynced_files() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let pid = t.daemon_pid();
-    assert!(Command::new("kill")
-        .arg("-9")
-        .arg(&pid)
-        .status()
-        .unwrap()
-        .success());
+    kill_daemon(&t);
     stop.store(true, Ordering::Relaxed);
     syncer.join().unwrap();
     scribbler.join().unwrap();
     let synced = synced.lock().unwrap().clone();
-    let _ = Command::new("fusermount3").arg("-uz").arg(t.m()).status();
-    // Wait for the lock to go with the process.
-    for _ in 0..100 {
-        if lsvfs::device::FileDevice::open(&t.p().join("v.vol"), false).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(ok(&["check", "v.vol", "--key-file", "k"], t.p()).contains("clean"));
-    t.mount();
+    check_and_mount_after_kill(&t);
     for &i in &synced {
         let got = fs::read(t.m().join(format!("s/f{i}"))).unwrap();
         assert!(
@@ -289,6 +274,20 @@ fn kill_dash_nine_keeps_fsynced_metadata_only_operations() {
         fs::rename(d.join("new"), d.join("renamed")).unwrap();
         fs::File::open(&d).unwrap().sync_all().unwrap();
     }
+    kill_daemon(&t);
+    check_and_mount_after_kill(&t);
+    for i in 0..40 {
+        let d = t.m().join(format!("n{i}"));
+        assert!(
+            d.join("renamed").exists() && !d.join("new").exists(),
+            "n{i}: its mkdir, create and rename were fsynced, yet are not all there after kill -9"
+        );
+    }
+    t.unmount_and_check();
+}
+
+/// Kills the mount's daemon with SIGKILL.
+fn kill_daemon(t: &Mounted) {
     let pid = t.daemon_pid();
     assert!(Command::new("kill")
         .arg("-9")
@@ -296,6 +295,12 @@ fn kill_dash_nine_keeps_fsynced_metadata_only_operations() {
         .status()
         .unwrap()
         .success());
+}
+
+/// After [`kill_daemon`]: detaches the dead mount, waits for the volume's
+/// lock to go with the process, requires `lsvfs check` to find the volume
+/// clean, and mounts it again.
+fn check_and_mount_after_kill(t: &Mounted) {
     let _ = Command::new("fusermount3").arg("-uz").arg(t.m()).status();
     for _ in 0..100 {
         if lsvfs::device::FileDevice::open(&t.p().join("v.vol"), false).is_ok() {
@@ -305,14 +310,6 @@ fn kill_dash_nine_keeps_fsynced_metadata_only_operations() {
     }
     assert!(ok(&["check", "v.vol", "--key-file", "k"], t.p()).contains("clean"));
     t.mount();
-    for i in 0..40 {
-        let d = t.m().join(format!("n{i}"));
-        assert!(
-            d.join("renamed").exists() && !d.join("new").exists(),
-            "n{i}: its mkdir, create and rename were fsynced, yet are not all there after kill -9"
-        );
-    }
-    t.unmount_and_check();
 }
 
 /// Bytes that differ per file and per position, so a misplaced block shows.

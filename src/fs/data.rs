@@ -364,7 +364,9 @@ impl Fs {
         data: &[u8],
         kill_suid: bool,
     ) -> Result<bool> {
-        if !self.kernel_times() {
+        // Operations reach the log in order: one whose metadata change
+        // still waits must not be overtaken by this write's commit.
+        if !self.kernel_times() || self.has_pending() {
             return Ok(false);
         }
         let end = offset + data.len() as u64;

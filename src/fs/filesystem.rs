@@ -15,7 +15,7 @@ use super::format::{
     Dirent, Ino, Inode, Superblock, Time, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
 };
 use super::holds::Holds;
-use super::store::{Allocator, Pending, VolumeStore};
+use super::store::{Allocator, Commit, Pending, VolumeStore};
 use crate::fs::{FsError, Posix, Result};
 use crate::volume::{Lba, SnapshotId, SnapshotInfo, Transaction, Volume};
 
@@ -129,6 +129,10 @@ pub struct Fs {
     /// How many times a long operation paused for others (a counter for
     /// tests and diagnostics).
     step_pauses: std::sync::atomic::AtomicU64,
+    /// Whether metadata changes are pending, as the last operation left
+    /// them: a write in place, which commits without the metadata lock,
+    /// then takes the ordinary path, which commits them first.
+    has_pending: std::sync::atomic::AtomicBool,
     /// Open handles and kernel lookups per inode: an inode that loses its
     /// last name while held lives on (as an orphan) until nothing holds it.
     holds: Mutex<Holds>,
@@ -638,6 +642,7 @@ impl Fs {
             meta_poisoned: Default::default(),
             meta_waited: Default::default(),
             step_pauses: Default::default(),
+            has_pending: Default::default(),
             meta: parking_lot::Mutex::new(Meta {
                 tree: BTree { root: sb.root },
                 sb,
@@ -876,6 +881,11 @@ impl Fs {
 
     pub(super) fn volume(&self) -> &Volume {
         &self.volume
+    }
+
+    /// Whether completed operations' metadata changes wait for a commit.
+    pub(super) fn has_pending(&self) -> bool {
+        self.has_pending.load(Ordering::Acquire)
     }
 
     /// How many times a long operation made of steps paused to leave the
@@ -1175,7 +1185,12 @@ impl Fs {
         if guard.pending.freed_blocks() > 0 && guard.alloc.free_blocks() < LOW_SPACE_BLOCKS {
             // Space is short: what pending operations freed becomes
             // allocatable once committed (and out of quarantine, below).
-            self.commit_pending_in(guard)?;
+            // If that fails (the log has no room either), the changes
+            // stay pending and this operation goes on: it may need no
+            // space, and a read must not fail for others' changes.
+            if let Err(e) = self.commit_pending_in(guard) {
+                tracing::debug!("committing pending operations before one more: {e}");
+            }
         }
         self.run_op(guard, defer, f)
     }
@@ -1187,9 +1202,20 @@ impl Fs {
         defer: bool,
         f: impl FnOnce(&mut Op, &mut Transaction) -> Result<T>,
     ) -> Result<T> {
-        let defer = defer
-            && guard.pending.nodes() < PENDING_NODES
-            && guard.pending.freed_blocks() < PENDING_FREED;
+        // An operation that changed nothing (a read) never commits what
+        // others left pending, so that it cannot fail for them. Near a full
+        // volume nothing waits: each operation commits its own changes,
+        // small transactions a nearly full log can still take.
+        let when = if !defer {
+            Commit::Now
+        } else if guard.pending.nodes() >= PENDING_NODES
+            || guard.pending.freed_blocks() >= PENDING_FREED
+            || guard.alloc.free_blocks() < LOW_SPACE_BLOCKS
+        {
+            Commit::IfChanged
+        } else {
+            Commit::Defer
+        };
         // Usually without waiting: a read in flight (holding `reads`) keeps
         // the quarantine for a later operation. When most free space is in
         // quarantine, wait for the reads in flight; they never wait for the
@@ -1233,7 +1259,7 @@ impl Fs {
                     sb.root = tree.root;
                     txn.write(SUPERBLOCK, sb.encode());
                 }
-                store.finish(txn, defer).map(|_| v)
+                store.finish(txn, when).map(|_| v)
             });
             (result, lazy_undo, touched)
         };
@@ -1257,6 +1283,8 @@ impl Fs {
                 };
             }
         }
+        self.has_pending
+            .store(!guard.pending.is_empty(), Ordering::Release);
         result
     }
 

@@ -191,6 +191,19 @@ impl Pending {
     }
 }
 
+/// When [`VolumeStore::finish`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// An operation without data joins the pending changes (see
+    /// [`Pending`]); one with data commits them with its own.
+    Defer,
+    /// The operation's changes, if it has any, are committed with the
+    /// pending ones; an operation that changed nothing writes nothing.
+    IfChanged,
+    /// The pending changes and the operation's are committed.
+    Now,
+}
+
 /// Nodes read from the volume, with one operation's changes staged over
 /// the changes still pending from earlier operations.
 pub struct VolumeStore<'a> {
@@ -233,35 +246,31 @@ impl<'a> VolumeStore<'a> {
     /// nothing changed: blocks allocated by this operation go back to the
     /// allocator, and what was pending still is.
     pub fn commit(self, txn: Transaction) -> Result<()> {
-        self.finish(txn, false)
+        self.finish(txn, Commit::Now)
     }
 
-    /// Ends the operation: with `defer` and nothing in `txn` (no data),
-    /// its changes join the pending ones (see [`Pending`]) and nothing is
-    /// written; otherwise as [`VolumeStore::commit`].
-    pub fn finish(mut self, mut txn: Transaction, defer: bool) -> Result<()> {
+    /// Ends the operation as `when` says: its changes join the pending
+    /// ones (see [`Pending`]) and nothing is written, or it commits as
+    /// [`VolumeStore::commit`].
+    pub fn finish(mut self, mut txn: Transaction, when: Commit) -> Result<()> {
         let own_changes =
             !(self.staged.is_empty() && self.freed.is_empty() && self.freed_data.is_empty());
-        if txn.is_empty() && !own_changes && (defer || self.pending.is_empty()) {
+        if txn.is_empty() && !own_changes && (when != Commit::Now || self.pending.is_empty()) {
             return Ok(());
         }
-        if defer && txn.is_empty() {
-            self.merge_into_pending();
+        let gone = self.take_frees();
+        if when == Commit::Defer && txn.is_empty() {
+            self.merge_into_pending(&gone);
             return Ok(());
         }
         // Freed blocks that only pending operations had taken were never
         // written: they go straight back after the commit, untrimmed.
-        let mut unwritten = Vec::new();
-        let mut trims: Vec<u64> = Vec::new();
-        for lba in self.freed.iter().chain(&self.freed_data) {
-            if self.pending.allocated.contains(lba) {
-                unwritten.push(*lba);
-            } else {
-                trims.push(*lba);
-            }
-        }
+        let (unwritten, mut trims): (Vec<u64>, Vec<u64>) = gone
+            .iter()
+            .copied()
+            .partition(|lba| self.pending.allocated.contains(lba));
         for (lba, node) in &self.pending.nodes {
-            if !self.staged.contains_key(lba) && !self.freed.contains(lba) {
+            if !self.staged.contains_key(lba) && gone.binary_search(lba).is_err() {
                 txn.write(Lba(*lba), node.encode());
             }
         }
@@ -272,8 +281,8 @@ impl<'a> VolumeStore<'a> {
         // blocks (the volume prices each entry by the map pages it may touch).
         trims.extend(&self.pending.freed);
         trims.sort_unstable();
-        // A block named twice (damaged metadata) is freed once: twice
-        // would give it to two files later.
+        // Freed by this operation and a pending one too (damaged
+        // metadata): trimmed, and handed out later, once.
         trims.dedup();
         let mut runs = Runs::default();
         for &lba in &trims {
@@ -284,9 +293,7 @@ impl<'a> VolumeStore<'a> {
         }
         self.volume.commit(txn)?;
         let pending = std::mem::take(self.pending);
-        let freed = std::mem::take(&mut self.freed);
-        self.freed_data.clear();
-        for lba in freed.iter().chain(&trims) {
+        for lba in &trims {
             self.cache.remove(lba);
         }
         for lba in unwritten {
@@ -297,7 +304,7 @@ impl<'a> VolumeStore<'a> {
             self.cache.clear();
         }
         for (lba, node) in pending.nodes {
-            if !freed.contains(&lba) {
+            if gone.binary_search(&lba).is_err() {
                 self.cache.insert(lba, node);
             }
         }
@@ -306,13 +313,22 @@ impl<'a> VolumeStore<'a> {
         Ok(())
     }
 
-    /// Adds this operation's changes to the pending ones.
-    fn merge_into_pending(&mut self) {
+    /// The blocks this operation freed, nodes and data, sorted, each once
+    /// (a block named twice, in damaged metadata, is freed once: twice
+    /// would give it to two files later).
+    fn take_frees(&mut self) -> Vec<u64> {
+        let mut gone: Vec<u64> = std::mem::take(&mut self.freed).into_iter().collect();
+        gone.append(&mut self.freed_data);
+        gone.sort_unstable();
+        gone.dedup();
+        gone
+    }
+
+    /// Adds this operation's changes, and `gone` (its frees), to the
+    /// pending ones.
+    fn merge_into_pending(&mut self, gone: &[u64]) {
         let p = &mut *self.pending;
-        for lba in std::mem::take(&mut self.freed)
-            .into_iter()
-            .chain(std::mem::take(&mut self.freed_data))
-        {
+        for &lba in gone {
             p.nodes.remove(&lba);
             self.cache.remove(&lba);
             if p.allocated.remove(&lba) {
