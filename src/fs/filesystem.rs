@@ -1085,11 +1085,7 @@ impl Fs {
     /// pending (see [`Pending`]): after this, the volume's log holds every
     /// completed operation (a flush makes them durable).
     pub fn commit_pending(&self) -> Result<()> {
-        if self.volume.is_read_only() {
-            return Ok(());
-        }
-        let mut guard = self.lock_meta()?;
-        self.commit_pending_in(&mut guard)
+        self.commit_pending_if(|p| !p.is_empty())
     }
 
     fn commit_pending_in(&self, guard: &mut Meta) -> Result<()> {
@@ -1101,11 +1097,17 @@ impl Fs {
 
     /// Commits pending frees, so that free space counts them.
     pub(super) fn commit_pending_frees(&self) -> Result<()> {
+        self.commit_pending_if(|p| p.freed_blocks() > 0)
+    }
+
+    /// Commits what is pending if `needed` says so of it (never on a
+    /// read-only file system, where nothing is).
+    fn commit_pending_if(&self, needed: impl Fn(&Pending) -> bool) -> Result<()> {
         if self.volume.is_read_only() {
             return Ok(());
         }
         let mut guard = self.lock_meta()?;
-        if guard.pending.freed_blocks() == 0 {
+        if !needed(&guard.pending) {
             return Ok(());
         }
         self.commit_pending_in(&mut guard)
