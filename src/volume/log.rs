@@ -40,6 +40,9 @@ pub struct Log {
     /// The device's flush count when the log last took a segment (none
     /// yet since the volume was opened).
     flushes_at_take: Option<u64>,
+    /// The segment the log took last: the next free one above it is
+    /// taken next, so that the log runs forward through the backing file.
+    cursor: SegmentId,
 }
 
 /// A segment is prepared ([`Device::prepare`]) when the device was flushed
@@ -81,6 +84,7 @@ impl Log {
             growth_blocked: false,
             blocks_since_checkpoint: 0,
             flushes_at_take: None,
+            cursor: head.next_segment,
         }
     }
 
@@ -174,8 +178,10 @@ impl Log {
     }
 
     /// Takes a segment for the log: a free segment above the reserve if
-    /// there is one (the highest), else a new one past the extent (growing
-    /// the backing file). The reserve (the lowest `reserve` free segments,
+    /// there is one (the next above the one taken last, wrapping round, so
+    /// that what is written in turn lies in turn in the backing file and
+    /// reads back with the host's read-ahead), else a new one past the
+    /// extent (growing the backing file). The reserve (the lowest `reserve` free segments,
     /// kept allocated on the host) is only for `privileged` appends
     /// (checkpoints, the cleaner, trims), and only when the file cannot
     /// grow: so it is there when the host filesystem is full. Space is
@@ -203,12 +209,14 @@ impl Log {
     /// [`Log::take_segment`] without preparing the segment.
     fn choose_segment(&mut self, ctx: &Ctx, privileged: bool) -> Result<SegmentId> {
         let bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
-        if self.free.len() as u64 > self.geo.reserve {
-            let seg = *self.free.iter().next_back().expect("free is not empty");
+        if let Some(&floor) = self.free.iter().nth(self.geo.reserve as usize) {
+            let after = SegmentId(self.cursor.0 + 1).max(floor);
+            let seg = self.free.range(after..).next().copied().unwrap_or(floor);
             ctx.dev
                 .allocate(self.geo.pba_of(seg, 0) * BLOCK_SIZE as u64, bytes)
                 .map_err(|e| VolumeError::io(format!("reserving segment {seg}"), e))?;
             self.free.remove(&seg);
+            self.cursor = seg;
             return Ok(seg);
         }
         if !self.growth_blocked && self.extent < self.geo.max_segments {
@@ -219,6 +227,7 @@ impl Log {
             {
                 Ok(()) => {
                     self.extent = seg.0 + 1;
+                    self.cursor = seg;
                     return Ok(seg);
                 }
                 Err(e) => {
