@@ -10,7 +10,7 @@ use common::{master, mem_volume, open, opts, Rng};
 use lsvfs::device::MemDevice;
 use lsvfs::fs::format::Time;
 use lsvfs::fs::{
-    Fs, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE, XATTR_CREATE,
+    Fs, Ino, SetAttr, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE, XATTR_CREATE,
     XATTR_REPLACE,
 };
 
@@ -412,12 +412,28 @@ fn overwrite_times_are_lazy_until_sync() {
     fs = kill(&mut dev, fs);
     assert_eq!(fs.getattr(ino).unwrap().mtime, old);
 
-    // A write that extends the file stores size and times at once.
+    // A small write into a new block waits for the next commit with size
+    // and times, as a create does: a kill before it loses the write
+    // whole (size, times and data), a commit stores it whole.
     fs.write_data(ino, 8192, b"tail", false).unwrap();
     let i = fs.getattr(ino).unwrap();
+    assert_eq!(&fs.read_data(ino, 8192, 10).unwrap(), b"tail");
     fs = kill(&mut dev, fs);
     let j = fs.getattr(ino).unwrap();
-    assert_eq!((j.size, j.mtime), (8196, i.mtime));
+    assert_eq!(
+        (j.size, j.mtime),
+        (8192, old),
+        "a kill loses the waiting write whole"
+    );
+    assert_eq!(fs.read_data(ino, 8192, 10).unwrap(), b"");
+    fs.write_data(ino, 8192, b"tail", false).unwrap();
+    let i2 = fs.getattr(ino).unwrap();
+    assert!(i2.size == i.size);
+    fs.commit_pending().unwrap();
+    fs = kill(&mut dev, fs);
+    let j = fs.getattr(ino).unwrap();
+    assert_eq!((j.size, j.mtime), (8196, i2.mtime));
+    assert_eq!(&fs.read_data(ino, 8192, 10).unwrap(), b"tail");
     // A file unlinked with lazy times pending: sync skips it.
     fs.write_data(ino, 0, b"y", false).unwrap();
     fs.unlink(ROOT, b"f").unwrap();
@@ -757,4 +773,138 @@ fn a_write_in_place_does_not_overtake_pending_metadata() {
         mode == 0o600 && g,
         "the overwrite survived the kill without the chmod and create before it (mode {mode:o}, g {g})"
     );
+}
+
+/// A small write into new blocks leaves its data waiting for the next
+/// commit, in memory. Every later change to those blocks (a write over
+/// part of one, a truncate into one, a hole punched or a range zeroed in
+/// them) must start from that data, not from the volume, which has none
+/// of it yet; a commit and a kill then keep the result.
+#[test]
+fn changes_to_blocks_whose_data_waits_start_from_that_data() {
+    type Change = fn(&Fs, Ino, &mut Vec<u8>);
+    let changes: [(&str, Change); 4] = [
+        ("a write over parts of two blocks", |fs, ino, model| {
+            let d = pattern(77, 300);
+            fs.write_data(ino, 4000, &d, false).unwrap();
+            model[4000..4300].copy_from_slice(&d);
+        }),
+        (
+            "a truncate into a block, then growing again",
+            |fs, ino, model| {
+                fs.setattr(ino, SetAttr::size(5000)).unwrap();
+                fs.setattr(ino, SetAttr::size(9000)).unwrap();
+                model.truncate(5000);
+                model.resize(9000, 0);
+            },
+        ),
+        ("a hole punched in part of a block", |fs, ino, model| {
+            fs.fallocate(ino, 100, 50, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE)
+                .unwrap();
+            model[100..150].fill(0);
+        }),
+        (
+            "a range zeroed over a block and a part",
+            |fs, ino, model| {
+                fs.fallocate(ino, 4096, 5000, FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE)
+                    .unwrap();
+                model[4096..9096].fill(0);
+            },
+        ),
+    ];
+    for (what, change) in changes {
+        let (dev, fs) = new_fs(65536);
+        let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+        fs.commit_pending().unwrap();
+        let mut model = pattern(9, 3 * 4096 + 100);
+        fs.write_data(ino, 0, &model, false).unwrap();
+        assert_eq!(fs.waiting_data_blocks(), 4, "{what}: the write waits");
+        change(&fs, ino, &mut model);
+        let len = model.len();
+        assert!(fs.read_data(ino, 0, len + 10).unwrap() == model, "{what}");
+        fs.commit_pending().unwrap();
+        assert_eq!(fs.waiting_data_blocks(), 0);
+        let img = dev.image();
+        drop(fs);
+        let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img)))).unwrap();
+        assert!(
+            fs.read_data(ino, 0, len + 10).unwrap() == model,
+            "{what}, after a commit and a kill"
+        );
+        assert!(fs.check().unwrap().problems.is_empty(), "{what}");
+    }
+}
+
+/// Small files whose data waits for a commit, read by other threads while
+/// writers add more, a scratch file's waiting blocks are freed and
+/// reused, and commits come at any time: every read of a finished file
+/// returns exactly its bytes (never zeros from a block not committed yet,
+/// never another file's data from a reused block).
+#[test]
+fn reads_of_waiting_data_race_commits_and_reuse() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let (_dev, fs) = new_fs(65536);
+    let content = |n: usize| pattern(1000 + n as u64, 1 + (n * 2477) % 20_000);
+    let files = std::sync::Mutex::new(Vec::<(Ino, usize)>::new());
+    let made = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let reads = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for w in 0..2 {
+            let (fs, files, made) = (&fs, &files, &made);
+            s.spawn(move || {
+                for k in 0..300 {
+                    let n = w * 1000 + k;
+                    let name = format!("f{n}");
+                    let (ino, _) = fs.mknod(ROOT, name.as_bytes(), REG, 0, 0, 0).unwrap();
+                    let data = content(n);
+                    fs.write_data(ino, 0, &data, false).unwrap();
+                    assert!(fs.read_data(ino, 0, 30_000).unwrap() == data, "file {n}");
+                    files.lock().unwrap().push((ino, n));
+                    made.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        for r in 0..2u64 {
+            let (fs, files, stop, reads) = (&fs, &files, &stop, &reads);
+            s.spawn(move || {
+                let mut rng = Rng(77 + r);
+                while !stop.load(Ordering::Relaxed) {
+                    let (ino, n) = {
+                        let f = files.lock().unwrap();
+                        if f.is_empty() {
+                            continue;
+                        }
+                        f[rng.below(f.len() as u64) as usize]
+                    };
+                    let got = fs.read_data(ino, 0, 30_000).unwrap();
+                    assert!(got == content(n), "file {n}: a read differs");
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        {
+            let (fs, stop) = (&fs, &stop);
+            s.spawn(move || {
+                // A scratch file written and truncated again and again:
+                // its waiting blocks are freed before their commit.
+                let (ino, _) = fs.mknod(ROOT, b"scratch", REG, 0, 0, 0).unwrap();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    fs.write_data(ino, 0, &pattern(i, 8192), false).unwrap();
+                    fs.setattr(ino, SetAttr::size(0)).unwrap();
+                    if i % 7 == 0 {
+                        fs.commit_pending().unwrap();
+                    }
+                    i += 1;
+                }
+            });
+        }
+        while made.load(Ordering::Relaxed) < 600 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(reads.load(Ordering::Relaxed) > 100, "the readers ran");
+    assert!(fs.check().unwrap().problems.is_empty());
 }

@@ -91,6 +91,16 @@ impl DataRuns {
 /// Largest file size: 2^44 bytes (16 TiB).
 pub const MAX_FILE_SIZE: u64 = 1 << 44;
 
+/// A write of at most this many blocks (64 KiB), all of them new to the
+/// file, may leave its data to the next commit (see
+/// [`VolumeStore::defer_data`](super::store::VolumeStore::defer_data)).
+/// Larger writes commit at once: they gain nothing from waiting.
+const DEFER_DATA_BLOCKS: u64 = 16;
+
+/// Marks a block of a read already copied from the waiting data (no
+/// logical block has this address).
+const WAITING: u64 = u64::MAX;
+
 /// `fallocate` modes (as in fallocate(2)).
 pub const FALLOC_KEEP_SIZE: u32 = 0x01;
 pub const FALLOC_PUNCH_HOLE: u32 = 0x02;
@@ -284,6 +294,16 @@ impl Fs {
         Ok(buf)
     }
 
+    /// One data block as the file has it: its waiting data if a small
+    /// write left it to the next commit, else what the volume holds.
+    fn read_block(&self, lba: u64, block: &mut [u8]) -> Result<()> {
+        if let Some(data) = self.unwritten.read().get(&lba) {
+            block.copy_from_slice(data);
+            return Ok(());
+        }
+        Ok(self.volume().read(Lba(lba), block)?)
+    }
+
     /// The bytes of buffer a read of `size` bytes at `offset` needs: every
     /// block it touches, whole.
     pub fn read_span(offset: u64, size: usize) -> usize {
@@ -331,16 +351,35 @@ impl Fs {
                     .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
             })
             .collect();
+        // Blocks whose data still waits for its commit are copied from
+        // memory first: one missing there was committed before it left
+        // (or never waited), so the volume has it.
+        let mut blocks = blocks;
+        {
+            let waiting = self.unwritten.read();
+            if !waiting.is_empty() {
+                for (j, lba) in blocks.iter_mut().enumerate() {
+                    if let Some(data) = waiting.get(lba) {
+                        buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].copy_from_slice(data);
+                        *lba = WAITING;
+                    }
+                }
+            }
+        }
         // Data blocks are read outside the metadata lock, in runs.
         let mut j = 0;
         while j < blocks.len() {
+            if blocks[j] == WAITING {
+                j += 1;
+                continue;
+            }
             if blocks[j] == 0 {
                 buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].fill(0);
                 j += 1;
                 continue;
             }
             let mut k = j + 1;
-            while k < blocks.len() && blocks[k] == blocks[k - 1] + 1 {
+            while k < blocks.len() && blocks[k] != WAITING && blocks[k] == blocks[k - 1] + 1 {
                 k += 1;
             }
             self.volume()
@@ -383,6 +422,14 @@ impl Fs {
         let lbas: Vec<u64> = (first..=last).map(block_at).collect();
         if lbas.contains(&0) {
             return Ok(false);
+        }
+        {
+            // A block whose data waits for the commit is written by the
+            // ordinary path, which commits that data first.
+            let waiting = self.unwritten.read();
+            if !waiting.is_empty() && lbas.iter().any(|l| waiting.contains_key(l)) {
+                return Ok(false);
+            }
         }
         let mut txn = Transaction::new();
         let mut runs = DataRuns::new(last - first + 1);
@@ -468,7 +515,7 @@ impl Fs {
                 } else {
                     runs.push_with(txn, lba, |block| {
                         if existing != 0 {
-                            self.volume().read(Lba(existing), block)?;
+                            self.read_block(existing, block)?;
                         }
                         block[(lo - fb * BS) as usize..(hi - fb * BS) as usize]
                             .copy_from_slice(src);
@@ -478,6 +525,16 @@ impl Fs {
             }
             runs.finish(txn);
             let allocated = i.blocks != blocks_before;
+            if allocated
+                && i.blocks - blocks_before == last - first + 1
+                && last - first < DEFER_DATA_BLOCKS
+            {
+                // Every block is new: the data may wait for the commit.
+                let own = std::mem::take(txn);
+                if let Err(own) = op.defer_data(own) {
+                    *txn = own;
+                }
+            }
             if chunk_changed {
                 op.put_chunk(ino, chunk_index, &chunk)?;
             }
@@ -572,7 +629,7 @@ impl Fs {
                         let lba = op.block_of(ino, size / BS)?;
                         if lba != 0 {
                             let mut b = vec![0u8; BLOCK_SIZE];
-                            self.volume().read(Lba(lba), &mut b)?;
+                            self.read_block(lba, &mut b)?;
                             b[(size % BS) as usize..].fill(0);
                             txn.write(Lba(lba), b);
                         }
@@ -740,7 +797,7 @@ impl Fs {
                 } else if punch || zero_range {
                     // Part of a block: zeros written over that part.
                     let mut b = vec![0u8; BLOCK_SIZE];
-                    self.volume().read(Lba(c[slot]), &mut b)?;
+                    self.read_block(c[slot], &mut b)?;
                     b[(lo - fb * BS) as usize..(hi - fb * BS) as usize].fill(0);
                     txn.write(Lba(c[slot]), b);
                 }

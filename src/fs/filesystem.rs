@@ -15,7 +15,7 @@ use super::format::{
     Dirent, Ino, Inode, Superblock, Time, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
 };
 use super::holds::Holds;
-use super::store::{Allocator, Commit, Pending, VolumeStore};
+use super::store::{Allocator, Commit, Pending, Unwritten, VolumeStore};
 use crate::fs::{FsError, Posix, Result};
 use crate::volume::{Lba, SnapshotId, SnapshotInfo, Transaction, Volume};
 
@@ -62,6 +62,8 @@ struct Meta {
 const PENDING_NODES: usize = 256;
 /// ...or to this many freed blocks (64 MiB).
 const PENDING_FREED: u64 = 16384;
+/// ...or to this many data blocks of small writes (1 MiB).
+const PENDING_DATA_BLOCKS: usize = 256;
 /// Below this many free blocks (128 MiB), blocks that pending operations
 /// freed are committed before the next operation, which may need them.
 const LOW_SPACE_BLOCKS: u64 = 32768;
@@ -133,6 +135,10 @@ pub struct Fs {
     /// them: a write in place, which commits without the metadata lock,
     /// then takes the ordinary path, which commits them first.
     has_pending: std::sync::atomic::AtomicBool,
+    /// The data of small writes waiting for the next commit (shared with
+    /// the pending changes, see [`Pending::unwritten`]): a read looks here
+    /// before it reads the volume.
+    pub(super) unwritten: Unwritten,
     /// Open handles and kernel lookups per inode: an inode that loses its
     /// last name while held lives on (as an orphan) until nothing holds it.
     holds: Mutex<Holds>,
@@ -214,6 +220,12 @@ impl Op<'_> {
     /// Frees a data block: trimmed in this operation's transaction.
     pub(super) fn free_data(&mut self, lba: u64) {
         self.store.free_data(lba);
+    }
+
+    /// Lets this operation's data writes (`txn`, whole blocks it
+    /// allocated) wait for the next commit; `txn` back if it holds more.
+    pub(super) fn defer_data(&mut self, txn: Transaction) -> std::result::Result<(), Transaction> {
+        self.store.defer_data(txn)
     }
 
     /// The inode, with its lazy times (if any) applied.
@@ -638,17 +650,19 @@ impl Fs {
         } else {
             Allocator::from_allocated(1, limit, &volume.allocated_runs()?)
         };
+        let pending = Pending::default();
         let fs = Fs {
             meta_poisoned: Default::default(),
             meta_waited: Default::default(),
             step_pauses: Default::default(),
             has_pending: Default::default(),
+            unwritten: pending.unwritten(),
             meta: parking_lot::Mutex::new(Meta {
                 tree: BTree { root: sb.root },
                 sb,
                 alloc,
                 cache: HashMap::new(),
-                pending: Pending::default(),
+                pending,
                 lazy: HashMap::new(),
             }),
             holds: Mutex::new(Holds::default()),
@@ -858,6 +872,12 @@ impl Fs {
     pub fn with_read_in_flight<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         let _reading = self.reads.read().map_err(|_| FsError::PreviousIo)?;
         Ok(f())
+    }
+
+    /// Data blocks whose small writes wait for the next commit. For tests.
+    #[doc(hidden)]
+    pub fn waiting_data_blocks(&self) -> usize {
+        self.unwritten.read().len()
     }
 
     /// The data block addresses of a file, in file order (0 for holes).
@@ -1212,6 +1232,7 @@ impl Fs {
             Commit::Now
         } else if guard.pending.nodes() >= PENDING_NODES
             || guard.pending.freed_blocks() >= PENDING_FREED
+            || guard.pending.data_blocks() >= PENDING_DATA_BLOCKS
             || guard.alloc.free_blocks() < LOW_SPACE_BLOCKS
         {
             Commit::IfChanged

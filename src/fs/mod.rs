@@ -5,8 +5,9 @@
 //! B+tree ([`btree`]) whose nodes are volume blocks; each file-system
 //! operation stages its node, data and trim changes, and they reach the
 //! volume in whole volume transactions, in order (a metadata-only
-//! operation waits for the next commit: [`store::Pending`]), so every
-//! operation is atomic across crashes.
+//! operation, or a small write into new blocks, waits for the next
+//! commit: [`store::Pending`]), so every operation is atomic across
+//! crashes.
 
 pub mod acl;
 pub mod btree;

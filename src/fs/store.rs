@@ -156,16 +156,23 @@ impl Allocator {
     }
 }
 
-/// The metadata changes of completed operations that are not in the
-/// volume's log yet (a deferred commit). An operation that changes only
-/// metadata adds its changes here instead of committing them; the next
-/// transaction that commits carries them all (the next operation that
-/// writes data, a sync, or an explicit commit), so the log holds every
-/// operation up to some point, never part of one, in their order.
+/// The changes of completed operations that are not in the volume's log
+/// yet (a deferred commit). An operation that changes only metadata, or
+/// writes a little data into blocks new to its file
+/// ([`VolumeStore::defer_data`]), adds its changes here instead of
+/// committing them; the next transaction that commits carries them all
+/// (the next other operation that writes data, a sync, or an explicit
+/// commit), so the log holds every operation up to some point, never part
+/// of one, in their order.
 #[derive(Default)]
 pub struct Pending {
     /// Changed nodes, the newest version of each.
     nodes: HashMap<u64, Arc<Node>>,
+    /// Data blocks small writes into new blocks left to the commit (see
+    /// [`VolumeStore::defer_data`]): their blocks are also in `allocated`.
+    /// Shared with reads, which look here before the volume; an entry
+    /// leaves only after its commit, or when its block is freed.
+    data: Unwritten,
     /// Blocks the log maps that pending operations freed (nodes and
     /// data): trimmed by the commit, and handed out again only after it.
     freed: BTreeSet<u64>,
@@ -174,10 +181,23 @@ pub struct Pending {
     allocated: HashSet<u64>,
 }
 
+/// Plaintext of data blocks written but not committed yet, by logical block.
+pub type Unwritten = Arc<parking_lot::RwLock<HashMap<u64, Box<[u8]>>>>;
+
 impl Pending {
     /// Whether no change is waiting.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty() && self.freed.is_empty() && self.allocated.is_empty()
+    }
+
+    /// Data blocks waiting.
+    pub fn data_blocks(&self) -> usize {
+        self.data.read().len()
+    }
+
+    /// The data blocks waiting, as reads see them.
+    pub fn unwritten(&self) -> Unwritten {
+        self.data.clone()
     }
 
     /// Changed nodes waiting.
@@ -194,8 +214,10 @@ impl Pending {
 /// When [`VolumeStore::finish`] writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Commit {
-    /// An operation without data joins the pending changes (see
-    /// [`Pending`]); one with data commits them with its own.
+    /// An operation with nothing in its transaction (metadata only, or
+    /// data it left to wait: [`VolumeStore::defer_data`]) joins the
+    /// pending changes (see [`Pending`]); one with data in it commits
+    /// them with its own.
     Defer,
     /// The operation's changes, if it has any, are committed with the
     /// pending ones; an operation that changed nothing writes nothing.
@@ -217,6 +239,9 @@ pub struct VolumeStore<'a> {
     /// Data blocks freed by this operation (never nodes: neither staged
     /// nor cached), in the order freed.
     freed_data: Vec<u64>,
+    /// Whole data blocks this operation wrote into blocks it allocated,
+    /// which may wait for the commit (see [`VolumeStore::defer_data`]).
+    data: Vec<(u64, Vec<u8>)>,
 }
 
 /// Clean nodes kept in memory between operations.
@@ -238,6 +263,7 @@ impl<'a> VolumeStore<'a> {
             allocated: Vec::new(),
             freed: BTreeSet::new(),
             freed_data: Vec::new(),
+            data: Vec::new(),
         }
     }
 
@@ -252,9 +278,11 @@ impl<'a> VolumeStore<'a> {
     /// Ends the operation as `when` says: its changes join the pending
     /// ones (see [`Pending`]) and nothing is written, or it commits as
     /// [`VolumeStore::commit`].
-    pub fn finish(mut self, mut txn: Transaction, when: Commit) -> Result<()> {
-        let own_changes =
-            !(self.staged.is_empty() && self.freed.is_empty() && self.freed_data.is_empty());
+    pub fn finish(mut self, txn: Transaction, when: Commit) -> Result<()> {
+        let own_changes = !(self.staged.is_empty()
+            && self.freed.is_empty()
+            && self.freed_data.is_empty()
+            && self.data.is_empty());
         if txn.is_empty() && !own_changes && (when != Commit::Now || self.pending.is_empty()) {
             return Ok(());
         }
@@ -263,6 +291,37 @@ impl<'a> VolumeStore<'a> {
             self.merge_into_pending(&gone);
             return Ok(());
         }
+        // Data that waited goes first, then this operation's own, so that
+        // a later write of the same block wins (a transaction applies in
+        // order). Blocks freed meanwhile are not written.
+        let mut data_txn = Transaction::new();
+        {
+            let waiting = self.pending.data.read();
+            let mut blocks: Vec<u64> = waiting
+                .keys()
+                .copied()
+                .filter(|lba| gone.binary_search(lba).is_err())
+                .collect();
+            blocks.sort_unstable();
+            let mut i = 0;
+            while i < blocks.len() {
+                let mut j = i + 1;
+                while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
+                    j += 1;
+                }
+                let mut run = Vec::with_capacity((j - i) * BLOCK_SIZE);
+                for lba in &blocks[i..j] {
+                    run.extend_from_slice(&waiting[lba]);
+                }
+                data_txn.write(Lba(blocks[i]), run);
+                i = j;
+            }
+        }
+        for (lba, data) in self.data.drain(..) {
+            data_txn.write(Lba(lba), data);
+        }
+        data_txn.append(txn);
+        let mut txn = data_txn;
         // Freed blocks that only pending operations had taken were never
         // written: they go straight back after the commit, untrimmed.
         let (unwritten, mut trims): (Vec<u64>, Vec<u64>) = gone
@@ -292,18 +351,23 @@ impl<'a> VolumeStore<'a> {
             txn.trim(Lba(start), n);
         }
         self.volume.commit(txn)?;
-        let pending = std::mem::take(self.pending);
+        // Only now, with the volume holding it, may a read miss a block
+        // here; the map itself stays (reads hold it).
+        let waiting = std::mem::take(&mut *self.pending.data.write());
+        let nodes = std::mem::take(&mut self.pending.nodes);
+        self.pending.freed.clear();
+        self.pending.allocated.clear();
         for lba in &trims {
             self.cache.remove(lba);
         }
         for lba in unwritten {
-            self.alloc.release(lba);
+            self.give_back_unwritten(lba, waiting.contains_key(&lba));
         }
         self.alloc.quarantined.extend(trims);
-        if self.cache.len() + pending.nodes.len() + self.staged.len() > NODE_CACHE {
+        if self.cache.len() + nodes.len() + self.staged.len() > NODE_CACHE {
             self.cache.clear();
         }
-        for (lba, node) in pending.nodes {
+        for (lba, node) in nodes {
             if gone.binary_search(&lba).is_err() {
                 self.cache.insert(lba, node);
             }
@@ -327,21 +391,59 @@ impl<'a> VolumeStore<'a> {
     /// Adds this operation's changes, and `gone` (its frees), to the
     /// pending ones.
     fn merge_into_pending(&mut self, gone: &[u64]) {
-        let p = &mut *self.pending;
         for &lba in gone {
-            p.nodes.remove(&lba);
+            self.pending.nodes.remove(&lba);
             self.cache.remove(&lba);
-            if p.allocated.remove(&lba) {
-                self.alloc.release(lba);
+            if self.pending.allocated.remove(&lba) {
+                let was_data = self.pending.data.write().remove(&lba).is_some();
+                self.give_back_unwritten(lba, was_data);
             } else {
-                p.freed.insert(lba);
+                self.pending.freed.insert(lba);
             }
         }
+        let p = &mut *self.pending;
         for (lba, node) in self.staged.drain() {
             self.cache.remove(&lba);
             p.nodes.insert(lba, node);
         }
+        if !self.data.is_empty() {
+            let mut waiting = p.data.write();
+            for (first, run) in self.data.drain(..) {
+                for (k, block) in run.chunks_exact(BLOCK_SIZE).enumerate() {
+                    waiting.insert(first + k as u64, block.into());
+                }
+            }
+        }
         p.allocated.extend(self.allocated.drain(..));
+    }
+
+    /// Hands back a block that pending operations took and freed before
+    /// it was ever written. A data block goes to quarantine, like any
+    /// freed data block: a read that looked it up may still be looking
+    /// for it among the waiting data, and must not find another file's.
+    fn give_back_unwritten(&mut self, lba: u64, data: bool) {
+        if data {
+            self.alloc.quarantined.push(lba);
+        } else {
+            self.alloc.release(lba);
+        }
+    }
+
+    /// Lets `txn`'s writes, whole blocks this operation allocated, wait
+    /// for the next commit with the metadata instead of committing now
+    /// (see [`Commit::Defer`]): a small file's data then goes into the log
+    /// with the directory and inode pages of many files, not with its
+    /// own. Reads find the blocks through [`Pending::unwritten`] until
+    /// then. Returns the transaction unchanged if it holds anything else.
+    pub fn defer_data(&mut self, txn: Transaction) -> std::result::Result<(), Transaction> {
+        let writes = txn.into_writes()?;
+        for (lba, data) in writes {
+            debug_assert_eq!(data.len() % BLOCK_SIZE, 0);
+            debug_assert!((0..(data.len() / BLOCK_SIZE) as u64)
+                .all(|k| self.allocated.contains(&(lba.0 + k))));
+            self.data.push((lba.0, data));
+        }
+        Ok(())
     }
 }
 

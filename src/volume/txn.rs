@@ -50,4 +50,25 @@ impl Transaction {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// Adds `other`'s writes and trims after this one's.
+    pub fn append(&mut self, mut other: Transaction) {
+        self.ops.append(&mut other.ops);
+    }
+
+    /// The writes, as (first block, data), if the transaction holds
+    /// nothing else; else the transaction itself, unchanged.
+    pub fn into_writes(self) -> std::result::Result<Vec<(Lba, Vec<u8>)>, Transaction> {
+        if !self.ops.iter().all(|o| matches!(o, Op::Write { .. })) {
+            return Err(self);
+        }
+        Ok(self
+            .ops
+            .into_iter()
+            .filter_map(|o| match o {
+                Op::Write { lba, data } => Some((lba, data)),
+                _ => None,
+            })
+            .collect())
+    }
 }
