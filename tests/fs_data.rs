@@ -908,3 +908,39 @@ fn reads_of_waiting_data_race_commits_and_reuse() {
     assert!(reads.load(Ordering::Relaxed) > 100, "the readers ran");
     assert!(fs.check().unwrap().problems.is_empty());
 }
+
+/// Changes wait in memory for a later commit only while the volume has
+/// room for them: once what a snapshot holds leaves little space (the
+/// file system's own allocator still sees plenty), a small write commits
+/// at once, so the write that needs space is the one told there is none.
+#[test]
+fn near_a_full_volume_small_writes_do_not_wait() {
+    let (_dev, fs) = new_fs(65536);
+    let small = |name: &[u8]| {
+        let (ino, _) = fs.mknod(ROOT, name, REG, 0, 0, 0).unwrap();
+        fs.write_data(ino, 0, &pattern(3, 100), false).unwrap();
+        fs.waiting_data_blocks()
+    };
+    assert_eq!(small(b"s1"), 1, "with room, a small write waits");
+    let (a, _) = fs.mknod(ROOT, b"a", REG, 0, 0, 0).unwrap();
+    let mib = 1 << 20;
+    for i in 0..100u64 {
+        fs.write_data(a, i * mib, &pattern(i, mib as usize), false)
+            .unwrap();
+    }
+    assert_eq!(small(b"s2"), 1, "a quarter of the volume free: still waits");
+    fs.snapshot_create("before").unwrap();
+    for i in 0..100u64 {
+        fs.write_data(a, i * mib, &pattern(i + 500, mib as usize), false)
+            .unwrap();
+    }
+    assert_eq!(
+        small(b"s3"),
+        0,
+        "the snapshot holds the old copy: the volume is nearly full"
+    );
+    assert_eq!(
+        fs.read_data(a, 5 * mib, 10).unwrap(),
+        pattern(505, mib as usize)[..10]
+    );
+}

@@ -97,10 +97,6 @@ pub const MAX_FILE_SIZE: u64 = 1 << 44;
 /// Larger writes commit at once: they gain nothing from waiting.
 const DEFER_DATA_BLOCKS: u64 = 16;
 
-/// Marks a block of a read already copied from the waiting data (no
-/// logical block has this address).
-const WAITING: u64 = u64::MAX;
-
 /// `fallocate` modes (as in fallocate(2)).
 pub const FALLOC_KEEP_SIZE: u32 = 0x01;
 pub const FALLOC_PUNCH_HOLE: u32 = 0x02;
@@ -354,22 +350,24 @@ impl Fs {
         // Blocks whose data still waits for its commit are copied from
         // memory first: one missing there was committed before it left
         // (or never waited), so the volume has it.
-        let mut blocks = blocks;
+        let mut copied = Vec::new();
         {
             let waiting = self.unwritten.read();
             if !waiting.is_empty() {
-                for (j, lba) in blocks.iter_mut().enumerate() {
+                copied = vec![false; blocks.len()];
+                for (j, lba) in blocks.iter().enumerate() {
                     if let Some(data) = waiting.get(lba) {
                         buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].copy_from_slice(data);
-                        *lba = WAITING;
+                        copied[j] = true;
                     }
                 }
             }
         }
+        let copied = |j: usize| copied.get(j).copied().unwrap_or(false);
         // Data blocks are read outside the metadata lock, in runs.
         let mut j = 0;
         while j < blocks.len() {
-            if blocks[j] == WAITING {
+            if copied(j) {
                 j += 1;
                 continue;
             }
@@ -379,7 +377,7 @@ impl Fs {
                 continue;
             }
             let mut k = j + 1;
-            while k < blocks.len() && blocks[k] != WAITING && blocks[k] == blocks[k - 1] + 1 {
+            while k < blocks.len() && !copied(k) && blocks[k] == blocks[k - 1] + 1 {
                 k += 1;
             }
             self.volume()

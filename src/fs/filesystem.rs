@@ -131,9 +131,10 @@ pub struct Fs {
     /// How many times a long operation paused for others (a counter for
     /// tests and diagnostics).
     step_pauses: std::sync::atomic::AtomicU64,
-    /// Whether metadata changes are pending, as the last operation left
-    /// them: a write in place, which commits without the metadata lock,
-    /// then takes the ordinary path, which commits them first.
+    /// Whether changes are pending (metadata, or small writes' data), as
+    /// the last operation left them: a write in place, which commits
+    /// without the metadata lock, then takes the ordinary path, which
+    /// commits them first.
     has_pending: std::sync::atomic::AtomicBool,
     /// The data of small writes waiting for the next commit (shared with
     /// the pending changes, see [`Pending::unwritten`]): a read looks here

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::ctx::{data_tag, Ctx};
 use super::format::{self, Entry, Header, KeyGenEntry};
-use super::geometry::data_need;
+use super::geometry::{data_need, usable_per_segment};
 use super::header::read_header;
 use super::recovery::{self, Recovery};
 use super::rekey::RekeyStatus;
@@ -112,6 +112,13 @@ pub struct Volume {
     closed: bool,
     /// A read-only view of this snapshot (by id) instead of the live volume.
     view: Option<SnapshotId>,
+}
+
+/// Blocks the file system may still fill (see [`Volume::free_blocks`]).
+fn free_in(st: &State) -> u64 {
+    let live = st.usage.total_live(st.log.extent);
+    (st.geo.logical_blocks - st.allocated)
+        .min(data_need(st.geo.logical_blocks).saturating_sub(live))
 }
 
 impl Volume {
@@ -451,9 +458,20 @@ impl Volume {
     /// minus every block counted live).
     pub fn free_blocks(&self) -> Result<u64> {
         let st = self.inner.lock()?;
-        let live = st.usage.total_live(st.log.extent);
-        Ok((st.geo.logical_blocks - st.allocated)
-            .min(data_need(st.geo.logical_blocks).saturating_sub(live)))
+        Ok(free_in(&st))
+    }
+
+    /// Whether changes may wait in memory for a later commit: the log can
+    /// take `blocks` more without cleaning or its reserve, and as many
+    /// logical blocks are free (what snapshots hold counted). Near a full
+    /// volume each operation commits its own changes instead, so that the
+    /// one that needs space is the one told there is none.
+    pub fn room_to_wait(&self, blocks: u64) -> bool {
+        let Ok(st) = self.inner.lock() else {
+            return false;
+        };
+        let log_room = st.log.user_available() * usable_per_segment(st.geo.seg_blocks);
+        log_room >= blocks && free_in(&st) >= blocks
     }
 
     /// What recovery did when the volume was opened.
