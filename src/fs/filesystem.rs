@@ -65,7 +65,12 @@ const PENDING_FREED: u64 = 16384;
 /// ...or to this many data blocks of small writes (1 MiB).
 const PENDING_DATA_BLOCKS: usize = 256;
 /// Below this many free blocks (128 MiB), blocks that pending operations
-/// freed are committed before the next operation, which may need them.
+/// freed are committed before the next operation, which may need them;
+/// and nothing waits while the file system's allocator, or the volume
+/// (its log without cleaning, or what snapshots hold: see
+/// `Volume::room_to_wait`), has less room than this: near a full volume
+/// (or a full host file system, once the log could not grow) each
+/// operation commits at once and gets its own ENOSPC.
 const LOW_SPACE_BLOCKS: u64 = 32768;
 
 /// While others wait for the metadata lock, a long operation pauses after
@@ -1235,6 +1240,7 @@ impl Fs {
             || guard.pending.freed_blocks() >= PENDING_FREED
             || guard.pending.data_blocks() >= PENDING_DATA_BLOCKS
             || guard.alloc.free_blocks() < LOW_SPACE_BLOCKS
+            || !self.volume.room_to_wait(LOW_SPACE_BLOCKS)
         {
             Commit::IfChanged
         } else {

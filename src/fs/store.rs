@@ -244,12 +244,6 @@ pub struct VolumeStore<'a> {
     data: Vec<(u64, Vec<u8>)>,
 }
 
-/// Changes wait for a later commit only while the volume has room for
-/// this many more blocks (128 MiB) without cleaning: near a full volume
-/// (or a full host file system, once the log could not grow) each
-/// operation commits at once and gets its own ENOSPC.
-const WAIT_ROOM_BLOCKS: u64 = 32768;
-
 /// Clean nodes kept in memory between operations.
 pub const NODE_CACHE: usize = 8192;
 
@@ -293,7 +287,7 @@ impl<'a> VolumeStore<'a> {
             return Ok(());
         }
         let gone = self.take_frees();
-        if when == Commit::Defer && txn.is_empty() && self.volume.room_to_wait(WAIT_ROOM_BLOCKS) {
+        if when == Commit::Defer && txn.is_empty() {
             self.merge_into_pending(&gone);
             return Ok(());
         }

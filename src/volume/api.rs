@@ -471,7 +471,11 @@ impl Volume {
             return false;
         };
         let log_room = st.log.user_available() * usable_per_segment(st.geo.seg_blocks);
-        log_room >= blocks && free_in(&st) >= blocks
+        // As `free_blocks`, with the live total kept rather than counted
+        // (a large volume has many segments; this runs per operation).
+        let free = (st.geo.logical_blocks - st.allocated)
+            .min(data_need(st.geo.logical_blocks).saturating_sub(st.usage.live_total()));
+        log_room >= blocks && free >= blocks
     }
 
     /// What recovery did when the volume was opened.

@@ -95,6 +95,8 @@ impl Held {
 pub struct Usage {
     pub live: Vec<u32>,
     pub usage_pages: HashMap<SegmentId, u32>,
+    /// The sum of `live` and `usage_pages`, kept as they change.
+    total: u64,
     pub dirty_leaves: BTreeSet<u64>,
     geo: Geometry,
     pub held: Held,
@@ -105,6 +107,7 @@ impl Usage {
         Usage {
             live: Vec::new(),
             usage_pages: HashMap::new(),
+            total: 0,
             dirty_leaves: BTreeSet::new(),
             geo,
             held: Held::default(),
@@ -128,7 +131,19 @@ impl Usage {
 
     /// Live blocks in segments `0..extent`.
     pub fn total_live(&self, extent: u64) -> u64 {
-        (0..extent).map(|s| self.live(SegmentId(s))).sum()
+        let sum = (0..extent).map(|s| self.live(SegmentId(s))).sum();
+        debug_assert!(
+            extent < self.live.len() as u64 || sum == self.total,
+            "live total {} kept, {sum} counted",
+            self.total
+        );
+        sum
+    }
+
+    /// Live blocks in every segment, without counting them (kept as the
+    /// counters change).
+    pub fn live_total(&self) -> u64 {
+        self.total
     }
 
     fn slot(&mut self, seg: SegmentId) -> &mut u32 {
@@ -143,13 +158,17 @@ impl Usage {
     pub fn inc(&mut self, pba: u64) {
         let s = self.geo.segment_of(pba);
         *self.slot(s) += 1;
+        self.total += 1;
     }
 
     pub fn dec(&mut self, pba: u64) {
         let s = self.geo.segment_of(pba);
         let c = self.slot(s);
         debug_assert!(*c > 0, "segment {s} usage underflow");
-        *c = c.saturating_sub(1);
+        if *c > 0 {
+            *c -= 1;
+            self.total -= 1;
+        }
     }
 
     /// A tree page's on-disk copy stops being current (its page was dirtied).
@@ -160,7 +179,10 @@ impl Usage {
         } else if tree == TreeId::SegmentUsage {
             let s = self.geo.segment_of(ptr.pba);
             let c = self.usage_pages.entry(s).or_insert(0);
-            *c = c.saturating_sub(1);
+            if *c > 0 {
+                *c -= 1;
+                self.total -= 1;
+            }
         } else {
             self.dec(ptr.pba);
         }
@@ -173,6 +195,7 @@ impl Usage {
                 .usage_pages
                 .entry(self.geo.segment_of(pba))
                 .or_insert(0) += 1;
+            self.total += 1;
         } else {
             self.inc(pba);
         }
@@ -211,6 +234,8 @@ impl Usage {
                 .entry(self.geo.segment_of(pba))
                 .or_insert(0) += 1;
         }
+        self.total = self.live.iter().map(|&c| c as u64).sum::<u64>()
+            + self.usage_pages.values().map(|&c| c as u64).sum::<u64>();
         self.dirty_leaves.clear();
         Ok(())
     }
