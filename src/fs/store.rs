@@ -303,18 +303,16 @@ impl<'a> VolumeStore<'a> {
                 .filter(|lba| gone.binary_search(lba).is_err())
                 .collect();
             blocks.sort_unstable();
-            let mut i = 0;
-            while i < blocks.len() {
-                let mut j = i + 1;
-                while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
-                    j += 1;
+            let mut runs = Runs::default();
+            for &lba in &blocks {
+                runs.push(lba);
+            }
+            for (first, n) in runs.0 {
+                let mut run = Vec::with_capacity(n as usize * BLOCK_SIZE);
+                for lba in first..first + n {
+                    run.extend_from_slice(&waiting[&lba]);
                 }
-                let mut run = Vec::with_capacity((j - i) * BLOCK_SIZE);
-                for lba in &blocks[i..j] {
-                    run.extend_from_slice(&waiting[lba]);
-                }
-                data_txn.write(Lba(blocks[i]), run);
-                i = j;
+                data_txn.write(Lba(first), run);
             }
         }
         for (lba, data) in self.data.drain(..) {

@@ -114,9 +114,9 @@ pub struct Volume {
     view: Option<SnapshotId>,
 }
 
-/// Blocks the file system may still fill (see [`Volume::free_blocks`]).
-fn free_in(st: &State) -> u64 {
-    let live = st.usage.total_live(st.log.extent);
+/// Blocks the file system may still fill (see [`Volume::free_blocks`]),
+/// given `live`, the blocks counted live.
+fn free_in(st: &State, live: u64) -> u64 {
     (st.geo.logical_blocks - st.allocated)
         .min(data_need(st.geo.logical_blocks).saturating_sub(live))
 }
@@ -458,7 +458,7 @@ impl Volume {
     /// minus every block counted live).
     pub fn free_blocks(&self) -> Result<u64> {
         let st = self.inner.lock()?;
-        Ok(free_in(&st))
+        Ok(free_in(&st, st.usage.total_live(st.log.extent)))
     }
 
     /// Whether changes may wait in memory for a later commit: the log can
@@ -471,11 +471,9 @@ impl Volume {
             return false;
         };
         let log_room = st.log.user_available() * usable_per_segment(st.geo.seg_blocks);
-        // As `free_blocks`, with the live total kept rather than counted
-        // (a large volume has many segments; this runs per operation).
-        let free = (st.geo.logical_blocks - st.allocated)
-            .min(data_need(st.geo.logical_blocks).saturating_sub(st.usage.live_total()));
-        log_room >= blocks && free >= blocks
+        // The live total kept rather than counted: a large volume has many
+        // segments, and this runs per operation.
+        log_room >= blocks && free_in(&st, st.usage.live_total()) >= blocks
     }
 
     /// What recovery did when the volume was opened.
