@@ -1240,7 +1240,6 @@ impl Fs {
             || guard.pending.freed_blocks() >= PENDING_FREED
             || guard.pending.data_blocks() >= PENDING_DATA_BLOCKS
             || guard.alloc.free_blocks() < LOW_SPACE_BLOCKS
-            || !self.volume.room_to_wait(LOW_SPACE_BLOCKS)
         {
             Commit::IfChanged
         } else {
@@ -1270,7 +1269,8 @@ impl Fs {
             } = &mut *guard;
             let mut txn = Transaction::new();
             let mut op = Op {
-                store: VolumeStore::new(&self.volume, alloc, cache, pending),
+                store: VolumeStore::new(&self.volume, alloc, cache, pending)
+                    .waiting_needs_room(LOW_SPACE_BLOCKS),
                 tree,
                 sb,
                 holds: &self.holds,

@@ -242,6 +242,9 @@ pub struct VolumeStore<'a> {
     /// Whole data blocks this operation wrote into blocks it allocated,
     /// which may wait for the commit (see [`VolumeStore::defer_data`]).
     data: Vec<(u64, Vec<u8>)>,
+    /// Changes wait only while the volume has room for this many more
+    /// blocks (see [`VolumeStore::waiting_needs_room`]); 0: no check.
+    wait_room: u64,
 }
 
 /// Clean nodes kept in memory between operations.
@@ -264,7 +267,19 @@ impl<'a> VolumeStore<'a> {
             freed: BTreeSet::new(),
             freed_data: Vec::new(),
             data: Vec::new(),
+            wait_room: 0,
         }
+    }
+
+    /// Lets this operation's changes wait (a [`Commit::Defer`]) only while
+    /// the volume has room for `blocks` more (`Volume::room_to_wait`);
+    /// otherwise it commits them at once, so that near a full volume the
+    /// operation that needs space is the one told there is none. Checked
+    /// only when there are changes to leave waiting: a read never takes
+    /// the volume's lock for it.
+    pub fn waiting_needs_room(mut self, blocks: u64) -> Self {
+        self.wait_room = blocks;
+        self
     }
 
     /// Adds the pending and staged node writes and frees to `txn`, commits
@@ -287,7 +302,10 @@ impl<'a> VolumeStore<'a> {
             return Ok(());
         }
         let gone = self.take_frees();
-        if when == Commit::Defer && txn.is_empty() {
+        if when == Commit::Defer
+            && txn.is_empty()
+            && (self.wait_room == 0 || self.volume.room_to_wait(self.wait_room))
+        {
             self.merge_into_pending(&gone);
             return Ok(());
         }
