@@ -119,12 +119,15 @@ impl Snapshots {
 
     /// Starts key generation `entry` from its `secret` (see
     /// [`Volume::rekey_start`]) and the pass that seals every older block
-    /// again, on a thread of its own.
+    /// again, on a thread of its own. Changes still waiting in memory are
+    /// committed first, as for a snapshot: the volume's record of the new
+    /// generation then follows every operation that completed before it.
     pub fn rekey_start(
         self: &Arc<Self>,
         entry: crate::volume::format::KeyGenEntry,
         secret: &crate::crypto::MasterKey,
     ) -> Result<()> {
+        self.fs()?.commit_pending()?;
         self.with_volume(|v, _| v.rekey_start(entry, secret))??;
         self.rekey_in_background();
         Ok(())
