@@ -945,6 +945,43 @@ fn near_a_full_volume_small_writes_do_not_wait() {
     );
 }
 
+/// Writing a file end to end never loads its block map: each write that
+/// allocates drops the cached map, and a load reads all of the file's
+/// chunk items, so one load per write made writing a file cost time in
+/// the square of its size. An overwrite inside the file (written in
+/// place, without the metadata lock) loads it once and keeps it.
+#[test]
+fn appending_writes_do_not_load_the_file_map() {
+    let (_dev, fs) = new_fs(65536);
+    fs.set_kernel_times(true);
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    fs.commit_pending().unwrap();
+    // 128 KiB a write: too large to wait in memory, so each commits and
+    // leaves nothing pending (as the kernel's writeback of a large file).
+    let piece: usize = 128 * 1024;
+    let at = |k: u64| k * piece as u64;
+    let before = fs.map_loads();
+    for i in 0..200u64 {
+        fs.write_data(ino, at(i), &pattern(i, piece), false)
+            .unwrap();
+    }
+    assert_eq!(fs.map_loads() - before, 0, "appends loaded the map");
+    for round in 0..3 {
+        fs.write_data(ino, at(5), &pattern(900 + round, piece), false)
+            .unwrap();
+    }
+    assert_eq!(fs.map_loads() - before, 1, "overwrites load it once");
+    assert_eq!(
+        fs.read_data(ino, at(5), piece).unwrap(),
+        pattern(902, piece)
+    );
+    assert_eq!(
+        fs.read_data(ino, at(199), piece).unwrap(),
+        pattern(199, piece)
+    );
+    assert!(fs.check().unwrap().problems.is_empty());
+}
+
 /// The other half of that room is the log's: logical space may be plenty
 /// while the log is full of old copies that only cleaning gives back. A
 /// file overwritten again and again fills it; once the log has less room

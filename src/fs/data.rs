@@ -9,6 +9,7 @@
 use super::acl;
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLockReadGuard};
 
 use super::filesystem::{FileMap, Fs, Op};
@@ -229,6 +230,7 @@ impl Fs {
             if i.is_dir() {
                 return Err(Posix::IsDir.at(format!("inode {ino}")));
             }
+            self.map_loads.fetch_add(1, Ordering::Relaxed);
             let (s, e) = kind_range(ino, kind::CHUNK);
             let mut chunks = HashMap::new();
             for (k, v) in op.tree.range(&mut op.store, &s, &e, usize::MAX)? {
@@ -252,6 +254,16 @@ impl Fs {
                 .insert(ino, m.clone());
             Ok(m)
         })
+    }
+
+    /// Whether the file's block map is cached (a later [`Fs::file_map`]
+    /// may still load it, if a commit dropped it meanwhile).
+    fn map_cached(&self, ino: Ino) -> Result<bool> {
+        Ok(self
+            .files
+            .lock()
+            .map_err(|_| FsError::PreviousIo)?
+            .contains_key(&ino))
     }
 
     /// The file's current block map, with `reads` held shared: from the
@@ -407,6 +419,12 @@ impl Fs {
             return Ok(false);
         }
         let end = offset + data.len() as u64;
+        // Loading a map reads every chunk item of the file, and each write
+        // that allocates drops it: an append must not load it again, or
+        // writing a file end to end costs time in the square of its size.
+        if !self.map_cached(ino)? && end > self.read_op(|op| Ok(op.inode(ino)?.size))? {
+            return Ok(false);
+        }
         let (map, _reading) = self.current_map(ino)?;
         if end > map.size || (kill_suid && map.privileged) {
             return Ok(false);

@@ -136,6 +136,8 @@ pub struct Fs {
     /// How many times a long operation paused for others (a counter for
     /// tests and diagnostics).
     step_pauses: std::sync::atomic::AtomicU64,
+    /// File block maps loaded from the tree (see `Fs::file_map`).
+    pub(super) map_loads: std::sync::atomic::AtomicU64,
     /// Whether changes are pending (metadata, or small writes' data), as
     /// the last operation left them: a write in place, which commits
     /// without the metadata lock, then takes the ordinary path, which
@@ -661,6 +663,7 @@ impl Fs {
             meta_poisoned: Default::default(),
             meta_waited: Default::default(),
             step_pauses: Default::default(),
+            map_loads: Default::default(),
             has_pending: Default::default(),
             unwritten: pending.unwritten(),
             meta: parking_lot::Mutex::new(Meta {
@@ -919,6 +922,13 @@ impl Fs {
     #[doc(hidden)]
     pub fn step_pauses(&self) -> u64 {
         self.step_pauses.load(Ordering::Relaxed)
+    }
+
+    /// How many times a file's block map was loaded from the tree (each
+    /// load reads all of the file's chunk items). For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn map_loads(&self) -> u64 {
+        self.map_loads.load(Ordering::Relaxed)
     }
 
     /// The volume's counters. For tests and diagnostics.
