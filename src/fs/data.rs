@@ -35,6 +35,9 @@ struct DataRuns {
     /// Bytes of the blocks still to come: a new run makes room for them
     /// all, since the blocks of a write are usually consecutive.
     left: usize,
+    /// Bytes more the first run makes room for: the metadata its
+    /// transaction will carry (see `METADATA_ROOM`).
+    room: usize,
 }
 
 /// Blocks of metadata a write's transaction usually carries after its
@@ -43,13 +46,25 @@ struct DataRuns {
 /// into it without moving it. (Without the room, the volume grew the
 /// 1 MiB buffer of each large write, a copy of it: 5% of the daemon's
 /// samples while it wrote back a large file.)
-const METADATA_ROOM: usize = 16;
+const METADATA_ROOM: usize = 16 * BLOCK_SIZE;
 
 impl DataRuns {
     fn new(blocks: u64) -> Self {
         DataRuns {
             run: None,
-            left: (blocks as usize + METADATA_ROOM) * BLOCK_SIZE,
+            left: blocks as usize * BLOCK_SIZE,
+            room: 0,
+        }
+    }
+
+    /// For a transaction that will carry metadata after the data. (A
+    /// small write's buffer is not worth the room: growing it copies
+    /// little.)
+    fn with_metadata(blocks: u64) -> Self {
+        let runs = DataRuns::new(blocks);
+        DataRuns {
+            room: METADATA_ROOM.min(runs.left),
+            ..runs
         }
     }
 
@@ -59,7 +74,9 @@ impl DataRuns {
             Some((start, buf)) if *start + (buf.len() / BLOCK_SIZE) as u64 == lba);
         if !continues {
             self.finish(txn);
-            self.run = Some((lba, Vec::with_capacity(self.left)));
+            // The first run becomes the record's buffer (see above).
+            let room = std::mem::take(&mut self.room);
+            self.run = Some((lba, Vec::with_capacity(self.left + room)));
         }
         self.left = self.left.saturating_sub(BLOCK_SIZE);
         &mut self.run.as_mut().expect("a run was just made").1
@@ -430,8 +447,18 @@ impl Fs {
         // Loading a map reads every chunk item of the file, and each write
         // that allocates drops it: an append must not load it again, or
         // writing a file end to end costs time in the square of its size.
-        if !self.map_cached(ino)? && end > self.read_op(|op| Ok(op.inode(ino)?.size))? {
-            return Ok(false);
+        if !self.map_cached(ino)? {
+            let size = self.read_op(|op| {
+                let i = op.inode(ino)?;
+                if i.is_dir() {
+                    // As loading the map would say.
+                    return Err(Posix::IsDir.at(format!("inode {ino}")));
+                }
+                Ok(i.size)
+            })?;
+            if end > size {
+                return Ok(false);
+            }
         }
         let (map, _reading) = self.current_map(ino)?;
         if end > map.size || (kill_suid && map.privileged) {
@@ -509,7 +536,7 @@ impl Fs {
             let mut chunk = Vec::new();
             let mut chunk_changed = false;
             let mut hint = 0;
-            let mut runs = DataRuns::new(last - first + 1);
+            let mut runs = DataRuns::with_metadata(last - first + 1);
             for fb in first..=last {
                 if fb / CHUNK_BLOCKS != chunk_index {
                     if chunk_changed {
