@@ -163,6 +163,15 @@ pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
 
 impl Op<'_> {
+    /// The inode of a file whose data is read or written: not a directory.
+    fn file_inode(&mut self, ino: Ino) -> Result<Inode> {
+        let i = self.inode(ino)?;
+        if i.is_dir() {
+            return Err(Posix::IsDir.at(format!("inode {ino}")));
+        }
+        Ok(i)
+    }
+
     fn chunk(&mut self, ino: Ino, index: u64) -> Result<Vec<u64>> {
         match self.get(&key(ino, kind::CHUNK, &index.to_be_bytes()))? {
             Some(v) => decode_chunk(&v).ok_or_else(|| {
@@ -251,10 +260,7 @@ impl Fs {
             return Ok(m.clone());
         }
         self.read_op(|op| {
-            let i = op.inode(ino)?;
-            if i.is_dir() {
-                return Err(Posix::IsDir.at(format!("inode {ino}")));
-            }
+            let i = op.file_inode(ino)?;
             self.map_loads.fetch_add(1, Ordering::Relaxed);
             let (s, e) = kind_range(ino, kind::CHUNK);
             let mut chunks = HashMap::new();
@@ -447,18 +453,8 @@ impl Fs {
         // Loading a map reads every chunk item of the file, and each write
         // that allocates drops it: an append must not load it again, or
         // writing a file end to end costs time in the square of its size.
-        if !self.map_cached(ino)? {
-            let size = self.read_op(|op| {
-                let i = op.inode(ino)?;
-                if i.is_dir() {
-                    // As loading the map would say.
-                    return Err(Posix::IsDir.at(format!("inode {ino}")));
-                }
-                Ok(i.size)
-            })?;
-            if end > size {
-                return Ok(false);
-            }
+        if !self.map_cached(ino)? && end > self.read_op(|op| Ok(op.file_inode(ino)?.size))? {
+            return Ok(false);
         }
         let (map, _reading) = self.current_map(ino)?;
         if end > map.size || (kill_suid && map.privileged) {
