@@ -968,10 +968,10 @@ fn near_a_full_volume_small_writes_do_not_wait() {
     );
 }
 
-/// Writing a file end to end never loads its block map: each write that
-/// allocates drops the cached map, and a load reads all of the file's
-/// chunk items, so one load per write made writing a file cost time in
-/// the square of its size. An overwrite inside the file (written in
+/// Writing a file end to end never loads its block map: a load reads all
+/// of the file's chunk items, so one load per write (as when each write
+/// that allocated dropped the cached map) made writing a file cost time
+/// in the square of its size. An overwrite inside the file (written in
 /// place, without the metadata lock) loads it once and keeps it.
 #[test]
 fn appending_writes_do_not_load_the_file_map() {
@@ -1002,6 +1002,119 @@ fn appending_writes_do_not_load_the_file_map() {
         fs.read_data(ino, at(199), piece).unwrap(),
         pattern(199, piece)
     );
+    assert!(fs.check().unwrap().problems.is_empty());
+}
+
+/// A file read while it is appended to (a log being followed, a download
+/// being played) is loaded once: each operation updates the cached map in
+/// place instead of dropping it, where a load reads every chunk item of
+/// the file. The reads still see every change: appends (large and small,
+/// whose data waits in memory), a hole, truncation both ways. A change
+/// of the file's privileges still reaches the write path that bypasses
+/// the metadata lock: setuid set by chmod and a capability set after the
+/// map was cached are both cleared by an unprivileged write.
+#[test]
+fn a_file_read_while_appended_is_loaded_once() {
+    let (_dev, fs) = new_fs(65536);
+    fs.set_kernel_times(true);
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    fs.commit_pending().unwrap();
+    let piece: usize = 128 * 1024;
+    let at = |k: u64| k * piece as u64;
+    let mut model: Vec<u8> = Vec::new();
+    let before = fs.map_loads();
+    for i in 0..200u64 {
+        // Every tenth append is small, so its data waits for the commit.
+        let data = if i % 10 == 9 {
+            pattern(i, 1000)
+        } else {
+            pattern(i, piece)
+        };
+        let off = model.len() as u64;
+        fs.write_data(ino, off, &data, false).unwrap();
+        if i == 9 {
+            assert!(
+                fs.waiting_data_blocks() > 0,
+                "the small append did not wait"
+            );
+        }
+        model.extend_from_slice(&data);
+        assert_eq!(fs.read_data(ino, off, piece).unwrap(), data, "append {i}");
+        let back = (i * 7919) % model.len() as u64;
+        assert_eq!(
+            fs.read_data(ino, back, 5000).unwrap(),
+            model[back as usize..(back as usize + 5000).min(model.len())],
+            "after append {i}, at {back}"
+        );
+    }
+    assert_eq!(fs.map_loads() - before, 1, "the reads loaded the map again");
+    // A write past the end leaves a hole; truncation cuts and extends.
+    let far = model.len() as u64 + 3 * piece as u64 + 123;
+    fs.write_data(ino, far, b"tail", false).unwrap();
+    model.resize(far as usize, 0);
+    model.extend_from_slice(b"tail");
+    let hole = far - 2 * piece as u64;
+    assert_eq!(
+        fs.read_data(ino, hole, piece).unwrap(),
+        model[hole as usize..hole as usize + piece]
+    );
+    let cut = at(50) + 77;
+    fs.setattr(ino, SetAttr::size(cut)).unwrap();
+    model.truncate(cut as usize);
+    assert_eq!(
+        fs.read_data(ino, cut - 10, 100).unwrap(),
+        model[cut as usize - 10..]
+    );
+    fs.setattr(ino, SetAttr::size(at(60))).unwrap();
+    model.resize(at(60) as usize, 0);
+    // Another file takes the blocks the truncation freed: a map that
+    // kept their addresses would now read its data.
+    let (other, _) = fs.mknod(ROOT, b"other", REG, 0, 0, 0).unwrap();
+    for k in 0..200u64 {
+        fs.write_data(other, at(k), &pattern(5000 + k, piece), false)
+            .unwrap();
+    }
+    fs.commit_pending().unwrap();
+    assert_eq!(
+        fs.read_data(ino, at(49), 11 * piece).unwrap(),
+        model[at(49) as usize..at(60) as usize]
+    );
+    assert_eq!(fs.map_loads() - before, 1, "truncation dropped the map");
+
+    // setuid by chmod: the cached map learns it, and an unprivileged
+    // write inside the file takes the path that clears it.
+    fs.setattr(
+        ino,
+        SetAttr {
+            mode: Some(0o4755),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Nothing pending, or the write would take the ordinary path anyway.
+    fs.commit_pending().unwrap();
+    fs.write_data(ino, at(1), &pattern(7, piece), true).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().mode & 0o7777, 0o755, "setuid kept");
+    // A capability set after the map was cached (read just above).
+    fs.read_data(ino, 0, 10).unwrap();
+    fs.setxattr(ino, b"security.capability", b"caps", 0)
+        .unwrap();
+    fs.commit_pending().unwrap();
+    fs.write_data(ino, at(2), &pattern(8, piece), true).unwrap();
+    assert!(
+        fs.getxattr(ino, b"security.capability").is_err(),
+        "an unprivileged write kept the file's capabilities"
+    );
+    model[at(1) as usize..at(2) as usize].copy_from_slice(&pattern(7, piece));
+    model[at(2) as usize..at(3) as usize].copy_from_slice(&pattern(8, piece));
+    fs.commit_pending().unwrap();
+    for k in 0..60 {
+        assert_eq!(
+            fs.read_data(ino, at(k), piece).unwrap(),
+            model[at(k) as usize..at(k + 1) as usize],
+            "piece {k} at the end"
+        );
+    }
     assert!(fs.check().unwrap().problems.is_empty());
 }
 

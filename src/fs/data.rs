@@ -10,9 +10,9 @@ use super::acl;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLockReadGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
-use super::filesystem::{FileMap, Fs, Op};
+use super::filesystem::{FileMap, Fs, MapChange, Op};
 use super::format::{
     decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, truncating_key, Ino, Inode,
     Time, CHUNK_BLOCKS,
@@ -182,7 +182,13 @@ impl Op<'_> {
     }
 
     fn put_chunk(&mut self, ino: Ino, index: u64, c: &[u64]) -> Result<()> {
-        self.touched.push(ino);
+        self.map_changes.push((
+            ino,
+            MapChange::Chunk {
+                index,
+                blocks: c.to_vec(),
+            },
+        ));
         let k = key(ino, kind::CHUNK, &index.to_be_bytes());
         if c.iter().all(|b| *b == 0) {
             return self.del(&k);
@@ -211,6 +217,7 @@ impl Op<'_> {
         let had_caps = self.get(&k)?.is_some();
         if had_caps {
             self.del(&k)?;
+            self.map_changes.push((ino, MapChange::Forget));
         }
         Ok(had_caps || i.mode != before)
     }
@@ -250,7 +257,7 @@ impl Op<'_> {
 impl Fs {
     /// The file's block map: cached, or loaded under the metadata lock
     /// (and cached while still under it; see `Fs::files`).
-    fn file_map(&self, ino: Ino) -> Result<Arc<FileMap>> {
+    fn file_map(&self, ino: Ino) -> Result<Arc<RwLock<FileMap>>> {
         if let Some(m) = self
             .files
             .lock()
@@ -270,15 +277,15 @@ impl Fs {
                     item.ok_or_else(|| FsError::Corrupted(format!("inode {ino}: a chunk item")))?;
                 chunks.insert(index, blocks);
             }
-            let privileged = i.mode & (libc::S_ISUID | libc::S_ISGID) != 0
-                || op
-                    .get(&key(ino, kind::XATTR, SECURITY_CAPABILITY))?
-                    .is_some();
-            let m = Arc::new(FileMap {
+            let capability = op
+                .get(&key(ino, kind::XATTR, SECURITY_CAPABILITY))?
+                .is_some();
+            let m = Arc::new(RwLock::new(FileMap {
                 size: i.size,
                 chunks,
-                privileged,
-            });
+                setid: i.mode & (libc::S_ISUID | libc::S_ISGID) != 0,
+                capability,
+            }));
             self.files
                 .lock()
                 .map_err(|_| FsError::PreviousIo)?
@@ -303,7 +310,7 @@ impl Fs {
     /// takes the metadata lock, which must never be waited for while
     /// `reads` is held), then checked to be still current once `reads` is
     /// held.
-    fn current_map(&self, ino: Ino) -> Result<(Arc<FileMap>, RwLockReadGuard<'_, ()>)> {
+    fn current_map(&self, ino: Ino) -> Result<(Arc<RwLock<FileMap>>, RwLockReadGuard<'_, ()>)> {
         loop {
             let map = self.file_map(ino)?;
             let reading = self.reads.read().map_err(|_| FsError::PreviousIo)?;
@@ -324,7 +331,11 @@ impl Fs {
     pub fn read_data(&self, ino: Ino, offset: u64, size: usize) -> Result<Vec<u8>> {
         // The buffer is as large as the file allows, not as `size` asks
         // (its size from the cached map: no metadata lock, as below).
-        let here = self.current_map(ino)?.0.size.saturating_sub(offset);
+        let here = (self.current_map(ino)?.0)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .size
+            .saturating_sub(offset);
         let size = size.min(usize::try_from(here).unwrap_or(usize::MAX));
         let mut buf = vec![0; Fs::read_span(offset, size)];
         let r = self.read_data_into(ino, offset, size, &mut buf)?;
@@ -368,28 +379,34 @@ impl Fs {
         buf: &mut [u8],
     ) -> Result<Range<usize>> {
         let (map, _reading) = self.current_map(ino)?;
-        if offset >= map.size || size == 0 {
-            return Ok(0..0);
-        }
-        if buf.len() < Fs::read_span(offset, size) {
-            return Err(FsError::Refused {
-                why: Posix::Invalid,
-                what: format!(
-                    "read of {size} bytes at {offset} into a buffer of {}",
-                    buf.len()
-                ),
-            });
-        }
-        let len = (size as u64).min(map.size - offset);
-        let first = offset / BS;
-        let last = (offset + len - 1) / BS;
-        let blocks: Vec<u64> = (first..=last)
-            .map(|fb| {
-                map.chunks
-                    .get(&(fb / CHUNK_BLOCKS))
-                    .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
-            })
-            .collect();
+        // The size and blocks are copied out at once, so that an operation
+        // updating the map (under the metadata lock) never waits for this
+        // read's I/O.
+        let (len, blocks) = {
+            let map = map.read().unwrap_or_else(PoisonError::into_inner);
+            if offset >= map.size || size == 0 {
+                return Ok(0..0);
+            }
+            if buf.len() < Fs::read_span(offset, size) {
+                return Err(FsError::Refused {
+                    why: Posix::Invalid,
+                    what: format!(
+                        "read of {size} bytes at {offset} into a buffer of {}",
+                        buf.len()
+                    ),
+                });
+            }
+            let len = (size as u64).min(map.size - offset);
+            let (first, last) = (offset / BS, (offset + len - 1) / BS);
+            let blocks: Vec<u64> = (first..=last)
+                .map(|fb| {
+                    map.chunks
+                        .get(&(fb / CHUNK_BLOCKS))
+                        .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
+                })
+                .collect();
+            (len, blocks)
+        };
         // Blocks whose data still waits for its commit are copied from
         // memory first: one missing there was committed before it left
         // (or never waited), so the volume has it.
@@ -450,23 +467,27 @@ impl Fs {
             return Ok(false);
         }
         let end = offset + data.len() as u64;
-        // Loading a map reads every chunk item of the file, and each write
-        // that allocates drops it: an append must not load it again, or
-        // writing a file end to end costs time in the square of its size.
+        // Loading a map reads every chunk item of the file: an append,
+        // which takes the ordinary path anyway, must not load it (a map
+        // is cached only while the file is read or overwritten).
         if !self.map_cached(ino)? && end > self.read_op(|op| Ok(op.file_inode(ino)?.size))? {
             return Ok(false);
         }
         let (map, _reading) = self.current_map(ino)?;
-        if end > map.size || (kill_suid && map.privileged) {
-            return Ok(false);
-        }
-        let block_at = |fb: u64| {
-            map.chunks
-                .get(&(fb / CHUNK_BLOCKS))
-                .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
-        };
         let (first, last) = (offset / BS, (end - 1) / BS);
-        let lbas: Vec<u64> = (first..=last).map(block_at).collect();
+        let lbas: Vec<u64> = {
+            let map = map.read().unwrap_or_else(PoisonError::into_inner);
+            if end > map.size || (kill_suid && map.privileged()) {
+                return Ok(false);
+            }
+            (first..=last)
+                .map(|fb| {
+                    map.chunks
+                        .get(&(fb / CHUNK_BLOCKS))
+                        .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
+                })
+                .collect()
+        };
         if lbas.contains(&0) {
             return Ok(false);
         }
@@ -907,6 +928,9 @@ impl Fs {
             } else {
                 op.put(&k, value)?;
             }
+            if name == SECURITY_CAPABILITY {
+                op.map_changes.push((ino, MapChange::Forget));
+            }
             i.ctime = Time::now();
             op.put_inode(ino, &i)
         })
@@ -941,6 +965,9 @@ impl Fs {
                 return Err(Posix::NoAttr.at(String::from_utf8_lossy(name)));
             }
             op.del(&k)?;
+            if name == SECURITY_CAPABILITY {
+                op.map_changes.push((ino, MapChange::Forget));
+            }
             i.ctime = Time::now();
             op.put_inode(ino, &i)
         })

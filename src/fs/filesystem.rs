@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use super::acl;
@@ -152,9 +152,12 @@ pub struct Fs {
     holds: Mutex<Holds>,
     /// Block maps of files being read, so that a read looks up its blocks
     /// without the metadata lock (which a writer holds across its commit).
-    /// An entry is dropped whenever an operation changes the file's size
-    /// or blocks, under the metadata lock, and at the file's last close.
-    pub(super) files: Mutex<HashMap<Ino, Arc<FileMap>>>,
+    /// An operation that changes a file's size or blocks updates its map
+    /// in place, under the metadata lock, once it has succeeded (so a file
+    /// read while it is appended to is not loaded again for each read);
+    /// one that changes it otherwise (removes the file, or its
+    /// capabilities) drops it, as the file's last close does.
+    pub(super) files: Mutex<HashMap<Ino, Arc<RwLock<FileMap>>>>,
     /// Held shared by every data read from its block lookup to the end of
     /// its volume read. Blocks freed meanwhile stay quarantined (see
     /// `Allocator`) until an operation finds no read in flight, so a read
@@ -178,14 +181,51 @@ struct SyncRound {
     failed: Option<u64>,
 }
 
-/// A regular file's size and block addresses, as of the last commit.
+/// A regular file's size and block addresses, as of the last operation
+/// on it.
 pub(super) struct FileMap {
     pub size: u64,
     /// Chunk index -> block addresses; a missing chunk is a hole.
     pub chunks: HashMap<u64, Vec<u64>>,
+    /// setuid or setgid.
+    pub setid: bool,
+    /// File capabilities (security.capability).
+    pub capability: bool,
+}
+
+impl FileMap {
     /// setuid, setgid or file capabilities: a write by an unprivileged
     /// user must clear them (which changes the inode).
-    pub privileged: bool,
+    pub fn privileged(&self) -> bool {
+        self.setid || self.capability
+    }
+
+    fn apply(&mut self, change: MapChange) {
+        match change {
+            MapChange::Chunk { index, blocks } => {
+                if blocks.iter().all(|b| *b == 0) {
+                    self.chunks.remove(&index);
+                } else {
+                    self.chunks.insert(index, blocks);
+                }
+            }
+            MapChange::Inode { size, setid } => {
+                self.size = size;
+                self.setid = setid;
+            }
+            MapChange::Forget => {}
+        }
+    }
+}
+
+/// How an operation changed a file's [`FileMap`].
+pub(super) enum MapChange {
+    /// A chunk item now holds these blocks (all zero: it was deleted).
+    Chunk { index: u64, blocks: Vec<u64> },
+    /// The inode was stored with this size and setuid/setgid state.
+    Inode { size: u64, setid: bool },
+    /// Changed otherwise: a cached map is dropped.
+    Forget,
 }
 
 /// One operation in progress: reads see its own changes; `Fs::op` commits.
@@ -195,8 +235,8 @@ pub(super) struct Op<'a> {
     sb: &'a mut Superblock,
     holds: &'a Mutex<Holds>,
     lazy: &'a mut HashMap<Ino, LazyTimes>,
-    /// Inodes whose size or blocks this operation changed.
-    pub(super) touched: Vec<Ino>,
+    /// How this operation changed files' sizes and blocks, in order.
+    pub(super) map_changes: Vec<(Ino, MapChange)>,
     /// Lazy-time entries this operation changed, with their old values,
     /// put back if it fails.
     lazy_undo: Vec<(Ino, Option<LazyTimes>)>,
@@ -255,7 +295,14 @@ impl Op<'_> {
     /// Stores the inode; its lazy times, already applied by `inode`, are
     /// now part of this operation.
     pub(super) fn put_inode(&mut self, ino: Ino, i: &Inode) -> Result<()> {
-        self.touched.push(ino);
+        let setid = i.mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+        self.map_changes.push((
+            ino,
+            MapChange::Inode {
+                size: i.size,
+                setid,
+            },
+        ));
         if let Some(t) = self.lazy.remove(&ino) {
             self.lazy_undo.push((ino, Some(t)));
         }
@@ -380,6 +427,7 @@ impl Op<'_> {
     /// Frees up to about `max` data blocks of `ino`, chunk by chunk, keeping
     /// the inode's block count right. Returns whether no chunk is left.
     fn free_some_chunks(&mut self, ino: Ino, max: u64) -> Result<bool> {
+        self.map_changes.push((ino, MapChange::Forget));
         let (s, e) = kind_range(ino, kind::CHUNK);
         let mut i = self.inode(ino)?;
         let mut freed = 0;
@@ -406,7 +454,7 @@ impl Op<'_> {
 
     /// Removes every item of an inode, freeing its data blocks.
     pub(super) fn purge(&mut self, ino: Ino) -> Result<()> {
-        self.touched.push(ino);
+        self.map_changes.push((ino, MapChange::Forget));
         // A truncation still in progress has nothing left to do.
         self.del(&truncating_key(ino))?;
         let (s, e) = inode_range(ino);
@@ -1286,11 +1334,11 @@ impl Fs {
                 holds: &self.holds,
                 lazy,
                 lazy_undo: Vec::new(),
-                touched: Vec::new(),
+                map_changes: Vec::new(),
             };
             let r = f(&mut op, &mut txn);
             let lazy_undo = std::mem::take(&mut op.lazy_undo);
-            let touched = std::mem::take(&mut op.touched);
+            let map_changes = std::mem::take(&mut op.map_changes);
             let result = r.and_then(|v| {
                 let Op {
                     store, tree, sb, ..
@@ -1301,17 +1349,13 @@ impl Fs {
                 }
                 store.finish(txn, when).map(|_| v)
             });
-            (result, lazy_undo, touched)
+            (result, lazy_undo, map_changes)
         };
-        let (result, lazy_undo, touched) = result;
-        if result.is_ok() && !touched.is_empty() {
+        let (result, lazy_undo, map_changes) = result;
+        if result.is_ok() && !map_changes.is_empty() {
             // Still under the metadata lock: a reader loading a map holds
             // it too, so no stale map can be put back after this.
-            if let Ok(mut files) = self.files.lock() {
-                for ino in touched {
-                    files.remove(&ino);
-                }
-            }
+            self.update_maps(map_changes);
         }
         if result.is_err() {
             guard.tree.root = old_root;
@@ -1326,6 +1370,48 @@ impl Fs {
         self.has_pending
             .store(!guard.pending.is_empty(), Ordering::Release);
         result
+    }
+
+    /// Applies a successful operation's changes to the cached maps of the
+    /// files it changed. Each map takes all of its file's changes under one
+    /// write lock, so a read never sees the new size without the new
+    /// blocks; readers hold that lock only to copy their blocks out.
+    fn update_maps(&self, changes: Vec<(Ino, MapChange)>) {
+        let mut maps: HashMap<Ino, (Arc<RwLock<FileMap>>, Vec<MapChange>)> = HashMap::new();
+        {
+            let Ok(mut files) = self.files.lock() else {
+                return;
+            };
+            // Usually a handful of files are cached, and an operation
+            // (reclaiming every orphan at mount) may change many more.
+            let mut forget = Vec::new();
+            for (ino, change) in changes {
+                let Some(map) = files.get(&ino) else {
+                    continue;
+                };
+                if matches!(change, MapChange::Forget) {
+                    forget.push(ino);
+                } else {
+                    maps.entry(ino)
+                        .or_insert_with(|| (map.clone(), Vec::new()))
+                        .1
+                        .push(change);
+                }
+            }
+            for ino in forget {
+                files.remove(&ino);
+                maps.remove(&ino);
+            }
+        }
+        // Still under the metadata lock, which a load of a map takes too:
+        // no map is loaded meanwhile (one that the file's last close drops
+        // meanwhile is updated to no effect).
+        for (map, changes) in maps.into_values() {
+            let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+            for c in changes {
+                map.apply(c);
+            }
+        }
     }
 
     /// Reads without changing anything.
