@@ -398,13 +398,7 @@ impl Fs {
             }
             let len = (size as u64).min(map.size - offset);
             let (first, last) = (offset / BS, (offset + len - 1) / BS);
-            let blocks: Vec<u64> = (first..=last)
-                .map(|fb| {
-                    map.chunks
-                        .get(&(fb / CHUNK_BLOCKS))
-                        .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
-                })
-                .collect();
+            let blocks: Vec<u64> = (first..=last).map(|fb| map.block(fb)).collect();
             (len, blocks)
         };
         // Blocks whose data still waits for its commit are copied from
@@ -480,13 +474,7 @@ impl Fs {
             if end > map.size || (kill_suid && map.privileged()) {
                 return Ok(false);
             }
-            (first..=last)
-                .map(|fb| {
-                    map.chunks
-                        .get(&(fb / CHUNK_BLOCKS))
-                        .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
-                })
-                .collect()
+            (first..=last).map(|fb| map.block(fb)).collect()
         };
         if lbas.contains(&0) {
             return Ok(false);

@@ -12,7 +12,7 @@ use super::acl;
 use super::btree::{BTree, Node};
 use super::format::{
     file_type, inode_range, key, key_suffix_u64, kind, kind_range, orphan_key, truncating_key,
-    Dirent, Ino, Inode, Superblock, Time, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
+    Dirent, Ino, Inode, Superblock, Time, CHUNK_BLOCKS, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
 };
 use super::holds::Holds;
 use super::store::{Allocator, Commit, Pending, Unwritten, VolumeStore};
@@ -198,6 +198,13 @@ impl FileMap {
     /// user must clear them (which changes the inode).
     pub fn privileged(&self) -> bool {
         self.setid || self.capability
+    }
+
+    /// The block address of file block `fb`, 0 for a hole.
+    pub fn block(&self, fb: u64) -> u64 {
+        self.chunks
+            .get(&(fb / CHUNK_BLOCKS))
+            .map_or(0, |c| c[(fb % CHUNK_BLOCKS) as usize])
     }
 
     fn apply(&mut self, change: MapChange) {
