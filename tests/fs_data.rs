@@ -968,6 +968,16 @@ fn near_a_full_volume_small_writes_do_not_wait() {
     );
 }
 
+/// A file system whose kernel keeps file times (as under FUSE's
+/// writeback cache), with one empty file committed.
+fn one_file_kernel_times() -> (Arc<MemDevice>, Fs, Ino) {
+    let (dev, fs) = new_fs(65536);
+    fs.set_kernel_times(true);
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    fs.commit_pending().unwrap();
+    (dev, fs, ino)
+}
+
 /// Writing a file end to end never loads its block map: a load reads all
 /// of the file's chunk items, so one load per write (as when each write
 /// that allocated dropped the cached map) made writing a file cost time
@@ -975,10 +985,7 @@ fn near_a_full_volume_small_writes_do_not_wait() {
 /// place, without the metadata lock) loads it once and keeps it.
 #[test]
 fn appending_writes_do_not_load_the_file_map() {
-    let (_dev, fs) = new_fs(65536);
-    fs.set_kernel_times(true);
-    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
-    fs.commit_pending().unwrap();
+    let (_dev, fs, ino) = one_file_kernel_times();
     // 128 KiB a write: too large to wait in memory, so each commits and
     // leaves nothing pending (as the kernel's writeback of a large file).
     let piece: usize = 128 * 1024;
@@ -1015,10 +1022,7 @@ fn appending_writes_do_not_load_the_file_map() {
 /// map was cached are both cleared by an unprivileged write.
 #[test]
 fn a_file_read_while_appended_is_loaded_once() {
-    let (_dev, fs) = new_fs(65536);
-    fs.set_kernel_times(true);
-    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
-    fs.commit_pending().unwrap();
+    let (_dev, fs, ino) = one_file_kernel_times();
     let piece: usize = 128 * 1024;
     let at = |k: u64| k * piece as u64;
     let mut model: Vec<u8> = Vec::new();
