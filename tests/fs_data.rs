@@ -1015,8 +1015,9 @@ fn appending_writes_do_not_load_the_file_map() {
 /// A file read while it is appended to (a log being followed, a download
 /// being played) is loaded once: each operation updates the cached map in
 /// place instead of dropping it, where a load reads every chunk item of
-/// the file. The reads still see every change: appends (large and small,
-/// whose data waits in memory), a hole, truncation both ways. A change
+/// the file. The reads still see every change: appends (large ones, and
+/// one-block ones whose data waits in memory), a hole, truncation both
+/// ways (with the freed blocks then taken by another file). A change
 /// of the file's privileges still reaches the write path that bypasses
 /// the metadata lock: setuid set by chmod and a capability set after the
 /// map was cached are both cleared by an unprivileged write.
@@ -1028,18 +1029,19 @@ fn a_file_read_while_appended_is_loaded_once() {
     let mut model: Vec<u8> = Vec::new();
     let before = fs.map_loads();
     for i in 0..200u64 {
-        // Every tenth append is small, so its data waits for the commit.
+        // Every tenth append is one new block, so its data waits for the
+        // commit (every append starts on a block boundary).
         let data = if i % 10 == 9 {
-            pattern(i, 1000)
+            pattern(i, 4096)
         } else {
             pattern(i, piece)
         };
         let off = model.len() as u64;
         fs.write_data(ino, off, &data, false).unwrap();
-        if i == 9 {
+        if i % 10 == 9 {
             assert!(
                 fs.waiting_data_blocks() > 0,
-                "the small append did not wait"
+                "the small append {i} did not wait"
             );
         }
         model.extend_from_slice(&data);
