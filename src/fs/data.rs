@@ -217,7 +217,7 @@ impl Op<'_> {
         let had_caps = self.get(&k)?.is_some();
         if had_caps {
             self.del(&k)?;
-            self.map_changes.push((ino, MapChange::Forget));
+            self.forget_map(ino);
         }
         Ok(had_caps || i.mode != before)
     }
@@ -917,7 +917,7 @@ impl Fs {
                 op.put(&k, value)?;
             }
             if name == SECURITY_CAPABILITY {
-                op.map_changes.push((ino, MapChange::Forget));
+                op.forget_map(ino);
             }
             i.ctime = Time::now();
             op.put_inode(ino, &i)
@@ -954,7 +954,7 @@ impl Fs {
             }
             op.del(&k)?;
             if name == SECURITY_CAPABILITY {
-                op.map_changes.push((ino, MapChange::Forget));
+                op.forget_map(ino);
             }
             i.ctime = Time::now();
             op.put_inode(ino, &i)

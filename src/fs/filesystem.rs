@@ -220,6 +220,7 @@ impl FileMap {
                 self.size = size;
                 self.setid = setid;
             }
+            // `Fs::update_maps` drops the map instead of applying this.
             MapChange::Forget => {}
         }
     }
@@ -297,6 +298,12 @@ impl Op<'_> {
             }
         }
         Ok(i)
+    }
+
+    /// The file's cached map, if any, is to be dropped once this operation
+    /// succeeds: it changed the file in a way the map does not follow.
+    pub(super) fn forget_map(&mut self, ino: Ino) {
+        self.map_changes.push((ino, MapChange::Forget));
     }
 
     /// Stores the inode; its lazy times, already applied by `inode`, are
@@ -434,7 +441,7 @@ impl Op<'_> {
     /// Frees up to about `max` data blocks of `ino`, chunk by chunk, keeping
     /// the inode's block count right. Returns whether no chunk is left.
     fn free_some_chunks(&mut self, ino: Ino, max: u64) -> Result<bool> {
-        self.map_changes.push((ino, MapChange::Forget));
+        self.forget_map(ino);
         let (s, e) = kind_range(ino, kind::CHUNK);
         let mut i = self.inode(ino)?;
         let mut freed = 0;
@@ -461,7 +468,7 @@ impl Op<'_> {
 
     /// Removes every item of an inode, freeing its data blocks.
     pub(super) fn purge(&mut self, ino: Ino) -> Result<()> {
-        self.map_changes.push((ino, MapChange::Forget));
+        self.forget_map(ino);
         // A truncation still in progress has nothing left to do.
         self.del(&truncating_key(ino))?;
         let (s, e) = inode_range(ino);
