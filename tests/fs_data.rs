@@ -525,6 +525,29 @@ fn deleting_a_huge_file_frees_it_in_steps() {
     assert!(fs.getattr(a).is_err() && fs.getattr(b).is_err());
 }
 
+/// Runs `f` on another thread while this one holds the metadata lock (as a
+/// writer of another file does across its commit): `f`'s result if it
+/// finished within 20 s, None if it waited for the lock.
+fn without_the_metadata_lock<T: Send>(fs: &Fs, f: impl FnOnce() -> T + Send) -> Option<T> {
+    std::thread::scope(|s| {
+        let mut other = None;
+        let finished = fs
+            .with_metadata_locked(|| {
+                let h = s.spawn(f);
+                let t0 = std::time::Instant::now();
+                while !h.is_finished() && t0.elapsed() < std::time::Duration::from_secs(20) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                let finished = h.is_finished();
+                other = Some(h);
+                finished
+            })
+            .unwrap();
+        let result = other.expect("spawned").join().unwrap();
+        finished.then_some(result)
+    })
+}
+
 /// A read of a file looks up its blocks in the file's cached map, not under
 /// the metadata lock, which a writer of another file holds across its
 /// commit (sealing and writing its blocks).
@@ -536,21 +559,11 @@ fn reads_do_not_wait_for_the_metadata_lock() {
     fs.write_data(b, 0, &data, false).unwrap();
     fs.open(b);
     assert_eq!(fs.read_data(b, 0, 10).unwrap(), data[..10]);
-    std::thread::scope(|s| {
-        fs.with_metadata_locked(|| {
-            let reader = s.spawn(|| fs.read_data(b, 50_000, 1000).unwrap());
-            let t0 = std::time::Instant::now();
-            while !reader.is_finished() {
-                assert!(
-                    t0.elapsed() < std::time::Duration::from_secs(20),
-                    "the read waited for the metadata lock"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            assert_eq!(reader.join().unwrap(), data[50_000..51_000]);
-        })
-        .unwrap();
-    });
+    let read = without_the_metadata_lock(&fs, || fs.read_data(b, 50_000, 1000).unwrap());
+    assert_eq!(
+        read.expect("the read waited for the metadata lock"),
+        data[50_000..51_000]
+    );
     // A change drops the map; the next read sees it.
     fs.write_data(b, 100_000, b"tail", false).unwrap();
     assert_eq!(
@@ -1020,7 +1033,8 @@ fn appending_writes_do_not_load_the_file_map() {
 /// ways (with the freed blocks then taken by another file). A change
 /// of the file's privileges still reaches the write path that bypasses
 /// the metadata lock: setuid set by chmod and a capability set after the
-/// map was cached are both cleared by an unprivileged write.
+/// map was cached are both cleared by an unprivileged write, and the
+/// writes after that are written in place again.
 #[test]
 fn a_file_read_while_appended_is_loaded_once() {
     let (_dev, fs, ino) = one_file_kernel_times();
@@ -1101,6 +1115,15 @@ fn a_file_read_while_appended_is_loaded_once() {
     fs.commit_pending().unwrap();
     fs.write_data(ino, at(1), &pattern(7, piece), true).unwrap();
     assert_eq!(fs.getattr(ino).unwrap().mode & 0o7777, 0o755, "setuid kept");
+    // Once setuid is gone, the next unprivileged overwrite is written in
+    // place again, without the metadata lock (a map stuck at "privileged"
+    // would send every later write of the file through the ordinary path).
+    fs.commit_pending().unwrap();
+    let in_place = || fs.write_data(ino, at(3), &pattern(9, piece), true).unwrap();
+    assert!(
+        without_the_metadata_lock(&fs, in_place).is_some(),
+        "after setuid was cleared, an overwrite waited for the metadata lock"
+    );
     // A capability set after the map was cached (read just above).
     fs.read_data(ino, 0, 10).unwrap();
     fs.setxattr(ino, b"security.capability", b"caps", 0)
@@ -1111,8 +1134,22 @@ fn a_file_read_while_appended_is_loaded_once() {
         fs.getxattr(ino, b"security.capability").is_err(),
         "an unprivileged write kept the file's capabilities"
     );
+    // Clearing it dropped the map: a read loads it again (a load takes
+    // the metadata lock).
+    fs.commit_pending().unwrap();
+    fs.read_data(ino, 0, 10).unwrap();
+    let in_place = || {
+        fs.write_data(ino, at(4), &pattern(10, piece), true)
+            .unwrap()
+    };
+    assert!(
+        without_the_metadata_lock(&fs, in_place).is_some(),
+        "after the capability was cleared, an overwrite waited for the metadata lock"
+    );
     model[at(1) as usize..at(2) as usize].copy_from_slice(&pattern(7, piece));
     model[at(2) as usize..at(3) as usize].copy_from_slice(&pattern(8, piece));
+    model[at(3) as usize..at(4) as usize].copy_from_slice(&pattern(9, piece));
+    model[at(4) as usize..at(5) as usize].copy_from_slice(&pattern(10, piece));
     fs.commit_pending().unwrap();
     for k in 0..60 {
         assert_eq!(
