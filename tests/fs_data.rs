@@ -527,7 +527,8 @@ fn deleting_a_huge_file_frees_it_in_steps() {
 
 /// Runs `f` on another thread while this one holds the metadata lock (as a
 /// writer of another file does across its commit): `f`'s result if it
-/// finished within 20 s, None if it waited for the lock.
+/// finished within 20 s, None if not (it waited for the lock, or hung).
+/// A panic in `f` is passed on.
 fn without_the_metadata_lock<T: Send>(fs: &Fs, f: impl FnOnce() -> T + Send) -> Option<T> {
     std::thread::scope(|s| {
         let mut other = None;
@@ -543,7 +544,10 @@ fn without_the_metadata_lock<T: Send>(fs: &Fs, f: impl FnOnce() -> T + Send) -> 
                 finished
             })
             .unwrap();
-        let result = other.expect("spawned").join().unwrap();
+        let result = other
+            .expect("spawned")
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
         finished.then_some(result)
     })
 }
@@ -1113,6 +1117,7 @@ fn a_file_read_while_appended_is_loaded_once() {
     .unwrap();
     // Nothing pending, or the write would take the ordinary path anyway.
     fs.commit_pending().unwrap();
+    let loads = fs.map_loads();
     fs.write_data(ino, at(1), &pattern(7, piece), true).unwrap();
     assert_eq!(fs.getattr(ino).unwrap().mode & 0o7777, 0o755, "setuid kept");
     // Once setuid is gone, the next unprivileged overwrite is written in
@@ -1120,8 +1125,10 @@ fn a_file_read_while_appended_is_loaded_once() {
     // would send every later write of the file through the ordinary path).
     fs.commit_pending().unwrap();
     let in_place = || fs.write_data(ino, at(3), &pattern(9, piece), true).unwrap();
+    let unlocked = without_the_metadata_lock(&fs, in_place).is_some();
+    assert_eq!(fs.map_loads(), loads, "clearing setuid dropped the map");
     assert!(
-        without_the_metadata_lock(&fs, in_place).is_some(),
+        unlocked,
         "after setuid was cleared, an overwrite waited for the metadata lock"
     );
     // A capability set after the map was cached (read just above).
