@@ -24,9 +24,10 @@ seq_mib=${2:-1024}
 rand_s=${3:-20}
 mix_s=${BENCH_MIX_SECONDS:-10}
 rounds=${BENCH_ROUNDS:-1}
-# The first CPU this script may run on, for the row that holds its reader there.
-one_cpu=$(python3 -c 'import os; print(min(os.sched_getaffinity(0)))')
 scripts/setup.sh bench
+# The first CPU this script may run on, for the row that holds its reader
+# there (python3 comes with the set-up).
+one_cpu=$(python3 -c 'import os; print(min(os.sched_getaffinity(0)))')
 cargo build --release --quiet
 lsvfs=$(pwd)/target/release/lsvfs
 rm -rf "$root"; mkdir -p "$root"
