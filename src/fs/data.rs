@@ -283,7 +283,7 @@ impl Fs {
             let m = Arc::new(RwLock::new(FileMap {
                 size: i.size,
                 chunks,
-                setid: i.mode & (libc::S_ISUID | libc::S_ISGID) != 0,
+                setid: FileMap::setid_of(&i),
                 capability,
             }));
             self.files

@@ -194,6 +194,12 @@ pub(super) struct FileMap {
 }
 
 impl FileMap {
+    /// Whether an inode's mode has setuid or setgid, which a map keeps
+    /// as `setid`.
+    pub fn setid_of(i: &Inode) -> bool {
+        i.mode & (libc::S_ISUID | libc::S_ISGID) != 0
+    }
+
     /// setuid, setgid or file capabilities: a write by an unprivileged
     /// user must clear them (which changes the inode).
     pub fn privileged(&self) -> bool {
@@ -309,12 +315,11 @@ impl Op<'_> {
     /// Stores the inode; its lazy times, already applied by `inode`, are
     /// now part of this operation.
     pub(super) fn put_inode(&mut self, ino: Ino, i: &Inode) -> Result<()> {
-        let setid = i.mode & (libc::S_ISUID | libc::S_ISGID) != 0;
         self.map_changes.push((
             ino,
             MapChange::Inode {
                 size: i.size,
-                setid,
+                setid: FileMap::setid_of(i),
             },
         ));
         if let Some(t) = self.lazy.remove(&ino) {
