@@ -277,7 +277,13 @@ impl Device for FileDevice {
         }
         // Not held across a large write: other writers and readers go on.
         drop(tail);
-        self.file.write_all_at(buf, offset)
+        #[cfg(test)]
+        tests::DURING_DIRECT_WRITE.with(|h| h.borrow().as_ref().map(|h| h(self)));
+        self.file.write_all_at(buf, offset)?;
+        // Again once the data is in: a flush that began during the write
+        // cleared the flag, and its fdatasync may have missed the data.
+        self.unflushed.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -350,6 +356,8 @@ impl Device for FileDevice {
                 len as libc::off_t,
             )
         };
+        // Again once done, as after a large write.
+        self.unflushed.store(true, Ordering::Release);
         if rc != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
@@ -380,6 +388,8 @@ impl Device for FileDevice {
                 )
             }
         };
+        // Again once done, as after a large write.
+        self.unflushed.store(true, Ordering::Release);
         if rc != 0 {
             let e = io::Error::last_os_error();
             // Discard is advisory: devices and filesystems without it keep the data.
@@ -402,6 +412,33 @@ impl Device for FileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Runs inside a large write, after the unflushed flag is set and
+        /// before the data reaches the host.
+        pub(super) static DURING_DIRECT_WRITE: std::cell::RefCell<Option<fn(&FileDevice)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// A flush that runs while a large write is on its way (it clears the
+    /// flag, and its fdatasync may miss the data) leaves the write for the
+    /// next flush to sync, not for it to skip as already synced.
+    #[test]
+    fn a_flush_during_a_large_write_leaves_it_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::create(&dir.path().join("v")).unwrap();
+        dev.flush().unwrap();
+        DURING_DIRECT_WRITE.with(|h| *h.borrow_mut() = Some(|dev| dev.flush().unwrap()));
+        dev.write_at(&vec![7u8; TAIL_DIRECT], 0).unwrap();
+        DURING_DIRECT_WRITE.with(|h| *h.borrow_mut() = None);
+        let before = dev.flushes();
+        dev.flush().unwrap();
+        assert_eq!(
+            dev.flushes(),
+            before + 1,
+            "the flush after a large write skipped it as synced by one that ran during it"
+        );
+    }
 
     fn on_host(path: &Path) -> Vec<u8> {
         std::fs::read(path).unwrap()
