@@ -126,10 +126,11 @@ run_all() {
   record "$name" "rand 4k write (IOPS)" "$(fio_mbs write-iops --name=rw --directory="$d" --filename=rnd --rw=randwrite --bs=4k --size=256M --ioengine=psync --time_based --runtime=$rand_s)" up
   record "$name" "rand 4k read (IOPS)" "$(fio_mbs read-iops --name=rr --directory="$d" --filename=rnd --rw=randread --bs=4k --size=256M --ioengine=psync --time_based --runtime=$rand_s)" up
   # The same reads from a reader held on one CPU. fio's default job (a
-  # forked process) may hop to the other, idle CPU at each reply over FUSE
-  # io_uring (the CPU that served the request is still busy), and each
-  # hop costs about as much as the read; gocryptfs, served on other CPUs
-  # anyway, hardly moves. See docs/PERFORMANCE.md.
+  # forked process that calls setsid, so with the kernel's autogroups it
+  # is in a scheduling group of its own, as most readers of a mount are)
+  # is woken on the other, idle CPU at each reply over FUSE io_uring, and
+  # each hop costs about as much as the read; gocryptfs, served on other
+  # CPUs anyway, hardly moves. See docs/PERFORMANCE.md.
   record "$name" "rand 4k read, on one CPU (IOPS)" "$(fio_mbs read-iops --name=rr --directory="$d" --filename=rnd --rw=randread --bs=4k --size=256M --ioengine=psync --cpus_allowed="$one_cpu" --time_based --runtime=$rand_s)" up
   rm -f "$d/rnd"
   # fsync after every write: one job, then eight at once (group commit).
