@@ -13,7 +13,7 @@ use super::header::read_header;
 use super::recovery::{self, Recovery};
 use super::rekey::RekeyStatus;
 use super::snapshot;
-use super::state::State;
+use super::state::{State, DISCARD_BATCH};
 use super::txn::{Op, Transaction, MAX_TXN_BLOCKS, TRIM_CHUNK_BLOCKS};
 use super::CheckReport;
 use crate::crypto::{CryptoEngine, Mac, MasterKey, Tag, VolumeKeys};
@@ -775,7 +775,10 @@ impl Volume {
     pub fn checkpoint(&self) -> Result<()> {
         self.writable()?;
         let mut st = self.inner.lock()?;
-        st.checkpoint(&self.inner.ctx())
+        st.checkpoint(&self.inner.ctx())?;
+        drop(st);
+        self.inner.drain_discards();
+        Ok(())
     }
 
     /// Runs the cleaner until no segment is worth cleaning (or `max`
@@ -793,6 +796,8 @@ impl Volume {
             }
             n += k;
         }
+        drop(st);
+        self.inner.drain_discards();
         Ok(n)
     }
 
@@ -925,6 +930,8 @@ impl Volume {
         }
         let mut st = self.inner.lock()?;
         let checkpointed = st.checkpoint(&self.inner.ctx());
+        drop(st);
+        self.inner.drain_discards();
         // Committed transactions are in the log: even if the checkpoint
         // failed, a flush makes them durable, and recovery replays them.
         let flushed = self
@@ -957,6 +964,22 @@ impl Inner {
             engine: &self.engine,
             reuse: &self.reuse,
             poisoned: &self.poisoned,
+        }
+    }
+
+    /// Discards the freed segments that wait for it (see
+    /// [`State::discard_some`]), a batch per hold of the lock, pausing
+    /// between batches so that a thread that waited for the lock gets it.
+    fn drain_discards(&self) {
+        loop {
+            let left = match self.lock() {
+                Ok(mut st) => st.discard_some(&self.ctx(), DISCARD_BATCH),
+                Err(_) => return,
+            };
+            if left == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(500));
         }
     }
 
@@ -1067,6 +1090,7 @@ impl Inner {
                         recv(landings) -> m => match (m, weak.upgrade()) {
                             (Ok(()), Some(inner)) => {
                                 inner.land_in_flight();
+                                inner.drain_discards();
                                 Instant::now() >= next_tick
                             }
                             _ => break,
@@ -1075,7 +1099,10 @@ impl Inner {
                     };
                     if tick {
                         match weak.upgrade() {
-                            Some(inner) => inner.background_tick(),
+                            Some(inner) => {
+                                inner.background_tick();
+                                inner.drain_discards();
+                            }
                             None => break,
                         }
                         next_tick = Instant::now() + every;
