@@ -181,6 +181,25 @@ struct SyncRound {
     failed: Option<u64>,
 }
 
+/// Freeing that an operation left to do once it has committed: the rest
+/// of an unlinked file's blocks (a large file is freed in steps of
+/// PURGE_STEP blocks, each its own transaction), and orphans nothing
+/// holds any more. The mount hands it to a thread of its own, so that
+/// removing a large file does not hold up the requests behind it.
+#[derive(Debug, Default)]
+#[must_use = "what an operation left is freed by Fs::free_leftover"]
+pub struct Leftover {
+    unlinked: Option<Ino>,
+    unheld: Vec<Ino>,
+}
+
+impl Leftover {
+    /// Nothing left to free.
+    pub fn is_empty(&self) -> bool {
+        self.unlinked.is_none() && self.unheld.is_empty()
+    }
+}
+
 /// A regular file's size and block addresses, as of the last operation
 /// on it.
 pub(super) struct FileMap {
@@ -836,17 +855,43 @@ impl Fs {
 
     /// [`Fs::forget`] for many inodes.
     pub fn forget_many(&self, forgets: &[(Ino, u64)]) -> Result<()> {
-        let batch = {
-            let mut h = self.holds()?;
-            let full = forgets
-                .iter()
-                .fold(false, |f, (ino, n)| h.forget(*ino, *n) | f);
-            if !full {
-                return Ok(());
+        let left = self.forget_leaving(forgets)?;
+        if left.unheld.is_empty() {
+            return Ok(());
+        }
+        self.reclaim_all(&left.unheld)
+    }
+
+    /// [`Fs::forget_many`] that leaves the freeing of the orphans nothing
+    /// holds any more to [`Fs::free_leftover`].
+    pub fn forget_leaving(&self, forgets: &[(Ino, u64)]) -> Result<Leftover> {
+        let mut h = self.holds()?;
+        let full = forgets
+            .iter()
+            .fold(false, |f, (ino, n)| h.forget(*ino, *n) | f);
+        if !full {
+            return Ok(Leftover::default());
+        }
+        Ok(Leftover {
+            unheld: h.take_unheld(),
+            ..Leftover::default()
+        })
+    }
+
+    /// Frees what an operation left (see [`Leftover`]). The operation has
+    /// committed, so a failure is logged, not returned: the orphan list
+    /// finishes the job at the next close, forget, sync or mount.
+    pub fn free_leftover(&self, left: Leftover) {
+        if let Some(ino) = left.unlinked {
+            if let Err(e) = self.reclaim(ino) {
+                tracing::warn!("freeing deleted inode {ino} (retried at the next mount): {e}");
             }
-            h.take_unheld()
-        };
-        self.reclaim_all(&batch)
+        }
+        if !left.unheld.is_empty() {
+            if let Err(e) = self.reclaim_all(&left.unheld) {
+                tracing::warn!("freeing deleted inodes (retried at the next mount): {e}");
+            }
+        }
     }
 
     /// Frees the orphans that nothing holds any more.
@@ -868,16 +913,24 @@ impl Fs {
     /// Closes a handle; the last close of an unlinked inode frees its data
     /// (and the inode, once the kernel has forgotten it too).
     pub fn release(&self, ino: Ino) -> Result<()> {
+        match self.release_leaving(ino)?.unlinked {
+            Some(ino) => self.reclaim(ino),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Fs::release`] that leaves the freeing to [`Fs::free_leftover`].
+    pub fn release_leaving(&self, ino: Ino) -> Result<Leftover> {
         let Some(orphan) = self.holds()?.release(ino) else {
-            return Ok(());
+            return Ok(Leftover::default());
         };
         if let Ok(mut files) = self.files.lock() {
             files.remove(&ino);
         }
-        if orphan {
-            self.reclaim(ino)?;
-        }
-        Ok(())
+        Ok(Leftover {
+            unlinked: orphan.then_some(ino),
+            ..Leftover::default()
+        })
     }
 
     /// Frees what an orphan (an inode with no links left) still has, in
@@ -1631,15 +1684,23 @@ impl Fs {
 
     /// Removes a name that is not a directory.
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        self.remove(parent, name, false)
+        self.free_leftover(self.unlink_leaving(parent, name)?);
+        Ok(())
     }
 
     /// Removes an empty directory.
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        self.remove(parent, name, true)
+        self.free_leftover(self.remove(parent, name, true)?);
+        Ok(())
     }
 
-    fn remove(&self, parent: Ino, name: &[u8], dir: bool) -> Result<()> {
+    /// [`Fs::unlink`] that leaves the rest of a large file's freeing to
+    /// [`Fs::free_leftover`].
+    pub fn unlink_leaving(&self, parent: Ino, name: &[u8]) -> Result<Leftover> {
+        self.remove(parent, name, false)
+    }
+
+    fn remove(&self, parent: Ino, name: &[u8], dir: bool) -> Result<Leftover> {
         if name == b"." || name == b".." {
             return Err(Posix::Invalid.at(String::from_utf8_lossy(name)));
         }
@@ -1666,21 +1727,11 @@ impl Fs {
             d.mtime = now;
             d.ctime = now;
             op.put_inode(parent, &d)?;
-            Ok(more.then_some(e.ino))
+            Ok(Leftover {
+                unlinked: more.then_some(e.ino),
+                ..Leftover::default()
+            })
         })
-        .map(|more| self.reclaim_after(more))
-    }
-
-    /// Goes on freeing an orphan that an unlink or rename left with more
-    /// to free (see `Op::unlink_inode`). The operation that made it an
-    /// orphan has committed, so a failure here is logged, not returned:
-    /// the orphan list finishes the job at the next close, forget or mount.
-    fn reclaim_after(&self, orphan: Option<Ino>) {
-        if let Some(ino) = orphan {
-            if let Err(e) = self.reclaim(ino) {
-                tracing::warn!("freeing deleted inode {ino} (retried at the next mount): {e}");
-            }
-        }
     }
 
     /// Renames `parent/name` to `newparent/newname`, with the renameat2
@@ -1693,6 +1744,21 @@ impl Fs {
         newname: &[u8],
         flags: u32,
     ) -> Result<()> {
+        let left = self.rename_leaving(parent, name, newparent, newname, flags)?;
+        self.free_leftover(left);
+        Ok(())
+    }
+
+    /// [`Fs::rename`] that leaves the rest of a replaced large file's
+    /// freeing to [`Fs::free_leftover`].
+    pub fn rename_leaving(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<Leftover> {
         check_name(name)?;
         check_name(newname)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
@@ -1724,8 +1790,10 @@ impl Fs {
             }
             op.move_entry(from, (newparent, newname), dst, flags, now)
         })?;
-        self.reclaim_after(replaced);
-        Ok(())
+        Ok(Leftover {
+            unlinked: replaced,
+            ..Leftover::default()
+        })
     }
 
     /// Up to `limit` entries of directory `ino` after `cookie` (0 to start),

@@ -28,6 +28,8 @@ pub use data::{
     XATTR_CREATE, XATTR_REPLACE,
 };
 pub use error::{FsError, Result};
-pub use filesystem::{DirEntry, Fs, LINK_MAX, MAX_INO, RENAME_EXCHANGE, RENAME_NOREPLACE};
+pub use filesystem::{
+    DirEntry, Fs, Leftover, LINK_MAX, MAX_INO, RENAME_EXCHANGE, RENAME_NOREPLACE,
+};
 pub use format::{Ino, ROOT_INO};
 pub use snapshots::{BeforeSnapshot, Snapshots};

@@ -23,8 +23,8 @@ use reply::{
 
 use crate::fs::format::{file_type, Inode, Time};
 use crate::fs::{
-    Fs, FsError, Ino, Posix, SetAttr, SnapshotId, Snapshots, RENAME_EXCHANGE, RENAME_NOREPLACE,
-    ROOT_INO,
+    Fs, FsError, Ino, Leftover, Posix, SetAttr, SnapshotId, Snapshots, RENAME_EXCHANGE,
+    RENAME_NOREPLACE, ROOT_INO,
 };
 use crate::BLOCK_SIZE;
 
@@ -58,7 +58,8 @@ const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 /// (`uring`) directly.
 pub(crate) struct Ops {
     fs: Arc<Fs>,
-    /// fsync, fallocate and truncate run here, off the request threads.
+    /// fsync, fallocate, truncate and the freeing of deleted large files
+    /// run here, off the request threads.
     slow: slow::SlowWork,
     snaps: Arc<Snapshots>,
     /// List `.snapshots` in the root directory.
@@ -275,6 +276,32 @@ fn absent() -> FileAttr {
 fn empty(op: &str, ino: impl std::fmt::Display, r: Result<(), FsError>, reply: impl EmptyReply) {
     match r {
         Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(op, ino, &e)),
+    }
+}
+
+/// Replies to an operation that may leave freeing to do (the rest of a
+/// large deleted file): at once when it left none, else from a
+/// slow-request thread once that is done. The caller still gets its
+/// answer once the space is free, but the request thread goes on
+/// serving everyone else meanwhile, and the freeing runs at ordinary
+/// priority (a request thread's is raised).
+fn empty_leaving(
+    ops: &Ops,
+    op: &'static str,
+    ino: Ino,
+    r: Result<Leftover, FsError>,
+    reply: impl EmptyReply,
+) {
+    match r {
+        Ok(left) if left.is_empty() => reply.ok(),
+        Ok(left) => {
+            let fs = ops.fs.clone();
+            ops.slow.run(move || {
+                fs.free_leftover(left);
+                reply.ok()
+            });
+        }
         Err(e) => reply.error(errno(op, ino, &e)),
     }
 }
@@ -572,7 +599,13 @@ impl Ops {
     ) {
         self.activity.touch();
         match old_name(parent.0, name) {
-            Ok(p) => empty("unlink", p, self.fs.unlink(p, name.as_bytes()), reply),
+            Ok(p) => empty_leaving(
+                self,
+                "unlink",
+                p,
+                self.fs.unlink_leaving(p, name.as_bytes()),
+                reply,
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -657,11 +690,12 @@ impl Ops {
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             f |= RENAME_EXCHANGE;
         }
-        empty(
+        empty_leaving(
+            self,
             "rename",
             p,
             self.fs
-                .rename(p, name.as_bytes(), np, newname.as_bytes(), f),
+                .rename_leaving(p, name.as_bytes(), np, newname.as_bytes(), f),
             reply,
         )
     }
@@ -788,7 +822,7 @@ impl Ops {
     ) {
         self.activity.touch();
         match node(ino.0) {
-            Node::Live(i) => empty("release", i, self.fs.release(i), reply),
+            Node::Live(i) => empty_leaving(self, "release", i, self.fs.release_leaving(i), reply),
             // A snapshot's files are never orphans; a deleted snapshot's
             // view is gone already.
             _ => {
@@ -1558,8 +1592,14 @@ impl Ops {
                 _ => None,
             })
             .collect();
-        if let Err(e) = self.fs.forget_many(&live) {
-            tracing::warn!("freeing forgotten inodes (retried at unmount): {e}");
+        match self.fs.forget_leaving(&live) {
+            Ok(left) if left.is_empty() => {}
+            // No reply to wait for: freed on a slow-request thread.
+            Ok(left) => {
+                let fs = self.fs.clone();
+                self.slow.run(move || fs.free_leftover(left));
+            }
+            Err(e) => tracing::warn!("freeing forgotten inodes (retried at unmount): {e}"),
         }
     }
 
