@@ -771,7 +771,8 @@ impl Volume {
         })
     }
 
-    /// Writes a checkpoint now.
+    /// Writes a checkpoint now, then discards on the host the segments it
+    /// freed (a batch per hold of the lock).
     pub fn checkpoint(&self) -> Result<()> {
         self.writable()?;
         let mut st = self.inner.lock()?;
@@ -782,7 +783,8 @@ impl Volume {
     }
 
     /// Runs the cleaner until no segment is worth cleaning (or `max`
-    /// victims), then checkpoints. Returns the number of segments cleaned.
+    /// victims), then checkpoints and discards on the host the segments
+    /// that freed. Returns the number of segments cleaned.
     pub fn clean(&self, max: usize) -> Result<usize> {
         self.writable()?;
         let mut st = self.inner.lock()?;
@@ -970,12 +972,20 @@ impl Inner {
     /// Discards the freed segments that wait for it (see
     /// [`State::discard_some`]), a batch per hold of the lock, pausing
     /// between batches so that a thread that waited for the lock gets it.
+    /// A checkpoint begun meanwhile is landed here, as the cleaner thread
+    /// would: otherwise the next commit would land it, under the lock.
     fn drain_discards(&self) {
         loop {
-            let left = match self.lock() {
-                Ok(mut st) => st.discard_some(&self.ctx(), DISCARD_BATCH),
+            let (left, in_flight) = match self.lock() {
+                Ok(mut st) => (
+                    st.discard_some(&self.ctx(), DISCARD_BATCH),
+                    st.ckpt.in_flight().is_some(),
+                ),
                 Err(_) => return,
             };
+            if in_flight {
+                self.land_in_flight();
+            }
             if left == 0 {
                 return;
             }

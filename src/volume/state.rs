@@ -627,17 +627,11 @@ impl State {
     /// allocated on the host, so that checkpoints, the cleaner and trims can
     /// run when the host is full: allocate those not yet allocated (or
     /// discarded since), and hole-punch only the
-    /// newly freed segments outside them (the first [`DISCARD_BATCH`] now,
-    /// the rest by [`State::discard_some`]). Allocation failures are left
+    /// newly freed segments outside them ([`DISCARD_BATCH`] of those that
+    /// wait now, the rest by [`State::discard_some`]). Allocation failures are left
     /// for later; the reserve is then smaller until space returns.
     pub fn refresh_reserve(&mut self, ctx: &Ctx, newly_freed: &[SegmentId]) {
-        let keep: BTreeSet<SegmentId> = self
-            .log
-            .free
-            .iter()
-            .take(self.geo.reserve as usize)
-            .copied()
-            .collect();
+        let keep = self.reserve();
         let seg_bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
         let missing: Vec<SegmentId> = keep.difference(&self.reserve_on_host).copied().collect();
         for s in missing {
@@ -651,22 +645,27 @@ impl State {
         self.discard_some(ctx, DISCARD_BATCH);
     }
 
-    /// Discards on the host (punches a hole over) up to `max` of the
-    /// freed segments that wait for it, those still free and outside the
-    /// reserve; returns how many still wait. Each discard also drops the
-    /// host's cached pages of the segment (about 0.3 ms for 4 MiB on
-    /// ext4), and all of it holds the volume's lock: freeing a 3 GiB file
-    /// discarded 750 segments at once, and every operation waited 250 ms.
-    /// So the rest goes a batch at a time ([`Inner::drain_discards`]). A
-    /// segment the log takes again meanwhile is simply not discarded.
-    pub fn discard_some(&mut self, ctx: &Ctx, max: usize) -> usize {
-        let keep: BTreeSet<SegmentId> = self
-            .log
+    /// The reserve: the lowest `reserve` free segments.
+    fn reserve(&self) -> BTreeSet<SegmentId> {
+        self.log
             .free
             .iter()
             .take(self.geo.reserve as usize)
             .copied()
-            .collect();
+            .collect()
+    }
+
+    /// Discards on the host (punches a hole over) up to `max` of the
+    /// freed segments that wait for it, those still free and outside the
+    /// reserve; returns how many still wait (some of which may turn out
+    /// reused or in the reserve by their turn). Each discard also drops the
+    /// host's cached pages of the segment (about 0.3 ms for 4 MiB on
+    /// ext4), and all of it holds the volume's lock: freeing a 3 GiB file
+    /// discarded 750 segments at once, and every operation waited 250 ms.
+    /// So the rest goes a batch at a time (`Inner::drain_discards`). A
+    /// segment the log takes again meanwhile is simply not discarded.
+    pub fn discard_some(&mut self, ctx: &Ctx, max: usize) -> usize {
+        let keep = self.reserve();
         let seg_bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
         let mut done = 0;
         while done < max {
