@@ -44,7 +44,7 @@ cargo test --workspace --quiet 2>&1 | tee "$log"
 if [ -n "$uring_was" ]; then
   echo "== the mount tests again, over /dev/fuse"
   LSVFS_TRANSPORT=dev cargo test --quiet --test mount --test file_lifetime --test snapshots \
-    --test host_mount 2>&1 | tee -a "$log"
+    --test host_mount --test stalls 2>&1 | tee -a "$log"
 fi
 scripts/fsx.sh 100000
 awk '/^test result:/ {p += $4; f += $6} END {printf "all: %d passed, %d failed\n", p + 1, f}' "$log"

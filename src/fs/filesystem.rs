@@ -184,8 +184,10 @@ struct SyncRound {
 /// Freeing that an operation left to do once it has committed: the rest
 /// of an unlinked file's blocks (a large file is freed in steps of
 /// PURGE_STEP blocks, each its own transaction), and orphans nothing
-/// holds any more. The mount hands it to a thread of its own, so that
-/// removing a large file does not hold up the requests behind it.
+/// holds any more. The mount frees a small file's at once
+/// ([`Fs::free_small`]) and hands a large one's to its slow-request
+/// threads, so that removing a large file does not hold up the requests
+/// behind it.
 #[derive(Debug, Default)]
 #[must_use = "what an operation left is freed by Fs::free_leftover"]
 pub struct Leftover {
@@ -878,9 +880,34 @@ impl Fs {
         })
     }
 
+    /// Frees now what an operation left that fits in one transaction
+    /// (the orphans of small files, as before `Leftover` existed) and
+    /// returns the rest, a large file's, for [`Fs::free_leftover`]: only
+    /// that is worth handing to another thread.
+    pub fn free_small(&self, left: Leftover) -> Leftover {
+        let mut rest = Leftover::default();
+        if let Some(ino) = left.unlinked {
+            match self.read_op(|op| op.inode(ino).map(|i| i.blocks)) {
+                Ok(blocks) if blocks <= PURGE_STEP => self.free_leftover(Leftover {
+                    unlinked: Some(ino),
+                    ..Leftover::default()
+                }),
+                // Large, or not readable: `free_leftover` reports a failure.
+                _ => rest.unlinked = Some(ino),
+            }
+        }
+        if !left.unheld.is_empty() {
+            match self.reclaim_small(&left.unheld) {
+                Ok(large) => rest.unheld = large,
+                Err(e) => tracing::warn!("freeing deleted inodes (retried at the next mount): {e}"),
+            }
+        }
+        rest
+    }
+
     /// Frees what an operation left (see [`Leftover`]). The operation has
     /// committed, so a failure is logged, not returned: the orphan list
-    /// finishes the job at the next close, forget, sync or mount.
+    /// finishes the job at unmount or at the next mount.
     pub fn free_leftover(&self, left: Leftover) {
         if let Some(ino) = left.unlinked {
             if let Err(e) = self.reclaim(ino) {
@@ -969,7 +996,16 @@ impl Fs {
     /// Frees orphans that nothing holds: the small ones together, in one
     /// transaction of at most PURGE_STEP blocks, the rest by `reclaim`.
     fn reclaim_all(&self, inos: &[Ino]) -> Result<()> {
-        let rest = self.op(|op, _| {
+        for ino in self.reclaim_small(inos)? {
+            self.reclaim(ino)?;
+        }
+        Ok(())
+    }
+
+    /// The first half of [`Fs::reclaim_all`]: frees the small orphans in
+    /// one transaction and returns the others.
+    fn reclaim_small(&self, inos: &[Ino]) -> Result<Vec<Ino>> {
+        self.op(|op, _| {
             let mut budget = PURGE_STEP;
             let mut rest = Vec::new();
             for &ino in inos {
@@ -988,11 +1024,7 @@ impl Fs {
                 op.holds()?.reclaimed(ino);
             }
             Ok(rest)
-        })?;
-        for ino in rest {
-            self.reclaim(ino)?;
-        }
-        Ok(())
+        })
     }
 
     /// Runs `f` as if a data read were in flight (holding `reads`): for

@@ -280,12 +280,13 @@ fn empty(op: &str, ino: impl std::fmt::Display, r: Result<(), FsError>, reply: i
     }
 }
 
-/// Replies to an operation that may leave freeing to do (the rest of a
-/// large deleted file): at once when it left none, else from a
-/// slow-request thread once that is done. The caller still gets its
-/// answer once the space is free, but the request thread goes on
-/// serving everyone else meanwhile, and the freeing runs at ordinary
-/// priority (a request thread's is raised).
+/// Replies to an operation that may leave freeing to do: at once when
+/// what it left fits in one transaction (a small file's, freed here),
+/// else from a slow-request thread once a large file's blocks are freed.
+/// The caller gets its answer once the file system's blocks are free, as
+/// before, but the request thread goes on serving everyone else
+/// meanwhile (over io_uring, the only queue of the caller's CPU, whose
+/// threads run at a raised priority).
 fn empty_leaving(
     ops: &Ops,
     op: &'static str,
@@ -294,8 +295,11 @@ fn empty_leaving(
     reply: impl EmptyReply,
 ) {
     match r {
-        Ok(left) if left.is_empty() => reply.ok(),
         Ok(left) => {
+            let left = ops.fs.free_small(left);
+            if left.is_empty() {
+                return reply.ok();
+            }
             let fs = ops.fs.clone();
             ops.slow.run(move || {
                 fs.free_leftover(left);
@@ -1592,9 +1596,10 @@ impl Ops {
                 _ => None,
             })
             .collect();
-        match self.fs.forget_leaving(&live) {
+        match self.fs.forget_leaving(&live).map(|l| self.fs.free_small(l)) {
             Ok(left) if left.is_empty() => {}
-            // No reply to wait for: freed on a slow-request thread.
+            // No reply to wait for: a large file is freed on a
+            // slow-request thread.
             Ok(left) => {
                 let fs = self.fs.clone();
                 self.slow.run(move || fs.free_leftover(left));
