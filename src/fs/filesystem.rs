@@ -899,7 +899,7 @@ impl Fs {
         if !left.unheld.is_empty() {
             match self.reclaim_small(&left.unheld) {
                 Ok(large) => rest.unheld = large,
-                Err(e) => tracing::warn!("freeing deleted inodes (retried at the next mount): {e}"),
+                Err(e) => tracing::warn!("freeing deleted inodes (retried at unmount): {e}"),
             }
         }
         rest

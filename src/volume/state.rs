@@ -665,6 +665,9 @@ impl State {
     /// So the rest goes a batch at a time (`Inner::drain_discards`). A
     /// segment the log takes again meanwhile is simply not discarded.
     pub fn discard_some(&mut self, ctx: &Ctx, max: usize) -> usize {
+        if self.undiscarded.is_empty() {
+            return 0;
+        }
         let keep = self.reserve();
         let seg_bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
         let mut done = 0;
