@@ -888,10 +888,7 @@ impl Fs {
         let mut rest = Leftover::default();
         if let Some(ino) = left.unlinked {
             match self.read_op(|op| op.inode(ino).map(|i| i.blocks)) {
-                Ok(blocks) if blocks <= PURGE_STEP => self.free_leftover(Leftover {
-                    unlinked: Some(ino),
-                    ..Leftover::default()
-                }),
+                Ok(blocks) if blocks <= PURGE_STEP => self.free_unlinked(ino),
                 // Large, or not readable: `free_leftover` reports a failure.
                 _ => rest.unlinked = Some(ino),
             }
@@ -910,14 +907,20 @@ impl Fs {
     /// finishes the job at unmount or at the next mount.
     pub fn free_leftover(&self, left: Leftover) {
         if let Some(ino) = left.unlinked {
-            if let Err(e) = self.reclaim(ino) {
-                tracing::warn!("freeing deleted inode {ino} (retried at the next mount): {e}");
-            }
+            self.free_unlinked(ino);
         }
         if !left.unheld.is_empty() {
             if let Err(e) = self.reclaim_all(&left.unheld) {
                 tracing::warn!("freeing deleted inodes (retried at the next mount): {e}");
             }
+        }
+    }
+
+    /// [`Fs::reclaim`] of an orphan whose operation has committed: a
+    /// failure is logged, and the orphan list retries it.
+    fn free_unlinked(&self, ino: Ino) {
+        if let Err(e) = self.reclaim(ino) {
+            tracing::warn!("freeing deleted inode {ino} (retried at the next mount): {e}");
         }
     }
 
