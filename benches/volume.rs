@@ -348,6 +348,61 @@ fn export_chunks() -> Vec<(u16, &'static str, f64)> {
     out
 }
 
+/// One core computing a 16-byte MAC of 4 KiB blocks, MB/s: the format's
+/// (keyed BLAKE3 over ciphertext, tag and volume id, with the stack wipe
+/// that `GenKeys::mac` does after it), and three that aws-lc-rs offers,
+/// the block as the associated data of a sealing of nothing: AES-256-GCM
+/// (GMAC), AES-256-GCM-SIV (POLYVAL under a synthetic IV) and
+/// ChaCha20-Poly1305 (Poly1305 under a key per nonce). What a seal would
+/// cost with another MAC; the format uses only the first
+/// (docs/PERFORMANCE.md, "Build notes").
+fn mac_candidates() -> Vec<(&'static str, f64)> {
+    use aws_lc_rs::aead::{
+        Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, AES_256_GCM_SIV, CHACHA20_POLY1305,
+    };
+    let keys = VolumeKeys::derive(&master(), &[1; 16]);
+    let current = keys.current();
+    let block = vec![0x5au8; BLOCK_SIZE];
+    let rate = |mac: &mut dyn FnMut(u64)| {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < Duration::from_secs(2) {
+            for _ in 0..256 {
+                mac(n);
+                n += 1;
+            }
+        }
+        (n as usize * BLOCK_SIZE) as f64 / t.elapsed().as_secs_f64() / 1e6
+    };
+    let mut out = vec![(
+        "BLAKE3 keyed (the format's)",
+        rate(&mut |n| {
+            std::hint::black_box(current.mac(Tag::new(BlockKind::Data, n, n, 0), &block));
+        }),
+    )];
+    for (name, alg) in [
+        ("AES-256-GCM, block as AAD (GMAC)", &AES_256_GCM),
+        ("AES-256-GCM-SIV, block as AAD", &AES_256_GCM_SIV),
+        ("ChaCha20-Poly1305, block as AAD", &CHACHA20_POLY1305),
+    ] {
+        let key = LessSafeKey::new(UnboundKey::new(alg, &[7; 32]).unwrap());
+        let r = rate(&mut |n| {
+            let mut nonce = [0u8; 12];
+            nonce[..8].copy_from_slice(&n.to_le_bytes());
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(&block[..]),
+                    &mut [],
+                )
+                .unwrap();
+            let _ = std::hint::black_box(tag);
+        });
+        out.push((name, r));
+    }
+    out
+}
+
 fn main() {
     let args = <Args as clap::Parser>::parse();
     if let Some(path) = &args.reopen_child {
@@ -381,6 +436,12 @@ fn main() {
         "MB/s",
     );
     report("crypto seal scaling 1 -> all threads", sealn / seal1, "x");
+    for (name, rate) in mac_candidates() {
+        report(&format!("MAC of 4 KiB, 1 thread: {name}"), rate, "MB/s");
+        // XTS and the MAC one after the other on one core.
+        let seal = 1.0 / (1.0 / xts1 + 1.0 / rate);
+        report("  seal with it (XTS + MAC), estimated", seal, "MB/s");
+    }
     for (v, name, rate) in export_chunks() {
         report(&format!("export v{v} chunks, {name}"), rate, "MB/s");
     }
