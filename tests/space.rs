@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 
 use common::{block, create, master, mem_volume, open, opts, Rng};
@@ -133,16 +133,21 @@ fn volume_can_be_filled_completely_and_rewritten() {
     assert!(dev.len().unwrap() <= v.header().end_block() * BLOCK_SIZE as u64);
 }
 
-#[test]
-fn trim_releases_space_in_the_volume_and_on_the_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, dev) = file_volume(&dir, 16384, 256);
-    let v = Volume::open(dev, &master(), opts()).unwrap();
+/// Writes LBAs 0..8192 (32 MiB), 1,024 blocks per write, and checkpoints.
+fn write_8192_blocks(v: &Volume) {
     let data: Vec<u8> = (0..8192).flat_map(|l| block(l, 1)).collect();
     for (i, c) in data.chunks(1024 * BLOCK_SIZE).enumerate() {
         v.write(Lba(i as u64 * 1024), c).unwrap();
     }
     v.checkpoint().unwrap();
+}
+
+#[test]
+fn trim_releases_space_in_the_volume_and_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, dev) = file_volume(&dir, 16384, 256);
+    let v = Volume::open(dev, &master(), opts()).unwrap();
+    write_8192_blocks(&v);
     let host_full = std::fs::metadata(&path).unwrap().blocks() * 512;
     let live_full = v.stats().unwrap().live_blocks;
     v.trim(Lba(0), 8192).unwrap();
@@ -167,6 +172,104 @@ fn trim_releases_space_in_the_volume_and_on_the_host() {
     let mut b = vec![1u8; BLOCK_SIZE];
     v.read(Lba(100), &mut b).unwrap();
     assert!(b.iter().all(|x| *x == 0));
+}
+
+/// Bytes the host holds for the backing file.
+fn host_bytes(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Discards still queued at a crash are lost with it, and the host keeps
+/// the freed segments' bytes. The next open asks the host which free
+/// segments still hold data and discards them. The crash's leftovers are
+/// made here by writing over the discarded segments again (what the log
+/// once wrote there), which leaves the backing file as a crash before
+/// the discards would.
+#[test]
+fn free_segments_the_host_still_holds_are_discarded_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, dev) = file_volume(&dir, 16384, 256);
+    let v = Volume::open(dev.clone(), &master(), opts()).unwrap();
+    write_8192_blocks(&v);
+    let written = dev.data_ranges().expect("a file's data ranges");
+    v.trim(Lba(0), 8192).unwrap();
+    v.clean(1000).unwrap();
+    v.close().unwrap();
+    let kept = dev.data_ranges().expect("a file's data ranges");
+    drop(dev);
+    let trimmed = host_bytes(&path);
+
+    // Every 4 KiB that held data before the trim and is a hole now.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let junk = vec![0xa5u8; BLOCK_SIZE];
+    for r in &written {
+        for at in r.clone().step_by(BLOCK_SIZE) {
+            if !kept.iter().any(|k| k.contains(&at)) {
+                file.write_all_at(&junk, at).unwrap();
+            }
+        }
+    }
+    file.sync_all().unwrap();
+    drop(file);
+    let left = host_bytes(&path);
+    assert!(
+        left >= trimmed + (24 << 20),
+        "the simulated crash left {left} bytes on the host against {trimmed}"
+    );
+
+    let dev: Arc<dyn Device> = Arc::new(FileDevice::open(&path, true).unwrap());
+    let v = Volume::open(dev, &master(), opts()).unwrap();
+    v.checkpoint().unwrap();
+    let reopened = host_bytes(&path);
+    eprintln!("host bytes: trimmed {trimmed}, after the crash {left}, reopened {reopened}");
+    // The open's own checkpoint writes a few blocks into a new segment.
+    assert!(
+        reopened <= trimmed + (1 << 20),
+        "free segments kept on the host: {reopened} bytes against {trimmed} before the crash"
+    );
+    let mut b = vec![1u8; BLOCK_SIZE];
+    v.read(Lba(100), &mut b).unwrap();
+    assert!(b.iter().all(|x| *x == 0));
+    v.close().unwrap();
+}
+
+/// After writing 8,192 blocks and trimming them, in the given (first
+/// LBA, count) pieces one after the other (cleaning after each): the bytes the host holds,
+/// and the most it should: the reserve, the log's head segment and the
+/// one chosen next, and what lies before the first segment.
+fn host_bytes_after_trims(trims: &[(u64, u64)]) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, dev) = file_volume(&dir, 16384, 256);
+    let v = Volume::open(dev, &master(), opts()).unwrap();
+    write_8192_blocks(&v);
+    for &(first, count) in trims {
+        v.trim(Lba(first), count).unwrap();
+        v.clean(1000).unwrap();
+    }
+    let s = v.stats().unwrap();
+    let most = (s.reserve_segments + 2) * s.segment_blocks * BLOCK_SIZE as u64
+        + lsvfs::volume::format::DATA_START * BLOCK_SIZE as u64;
+    v.close().unwrap();
+    (host_bytes(&path), most)
+}
+
+/// The reserve is the lowest free segments, kept allocated on the host.
+/// Freeing segments below it moves it down, and the segments it leaves
+/// are free like any other: they must be discarded like any other. Both
+/// orders of trims move it: trimming the data written last first frees
+/// high segments, the reserve takes the lowest of them, and trimming the
+/// rest frees lower ones.
+#[test]
+fn segments_the_reserve_leaves_are_discarded() {
+    for trims in [vec![(0, 8192)], vec![(4096, 4096), (0, 4096)]] {
+        let (held, most) = host_bytes_after_trims(&trims);
+        eprintln!("trims {trims:?}: the host holds {held} bytes, at most {most} expected");
+        assert!(
+            held <= most,
+            "after trims {trims:?} the host holds {held} bytes, more than the reserve and the \
+             log's head: {most}"
+        );
+    }
 }
 
 #[test]

@@ -407,6 +407,26 @@ impl Device for FileDevice {
     fn fixed_size(&self) -> bool {
         self.block_device
     }
+
+    fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
+        use nix::unistd::{lseek, Whence};
+        if self.block_device {
+            return None;
+        }
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        loop {
+            let start = match lseek(&self.file, at, Whence::SeekData) {
+                Ok(start) => start,
+                // No data at or after `at`.
+                Err(nix::errno::Errno::ENXIO) => return Some(ranges),
+                Err(_) => return None,
+            };
+            let end = lseek(&self.file, start, Whence::SeekHole).ok()?;
+            ranges.push(start as u64..end as u64);
+            at = end;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -438,6 +458,26 @@ mod tests {
             before + 1,
             "the flush after a large write skipped it as synced by one that ran during it"
         );
+    }
+
+    /// Written ranges are data; holes, whether never written or punched,
+    /// are not.
+    #[test]
+    fn data_ranges_are_what_the_host_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::create(&dir.path().join("v")).unwrap();
+        let spans = |dev: &FileDevice| -> Vec<(u64, u64)> {
+            let ranges = dev.data_ranges().expect("a file's data ranges");
+            ranges.iter().map(|r| (r.start, r.end)).collect()
+        };
+        assert_eq!(spans(&dev), vec![]);
+        let mib = 1 << 20;
+        dev.write_at(&vec![7u8; mib as usize], 0).unwrap();
+        dev.write_at(&vec![7u8; mib as usize], 4 * mib).unwrap();
+        dev.flush().unwrap();
+        assert_eq!(spans(&dev), vec![(0, mib), (4 * mib, 5 * mib)]);
+        dev.discard(0, mib).unwrap();
+        assert_eq!(spans(&dev), vec![(4 * mib, 5 * mib)]);
     }
 
     fn on_host(path: &Path) -> Vec<u8> {

@@ -97,6 +97,13 @@ pub trait Device: Send + Sync {
     /// How many flushes that synced something this device has done.
     fn flushes(&self) -> u64;
 
+    /// The byte ranges the host holds data for, in order, where it can
+    /// tell: a file's allocated extents. `None` for a block device, or a
+    /// host file system that cannot say.
+    fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
+        None
+    }
+
     /// Writes zeros over a range that holds nothing of value and that the
     /// caller will fill with small writes, each followed by a flush. On a
     /// file, a flush after writing into a hole or a preallocated

@@ -69,6 +69,9 @@ pub struct Stats {
     pub max_segments: u64,
     pub extent_segments: u64,
     pub free_segments: u64,
+    /// Free segments kept allocated on the host for checkpoints, the
+    /// cleaner and trims when the host is full (the lowest free ones).
+    pub reserve_segments: u64,
     pub dirty_pages: usize,
     pub cached_pages: usize,
     pub checkpoint_seq: u64,
@@ -813,6 +816,7 @@ impl Volume {
             max_segments: st.geo.max_segments,
             extent_segments: st.log.extent,
             free_segments: st.log.free.len() as u64,
+            reserve_segments: st.geo.reserve,
             dirty_pages: st.trees.dirty_count(),
             cached_pages: st.trees.cached_count(),
             checkpoint_seq: st.ckpt.last.seq,

@@ -67,6 +67,7 @@ pub fn recover(
     if !read_only {
         erase_dropped(ctx, &r)?;
         st.refresh_reserve(ctx, &[]);
+        st.queue_stale_discards(ctx);
         // Reserve generations durably, then checkpoint. If there is no room
         // for it, the volume still opens: the log stays where it is and is
         // replayed again next time, and reads and trims can make room.

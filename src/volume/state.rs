@@ -633,6 +633,16 @@ impl State {
     pub fn refresh_reserve(&mut self, ctx: &Ctx, newly_freed: &[SegmentId]) {
         let keep = self.reserve();
         let seg_bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
+        // A segment that left the reserve is either the log's again (its
+        // discard comes when it is freed next) or free outside it, and
+        // then nothing else would ever discard it.
+        let left: Vec<SegmentId> = self.reserve_on_host.difference(&keep).copied().collect();
+        for s in left {
+            self.reserve_on_host.remove(&s);
+            if self.log.free.contains(&s) {
+                self.undiscarded.insert(s);
+            }
+        }
         let missing: Vec<SegmentId> = keep.difference(&self.reserve_on_host).copied().collect();
         for s in missing {
             let at = self.geo.pba_of(s, 0) * BLOCK_SIZE as u64;
@@ -643,6 +653,33 @@ impl State {
         self.undiscarded
             .extend(newly_freed.iter().filter(|s| !keep.contains(s)));
         self.discard_some(ctx, DISCARD_BATCH);
+    }
+
+    /// Queues for discard the free segments outside the reserve that the
+    /// host still holds data for, where it can tell (a backing file):
+    /// those whose discards were still queued at a crash, failed, or never
+    /// came because the segment was in the reserve when it was freed.
+    /// Called at open; the queue drains as any other.
+    pub fn queue_stale_discards(&mut self, ctx: &Ctx) {
+        let Some(ranges) = ctx.dev.data_ranges() else {
+            return;
+        };
+        let keep = self.reserve();
+        let seg_bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
+        let data_start = self.geo.pba_of(SegmentId(0), 0) * BLOCK_SIZE as u64;
+        for r in ranges {
+            if r.end <= data_start {
+                continue;
+            }
+            let first = r.start.saturating_sub(data_start) / seg_bytes;
+            let last = (r.end - data_start).div_ceil(seg_bytes);
+            let stale = self
+                .log
+                .free
+                .range(SegmentId(first)..SegmentId(last))
+                .filter(|s| !keep.contains(s));
+            self.undiscarded.extend(stale);
+        }
     }
 
     /// The reserve: the lowest `reserve` free segments.
