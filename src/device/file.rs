@@ -36,7 +36,8 @@ pub struct FileDevice {
 /// Nothing is promised before a flush, and every path that could observe
 /// the file writes the tail out first: a flush, a write elsewhere (so
 /// writes reach the host in the order they were made), a read that
-/// overlaps it, an allocation, a discard, write-behind, and drop.
+/// overlaps it, an allocation, a discard, the data ranges, write-behind,
+/// and drop.
 #[derive(Default)]
 struct Tail {
     offset: u64,
@@ -413,6 +414,10 @@ impl Device for FileDevice {
         if self.block_device {
             return None;
         }
+        self.write_out(&mut self.tail()).ok()?;
+        // A host file system without holes calls the whole file data: the
+        // caller then only does more work than needed (discards of free
+        // segments that are already holes cost little).
         let mut ranges = Vec::new();
         let mut at = 0;
         loop {
@@ -423,6 +428,9 @@ impl Device for FileDevice {
                 Err(_) => return None,
             };
             let end = lseek(&self.file, start, Whence::SeekHole).ok()?;
+            if end <= start {
+                return None;
+            }
             ranges.push(start as u64..end as u64);
             at = end;
         }
@@ -474,10 +482,17 @@ mod tests {
         let mib = 1 << 20;
         dev.write_at(&vec![7u8; mib as usize], 0).unwrap();
         dev.write_at(&vec![7u8; mib as usize], 4 * mib).unwrap();
-        dev.flush().unwrap();
-        assert_eq!(spans(&dev), vec![(0, mib), (4 * mib, 5 * mib)]);
+        dev.write_at(&[7u8; 4096], 6 * mib).unwrap();
+        // Unflushed: the small write is still in the tail, in memory.
+        assert_eq!(
+            spans(&dev),
+            vec![(0, mib), (4 * mib, 5 * mib), (6 * mib, 6 * mib + 4096)]
+        );
         dev.discard(0, mib).unwrap();
-        assert_eq!(spans(&dev), vec![(4 * mib, 5 * mib)]);
+        assert_eq!(
+            spans(&dev),
+            vec![(4 * mib, 5 * mib), (6 * mib, 6 * mib + 4096)]
+        );
     }
 
     fn on_host(path: &Path) -> Vec<u8> {

@@ -69,8 +69,9 @@ pub struct Stats {
     pub max_segments: u64,
     pub extent_segments: u64,
     pub free_segments: u64,
-    /// Free segments kept allocated on the host for checkpoints, the
-    /// cleaner and trims when the host is full (the lowest free ones).
+    /// The reserve's size: the lowest free segments, up to this many, are
+    /// kept allocated on the host for checkpoints, the cleaner and trims
+    /// when the host is full.
     pub reserve_segments: u64,
     pub dirty_pages: usize,
     pub cached_pages: usize,

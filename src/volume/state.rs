@@ -626,10 +626,11 @@ impl State {
     /// The lowest `reserve` free segments are the reserve. They must be
     /// allocated on the host, so that checkpoints, the cleaner and trims can
     /// run when the host is full: allocate those not yet allocated (or
-    /// discarded since), and hole-punch only the
-    /// newly freed segments outside them ([`DISCARD_BATCH`] of those that
-    /// wait now, the rest by [`State::discard_some`]). Allocation failures are left
-    /// for later; the reserve is then smaller until space returns.
+    /// discarded since), and hole-punch the newly freed segments outside
+    /// them and those that left them while free ([`DISCARD_BATCH`] of
+    /// those that wait now, the rest by [`State::discard_some`]).
+    /// Allocation failures are left for later; the reserve is then smaller
+    /// until space returns.
     pub fn refresh_reserve(&mut self, ctx: &Ctx, newly_freed: &[SegmentId]) {
         let keep = self.reserve();
         let seg_bytes = self.geo.seg_blocks * BLOCK_SIZE as u64;
@@ -656,10 +657,9 @@ impl State {
     }
 
     /// Queues for discard the free segments outside the reserve that the
-    /// host still holds data for, where it can tell (a backing file):
-    /// those whose discards were still queued at a crash, failed, or never
-    /// came because the segment was in the reserve when it was freed.
-    /// Called at open; the queue drains as any other.
+    /// host still holds written data for, where it can tell (a regular
+    /// backing file): those whose discards were still queued at a crash,
+    /// or failed. Called at a writable open; the queue drains as any other.
     pub fn queue_stale_discards(&mut self, ctx: &Ctx) {
         let Some(ranges) = ctx.dev.data_ranges() else {
             return;
