@@ -98,8 +98,9 @@ pub trait Device: Send + Sync {
     fn flushes(&self) -> u64;
 
     /// The byte ranges the host holds data for, in order, where it can
-    /// tell: a file's allocated extents. `None` for a block device, or a
-    /// host file system that cannot say.
+    /// tell: a file's written extents (a range allocated and never
+    /// written reads as zeros, and the host counts it as a hole). `None`
+    /// for a block device, or a host file system that cannot say.
     fn data_ranges(&self) -> Option<Vec<std::ops::Range<u64>>> {
         None
     }
