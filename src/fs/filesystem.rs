@@ -911,7 +911,7 @@ impl Fs {
         }
         if !left.unheld.is_empty() {
             if let Err(e) = self.reclaim_all(&left.unheld) {
-                tracing::warn!("freeing deleted inodes (retried at the next mount): {e}");
+                tracing::warn!("freeing deleted inodes (retried at unmount): {e}");
             }
         }
     }

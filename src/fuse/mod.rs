@@ -114,6 +114,22 @@ impl Activity {
 }
 
 impl Ops {
+    /// Frees what an operation left (see [`Leftover`]), then runs `done`:
+    /// here when it fits in one transaction (a small file's), else on a
+    /// slow-request thread once a large file's blocks are free, so that
+    /// the request thread goes on serving everyone else.
+    fn free_then(&self, left: Leftover, done: impl FnOnce() + Send + 'static) {
+        let left = self.fs.free_small(left);
+        if left.is_empty() {
+            return done();
+        }
+        let fs = self.fs.clone();
+        self.slow.run(move || {
+            fs.free_leftover(left);
+            done()
+        });
+    }
+
     /// The file system an inode belongs to, its number there, and the
     /// snapshot id (None for the live tree). `.snapshots` has none.
     fn target(&self, ino: u64) -> Result<(Arc<Fs>, Ino, Option<SnapshotId>), FsError> {
@@ -280,13 +296,11 @@ fn empty(op: &str, ino: impl std::fmt::Display, r: Result<(), FsError>, reply: i
     }
 }
 
-/// Replies to an operation that may leave freeing to do: at once when
-/// what it left fits in one transaction (a small file's, freed here),
-/// else from a slow-request thread once a large file's blocks are freed.
-/// The caller gets its answer once the file system's blocks are free, as
-/// before, but the request thread goes on serving everyone else
-/// meanwhile (over io_uring, the only queue of the caller's CPU, whose
-/// threads run at a raised priority).
+/// Replies to an operation that may leave freeing to do, once it is done
+/// ([`Ops::free_then`]): the caller gets its answer once the file
+/// system's blocks are free, as before, but the request thread goes on
+/// serving everyone else meanwhile (over io_uring, the only queue of the
+/// caller's CPU, whose threads run at a raised priority).
 fn empty_leaving(
     ops: &Ops,
     op: &'static str,
@@ -295,17 +309,7 @@ fn empty_leaving(
     reply: impl EmptyReply,
 ) {
     match r {
-        Ok(left) => {
-            let left = ops.fs.free_small(left);
-            if left.is_empty() {
-                return reply.ok();
-            }
-            let fs = ops.fs.clone();
-            ops.slow.run(move || {
-                fs.free_leftover(left);
-                reply.ok()
-            });
-        }
+        Ok(left) => ops.free_then(left, move || reply.ok()),
         Err(e) => reply.error(errno(op, ino, &e)),
     }
 }
@@ -1596,14 +1600,9 @@ impl Ops {
                 _ => None,
             })
             .collect();
-        match self.fs.forget_leaving(&live).map(|l| self.fs.free_small(l)) {
-            Ok(left) if left.is_empty() => {}
-            // No reply to wait for: a large file is freed on a
-            // slow-request thread.
-            Ok(left) => {
-                let fs = self.fs.clone();
-                self.slow.run(move || fs.free_leftover(left));
-            }
+        match self.fs.forget_leaving(&live) {
+            // No reply to wait for.
+            Ok(left) => self.free_then(left, || {}),
             Err(e) => tracing::warn!("freeing forgotten inodes (retried at unmount): {e}"),
         }
     }
