@@ -7,7 +7,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -374,7 +374,13 @@ fn second_mount_and_wrong_key_are_refused() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
+    // It names the mount, and the way out.
+    let said = String::from_utf8_lossy(&o.stderr);
+    let m = fs::canonicalize(t.m()).unwrap();
+    assert!(
+        said.contains(&format!("is mounted on {}", m.display())) && said.contains("lsvfs unmount"),
+        "{said}"
+    );
     t.unmount();
     ok(&["keygen", "k2"], t.p());
     let o = lsvfs(&["mount", "v.vol", "m", "--key-file", "k2"], t.p());
@@ -384,6 +390,149 @@ fn second_mount_and_wrong_key_are_refused() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// The story: `lsvfs unmount` said "no lsvfs volume is mounted" on a
+/// mountpoint with a space in its name (the mount table writes it
+/// `\040`); `info` refused a mountpoint; `check`, `info --key-file` and
+/// `snapshot export` of a mounted volume's path answered "in use by
+/// another lsvfs process"; `-o FIFO` was refused as existing, and `restore
+/// FIFO` waited for ever (it opened the file a second time).
+#[test]
+fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
+    struct Detach(std::path::PathBuf);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let (vol, mnt) = ("it's my v.vol", "my mount");
+    fs::create_dir(p.join(mnt)).unwrap();
+    ok(&["keygen", "k"], p);
+    ok(&["create", vol, "--size", "256M", "--key-file", "k"], p);
+    ok(&["mount", vol, mnt, "--key-file", "k"], p);
+    let _detach = Detach(p.join(mnt));
+    let m = fs::canonicalize(p.join(mnt)).unwrap();
+    fs::write(m.join("f"), pattern(1, 300_000)).unwrap();
+
+    // info on the mountpoint is info on its volume, usage included (from
+    // the mount: no key needed); with --key-file on the volume, the same.
+    for args in [vec!["info", mnt], vec!["info", vol, "--key-file", "k"]] {
+        let i = ok(&args, p);
+        assert!(
+            i.contains(&format!("volume:          {}", p.join(vol).display()))
+                || i.contains(&format!("volume:          {vol}")),
+            "{args:?}: {i}"
+        );
+        assert!(
+            i.contains(&format!("mounted on:      {}", m.display())),
+            "{i}"
+        );
+        let blocks: u64 = i
+            .lines()
+            .find_map(|l| l.strip_prefix("allocated:"))
+            .and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no allocated line: {i}"));
+        assert!(
+            blocks >= 74,
+            "the 300,000-byte file alone is 74 blocks: {i}"
+        );
+    }
+
+    // A command that opens the volume itself names the mount, and how to
+    // unmount it (quoted for the shell).
+    let o = lsvfs(&["check", vol, "--key-file", "k"], p);
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(7), "{said}");
+    assert!(
+        said.contains(&format!("is mounted on {}", m.display()))
+            && said.contains(&format!("lsvfs unmount '{}'", m.display())),
+        "{said}"
+    );
+
+    // An export of the volume's path goes through its mount; into a FIFO,
+    // as into a pipe.
+    ok(&["snapshot", "create", mnt, "s"], p);
+    ok(
+        &[
+            "snapshot",
+            "export",
+            vol,
+            "s",
+            "--key-file",
+            "k",
+            "-o",
+            "s.lsx",
+        ],
+        p,
+    );
+    let size = fs::metadata(p.join("s.lsx")).unwrap().len();
+    assert!(size > 300_000, "{size}");
+    sh_in(p, "mkfifo out.fifo in.fifo");
+    let counter = Command::new("sh")
+        .args(["-c", "wc -c < out.fifo"])
+        .current_dir(p)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ok(
+        &[
+            "snapshot",
+            "export",
+            mnt,
+            "s",
+            "--key-file",
+            "k",
+            "-o",
+            "out.fifo",
+        ],
+        p,
+    );
+    let n = counter.wait_with_output().unwrap();
+    let through_fifo: u64 = String::from_utf8_lossy(&n.stdout).trim().parse().unwrap();
+    assert!(through_fifo > 300_000, "{through_fifo}");
+    assert!(fs::metadata(p.join("out.fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+
+    // Unmount by the spaced path, then the directory is no volume.
+    ok(&["unmount", mnt], p);
+    let o = lsvfs(&["info", mnt], p);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no lsvfs volume is mounted"));
+
+    // Restore from a FIFO (read once) and from a pipe's /dev/fd path.
+    let mut feeder = Command::new("sh")
+        .args(["-c", "cat s.lsx > in.fifo"])
+        .current_dir(p)
+        .spawn()
+        .unwrap();
+    ok(
+        &["restore", "in.fifo", "--to", "r.vol", "--key-file", "k"],
+        p,
+    );
+    assert!(feeder.wait().unwrap().success());
+    let v = Command::new("bash")
+        .args([
+            "-c",
+            &format!("{} export verify <(cat s.lsx)", env!("CARGO_BIN_EXE_lsvfs")),
+        ])
+        .current_dir(p)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    fs::create_dir(p.join("r")).unwrap();
+    ok(&["mount", "r.vol", "r", "--key-file", "k"], p);
+    let _detach_r = Detach(p.join("r"));
+    assert_eq!(fs::read(p.join("r/f")).unwrap(), pattern(1, 300_000));
+    ok(&["unmount", "r"], p);
 }
 
 /// The story: `cp -a` sets a directory's mode by writing a minimal POSIX

@@ -169,10 +169,34 @@ pub(super) fn header_unlocked(path: &Path) -> Result<volume::Header, Error> {
     volume::read_header(&dev).map_err(|e| with_path(e, path))
 }
 
+/// A volume held by a mount says where it is mounted, and the way out.
 pub(super) fn open_device(path: &Path, writable: bool) -> Result<Arc<dyn Device>, Error> {
     FileDevice::open(path, writable)
         .map(|d| Arc::new(d) as Arc<dyn Device>)
-        .map_err(|e| DeviceError::new(format!("opening {}", path.display()), e).into())
+        .map_err(|e| {
+            let held = e.kind() == std::io::ErrorKind::WouldBlock;
+            match held.then(|| super::mounts::mountpoint_of(path)).flatten() {
+                Some(m) => Error::Busy(format!(
+                    "{} is mounted on {}: this command opens the volume itself, so unmount it \
+                     first (`lsvfs unmount {}`); `lsvfs info`, `snapshot` and `rekey` work on \
+                     the mount",
+                    path.display(),
+                    m.display(),
+                    shell_word(&m)
+                )),
+                None => DeviceError::new(format!("opening {}", path.display()), e).into(),
+            }
+        })
+}
+
+/// `p` as one shell word, for a command a message suggests.
+pub(super) fn shell_word(p: &Path) -> String {
+    let s = p.display().to_string();
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"/._-+,:@%=".contains(&b);
+    if !s.is_empty() && s.bytes().all(plain) {
+        return s;
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// Names the file in "not an lsvfs volume".
@@ -310,5 +334,18 @@ impl std::io::Write for WriteBehind<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_quote_what_the_shell_would_split() {
+        assert_eq!(shell_word(Path::new("/mnt/data-1")), "/mnt/data-1");
+        assert_eq!(shell_word(Path::new("/mnt/my data")), "'/mnt/my data'");
+        assert_eq!(shell_word(Path::new("/mnt/it's")), r"'/mnt/it'\''s'");
+        assert_eq!(shell_word(Path::new("")), "''");
     }
 }

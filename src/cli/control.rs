@@ -53,6 +53,9 @@ pub enum Request {
     },
     /// How the mount is served (its FUSE transport).
     Status {},
+    /// The volume's usage: what `lsvfs info --key-file` shows of an
+    /// unmounted volume.
+    Usage {},
     /// Where the rekey stands (and the volume's path); with `resume`, a
     /// pass that is due but not running starts again.
     RekeyStatus {
@@ -183,6 +186,33 @@ pub struct StatusEntry {
     pub ring_requests: u64,
 }
 
+/// A volume's usage, as `lsvfs info` shows it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct UsageEntry {
+    pub allocated_blocks: u64,
+    pub extent_segments: u64,
+    pub max_segments: u64,
+    pub free_segments: u64,
+    pub checkpoint_seq: u64,
+    pub snapshots: u64,
+    /// Blocks only snapshots hold.
+    pub held_blocks: u64,
+}
+
+impl UsageEntry {
+    pub fn of(s: &crate::volume::Stats) -> UsageEntry {
+        UsageEntry {
+            allocated_blocks: s.allocated_blocks,
+            extent_segments: s.extent_segments,
+            max_segments: s.max_segments,
+            free_segments: s.free_segments,
+            checkpoint_seq: s.checkpoint_seq,
+            snapshots: s.snapshots,
+            held_blocks: s.held_blocks,
+        }
+    }
+}
+
 /// What the mount tells `status` requests.
 pub struct Served {
     pub transport: &'static str,
@@ -206,6 +236,8 @@ pub struct Response {
     pub rekey: Option<RekeyEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<StatusEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageEntry>,
 }
 
 /// Directory of control sockets (`$LSVFS_RUN_DIR`, default /run/lsvfs).
@@ -534,6 +566,17 @@ fn answer(req: Request, fds: Vec<OwnedFd>, snaps: &Arc<Snapshots>, volume: &Path
                 })
                 .unwrap_or_else(|e| failure(&e));
         }
+        Request::Usage {} => {
+            return match snaps.with_volume(|v, _| v.stats()) {
+                Ok(Ok(s)) => Response {
+                    ok: true,
+                    usage: Some(UsageEntry::of(&s)),
+                    ..Response::default()
+                },
+                Ok(Err(e)) => failure(&e.into()),
+                Err(e) => failure(&e.into()),
+            };
+        }
         Request::Export { .. } => unreachable!("answered above"),
         Request::Status {} => {
             return failure(&Error::Usage("status is answered by `handle`".into()))
@@ -735,6 +778,10 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"status"}"#).unwrap(),
             Request::Status {}
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"usage"}"#).unwrap(),
+            Request::Usage {}
         );
         for bad in [
             "",

@@ -51,11 +51,18 @@ fn bar(what: &'static str, total: u64, quiet: bool) -> Option<indicatif::Progres
     ))
 }
 
-/// Where an export goes: standard output, or a file written under a
-/// temporary name and renamed into place once complete (so an interrupted
-/// export never leaves a file by the name asked for).
+/// Where an export goes: standard output, a FIFO or character device
+/// named by -o, or a file written under a temporary name and renamed into
+/// place once complete (so an interrupted export never leaves a file by
+/// the name asked for).
 enum Output {
     Stdout,
+    /// An existing FIFO or character device (`-o /dev/null`, `-o
+    /// ./pipe`): written as it is, like standard output.
+    Stream {
+        path: PathBuf,
+        file: File,
+    },
     File {
         tmp: PathBuf,
         path: PathBuf,
@@ -93,6 +100,9 @@ impl Output {
             return Ok(Output::Object { url, writer });
         }
         let path = PathBuf::from(to);
+        if let Some(file) = Output::stream(&path)? {
+            return Ok(Output::Stream { path, file });
+        }
         if path.symlink_metadata().is_ok() {
             return Err(Error::Usage(format!(
                 "{} exists; remove it or choose another name",
@@ -116,9 +126,34 @@ impl Output {
         Ok(Output::File { tmp, path, file })
     }
 
+    /// `path` opened for writing if it is a FIFO or a character device
+    /// (through symlinks, as /dev/stdout is); None if it is anything else
+    /// or nothing. Opening a FIFO waits for its reader.
+    fn stream(path: &Path) -> Result<Option<File>, Error> {
+        use std::os::unix::fs::FileTypeExt;
+        let Ok(kind) = path.metadata().map(|m| m.file_type()) else {
+            return Ok(None);
+        };
+        if !kind.is_fifo() && !kind.is_char_device() {
+            return Ok(None);
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {} to write the export", path.display()), e))?;
+        if file.is_terminal() {
+            return Err(Error::Usage(format!(
+                "refusing to write an export to a terminal ({}); give -o FILE, or a pipe",
+                path.display()
+            )));
+        }
+        Ok(Some(file))
+    }
+
     fn name(&self) -> String {
         match self {
             Output::Stdout => "standard output".into(),
+            Output::Stream { path, .. } => path.display().to_string(),
             Output::File { path, .. } => path.display().to_string(),
             Output::Object { url, .. } => url.to_string(),
         }
@@ -169,7 +204,7 @@ impl Output {
                 let _ = std::fs::remove_file(tmp);
             }
             Output::Object { writer, .. } => writer.abort(),
-            Output::Stdout => {}
+            Output::Stdout | Output::Stream { .. } => {}
         }
     }
 }
@@ -226,6 +261,13 @@ pub(super) fn snapshot_export(env: &Env, a: ExportArgs) -> Result<(), Error> {
              add --recipient PUBFILE (see `lsvfs recipient keygen`) or --key-file KEYFILE"
         );
     }
+    // A mounted volume named by its path is exported through its mount.
+    let mut a = a;
+    if !a.source.is_dir() {
+        if let Some(m) = super::mounts::mountpoint_of(&a.source) {
+            a.source = m;
+        }
+    }
     let mounted = a.source.is_dir();
     let mut out = Output::open(&a.output, &a.name)?;
     let started = Instant::now();
@@ -268,7 +310,9 @@ fn export_mounted(
     let stdout = std::io::stdout();
     let r = match out {
         Output::Stdout => control::request_with(&a.source, &req, Some(stdout.as_fd()))?,
-        Output::File { file, .. } => control::request_with(&a.source, &req, Some(file.as_fd()))?,
+        Output::File { file, .. } | Output::Stream { file, .. } => {
+            control::request_with(&a.source, &req, Some(file.as_fd()))?
+        }
         Output::Object { writer, .. } => {
             // The mount writes into a pipe; this process uploads what comes
             // out of it.
@@ -350,6 +394,7 @@ fn export_unmounted(
             1 << 20,
             super::common::WriteBehind::new(file),
         ))?,
+        Output::Stream { file, .. } => run(&mut BufWriter::with_capacity(1 << 20, &*file))?,
         Output::Object { writer, .. } => run(writer)?,
     };
     if let Some(b) = progress {
@@ -391,18 +436,43 @@ fn report_export(
     Ok(())
 }
 
-/// One export to read: standard input (it can be read once: its header
-/// is kept with the stream), a file, or an object.
+/// One export to read: one that can be read only once (standard input,
+/// a FIFO, a pipe's /dev/fd path: its header is kept with the stream), a
+/// file, or an object.
 enum Input {
-    Stdin(Option<Box<Stream<Box<dyn Read + Send>>>>),
+    Once {
+        /// None: standard input.
+        path: Option<PathBuf>,
+        kept: Option<Box<Stream<Box<dyn Read + Send>>>>,
+    },
     File(String),
     Object(Arc<Bucket>, S3Url),
 }
 
 impl Input {
+    /// `name` as the command line gives it: `-`, or a file of any kind.
+    fn local(name: &str) -> Input {
+        use std::os::unix::fs::FileTypeExt;
+        if name == "-" {
+            return Input::Once {
+                path: None,
+                kept: None,
+            };
+        }
+        let t = std::fs::metadata(name).map(|m| m.file_type());
+        match t {
+            Ok(t) if t.is_fifo() || t.is_char_device() || t.is_socket() => Input::Once {
+                path: Some(PathBuf::from(name)),
+                kept: None,
+            },
+            _ => Input::File(name.to_string()),
+        }
+    }
+
     fn name(&self) -> String {
         match self {
-            Input::Stdin(_) => "standard input".into(),
+            Input::Once { path: None, .. } => "standard input".into(),
+            Input::Once { path: Some(p), .. } => p.display().to_string(),
             Input::File(f) => f.clone(),
             Input::Object(_, u) => u.to_string(),
         }
@@ -412,14 +482,20 @@ impl Input {
     fn stream(&mut self) -> Result<Stream<Box<dyn Read + Send>>, Error> {
         let name = self.name();
         match self {
-            Input::Stdin(s) => match s.take() {
-                Some(s) => Ok(*s),
-                None => {
-                    let r: Box<dyn Read + Send> =
-                        Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()));
-                    Ok(Stream::open(r, &name)?)
-                }
-            },
+            Input::Once { kept, .. } if kept.is_some() => {
+                Ok(*kept.take().expect("checked just before"))
+            }
+            Input::Once { path, .. } => {
+                let r: Box<dyn Read + Send> = match path {
+                    None => Box::new(BufReader::with_capacity(1 << 20, std::io::stdin())),
+                    Some(p) => {
+                        let file = File::open(&*p)
+                            .map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
+                        Box::new(BufReader::with_capacity(1 << 20, file))
+                    }
+                };
+                Ok(Stream::open(r, &name)?)
+            }
             Input::File(f) => {
                 let file = File::open(&*f).map_err(|e| Error::io(format!("opening {f}"), e))?;
                 let r: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 20, file));
@@ -433,18 +509,18 @@ impl Input {
         }
     }
 
-    /// The header alone (an object's first bytes; standard input is kept
-    /// open for [`Input::stream`]).
+    /// The header alone (an object's first bytes; one that can be read
+    /// only once is kept open for [`Input::stream`]).
     fn header(&mut self) -> Result<Header, Error> {
         let name = self.name();
         match self {
-            Input::Stdin(s) => {
-                if s.is_none() {
-                    let r: Box<dyn Read + Send> =
-                        Box::new(BufReader::with_capacity(1 << 20, std::io::stdin()));
-                    *s = Some(Box::new(Stream::open(r, &name)?));
+            Input::Once { .. } => {
+                let s = self.stream()?;
+                let h = s.header().clone();
+                if let Input::Once { kept, .. } = self {
+                    *kept = Some(Box::new(s));
                 }
-                Ok(s.as_ref().map(|s| s.header().clone()).expect("just opened"))
+                Ok(h)
             }
             Input::File(_) => Ok(self.stream()?.header().clone()),
             Input::Object(b, u) => {
@@ -466,14 +542,8 @@ fn inputs(names: &[String]) -> Result<Vec<(Input, Header)>, Error> {
     }
     let mut out = Vec::new();
     for n in names {
-        if n == "-" {
-            let mut i = Input::Stdin(None);
-            let h = i.header()?;
-            out.push((i, h));
-            continue;
-        }
         let Some(url) = S3Url::parse(n) else {
-            let mut i = Input::File(n.clone());
+            let mut i = Input::local(n);
             let h = i.header()?;
             out.push((i, h));
             continue;

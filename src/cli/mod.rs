@@ -36,6 +36,7 @@ mod export;
 mod helper;
 mod host;
 mod mount;
+mod mounts;
 mod objects;
 mod options;
 mod rekey;
@@ -151,8 +152,9 @@ enum SnapCmd {
     /// rebuild a volume from it with `lsvfs restore`.
     Export {
         /// A mountpoint (exported through the running mount, which keeps
-        /// serving), or an unmounted volume (opened read-only with the first
-        /// --key-file, else this host's sealed store and key server).
+        /// serving), or a volume: a mounted one exports through its mount,
+        /// an unmounted one is opened read-only with the first --key-file,
+        /// else this host's sealed store and key server.
         source: PathBuf,
         /// The snapshot to export.
         name: String,
@@ -168,8 +170,9 @@ enum SnapCmd {
         /// export. Repeatable.
         #[arg(long, value_name = "KEYFILE")]
         key_file: Vec<PathBuf>,
-        /// Where to write: a file (written as FILE.partial, renamed when
-        /// complete), or - for standard output.
+        /// Where to write: a new file (written as FILE.partial, renamed
+        /// when complete), an existing FIFO or character device (written
+        /// as it is), or - for standard output.
         #[arg(short = 'o', long, value_name = "FILE|-")]
         output: String,
         /// Print the summary as JSON (on stderr; stdout may be the export).
@@ -246,7 +249,9 @@ enum Cmd {
         #[arg(long, value_name = "SIZE")]
         rekey_after_bytes: Option<String>,
     },
-    /// Show a volume's header; with --key-file also its usage.
+    /// Show a volume's header; with --key-file also its usage. VOLUME may
+    /// be a mountpoint; a mounted volume's usage comes from its mount (no
+    /// key needed).
     Info {
         volume: PathBuf,
         #[arg(long)]
@@ -408,7 +413,8 @@ enum Cmd {
     /// --incremental, apply increments to a volume whose newest snapshot is
     /// their base.
     Restore {
-        /// Export files, oldest first (or - for standard input, alone).
+        /// Export files, oldest first (or - for standard input, alone); a
+        /// FIFO or a pipe's /dev/fd path is read once.
         #[arg(required = true, value_name = "FILE|-")]
         files: Vec<String>,
         /// The volume to create (or, with --incremental, to update).

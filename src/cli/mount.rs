@@ -76,36 +76,12 @@ fn connection_ender(mountpoint: &Path, own_mount: bool) -> Arc<dyn Fn() + Send +
     })
 }
 
-/// The connection number of the mount now on `mountpoint`, if it is a
-/// FUSE one (see [`connection_of`]).
+/// The FUSE connection number of the mount now on `mountpoint`, if it is
+/// a FUSE one: its minor device number (FUSE's major is 0).
 fn mounted_connection(mountpoint: &Path) -> Option<u64> {
-    std::fs::read("/proc/self/mountinfo")
-        .ok()
-        .and_then(|table| connection_of(&table, mountpoint))
-}
-
-/// The FUSE connection number (the minor device number; FUSE's major is
-/// 0) of the newest mount on `mountpoint` in a /proc/PID/mountinfo text.
-fn connection_of(mountinfo: &[u8], mountpoint: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    // The mount point is the fifth field, with space, tab, newline and
-    // backslash written as octal escapes; the bytes are the path's own.
-    let mut want = Vec::new();
-    for &b in mountpoint.as_os_str().as_bytes() {
-        match b {
-            b' ' | b'\t' | b'\n' | b'\\' => want.extend(format!("\\{b:03o}").bytes()),
-            _ => want.push(b),
-        }
-    }
-    let (major, minor) = mountinfo
-        .split(|&b| b == b'\n')
-        .filter_map(|l| {
-            let f: Vec<&[u8]> = l.split(|&b| b == b' ').collect();
-            (f.len() > 4 && f[4] == want.as_slice()).then(|| f[2])
-        })
-        .next_back()
-        .and_then(|dev| std::str::from_utf8(dev).ok()?.split_once(':'))?;
-    (major == "0").then(|| minor.parse().ok()).flatten()
+    let t = super::mounts::table();
+    let m = &t[super::mounts::on(&t, mountpoint)?];
+    (m.major == 0).then_some(u64::from(m.minor))
 }
 
 fn end_connection(mountpoint: &Path, conn: Option<u64>, own_mount: bool) {
@@ -1031,18 +1007,6 @@ pub fn daemon(path: &Path, mountpoint: &Path, k: &Keys, opts: &MountOptions) -> 
     })
 }
 
-/// The volume mounted on `mountpoint`, from /proc/self/mountinfo.
-fn mounted_volume(mountpoint: &Path) -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mountpoint.to_str()?;
-    info.lines().find_map(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-")?;
-        let source = fields.get(sep + 2)?;
-        (fields.get(4) == Some(&want)).then(|| source.strip_prefix("lsvfs:").map(PathBuf::from))?
-    })
-}
-
 /// Unmounts `mountpoint` (the daemon then flushes and closes the volume):
 /// umount2(2) as root, fusermount3 (from fuse3) otherwise. As root, a busy
 /// mount is tried again for up to `patience`.
@@ -1104,7 +1068,7 @@ pub fn detach_lazily(mountpoint: &Path) -> Result<(), Error> {
 /// Unmounts and waits until the daemon has flushed and released the volume.
 pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
     let mountpoint = canonical(mountpoint)?;
-    let vol = mounted_volume(&mountpoint).ok_or_else(|| {
+    let vol = super::mounts::volume_on(&mountpoint).ok_or_else(|| {
         Error::Usage(format!(
             "no lsvfs volume is mounted on {}",
             mountpoint.display()
@@ -1127,25 +1091,4 @@ pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
         "{} did not close within 60 s",
         vol.display()
     )))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_connection_number_comes_from_the_newest_mount_on_the_path() {
-        let table = b"\
-22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
-45 22 0:40 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/v.vol rw,user_id=0
-46 22 0:52 / /mnt/ab rw,relatime - fuse.lsvfs lsvfs:/w.vol rw,user_id=0
-47 45 0:61 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/x.vol rw,user_id=0
-48 22 8:3 / /data rw,relatime - ext4 /dev/sda3 rw
-";
-        assert_eq!(connection_of(table, Path::new("/mnt/a b")), Some(61));
-        assert_eq!(connection_of(table, Path::new("/mnt/ab")), Some(52));
-        // Not a FUSE (major 0) mount, or not mounted.
-        assert_eq!(connection_of(table, Path::new("/data")), None);
-        assert_eq!(connection_of(table, Path::new("/mnt/c")), None);
-    }
 }

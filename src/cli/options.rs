@@ -265,28 +265,9 @@ pub struct FstabEntry {
     pub options: String,
 }
 
-/// Undoes fstab's octal escapes (`\040` for a space, as in fstab(5); so
-/// does /proc/self/mountinfo).
+/// Undoes fstab's octal escapes (`\040` for a space, as in fstab(5)).
 pub(super) fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&super::mounts::unescape(field.as_bytes())).into_owned()
 }
 
 /// The fstab entry of type lsvfs (or fuse.lsvfs) for `mountpoint`, from

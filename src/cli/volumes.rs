@@ -228,6 +228,23 @@ fn servers_of(env: &Env, urls: &[String]) -> Result<Vec<String>, Error> {
 
 /// `lsvfs info VOLUME [--key-file K]`.
 pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
+    // A mountpoint stands for the volume mounted there.
+    let on_mount;
+    let path = if path.is_dir() {
+        on_mount = std::fs::canonicalize(path)
+            .ok()
+            .and_then(|m| super::mounts::volume_on(&m))
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "{} is a directory no lsvfs volume is mounted on; give a volume (its file \
+                     or block device) or the mountpoint of a mounted one",
+                    path.display()
+                ))
+            })?;
+        on_mount.as_path()
+    } else {
+        path
+    };
     // The header only: readable while a mount holds the volume.
     let h = super::common::header_unlocked(path)?;
     let hex: String = h.volume_id.iter().map(|b| format!("{b:02x}")).collect();
@@ -297,7 +314,7 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             h.retired_below
         );
     }
-    let mounted = mountpoint_of(path);
+    let mounted = super::mounts::mountpoint_of(path);
     if let Some(m) = &mounted {
         println!("mounted on:      {}", m.display());
         let req = super::control::Request::Status {};
@@ -371,28 +388,24 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             println!("key slot {i}:      {:?} (key fingerprint {fp}…)", s.kind);
         }
     }
-    if let Some(kf) = key_file {
+    if let Some(m) = &mounted {
+        // The mount holds the volume: its usage comes from the mount, and
+        // needs no key.
+        let req = super::control::Request::Usage {};
+        match super::control::request(m, &req).map(|r| r.usage) {
+            Ok(Some(u)) => print_usage(&u),
+            Ok(None) => {}
+            Err(e) if key_file.is_some() => return Err(e),
+            Err(_) => {}
+        }
+    } else if let Some(kf) = key_file {
         let v = open_volume(path, &env.keys(Some(kf)), true, &env.tuning)?;
         let s = v.stats()?;
-        println!(
-            "allocated:       {} ({} blocks)",
-            human(s.allocated_blocks * BLOCK_SIZE as u64),
-            s.allocated_blocks
-        );
-        println!(
-            "segments in use: {} of {} ({} free)",
-            s.extent_segments, s.max_segments, s.free_segments
-        );
-        println!("checkpoint:      {}", s.checkpoint_seq);
+        print_usage(&super::control::UsageEntry::of(&s));
         let by_gen = super::rekey::blocks_per_generation(&v.blocks_by_key_gen()?);
         let st = super::control::RekeyEntry::of(v.rekey_status()?, path);
         println!("{}", policy_field(&st));
         println!("sealed blocks:   {by_gen}");
-        println!(
-            "snapshots:       {} (holding {} that the live volume no longer uses)",
-            s.snapshots,
-            human(s.held_blocks * BLOCK_SIZE as u64)
-        );
         let r = v.recovery();
         if r.transactions > 0 || r.dropped_records > 0 {
             println!(
@@ -404,30 +417,31 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
     Ok(())
 }
 
+/// info's usage lines.
+fn print_usage(u: &super::control::UsageEntry) {
+    println!(
+        "allocated:       {} ({} blocks)",
+        human(u.allocated_blocks * BLOCK_SIZE as u64),
+        u.allocated_blocks
+    );
+    println!(
+        "segments in use: {} of {} ({} free)",
+        u.extent_segments, u.max_segments, u.free_segments
+    );
+    println!("checkpoint:      {}", u.checkpoint_seq);
+    println!(
+        "snapshots:       {} (holding {} that the live volume no longer uses)",
+        u.snapshots,
+        human(u.held_blocks * BLOCK_SIZE as u64)
+    );
+}
+
 /// info's rekey policy line.
 fn policy_field(st: &super::control::RekeyEntry) -> String {
     format!(
         "rekey policy:    {}",
         super::rekey::policy_line(st).trim_start_matches("rekey ")
     )
-}
-
-/// Where the volume at `path` is mounted, if it is (the mount's source is
-/// `lsvfs:<canonical path>`, as `lsvfs mount` names it).
-fn mountpoint_of(path: &Path) -> Option<PathBuf> {
-    let want = format!("lsvfs:{}", std::fs::canonicalize(path).ok()?.display());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mut r = right.split(' ');
-        let (fstype, source) = (r.next()?, r.next()?);
-        if !fstype.starts_with("fuse") || super::options::unescape(source) != want {
-            return None;
-        }
-        Some(PathBuf::from(super::options::unescape(
-            left.split(' ').nth(4)?,
-        )))
-    })
 }
 
 /// `lsvfs check VOLUME [--key-file K]`: the volume, every snapshot's file

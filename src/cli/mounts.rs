@@ -1,0 +1,149 @@
+//! The host's mount table, /proc/self/mountinfo, as the commands read it:
+//! which volume is mounted where, and a FUSE mount's connection number.
+//!
+//! A line is `ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [TAGS...] -
+//! FSTYPE SOURCE SUPEROPTIONS`; the kernel writes a space, tab, newline or
+//! backslash in a path as an octal escape (`\040` for a space). An lsvfs
+//! mount's source is `lsvfs:` and the volume's canonical path, as `lsvfs
+//! mount` names it.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+/// One mount, its paths unescaped.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Mount {
+    pub major: u32,
+    pub minor: u32,
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: OsString,
+}
+
+impl Mount {
+    /// The volume an lsvfs mount serves; None for any other mount.
+    pub fn volume(&self) -> Option<PathBuf> {
+        if !self.fstype.starts_with("fuse") {
+            return None;
+        }
+        let path = self.source.as_bytes().strip_prefix(b"lsvfs:")?;
+        Some(PathBuf::from(OsString::from_vec(path.to_vec())))
+    }
+}
+
+/// The mounts in a mountinfo text, oldest first; a line it cannot read is
+/// left out.
+pub(super) fn parse(text: &[u8]) -> Vec<Mount> {
+    text.split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+            let sep = f.iter().position(|x| *x == b"-")?;
+            let (major, minor) = std::str::from_utf8(f.get(2)?).ok()?.split_once(':')?;
+            Some(Mount {
+                major: major.parse().ok()?,
+                minor: minor.parse().ok()?,
+                mountpoint: PathBuf::from(OsString::from_vec(unescape(f.get(4)?))),
+                fstype: String::from_utf8_lossy(f.get(sep + 1)?).into_owned(),
+                source: OsString::from_vec(unescape(f.get(sep + 2)?)),
+            })
+        })
+        .collect()
+}
+
+/// This process's view of the mounts (empty if /proc cannot be read).
+pub(super) fn table() -> Vec<Mount> {
+    std::fs::read("/proc/self/mountinfo")
+        .map(|t| parse(&t))
+        .unwrap_or_default()
+}
+
+/// The newest mount on `mountpoint` (a canonical path): the one a path
+/// lookup reaches.
+pub(super) fn on(table: &[Mount], mountpoint: &Path) -> Option<usize> {
+    table.iter().rposition(|m| m.mountpoint == mountpoint)
+}
+
+/// The volume mounted on `mountpoint` (a canonical path), if an lsvfs
+/// mount is the one there.
+pub(super) fn volume_on(mountpoint: &Path) -> Option<PathBuf> {
+    let t = table();
+    t[on(&t, mountpoint)?].volume()
+}
+
+/// Where the volume at `volume` is mounted, if it is.
+pub(super) fn mountpoint_of(volume: &Path) -> Option<PathBuf> {
+    let want = std::fs::canonicalize(volume).ok()?;
+    table()
+        .into_iter()
+        .rev()
+        .find(|m| m.volume().as_deref() == Some(want.as_path()))
+        .map(|m| m.mountpoint)
+}
+
+/// Undoes the octal escapes of fstab(5) and mountinfo (`\040` for a
+/// space); a backslash not followed by three octal digits stays.
+pub(super) fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (field[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &[u8] = b"\
+22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+45 22 0:40 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/srv/my\\040vol.vol rw,user_id=0
+46 22 0:52 / /mnt/ab rw,relatime shared:7 master:2 - fuse.lsvfs lsvfs:/w.vol rw,user_id=0
+47 45 0:61 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/x\\134y.vol rw,user_id=0
+48 22 8:3 / /data rw,relatime - ext4 /dev/sda3 rw
+49 22 0:70 / /sshfs rw - fuse.sshfs host:/x rw
+not a mount line
+";
+
+    #[test]
+    fn paths_are_unescaped_and_the_newest_mount_on_a_path_wins() {
+        let t = parse(TABLE);
+        assert_eq!(t.len(), 6, "the line that is not a mount is left out");
+        let i = on(&t, Path::new("/mnt/a b")).unwrap();
+        assert_eq!((t[i].major, t[i].minor), (0, 61));
+        assert_eq!(t[i].volume(), Some(PathBuf::from("/x\\y.vol")));
+        let first = &t[1];
+        assert_eq!(first.mountpoint, Path::new("/mnt/a b"));
+        assert_eq!(first.volume(), Some(PathBuf::from("/srv/my vol.vol")));
+        // Optional tags before the separator do not shift the fields.
+        let ab = &t[on(&t, Path::new("/mnt/ab")).unwrap()];
+        assert_eq!(ab.volume(), Some(PathBuf::from("/w.vol")));
+        // Other file systems, FUSE ones included, serve no volume.
+        assert_eq!(t[on(&t, Path::new("/data")).unwrap()].volume(), None);
+        assert_eq!(t[on(&t, Path::new("/sshfs")).unwrap()].volume(), None);
+        assert_eq!(on(&t, Path::new("/mnt/c")), None);
+        // The escaped form is not a mount point of its own.
+        assert_eq!(on(&t, Path::new("/mnt/a\\040b")), None);
+    }
+
+    #[test]
+    fn unescape_reads_octal_and_keeps_other_backslashes() {
+        assert_eq!(unescape(b"a\\040b\\011c"), b"a b\tc");
+        assert_eq!(unescape(b"a\\134b\\0"), b"a\\b\\0");
+        assert_eq!(unescape(b"\\777"), vec![0o777u32 as u8]);
+        assert_eq!(unescape(b"end\\"), b"end\\");
+    }
+}
