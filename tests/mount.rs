@@ -535,6 +535,71 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
     ok(&["unmount", "r"], p);
 }
 
+/// What the README's "What the file system does not do" says, so that a
+/// change to any of it is seen: SEEK_DATA/SEEK_HOLE see the whole file as
+/// data (a written-back range and one still in the kernel's cache alike),
+/// O_TMPFILE answers EOPNOTSUPP, an xattr value may hold 1,700 bytes and
+/// not one more.
+#[test]
+fn seek_hole_tmpfile_and_xattr_limits_are_as_documented() {
+    let t = Mounted::new();
+    let path = t.m().join("sparse");
+    let mut f = fs::File::create(&path).unwrap();
+    f.write_all(b"first").unwrap();
+    f.sync_all().unwrap();
+    // 1 MiB further, a write that stays in the kernel's cache.
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(b"cached").unwrap();
+    let len = (1 << 20) + 6;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    for (from, whence, want) in [
+        (0, libc::SEEK_DATA, 0),
+        (4096, libc::SEEK_DATA, 4096),
+        (900_000, libc::SEEK_DATA, 900_000),
+        (0, libc::SEEK_HOLE, len),
+    ] {
+        // SAFETY: lseek on an open descriptor.
+        let at = unsafe { libc::lseek(fd, from, whence) };
+        assert_eq!(at, want, "lseek({from}, {whence})");
+    }
+    // SAFETY: lseek on an open descriptor.
+    let past = unsafe { libc::lseek(fd, len + 1, libc::SEEK_DATA) };
+    assert_eq!(
+        (past, errno_of(std::io::Error::last_os_error())),
+        (-1, libc::ENXIO)
+    );
+    drop(f);
+    let mut back = Vec::new();
+    fs::File::open(&path)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(&back[..5], b"first");
+    assert_eq!(&back[1 << 20..], b"cached");
+
+    let dir = CString::new(t.m().as_os_str().as_bytes()).unwrap();
+    // SAFETY: open with a valid NUL-terminated path.
+    let tmp = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_WRONLY, 0o600) };
+    let e = std::io::Error::last_os_error();
+    assert_eq!(tmp, -1, "O_TMPFILE opened: the README says it does not");
+    assert_eq!(errno_of(e), libc::EOPNOTSUPP);
+
+    let x = t.m().join("x");
+    fs::write(&x, b"").unwrap();
+    let name = CString::new("user.big").unwrap();
+    let px = CString::new(x.as_os_str().as_bytes()).unwrap();
+    let set = |n: usize| {
+        let v = vec![b'v'; n];
+        // SAFETY: valid NUL-terminated strings and a buffer of n bytes.
+        let r = unsafe { libc::setxattr(px.as_ptr(), name.as_ptr(), v.as_ptr().cast(), n, 0) };
+        (r == 0)
+            .then_some(())
+            .ok_or_else(|| errno_of(std::io::Error::last_os_error()))
+    };
+    assert_eq!(set(1700), Ok(()));
+    assert_eq!(set(1701), Err(libc::E2BIG));
+}
+
 /// The story: `cp -a` sets a directory's mode by writing a minimal POSIX
 /// ACL, not by chmod; the file system stored the ACL as an opaque xattr and
 /// every copied directory ended up 0700. ACLs now drive the mode, chmod
