@@ -159,9 +159,20 @@ fn fstab_entries_mount_with_mount_a_and_umount_closes_the_volume() {
     assert!(!wrote && out.contains("Read-only file system"), "{out}");
     assert!(sh_in(&p, "ls -a archive").contains(".snapshots"));
 
-    // umount waits for the daemon: the volume opens right after.
+    // umount waits for the daemon: the volume opens right after. By an
+    // absolute path (as systemd unmounts) too: umount(8) then takes the
+    // type from statfs(2), "fuse", unless utab has an entry for the path.
+    sh_in(
+        &p,
+        "dd if=/dev/urandom of=data/big bs=1M count=64 status=none",
+    );
     for name in ["data", "archive"] {
-        let (unmounted, out) = try_sh(&p, &format!("umount {name}"));
+        let target = if name == "data" {
+            at(name)
+        } else {
+            name.into()
+        };
+        let (unmounted, out) = try_sh(&p, &format!("umount {target}"));
         assert!(unmounted, "umount {name}: {out}");
         assert!(mountinfo(&p.join(name)).is_none());
         let c = ok(
@@ -188,7 +199,22 @@ fn fstab_entries_mount_with_mount_a_and_umount_closes_the_volume() {
     );
     assert!(mounted, "mount -t lsvfs: {out}");
     assert!(mountinfo(&p.join("data")).unwrap().contains("noatime"));
-    sh_in(&p, "umount data");
+    sh_in(&p, &format!("umount {}", at("data")));
+    ok(&["check", "data.vol", "--key-file", "data.key"], &p);
+    // `lsvfs mount`, then umount(8) of the absolute path: the same wait.
+    ok(&["mount", "data.vol", "data", "--key-file", "data.key"], &p);
+    sh_in(
+        &p,
+        "dd if=/dev/urandom of=data/big bs=1M count=64 status=none",
+    );
+    sh_in(&p, &format!("umount {}", at("data")));
+    ok(&["check", "data.vol", "--key-file", "data.key"], &p);
+    // Every way of unmounting leaves no utab entry behind.
+    let utab = fs::read_to_string("/run/mount/utab").unwrap_or_default();
+    assert!(
+        !utab.contains(&at("data")) && !utab.contains(&at("archive")),
+        "{utab}"
+    );
     for (opts, says) in [
         (
             "key_file=data.key,compress=zstd",

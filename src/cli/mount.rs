@@ -287,6 +287,8 @@ pub fn foreground(
             None
         }
     };
+    // Root's own mounts: so that `umount MOUNTPOINT` waits for the close.
+    let in_utab = own_mount && super::mounts::register_for_umount(&path, &mountpoint);
     println!("{READY} {} on {}", path.display(), mountpoint.display());
     let _ = std::io::stdout().flush();
     let _ = sd_notify::notify(
@@ -360,6 +362,9 @@ pub fn foreground(
     // Only now is the backing file's lock let go: `lsvfs unmount` waits
     // for it, and so returns after the record too.
     drop(device);
+    if in_utab {
+        super::mounts::unregister_for_umount(&mountpoint);
+    }
     Ok(())
 }
 

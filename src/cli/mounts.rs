@@ -81,6 +81,57 @@ pub(super) fn mountpoint_of(volume: &Path) -> Option<PathBuf> {
         .map(|m| m.mountpoint)
 }
 
+/// Makes `umount MOUNTPOINT` (umount(8), as root and systemd call it) run
+/// umount.fuse.lsvfs, which waits until the volume is flushed and closed.
+/// Given an absolute path and no entry in libmount's utab, umount(8)
+/// takes the mount's type from statfs(2), which says only "fuse", and
+/// unmounts without a helper: it returns while the daemon still flushes.
+/// An utab entry (written by `mount --fake`, with libmount's own format
+/// and locking) makes it read the type from the mount table. Root only;
+/// without util-linux's mount(8) nothing changes. Returns whether the
+/// entry was written.
+pub(super) fn register_for_umount(volume: &Path, mountpoint: &Path) -> bool {
+    // An entry a crashed mount left on the same path goes first.
+    unregister_for_umount(mountpoint);
+    let mut source = OsString::from("lsvfs:");
+    source.push(volume);
+    let done = quietly(
+        std::process::Command::new("mount")
+            .args(["--fake", "--internal-only", "--no-canonicalize"])
+            .args(["-t", "fuse.lsvfs", "-o", "uhelper=lsvfs"])
+            .arg(source)
+            .arg(mountpoint),
+    );
+    if !done {
+        tracing::debug!(
+            "mount --fake did not record {} in utab: `umount` of its absolute path will not \
+             wait for the volume to close (`lsvfs unmount` does)",
+            mountpoint.display()
+        );
+    }
+    done
+}
+
+/// Drops the utab entry [`register_for_umount`] wrote (umount(8) drops it
+/// itself when it unmounts; this is for every other way a mount ends).
+pub(super) fn unregister_for_umount(mountpoint: &Path) {
+    quietly(
+        std::process::Command::new("umount")
+            .args(["--fake", "--internal-only", "--no-canonicalize"])
+            .arg(mountpoint),
+    );
+}
+
+/// Runs `cmd` with no input or output; whether it ran and succeeded.
+fn quietly(cmd: &mut std::process::Command) -> bool {
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Undoes the octal escapes of fstab(5) and mountinfo (`\040` for a
 /// space); a backslash not followed by three octal digits stays.
 pub(super) fn unescape(field: &[u8]) -> Vec<u8> {
