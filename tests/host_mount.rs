@@ -969,3 +969,91 @@ fn an_idle_lock_exports_a_snapshot_first_and_the_exports_restore() {
         "the restored chain differs from the files at the lock"
     );
 }
+
+/// A volume on a real block device (a loop device over a file): created
+/// without --size (the largest the device holds), mounted, written,
+/// snapshotted, killed with kill -9 and mounted again with every fsynced
+/// byte; freed space is discarded (BLKDISCARD), which the loop device
+/// passes on as holes in its file.
+#[test]
+fn a_volume_on_a_loop_device_is_sized_to_it_survives_kill_and_discards() {
+    struct Loop(String);
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = fs::canonicalize(d.path()).unwrap();
+    let img = p.join("disk.img");
+    fs::File::create(&img).unwrap().set_len(512 << 20).unwrap();
+    let o = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "losetup (util-linux, root, /dev/loop-control): {}",
+        text(&o)
+    );
+    let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let _loop = Loop(dev.clone());
+    ok(&["keygen", "k"], &p);
+
+    // A size that does not fit names the one that does.
+    let o = lsvfs(&["create", &dev, "--size", "512M", "--key-file", "k"], &p);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("or leave --size out"), "{}", text(&o));
+    ok(&["create", &dev, "--key-file", "k"], &p);
+    let info = ok(&["info", &dev], &p);
+    let logical: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("logical size:"))
+        .and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{info}"));
+    // 512 MiB less the headroom and the metadata: between 300 and 400 MiB.
+    assert!(
+        (76_800..102_400).contains(&logical),
+        "{logical} blocks: {info}"
+    );
+
+    fs::create_dir(p.join("m")).unwrap();
+    ok(&["mount", &dev, "m", "--key-file", "k"], &p);
+    sh_in(
+        &p,
+        "dd if=/dev/urandom of=m/kept bs=1M count=40 conv=fsync status=none",
+    );
+    let want = fs::read(p.join("m/kept")).unwrap();
+    ok(&["snapshot", "create", "m", "s"], &p);
+    sh_in(
+        &p,
+        "dd if=/dev/urandom of=m/big bs=1M count=150 conv=fsync status=none",
+    );
+    let daemon = Command::new("pgrep")
+        .args(["-f", &format!("lsvfs mount {dev} ")])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&daemon.stdout).trim().to_string();
+    assert!(
+        !pid.is_empty() && !pid.contains('\n'),
+        "one daemon: {pid:?}"
+    );
+    sh_in(&p, &format!("kill -9 {pid}; sleep 0.5; fusermount3 -uz m"));
+
+    ok(&["mount", &dev, "m", "--key-file", "k"], &p);
+    assert_eq!(fs::read(p.join("m/kept")).unwrap(), want);
+    assert_eq!(fs::read(p.join("m/.snapshots/s/kept")).unwrap(), want);
+    assert_eq!(fs::metadata(p.join("m/big")).unwrap().len(), 150 << 20);
+    let before = fs::metadata(&img).unwrap().blocks() * 512;
+    fs::remove_file(p.join("m/big")).unwrap();
+    ok(&["snapshot", "delete", "m", "s"], &p);
+    ok(&["unmount", "m"], &p);
+    ok(&["check", &dev, "--key-file", "k"], &p);
+    let after = fs::metadata(&img).unwrap().blocks() * 512;
+    // The 150 MiB file's segments went back to the loop device's file.
+    assert!(
+        after + (120 << 20) < before,
+        "the image held {before} bytes and still holds {after}"
+    );
+}

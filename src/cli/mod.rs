@@ -220,9 +220,11 @@ enum Cmd {
     /// Create a volume in a new file (sparse; it grows with data) or on a block device.
     Create {
         volume: PathBuf,
-        /// Logical size: bytes, or with a K, M, G or T suffix (powers of 1024).
+        /// Logical size: bytes, or with a K, M, G or T suffix (powers of
+        /// 1024). Needed for a file; a block device's volume is by default
+        /// the largest it holds.
         #[arg(long)]
-        size: String,
+        size: Option<String>,
         /// Key file whose key opens the volume (see `lsvfs keygen`): a
         /// recovery slot, alone or beside --keyserver.
         #[arg(long)]
@@ -558,7 +560,7 @@ pub fn run(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<(), Err
         } => volumes::create(
             &env,
             &volume,
-            &size,
+            size.as_deref(),
             key_file,
             (keyserver, threshold),
             segment_blocks,

@@ -27,14 +27,17 @@ pub fn keygen(keyfile: &Path) -> Result<(), Error> {
 pub fn create(
     env: &Env,
     path: &Path,
-    size: &str,
+    size: Option<&str>,
     key_file: Option<PathBuf>,
     (keyserver, threshold): (Vec<String>, Option<usize>),
     segment_blocks: u32,
     (rekey_after, rekey_after_bytes): (Option<String>, Option<String>),
 ) -> Result<(), Error> {
     let policy = super::rekey::parse_policy(rekey_after.as_deref(), rekey_after_bytes.as_deref())?;
-    let bytes = parse_size(size)?;
+    let bytes = match size {
+        Some(size) => parse_size(size)?,
+        None => largest_on_device(path, segment_blocks)?,
+    };
     if bytes == 0 || bytes % BLOCK_SIZE as u64 != 0 {
         return Err(Error::Usage(format!(
             "--size must be a non-zero multiple of 4096 bytes, not {bytes}"
@@ -90,6 +93,32 @@ pub(super) struct Keying {
 /// the volume is closed, so a restore that stops half-way leaves a volume
 /// nothing mounts; the header then records that source. A volume that
 /// fails is removed (a regular file; a block device is left as it is).
+/// `create` without --size: the largest volume a block device holds.
+fn largest_on_device(path: &Path, segment_blocks: u32) -> Result<u64, Error> {
+    use std::os::unix::fs::FileTypeExt;
+    let block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    if !block {
+        return Err(Error::Usage(format!(
+            "give --size for {}: a volume in a file needs its logical size (only a block \
+             device's defaults to the largest it holds)",
+            path.display()
+        )));
+    }
+    let dev = crate::device::FileDevice::open_unlocked(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let have = crate::device::Device::len(&dev)
+        .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?;
+    let blocks =
+        volume::largest_fitting(have / BLOCK_SIZE as u64, segment_blocks).ok_or_else(|| {
+            Error::Usage(format!(
+                "{} holds {have} bytes: no volume with segments of {segment_blocks} blocks fits \
+             (--segment-blocks takes a power of two from 16 to 16384; a smaller one may fit)",
+                path.display()
+            ))
+        })?;
+    Ok(blocks * BLOCK_SIZE as u64)
+}
+
 pub(super) fn make_volume(
     env: &Env,
     path: &Path,

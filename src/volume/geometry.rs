@@ -94,6 +94,37 @@ pub(super) fn data_need(logical_blocks: u64) -> u64 {
     logical_blocks + 2 * metadata_pages(logical_blocks)
 }
 
+/// The largest logical size, in blocks, whose space bound fits in
+/// `device_blocks` (a block device's size), with `seg_blocks` per
+/// segment; None if not even one block fits.
+pub fn largest_fitting(device_blocks: u64, seg_blocks: u32) -> Option<u64> {
+    use super::format::{MAX_SEGMENT_BLOCKS, MIN_SEGMENT_BLOCKS};
+    if !seg_blocks.is_power_of_two()
+        || !(MIN_SEGMENT_BLOCKS..=MAX_SEGMENT_BLOCKS).contains(&seg_blocks)
+    {
+        return None;
+    }
+    let fits =
+        |l: u64| DATA_START + max_segments_for(l, seg_blocks) * seg_blocks as u64 <= device_blocks;
+    if !fits(1) {
+        return None;
+    }
+    // The bound grows with the size: the last size that fits, by halving.
+    let (mut lo, mut hi) = (1, super::format::MAX_LOGICAL_BLOCKS);
+    if fits(hi) {
+        return Some(hi);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(lo)
+}
+
 /// The most segments a volume of this logical size may use. The backing
 /// file never grows past `DATA_START + max_segments * segment_blocks`
 /// blocks: the live data and metadata, 25% more for the cleaner to work
@@ -103,4 +134,26 @@ pub fn max_segments_for(logical_blocks: u64, seg_blocks: u32) -> u64 {
     let need = data_need(logical_blocks);
     let with_headroom = need + need / 4;
     with_headroom.div_ceil(usable_per_segment(seg)) + reserves(logical_blocks, seg).2 + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_fitting_size_fits_and_one_block_more_does_not() {
+        let end = |l: u64, seg: u32| DATA_START + max_segments_for(l, seg) * seg as u64;
+        for (device, seg) in [(262_144, 1024), (1 << 28, 1024), (300_000, 16), (2_000, 16)] {
+            let l = largest_fitting(device, seg).unwrap();
+            assert!(end(l, seg) <= device, "{device} {seg}: {l}");
+            assert!(
+                end(l + 1, seg) > device,
+                "{device} {seg}: {l} is not the largest"
+            );
+        }
+        assert_eq!(largest_fitting(DATA_START, 1024), None);
+        // A segment size the format refuses fits nothing.
+        assert_eq!(largest_fitting(1 << 28, 0), None);
+        assert_eq!(largest_fitting(1 << 28, 1000), None);
+    }
 }

@@ -288,8 +288,17 @@ fn create_with(
             .len()
             .map_err(|e| VolumeError::io("reading the device size", e))?;
         if have < end * BLOCK_SIZE as u64 {
+            let most = super::geometry::largest_fitting(have / BLOCK_SIZE as u64, seg).map_or_else(
+                || "it is too small for any volume".to_string(),
+                |l| {
+                    format!(
+                        "the largest volume it holds is --size {}K, or leave --size out",
+                        l * BLOCK_SIZE as u64 / 1024
+                    )
+                },
+            );
             return Err(VolumeError::InvalidArgument(format!(
-                "the device holds {have} bytes but a volume of this size needs {} (lsvfs keeps 25% headroom for the cleaner); choose a smaller --size",
+                "the device holds {have} bytes but a volume of this size needs {} (lsvfs keeps 25% headroom for the cleaner); {most}",
                 end * BLOCK_SIZE as u64
             )));
         }
