@@ -42,6 +42,10 @@ pub enum Posix {
     /// An extended attribute value over the limit (E2BIG).
     #[error("value too large")]
     TooBig,
+    /// A file size, or a write or fallocate ending, past the largest file
+    /// (EFBIG).
+    #[error("file too large")]
+    FileTooBig,
     /// Not allowed for this caller (EPERM).
     #[error("operation not permitted")]
     NotPermitted,
@@ -64,6 +68,7 @@ impl Posix {
             Posix::TooManyLinks => libc::EMLINK,
             Posix::NoAttr => libc::ENODATA,
             Posix::TooBig => libc::E2BIG,
+            Posix::FileTooBig => libc::EFBIG,
             Posix::NotPermitted => libc::EPERM,
             Posix::NotSupported => libc::EOPNOTSUPP,
         }

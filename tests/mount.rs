@@ -539,7 +539,7 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
 /// change to any of it is seen: SEEK_DATA/SEEK_HOLE see the whole file as
 /// data (a written-back range and one still in the kernel's cache alike),
 /// O_TMPFILE answers EOPNOTSUPP, an xattr value may hold 1,700 bytes and
-/// not one more.
+/// not one more, a file may grow to 16 TiB and not one byte more.
 #[test]
 fn seek_hole_tmpfile_and_xattr_limits_are_as_documented() {
     let t = Mounted::new();
@@ -598,6 +598,19 @@ fn seek_hole_tmpfile_and_xattr_limits_are_as_documented() {
     };
     assert_eq!(set(1700), Ok(()));
     assert_eq!(set(1701), Err(libc::E2BIG));
+
+    // Files end at 16 TiB: a size or a fallocate past it is EFBIG (not
+    // E2BIG, which `truncate` would call "Argument list too long").
+    let f = fs::OpenOptions::new().write(true).open(&x).unwrap();
+    assert_eq!(f.set_len(1 << 44).map_err(errno_of), Ok(()));
+    assert_eq!(f.set_len((1 << 44) + 1).map_err(errno_of), Err(libc::EFBIG));
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: fallocate on an open descriptor.
+    let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, 1 << 44, 4096) };
+    assert_eq!(
+        (r, errno_of(std::io::Error::last_os_error())),
+        (-1, libc::EFBIG)
+    );
 }
 
 /// The story: `cp -a` sets a directory's mode by writing a minimal POSIX

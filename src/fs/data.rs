@@ -525,7 +525,7 @@ impl Fs {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE);
         let Some(end) = end else {
-            return Err(Posix::TooBig.at(format!("a write past {MAX_FILE_SIZE} bytes")));
+            return Err(Posix::FileTooBig.at(format!("a write past {MAX_FILE_SIZE} bytes")));
         };
         self.op(|op, txn| {
             let mut i = op.inode(ino)?;
@@ -621,7 +621,7 @@ impl Fs {
     /// Changes attributes; a size change truncates or extends (sparsely).
     pub fn setattr(&self, ino: Ino, a: SetAttr) -> Result<Inode> {
         if a.size.is_some_and(|s| s > MAX_FILE_SIZE) {
-            return Err(Posix::TooBig.at(format!("a size past {MAX_FILE_SIZE} bytes")));
+            return Err(Posix::FileTooBig.at(format!("a size past {MAX_FILE_SIZE} bytes")));
         }
         if a.mode.is_none() && a.uid.is_none() && a.gid.is_none() && a.size.is_none() {
             // Times only (utimensat, or the kernel's writeback cache storing
@@ -751,11 +751,15 @@ impl Fs {
     /// at once, so later writes to them cannot run out of it, but nothing
     /// is written or encrypted until data comes.
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: u32) -> Result<()> {
-        let end = offset
-            .checked_add(len)
-            .filter(|e| *e <= MAX_FILE_SIZE && len > 0);
+        if len == 0 {
+            return Err(Posix::Invalid.at(format!("fallocate of 0 bytes at {offset}")));
+        }
+        // As the kernel answers past its own limit (vfs_fallocate).
+        let end = offset.checked_add(len).filter(|e| *e <= MAX_FILE_SIZE);
         let Some(end) = end else {
-            return Err(Posix::Invalid.at(format!("fallocate range {offset}+{len}")));
+            return Err(Posix::FileTooBig.at(format!(
+                "fallocate range {offset}+{len} ends past {MAX_FILE_SIZE} bytes"
+            )));
         };
         if mode & !(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
             return Err(Posix::NotSupported.at(format!("fallocate mode {mode:#x}")));
