@@ -456,9 +456,15 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
         "{said}"
     );
 
-    // An export of the volume's path goes through its mount; into a FIFO,
-    // as into a pipe.
-    ok(&["snapshot", "create", mnt, "s"], p);
+    // A snapshot, a rekey's status and an export of the volume's path go
+    // through its mount; an export into a FIFO as into a pipe.
+    ok(&["snapshot", "create", vol, "s"], p);
+    assert!(ok(&["snapshot", "list", vol], p).contains("s "));
+    let st = ok(&["rekey", vol, "--status"], p);
+    assert!(
+        st.contains(&format!("{}: every block", m.display())),
+        "{st}"
+    );
     ok(
         &[
             "snapshot",

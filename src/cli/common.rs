@@ -178,8 +178,8 @@ pub(super) fn open_device(path: &Path, writable: bool) -> Result<Arc<dyn Device>
             match held.then(|| super::mounts::mountpoint_of(path)).flatten() {
                 Some(m) => Error::Busy(format!(
                     "{} is mounted on {}: this command opens the volume itself, so unmount it \
-                     first (`lsvfs unmount {}`); `lsvfs info`, `snapshot` and `rekey` work on \
-                     the mount",
+                     first (`lsvfs unmount {}`); `lsvfs info`, `snapshot` and `rekey` work \
+                     while it is mounted",
                     path.display(),
                     m.display(),
                     shell_word(&m)

@@ -681,6 +681,8 @@ pub fn request_with(
     req: &Request,
     fd: Option<std::os::fd::BorrowedFd>,
 ) -> Result<Response, Error> {
+    // A mounted volume's path stands for its mountpoint.
+    let mountpoint = &super::mounts::mount_or_self(mountpoint);
     let mountpoint = std::fs::canonicalize(mountpoint)
         .map_err(|e| Error::io(format!("resolving {}", mountpoint.display()), e))?;
     let path = socket_path(&mountpoint);

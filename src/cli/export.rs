@@ -263,11 +263,7 @@ pub(super) fn snapshot_export(env: &Env, a: ExportArgs) -> Result<(), Error> {
     }
     // A mounted volume named by its path is exported through its mount.
     let mut a = a;
-    if !a.source.is_dir() {
-        if let Some(m) = super::mounts::mountpoint_of(&a.source) {
-            a.source = m;
-        }
-    }
+    a.source = super::mounts::mount_or_self(&a.source);
     let mounted = a.source.is_dir();
     let mut out = Output::open(&a.output, &a.name)?;
     let started = Instant::now();

@@ -81,6 +81,16 @@ pub(super) fn mountpoint_of(volume: &Path) -> Option<PathBuf> {
         .map(|m| m.mountpoint)
 }
 
+/// What a command that takes a mountpoint or a volume works on: `target`
+/// itself, unless it is a volume that is mounted: then its mountpoint
+/// (the mount holds the volume, and serves the command).
+pub(super) fn mount_or_self(target: &Path) -> PathBuf {
+    if target.is_dir() {
+        return target.to_path_buf();
+    }
+    mountpoint_of(target).unwrap_or_else(|| target.to_path_buf())
+}
+
 /// Makes `umount MOUNTPOINT` (umount(8), as root and systemd call it) run
 /// umount.fuse.lsvfs, which waits until the volume is flushed and closed.
 /// Given an absolute path and no entry in libmount's utab, umount(8)

@@ -43,6 +43,8 @@ pub fn rekey(
     status: bool,
     json: bool,
 ) -> Result<(), Error> {
+    // A mounted volume given by its path is rekeyed online, by its mount.
+    let target = &super::mounts::mount_or_self(target);
     if status {
         return show_status(target, json);
     }
