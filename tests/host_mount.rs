@@ -202,14 +202,38 @@ fn fstab_entries_mount_with_mount_a_and_umount_closes_the_volume() {
     sh_in(&p, &format!("umount {}", at("data")));
     ok(&["check", "data.vol", "--key-file", "data.key"], &p);
     // `lsvfs mount`, then umount(8) of the absolute path: the same wait.
+    // The mount's utab entry is what makes umount(8) run the helper; it
+    // is there while mounted and gone once unmounted, whichever way.
+    let utab_has = |what: &str| {
+        let utab = fs::read_to_string("/run/mount/utab").unwrap_or_default();
+        let escaped = what.replace(' ', "\\040");
+        utab.lines()
+            .any(|l| l.contains(&format!("TARGET={escaped} ")) && l.contains("uhelper=lsvfs"))
+    };
     ok(&["mount", "data.vol", "data", "--key-file", "data.key"], &p);
+    assert!(utab_has(&at("data")), "no utab entry while mounted");
     sh_in(
         &p,
         "dd if=/dev/urandom of=data/big bs=1M count=64 status=none",
     );
     sh_in(&p, &format!("umount {}", at("data")));
     ok(&["check", "data.vol", "--key-file", "data.key"], &p);
-    // Every way of unmounting leaves no utab entry behind.
+    assert!(!utab_has(&at("data")), "utab entry left by umount");
+    ok(&["mount", "data.vol", "data", "--key-file", "data.key"], &p);
+    ok(&["unmount", "data"], &p);
+    assert!(!utab_has(&at("data")), "utab entry left by lsvfs unmount");
+    ok(&["mount", "data.vol", "data", "--key-file", "data.key"], &p);
+    assert!(utab_has(&at("data")));
+    sh_in(&p, "pkill -TERM -f '[l]svfs mount data.vol data '");
+    let gone = std::time::Instant::now();
+    while lsvfs::device::FileDevice::is_held(&p.join("data.vol")).unwrap() {
+        assert!(
+            gone.elapsed().as_secs() < 30,
+            "the daemon did not end on SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!utab_has(&at("data")), "utab entry left after SIGTERM");
     let utab = fs::read_to_string("/run/mount/utab").unwrap_or_default();
     assert!(
         !utab.contains(&at("data")) && !utab.contains(&at("archive")),
@@ -1004,7 +1028,11 @@ fn a_volume_on_a_loop_device_is_sized_to_it_survives_kill_and_discards() {
     // A size that does not fit names the one that does.
     let o = lsvfs(&["create", &dev, "--size", "512M", "--key-file", "k"], &p);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("or leave --size out"), "{}", text(&o));
+    assert!(
+        text(&o).contains("without --size makes that one"),
+        "{}",
+        text(&o)
+    );
     ok(&["create", &dev, "--key-file", "k"], &p);
     let info = ok(&["info", &dev], &p);
     let logical: u64 = info
@@ -1030,16 +1058,27 @@ fn a_volume_on_a_loop_device_is_sized_to_it_survives_kill_and_discards() {
         &p,
         "dd if=/dev/urandom of=m/big bs=1M count=150 conv=fsync status=none",
     );
+    // This test's daemon: the one serving `dev` from this directory.
     let daemon = Command::new("pgrep")
-        .args(["-f", &format!("lsvfs mount {dev} ")])
+        .args(["-f", &format!("lsvfs mount {dev} m ")])
         .output()
         .unwrap();
-    let pid = String::from_utf8_lossy(&daemon.stdout).trim().to_string();
-    assert!(
-        !pid.is_empty() && !pid.contains('\n'),
-        "one daemon: {pid:?}"
-    );
-    sh_in(&p, &format!("kill -9 {pid}; sleep 0.5; fusermount3 -uz m"));
+    let ours: Vec<String> = String::from_utf8_lossy(&daemon.stdout)
+        .split_whitespace()
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() == Some(&*p))
+        .map(String::from)
+        .collect();
+    assert_eq!(ours.len(), 1, "one daemon: {ours:?}");
+    sh_in(&p, &format!("kill -9 {}", ours[0]));
+    let killed = std::time::Instant::now();
+    while Path::new(&format!("/proc/{}", ours[0])).exists() {
+        assert!(
+            killed.elapsed().as_secs() < 30,
+            "the daemon outlived kill -9"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    sh_in(&p, "fusermount3 -uz m");
 
     ok(&["mount", &dev, "m", "--key-file", "k"], &p);
     assert_eq!(fs::read(p.join("m/kept")).unwrap(), want);

@@ -410,8 +410,18 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
                 .status();
         }
     }
+    /// A helper process that a failed assertion must not leave blocked
+    /// on a FIFO.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let d = tempfile::tempdir().unwrap();
-    let p = d.path();
+    let dir = fs::canonicalize(d.path()).unwrap();
+    let p = dir.as_path();
     let (vol, mnt) = ("it's my v.vol", "my mount");
     fs::create_dir(p.join(mnt)).unwrap();
     ok(&["keygen", "k"], p);
@@ -425,9 +435,13 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
     // the mount: no key needed); with --key-file on the volume, the same.
     for args in [vec!["info", mnt], vec!["info", vol, "--key-file", "k"]] {
         let i = ok(&args, p);
+        let shown = if args[1] == vol {
+            vol.to_string()
+        } else {
+            p.join(vol).display().to_string()
+        };
         assert!(
-            i.contains(&format!("volume:          {}", p.join(vol).display()))
-                || i.contains(&format!("volume:          {vol}")),
+            i.contains(&format!("volume:          {shown}\n")),
             "{args:?}: {i}"
         );
         assert!(
@@ -481,12 +495,14 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
     let size = fs::metadata(p.join("s.lsx")).unwrap().len();
     assert!(size > 300_000, "{size}");
     sh_in(p, "mkfifo out.fifo in.fifo");
-    let counter = Command::new("sh")
-        .args(["-c", "wc -c < out.fifo"])
-        .current_dir(p)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut counter = Reaped(
+        Command::new("sh")
+            .args(["-c", "wc -c < out.fifo"])
+            .current_dir(p)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     ok(
         &[
             "snapshot",
@@ -500,13 +516,20 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
         ],
         p,
     );
-    let n = counter.wait_with_output().unwrap();
-    let through_fifo: u64 = String::from_utf8_lossy(&n.stdout).trim().parse().unwrap();
+    let mut n = String::new();
+    let mut out = counter.0.stdout.take().unwrap();
+    out.read_to_string(&mut n).unwrap();
+    let through_fifo: u64 = n.trim().parse().unwrap();
     assert!(through_fifo > 300_000, "{through_fifo}");
     assert!(fs::metadata(p.join("out.fifo"))
         .unwrap()
         .file_type()
         .is_fifo());
+    // Not into a FIFO another user made (it could be anyone's reader).
+    sh_in(p, "mkfifo theirs.fifo && chown 65534 theirs.fifo");
+    let o = lsvfs(&["snapshot", "export", mnt, "s", "-o", "theirs.fifo"], p);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another user owns"));
 
     // Unmount by the spaced path, then the directory is no volume.
     ok(&["unmount", mnt], p);
@@ -515,16 +538,18 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no lsvfs volume is mounted"));
 
     // Restore from a FIFO (read once) and from a pipe's /dev/fd path.
-    let mut feeder = Command::new("sh")
-        .args(["-c", "cat s.lsx > in.fifo"])
-        .current_dir(p)
-        .spawn()
-        .unwrap();
+    let mut feeder = Reaped(
+        Command::new("sh")
+            .args(["-c", "cat s.lsx > in.fifo"])
+            .current_dir(p)
+            .spawn()
+            .unwrap(),
+    );
     ok(
         &["restore", "in.fifo", "--to", "r.vol", "--key-file", "k"],
         p,
     );
-    assert!(feeder.wait().unwrap().success());
+    assert!(feeder.0.wait().unwrap().success());
     let v = Command::new("bash")
         .args([
             "-c",

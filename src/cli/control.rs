@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::fs::{Posix, Snapshots};
 use crate::Error;
@@ -240,16 +239,7 @@ pub struct Response {
     pub usage: Option<UsageEntry>,
 }
 
-/// Directory of control sockets (`$LSVFS_RUN_DIR`, default /run/lsvfs).
-fn run_dir() -> PathBuf {
-    std::env::var_os("LSVFS_RUN_DIR").map_or_else(|| PathBuf::from("/run/lsvfs"), PathBuf::from)
-}
-
-/// The control socket of the mount on `mountpoint` (canonical path).
-pub fn socket_path(mountpoint: &Path) -> PathBuf {
-    let d = Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
-    run_dir().join(format!("{}.sock", crate::keys::hex(&d[..16])))
-}
+use super::mounts::{run_dir, socket_path};
 
 /// Serves the control socket until the process ends. Returns the socket's
 /// path (remove it at unmount).

@@ -127,26 +127,65 @@ impl Output {
     }
 
     /// `path` opened for writing if it is a FIFO or a character device
-    /// (through symlinks, as /dev/stdout is); None if it is anything else
-    /// or nothing. Opening a FIFO waits for its reader.
+    /// (through symlinks, as /dev/stdout is) that root or this user owns;
+    /// None if it is nothing, or a regular file (refused by the caller).
+    /// A FIFO with no reader yet is waited for, saying so.
     fn stream(path: &Path) -> Result<Option<File>, Error> {
-        use std::os::unix::fs::FileTypeExt;
-        let Ok(kind) = path.metadata().map(|m| m.file_type()) else {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let Ok(named) = path.metadata() else {
             return Ok(None);
         };
-        if !kind.is_fifo() && !kind.is_char_device() {
+        let stream =
+            |m: &std::fs::Metadata| m.file_type().is_fifo() || m.file_type().is_char_device();
+        if !stream(&named) {
             return Ok(None);
         }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {} to write the export", path.display()), e))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let foreign = |m: &std::fs::Metadata| m.uid() != 0 && m.uid() != me;
+        let refuse = || {
+            Error::Usage(format!(
+                "{} is a FIFO or device another user owns, or changed under the export; \
+                 give -o a new FILE, or - and a pipe",
+                path.display()
+            ))
+        };
+        if foreign(&named) {
+            return Err(refuse());
+        }
+        let open = |flags| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let file = match open(libc::O_NONBLOCK) {
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                eprintln!("lsvfs: waiting for a reader on {}", path.display());
+                open(0)
+            }
+            r => r,
+        }
+        .map_err(|e| Error::io(format!("opening {} to write the export", path.display()), e))?;
+        // What was opened, not what the name said a moment before.
+        let m = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if !stream(&m) || foreign(&m) {
+            return Err(refuse());
+        }
         if file.is_terminal() {
             return Err(Error::Usage(format!(
                 "refusing to write an export to a terminal ({}); give -o FILE, or a pipe",
                 path.display()
             )));
         }
+        // Blocking writes from here on.
+        nix::fcntl::fcntl(
+            &file,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .map_err(|e| Error::io(format!("setting up {}", path.display()), e.into()))?;
         Ok(Some(file))
     }
 
@@ -457,7 +496,7 @@ impl Input {
         }
         let t = std::fs::metadata(name).map(|m| m.file_type());
         match t {
-            Ok(t) if t.is_fifo() || t.is_char_device() || t.is_socket() => Input::Once {
+            Ok(t) if t.is_fifo() || t.is_char_device() => Input::Once {
                 path: Some(PathBuf::from(name)),
                 kept: None,
             },

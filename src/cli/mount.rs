@@ -288,7 +288,10 @@ pub fn foreground(
         }
     };
     // Root's own mounts: so that `umount MOUNTPOINT` waits for the close.
-    let in_utab = own_mount && super::mounts::register_for_umount(&path, &mountpoint);
+    let utab = UtabEntry(
+        (own_mount && super::mounts::register_for_umount(&path, &mountpoint))
+            .then(|| mountpoint.clone()),
+    );
     println!("{READY} {} on {}", path.display(), mountpoint.display());
     let _ = std::io::stdout().flush();
     let _ = sd_notify::notify(
@@ -348,6 +351,10 @@ pub fn foreground(
     if let Err(e) = ended {
         tracing::error!("the FUSE session ended with an error: {e}");
     }
+    // The path is no longer this mount's. While the volume stays locked
+    // (below), no `umount` or `lsvfs unmount` of it has returned yet, so
+    // no new mount on the path has an entry this could remove.
+    drop(utab);
     // The connection is gone: the ring threads end (and let go of the
     // file system).
     drop(rings);
@@ -362,10 +369,20 @@ pub fn foreground(
     // Only now is the backing file's lock let go: `lsvfs unmount` waits
     // for it, and so returns after the record too.
     drop(device);
-    if in_utab {
-        super::mounts::unregister_for_umount(&mountpoint);
-    }
     Ok(())
+}
+
+/// The utab entry of a mount ([`super::mounts::register_for_umount`]),
+/// removed when dropped: when the session ends, or on any way out of
+/// `foreground` before it.
+struct UtabEntry(Option<PathBuf>);
+
+impl Drop for UtabEntry {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take() {
+            super::mounts::unregister_for_umount(&m);
+        }
+    }
 }
 
 /// Closes the file system once the mount has ended: waits (up to 60 s)

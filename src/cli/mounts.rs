@@ -16,15 +16,27 @@ use std::path::{Path, PathBuf};
 pub(super) struct Mount {
     pub major: u32,
     pub minor: u32,
+    /// The directory of its file system it shows: `/` unless a bind
+    /// mount of a subdirectory.
+    pub root: PathBuf,
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: OsString,
+    /// A FUSE mount's owner (its `user_id=` super option).
+    pub owner: Option<u32>,
 }
 
 impl Mount {
-    /// The volume an lsvfs mount serves; None for any other mount.
+    /// The volume an lsvfs mount serves; None for any other mount, and for
+    /// a FUSE mount whose owner is neither root nor this user (anyone may
+    /// name a FUSE mount `lsvfs:/some/volume`).
     pub fn volume(&self) -> Option<PathBuf> {
         if !self.fstype.starts_with("fuse") {
+            return None;
+        }
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !self.owner.is_some_and(|o| o == 0 || o == me) {
             return None;
         }
         let path = self.source.as_bytes().strip_prefix(b"lsvfs:")?;
@@ -38,14 +50,23 @@ pub(super) fn parse(text: &[u8]) -> Vec<Mount> {
     text.split(|&b| b == b'\n')
         .filter_map(|line| {
             let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-            let sep = f.iter().position(|x| *x == b"-")?;
+            // Optional tags come between the sixth field and the "-".
+            let sep = 6 + f.get(6..)?.iter().position(|x| *x == b"-")?;
             let (major, minor) = std::str::from_utf8(f.get(2)?).ok()?.split_once(':')?;
+            let owner = f.get(sep + 3).and_then(|o| {
+                o.split(|&b| b == b',')
+                    .find_map(|kv| std::str::from_utf8(kv.strip_prefix(b"user_id=")?).ok())
+                    .and_then(|v| v.parse().ok())
+            });
+            let path = |b: &[u8]| PathBuf::from(OsString::from_vec(unescape(b)));
             Some(Mount {
                 major: major.parse().ok()?,
                 minor: minor.parse().ok()?,
-                mountpoint: PathBuf::from(OsString::from_vec(unescape(f.get(4)?))),
+                root: path(f.get(3)?),
+                mountpoint: path(f.get(4)?),
                 fstype: String::from_utf8_lossy(f.get(sep + 1)?).into_owned(),
                 source: OsString::from_vec(unescape(f.get(sep + 2)?)),
+                owner,
             })
         })
         .collect()
@@ -71,14 +92,34 @@ pub(super) fn volume_on(mountpoint: &Path) -> Option<PathBuf> {
     t[on(&t, mountpoint)?].volume()
 }
 
-/// Where the volume at `volume` is mounted, if it is.
+/// Where the volume at `volume` is mounted, if it is: of the mounts of
+/// its whole file system (bind mounts and propagated copies show the
+/// same source), the one whose daemon serves a control socket, else the
+/// oldest.
 pub(super) fn mountpoint_of(volume: &Path) -> Option<PathBuf> {
     let want = std::fs::canonicalize(volume).ok()?;
-    table()
+    let mut found = table()
         .into_iter()
-        .rev()
-        .find(|m| m.volume().as_deref() == Some(want.as_path()))
+        .filter(|m| m.root == Path::new("/") && m.volume().as_deref() == Some(want.as_path()))
         .map(|m| m.mountpoint)
+        .peekable();
+    let oldest = found.peek().cloned();
+    found
+        .find(|m| socket_path(m).exists())
+        .or(oldest)
+}
+
+/// Directory of the mounts' control sockets (`$LSVFS_RUN_DIR`, default
+/// /run/lsvfs).
+pub(super) fn run_dir() -> PathBuf {
+    std::env::var_os("LSVFS_RUN_DIR").map_or_else(|| PathBuf::from("/run/lsvfs"), PathBuf::from)
+}
+
+/// The control socket of the mount on `mountpoint` (canonical path).
+pub(super) fn socket_path(mountpoint: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
+    run_dir().join(format!("{}.sock", crate::keys::hex(&d[..16])))
 }
 
 /// What a command that takes a mountpoint or a volume works on: `target`
@@ -91,7 +132,7 @@ pub(super) fn mount_or_self(target: &Path) -> PathBuf {
     mountpoint_of(target).unwrap_or_else(|| target.to_path_buf())
 }
 
-/// Makes `umount MOUNTPOINT` (umount(8), as root and systemd call it) run
+/// Makes `umount MOUNTPOINT` (umount(8), as root calls it) run
 /// umount.fuse.lsvfs, which waits until the volume is flushed and closed.
 /// Given an absolute path and no entry in libmount's utab, umount(8)
 /// takes the mount's type from statfs(2), which says only "fuse", and
@@ -106,14 +147,14 @@ pub(super) fn register_for_umount(volume: &Path, mountpoint: &Path) -> bool {
     let mut source = OsString::from("lsvfs:");
     source.push(volume);
     let done = quietly(
-        std::process::Command::new("mount")
+        std::process::Command::new(util_linux("mount"))
             .args(["--fake", "--internal-only", "--no-canonicalize"])
             .args(["-t", "fuse.lsvfs", "-o", "uhelper=lsvfs"])
             .arg(source)
             .arg(mountpoint),
     );
     if !done {
-        tracing::debug!(
+        tracing::warn!(
             "mount --fake did not record {} in utab: `umount` of its absolute path will not \
              wait for the volume to close (`lsvfs unmount` does)",
             mountpoint.display()
@@ -126,20 +167,49 @@ pub(super) fn register_for_umount(volume: &Path, mountpoint: &Path) -> bool {
 /// itself when it unmounts; this is for every other way a mount ends).
 pub(super) fn unregister_for_umount(mountpoint: &Path) {
     quietly(
-        std::process::Command::new("umount")
+        std::process::Command::new(util_linux("umount"))
             .args(["--fake", "--internal-only", "--no-canonicalize"])
             .arg(mountpoint),
     );
 }
 
-/// Runs `cmd` with no input or output; whether it ran and succeeded.
+/// util-linux's `name` where Debian and others install it, not through
+/// PATH (this runs as root).
+fn util_linux(name: &str) -> PathBuf {
+    ["/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/usr/bin").join(name))
+}
+
+/// Runs `cmd` with no input or output; whether it ran and succeeded
+/// within 5 s (one that takes longer, waiting on libmount's lock, say,
+/// is killed: the mount does not hang on it).
 fn quietly(cmd: &mut std::process::Command) -> bool {
     use std::process::Stdio;
-    cmd.stdin(Stdio::null())
+    let Ok(mut child) = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .spawn()
+    else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
 }
 
 /// Undoes the octal escapes of fstab(5) and mountinfo (`\040` for a
@@ -172,17 +242,19 @@ mod tests {
     const TABLE: &[u8] = b"\
 22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
 45 22 0:40 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/srv/my\\040vol.vol rw,user_id=0
-46 22 0:52 / /mnt/ab rw,relatime shared:7 master:2 - fuse.lsvfs lsvfs:/w.vol rw,user_id=0
+46 22 0:52 / /mnt/ab rw,relatime shared:7 master:2 - fuse.lsvfs lsvfs:/w.vol rw,user_id=0,group_id=0
 47 45 0:61 / /mnt/a\\040b rw,relatime - fuse.lsvfs lsvfs:/x\\134y.vol rw,user_id=0
 48 22 8:3 / /data rw,relatime - ext4 /dev/sda3 rw
-49 22 0:70 / /sshfs rw - fuse.sshfs host:/x rw
+49 22 0:70 / /sshfs rw - fuse.sshfs host:/x rw,user_id=0
+50 22 0:71 / /fake rw - fuse.lsvfs lsvfs:/w.vol rw,user_id=4242
+51 22 0:52 /sub /bound rw - fuse.lsvfs lsvfs:/w.vol rw,user_id=0
 not a mount line
 ";
 
     #[test]
     fn paths_are_unescaped_and_the_newest_mount_on_a_path_wins() {
         let t = parse(TABLE);
-        assert_eq!(t.len(), 6, "the line that is not a mount is left out");
+        assert_eq!(t.len(), 8, "the line that is not a mount is left out");
         let i = on(&t, Path::new("/mnt/a b")).unwrap();
         assert_eq!((t[i].major, t[i].minor), (0, 61));
         assert_eq!(t[i].volume(), Some(PathBuf::from("/x\\y.vol")));
@@ -196,6 +268,16 @@ not a mount line
         assert_eq!(t[on(&t, Path::new("/data")).unwrap()].volume(), None);
         assert_eq!(t[on(&t, Path::new("/sshfs")).unwrap()].volume(), None);
         assert_eq!(on(&t, Path::new("/mnt/c")), None);
+        // A FUSE mount another user made serves no volume, whatever its name.
+        assert_eq!(t[on(&t, Path::new("/fake")).unwrap()].owner, Some(4242));
+        assert_eq!(t[on(&t, Path::new("/fake")).unwrap()].volume(), None);
+        // A bind mount of a subdirectory says so.
+        let bound = &t[on(&t, Path::new("/bound")).unwrap()];
+        assert_eq!(bound.root, Path::new("/sub"));
+        assert_eq!(
+            t[on(&t, Path::new("/mnt/ab")).unwrap()].root,
+            Path::new("/")
+        );
         // The escaped form is not a mount point of its own.
         assert_eq!(on(&t, Path::new("/mnt/a\\040b")), None);
     }

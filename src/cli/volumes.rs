@@ -22,8 +22,8 @@ pub fn keygen(keyfile: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// `lsvfs create VOLUME --size S [--key-file K] [--keyserver URL]...
-/// [--threshold K]`.
+/// `lsvfs create VOLUME [--size S] [--key-file K] [--keyserver URL]...
+/// [--threshold K]` (--size may be left out on a block device).
 pub fn create(
     env: &Env,
     path: &Path,
@@ -85,18 +85,16 @@ pub(super) struct Keying {
     pub threshold: Option<usize>,
 }
 
-/// Makes a new volume at `path` with a new id and master key, keyed as
-/// `keying` says, lets `fill` write it (a file system, or a restore's
-/// blocks), closes it and registers it with its key servers. With
-/// `restoring` (the volume whose exports are restored), the header's
-/// restore flag is set from its first write until `fill` has returned and
-/// the volume is closed, so a restore that stops half-way leaves a volume
-/// nothing mounts; the header then records that source. A volume that
-/// fails is removed (a regular file; a block device is left as it is).
 /// `create` without --size: the largest volume a block device holds.
 fn largest_on_device(path: &Path, segment_blocks: u32) -> Result<u64, Error> {
     use std::os::unix::fs::FileTypeExt;
     let block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    let (min, max) = (volume::MIN_SEGMENT_BLOCKS, volume::MAX_SEGMENT_BLOCKS);
+    if !segment_blocks.is_power_of_two() || !(min..=max).contains(&segment_blocks) {
+        return Err(Error::Usage(format!(
+            "--segment-blocks must be a power of two from {min} to {max}, not {segment_blocks}"
+        )));
+    }
     if !block {
         return Err(Error::Usage(format!(
             "give --size for {}: a volume in a file needs its logical size (only a block \
@@ -112,13 +110,21 @@ fn largest_on_device(path: &Path, segment_blocks: u32) -> Result<u64, Error> {
         volume::largest_fitting(have / BLOCK_SIZE as u64, segment_blocks).ok_or_else(|| {
             Error::Usage(format!(
                 "{} holds {have} bytes: no volume with segments of {segment_blocks} blocks fits \
-             (--segment-blocks takes a power of two from 16 to 16384; a smaller one may fit)",
+             (a smaller --segment-blocks may)",
                 path.display()
             ))
         })?;
     Ok(blocks * BLOCK_SIZE as u64)
 }
 
+/// Makes a new volume at `path` with a new id and master key, keyed as
+/// `keying` says, lets `fill` write it (a file system, or a restore's
+/// blocks), closes it and registers it with its key servers. With
+/// `restoring` (the volume whose exports are restored), the header's
+/// restore flag is set from its first write until `fill` has returned and
+/// the volume is closed, so a restore that stops half-way leaves a volume
+/// nothing mounts; the header then records that source. A volume that
+/// fails is removed (a regular file; a block device is left as it is).
 pub(super) fn make_volume(
     env: &Env,
     path: &Path,
@@ -258,22 +264,21 @@ fn servers_of(env: &Env, urls: &[String]) -> Result<Vec<String>, Error> {
 /// `lsvfs info VOLUME [--key-file K]`.
 pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Error> {
     // A mountpoint stands for the volume mounted there.
-    let on_mount;
-    let path = if path.is_dir() {
-        on_mount = std::fs::canonicalize(path)
-            .ok()
-            .and_then(|m| super::mounts::volume_on(&m))
-            .ok_or_else(|| {
-                Error::Usage(format!(
-                    "{} is a directory no lsvfs volume is mounted on; give a volume (its file \
-                     or block device) or the mountpoint of a mounted one",
-                    path.display()
-                ))
-            })?;
-        on_mount.as_path()
+    let (volume, given) = if path.is_dir() {
+        let m = std::fs::canonicalize(path)
+            .map_err(|e| Error::io(format!("resolving {}", path.display()), e))?;
+        let v = super::mounts::volume_on(&m).ok_or_else(|| {
+            Error::Usage(format!(
+                "{} is a directory no lsvfs volume is mounted on; give a volume (its file \
+                 or block device) or the mountpoint of a mounted one",
+                path.display()
+            ))
+        })?;
+        (v, Some(m))
     } else {
-        path
+        (path.to_path_buf(), None)
     };
+    let path = volume.as_path();
     // The header only: readable while a mount holds the volume.
     let h = super::common::header_unlocked(path)?;
     let hex: String = h.volume_id.iter().map(|b| format!("{b:02x}")).collect();
@@ -343,7 +348,8 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
             h.retired_below
         );
     }
-    let mounted = super::mounts::mountpoint_of(path);
+    // The mountpoint given, else where the volume is mounted.
+    let mounted = given.or_else(|| super::mounts::mountpoint_of(path));
     if let Some(m) = &mounted {
         println!("mounted on:      {}", m.display());
         let req = super::control::Request::Status {};
@@ -421,9 +427,15 @@ pub fn info(env: &Env, path: &Path, key_file: Option<PathBuf>) -> Result<(), Err
         // The mount holds the volume: its usage comes from the mount, and
         // needs no key.
         let req = super::control::Request::Usage {};
-        match super::control::request(m, &req).map(|r| r.usage) {
-            Ok(Some(u)) => print_usage(&u),
-            Ok(None) => {}
+        match super::control::request(m, &req) {
+            Ok(r) => match (r.usage, r.error) {
+                (Some(u), _) => print_usage(&u),
+                // An older mount, say, that does not know the request.
+                (None, e) => println!(
+                    "usage:           the mount did not say ({})",
+                    e.unwrap_or_else(|| "no answer".into())
+                ),
+            },
             Err(e) if key_file.is_some() => return Err(e),
             Err(_) => {}
         }

@@ -292,7 +292,8 @@ fn create_with(
                 || "it is too small for any volume".to_string(),
                 |l| {
                     format!(
-                        "the largest volume it holds is --size {}K, or leave --size out",
+                        "the largest volume it holds has {}K of logical space (`lsvfs create` \
+                         without --size makes that one)",
                         l * BLOCK_SIZE as u64 / 1024
                     )
                 },
