@@ -104,9 +104,7 @@ pub(super) fn mountpoint_of(volume: &Path) -> Option<PathBuf> {
         .map(|m| m.mountpoint)
         .peekable();
     let oldest = found.peek().cloned();
-    found
-        .find(|m| socket_path(m).exists())
-        .or(oldest)
+    found.find(|m| socket_path(m).exists()).or(oldest)
 }
 
 /// Directory of the mounts' control sockets (`$LSVFS_RUN_DIR`, default
