@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::mounted::{lsvfs, ok, sh_in, try_sh, Mounted};
+use common::mounted::{info_blocks, lsvfs, ok, sh_in, try_sh, Mounted};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lsvfs");
 
@@ -1035,11 +1035,7 @@ fn a_volume_on_a_loop_device_is_sized_to_it_survives_kill_and_discards() {
     );
     ok(&["create", &dev, "--key-file", "k"], &p);
     let info = ok(&["info", &dev], &p);
-    let logical: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("logical size:"))
-        .and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{info}"));
+    let logical = info_blocks(&info, "logical size");
     // 512 MiB less the headroom and the metadata: between 300 and 400 MiB.
     assert!(
         (76_800..102_400).contains(&logical),

@@ -13,7 +13,7 @@ use std::process::Command;
 
 mod common;
 
-use common::mounted::{as_nobody, lsvfs, ok, sh_in, try_sh, Mounted};
+use common::mounted::{as_nobody, info_blocks, lsvfs, ok, sh_in, try_sh, Mounted};
 
 fn errno_of(e: std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
@@ -448,11 +448,7 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
             i.contains(&format!("mounted on:      {}", m.display())),
             "{i}"
         );
-        let blocks: u64 = i
-            .lines()
-            .find_map(|l| l.strip_prefix("allocated:"))
-            .and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no allocated line: {i}"));
+        let blocks = info_blocks(&i, "allocated");
         assert!(
             blocks >= 74,
             "the 300,000-byte file alone is 74 blocks: {i}"

@@ -104,6 +104,15 @@ impl Mounted {
     }
 }
 
+/// The block count `lsvfs info` gives in a line such as
+/// `allocated:       8.0 KiB (2 blocks)`.
+pub fn info_blocks(info: &str, field: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|l| l.split('(').nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} line with a block count: {info}"))
+}
+
 /// Runs a shell command in `dir`; returns its stdout, panics on failure.
 pub fn sh_in(dir: &Path, cmd: &str) -> String {
     let o = sh_output(dir, cmd);
