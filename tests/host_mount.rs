@@ -1067,7 +1067,15 @@ fn a_volume_on_a_loop_device_is_sized_to_it_survives_kill_and_discards() {
     assert_eq!(ours.len(), 1, "one daemon: {ours:?}");
     sh_in(&p, &format!("kill -9 {}", ours[0]));
     let killed = std::time::Instant::now();
-    while Path::new(&format!("/proc/{}", ours[0])).exists() {
+    // Gone, or a zombie nobody has reaped yet (it holds nothing).
+    let alive = |pid: &str| {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+            st.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    };
+    while alive(&ours[0]) {
         assert!(
             killed.elapsed().as_secs() < 30,
             "the daemon outlived kill -9"

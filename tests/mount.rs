@@ -521,6 +521,40 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
         .unwrap()
         .file_type()
         .is_fifo());
+    // Into /dev/stdout when that is a pipe another user made (`sudo lsvfs
+    // ... -o /dev/stdout | ssh ...`): a pipe without a name is the
+    // caller's own, whoever made it.
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    nix::unistd::fchown(&wr, Some(65534.into()), Some(65534.into())).unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut n = 0u64;
+        let mut f = fs::File::from(rd);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match f.read(&mut buf).unwrap() {
+                0 => return n,
+                k => n += k as u64,
+            }
+        }
+    });
+    let o = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
+        .args([
+            "snapshot",
+            "export",
+            mnt,
+            "s",
+            "--key-file",
+            "k",
+            "-o",
+            "/dev/stdout",
+        ])
+        .current_dir(p)
+        .stdout(std::process::Stdio::from(wr))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let through_pipe = drain.join().unwrap();
+    assert_eq!(through_pipe, through_fifo);
     // Not into a FIFO another user made (it could be anyone's reader).
     sh_in(p, "mkfifo theirs.fifo && chown 65534 theirs.fifo");
     let o = lsvfs(&["snapshot", "export", mnt, "s", "-o", "theirs.fifo"], p);

@@ -142,7 +142,16 @@ impl Output {
         }
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
-        let foreign = |m: &std::fs::Metadata| m.uid() != 0 && m.uid() != me;
+        // A pipe without a name (/dev/stdout, /dev/fd/N, a shell's <(...))
+        // belongs to whoever made it, `sudo`'s caller say; only a named
+        // FIFO or device can have been put in the way by another user.
+        let pipefs = nix::sys::statfs::FsType(0x5049_5045);
+        let unnamed = |st: nix::Result<nix::sys::statfs::Statfs>| {
+            st.is_ok_and(|st| st.filesystem_type() == pipefs)
+        };
+        let named_unnamed = unnamed(nix::sys::statfs::statfs(path));
+        let foreign =
+            |m: &std::fs::Metadata, unnamed: bool| !unnamed && m.uid() != 0 && m.uid() != me;
         let refuse = || {
             Error::Usage(format!(
                 "{} is a FIFO or device another user owns, or changed under the export; \
@@ -150,7 +159,7 @@ impl Output {
                 path.display()
             ))
         };
-        if foreign(&named) {
+        if foreign(&named, named_unnamed) {
             return Err(refuse());
         }
         let open = |flags| {
@@ -160,7 +169,7 @@ impl Output {
                 .open(path)
         };
         let file = match open(libc::O_NONBLOCK) {
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && named.file_type().is_fifo() => {
                 eprintln!("lsvfs: waiting for a reader on {}", path.display());
                 open(0)
             }
@@ -171,7 +180,7 @@ impl Output {
         let m = file
             .metadata()
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        if !stream(&m) || foreign(&m) {
+        if !stream(&m) || foreign(&m, unnamed(nix::sys::statfs::fstatfs(&file))) {
             return Err(refuse());
         }
         if file.is_terminal() {
@@ -181,11 +190,13 @@ impl Output {
             )));
         }
         // Blocking writes from here on.
-        nix::fcntl::fcntl(
-            &file,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-        )
-        .map_err(|e| Error::io(format!("setting up {}", path.display()), e.into()))?;
+        let blocking = |file: &File| -> nix::Result<()> {
+            use nix::fcntl::{fcntl, FcntlArg, OFlag};
+            let flags = OFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFL)?);
+            fcntl(file, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).map(|_| ())
+        };
+        blocking(&file)
+            .map_err(|e| Error::io(format!("setting up {}", path.display()), e.into()))?;
         Ok(Some(file))
     }
 

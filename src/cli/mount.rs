@@ -290,7 +290,7 @@ pub fn foreground(
     // Root's own mounts: so that `umount MOUNTPOINT` waits for the close.
     let utab = UtabEntry(
         (own_mount && super::mounts::register_for_umount(&path, &mountpoint))
-            .then(|| mountpoint.clone()),
+            .then(|| (mountpoint.clone(), mounted_connection(&mountpoint))),
     );
     println!("{READY} {} on {}", path.display(), mountpoint.display());
     let _ = std::io::stdout().flush();
@@ -351,9 +351,8 @@ pub fn foreground(
     if let Err(e) = ended {
         tracing::error!("the FUSE session ended with an error: {e}");
     }
-    // The path is no longer this mount's. While the volume stays locked
-    // (below), no `umount` or `lsvfs unmount` of it has returned yet, so
-    // no new mount on the path has an entry this could remove.
+    // The path is no longer this mount's: its entry goes (unless another
+    // mount is on the path already, after a lazy unmount; see UtabEntry).
     drop(utab);
     // The connection is gone: the ring threads end (and let go of the
     // file system).
@@ -373,13 +372,25 @@ pub fn foreground(
 }
 
 /// The utab entry of a mount ([`super::mounts::register_for_umount`]),
-/// removed when dropped: when the session ends, or on any way out of
-/// `foreground` before it.
-struct UtabEntry(Option<PathBuf>);
+/// with the mount's FUSE connection; removed when dropped (when the
+/// session ends, or on a way out of `foreground` before it). Not if
+/// another mount is on the path by then (a lazy unmount returns at once,
+/// and a new mount may follow): libmount would remove the newest entry
+/// for the path, that mount's; ours then stays, harmless, until the next
+/// mount there replaces it.
+struct UtabEntry(Option<(PathBuf, Option<u64>)>);
 
 impl Drop for UtabEntry {
     fn drop(&mut self) {
-        if let Some(m) = self.0.take() {
+        let Some((m, ours)) = self.0.take() else {
+            return;
+        };
+        let t = super::mounts::table();
+        let clear = match super::mounts::on(&t, &m) {
+            None => true,
+            Some(i) => t[i].major == 0 && Some(u64::from(t[i].minor)) == ours,
+        };
+        if clear {
             super::mounts::unregister_for_umount(&m);
         }
     }

@@ -27,20 +27,26 @@ pub(super) struct Mount {
 }
 
 impl Mount {
-    /// The volume an lsvfs mount serves; None for any other mount, and for
-    /// a FUSE mount whose owner is neither root nor this user (anyone may
-    /// name a FUSE mount `lsvfs:/some/volume`).
+    /// The volume an lsvfs mount says it serves; None for any other mount.
+    /// Anyone may name a FUSE mount `lsvfs:/some/volume`: see
+    /// [`Mount::vouched`].
     pub fn volume(&self) -> Option<PathBuf> {
         if !self.fstype.starts_with("fuse") {
             return None;
         }
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if !self.owner.is_some_and(|o| o == 0 || o == me) {
-            return None;
-        }
         let path = self.source.as_bytes().strip_prefix(b"lsvfs:")?;
         Some(PathBuf::from(OsString::from_vec(path.to_vec())))
+    }
+
+    /// Whether its claim to serve `volume` can be believed: the mount is
+    /// root's, the caller's, or that of the volume file's owner.
+    fn vouched(&self, volume: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        self.owner.is_some_and(|o| {
+            o == 0 || o == me || std::fs::metadata(volume).is_ok_and(|m| m.uid() == o)
+        })
     }
 }
 
@@ -86,21 +92,31 @@ pub(super) fn on(table: &[Mount], mountpoint: &Path) -> Option<usize> {
 }
 
 /// The volume mounted on `mountpoint` (a canonical path), if an lsvfs
-/// mount is the one there.
+/// mount is the one there and it can be believed ([`Mount::vouched`]).
 pub(super) fn volume_on(mountpoint: &Path) -> Option<PathBuf> {
     let t = table();
-    t[on(&t, mountpoint)?].volume()
+    let m = &t[on(&t, mountpoint)?];
+    m.volume().filter(|v| m.vouched(v))
 }
 
-/// Where the volume at `volume` is mounted, if it is: of the mounts of
-/// its whole file system (bind mounts and propagated copies show the
-/// same source), the one whose daemon serves a control socket, else the
-/// oldest.
+/// Where the volume at `volume` is mounted, if it is. Of the mounts that
+/// say they serve it ([`Mount::vouched`]), of its whole file system (bind
+/// mounts and propagated copies show the same source) and alive (a mount
+/// whose daemon died answers ENOTCONN until it is unmounted): the oldest
+/// whose daemon serves a control socket, else the oldest.
 pub(super) fn mountpoint_of(volume: &Path) -> Option<PathBuf> {
     let want = std::fs::canonicalize(volume).ok()?;
+    let alive = |m: &Path| {
+        std::fs::metadata(m).map_err(|e| e.raw_os_error()).err() != Some(Some(libc::ENOTCONN))
+    };
     let mut found = table()
         .into_iter()
-        .filter(|m| m.root == Path::new("/") && m.volume().as_deref() == Some(want.as_path()))
+        .filter(|m| {
+            m.root == Path::new("/")
+                && m.volume().as_deref() == Some(want.as_path())
+                && m.vouched(&want)
+                && alive(&m.mountpoint)
+        })
         .map(|m| m.mountpoint)
         .peekable();
     let oldest = found.peek().cloned();
@@ -140,8 +156,16 @@ pub(super) fn mount_or_self(target: &Path) -> PathBuf {
 /// without util-linux's mount(8) nothing changes. Returns whether the
 /// entry was written.
 pub(super) fn register_for_umount(volume: &Path, mountpoint: &Path) -> bool {
-    // An entry a crashed mount left on the same path goes first.
-    unregister_for_umount(mountpoint);
+    // An entry a crashed mount left on the same path goes first, unless
+    // another mount is under this one there (it may be that entry's).
+    if table()
+        .iter()
+        .filter(|m| m.mountpoint == mountpoint)
+        .count()
+        <= 1
+    {
+        unregister_for_umount(mountpoint);
+    }
     let mut source = OsString::from("lsvfs:");
     source.push(volume);
     let done = quietly(
@@ -266,9 +290,12 @@ not a mount line
         assert_eq!(t[on(&t, Path::new("/data")).unwrap()].volume(), None);
         assert_eq!(t[on(&t, Path::new("/sshfs")).unwrap()].volume(), None);
         assert_eq!(on(&t, Path::new("/mnt/c")), None);
-        // A FUSE mount another user made serves no volume, whatever its name.
-        assert_eq!(t[on(&t, Path::new("/fake")).unwrap()].owner, Some(4242));
-        assert_eq!(t[on(&t, Path::new("/fake")).unwrap()].volume(), None);
+        // A FUSE mount another user made is not believed, whatever its
+        // name, unless that user owns the volume.
+        let fake = &t[on(&t, Path::new("/fake")).unwrap()];
+        assert_eq!(fake.owner, Some(4242));
+        assert!(!fake.vouched(Path::new("/")), "/ is root's, not uid 4242's");
+        assert!(t[on(&t, Path::new("/mnt/ab")).unwrap()].vouched(Path::new("/w.vol")));
         // A bind mount of a subdirectory says so.
         let bound = &t[on(&t, Path::new("/bound")).unwrap()];
         assert_eq!(bound.root, Path::new("/sub"));
