@@ -499,19 +499,9 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
             .spawn()
             .unwrap(),
     );
-    ok(
-        &[
-            "snapshot",
-            "export",
-            mnt,
-            "s",
-            "--key-file",
-            "k",
-            "-o",
-            "out.fifo",
-        ],
-        p,
-    );
+    let export_to =
+        |to: &'static str| ["snapshot", "export", mnt, "s", "--key-file", "k", "-o", to];
+    ok(&export_to("out.fifo"), p);
     let mut n = String::new();
     let mut out = counter.0.stdout.take().unwrap();
     out.read_to_string(&mut n).unwrap();
@@ -527,27 +517,10 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
     let (rd, wr) = nix::unistd::pipe().unwrap();
     nix::unistd::fchown(&wr, Some(65534.into()), Some(65534.into())).unwrap();
     let drain = std::thread::spawn(move || {
-        let mut n = 0u64;
-        let mut f = fs::File::from(rd);
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            match f.read(&mut buf).unwrap() {
-                0 => return n,
-                k => n += k as u64,
-            }
-        }
+        std::io::copy(&mut fs::File::from(rd), &mut std::io::sink()).unwrap()
     });
     let o = Command::new(env!("CARGO_BIN_EXE_lsvfs"))
-        .args([
-            "snapshot",
-            "export",
-            mnt,
-            "s",
-            "--key-file",
-            "k",
-            "-o",
-            "/dev/stdout",
-        ])
+        .args(export_to("/dev/stdout"))
         .current_dir(p)
         .stdout(std::process::Stdio::from(wr))
         .output()
