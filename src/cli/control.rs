@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::mounts::{run_dir, socket_path};
 use crate::fs::{Posix, Snapshots};
 use crate::Error;
 
@@ -238,8 +239,6 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageEntry>,
 }
-
-use super::mounts::{run_dir, socket_path};
 
 /// Serves the control socket until the process ends. Returns the socket's
 /// path (remove it at unmount).

@@ -149,7 +149,7 @@ impl Output {
         let unnamed = |st: nix::Result<nix::sys::statfs::Statfs>| {
             st.is_ok_and(|st| st.filesystem_type() == pipefs)
         };
-        let named_unnamed = unnamed(nix::sys::statfs::statfs(path));
+        let name_is_a_pipe = unnamed(nix::sys::statfs::statfs(path));
         let foreign =
             |m: &std::fs::Metadata, unnamed: bool| !unnamed && m.uid() != 0 && m.uid() != me;
         let refuse = || {
@@ -159,7 +159,7 @@ impl Output {
                 path.display()
             ))
         };
-        if foreign(&named, named_unnamed) {
+        if foreign(&named, name_is_a_pipe) {
             return Err(refuse());
         }
         let open = |flags| {

@@ -80,8 +80,7 @@ fn connection_ender(mountpoint: &Path, own_mount: bool) -> Arc<dyn Fn() + Send +
 /// a FUSE one: its minor device number (FUSE's major is 0).
 fn mounted_connection(mountpoint: &Path) -> Option<u64> {
     let t = super::mounts::table();
-    let m = &t[super::mounts::on(&t, mountpoint)?];
-    (m.major == 0).then_some(u64::from(m.minor))
+    t[super::mounts::on(&t, mountpoint)?].connection()
 }
 
 fn end_connection(mountpoint: &Path, conn: Option<u64>, own_mount: bool) {
@@ -388,7 +387,7 @@ impl Drop for UtabEntry {
         let t = super::mounts::table();
         let clear = match super::mounts::on(&t, &m) {
             None => true,
-            Some(i) => t[i].major == 0 && Some(u64::from(t[i].minor)) == ours,
+            Some(i) => t[i].connection().is_some_and(|c| Some(c) == ours),
         };
         if clear {
             super::mounts::unregister_for_umount(&m);

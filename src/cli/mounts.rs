@@ -38,6 +38,12 @@ impl Mount {
         Some(PathBuf::from(OsString::from_vec(path.to_vec())))
     }
 
+    /// A FUSE mount's connection number: its minor device number (FUSE's
+    /// major is 0); None for any other mount.
+    pub fn connection(&self) -> Option<u64> {
+        (self.major == 0).then_some(u64::from(self.minor))
+    }
+
     /// Whether its claim to serve `volume` can be believed: the mount is
     /// root's, the caller's, or that of the volume file's owner.
     fn vouched(&self, volume: &Path) -> bool {
@@ -279,6 +285,7 @@ not a mount line
         assert_eq!(t.len(), 8, "the line that is not a mount is left out");
         let i = on(&t, Path::new("/mnt/a b")).unwrap();
         assert_eq!((t[i].major, t[i].minor), (0, 61));
+        assert_eq!(t[i].connection(), Some(61));
         assert_eq!(t[i].volume(), Some(PathBuf::from("/x\\y.vol")));
         let first = &t[1];
         assert_eq!(first.mountpoint, Path::new("/mnt/a b"));
@@ -288,6 +295,7 @@ not a mount line
         assert_eq!(ab.volume(), Some(PathBuf::from("/w.vol")));
         // Other file systems, FUSE ones included, serve no volume.
         assert_eq!(t[on(&t, Path::new("/data")).unwrap()].volume(), None);
+        assert_eq!(t[on(&t, Path::new("/data")).unwrap()].connection(), None);
         assert_eq!(t[on(&t, Path::new("/sshfs")).unwrap()].volume(), None);
         assert_eq!(on(&t, Path::new("/mnt/c")), None);
         // A FUSE mount another user made is not believed, whatever its

@@ -89,12 +89,7 @@ pub(super) struct Keying {
 fn largest_on_device(path: &Path, segment_blocks: u32) -> Result<u64, Error> {
     use std::os::unix::fs::FileTypeExt;
     let block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-    let (min, max) = (volume::MIN_SEGMENT_BLOCKS, volume::MAX_SEGMENT_BLOCKS);
-    if !segment_blocks.is_power_of_two() || !(min..=max).contains(&segment_blocks) {
-        return Err(Error::Usage(format!(
-            "--segment-blocks must be a power of two from {min} to {max}, not {segment_blocks}"
-        )));
-    }
+    volume::check_segment_blocks(segment_blocks)?;
     if !block {
         return Err(Error::Usage(format!(
             "give --size for {}: a volume in a file needs its logical size (only a block \

@@ -94,16 +94,25 @@ pub(super) fn data_need(logical_blocks: u64) -> u64 {
     logical_blocks + 2 * metadata_pages(logical_blocks)
 }
 
+/// Refuses a segment size the format does not allow (a power of two
+/// from MIN_SEGMENT_BLOCKS to MAX_SEGMENT_BLOCKS).
+pub fn check_segment_blocks(seg: u32) -> super::Result<()> {
+    use super::format::{MAX_SEGMENT_BLOCKS, MIN_SEGMENT_BLOCKS};
+    if seg.is_power_of_two() && (MIN_SEGMENT_BLOCKS..=MAX_SEGMENT_BLOCKS).contains(&seg) {
+        return Ok(());
+    }
+    Err(super::VolumeError::InvalidArgument(format!(
+        "segment size must be a power of two between {MIN_SEGMENT_BLOCKS} and \
+         {MAX_SEGMENT_BLOCKS} blocks, not {seg}"
+    )))
+}
+
 /// The largest logical size, in blocks, whose space bound fits in
 /// `device_blocks` (a block device's size), with `seg_blocks` per
-/// segment; None if not even one block fits.
+/// segment; None if not even one block fits, or the segment size is
+/// not one the format allows.
 pub fn largest_fitting(device_blocks: u64, seg_blocks: u32) -> Option<u64> {
-    use super::format::{MAX_SEGMENT_BLOCKS, MIN_SEGMENT_BLOCKS};
-    if !seg_blocks.is_power_of_two()
-        || !(MIN_SEGMENT_BLOCKS..=MAX_SEGMENT_BLOCKS).contains(&seg_blocks)
-    {
-        return None;
-    }
+    check_segment_blocks(seg_blocks).ok()?;
     let fits =
         |l: u64| DATA_START + max_segments_for(l, seg_blocks) * seg_blocks as u64 <= device_blocks;
     if !fits(1) {

@@ -266,15 +266,7 @@ fn create_with(
     restoring: bool,
 ) -> Result<Header> {
     let seg = opts.segment_blocks;
-    if !seg.is_power_of_two()
-        || !(format::MIN_SEGMENT_BLOCKS..=format::MAX_SEGMENT_BLOCKS).contains(&seg)
-    {
-        return Err(VolumeError::InvalidArgument(format!(
-            "segment size must be a power of two between {} and {} blocks, not {seg}",
-            format::MIN_SEGMENT_BLOCKS,
-            format::MAX_SEGMENT_BLOCKS
-        )));
-    }
+    super::geometry::check_segment_blocks(seg)?;
     if opts.logical_blocks == 0 || opts.logical_blocks > MAX_LOGICAL_BLOCKS {
         return Err(VolumeError::InvalidArgument(format!(
             "volume size must be between 4 KiB and {} TiB",

@@ -35,11 +35,8 @@ mod usage;
 pub use api::{Options, Stats, Volume};
 pub use check::CheckReport;
 pub use error::{Result, VolumeError};
-pub use format::{
-    Header, KeySlot, RestoredFrom, SlotKind, DEFAULT_SEGMENT_BLOCKS, KEY_SLOTS, MAX_SEGMENT_BLOCKS,
-    MIN_SEGMENT_BLOCKS,
-};
-pub use geometry::{largest_fitting, max_segments_for};
+pub use format::{Header, KeySlot, RestoredFrom, SlotKind, DEFAULT_SEGMENT_BLOCKS, KEY_SLOTS};
+pub use geometry::{check_segment_blocks, largest_fitting, max_segments_for};
 pub use header::{
     create, create_restoring, erase, finish_restore, key_ring, new_key_generation, read_header,
     refuse_erased, set_restoring, write_header, CreateOptions,
