@@ -283,6 +283,37 @@ fn xattrs_and_attributes() {
         libc::ENODATA
     );
 
+    // The names of one file's xattrs fit in what listxattr can return
+    // (64 KiB with their NULs); one more name is ENOSPC, as on ext4.
+    let names = |fs: &Fs| -> usize { fs.listxattr(ino).unwrap().iter().map(|n| n.len() + 1).sum() };
+    let mut added = 0;
+    let refused = loop {
+        match fs.setxattr(ino, format!("user.n{added:05}").as_bytes(), b"v", 0) {
+            Ok(()) => added += 1,
+            Err(e) => break e,
+        }
+        assert!(added < 10_000, "no limit on the xattr names of one file");
+    };
+    assert_eq!(refused.errno(), libc::ENOSPC, "{refused}");
+    assert!(refused.to_string().contains("listxattr"), "{refused}");
+    let full = names(&fs);
+    assert!(
+        (65536 - 13..=65536).contains(&full),
+        "{full} bytes of names when the next was refused"
+    );
+    // At the limit a value is still replaced and a name still removed;
+    // then the refused name fits.
+    fs.setxattr(ino, b"user.n00000", b"new value", XATTR_REPLACE)
+        .unwrap();
+    fs.removexattr(ino, b"user.n00001").unwrap();
+    let name = format!("user.n{added:05}");
+    fs.setxattr(ino, name.as_bytes(), b"v", 0).unwrap();
+    assert_eq!(names(&fs), full);
+    for i in 0..=added {
+        let _ = fs.removexattr(ino, format!("user.n{i:05}").as_bytes());
+    }
+    assert_eq!(names(&fs), "system.posix_acl_access\0".len());
+
     // A write by an unprivileged user clears setuid, and setgid when group-executable.
     fs.write_data(ino, 0, b"x", true).unwrap();
     assert_eq!(fs.getattr(ino).unwrap().mode & 0o7777, 0o775);

@@ -633,6 +633,36 @@ fn seek_hole_tmpfile_and_xattr_limits_are_as_documented() {
     assert_eq!(set(1700), Ok(()));
     assert_eq!(set(1701), Err(libc::E2BIG));
 
+    // However many xattrs a file is given, listxattr can list them (the
+    // kernel returns at most 64 KiB of names): past that, setxattr is
+    // ENOSPC, and `getfattr -d` (as cp -a and rsync -X) works.
+    let mut added = 0;
+    let refused = loop {
+        let n = CString::new(format!("user.name-{added:06}")).unwrap();
+        // SAFETY: valid NUL-terminated strings and a buffer of 1 byte.
+        let r = unsafe { libc::setxattr(px.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+        if r != 0 {
+            break errno_of(std::io::Error::last_os_error());
+        }
+        added += 1;
+        assert!(added < 10_000, "no limit on the xattr names of one file");
+    };
+    assert_eq!(refused, libc::ENOSPC);
+    let dump = Command::new("getfattr")
+        .args(["-d", "--absolute-names"])
+        .arg(&x)
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let listed = String::from_utf8_lossy(&dump.stdout)
+        .matches("user.name-")
+        .count();
+    assert_eq!(listed, added, "getfattr lists every name");
+
     // Files end at 16 TiB: a size or a fallocate past it is EFBIG (not
     // E2BIG, which `truncate` would call "Argument list too long").
     let f = fs::OpenOptions::new().write(true).open(&x).unwrap();

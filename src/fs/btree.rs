@@ -466,21 +466,39 @@ impl BTree {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
-        self.range_at(store, self.root, start, end, limit, &mut out, 0)?;
+        self.visit(store, start, end, &mut |k, v| {
+            if out.len() >= limit {
+                return false;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })?;
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn range_at(
+    /// Calls `f` with each entry with `start <= key < end`, in order,
+    /// until it answers false. Nothing is copied.
+    pub fn visit(
+        &self,
+        store: &mut dyn NodeStore,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        self.visit_at(store, self.root, start, end, f, 0)
+            .map(|_| ())
+    }
+
+    /// Whether the visit goes on.
+    fn visit_at(
         &self,
         store: &mut dyn NodeStore,
         lba: u64,
         start: &[u8],
         end: &[u8],
-        limit: usize,
-        out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
         depth: usize,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if depth > 64 {
             return Err(FsError::Corrupted(format!(
                 "metadata tree deeper than 64 levels at block {lba}"
@@ -489,25 +507,27 @@ impl BTree {
         match &*store.read(lba)? {
             Node::Leaf(es) => {
                 for (k, v) in es {
-                    if out.len() >= limit || &k[..] >= end {
-                        break;
+                    if &k[..] >= end {
+                        return Ok(false);
                     }
-                    if &k[..] >= start {
-                        out.push((k.to_vec(), v.to_vec()));
+                    if &k[..] >= start && !f(k, v) {
+                        return Ok(false);
                     }
                 }
             }
             Node::Branch { keys, children } => {
                 let first = keys.partition_point(|k| &k[..] <= start);
                 for i in first..children.len() {
-                    if out.len() >= limit || (i > 0 && &keys[i - 1][..] >= end) {
-                        break;
+                    if i > 0 && &keys[i - 1][..] >= end {
+                        return Ok(false);
                     }
-                    self.range_at(store, children[i], start, end, limit, out, depth + 1)?;
+                    if !self.visit_at(store, children[i], start, end, f, depth + 1)? {
+                        return Ok(false);
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -161,8 +161,33 @@ const SECURITY_CAPABILITY: &[u8] = b"security.capability";
 /// `setxattr` flags.
 pub const XATTR_CREATE: u32 = 1;
 pub const XATTR_REPLACE: u32 = 2;
+/// The most listxattr(2) can return: the names of a file's xattrs, each
+/// with its NUL, take at most this many bytes together (the kernel's
+/// XATTR_LIST_MAX). A name that would go past it is refused, so that every
+/// file's xattrs can be listed (and copied by `cp -a`, `rsync -X`, `tar`).
+pub const XATTR_LIST_MAX: usize = 65536;
 
 impl Op<'_> {
+    /// ENOSPC if a new xattr `name` would make the list of `ino`'s xattr
+    /// names longer than listxattr(2) can return (ext4 answers the same
+    /// when an inode's xattrs fill its block).
+    fn room_for_xattr_name(&mut self, ino: Ino, name: &[u8]) -> Result<()> {
+        let (s, e) = kind_range(ino, kind::XATTR);
+        let prefix = s.len();
+        let mut listed = name.len() + 1;
+        self.tree.visit(&mut self.store, &s, &e, &mut |k, _| {
+            listed += k.len() - prefix + 1;
+            listed <= XATTR_LIST_MAX
+        })?;
+        if listed > XATTR_LIST_MAX {
+            return Err(FsError::NoSpace(format!(
+                "inode {ino}'s xattr names would take more than {XATTR_LIST_MAX} bytes, \
+                 the most listxattr can return; remove one of them first"
+            )));
+        }
+        Ok(())
+    }
+
     /// The inode of a file whose data is read or written: not a directory.
     fn file_inode(&mut self, ino: Ino) -> Result<Inode> {
         let i = self.inode(ino)?;
@@ -900,6 +925,10 @@ impl Fs {
             }
             if flags & XATTR_REPLACE != 0 && !exists {
                 return Err(Posix::NoAttr.at(String::from_utf8_lossy(name)));
+            }
+            let minimal_acl = name == acl::ACCESS && acl::Acl::decode(value)?.is_minimal();
+            if !exists && !minimal_acl {
+                op.room_for_xattr_name(ino, name)?;
             }
             if name == acl::ACCESS {
                 // The ACL sets the permission bits; one that says no more
