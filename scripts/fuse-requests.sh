@@ -73,11 +73,11 @@ total = sum(len(v) for v in lat.values())
 busy = sum(sum(v) for v in lat.values())
 def pct(v, q):
     return sorted(v)[min(len(v) - 1, int(q * len(v)))] * 1e6
-print(f"{'request':22} {'count':>8} {'avg us':>8} {'p50 us':>8} {'p99 us':>8} {'total s':>8}")
+print(f"{'request':22} {'count':>8} {'avg us':>8} {'p50 us':>8} {'p99 us':>8} {'max us':>8} {'total s':>8}")
 for op, v in sorted(lat.items(), key=lambda kv: -sum(kv[1])):
     print(f"{op.removeprefix('FUSE_'):22} {len(v):>8} {sum(v) / len(v) * 1e6:>8.1f}"
-          f" {pct(v, 0.5):>8.1f} {pct(v, 0.99):>8.1f} {sum(v):>8.3f}")
-print(f"{'all':22} {total:>8} {busy / max(total, 1) * 1e6:>8.1f} {'':>8} {'':>8} {busy:>8.3f}")
+          f" {pct(v, 0.5):>8.1f} {pct(v, 0.99):>8.1f} {max(v) * 1e6:>8.0f} {sum(v):>8.3f}")
+print(f"{'all':22} {total:>8} {busy / max(total, 1) * 1e6:>8.1f} {'':>8} {'':>8} {'':>8} {busy:>8.3f}")
 print(f"wall time {wall:.3f} s; {len(sent)} requests still unanswered at the end")
 if lost:
     print("warning: the trace buffer overflowed; counts are low", file=sys.stderr)

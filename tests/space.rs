@@ -174,6 +174,87 @@ fn trim_releases_space_in_the_volume_and_on_the_host() {
     assert!(b.iter().all(|x| *x == 0));
 }
 
+/// A device whose discards each take 5 ms, as a hole punch can on a host
+/// busy writing back (1-2 ms seen beside dbench, 0.3 ms idle).
+struct SlowDiscards {
+    dev: Arc<MemDevice>,
+    discards: std::sync::atomic::AtomicU64,
+}
+
+impl Device for SlowDiscards {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.dev.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.dev.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.dev.len()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.dev.allocate(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        self.discards
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dev.discard(offset, len)
+    }
+    fn fixed_size(&self) -> bool {
+        self.dev.fixed_size()
+    }
+    fn flushes(&self) -> u64 {
+        self.dev.flushes()
+    }
+}
+
+/// The discards of freed segments go a short while per hold of the
+/// volume's lock: a read beside a long run of slow discards waits for
+/// about one of them, not for a batch (16 of them held every operation
+/// 20-25 ms beside dbench; here they would hold it 80 ms).
+#[test]
+fn slow_discards_hold_up_a_reader_for_one_discard_at_a_time() {
+    let dev = Arc::new(SlowDiscards {
+        dev: mem_volume(16384, 64),
+        discards: Default::default(),
+    });
+    let v = Arc::new(Volume::open(dev.clone(), &master(), opts()).unwrap());
+    write_8192_blocks(&v);
+    v.write(Lba(9000), &block(9000, 1)).unwrap();
+    v.trim(Lba(0), 8192).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (v, stop) = (v.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; BLOCK_SIZE];
+            let mut worst = std::time::Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                v.read(Lba(9000), &mut b).unwrap();
+                worst = worst.max(t.elapsed());
+                assert!(b == block(9000, 1));
+            }
+            worst
+        })
+    };
+    let t = std::time::Instant::now();
+    // Frees the trimmed segments and discards them, a batch at a time.
+    v.clean(1000).unwrap();
+    let took = t.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let worst = reader.join().unwrap();
+    let n = dev.discards.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{n} discards in {took:?}; the slowest read {worst:?}");
+    assert!(n >= 64, "only {n} segments discarded");
+    assert!(
+        worst < std::time::Duration::from_millis(40),
+        "a read waited {worst:?} beside {n} discards of 5 ms"
+    );
+}
+
 /// Bytes the host holds for the backing file.
 fn host_bytes(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
