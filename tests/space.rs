@@ -174,7 +174,7 @@ fn trim_releases_space_in_the_volume_and_on_the_host() {
     assert!(b.iter().all(|x| *x == 0));
 }
 
-/// A device whose discards each take 5 ms, as a hole punch can on a host
+/// A device whose discards each take 10 ms, as a hole punch can on a host
 /// busy writing back (1-2 ms seen beside dbench, 0.3 ms idle).
 struct SlowDiscards {
     dev: Arc<MemDevice>,
@@ -198,7 +198,7 @@ impl Device for SlowDiscards {
         self.dev.allocate(offset, len)
     }
     fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(std::time::Duration::from_millis(10));
         self.discards
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.dev.discard(offset, len)
@@ -214,9 +214,10 @@ impl Device for SlowDiscards {
 /// The discards of freed segments go a short while per hold of the
 /// volume's lock: a read beside a long run of slow discards waits for
 /// about one of them, not for a batch (16 of them held every operation
-/// 20-25 ms beside dbench; here they would hold it 80 ms).
+/// 20-25 ms beside dbench; here they would hold it 160 ms).
 #[test]
 fn slow_discards_hold_up_a_reader_for_one_discard_at_a_time() {
+    use std::sync::atomic::Ordering::Relaxed;
     let dev = Arc::new(SlowDiscards {
         dev: mem_volume(16384, 64),
         discards: Default::default(),
@@ -227,31 +228,36 @@ fn slow_discards_hold_up_a_reader_for_one_discard_at_a_time() {
     v.trim(Lba(0), 8192).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let (v, stop) = (v.clone(), stop.clone());
+        let (v, stop, dev) = (v.clone(), stop.clone(), dev.clone());
         std::thread::spawn(move || {
             let mut b = vec![0u8; BLOCK_SIZE];
-            let mut worst = std::time::Duration::ZERO;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let t = std::time::Instant::now();
+            let (mut worst, mut most) = (std::time::Duration::ZERO, 0);
+            while !stop.load(Relaxed) {
+                let (t, before) = (std::time::Instant::now(), dev.discards.load(Relaxed));
                 v.read(Lba(9000), &mut b).unwrap();
                 worst = worst.max(t.elapsed());
+                most = most.max(dev.discards.load(Relaxed) - before);
                 assert!(b == block(9000, 1));
             }
-            worst
+            (worst, most)
         })
     };
-    let t = std::time::Instant::now();
+    let before = dev.discards.load(Relaxed);
     // Frees the trimmed segments and discards them, a batch at a time.
     v.clean(1000).unwrap();
-    let took = t.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let worst = reader.join().unwrap();
-    let n = dev.discards.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("{n} discards in {took:?}; the slowest read {worst:?}");
-    assert!(n >= 64, "only {n} segments discarded");
+    stop.store(true, Relaxed);
+    let (worst, most) = reader.join().unwrap();
+    let n = dev.discards.load(Relaxed) - before;
+    eprintln!(
+        "{n} discards beside the reader; one read waited {worst:?} and for {most} discards at most"
+    );
+    assert!(n >= 64, "only {n} segments discarded beside the reader");
+    // One read may wait out a hold, and more if it loses the lock to the
+    // next hold a few times on a busy machine; a batch of 16 is 16.
+    assert!(most <= 8, "a read waited for {most} discards");
     assert!(
-        worst < std::time::Duration::from_millis(40),
-        "a read waited {worst:?} beside {n} discards of 5 ms"
+        worst < std::time::Duration::from_millis(120),
+        "a read waited {worst:?} beside {n} discards of 10 ms"
     );
 }
 

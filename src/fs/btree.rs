@@ -466,12 +466,13 @@ impl BTree {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        // Stops at the limit, without reading the leaf after it.
         self.visit(store, start, end, &mut |k, v| {
-            if out.len() >= limit {
-                return false;
-            }
             out.push((k.to_vec(), v.to_vec()));
-            true
+            out.len() < limit
         })?;
         Ok(out)
     }

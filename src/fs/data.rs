@@ -168,13 +168,21 @@ pub const XATTR_REPLACE: u32 = 2;
 pub const XATTR_LIST_MAX: usize = 65536;
 
 impl Op<'_> {
-    /// ENOSPC if a new xattr `name` would make the list of `ino`'s xattr
-    /// names longer than listxattr(2) can return (ext4 answers the same
-    /// when an inode's xattrs fill its block).
-    fn room_for_xattr_name(&mut self, ino: Ino, name: &[u8]) -> Result<()> {
+    /// Stores xattr key `k` of `ino`; a new name (not `exists`) is ENOSPC
+    /// if it would make the list of `ino`'s xattr names longer than
+    /// listxattr(2) can return (ext4 answers the same when an inode's
+    /// xattrs fill its block).
+    fn put_xattr(&mut self, ino: Ino, k: &[u8], value: &[u8], exists: bool) -> Result<()> {
+        if !exists {
+            self.room_for_xattr_name(ino, k)?;
+        }
+        self.put(k, value)
+    }
+
+    fn room_for_xattr_name(&mut self, ino: Ino, new_key: &[u8]) -> Result<()> {
         let (s, e) = kind_range(ino, kind::XATTR);
         let prefix = s.len();
-        let mut listed = name.len() + 1;
+        let mut listed = new_key.len() - prefix + 1;
         self.tree.visit(&mut self.store, &s, &e, &mut |k, _| {
             listed += k.len() - prefix + 1;
             listed <= XATTR_LIST_MAX
@@ -926,10 +934,6 @@ impl Fs {
             if flags & XATTR_REPLACE != 0 && !exists {
                 return Err(Posix::NoAttr.at(String::from_utf8_lossy(name)));
             }
-            let minimal_acl = name == acl::ACCESS && acl::Acl::decode(value)?.is_minimal();
-            if !exists && !minimal_acl {
-                op.room_for_xattr_name(ino, name)?;
-            }
             if name == acl::ACCESS {
                 // The ACL sets the permission bits; one that says no more
                 // than the mode is not kept (posix_acl_update_mode).
@@ -938,16 +942,16 @@ impl Fs {
                 if a.is_minimal() {
                     op.del(&k)?;
                 } else {
-                    op.put(&k, value)?;
+                    op.put_xattr(ino, &k, value, exists)?;
                 }
             } else if name == acl::DEFAULT {
                 if !i.is_dir() {
                     return Err(Posix::Invalid.at("a default ACL on a non-directory"));
                 }
                 acl::Acl::decode(value)?;
-                op.put(&k, value)?;
+                op.put_xattr(ino, &k, value, exists)?;
             } else {
-                op.put(&k, value)?;
+                op.put_xattr(ino, &k, value, exists)?;
             }
             if name == SECURITY_CAPABILITY {
                 op.forget_map(ino);

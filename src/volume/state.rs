@@ -632,8 +632,8 @@ impl State {
     /// allocated on the host, so that checkpoints, the cleaner and trims can
     /// run when the host is full: allocate those not yet allocated (or
     /// discarded since), and hole-punch the newly freed segments outside
-    /// them and those that left them while free ([`DISCARD_BATCH`] of
-    /// those that wait now, the rest by [`State::discard_some`]).
+    /// them and those that left them while free (one short batch of those
+    /// that wait now, the rest by [`State::discard_some`]).
     /// Allocation failures are left for later; the reserve is then smaller
     /// until space returns.
     pub fn refresh_reserve(&mut self, ctx: &Ctx, newly_freed: &[SegmentId]) {
