@@ -6,7 +6,8 @@
 #   scripts/bench.sh [WORKDIR] [SEQ_MIB] [RAND_SECONDS]
 #
 # Defaults: target/fsbench, 1024 MiB sequential, 20 s random (and 10 s
-# per mixed-load row, BENCH_MIX_SECONDS); BENCH_FS
+# per mixed-load row, BENCH_MIX_SECONDS; 15 s of dbench, BENCH_DBENCH_SECONDS);
+# BENCH_FS
 # selects file systems (default "ext4 gocryptfs cryfs lsvfs"). LSVFS_BASE
 # names another lsvfs binary (an earlier build) to measure as "lsvfs-base"
 # in the same run, beside this tree's: before/after a change. BENCH_ROUNDS
@@ -23,6 +24,7 @@ root=$(realpath -m "${1:-target/fsbench}")
 seq_mib=${2:-1024}
 rand_s=${3:-20}
 mix_s=${BENCH_MIX_SECONDS:-10}
+dbench_s=${BENCH_DBENCH_SECONDS:-15}
 rounds=${BENCH_ROUNDS:-1}
 scripts/setup.sh bench
 # The first CPU this script may run on, for the row that holds its reader
@@ -148,6 +150,15 @@ run_all() {
     record "$name" "mkdir/rmdir beside $other (ops/s)" "$beside" up
     record "$name" "  kept beside $other (% of alone)" "$(echo "scale=1; 100 * $beside / $solo" | bc)" up
   done
+  # Many clients at once (dbench's file-server load: creates, writes,
+  # renames, fsyncs, directory scans, 4 processes): the rate, and the
+  # slowest single operation, which shows one process held up by
+  # another's slow work.
+  local db
+  db=$(dbench -D "$d" -t "$dbench_s" 4 2>/dev/null | grep '^Throughput')
+  record "$name" "dbench, 4 clients (MB/s)" "$(echo "$db" | awk '{print $2}')" up
+  record "$name" "dbench, slowest operation (ms)" "$(echo "$db" | sed -n 's/.*max_latency=\([0-9.]*\) ms.*/\1/p')" down
+  rm -rf "$d/clients"
   local t0 t1
   t0=$(now)
   python3 scripts/small-files.py "$d/small"

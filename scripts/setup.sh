@@ -45,6 +45,7 @@ bench_tools=(
   "${demo_tools[@]}"
   "fio fio"
   "stress-ng stress-ng"       # the mixed-load rows
+  "dbench dbench"             # many clients at once: rate and slowest operation
   "gocryptfs gocryptfs"
   "cryfs cryfs"
   "bc bc"
