@@ -193,8 +193,12 @@ if int(sys.argv[2]) > 1:
 runs = collections.defaultdict(lambda: collections.defaultdict(list))
 better = {}
 for fs, metric, v, way in rows:
-    runs[metric][fs].append(float(v))
     better[metric] = way
+    if not v:
+        # The tool failed on this file system (its error went to the log).
+        print(f"no figure: {fs}, {metric}", file=sys.stderr)
+        continue
+    runs[metric][fs].append(float(v))
 val = {m: {fs: statistics.median(vs) for fs, vs in by.items()} for m, by in runs.items()}
 peers = [p for p in ["ext4", "gocryptfs", "cryfs", "lsvfs-base"] if any(p in by for by in val.values())]
 print(f"{'workload':34} {'lsvfs':>10} " + " ".join(f"{p:>10} {'ratio':>6}" for p in peers))
@@ -208,5 +212,6 @@ for metric, by in val.items():
             continue
         r = l / v if better[metric] == "up" else v / l
         cells.append(f"{v:>10.1f} {r:>6.2f}")
-    print(f"{metric:34} {l:>10.1f} " + " ".join(cells))
+    shown = f"{l:>10.1f}" if l is not None else f"{'-':>10}"
+    print(f"{metric:34} {shown} " + " ".join(cells))
 PY
