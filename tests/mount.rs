@@ -648,19 +648,7 @@ fn seek_hole_tmpfile_and_xattr_limits_are_as_documented() {
         assert!(added < 10_000, "no limit on the xattr names of one file");
     };
     assert_eq!(refused, libc::ENOSPC);
-    let dump = Command::new("getfattr")
-        .args(["-d", "--absolute-names"])
-        .arg(&x)
-        .output()
-        .unwrap();
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let listed = String::from_utf8_lossy(&dump.stdout)
-        .matches("user.name-")
-        .count();
+    let listed = t.sh("getfattr -d x").matches("user.name-").count();
     assert_eq!(listed, added, "getfattr lists every name");
 
     // Files end at 16 TiB: a size or a fallocate past it is EFBIG (not

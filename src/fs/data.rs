@@ -174,26 +174,22 @@ impl Op<'_> {
     /// xattrs fill its block).
     fn put_xattr(&mut self, ino: Ino, k: &[u8], value: &[u8], exists: bool) -> Result<()> {
         if !exists {
-            self.room_for_xattr_name(ino, k)?;
+            // Each name with its NUL, the new one's first.
+            let (s, e) = kind_range(ino, kind::XATTR);
+            let listed = |key: &[u8]| key.len() - s.len() + 1;
+            let mut total = listed(k);
+            self.tree.visit(&mut self.store, &s, &e, &mut |key, _| {
+                total += listed(key);
+                total <= XATTR_LIST_MAX
+            })?;
+            if total > XATTR_LIST_MAX {
+                return Err(FsError::NoSpace(format!(
+                    "inode {ino}'s xattr names would take more than {XATTR_LIST_MAX} bytes, \
+                     the most listxattr can return; remove one of them first"
+                )));
+            }
         }
         self.put(k, value)
-    }
-
-    fn room_for_xattr_name(&mut self, ino: Ino, new_key: &[u8]) -> Result<()> {
-        let (s, e) = kind_range(ino, kind::XATTR);
-        let prefix = s.len();
-        let mut listed = new_key.len() - prefix + 1;
-        self.tree.visit(&mut self.store, &s, &e, &mut |k, _| {
-            listed += k.len() - prefix + 1;
-            listed <= XATTR_LIST_MAX
-        })?;
-        if listed > XATTR_LIST_MAX {
-            return Err(FsError::NoSpace(format!(
-                "inode {ino}'s xattr names would take more than {XATTR_LIST_MAX} bytes, \
-                 the most listxattr can return; remove one of them first"
-            )));
-        }
-        Ok(())
     }
 
     /// The inode of a file whose data is read or written: not a directory.
