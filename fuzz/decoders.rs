@@ -7,7 +7,7 @@ use std::path::Path;
 
 use lsvfs::fs::acl::Acl;
 use lsvfs::fs::btree::Node;
-use lsvfs::fs::format::{decode_chunk, Dirent, Ino, Inode, Superblock};
+use lsvfs::fs::format::{decode_chunk, parse_xattr_piece, Dirent, Ino, Inode, Superblock};
 use lsvfs::keys::{parse_key_file, SealedStore};
 
 /// File-system metadata as the B+tree hands it over after authentication
@@ -16,7 +16,7 @@ pub fn fs_metadata(data: &[u8]) {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 6 {
+    match which % 7 {
         0 => drop(Inode::decode(rest, Ino(7))),
         1 => drop(Dirent::decode(rest)),
         2 => drop(Superblock::decode(rest)),
@@ -29,7 +29,9 @@ pub fn fs_metadata(data: &[u8]) {
                 let _ = acl.create(0o644);
             }
         }
-        _ => drop(decode_chunk(rest)),
+        5 => drop(decode_chunk(rest)),
+        // An xattr piece key after its inode and kind (`lsvfs check`).
+        _ => drop(parse_xattr_piece(rest)),
     }
 }
 

@@ -325,6 +325,114 @@ fn checkpoint_v4_image_keeps_its_rekey_policy() {
     assert!(v.check().unwrap().is_clean());
 }
 
+/// File-system format 2 (xattr values longer than one metadata item, in
+/// pieces) on a bare 512-block volume in 16-block segments (master key
+/// `common::master()`): file `f` with `user.long` (32,768 bytes), `user.edge`
+/// (exactly 1,700: one full item, no piece) and `user.over` (1,701: one
+/// piece of one byte), each of [`fs2_value`]; directory `d` with a default
+/// ACL of 300 entries (2,412 bytes, [`fs2_acl`]) that its file `d/c`
+/// inherited as its access ACL.
+const FS2: &str = "tests/images/fs2.vol.gz";
+
+/// The bytes of an xattr value of `len` in [`FS2`], by name.
+fn fs2_value(name: &str, len: usize) -> Vec<u8> {
+    let seed = name
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    (0..len as u64)
+        .map(|i| (seed.wrapping_mul(i + 1) >> 7) as u8)
+        .collect()
+}
+
+/// [`FS2`]'s default ACL: owner rwx, 296 named users r-x, group r-x,
+/// mask rwx, other r-x.
+fn fs2_acl() -> Vec<u8> {
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    let mut entry = |tag: u16, perm: u16, id: u32| {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    };
+    entry(1, 7, u32::MAX);
+    for id in 0..296 {
+        entry(2, 5, 1000 + id);
+    }
+    entry(4, 5, u32::MAX);
+    entry(0x10, 7, u32::MAX);
+    entry(0x20, 5, u32::MAX);
+    acl
+}
+
+const FS2_XATTRS: [(&str, usize); 3] = [
+    ("user.long", 32_768),
+    ("user.edge", 1700),
+    ("user.over", 1701),
+];
+
+#[test]
+#[ignore = "writes tests/images/fs2.vol.gz once; never rerun"]
+fn generate_fs2_image() {
+    use lsvfs::fs::{Fs, ROOT_INO};
+    refuse_overwrite(&[FS2]);
+    let dev = Arc::new(MemDevice::new());
+    common::create(&*dev, 512, 16);
+    let v = open(dev.clone());
+    Fs::format(&v, 0, 0).unwrap();
+    let fs = Fs::mount(v).unwrap();
+    let (f, _) = fs
+        .mknod(ROOT_INO, b"f", libc::S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    for (name, len) in FS2_XATTRS {
+        fs.setxattr(f, name.as_bytes(), &fs2_value(name, len), 0)
+            .unwrap();
+    }
+    let (d, _) = fs
+        .mknod(ROOT_INO, b"d", libc::S_IFDIR | 0o755, 0, 0, 0)
+        .unwrap();
+    fs.setxattr(d, b"system.posix_acl_default", &fs2_acl(), 0)
+        .unwrap();
+    fs.mknod(d, b"c", libc::S_IFREG | 0o666, 0, 0, 0).unwrap();
+    fs.unmount().unwrap();
+    gzip_to(FS2, &dev.image());
+}
+
+#[test]
+fn fs_format_2_image_reads_its_long_xattrs_and_a_newer_version_is_refused() {
+    use lsvfs::fs::{Fs, ROOT_INO};
+    let img = gunzip(FS2);
+    let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img.clone())))).unwrap();
+    let (f, _) = fs.lookup(ROOT_INO, b"f").unwrap();
+    for (name, len) in FS2_XATTRS {
+        let got = fs.getxattr(f, name.as_bytes()).unwrap();
+        assert!(
+            got == fs2_value(name, len),
+            "{name}: {} bytes read",
+            got.len()
+        );
+    }
+    let (d, _) = fs.lookup(ROOT_INO, b"d").unwrap();
+    assert!(fs.getxattr(d, b"system.posix_acl_default").unwrap() == fs2_acl());
+    let (c, _) = fs.lookup(d, b"c").unwrap();
+    let access = fs.getxattr(c, b"system.posix_acl_access").unwrap();
+    assert_eq!(access.len(), fs2_acl().len(), "d/c inherited the long ACL");
+    let r = fs.check().unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    drop(fs);
+
+    // The same superblock saying version 3: refused by its version.
+    let dev = Arc::new(MemDevice::from_image(img));
+    let v = open(dev.clone());
+    let mut sb = vec![0u8; BLOCK_SIZE];
+    v.read(Lba(0), &mut sb).unwrap();
+    assert_eq!(sb[8..12], 2u32.to_le_bytes(), "the image is version 2");
+    sb[8..12].copy_from_slice(&3u32.to_le_bytes());
+    let mut t = Transaction::new();
+    t.write(Lba(0), sb);
+    v.commit(t).unwrap();
+    let e = Fs::mount(v).err().expect("version 3 mounted").to_string();
+    assert!(e.contains("want=2 have=3"), "{e}");
+}
+
 #[test]
 fn format_v1_image_still_opens_and_reads() {
     let dev = Arc::new(MemDevice::from_image(gunzip(V1)));
@@ -1570,12 +1678,12 @@ fn fs1_damaged_file_system_metadata_is_refused() {
 fn fs1_future_file_system_version_is_refused_by_mount() {
     let s = Scratch::new(FS1, FS1_KEY);
     let mut sb = superblock(&s);
-    sb[8..12].copy_from_slice(&2u32.to_le_bytes());
+    sb[8..12].copy_from_slice(&3u32.to_le_bytes());
     write_block(&s, 0, &sb);
     s.fails(
         &["mount", "v.vol", "m", "--key-file", "k"],
         3,
-        "want=1 have=2",
+        "want=2 have=3",
     );
 }
 
@@ -1585,9 +1693,9 @@ fn fs1_future_file_system_version_is_refused_by_mount() {
 fn fs1_future_file_system_version_is_refused_by_check() {
     let s = Scratch::new(FS1, FS1_KEY);
     let mut sb = superblock(&s);
-    sb[8..12].copy_from_slice(&2u32.to_le_bytes());
+    sb[8..12].copy_from_slice(&3u32.to_le_bytes());
     write_block(&s, 0, &sb);
-    s.check_fails(3, "want=1 have=2");
+    s.check_fails(3, "want=2 have=3");
 }
 
 /// [`SNAP2`]'s tree when `first` was taken.

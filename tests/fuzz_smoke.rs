@@ -95,6 +95,7 @@ fn fs_metadata_decoders_survive_mutations() {
     seeds.push(tag(
         2,
         Superblock {
+            version: 2,
             root: 3,
             next_ino: 12,
         }
@@ -126,6 +127,7 @@ fn fs_metadata_decoders_survive_mutations() {
     }
     seeds.push(tag(4, acl));
     seeds.push(tag(5, (0..128u64).flat_map(|b| b.to_le_bytes()).collect()));
+    seeds.push(tag(6, b"user.x\0\x02".to_vec()));
     for s in &seeds {
         mutations(s, 3000, decoders::fs_metadata);
     }

@@ -665,8 +665,9 @@ fn spaced_paths_mounted_volumes_and_fifos_work_as_a_user_expects() {
 /// What the README's "What the file system does not do" says, so that a
 /// change to any of it is seen: SEEK_DATA/SEEK_HOLE see the whole file as
 /// data (a written-back range and one still in the kernel's cache alike),
-/// O_TMPFILE answers EOPNOTSUPP, an xattr value may hold 1,700 bytes and
-/// not one more, a file may grow to 16 TiB and not one byte more.
+/// O_TMPFILE answers EOPNOTSUPP, an xattr value may hold 64 KiB (the
+/// kernel's most) and the names of a file's xattrs 64 KiB, a file may grow
+/// to 16 TiB and not one byte more.
 #[test]
 fn seek_hole_tmpfile_and_xattr_limits_are_as_documented() {
     let t = Mounted::new();
@@ -723,8 +724,25 @@ fn seek_hole_tmpfile_and_xattr_limits_are_as_documented() {
             .then_some(())
             .ok_or_else(|| errno_of(std::io::Error::last_os_error()))
     };
-    assert_eq!(set(1700), Ok(()));
-    assert_eq!(set(1701), Err(libc::E2BIG));
+    assert_eq!(set(1701), Ok(()));
+    assert_eq!(set(65536), Ok(()));
+    assert_eq!(set(65537), Err(libc::E2BIG), "the kernel's XATTR_SIZE_MAX");
+    // The longest value reads back, is copied by cp -a and shows whole in
+    // a snapshot.
+    let value_len = |file: &str| {
+        t.sh(&format!(
+            "getfattr --only-values -n user.big {file} | wc -c"
+        ))
+        .trim()
+        .to_string()
+    };
+    assert_eq!(value_len("x"), "65536");
+    t.sh("cp -a x x-copy");
+    assert_eq!(value_len("x-copy"), "65536", "cp -a copies it");
+    ok(&["snapshot", "create", "m", "long-xattr"], t.p());
+    assert_eq!(value_len(".snapshots/long-xattr/x"), "65536");
+    fs::remove_file(t.m().join("x-copy")).unwrap();
+    assert_eq!(set(10), Ok(()));
 
     // However many xattrs a file is given, listxattr can list them (the
     // kernel returns at most 64 KiB of names): past that, setxattr is
@@ -830,11 +848,56 @@ fn posix_acls_and_modes_as_cp_and_setfacl_expect() {
     sh("umask 027 && touch plain && mkdir plaindir");
     assert_eq!(mode(&t.m().join("plain")), 0o640);
     assert_eq!(mode(&t.m().join("plaindir")), 0o750);
+    // The longest ACL the kernel's FUSE client passes on (511 entries,
+    // 4 KiB; more than one metadata item holds), as an access and a
+    // default ACL, inherited whole; one entry more is E2BIG.
+    let users = |n: u32| {
+        (1000..1000 + n)
+            .map(|u| format!("u:{u}:r-x"))
+            .collect::<Vec<_>>()
+    };
+    let long = users(507).join(",");
+    sh(&format!(
+        "mkdir big && setfacl -m {long} big && setfacl -d -m {long} big && touch big/f"
+    ));
+    let named = |p: &str, prefix: &str| {
+        sh(&format!("getfacl -pn {p}"))
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(prefix)
+                    .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count()
+    };
+    assert_eq!(
+        (
+            named("big", "user:"),
+            named("big", "default:user:"),
+            named("big/f", "user:")
+        ),
+        (507, 507, 507)
+    );
+    let o = Command::new("setfacl")
+        .args(["-m", &users(508).join(","), "big"])
+        .current_dir(t.m())
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("Argument list too long"),
+        "an ACL of 512 entries: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     t.unmount();
     t.mount();
     assert!(
         sh("getfacl -p d/sub").contains("default:user:55:r-x"),
         "ACLs survive a remount"
+    );
+    assert_eq!(
+        named("big/f", "user:"),
+        507,
+        "a long ACL survives a remount"
     );
 }
 

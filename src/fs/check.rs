@@ -3,9 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::btree::MAX_VALUE;
 use super::btree::{Node, NodeStore};
+use super::data::XATTR_SIZE_MAX;
 use super::filesystem::Fs;
-use super::format::{kind, Dirent, Ino, Inode, CHUNK_BLOCKS, ORPHANS, ROOT_INO};
+use super::format::{kind, parse_xattr_piece, Dirent, Ino, Inode, CHUNK_BLOCKS, ORPHANS, ROOT_INO};
 use crate::fs::{FsError, Result};
 
 /// What the file-system check found.
@@ -18,6 +20,9 @@ pub struct FsReport {
     pub orphans: u64,
     pub problems: Vec<String>,
 }
+
+/// An inode's xattr, by name.
+type XattrOf = (Ino, Vec<u8>);
 
 /// The file system's metadata items, sorted by what they are.
 #[derive(Default)]
@@ -32,6 +37,10 @@ struct Items {
     /// Files whose truncation is still freeing blocks past their size.
     truncating: BTreeSet<Ino>,
     data_blocks: u64,
+    /// (inode, xattr name) -> the length of its item's value.
+    xattrs: HashMap<XattrOf, usize>,
+    /// (inode, xattr name) -> its pieces' numbers and lengths, in order.
+    pieces: BTreeMap<XattrOf, Vec<(u8, usize)>>,
 }
 
 impl Items {
@@ -93,11 +102,53 @@ impl Items {
                     }
                     None => problems.push("a malformed truncation record".into()),
                 },
-                kind::XATTR | kind::SYMLINK => {}
+                kind::XATTR => {
+                    it.xattrs.insert((ino, rest.to_vec()), v.len());
+                }
+                kind::XATTR_PIECE => match parse_xattr_piece(rest) {
+                    Some((name, piece)) => it
+                        .pieces
+                        .entry((ino, name.to_vec()))
+                        .or_default()
+                        .push((piece, v.len())),
+                    None => problems.push(format!("inode {ino}: a malformed xattr piece key")),
+                },
+                kind::SYMLINK => {}
                 other => problems.push(format!("inode {ino}: unknown item kind {other}")),
             }
         }
         it
+    }
+
+    /// The pieces of an xattr value follow a full item, are numbered from
+    /// 1 without a gap, are full but for the last, and hold no more than
+    /// the longest value: else a reader would stop early, or refuse it.
+    fn check_xattr_pieces(&self, r: &mut FsReport) {
+        for ((ino, name), pieces) in &self.pieces {
+            let n = String::from_utf8_lossy(name);
+            let Some(&first) = self.xattrs.get(&(*ino, name.clone())) else {
+                r.problems.push(format!(
+                    "inode {ino}: pieces of xattr {n:?}, which it does not have"
+                ));
+                continue;
+            };
+            let numbered = pieces
+                .iter()
+                .enumerate()
+                .all(|(i, (p, _))| *p as usize == i + 1);
+            let full = std::iter::once(first)
+                .chain(pieces.iter().map(|(_, len)| *len))
+                .take(pieces.len())
+                .all(|len| len == MAX_VALUE);
+            let total = first + pieces.iter().map(|(_, len)| len).sum::<usize>();
+            if !numbered || !full || total > XATTR_SIZE_MAX {
+                r.problems.push(format!(
+                    "inode {ino}: xattr {n:?} has {} pieces that do not read back whole \
+                     ({total} bytes)",
+                    pieces.len()
+                ));
+            }
+        }
     }
 
     /// Entries name live inodes of their type, directories name their
@@ -223,6 +274,7 @@ impl Fs {
                     .push(format!("a truncation record names missing inode {t}"));
             }
         }
+        items.check_xattr_pieces(&mut r);
         let (links, subdirs) = items.check_entries(&mut r);
         items.check_links(&links, &subdirs, &mut r);
         self.check_blocks(nodes, &items.owners, &mut r)?;
@@ -254,5 +306,52 @@ impl Fs {
                 .push(format!("block {b} is in use but not allocated"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::format::{key, xattr_piece_key};
+
+    /// What the piece check reports for `items`.
+    fn piece_problems(items: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let it = Items::collect(items, &mut problems);
+        let mut r = FsReport {
+            problems,
+            ..FsReport::default()
+        };
+        it.check_xattr_pieces(&mut r);
+        r.problems
+    }
+
+    #[test]
+    fn xattr_pieces_that_would_not_read_back_whole_are_reported() {
+        let ino = Ino(5);
+        let item = |len: usize| (key(ino, kind::XATTR, b"user.x"), vec![1u8; len]);
+        let piece = |p: u8, len: usize| (xattr_piece_key(ino, b"user.x", p), vec![2u8; len]);
+        let whole = [item(MAX_VALUE), piece(1, MAX_VALUE), piece(2, 10)];
+        assert!(piece_problems(&whole).is_empty());
+        type Item = (Vec<u8>, Vec<u8>);
+        let cases: [(&str, Vec<Item>); 5] = [
+            ("no xattr item", vec![piece(1, 10)]),
+            ("a short item", vec![item(10), piece(1, 10)]),
+            ("a gap", vec![item(MAX_VALUE), piece(2, 10)]),
+            (
+                "a short piece before the last",
+                vec![item(MAX_VALUE), piece(1, 10), piece(2, 10)],
+            ),
+            (
+                "a malformed key",
+                vec![(key(ino, kind::XATTR_PIECE, b"user.x"), vec![0u8; 3])],
+            ),
+        ];
+        for (what, items) in cases {
+            assert_eq!(piece_problems(&items).len(), 1, "{what}");
+        }
+        let mut long = vec![item(MAX_VALUE)];
+        long.extend((1..=39).map(|p| piece(p, MAX_VALUE)));
+        assert_eq!(piece_problems(&long).len(), 1, "past 64 KiB");
     }
 }

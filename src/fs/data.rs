@@ -12,10 +12,11 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
+use super::btree::MAX_VALUE;
 use super::filesystem::{FileMap, Fs, MapChange, Op};
 use super::format::{
-    decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, truncating_key, Ino, Inode,
-    Time, CHUNK_BLOCKS,
+    decode_chunk, file_type, key, key_suffix_u64, kind, kind_range, truncating_key,
+    xattr_piece_key, xattr_pieces_range, Ino, Inode, Time, CHUNK_BLOCKS, FS_VERSION_PIECES,
 };
 use super::store::Runs;
 use crate::fs::{FsError, Posix, Result};
@@ -167,17 +168,55 @@ pub const XATTR_REPLACE: u32 = 2;
 /// file's xattrs can be listed (and copied by `cp -a`, `rsync -X`, `tar`).
 pub const XATTR_LIST_MAX: usize = 65536;
 
+/// The longest xattr value (the kernel's XATTR_SIZE_MAX; it refuses
+/// longer ones itself). One over [`MAX_VALUE`] bytes is stored in pieces.
+pub const XATTR_SIZE_MAX: usize = 65536;
+
 impl Op<'_> {
-    /// Stores xattr key `k` of `ino`; a new name (not `exists`) is ENOSPC
-    /// if it would make the list of `ino`'s xattr names longer than
+    /// The value of xattr `name` of `ino`: its item, followed by its pieces
+    /// while each part is full (see [`kind::XATTR_PIECE`]).
+    pub(super) fn xattr(&mut self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some(mut value) = self.get(&key(ino, kind::XATTR, name))? else {
+            return Ok(None);
+        };
+        let mut last = value.len();
+        let mut piece = 1u8;
+        while last == MAX_VALUE {
+            let Some(part) = self.get(&xattr_piece_key(ino, name, piece))? else {
+                break;
+            };
+            last = part.len();
+            value.extend_from_slice(&part);
+            if value.len() > XATTR_SIZE_MAX || piece == u8::MAX {
+                return Err(FsError::Corrupted(format!(
+                    "inode {ino}: xattr {:?} has pieces past {XATTR_SIZE_MAX} bytes",
+                    String::from_utf8_lossy(name)
+                )));
+            }
+            piece += 1;
+        }
+        Ok(Some(value))
+    }
+
+    /// Stores `value` as xattr `name` of `ino`: one item, and pieces for
+    /// what is past its first [`MAX_VALUE`] bytes; pieces of a longer
+    /// value stored before are removed. A new name (not `exists`) is
+    /// ENOSPC if it would make the list of `ino`'s xattr names longer than
     /// listxattr(2) can return (ext4 answers the same when an inode's
     /// xattrs fill its block).
-    fn put_xattr(&mut self, ino: Ino, k: &[u8], value: &[u8], exists: bool) -> Result<()> {
+    pub(super) fn put_xattr(
+        &mut self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        exists: bool,
+    ) -> Result<()> {
+        let k = key(ino, kind::XATTR, name);
         if !exists {
             // Each name with its NUL, the new one's first.
             let (s, e) = kind_range(ino, kind::XATTR);
             let listed = |key: &[u8]| key.len() - s.len() + 1;
-            let mut total = listed(k);
+            let mut total = listed(&k);
             self.tree.visit(&mut self.store, &s, &e, &mut |key, _| {
                 total += listed(key);
                 total <= XATTR_LIST_MAX
@@ -189,7 +228,38 @@ impl Op<'_> {
                 )));
             }
         }
-        self.put(k, value)
+        let mut parts = value.chunks(MAX_VALUE);
+        self.put(&k, parts.next().unwrap_or_default())?;
+        let mut pieces = 0u8;
+        for part in parts {
+            pieces += 1;
+            self.put(&xattr_piece_key(ino, name, pieces), part)?;
+        }
+        if pieces > 0 {
+            // Older builds cannot read pieces: from now on they refuse
+            // this file system by its version.
+            self.require_version(FS_VERSION_PIECES);
+        }
+        if exists {
+            self.del_xattr_pieces(ino, name, pieces)?;
+        }
+        Ok(())
+    }
+
+    /// Removes xattr `name` of `ino`, its pieces too.
+    pub(super) fn del_xattr(&mut self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.del(&key(ino, kind::XATTR, name))?;
+        self.del_xattr_pieces(ino, name, 0)
+    }
+
+    /// Removes the pieces of xattr `name` of `ino` past the first `keep`.
+    fn del_xattr_pieces(&mut self, ino: Ino, name: &[u8], keep: u8) -> Result<()> {
+        let (s, e) = xattr_pieces_range(ino, name);
+        let (s, e) = (xattr_piece_key(ino, name, keep.saturating_add(1)).max(s), e);
+        for (k, _) in self.tree.range(&mut self.store, &s, &e, usize::MAX)? {
+            self.del(&k)?;
+        }
+        Ok(())
     }
 
     /// The inode of a file whose data is read or written: not a directory.
@@ -242,10 +312,11 @@ impl Op<'_> {
                 i.mode &= !libc::S_ISGID;
             }
         }
-        let k = key(ino, kind::XATTR, SECURITY_CAPABILITY);
-        let had_caps = self.get(&k)?.is_some();
+        let had_caps = self
+            .get(&key(ino, kind::XATTR, SECURITY_CAPABILITY))?
+            .is_some();
         if had_caps {
-            self.del(&k)?;
+            self.del_xattr(ino, SECURITY_CAPABILITY)?;
             self.forget_map(ino);
         }
         Ok(had_caps || i.mode != before)
@@ -672,11 +743,10 @@ impl Fs {
             if let Some(m) = a.mode {
                 i.mode = file_type(i.mode) | (m & 0o7777);
                 // An access ACL follows the mode (posix_acl_chmod).
-                let k = key(ino, kind::XATTR, acl::ACCESS);
-                if let Some(v) = op.get(&k)? {
+                if let Some(v) = op.xattr(ino, acl::ACCESS)? {
                     let mut a = acl::Acl::decode(&v)?;
                     a.chmod(i.mode);
-                    op.put(&k, &a.encode())?;
+                    op.put_xattr(ino, acl::ACCESS, &a.encode(), true)?;
                 }
             }
             if a.uid.is_some() || a.gid.is_some() || a.size.is_some() {
@@ -917,13 +987,15 @@ impl Fs {
         if name.is_empty() || name.len() > 255 {
             return Err(Posix::Invalid.at("an xattr name must have 1 to 255 bytes"));
         }
-        if value.len() > super::btree::MAX_VALUE {
-            return Err(Posix::TooBig.at(format!("an xattr value of {} bytes", value.len())));
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(Posix::TooBig.at(format!(
+                "an xattr value of {} bytes (at most {XATTR_SIZE_MAX})",
+                value.len()
+            )));
         }
         self.op(|op, _| {
             let mut i = op.inode(ino)?;
-            let k = key(ino, kind::XATTR, name);
-            let exists = op.get(&k)?.is_some();
+            let exists = op.get(&key(ino, kind::XATTR, name))?.is_some();
             if flags & XATTR_CREATE != 0 && exists {
                 return Err(Posix::Exists.at(String::from_utf8_lossy(name)));
             }
@@ -936,18 +1008,18 @@ impl Fs {
                 let a = acl::Acl::decode(value)?;
                 i.mode = (i.mode & !0o777) | a.mode_bits();
                 if a.is_minimal() {
-                    op.del(&k)?;
+                    op.del_xattr(ino, name)?;
                 } else {
-                    op.put_xattr(ino, &k, value, exists)?;
+                    op.put_xattr(ino, name, value, exists)?;
                 }
             } else if name == acl::DEFAULT {
                 if !i.is_dir() {
                     return Err(Posix::Invalid.at("a default ACL on a non-directory"));
                 }
                 acl::Acl::decode(value)?;
-                op.put_xattr(ino, &k, value, exists)?;
+                op.put_xattr(ino, name, value, exists)?;
             } else {
-                op.put_xattr(ino, &k, value, exists)?;
+                op.put_xattr(ino, name, value, exists)?;
             }
             if name == SECURITY_CAPABILITY {
                 op.forget_map(ino);
@@ -960,7 +1032,7 @@ impl Fs {
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         self.read_op(|op| {
             op.inode(ino)?;
-            op.get(&key(ino, kind::XATTR, name))?
+            op.xattr(ino, name)?
                 .ok_or_else(|| Posix::NoAttr.at(String::from_utf8_lossy(name)))
         })
     }
@@ -981,11 +1053,10 @@ impl Fs {
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         self.op(|op, _| {
             let mut i = op.inode(ino)?;
-            let k = key(ino, kind::XATTR, name);
-            if op.get(&k)?.is_none() {
+            if op.get(&key(ino, kind::XATTR, name))?.is_none() {
                 return Err(Posix::NoAttr.at(String::from_utf8_lossy(name)));
             }
-            op.del(&k)?;
+            op.del_xattr(ino, name)?;
             if name == SECURITY_CAPABILITY {
                 op.forget_map(ino);
             }

@@ -12,7 +12,8 @@ use super::acl;
 use super::btree::{BTree, Node};
 use super::format::{
     file_type, inode_range, key, key_suffix_u64, kind, kind_range, orphan_key, truncating_key,
-    Dirent, Ino, Inode, Superblock, Time, CHUNK_BLOCKS, NAME_MAX, ORPHANS, ROOT_INO, SYMLINK_MAX,
+    Dirent, Ino, Inode, Superblock, Time, CHUNK_BLOCKS, FS_VERSION_BASE, NAME_MAX, ORPHANS,
+    ROOT_INO, SYMLINK_MAX,
 };
 use super::holds::Holds;
 use super::store::{Allocator, Commit, Pending, Unwritten, VolumeStore};
@@ -278,6 +279,13 @@ pub(super) struct Op<'a> {
 }
 
 impl Op<'_> {
+    /// Writes the superblock as format `version` (or the later one it
+    /// has) at this operation's commit: it stores something older builds
+    /// cannot read.
+    pub(super) fn require_version(&mut self, version: u32) {
+        self.sb.version = self.sb.version.max(version);
+    }
+
     pub(super) fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>> {
         self.tree.get(&mut self.store, k)
     }
@@ -722,6 +730,7 @@ impl Fs {
         root.parent = ROOT_INO;
         tree.insert(&mut store, &key(ROOT_INO, kind::INODE, &[]), &root.encode())?;
         let sb = Superblock {
+            version: FS_VERSION_BASE,
             root: tree.root,
             next_ino: ROOT_INO.0 + 1,
         };
@@ -1450,7 +1459,7 @@ impl Fs {
                 let Op {
                     store, tree, sb, ..
                 } = op;
-                if tree.root != old_root {
+                if tree.root != old_root || sb.version != old_sb.version {
                     sb.root = tree.root;
                     txn.write(SUPERBLOCK, sb.encode());
                 }
@@ -1602,7 +1611,7 @@ impl Fs {
             if op.entry(parent, name)?.is_some() {
                 return Err(Posix::Exists.at(String::from_utf8_lossy(name)));
             }
-            let default = op.get(&key(parent, kind::XATTR, acl::DEFAULT))?;
+            let default = op.xattr(parent, acl::DEFAULT)?;
             let (mode, access) = match &default {
                 Some(v) => {
                     let (a, bits) = acl::Acl::decode(v)?.create(mode);
@@ -1623,11 +1632,11 @@ impl Fs {
                 i.parent = parent;
                 d.nlink += 1;
                 if let Some(v) = &default {
-                    op.put(&key(ino, kind::XATTR, acl::DEFAULT), v)?;
+                    op.put_xattr(ino, acl::DEFAULT, v, false)?;
                 }
             }
             if let Some(a) = access {
-                op.put(&key(ino, kind::XATTR, acl::ACCESS), &a)?;
+                op.put_xattr(ino, acl::ACCESS, &a, false)?;
             }
             op.put_inode(ino, &i)?;
             op.add_entry(parent, &mut d, name, ino, mode)?;

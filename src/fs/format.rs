@@ -8,7 +8,15 @@ use crate::fs::{FsError, Result};
 use crate::BLOCK_SIZE;
 
 pub const FS_MAGIC: [u8; 8] = *b"LSVFSFS\0";
-pub const FS_VERSION: u32 = 1;
+/// The newest file-system format version this build reads and writes.
+/// Version 2 adds xattr values longer than one metadata item (kind
+/// [`kind::XATTR_PIECE`]); a file system is written as version 1, which
+/// older builds read, until it stores the first such value.
+pub const FS_VERSION: u32 = 2;
+/// The version a new file system is written with (see [`FS_VERSION`]).
+pub const FS_VERSION_BASE: u32 = 1;
+/// The version that added [`kind::XATTR_PIECE`].
+pub const FS_VERSION_PIECES: u32 = 2;
 /// An inode number. The root is 1; 0 holds the orphan list; every number
 /// stays below [`crate::fs::MAX_INO`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,7 +45,9 @@ pub mod kind {
     pub const DIRENT: u8 = 2;
     /// Readdir position of an entry. Key: dir ino, kind, cookie (BE u64). Value: name.
     pub const COOKIE: u8 = 3;
-    /// An extended attribute. Key: ino, kind, name. Value: the attribute's bytes.
+    /// An extended attribute. Key: ino, kind, name. Value: the attribute's
+    /// bytes, or the first [`crate::fs::btree::MAX_VALUE`] of them when
+    /// [`XATTR_PIECE`] items hold the rest.
     pub const XATTR: u8 = 4;
     /// Where 128 consecutive file blocks live. Key: ino, kind, chunk
     /// index (BE u64). Value: 128 block addresses (LE u64, 0 = hole).
@@ -53,6 +63,13 @@ pub mod kind {
     /// Value: empty. Removed by the last step; finished at the next mount
     /// after a crash.
     pub const TRUNCATING: u8 = 8;
+    /// The rest of an xattr value longer than
+    /// [`crate::fs::btree::MAX_VALUE`] bytes (file-system version 2). Key:
+    /// ino, kind, name, NUL, piece (u8, from 1). Value: the value's bytes
+    /// from piece × MAX_VALUE, at most MAX_VALUE of them. A reader follows
+    /// an xattr item of exactly MAX_VALUE bytes with its pieces, in turn,
+    /// while each is full.
+    pub const XATTR_PIECE: u8 = 9;
 }
 
 /// File blocks per chunk item.
@@ -95,6 +112,35 @@ pub fn truncating_key(ino: Ino) -> Vec<u8> {
 /// The range of keys of one kind for one inode: `[start, end)`.
 pub fn kind_range(ino: Ino, kind: u8) -> (Vec<u8>, Vec<u8>) {
     (key(ino, kind, &[]), key(ino, kind + 1, &[]))
+}
+
+/// The key of piece `piece` (1 or more) of xattr `name`'s value.
+pub fn xattr_piece_key(ino: Ino, name: &[u8], piece: u8) -> Vec<u8> {
+    let mut k = key(ino, kind::XATTR_PIECE, name);
+    k.push(0);
+    k.push(piece);
+    k
+}
+
+/// Every piece key of xattr `name` (names hold no NUL, so no other name's
+/// pieces fall in it).
+pub fn xattr_pieces_range(ino: Ino, name: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut s = key(ino, kind::XATTR_PIECE, name);
+    let mut e = s.clone();
+    s.push(0);
+    e.push(1);
+    (s, e)
+}
+
+/// The name and piece number in a piece key's part after ino and kind;
+/// None if malformed.
+pub fn parse_xattr_piece(rest: &[u8]) -> Option<(&[u8], u8)> {
+    match rest {
+        [name @ .., 0, piece] if !name.is_empty() && !name.contains(&0) && *piece > 0 => {
+            Some((name, *piece))
+        }
+        _ => None,
+    }
 }
 
 /// Every key of one inode.
@@ -286,6 +332,8 @@ impl Dirent {
 /// | 0 magic [8] | 8 version u32 | 12 reserved u32 | 16 tree root u64 | 24 next ino u64 |
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// [`FS_VERSION_BASE`] or [`FS_VERSION_PIECES`] (see [`FS_VERSION`]).
+    pub version: u32,
     pub root: u64,
     pub next_ino: u64,
 }
@@ -294,7 +342,7 @@ impl Superblock {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; BLOCK_SIZE];
         b[..8].copy_from_slice(&FS_MAGIC);
-        b[8..12].copy_from_slice(&FS_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[16..24].copy_from_slice(&self.root.to_le_bytes());
         b[24..32].copy_from_slice(&self.next_ino.to_le_bytes());
         b
@@ -307,13 +355,14 @@ impl Superblock {
             ));
         }
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        if version != FS_VERSION {
+        if !(FS_VERSION_BASE..=FS_VERSION).contains(&version) {
             return Err(FsError::UnsupportedVersion {
                 want: FS_VERSION,
                 have: version,
             });
         }
         Ok(Superblock {
+            version,
             root: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
             next_ino: u64::from_le_bytes(b[24..32].try_into().expect("8 bytes")),
         })
@@ -339,12 +388,57 @@ mod tests {
             mode: libc::S_IFREG,
         };
         assert_eq!(Dirent::decode(&d.encode()).unwrap(), d);
-        let s = Superblock {
-            root: 7,
-            next_ino: 12,
-        };
-        assert_eq!(Superblock::decode(&s.encode()).unwrap(), s);
+        for version in [FS_VERSION_BASE, FS_VERSION_PIECES] {
+            let s = Superblock {
+                version,
+                root: 7,
+                next_ino: 12,
+            };
+            assert_eq!(Superblock::decode(&s.encode()).unwrap(), s);
+        }
         assert!(Superblock::decode(&[0u8; BLOCK_SIZE]).is_err());
+        for bad in [0, FS_VERSION + 1] {
+            let mut b = Superblock {
+                version: FS_VERSION,
+                root: 7,
+                next_ino: 12,
+            }
+            .encode();
+            b[8..12].copy_from_slice(&bad.to_le_bytes());
+            assert!(
+                matches!(
+                    Superblock::decode(&b),
+                    Err(FsError::UnsupportedVersion { have, .. }) if have == bad
+                ),
+                "version {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn xattr_piece_keys_sort_by_name_then_piece_and_parse_back() {
+        let (s, e) = xattr_pieces_range(Ino(3), b"user.a");
+        for piece in [1, 2, 200] {
+            let k = xattr_piece_key(Ino(3), b"user.a", piece);
+            assert!(s <= k && k < e);
+            assert_eq!(parse_xattr_piece(&k[9..]), Some((&b"user.a"[..], piece)));
+        }
+        // Another name, even one that starts with this one, is outside.
+        for other in [&b"user.ab"[..], b"user.", b"user.b"] {
+            let k = xattr_piece_key(Ino(3), other, 1);
+            assert!(!(s <= k && k < e), "{other:?}");
+        }
+        assert!(xattr_piece_key(Ino(3), b"user.a", 1) < xattr_piece_key(Ino(3), b"user.a", 2));
+        for bad in [
+            &b""[..],
+            b"\0\x01",
+            b"a\0",
+            b"a\0\0",
+            b"a\x01",
+            b"a\0b\0\x01",
+        ] {
+            assert_eq!(parse_xattr_piece(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
