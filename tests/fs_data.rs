@@ -340,11 +340,55 @@ fn long_xattr_values_are_stored_in_pieces() {
     assert!(access[12..12 + 296 * 8] == acl[12..12 + 296 * 8]);
     clean(&fs);
 
-    // Deleting files frees their pieces with them.
+    // One file's values take at most 8 MiB together: the 129th value of
+    // 64 KiB is ENOSPC; a shorter replacement or a removal makes room.
+    let (full, _) = fs.mknod(ROOT, b"full", REG, 0, 0, 0).unwrap();
+    let big = |i: u32| format!("user.v{i:03}");
+    let mut stored = 0;
+    let refused = loop {
+        match fs.setxattr(
+            full,
+            big(stored).as_bytes(),
+            &pattern(stored as u64, 65536),
+            0,
+        ) {
+            Ok(()) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored <= 200, "no limit on one file's xattr values");
+    };
+    assert_eq!((stored, refused.errno()), (128, libc::ENOSPC), "{refused}");
+    assert!(refused.to_string().contains("8 MiB"), "{refused}");
+    fs.setxattr(full, big(0).as_bytes(), &pattern(1, 65536), XATTR_REPLACE)
+        .expect("replacing a value with one as long still fits");
+    fs.setxattr(full, big(1).as_bytes(), b"short", XATTR_REPLACE)
+        .unwrap();
+    fs.setxattr(full, big(200).as_bytes(), &pattern(2, 60_000), 0)
+        .expect("room made by the shorter value");
+    fs.removexattr(full, big(2).as_bytes()).unwrap();
+    fs.setxattr(full, big(201).as_bytes(), &pattern(3, 65536), 0)
+        .expect("room made by the removal");
+    same(&fs, full, &big(127), &pattern(127, 65536));
+    clean(&fs);
+
+    // Deleting files frees their pieces with them (`check` reports the
+    // xattrs and pieces of an inode that is gone); the full one's 8 MiB
+    // go in one transaction.
+    fs.unlink(ROOT, b"full").unwrap();
     fs.unlink(ROOT, b"f").unwrap();
     fs.unlink(dir, b"c").unwrap();
     fs.rmdir(dir, b"sub").unwrap();
+    for gone in [ino, child, sub, full] {
+        let _ = fs.forget(gone, 1);
+    }
     fs.sync().unwrap();
+    for gone in [ino, child, sub, full] {
+        assert_eq!(
+            fs.getattr(gone).unwrap_err().errno(),
+            libc::ENOENT,
+            "inode {gone:?} was freed"
+        );
+    }
     clean(&fs);
 }
 

@@ -7,7 +7,9 @@ use super::btree::MAX_VALUE;
 use super::btree::{Node, NodeStore};
 use super::data::XATTR_SIZE_MAX;
 use super::filesystem::Fs;
-use super::format::{kind, parse_xattr_piece, Dirent, Ino, Inode, CHUNK_BLOCKS, ORPHANS, ROOT_INO};
+use super::format::{
+    kind, parse_xattr_piece, Dirent, Ino, Inode, CHUNK_BLOCKS, FS_VERSION_PIECES, ORPHANS, ROOT_INO,
+};
 use crate::fs::{FsError, Result};
 
 /// What the file-system check found.
@@ -123,7 +125,25 @@ impl Items {
     /// The pieces of an xattr value follow a full item, are numbered from
     /// 1 without a gap, are full but for the last, and hold no more than
     /// the longest value: else a reader would stop early, or refuse it.
-    fn check_xattr_pieces(&self, r: &mut FsReport) {
+    /// The file system's `version` must say it has pieces (else an older
+    /// build would read such values cut short), and every xattr and piece
+    /// belongs to an inode there is.
+    fn check_xattr_pieces(&self, version: u32, r: &mut FsReport) {
+        if !self.pieces.is_empty() && version < FS_VERSION_PIECES {
+            r.problems.push(format!(
+                "xattr values are stored in pieces, but the superblock says file-system \
+                 version {version}"
+            ));
+        }
+        let strays: BTreeSet<Ino> = (self.xattrs.keys())
+            .chain(self.pieces.keys())
+            .map(|(ino, _)| *ino)
+            .filter(|ino| !self.inodes.contains_key(ino))
+            .collect();
+        for ino in strays {
+            r.problems
+                .push(format!("xattrs of inode {ino}, which does not exist"));
+        }
         for ((ino, name), pieces) in &self.pieces {
             let n = String::from_utf8_lossy(name);
             let Some(&first) = self.xattrs.get(&(*ino, name.clone())) else {
@@ -242,7 +262,7 @@ impl Fs {
         // names: both as of one commit.
         self.commit_pending()?;
         let mut r = FsReport::default();
-        let (items, nodes) = self.read_op(|op| {
+        let (items, nodes, version) = self.read_op(|op| {
             let all = op
                 .tree
                 .range(&mut op.store, &[0], &[0xff; 10], usize::MAX)?;
@@ -258,7 +278,7 @@ impl Fs {
                     stack.extend(children);
                 }
             }
-            Ok((all, nodes))
+            Ok((all, nodes, op.version()))
         })?;
         let items = Items::collect(&items, &mut r.problems);
         r.data_blocks = items.data_blocks;
@@ -274,7 +294,7 @@ impl Fs {
                     .push(format!("a truncation record names missing inode {t}"));
             }
         }
-        items.check_xattr_pieces(&mut r);
+        items.check_xattr_pieces(version, &mut r);
         let (links, subdirs) = items.check_entries(&mut r);
         items.check_links(&links, &subdirs, &mut r);
         self.check_blocks(nodes, &items.owners, &mut r)?;
@@ -312,46 +332,78 @@ impl Fs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::format::{key, xattr_piece_key};
+    use crate::fs::format::{key, xattr_piece_key, FS_VERSION_BASE};
 
-    /// What the piece check reports for `items`.
-    fn piece_problems(items: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
+    type Item = (Vec<u8>, Vec<u8>);
+
+    /// What the piece check reports for inode 5 holding `items`, on a file
+    /// system of `version`.
+    fn piece_problems(items: &[Item], version: u32) -> Vec<String> {
+        let inode = Inode::new(libc::S_IFREG | 0o644, 0, 0, 0);
+        let mut all = vec![(key(Ino(5), kind::INODE, &[]), inode.encode())];
+        all.extend_from_slice(items);
         let mut problems = Vec::new();
-        let it = Items::collect(items, &mut problems);
+        let it = Items::collect(&all, &mut problems);
         let mut r = FsReport {
             problems,
             ..FsReport::default()
         };
-        it.check_xattr_pieces(&mut r);
+        it.check_xattr_pieces(version, &mut r);
         r.problems
     }
 
     #[test]
     fn xattr_pieces_that_would_not_read_back_whole_are_reported() {
-        let ino = Ino(5);
-        let item = |len: usize| (key(ino, kind::XATTR, b"user.x"), vec![1u8; len]);
-        let piece = |p: u8, len: usize| (xattr_piece_key(ino, b"user.x", p), vec![2u8; len]);
+        let of = |ino: u64, len: usize| (key(Ino(ino), kind::XATTR, b"user.x"), vec![1u8; len]);
+        let item = |len: usize| of(5, len);
+        let piece = |p: u8, len: usize| (xattr_piece_key(Ino(5), b"user.x", p), vec![2u8; len]);
         let whole = [item(MAX_VALUE), piece(1, MAX_VALUE), piece(2, 10)];
-        assert!(piece_problems(&whole).is_empty());
-        type Item = (Vec<u8>, Vec<u8>);
-        let cases: [(&str, Vec<Item>); 5] = [
-            ("no xattr item", vec![piece(1, 10)]),
-            ("a short item", vec![item(10), piece(1, 10)]),
-            ("a gap", vec![item(MAX_VALUE), piece(2, 10)]),
+        assert_eq!(
+            piece_problems(&whole, FS_VERSION_PIECES),
+            Vec::<String>::new()
+        );
+        let cases: [(&str, Vec<Item>, u32); 7] = [
+            ("no xattr item", vec![piece(1, 10)], FS_VERSION_PIECES),
+            (
+                "a short item",
+                vec![item(10), piece(1, 10)],
+                FS_VERSION_PIECES,
+            ),
+            (
+                "a gap",
+                vec![item(MAX_VALUE), piece(2, 10)],
+                FS_VERSION_PIECES,
+            ),
             (
                 "a short piece before the last",
                 vec![item(MAX_VALUE), piece(1, 10), piece(2, 10)],
+                FS_VERSION_PIECES,
             ),
             (
                 "a malformed key",
-                vec![(key(ino, kind::XATTR_PIECE, b"user.x"), vec![0u8; 3])],
+                vec![(key(Ino(5), kind::XATTR_PIECE, b"user.x"), vec![0u8; 3])],
+                FS_VERSION_PIECES,
+            ),
+            (
+                "pieces in a version 1 file system",
+                whole.to_vec(),
+                FS_VERSION_BASE,
+            ),
+            (
+                "an xattr of a missing inode",
+                vec![of(6, 10)],
+                FS_VERSION_PIECES,
             ),
         ];
-        for (what, items) in cases {
-            assert_eq!(piece_problems(&items).len(), 1, "{what}");
+        for (what, items, version) in cases {
+            assert_eq!(piece_problems(&items, version).len(), 1, "{what}");
         }
         let mut long = vec![item(MAX_VALUE)];
         long.extend((1..=39).map(|p| piece(p, MAX_VALUE)));
-        assert_eq!(piece_problems(&long).len(), 1, "past 64 KiB");
+        assert_eq!(
+            piece_problems(&long, FS_VERSION_PIECES).len(),
+            1,
+            "past 64 KiB"
+        );
     }
 }

@@ -171,6 +171,20 @@ pub const XATTR_LIST_MAX: usize = 65536;
 /// The longest xattr value (the kernel's XATTR_SIZE_MAX; it refuses
 /// longer ones itself). One over [`MAX_VALUE`] bytes is stored in pieces.
 pub const XATTR_SIZE_MAX: usize = 65536;
+/// The most one inode's xattr values take together. Deleting a file frees
+/// its xattrs in one transaction, so this bounds that transaction: about
+/// 5,000 metadata items, fewer than 8,192 full items of 1,700 bytes each,
+/// which the name limit alone allowed before values had pieces.
+pub const XATTR_VALUES_MAX: usize = 8 << 20;
+
+/// An xattr name has 1 to 255 bytes and no NUL (the kernel passes C
+/// strings; a NUL would also let one name's pieces fall among another's).
+fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || name.contains(&0) {
+        return Err(Posix::Invalid.at("an xattr name must have 1 to 255 bytes and no NUL"));
+    }
+    Ok(())
+}
 
 impl Op<'_> {
     /// The value of xattr `name` of `ino`: its item, followed by its pieces
@@ -200,10 +214,11 @@ impl Op<'_> {
 
     /// Stores `value` as xattr `name` of `ino`: one item, and pieces for
     /// what is past its first [`MAX_VALUE`] bytes; pieces of a longer
-    /// value stored before are removed. A new name (not `exists`) is
-    /// ENOSPC if it would make the list of `ino`'s xattr names longer than
+    /// value stored before are removed. ENOSPC if a new name (not
+    /// `exists`) would make the list of `ino`'s xattr names longer than
     /// listxattr(2) can return (ext4 answers the same when an inode's
-    /// xattrs fill its block).
+    /// xattrs fill its block), or if `ino`'s values would take more than
+    /// [`XATTR_VALUES_MAX`] together.
     pub(super) fn put_xattr(
         &mut self,
         ino: Ino,
@@ -212,21 +227,43 @@ impl Op<'_> {
         exists: bool,
     ) -> Result<()> {
         let k = key(ino, kind::XATTR, name);
-        if !exists {
-            // Each name with its NUL, the new one's first.
-            let (s, e) = kind_range(ino, kind::XATTR);
-            let listed = |key: &[u8]| key.len() - s.len() + 1;
-            let mut total = listed(&k);
-            self.tree.visit(&mut self.store, &s, &e, &mut |key, _| {
-                total += listed(key);
-                total <= XATTR_LIST_MAX
-            })?;
-            if total > XATTR_LIST_MAX {
-                return Err(FsError::NoSpace(format!(
-                    "inode {ino}'s xattr names would take more than {XATTR_LIST_MAX} bytes, \
-                     the most listxattr can return; remove one of them first"
-                )));
+        // Each name with its NUL, the new one's first; the values of the
+        // others, this one's new value.
+        let (s, e) = kind_range(ino, kind::XATTR);
+        let listed = |key: &[u8]| key.len() - s.len() + 1;
+        let mut names = if exists { 0 } else { listed(&k) };
+        let mut values = value.len();
+        let over =
+            |names: usize, values: usize| names > XATTR_LIST_MAX || values > XATTR_VALUES_MAX;
+        self.tree.visit(&mut self.store, &s, &e, &mut |key, v| {
+            if key != k.as_slice() {
+                names += listed(key);
+                values += v.len();
             }
+            !over(names, values)
+        })?;
+        let (ps, pe) = kind_range(ino, kind::XATTR_PIECE);
+        let (own_s, own_e) = xattr_pieces_range(ino, name);
+        if !over(names, values) {
+            self.tree.visit(&mut self.store, &ps, &pe, &mut |key, v| {
+                if !(own_s.as_slice()..own_e.as_slice()).contains(&key) {
+                    values += v.len();
+                }
+                !over(names, values)
+            })?;
+        }
+        if !exists && names > XATTR_LIST_MAX {
+            return Err(FsError::NoSpace(format!(
+                "inode {ino}'s xattr names would take more than {XATTR_LIST_MAX} bytes, \
+                 the most listxattr can return; remove one of them first"
+            )));
+        }
+        if values > XATTR_VALUES_MAX {
+            return Err(FsError::NoSpace(format!(
+                "inode {ino}'s xattr values would take more than {} MiB together; \
+                 remove or shorten some first",
+                XATTR_VALUES_MAX >> 20
+            )));
         }
         let mut parts = value.chunks(MAX_VALUE);
         self.put(&k, parts.next().unwrap_or_default())?;
@@ -240,9 +277,9 @@ impl Op<'_> {
             // this file system by its version.
             self.require_version(FS_VERSION_PIECES);
         }
-        if exists {
-            self.del_xattr_pieces(ino, name, pieces)?;
-        }
+        // Pieces of the value replaced (a new name has none, unless the
+        // tree was damaged: then they would be read as this value's).
+        self.del_xattr_pieces(ino, name, pieces)?;
         Ok(())
     }
 
@@ -984,9 +1021,7 @@ impl Fs {
     }
 
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
-        if name.is_empty() || name.len() > 255 {
-            return Err(Posix::Invalid.at("an xattr name must have 1 to 255 bytes"));
-        }
+        check_xattr_name(name)?;
         if value.len() > XATTR_SIZE_MAX {
             return Err(Posix::TooBig.at(format!(
                 "an xattr value of {} bytes (at most {XATTR_SIZE_MAX})",
@@ -1030,6 +1065,7 @@ impl Fs {
     }
 
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        check_xattr_name(name)?;
         self.read_op(|op| {
             op.inode(ino)?;
             op.xattr(ino, name)?
@@ -1051,6 +1087,7 @@ impl Fs {
     }
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        check_xattr_name(name)?;
         self.op(|op, _| {
             let mut i = op.inode(ino)?;
             if op.get(&key(ino, kind::XATTR, name))?.is_none() {

@@ -286,6 +286,11 @@ impl Op<'_> {
         self.sb.version = self.sb.version.max(version);
     }
 
+    /// The file system's format version, as its superblock says.
+    pub(super) fn version(&self) -> u32 {
+        self.sb.version
+    }
+
     pub(super) fn get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>> {
         self.tree.get(&mut self.store, k)
     }
