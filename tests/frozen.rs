@@ -347,20 +347,7 @@ fn fs2_value(name: &str, len: usize) -> Vec<u8> {
 /// [`FS2`]'s default ACL: owner rwx, 296 named users r-x, group r-x,
 /// mask rwx, other r-x.
 fn fs2_acl() -> Vec<u8> {
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    let mut entry = |tag: u16, perm: u16, id: u32| {
-        acl.extend_from_slice(&tag.to_le_bytes());
-        acl.extend_from_slice(&perm.to_le_bytes());
-        acl.extend_from_slice(&id.to_le_bytes());
-    };
-    entry(1, 7, u32::MAX);
-    for id in 0..296 {
-        entry(2, 5, 1000 + id);
-    }
-    entry(4, 5, u32::MAX);
-    entry(0x10, 7, u32::MAX);
-    entry(0x20, 5, u32::MAX);
-    acl
+    common::long_acl(296)
 }
 
 const FS2_XATTRS: [(&str, usize); 3] = [

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{master, mem_volume, open, opts, Rng};
+use common::{long_acl, master, mem_volume, open, opts, Rng};
 use lsvfs::device::MemDevice;
 use lsvfs::fs::format::Time;
 use lsvfs::fs::{
@@ -290,19 +290,7 @@ fn long_xattr_values_are_stored_in_pieces() {
 
     // A default ACL of 300 entries (2,412 bytes, past one item) is
     // inherited whole by a new file and a new directory.
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    let mut entry = |t: u16, p: u16, id: u32| {
-        acl.extend_from_slice(&t.to_le_bytes());
-        acl.extend_from_slice(&p.to_le_bytes());
-        acl.extend_from_slice(&id.to_le_bytes());
-    };
-    entry(1, 7, u32::MAX);
-    for id in 0..296 {
-        entry(2, 5, 1000 + id);
-    }
-    entry(4, 5, u32::MAX);
-    entry(0x10, 7, u32::MAX);
-    entry(0x20, 5, u32::MAX);
+    let acl = long_acl(296);
     assert!(acl.len() > 1700);
     let (dir, _) = fs
         .mknod(ROOT, b"d", libc::S_IFDIR | 0o755, 0, 0, 0)

@@ -54,6 +54,26 @@ pub fn mem_volume(logical_blocks: u64, segment_blocks: u32) -> Arc<MemDevice> {
     dev
 }
 
+/// A POSIX ACL in the kernel's xattr format: owner rwx, `named` users
+/// 1000, 1001, … with r-x, group r-x, mask rwx, other r-x (4 + 8 bytes
+/// an entry: 2,412 bytes for 296 named users).
+pub fn long_acl(named: u32) -> Vec<u8> {
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    let mut entry = |tag: u16, perm: u16, id: u32| {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    };
+    entry(1, 7, u32::MAX);
+    for id in 0..named {
+        entry(2, 5, 1000 + id);
+    }
+    entry(4, 5, u32::MAX);
+    entry(0x10, 7, u32::MAX);
+    entry(0x20, 5, u32::MAX);
+    acl
+}
+
 /// The content a test writes to `lba` at `version`: every byte depends on
 /// both, so a block from the wrong place or the wrong time is caught.
 pub fn block(lba: u64, version: u64) -> Vec<u8> {
