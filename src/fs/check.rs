@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::btree::MAX_VALUE;
 use super::btree::{Node, NodeStore};
-use super::data::XATTR_SIZE_MAX;
+use super::data::{XATTR_LIST_MAX, XATTR_SIZE_MAX};
 use super::filesystem::Fs;
 use super::format::{
     kind, parse_xattr_piece, Dirent, Ino, Inode, CHUNK_BLOCKS, FS_VERSION_PIECES, ORPHANS, ROOT_INO,
@@ -126,9 +126,11 @@ impl Items {
     /// 1 without a gap, are full but for the last, and hold no more than
     /// the longest value: else a reader would stop early, or refuse it.
     /// The file system's `version` must say it has pieces (else an older
-    /// build would read such values cut short), and every xattr and piece
-    /// belongs to an inode there is.
-    fn check_xattr_pieces(&self, version: u32, r: &mut FsReport) {
+    /// build would read such values cut short), every xattr and piece
+    /// belongs to an inode there is, and one inode's names fit what
+    /// listxattr(2) can return (builds before that limit did not keep to
+    /// it).
+    fn check_xattrs(&self, version: u32, r: &mut FsReport) {
         if !self.pieces.is_empty() && version < FS_VERSION_PIECES {
             r.problems.push(format!(
                 "xattr values are stored in pieces, but the superblock says file-system \
@@ -143,6 +145,17 @@ impl Items {
         for ino in strays {
             r.problems
                 .push(format!("xattrs of inode {ino}, which does not exist"));
+        }
+        let mut listed: BTreeMap<Ino, usize> = BTreeMap::new();
+        for (ino, name) in self.xattrs.keys() {
+            *listed.entry(*ino).or_default() += name.len() + 1;
+        }
+        for (ino, bytes) in listed.into_iter().filter(|(_, b)| *b > XATTR_LIST_MAX) {
+            r.problems.push(format!(
+                "inode {ino}: its xattr names take {bytes} bytes, more than the \
+                 {XATTR_LIST_MAX} listxattr can return, so cp -a and rsync -X fail on it; \
+                 remove some of them (setfattr -x)"
+            ));
         }
         for ((ino, name), pieces) in &self.pieces {
             let n = String::from_utf8_lossy(name);
@@ -294,7 +307,7 @@ impl Fs {
                     .push(format!("a truncation record names missing inode {t}"));
             }
         }
-        items.check_xattr_pieces(version, &mut r);
+        items.check_xattrs(version, &mut r);
         let (links, subdirs) = items.check_entries(&mut r);
         items.check_links(&links, &subdirs, &mut r);
         self.check_blocks(nodes, &items.owners, &mut r)?;
@@ -348,12 +361,12 @@ mod tests {
             problems,
             ..FsReport::default()
         };
-        it.check_xattr_pieces(version, &mut r);
+        it.check_xattrs(version, &mut r);
         r.problems
     }
 
     #[test]
-    fn xattr_pieces_that_would_not_read_back_whole_are_reported() {
+    fn xattrs_that_would_not_read_back_or_list_whole_are_reported() {
         let of = |ino: u64, len: usize| (key(Ino(ino), kind::XATTR, b"user.x"), vec![1u8; len]);
         let item = |len: usize| of(5, len);
         let piece = |p: u8, len: usize| (xattr_piece_key(Ino(5), b"user.x", p), vec![2u8; len]);
@@ -398,6 +411,24 @@ mod tests {
         for (what, items, version) in cases {
             assert_eq!(piece_problems(&items, version).len(), 1, "{what}");
         }
+        // 4,096 names of 16 bytes with their NULs: 65,536, the most; one
+        // more is past what listxattr returns.
+        let names = |n: u32| -> Vec<Item> {
+            (0..n)
+                .map(|i| {
+                    (
+                        key(Ino(5), kind::XATTR, format!("user.n{i:09}").as_bytes()),
+                        vec![],
+                    )
+                })
+                .collect()
+        };
+        assert!(piece_problems(&names(4096), FS_VERSION_PIECES).is_empty());
+        assert_eq!(
+            piece_problems(&names(4097), FS_VERSION_PIECES).len(),
+            1,
+            "names"
+        );
         let mut long = vec![item(MAX_VALUE)];
         long.extend((1..=39).map(|p| piece(p, MAX_VALUE)));
         assert_eq!(
