@@ -447,6 +447,11 @@ fn xattrs_and_attributes() {
         vec![b"system.posix_acl_access".to_vec(), b"user.a".to_vec()]
     );
     assert_eq!(
+        fs.setxattr(ino, b"user.a\0b", b"v", 0).unwrap_err().errno(),
+        libc::EINVAL,
+        "a name with a NUL (the kernel never sends one)"
+    );
+    assert_eq!(
         fs.setxattr(ino, b"user.big", &vec![0; 65537], 0)
             .unwrap_err()
             .errno(),

@@ -43,6 +43,8 @@ struct Items {
     xattrs: HashMap<XattrOf, usize>,
     /// (inode, xattr name) -> its pieces' numbers and lengths, in order.
     pieces: BTreeMap<XattrOf, Vec<(u8, usize)>>,
+    /// Inodes whose item did not decode (reported once, as that).
+    undecodable: BTreeSet<Ino>,
 }
 
 impl Items {
@@ -62,7 +64,10 @@ impl Items {
                     Ok(i) => {
                         it.inodes.insert(ino, i);
                     }
-                    Err(e) => problems.push(e.to_string()),
+                    Err(e) => {
+                        it.undecodable.insert(ino);
+                        problems.push(e.to_string());
+                    }
                 },
                 kind::DIRENT => match Dirent::decode(v) {
                     Ok(d) => it.dirents.push((ino, rest.to_vec(), d)),
@@ -140,7 +145,7 @@ impl Items {
         let strays: BTreeSet<Ino> = (self.xattrs.keys())
             .chain(self.pieces.keys())
             .map(|(ino, _)| *ino)
-            .filter(|ino| !self.inodes.contains_key(ino))
+            .filter(|ino| !self.inodes.contains_key(ino) && !self.undecodable.contains(ino))
             .collect();
         for ino in strays {
             r.problems

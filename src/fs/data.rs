@@ -172,9 +172,10 @@ pub const XATTR_LIST_MAX: usize = 65536;
 /// longer ones itself). One over [`MAX_VALUE`] bytes is stored in pieces.
 pub const XATTR_SIZE_MAX: usize = 65536;
 /// The most one inode's xattr values take together. Deleting a file frees
-/// its xattrs in one transaction, so this bounds that transaction: about
-/// 5,000 metadata items, fewer than 8,192 full items of 1,700 bytes each,
-/// which the name limit alone allowed before values had pieces.
+/// its xattrs in one transaction, so this bounds that transaction: values
+/// in about 5,000 items (besides the names' up to 8,192), no more than the
+/// 8,192 full items of 1,700 bytes that the name limit alone allowed
+/// before values had pieces.
 pub const XATTR_VALUES_MAX: usize = 8 << 20;
 
 /// An xattr name has 1 to 255 bytes and no NUL (the kernel passes C
@@ -217,8 +218,8 @@ impl Op<'_> {
     /// value stored before are removed. ENOSPC if a new name (not
     /// `exists`) would make the list of `ino`'s xattr names longer than
     /// listxattr(2) can return (ext4 answers the same when an inode's
-    /// xattrs fill its block), or if `ino`'s values would take more than
-    /// [`XATTR_VALUES_MAX`] together.
+    /// xattrs fill its block), or if a value that grows would make `ino`'s
+    /// values take more than [`XATTR_VALUES_MAX`] together.
     pub(super) fn put_xattr(
         &mut self,
         ino: Ino,
@@ -227,24 +228,39 @@ impl Op<'_> {
         exists: bool,
     ) -> Result<()> {
         let k = key(ino, kind::XATTR, name);
-        // Each name with its NUL, the new one's first; the values of the
-        // others, this one's new value.
+        // A new name is counted against the names' limit; a value that
+        // grows, against the values' one. A value replaced by one no
+        // longer is never refused, nor walks the others: a file that an
+        // earlier build took past either limit can still be shrunk (and
+        // chmod rewrite its ACL).
+        let check_names = !exists;
+        let old = if exists {
+            self.xattr(ino, name)?.map_or(0, |v| v.len())
+        } else {
+            0
+        };
+        let check_values = value.len() > old;
         let (s, e) = kind_range(ino, kind::XATTR);
         let listed = |key: &[u8]| key.len() - s.len() + 1;
-        let mut names = if exists { 0 } else { listed(&k) };
+        // Each other name with its NUL, then this one's; the other values,
+        // then this one's new value.
+        let mut names = listed(&k);
         let mut values = value.len();
-        let over =
-            |names: usize, values: usize| names > XATTR_LIST_MAX || values > XATTR_VALUES_MAX;
-        self.tree.visit(&mut self.store, &s, &e, &mut |key, v| {
-            if key != k.as_slice() {
-                names += listed(key);
-                values += v.len();
-            }
-            !over(names, values)
-        })?;
-        let (ps, pe) = kind_range(ino, kind::XATTR_PIECE);
-        let (own_s, own_e) = xattr_pieces_range(ino, name);
-        if !over(names, values) {
+        let over = |names: usize, values: usize| {
+            (check_names && names > XATTR_LIST_MAX) || (check_values && values > XATTR_VALUES_MAX)
+        };
+        if check_names || check_values {
+            self.tree.visit(&mut self.store, &s, &e, &mut |key, v| {
+                if key != k.as_slice() {
+                    names += listed(key);
+                    values += v.len();
+                }
+                !over(names, values)
+            })?;
+        }
+        if check_values && !over(names, values) {
+            let (ps, pe) = kind_range(ino, kind::XATTR_PIECE);
+            let (own_s, own_e) = xattr_pieces_range(ino, name);
             self.tree.visit(&mut self.store, &ps, &pe, &mut |key, v| {
                 if !(own_s.as_slice()..own_e.as_slice()).contains(&key) {
                     values += v.len();
@@ -252,13 +268,13 @@ impl Op<'_> {
                 !over(names, values)
             })?;
         }
-        if !exists && names > XATTR_LIST_MAX {
+        if check_names && names > XATTR_LIST_MAX {
             return Err(FsError::NoSpace(format!(
                 "inode {ino}'s xattr names would take more than {XATTR_LIST_MAX} bytes, \
                  the most listxattr can return; remove one of them first"
             )));
         }
-        if values > XATTR_VALUES_MAX {
+        if check_values && values > XATTR_VALUES_MAX {
             return Err(FsError::NoSpace(format!(
                 "inode {ino}'s xattr values would take more than {} MiB together; \
                  remove or shorten some first",
