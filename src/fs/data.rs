@@ -215,17 +215,18 @@ impl Op<'_> {
 
     /// Stores `value` as xattr `name` of `ino`: one item, and pieces for
     /// what is past its first [`MAX_VALUE`] bytes; pieces of a longer
-    /// value stored before are removed. ENOSPC if a new name (not
-    /// `exists`) would make the list of `ino`'s xattr names longer than
-    /// listxattr(2) can return (ext4 answers the same when an inode's
-    /// xattrs fill its block), or if a value that grows would make `ino`'s
-    /// values take more than [`XATTR_VALUES_MAX`] together.
+    /// value stored before are removed. `old` is the length of the value
+    /// it replaces (None for a new name), which the caller has read.
+    /// ENOSPC if a new name would make the list of `ino`'s xattr names
+    /// longer than listxattr(2) can return (ext4 answers the same when an
+    /// inode's xattrs fill its block), or if a value that grows would make
+    /// `ino`'s values take more than [`XATTR_VALUES_MAX`] together.
     pub(super) fn put_xattr(
         &mut self,
         ino: Ino,
         name: &[u8],
         value: &[u8],
-        exists: bool,
+        old: Option<usize>,
     ) -> Result<()> {
         let k = key(ino, kind::XATTR, name);
         // A new name is counted against the names' limit; a value that
@@ -233,13 +234,8 @@ impl Op<'_> {
         // longer is never refused, nor walks the others: a file that an
         // earlier build took past either limit can still be shrunk (and
         // chmod rewrite its ACL).
-        let check_names = !exists;
-        let old = if exists {
-            self.xattr(ino, name)?.map_or(0, |v| v.len())
-        } else {
-            0
-        };
-        let check_values = value.len() > old;
+        let check_names = old.is_none();
+        let check_values = value.len() > old.unwrap_or(0);
         let (s, e) = kind_range(ino, kind::XATTR);
         let listed = |key: &[u8]| key.len() - s.len() + 1;
         // Each other name with its NUL, then this one's; the other values,
@@ -307,8 +303,8 @@ impl Op<'_> {
 
     /// Removes the pieces of xattr `name` of `ino` past the first `keep`.
     fn del_xattr_pieces(&mut self, ino: Ino, name: &[u8], keep: u8) -> Result<()> {
-        let (s, e) = xattr_pieces_range(ino, name);
-        let (s, e) = (xattr_piece_key(ino, name, keep.saturating_add(1)).max(s), e);
+        let s = xattr_piece_key(ino, name, keep + 1);
+        let (_, e) = xattr_pieces_range(ino, name);
         for (k, _) in self.tree.range(&mut self.store, &s, &e, usize::MAX)? {
             self.del(&k)?;
         }
@@ -799,7 +795,7 @@ impl Fs {
                 if let Some(v) = op.xattr(ino, acl::ACCESS)? {
                     let mut a = acl::Acl::decode(&v)?;
                     a.chmod(i.mode);
-                    op.put_xattr(ino, acl::ACCESS, &a.encode(), true)?;
+                    op.put_xattr(ino, acl::ACCESS, &a.encode(), Some(v.len()))?;
                 }
             }
             if a.uid.is_some() || a.gid.is_some() || a.size.is_some() {
@@ -1046,7 +1042,9 @@ impl Fs {
         }
         self.op(|op, _| {
             let mut i = op.inode(ino)?;
-            let exists = op.get(&key(ino, kind::XATTR, name))?.is_some();
+            // The length of the value replaced, if any (put_xattr's limits).
+            let old = op.xattr(ino, name)?.map(|v| v.len());
+            let exists = old.is_some();
             if flags & XATTR_CREATE != 0 && exists {
                 return Err(Posix::Exists.at(String::from_utf8_lossy(name)));
             }
@@ -1061,16 +1059,16 @@ impl Fs {
                 if a.is_minimal() {
                     op.del_xattr(ino, name)?;
                 } else {
-                    op.put_xattr(ino, name, value, exists)?;
+                    op.put_xattr(ino, name, value, old)?;
                 }
             } else if name == acl::DEFAULT {
                 if !i.is_dir() {
                     return Err(Posix::Invalid.at("a default ACL on a non-directory"));
                 }
                 acl::Acl::decode(value)?;
-                op.put_xattr(ino, name, value, exists)?;
+                op.put_xattr(ino, name, value, old)?;
             } else {
-                op.put_xattr(ino, name, value, exists)?;
+                op.put_xattr(ino, name, value, old)?;
             }
             if name == SECURITY_CAPABILITY {
                 op.forget_map(ino);

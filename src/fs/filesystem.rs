@@ -1637,11 +1637,11 @@ impl Fs {
                 i.parent = parent;
                 d.nlink += 1;
                 if let Some(v) = &default {
-                    op.put_xattr(ino, acl::DEFAULT, v, false)?;
+                    op.put_xattr(ino, acl::DEFAULT, v, None)?;
                 }
             }
             if let Some(a) = access {
-                op.put_xattr(ino, acl::ACCESS, &a, false)?;
+                op.put_xattr(ino, acl::ACCESS, &a, None)?;
             }
             op.put_inode(ino, &i)?;
             op.add_entry(parent, &mut d, name, ino, mode)?;
