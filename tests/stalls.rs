@@ -51,3 +51,52 @@ print(f\"{took * 1000:.0f} {worst * 1000:.1f}\")'");
     }
     m.unmount_and_check();
 }
+
+/// A slow write holds up no other request. Over io_uring a WRITE comes on
+/// the queue of the writer's CPU (a direct write from the writer itself,
+/// write-back from the flusher's), and was served on that queue's ring
+/// thread: every request queued behind it there waited as long as the
+/// write did (another process's mkdir waited up to 0.3-0.6 s beside a 1 MiB
+/// sequential writer, docs/PERFORMANCE.md). Large writes now run on write
+/// lanes instead. The slowness is a debug build's failpoint: each WRITE of
+/// 64 KiB or more first waits 250 ms when the daemon's environment sets
+/// LSVFS_TEST_SLOW_WRITE. The writer and a process asking for an xattr
+/// (always a request) share one CPU, so over io_uring their requests
+/// share a queue; with the writes served on the ring threads, the
+/// slowest getxattr waited for a whole write (tried: 250 ms).
+#[test]
+fn a_slow_write_holds_up_no_other_request() {
+    let m = Mounted::created("1G");
+    m.mount_with_env(&[("LSVFS_TEST_SLOW_WRITE", "250")]);
+    m.sh("mkdir d && touch d/a");
+    let out = m.sh("python3 -c '
+import os, subprocess, time
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+dd = subprocess.Popen([\"dd\", \"if=/dev/zero\", \"of=big\", \"bs=1M\", \"count=8\",
+                       \"oflag=direct\", \"status=none\"])
+began, worst, asked = time.monotonic(), 0.0, 0
+while dd.poll() is None:
+    t = time.monotonic()
+    try:
+        os.getxattr(\"d/a\", \"user.none\")
+    except OSError:
+        pass
+    worst = max(worst, time.monotonic() - t)
+    asked += 1
+took = time.monotonic() - began
+assert dd.returncode == 0, dd.returncode
+print(f\"{took * 1000:.0f} {worst * 1000:.1f} {asked}\")'");
+    let f: Vec<f64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    let (took, worst, asked) = (f[0], f[1], f[2]);
+    eprintln!("dd took {took} ms; {asked} getxattrs, the slowest {worst} ms");
+    assert!(
+        took >= 8.0 * 250.0,
+        "the writes were not slowed ({took} ms): is this a release build, without the failpoint?"
+    );
+    assert!(
+        worst < 100.0,
+        "a getxattr waited {worst} ms behind writes of 250 ms each"
+    );
+    assert_eq!(m.sh("stat -c %s big").trim(), "8388608");
+    m.unmount_and_check();
+}

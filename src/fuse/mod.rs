@@ -387,6 +387,17 @@ fn panic_for_test(name: &[u8]) {
     }
 }
 
+/// In a debug build whose environment sets `LSVFS_TEST_SLOW_WRITE` to a
+/// number of milliseconds, each WRITE of 64 KiB or more waits that long
+/// first (for the test that a slow write holds up no other request).
+#[cfg(debug_assertions)]
+fn slow_write_for_test(len: usize) {
+    let ms = std::env::var("LSVFS_TEST_SLOW_WRITE").ok();
+    if let Some(ms) = ms.and_then(|v| v.parse().ok()).filter(|_| len >= 64 << 10) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 // The operations take the request's fields as fuser decodes them, so
 // that both transports call them alike.
 #[allow(clippy::too_many_arguments)]
@@ -796,6 +807,8 @@ impl Ops {
             Err(e) => return reply.error(e),
         };
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        #[cfg(debug_assertions)]
+        slow_write_for_test(data.len());
         match self.fs.write_data(i, offset, data, kill) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno("write", i, &e)),

@@ -100,6 +100,28 @@ impl SlowWork {
     }
 }
 
+/// Work that keeps its order per key but runs beside other keys' work:
+/// one thread per lane, and a key always on the same lane. A file's
+/// writes keep the order they came in, which is the order its blocks
+/// reach the log (and so their layout, which a sequential read follows).
+pub struct Lanes(Vec<SlowWork>);
+
+impl Lanes {
+    /// `count` lanes (at least one), their threads named `name-N-0`.
+    pub fn new(count: usize, name: &str) -> Lanes {
+        Lanes(
+            (0..count.max(1))
+                .map(|n| SlowWork::with_threads(1, &format!("{name}-{n}")))
+                .collect(),
+        )
+    }
+
+    /// Runs `job` on `key`'s lane, after the jobs queued there before it.
+    pub fn run(&self, key: u64, job: impl FnOnce() + Send + 'static) {
+        self.0[(key % self.0.len() as u64) as usize].run(job)
+    }
+}
+
 impl Default for SlowWork {
     fn default() -> Self {
         Self::new()
@@ -143,5 +165,41 @@ mod tests {
             .collect();
         ran.sort_unstable();
         assert_eq!(ran, (0..SLOW_THREADS * 2).collect::<Vec<_>>());
+    }
+
+    /// Each key's jobs run in the order given, even while another lane's
+    /// job is slow; every job runs.
+    #[test]
+    fn a_keys_jobs_keep_their_order_beside_other_lanes() {
+        let lanes = Lanes::new(2, "test-lane");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Key 1's lane is held up; key 0's jobs still run, in order.
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        lanes.run(1, move || hold_rx.recv().unwrap());
+        for i in 0..100u32 {
+            let tx = tx.clone();
+            lanes.run(0, move || tx.send((0u64, i)).unwrap());
+        }
+        let first: Vec<u32> = (0..100)
+            .map(|_| {
+                rx.recv_timeout(std::time::Duration::from_secs(30))
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        assert_eq!(
+            first,
+            (0..100).collect::<Vec<_>>(),
+            "key 0's jobs out of order"
+        );
+        for i in 0..100u32 {
+            let tx = tx.clone();
+            lanes.run(3, move || tx.send((3, i)).unwrap());
+        }
+        hold_tx.send(()).unwrap();
+        let rest: Vec<(u64, u32)> = (0..100)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap())
+            .collect();
+        assert_eq!(rest, (0..100).map(|i| (3, i)).collect::<Vec<_>>());
     }
 }

@@ -15,7 +15,9 @@
 //! buffer as large as the largest request). An entry is the kernel's until
 //! it completes with a request, then ours until its answer is committed
 //! (COMMIT_AND_FETCH hands it back for the next request). Slow work
-//! (fsync, fallocate, truncate) answers from other threads: the answer
+//! (fsync, fallocate, truncate) and large reads and writes answer from
+//! other threads (a large write reads its data from the entry's buffer,
+//! which stays the request's until the answer commits): the answer
 //! goes on its ring's `done` list and an eventfd wakes the ring's thread,
 //! the only one that submits to that ring.
 
@@ -41,7 +43,7 @@ use super::reply::{
     fill_from_thread_buffer, AttrReply, CreateReply, DataReply, DirPlusReply, DirReply, EmptyReply,
     EntryReply, OpenReply, Reply, Statfs, StatfsReply, WriteReply, XattrReply,
 };
-use super::slow::SlowWork;
+use super::slow::{Lanes, SlowWork};
 use super::{our_time, system_time, Caller, Ops, MAX_WRITE};
 use crate::fs::format::Time;
 
@@ -58,6 +60,12 @@ const ENTRIES_PER_THREAD: usize = 8;
 /// served inline, 822-1,002 on the bulk threads (1,188 over /dev/fuse;
 /// docs/PERFORMANCE.md).
 const BULK_READ: u32 = 64 * 1024;
+/// WRITEs at least this large (the kernel's write-back, of up to 1 MiB)
+/// run on the write lanes, a file's writes in the order they came: served
+/// on the ring thread of the CPU the kernel's flusher ran on, each held up
+/// every request queued behind it there (another process's mkdir waited
+/// up to 0.3-0.6 s beside a writer) and left the other CPU idle.
+const BULK_WRITE: usize = 64 * 1024;
 /// The ring threads' nice value.
 const RING_NICE: i32 = -10;
 
@@ -275,19 +283,22 @@ pub(super) fn start(
     let served = Arc::new(AtomicU64::new(0));
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let bulk = Arc::new(SlowWork::with_threads(cpus.clamp(2, 8), "lsvfs-bulk"));
+    // Four at least: files whose writes share a lane wait for each other.
+    let writes = Arc::new(Lanes::new(cpus.clamp(4, 8), "lsvfs-write"));
     let (tx, rx) = std::sync::mpsc::channel::<io::Result<()>>();
     let mut threads = Vec::new();
     let mut result = Ok(());
     'spawn: for queue in 0..possible_cpus() {
         for n in 0..THREADS_PER_QUEUE {
             let (dev, ops, served, tx) = (dev.clone(), ops.clone(), served.clone(), tx.clone());
-            let (bulk, abort) = (bulk.clone(), abort.clone());
+            let (bulk, writes, abort) = (bulk.clone(), writes.clone(), abort.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("lsvfs-ring-{queue}.{n}"))
                 .spawn(move || {
                     let to = Serve {
                         ops: &ops,
                         bulk: &bulk,
+                        writes: &writes,
                         owner,
                         served: &served,
                     };
@@ -402,6 +413,8 @@ struct Serve<'a> {
     ops: &'a Arc<Ops>,
     /// Threads for large reads.
     bulk: &'a SlowWork,
+    /// Lanes for large writes, by inode.
+    writes: &'a Lanes,
     /// Only this uid's requests are served (None: everyone's).
     owner: Option<u32>,
     /// Requests the rings answered.
@@ -839,8 +852,28 @@ fn dispatch(to: &Serve<'_>, ring: &Arc<Ring>, entry: usize) {
             let flags = WriteFlags::from_bits_retain(u32_(20));
             let open = OpenFlags(u32_(32) as i32);
             let owner = Some(LockOwner(u64_(24)));
-            let fh = FileHandle(u64_(0));
-            ops.write(&c, node, fh, u64_(8), &p[..size], flags, open, owner, a)
+            let (fh, offset) = (FileHandle(u64_(0)), u64_(8));
+            if size >= BULK_WRITE {
+                let (ops, ring) = (ops.clone(), ring.clone());
+                to.writes.run(node.0, move || {
+                    // The entry's buffer stays the request's until `a`
+                    // commits the answer.
+                    let data = &ring.request(entry).1[..size];
+                    ops.write(
+                        &Caller::new(uid, gid),
+                        node,
+                        fh,
+                        offset,
+                        data,
+                        flags,
+                        open,
+                        owner,
+                        a,
+                    )
+                });
+            } else {
+                ops.write(&c, node, fh, offset, &p[..size], flags, open, owner, a)
+            }
         }
         FUSE_STATFS => ops.statfs(&c, node, a),
         FUSE_RELEASE => {
