@@ -976,36 +976,48 @@ fn a_large_truncate_goes_in_steps_and_a_crash_anywhere_is_finished_at_mount() {
 /// without the metadata lock): a metadata change still waiting for a
 /// commit goes in with it or before it, never after. Here a chmod and a
 /// create wait, then an in-place overwrite; a kill right after must not
-/// show the overwrite without them. (With the write in place ignoring
-/// them, the kill kept the new bytes and lost the chmod: tried.)
+/// show the overwrite without them. A small overwrite takes the ordinary
+/// path, which commits them with its data; one of 64 KiB or more commits
+/// them first, in a transaction of their own, then writes without the
+/// lock. (With the write in place ignoring them, the kill kept the new
+/// bytes and lost the chmod: tried.)
 #[test]
 fn a_write_in_place_does_not_overtake_pending_metadata() {
-    let (dev, fs) = new_fs(65536);
-    fs.set_kernel_times(true);
-    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
-    fs.write_data(ino, 0, &pattern(1, 8192), false).unwrap();
-    fs.sync().unwrap();
-    fs.setattr(
-        ino,
-        SetAttr {
-            mode: Some(0o600),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    fs.mknod(ROOT, b"g", REG, 0, 0, 0).unwrap();
-    fs.write_data(ino, 100, b"overwritten", false).unwrap();
-    let img = dev.image();
-    drop(fs);
-    let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img)))).unwrap();
-    // The write commits at once (it holds data), with what waited.
-    assert_eq!(&fs.read_data(ino, 100, 11).unwrap(), b"overwritten");
-    let mode = fs.getattr(ino).unwrap().mode & 0o7777;
-    let g = fs.lookup(ROOT, b"g").is_ok();
-    assert!(
-        mode == 0o600 && g,
-        "the overwrite survived the kill without the chmod and create before it (mode {mode:o}, g {g})"
-    );
+    for len in [11usize, 64 << 10, 1 << 20] {
+        let (dev, fs) = new_fs(65536);
+        fs.set_kernel_times(true);
+        let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+        fs.write_data(ino, 0, &pattern(1, (1 << 20) + 8192), false)
+            .unwrap();
+        fs.sync().unwrap();
+        fs.setattr(
+            ino,
+            SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.mknod(ROOT, b"g", REG, 0, 0, 0).unwrap();
+        let new = pattern(2, len);
+        fs.write_data(ino, 100, &new, false).unwrap();
+        let img = dev.image();
+        drop(fs);
+        let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img)))).unwrap();
+        // The write commits at once (it holds data), with what waited or
+        // after it.
+        assert!(
+            fs.read_data(ino, 100, len).unwrap() == new,
+            "{len} bytes: the overwrite was lost"
+        );
+        let mode = fs.getattr(ino).unwrap().mode & 0o7777;
+        let g = fs.lookup(ROOT, b"g").is_ok();
+        assert!(
+            mode == 0o600 && g,
+            "{len} bytes: the overwrite survived the kill without the chmod and create \
+             before it (mode {mode:o}, g {g})"
+        );
+    }
 }
 
 /// A small write into new blocks leaves its data waiting for the next
