@@ -6,6 +6,37 @@ mod common;
 
 use common::mounted::Mounted;
 
+/// Runs `argv` (a Python list of strings) in the mount, beside a process
+/// that asks for an xattr of `d/a` (always a request: the kernel caches
+/// no xattrs) in a loop until it ends, both on the same CPU, so that over
+/// io_uring their requests share a queue. Returns how long `argv` took
+/// and the slowest getxattr, in ms, and how many were asked.
+fn getxattrs_beside(m: &Mounted, argv: &str) -> (f64, f64, f64) {
+    let out = m.sh(&format!(
+        "python3 -c '
+import os, subprocess, time
+os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
+p = subprocess.Popen({argv})
+began, worst, asked = time.monotonic(), 0.0, 0
+while p.poll() is None:
+    t = time.monotonic()
+    try:
+        os.getxattr(\"d/a\", \"user.none\")
+    except OSError:
+        pass
+    worst = max(worst, time.monotonic() - t)
+    asked += 1
+took = time.monotonic() - began
+assert p.returncode == 0, p.returncode
+print(f\"{{took * 1000:.0f}} {{worst * 1000:.1f}} {{asked}}\")'"
+    ));
+    let f: Vec<f64> = out
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or_else(|_| panic!("{out}")))
+        .collect();
+    (f[0], f[1], f[2])
+}
+
 /// Removing a large file holds up nobody else's requests: its blocks
 /// are freed on a slow-request thread, not on the thread that took the
 /// UNLINK (over io_uring, the queue of the caller's CPU), and the host
@@ -20,29 +51,7 @@ fn removing_a_large_file_holds_up_no_other_request() {
     m.sh("mkdir d && touch d/a");
     for round in 0..2 {
         m.sh("yes 0123456789abcdef | head -c 1536M > big && sync");
-        // The remover and a process asking for an extended attribute
-        // (always a request: the kernel caches no xattrs), both on the
-        // same CPU, so over io_uring their requests share a queue.
-        let out = m.sh("python3 -c '
-import os, subprocess, time
-os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-rm = subprocess.Popen([\"rm\", \"big\"])
-began, worst = time.monotonic(), 0.0
-while rm.poll() is None:
-    t = time.monotonic()
-    try:
-        os.getxattr(\"d/a\", \"user.none\")
-    except OSError:
-        pass
-    worst = max(worst, time.monotonic() - t)
-took = time.monotonic() - began
-assert rm.returncode == 0, rm.returncode
-print(f\"{took * 1000:.0f} {worst * 1000:.1f}\")'");
-        let (took, worst) = out
-            .trim()
-            .split_once(' ')
-            .map(|(a, b)| (a.parse::<f64>().unwrap(), b.parse::<f64>().unwrap()))
-            .unwrap_or_else(|| panic!("round {round}: {out}"));
+        let (took, worst, _) = getxattrs_beside(&m, r#"["rm", "big"]"#);
         eprintln!("round {round}: rm took {took} ms, the slowest getxattr {worst} ms");
         assert!(
             worst * 5.0 < took.max(100.0),
@@ -69,25 +78,10 @@ fn a_slow_write_holds_up_no_other_request() {
     let m = Mounted::created("1G");
     m.mount_with_env(&[("LSVFS_TEST_SLOW_WRITE", "250")]);
     m.sh("mkdir d && touch d/a");
-    let out = m.sh("python3 -c '
-import os, subprocess, time
-os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-dd = subprocess.Popen([\"dd\", \"if=/dev/zero\", \"of=big\", \"bs=1M\", \"count=8\",
-                       \"oflag=direct\", \"status=none\"])
-began, worst, asked = time.monotonic(), 0.0, 0
-while dd.poll() is None:
-    t = time.monotonic()
-    try:
-        os.getxattr(\"d/a\", \"user.none\")
-    except OSError:
-        pass
-    worst = max(worst, time.monotonic() - t)
-    asked += 1
-took = time.monotonic() - began
-assert dd.returncode == 0, dd.returncode
-print(f\"{took * 1000:.0f} {worst * 1000:.1f} {asked}\")'");
-    let f: Vec<f64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
-    let (took, worst, asked) = (f[0], f[1], f[2]);
+    let (took, worst, asked) = getxattrs_beside(
+        &m,
+        r#"["dd", "if=/dev/zero", "of=big", "bs=1M", "count=8", "oflag=direct", "status=none"]"#,
+    );
     eprintln!("dd took {took} ms; {asked} getxattrs, the slowest {worst} ms");
     assert!(
         took >= 8.0 * 250.0,
