@@ -83,9 +83,10 @@ fn a_slow_write_holds_up_no_other_request() {
         r#"["dd", "if=/dev/zero", "of=big", "bs=1M", "count=8", "oflag=direct", "status=none"]"#,
     );
     eprintln!("dd took {took} ms; {asked} getxattrs, the slowest {worst} ms");
+    // The failpoint is in debug builds only (as `cargo test` builds).
     assert!(
-        took >= 8.0 * 250.0,
-        "the writes were not slowed ({took} ms): is this a release build, without the failpoint?"
+        took >= 8.0 * 250.0 || !cfg!(debug_assertions),
+        "the writes were not slowed ({took} ms)"
     );
     assert!(
         worst < 100.0,

@@ -614,15 +614,16 @@ impl Fs {
         }
         // Operations reach the log in order: one whose metadata change
         // still waits must not be overtaken by this write's commit. A
-        // large write commits what waits first, in a transaction of its
-        // own (metadata, and small writes' data): the ordinary path would
-        // commit it together with this write's data, holding the metadata
-        // lock while that data is sealed and appended (8-120 ms for 1 MiB
-        // beside other processes on 2 CPUs), which every other process's
-        // metadata operation then waits out. Operations that complete
-        // meanwhile ran beside this write, which may come first.
-        if self.has_pending() && (data.len() < COMMIT_FIRST_BYTES || self.commit_pending().is_err())
-        {
+        // large write that qualifies commits what waits first, in a
+        // transaction of its own (metadata, and small writes' data): the
+        // ordinary path would commit it together with this write's data,
+        // holding the metadata lock while that data is sealed and appended
+        // (8-120 ms for 1 MiB beside other processes on 2 CPUs), which
+        // every other process's metadata operation then waits out.
+        // Operations that complete meanwhile ran beside this write, which
+        // may come first.
+        let pending = self.has_pending();
+        if pending && data.len() < COMMIT_FIRST_BYTES {
             return Ok(false);
         }
         let end = offset + data.len() as u64;
@@ -632,18 +633,33 @@ impl Fs {
         if !self.map_cached(ino)? && end > self.read_op(|op| Ok(op.file_inode(ino)?.size))? {
             return Ok(false);
         }
-        let (map, _reading) = self.current_map(ino)?;
         let (first, last) = (offset / BS, (end - 1) / BS);
-        let lbas: Vec<u64> = {
-            let map = map.read().unwrap_or_else(PoisonError::into_inner);
-            if end > map.size || (kill_suid && map.privileged()) {
+        let mut committed = !pending;
+        let (lbas, _reading) = loop {
+            let (map, reading) = self.current_map(ino)?;
+            let lbas: Vec<u64> = {
+                let map = map.read().unwrap_or_else(PoisonError::into_inner);
+                if end > map.size || (kill_suid && map.privileged()) {
+                    return Ok(false);
+                }
+                (first..=last).map(|fb| map.block(fb)).collect()
+            };
+            if lbas.contains(&0) {
                 return Ok(false);
             }
-            (first..=last).map(|fb| map.block(fb)).collect()
+            if committed {
+                break (lbas, reading);
+            }
+            // Not while reading: a commit that frees blocks waits for
+            // the readers. Then the map again, which may have changed.
+            drop(reading);
+            if let Err(e) = self.commit_pending() {
+                // The ordinary path commits it again, and reports.
+                tracing::debug!("committing what waits before an overwrite of inode {ino}: {e}");
+                return Ok(false);
+            }
+            committed = true;
         };
-        if lbas.contains(&0) {
-            return Ok(false);
-        }
         {
             // A block whose data waits for the commit is written by the
             // ordinary path, which commits that data first.

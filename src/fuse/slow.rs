@@ -101,9 +101,11 @@ impl SlowWork {
 }
 
 /// Work that keeps its order per key but runs beside other keys' work:
-/// one thread per lane, and a key always on the same lane. A file's
-/// writes keep the order they came in, which is the order its blocks
-/// reach the log (and so their layout, which a sequential read follows).
+/// one thread per lane, and a key always on the same lane. The large
+/// writes of one file so run one at a time, in the order the ring threads
+/// handed them over, rather than racing each other on several threads
+/// (which would scatter the file's blocks in the log, whose order a
+/// sequential read follows).
 pub struct Lanes(Vec<SlowWork>);
 
 impl Lanes {

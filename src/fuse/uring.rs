@@ -60,11 +60,11 @@ const ENTRIES_PER_THREAD: usize = 8;
 /// served inline, 822-1,002 on the bulk threads (1,188 over /dev/fuse;
 /// docs/PERFORMANCE.md).
 const BULK_READ: u32 = 64 * 1024;
-/// WRITEs at least this large (the kernel's write-back, of up to 1 MiB)
-/// run on the write lanes, a file's writes in the order they came: served
-/// on the ring thread of the CPU the kernel's flusher ran on, each held up
-/// every request queued behind it there (another process's mkdir waited
-/// up to 0.3-0.6 s beside a writer) and left the other CPU idle.
+/// WRITEs at least this large (the kernel's write-back, of up to 1 MiB,
+/// or a large direct write) run on the write lanes, a file's on one lane:
+/// served on the ring thread of the CPU they came on (the flusher's, or
+/// the writer's), each held up every request queued behind it there
+/// (another process's mkdir waited up to 0.3-0.6 s beside a writer).
 const BULK_WRITE: usize = 64 * 1024;
 /// The ring threads' nice value.
 const RING_NICE: i32 = -10;
@@ -283,7 +283,8 @@ pub(super) fn start(
     let served = Arc::new(AtomicU64::new(0));
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let bulk = Arc::new(SlowWork::with_threads(cpus.clamp(2, 8), "lsvfs-bulk"));
-    // Four at least: files whose writes share a lane wait for each other.
+    // One per CPU, four at least and eight at most: files whose writes
+    // share a lane wait for each other.
     let writes = Arc::new(Lanes::new(cpus.clamp(4, 8), "lsvfs-write"));
     let (tx, rx) = std::sync::mpsc::channel::<io::Result<()>>();
     let mut threads = Vec::new();
@@ -857,19 +858,17 @@ fn dispatch(to: &Serve<'_>, ring: &Arc<Ring>, entry: usize) {
                 let (ops, ring) = (ops.clone(), ring.clone());
                 to.writes.run(node.0, move || {
                     // The entry's buffer stays the request's until `a`
-                    // commits the answer.
+                    // commits the answer, so `a` waits until the write
+                    // has let go of the data.
+                    let held = HeldWrite::default();
                     let data = &ring.request(entry).1[..size];
-                    ops.write(
-                        &Caller::new(uid, gid),
-                        node,
-                        fh,
-                        offset,
-                        data,
-                        flags,
-                        open,
-                        owner,
-                        a,
-                    )
+                    let c = Caller::new(uid, gid);
+                    ops.write(&c, node, fh, offset, data, flags, open, owner, held.clone());
+                    match held.0.get() {
+                        Some(Ok(n)) => a.written(*n),
+                        Some(Err(e)) => a.error(*e),
+                        None => a.error(Errno::EIO),
+                    }
                 });
             } else {
                 ops.write(&c, node, fh, offset, &p[..size], flags, open, owner, a)
@@ -1169,6 +1168,24 @@ impl OpenReply for Answer {
         let mut out = Vec::with_capacity(16);
         open_out(&mut out, fh, flags);
         self.send(0, &[&out])
+    }
+}
+
+/// A WRITE's answer as `Ops::write` gives it, sent by the caller once the
+/// write has returned: the data it borrows is the entry's buffer, which
+/// the answer hands back to the kernel.
+#[derive(Clone, Default)]
+struct HeldWrite(Arc<std::sync::OnceLock<Result<u32, Errno>>>);
+
+impl Reply for HeldWrite {
+    fn error(self, e: Errno) {
+        let _ = self.0.set(Err(e));
+    }
+}
+
+impl WriteReply for HeldWrite {
+    fn written(self, size: u32) {
+        let _ = self.0.set(Ok(size));
     }
 }
 
