@@ -634,32 +634,36 @@ impl Fs {
             return Ok(false);
         }
         let (first, last) = (offset / BS, (end - 1) / BS);
-        let mut committed = !pending;
-        let (lbas, _reading) = loop {
+        // The blocks written, if the write qualifies: inside the size,
+        // into blocks the file has, not clearing a privilege. `reads` is
+        // held from here until the commit.
+        let qualifies = || -> Result<Option<(Vec<u64>, RwLockReadGuard<'_, ()>)>> {
             let (map, reading) = self.current_map(ino)?;
-            let lbas: Vec<u64> = {
-                let map = map.read().unwrap_or_else(PoisonError::into_inner);
-                if end > map.size || (kill_suid && map.privileged()) {
-                    return Ok(false);
-                }
-                (first..=last).map(|fb| map.block(fb)).collect()
-            };
-            if lbas.contains(&0) {
-                return Ok(false);
+            let map = map.read().unwrap_or_else(PoisonError::into_inner);
+            if end > map.size || (kill_suid && map.privileged()) {
+                return Ok(None);
             }
-            if committed {
-                break (lbas, reading);
-            }
-            // Not while reading: a commit that frees blocks waits for
-            // the readers. Then the map again, which may have changed.
-            drop(reading);
+            let lbas: Vec<u64> = (first..=last).map(|fb| map.block(fb)).collect();
+            Ok((!lbas.contains(&0)).then_some((lbas, reading)))
+        };
+        let Some(mut found) = qualifies()? else {
+            return Ok(false);
+        };
+        if pending {
+            // Not while reading: a commit that frees blocks waits for the
+            // readers. Then the map again, which may have changed.
+            drop(found);
             if let Err(e) = self.commit_pending() {
                 // The ordinary path commits it again, and reports.
                 tracing::debug!("committing what waits before an overwrite of inode {ino}: {e}");
                 return Ok(false);
             }
-            committed = true;
-        };
+            let Some(again) = qualifies()? else {
+                return Ok(false);
+            };
+            found = again;
+        }
+        let (lbas, _reading) = found;
         {
             // A block whose data waits for the commit is written by the
             // ordinary path, which commits that data first.

@@ -388,12 +388,16 @@ fn panic_for_test(name: &[u8]) {
 }
 
 /// In a debug build whose environment sets `LSVFS_TEST_SLOW_WRITE` to a
-/// number of milliseconds, each WRITE of 64 KiB or more waits that long
-/// first (for the test that a slow write holds up no other request).
+/// number of milliseconds, each WRITE the io_uring transport hands to a
+/// write lane (`uring::BULK_WRITE` bytes or more) waits that long first
+/// (for the test that a slow write holds up no other request).
 #[cfg(debug_assertions)]
 fn slow_write_for_test(len: usize) {
     let ms = std::env::var("LSVFS_TEST_SLOW_WRITE").ok();
-    if let Some(ms) = ms.and_then(|v| v.parse().ok()).filter(|_| len >= 64 << 10) {
+    if let Some(ms) = ms
+        .and_then(|v| v.parse().ok())
+        .filter(|_| len >= uring::BULK_WRITE)
+    {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

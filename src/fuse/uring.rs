@@ -65,7 +65,7 @@ const BULK_READ: u32 = 64 * 1024;
 /// served on the ring thread of the CPU they came on (the flusher's, or
 /// the writer's), each held up every request queued behind it there
 /// (another process's mkdir waited up to 0.3-0.6 s beside a writer).
-const BULK_WRITE: usize = 64 * 1024;
+pub(super) const BULK_WRITE: usize = 64 * 1024;
 /// The ring threads' nice value.
 const RING_NICE: i32 = -10;
 
