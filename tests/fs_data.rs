@@ -31,17 +31,40 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn random_io_matches_a_model_across_kills() {
+    random_io_across_kills(false, 5);
+}
+
+/// The same with the mount's settings (the kernel keeps file times) and a
+/// third of the writes large (64 KiB to 1 MiB), half of those past the
+/// end of the file, on a block boundary or not: large appends go without
+/// the metadata lock (`Fs::appends_unlocked`), in three steps.
+#[test]
+fn random_large_io_matches_a_model_across_kills() {
+    random_io_across_kills(true, 6);
+}
+
+fn random_io_across_kills(large: bool, seed: u64) {
     let (mut dev, mut fs) = new_fs(65536);
+    fs.set_kernel_times(large);
     let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
     let mut model: Vec<u8> = Vec::new();
     let mut kept = vec![0xa5u8; 64 << 10];
-    let mut rng = Rng(5);
+    let mut rng = Rng(seed);
+    let (mut appends, mut unlocked) = (0, 0);
     const SPAN: u64 = 3 << 20;
     for step in 0..600 {
         match rng.below(10) {
             0..=5 => {
-                let off = rng.below(SPAN);
-                let len = (rng.below(3) * 4096 + rng.below(9000)) as usize + 1;
+                let mut off = rng.below(SPAN);
+                let mut len = (rng.below(3) * 4096 + rng.below(9000)) as usize + 1;
+                if large && rng.below(3) == 0 {
+                    len = (64 << 10) + rng.below(1 << 20) as usize;
+                    if rng.below(2) == 0 && model.len() < (8 << 20) {
+                        let gap = rng.below(3) * 4096 + rng.below(2) * rng.below(4096);
+                        off = (model.len() as u64).next_multiple_of(4096) + gap;
+                        appends += 1;
+                    }
+                }
                 let data = pattern(step, len);
                 fs.write_data(ino, off, &data, false).unwrap();
                 let end = off as usize + len;
@@ -100,10 +123,12 @@ fn random_io_matches_a_model_across_kills() {
             // A kill after every completed operation reached the log (a
             // kill loses what is still pending: see fs_namespace.rs).
             fs.commit_pending().unwrap();
+            unlocked += fs.appends_unlocked();
             let img = dev.image();
             drop(fs);
             dev = Arc::new(MemDevice::from_image(img));
             fs = Fs::mount(open(dev.clone())).unwrap();
+            fs.set_kernel_times(large);
             assert_eq!(fs.getattr(ino).unwrap().size, model.len() as u64);
             let got = fs.read_data(ino, 0, model.len()).unwrap();
             assert!(got == model, "after the kill at step {step}");
@@ -123,6 +148,13 @@ fn random_io_matches_a_model_across_kills() {
     assert_eq!(short.map_err(|e| e.errno()), Err(libc::EINVAL));
     // Asking for more than the file holds allocates for what it holds.
     assert!(fs.read_data(ino, 0, usize::MAX).unwrap() == model);
+    if large {
+        unlocked += fs.appends_unlocked();
+        assert!(
+            unlocked > 10,
+            "{unlocked} of {appends} large appends went without the lock"
+        );
+    }
 }
 
 #[test]
@@ -1459,4 +1491,112 @@ fn with_the_log_full_of_old_copies_small_writes_do_not_wait() {
         pattern(round + 1000, mib as usize)[..4096]
     );
     assert!(fs.check().unwrap().problems.is_empty());
+}
+
+/// A large append (the kernel's write-back of a file being written, 1 MiB
+/// a request) seals and writes its data without the metadata lock, so
+/// that other processes' operations do not wait for it; so does a large
+/// overwrite. The volume here makes each commit of 64 blocks or more
+/// wait 300 ms before sealing, as a slow, shared CPU stretches the
+/// sealing. Creates beside the write must not wait for that. (The
+/// ordinary path held the lock across it: creates waited 250 ms and more.)
+#[test]
+fn a_large_write_leaves_the_metadata_lock_to_others() {
+    const DELAY_MS: u64 = 300;
+    let dev = mem_volume(65536, 256);
+    let v = open(dev.clone());
+    Fs::format(&v, 0, 0).unwrap();
+    v.delay_large_seals_for_test(DELAY_MS);
+    let fs = Fs::mount(v).unwrap();
+    fs.set_kernel_times(true);
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    fs.commit_pending().unwrap();
+    let data = pattern(4, 1 << 20);
+    for what in ["an append", "an overwrite"] {
+        let before = fs.appends_unlocked();
+        let slowest = std::thread::scope(|s| {
+            let writer = s.spawn(|| fs.write_data(ino, 0, &data, false).unwrap());
+            // Creates from the time the write is under way until it ends.
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let mut slowest = std::time::Duration::ZERO;
+            let mut n = 0;
+            while !writer.is_finished() {
+                let t = std::time::Instant::now();
+                let name = format!("{what} {n}");
+                fs.mknod(ROOT, name.as_bytes(), REG, 0, 0, 0).unwrap();
+                slowest = slowest.max(t.elapsed());
+                // Not so many that their own changes commit (and that
+                // commit, of many metadata blocks, waits too).
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                n += 1;
+            }
+            writer.join().unwrap();
+            assert!(n > 0, "{what}: no create ran beside the write");
+            slowest
+        });
+        if what == "an append" {
+            assert_eq!(
+                fs.appends_unlocked() - before,
+                1,
+                "{what}: not without the lock"
+            );
+        }
+        assert!(
+            slowest < std::time::Duration::from_millis(DELAY_MS / 3),
+            "{what}: a create beside it waited {slowest:?}"
+        );
+        assert_eq!(fs.read_data(ino, 0, 1 << 20).unwrap(), data, "{what}");
+    }
+    assert!(fs.check().unwrap().problems.is_empty());
+}
+
+/// A large append reserves its blocks past the file's size, writes its
+/// data without the metadata lock, then sets the size. A crash between
+/// the steps leaves the file as before the write: the mount frees what
+/// lies past the size (the write's truncation record says to), so a
+/// later extension shows zeros there, never the lost write's data, and no
+/// block is left over.
+#[test]
+fn a_crash_inside_a_large_append_leaves_the_file_as_before() {
+    for step in [1u8, 2] {
+        let (dev, fs, ino) = one_file_kernel_times();
+        let old = pattern(5, 3 << 20);
+        fs.write_data(ino, 0, &old, false).unwrap();
+        fs.sync().unwrap();
+        let blocks = fs.getattr(ino).unwrap().blocks;
+        fs.stop_large_appends_after(step);
+        let new = pattern(6, 1 << 20);
+        let end = old.len() + new.len();
+        assert!(
+            fs.write_data(ino, old.len() as u64, &new, false).is_err(),
+            "step {step}: the append did not stop"
+        );
+        let img = dev.image();
+        drop(fs);
+        let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img)))).unwrap();
+        let i = fs.getattr(ino).unwrap();
+        assert_eq!(i.size, old.len() as u64, "step {step}: size");
+        assert_eq!(
+            i.blocks, blocks,
+            "step {step}: blocks past the size were kept"
+        );
+        assert!(
+            fs.read_data(ino, 0, old.len()).unwrap() == old,
+            "step {step}"
+        );
+        let report = fs.check().unwrap();
+        assert!(
+            report.problems.is_empty(),
+            "step {step}: {:?}",
+            report.problems
+        );
+        fs.setattr(ino, SetAttr::size(end as u64)).unwrap();
+        assert!(
+            fs.read_data(ino, old.len() as u64, new.len())
+                .unwrap()
+                .iter()
+                .all(|b| *b == 0),
+            "step {step}: the lost append showed through the extension"
+        );
+    }
 }

@@ -173,6 +173,10 @@ pub const XATTR_LIST_MAX: usize = 65536;
 /// smaller one takes the ordinary path, which commits them with its data.
 const COMMIT_FIRST_BYTES: usize = 64 << 10;
 
+/// The most blocks an append writes without the metadata lock (4 MiB):
+/// the kernel sends at most 1 MiB per write.
+const APPEND_MAX_BLOCKS: u64 = 1024;
+
 /// The longest xattr value (the kernel's XATTR_SIZE_MAX; it refuses
 /// longer ones itself). One over [`MAX_VALUE`] bytes is stored in pieces.
 pub const XATTR_SIZE_MAX: usize = 65536;
@@ -672,10 +676,21 @@ impl Fs {
                 return Ok(false);
             }
         }
+        self.write_blocks(offset, data, &lbas)
+    }
+
+    /// Writes `data` at `offset` into `lbas`, the blocks it covers (a part
+    /// of a block over what the volume holds there), as one transaction
+    /// applied only if all of them are still allocated (see
+    /// [`crate::volume::Volume::commit_overwrite`]). The caller holds
+    /// `reads` and knows the blocks are the file's.
+    fn write_blocks(&self, offset: u64, data: &[u8], lbas: &[u64]) -> Result<bool> {
+        let end = offset + data.len() as u64;
+        let first = offset / BS;
         let mut txn = Transaction::new();
-        let mut runs = DataRuns::new(last - first + 1);
-        for (k, fb) in (first..=last).enumerate() {
-            let lba = lbas[k];
+        let mut runs = DataRuns::new(lbas.len() as u64);
+        for (k, &lba) in lbas.iter().enumerate() {
+            let fb = first + k as u64;
             let lo = (fb * BS).max(offset);
             let hi = ((fb + 1) * BS).min(end);
             let src = &data[(lo - offset) as usize..(hi - offset) as usize];
@@ -693,6 +708,193 @@ impl Fs {
         Ok(self.volume().commit_overwrite(txn)?)
     }
 
+    /// A large write wholly past the end of its file (an append, or one
+    /// past a gap), in three steps so that its data is sealed and written
+    /// without the metadata lock, as a large overwrite is
+    /// (`overwrite_in_place`):
+    /// 1. under the lock, one short transaction: new blocks for the range,
+    ///    zeroed (as `fallocate` with KEEP_SIZE allocates them), and the
+    ///    file's truncation record, which says blocks past its size may
+    ///    need freeing;
+    /// 2. without the lock, the data into those blocks;
+    /// 3. under the lock, the new size, waiting for the next commit like
+    ///    any metadata change; the last append in flight on the file then
+    ///    removes the record.
+    ///
+    /// Until step 3 the blocks lie past the size, where nothing reads
+    /// them. After a crash before it, the mount finishes the truncation
+    /// the record names: it frees every block past the size, so the
+    /// file is as before the write, and no data of a lost write waits
+    /// past the size to show through a later extension. (A range the file
+    /// had allocated past its size with `fallocate` KEEP_SIZE goes too.)
+    /// Ok(false) when the write needs the ordinary path: not far enough
+    /// past the end, blocks already there, a truncation running, or the
+    /// blocks changed before step 3 (the ordinary path then writes it
+    /// again, after whatever changed them).
+    fn append_outside_lock(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        kill_suid: bool,
+    ) -> Result<bool> {
+        let blocks = (data.len() as u64).div_ceil(BS);
+        if !self.kernel_times() || data.len() < COMMIT_FIRST_BYTES || blocks > APPEND_MAX_BLOCKS {
+            return Ok(false);
+        }
+        let end = offset + data.len() as u64;
+        let (first, last) = (offset / BS, (end - 1) / BS);
+        let record = truncating_key(ino);
+        // Step 1.
+        let counted = std::cell::Cell::new(false);
+        let reserved = self.op(|op, txn| {
+            let mut i = op.inode(ino)?;
+            if file_type(i.mode) != libc::S_IFREG || first < i.size.div_ceil(BS) {
+                return Ok(None);
+            }
+            let holders = self.appending_on(ino);
+            if holders == 0 && op.get(&record)?.is_some() {
+                // A truncation is freeing blocks past the size.
+                return Ok(None);
+            }
+            let chunks = first / CHUNK_BLOCKS..=last / CHUNK_BLOCKS;
+            for index in chunks.clone() {
+                let c = op.chunk(ino, index)?;
+                let lo = first.max(index * CHUNK_BLOCKS);
+                let hi = (last + 1).min((index + 1) * CHUNK_BLOCKS);
+                if (lo..hi).any(|fb| c[(fb % CHUNK_BLOCKS) as usize] != 0) {
+                    return Ok(None);
+                }
+            }
+            let mut lbas = Vec::with_capacity(blocks as usize);
+            let mut zeroed = Runs::default();
+            let mut hint = 0;
+            for index in chunks {
+                let mut c = op.chunk(ino, index)?;
+                let lo = first.max(index * CHUNK_BLOCKS);
+                let hi = (last + 1).min((index + 1) * CHUNK_BLOCKS);
+                let mut fb = lo;
+                while fb < hi {
+                    let (b, n) = op.alloc_data_run(hint, hi - fb)?;
+                    for k in 0..n {
+                        c[((fb + k) % CHUNK_BLOCKS) as usize] = b + k;
+                        lbas.push(b + k);
+                        zeroed.push(b + k);
+                    }
+                    fb += n;
+                    hint = b + n;
+                }
+                op.put_chunk(ino, index, &c)?;
+            }
+            for (lba, n) in zeroed.0 {
+                txn.zero(Lba(lba), n);
+            }
+            i.blocks += blocks;
+            // A write by an unprivileged user clears setuid and the like
+            // before its data lands, as the ordinary path does with it.
+            op.kill_priv(ino, &mut i, kill_suid)?;
+            op.put_inode(ino, &i)?;
+            if holders == 0 {
+                op.put(&record, &[])?;
+            }
+            // Counted under the metadata lock, so that no other append's
+            // step 3 removes the record meanwhile.
+            *self
+                .appending
+                .lock()
+                .map_err(|_| FsError::PreviousIo)?
+                .entry(ino)
+                .or_insert(0) += 1;
+            counted.set(true);
+            Ok(Some((lbas, self.data_frees.load(Ordering::Acquire))))
+        });
+        let reserved = match reserved {
+            Err(e) if counted.get() => {
+                // The commit failed: nothing of step 1 happened.
+                self.appending_done(ino);
+                return Err(e);
+            }
+            r => r?,
+        };
+        let Some((lbas, frees)) = reserved else {
+            return Ok(false);
+        };
+        let stop = |step: u8| -> Result<()> {
+            if self.append_stop.load(Ordering::Relaxed) == step {
+                return Err(FsError::Io {
+                    context: format!("a large append stopped after step {step} (a test)"),
+                    source: std::io::Error::other("stopped"),
+                });
+            }
+            Ok(())
+        };
+        stop(1)?;
+        // Step 2. An error leaves the record for the next mount: the data
+        // may be in the blocks already.
+        let written = {
+            // No data block freed since step 1 (none of these, then) can
+            // have been handed out again: a freed block stays in
+            // quarantine while `reads` is held, and is counted before it
+            // leaves. (The caller of this API, as the kernel, frees none
+            // of a file's blocks while writing to it; this is the
+            // guarantee if one did.) The data may reach the log before
+            // operations still waiting for a commit: it shows only with
+            // the size, in step 3, which waits after them.
+            let _reading = self.reads.read().map_err(|_| FsError::PreviousIo)?;
+            self.data_frees.load(Ordering::Acquire) == frees
+                && self.write_blocks(offset, data, &lbas)?
+        };
+        stop(2)?;
+        // Step 3.
+        let finished = self.op(|op, _| {
+            // Done, whatever follows: no error leaves it counted.
+            let last_one = self.appending_done(ino) == 0;
+            let mut i = op.inode(ino)?;
+            let mut same = written;
+            for (k, fb) in (first..=last).enumerate() {
+                if !same {
+                    break;
+                }
+                same = op.block_of(ino, fb)? == lbas[k];
+            }
+            if same && end > i.size {
+                i.size = end;
+                op.put_inode(ino, &i)?;
+            }
+            if last_one {
+                op.del(&record)?;
+            }
+            Ok(same)
+        })?;
+        if finished {
+            self.appends_unlocked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::debug!("an append to inode {ino} found its blocks changed; written again");
+        }
+        Ok(finished)
+    }
+
+    /// How many large appends are in flight on `ino`.
+    fn appending_on(&self, ino: Ino) -> u32 {
+        self.appending
+            .lock()
+            .map_or(0, |a| a.get(&ino).copied().unwrap_or(0))
+    }
+
+    /// One large append on `ino` is done: how many are still in flight.
+    fn appending_done(&self, ino: Ino) -> u32 {
+        let Ok(mut appending) = self.appending.lock() else {
+            return u32::MAX;
+        };
+        let left = appending.get(&ino).map_or(0, |n| n.saturating_sub(1));
+        if left == 0 {
+            appending.remove(&ino);
+        } else {
+            appending.insert(ino, left);
+        }
+        left
+    }
+
     /// Writes `data` at `offset`. With `kill_suid`, clears the setuid bit
     /// (and setgid if group-executable), as a write by an unprivileged user must.
     pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8], kill_suid: bool) -> Result<u64> {
@@ -702,7 +904,8 @@ impl Fs {
         if offset
             .checked_add(data.len() as u64)
             .is_some_and(|e| e <= MAX_FILE_SIZE)
-            && self.overwrite_in_place(ino, offset, data, kill_suid)?
+            && (self.overwrite_in_place(ino, offset, data, kill_suid)?
+                || self.append_outside_lock(ino, offset, data, kill_suid)?)
         {
             return Ok(data.len() as u64);
         }

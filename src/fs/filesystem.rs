@@ -159,6 +159,19 @@ pub struct Fs {
     /// one that changes it otherwise (removes the file, or its
     /// capabilities) drops it, as the file's last close does.
     pub(super) files: Mutex<HashMap<Ino, Arc<RwLock<FileMap>>>>,
+    /// Large appends in flight per file (see `Fs::append_outside_lock`):
+    /// each holds the file's truncation record, which the last to finish
+    /// removes. Taken under the metadata lock, never the other way round.
+    pub(super) appending: Mutex<HashMap<Ino, u32>>,
+    /// Data blocks freed so far (the allocator's count, as the last
+    /// operation left it): a large append checks that none was freed
+    /// between reserving its blocks and writing them without the lock.
+    pub(super) data_frees: std::sync::atomic::AtomicU64,
+    /// Large appends written without the metadata lock. For tests.
+    pub(super) appends_unlocked: std::sync::atomic::AtomicU64,
+    /// For tests: a large append stops with an error after this step (1
+    /// or 2), as a crash would; 0 lets them finish.
+    pub(super) append_stop: std::sync::atomic::AtomicU8,
     /// Held shared by every data read from its block lookup to the end of
     /// its volume read. Blocks freed meanwhile stay quarantined (see
     /// `Allocator`) until an operation finds no read in flight, so a read
@@ -778,6 +791,10 @@ impl Fs {
             }),
             holds: Mutex::new(Holds::default()),
             files: Mutex::new(HashMap::new()),
+            appending: Mutex::new(HashMap::new()),
+            data_frees: Default::default(),
+            appends_unlocked: Default::default(),
+            append_stop: Default::default(),
             reads: std::sync::RwLock::new(()),
             kernel_times: Default::default(),
             syncs: Mutex::default(),
@@ -1091,6 +1108,21 @@ impl Fs {
     #[doc(hidden)]
     pub fn step_pauses(&self) -> u64 {
         self.step_pauses.load(Ordering::Relaxed)
+    }
+
+    /// How many large appends were written without the metadata lock
+    /// (see `Fs::append_outside_lock`). For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn appends_unlocked(&self) -> u64 {
+        self.appends_unlocked.load(Ordering::Relaxed)
+    }
+
+    /// For tests: every large append that goes without the metadata lock
+    /// fails after its step `step` (1: blocks reserved, 2: data written),
+    /// leaving the volume as a crash there would; 0 turns it off.
+    #[doc(hidden)]
+    pub fn stop_large_appends_after(&self, step: u8) {
+        self.append_stop.store(step, Ordering::Relaxed);
     }
 
     /// How many times a file's block map was loaded from the tree (each
@@ -1490,6 +1522,8 @@ impl Fs {
         }
         self.has_pending
             .store(!guard.pending.is_empty(), Ordering::Release);
+        self.data_frees
+            .store(guard.alloc.data_freed(), Ordering::Release);
         result
     }
 

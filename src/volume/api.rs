@@ -107,6 +107,9 @@ struct Inner {
     landed_behind: std::sync::atomic::AtomicU64,
     /// Reads and commits so far: background work (a rekey) yields to them.
     activity: std::sync::atomic::AtomicU64,
+    /// For tests: milliseconds each commit of 64 blocks or more waits
+    /// before sealing them (see [`Volume::delay_large_seals_for_test`]).
+    seal_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 pub struct Volume {
@@ -178,6 +181,7 @@ impl Volume {
             commits: RwLock::new(()),
             read_only: opts.read_only,
             activity: std::sync::atomic::AtomicU64::new(0),
+            seal_delay_ms: std::sync::atomic::AtomicU64::new(0),
         });
         if !opts.read_only && inner.rekey_pending() {
             // A rekey was running when the volume was last closed: it starts
@@ -700,6 +704,12 @@ impl Volume {
             }
         }
         let mut macs = vec![Mac::default(); tags.len()];
+        if tags.len() >= 64 {
+            let ms = inner.seal_delay_ms.load(Ordering::Relaxed);
+            if ms > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
         inner.engine.seal(&gk, &mut payload, &tags, &mut macs);
         let mut k = 0;
         for e in entries.iter_mut() {
@@ -759,6 +769,15 @@ impl Volume {
     /// [`Volume::flush`].
     pub fn write_behind(&self) {
         self.inner.dev.write_behind();
+    }
+
+    /// For tests: every commit that seals 64 blocks or more (a large
+    /// write's data) first waits `ms` milliseconds, as a slow CPU would
+    /// stretch its sealing; 0 turns it off. Shows which locks a large
+    /// write holds while its data is sealed.
+    #[doc(hidden)]
+    pub fn delay_large_seals_for_test(&self, ms: u64) {
+        self.inner.seal_delay_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Makes every committed transaction durable (fdatasync).
