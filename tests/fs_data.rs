@@ -1600,3 +1600,52 @@ fn a_crash_inside_a_large_append_leaves_the_file_as_before() {
         );
     }
 }
+
+/// A large append that fails between its steps (as on a write error)
+/// gives back the blocks it reserved at once and drops the file's
+/// truncation record: a later extension shows zeros, the next large
+/// append goes without the lock again (it would not while a record stood
+/// with no append counted), and a mount after it finds the file whole.
+#[test]
+fn a_failed_large_append_gives_its_blocks_back() {
+    let (dev, fs, ino) = one_file_kernel_times();
+    let mb = 1usize << 20;
+    let old = pattern(7, mb);
+    fs.write_data(ino, 0, &old, false).unwrap();
+    let blocks = fs.getattr(ino).unwrap().blocks;
+    fs.stop_large_appends_after(3);
+    assert!(fs
+        .write_data(ino, mb as u64, &pattern(8, mb), false)
+        .is_err());
+    fs.stop_large_appends_after(0);
+    let i = fs.getattr(ino).unwrap();
+    assert_eq!((i.size, i.blocks), (mb as u64, blocks), "size and blocks");
+    let report = fs.check().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    fs.setattr(ino, SetAttr::size(2 * mb as u64)).unwrap();
+    assert!(
+        fs.read_data(ino, mb as u64, mb)
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0),
+        "the failed append showed through the extension"
+    );
+    let before = fs.appends_unlocked();
+    let new = pattern(9, mb);
+    fs.write_data(ino, 2 * mb as u64, &new, false).unwrap();
+    assert_eq!(
+        fs.appends_unlocked() - before,
+        1,
+        "the next append took the lock"
+    );
+    fs.sync().unwrap();
+    let img = dev.image();
+    drop(fs);
+    let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img)))).unwrap();
+    let mut want = old;
+    want.resize(2 * mb, 0);
+    want.extend_from_slice(&new);
+    assert_eq!(fs.getattr(ino).unwrap().size, 3 * mb as u64);
+    assert!(fs.read_data(ino, 0, 3 * mb).unwrap() == want);
+    assert!(fs.check().unwrap().problems.is_empty());
+}

@@ -721,16 +721,25 @@ impl Fs {
     ///    any metadata change; the last append in flight on the file then
     ///    removes the record.
     ///
-    /// Until step 3 the blocks lie past the size, where nothing reads
-    /// them. After a crash before it, the mount finishes the truncation
-    /// the record names: it frees every block past the size, so the
-    /// file is as before the write, and no data of a lost write waits
-    /// past the size to show through a later extension. (A range the file
-    /// had allocated past its size with `fallocate` KEEP_SIZE goes too.)
+    /// Until step 3 the blocks lie past the size, where no read reaches
+    /// them (unless another operation grows the file over them first: a
+    /// race whose either outcome is allowed). After a crash before it,
+    /// the mount finishes the truncation the record names: it frees every
+    /// block past the size, so the file is as before the write, and no
+    /// data of a lost write waits past the size to show through a later
+    /// extension. (A range the file had allocated past its size with
+    /// `fallocate` KEEP_SIZE goes too.) An error between the steps frees
+    /// the blocks at once (`abandon_append`).
+    ///
     /// Ok(false) when the write needs the ordinary path: not far enough
-    /// past the end, blocks already there, a truncation running, or the
-    /// blocks changed before step 3 (the ordinary path then writes it
-    /// again, after whatever changed them).
+    /// past the end, blocks already there, a truncation running (seen
+    /// only while no other append is in flight on the file), or a data
+    /// block freed anywhere, or these blocks changed, before step 3 (the
+    /// ordinary path then writes it again, after whatever changed them).
+    /// A part of a block is written over what the volume holds there, as
+    /// in `overwrite_in_place`: a caller of this API must not write
+    /// another part of the same block meanwhile (the kernel writes whole
+    /// pages, one write per range at a time).
     fn append_outside_lock(
         &self,
         ino: Ino,
@@ -794,9 +803,9 @@ impl Fs {
             // before its data lands, as the ordinary path does with it.
             op.kill_priv(ino, &mut i, kill_suid)?;
             op.put_inode(ino, &i)?;
-            if holders == 0 {
-                op.put(&record, &[])?;
-            }
+            // Put by every append, whoever else holds it: no append may
+            // count on another's.
+            op.put(&record, &[])?;
             // Counted under the metadata lock, so that no other append's
             // step 3 removes the record meanwhile.
             *self
@@ -819,18 +828,45 @@ impl Fs {
         let Some((lbas, frees)) = reserved else {
             return Ok(false);
         };
-        let stop = |step: u8| -> Result<()> {
-            if self.append_stop.load(Ordering::Relaxed) == step {
-                return Err(FsError::Io {
-                    context: format!("a large append stopped after step {step} (a test)"),
-                    source: std::io::Error::other("stopped"),
-                });
+        let steps = self
+            .append_stop(1)
+            .and_then(|()| self.append_steps_2_3(ino, offset, data, &lbas, frees));
+        let (finished, counted) = match steps {
+            Ok(done) => done,
+            Err(e) => {
+                // A test's stand-in for a crash leaves all as it is.
+                if !matches!(self.append_stop.load(Ordering::Relaxed), 1 | 2) {
+                    self.abandon_append(ino, first, &lbas);
+                }
+                return Err(e);
             }
-            Ok(())
         };
-        stop(1)?;
-        // Step 2. An error leaves the record for the next mount: the data
-        // may be in the blocks already.
+        if counted {
+            self.appending_done(ino);
+        }
+        if finished {
+            self.appends_unlocked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::debug!("an append to inode {ino} found its blocks changed; written again");
+        }
+        Ok(finished)
+    }
+
+    /// Steps 2 and 3 of [`Fs::append_outside_lock`]: whether the write is
+    /// done, and whether the append is still counted in `appending` (its
+    /// step 3 failed to commit after removing the record).
+    fn append_steps_2_3(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        lbas: &[u64],
+        frees: u64,
+    ) -> Result<(bool, bool)> {
+        let end = offset + data.len() as u64;
+        let first = offset / BS;
+        let record = truncating_key(ino);
+        // Step 2.
         let written = {
             // No data block freed since step 1 (none of these, then) can
             // have been handed out again: a freed block stays in
@@ -842,36 +878,119 @@ impl Fs {
             // the size, in step 3, which waits after them.
             let _reading = self.reads.read().map_err(|_| FsError::PreviousIo)?;
             self.data_frees.load(Ordering::Acquire) == frees
-                && self.write_blocks(offset, data, &lbas)?
+                && self.write_blocks(offset, data, lbas)?
         };
-        stop(2)?;
-        // Step 3.
+        self.append_stop(2)?;
+        self.append_stop(3)?;
+        // Step 3. The count drops once the record is gone (or stays for
+        // another append); an error before that leaves both to
+        // `abandon_append`.
+        let counted = std::cell::Cell::new(true);
         let finished = self.op(|op, _| {
-            // Done, whatever follows: no error leaves it counted.
-            let last_one = self.appending_done(ino) == 0;
             let mut i = op.inode(ino)?;
-            let mut same = written;
-            for (k, fb) in (first..=last).enumerate() {
-                if !same {
-                    break;
-                }
-                same = op.block_of(ino, fb)? == lbas[k];
-            }
+            let same = written && self.still_reserved(op, ino, first, lbas)?;
             if same && end > i.size {
                 i.size = end;
                 op.put_inode(ino, &i)?;
             }
-            if last_one {
+            if self.appending_on(ino) == 1 {
                 op.del(&record)?;
             }
+            self.appending_done(ino);
+            counted.set(false);
             Ok(same)
-        })?;
-        if finished {
-            self.appends_unlocked.fetch_add(1, Ordering::Relaxed);
-        } else {
-            tracing::debug!("an append to inode {ino} found its blocks changed; written again");
+        });
+        match finished {
+            Ok(same) => Ok((same, false)),
+            // The commit failed after the count dropped: the record is
+            // still there (the failed operation changed nothing), and
+            // so is this append, for `abandon_append` to count out.
+            Err(e) if !counted.get() => {
+                *self
+                    .appending
+                    .lock()
+                    .map_err(|_| FsError::PreviousIo)?
+                    .entry(ino)
+                    .or_insert(0) += 1;
+                Err(e)
+            }
+            Err(e) => Err(e),
         }
-        Ok(finished)
+    }
+
+    /// Whether file blocks from `first` are still `lbas`.
+    fn still_reserved(&self, op: &mut Op, ino: Ino, first: u64, lbas: &[u64]) -> Result<bool> {
+        let mut k = 0;
+        while k < lbas.len() {
+            let fb = first + k as u64;
+            let c = op.chunk(ino, fb / CHUNK_BLOCKS)?;
+            let slot = (fb % CHUNK_BLOCKS) as usize;
+            let n = (CHUNK_BLOCKS as usize - slot).min(lbas.len() - k);
+            if c[slot..slot + n] != lbas[k..k + n] {
+                return Ok(false);
+            }
+            k += n;
+        }
+        Ok(true)
+    }
+
+    /// After an append failed between its steps: counts it out, frees the
+    /// blocks it reserved that are still the file's and still past its
+    /// size (whatever of its data reached them), and removes the
+    /// truncation record if no other append holds it. If that fails too
+    /// (the volume failed), the record stays for the next mount, and
+    /// until then no large append goes without the lock on this file.
+    fn abandon_append(&self, ino: Ino, first: u64, lbas: &[u64]) {
+        self.appending_done(ino);
+        let r = self.op(|op, _| {
+            let mut i = op.inode(ino)?;
+            let past = i.size.div_ceil(BS);
+            let mut k = 0;
+            while k < lbas.len() {
+                let fb = first + k as u64;
+                let index = fb / CHUNK_BLOCKS;
+                let mut c = op.chunk(ino, index)?;
+                let mut changed = false;
+                while k < lbas.len() && (first + k as u64) / CHUNK_BLOCKS == index {
+                    let fb = first + k as u64;
+                    let slot = (fb % CHUNK_BLOCKS) as usize;
+                    if fb >= past && c[slot] == lbas[k] {
+                        op.free_data(lbas[k]);
+                        c[slot] = 0;
+                        i.blocks = i.blocks.saturating_sub(1);
+                        changed = true;
+                    }
+                    k += 1;
+                }
+                if changed {
+                    op.put_chunk(ino, index, &c)?;
+                }
+            }
+            op.put_inode(ino, &i)?;
+            if self.appending_on(ino) == 0 {
+                op.del(&truncating_key(ino))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::warn!(
+                "inode {ino}: a failed append's blocks past the size stay until the next mount \
+                 frees them: {e}"
+            );
+        }
+    }
+
+    /// For tests: an error in place of what follows step `step` of a large
+    /// append (see [`Fs::stop_large_appends_after`]; 3 is an error after
+    /// step 2 that the append handles, as it would a failed write).
+    fn append_stop(&self, step: u8) -> Result<()> {
+        if self.append_stop.load(Ordering::Relaxed) == step {
+            return Err(FsError::Io {
+                context: format!("a large append stopped after step {step} (a test)"),
+                source: std::io::Error::other("stopped"),
+            });
+        }
+        Ok(())
     }
 
     /// How many large appends are in flight on `ino`.
@@ -1125,7 +1244,11 @@ impl Fs {
             if !done {
                 return Ok(None);
             }
-            op.del(&record)?;
+            // An append in flight (only through this API: the kernel
+            // writes nothing during a truncate) still needs the record.
+            if self.appending_on(ino) == 0 {
+                op.del(&record)?;
+            }
             Ok(Some(Some(i)))
         })
     }

@@ -1119,7 +1119,9 @@ impl Fs {
 
     /// For tests: every large append that goes without the metadata lock
     /// fails after its step `step` (1: blocks reserved, 2: data written),
-    /// leaving the volume as a crash there would; 0 turns it off.
+    /// leaving the volume as a crash there would; 3 fails it after step 2
+    /// with an error it then cleans up after, as a failed write; 0 turns
+    /// it off.
     #[doc(hidden)]
     pub fn stop_large_appends_after(&self, step: u8) {
         self.append_stop.store(step, Ordering::Relaxed);
