@@ -831,8 +831,8 @@ impl Fs {
         let steps = self
             .append_stop(1)
             .and_then(|()| self.append_steps_2_3(ino, offset, data, &lbas, frees));
-        let (finished, counted) = match steps {
-            Ok(done) => done,
+        let finished = match steps {
+            Ok(finished) => finished,
             Err(e) => {
                 // A test's stand-in for a crash leaves all as it is.
                 if !matches!(self.append_stop.load(Ordering::Relaxed), 1 | 2) {
@@ -841,9 +841,6 @@ impl Fs {
                 return Err(e);
             }
         };
-        if counted {
-            self.appending_done(ino);
-        }
         if finished {
             self.appends_unlocked.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -853,8 +850,8 @@ impl Fs {
     }
 
     /// Steps 2 and 3 of [`Fs::append_outside_lock`]: whether the write is
-    /// done, and whether the append is still counted in `appending` (its
-    /// step 3 failed to commit after removing the record).
+    /// done. On an error the append is still counted in `appending`, for
+    /// `abandon_append` to count out.
     fn append_steps_2_3(
         &self,
         ino: Ino,
@@ -862,7 +859,7 @@ impl Fs {
         data: &[u8],
         lbas: &[u64],
         frees: u64,
-    ) -> Result<(bool, bool)> {
+    ) -> Result<bool> {
         let end = offset + data.len() as u64;
         let first = offset / BS;
         let record = truncating_key(ino);
@@ -901,7 +898,7 @@ impl Fs {
             Ok(same)
         });
         match finished {
-            Ok(same) => Ok((same, false)),
+            Ok(same) => Ok(same),
             // The commit failed after the count dropped: the record is
             // still there (the failed operation changed nothing), and
             // so is this append, for `abandon_append` to count out.
