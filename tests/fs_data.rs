@@ -1649,3 +1649,21 @@ fn a_failed_large_append_gives_its_blocks_back() {
     assert!(fs.read_data(ino, 0, 3 * mb).unwrap() == want);
     assert!(fs.check().unwrap().problems.is_empty());
 }
+
+/// A large append that starts inside a block spans one block more than
+/// its length in blocks: it reserves, writes and counts every one of
+/// them (the first version counted its length in blocks).
+#[test]
+fn an_unaligned_large_append_counts_every_block() {
+    let (_dev, fs, ino) = one_file_kernel_times();
+    let data = pattern(10, 64 << 10);
+    let before = fs.appends_unlocked();
+    fs.write_data(ino, 8192 + 100, &data, false).unwrap();
+    assert_eq!(fs.appends_unlocked() - before, 1, "not without the lock");
+    let i = fs.getattr(ino).unwrap();
+    assert_eq!((i.size, i.blocks), (8192 + 100 + (64 << 10), 17));
+    assert!(fs.read_data(ino, 8192 + 100, 64 << 10).unwrap() == data);
+    fs.setattr(ino, SetAttr::size(0)).unwrap();
+    assert_eq!(fs.getattr(ino).unwrap().blocks, 0);
+    assert!(fs.check().unwrap().problems.is_empty());
+}

@@ -747,12 +747,13 @@ impl Fs {
         data: &[u8],
         kill_suid: bool,
     ) -> Result<bool> {
-        let blocks = (data.len() as u64).div_ceil(BS);
+        let end = offset + data.len() as u64;
+        let (first, last) = (offset / BS, (end - 1) / BS);
+        // One more than the length in blocks when it starts inside one.
+        let blocks = last - first + 1;
         if !self.kernel_times() || data.len() < COMMIT_FIRST_BYTES || blocks > APPEND_MAX_BLOCKS {
             return Ok(false);
         }
-        let end = offset + data.len() as u64;
-        let (first, last) = (offset / BS, (end - 1) / BS);
         let record = truncating_key(ino);
         // Step 1.
         let counted = std::cell::Cell::new(false);
@@ -766,37 +767,29 @@ impl Fs {
                 // A truncation is freeing blocks past the size.
                 return Ok(None);
             }
-            let chunks = first / CHUNK_BLOCKS..=last / CHUNK_BLOCKS;
-            for index in chunks.clone() {
+            let mut chunks = Vec::new();
+            for (index, slots, _) in chunk_spans(first, blocks as usize) {
                 let c = op.chunk(ino, index)?;
-                let lo = first.max(index * CHUNK_BLOCKS);
-                let hi = (last + 1).min((index + 1) * CHUNK_BLOCKS);
-                if (lo..hi).any(|fb| c[(fb % CHUNK_BLOCKS) as usize] != 0) {
+                if c[slots.clone()].iter().any(|b| *b != 0) {
                     return Ok(None);
                 }
+                chunks.push((index, slots, c));
             }
             let mut lbas = Vec::with_capacity(blocks as usize);
-            let mut zeroed = Runs::default();
             let mut hint = 0;
-            for index in chunks {
-                let mut c = op.chunk(ino, index)?;
-                let lo = first.max(index * CHUNK_BLOCKS);
-                let hi = (last + 1).min((index + 1) * CHUNK_BLOCKS);
-                let mut fb = lo;
-                while fb < hi {
-                    let (b, n) = op.alloc_data_run(hint, hi - fb)?;
-                    for k in 0..n {
-                        c[((fb + k) % CHUNK_BLOCKS) as usize] = b + k;
-                        lbas.push(b + k);
-                        zeroed.push(b + k);
+            for (index, slots, mut c) in chunks {
+                let mut slot = slots.start;
+                while slot < slots.end {
+                    let (b, n) = op.alloc_data_run(hint, (slots.end - slot) as u64)?;
+                    txn.zero(Lba(b), n);
+                    for lba in b..b + n {
+                        c[slot] = lba;
+                        lbas.push(lba);
+                        slot += 1;
                     }
-                    fb += n;
                     hint = b + n;
                 }
                 op.put_chunk(ino, index, &c)?;
-            }
-            for (lba, n) in zeroed.0 {
-                txn.zero(Lba(lba), n);
             }
             i.blocks += blocks;
             // A write by an unprivileged user clears setuid and the like
@@ -808,12 +801,7 @@ impl Fs {
             op.put(&record, &[])?;
             // Counted under the metadata lock, so that no other append's
             // step 3 removes the record meanwhile.
-            *self
-                .appending
-                .lock()
-                .map_err(|_| FsError::PreviousIo)?
-                .entry(ino)
-                .or_insert(0) += 1;
+            self.appending_begin(ino)?;
             counted.set(true);
             Ok(Some((lbas, self.data_frees.load(Ordering::Acquire))))
         });
@@ -903,12 +891,7 @@ impl Fs {
             // still there (the failed operation changed nothing), and
             // so is this append, for `abandon_append` to count out.
             Err(e) if !counted.get() => {
-                *self
-                    .appending
-                    .lock()
-                    .map_err(|_| FsError::PreviousIo)?
-                    .entry(ino)
-                    .or_insert(0) += 1;
+                self.appending_begin(ino)?;
                 Err(e)
             }
             Err(e) => Err(e),
@@ -917,16 +900,10 @@ impl Fs {
 
     /// Whether file blocks from `first` are still `lbas`.
     fn still_reserved(&self, op: &mut Op, ino: Ino, first: u64, lbas: &[u64]) -> Result<bool> {
-        let mut k = 0;
-        while k < lbas.len() {
-            let fb = first + k as u64;
-            let c = op.chunk(ino, fb / CHUNK_BLOCKS)?;
-            let slot = (fb % CHUNK_BLOCKS) as usize;
-            let n = (CHUNK_BLOCKS as usize - slot).min(lbas.len() - k);
-            if c[slot..slot + n] != lbas[k..k + n] {
+        for (index, slots, ks) in chunk_spans(first, lbas.len()) {
+            if op.chunk(ino, index)?[slots] != lbas[ks] {
                 return Ok(false);
             }
-            k += n;
         }
         Ok(true)
     }
@@ -942,22 +919,16 @@ impl Fs {
         let r = self.op(|op, _| {
             let mut i = op.inode(ino)?;
             let past = i.size.div_ceil(BS);
-            let mut k = 0;
-            while k < lbas.len() {
-                let fb = first + k as u64;
-                let index = fb / CHUNK_BLOCKS;
+            for (index, slots, ks) in chunk_spans(first, lbas.len()) {
                 let mut c = op.chunk(ino, index)?;
                 let mut changed = false;
-                while k < lbas.len() && (first + k as u64) / CHUNK_BLOCKS == index {
-                    let fb = first + k as u64;
-                    let slot = (fb % CHUNK_BLOCKS) as usize;
-                    if fb >= past && c[slot] == lbas[k] {
+                for (slot, k) in slots.zip(ks) {
+                    if first + k as u64 >= past && c[slot] == lbas[k] {
                         op.free_data(lbas[k]);
                         c[slot] = 0;
                         i.blocks = i.blocks.saturating_sub(1);
                         changed = true;
                     }
-                    k += 1;
                 }
                 if changed {
                     op.put_chunk(ino, index, &c)?;
@@ -997,10 +968,21 @@ impl Fs {
             .map_or(0, |a| a.get(&ino).copied().unwrap_or(0))
     }
 
-    /// One large append on `ino` is done: how many are still in flight.
-    fn appending_done(&self, ino: Ino) -> u32 {
+    /// One more large append in flight on `ino`.
+    fn appending_begin(&self, ino: Ino) -> Result<()> {
+        *self
+            .appending
+            .lock()
+            .map_err(|_| FsError::PreviousIo)?
+            .entry(ino)
+            .or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// One large append on `ino` is done.
+    fn appending_done(&self, ino: Ino) {
         let Ok(mut appending) = self.appending.lock() else {
-            return u32::MAX;
+            return;
         };
         let left = appending.get(&ino).map_or(0, |n| n.saturating_sub(1));
         if left == 0 {
@@ -1008,7 +990,6 @@ impl Fs {
         } else {
             appending.insert(ino, left);
         }
-        left
     }
 
     /// Writes `data` at `offset`. With `kill_suid`, clears the setuid bit
@@ -1501,4 +1482,22 @@ impl SetAttr {
             ..SetAttr::default()
         }
     }
+}
+
+/// The chunk items that `n` consecutive file blocks from `first` fall in:
+/// for each, its index, the slots the blocks take in it, and the blocks'
+/// places (0..n) those slots hold.
+fn chunk_spans(first: u64, n: usize) -> impl Iterator<Item = (u64, Range<usize>, Range<usize>)> {
+    let mut k = 0;
+    std::iter::from_fn(move || {
+        if k >= n {
+            return None;
+        }
+        let fb = first + k as u64;
+        let slot = (fb % CHUNK_BLOCKS) as usize;
+        let take = (CHUNK_BLOCKS as usize - slot).min(n - k);
+        let span = (fb / CHUNK_BLOCKS, slot..slot + take, k..k + take);
+        k += take;
+        Some(span)
+    })
 }
