@@ -35,6 +35,8 @@ struct Items {
     cookies: HashMap<(Ino, u64), Vec<u8>>,
     /// Data block -> the inode whose chunk names it.
     owners: HashMap<u64, Ino>,
+    /// Inode -> the data blocks its chunks name.
+    held: BTreeMap<Ino, u64>,
     orphans: BTreeSet<Ino>,
     /// Files whose truncation is still freeing blocks past their size.
     truncating: BTreeSet<Ino>,
@@ -90,6 +92,7 @@ impl Items {
                             continue;
                         }
                         it.data_blocks += 1;
+                        *it.held.entry(ino).or_default() += 1;
                         if let Some(other) = it.owners.insert(lba, ino) {
                             problems.push(format!(
                                     "block {lba} belongs to inode {other} and to inode {ino} (file block {})",
@@ -240,6 +243,31 @@ impl Items {
         (links, subdirs)
     }
 
+    /// An inode's block count (what `stat` reports as st_blocks, and what
+    /// decides whether its data can be freed in one transaction) is the
+    /// number of blocks its chunks name, and chunks belong to an inode
+    /// there is.
+    fn check_block_counts(&self, r: &mut FsReport) {
+        for (ino, i) in &self.inodes {
+            let held = self.held.get(ino).copied().unwrap_or(0);
+            if i.blocks != held {
+                r.problems.push(format!(
+                    "inode {ino}: its block count says {} blocks, its chunks name {held}: \
+                     stat and du misreport its space, its data is unaffected (a copy of \
+                     the file counts right)",
+                    i.blocks
+                ));
+            }
+        }
+        for (ino, held) in &self.held {
+            if !self.inodes.contains_key(ino) && !self.undecodable.contains(ino) {
+                r.problems.push(format!(
+                    "chunks of inode {ino}, which does not exist, name {held} blocks"
+                ));
+            }
+        }
+    }
+
     /// Link counts agree with the entries found, and an inode in no
     /// directory is an orphan.
     fn check_links(
@@ -273,8 +301,9 @@ impl Items {
 
 impl Fs {
     /// Checks the file system's structure: entries point at live inodes of
-    /// the right type, cookies and entries agree, link counts are right,
-    /// no block is used twice, and every allocated block is accounted for.
+    /// the right type, cookies and entries agree, link counts and block
+    /// counts are right, no block is used twice, and every allocated block
+    /// is accounted for.
     pub fn check(&self) -> Result<FsReport> {
         // The volume's allocated blocks are compared with what the tree
         // names: both as of one commit.
@@ -315,6 +344,7 @@ impl Fs {
         items.check_xattrs(version, &mut r);
         let (links, subdirs) = items.check_entries(&mut r);
         items.check_links(&links, &subdirs, &mut r);
+        items.check_block_counts(&mut r);
         self.check_blocks(nodes, &items.owners, &mut r)?;
         Ok(r)
     }
@@ -368,6 +398,47 @@ mod tests {
         };
         it.check_xattrs(version, &mut r);
         r.problems
+    }
+
+    #[test]
+    fn a_block_count_that_differs_from_the_chunks_is_reported() {
+        let chunk = |ino: u64, lbas: &[u64]| {
+            let mut v = vec![0u8; CHUNK_BLOCKS as usize * 8];
+            for (j, lba) in lbas.iter().enumerate() {
+                v[j * 8..j * 8 + 8].copy_from_slice(&lba.to_le_bytes());
+            }
+            (key(Ino(ino), kind::CHUNK, &0u64.to_be_bytes()), v)
+        };
+        let problems = |blocks: u64, items: &[Item]| {
+            let mut inode = Inode::new(libc::S_IFREG | 0o644, 0, 0, 0);
+            inode.blocks = blocks;
+            let mut all = vec![(key(Ino(5), kind::INODE, &[]), inode.encode())];
+            all.extend_from_slice(items);
+            let mut problems = Vec::new();
+            let it = Items::collect(&all, &mut problems);
+            let mut r = FsReport {
+                problems,
+                ..FsReport::default()
+            };
+            it.check_block_counts(&mut r);
+            r.problems
+        };
+        // Holes (block 0) count for nothing.
+        assert!(problems(2, &[chunk(5, &[7, 0, 9])]).is_empty());
+        assert!(problems(0, &[]).is_empty());
+        let short = problems(1, &[chunk(5, &[7, 0, 9])]);
+        assert_eq!(short.len(), 1, "{short:?}");
+        assert!(
+            short[0].contains("says 1 blocks, its chunks name 2"),
+            "{short:?}"
+        );
+        assert_eq!(problems(3, &[chunk(5, &[7, 9])]).len(), 1);
+        let stray = problems(0, &[chunk(6, &[7])]);
+        assert_eq!(stray.len(), 1, "{stray:?}");
+        assert!(
+            stray[0].contains("inode 6, which does not exist"),
+            "{stray:?}"
+        );
     }
 
     #[test]
