@@ -1667,3 +1667,93 @@ fn an_unaligned_large_append_counts_every_block() {
     assert_eq!(fs.getattr(ino).unwrap().blocks, 0);
     assert!(fs.check().unwrap().problems.is_empty());
 }
+
+/// A large append checks that none of its file's blocks was freed
+/// between reserving them and writing them without the lock: frees from
+/// other files (an `rm` or a truncate beside the writer) leave it on the
+/// path without the lock, while a punch through its own reserved blocks
+/// sends it back to the locked path, which still writes it whole. (The
+/// first version counted every free on the volume, so the append beside
+/// another file's truncation took the lock too.)
+#[test]
+fn only_frees_from_the_appending_file_send_an_append_back_to_the_lock() {
+    let (dev, fs, ino) = one_file_kernel_times();
+    let mb = 1usize << 20;
+    let (other, _) = fs.mknod(ROOT, b"other", REG, 0, 0, 0).unwrap();
+    fs.write_data(other, 0, &pattern(1, 4 * mb), false).unwrap();
+    fs.commit_pending().unwrap();
+    let first = pattern(2, mb);
+    fs.write_data(ino, 0, &first, false).unwrap();
+
+    // Another file loses all of its blocks between the steps.
+    fs.between_large_append_steps(Some(Arc::new(move |fs: &Fs, _: &[u64]| {
+        fs.setattr(other, SetAttr::size(0)).unwrap();
+    })));
+    let before = fs.appends_unlocked();
+    let second = pattern(3, mb);
+    fs.write_data(ino, mb as u64, &second, false).unwrap();
+    assert_eq!(
+        fs.appends_unlocked() - before,
+        1,
+        "another file's truncation sent the append to the lock"
+    );
+    assert_eq!(fs.getattr(other).unwrap().blocks, 0);
+
+    // The appending file's reserved blocks are punched out between the
+    // steps and handed to a new file: written there by step 2, the
+    // append would overwrite that file.
+    let (taker, _) = fs.mknod(ROOT, b"taker", REG, 0, 0, 0).unwrap();
+    let taken = pattern(5, 8 * mb);
+    let reserved = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = reserved.clone();
+    let give = taken.clone();
+    fs.between_large_append_steps(Some(Arc::new(move |fs: &Fs, lbas: &[u64]| {
+        // Once: the new file's write is a large append too.
+        fs.between_large_append_steps(None);
+        *seen.lock().unwrap() = lbas.to_vec();
+        fs.fallocate(
+            ino,
+            2 * (1 << 20),
+            1 << 20,
+            FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE,
+        )
+        .unwrap();
+        fs.write_data(taker, 0, &give, false).unwrap();
+    })));
+    let before = fs.appends_unlocked();
+    let third = pattern(4, mb);
+    fs.write_data(ino, 2 * mb as u64, &third, false).unwrap();
+    assert_eq!(
+        fs.appends_unlocked(),
+        before,
+        "an append wrote blocks that were freed under it"
+    );
+    let reserved = reserved.lock().unwrap().clone();
+    assert_eq!(reserved.len(), 256);
+    let held = fs.file_blocks(taker).unwrap();
+    assert!(
+        held.iter().any(|b| reserved.contains(b)),
+        "the new file got none of the punched blocks: the test shows nothing"
+    );
+    assert!(
+        fs.read_data(taker, 0, 8 * mb).unwrap() == taken,
+        "the new file was overwritten"
+    );
+    fs.between_large_append_steps(None);
+
+    let mut want = first;
+    want.extend_from_slice(&second);
+    want.extend_from_slice(&third);
+    let i = fs.getattr(ino).unwrap();
+    assert_eq!((i.size, i.blocks), (3 * mb as u64, 3 * 256));
+    assert!(fs.read_data(ino, 0, 3 * mb).unwrap() == want);
+    let report = fs.check().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    fs.sync().unwrap();
+    let img = dev.image();
+    drop(fs);
+    let fs = Fs::mount(open(Arc::new(MemDevice::from_image(img)))).unwrap();
+    assert!(fs.read_data(ino, 0, 3 * mb).unwrap() == want);
+    assert!(fs.read_data(taker, 0, 8 * mb).unwrap() == taken);
+    assert!(fs.check().unwrap().problems.is_empty());
+}

@@ -401,7 +401,7 @@ impl Op<'_> {
             let mut c = self.chunk(ino, index)?;
             for (j, b) in c.iter_mut().enumerate() {
                 if index * CHUNK_BLOCKS + j as u64 >= from && *b != 0 {
-                    self.free_data(*b);
+                    self.free_data(ino, *b);
                     *b = 0;
                     i.blocks = i.blocks.saturating_sub(1);
                 }
@@ -734,7 +734,7 @@ impl Fs {
     /// Ok(false) when the write needs the ordinary path: not far enough
     /// past the end, blocks already there, a truncation running (seen
     /// only while no other append is in flight on the file), or a data
-    /// block freed anywhere, or these blocks changed, before step 3 (the
+    /// block of this file freed, or these blocks changed, before step 3 (the
     /// ordinary path then writes it again, after whatever changed them).
     /// A part of a block is written over what the volume holds there, as
     /// in `overwrite_in_place`: a caller of this API must not write
@@ -801,9 +801,9 @@ impl Fs {
             op.put(&record, &[])?;
             // Counted under the metadata lock, so that no other append's
             // step 3 removes the record meanwhile.
-            self.appending_begin(ino)?;
+            let frees = self.appending_begin(ino)?;
             counted.set(true);
-            Ok(Some((lbas, self.data_frees.load(Ordering::Acquire))))
+            Ok(Some((lbas, frees)))
         });
         let reserved = match reserved {
             Err(e) if counted.get() => {
@@ -816,6 +816,14 @@ impl Fs {
         let Some((lbas, frees)) = reserved else {
             return Ok(false);
         };
+        let hook = self
+            .between_append_steps
+            .lock()
+            .ok()
+            .and_then(|h| h.clone());
+        if let Some(hook) = hook {
+            hook(self, &lbas);
+        }
         let steps = self
             .append_stop(1)
             .and_then(|()| self.append_steps_2_3(ino, offset, data, &lbas, frees));
@@ -853,17 +861,20 @@ impl Fs {
         let record = truncating_key(ino);
         // Step 2.
         let written = {
-            // No data block freed since step 1 (none of these, then) can
-            // have been handed out again: a freed block stays in
-            // quarantine while `reads` is held, and is counted before it
-            // leaves. (The caller of this API, as the kernel, frees none
-            // of a file's blocks while writing to it; this is the
-            // guarantee if one did.) The data may reach the log before
-            // operations still waiting for a commit: it shows only with
-            // the size, in step 3, which waits after them.
+            // If no operation freed any of this file's data blocks since
+            // step 1, these blocks are still the file's; one that frees
+            // some now leaves them in quarantine, not to be handed out
+            // again while `reads` is held (an operation's frees are
+            // counted before it releases the metadata lock, and the
+            // quarantine is released only under that lock). Blocks freed
+            // from other files do not matter: these were never theirs.
+            // (The caller of this API, as the kernel, frees none of a
+            // file's blocks while writing to it; this is the guarantee if
+            // one did.) The data may reach the log before operations still
+            // waiting for a commit: it shows only with the size, in step
+            // 3, which waits after them.
             let _reading = self.reads.read().map_err(|_| FsError::PreviousIo)?;
-            self.data_frees.load(Ordering::Acquire) == frees
-                && self.write_blocks(offset, data, lbas)?
+            self.frees_on(ino) == Some(frees) && self.write_blocks(offset, data, lbas)?
         };
         self.append_stop(2)?;
         self.append_stop(3)?;
@@ -924,7 +935,7 @@ impl Fs {
                 let mut changed = false;
                 for (slot, k) in slots.zip(ks) {
                     if first + k as u64 >= past && c[slot] == lbas[k] {
-                        op.free_data(lbas[k]);
+                        op.free_data(ino, lbas[k]);
                         c[slot] = 0;
                         i.blocks = i.blocks.saturating_sub(1);
                         changed = true;
@@ -965,18 +976,39 @@ impl Fs {
     fn appending_on(&self, ino: Ino) -> u32 {
         self.appending
             .lock()
-            .map_or(0, |a| a.get(&ino).copied().unwrap_or(0))
+            .map_or(0, |a| a.get(&ino).map_or(0, |a| a.count))
     }
 
-    /// One more large append in flight on `ino`.
-    fn appending_begin(&self, ino: Ino) -> Result<()> {
-        *self
-            .appending
-            .lock()
-            .map_err(|_| FsError::PreviousIo)?
-            .entry(ino)
-            .or_insert(0) += 1;
-        Ok(())
+    /// How many operations freed data blocks of `ino` while large appends
+    /// were in flight on it (none if no append is).
+    fn frees_on(&self, ino: Ino) -> Option<u64> {
+        let appending = self.appending.lock().ok()?;
+        appending.get(&ino).map(|a| a.frees)
+    }
+
+    /// Counts an operation's frees for the files with appends in flight.
+    /// Called under the metadata lock, at the end of every operation.
+    pub(super) fn freed_data_of(&self, inos: &[Ino]) {
+        if inos.is_empty() {
+            return;
+        }
+        let Ok(mut appending) = self.appending.lock() else {
+            return;
+        };
+        for ino in inos {
+            if let Some(a) = appending.get_mut(ino) {
+                a.frees += 1;
+            }
+        }
+    }
+
+    /// One more large append in flight on `ino`; the file's count of
+    /// frees (see [`Fs::frees_on`]) as of now.
+    fn appending_begin(&self, ino: Ino) -> Result<u64> {
+        let mut appending = self.appending.lock().map_err(|_| FsError::PreviousIo)?;
+        let a = appending.entry(ino).or_default();
+        a.count += 1;
+        Ok(a.frees)
     }
 
     /// One large append on `ino` is done.
@@ -984,11 +1016,12 @@ impl Fs {
         let Ok(mut appending) = self.appending.lock() else {
             return;
         };
-        let left = appending.get(&ino).map_or(0, |n| n.saturating_sub(1));
-        if left == 0 {
-            appending.remove(&ino);
-        } else {
-            appending.insert(ino, left);
+        match appending.get_mut(&ino) {
+            Some(a) if a.count > 1 => a.count -= 1,
+            Some(_) => {
+                appending.remove(&ino);
+            }
+            None => {}
         }
     }
 
@@ -1335,9 +1368,9 @@ impl Fs {
                     zeroed.push(b);
                     changed = true;
                 } else if punch && whole {
-                    op.free_data(c[slot]);
+                    op.free_data(ino, c[slot]);
                     c[slot] = 0;
-                    i.blocks -= 1;
+                    i.blocks = i.blocks.saturating_sub(1);
                     changed = true;
                 } else if zero_range && whole {
                     // Keeps its logical block; the data goes.

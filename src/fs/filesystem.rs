@@ -161,17 +161,18 @@ pub struct Fs {
     pub(super) files: Mutex<HashMap<Ino, Arc<RwLock<FileMap>>>>,
     /// Large appends in flight per file (see `Fs::append_outside_lock`):
     /// each holds the file's truncation record, which the last to finish
-    /// removes. Taken under the metadata lock, never the other way round.
-    pub(super) appending: Mutex<HashMap<Ino, u32>>,
-    /// Data blocks freed so far (the allocator's count, as the last
-    /// operation left it): a large append checks that none was freed
-    /// between reserving its blocks and writing them without the lock.
-    pub(super) data_frees: std::sync::atomic::AtomicU64,
+    /// removes, and operations count their frees of the file's blocks
+    /// here. Taken with or without the metadata lock, never the other way
+    /// round (nothing that holds it waits for the metadata lock or
+    /// `reads`).
+    pub(super) appending: Mutex<HashMap<Ino, Appending>>,
     /// Large appends written without the metadata lock. For tests.
     pub(super) appends_unlocked: std::sync::atomic::AtomicU64,
     /// For tests: a large append stops with an error after this step (1
     /// or 2), as a crash would; 0 lets them finish.
     pub(super) append_stop: std::sync::atomic::AtomicU8,
+    /// For tests: run by every large append between its steps 1 and 2.
+    pub(super) between_append_steps: Mutex<Option<AppendHook>>,
     /// Held shared by every data read from its block lookup to the end of
     /// its volume read. Blocks freed meanwhile stay quarantined (see
     /// `Allocator`) until an operation finds no read in flight, so a read
@@ -289,6 +290,21 @@ pub(super) struct Op<'a> {
     /// Lazy-time entries this operation changed, with their old values,
     /// put back if it fails.
     lazy_undo: Vec<(Ino, Option<LazyTimes>)>,
+    /// Files this operation freed data blocks of.
+    freed_from: Vec<Ino>,
+}
+
+/// See [`Fs::between_large_append_steps`].
+pub(super) type AppendHook = Arc<dyn Fn(&Fs, &[u64]) + Send + Sync>;
+
+/// The large appends in flight on one file (see `Fs::append_outside_lock`).
+#[derive(Default)]
+pub(super) struct Appending {
+    pub(super) count: u32,
+    /// Operations that freed some of the file's data blocks while an
+    /// append was in flight: an append writes without the lock only if
+    /// none did since it reserved its blocks.
+    pub(super) frees: u64,
 }
 
 impl Op<'_> {
@@ -326,8 +342,11 @@ impl Op<'_> {
         self.store.alloc_data_run(hint, max)
     }
 
-    /// Frees a data block: trimmed in this operation's transaction.
-    pub(super) fn free_data(&mut self, lba: u64) {
+    /// Frees a data block of `ino`: trimmed in this operation's transaction.
+    pub(super) fn free_data(&mut self, ino: Ino, lba: u64) {
+        if self.freed_from.last() != Some(&ino) {
+            self.freed_from.push(ino);
+        }
         self.store.free_data(lba);
     }
 
@@ -503,7 +522,7 @@ impl Op<'_> {
                 break true;
             }
             for (k, v) in batch {
-                let n = self.free_chunk_blocks(&v);
+                let n = self.free_chunk_blocks(ino, &v);
                 i.blocks = i.blocks.saturating_sub(n);
                 freed += n;
                 self.del(&k)?;
@@ -531,7 +550,7 @@ impl Op<'_> {
             }
             for (k, v) in batch {
                 if k.get(8) == Some(&kind::CHUNK) {
-                    self.free_chunk_blocks(&v);
+                    self.free_chunk_blocks(ino, &v);
                 }
                 self.del(&k)?;
             }
@@ -539,12 +558,12 @@ impl Op<'_> {
     }
 
     /// Frees the data blocks a chunk item's value names; returns how many.
-    fn free_chunk_blocks(&mut self, v: &[u8]) -> u64 {
+    fn free_chunk_blocks(&mut self, ino: Ino, v: &[u8]) -> u64 {
         let mut n = 0;
         for b in v.chunks_exact(8) {
             let lba = u64::from_le_bytes(b.try_into().expect("8 bytes"));
             if lba != 0 {
-                self.free_data(lba);
+                self.free_data(ino, lba);
                 n += 1;
             }
         }
@@ -792,9 +811,9 @@ impl Fs {
             holds: Mutex::new(Holds::default()),
             files: Mutex::new(HashMap::new()),
             appending: Mutex::new(HashMap::new()),
-            data_frees: Default::default(),
             appends_unlocked: Default::default(),
             append_stop: Default::default(),
+            between_append_steps: Mutex::new(None),
             reads: std::sync::RwLock::new(()),
             kernel_times: Default::default(),
             syncs: Mutex::default(),
@@ -1125,6 +1144,17 @@ impl Fs {
     #[doc(hidden)]
     pub fn stop_large_appends_after(&self, step: u8) {
         self.append_stop.store(step, Ordering::Relaxed);
+    }
+
+    /// For tests: every large append that goes without the metadata lock
+    /// runs `hook` between reserving its blocks and writing them, as
+    /// another process's operation might run there, with the blocks it
+    /// reserved; `None` removes it.
+    #[doc(hidden)]
+    pub fn between_large_append_steps(&self, hook: Option<AppendHook>) {
+        if let Ok(mut h) = self.between_append_steps.lock() {
+            *h = hook;
+        }
     }
 
     /// How many times a file's block map was loaded from the tree (each
@@ -1490,8 +1520,12 @@ impl Fs {
                 lazy,
                 lazy_undo: Vec::new(),
                 map_changes: Vec::new(),
+                freed_from: Vec::new(),
             };
             let r = f(&mut op, &mut txn);
+            // Counted whether or not the operation commits: an append
+            // that finds a count changed only takes the locked path.
+            self.freed_data_of(&op.freed_from);
             let lazy_undo = std::mem::take(&mut op.lazy_undo);
             let map_changes = std::mem::take(&mut op.map_changes);
             let result = r.and_then(|v| {
@@ -1524,8 +1558,6 @@ impl Fs {
         }
         self.has_pending
             .store(!guard.pending.is_empty(), Ordering::Release);
-        self.data_frees
-            .store(guard.alloc.data_freed(), Ordering::Release);
         result
     }
 

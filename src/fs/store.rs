@@ -35,8 +35,6 @@ pub struct Allocator {
     /// may still be about to read: not handed out again until
     /// `release_quarantined` (when no such read is left).
     quarantined: Vec<u64>,
-    /// Data blocks freed so far (see [`VolumeStore::free_data`]).
-    data_freed: u64,
 }
 
 impl Allocator {
@@ -58,14 +56,7 @@ impl Allocator {
             free,
             free_blocks,
             quarantined: Vec::new(),
-            data_freed: 0,
         }
-    }
-
-    /// How many data blocks operations have freed so far (whether or not
-    /// they committed).
-    pub fn data_freed(&self) -> u64 {
-        self.data_freed
     }
 
     /// Free blocks, counting those in quarantine (they are free on disk).
@@ -496,7 +487,6 @@ impl VolumeStore<'_> {
     /// Frees a data block (see [`NodeStore::free`] for nodes): trimmed when
     /// the operation commits.
     pub fn free_data(&mut self, lba: u64) {
-        self.alloc.data_freed += 1;
         if !self.give_back_if_new(lba) {
             self.freed_data.push(lba);
         }
