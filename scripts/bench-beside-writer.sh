@@ -8,7 +8,9 @@
 #     then overwrites);
 #  3. beside fio appending (`--fallocate=none`).
 # Prints the loop's pairs, their median, 99th and 99.9th percentile and
-# slowest (ms), and the writer's rate.
+# slowest (ms), and the writer's rate. With BESIDE_LOOP=files, each pair
+# of the loop is instead a 16 KiB file written, closed and removed (its
+# removal frees data blocks while the writer appends).
 # Usage: scripts/bench-beside-writer.sh BUILD... [-- RUNS SECONDS WORKDIR]
 #   (default 2 runs, 5 s, /tmp/lsvfs-beside).
 # Needs root, fuse3, fio and python3 (scripts/setup.sh bench installs them).
@@ -26,16 +28,23 @@ bench_workdir "$work"
 "${builds[0]}" keygen "$work/key" >/dev/null
 
 pairs() { # directory seconds -> "pairs p50 p99 p999 max" (ms)
-  python3 - "$1" "$2" <<'EOF'
+  python3 - "$1" "$2" "${BESIDE_LOOP:-dirs}" <<'EOF'
 import os, sys, time
-d, secs = sys.argv[1], float(sys.argv[2])
+d, secs, loop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 os.makedirs(d, exist_ok=True)
+data = os.urandom(16384)
 lat, end, i = [], time.monotonic() + secs, 0
 while time.monotonic() < end:
     p = f"{d}/x{i % 50}"
     t = time.perf_counter()
-    os.mkdir(p)
-    os.rmdir(p)
+    if loop == "files":
+        fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+        os.unlink(p)
+    else:
+        os.mkdir(p)
+        os.rmdir(p)
     lat.append((time.perf_counter() - t) * 1e3)
     i += 1
 lat.sort()
