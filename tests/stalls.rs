@@ -6,6 +6,13 @@ mod common;
 
 use common::mounted::Mounted;
 
+/// Held by each test for its whole run: each measures how long requests
+/// wait, which another test's load on the same 2 CPUs would stretch.
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ALONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Runs `argv` (a Python list of strings) in the mount, beside a process
 /// that asks for an xattr of `d/a` (always a request: the kernel caches
 /// no xattrs) in a loop until it ends, both on the same CPU, so that over
@@ -47,6 +54,7 @@ print(f\"{{took * 1000:.0f}} {{worst * 1000:.1f}} {{asked}}\")'"
 /// freeing waited for the discards.
 #[test]
 fn removing_a_large_file_holds_up_no_other_request() {
+    let _alone = alone();
     let m = Mounted::with_size("4G");
     m.sh("mkdir d && touch d/a");
     for round in 0..2 {
@@ -75,6 +83,7 @@ fn removing_a_large_file_holds_up_no_other_request() {
 /// slowest getxattr waited for a whole write (tried: 250 ms).
 #[test]
 fn a_slow_write_holds_up_no_other_request() {
+    let _alone = alone();
     let m = Mounted::created("1G");
     m.mount_with_env(&[("LSVFS_TEST_SLOW_WRITE", "250")]);
     m.sh("mkdir d && touch d/a");
@@ -109,6 +118,7 @@ fn a_slow_write_holds_up_no_other_request() {
 /// setting (tried), 61-62 ms with the new.
 #[test]
 fn a_large_writer_holds_up_no_other_close() {
+    let _alone = alone();
     let m = Mounted::with_size("4G");
     let dev = m.sh("mountpoint -d .");
     let limit: u64 = m
