@@ -384,10 +384,15 @@ mod tests {
 
     type Item = (Vec<u8>, Vec<u8>);
 
-    /// What the piece check reports for inode 5 holding `items`, on a file
-    /// system of `version`.
-    fn piece_problems(items: &[Item], version: u32) -> Vec<String> {
-        let inode = Inode::new(libc::S_IFREG | 0o644, 0, 0, 0);
+    /// What `check` reports for inode 5, a file that says it holds
+    /// `blocks` blocks, with `items`.
+    fn problems_of(
+        blocks: u64,
+        items: &[Item],
+        check: impl Fn(&Items, &mut FsReport),
+    ) -> Vec<String> {
+        let mut inode = Inode::new(libc::S_IFREG | 0o644, 0, 0, 0);
+        inode.blocks = blocks;
         let mut all = vec![(key(Ino(5), kind::INODE, &[]), inode.encode())];
         all.extend_from_slice(items);
         let mut problems = Vec::new();
@@ -396,8 +401,14 @@ mod tests {
             problems,
             ..FsReport::default()
         };
-        it.check_xattrs(version, &mut r);
+        check(&it, &mut r);
         r.problems
+    }
+
+    /// What the piece check reports for inode 5 holding `items`, on a file
+    /// system of `version`.
+    fn piece_problems(items: &[Item], version: u32) -> Vec<String> {
+        problems_of(0, items, |it, r| it.check_xattrs(version, r))
     }
 
     #[test]
@@ -410,18 +421,7 @@ mod tests {
             (key(Ino(ino), kind::CHUNK, &0u64.to_be_bytes()), v)
         };
         let problems = |blocks: u64, items: &[Item]| {
-            let mut inode = Inode::new(libc::S_IFREG | 0o644, 0, 0, 0);
-            inode.blocks = blocks;
-            let mut all = vec![(key(Ino(5), kind::INODE, &[]), inode.encode())];
-            all.extend_from_slice(items);
-            let mut problems = Vec::new();
-            let it = Items::collect(&all, &mut problems);
-            let mut r = FsReport {
-                problems,
-                ..FsReport::default()
-            };
-            it.check_block_counts(&mut r);
-            r.problems
+            problems_of(blocks, items, |it, r| it.check_block_counts(r))
         };
         // Holes (block 0) count for nothing.
         assert!(problems(2, &[chunk(5, &[7, 0, 9])]).is_empty());
