@@ -110,7 +110,7 @@ fn a_slow_write_holds_up_no_other_request() {
 /// behind the ones sent before them (per CPU over io_uring), and a close
 /// writes the file's pages back and waits for them: beside a writer that
 /// may keep hundreds of MiB dirty, a 16 KiB file's close waited for all of
-/// them (up to 2 s beside fio appending 3 GiB, release build; the mount
+/// them (up to 2.7 s beside fio appending 3 GiB, release build; the mount
 /// then let a writer dirty 20% of the system's dirty limit). The mount
 /// now sets its backing device's `max_bytes` to 32 MiB, so a close waits
 /// for about that much of the writer's data. This test, beside `dd` of

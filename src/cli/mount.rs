@@ -36,7 +36,7 @@ const READ_AHEAD_KB: u32 = 1024;
 /// those sent before them, so this bounds how long another process's
 /// close or fsync waits behind a large writer: at 20% of the system's
 /// dirty limit (970 MB on the 24 GiB test machine, this mount's setting
-/// until 2026-12-07) a 16 KiB file's close waited up to 2 s beside fio
+/// until 2026-12-07) a 16 KiB file's close waited up to 2.7 s beside fio
 /// appending, at 32 MiB 51-78 ms, with the writer's rate unchanged.
 /// Buffered random writes to a file larger than this go at the daemon's
 /// rate instead of the page cache's (docs/PERFORMANCE.md).
