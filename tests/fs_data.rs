@@ -827,6 +827,43 @@ fn reads_do_not_wait_for_the_metadata_lock() {
     fs.release(b).unwrap();
 }
 
+/// statfs answers from the figures each holder of the metadata lock
+/// leaves as it lets go, so `df`, and loops that check free space between
+/// their operations (stress-ng's do, four times per mkdir and rmdir),
+/// never wait behind another operation's step or commit. The figures
+/// still follow each change, and space that a completed operation freed
+/// counts as free at once (statfs then commits it, which takes the lock).
+#[test]
+fn statfs_does_not_wait_for_the_metadata_lock() {
+    let (_dev, fs) = new_fs(65536);
+    let before = fs.statfs().unwrap();
+    let (ino, _) = fs.mknod(ROOT, b"f", REG, 0, 0, 0).unwrap();
+    fs.write_data(ino, 0, &pattern(2, 1 << 20), false).unwrap();
+    let during = without_the_metadata_lock(&fs, || fs.statfs().unwrap())
+        .expect("statfs waited for the metadata lock");
+    assert_eq!(during.files, before.files + 1, "{before:?} {during:?}");
+    assert!(
+        during.free_blocks <= before.free_blocks - 256,
+        "{before:?} {during:?}"
+    );
+    assert_eq!(during, fs.statfs().unwrap());
+    fs.unlink(ROOT, b"f").unwrap();
+    let after = fs.statfs().unwrap();
+    assert_eq!(
+        after.free_blocks, before.free_blocks,
+        "{before:?} {after:?}"
+    );
+    // Later changes show too (64 KiB of data, and some metadata).
+    let (g, _) = fs.mknod(ROOT, b"g", REG, 0, 0, 0).unwrap();
+    fs.write_data(g, 0, &pattern(3, 1 << 16), false).unwrap();
+    let now = fs.statfs().unwrap();
+    assert_eq!(now.files, before.files + 2, "{before:?} {now:?}");
+    assert!(
+        (16..=32).contains(&(before.free_blocks - now.free_blocks)),
+        "{before:?} {now:?}"
+    );
+}
+
 /// A read looks up its blocks and then reads them. Blocks freed in between
 /// (a truncate) must not be handed to another file until that read is
 /// over, or it could return the other file's data.

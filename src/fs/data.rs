@@ -149,7 +149,7 @@ pub struct SetAttr {
 }
 
 /// Numbers for statfs(2).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FsStats {
     pub blocks: u64,
     pub free_blocks: u64,
@@ -1490,8 +1490,6 @@ impl Fs {
     }
 
     pub fn statfs(&self) -> Result<FsStats> {
-        // Space that completed operations freed counts as free.
-        self.commit_pending_frees()?;
         let (free, files) = self.meta_stats()?;
         // Blocks snapshots hold take room the file system could otherwise use.
         let free = if self.volume().is_read_only() {

@@ -4,7 +4,7 @@
 //! (see [`Pending`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -80,10 +80,47 @@ const STEP_PAUSE_FACTOR: u32 = 4;
 /// ...but never longer than this (a step is meant to be far shorter).
 const MAX_STEP_PAUSE: Duration = Duration::from_millis(8);
 
-/// The held metadata lock; poisons it if dropped by a panic.
+/// The held metadata lock; poisons it if dropped by a panic, and
+/// publishes [`MetaStats`] as it lets go.
 struct MetaGuard<'a> {
     guard: parking_lot::MutexGuard<'a, Meta>,
     poisoned: &'a std::sync::atomic::AtomicBool,
+    stats: &'a MetaStats,
+}
+
+impl MetaGuard<'_> {
+    /// Hands the lock to a thread waiting for it, if any, and takes it
+    /// back (a fair hand-over).
+    fn bump(&mut self) {
+        self.stats.publish(&self.guard);
+        parking_lot::MutexGuard::bump(&mut self.guard);
+    }
+}
+
+/// What statfs reports of the metadata, as the last holder of the
+/// metadata lock left it: each holder publishes it as it lets go (still
+/// holding the lock, so the figures follow the lock's order), and statfs,
+/// which a process may call several times per operation (`df`, and
+/// stress-ng's loops check free space), answers from it without waiting
+/// for a long operation's step.
+#[derive(Default)]
+struct MetaStats {
+    /// The allocator's free blocks (those in quarantine counted).
+    free_blocks: AtomicU64,
+    /// The next inode number to hand out.
+    next_ino: AtomicU64,
+    /// Data blocks freed by operations whose commit is pending.
+    pending_freed: AtomicU64,
+}
+
+impl MetaStats {
+    fn publish(&self, m: &Meta) {
+        self.free_blocks
+            .store(m.alloc.free_blocks(), Ordering::Release);
+        self.next_ino.store(m.sb.next_ino, Ordering::Release);
+        self.pending_freed
+            .store(m.pending.freed_blocks(), Ordering::Release);
+    }
 }
 
 impl std::ops::Deref for MetaGuard<'_> {
@@ -104,6 +141,8 @@ impl Drop for MetaGuard<'_> {
         if std::thread::panicking() {
             self.poisoned
                 .store(true, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            self.stats.publish(&self.guard);
         }
     }
 }
@@ -130,6 +169,9 @@ pub struct Fs {
     /// changed, so every later operation is refused (as a poisoned std
     /// mutex would be).
     meta_poisoned: std::sync::atomic::AtomicBool,
+    /// Free blocks and inodes as the metadata lock's last holder left
+    /// them (for statfs).
+    meta_stats: MetaStats,
     /// Set when a thread found the metadata lock taken and had to wait:
     /// a long operation made of steps then pauses between them (see
     /// [`Fs::op_steps`]).
@@ -795,6 +837,7 @@ impl Fs {
         let pending = Pending::default();
         let fs = Fs {
             meta_poisoned: Default::default(),
+            meta_stats: Default::default(),
             meta_waited: Default::default(),
             step_pauses: Default::default(),
             map_loads: Default::default(),
@@ -820,6 +863,7 @@ impl Fs {
             sync_done: std::sync::Condvar::new(),
             volume,
         };
+        fs.meta_stats.publish(&fs.meta.lock());
         let highest = fs.read_op(|op| op.tree.last_key(&mut op.store))?;
         if let Some(k) = highest {
             let ino = k
@@ -1419,7 +1463,7 @@ impl Fs {
                 // another's during a step.
                 self.meta_waited.store(false, Ordering::Relaxed);
             } else {
-                parking_lot::MutexGuard::bump(&mut guard.guard);
+                guard.bump();
             }
             if self.meta_poisoned.load(Ordering::SeqCst) {
                 return Err(FsError::PreviousIo);
@@ -1442,6 +1486,7 @@ impl Fs {
         Ok(MetaGuard {
             guard,
             poisoned: &self.meta_poisoned,
+            stats: &self.meta_stats,
         })
     }
 
@@ -1608,10 +1653,22 @@ impl Fs {
         self.op(|op, _| f(op))
     }
 
-    /// Free logical blocks and inode numbers handed out so far.
+    /// Free logical blocks and inode numbers handed out so far, as the
+    /// metadata lock's last holder left them (without waiting for it).
+    /// Space that completed operations freed counts as free: if any is
+    /// pending, it is committed first (which takes the lock).
     pub(super) fn meta_stats(&self) -> Result<(u64, u64)> {
-        let m = self.lock_meta()?;
-        Ok((m.alloc.free_blocks(), m.sb.next_ino - 1))
+        if self.meta_poisoned.load(Ordering::SeqCst) {
+            return Err(FsError::PreviousIo);
+        }
+        if self.meta_stats.pending_freed.load(Ordering::Acquire) > 0 {
+            self.commit_pending_frees()?;
+        }
+        let s = &self.meta_stats;
+        Ok((
+            s.free_blocks.load(Ordering::Acquire),
+            s.next_ino.load(Ordering::Acquire) - 1,
+        ))
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Inode> {

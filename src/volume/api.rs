@@ -463,10 +463,11 @@ impl Volume {
 
     /// Blocks the file system may still fill: the logical blocks not in use,
     /// less what snapshots hold beyond them (the space bound's data share
-    /// minus every block counted live).
+    /// minus every block counted live). The live total kept rather than
+    /// counted, as in [`Volume::room_to_wait`]: statfs asks this.
     pub fn free_blocks(&self) -> Result<u64> {
         let st = self.inner.lock()?;
-        Ok(free_in(&st, st.usage.total_live(st.log.extent)))
+        Ok(free_in(&st, st.usage.live_total()))
     }
 
     /// Whether changes may wait in memory for a later commit: the log can
