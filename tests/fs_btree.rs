@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use common::{mem_volume, open, Rng};
 use lsvfs::device::MemDevice;
 use lsvfs::fs::btree::{BTree, Node, NodeStore};
-use lsvfs::fs::store::{Allocator, Commit, Pending, VolumeStore};
+use lsvfs::fs::store::{Allocator, Commit, NodeCache, Pending, VolumeStore};
 use lsvfs::volume::{Lba, Transaction, Volume};
 use lsvfs::BLOCK_SIZE;
 
@@ -21,7 +21,7 @@ const LOGICAL: u64 = 8192;
 struct Fs {
     v: Volume,
     alloc: Allocator,
-    cache: HashMap<u64, std::sync::Arc<Node>>,
+    cache: NodeCache,
     pending: Pending,
     tree: BTree,
 }
@@ -34,7 +34,7 @@ fn mount(v: Volume) -> Fs {
     Fs {
         v,
         alloc,
-        cache: HashMap::new(),
+        cache: NodeCache::default(),
         pending: Pending::default(),
         tree: BTree { root },
     }
@@ -98,7 +98,7 @@ fn btree_on_a_volume_survives_reopens_and_kills() {
     let dev = mem_volume(LOGICAL, 64);
     let v = open(dev.clone());
     let mut alloc = Allocator::from_allocated(1, LOGICAL, &[]);
-    let mut cache = HashMap::new();
+    let mut cache = NodeCache::default();
     let mut pending = Pending::default();
     let tree = {
         let mut store = VolumeStore::new(&v, &mut alloc, &mut cache, &mut pending);

@@ -3,20 +3,21 @@
 //! crash, not at all; operations reach the volume's log in their order
 //! (see [`Pending`]).
 
+use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use super::acl;
-use super::btree::{BTree, Node};
+use super::btree::BTree;
 use super::format::{
     file_type, inode_range, key, key_suffix_u64, kind, kind_range, orphan_key, truncating_key,
     Dirent, Ino, Inode, Superblock, Time, CHUNK_BLOCKS, FS_VERSION_BASE, NAME_MAX, ORPHANS,
     ROOT_INO, SYMLINK_MAX,
 };
 use super::holds::Holds;
-use super::store::{Allocator, Commit, Pending, Unwritten, VolumeStore};
+use super::store::{Allocator, Commit, NodeCache, Pending, Unwritten, VolumeStore};
 use crate::fs::{FsError, Posix, Result};
 use crate::volume::{Lba, SnapshotId, SnapshotInfo, Transaction, Volume};
 
@@ -50,7 +51,7 @@ struct Meta {
     sb: Superblock,
     tree: BTree,
     alloc: Allocator,
-    cache: HashMap<u64, std::sync::Arc<Node>>,
+    cache: NodeCache,
     /// Metadata changes of completed operations, not yet committed.
     pending: Pending,
     /// Lazy times: mtime and ctime of files changed only by overwrites,
@@ -200,7 +201,7 @@ pub struct Fs {
     /// read while it is appended to is not loaded again for each read);
     /// one that changes it otherwise (removes the file, or its
     /// capabilities) drops it, as the file's last close does.
-    pub(super) files: Mutex<HashMap<Ino, Arc<RwLock<FileMap>>>>,
+    pub(super) files: Mutex<FxHashMap<Ino, Arc<RwLock<FileMap>>>>,
     /// Large appends in flight per file (see `Fs::append_outside_lock`):
     /// each holds the file's truncation record, which the last to finish
     /// removes, and operations count their frees of the file's blocks
@@ -800,7 +801,7 @@ impl Fs {
             return Err(Posix::Invalid.at("the volume already holds data; create a new one"));
         }
         let mut alloc = Allocator::from_allocated(1, volume.logical_blocks(), &[]);
-        let mut cache = HashMap::new();
+        let mut cache = NodeCache::default();
         let mut pending = Pending::default();
         let mut store = VolumeStore::new(volume, &mut alloc, &mut cache, &mut pending);
         let mut tree = BTree::create(&mut store)?;
@@ -847,12 +848,12 @@ impl Fs {
                 tree: BTree { root: sb.root },
                 sb,
                 alloc,
-                cache: HashMap::new(),
+                cache: NodeCache::default(),
                 pending,
                 lazy: HashMap::new(),
             }),
             holds: Mutex::new(Holds::default()),
-            files: Mutex::new(HashMap::new()),
+            files: Mutex::new(FxHashMap::default()),
             appending: Mutex::new(HashMap::new()),
             appends_unlocked: Default::default(),
             append_stop: Default::default(),

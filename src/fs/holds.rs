@@ -9,7 +9,8 @@
 //! it; its data goes at its last close, the inode at the last forget.
 
 use super::format::Ino;
-use std::collections::{HashMap, HashSet};
+use rustc_hash::FxHashMap;
+use std::collections::HashSet;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Hold {
@@ -20,7 +21,7 @@ struct Hold {
 /// The holds on a file system's inodes.
 #[derive(Debug, Default)]
 pub(super) struct Holds {
-    by_ino: HashMap<Ino, Hold>,
+    by_ino: FxHashMap<Ino, Hold>,
     /// Whether lookups are counted: only a kernel mount forgets them.
     count_lookups: bool,
     /// Orphans made since mount that may still need reclaiming: a hint,

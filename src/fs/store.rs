@@ -6,7 +6,8 @@
 //! operation that needs it, so allocation can never leak across a crash.
 //! At mount the free extents are rebuilt from the bitmap.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use super::btree::{Node, NodeStore};
@@ -167,7 +168,7 @@ impl Allocator {
 #[derive(Default)]
 pub struct Pending {
     /// Changed nodes, the newest version of each.
-    nodes: HashMap<u64, Arc<Node>>,
+    nodes: FxHashMap<u64, Arc<Node>>,
     /// Data blocks small writes into new blocks left to the commit (see
     /// [`VolumeStore::defer_data`]): their blocks are also in `allocated`.
     /// Shared with reads, which look here before the volume; an entry
@@ -181,8 +182,12 @@ pub struct Pending {
     allocated: HashSet<u64>,
 }
 
+/// Decoded metadata nodes by block address (a fast hash: the addresses
+/// are the allocator's, never chosen by a caller).
+pub type NodeCache = FxHashMap<u64, Arc<Node>>;
+
 /// Plaintext of data blocks written but not committed yet, by logical block.
-pub type Unwritten = Arc<parking_lot::RwLock<HashMap<u64, Box<[u8]>>>>;
+pub type Unwritten = Arc<parking_lot::RwLock<FxHashMap<u64, Box<[u8]>>>>;
 
 impl Pending {
     /// Whether no change is waiting.
@@ -231,9 +236,9 @@ pub enum Commit {
 pub struct VolumeStore<'a> {
     volume: &'a Volume,
     alloc: &'a mut Allocator,
-    cache: &'a mut HashMap<u64, Arc<Node>>,
+    cache: &'a mut NodeCache,
     pending: &'a mut Pending,
-    staged: HashMap<u64, Arc<Node>>,
+    staged: FxHashMap<u64, Arc<Node>>,
     allocated: Vec<u64>,
     freed: BTreeSet<u64>,
     /// Data blocks freed by this operation (never nodes: neither staged
@@ -254,7 +259,7 @@ impl<'a> VolumeStore<'a> {
     pub fn new(
         volume: &'a Volume,
         alloc: &'a mut Allocator,
-        cache: &'a mut HashMap<u64, Arc<Node>>,
+        cache: &'a mut NodeCache,
         pending: &'a mut Pending,
     ) -> Self {
         VolumeStore {
@@ -262,7 +267,7 @@ impl<'a> VolumeStore<'a> {
             alloc,
             cache,
             pending,
-            staged: HashMap::new(),
+            staged: FxHashMap::default(),
             allocated: Vec::new(),
             freed: BTreeSet::new(),
             freed_data: Vec::new(),
