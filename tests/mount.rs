@@ -1138,6 +1138,113 @@ fn permissions_sticky_setuid_times_and_exdev() {
 }
 
 /// 100,000 entries in one directory: lookups and creates stay cheap, and
+/// Every name in directory `d`, as getdents64(2) returns them into a
+/// buffer of `buf` bytes (the kernel sizes its FUSE listing requests
+/// from it), in the order returned.
+fn getdents_names(d: &Path, buf: usize) -> Vec<Vec<u8>> {
+    let dir = fs::File::open(d).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+    let mut b = vec![0u8; buf];
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: getdents64 writes at most `b.len()` bytes into `b`.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, b.as_mut_ptr(), b.len()) };
+        assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+        if n == 0 {
+            return names;
+        }
+        // struct linux_dirent64: d_ino u64, d_off i64, d_reclen u16,
+        // d_type u8, then the name, ended by a NUL.
+        let mut at = 0;
+        while at < n as usize {
+            // The kernel's struct, in the host's byte order.
+            #[allow(clippy::host_endian_bytes)]
+            let reclen = u16::from_ne_bytes([b[at + 16], b[at + 17]]) as usize;
+            let name = &b[at + 19..at + reclen];
+            let end = name.iter().position(|&c| c == 0).unwrap();
+            names.push(name[..end].to_vec());
+            at += reclen;
+        }
+    }
+}
+
+/// Listings fill each reply with as many entries as fit, looked up only if
+/// they fit, whatever the names' lengths and the reader's buffer: every
+/// entry comes back exactly once, in a directory and at the root (which,
+/// mounted with `show_snapshots`, lists `.snapshots` last), with names of
+/// 1 to 255 bytes and getdents64 buffers from 512 bytes to 1 MiB.
+#[test]
+fn listings_of_names_of_every_length_are_whole() {
+    use std::collections::BTreeMap;
+    let t = Mounted::created("2G");
+    ok(
+        &[
+            "mount",
+            "v.vol",
+            "m",
+            "--key-file",
+            "k",
+            "-o",
+            "show_snapshots",
+        ],
+        t.p(),
+    );
+    let d = t.m().join("names");
+    fs::create_dir(&d).unwrap();
+    let name = |i: usize| {
+        let mut n = format!("{i:x}-").into_bytes();
+        n.resize(n.len().max(1 + (i * 37) % 255), b'a' + (i % 26) as u8);
+        n
+    };
+    let mut want: Vec<Vec<u8>> = (0..1500).map(name).collect();
+    for n in &want {
+        fs::write(d.join(std::ffi::OsStr::from_bytes(n)), b"x").unwrap();
+    }
+    let mut at_root: Vec<Vec<u8>> = (5000..5300).map(name).collect();
+    for n in &at_root {
+        fs::create_dir(t.m().join(std::ffi::OsStr::from_bytes(n))).unwrap();
+    }
+    at_root.extend([b"names".to_vec(), b".snapshots".to_vec()]);
+    want.sort();
+    at_root.sort();
+    for buf in [512, 4096, 32768, 1 << 20] {
+        for (dir, want) in [(d.clone(), &want), (t.m(), &at_root)] {
+            // Twice: the first listing of a directory comes with
+            // attributes (READDIRPLUS), a later one may come without.
+            for round in 0..2 {
+                let mut seen: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
+                for n in getdents_names(&dir, buf) {
+                    *seen.entry(n).or_default() += 1;
+                }
+                seen.remove(b".".as_slice());
+                seen.remove(b"..".as_slice());
+                let dup: Vec<_> = seen.iter().filter(|(_, &c)| c > 1).collect();
+                assert!(
+                    dup.is_empty(),
+                    "{dir:?}, {buf}-byte buffer, round {round}: repeated: {dup:?}"
+                );
+                let got: Vec<Vec<u8>> = seen.into_keys().collect();
+                let missing: Vec<_> = want
+                    .iter()
+                    .filter(|n| !got.contains(n))
+                    .map(|n| String::from_utf8_lossy(n))
+                    .take(5)
+                    .collect();
+                assert_eq!(
+                    got.len(),
+                    want.len(),
+                    "{dir:?}, {buf}-byte buffer, round {round}: entries (missing {missing:?})"
+                );
+                assert!(
+                    got == *want,
+                    "{dir:?}, {buf}-byte buffer, round {round}: other names"
+                );
+            }
+        }
+    }
+    t.unmount_and_check();
+}
+
 /// readdir returns every entry that exists throughout exactly once while
 /// other entries are created and removed under it.
 #[test]

@@ -148,6 +148,36 @@ fn transport_is_negotiated_reported_and_falls_back() {
     let c = ok(&["check", "v.vol", "--key-file", "k"], p);
     assert!(c.contains("v.vol: clean"), "{c}");
 
+    // A listing fills each reply as far as the kernel's buffer allows (32
+    // KiB for a getdents64 of 32 KiB on Linux 6.16 and later), so the
+    // first reply, which comes with attributes (READDIRPLUS), covers a
+    // directory of 150 entries, and a stat of each entry after the
+    // listing (as `ls -l` and `find` do) needs no LOOKUP. Filled to a
+    // page's worth (48 entries), as before, the 102 entries after those
+    // each took a LOOKUP. On a fresh mount, so that no entry is cached.
+    let o = mount(&["--transport", "uring"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sh_in(
+        &p.join("m"),
+        "mkdir list && cd list && touch $(seq -f f%03g 150)",
+    );
+    ok(&["unmount", "m"], p);
+    let o = mount(&["--transport", "uring"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = ring_requests(&transport(p));
+    let listed = sh_in(
+        &p.join("m"),
+        "python3 -c 'import os; print(sum(os.lstat(\"list/\" + n).st_size == 0 for n in os.listdir(\"list\")))'",
+    );
+    let after = ring_requests(&transport(p));
+    assert_eq!(listed.trim(), "150");
+    assert!(
+        after - before < 30,
+        "listing 150 entries and a stat of each took {} requests",
+        after - before
+    );
+    ok(&["unmount", "m"], p);
+
     // Asked for /dev/fuse: no queues, and the same tree.
     let o = mount(&["-o", "transport=dev"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

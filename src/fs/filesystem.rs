@@ -1975,14 +1975,17 @@ impl Fs {
     /// "." (cookie 1) and ".." (cookie 2) first.
     /// `readdir` with each entry's inode, in one operation (READDIRPLUS:
     /// `ls -l`, `find` and `tar` then need no lookup per entry).
+    /// [`Fs::readdir_fitting`], each entry with its inode, counted as a
+    /// lookup (as the kernel counts READDIRPLUS entries).
     pub fn readdir_plus(
         &self,
         ino: Ino,
         cookie: u64,
         limit: usize,
+        fits: &mut dyn FnMut(&[u8]) -> bool,
     ) -> Result<Vec<(DirEntry, Inode)>> {
         self.read_op(|op| {
-            let listed = Self::entries(op, ino, cookie, limit)?
+            let listed = Self::entries(op, ino, cookie, limit, fits)?
                 .into_iter()
                 .map(|e| {
                     let i = op.inode(e.ino)?;
@@ -2002,14 +2005,36 @@ impl Fs {
     /// Up to `limit` entries after `cookie` (0 starts; "." and ".." are
     /// cookies 1 and 2), in cookie order, stable under concurrent changes.
     pub fn readdir(&self, ino: Ino, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
-        self.read_op(|op| Self::entries(op, ino, cookie, limit))
+        self.readdir_fitting(ino, cookie, limit, &mut |_| true)
     }
 
-    fn entries(op: &mut Op, ino: Ino, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+    /// [`Fs::readdir`], ending before the first entry whose name `fits`
+    /// refuses (a reply's room, which the entries' names take up): no
+    /// entry is looked up that would not be sent.
+    pub fn readdir_fitting(
+        &self,
+        ino: Ino,
+        cookie: u64,
+        limit: usize,
+        fits: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<DirEntry>> {
+        self.read_op(|op| Self::entries(op, ino, cookie, limit, fits))
+    }
+
+    fn entries(
+        op: &mut Op,
+        ino: Ino,
+        cookie: u64,
+        limit: usize,
+        fits: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<DirEntry>> {
         {
             let d = op.dir(ino)?;
             let mut out = Vec::new();
             if cookie < 1 && out.len() < limit {
+                if !fits(b".") {
+                    return Ok(out);
+                }
                 out.push(DirEntry {
                     cookie: 1,
                     name: b".".to_vec(),
@@ -2018,6 +2043,9 @@ impl Fs {
                 });
             }
             if cookie < 2 && out.len() < limit {
+                if !fits(b"..") {
+                    return Ok(out);
+                }
                 out.push(DirEntry {
                     cookie: 2,
                     name: b"..".to_vec(),
@@ -2032,6 +2060,9 @@ impl Fs {
                 let c = key_suffix_u64(&k).ok_or_else(|| {
                     FsError::Corrupted(format!("a readdir key of directory {ino}"))
                 })?;
+                if !fits(&name) {
+                    break;
+                }
                 let e = op.entry(ino, &name)?.ok_or_else(|| {
                     FsError::Corrupted(format!("directory {ino}: cookie {c} names a missing entry"))
                 })?;

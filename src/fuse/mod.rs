@@ -53,6 +53,16 @@ pub const MAX_WRITE: u32 = 1 << 20;
 /// cache stays valid across opens.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 
+/// A listing entry's size before its name: struct fuse_direntplus
+/// (fuse_entry_out, 128 bytes, then fuse_dirent's 24), and fuse_dirent.
+/// Each entry is rounded up to 8 bytes.
+const DIRENTPLUS_HEAD: usize = 152;
+const DIRENT_HEAD: usize = 24;
+
+/// At most this many entries per listing request, however large its
+/// buffer: the metadata lock is held while they are looked up.
+const MAX_LISTED: usize = 1024;
+
 /// The mount's operations, each written once for every transport
 /// (`reply`): fuser calls them through [`FuseFs`], the io_uring queues
 /// (`uring`) directly.
@@ -887,7 +897,7 @@ impl Ops {
         mut reply: impl DirPlusReply,
     ) {
         self.activity.touch();
-        match self.listing(ino.0, offset, true) {
+        match self.listing(ino.0, offset, true, reply.room()) {
             Ok(entries) => {
                 let mut entries = entries.into_iter();
                 for e in entries.by_ref() {
@@ -920,7 +930,7 @@ impl Ops {
         mut reply: impl DirReply,
     ) {
         self.activity.touch();
-        match self.listing(ino.0, offset, false) {
+        match self.listing(ino.0, offset, false, reply.room()) {
             Ok(entries) => {
                 for e in entries {
                     let name = OsStr::from_bytes(&e.name);
@@ -1649,9 +1659,18 @@ struct Listed {
 impl Ops {
     /// Entries of directory `ino` after `offset`, numbered for the mount:
     /// a snapshot's ".." at its root is `.snapshots`, and the root lists
-    /// `.snapshots` last when the mount shows it. With `plus`, about 25
-    /// entries with attributes fit the kernel's one-page buffer.
-    fn listing(&self, ino: u64, offset: u64, plus: bool) -> Result<Vec<Listed>, FsError> {
+    /// `.snapshots` last when the mount shows it. Where the reply says
+    /// how many bytes it has `room` for, as many entries as fit in it and
+    /// no more are looked up (a READDIRPLUS entry takes 152 bytes and its
+    /// name, a READDIR entry 24 and its name, each rounded up to 8);
+    /// otherwise about a page's worth (48 with attributes, 512 without).
+    fn listing(
+        &self,
+        ino: u64,
+        offset: u64,
+        plus: bool,
+        room: Option<usize>,
+    ) -> Result<Vec<Listed>, FsError> {
         if node(ino) == Node::SnapDir {
             return self.snapdir_listing(offset, plus);
         }
@@ -1660,19 +1679,34 @@ impl Ops {
         if offset == SNAPDIR_COOKIE {
             return Ok(out);
         }
-        let limit = if plus { 48 } else { 512 };
+        let head = if plus { DIRENTPLUS_HEAD } else { DIRENT_HEAD };
+        let limit = match room {
+            // The shortest entry has a name of 1 byte.
+            Some(room) => (room / (head + 8)).clamp(1, MAX_LISTED),
+            None if plus => 48,
+            None => 512,
+        };
+        let mut left = room.unwrap_or(usize::MAX);
+        let mut full = false;
+        let mut fits = |name: &[u8]| {
+            let size = (head + name.len()).next_multiple_of(8);
+            full = size > left;
+            left = left.saturating_sub(size);
+            !full
+        };
         let entries: Vec<_> = if plus {
-            fs.readdir_plus(i, offset, limit)?
+            fs.readdir_plus(i, offset, limit, &mut fits)?
                 .into_iter()
                 .map(|(e, n)| (e, Some(n)))
                 .collect()
         } else {
-            fs.readdir(i, offset, limit)?
+            fs.readdir_fitting(i, offset, limit, &mut fits)?
                 .into_iter()
                 .map(|e| (e, None))
                 .collect()
         };
-        let short = entries.len() < limit;
+        // Whether the directory's entries ended here.
+        let short = !full && entries.len() < limit;
         let snapdir_attr = |plus: bool| plus.then(|| self.snapdir_attr()).transpose();
         for (e, n) in entries {
             let (ino, attr) = if id.is_some() && i == ROOT_INO && e.cookie == 2 {

@@ -109,6 +109,9 @@ pub trait StatfsReply: Reply {
 pub trait DirReply: Reply {
     /// Adds an entry; true when it did not fit (and was not added).
     fn add(&mut self, ino: INodeNo, offset: u64, kind: FileType, name: &OsStr) -> bool;
+    /// Bytes the listing may still take, where the reply knows them (over
+    /// io_uring, the request's size; fuser's replies do not say).
+    fn room(&self) -> Option<usize>;
     fn ok(self);
 }
 
@@ -123,6 +126,8 @@ pub trait DirPlusReply: Reply {
         attr: &FileAttr,
         generation: Generation,
     ) -> bool;
+    /// As [`DirReply::room`].
+    fn room(&self) -> Option<usize>;
     fn ok(self);
 }
 
@@ -220,6 +225,9 @@ impl DirReply for fuser::ReplyDirectory {
     fn add(&mut self, ino: INodeNo, offset: u64, kind: FileType, name: &OsStr) -> bool {
         fuser::ReplyDirectory::add(self, ino, offset, kind, name)
     }
+    fn room(&self) -> Option<usize> {
+        None
+    }
     fn ok(self) {
         fuser::ReplyDirectory::ok(self)
     }
@@ -236,6 +244,9 @@ impl DirPlusReply for fuser::ReplyDirectoryPlus {
         generation: Generation,
     ) -> bool {
         fuser::ReplyDirectoryPlus::add(self, ino, offset, name, ttl, attr, generation)
+    }
+    fn room(&self) -> Option<usize> {
+        None
     }
     fn ok(self) {
         fuser::ReplyDirectoryPlus::ok(self)

@@ -1251,6 +1251,9 @@ impl DirReply for Answer {
         head[20..24].copy_from_slice(&(type_bits(kind) >> 12).to_le_bytes());
         self.append([&head, name])
     }
+    fn room(&self) -> Option<usize> {
+        Some(self.max.saturating_sub(self.len))
+    }
     fn ok(self) {
         self.send_listing()
     }
@@ -1276,6 +1279,9 @@ impl DirPlusReply for Answer {
         head.extend_from_slice(&(name.len() as u32).to_le_bytes());
         head.extend_from_slice(&(type_bits(attr.kind) >> 12).to_le_bytes());
         self.append([&head, name])
+    }
+    fn room(&self) -> Option<usize> {
+        Some(self.max.saturating_sub(self.len))
     }
     fn ok(self) {
         self.send_listing()
