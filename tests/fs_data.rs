@@ -830,7 +830,8 @@ fn reads_do_not_wait_for_the_metadata_lock() {
 /// statfs answers from the figures each holder of the metadata lock
 /// leaves as it lets go, so `df`, and loops that check free space between
 /// their operations (stress-ng's do, four times per mkdir and rmdir),
-/// never wait behind another operation's step or commit. The figures
+/// never wait for that lock, held across another operation's step or
+/// commit. (They still take the volume's own lock, briefly.) The figures
 /// still follow each change, and space that a completed operation freed
 /// counts as free at once (statfs then commits it, which takes the lock).
 #[test]

@@ -62,6 +62,15 @@ fn ring_requests(line: &str) -> u64 {
     n.trim().parse().unwrap()
 }
 
+/// Whether this is Linux `major.minor` or later.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut n = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|x| x.parse::<u32>().ok());
+    (n.next().unwrap_or(0), n.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// Names of the threads of the mount daemon running in `dir`.
 fn threads(dir: &Path) -> Vec<String> {
     let dir = fs::canonicalize(dir).unwrap();
@@ -171,11 +180,17 @@ fn transport_is_negotiated_reported_and_falls_back() {
     );
     let after = ring_requests(&transport(p));
     assert_eq!(listed.trim(), "150");
-    assert!(
-        after - before < 30,
-        "listing 150 entries and a stat of each took {} requests",
-        after - before
-    );
+    if kernel_at_least(6, 16) {
+        assert!(
+            after - before < 30,
+            "listing 150 entries and a stat of each took {} requests",
+            after - before
+        );
+    } else {
+        eprintln!(
+            "request count not checked: before Linux 6.16 the kernel asks one page per listing"
+        );
+    }
     ok(&["unmount", "m"], p);
 
     // Asked for /dev/fuse: no queues, and the same tree.

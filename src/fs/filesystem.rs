@@ -110,7 +110,8 @@ struct MetaStats {
     free_blocks: AtomicU64,
     /// The next inode number to hand out.
     next_ino: AtomicU64,
-    /// Data blocks freed by operations whose commit is pending.
+    /// Blocks (data and metadata) freed by operations whose commit is
+    /// pending.
     pending_freed: AtomicU64,
 }
 
@@ -1971,12 +1972,10 @@ impl Fs {
         })
     }
 
-    /// Up to `limit` entries of directory `ino` after `cookie` (0 to start),
-    /// "." (cookie 1) and ".." (cookie 2) first.
-    /// `readdir` with each entry's inode, in one operation (READDIRPLUS:
-    /// `ls -l`, `find` and `tar` then need no lookup per entry).
-    /// [`Fs::readdir_fitting`], each entry with its inode, counted as a
-    /// lookup (as the kernel counts READDIRPLUS entries).
+    /// [`Fs::readdir_fitting`] with each entry's inode, in one operation
+    /// (READDIRPLUS: `ls -l`, `find` and `tar` then need no lookup per
+    /// entry), each entry but "." and ".." counted as a lookup, as the
+    /// kernel counts them.
     pub fn readdir_plus(
         &self,
         ino: Ino,

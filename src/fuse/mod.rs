@@ -1663,7 +1663,8 @@ impl Ops {
     /// how many bytes it has `room` for, as many entries as fit in it and
     /// no more are looked up (a READDIRPLUS entry takes 152 bytes and its
     /// name, a READDIR entry 24 and its name, each rounded up to 8);
-    /// otherwise about a page's worth (48 with attributes, 512 without).
+    /// otherwise a fixed count (48 with attributes, 512 without), which
+    /// the kernel's buffer (at least a page) takes or cuts short.
     fn listing(
         &self,
         ino: u64,
